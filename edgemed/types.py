@@ -1,0 +1,124 @@
+"""Small immutable value types shared by capture, inference, triage and delivery.
+
+numpy is imported for type checking only, so this module (and `import edgemed`) works without the device extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+SourceKind = Literal["image", "folder", "watch", "video", "camera", "stream", "dicom"]
+Delegate = Literal["cpu", "edgetpu", "gpu"]
+TriageLevel = Literal["urgent", "routine", "no_finding", "inconclusive", "recapture", "error"]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame from a capture source.
+
+    Attributes:
+        index: position of the frame in the stream, starting at 0; an unreadable input keeps its index.
+        source_kind: what produced it (``folder``, ``video``, ``dicom``, ...).
+        image: ``uint8`` pixels, ``(H, W)`` grayscale or ``(H, W, 3)`` RGB; ``None`` when ``error`` is set.
+        error: why this input could not be read (shown on the device, published as triage level ``error``).
+        captured_at: wall-clock time (``time.time()``) when the frame was read.
+        study_uid: a study identifier found in the input (DICOM StudyInstanceUID). It never leaves the device:
+            only its keyed pseudonym is published.
+        name: local name of the input (file name) for the person at the device; never published.
+    """
+
+    index: int
+    source_kind: SourceKind
+    image: np.ndarray | None = None
+    error: str | None = None
+    captured_at: float = 0.0
+    study_uid: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape, type and affine quantization of one model input or output.
+
+    ``real = scale * (q - zero_point)``; ``scale == 0`` means the tensor is not quantized.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        """True when the tensor holds integers that stand for real values."""
+        return self.scale != 0.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Class probabilities for one frame, in the manifest's label order."""
+
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    @property
+    def index(self) -> int:
+        """Index of the most probable class."""
+        return max(range(len(self.probabilities)), key=self.probabilities.__getitem__)
+
+    @property
+    def label(self) -> str:
+        """Name of the most probable class."""
+        return self.labels[self.index]
+
+    @property
+    def confidence(self) -> float:
+        """Probability of the most probable class."""
+        return self.probabilities[self.index]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``prediction`` object of the result envelope."""
+        return {
+            "label": self.label,
+            "index": self.index,
+            "probabilities": {lab: round(p, 6) for lab, p in zip(self.labels, self.probabilities)},
+        }
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """Outcome of the image-quality gate for one frame."""
+
+    passed: bool
+    blur: float
+    brightness: float
+    clipped_fraction: float
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``quality`` object of the result envelope."""
+        return {
+            "passed": self.passed,
+            "blur": round(self.blur, 3),
+            "brightness": round(self.brightness, 3),
+            "clipped_fraction": round(self.clipped_fraction, 5),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class TriageResult:
+    """A clinical decision a nurse can act on, with the reason in plain words."""
+
+    level: TriageLevel
+    reason: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``triage`` object of the result envelope."""
+        return {"level": self.level, "reason": self.reason, **self.extra}
