@@ -1,0 +1,137 @@
+"""``edgemed doctor``: one table that tells a field engineer what works on this device and how to fix what does not."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemed import __version__
+from edgemed.errors import EdgemedError
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the doctor's table."""
+
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def _interpreter() -> Check:
+    from edgemed.inference import interpreter_module
+
+    try:
+        name, module = interpreter_module()
+    except EdgemedError as exc:
+        return Check("interpreter", False, str(exc))
+    version = getattr(module, "__version__", "") or "version unknown"
+    return Check("interpreter", True, f"{name} ({version})")
+
+
+def _delegates(profile: object | None) -> list[Check]:
+    from edgemed.inference import BackendConfig
+    from edgemed.inference.probe import probe_delegates
+
+    cfg = getattr(profile, "inference", None) or BackendConfig()
+    rows = []
+    for status in probe_delegates(cfg):
+        needed = status.name == cfg.accelerator and not cfg.allow_cpu_fallback
+        rows.append(Check(f"delegate {status.name}", status.available, status.detail, required=needed))
+    return rows
+
+
+def _source(uri: str) -> Check:
+    from edgemed.capture import open_source
+
+    try:
+        src = open_source(uri)
+        try:
+            for frame in src:
+                if frame.image is None:
+                    return Check("source", False, f"first input unreadable: {frame.error}")
+                return Check("source", True, f"{src.kind}: first frame {frame.image.shape}")
+            return Check("source", False, "source opened but yielded no frame")
+        finally:
+            src.close()
+    except EdgemedError as exc:
+        return Check("source", False, str(exc))
+
+
+def _broker(url: str, mqtt_cfg: object | None) -> Check:
+    from edgemed.publish.config import MqttConfig
+    from edgemed.publish.mqtt import MqttLink
+
+    try:
+        cfg = mqtt_cfg.model_copy(update={"url": url}) if isinstance(mqtt_cfg, MqttConfig) else MqttConfig(url=url)
+        link = MqttLink(cfg, status_topic="edgemed/doctor/doctor/status", client_id=f"edgemed-doctor-{os.getpid()}")
+        link.start()
+        deadline = time.monotonic() + 5.0
+        while not link.connected and time.monotonic() < deadline:
+            link.check()
+            time.sleep(0.05)
+        link.check()
+        ok = bool(link.connected)
+        link.stop(timeout_s=2.0)
+    except EdgemedError as exc:
+        return Check("broker", False, str(exc))
+    return Check("broker", ok, f"connected to {url}" if ok else f"no answer from {url} within 5 s "
+                 "(results would queue on disk)", required=False)
+
+
+def _disk(data_dir: Path) -> Check:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir):
+            pass
+    except OSError as exc:
+        return Check("data dir", False, f"{data_dir} not writable ({exc.strerror}); pass --data-dir or fix "
+                     "permissions")
+    free_mb = shutil.disk_usage(data_dir).free / 1e6
+    return Check("data dir", free_mb > 100, f"{data_dir}: {free_mb:,.0f} MB free"
+                 + ("" if free_mb > 100 else " (under 100 MB: the outbox may fill)"))
+
+
+def doctor(*, profile_path: Path | None, source: str | None, broker: str | None, data_dir: Path | None) -> int:
+    """Run every check, print the table, return 0 when all required checks pass, else 2."""
+    from edgemed.config import default_data_dir, load_profile
+    from edgemed.identity import clock_synced
+
+    rows = [Check("edgemed", True, f"{__version__} on Python {platform.python_version()} "
+                                   f"({platform.machine()}, {sys.platform})")]
+    profile = None
+    if profile_path is not None:
+        try:
+            profile = load_profile(profile_path)
+            rows.append(Check("profile", True, f"{profile.profile}"
+                              + ("" if profile.validated else " (not validated on real hardware)")))
+        except EdgemedError as exc:
+            rows.append(Check("profile", False, str(exc)))
+    rows.append(_interpreter())
+    rows.extend(_delegates(profile))
+    src = source or (profile.source.uri if profile is not None else None)
+    if src:
+        rows.append(_source(src))
+    url = broker or (profile.mqtt.url if profile is not None and profile.mqtt is not None else None)
+    if url:
+        rows.append(_broker(url, profile.mqtt if profile is not None else None))
+    ddir = data_dir or (profile.device.data_dir if profile is not None else None) or default_data_dir()
+    rows.append(_disk(Path(ddir)))
+    synced = clock_synced()
+    rows.append(Check("clock", synced is not False, {True: "synchronised", None: "unknown",
+                                                     False: "not synchronised: results carry clock_synced=false; "
+                                                            "enable NTP (timedatectl set-ntp true)"}[synced],
+                      required=False))
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        mark = "ok  " if r.ok else ("FAIL" if r.required else "warn")
+        print(f"{mark}  {r.name:<{width}}  {r.detail}")
+    failed = [r for r in rows if r.required and not r.ok]
+    return 0 if not failed else 2

@@ -1,0 +1,97 @@
+"""The result envelope (schema ``edgemed.result/1``): what one frame's result looks like on the wire.
+
+The JSON Schema in ``edgemed/schemas/result-v1.json`` is the published contract; :func:`build_result` is the only
+place that assembles an envelope, so privacy rules (no file names, no study ids) are enforced in one spot.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from edgemed import RESULT_SCHEMA, __version__
+from edgemed.types import Frame, Prediction, QualityReport, TriageResult
+
+
+@dataclass(frozen=True)
+class EnvelopeContext:
+    """The parts of every envelope that do not change from frame to frame."""
+
+    device_id: str
+    site: str
+    model: dict[str, str]
+    preprocess_sha256: str
+    backend: str
+    delegate: str
+    degraded: bool
+    publish_source_names: bool = False
+
+
+def utc_now_iso(ts: float) -> str:
+    """``ts`` (seconds since the epoch) as UTC ISO 8601 with millisecond precision and a ``Z`` suffix."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def new_result_id() -> str:
+    """A fresh random result id (32 hex digits); it stays the same through every retry of the result."""
+    return uuid.uuid4().hex
+
+
+def build_result(
+    ctx: EnvelopeContext,
+    *,
+    frame: Frame,
+    seq: int,
+    created_at: float,
+    clock_synced: bool | None,
+    session_id: str | None,
+    quality: QualityReport | None,
+    prediction: Prediction | None,
+    triage: TriageResult,
+    latency_ms: dict[str, float],
+    result_id: str | None = None,
+) -> dict[str, Any]:
+    """Assemble one result envelope.
+
+    The frame's local name and study id are deliberately not copied in: only the pseudonymous ``session_id`` is.
+    """
+    source: dict[str, Any] = {"kind": frame.source_kind, "index": frame.index}
+    if ctx.publish_source_names and frame.name:
+        source["name"] = frame.name
+    return {
+        "schema": RESULT_SCHEMA,
+        "result_id": result_id or new_result_id(),
+        "seq": seq,
+        "device_id": ctx.device_id,
+        "site": ctx.site,
+        "created_at": utc_now_iso(created_at),
+        "clock_synced": clock_synced,
+        "session_id": session_id,
+        "model": ctx.model,
+        "preprocess_sha256": ctx.preprocess_sha256,
+        "runtime": {"backend": ctx.backend, "delegate": ctx.delegate, "degraded": ctx.degraded,
+                    "edgemed": __version__},
+        "source": source,
+        "quality": quality.as_dict() if quality is not None else None,
+        "prediction": prediction.as_dict() if prediction is not None else None,
+        "triage": triage.as_dict(),
+        "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
+    }
+
+
+def encode(envelope: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, the bytes that go to the outbox and the broker."""
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@lru_cache(maxsize=1)
+def result_schema() -> dict[str, Any]:
+    """The JSON Schema of the result envelope, loaded from the package."""
+    text = resources.files("edgemed").joinpath("schemas/result-v1.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema

@@ -1,0 +1,95 @@
+"""Device health: the periodic heartbeat published on ``edgemed/{site}/{device_id}/health``.
+
+The monitor is fed by the runtime thread (one call per frame) and read by the heartbeat timer; a lock keeps the
+two consistent. Latency percentiles are over a sliding window so a long-running device reports its present state.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+HEALTH_SCHEMA = "edgemed.health/1"
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
+    return ordered[pos]
+
+
+def cpu_temperature_c() -> float | None:
+    """Hottest thermal zone in degrees Celsius, or None where the system exposes none (containers, VMs)."""
+    temps: list[float] = []
+    for path in glob.glob("/sys/class/thermal/thermal_zone*/temp"):
+        try:
+            temps.append(int(Path(path).read_text().strip()) / 1000.0)
+        except (OSError, ValueError):
+            continue
+    return max(temps) if temps else None
+
+
+class HealthMonitor:
+    """Counts frames and latencies and renders heartbeat payloads."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=window)
+        self._stamps: deque[float] = deque(maxlen=window)
+        self.frames = 0
+        self.errors = 0
+        self.recaptures = 0
+
+    def record(self, total_ms: float, level: str) -> None:
+        """Account for one finished frame."""
+        with self._lock:
+            self.frames += 1
+            self._latencies.append(total_ms)
+            self._stamps.append(time.monotonic())
+            if level == "error":
+                self.errors += 1
+            elif level == "recapture":
+                self.recaptures += 1
+
+    def fps(self) -> float:
+        """Frames per second over the sliding window."""
+        with self._lock:
+            if len(self._stamps) < 2:
+                return 0.0
+            span = self._stamps[-1] - self._stamps[0]
+            return (len(self._stamps) - 1) / span if span > 0 else 0.0
+
+    def snapshot(self, **state: Any) -> dict[str, Any]:
+        """A heartbeat payload; ``state`` adds what the monitor cannot know (delegate, pending, source state).
+
+        ``data_dir`` in ``state`` is used to measure free disk space and is not published itself.
+        """
+        data_dir = state.pop("data_dir", None)
+        with self._lock:
+            lat = list(self._latencies)
+            frames, errors, recaptures = self.frames, self.errors, self.recaptures
+        disk_free_mb = None
+        if data_dir is not None:
+            disk_free_mb = round(shutil.disk_usage(data_dir).free / 1e6, 1)
+        p50, p95 = _percentile(lat, 50), _percentile(lat, 95)
+        return {
+            "schema": HEALTH_SCHEMA,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "frames": frames,
+            "errors": errors,
+            "recaptures": recaptures,
+            "fps": round(self.fps(), 2),
+            "latency_ms": {"p50": None if p50 is None else round(p50, 3),
+                           "p95": None if p95 is None else round(p95, 3)},
+            "disk_free_mb": disk_free_mb,
+            "cpu_temp_c": cpu_temperature_c(),
+            **state,
+        }

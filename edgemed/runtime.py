@@ -1,0 +1,380 @@
+"""The device pipeline: capture -> quality -> preprocess -> inference -> triage -> outbox -> publish.
+
+This is the one place that wires the parts together. The inference thread never waits for the network: a result
+is committed to the durable outbox and the delivery thread publishes it. Frames are read (and decoded) by a
+prefetch thread, so decoding the next frame overlaps inference on this one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, TypeVar
+
+import numpy as np
+
+from edgemed.capture import FrameSource, open_source
+from edgemed.config import DeviceProfile, default_data_dir
+from edgemed.envelope import EnvelopeContext, build_result, encode, new_result_id
+from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError
+from edgemed.health import HealthMonitor
+from edgemed.identity import check_id, clock_synced, load_or_create_secret, pseudonym
+from edgemed.inference import Backend, make_backend
+from edgemed.lock import DataDirLock
+from edgemed.manifest import Artifact, Manifest, verify_model
+from edgemed.outbox import Outbox
+from edgemed.preprocess import Preprocessor, dequantize, softmax
+from edgemed.quality import check_quality
+from edgemed.triage import StudyAggregator, triage, triage_error, triage_recapture, validate_policy
+from edgemed.types import Frame, Prediction, QualityReport, TriageResult
+
+log = logging.getLogger("edgemed.runtime")
+
+T = TypeVar("T")
+_END = object()
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the exit code and the closing line."""
+
+    frames: int = 0
+    errors: int = 0
+    recaptures: int = 0
+    pending: int = 0
+    levels: dict[str, int] = field(default_factory=dict)
+    study: TriageResult | None = None
+    stopped_by_signal: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every result was acknowledged, 10 when some are still pending on disk."""
+        return EXIT_OK if self.pending == 0 else EXIT_PENDING
+
+
+def prefetch(items: Iterable[T], stop: threading.Event, depth: int = 4) -> Iterator[T]:
+    """Iterate ``items`` on a background thread, ``depth`` items ahead; exceptions re-raise in the consumer."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
+            q.put(exc)
+            return
+        q.put(_END)
+
+    thread = threading.Thread(target=produce, name="edgemed-capture", daemon=True)
+    thread.start()
+    while True:
+        item = q.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class Classifier:
+    """Backend plus the manifest's pre- and post-processing: uint8 frame in, class probabilities out."""
+
+    def __init__(self, backend: Backend, manifest: Manifest, artifact: Artifact) -> None:
+        self.backend = backend
+        self.labels = tuple(manifest.labels)
+        self.preprocess = Preprocessor(manifest.input, backend.input_spec)
+        self._logits = artifact.output_kind == "logits"
+        expected = (1, manifest.input.height, manifest.input.width, manifest.input.channels)
+        if tuple(backend.input_spec.shape) != expected:
+            raise ModelError(f"model input {backend.input_spec.shape} does not match its manifest {expected}; "
+                             "re-run `edgemed convert` so model and manifest come from the same conversion")
+        if backend.output_spec.shape[-1] != len(self.labels):
+            raise ModelError(f"model has {backend.output_spec.shape[-1]} outputs but the manifest lists "
+                             f"{len(self.labels)} labels; re-run `edgemed convert`")
+
+    def scores(self, raw: np.ndarray) -> Prediction:
+        """Dequantize the raw output (and apply softmax when the model emits logits)."""
+        values = dequantize(np.asarray(raw).reshape(-1), self.backend.output_spec)
+        probs = softmax(values) if self._logits else np.clip(values, 0.0, 1.0)
+        return Prediction(self.labels, tuple(float(p) for p in probs))
+
+
+class Device:
+    """A configured device, ready to process a source. Use as a context manager."""
+
+    def __init__(self, profile: DeviceProfile, *, study_id: str | None = None,
+                 out: IO[str] | None = None) -> None:
+        self.profile = profile
+        self.study_id = study_id
+        self.out = out if out is not None else sys.stdout
+        self.device_id = check_id("device id", profile.device.id)
+        self.site = check_id("site", profile.device.site)
+        self.data_dir = Path(profile.device.data_dir or default_data_dir())
+        self.topic_base = f"edgemed/{self.site}/{self.device_id}"
+        self.stop = threading.Event()
+        self.health = HealthMonitor()
+        self._closers: list[Any] = []
+        self.link: Any = None
+        self.delivery: Any = None
+        self._source: FrameSource | None = None
+        self._clock: tuple[float, bool | None] = (0.0, None)
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def __enter__(self) -> Device:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = DataDirLock(self.data_dir)
+        lock.__enter__()
+        self._closers.append(lambda: lock.__exit__(None, None, None))
+        try:
+            self._load_model()
+            self.secret = load_or_create_secret(self.data_dir)
+            self.outbox = Outbox(self.data_dir / "outbox.sqlite3", self.profile.outbox)
+            self._closers.append(self.outbox.close)
+            self._jsonl = self._open_jsonl()
+            self._start_delivery()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_model(self) -> None:
+        if self.profile.model.path is None:
+            raise ModelError("no model given: pass --model FILE.tflite or set model.path in the profile")
+        model_path = Path(self.profile.model.path)
+        self.manifest, self.artifact = verify_model(model_path, self.profile.model.manifest)
+        fallback = None
+        if self.artifact.twin:
+            twin = model_path.parent / Path(self.artifact.twin).name
+            verify_model(twin, self.profile.model.manifest)
+            fallback = twin
+        validate_policy(self.profile.triage, list(self.manifest.labels))
+        self.backend = make_backend(model_path, self.profile.inference, fallback_model=fallback)
+        self._closers.append(self.backend.close)
+        self.classifier = Classifier(self.backend, self.manifest, self.artifact)
+        self.ctx = EnvelopeContext(
+            device_id=self.device_id, site=self.site,
+            model={"name": self.manifest.name, "version": self.manifest.version, "sha256": self.artifact.sha256,
+                   "target": self.artifact.target},
+            preprocess_sha256=self.manifest.preprocess_sha256(),
+            backend=self.backend.backend, delegate=self.backend.delegate, degraded=self.backend.degraded,
+            publish_source_names=self.profile.privacy.publish_source_names,
+        )
+        if self.backend.degraded:
+            log.warning("running degraded on %s: %s", self.backend.delegate, self.backend.degraded_reason)
+
+    def _open_jsonl(self) -> IO[str] | None:
+        if not self.profile.run.results_jsonl:
+            return None
+        fh = open(self.data_dir / "results.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._closers.append(fh.close)
+        return fh
+
+    def _start_delivery(self) -> None:
+        if self.profile.mqtt is None:
+            log.warning("no broker configured: working offline; results stay in %s until `edgemed flush`",
+                        self.data_dir / "outbox.sqlite3")
+            return
+        from edgemed.publish.delivery import Delivery
+        from edgemed.publish.mqtt import MqttLink
+
+        self.link = MqttLink(self.profile.mqtt, status_topic=f"{self.topic_base}/status",
+                             client_id=self.profile.mqtt.client_id or f"edgemed-{self.site}-{self.device_id}")
+        self.link.start()
+        self._closers.append(lambda: self.link.stop(timeout_s=5.0))
+        self.link.publish_status("online", self._status_extra())
+        self.delivery = Delivery(self.outbox, self.link)
+        self.delivery.start()
+        self._closers.append(self.delivery.stop)
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="edgemed-health", daemon=True)
+        self._heartbeat.start()
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"delegate": self.backend.delegate, "degraded": self.backend.degraded,
+                "model": self.ctx.model["name"], "model_sha256": self.artifact.sha256}
+
+    # -- health -----------------------------------------------------------------------------------------------
+    def health_payload(self) -> dict[str, Any]:
+        """The current heartbeat: counters, latency, delegate, pending results, disk and temperature."""
+        return self.health.snapshot(
+            data_dir=self.data_dir, device_id=self.device_id, site=self.site,
+            delegate=self.backend.delegate, degraded=self.backend.degraded,
+            degraded_reason=self.backend.degraded_reason,
+            pending=self.outbox.pending_count(), oldest_pending_s=self.outbox.oldest_pending_s(),
+            outbox_full=self.outbox.is_full(),
+            source_state=self._source.state if self._source is not None else "idle",
+            connected=bool(self.link is not None and self.link.connected),
+        )
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.profile.health.interval_s
+        while not self.stop.wait(interval):
+            self.publish_health()
+
+    def publish_health(self) -> None:
+        """Publish one heartbeat now (not retained; QoS 0: a missed heartbeat is replaced by the next)."""
+        if self.link is None:
+            return
+        payload = json.dumps(self.health_payload(), separators=(",", ":")).encode()
+        self.link.publish(f"{self.topic_base}/health", payload, qos=0, retain=False, on_ack=None)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _clock_synced(self) -> bool | None:
+        checked, value = self._clock
+        now = time.monotonic()
+        if now - checked > 60.0:
+            value = clock_synced()
+            self._clock = (now, value)
+        return value
+
+    def process(self, frame: Frame, capture_ms: float = 0.0) -> dict[str, Any]:
+        """Turn one frame into a committed result envelope (durable once this returns and the batch commits)."""
+        t0 = time.perf_counter()
+        lat: dict[str, float] = {"capture": capture_ms}
+        quality: QualityReport | None = None
+        prediction: Prediction | None = None
+        if frame.image is None:
+            msg = frame.error or "input could not be read"
+            if frame.name:  # the local name can carry patient identifiers: never publish it
+                msg = msg.replace(frame.name, "input")
+            result = triage_error(msg)
+        else:
+            quality = check_quality(frame.image, self.profile.quality) if self.profile.quality.enabled else None
+            t1 = time.perf_counter()
+            lat["quality"] = (t1 - t0) * 1e3
+            if quality is not None and not quality.passed:
+                result = triage_recapture(quality)
+            else:
+                x = self.classifier.preprocess(frame.image)
+                t2 = time.perf_counter()
+                raw = self.backend.invoke(x)
+                t3 = time.perf_counter()
+                prediction = self.classifier.scores(raw)
+                result = triage(prediction, self.profile.triage)
+                lat["preprocess"] = (t2 - t1) * 1e3
+                lat["inference"] = (t3 - t2) * 1e3
+                lat["triage"] = (time.perf_counter() - t3) * 1e3
+        lat.setdefault("preprocess", 0.0)
+        lat.setdefault("inference", 0.0)
+        study = self.study_id or frame.study_uid
+        lat["total"] = (time.perf_counter() - t0) * 1e3 + capture_ms
+        env = build_result(
+            self.ctx, frame=frame, seq=self.outbox.next_seq(), created_at=time.time(),
+            clock_synced=self._clock_synced(),
+            session_id=pseudonym(self.secret, study) if study else None,
+            quality=quality, prediction=prediction, triage=result, latency_ms=lat,
+            result_id=new_result_id(),
+        )
+        payload = encode(env)
+        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload)
+        if self.delivery is not None:
+            self.delivery.wake()
+        if self._jsonl is not None:
+            self._jsonl.write(payload.decode("utf-8") + "\n")
+        self.health.record(lat["total"], result.level)
+        self._study.add(result, prediction)
+        return env
+
+    def _print(self, frame: Frame, env: dict[str, Any]) -> None:
+        tri = env["triage"]
+        pred = env["prediction"]
+        what = f"{pred['label']} ({pred['probabilities'][pred['label']]:.0%})" if pred else "-"
+        name = f" {frame.name}" if frame.name else ""
+        self.out.write(f"#{frame.index:<5}{name}  {what}  -> {tri['level'].upper()}: {tri['reason']}\n")
+
+    def run(self, source_uri: str | None = None, *, max_frames: int | None = None) -> RunSummary:
+        """Process every frame of the source, then wait (bounded) for the broker to acknowledge the results."""
+        uri = source_uri or self.profile.source.uri
+        if uri is None:
+            raise ModelError("no source given: pass --source PATH or set source.uri in the profile")
+        max_frames = max_frames or self.profile.run.max_frames
+        summary = RunSummary()
+        self._study = StudyAggregator(self.profile.triage)
+        self._source = open_source(uri, self.profile.source, stop=self.stop)
+        self._closers.append(self._source.close)
+        last = time.perf_counter()
+        try:
+            for frame in prefetch(self._source, self.stop):
+                now = time.perf_counter()
+                if self.link is not None:
+                    self.link.check()
+                self._wait_for_room()
+                if self.stop.is_set():
+                    break
+                env = self.process(frame, capture_ms=(now - last) * 1e3)
+                last = time.perf_counter()
+                level = env["triage"]["level"]
+                summary.frames += 1
+                summary.levels[level] = summary.levels.get(level, 0) + 1
+                if self.profile.run.print_results:
+                    self._print(frame, env)
+                if max_frames is not None and summary.frames >= max_frames:
+                    break
+        finally:
+            self.stop.set()
+            self.outbox.flush()
+            if self._jsonl is not None:
+                self._jsonl.flush()
+        summary.errors = summary.levels.get("error", 0)
+        summary.recaptures = summary.levels.get("recapture", 0)
+        summary.study = self._study.decision() if summary.frames else None
+        summary.pending = self._drain()
+        return summary
+
+    def _wait_for_room(self) -> None:
+        # The outbox cap is a policy, not a loss: with on_full=block the device stops taking frames and says so
+        # on the health topic until the broker has acknowledged enough to make room.
+        alerted = 0.0
+        while self.outbox.is_full() and not self.stop.is_set():
+            if time.monotonic() - alerted > 10.0:
+                log.error("outbox full (%d results pending): not accepting frames until the broker catches up",
+                          self.outbox.pending_count())
+                self.publish_health()
+                alerted = time.monotonic()
+            self.stop.wait(0.5)
+
+    def _drain(self) -> int:
+        if self.delivery is None:
+            return self.outbox.pending_count()
+        remaining: int = self.delivery.drain(self.profile.run.drain_timeout_s)
+        self.publish_health()
+        return remaining
+
+    def close(self) -> None:
+        """Release everything in reverse order of acquisition; safe to call twice."""
+        self.stop.set()
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - one failing closer must not keep the lock or the outbox open
+                log.exception("error while shutting down")
+
+
+def install_signal_handlers(device: Device) -> None:
+    """SIGTERM/SIGINT stop capture; the run then drains (bounded), publishes offline and exits cleanly."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.warning("received %s: stopping capture, draining pending results", signal.Signals(signum).name)
+        device.stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
