@@ -1,0 +1,157 @@
+"""The whole edgemed path on one laptop, with real ultrasound images.
+
+1. train the reference CNN on BreastMNIST (real breast ultrasound, 28x28)      edgemed train
+2. quantize it to full-integer int8, calibrated on the training images         edgemed convert
+3. start an MQTT broker on a free loopback port (embedded amqtt, or --broker)
+4. run the device runtime over the held-out test images                        edgemed run
+5. print what the broker received: count, on-device accuracy against the labels, triage levels, latency
+
+Run it with ``scripts/demo`` (creates a virtual environment first) or ``python examples/demo.py`` in one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "breastmnist_28.npz"
+LABELS = ["malignant", "normal_benign"]
+
+
+def sh(args: list[str], env: dict[str, str]) -> int:
+    """Run one edgemed command, showing it as the user would type it."""
+    print("\n$ edgemed " + " ".join(args), flush=True)
+    return subprocess.call([sys.executable, "-m", "edgemed", *args], env=env)
+
+
+def export_test_images(out: Path) -> list[int]:
+    """Write the BreastMNIST test split as PNG files (img0.png ...); return the labels in natural file order."""
+    import cv2
+    import numpy as np
+
+    data = np.load(DATA)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [int(v) for v in data["test_labels"][:, 0]]
+    for i, img in enumerate(data["test_images"]):
+        cv2.imwrite(str(out / f"img{i}.png"), img)
+    return labels
+
+
+class Collector:
+    """An independent subscriber that keeps every result the broker delivers."""
+
+    def __init__(self, url: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        host, port = url.split("://", 1)[1].rsplit(":", 1)
+        self.results: dict[str, dict] = {}
+        self.copies = 0
+        self.health: list[dict] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edgemed-demo-dashboard")
+        self.client.on_message = self._on_message
+        self.client.connect(host, int(port))
+        self.client.subscribe([("edgemed/+/+/results", 1), ("edgemed/+/+/health", 0)])
+        self.client.loop_start()
+
+    def _on_message(self, _c: object, _u: object, msg: object) -> None:
+        payload = json.loads(msg.payload)  # type: ignore[attr-defined]
+        with self._lock:
+            if msg.topic.endswith("/health"):  # type: ignore[attr-defined]
+                self.health.append(payload)
+                return
+            self.copies += 1
+            self.results.setdefault(payload["result_id"], payload)  # drop duplicates by result_id
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of an embedded one")
+    parser.add_argument("--out", type=Path, default=ROOT / "demo-out", help="working folder (default demo-out/)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    args = parser.parse_args()
+
+    out: Path = args.out.resolve()
+    env = dict(os.environ, KERAS_HOME=str(out / "keras"), TF_CPP_MIN_LOG_LEVEL="2")
+    model_dir, device_dir = out / "model", out / "device"
+    train = ["train", "--data", str(DATA), "--out", str(model_dir), "--labels", ",".join(LABELS), "--seed", "0"]
+    if args.epochs:
+        train += ["--epochs", str(args.epochs)]
+    if sh(train, env) != 0:
+        return 1
+    keras_files = sorted(model_dir.glob("*.keras"))
+    if not keras_files:
+        print(f"demo: no .keras model in {model_dir}", file=sys.stderr)
+        return 1
+    if sh(["convert", str(keras_files[0]), "--calibration", str(DATA), "--out", str(model_dir)], env) != 0:
+        return 1
+    int8 = sorted(model_dir.glob("*_int8.tflite"))[0]
+    images = out / "images"
+    labels = export_test_images(images)
+
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        url = args.broker
+        if url is None:
+            sys.path.insert(0, str(ROOT / "examples"))
+            from broker import EmbeddedBroker
+
+            url = stack.enter_context(EmbeddedBroker()).url
+            print(f"\nembedded MQTT broker (amqtt) listening on {url}")
+        collector = Collector(url)
+        stack.callback(collector.close)
+        t0 = time.monotonic()
+        code = sh(["run", "--model", str(int8), "--source", str(images), "--broker", url,
+                   "--device-id", "demo-us-01", "--site", "demo-clinic", "--data-dir", str(device_dir),
+                   "--health-interval", "1", "--quiet"], env)
+        elapsed = time.monotonic() - t0
+        deadline = time.monotonic() + 10
+        while len(collector.results) < len(labels) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        results = list(collector.results.values())
+
+    correct = sum(1 for r in results if r["prediction"] and r["prediction"]["index"] == labels[r["source"]["index"]])
+    predicted = sum(1 for r in results if r["prediction"])
+    levels: dict[str, int] = {}
+    for r in results:
+        levels[r["triage"]["level"]] = levels.get(r["triage"]["level"], 0) + 1
+    inf = [r["latency_ms"]["inference"] for r in results if r["prediction"]]
+    tot = [r["latency_ms"]["total"] for r in results]
+    rt = results[0]["runtime"] if results else {}
+    print("\n== What the broker received ==")
+    print(table([
+        ("results received", f"{len(results)} unique of {len(labels)} frames ({collector.copies} copies)"),
+        ("on-device accuracy", f"{correct}/{predicted} = {correct / max(predicted, 1):.3f} (vs BreastMNIST labels)"),
+        ("triage levels", ", ".join(f"{k} {v}" for k, v in sorted(levels.items()))),
+        ("latency inference", f"median {statistics.median(inf):.3f} ms" if inf else "-"),
+        ("latency total", f"median {statistics.median(tot):.3f} ms per frame" if tot else "-"),
+        ("runtime", f"{rt.get('backend')} on {rt.get('delegate')}, degraded={rt.get('degraded')}"),
+        ("heartbeats", f"{len(collector.health)} received"),
+        ("edgemed run", f"exit {code} in {elapsed:.1f} s"),
+        ("artifacts", str(model_dir)),
+    ]))
+    ok = code == 0 and len(results) == len(labels)
+    print("\ndemo " + ("finished: every frame produced exactly one delivered result" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
