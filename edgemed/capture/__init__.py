@@ -1,0 +1,180 @@
+"""Capture sources: every way a point-of-care device hands us images, behind one small protocol.
+
+``open_source(uri, cfg)`` picks the source from the URI and, for local paths, from the file's *content*
+(a DICOM file named ``scan.jpg`` is still read as DICOM):
+
+    PATH           an image file, a folder (images and DICOM files, natural sort), a video file, a DICOM file
+    camera:N       a V4L2 camera by index
+    rtsp://...     a network stream (also http://, https://): reconnects with capped exponential backoff
+    watch:DIR      a folder a device writes into: new files are read once their size has settled
+
+Every source yields :class:`edgemed.types.Frame` objects. An input that cannot be read becomes a frame with
+``image=None`` and ``error`` set, keeping its index, so one bad file never stops a run. OpenCV and pydicom are
+imported inside the functions that need them, so ``import edgemed.capture`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgemed.errors import CaptureError
+
+if TYPE_CHECKING:
+    from edgemed.types import Frame, SourceKind
+
+IMAGE_EXTENSIONS = [
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".pgm",
+    ".ppm",
+    ".dcm",
+    ".dicom",
+]
+
+
+class CaptureConfig(BaseModel):
+    """How frames are taken from a source; every default is safe for an unattended device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fps_cap: float | None = Field(
+        None,
+        gt=0,
+        description="maximum frames per second delivered; None delivers frames as fast as possible",
+    )
+    roi: tuple[int, int, int, int] | None = Field(
+        None,
+        description="x, y, width, height (pixels) cropped from every frame, e.g. to drop ultrasound overlays",
+    )
+    loop: int = Field(1, ge=1, description="play a finite source (file, folder, video) this many times")
+    reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reconnecting a lost stream")
+    reconnect_max_s: float = Field(
+        30.0, gt=0, description="longest wait between stream reconnection attempts"
+    )
+    reconnect_give_up_s: float | None = Field(
+        None,
+        gt=0,
+        description="give up on a stream down this long (state 'failed'); None retries until stopped",
+    )
+    stale_timeout_s: float = Field(
+        5.0, gt=0, description="a stream that repeats the same frame (or sends none) this long is reconnected"
+    )
+    open_timeout_s: float = Field(10.0, gt=0, description="how long to wait for a stream or camera to open")
+    read_timeout_s: float = Field(
+        5.0, gt=0, description="how long to wait for one frame from a stream or camera"
+    )
+    black_level: int = Field(
+        4,
+        ge=0,
+        le=255,
+        description="a stream frame whose brightest pixel is at or below this is not a real frame",
+    )
+    watch_poll_s: float = Field(0.5, gt=0, description="how often watch:DIR looks for new files")
+    watch_settle_s: float = Field(
+        1.0, ge=0, description="a watched file is read once its size and mtime have not changed for this long"
+    )
+    watch_existing: bool = Field(
+        False, description="watch:DIR also reads the files already present when watching starts"
+    )
+    extensions: list[str] = Field(
+        default_factory=lambda: list(IMAGE_EXTENSIONS),
+        description="file extensions read from folders (a DICOM file without one is found by content)",
+    )
+    camera_width: int | None = Field(None, gt=0, description="requested camera frame width in pixels")
+    camera_height: int | None = Field(None, gt=0, description="requested camera frame height in pixels")
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptureConfig:
+        if self.roi is not None and (
+            self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] <= 0 or self.roi[3] <= 0
+        ):
+            raise ValueError(f"roi {self.roi} must be x>=0, y>=0, width>0, height>0 (pixels)")
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_initial_s")
+        self.extensions = [e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions]
+        return self
+
+
+class FrameSource(Protocol):
+    """What the runtime reads frames from.
+
+    ``state`` is one of ``open``, ``reconnecting``, ``ended``, ``failed``, ``closed``; it is reported on
+    health.
+    Iteration ends when the source is exhausted, when ``stop`` is set, or after ``close()``.
+    """
+
+    kind: SourceKind
+    state: str
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+def open_source(
+    uri: str, cfg: CaptureConfig | None = None, *, stop: threading.Event | None = None
+) -> FrameSource:
+    """Open a capture source from a URI or a local path.
+
+    Args:
+        uri: ``PATH`` (image, folder, video or DICOM file; told apart by content), ``camera:N``, ``rtsp://...``,
+            ``http(s)://...`` or ``watch:DIR``.
+        cfg: capture settings; defaults when None.
+        stop: when set, iteration ends promptly (SIGTERM handling).
+
+    Returns:
+        A source to iterate for frames; call ``close()`` when done.
+
+    Raises:
+        CaptureError: the source as a whole is unusable (missing path, empty folder, unopenable video or
+            camera); the message names the source and the fix.
+    """
+    cfg = cfg or CaptureConfig()
+    stop = stop or threading.Event()
+    lowered = uri.lower()
+    if lowered.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        from edgemed.capture.stream import StreamSource
+
+        return StreamSource(uri, cfg, stop)
+    if lowered.startswith("camera:"):
+        from edgemed.capture.stream import CameraSource
+
+        index_text = uri.split(":", 1)[1]
+        if not index_text.isdigit():
+            raise CaptureError(
+                f"{uri}: camera index must be a number such as camera:0 (see `ls /dev/video*`)"
+            )
+        return CameraSource(int(index_text), cfg, stop)
+    if lowered.startswith("watch:"):
+        from edgemed.capture.files import WatchSource
+
+        return WatchSource(Path(uri.split(":", 1)[1]), cfg, stop)
+    return _open_path(Path(uri), cfg, stop)
+
+
+def _open_path(path: Path, cfg: CaptureConfig, stop: threading.Event) -> FrameSource:
+    from edgemed.capture import files
+
+    if not path.exists():
+        raise CaptureError(f"{path}: no such file or folder; check the --source path")
+    if path.is_dir():
+        return files.FolderSource(path, cfg, stop)
+    content = files.sniff(path)
+    if content == "dicom":
+        return files.FileSource(path, "dicom", cfg, stop)
+    if content == "image":
+        return files.FileSource(path, "image", cfg, stop)
+    return files.VideoSource(path, cfg, stop)
+
+
+__all__ = ["IMAGE_EXTENSIONS", "CaptureConfig", "FrameSource", "open_source"]

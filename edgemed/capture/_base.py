@@ -1,0 +1,114 @@
+"""What every source shares: frame numbering, the region of interest, the frame-rate cap and the stop event.
+
+A concrete source only yields ``Item`` tuples (pixels or an error, plus local metadata); the base turns them
+into numbered :class:`Frame` objects. Keeping the numbering here guarantees that an unreadable input still
+consumes an index, whatever the source.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
+
+from edgemed.types import Frame
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgemed.capture import CaptureConfig
+    from edgemed.types import SourceKind
+
+
+class Item(NamedTuple):
+    """One input as a concrete source produced it, before numbering."""
+
+    image: np.ndarray | None
+    error: str | None = None
+    name: str | None = None
+    study_uid: str | None = None
+
+
+class BaseSource:
+    """Numbering, cropping, pacing and stopping around a concrete source's ``_items()``."""
+
+    kind: SourceKind = "image"
+    finite: bool = True
+
+    def __init__(self, cfg: CaptureConfig, stop: threading.Event) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.state = "open"
+        self._closed = False
+
+    def _items(self) -> Iterator[Item]:
+        """One pass over the inputs; finite sources are replayed ``cfg.loop`` times by ``__iter__``."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Frame]:
+        index = 0
+        interval_s = 1.0 / self.cfg.fps_cap if self.cfg.fps_cap else 0.0
+        next_due = time.monotonic()
+        passes = self.cfg.loop if self.finite else 1
+        try:
+            for _ in range(passes):
+                for item in self._items():
+                    if self._stopped():
+                        break
+                    if interval_s:
+                        # Pace on a schedule, not a fixed sleep, so slow frames do not drift.
+                        delay_s = next_due - time.monotonic()
+                        if delay_s > 0 and self.stop.wait(delay_s):
+                            break
+                        next_due = max(next_due + interval_s, time.monotonic())
+                    yield self._frame(index, item)
+                    index += 1
+                if self._stopped():
+                    break
+            if self.state in ("open", "connecting", "reconnecting"):
+                self.state = "stopped" if self._stopped() else "ended"
+        finally:
+            self._release()
+
+    def _frame(self, index: int, item: Item) -> Frame:
+        image = item.image
+        error = item.error
+        if image is not None and self.cfg.roi is not None:
+            image, error = _crop(image, self.cfg.roi, item.name)
+        return Frame(
+            index=index,
+            source_kind=self.kind,
+            image=image,
+            error=error,
+            captured_at=time.time(),
+            study_uid=item.study_uid,
+            name=item.name,
+        )
+
+    def _stopped(self) -> bool:
+        return self.stop.is_set() or self._closed
+
+    def close(self) -> None:
+        """Stop iterating and release the underlying file, camera or connection."""
+        self._closed = True
+        if self.state not in ("failed",):
+            self.state = "closed"
+        self._release()
+
+    def _release(self) -> None:
+        """Free OS resources; safe to call more than once."""
+
+
+def _crop(
+    image: np.ndarray, roi: tuple[int, int, int, int], name: str | None
+) -> tuple[np.ndarray | None, str | None]:
+    x, y, w, h = roi
+    height, width = image.shape[:2]
+    if x + w > width or y + h > height:
+        return None, (
+            f"{name or 'frame'}: region of interest x={x} y={y} w={w} h={h} lies outside the "
+            f"{width}x{height} frame; fix capture.roi in the device profile"
+        )
+    # A slice is a view: no copy here; preprocessing makes the one contiguous copy it needs.
+    return image[y : y + h, x : x + w], None

@@ -1,0 +1,174 @@
+"""DICOM files to uint8 frames: single- and multi-frame, grayscale, RGB, YBR and palette colour.
+
+pydicom decodes uncompressed and RLE data with numpy alone, JPEG baseline and JPEG 2000 with Pillow (the
+``dicom`` extra: ``pip install edgemed[dicom]``). A transfer syntax whose decoder is missing becomes one error
+item that names the pip package to install, and the run goes on with the next input.
+
+Pixel rules: more than 8 bits (or signed, or MONOCHROME1, or a VOI window) goes through the modality rescale
+and the file's first VOI window (or min..max when it has none) to 0..255; MONOCHROME1 is inverted so that
+bright means dense as in MONOCHROME2; palette colour is applied (16-bit tables are reduced to 8 bits); YBR is
+converted to RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgemed.capture._base import Item
+from edgemed.errors import CodecUnavailableError
+
+# Transfer syntax UID -> the pip requirement that adds a decoder for it (pydicom's pylibjpeg plugins).
+_CODEC_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "Pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
+}
+
+
+def read_dicom(path: Path) -> Iterator[Item]:
+    """Yield every frame of a DICOM file as a uint8 item; problems become one error item naming file and fix.
+
+    Args:
+        path: a DICOM Part 10 file.
+
+    Yields:
+        One item per frame (``study_uid`` from StudyInstanceUID), or a single error item.
+    """
+    name = path.name
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        yield Item(
+            None, f"{name}: reading DICOM needs pydicom; install it with: pip install edgemed[dicom]", name
+        )
+        return
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+        yield Item(None, f"{name}: not a readable DICOM file ({exc}); re-export it from the device", name)
+        return
+    study_uid = str(ds.get("StudyInstanceUID", "")) or None
+    problem = _check_decodable(ds, name)
+    if problem is not None:
+        yield Item(None, problem, name, study_uid)
+        return
+    try:
+        yield from (Item(image, None, name, study_uid) for image in _frames(ds))
+    except CodecUnavailableError as exc:
+        yield Item(None, str(exc), name, study_uid)
+    except (
+        ValueError,
+        RuntimeError,
+        AttributeError,
+        KeyError,
+        OSError,
+        EOFError,
+        NotImplementedError,
+    ) as exc:
+        # pydicom reports truncated or inconsistent pixel data with these; the file, not the run, is at fault.
+        yield Item(
+            None,
+            f"{name}: pixel data cannot be decoded ({exc}); the file may be truncated, "
+            "re-export or re-copy it",
+            name,
+            study_uid,
+        )
+
+
+def _check_decodable(ds: Any, name: str) -> str | None:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        return f"{name}: DICOM file holds no image (no Pixel Data); export the image series, not a report"
+    from pydicom.pixels.decoders.base import get_decoder
+
+    uid = ds.file_meta.get("TransferSyntaxUID")
+    if uid is None:
+        return f"{name}: DICOM file has no transfer syntax; re-export it from the device as a Part 10 file"
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return (
+            f"{name}: transfer syntax {uid.name} ({uid}) has no decoder; export the images uncompressed "
+            "or as JPEG from the device"
+        )
+    if not decoder.is_available:
+        package = _CODEC_PACKAGES.get(str(uid), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+        return str(CodecUnavailableError(name, f"{uid.name} ({uid})", package))
+    return None
+
+
+def _frames(ds: Any) -> Iterator[Any]:
+    from pydicom.pixels.utils import iter_pixels
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("YBR_PARTIAL"):
+        raise ValueError(
+            f"photometric interpretation {photometric} is not supported; export as RGB or YBR_FULL"
+        )
+    for pixels in iter_pixels(ds):
+        yield to_uint8(pixels, ds, photometric)
+
+
+def to_uint8(pixels: Any, ds: Any, photometric: str) -> Any:
+    """One decoded DICOM frame to uint8 gray ``(H, W)`` or RGB ``(H, W, 3)`` following the module rules."""
+    import numpy as np
+
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels.processing import apply_color_lut
+
+        rgb = apply_color_lut(pixels, ds)
+        # Palette tables hold 8- or 16-bit entries; keep the top 8 bits of 16-bit ones.
+        return (rgb >> 8).astype(np.uint8) if rgb.dtype.itemsize > 1 else rgb.astype(np.uint8)
+    if pixels.ndim == 3:
+        # RGB, and YBR already converted to RGB by pydicom's decoders (raw=False).
+        if pixels.dtype == np.uint8:
+            return pixels
+        return _stretch(pixels.astype(np.float32), float(pixels.min()), float(pixels.max()))
+    monochrome1 = photometric == "MONOCHROME1"
+    if pixels.dtype == np.uint8 and not monochrome1 and "WindowCenter" not in ds:
+        return pixels
+    from pydicom.pixels.processing import apply_modality_lut
+
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
+    window = _window(ds)
+    if window is not None:
+        centre, width = window
+        # DICOM PS3.3 C.11.2.1.2 linear window: [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] -> [0, 255].
+        lo = centre - 0.5 - (width - 1.0) / 2.0
+        hi = centre - 0.5 + (width - 1.0) / 2.0
+    else:
+        lo, hi = float(values.min()), float(values.max())
+    out = _stretch(values, lo, hi)
+    return 255 - out if monochrome1 else out
+
+
+def _window(ds: Any) -> tuple[float, float] | None:
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is None or width is None:
+        return None
+    # Multi-valued windows are presets; the first is the default view.
+    centre = centre[0] if hasattr(centre, "__len__") and not isinstance(centre, str) else centre
+    width = width[0] if hasattr(width, "__len__") and not isinstance(width, str) else width
+    if float(width) < 1.0:
+        return None
+    return float(centre), float(width)
+
+
+def _stretch(values: Any, lo: float, hi: float) -> Any:
+    import numpy as np
+
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)

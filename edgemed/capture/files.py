@@ -1,0 +1,260 @@
+"""File-based sources: one image or DICOM file, a folder, a video file, and a folder watched for new files."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from edgemed.capture._base import BaseSource, Item
+from edgemed.errors import CaptureError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgemed.capture import CaptureConfig
+    from edgemed.types import SourceKind
+
+Content = Literal["dicom", "image", "other"]
+
+# Magic numbers of the image formats OpenCV decodes; anything else is tried as a video.
+_IMAGE_MAGIC = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"P5",
+    b"P6",
+    b"P2",
+    b"P3",
+)
+
+
+def sniff(path: Path) -> Content:
+    """Tell a file's format from its first bytes (not its name).
+
+    Returns:
+        ``dicom`` for a DICOM Part 10 file (``DICM`` at byte 128), ``image`` for JPEG, PNG, BMP, TIFF, WebP
+        and PNM, ``other`` for anything else (including unreadable files).
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return "other"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    return "other"
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders ``img2`` before ``img10`` (digit runs compare as numbers)."""
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)
+    ]
+
+
+def _cv2() -> Any:
+    import cv2
+
+    return cv2
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """An OpenCV-decoded image (gray, BGR or BGRA; 8 or 16 bit) as uint8 gray or RGB."""
+    import numpy as np
+
+    cv2 = _cv2()
+    if image.dtype != np.uint8:
+        # 16-bit or float: stretch min..max to 0..255 (no window is known for a plain image file).
+        lo, hi = float(image.min()), float(image.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = ((image.astype(np.float32) - lo) * scale).astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 4:
+        return np.asarray(cv2.cvtColor(image, cv2.COLOR_BGRA2RGB))
+    if image.ndim == 3:
+        # In place: a full-resolution photo is converted without allocating a second buffer.
+        cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+    return image
+
+
+def read_image(path: Path) -> Item:
+    """Decode one image file; an undecodable file becomes an error item naming the file and the fix."""
+    cv2 = _cv2()
+    image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    if image is None or image.size == 0:
+        return Item(
+            None,
+            f"{path.name}: not a readable image (corrupt, truncated or unsupported); "
+            "re-export it as PNG or JPEG",
+            path.name,
+        )
+    return Item(to_rgb_uint8(image), None, path.name)
+
+
+def read_file(path: Path) -> Iterator[Item]:
+    """Every frame of one file, chosen by content: DICOM (all frames) or a single image."""
+    if sniff(path) == "dicom":
+        from edgemed.capture.dicom import read_dicom
+
+        yield from read_dicom(path)
+    else:
+        yield read_image(path)
+
+
+class FileSource(BaseSource):
+    """A single image or DICOM file (a multi-frame DICOM yields all its frames)."""
+
+    def __init__(
+        self, path: Path, kind: Literal["image", "dicom"], cfg: CaptureConfig, stop: threading.Event
+    ):
+        super().__init__(cfg, stop)
+        self.kind = kind
+        self.path = path
+
+    def _items(self) -> Iterator[Item]:
+        yield from read_file(self.path)
+
+
+def list_folder(folder: Path, extensions: list[str]) -> list[Path]:
+    """The folder's image and DICOM files in natural order; hidden files are skipped.
+
+    A file counts when its extension is listed, or when it has no extension and holds DICOM (devices often
+    write DICOM files without one).
+    """
+    picked = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        suffix = entry.suffix.lower()
+        if suffix in extensions or (not suffix and sniff(entry) == "dicom"):
+            picked.append(entry)
+    return sorted(picked, key=lambda p: natural_key(p.name))
+
+
+class FolderSource(BaseSource):
+    """The images and DICOM files of a folder, in natural order (``img2`` before ``img10``)."""
+
+    kind: SourceKind = "folder"
+
+    def __init__(self, folder: Path, cfg: CaptureConfig, stop: threading.Event) -> None:
+        super().__init__(cfg, stop)
+        self.folder = folder
+        try:
+            self.paths = list_folder(folder, cfg.extensions)
+        except OSError as exc:
+            raise CaptureError(
+                f"{folder}: cannot list the folder ({exc.strerror}); check its permissions"
+            ) from exc
+        if not self.paths:
+            raise CaptureError(
+                f"{folder}: no image or DICOM files found (looked for {', '.join(cfg.extensions)}); "
+                "point --source at the folder that holds the images"
+            )
+        if all(p.suffix.lower() in (".dcm", ".dicom", "") for p in self.paths):
+            self.kind = "dicom"
+
+    def _items(self) -> Iterator[Item]:
+        for path in self.paths:
+            if self._stopped():
+                return
+            yield from read_file(path)
+
+
+class VideoSource(BaseSource):
+    """A video file decoded by OpenCV's FFmpeg backend."""
+
+    kind: SourceKind = "video"
+
+    def __init__(self, path: Path, cfg: CaptureConfig, stop: threading.Event) -> None:
+        super().__init__(cfg, stop)
+        self.path = path
+        self._cap: Any = None
+        self._cap = self._open()
+
+    def _open(self) -> Any:
+        cv2 = _cv2()
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise CaptureError(
+                f"{self.path}: not a readable image, DICOM or video file; convert it to MP4 (H.264), "
+                "JPEG/PNG or DICOM"
+            )
+        return cap
+
+    def _items(self) -> Iterator[Item]:
+        if self._cap is None:
+            self._cap = self._open()
+        name = self.path.name
+        while not self._stopped():
+            ok, image = self._cap.read()
+            if not ok or image is None:
+                break
+            yield Item(to_rgb_uint8(image), None, name)
+        self._release()
+
+    def _release(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class WatchSource(BaseSource):
+    """A folder a device writes into: each new file is read once its size and mtime have settled.
+
+    Iteration ends only when ``stop`` is set (or ``close()`` is called).
+    """
+
+    kind: SourceKind = "watch"
+    finite = False
+
+    def __init__(self, folder: Path, cfg: CaptureConfig, stop: threading.Event) -> None:
+        super().__init__(cfg, stop)
+        if not folder.is_dir():
+            raise CaptureError(f"watch:{folder}: no such folder; create it or fix the watch: path")
+        self.folder = folder
+        self._seen: set[str] = set()
+        if not cfg.watch_existing:
+            self._seen = {p.name for p in list_folder(folder, cfg.extensions)}
+
+    def _items(self) -> Iterator[Item]:
+        # name -> (size, mtime_ns, first time this signature was seen)
+        pending: dict[str, tuple[int, int, float]] = {}
+        while not self._stopped():
+            now = time.monotonic()
+            ready = []
+            try:
+                paths = list_folder(self.folder, self.cfg.extensions)
+            except OSError as exc:
+                self.state = "failed"
+                raise CaptureError(
+                    f"watch:{self.folder}: folder became unreadable ({exc}); check the mount"
+                ) from exc
+            for path in paths:
+                if path.name in self._seen:
+                    continue
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # removed between listing and stat: it is not ready, look again next poll
+                signature = (st.st_size, st.st_mtime_ns)
+                seen = pending.get(path.name)
+                if seen is None or seen[:2] != signature:
+                    pending[path.name] = (*signature, now)
+                elif st.st_size > 0 and now - seen[2] >= self.cfg.watch_settle_s:
+                    ready.append(path)
+            for path in ready:
+                self._seen.add(path.name)
+                pending.pop(path.name, None)
+                yield from read_file(path)
+            if self.stop.wait(self.cfg.watch_poll_s):
+                return
