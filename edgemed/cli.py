@@ -67,6 +67,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password-file", type=Path, help="file holding the broker password")
     p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts:// brokers")
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="heartbeat period (default 30)")
+    p.add_argument("--loop", type=int, metavar="N", help="play a finite source N times (benchmarks, soak tests)")
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
 
 
@@ -96,6 +97,7 @@ def build_profile(args: argparse.Namespace) -> Any:
     _set(raw, "model", "manifest", str(args.manifest.resolve()) if args.manifest else None)
     _set(raw, "source", "uri", args.source)
     _set(raw, "source", "fps_cap", args.fps_cap)
+    _set(raw, "source", "loop", args.loop)
     _set(raw, "inference", "accelerator", args.accelerator)
     _set(raw, "inference", "allow_cpu_fallback", args.fallback)
     _set(raw, "inference", "threads", args.threads)
@@ -181,7 +183,11 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
 
 
 def _converter_command(name: str) -> int:
-    if importlib.util.find_spec("tensorflow") is None:
+    try:
+        spec = importlib.util.find_spec("tensorflow")
+    except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+        spec = None
+    if spec is None:
         print(f"edgemed {name} needs TensorFlow, which is not installed. Install it with:\n  {CONVERT_INSTALL}",
               file=sys.stderr)
         return EXIT_CONFIG

@@ -1,0 +1,85 @@
+"""The command line: version, help, converter isolation, and clear one-line errors with stable exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemed.cli import main
+
+# Runs edgemed in a child interpreter where importing TensorFlow is impossible, as on a device without the
+# convert extra, then reports which heavy packages the command loaded.
+_BLOCKED = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError("No module named 'tensorflow' (blocked by test)")
+        return None
+if "--block-tf" in sys.argv:
+    sys.argv.remove("--block-tf")
+    sys.meta_path.insert(0, Block())
+from edgemed.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print("LOADED", sorted({"tensorflow", "keras", "converters"} & set(sys.modules)), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def edgemed(*args: str, block_tf: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-c", _BLOCKED, *(["--block-tf"] if block_tf else []), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("edgemed 0.1.0")
+
+
+def test_run_help_teaches_sources_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for needle in ("--model", "--source", "--broker", "camera:N", "watch:DIR", "exit codes", "10 finished"):
+        assert needle in out
+
+
+@pytest.mark.parametrize("command", ["train", "convert"])
+def test_converter_commands_without_tensorflow_exit_2_with_install_line(command: str, tmp_path: Path) -> None:
+    args = ["--data", "x.npz", "--out", str(tmp_path)] if command == "train" else \
+        ["m.keras", "--calibration", "x.npz", "--out", str(tmp_path)]
+    proc = edgemed(command, *args, block_tf=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'edgemed[convert]'" in proc.stderr
+
+
+def test_run_without_model_is_a_model_error(tmp_path: Path) -> None:
+    proc = edgemed("run", "--device-id", "us-01", "--source", str(tmp_path), "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 3
+    assert "edgemed: error: no model given: pass --model" in proc.stderr
+
+
+def test_bad_device_id_is_a_config_error(tmp_path: Path) -> None:
+    proc = edgemed("run", "--device-id", "bad/id", "--model", "m.tflite", "--source", ".")
+    assert proc.returncode == 2
+    assert "device.id" in proc.stderr and "1-64 letters" in proc.stderr
+
+
+def test_device_path_never_loads_tensorflow_or_converters(int8_model: Path, tmp_path: Path,
+                                                          data_dir: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("ISIC_0000014.jpg", "ISIC_0000040.jpg"):
+        (images / name).write_bytes((data_dir / "isic_samples" / name).read_bytes())
+    proc = edgemed("run", "--model", str(int8_model), "--source", str(images), "--device-id", "us-01",
+                   "--data-dir", str(tmp_path / "d"), block_tf=True)
+    assert proc.returncode == 10, proc.stderr  # offline: both results kept on disk
+    assert "LOADED []" in proc.stderr
+    assert "2 frames" in proc.stderr
