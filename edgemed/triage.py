@@ -1,0 +1,327 @@
+"""The triage policy: class probabilities in, a clinical decision a nurse can act on out.
+
+Pure code: no I/O, no numpy. The same probabilities and policy always give the same single result.
+
+Levels a prediction can get, from least to most in need of attention (``SEVERITY``)::
+
+    no_finding  <  routine (refer)  <  inconclusive (recapture or refer)  <  urgent (refer now)
+
+``inconclusive`` ranks above ``routine`` on purpose: an uncertain result may hide an urgent finding, a
+confident routine one does not. With that order, raising the probability of an urgent class never lowers the
+level (the property tests check it). Frames without a prediction get ``recapture`` (quality gate) or ``error``
+(unreadable).
+
+How ``triage`` decides, in this order:
+
+1. **Escalation** (``escalate_urgent``, on by default): a class whose rule is ``urgent`` and whose probability
+   reaches that rule's ``min_probability`` makes the result ``urgent`` even when it is not the most probable
+   class. A missed urgent finding costs more than a false alarm.
+2. **Confidence**: the top probability below ``min_confidence``, or its margin over the runner-up below
+   ``min_margin`` -> ``inconclusive``.
+3. **Top class**: the level of the top class's rule, provided its probability reaches the rule's
+   ``min_probability`` (otherwise ``inconclusive``). A label without a rule is ``routine``: a device whose
+   policy was never configured refers everything for review and never says ``no_finding``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgemed.errors import ConfigError
+from edgemed.types import Prediction, QualityReport, TriageLevel, TriageResult
+
+RuleLevel = Literal["urgent", "routine", "no_finding"]
+
+SEVERITY: dict[TriageLevel, int] = {"no_finding": 0, "routine": 1, "inconclusive": 2, "urgent": 3}
+"""Rank of the levels a prediction can get; higher needs more attention. ``recapture`` and ``error`` are not
+ranked: they mean there is no prediction to rank."""
+
+_ACTION: dict[str, str] = {
+    "urgent": "refer now",
+    "routine": "refer for review",
+    "no_finding": "no finding; continue the usual care pathway",
+    "inconclusive": "recapture or refer",
+}
+
+
+class ClassRule(BaseModel):
+    """What a class means clinically when the model picks it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: RuleLevel = Field(description="urgent (refer now), routine (refer) or no_finding")
+    min_probability: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="probability the class needs for its level; for an urgent class this is also the "
+        "escalation threshold, so set it low for sensitivity",
+    )
+    reason: str | None = Field(
+        None, description="plain-language reason shown to the nurse instead of the generated one"
+    )
+
+
+class StudyPolicy(BaseModel):
+    """How the frames of one session (video, cine loop, burst) are combined into one decision."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rule: Literal["worst_case", "majority", "mean_probability"] = Field(
+        "worst_case",
+        description="worst_case: the most severe level seen in at least min_frames_per_level usable frames; "
+        "majority: the most common level (ties go to the more severe); mean_probability: triage of the "
+        "frame-averaged probabilities",
+    )
+    min_valid_frames: int = Field(
+        3, ge=1, description="usable frames (not recapture or error) needed before the study gets a decision"
+    )
+    min_frames_per_level: int = Field(
+        1,
+        ge=1,
+        description="worst_case: frames a level needs before it can decide the study (filters one-frame "
+        "flickers)",
+    )
+    urgent_overrides: bool = Field(
+        True,
+        description="majority and mean_probability: a study with min_frames_per_level urgent frames "
+        "is urgent",
+    )
+
+
+class TriagePolicy(BaseModel):
+    """Per-class rules and the confidence a prediction needs before it is acted on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: dict[str, ClassRule] = Field(
+        default_factory=dict,
+        description="rule per label; labels without a rule are routine (refer for review)",
+    )
+    min_confidence: float = Field(
+        0.6, ge=0.0, le=1.0, description="top probability below this -> inconclusive"
+    )
+    min_margin: float = Field(
+        0.1, ge=0.0, le=1.0, description="top probability minus the runner-up below this -> inconclusive"
+    )
+    escalate_urgent: bool = Field(
+        True,
+        description="an urgent class at or above its min_probability wins even when it is not the top class",
+    )
+    study: StudyPolicy | None = Field(
+        None, description="aggregation of the frames of one session; null uses the StudyPolicy defaults"
+    )
+
+    @model_validator(mode="after")
+    def _reasons_not_blank(self) -> TriagePolicy:
+        for label, rule in self.rules.items():
+            if rule.reason is not None and not rule.reason.strip():
+                raise ValueError(
+                    f"rules.{label}.reason is blank; write the instruction for the nurse or remove it"
+                )
+        return self
+
+
+def validate_policy(policy: TriagePolicy, labels: list[str]) -> None:
+    """Check a policy against the labels of the model it will judge.
+
+    Args:
+        policy: the profile's triage policy.
+        labels: the model's labels, in manifest order.
+
+    Raises:
+        ConfigError: a rule names a label the model does not have (the message lists the valid labels).
+    """
+    unknown = [label for label in policy.rules if label not in labels]
+    if unknown:
+        raise ConfigError(
+            f"triage.rules names {', '.join(repr(u) for u in unknown)}, which the model does not have; "
+            f"use one of its labels: {', '.join(labels)}"
+        )
+
+
+def _level_of(policy: TriagePolicy, label: str) -> tuple[RuleLevel, ClassRule | None]:
+    rule = policy.rules.get(label)
+    return (rule.level if rule is not None else "routine"), rule
+
+
+def _escalation(pred: Prediction, policy: TriagePolicy) -> TriageResult | None:
+    hits = [
+        (p, label, rule)
+        for label, p in zip(pred.labels, pred.probabilities, strict=True)
+        if (rule := policy.rules.get(label)) is not None
+        and rule.level == "urgent"
+        and p >= rule.min_probability
+    ]
+    if not hits:
+        return None
+    p, label, rule = max(hits, key=lambda hit: hit[0])
+    if rule.reason:
+        reason = rule.reason
+    elif label == pred.label:
+        reason = f"{label} {p:.2f} (urgent at {rule.min_probability:.2f}): refer now"
+    else:
+        reason = (
+            f"{label} {p:.2f} reaches its urgent threshold {rule.min_probability:.2f} although "
+            f"{pred.label} is more likely ({pred.confidence:.2f}): refer now"
+        )
+    return TriageResult("urgent", reason, {"label": label, "basis": "urgent_threshold"})
+
+
+def triage(pred: Prediction, policy: TriagePolicy) -> TriageResult:
+    """Turn one frame's class probabilities into a triage level with a reason.
+
+    Args:
+        pred: probabilities in the model's label order.
+        policy: the profile's policy (checked against the labels at start-up with ``validate_policy``).
+
+    Returns:
+        Exactly one ``TriageResult``; level ``error`` when the probabilities are not finite numbers.
+    """
+    probs = pred.probabilities
+    if not probs or len(probs) != len(pred.labels) or not all(math.isfinite(p) for p in probs):
+        return triage_error("the model returned invalid probabilities; check the model and its manifest")
+    if policy.escalate_urgent and (urgent := _escalation(pred, policy)) is not None:
+        return urgent
+    top, label = pred.confidence, pred.label
+    runner_up = max((p for i, p in enumerate(probs) if i != pred.index), default=0.0)
+    if top < policy.min_confidence:
+        return TriageResult(
+            "inconclusive",
+            f"top probability {top:.2f} ({label}) < {policy.min_confidence:.2f}: recapture or refer",
+            {"label": label, "basis": "confidence"},
+        )
+    if top - runner_up < policy.min_margin:
+        return TriageResult(
+            "inconclusive",
+            f"{label} {top:.2f} is too close to the next class ({runner_up:.2f}; margin "
+            f"{top - runner_up:.2f} < {policy.min_margin:.2f}): recapture or refer",
+            {"label": label, "basis": "margin"},
+        )
+    level, rule = _level_of(policy, label)
+    if rule is not None and top < rule.min_probability:
+        return TriageResult(
+            "inconclusive",
+            f"{label} {top:.2f} < {rule.min_probability:.2f} needed for {level.replace('_', ' ')}: "
+            "recapture or refer",
+            {"label": label, "basis": "class_threshold"},
+        )
+    if rule is not None and rule.reason:
+        reason = rule.reason
+    elif rule is None:
+        reason = f"{label} ({top:.2f}) has no triage rule: refer for review"
+    else:
+        reason = f"{label} ({top:.2f}): {_ACTION[level]}"
+    return TriageResult(level, reason, {"label": label, "basis": "top_class" if rule else "no_rule"})
+
+
+def triage_recapture(report: QualityReport) -> TriageResult:
+    """The result for a frame that failed the image-quality gate (it was not classified)."""
+    why = report.reason or "the image quality check failed"
+    return TriageResult("recapture", f"{why}: recapture the image")
+
+
+def triage_error(message: str) -> TriageResult:
+    """The result for an input that could not be read or classified.
+
+    Args:
+        message: what went wrong and what to do; must not contain file names or patient identifiers.
+    """
+    return TriageResult("error", message.strip() or "the input could not be processed")
+
+
+class StudyAggregator:
+    """Combines the frame results of one session into one study decision (see ``StudyPolicy``).
+
+    Frames with level ``recapture`` or ``error`` are counted but are not evidence. With fewer than
+    ``min_valid_frames`` usable frames the decision is ``recapture`` (or ``error`` when no frame was
+    readable).
+    """
+
+    def __init__(self, policy: TriagePolicy) -> None:
+        self.policy = policy
+        self.study = policy.study or StudyPolicy()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame (start a new session)."""
+        self.frames = 0
+        self.levels: Counter[str] = Counter()
+        self._prob_sums: list[float] = []
+        self._labels: tuple[str, ...] = ()
+        self._with_probs = 0
+        self._quality_reasons: Counter[str] = Counter()
+
+    def add(self, result: TriageResult, pred: Prediction | None) -> None:
+        """Record one frame's result and, when it was classified, its prediction."""
+        self.frames += 1
+        self.levels[result.level] += 1
+        if result.level == "recapture":
+            self._quality_reasons[result.reason] += 1
+        if pred is None or result.level in ("recapture", "error"):
+            return
+        if not self._labels:
+            self._labels = pred.labels
+            self._prob_sums = [0.0] * len(pred.labels)
+        usable = len(pred.probabilities) == len(self._labels) and all(
+            math.isfinite(p) for p in pred.probabilities
+        )
+        if pred.labels == self._labels and usable:
+            self._prob_sums = [s + p for s, p in zip(self._prob_sums, pred.probabilities, strict=True)]
+            self._with_probs += 1
+
+    @property
+    def valid_frames(self) -> int:
+        """Frames that carry a prediction-based level."""
+        return sum(n for level, n in self.levels.items() if level in SEVERITY)
+
+    def decision(self) -> TriageResult:
+        """The study-level result for the frames added so far."""
+        valid, st = self.valid_frames, self.study
+        extra = {"frames": self.frames, "valid_frames": valid, "rule": st.rule, "counts": dict(self.levels)}
+        if self.frames == 0 or (valid == 0 and self.levels["error"] == self.frames):
+            return TriageResult(
+                "error", "no readable frame in this session: check the probe and record again", extra
+            )
+        if valid < st.min_valid_frames:
+            worst = self._quality_reasons.most_common(1)
+            why = f" (most often: {worst[0][0].rsplit(': recapture', 1)[0]})" if worst else ""
+            return TriageResult(
+                "recapture",
+                f"only {valid} of {self.frames} frames were usable, "
+                f"{st.min_valid_frames} are needed{why}: record the study again",
+                extra,
+            )
+        urgent_n = self.levels["urgent"]
+        if st.rule != "worst_case" and st.urgent_overrides and urgent_n >= st.min_frames_per_level:
+            return TriageResult("urgent", f"{urgent_n} of {valid} usable frames are urgent: refer now", extra)
+        if st.rule == "worst_case":
+            eligible = [lv for lv in SEVERITY if self.levels[lv] >= st.min_frames_per_level]
+            if not eligible:
+                return TriageResult(
+                    "inconclusive",
+                    f"the {valid} usable frames disagree and no level is seen in "
+                    f"{st.min_frames_per_level} frames: recapture or refer",
+                    extra,
+                )
+            level = max(eligible, key=SEVERITY.__getitem__)
+            reason = (
+                f"worst case over {valid} usable frames: {self.levels[level]} "
+                f"{level.replace('_', ' ')}: {_ACTION[level]}"
+            )
+            return TriageResult(level, reason, extra)
+        if st.rule == "majority" or self._with_probs == 0:
+            level = max(SEVERITY, key=lambda lv: (self.levels[lv], SEVERITY[lv]))
+            reason = (
+                f"{self.levels[level]} of {valid} usable frames {level.replace('_', ' ')}: {_ACTION[level]}"
+            )
+            return TriageResult(level, reason, extra)
+        mean = Prediction(self._labels, tuple(s / self._with_probs for s in self._prob_sums))
+        result = triage(mean, self.policy)
+        return TriageResult(
+            result.level, f"average of {self._with_probs} frames: {result.reason}", {**extra, **result.extra}
+        )
