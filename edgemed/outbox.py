@@ -1,0 +1,504 @@
+"""The durable outbox: every result is committed to disk before it is published and leaves only on a PUBACK.
+
+A single SQLite file in WAL mode (``DATA_DIR/outbox.sqlite3``) holds three tables:
+
+* ``outbox``: results not yet acknowledged by the broker, in the order they were produced (``row_id``);
+* ``meta``: the per-device sequence counter, written in the same transaction as the results it numbered, so a
+  crash can never hand out a sequence number twice for two different committed results;
+* ``acked``: a bounded log of recently acknowledged ``result_id`` values, so that a result missing at the
+  consumer can be shown to have been accepted by the broker (a broker-side loss), not lost by the device.
+
+Batching and durability: ``put()`` inserts into an open transaction; the transaction is committed when
+``commit_every`` results have accumulated or the oldest uncommitted one is ``commit_interval_s`` old (a small
+committer thread enforces the time bound), or when ``flush()`` is called. Only committed rows are handed to
+the publisher (``pending()``), so a result is never published before it is durable. A power cut or crash loses
+at most the uncommitted tail (at most ``commit_every`` results, at most ``commit_interval_s`` old); those
+results were never published and their sequence numbers are handed out again. ``commit_every=1`` makes every
+``put()`` durable on return at the price of one fsync per result. ``synchronous="FULL"`` fsyncs the WAL on
+every commit (survives power loss); ``"NORMAL"`` survives a process crash but may lose the last commits on
+power loss.
+
+Caps: ``max_pending`` and ``max_age_s`` bound the queue. When reached, ``on_full="block"`` makes ``is_full()``
+true so the runtime stops accepting frames and alerts on its health topic, and ``put()`` raises
+``OutboxFullError``; ``on_full="evict_oldest"`` deletes the oldest unacknowledged results, counts them in
+``evicted_total`` and logs a warning: never a silent loss.
+
+Threads
+    One connection guarded by one lock: ``put()`` from the capture thread and ``pending()``/``ack()`` from the
+    delivery thread may run concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgemed.errors import OutboxError
+
+log = logging.getLogger(__name__)
+
+OUTBOX_FILENAME = "outbox.sqlite3"
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    result_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS acked (
+    row_id INTEGER PRIMARY KEY,
+    result_id TEXT NOT NULL,
+    acked_at REAL NOT NULL
+);
+"""
+
+
+class OutboxFullError(OutboxError):
+    """The outbox reached its cap and the profile says to block rather than evict."""
+
+
+class OutboxConfig(BaseModel):
+    """How the outbox trades throughput against the size of the window a power cut can lose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    commit_every: int = Field(
+        100, ge=1, description="results per durable commit; 1 = every put() is durable on return"
+    )
+    commit_interval_s: float = Field(
+        0.05, gt=0, description="longest time a result may sit uncommitted (and unpublished)"
+    )
+    max_pending: int = Field(1_000_000, ge=1, description="cap on unacknowledged results kept on disk")
+    max_age_s: float | None = Field(
+        None, gt=0, description="cap on the age of the oldest unacknowledged result; None = no age cap"
+    )
+    on_full: Literal["block", "evict_oldest"] = Field(
+        "block",
+        description="at the cap: 'block' stops accepting results (the runtime alerts), "
+        "'evict_oldest' deletes the oldest unacknowledged results and counts them",
+    )
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite commit level: FULL survives power loss, NORMAL only a process crash"
+    )
+    keep_acked: int = Field(
+        100_000, ge=0, description="how many acknowledged result ids to keep as evidence of broker PUBACKs"
+    )
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One committed, unacknowledged result."""
+
+    row_id: int
+    result_id: str
+    topic: str
+    payload: bytes
+    created_at: float
+
+
+class Outbox:
+    """A durable, ordered store-and-forward queue of results (see the module docstring for the guarantees)."""
+
+    def __init__(self, path: Path, cfg: OutboxConfig | None = None) -> None:
+        """Open (or create) the outbox at ``path``; a corrupt file is moved aside and a new one started.
+
+        Args:
+            path: the SQLite file, normally ``DATA_DIR/outbox.sqlite3``. Its folder is created if missing.
+            cfg: batching, caps and commit level; defaults to ``OutboxConfig()``.
+
+        Raises:
+            OutboxError: the file or its folder cannot be created or written (permissions, disk full).
+        """
+        self.path = Path(path)
+        self.cfg = cfg or OutboxConfig()
+        self.moved_aside: Path | None = None
+        self.evicted_total = 0
+        self._lock = threading.RLock()
+        self._in_txn = False
+        self._uncommitted = 0
+        self._first_uncommitted_at = 0.0
+        self._committed_max_row = 0
+        self._last_row = 0
+        self._closed = False
+        self._failed: OutboxError | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot create the data directory {self.path.parent}: {exc}; pick a writable --data-dir"
+            ) from exc
+        self._db = self._open_checked()
+        self._seq = self._read_seq()
+        self._pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        row = self._db.execute("SELECT MAX(row_id) FROM outbox").fetchone()[0]
+        self._committed_max_row = self._last_row = int(row or 0)
+        self._wake = threading.Condition(self._lock)
+        self._committer = threading.Thread(
+            target=self._commit_loop, name="edgemed-outbox-commit", daemon=True
+        )
+        self._committer.start()
+
+    # -- opening ---------------------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so batching is explicit.
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=5.0)
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(
+                    f"{self.path}: SQLite refused WAL mode ({mode}); put the data directory on a "
+                    "local file system"
+                )
+            db.execute(f"PRAGMA synchronous={self.cfg.synchronous}")
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0)")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_checked(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _looks_corrupt(exc):
+                raise OutboxError(
+                    f"cannot open the outbox {self.path}: {exc}; check permissions and free "
+                    "disk space in the data directory"
+                ) from exc
+            self.moved_aside = self._move_aside(exc)
+        try:
+            return self._connect()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot create a new outbox {self.path}: {exc}") from exc
+
+    def _move_aside(self, reason: Exception) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+            n += 1
+        try:
+            self.path.rename(target)
+            # The WAL may hold committed results that are not yet in the main file: keep it with it.
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.rename(target.with_name(target.name + suffix))
+        except OSError as exc:
+            raise OutboxError(
+                f"the outbox {self.path} is corrupt ({reason}) and cannot be moved aside: {exc}; "
+                "move it away by hand"
+            ) from exc
+        log.error(
+            "outbox %s is corrupt (%s): moved it to %s (its contents may still be recoverable with the "
+            "sqlite3 .recover command) and started a new, empty outbox",
+            self.path,
+            reason,
+            target,
+        )
+        return target
+
+    def _read_seq(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def put(self, result_id: str, topic: str, payload: bytes) -> int:
+        """Queue one result; it becomes durable (and publishable) at the next batch commit.
+
+        Args:
+            result_id: the envelope's unique id, kept through every retry.
+            topic: the MQTT topic to publish it on.
+            payload: the envelope as JSON bytes (opaque here).
+
+        Returns:
+            The row id, increasing in production order.
+
+        Raises:
+            OutboxFullError: the cap is reached and ``on_full`` is ``block``.
+            OutboxError: the disk refused the write.
+        """
+        with self._lock:
+            self._check_open()
+            if self._at_cap():
+                if self.cfg.on_full == "block":
+                    raise OutboxFullError(
+                        f"the outbox {self.path} holds {self._pending} unacknowledged results "
+                        f"(cap {self.cfg.max_pending}, max age {self.cfg.max_age_s} s); results are kept, "
+                        "new ones are refused until the broker is reachable again"
+                    )
+                self._evict()
+            now = time.time()
+            try:
+                self._begin()
+                cur = self._db.execute(
+                    "INSERT INTO outbox(result_id, topic, payload, created_at) VALUES (?, ?, ?, ?)",
+                    (result_id, topic, payload, now),
+                )
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            row_id = int(cur.lastrowid or 0)
+            self._last_row = row_id
+            self._pending += 1
+            if self._uncommitted == 0:
+                self._first_uncommitted_at = time.monotonic()
+                self._wake.notify()
+            self._uncommitted += 1
+            if self._uncommitted >= self.cfg.commit_every:
+                self._commit()
+            return row_id
+
+    def next_seq(self) -> int:
+        """Hand out the next per-device sequence number; it is persisted with the next commit.
+
+        Returns:
+            0 for the first result ever produced from this data directory, then 1, 2, ...
+        """
+        with self._lock:
+            self._check_open()
+            seq = self._seq
+            self._seq += 1
+            return seq
+
+    def flush(self) -> None:
+        """Commit everything put so far, durably, now.
+
+        Raises:
+            OutboxError: the disk refused the commit.
+        """
+        with self._lock:
+            self._check_open()
+            self._commit()
+
+    def ack(self, row_id: int) -> None:
+        """Remove one result the broker acknowledged.
+
+        Args:
+            row_id: as returned by ``put()`` or carried by an ``OutboxItem``.
+        """
+        self.ack_many((row_id,))
+
+    def ack_many(self, row_ids: Iterable[int]) -> None:
+        """Remove results the broker acknowledged, and log their ids as evidence of delivery.
+
+        The deletions become durable with the next commit; a crash before it re-sends them (a duplicate the
+        consumer drops by ``result_id``), never loses them.
+
+        Args:
+            row_ids: row ids of committed results; unknown ids are ignored.
+
+        Raises:
+            OutboxError: the disk refused the write.
+        """
+        ids = [(int(r),) for r in row_ids]
+        if not ids:
+            return
+        with self._lock:
+            self._check_open()
+            now = time.time()
+            try:
+                self._begin()
+                if self.cfg.keep_acked:
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at) "
+                        "SELECT row_id, result_id, ? FROM outbox WHERE row_id = ?",
+                        [(now, r[0]) for r in ids],
+                    )
+                before = self._db.total_changes
+                self._db.executemany("DELETE FROM outbox WHERE row_id = ?", ids)
+                removed = self._db.total_changes - before
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._pending -= removed
+            if self._uncommitted == 0:
+                self._first_uncommitted_at = time.monotonic()
+                self._wake.notify()
+            self._uncommitted += 1
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def pending(self, limit: int, after_row: int = 0) -> list[OutboxItem]:
+        """The oldest committed, unacknowledged results, in production order.
+
+        Args:
+            limit: at most this many.
+            after_row: only rows with a larger row id (a delivery cursor).
+
+        Returns:
+            Items ordered by ``row_id``; uncommitted results are not included (they are not durable yet).
+        """
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT row_id, result_id, topic, payload, created_at FROM outbox "
+                "WHERE row_id > ? AND row_id <= ? ORDER BY row_id LIMIT ?",
+                (after_row, self._committed_max_row, limit),
+            ).fetchall()
+        return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
+
+    def pending_count(self) -> int:
+        """Results not yet acknowledged by the broker (committed or not)."""
+        with self._lock:
+            return self._pending
+
+    def oldest_pending_s(self) -> float | None:
+        """Age in seconds of the oldest unacknowledged result, or None when there is none."""
+        with self._lock:
+            self._check_open()
+            row = self._db.execute("SELECT created_at FROM outbox ORDER BY row_id LIMIT 1").fetchone()
+        return None if row is None else max(0.0, time.time() - float(row[0]))
+
+    def is_full(self) -> bool:
+        """True when the size or age cap is reached and the policy is to block new results."""
+        with self._lock:
+            return self.cfg.on_full == "block" and self._at_cap()
+
+    def acked_ids(self) -> set[str]:
+        """The ``result_id`` of every acknowledgement still in the bounded evidence log (committed or not)."""
+        with self._lock:
+            self._check_open()
+            return {str(r[0]) for r in self._db.execute("SELECT result_id FROM acked")}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit what is pending and close the file. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._commit()
+            finally:
+                self._closed = True
+                self._wake.notify_all()
+                self._db.close()
+        self._committer.join(timeout=5.0)
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals (call with the lock held) -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutboxError(f"the outbox {self.path} is closed")
+        if self._failed is not None:
+            # Sticky: a failed commit discarded uncommitted results; the producer must not carry on.
+            raise OutboxError(str(self._failed)) from self._failed
+
+    def _begin(self) -> None:
+        if not self._in_txn:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._in_txn = True
+
+    def _commit(self) -> None:
+        if not self._in_txn:
+            return
+        try:
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (self._seq,))
+            if self.cfg.keep_acked:
+                self._db.execute(
+                    "DELETE FROM acked WHERE row_id <= (SELECT row_id FROM acked ORDER BY row_id "
+                    "DESC LIMIT 1 OFFSET ?)",
+                    (self.cfg.keep_acked,),
+                )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._write_error(exc) from exc
+        self._in_txn = False
+        self._uncommitted = 0
+        self._committed_max_row = self._last_row
+
+    def _at_cap(self) -> bool:
+        if self._pending >= self.cfg.max_pending:
+            return True
+        if self.cfg.max_age_s is None or self._pending == 0:
+            return False
+        row = self._db.execute("SELECT created_at FROM outbox ORDER BY row_id LIMIT 1").fetchone()
+        return row is not None and time.time() - float(row[0]) > self.cfg.max_age_s
+
+    def _evict(self) -> None:
+        try:
+            self._begin()
+            over = max(0, self._pending - self.cfg.max_pending + 1)
+            before = self._db.total_changes
+            if over:
+                self._db.execute(
+                    "DELETE FROM outbox WHERE row_id IN (SELECT row_id FROM outbox ORDER BY row_id LIMIT ?)",
+                    (over,),
+                )
+            if self.cfg.max_age_s is not None:
+                self._db.execute(
+                    "DELETE FROM outbox WHERE created_at < ?", (time.time() - self.cfg.max_age_s,)
+                )
+            evicted = self._db.total_changes - before
+        except sqlite3.Error as exc:
+            raise self._write_error(exc) from exc
+        self._pending -= evicted
+        self.evicted_total += evicted
+        log.warning(
+            "outbox %s at its cap: evicted the %d oldest unacknowledged results (on_full=evict_oldest; "
+            "%d evicted since start)",
+            self.path,
+            evicted,
+            self.evicted_total,
+        )
+
+    def _write_error(self, exc: sqlite3.Error) -> OutboxError:
+        if self._in_txn:
+            # A failed statement may leave the transaction open or rolled back; start clean either way.
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                log.debug("rollback after a failed write: %s", rollback_exc)
+            self._in_txn = False
+            self._uncommitted = 0
+        self._failed = OutboxError(
+            f"cannot write the outbox {self.path}: {exc}; free disk space or fix the permissions of the data "
+            "directory (results produced since the last commit were not kept)"
+        )
+        return self._failed
+
+    def _commit_loop(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if self._uncommitted == 0:
+                    self._wake.wait()
+                    continue
+                due = self._first_uncommitted_at + self.cfg.commit_interval_s - time.monotonic()
+                if due > 0:
+                    self._wake.wait(due)
+                    continue
+                try:
+                    self._commit()
+                except OutboxError as exc:
+                    # Recorded in self._failed: the next put() or flush() on the producing thread raises it.
+                    log.error("%s", exc)
+                    return
+
+
+def _looks_corrupt(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("malformed", "not a database", "corrupt", "quick_check"))

@@ -1,0 +1,235 @@
+"""Broker settings: URL, TLS, credentials and reconnect policy (validated here, used by ``publish.mqtt``).
+
+No network and no paho here: the models only check what can be checked from the text of a profile. Secrets
+never live in a profile: a password comes from an environment variable or a file, read by ``read_password()``
+when the link is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edgemed.errors import ConfigError
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """A parsed ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    scheme: Literal["mqtt", "mqtts"]
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        """True for ``mqtts://``."""
+        return self.scheme == "mqtts"
+
+    @property
+    def loopback(self) -> bool:
+        """True when the host is this machine (``localhost`` or a loopback address); no DNS lookup is made."""
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine, judged from its text alone (no DNS lookup).
+
+    Args:
+        host: a host name or an IPv4/IPv6 address.
+
+    Returns:
+        True for ``localhost`` and loopback addresses.
+    """
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_broker_url(url: str) -> BrokerUrl:
+    """Parse a broker URL.
+
+    Args:
+        url: ``mqtt://host[:port]`` (plaintext, default port 1883) or ``mqtts://host[:port]`` (TLS, 8883).
+
+    Returns:
+        The scheme, host and port.
+
+    Raises:
+        ConfigError: the URL has another scheme, no host, a bad port, a path, or credentials in it.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(
+            f"broker URL {url!r} is malformed ({exc}); write it as mqtt://host:1883 or mqtts://host:8883"
+        ) from exc
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ConfigError(f"broker URL {url!r} must start with mqtt:// (plaintext) or mqtts:// (TLS)")
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} has no host; write it as {scheme}://host:port")
+    if parts.username or parts.password:
+        raise ConfigError(
+            f"broker URL {url!r} contains credentials; remove them and set mqtt.username with "
+            "mqtt.password_env or mqtt.password_file instead"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            f"broker URL {url!r} must not have a path or query; write it as {scheme}://host:port"
+        )
+    if port == 0:
+        raise ConfigError(f"broker URL {url!r} has port 0; give the broker's real port")
+    return BrokerUrl(scheme, parts.hostname, port or _DEFAULT_PORTS[scheme])  # type: ignore[arg-type]
+
+
+class TlsConfig(BaseModel):
+    """TLS settings. Certificates are always verified: there is no switch to turn verification off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = Field(
+        None, description="PEM file of the CA that signed the broker's certificate; None = the system CAs"
+    )
+    cert_file: Path | None = Field(None, description="PEM client certificate, when the broker requires one")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(
+                "tls.cert_file and tls.key_file go together: set both for a client certificate, or neither"
+            )
+        return self
+
+
+class MqttConfig(BaseModel):
+    """How the device reaches its broker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., description="mqtt://host:port (plaintext) or mqtts://host:port (TLS)")
+    client_id: str | None = Field(
+        None, max_length=128, description="MQTT client id; None = stable id derived from the device id"
+    )
+    username: str | None = Field(None, description="broker user name, if the broker requires one")
+    password_env: str | None = Field(
+        None, description="name of the environment variable holding the password"
+    )
+    password_file: Path | None = Field(None, description="file whose first line is the password")
+    tls: TlsConfig | None = Field(
+        None, description="TLS settings; needed with mqtts:// only for a private CA"
+    )
+    allow_plaintext_remote: bool = Field(
+        False,
+        description="allow mqtt:// (no TLS) to a host other than this machine; results and passwords then "
+        "cross the network in clear text",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto", description="MQTT version; auto = 5, falling back to 3.1.1 if the broker refuses 5"
+    )
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive interval")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay; doubles after each failure")
+    reconnect_max_s: float = Field(30.0, gt=0, description="cap on the reconnect delay")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP and TLS handshake timeout per attempt")
+    session_expiry_s: int = Field(
+        86_400,
+        ge=0,
+        description="how long the broker keeps this client's session while it is offline (MQTT 5)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_parses(cls, value: str) -> str:
+        try:
+            parse_broker_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        url = parse_broker_url(self.url)
+        if self.password_env and self.password_file:
+            raise ValueError("set only one of mqtt.password_env and mqtt.password_file")
+        has_password = bool(self.password_env or self.password_file)
+        if self.username and not has_password:
+            raise ValueError(
+                "mqtt.username is set but no password source: set mqtt.password_env (an environment "
+                "variable name) or mqtt.password_file"
+            )
+        if has_password and not self.username:
+            raise ValueError("a password source is set but mqtt.username is not; set the user name too")
+        if self.tls is not None and not url.tls:
+            raise ValueError(f"mqtt.tls is set but the URL {self.url!r} is plaintext; use mqtts://")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("mqtt.reconnect_min_s must not exceed mqtt.reconnect_max_s")
+        return self
+
+    @property
+    def broker(self) -> BrokerUrl:
+        """The parsed URL."""
+        return parse_broker_url(self.url)
+
+
+def read_password(cfg: MqttConfig) -> str | None:
+    """Read the broker password from the configured environment variable or file.
+
+    Args:
+        cfg: the broker settings.
+
+    Returns:
+        The password, or None when no password source is configured.
+
+    Raises:
+        ConfigError: the variable is unset or empty, or the file is unreadable or empty.
+    """
+    if cfg.password_env:
+        value = os.environ.get(cfg.password_env)
+        if not value:
+            raise ConfigError(
+                f"the broker password variable {cfg.password_env} is not set; export it or set "
+                "mqtt.password_file"
+            )
+        return value
+    if cfg.password_file:
+        try:
+            text = cfg.password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the broker password file {cfg.password_file}: {exc}") from exc
+        lines = text.splitlines()
+        value = lines[0] if lines else ""
+        if not value:
+            raise ConfigError(
+                f"the broker password file {cfg.password_file} is empty; put the password on its first line"
+            )
+        return value
+    return None
+
+
+def default_client_id(device_id: str) -> str:
+    """A stable MQTT client id for a device, so its broker session survives restarts.
+
+    Args:
+        device_id: the profile's device id.
+
+    Returns:
+        ``edgemed-{device_id}``, or a hashed form when that would exceed 64 characters.
+    """
+    cid = f"edgemed-{device_id}"
+    if len(cid) <= 64:
+        return cid
+    return "edgemed-" + hashlib.sha256(device_id.encode()).hexdigest()[:40]

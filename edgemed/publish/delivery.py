@@ -1,0 +1,210 @@
+"""Drains the durable outbox through the MQTT link, in order, and deletes a result only on its PUBACK.
+
+One background thread moves committed results from the outbox to the link, keeping at most ``max_inflight``
+unacknowledged; acknowledgements arrive on the link's network thread and are handed back to this thread, which
+deletes the rows in batches. Nothing is ever removed from the outbox on a publish alone: a result leaves only
+when the broker has taken responsibility for it. Delivery is therefore at least once: after a crash or a
+reconnect a result may be sent again, with the same ``result_id``, and the consumer drops the duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+from edgemed.errors import OutboxError
+from edgemed.lock import DataDirLock
+from edgemed.outbox import OUTBOX_FILENAME, Outbox
+from edgemed.publish.config import MqttConfig
+from edgemed.publish.mqtt import MqttLink
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.05
+
+
+class Delivery:
+    """The background drain of one outbox through one link."""
+
+    def __init__(self, outbox: Outbox, link: MqttLink, *, max_inflight: int = 100) -> None:
+        """Prepare the drain; nothing runs until ``start()``.
+
+        Args:
+            outbox: where results wait (``pending()``/``ack_many()`` are called from this object's thread).
+            link: the MQTT link; it need not be connected yet.
+            max_inflight: most results published and not yet acknowledged at any time.
+
+        Raises:
+            ValueError: ``max_inflight`` is smaller than 1.
+        """
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
+        self.outbox = outbox
+        self.link = link
+        self.max_inflight = max_inflight
+        self.published_total = 0
+        self.acked_total = 0
+        self._lock = threading.Lock()
+        self._acked: list[int] = []
+        self._inflight: set[int] = set()
+        self._cursor = 0
+        self._epoch = link.epoch
+        self._was_connected = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: OutboxError | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the drain thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="edgemed-delivery", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the drain that new results may have been committed (it also polls every 50 ms)."""
+        self._wake.set()
+
+    def check(self) -> None:
+        """Raise the outbox error that stopped the drain, if any.
+
+        Raises:
+            OutboxError: acknowledged results could not be removed from the outbox.
+        """
+        if self._error is not None:
+            raise OutboxError(str(self._error)) from self._error
+
+    def drain(self, timeout_s: float) -> int:
+        """Commit what was put, then wait until every result is acknowledged or ``timeout_s`` passed.
+
+        Args:
+            timeout_s: longest wait.
+
+        Returns:
+            How many results are still pending (0 when everything was delivered).
+        """
+        self.outbox.flush()
+        deadline = time.monotonic() + timeout_s
+        while self.outbox.pending_count() > 0 and time.monotonic() < deadline and self._error is None:
+            self.wake()
+            time.sleep(0.01)
+        self.outbox.flush()  # make the deletions durable, so a restart does not re-send what arrived
+        return self.outbox.pending_count()
+
+    def stop(self) -> None:
+        """Stop the drain thread after it has recorded the acknowledgements received so far."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout=5.0)
+
+    # -- drain thread ----------------------------------------------------------------------------------------
+
+    def _on_ack(self, row_id: int) -> None:
+        # Runs on the link's network thread: only hand the row id over, never touch the outbox here.
+        with self._lock:
+            self._acked.append(row_id)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self._step(publish=not stopping)
+            except OutboxError as exc:
+                self._error = exc
+                log.error("delivery stopped: %s", exc)
+                return
+            if stopping:
+                return
+            self._wake.wait(_IDLE_POLL_S)
+            self._wake.clear()
+
+    def _step(self, *, publish: bool) -> None:
+        with self._lock:
+            acked, self._acked = self._acked, []
+        if acked:
+            self.outbox.ack_many(acked)
+            self._inflight.difference_update(acked)
+            self.acked_total += len(acked)
+        if self.link.epoch != self._epoch:
+            # The link replaced its client: what the old one held in memory is gone; replay from the outbox.
+            self._epoch = self.link.epoch
+            self._inflight.clear()
+            self._cursor = 0
+        if not publish or not self.link.connected:
+            return
+        room = self.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        for item in self.outbox.pending(room, after_row=self._cursor):
+            self._inflight.add(item.row_id)
+            self._cursor = item.row_id
+            self.link.publish(
+                item.topic, item.payload, qos=1, retain=False, on_ack=partial(self._on_ack, item.row_id)
+            )
+            self.published_total += 1
+
+
+def flush(
+    data_dir: Path,
+    cfg: MqttConfig,
+    timeout_s: float,
+    *,
+    client_id: str | None = None,
+    status_topic: str | None = None,
+) -> int:
+    """Send whatever is pending in a data directory's outbox (``edgemed flush``).
+
+    Args:
+        data_dir: the device's data directory; it is locked for the duration.
+        cfg: broker settings (TLS and credentials included).
+        timeout_s: longest time to wait for acknowledgements.
+        client_id: MQTT client id; default ``cfg.client_id`` or one derived from the data directory.
+        status_topic: where to publish a retained status; None = none.
+
+    Returns:
+        How many results are still pending (0 = everything delivered).
+
+    Raises:
+        OutboxLockedError: another process owns the data directory.
+        BrokerRefusedError: the broker refused the credentials or certificate, or plaintext policy forbids it.
+        OutboxError: the outbox cannot be read or written.
+    """
+    data_dir = Path(data_dir)
+    with DataDirLock(data_dir):
+        outbox = Outbox(data_dir / OUTBOX_FILENAME)
+        try:
+            if outbox.pending_count() == 0:
+                return 0
+            digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+            link = MqttLink(
+                cfg,
+                status_topic=status_topic,
+                client_id=client_id or cfg.client_id or f"edgemed-flush-{digest}",
+            )
+            delivery = Delivery(outbox, link)
+            link.start()
+            delivery.start()
+            try:
+                deadline = time.monotonic() + timeout_s
+                remaining = outbox.pending_count()
+                while remaining and time.monotonic() < deadline:
+                    link.check()
+                    delivery.check()
+                    remaining = delivery.drain(min(0.5, max(0.0, deadline - time.monotonic())))
+                link.check()
+                return remaining
+            finally:
+                delivery.stop()
+                link.stop(timeout_s=2.0)
+        finally:
+            outbox.close()

@@ -1,0 +1,474 @@
+"""The MQTT link: the only module in edgemed that imports paho-mqtt.
+
+``MqttLink`` owns one paho client and one network thread of its own. It drives paho's ``loop()`` itself
+instead of ``loop_start()`` because paho's background loop swallows the exception of a failed connection
+attempt, and that exception is what tells an unreachable broker (normal: retry with capped backoff, results
+wait in the outbox) from a broker that refuses us (a configuration error: wrong CA, wrong password, exit 5).
+
+Delivery contract: ``publish(..., on_ack=f)`` calls ``f`` from the network thread once the broker has sent a
+successful PUBACK for that message, and never otherwise. Messages handed to paho while the connection is down,
+or in flight when it drops, are kept by paho in memory and re-sent after reconnect; if the process dies they
+are lost from memory but not from the outbox, which replays them at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgemed.errors import BrokerRefusedError, ConfigError
+from edgemed.publish.config import MqttConfig, read_password
+
+log = logging.getLogger(__name__)
+
+AckCallback = Callable[[], None]
+StateCallback = Callable[[str], None]
+
+# CONNACK reasons that mean "your settings are wrong", as opposed to "try again later".
+_REFUSALS = {
+    "Not authorized": "check mqtt.username and the password it reads ({source})",
+    "Bad user name or password": "check mqtt.username and the password it reads ({source})",
+    "Client identifier not valid": "set mqtt.client_id to an id the broker accepts",
+    "Banned": "the broker banned this client; ask its operator",
+    "Bad authentication method": "the broker wants another authentication method",
+}
+# A v5 CONNECT to a 3.1.1-only broker is answered with return code 1 (unacceptable protocol version), which
+# paho reports as 1 or as 132 "Unsupported protocol version".
+_PROTOCOL_REFUSED = {1, 132}
+_LOOP_TIMEOUT_S = 0.25
+
+
+class MqttLink:
+    """A persistent, reconnecting MQTT connection with a retained online/offline status and a last will."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        status_topic: str | None,
+        client_id: str,
+        on_state: StateCallback | None = None,
+        status_extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Build the client; no socket is opened until ``start()``.
+
+        Args:
+            cfg: broker settings.
+            status_topic: where the retained ``online``/``offline`` status and the last will go; None = no
+                status (used by ``edgemed flush``).
+            client_id: stable MQTT client id (see ``default_client_id``).
+            on_state: called with ``"online"``, ``"offline"`` or ``"refused"`` from the network thread.
+            status_extra: fields added to every status message (for example the device id and model version).
+
+        Raises:
+            BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
+            ConfigError: the password source or a TLS file cannot be read.
+        """
+        self.cfg = cfg
+        self.broker = cfg.broker
+        if not self.broker.tls and not self.broker.loopback and not cfg.allow_plaintext_remote:
+            raise BrokerRefusedError(
+                f"refusing plaintext MQTT to {self.broker.host}:{self.broker.port}: results and the password "
+                "would cross the network unencrypted; use mqtts:// (with mqtt.tls.ca_file for a private CA) "
+                "or set mqtt.allow_plaintext_remote: true"
+            )
+        self.status_topic = status_topic
+        self.client_id = client_id
+        self.status_extra: dict[str, Any] = dict(status_extra or {})
+        self._on_state = on_state
+        self._password = read_password(cfg)
+        self._ssl_context = self._make_ssl_context() if self.broker.tls else None
+        self._v5 = cfg.protocol != "3.1.1"
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, AckCallback | None] = {}
+        self._early: dict[int, ReasonCode] = {}
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._refused: str | None = None
+        self._got_connack = False
+        self._went_online = False
+        self._connect_called = False
+        self._thread: threading.Thread | None = None
+        #: Incremented whenever a new paho client replaces the old one (protocol fallback): messages handed to
+        #: the old client are gone from memory and must be re-published from the outbox.
+        self.epoch = 0
+        self._client = self._make_client()
+
+    # -- construction ----------------------------------------------------------------------------------------
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        tls = self.cfg.tls
+        ca = str(tls.ca_file) if tls and tls.ca_file else None
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+            if tls and tls.cert_file and tls.key_file:
+                ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the TLS files of mqtt.tls ({exc}); check ca_file, cert_file and key_file"
+            ) from exc
+        return ctx
+
+    def _make_client(self) -> paho.Client:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            # Persistent session: the broker keeps our state across reconnects (v5: clean_start=False).
+            clean_session=None if self._v5 else False,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = self.cfg.connect_timeout_s
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self._password)
+        if self._ssl_context is not None:
+            client.tls_set_context(self._ssl_context)
+        if self.status_topic:
+            client.will_set(
+                self.status_topic,
+                self._status_payload("offline", {"reason": "connection lost"}),
+                qos=1,
+                retain=True,
+            )
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_publish = self._handle_publish
+        return client
+
+    # -- public API ------------------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful CONNACK and the loss of the connection."""
+        return self._connected.is_set()
+
+    def start(self) -> None:
+        """Start connecting in the background; an unreachable broker is not an error: the link retries."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="edgemed-mqtt", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise if the broker refused us; call it periodically from the main thread.
+
+        Raises:
+            BrokerRefusedError: wrong password, untrusted certificate, rejected client id or publish refused.
+        """
+        refused = self._refused
+        if refused is not None:
+            raise BrokerRefusedError(refused)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected, refused or ``timeout_s`` passed.
+
+        Args:
+            timeout_s: longest wait.
+
+        Returns:
+            True when connected.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self._connected.wait(0.05):
+            if self._refused is not None or time.monotonic() > deadline:
+                return False
+        return True
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        on_ack: AckCallback | None = None,
+    ) -> None:
+        """Hand one message to the client; while disconnected it is held in memory and sent after reconnect.
+
+        Args:
+            topic: MQTT topic.
+            payload: message bytes.
+            qos: 0 or 1 (QoS 0 messages are dropped while disconnected).
+            retain: ask the broker to keep it as the topic's last value.
+            on_ack: called once, from the network thread, when the broker acknowledged a QoS 1 message.
+
+        Raises:
+            ConfigError: the topic or QoS is invalid.
+        """
+        if qos not in (0, 1):
+            raise ConfigError(f"MQTT QoS must be 0 or 1, not {qos}")
+        client = self._client
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:
+            raise ConfigError(f"cannot publish on MQTT topic {topic!r}: {exc}") from exc
+        if qos == 0:
+            return
+        # paho may deliver the PUBACK (in the network thread) before publish() returned the mid to us.
+        with self._lock:
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._callbacks[info.mid] = on_ack
+        if early is not None:
+            self._finish(info.mid, topic, early, on_ack)
+
+    def publish_status(self, state: str, extra: dict[str, Any] | None = None) -> None:
+        """Publish a retained QoS 1 status message; does nothing when the link has no status topic.
+
+        Args:
+            state: ``online``, ``offline`` or another word the dashboard shows.
+            extra: fields added to this message only.
+        """
+        if self.status_topic:
+            self.publish(self.status_topic, self._status_payload(state, extra or {}), qos=1, retain=True)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Publish ``offline`` (retained), wait up to ``timeout_s`` for its PUBACK, then disconnect cleanly.
+
+        Args:
+            timeout_s: longest wait for the acknowledgement and the network thread.
+        """
+        deadline = time.monotonic() + timeout_s
+        if self._thread is None:
+            return
+        if self.connected and self.status_topic:
+            acked = threading.Event()
+            self.publish(
+                self.status_topic,
+                self._status_payload("offline", {"reason": "stopped"}),
+                qos=1,
+                retain=True,
+                on_ack=acked.set,
+            )
+            acked.wait(max(0.0, deadline - time.monotonic()))
+        self._stop.set()
+        if self.connected:
+            self._client.disconnect()
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        self._thread = None
+        self._connected.clear()
+
+    # -- network thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        outage_logged = False
+        silent_closes = 0
+        while not self._stop.is_set():
+            self._got_connack = False
+            self._went_online = False
+            try:
+                self._open()
+            except OSError as exc:
+                refusal = _tls_refusal(exc, self.cfg)
+                if refusal is not None:
+                    self._refuse(refusal)
+                elif not outage_logged:
+                    log.warning(
+                        "broker %s is unreachable (%s): results stay in the outbox and are sent when it is "
+                        "back; retrying every %.1f-%.1f s",
+                        self.cfg.url,
+                        exc,
+                        self.cfg.reconnect_min_s,
+                        self.cfg.reconnect_max_s,
+                    )
+                    outage_logged = True
+            else:
+                self._pump()
+                self._connected.clear()
+                if self._stop.is_set():
+                    break
+                if self._went_online:
+                    delay = self.cfg.reconnect_min_s
+                    silent_closes = 0
+                    log.warning(
+                        "lost the connection to broker %s: results stay in the outbox; reconnecting",
+                        self.cfg.url,
+                    )
+                    outage_logged = True
+                elif not self._got_connack:
+                    silent_closes += 1
+                    if self._v5 and self.cfg.protocol == "auto" and silent_closes >= 2:
+                        self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK")
+                        silent_closes = 0
+            if self._refused is not None:
+                # A refusal does not fix itself: keep trying, slowly, until someone fixes the settings.
+                delay = self.cfg.reconnect_max_s
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.cfg.reconnect_max_s)
+
+    def _open(self) -> None:
+        if not self._connect_called:
+            # connect() records host, port and session options even when it raises; later tries reconnect().
+            self._connect_called = True
+            if self._v5:
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.SessionExpiryInterval = self.cfg.session_expiry_s
+                self._client.connect(
+                    self.broker.host,
+                    self.broker.port,
+                    self.cfg.keepalive_s,
+                    clean_start=False,
+                    properties=props,
+                )
+            else:
+                self._client.connect(self.broker.host, self.broker.port, self.cfg.keepalive_s)
+        else:
+            self._client.reconnect()
+
+    def _pump(self) -> None:
+        # Run paho's loop until the connection drops or stop() is requested.
+        while True:
+            try:
+                rc = self._client.loop(timeout=_LOOP_TIMEOUT_S)
+            except OSError as exc:
+                log.debug("network loop error: %s", exc)
+                return
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+            if self._stop.is_set() and not self.connected:
+                return
+
+    def _fall_back_to_311(self, why: str) -> None:
+        log.warning("broker %s: %s; falling back to MQTT 3.1.1", self.cfg.url, why)
+        self._v5 = False
+        with self._lock:
+            self._callbacks.clear()
+            self._early.clear()
+        self._client = self._make_client()
+        self._connect_called = False
+        self.epoch += 1
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._got_connack = True
+        if reason.is_failure:
+            name = reason.getName()
+            if self._v5 and self.cfg.protocol == "auto" and reason.value in _PROTOCOL_REFUSED:
+                self._fall_back_to_311(f"the broker refused MQTT 5 ({name})")
+                return
+            hint = _REFUSALS.get(name)
+            if hint is not None:
+                source = (self.cfg.password_env and f"env {self.cfg.password_env}") or str(
+                    self.cfg.password_file
+                )
+                self._refuse(
+                    f"broker {self.cfg.url} refused the connection of client {self.client_id!r} as user "
+                    f"{self.cfg.username!r}: {name}; {hint.format(source=source)}"
+                )
+            else:
+                log.warning("broker %s refused the connection for now (%s); retrying", self.cfg.url, name)
+            return
+        self._refused = None
+        self._went_online = True
+        self._connected.set()
+        log.info(
+            "connected to broker %s as %s (MQTT %s, session present: %s)",
+            self.cfg.url,
+            self.client_id,
+            "5" if self._v5 else "3.1.1",
+            getattr(flags, "session_present", None),
+        )
+        if self.status_topic:
+            client.publish(self.status_topic, self._status_payload("online", {}), qos=1, retain=True)
+        self._notify("online")
+
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            self._notify("offline")
+
+    def _handle_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        with self._lock:
+            if mid not in self._callbacks:
+                self._early[mid] = reason
+                return
+            on_ack = self._callbacks.pop(mid)
+        self._finish(mid, "", reason, on_ack)
+
+    def _finish(self, mid: int, topic: str, reason: ReasonCode, on_ack: AckCallback | None) -> None:
+        # v5 PUBACK reason codes >= 0x80 mean the broker did not take the message (typically an ACL denial).
+        if reason.is_failure:
+            self._refuse(
+                f"broker {self.cfg.url} refused a message from client {self.client_id!r}"
+                f"{' on ' + topic if topic else ''}: {reason.getName()}; allow this client to publish on "
+                "its edgemed/ topics in the broker's ACL"
+            )
+            return
+        if on_ack is not None:
+            try:
+                on_ack()
+            except Exception:
+                # The callback belongs to the delivery layer; a bug there must not kill the network thread.
+                log.exception("acknowledgement callback failed for message %d", mid)
+
+    def _refuse(self, message: str) -> None:
+        first = self._refused != message
+        self._refused = message
+        if first:
+            log.error("%s", message)
+            self._notify("refused")
+
+    def _notify(self, state: str) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state(state)
+        except Exception:
+            log.exception("on_state callback failed for state %s", state)
+
+    def _status_payload(self, state: str, extra: dict[str, Any]) -> bytes:
+        body = {
+            "state": state,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.status_extra,
+            **extra,
+        }
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _tls_refusal(exc: OSError, cfg: MqttConfig) -> str | None:
+    """A one-line configuration error for a TLS failure, or None for a transient network failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        what = exc.verify_message or str(exc)
+        fix = (
+            "set mqtt.tls.ca_file to the CA that signed the broker's certificate"
+            if "hostname" not in what.lower()
+            else "use the host name the broker's certificate names in the URL"
+        )
+        return f"TLS: the certificate of broker {cfg.url} is not trusted ({what}); {fix}"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return None  # the broker went away mid-handshake: retry
+    if isinstance(exc, ssl.SSLError):
+        return (
+            f"TLS handshake with broker {cfg.url} failed ({exc.reason or exc}); check that the port speaks "
+            "TLS and, if the broker requires a client certificate, set mqtt.tls.cert_file and key_file"
+        )
+    return None
