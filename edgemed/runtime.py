@@ -197,10 +197,10 @@ class Device:
         from edgemed.publish.mqtt import MqttLink
 
         self.link = MqttLink(self.profile.mqtt, status_topic=f"{self.topic_base}/status",
-                             client_id=self.profile.mqtt.client_id or f"edgemed-{self.site}-{self.device_id}")
+                             client_id=self.profile.mqtt.client_id or f"edgemed-{self.site}-{self.device_id}",
+                             status_extra=self._status_extra())
         self.link.start()
         self._closers.append(lambda: self.link.stop(timeout_s=5.0))
-        self.link.publish_status("online", self._status_extra())
         self.delivery = Delivery(self.outbox, self.link)
         self.delivery.start()
         self._closers.append(self.delivery.stop)
@@ -208,8 +208,11 @@ class Device:
         self._heartbeat.start()
 
     def _status_extra(self) -> dict[str, Any]:
-        return {"delegate": self.backend.delegate, "degraded": self.backend.degraded,
-                "model": self.ctx.model["name"], "model_sha256": self.artifact.sha256}
+        from edgemed import __version__
+
+        return {"device_id": self.device_id, "site": self.site, "delegate": self.backend.delegate,
+                "degraded": self.backend.degraded, "model": self.ctx.model["name"],
+                "model_sha256": self.artifact.sha256, "edgemed": __version__}
 
     # -- health -----------------------------------------------------------------------------------------------
     def health_payload(self) -> dict[str, Any]:
@@ -335,7 +338,11 @@ class Device:
                 self._jsonl.flush()
         summary.errors = summary.levels.get("error", 0)
         summary.recaptures = summary.levels.get("recapture", 0)
-        summary.study = self._study.decision() if summary.frames else None
+        # A study decision only makes sense for frames of one session: a cine loop, a video, a live stream, or
+        # inputs the operator tied together with --study-id. A folder of unrelated images gets none.
+        one_session = self._source.kind in ("video", "stream", "camera") or self.study_id is not None or (
+            self._source.kind == "dicom")
+        summary.study = self._study.decision() if summary.frames and one_session else None
         summary.pending = self._drain()
         return summary
 

@@ -1,0 +1,200 @@
+"""How much does `edgemed run` cost on top of the unavoidable work?
+
+For each model and workload it runs, each in its own process (thread pools of different runtimes interfere when
+they share one, STACK.md):
+
+* **baseline**: a minimal loop that only reads, decodes, resizes, quantizes and invokes the same frames with the
+  same model (LiteRT, same thread count), and nothing else;
+* **bare invoke**: ``interpreter.invoke()`` alone on one preprocessed frame (the floor);
+* **edgemed run**: the full device pipeline (capture, quality gate, preprocessing, inference, triage, envelope,
+  durable outbox, QoS 1 publishing to a real mosquitto on a loopback port).
+
+It reports frames per second (median of ``--runs`` runs), the per-stage split of edgemed run, time from process
+start to the first result, and peak RSS of each process. Results go to ``benchmarks/results/runtime.json`` and a
+markdown table on stdout.
+
+    python benchmarks/bench_runtime.py --reference out/reference_int8.tflite --mobile out/mobilenet_int8.tflite
+
+Workloads: the 12 full-resolution ISIC dermoscopy JPEGs looped to >= 1,000 frames, and the 30-frame ultrasound
+cine DICOM (JPEG baseline) looped to >= 1,000 frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, Mosquitto, median  # noqa: E402
+
+BASELINE = r'''
+import sys, time, json, os, resource
+from pathlib import Path
+import numpy as np, cv2
+from ai_edge_litert.interpreter import Interpreter
+model, source, loops, threads, height, width, channels = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+itp = Interpreter(model_path=model, num_threads=threads)
+itp.allocate_tensors()
+inp, out = itp.get_input_details()[0], itp.get_output_details()[0]
+scale, zp = inp["quantization"]
+lut = np.clip(np.round(np.arange(256, dtype=np.float32) / 255.0 / scale) + zp, -128, 127).astype(inp["dtype"])
+def frames():
+    if source.is_dir():
+        files = sorted(source.glob("*.jpg"))
+        for _ in range(loops):
+            for f in files:
+                yield cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+    else:
+        import pydicom
+        for _ in range(loops):
+            ds = pydicom.dcmread(source)
+            for fr in ds.pixel_array:
+                yield fr
+t0 = time.perf_counter(); n = 0; first = None
+for img in frames():
+    if channels == 1:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
+    x = lut[small].reshape(1, height, width, channels)
+    itp.set_tensor(inp["index"], x); itp.invoke(); _ = itp.get_tensor(out["index"])
+    n += 1
+    if first is None: first = time.perf_counter()
+elapsed = time.perf_counter() - first
+print(json.dumps({"frames": n, "fps": (n - 1) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+BARE = r'''
+import sys, time, json, statistics
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+itp = Interpreter(model_path=sys.argv[1], num_threads=int(sys.argv[2])); itp.allocate_tensors()
+inp = itp.get_input_details()[0]
+itp.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+for _ in range(50): itp.invoke()
+ts = []
+for _ in range(2000):
+    t = time.perf_counter(); itp.invoke(); ts.append((time.perf_counter() - t) * 1e3)
+print(json.dumps({"invoke_ms": statistics.median(ts)}))
+'''
+
+
+def run_child(code_or_args: list[str]) -> tuple[str, float]:
+    """Run a child process to completion; return its stdout and its own peak RSS (MB) from wait4."""
+    proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_chunks: list[str] = []
+    err_chunks: list[str] = []
+    t_out = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()))  # type: ignore[union-attr]
+    t_err = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()))  # type: ignore[union-attr]
+    t_out.start()
+    t_err.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    t_out.join()
+    t_err.join()
+    if proc.returncode not in (0,):
+        raise RuntimeError(f"{code_or_args[:4]} exited {proc.returncode}: {''.join(err_chunks)[-2000:]}")
+    return "".join(out_chunks), usage.ru_maxrss / 1024.0
+
+
+def model_input(model: Path) -> tuple[int, int, int]:
+    manifest = json.loads(next(model.parent.glob("*.manifest.json")).read_text())
+    spec = manifest["input"]
+    return spec["height"], spec["width"], spec["channels"]
+
+
+def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: str) -> dict[str, Any]:
+    """One `edgemed run` process; stage latencies come from the results it wrote to results.jsonl."""
+    data_dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-"))
+    try:
+        start = time.time()
+        _, rss = run_child([sys.executable, "-m", "edgemed", "run", "--model", str(model), "--source", str(source),
+                            "--loop", str(loops), "--threads", str(threads), "--device-id", "bench",
+                            "--broker", broker, "--data-dir", str(data_dir), "--quiet"])
+        rows = [json.loads(line) for line in (data_dir / "results.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    stamps = [datetime.fromisoformat(r["created_at"].replace("Z", "+00:00")).timestamp() for r in rows]
+    stages = {k: median([r["latency_ms"].get(k, 0.0) for r in rows])
+              for k in ("capture", "quality", "preprocess", "inference", "triage", "total")}
+    return {"frames": len(rows), "fps": (len(rows) - 1) / (stamps[-1] - stamps[0]), "rss_mb": rss,
+            "first_result_s": stamps[0] - start, "stages_ms": stages,
+            "levels": sorted({r["triage"]["level"] for r in rows})}
+
+
+def bench(name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace,
+          broker: str) -> dict[str, Any]:
+    loops = math.ceil(args.frames / frames_per_loop)
+    h, w, c = model_input(model)
+    base_runs, run_runs = [], []
+    for i in range(args.runs):  # interleaved, so drift on a shared machine hits both alike
+        out, rss = run_child([sys.executable, "-c", BASELINE, str(model), str(source), str(loops),
+                              str(args.threads), str(h), str(w), str(c)])
+        base_runs.append({**json.loads(out), "rss_mb": rss})
+        run_runs.append(edgemed_run(model, source, loops, args.threads, broker))
+        print(f"  {name} run {i + 1}/{args.runs}: baseline {base_runs[-1]['fps']:.1f} fps, "
+              f"edgemed run {run_runs[-1]['fps']:.1f} fps", file=sys.stderr)
+    out, _ = run_child([sys.executable, "-c", BARE, str(model), str(args.threads)])
+    base_fps = median([r["fps"] for r in base_runs])
+    run_fps = median([r["fps"] for r in run_runs])
+    return {
+        "workload": name, "model": model.name, "frames": run_runs[0]["frames"], "runs": args.runs,
+        "baseline_fps": base_fps, "run_fps": run_fps, "ratio": run_fps / base_fps,
+        "bare_invoke_ms": json.loads(out)["invoke_ms"],
+        "run_stages_ms": {k: median([r["stages_ms"][k] for r in run_runs]) for k in run_runs[0]["stages_ms"]},
+        "run_first_result_s": median([r["first_result_s"] for r in run_runs]),
+        "run_peak_rss_mb": max(r["rss_mb"] for r in run_runs),
+        "baseline_peak_rss_mb": max(r["rss_mb"] for r in base_runs),
+        "levels": run_runs[0]["levels"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, required=True, help="int8 reference CNN (.tflite + manifest)")
+    parser.add_argument("--mobile", type=Path, help="int8 compact mobile model (.tflite + manifest)")
+    parser.add_argument("--frames", type=int, default=1000, help="frames per workload (default 1000)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per configuration; medians are reported")
+    parser.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
+    args = parser.parse_args()
+
+    jpegs = ROOT / "data" / "isic_samples"
+    cine_dir = Path(tempfile.mkdtemp(prefix="edgemed-cine-"))
+    cine = cine_dir / "cine.dcm"
+    shutil.copy(ROOT / "data" / "dicom" / "examples_ybr_color.dcm", cine)
+    models = [("reference CNN", args.reference)] + ([("compact mobile", args.mobile)] if args.mobile else [])
+    rows = []
+    with Mosquitto() as broker:
+        for label, model in models:
+            for wname, source, per_loop in (("ISIC JPEG 722-1504 px", jpegs, 12), ("US cine DICOM 30 fr", cine, 30)):
+                print(f"benchmarking {label} on {wname} ...", file=sys.stderr)
+                rows.append({"model_kind": label, **bench(wname, model, source, per_loop, args, broker.url)})
+    shutil.rmtree(cine_dir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
+
+    print("| model | workload | frames | baseline fps | edgemed run fps | ratio | capture / quality / preprocess / "
+          "inference / triage ms | first result s | peak RSS MB (run / baseline) | bare invoke ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["run_stages_ms"]
+        print(f"| {r['model_kind']} | {r['workload']} | {r['frames']} | {r['baseline_fps']:.1f} | "
+              f"{r['run_fps']:.1f} | {r['ratio']:.2f} | {s['capture']:.2f} / {s['quality']:.2f} / "
+              f"{s['preprocess']:.2f} / {s['inference']:.3f} / {s['triage']:.3f} | {r['run_first_result_s']:.2f} | "
+              f"{r['run_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} | {r['bare_invoke_ms']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
