@@ -1,0 +1,203 @@
+"""Inference backends on a real LiteRT interpreter and a real BreastMNIST-trained int8 model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from edgemed.errors import ConfigError, ModelError
+from edgemed.inference import BackendConfig, interpreter_module, make_backend
+from edgemed.inference.backends import CompiledModelBackend, is_edgetpu_compiled
+from edgemed.preprocess import dequantize, quantize, softmax
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180, cwd=ROOT
+    )
+
+
+def _breast_test_set(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(data_dir / "breastmnist_28.npz")
+    return data["test_images"], data["test_labels"].reshape(-1)
+
+
+def test_importing_the_package_imports_no_interpreter() -> None:
+    proc = _run_python("""
+        import sys
+        import edgemed.inference
+        from edgemed.inference import BackendConfig
+        BackendConfig(accelerator="edgetpu")
+        loaded = [m for m in ("ai_edge_litert", "tflite_runtime", "tensorflow", "numpy") if m in sys.modules]
+        print(",".join(loaded) or "none")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "none"
+
+
+def test_auto_runtime_is_litert_and_never_loads_tensorflow() -> None:
+    proc = _run_python("""
+        import sys
+        from edgemed.inference import interpreter_module
+        name, module = interpreter_module()
+        print(name, module.__name__, "tensorflow" in sys.modules)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ai_edge_litert", "ai_edge_litert.interpreter", "False"]
+
+
+def test_auto_runtime_falls_back_to_tensorflow_lite_when_litert_is_missing(int8_model: Path) -> None:
+    # tflite_runtime is not installed here, so with LiteRT blocked the third choice must run the same model.
+    proc = _run_python(f"""
+        import sys
+        sys.modules["ai_edge_litert"] = None
+        import numpy as np
+        from edgemed.inference import BackendConfig, make_backend
+        b = make_backend({str(int8_model)!r}, BackendConfig())
+        print(b.backend, b.invoke(np.zeros(b.input_spec.shape, np.int8)).tolist())
+    """)
+    assert proc.returncode == 0, proc.stderr
+    name, out = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert name == "tensorflow"
+    litert = make_backend(int8_model, BackendConfig())
+    assert eval(out) == litert.invoke(np.zeros(litert.input_spec.shape, np.int8)).tolist()  # bit-identical
+
+
+def test_no_interpreter_installed_is_a_config_error_naming_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for mod in (
+        "ai_edge_litert",
+        "ai_edge_litert.interpreter",
+        "tensorflow",
+        "tensorflow.lite",
+        "tensorflow.lite.python",
+        "tensorflow.lite.python.interpreter",
+        "tflite_runtime",
+        "tflite_runtime.interpreter",
+    ):
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(ConfigError, match="pip install ai-edge-litert"):
+        interpreter_module()
+
+
+def test_explicit_runtime_that_is_not_installed_says_how_to_install_it() -> None:
+    with pytest.raises(ConfigError, match=r"tflite_runtime.*pip install tflite-runtime"):
+        interpreter_module("tflite_runtime")
+
+
+def test_cpu_backend_reports_specs_and_classifies_real_images(int8_model: Path, data_dir: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig(threads=2))
+    assert (backend.backend, backend.delegate, backend.degraded, backend.degraded_reason) == (
+        "ai_edge_litert",
+        "cpu",
+        False,
+        None,
+    )
+    spec = backend.input_spec
+    assert spec.shape == (1, 28, 28, 1) and spec.dtype == "int8" and spec.quantized
+    assert backend.output_spec.shape == (1, 2) and backend.output_spec.dtype == "int8"
+    images, labels = _breast_test_set(data_dir)
+    predicted = []
+    for img in images:
+        x = quantize(img[..., None].astype(np.float32) / 255.0, spec)
+        raw = backend.invoke(x)
+        assert raw.shape == (2,) and raw.dtype == np.int8
+        predicted.append(int(np.argmax(softmax(dequantize(raw, backend.output_spec)))))
+    accuracy = float(np.mean(np.array(predicted) == labels))
+    # The reference CNN reaches ~.85 on this test split; a broken backend gives ~.27 or ~.73 (one class).
+    assert accuracy > 0.75
+    assert len(set(predicted)) == 2
+
+
+def test_invoke_accepts_the_input_with_or_without_its_batch_axis(int8_model: Path, data_dir: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig())
+    img = _breast_test_set(data_dir)[0][3]
+    x = quantize(img[..., None].astype(np.float32) / 255.0, backend.input_spec)
+    assert backend.invoke(x).tolist() == backend.invoke(x[None]).tolist()
+
+
+def test_thread_count_does_not_change_the_result(int8_model: Path, data_dir: Path) -> None:
+    one = make_backend(int8_model, BackendConfig(threads=1))
+    two = make_backend(int8_model, BackendConfig(threads=2))
+    for img in _breast_test_set(data_dir)[0][:20]:
+        x = quantize(img[..., None].astype(np.float32) / 255.0, one.input_spec)
+        assert one.invoke(x).tolist() == two.invoke(x).tolist()
+
+
+def test_wrong_input_and_closed_backend_are_model_errors(int8_model: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig())
+    with pytest.raises(ModelError, match="must be int8, got float32"):
+        backend.invoke(np.zeros((1, 28, 28, 1), np.float32))
+    with pytest.raises(ModelError, match=r"shape \(1, 28, 28, 1\)"):
+        backend.invoke(np.zeros((1, 32, 32, 1), np.int8))
+    backend.close()
+    with pytest.raises(ModelError, match="closed"):
+        backend.invoke(np.zeros((1, 28, 28, 1), np.int8))
+
+
+def test_invoke_is_cheap(int8_model: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig(threads=1))
+    x = np.zeros(backend.input_spec.shape, np.int8)
+    times = []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        backend.invoke(x)
+        times.append(time.perf_counter() - t0)
+    # The model itself takes ~10 us here; per-call tensor lookups would add tens of us, a re-allocation ms.
+    assert float(np.median(times)) < 1e-3
+
+
+def test_missing_and_corrupt_models_are_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        make_backend(tmp_path / "absent.tflite", BackendConfig())
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"this is not a flatbuffer" * 10)
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        make_backend(bad, BackendConfig())
+    assert ModelError("x").exit_code == 3
+
+
+def test_compiled_model_backend_matches_the_interpreter(int8_model: Path, data_dir: Path) -> None:
+    # The GPU path minus the GPU: LiteRT's CompiledModel on its CPU accelerator must match the Interpreter.
+    _, module = interpreter_module()
+    compiled = CompiledModelBackend(module, int8_model, 2, accelerator="cpu")
+    plain = make_backend(int8_model, BackendConfig())
+    assert compiled.input_spec == plain.input_spec and compiled.output_spec == plain.output_spec
+    assert (compiled.delegate, compiled.backend, compiled.degraded) == ("cpu", "ai_edge_litert", False)
+    for img in _breast_test_set(data_dir)[0][:10]:
+        x = quantize(img[..., None].astype(np.float32) / 255.0, plain.input_spec)
+        assert compiled.invoke(x).tolist() == plain.invoke(x).tolist()
+    compiled.close()
+    with pytest.raises(ModelError, match="closed"):
+        compiled.invoke(np.zeros((1, 28, 28, 1), np.int8))
+
+
+def test_edgetpu_compiled_models_are_recognised(int8_model: Path, tmp_path: Path) -> None:
+    assert not is_edgetpu_compiled(int8_model)
+    compiled = tmp_path / "m_edgetpu.tflite"
+    compiled.write_bytes(b"TFL3" + b"\0" * 64 + b"edgetpu-custom-op" + b"\0" * 16)
+    assert is_edgetpu_compiled(compiled)
+
+
+def test_backend_config_rejects_unknown_keys_and_bad_values() -> None:
+    assert BackendConfig(edgetpu_device="usb:1").edgetpu_device == "usb:1"
+    assert BackendConfig(edgetpu_device="pci").edgetpu_device == "pci"
+    with pytest.raises(ValidationError, match="usb, usb:N, pci or pci:N"):
+        BackendConfig(edgetpu_device="usb1")
+    with pytest.raises(ValidationError, match="extra"):
+        BackendConfig.model_validate({"accelerator": "cpu", "acelerator": "gpu"})
+    with pytest.raises(ValidationError):
+        BackendConfig(threads=0)
+    with pytest.raises(ValidationError):
+        BackendConfig.model_validate({"accelerator": "npu"})
+    assert all(f.description for f in BackendConfig.model_fields.values())
