@@ -189,7 +189,8 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot create a new outbox {self.path}: {exc}") from exc
 
-    def _move_aside(self, reason: Exception) -> Path:
+    def _move_aside(self, error: Exception) -> Path:
+        reason = " ".join(str(error).split())  # quick_check reports span lines; keep the log to one
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         n = 1

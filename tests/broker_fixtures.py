@@ -1,10 +1,10 @@
-"""Real-mosquitto fixtures: brokers on free 127.0.0.1 ports, started and stopped by PID, and a counting subscriber.
+"""Real-mosquitto fixtures: brokers on free 127.0.0.1 ports, started/stopped by PID, and a subscriber.
 
 Loaded by the suite's conftest (``pytest_plugins = ["broker_fixtures"]``). Every wait is bounded. Nothing here
 talks to anything but the brokers it starts on the loopback interface.
 
-* ``mosquitto_factory`` builds ``Mosquitto`` instances (plain, persistent, password file, TLS) and kills whatever
-  is still running at teardown.
+* ``mosquitto_factory`` builds ``Mosquitto`` instances (plain, persistent, password file, TLS) and kills
+  whatever is still running at teardown.
 * ``broker``: a plain listener with persistence and a 1 s autosave, already started.
 * ``pki``: a CA, a server certificate for 127.0.0.1/localhost, a client certificate, and an unrelated CA,
   made with the ``openssl`` command.
@@ -67,20 +67,64 @@ def make_pki(folder: Path) -> Pki:
     """
     folder.mkdir(parents=True, exist_ok=True)
     for ca in ("ca", "otherca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                 "-days", "2", "-subj", f"/CN=edgemed test {ca}", cwd=folder)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.crt",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=edgemed test {ca}",
+            cwd=folder,
+        )
     ext = folder / "server.ext"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     for name, extfile in (("server", "server.ext"), ("client", None)):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=edgemed test {name}", cwd=folder)
-        args = ["x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2"]
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=edgemed test {name}",
+            cwd=folder,
+        )
+        args = [
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+        ]
         if extfile:
             args += ["-extfile", extfile]
         _openssl(*args, cwd=folder)
-    return Pki(folder / "ca.crt", folder / "server.crt", folder / "server.key", folder / "client.crt",
-               folder / "client.key", folder / "otherca.crt")
+    return Pki(
+        folder / "ca.crt",
+        folder / "server.crt",
+        folder / "server.key",
+        folder / "client.crt",
+        folder / "client.key",
+        folder / "otherca.crt",
+    )
 
 
 class Mosquitto:
@@ -106,22 +150,40 @@ class Mosquitto:
         if os.geteuid() == 0:
             # mosquitto drops root to user "mosquitto", which could not read our files; stay root in tests.
             lines.append("user root")
-        lines += [f"listener {self.port} 127.0.0.1", f"log_dest file {self.log_path}", "log_type all",
-                  "max_queued_messages 0", "max_inflight_messages 20", "persistent_client_expiration 1h"]
+        lines += [
+            f"listener {self.port} 127.0.0.1",
+            f"log_dest file {self.log_path}",
+            "log_type all",
+            "max_queued_messages 0",
+            "max_inflight_messages 20",
+            "persistent_client_expiration 1h",
+        ]
         if persistence:
-            lines += ["persistence true", f"persistence_location {folder}/", f"autosave_interval {autosave_s}"]
+            lines += [
+                "persistence true",
+                f"persistence_location {folder}/",
+                f"autosave_interval {autosave_s}",
+            ]
         if users:
             pwfile = folder / "passwd"
             pwfile.write_text("")
             for user, password in users.items():
-                subprocess.run([MOSQUITTO_PASSWD, "-b", str(pwfile), user, password], check=True,
-                               capture_output=True, timeout=30)
+                subprocess.run(
+                    [MOSQUITTO_PASSWD, "-b", str(pwfile), user, password],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
         if pki:
-            lines += [f"cafile {pki.ca_cert}", f"certfile {pki.server_cert}", f"keyfile {pki.server_key}",
-                      f"require_certificate {'true' if require_client_cert else 'false'}"]
+            lines += [
+                f"cafile {pki.ca_cert}",
+                f"certfile {pki.server_cert}",
+                f"keyfile {pki.server_key}",
+                f"require_certificate {'true' if require_client_cert else 'false'}",
+            ]
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.tls = pki is not None
@@ -138,20 +200,24 @@ class Mosquitto:
     def start(self, timeout_s: float = 10.0) -> Mosquitto:
         """Start and wait until the port accepts connections."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited at start ({self.proc.returncode}): {err}\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"mosquitto exited at start ({self.proc.returncode}): {err}\n{self.log_tail()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout_s} s\n{self.log_tail()}")
+        raise RuntimeError(
+            f"mosquitto did not listen on port {self.port} within {timeout_s} s\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its persistence file) and wait."""
@@ -210,8 +276,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 class Subscriber:
     """An independent consumer: fixed client id, persistent session, QoS 1, counts unique results."""
 
-    def __init__(self, port: int, topic: str, *, client_id: str | None = None, tls_ca: Path | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        topic: str,
+        *,
+        client_id: str | None = None,
+        tls_ca: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -222,8 +296,12 @@ class Subscriber:
         self.retained: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"sub-{uuid.uuid4().hex[:8]}",
-                                  protocol=paho.MQTTv311, clean_session=False)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"sub-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv311,
+            clean_session=False,
+        )
         self.client.reconnect_delay_set(0.1, 1)
         if tls_ca:
             self.client.tls_set(ca_certs=str(tls_ca))
@@ -238,7 +316,9 @@ class Subscriber:
             self.close()
             raise RuntimeError(f"subscriber could not subscribe on port {port}")
 
-    def _on_connect(self, client: object, userdata: object, flags: object, reason: object, props: object) -> None:
+    def _on_connect(
+        self, client: object, userdata: object, flags: object, reason: object, props: object
+    ) -> None:
         self.client.subscribe(self.topic, qos=1)
 
     def _on_message(self, client: object, userdata: object, msg: object) -> None:
