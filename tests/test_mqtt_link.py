@@ -1,0 +1,196 @@
+"""The MQTT link and the delivery drain against a real mosquitto on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from broker_fixtures import Mosquitto, Subscriber, free_port
+
+from edgemed.errors import BrokerRefusedError
+from edgemed.outbox import Outbox, OutboxConfig
+from edgemed.publish.config import MqttConfig
+from edgemed.publish.delivery import Delivery, flush
+from edgemed.publish.mqtt import MqttLink
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = "edgemed/site/dev/results"
+STATUS = "edgemed/site/dev/status"
+
+
+def _cfg(url: str, **kw: object) -> MqttConfig:
+    return MqttConfig(url=url, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)  # type: ignore[arg-type]
+
+
+def _put(ob: Outbox, n: int) -> None:
+    for _ in range(n):
+        seq = ob.next_seq()
+        rid = uuid.uuid4().hex
+        ob.put(rid, RESULTS, json.dumps({"result_id": rid, "seq": seq}).encode())
+
+
+def _retained(port: int, topic: str, timeout_s: float = 5.0) -> dict[str, object]:
+    sub = Subscriber(port, topic)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while topic not in sub.retained and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert topic in sub.retained, f"no retained message on {topic}"
+        return json.loads(sub.retained[topic])  # type: ignore[no-any-return]
+    finally:
+        sub.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_results_are_delivered_in_order_and_acked_only_on_puback(
+    broker: Mosquitto, tmp_path: Path, protocol: str
+) -> None:
+    sub = Subscriber(broker.port, RESULTS)
+    ob = Outbox(tmp_path / "outbox.sqlite3")
+    link = MqttLink(_cfg(broker.url, protocol=protocol), status_topic=STATUS, client_id="edgemed-dev")
+    delivery = Delivery(ob, link)
+    try:
+        link.start()
+        delivery.start()
+        assert link.wait_connected(10)
+        _put(ob, 500)
+        assert delivery.drain(20) == 0
+        assert sub.wait_for(500, 10) == 500
+        assert sub.seqs == set(range(500))
+        assert delivery.acked_total == 500 and ob.pending_count() == 0
+        assert _retained(broker.port, STATUS)["state"] == "online"
+    finally:
+        delivery.stop()
+        link.stop(5)
+        ob.close()
+        sub.close()
+    status = _retained(broker.port, STATUS)
+    assert (status["state"], status["reason"]) == ("offline", "stopped")
+
+
+def test_an_unreachable_broker_is_not_an_error_and_results_wait_on_disk(
+    mosquitto_factory: type[Mosquitto], tmp_path: Path
+) -> None:
+    port = free_port()
+    ob = Outbox(tmp_path / "outbox.sqlite3")
+    link = MqttLink(_cfg(f"mqtt://127.0.0.1:{port}"), status_topic=STATUS, client_id="edgemed-dev")
+    delivery = Delivery(ob, link)
+    try:
+        link.start()
+        delivery.start()
+        _put(ob, 50)
+        time.sleep(0.5)
+        link.check()  # offline is normal: no exception
+        assert not link.connected
+        assert delivery.drain(0.2) == 50
+        broker = mosquitto_factory(port=port).start()
+        sub = Subscriber(broker.port, RESULTS)
+        try:
+            assert delivery.drain(20) == 0
+            assert sub.wait_for(50, 10) == 50
+        finally:
+            sub.close()
+    finally:
+        delivery.stop()
+        link.stop(2)
+        ob.close()
+
+
+def test_plaintext_to_a_remote_host_is_refused_before_any_socket_is_opened(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[object] = []
+
+    class NoSocket(socket.socket):
+        def __init__(self, *args: object, **kw: object) -> None:
+            opened.append(args)
+            raise AssertionError("a socket was opened")
+
+    monkeypatch.setattr(socket, "socket", NoSocket)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: opened.append(a))
+    with pytest.raises(BrokerRefusedError, match=r"refusing plaintext MQTT to 192\.0\.2\.1:1883.*mqtts://"):
+        MqttLink(MqttConfig(url="mqtt://192.0.2.1:1883"), status_topic=STATUS, client_id="edgemed-dev")
+    # Allowed explicitly, the link can be built (it is never started here: TEST-NET must not be contacted).
+    MqttLink(
+        MqttConfig(url="mqtt://192.0.2.1:1883", allow_plaintext_remote=True),
+        status_topic=STATUS,
+        client_id="edgemed-dev",
+    )
+    assert opened == []
+    assert BrokerRefusedError.exit_code == 5
+
+
+_DEVICE = """
+import sys, time
+from edgemed.publish.config import MqttConfig
+from edgemed.publish.mqtt import MqttLink
+link = MqttLink(MqttConfig(url=sys.argv[1]), status_topic=sys.argv[2], client_id="edgemed-lastwill")
+link.start()
+assert link.wait_connected(10)
+print("online", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_device_leaves_a_retained_offline_status(broker: Mosquitto) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DEVICE, broker.url, STATUS], cwd=REPO, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"online"
+        assert _retained(broker.port, STATUS)["state"] == "online"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        status = _retained(broker.port, STATUS)
+        while status["state"] != "offline" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = _retained(broker.port, STATUS)
+        assert status["state"] == "offline" and status["reason"] == "connection lost"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_flush_sends_what_is_pending_and_reports_what_is_left(broker: Mosquitto, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with Outbox(data / "outbox.sqlite3") as ob:
+        _put(ob, 200)
+    sub = Subscriber(broker.port, RESULTS)
+    try:
+        assert flush(data, _cfg(f"mqtt://127.0.0.1:{free_port()}"), timeout_s=0.5) == 200  # nobody listening
+        assert flush(data, _cfg(broker.url), timeout_s=20) == 0
+        assert sub.wait_for(200, 10) == 200
+        assert flush(data, _cfg(broker.url), timeout_s=1) == 0  # nothing left: returns at once
+    finally:
+        sub.close()
+
+
+def test_delivery_keeps_at_most_max_inflight_unacknowledged(broker: Mosquitto, tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "outbox.sqlite3", OutboxConfig(commit_every=1))
+    link = MqttLink(_cfg(broker.url), status_topic=None, client_id="edgemed-window")
+    delivery = Delivery(ob, link, max_inflight=5)
+    try:
+        _put(ob, 40)
+        link.start()
+        assert link.wait_connected(10)
+        delivery.start()
+        peak = 0
+        deadline = time.monotonic() + 20
+        while ob.pending_count() and time.monotonic() < deadline:
+            peak = max(peak, delivery.published_total - delivery.acked_total)
+            time.sleep(0.001)
+        assert ob.pending_count() == 0
+        assert 1 <= peak <= 5
+    finally:
+        delivery.stop()
+        link.stop(2)
+        ob.close()
