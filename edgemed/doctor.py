@@ -27,13 +27,13 @@ class Check:
 
 def _interpreter() -> Check:
     from edgemed.inference import interpreter_module
+    from edgemed.inference.probe import runtime_version
 
     try:
-        name, module = interpreter_module()
+        name, _module = interpreter_module()
     except EdgemedError as exc:
         return Check("interpreter", False, str(exc))
-    version = getattr(module, "__version__", "") or "version unknown"
-    return Check("interpreter", True, f"{name} ({version})")
+    return Check("interpreter", True, f"{name} {runtime_version(name)}")
 
 
 def _delegates(profile: object | None) -> list[Check]:

@@ -1,0 +1,41 @@
+"""`edgemed doctor`: a table that says what works here and how to fix what does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from broker_fixtures import Mosquitto
+
+from edgemed.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_doctor_on_this_machine(tmp_path: Path, data_dir: Path, broker: Mosquitto,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["doctor", "--source", str(data_dir / "isic_samples"), "--broker", broker.url,
+                 "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ok    interpreter       ai_edge_litert" in out
+    assert "ok    source            folder: first frame (767, 1022, 3)" in out
+    assert f"ok    broker            connected to {broker.url}" in out
+    # No Edge TPU here: reported with the package to install, but not fatal for the default CPU profile.
+    assert "warn  delegate edgetpu" in out and "libedgetpu1-std" in out
+
+
+def test_doctor_fails_when_the_profile_needs_a_missing_accelerator(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("profile: t\ndevice: {id: d1}\ninference: {accelerator: edgetpu, allow_cpu_fallback: false}\n")
+    code = main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "FAIL  delegate edgetpu" in out
+
+
+def test_doctor_reports_an_unreadable_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["doctor", "--source", str(tmp_path / "missing"), "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 2 and "FAIL  source" in out
