@@ -127,8 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = device.run()
     levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
     print(f"edgemed: {summary.frames} frames ({levels}); pending {summary.pending}", file=sys.stderr)
-    if summary.study is not None and summary.frames > 1:
-        print(f"edgemed: study decision: {summary.study.level.upper()}: {summary.study.reason}", file=sys.stderr)
+    for study in summary.studies:
+        print(f"edgemed: study decision: {study.level.upper()}: {study.reason}", file=sys.stderr)
     if summary.pending:
         print(f"edgemed: {summary.pending} results are still pending in {device.data_dir}; they are sent on the "
               "next run or with `edgemed flush`", file=sys.stderr)

@@ -17,6 +17,8 @@ from typing import Any
 from edgemed import RESULT_SCHEMA, __version__
 from edgemed.types import Frame, Prediction, QualityReport, TriageResult
 
+STUDY_SCHEMA = "edgemed.study/1"
+
 
 @dataclass(frozen=True)
 class EnvelopeContext:
@@ -84,14 +86,53 @@ def build_result(
     }
 
 
+def build_study(
+    ctx: EnvelopeContext,
+    *,
+    seq: int,
+    created_at: float,
+    clock_synced: bool | None,
+    session_id: str | None,
+    source_kind: str,
+    first_seq: int,
+    last_seq: int,
+    decision: TriageResult,
+) -> dict[str, Any]:
+    """Assemble one study decision (schema ``edgemed.study/1``) for the frames ``first_seq..last_seq``."""
+    return {
+        "schema": STUDY_SCHEMA,
+        "result_id": new_result_id(),
+        "seq": seq,
+        "device_id": ctx.device_id,
+        "site": ctx.site,
+        "created_at": utc_now_iso(created_at),
+        "clock_synced": clock_synced,
+        "session_id": session_id,
+        "model": ctx.model,
+        "source_kind": source_kind,
+        "first_seq": first_seq,
+        "last_seq": last_seq,
+        "triage": decision.as_dict(),
+    }
+
+
 def encode(envelope: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON, the bytes that go to the outbox and the broker."""
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-@lru_cache(maxsize=1)
-def result_schema() -> dict[str, Any]:
-    """The JSON Schema of the result envelope, loaded from the package."""
-    text = resources.files("edgemed").joinpath("schemas/result-v1.json").read_text(encoding="utf-8")
+@lru_cache(maxsize=4)
+def _schema(name: str) -> dict[str, Any]:
+    text = resources.files("edgemed").joinpath(f"schemas/{name}").read_text(encoding="utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
+
+
+def result_schema() -> dict[str, Any]:
+    """The JSON Schema of the result envelope, loaded from the package."""
+    return _schema("result-v1.json")
+
+
+def study_schema() -> dict[str, Any]:
+    """The JSON Schema of the study decision, loaded from the package."""
+    return _schema("study-v1.json")

@@ -7,7 +7,7 @@ uint8 pixel maps to one model-input value, so the per-frame cost is one table lo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 _DTYPE_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
 
-def _cv2():  # type: ignore[no-untyped-def]
+def _cv2() -> Any:
     # OpenCV is imported on first use: `import edgemed.preprocess` stays cheap for pure-logic callers.
     import cv2
 
@@ -105,4 +105,5 @@ class Preprocessor:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Prepare, normalise and quantize one frame; returns shape ``(1, H, W, C)``."""
-        return self._lut[prepare(image, self.spec)][None, ...]
+        out: np.ndarray = self._lut[prepare(image, self.spec)][None, ...]
+        return out

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgemed.capture import FrameSource, open_source
 from edgemed.config import DeviceProfile, default_data_dir
-from edgemed.envelope import EnvelopeContext, build_result, encode, new_result_id
+from edgemed.envelope import EnvelopeContext, build_result, build_study, encode, new_result_id
 from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, clock_synced, load_or_create_secret, pseudonym
@@ -52,7 +52,7 @@ class RunSummary:
     recaptures: int = 0
     pending: int = 0
     levels: dict[str, int] = field(default_factory=dict)
-    study: TriageResult | None = None
+    studies: list[TriageResult] = field(default_factory=list)
     stopped_by_signal: bool = False
 
     @property
@@ -134,6 +134,10 @@ class Device:
         self.delivery: Any = None
         self._source: FrameSource | None = None
         self._clock: tuple[float, bool | None] = (0.0, None)
+        self._study = StudyAggregator(profile.triage)
+        self._study_key: str | None = None
+        self._study_first_seq = self._study_last_seq = 0
+        self.studies: list[TriageResult] = []
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Device:
@@ -278,6 +282,9 @@ class Device:
         lat.setdefault("preprocess", 0.0)
         lat.setdefault("inference", 0.0)
         study = self.study_id or frame.study_uid
+        if study != self._study_key and self._study.frames:
+            self._end_study()  # a new study began within the source (e.g. the next DICOM in a folder)
+        self._study_key = study
         lat["total"] = (time.perf_counter() - t0) * 1e3 + capture_ms
         env = build_result(
             self.ctx, frame=frame, seq=self.outbox.next_seq(), created_at=time.time(),
@@ -293,8 +300,34 @@ class Device:
         if self._jsonl is not None:
             self._jsonl.write(payload.decode("utf-8") + "\n")
         self.health.record(lat["total"], result.level)
+        if not self._study.frames:
+            self._study_first_seq = env["seq"]
+        self._study_last_seq = env["seq"]
         self._study.add(result, prediction)
         return env
+
+    def _end_study(self) -> None:
+        # A one- or two-frame "study" (a still image) is its own decision; a study decision is published for
+        # sessions with at least min_valid_frames frames, or always when the profile configures triage.study.
+        configured = self.profile.triage.study is not None
+        if configured or self._study.frames >= self._study.study.min_valid_frames:
+            self._emit_study()
+        else:
+            self._study.reset()
+
+    def _emit_study(self) -> None:
+        """Commit the decision over the current session's frames to the outbox, then start a new session."""
+        decision = self._study.decision()
+        self.studies.append(decision)
+        key = self._study_key
+        env = build_study(self.ctx, seq=self.outbox.next_seq(), created_at=time.time(),
+                          clock_synced=self._clock_synced(), session_id=pseudonym(self.secret, key) if key else None,
+                          source_kind=self._source.kind if self._source is not None else "folder",
+                          first_seq=self._study_first_seq, last_seq=self._study_last_seq, decision=decision)
+        self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env))
+        if self.delivery is not None:
+            self.delivery.wake()
+        self._study.reset()
 
     def _print(self, frame: Frame, env: dict[str, Any]) -> None:
         tri = env["triage"]
@@ -310,7 +343,6 @@ class Device:
             raise ModelError("no source given: pass --source PATH or set source.uri in the profile")
         max_frames = max_frames or self.profile.run.max_frames
         summary = RunSummary()
-        self._study = StudyAggregator(self.profile.triage)
         self._source = open_source(uri, self.profile.source, stop=self.stop)
         self._closers.append(self._source.close)
         last = time.perf_counter()
@@ -331,6 +363,11 @@ class Device:
                     self._print(frame, env)
                 if max_frames is not None and summary.frames >= max_frames:
                     break
+            # A study decision only makes sense for frames of one session: a cine loop or video, a live stream,
+            # or inputs tied together by a study id. A folder of unrelated images gets none.
+            live = self._source.kind in ("video", "stream", "camera")
+            if self._study.frames and (self._study_key is not None or live):
+                self._end_study()
         finally:
             self.stop.set()
             self.outbox.flush()
@@ -338,11 +375,7 @@ class Device:
                 self._jsonl.flush()
         summary.errors = summary.levels.get("error", 0)
         summary.recaptures = summary.levels.get("recapture", 0)
-        # A study decision only makes sense for frames of one session: a cine loop, a video, a live stream, or
-        # inputs the operator tied together with --study-id. A folder of unrelated images gets none.
-        one_session = self._source.kind in ("video", "stream", "camera") or self.study_id is not None or (
-            self._source.kind == "dicom")
-        summary.study = self._study.decision() if summary.frames and one_session else None
+        summary.studies = list(self.studies)
         summary.pending = self._drain()
         return summary
 
