@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from edgemed.errors import ConfigError, ModelError
 from edgemed.inference import BackendConfig, interpreter_module, make_backend
 from edgemed.inference.backends import CompiledModelBackend, is_edgetpu_compiled
+from edgemed.inference.probe import coral_usb_devices, probe_delegates, runtime_version
 from edgemed.preprocess import dequantize, quantize, softmax
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,3 +202,48 @@ def test_backend_config_rejects_unknown_keys_and_bad_values() -> None:
     with pytest.raises(ValidationError):
         BackendConfig.model_validate({"accelerator": "npu"})
     assert all(f.description for f in BackendConfig.model_fields.values())
+
+
+def _usb_device(sysfs: Path, name: str, vendor: str, product: str) -> None:
+    dev = sysfs / name
+    dev.mkdir(parents=True)
+    (dev / "idVendor").write_text(vendor + "\n")
+    (dev / "idProduct").write_text(product + "\n")
+
+
+def test_probe_on_this_machine_finds_the_cpu_only(tmp_path: Path) -> None:
+    rows = probe_delegates(BackendConfig(threads=3), dev=tmp_path / "dev", sysfs=tmp_path / "sys")
+    assert [r.name for r in rows] == ["cpu", "edgetpu", "gpu"]
+    cpu, edgetpu, gpu = rows
+    assert (
+        cpu.available
+        and cpu.detail == f"ai_edge_litert {runtime_version('ai_edge_litert')}, XNNPACK, 3 threads"
+    )
+    assert runtime_version("ai_edge_litert")[0].isdigit()
+    assert not edgetpu.available and "libedgetpu.so.1 cannot be loaded" in edgetpu.detail
+    assert "no Coral USB" in edgetpu.detail
+    assert not gpu.available and "no GPU device node" in gpu.detail
+
+
+def test_probe_reports_coral_and_gpu_devices_it_can_see(tmp_path: Path) -> None:
+    sysfs, dev = tmp_path / "sys", tmp_path / "dev"
+    _usb_device(sysfs, "1-1", "18d1", "9302")  # Coral USB after firmware load
+    _usb_device(sysfs, "1-2", "1a6e", "089a")  # Coral USB before firmware load
+    _usb_device(sysfs, "1-3", "046d", "c077")  # a mouse
+    (sysfs / "1-1:1.0").mkdir()  # an interface directory without ids
+    (dev / "dri").mkdir(parents=True)
+    (dev / "dri" / "renderD128").touch()
+    (dev / "apex_0").touch()
+    assert coral_usb_devices(sysfs) == 2
+    _, edgetpu, gpu = probe_delegates(BackendConfig(), dev=dev, sysfs=sysfs)
+    assert "2 USB, apex_0" in edgetpu.detail and not edgetpu.available  # the library is still missing
+    assert gpu.available and "renderD128" in gpu.detail
+    _, _, gpu_lib = probe_delegates(
+        BackendConfig(gpu_library="libtensorflowlite_gpu_delegate.so"), dev=dev, sysfs=sysfs
+    )
+    assert not gpu_lib.available and "libtensorflowlite_gpu_delegate.so cannot be loaded" in gpu_lib.detail
+
+
+def test_probe_with_a_missing_runtime_marks_the_cpu_unavailable(tmp_path: Path) -> None:
+    cpu = probe_delegates(BackendConfig(runtime="tflite_runtime"), dev=tmp_path, sysfs=tmp_path)[0]
+    assert not cpu.available and "pip install tflite-runtime" in cpu.detail
