@@ -99,6 +99,7 @@ class MqttLink:
         self._got_connack = False
         self._went_online = False
         self._connect_called = False
+        self._tls_alert: str | None = None
         self._thread: threading.Thread | None = None
         #: Incremented whenever a new paho client replaces the old one (protocol fallback): messages handed to
         #: the old client are gone from memory and must be re-published from the outbox.
@@ -144,6 +145,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
+        client.on_log = self._handle_log
         return client
 
     # -- public API ------------------------------------------------------------------------------------------
@@ -268,6 +270,7 @@ class MqttLink:
         while not self._stop.is_set():
             self._got_connack = False
             self._went_online = False
+            self._tls_alert = None
             try:
                 self._open()
             except OSError as exc:
@@ -297,9 +300,16 @@ class MqttLink:
                         self.cfg.url,
                     )
                     outage_logged = True
+                elif self._tls_alert is not None:
+                    self._refuse_tls_alert(self._tls_alert)
                 elif not self._got_connack:
                     silent_closes += 1
-                    if self._v5 and self.cfg.protocol == "auto" and silent_closes >= 2:
+                    if (
+                        self._v5
+                        and self.cfg.protocol == "auto"
+                        and silent_closes >= 2
+                        and self._refused is None
+                    ):
                         self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK")
                         silent_closes = 0
             if self._refused is not None:
@@ -402,6 +412,22 @@ class MqttLink:
         self._connected.clear()
         if was:
             self._notify("offline")
+
+    def _refuse_tls_alert(self, alert: str) -> None:
+        # TLS 1.3 reports a rejected client certificate only after the handshake, as an alert on the first
+        # read; paho logs it and closes. Without this the failure would look like a network outage.
+        self._refuse(
+            f"TLS: broker {self.cfg.url} rejected the connection ({alert}); if it requires a client "
+            "certificate, set mqtt.tls.cert_file and mqtt.tls.key_file to one its CA signed"
+        )
+
+    def _handle_log(self, client: paho.Client, userdata: Any, level: int, message: str) -> None:
+        # paho swallows socket errors after the handshake and only logs them; a TLS alert from the broker is
+        # the one among them that means "your settings are wrong" rather than "the network went away".
+        if level == paho.MQTT_LOG_ERR and "SSL:" in message and "ALERT" in message:
+            self._tls_alert = message.split(": ", 1)[-1]
+        if level in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING):
+            log.debug("paho: %s", message)
 
     def _handle_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
