@@ -70,16 +70,25 @@ class Dataset:
     def input_spec(self) -> InputSpec:
         """The device-side preprocessing that reproduces these images from a raw frame."""
         h, w, c = self.image_shape
-        return InputSpec(height=h, width=w, channels=1 if c == 1 else 3,
-                         colour_mode="gray" if c == 1 else "rgb", resize="area")
+        return InputSpec(
+            height=h,
+            width=w,
+            channels=1 if c == 1 else 3,
+            colour_mode="gray" if c == 1 else "rgb",
+            resize="area",
+        )
 
     def count_per_class(self, split: str) -> list[int]:
         """How many images of each class the split holds."""
         return [int(n) for n in np.bincount(self.splits[split][1], minlength=self.num_classes)]
 
 
-def load_dataset(path: str | Path, labels: list[str] | None = None, image_size: tuple[int, int] | None = None,
-                 colour_mode: str | None = None) -> Dataset:
+def load_dataset(
+    path: str | Path,
+    labels: list[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    colour_mode: str | None = None,
+) -> Dataset:
     """Read a dataset from a ``.npz`` file or an image folder.
 
     Args:
@@ -101,8 +110,11 @@ def load_dataset(path: str | Path, labels: list[str] | None = None, image_size: 
     if colour_mode not in (None, "gray", "rgb"):
         raise DataError(path, f"colour mode {colour_mode!r} is not supported; use 'gray' or 'rgb'")
     if labels is not None and len(labels) < 2:
-        raise DataError(path, f"{len(labels)} label name(s) given; a classifier needs at least two, "
-                              "e.g. --labels benign,malignant")
+        raise DataError(
+            path,
+            f"{len(labels)} label name(s) given; a classifier needs at least two, "
+            "e.g. --labels benign,malignant",
+        )
     if not path.exists():
         raise DataError(path, "no such file or folder; pass a .npz file or an image folder")
     if path.is_dir():
@@ -127,24 +139,34 @@ def _load_npz(path: Path, labels: list[str] | None) -> Dataset:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(path, f"not a readable .npz archive ({exc}); re-download or re-create it") from exc
     if "train_images" not in keys or "train_labels" not in keys:
-        raise DataError(path, f"missing key 'train_images' or 'train_labels' (found: {sorted(keys)}); "
-                              "use the MedMNIST layout train/val/test_images and _labels")
+        raise DataError(
+            path,
+            f"missing key 'train_images' or 'train_labels' (found: {sorted(keys)}); "
+            "use the MedMNIST layout train/val/test_images and _labels",
+        )
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:
         ik, lk = f"{split}_images", f"{split}_labels"
         if (ik in keys) != (lk in keys):
-            raise DataError(path, f"missing key {lk if ik in keys else ik!r}: every split needs both "
-                                  "_images and _labels")
+            raise DataError(
+                path, f"missing key {lk if ik in keys else ik!r}: every split needs both _images and _labels"
+            )
         if ik not in keys:
             continue
         splits[split] = (_npz_images(path, ik, arrays[ik]), _npz_labels(path, lk, arrays[lk]))
         if len(splits[split][0]) != len(splits[split][1]):
-            raise DataError(path, f"{ik} has {len(splits[split][0])} images but {lk} has "
-                                  f"{len(splits[split][1])} labels; they must match one to one")
+            raise DataError(
+                path,
+                f"{ik} has {len(splits[split][0])} images but {lk} has "
+                f"{len(splits[split][1])} labels; they must match one to one",
+            )
     names = [str(c) for c in arrays["classes"].tolist()] if "classes" in keys else None
     if names is not None and labels is not None and len(names) != len(labels):
-        raise DataError(path, f"--labels gives {len(labels)} names but the file's 'classes' has {len(names)} "
-                              f"({', '.join(names)}); give one name per class")
+        raise DataError(
+            path,
+            f"--labels gives {len(labels)} names but the file's 'classes' has {len(names)} "
+            f"({', '.join(names)}); give one name per class",
+        )
     n_classes = max(int(y.max()) + 1 if len(y) else 0 for _, y in splits.values())
     final = labels or names or [f"class_{i}" for i in range(max(n_classes, 2))]
     colour = "gray" if splits["train"][0].shape[-1] == 1 else "rgb"
@@ -180,13 +202,23 @@ def _conform(ds: Dataset, image_size: tuple[int, int] | None, colour_mode: str |
     mode = colour_mode or ds.colour_mode
     if size == (h, w) and mode == ds.colour_mode:
         return ds
-    spec = InputSpec(height=size[0], width=size[1], channels=1 if mode == "gray" else 3,
-                     colour_mode="gray" if mode == "gray" else "rgb")
+    spec = InputSpec(
+        height=size[0],
+        width=size[1],
+        channels=1 if mode == "gray" else 3,
+        colour_mode="gray" if mode == "gray" else "rgb",
+    )
     from edgemed.preprocess import prepare
 
-    splits = {name: (np.stack([prepare(img, spec) for img in x]) if len(x) else
-                     np.zeros((0, size[0], size[1], spec.channels), np.uint8), y)
-              for name, (x, y) in ds.splits.items()}
+    splits = {
+        name: (
+            np.stack([prepare(img, spec) for img in x])
+            if len(x)
+            else np.zeros((0, size[0], size[1], spec.channels), np.uint8),
+            y,
+        )
+        for name, (x, y) in ds.splits.items()
+    }
     return Dataset(splits=splits, labels=ds.labels, colour_mode=mode, source=ds.source, notes=ds.notes)
 
 
@@ -194,8 +226,12 @@ def _conform(ds: Dataset, image_size: tuple[int, int] | None, colour_mode: str |
 
 
 def _load_folder(path: Path, labels: list[str] | None, size: tuple[int, int], mode: str) -> Dataset:
-    spec = InputSpec(height=size[0], width=size[1], channels=1 if mode == "gray" else 3,
-                     colour_mode="gray" if mode == "gray" else "rgb")
+    spec = InputSpec(
+        height=size[0],
+        width=size[1],
+        channels=1 if mode == "gray" else 3,
+        colour_mode="gray" if mode == "gray" else "rgb",
+    )
     if (path / "labels.csv").is_file():
         files, y, names = _read_labels_csv(path / "labels.csv", labels)
         images = np.stack([_read_image(f, spec) for f in files]) if files else _empty(spec)
@@ -210,15 +246,22 @@ def _load_folder(path: Path, labels: list[str] | None, size: tuple[int, int], mo
         return Dataset(splits=splits, labels=list(names), colour_mode=mode, source=str(path))
     names = labels or _class_dirs(path)
     images, y = _read_class_dirs(path, names, spec)
-    return Dataset(splits=_stratified_split(images, y, len(names)), labels=list(names), colour_mode=mode,
-                   source=str(path))
+    return Dataset(
+        splits=_stratified_split(images, y, len(names)),
+        labels=list(names),
+        colour_mode=mode,
+        source=str(path),
+    )
 
 
 def _class_dirs(path: Path) -> list[str]:
     names = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(names) < 2:
-        raise DataError(path, f"found {len(names)} class sub-folder(s); put each class's images in its own "
-                              "sub-folder (e.g. benign/ and malignant/) or add a labels.csv (file,label)")
+        raise DataError(
+            path,
+            f"found {len(names)} class sub-folder(s); put each class's images in its own "
+            "sub-folder (e.g. benign/ and malignant/) or add a labels.csv (file,label)",
+        )
     return names
 
 
@@ -226,14 +269,20 @@ def _read_class_dirs(path: Path, names: Sequence[str], spec: InputSpec) -> tuple
     found = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown = [d for d in found if d not in names]
     if unknown:
-        raise DataError(path, f"sub-folder(s) {unknown} are not among the label names {list(names)}; "
-                              "rename them or pass every class in --labels")
+        raise DataError(
+            path,
+            f"sub-folder(s) {unknown} are not among the label names {list(names)}; "
+            "rename them or pass every class in --labels",
+        )
     images: list[np.ndarray] = []
     ys: list[int] = []
     for index, name in enumerate(names):
         folder = path / name
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() \
+        files = (
+            sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if folder.is_dir()
             else []
+        )
         images.extend(_read_image(f, spec) for f in files)
         ys.extend([index] * len(files))
     if not images:
@@ -259,8 +308,9 @@ def _read_labels_csv(csv_path: Path, labels: list[str] | None) -> tuple[list[Pat
         names = labels or sorted(set(raw[1]))
         unknown = sorted(set(raw[1]) - set(names))
         if unknown:
-            raise DataError(csv_path, f"label(s) {unknown} are not among the names {names}; fix the CSV or "
-                                      "--labels")
+            raise DataError(
+                csv_path, f"label(s) {unknown} are not among the names {names}; fix the CSV or --labels"
+            )
         y = np.asarray([names.index(v) for v in raw[1]], dtype=np.int64)
     files = [csv_path.parent / f for f in raw[0]]
     return files, y, list(names)
@@ -289,8 +339,9 @@ def _empty(spec: InputSpec) -> np.ndarray:
     return np.zeros((0, spec.height, spec.width, spec.channels), np.uint8)
 
 
-def _stratified_split(images: np.ndarray, y: np.ndarray,
-                      n_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _stratified_split(
+    images: np.ndarray, y: np.ndarray, n_classes: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per class, shuffle with a fixed seed and cut into train/val/test; each split gets >= 1 image per class
     whenever the class has >= 3 images, so small folders still give a usable evaluation split."""
     rng = np.random.default_rng(SPLIT_SEED)
@@ -302,8 +353,8 @@ def _stratified_split(images: np.ndarray, y: np.ndarray,
         n_val = max(1, round(n * SPLIT_FRACTIONS[1])) if n >= 3 else 0
         n_test = max(1, round(n * SPLIT_FRACTIONS[2])) if n >= 3 else 0
         parts["val"].append(idx[:n_val])
-        parts["test"].append(idx[n_val:n_val + n_test])
-        parts["train"].append(idx[n_val + n_test:])
+        parts["test"].append(idx[n_val : n_val + n_test])
+        parts["train"].append(idx[n_val + n_test :])
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, chunks in parts.items():
         idx = np.sort(np.concatenate(chunks)) if chunks else np.zeros(0, np.int64)
@@ -320,13 +371,22 @@ def _check(ds: Dataset, path: Path) -> None:
         raise DataError(path, f"splits have different image shapes {sorted(shapes)}; use one size for all")
     for split, (x, y) in ds.splits.items():
         if len(x) == 0:
-            raise DataError(path, f"the {split} split is empty; add images (each class needs >= 3 images "
-                                  "when the split is made here)")
+            raise DataError(
+                path,
+                f"the {split} split is empty; add images (each class needs >= 3 images "
+                "when the split is made here)",
+            )
         if len(y) and int(y.max()) >= ds.num_classes:
-            raise DataError(path, f"{split} labels go up to {int(y.max())} but only {ds.num_classes} names "
-                                  f"are known ({', '.join(ds.labels)}); labels must be "
-                                  f"0..{ds.num_classes - 1}")
+            raise DataError(
+                path,
+                f"{split} labels go up to {int(y.max())} but only {ds.num_classes} names "
+                f"are known ({', '.join(ds.labels)}); labels must be "
+                f"0..{ds.num_classes - 1}",
+            )
     present = np.unique(ds.splits["train"][1])
     if len(present) < 2:
-        raise DataError(path, f"the train split holds only class {ds.labels[int(present[0])]!r}; "
-                              "training needs images of at least two classes")
+        raise DataError(
+            path,
+            f"the train split holds only class {ds.labels[int(present[0])]!r}; "
+            "training needs images of at least two classes",
+        )

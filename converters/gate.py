@@ -1,0 +1,210 @@
+"""The acceptance gate: does a converted model behave like the float model it came from?
+
+Both models are run on the same held-out images (the float Keras model in TensorFlow, the converted file in
+the on-device LiteRT interpreter). The gate compares them and fails the converted model when any criterion
+fails:
+
+============================  ==========  ====================================================================
+criterion                     default     why
+============================  ==========  ====================================================================
+accuracy drop                 <= 0.01     a point of accuracy is the most a triage model may lose silently
+ROC AUC drop                  <= 0.005    ranking is what a threshold is tuned on; tied int8 scores erode it
+per-class sensitivity drop    <= max(0.02, 1 case)  a missed malignancy is the costly error, per class
+top-1 agreement               >= 0.98     the converted model must make the float model's decisions
+ECE increase                  <= 0.03     confidence shown to a clinician must stay as honest as before
+evaluation images per class   >= 20       below that the numbers above are too noisy to prove anything
+size / latency                optional    set ``max_size_bytes`` / ``max_latency_ms`` for a device budget
+============================  ==========  ====================================================================
+
+Thresholds come from :class:`GateConfig` (defaults above), a YAML/JSON file (``--gate-config``), or single
+command-line flags. Point estimates decide; Wilson and bootstrap 95% intervals are reported beside them so a
+reviewer can see how much a small evaluation set can prove.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from converters import metrics as M
+from edgemed.errors import ConfigError
+
+
+class GateConfig(BaseModel):
+    """Acceptance thresholds; every field has a safe default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_accuracy_drop: float = Field(0.01, ge=0.0, description="float accuracy minus quantized accuracy")
+    max_auc_drop: float = Field(0.005, ge=0.0, description="float ROC AUC minus quantized ROC AUC")
+    max_sensitivity_drop: float = Field(0.02, ge=0.0, description="per-class sensitivity loss (fraction)")
+    max_sensitivity_drop_cases: int = Field(1, ge=0, description="...or this many cases, whichever is larger")
+    min_agreement: float = Field(
+        0.98, ge=0.0, le=1.0, description="share of images with the same top-1 class"
+    )
+    max_ece_increase: float = Field(0.03, ge=0.0, description="quantized ECE minus float ECE")
+    min_eval_per_class: int = Field(20, ge=1, description="minimum evaluation images of every class")
+    max_size_bytes: int | None = Field(None, gt=0, description="largest acceptable model file, bytes")
+    max_latency_ms: float | None = Field(None, gt=0, description="largest acceptable median CPU latency, ms")
+
+
+def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateConfig:
+    """Build gate thresholds from defaults, an optional YAML/JSON file, then explicit overrides.
+
+    Args:
+        path: a ``.yaml``/``.yml``/``.json`` file with any GateConfig fields.
+        overrides: field values from the command line; ``None`` values are ignored.
+
+    Raises:
+        ConfigError: unreadable file, unknown field, or a value out of range.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read gate config {path} ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"gate config {path} must be a mapping, e.g. 'max_accuracy_drop: 0.01'")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return GateConfig.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"gate setting {where}: {first['msg']} (source: {path or 'command line'})") from exc
+
+
+@dataclass
+class GateResult:
+    """The gate's decision for one converted model.
+
+    Attributes:
+        passed: every criterion held.
+        failed: one sentence per failed criterion, with the measured number and the threshold.
+        numbers: every measured value (float and quantized side by side) with intervals, JSON-ready.
+    """
+
+    passed: bool
+    failed: list[str] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def summarise(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, AUC, ECE and per-class rates of one model, with 95% intervals."""
+    k = len(labels)
+    pred = probs.argmax(axis=1)
+    n, correct = len(y), int((pred == y).sum())
+    rates = M.class_rates(y, pred, k)
+    for r in rates:
+        r["label"] = labels[int(r["class_index"])]
+    auc = M.roc_auc(y, probs)
+    return {
+        "n": n,
+        "accuracy": correct / n,
+        "accuracy_ci": list(M.wilson(correct, n)),
+        "balanced_accuracy": M.balanced_accuracy(y, pred, k),
+        "roc_auc": auc,
+        "roc_auc_ci": list(M.bootstrap_ci(lambda i: M.roc_auc(y[i], probs[i]), n)),
+        "ece": M.expected_calibration_error(y, probs),
+        "per_class": rates,
+        "confusion": M.confusion(y, pred, k).tolist(),
+    }
+
+
+def evaluate_gate(
+    y: np.ndarray,
+    float_probs: np.ndarray,
+    quant_probs: np.ndarray,
+    labels: list[str],
+    config: GateConfig,
+    size_bytes: int | None = None,
+    latency_ms: float | None = None,
+) -> GateResult:
+    """Compare a converted model's probabilities with the float model's on the same images.
+
+    Args:
+        y: true labels ``(N,)``.
+        float_probs: the float model's probabilities ``(N, K)``.
+        quant_probs: the converted model's probabilities ``(N, K)`` (softmax already applied to logits).
+        labels: class names, for the failure messages.
+        config: thresholds.
+        size_bytes: the converted file's size, checked against ``max_size_bytes`` when set.
+        latency_ms: its median CPU latency, checked against ``max_latency_ms`` when set.
+
+    Returns:
+        The decision, the failed criteria in words, and every number.
+    """
+    ref, qnt = summarise(y, float_probs, labels), summarise(y, quant_probs, labels)
+    n = len(y)
+    agree = int((float_probs.argmax(1) == quant_probs.argmax(1)).sum())
+    acc_drop = ref["accuracy"] - qnt["accuracy"]
+    auc_drop = ref["roc_auc"] - qnt["roc_auc"]
+
+    def paired(stat: Any) -> list[float]:
+        return list(M.bootstrap_ci(lambda i: stat(y[i], float_probs[i]) - stat(y[i], quant_probs[i]), n))
+
+    numbers: dict[str, Any] = {
+        "float": ref,
+        "quantized": qnt,
+        "agreement": agree / n,
+        "agreement_ci": list(M.wilson(agree, n)),
+        "accuracy_drop": acc_drop,
+        "accuracy_drop_ci": paired(lambda yy, pp: float((pp.argmax(1) == yy).mean())),
+        "auc_drop": auc_drop,
+        "auc_drop_ci": paired(M.roc_auc),
+        "ece_increase": qnt["ece"] - ref["ece"],
+        "size_bytes": size_bytes,
+        "latency_ms": latency_ms,
+        "thresholds": config.model_dump(),
+    }
+    failed: list[str] = []
+    counts = np.bincount(y, minlength=len(labels))
+    for k, c in enumerate(counts):
+        if c < config.min_eval_per_class:
+            failed.append(
+                f"evaluation size: class {labels[k]!r} has {c} images, need >= "
+                f"{config.min_eval_per_class} to judge the conversion"
+            )
+    if acc_drop > config.max_accuracy_drop + 1e-12:
+        failed.append(
+            f"accuracy drop {acc_drop:.4f} ({ref['accuracy']:.4f} -> {qnt['accuracy']:.4f}) "
+            f"> {config.max_accuracy_drop}"
+        )
+    if math.isnan(auc_drop) or auc_drop > config.max_auc_drop + 1e-12:
+        failed.append(
+            f"ROC AUC drop {auc_drop:.4f} ({ref['roc_auc']:.4f} -> {qnt['roc_auc']:.4f}) "
+            f"> {config.max_auc_drop}"
+        )
+    for fr, qr in zip(ref["per_class"], qnt["per_class"], strict=True):
+        if not fr["n"]:
+            continue
+        allowed = max(config.max_sensitivity_drop, config.max_sensitivity_drop_cases / fr["n"])
+        drop = fr["sensitivity"] - qr["sensitivity"]
+        if drop > allowed + 1e-12:
+            failed.append(
+                f"sensitivity of {fr['label']!r} dropped {drop:.4f} ({fr['sensitivity']:.4f} -> "
+                f"{qr['sensitivity']:.4f}, {fr['true_positives']} -> {qr['true_positives']} of "
+                f"{fr['n']}) > {allowed:.4f}"
+            )
+    if agree / n < config.min_agreement:
+        failed.append(f"top-1 agreement {agree / n:.4f} ({agree}/{n}) < {config.min_agreement}")
+    if numbers["ece_increase"] > config.max_ece_increase:
+        failed.append(
+            f"calibration error rose {numbers['ece_increase']:.4f} ({ref['ece']:.4f} -> "
+            f"{qnt['ece']:.4f}) > {config.max_ece_increase}"
+        )
+    if config.max_size_bytes is not None and size_bytes is not None and size_bytes > config.max_size_bytes:
+        failed.append(f"size {size_bytes} bytes > {config.max_size_bytes}")
+    if config.max_latency_ms is not None and latency_ms is not None and latency_ms > config.max_latency_ms:
+        failed.append(f"median CPU latency {latency_ms:.3f} ms > {config.max_latency_ms} ms")
+    return GateResult(passed=not failed, failed=failed, numbers=numbers)

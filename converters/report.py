@@ -1,0 +1,280 @@
+"""The conversion report: ``report.json`` (every number) and a self-contained ``report.html`` for a reviewer.
+
+The HTML embeds its plots as base64 PNG (matplotlib, Agg backend), so it opens from a USB stick or an e-mail
+attachment with no network and no other files: confusion matrices (float vs each converted model), ROC curves,
+a reliability diagram, and size and latency bars.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters import metrics as M
+from edgemed.manifest import Manifest
+
+
+def write_reports(
+    out: Path,
+    manifest: Manifest,
+    entries: list[dict[str, Any]],
+    float_summary: dict[str, Any],
+    baseline: bytes,
+    baseline_latency: float,
+    edgetpu_info: dict[str, Any] | None,
+    notes: list[str],
+    y: np.ndarray,
+    float_probs: np.ndarray,
+) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``out``; returns their paths."""
+    from converters.convert import jsonable
+
+    data = {
+        "manifest": manifest.model_dump(mode="json", by_alias=True),
+        "float": float_summary,
+        "float_tflite": {"size_bytes": len(baseline), "latency_ms": baseline_latency},
+        "targets": {
+            e["target"]: {
+                "verdict": e["verdict"],
+                "file": str(e["path"].relative_to(out)),
+                "failed_criteria": e["gate"].failed,
+                "numbers": e["gate"].numbers,
+            }
+            for e in entries
+        },
+        "edgetpu": {k: v for k, v in (edgetpu_info or {}).items() if k != "artifact"} or None,
+        "notes": notes,
+    }
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(jsonable(data), indent=2) + "\n", encoding="utf-8")
+    html_path = out / "report.html"
+    html_path.write_text(
+        _html(
+            manifest,
+            entries,
+            float_summary,
+            len(baseline),
+            baseline_latency,
+            edgetpu_info,
+            notes,
+            y,
+            float_probs,
+        ),
+        encoding="utf-8",
+    )
+    return json_path, html_path
+
+
+def summary_lines(
+    manifest: Manifest, float_summary: dict[str, Any], gates: dict[str, dict[str, Any]]
+) -> list[str]:
+    """The terminal summary: float numbers, then one line per artifact with its verdict and key numbers."""
+    f = float_summary
+    lines = [
+        f"evaluation: {manifest.evaluation['split'] if manifest.evaluation else '?'} split, "
+        f"{f['n']} images; float accuracy {f['accuracy']:.4f}, AUC {_fmt(f['roc_auc'])}"
+    ]
+    for art in manifest.artifacts:
+        g = gates.get(art.target)
+        if g is None:
+            lines.append(f"  {art.target:8s} {art.verdict:9s} {art.file} (twin {art.twin})")
+            continue
+        q = g["quantized"]
+        lines.append(
+            f"  {art.target:8s} {art.verdict:9s} accuracy {q['accuracy']:.4f} "
+            f"(drop {g['accuracy_drop']:+.4f}), AUC {_fmt(q['roc_auc'])} (drop {_fmt(g['auc_drop'])}), "
+            f"top-1 agreement {g['agreement']:.4f}, {art.size_bytes / 1024:.1f} KiB, "
+            f"{g['latency_ms']:.3f} ms  {art.file}"
+        )
+        lines.extend(f"      FAILED: {c}" for c in art.failed_criteria)
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.4f}"
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plots(
+    entries: list[dict[str, Any]],
+    labels: list[str],
+    y: np.ndarray,
+    float_probs: np.ndarray,
+    baseline_size: int,
+    baseline_latency: float,
+) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(labels)
+    models = [("float", float_probs)] + [(e["target"], e["probs"]) for e in entries]
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.0), squeeze=False)
+    for ax, (title, probs) in zip(axes[0], models, strict=True):
+        cm = M.confusion(y, probs.argmax(1), k)
+        ax.imshow(cm, cmap="Blues")
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center")
+        ax.set_title(title)
+        ax.set_xticks(range(k), labels, rotation=45, ha="right")
+        ax.set_yticks(range(k), labels)
+        ax.set_xlabel("predicted")
+    axes[0][0].set_ylabel("true")
+    plots = {"confusion": _png(fig)}
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    positive = 1 if k == 2 else int(np.bincount(y, minlength=k).argmin())
+    for title, probs in models:
+        fpr, tpr = M.roc_curve((y == positive).astype(int), probs[:, positive])
+        ax.plot(
+            fpr,
+            tpr,
+            label=f"{title} (AUC {M.binary_auc((y == positive).astype(int), probs[:, positive]):.3f})",
+        )
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel(f"sensitivity for {labels[positive]!r}")
+    ax.legend(loc="lower right", fontsize=8)
+    plots["roc"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for title, probs in models:
+        conf, acc, counts = M.reliability(y, probs)
+        sel = counts > 0
+        ax.plot(conf[sel], acc[sel], "o-", label=title)
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    plots["reliability"] = _png(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+    names = ["float32"] + [e["target"] for e in entries]
+    ax1.bar(names, [baseline_size / 1024] + [e["size_bytes"] / 1024 for e in entries], color="tab:blue")
+    ax1.set_ylabel("size (KiB)")
+    ax2.bar(names, [baseline_latency] + [e["latency_ms"] for e in entries], color="tab:orange")
+    ax2.set_ylabel("median CPU latency (ms, batch 1)")
+    plots["size_latency"] = _png(fig)
+    return plots
+
+
+def _html(
+    manifest: Manifest,
+    entries: list[dict[str, Any]],
+    float_summary: dict[str, Any],
+    baseline_size: int,
+    baseline_latency: float,
+    edgetpu_info: dict[str, Any] | None,
+    notes: list[str],
+    y: np.ndarray,
+    float_probs: np.ndarray,
+) -> str:
+    esc = html.escape
+    labels = manifest.labels
+    plots = _plots(entries, labels, y, float_probs, baseline_size, baseline_latency)
+    rows = [_row("float (Keras)", "reference", float_summary, None, baseline_size, baseline_latency)]
+    for e in entries:
+        rows.append(
+            _row(
+                e["target"],
+                e["verdict"],
+                e["gate"].numbers["quantized"],
+                e["gate"].numbers,
+                e["size_bytes"],
+                e["latency_ms"],
+            )
+        )
+    failed = "".join(
+        f"<li><b>{esc(e['target'])}</b>: {esc(c)}</li>" for e in entries for c in e["gate"].failed
+    )
+    per_class = ""
+    for e in entries:
+        for fr, qr in zip(
+            float_summary["per_class"], e["gate"].numbers["quantized"]["per_class"], strict=True
+        ):
+            per_class += (
+                f"<tr><td>{esc(e['target'])}</td><td>{esc(fr['label'])}</td><td>{fr['n']}</td>"
+                f"<td>{_pct(fr['sensitivity'])} → {_pct(qr['sensitivity'])}</td>"
+                f"<td>{_pct(fr['specificity'])} → {_pct(qr['specificity'])}</td>"
+                f"<td>[{_pct(qr['sensitivity_ci'][0])}, {_pct(qr['sensitivity_ci'][1])}]</td></tr>"
+            )
+    tpu = ""
+    if edgetpu_info is not None:
+        problems = "".join(f"<li>{esc(p)}</li>" for p in edgetpu_info.get("problems", [])) or "<li>none</li>"
+        comp = edgetpu_info.get("compiler")
+        comp_text = (
+            "edgetpu_compiler not on PATH: no Edge TPU file; the CPU int8 twin is the fallback"
+            if comp is None
+            else f"compiler {esc(str(comp.get('version')))}: {comp.get('ops_on_tpu')} of "
+            f"{comp.get('total_ops')} ops on the Edge TPU, {comp.get('ops_on_cpu')} on the CPU"
+        )
+        tpu = f"<h2>Edge TPU</h2><p>{comp_text}</p><p>Compatibility problems:</p><ul>{problems}</ul>"
+    note_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    ev = manifest.evaluation or {}
+    cal = manifest.calibration or {}
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>edgemed conversion report: {esc(manifest.name)}</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:1em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:right}}
+th{{background:#eee}}.rejected{{color:#b00;font-weight:bold}}.accepted{{color:#070;font-weight:bold}}
+.waived{{color:#a60;font-weight:bold}}img{{max-width:100%}}</style></head><body>
+<h1>Conversion report: {esc(manifest.name)}</h1>
+<p>Created {esc(manifest.created_at)}. Labels: {esc(", ".join(labels))}.
+Input {manifest.input.height}x{manifest.input.width}
+{esc(manifest.input.colour_mode)}. Evaluated on the <b>{esc(str(ev.get("split")))}</b> split
+({esc(str(ev.get("count_per_class")))} images per class, sha256 {esc(str(ev.get("sha256", ""))[:16])}...);
+calibrated on {esc(str(cal.get("count_per_class")))} training images per class
+(sha256 {esc(str(cal.get("sha256", ""))[:16])}...).
+Intervals are 95% (Wilson for proportions, bootstrap for AUC).</p>
+<h2>Verdicts</h2>
+<table><tr><th>model</th><th>verdict</th><th>accuracy [95% CI]</th><th>balanced acc.</th>
+<th>ROC AUC [95% CI]</th>
+<th>ECE</th><th>agreement</th><th>size</th><th>latency</th></tr>{"".join(rows)}</table>
+{"<h3>Failed criteria</h3><ul>" + failed + "</ul>" if failed else "<p>Every criterion held.</p>"}
+{"<h3>Notes</h3><ul>" + note_html + "</ul>" if note_html else ""}
+<h2>Per-class sensitivity and specificity (float → converted)</h2>
+<table><tr><th>model</th><th>class</th><th>n</th><th>sensitivity</th><th>specificity</th>
+<th>sensitivity 95% CI</th></tr>{per_class}</table>
+<h2>Confusion matrices</h2><img alt="confusion matrices" src="{plots["confusion"]}">
+<h2>ROC curves</h2><img alt="ROC curves" src="{plots["roc"]}">
+<h2>Reliability diagram</h2><img alt="reliability diagram" src="{plots["reliability"]}">
+<h2>Size and latency</h2><img alt="size and latency" src="{plots["size_latency"]}">
+{tpu}
+<h2>Versions</h2><p>{esc(", ".join(f"{k} {v}" for k, v in manifest.versions.items()))}</p>
+</body></html>
+"""
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{100 * v:.1f}%"
+
+
+def _row(
+    name: str, verdict: str, s: dict[str, Any], numbers: dict[str, Any] | None, size: int, latency: float
+) -> str:
+    agreement = f"{100 * numbers['agreement']:.1f}%" if numbers else "-"
+    return (
+        f'<tr><td>{html.escape(name)}</td><td class="{verdict}">{verdict}</td>'
+        f"<td>{_pct(s['accuracy'])} [{_pct(s['accuracy_ci'][0])}, {_pct(s['accuracy_ci'][1])}]</td>"
+        f"<td>{_pct(s['balanced_accuracy'])}</td>"
+        f"<td>{_fmt(s['roc_auc'])} [{_fmt(s['roc_auc_ci'][0])}, {_fmt(s['roc_auc_ci'][1])}]</td>"
+        f"<td>{s['ece']:.4f}</td><td>{agreement}</td><td>{size / 1024:.1f} KiB</td>"
+        f"<td>{latency:.3f} ms</td></tr>"
+    )
