@@ -36,14 +36,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Mosquitto, median  # noqa: E402
+from _common import ROOT, Mosquitto, median
 
 BASELINE = r'''
 import sys, time, json, os, resource
 from pathlib import Path
 import numpy as np, cv2
 from ai_edge_litert.interpreter import Interpreter
-model, source, loops, threads, height, width, channels = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+model, source = sys.argv[1], Path(sys.argv[2])
+loops, threads, height, width, channels = (int(v) for v in sys.argv[3:8])
 itp = Interpreter(model_path=model, num_threads=threads)
 itp.allocate_tensors()
 inp, out = itp.get_input_details()[0], itp.get_output_details()[0]
@@ -71,7 +72,8 @@ for img in frames():
     n += 1
     if first is None: first = time.perf_counter()
 elapsed = time.perf_counter() - first
-print(json.dumps({"frames": n, "fps": (n - 1) / elapsed, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"frames": n, "fps": (n - 1) / elapsed, "rss_mb": rss_mb}))
 '''
 
 BARE = r'''

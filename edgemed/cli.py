@@ -138,7 +138,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_flush(args: argparse.Namespace) -> int:
     """``edgemed flush``: send what is pending in a data directory's outbox."""
     from edgemed.config import load_profile
-    from edgemed.lock import DataDirLock
     from edgemed.publish.config import MqttConfig
     from edgemed.publish.delivery import flush
 
@@ -157,8 +156,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
         from edgemed.config import default_data_dir
 
         data_dir = default_data_dir()
-    with DataDirLock(Path(data_dir)):
-        remaining = flush(Path(data_dir), cfg, timeout_s=args.timeout)
+    remaining = flush(Path(data_dir), cfg, timeout_s=args.timeout)  # locks the data directory itself
     print(f"edgemed: {remaining} results still pending", file=sys.stderr)
     return 0 if remaining == 0 else 10
 

@@ -351,6 +351,7 @@ class Device:
                 now = time.perf_counter()
                 if self.link is not None:
                     self.link.check()
+                    self.delivery.check()
                 self._wait_for_room()
                 if self.stop.is_set():
                     break
@@ -394,7 +395,15 @@ class Device:
     def _drain(self) -> int:
         if self.delivery is None:
             return self.outbox.pending_count()
-        remaining: int = self.delivery.drain(self.profile.run.drain_timeout_s)
+        # Drain in short slices so that a broker refusal (wrong password, bad certificate) that arrives after the
+        # last frame still ends the run with exit 5 instead of waiting out the whole timeout.
+        deadline = time.monotonic() + self.profile.run.drain_timeout_s
+        while True:
+            remaining: int = self.delivery.drain(min(0.25, max(0.0, deadline - time.monotonic())))
+            self.link.check()
+            self.delivery.check()
+            if remaining == 0 or time.monotonic() >= deadline:
+                break
         self.publish_health()
         return remaining
 
@@ -405,7 +414,7 @@ class Device:
             closer = self._closers.pop()
             try:
                 closer()
-            except Exception:  # noqa: BLE001 - one failing closer must not keep the lock or the outbox open
+            except Exception:
                 log.exception("error while shutting down")
 
 

@@ -86,7 +86,7 @@ class Prediction:
         return {
             "label": self.label,
             "index": self.index,
-            "probabilities": {lab: round(p, 6) for lab, p in zip(self.labels, self.probabilities)},
+            "probabilities": {lab: round(p, 6) for lab, p in zip(self.labels, self.probabilities, strict=True)},
         }
 
 

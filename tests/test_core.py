@@ -47,20 +47,20 @@ def test_manifest_round_trip_and_verify(tmp_path: Path) -> None:
 def test_altered_model_is_refused(tmp_path: Path) -> None:
     model, _ = _manifest(tmp_path)
     model.write_bytes(b"tampered")
-    with pytest.raises(ModelError, match="does not match its manifest"):
+    with pytest.raises(ModelError, match=r"does not match its manifest"):
         verify_model(model)
 
 
 def test_rejected_model_is_refused_with_reason(tmp_path: Path) -> None:
     model, _ = _manifest(tmp_path, verdict="rejected")
-    with pytest.raises(ModelRejectedError, match="accuracy drop 4.5 points"):
+    with pytest.raises(ModelRejectedError, match=r"accuracy drop 4\.5 points"):
         verify_model(model)
 
 
 def test_missing_manifest_names_the_fix(tmp_path: Path) -> None:
     model = tmp_path / "lonely.tflite"
     model.write_bytes(b"x")
-    with pytest.raises(ModelError, match="no manifest lists lonely.tflite"):
+    with pytest.raises(ModelError, match=r"no manifest lists lonely\.tflite"):
         verify_model(model)
 
 

@@ -27,7 +27,7 @@ N_IMAGES = 24  # img0 .. img23: natural order differs from lexical order (img10 
 class Collector:
     """Independent consumer keeping every payload per topic (persistent session, QoS 1)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, username: str | None = None, password: str | None = None) -> None:
         import paho.mqtt.client as paho
 
         self.by_topic: dict[str, list[dict[str, Any]]] = {}
@@ -38,6 +38,8 @@ class Collector:
         self.client.on_connect = lambda c, *a: c.subscribe("edgemed/#", qos=1)
         self.client.on_subscribe = lambda *a: self._ready.set()
         self.client.on_message = self._on_message
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         assert self._ready.wait(10), "collector could not subscribe"
