@@ -60,7 +60,7 @@ class QualityConfig(BaseModel):
         0.5, ge=0, le=1, description="largest acceptable share of the imaged (non-black) area at saturation"
     )
     min_blur: float = Field(
-        15.0, ge=0, description="lowest acceptable variance of the Laplacian on the analysis copy (sharpness)"
+        12.0, ge=0, description="lowest acceptable variance of the Laplacian on the analysis copy (sharpness)"
     )
 
 
