@@ -6,6 +6,7 @@ Both look up their tensors once at construction, so ``invoke`` is one copy in, o
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +15,8 @@ import numpy as np
 
 from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.types import Delegate, TensorSpec
+
+log = logging.getLogger("edgemed.inference")
 
 EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
 
@@ -179,9 +182,12 @@ class CompiledModelBackend:
         self.input_spec = _spec(probe.get_input_details()[0])
         self.output_spec = _spec(probe.get_output_details()[0])
         del probe
-        flag = HardwareAccelerator.GPU if accelerator == "gpu" else HardwareAccelerator.CPU
+        # GPU|CPU lets ops the GPU cannot run stay on the CPU (as the Edge TPU compiler does); with no GPU adapter
+        # at all LiteRT still raises RuntimeError (measured with 2.3), so an absent GPU is never silent.
+        flag = HardwareAccelerator.CPU
+        if accelerator == "gpu":
+            flag = HardwareAccelerator.GPU | HardwareAccelerator.CPU
         try:
-            # GPU alone, not GPU|CPU: LiteRT would otherwise run on CPU silently and we could not say so.
             compiled = CompiledModel.from_file(
                 str(model),
                 options=Options(hardware_accelerators=flag, cpu_options=CpuOptions(num_threads=threads)),
@@ -197,6 +203,9 @@ class CompiledModelBackend:
                 f"(LiteRT said: {detail})",
             ) from exc
         self._compiled: Any = compiled
+        self.fully_accelerated = bool(compiled.is_fully_accelerated())
+        if accelerator == "gpu" and not self.fully_accelerated:
+            log.info("some ops of the model run on the CPU: the GPU accelerator does not support them")
         self._in_shape = self.input_spec.shape
         self._in_dtype = np.dtype(self.input_spec.dtype)
         self._out_count = int(np.prod(self.output_spec.shape))
