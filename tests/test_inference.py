@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -70,7 +71,7 @@ def test_auto_runtime_falls_back_to_tensorflow_lite_when_litert_is_missing(int8_
     name, out = proc.stdout.strip().splitlines()[-1].split(" ", 1)
     assert name == "tensorflow"
     litert = make_backend(int8_model, BackendConfig())
-    assert eval(out) == litert.invoke(np.zeros(litert.input_spec.shape, np.int8)).tolist()  # bit-identical
+    assert json.loads(out) == litert.invoke(np.zeros(litert.input_spec.shape, np.int8)).tolist()  # bit-identical
 
 
 def test_no_interpreter_installed_is_a_config_error_naming_what_to_install(
