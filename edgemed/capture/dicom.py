@@ -12,6 +12,7 @@ converted to RGB.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,15 @@ def read_dicom(path: Path) -> Iterator[Item]:
         )
         return
     try:
-        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
         yield Item(None, f"{name}: not a readable DICOM file ({exc}); re-export it from the device", name)
+        return
+    if any("End of file" in str(w.message) for w in caught):
+        # pydicom drops an element cut off by the end of the file and only warns: say what happened.
+        yield Item(None, f"{name}: the file is truncated (it ends inside its data); re-copy or re-export it", name)
         return
     study_uid = str(ds.get("StudyInstanceUID", "")) or None
     problem = _check_decodable(ds, name)
