@@ -17,7 +17,9 @@ in the model for runtimes that cannot apply it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import platform
 import shutil
@@ -330,7 +332,9 @@ def _tflite_bytes(source: SourceModel, target: str, calib: Calibration) -> bytes
     elif target == "dynamic":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     try:
-        return bytes(conv.convert())
+        # TensorFlow prints the temporary SavedModel's signature to stdout; keep our own output readable.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return bytes(conv.convert())
     except (ConverterError, ValueError, RuntimeError) as exc:
         raise ModelError(f"TFLite conversion to {target} failed: {exc}") from exc
 

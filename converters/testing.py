@@ -1,0 +1,38 @@
+"""Helpers for other packages' tests: a real, small int8 model built from the repository's own data.
+
+``build_reference_model`` trains the reference CNN briefly on ``data/breastmnist_28.npz`` and converts it with
+the real converter, so device-side tests run a genuine LiteRT int8 model with a genuine manifest beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BREASTMNIST = REPO_ROOT / "data" / "breastmnist_28.npz"
+BREAST_LABELS = ["malignant", "benign"]
+
+
+def build_reference_model(out_dir: Path, epochs: int = 3, seed: int = 0) -> Path:
+    """Train the reference CNN on BreastMNIST and convert it to int8 with the acceptance gate.
+
+    Writes ``out_dir/breast_int8.tflite``, ``out_dir/breast.manifest.json`` and the report; about 15 s on two
+    cores. With only a few epochs the float model is weak but the int8 model matches it, so the gate accepts it.
+
+    Args:
+        out_dir: folder for the model files (created if needed).
+        epochs: training epochs (3 is enough for a working model).
+        seed: training seed.
+
+    Returns:
+        Path of the int8 ``.tflite`` (inside ``out_dir/rejected/`` if the gate rejected it).
+    """
+    from converters.convert import convert
+    from converters.data import load_dataset
+    from converters.train import train
+
+    out_dir = Path(out_dir)
+    ds = load_dataset(BREASTMNIST, labels=BREAST_LABELS)
+    trained = train(ds, out_dir / "keras", recipe="reference", seed=seed, epochs=epochs, progress=False, name="breast")
+    result = convert(trained.model_path, ds, out_dir, targets=("int8",), name="breast", progress=False)
+    return result.artifacts["int8"]

@@ -1,0 +1,222 @@
+"""Training and conversion on real BreastMNIST images: int8/uint8/float16 artifacts, manifest, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from converters.convert import ConvertResult
+from converters.data import Dataset, load_dataset
+from edgemed.errors import DataError, ModelError
+from edgemed.manifest import load_manifest, verify_model
+
+ROOT = Path(__file__).resolve().parent.parent
+BREAST = ROOT / "data" / "breastmnist_28.npz"
+LABELS = ["malignant", "benign"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def breast() -> Dataset:
+    return load_dataset(BREAST, labels=LABELS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, breast: Dataset) -> Path:
+    from converters.train import train
+
+    result = train(
+        breast, tmp_path_factory.mktemp("train"), recipe="reference", seed=0, epochs=8, progress=False, name="breast"
+    )
+    assert result.model_path.is_file() and result.labels_path.is_file()
+    saved = json.loads(result.labels_path.read_text())
+    assert saved["labels"] == LABELS and saved["input"]["height"] == 28 and saved["colour_mode"] == "gray"
+    return result.model_path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory, trained: Path, breast: Dataset) -> ConvertResult:
+    from converters.convert import convert
+
+    out = tmp_path_factory.mktemp("dist")
+    return convert(trained, breast, out, targets=("int8", "uint8", "float16"), name="breast", progress=False)
+
+
+def _interp(path: Path) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    return it
+
+
+def test_reference_cnn_int8_meets_size_and_agreement(converted: ConvertResult) -> None:
+    res = converted
+    assert res.manifest_path.is_file()
+    manifest = load_manifest(res.manifest_path)
+    art = manifest.artifact("breast_int8.tflite")
+    assert art.verdict == "accepted", art.failed_criteria
+    assert art.output_kind == "logits"
+    it = _interp(res.artifacts["int8"])
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
+    assert list(inp["shape"]) == [1, 28, 28, 1]
+    assert art.input is not None and art.input.dtype == "int8"
+    assert art.input.scale == pytest.approx(1 / 255, rel=1e-3) and art.input.zero_point == -128
+    float_size = manifest.metrics["float_tflite_size_bytes"]
+    assert art.size_bytes <= 0.30 * float_size, (art.size_bytes, float_size)
+    assert art.gate is not None and art.gate["agreement"] >= 0.98
+    # Manifest bookkeeping the device relies on.
+    assert manifest.labels == LABELS and manifest.input.channels == 1 and manifest.input.resize == "area"
+    assert manifest.calibration["count_per_class"] == [100, 100]
+    assert manifest.evaluation["split"] == "test" and sum(manifest.evaluation["count_per_class"]) == 156
+    assert set(manifest.versions) >= {"tensorflow", "keras", "edgemed", "python"}
+    verify_model(res.artifacts["int8"])
+
+
+def test_uint8_io_is_really_uint8(converted: ConvertResult) -> None:
+    it = _interp(converted.artifacts["uint8"])
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == np.uint8 and out["dtype"] == np.uint8
+    scale, zero = inp["quantization"]
+    assert zero == 0 and scale == pytest.approx(1 / 255, rel=1e-3)
+
+
+def test_float16_runs_and_matches_float(converted: ConvertResult, breast: Dataset, trained: Path) -> None:
+    import keras
+
+    from converters.runner import load_interpreter, predict
+    from edgemed.manifest import Normalisation
+
+    x, _ = breast.splits["test"]
+    it = load_interpreter(str(converted.artifacts["float16"]))
+    assert it.get_input_details()[0]["dtype"] == np.float32
+    probs16 = predict(it, x[:40], "logits", Normalisation())
+    ref = keras.models.load_model(trained).predict(x[:40].astype(np.float32) / 255.0, verbose=0)
+    assert np.abs(probs16 - ref).max() < 5e-3
+
+
+def test_report_files_are_complete(converted: ConvertResult) -> None:
+    html = converted.report_html.read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert "Confusion matrices" in html and "Reliability diagram" in html
+    report = json.loads(converted.report_json.read_text())
+    assert set(report["targets"]) == {"int8", "uint8", "float16"}
+    assert report["targets"]["int8"]["numbers"]["quantized"]["per_class"][0]["label"] == "malignant"
+
+
+def test_probabilities_output_keeps_softmax(tmp_path: Path, trained: Path, breast: Dataset) -> None:
+    from converters.convert import convert
+
+    res = convert(trained, breast, tmp_path, targets=("int8",), output="probabilities", progress=False)
+    art = load_manifest(res.manifest_path).artifacts[0]
+    assert art.output_kind == "probabilities"
+    it = _interp(res.artifacts["int8"])
+    detail = it.get_output_details()[0]
+    # An int8 softmax output has scale 1/256, zero point -128: probabilities in steps of 1/256.
+    assert detail["quantization"][0] == pytest.approx(1 / 256) and detail["quantization"][1] == -128
+
+
+def test_h5_and_saved_model_inputs(tmp_path: Path, trained: Path, breast: Dataset) -> None:
+    import keras
+
+    from converters.convert import convert
+
+    model = keras.models.load_model(trained)
+    h5 = tmp_path / "breast.h5"
+    model.save(h5)
+    res = convert(h5, breast, tmp_path / "h5", progress=False)
+    assert res.verdicts["int8"] == "accepted"
+    saved = tmp_path / "saved"
+    model.export(saved)
+    res = convert(saved, breast, tmp_path / "sm", name="breast_sm", progress=False)
+    assert res.verdicts["int8"] == "accepted"
+    # The SavedModel keeps its softmax: the converter detects probabilities and says so.
+    assert load_manifest(res.manifest_path).artifacts[0].output_kind == "probabilities"
+
+
+def test_bad_inputs_raise_named_errors(tmp_path: Path, trained: Path, breast: Dataset) -> None:
+    from converters.convert import convert
+
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match=r"junk\.keras"):
+        convert(junk, breast, tmp_path / "o1", progress=False)
+    tiny = load_dataset(BREAST, labels=LABELS)
+    x, y = tiny.splits["train"]
+    keep = np.concatenate([np.flatnonzero(y == 0)[:5], np.flatnonzero(y == 1)[:50]])
+    tiny.splits["train"] = (x[keep], y[keep])
+    with pytest.raises(DataError, match="at least 10 training images of class 'malignant', found 5"):
+        convert(trained, tiny, tmp_path / "o2", progress=False)
+    rgb = load_dataset(BREAST, labels=LABELS, colour_mode="rgb")
+    with pytest.raises(DataError, match="model expects"):
+        convert(trained, rgb, tmp_path / "o3", progress=False)
+
+
+def test_cli_train_and_convert(tmp_path: Path) -> None:
+    env_cmd = [sys.executable, "-m", "edgemed"]
+    train = subprocess.run(
+        [
+            *env_cmd,
+            "train",
+            "--data",
+            str(BREAST),
+            "--out",
+            str(tmp_path / "m"),
+            "--labels",
+            "malignant,benign",
+            "--epochs",
+            "3",
+            "--name",
+            "b",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    conv = subprocess.run(
+        [
+            *env_cmd,
+            "convert",
+            str(tmp_path / "m" / "b.keras"),
+            "--calibration",
+            str(BREAST),
+            "--out",
+            str(tmp_path / "d"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-2000:]
+    assert "top-1 agreement" in conv.stdout and "float accuracy" in conv.stdout
+    bad = subprocess.run(
+        [
+            *env_cmd,
+            "convert",
+            str(tmp_path / "m" / "b.keras"),
+            "--calibration",
+            str(BREAST),
+            "--out",
+            str(tmp_path / "e"),
+            "--target",
+            "int4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert bad.returncode == 2 and "int4" in bad.stderr
