@@ -74,9 +74,7 @@ class OutboxConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    commit_every: int = Field(
-        100, ge=1, description="results per durable commit; 1 = every put() is durable on return"
-    )
+    commit_every: int = Field(100, ge=1, description="results per durable commit; 1 = every put() is durable on return")
     commit_interval_s: float = Field(
         0.05, gt=0, description="longest time a result may sit uncommitted (and unpublished)"
     )
@@ -140,14 +138,13 @@ class Outbox:
                 f"cannot create the data directory {self.path.parent}: {exc}; pick a writable --data-dir"
             ) from exc
         self._db = self._open_checked()
-        self._seq = self._read_seq()
+        self._seq = self._seq_durable = self._read_seq()
+        self._seq_explicit = False
         self._pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         row = self._db.execute("SELECT MAX(row_id) FROM outbox").fetchone()[0]
         self._committed_max_row = self._last_row = int(row or 0)
         self._wake = threading.Condition(self._lock)
-        self._committer = threading.Thread(
-            target=self._commit_loop, name="edgemed-outbox-commit", daemon=True
-        )
+        self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
         self._committer.start()
 
     # -- opening ---------------------------------------------------------------------------------------------
@@ -159,8 +156,7 @@ class Outbox:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise OutboxError(
-                    f"{self.path}: SQLite refused WAL mode ({mode}); put the data directory on a "
-                    "local file system"
+                    f"{self.path}: SQLite refused WAL mode ({mode}); put the data directory on a local file system"
                 )
             db.execute(f"PRAGMA synchronous={self.cfg.synchronous}")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -206,8 +202,7 @@ class Outbox:
                     side.rename(target.with_name(target.name + suffix))
         except OSError as exc:
             raise OutboxError(
-                f"the outbox {self.path} is corrupt ({reason}) and cannot be moved aside: {exc}; "
-                "move it away by hand"
+                f"the outbox {self.path} is corrupt ({reason}) and cannot be moved aside: {exc}; move it away by hand"
             ) from exc
         log.error(
             "outbox %s is corrupt (%s): moved it to %s (its contents may still be recoverable with the "
@@ -223,13 +218,16 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def put(self, result_id: str, topic: str, payload: bytes) -> int:
+    def put(self, result_id: str, topic: str, payload: bytes, seq: int | None = None) -> int:
         """Queue one result; it becomes durable (and publishable) at the next batch commit.
 
         Args:
             result_id: the envelope's unique id, kept through every retry.
             topic: the MQTT topic to publish it on.
             payload: the envelope as JSON bytes (opaque here).
+            seq: the sequence number from ``next_seq()`` inside ``payload``. Passing it makes the persisted
+                counter advance only with committed results, so a crash never leaves a gap in the published
+                sequence (a consumer may read a gap as a lost result).
 
         Returns:
             The row id, increasing in production order.
@@ -259,6 +257,9 @@ class Outbox:
                 raise self._write_error(exc) from exc
             row_id = int(cur.lastrowid or 0)
             self._last_row = row_id
+            if seq is not None:
+                self._seq_explicit = True
+                self._seq_durable = max(self._seq_durable, seq + 1)
             self._pending += 1
             if self._uncommitted == 0:
                 self._first_uncommitted_at = time.monotonic()
@@ -269,7 +270,10 @@ class Outbox:
             return row_id
 
     def next_seq(self) -> int:
-        """Hand out the next per-device sequence number; it is persisted with the next commit.
+        """Hand out the next per-device sequence number.
+
+        The counter is persisted with the next commit: up to the highest ``seq`` passed to ``put()`` once
+        callers pass it, otherwise up to the last number handed out.
 
         Returns:
             0 for the first result ever produced from this data directory, then 1, 2, ...
@@ -418,7 +422,8 @@ class Outbox:
         if not self._in_txn:
             return
         try:
-            self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (self._seq,))
+            persisted = self._seq_durable if self._seq_explicit else self._seq
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (persisted,))
             if self.cfg.keep_acked:
                 self._db.execute(
                     "DELETE FROM acked WHERE row_id <= (SELECT row_id FROM acked ORDER BY row_id "
@@ -451,9 +456,7 @@ class Outbox:
                     (over,),
                 )
             if self.cfg.max_age_s is not None:
-                self._db.execute(
-                    "DELETE FROM outbox WHERE created_at < ?", (time.time() - self.cfg.max_age_s,)
-                )
+                self._db.execute("DELETE FROM outbox WHERE created_at < ?", (time.time() - self.cfg.max_age_s,))
             evicted = self._db.total_changes - before
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc

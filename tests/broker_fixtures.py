@@ -207,17 +207,13 @@ class Mosquitto:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(
-                    f"mosquitto exited at start ({self.proc.returncode}): {err}\n{self.log_tail()}"
-                )
+                raise RuntimeError(f"mosquitto exited at start ({self.proc.returncode}): {err}\n{self.log_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(
-            f"mosquitto did not listen on port {self.port} within {timeout_s} s\n{self.log_tail()}"
-        )
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout_s} s\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its persistence file) and wait."""
@@ -236,6 +232,22 @@ class Mosquitto:
             return
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(5)
+
+    def wait_for_autosave(self, timeout_s: float = 10.0) -> None:
+        """Wait until mosquitto writes its persistence file once more (sessions then survive a SIGKILL)."""
+
+        def saves() -> int:
+            try:
+                return self.log_path.read_text(errors="replace").count("Saving in-memory database")
+            except OSError:
+                return 0
+
+        before = saves()
+        deadline = time.monotonic() + timeout_s
+        while saves() <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not autosave within {timeout_s} s\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -316,9 +328,7 @@ class Subscriber:
             self.close()
             raise RuntimeError(f"subscriber could not subscribe on port {port}")
 
-    def _on_connect(
-        self, client: object, userdata: object, flags: object, reason: object, props: object
-    ) -> None:
+    def _on_connect(self, client: object, userdata: object, flags: object, reason: object, props: object) -> None:
         self.client.subscribe(self.topic, qos=1)
 
     def _on_message(self, client: object, userdata: object, msg: object) -> None:

@@ -81,7 +81,7 @@ from edgemed.outbox import Outbox, OutboxConfig
 ob = Outbox(Path(sys.argv[1]), OutboxConfig(commit_every=10, commit_interval_s=3600))
 for i in range(25):
     seq = ob.next_seq()
-    ob.put(f"r{seq}", "t", str(seq).encode())
+    ob.put(f"r{seq}", "t", str(seq).encode(), seq=seq)
 os._exit(0)  # dies like a power cut: no flush, no close
 """
 
@@ -117,9 +117,7 @@ def test_age_cap_blocks_when_the_oldest_result_is_too_old(tmp_path: Path) -> Non
         assert ob.is_full()
 
 
-def test_evict_oldest_deletes_only_the_oldest_and_counts_them(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_evict_oldest_deletes_only_the_oldest_and_counts_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with Outbox(tmp_path / "o.sqlite3", OutboxConfig(max_pending=3, on_full="evict_oldest")) as ob:
         _fill(ob, 5)
         ob.flush()
@@ -201,6 +199,17 @@ def test_a_corrupt_page_is_moved_aside_and_the_old_rows_stay_readable(
     assert readable >= 1000  # most (here usually all) of the 2,000 results can still be read back
 
 
+def test_a_sequence_number_handed_out_but_never_committed_is_reused(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as ob:
+        seq = ob.next_seq()
+        ob.put("r0", "t", b"0", seq=seq)
+        assert ob.next_seq() == 1  # handed out, then the frame is dropped or the device dies before put()
+        ob.flush()
+    with Outbox(path) as ob:
+        assert ob.next_seq() == 1  # no gap in what consumers see
+
+
 _HOLD_LOCK = """
 import sys, time
 from pathlib import Path
@@ -216,9 +225,7 @@ def test_a_second_process_on_the_same_data_dir_is_refused_naming_the_owner(tmp_p
     owner = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(data)], cwd=REPO, stdout=subprocess.PIPE)
     try:
         assert owner.stdout is not None and owner.stdout.readline().strip() == b"locked"
-        with pytest.raises(
-            OutboxLockedError, match=rf"in use by another edgemed process \(PID {owner.pid}\)"
-        ):
+        with pytest.raises(OutboxLockedError, match=rf"in use by another edgemed process \(PID {owner.pid}\)"):
             DataDirLock(data).acquire()
         assert OutboxLockedError.exit_code == 2
         # SIGKILL releases the lock: a restart after a crash is never blocked by a stale lock file.
@@ -233,9 +240,7 @@ def test_a_second_process_on_the_same_data_dir_is_refused_naming_the_owner(tmp_p
             owner.wait(10)
 
 
-def test_mqtt_config_rejects_unsafe_or_inconsistent_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mqtt_config_rejects_unsafe_or_inconsistent_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValidationError, match="no password source"):
         MqttConfig(url="mqtts://broker.example:8883", username="dev")
     with pytest.raises(ValidationError, match="extra"):
@@ -252,10 +257,7 @@ def test_mqtt_config_rejects_unsafe_or_inconsistent_settings(
     assert parse_broker_url("mqtt://[::1]:1884").loopback
 
     monkeypatch.setenv("EDGEMED_TEST_PW", "s3cret")
-    assert (
-        read_password(MqttConfig(url="mqtt://localhost", username="u", password_env="EDGEMED_TEST_PW"))
-        == "s3cret"
-    )
+    assert read_password(MqttConfig(url="mqtt://localhost", username="u", password_env="EDGEMED_TEST_PW")) == "s3cret"
     pw = tmp_path / "pw"
     pw.write_text("filepw\n")
     assert read_password(MqttConfig(url="mqtt://localhost", username="u", password_file=pw)) == "filepw"
