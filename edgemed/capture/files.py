@@ -75,7 +75,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         # 16-bit or float: stretch min..max to 0..255 (no window is known for a plain image file).
         lo, hi = float(image.min()), float(image.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = ((image.astype(np.float32) - lo) * scale).astype(np.uint8)
+        image = np.clip((image.astype(np.float32) - lo) * scale + 0.5, 0, 255).astype(np.uint8)
     if image.ndim == 3 and image.shape[2] == 1:
         return image[:, :, 0]
     if image.ndim == 3 and image.shape[2] == 4:
