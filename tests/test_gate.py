@@ -1,0 +1,192 @@
+"""The acceptance gate: metric arithmetic, thresholds from files and flags, and real good vs damaged conversions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters import metrics as M
+from converters.data import Dataset, load_dataset
+from converters.gate import GateConfig, evaluate_gate, load_gate_config
+from edgemed.errors import ConfigError, ModelRejectedError
+from edgemed.manifest import load_manifest, verify_model
+
+ROOT = Path(__file__).resolve().parent.parent
+BREAST = ROOT / "data" / "breastmnist_28.npz"
+LABELS = ["malignant", "benign"]
+
+
+def _probs(p1: np.ndarray) -> np.ndarray:
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def test_auc_counts_ties_as_half_so_coarse_scores_lose_auc() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    score = 1 / (1 + np.exp(-(rng.normal(size=400) + 1.0 * (2 * y - 1))))
+    fine = M.binary_auc(y, score)
+    coarse = M.binary_auc(y, np.round(score * 4) / 4)  # a 2-bit "quantized" probability
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in score[y == 1] for n in score[y == 0]])
+    assert fine == pytest.approx(brute)
+    assert coarse < fine - 0.005
+
+
+def test_wilson_interval_is_sane_at_the_edges() -> None:
+    lo, hi = M.wilson(20, 20)
+    assert hi == 1.0 and 0.8 < lo < 0.9
+    assert M.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_ece_zero_for_perfectly_calibrated_bins() -> None:
+    y = np.array([1] * 8 + [0] * 2)
+    probs = _probs(np.full(10, 0.8))
+    assert M.expected_calibration_error(y, probs) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gate_passes_identical_models_and_names_each_failure() -> None:
+    rng = np.random.default_rng(1)
+    y = np.array([0] * 60 + [1] * 140)
+    p1 = np.clip(0.5 + 0.4 * (2 * y - 1) + rng.normal(0, 0.2, 200), 0.01, 0.99)
+    good = evaluate_gate(y, _probs(p1), _probs(p1), LABELS, GateConfig())
+    assert good.passed and good.failed == []
+    # Damage: flip 15 malignant cases to benign in the "quantized" model.
+    damaged = p1.copy()
+    flip = np.flatnonzero((y == 0) & (p1 < 0.5))[:15]
+    damaged[flip] = 0.9
+    bad = evaluate_gate(y, _probs(p1), _probs(damaged), LABELS, GateConfig())
+    assert not bad.passed
+    text = " | ".join(bad.failed)
+    assert "accuracy drop" in text and "top-1 agreement" in text and "sensitivity of 'malignant'" in text
+    assert "ROC AUC drop" in text
+
+
+def test_gate_requires_enough_evaluation_images() -> None:
+    y = np.array([0] * 5 + [1] * 30)
+    p = _probs(np.where(y == 1, 0.9, 0.1))
+    res = evaluate_gate(y, p, p, LABELS, GateConfig())
+    assert res.failed == ["evaluation size: class 'malignant' has 5 images, need >= 20 to judge the conversion"]
+
+
+def test_gate_config_file_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "gate.yaml"
+    f.write_text("max_accuracy_drop: 0.02\nmin_agreement: 0.95\n")
+    cfg = load_gate_config(f, min_agreement=0.97, max_auc_drop=None)
+    assert cfg.max_accuracy_drop == 0.02 and cfg.min_agreement == 0.97 and cfg.max_auc_drop == 0.005
+    j = tmp_path / "gate.json"
+    j.write_text(json.dumps({"max_latency_ms": 2.5}))
+    assert load_gate_config(j).max_latency_ms == 2.5
+    f.write_text("max_acuracy_drop: 0.02\n")
+    with pytest.raises(ConfigError, match="max_acuracy_drop"):
+        load_gate_config(f)
+    with pytest.raises(ConfigError, match="min_agreement"):
+        load_gate_config(None, min_agreement=1.5)
+
+
+@pytest.fixture(scope="module")
+def breast() -> Dataset:
+    return load_dataset(BREAST, labels=LABELS)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, breast: Dataset) -> Path:
+    from converters.train import train
+
+    return train(breast, tmp_path_factory.mktemp("gate"), epochs=10, progress=False, name="breast").model_path
+
+
+@pytest.mark.slow
+def test_gate_accepts_good_and_rejects_constant_image_calibration(
+    tmp_path: Path, trained: Path, breast: Dataset
+) -> None:
+    from converters.convert import convert
+
+    good = convert(trained, breast, tmp_path / "good", progress=False)
+    assert good.verdicts == {"int8": "accepted"}, good.failed
+    # Damage: calibrate on constant mid-grey images. The activation ranges then fit one image, real images
+    # saturate the int8 range, and the quantized model no longer behaves like its float twin.
+    x, y = breast.splits["train"]
+    damaged = Dataset(
+        splits={"train": (np.full_like(x, 128), y), "test": breast.splits["test"]},
+        labels=breast.labels,
+        colour_mode="gray",
+        source="constant-images",
+    )
+    bad = convert(trained, damaged, tmp_path / "bad", evaluation=breast, progress=False)
+    assert bad.rejected and bad.verdicts["int8"] == "rejected"
+    failed = " | ".join(bad.failed["int8"])
+    assert "agreement" in failed or "accuracy drop" in failed or "ROC AUC drop" in failed
+    rejected_file = tmp_path / "bad" / "rejected" / "breast_int8.tflite"
+    assert rejected_file.is_file() and not (tmp_path / "bad" / "breast_int8.tflite").exists()
+    art = load_manifest(bad.manifest_path).artifacts[0]
+    assert art.file == "rejected/breast_int8.tflite" and art.verdict == "rejected"
+    with pytest.raises(ModelRejectedError):
+        verify_model(rejected_file)
+    assert (tmp_path / "bad" / "report.html").is_file()
+
+    waived = convert(
+        trained,
+        damaged,
+        tmp_path / "waived",
+        evaluation=breast,
+        progress=False,
+        waiver=("Dr A. Example", "test waiver"),
+    )
+    art = load_manifest(waived.manifest_path).artifacts[0]
+    assert art.verdict == "waived" and art.waiver is not None and art.waiver.by == "Dr A. Example"
+    assert art.failed_criteria  # the failures stay on record next to the waiver
+    verify_model(tmp_path / "waived" / "breast_int8.tflite")
+
+
+@pytest.mark.slow
+def test_cli_exit_3_on_rejection(tmp_path: Path, trained: Path) -> None:
+    # An impossible threshold rejects even a faithful conversion: the CLI must say which criterion and exit 3.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgemed",
+            "convert",
+            str(trained),
+            "--calibration",
+            str(BREAST),
+            "--labels",
+            "malignant,benign",
+            "--out",
+            str(tmp_path),
+            "--max-latency-ms",
+            "0.000001",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "median CPU latency" in proc.stdout and "REJECTED" in proc.stdout
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgemed",
+            "convert",
+            str(trained),
+            "--calibration",
+            str(BREAST),
+            "--out",
+            str(tmp_path / "w"),
+            "--waive-gate",
+            "--waiver-by",
+            "X",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2 and "--waiver-reason" in proc.stderr
