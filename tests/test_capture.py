@@ -425,3 +425,36 @@ def test_stream_gives_up_when_told_to() -> None:
         list(src)
     assert src.state == "failed"
     assert 0.3 < time.monotonic() - start < 10
+
+
+def test_close_from_another_thread_never_releases_a_capture_mid_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = [isic_bgr(i) for i in range(4)]
+
+    class Slow(FakeCapture):
+        reading = False
+        released_while_reading = False
+
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            self.reading = True
+            time.sleep(0.1)
+            self.reading = False
+            return super().read()
+
+        def release(self) -> None:
+            self.released_while_reading = self.released_while_reading or self.reading
+            super().release()
+
+    cap = Slow(frames * 50)
+    monkeypatch.setattr(stream_mod, "video_capture", lambda *args: cap)
+    src = open_source("camera:0")
+    got: list[Frame] = []
+    thread = threading.Thread(target=lambda: got.extend(src))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    src.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert cap.released and not cap.released_while_reading
+    assert src.state == "closed" and 2 <= len(got) < 200

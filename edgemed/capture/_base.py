@@ -41,6 +41,7 @@ class BaseSource:
         self.stop = stop
         self.state = "open"
         self._closed = False
+        self._iterating = False
 
     def _items(self) -> Iterator[Item]:
         """One pass over the inputs; finite sources are replayed ``cfg.loop`` times by ``__iter__``."""
@@ -51,6 +52,7 @@ class BaseSource:
         interval_s = 1.0 / self.cfg.fps_cap if self.cfg.fps_cap else 0.0
         next_due = time.monotonic()
         passes = self.cfg.loop if self.finite else 1
+        self._iterating = True
         try:
             for _ in range(passes):
                 for item in self._items():
@@ -69,6 +71,7 @@ class BaseSource:
             if self.state in ("open", "connecting", "reconnecting"):
                 self.state = "stopped" if self._stopped() else "ended"
         finally:
+            self._iterating = False
             self._release()
 
     def _frame(self, index: int, item: Item) -> Frame:
@@ -90,11 +93,17 @@ class BaseSource:
         return self.stop.is_set() or self._closed
 
     def close(self) -> None:
-        """Stop iterating and release the underlying file, camera or connection."""
+        """Stop iterating and release the underlying file, camera or connection.
+
+        Safe to call from another thread (a signal handler): while a frame is being read, the reading thread
+        releases the device itself once its current read returns, since OpenCV must not release a capture
+        that another thread is reading from.
+        """
         self._closed = True
-        if self.state not in ("failed",):
+        if self.state != "failed":
             self.state = "closed"
-        self._release()
+        if not self._iterating:
+            self._release()
 
     def _release(self) -> None:
         """Free OS resources; safe to call more than once."""

@@ -73,8 +73,6 @@ def read_dicom(path: Path) -> Iterator[Item]:
         return
     try:
         yield from (Item(image, None, name, study_uid) for image in _frames(ds))
-    except CodecUnavailableError as exc:
-        yield Item(None, str(exc), name, study_uid)
     except (
         ValueError,
         RuntimeError,
