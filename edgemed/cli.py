@@ -66,6 +66,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
     p.add_argument("--password-file", type=Path, help="file holding the broker password")
     p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts:// brokers")
+    p.add_argument("--mqtt-protocol", choices=["auto", "5", "3.1.1"],
+                   help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5)")
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="heartbeat period (default 30)")
     p.add_argument("--loop", type=int, metavar="N", help="play a finite source N times (benchmarks, soak tests)")
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
@@ -108,7 +110,7 @@ def build_profile(args: argparse.Namespace) -> Any:
         _set(raw, "run", "print_results", False)
     if args.broker is not None:
         _set(raw, "mqtt", "url", args.broker)
-    for key, value in (("username", args.username), ("password_env", args.password_env),
+    for key, value in (("username", args.username), ("protocol", args.mqtt_protocol), ("password_env", args.password_env),
                        ("password_file", str(args.password_file.resolve()) if args.password_file else None)):
         if value is not None:
             _set(raw, "mqtt", key, value)
@@ -262,6 +264,16 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--broker", help="also try to connect to this broker")
     p.add_argument("--data-dir", type=Path, help="data directory to check for space and permissions")
     p.set_defaults(func=cmd_doctor)
+
+    helptext = "central side: ingest results from the broker and serve the fleet dashboard"
+    if _command_of(argv or []) == "dashboard":
+        from edgemed import dashboard  # the device path never imports the dashboard
+
+        p = sub.add_parser("dashboard", help=helptext, description=dashboard.__doc__, formatter_class=raw_fmt)
+        dashboard.add_arguments(p)
+        p.set_defaults(func=dashboard.run)
+    else:
+        sub.add_parser("dashboard", help=helptext)
 
     p = sub.add_parser("profile-check", help="validate device profile files",
                        description="Validate device profiles; every problem names the field and the fix.")

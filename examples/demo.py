@@ -24,12 +24,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "breastmnist_28.npz"
 LABELS = ["malignant", "normal_benign"]
+PROFILE = ROOT / "examples" / "breast-ultrasound-triage.yaml"
 
 
 def sh(args: list[str], env: dict[str, str]) -> int:
     """Run one edgemed command, showing it as the user would type it."""
     print("\n$ edgemed " + " ".join(args), flush=True)
     return subprocess.call([sys.executable, "-m", "edgemed", *args], env=env)
+
+
+def run_device(args: list[str], env: dict[str, str], show: int = 8) -> int:
+    """Run `edgemed run`, showing the first lines the person at the device would read."""
+    print("\n$ edgemed " + " ".join(args), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "edgemed", *args], env=env, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    print("\n".join(lines[:show]) + (f"\n... ({len(lines) - show} more lines)" if len(lines) > show else ""))
+    print("\n".join(x for x in proc.stderr.splitlines() if x.startswith("edgemed")))
+    return proc.returncode
 
 
 def export_test_images(out: Path) -> list[int]:
@@ -119,9 +130,10 @@ def main() -> int:
         collector = Collector(url)
         stack.callback(collector.close)
         t0 = time.monotonic()
-        code = sh(["run", "--model", str(int8), "--source", str(images), "--broker", url,
-                   "--device-id", "demo-us-01", "--site", "demo-clinic", "--data-dir", str(device_dir),
-                   "--health-interval", "1", "--quiet"], env)
+        code = run_device(["run", "--profile", str(PROFILE), "--model", str(int8), "--source", str(images),
+                           "--broker", url, "--data-dir", str(device_dir)]
+                          # amqtt speaks MQTT 3.1.1 only (a production broker speaks 5)
+                          + (["--mqtt-protocol", "3.1.1"] if args.broker is None else []), env)
         elapsed = time.monotonic() - t0
         deadline = time.monotonic() + 10
         while len(collector.results) < len(labels) and time.monotonic() < deadline:
@@ -133,6 +145,8 @@ def main() -> int:
     levels: dict[str, int] = {}
     for r in results:
         levels[r["triage"]["level"]] = levels.get(r["triage"]["level"], 0) + 1
+    malignant = [r for r in results if labels[r["source"]["index"]] == 0]
+    flagged = sum(1 for r in malignant if r["triage"]["level"] == "urgent")
     inf = [r["latency_ms"]["inference"] for r in results if r["prediction"]]
     tot = [r["latency_ms"]["total"] for r in results]
     rt = results[0]["runtime"] if results else {}
@@ -141,6 +155,8 @@ def main() -> int:
         ("results received", f"{len(results)} unique of {len(labels)} frames ({collector.copies} copies)"),
         ("on-device accuracy", f"{correct}/{predicted} = {correct / max(predicted, 1):.3f} (vs BreastMNIST labels)"),
         ("triage levels", ", ".join(f"{k} {v}" for k, v in sorted(levels.items()))),
+        ("malignant -> urgent", f"{flagged}/{len(malignant)} malignant test images triaged urgent "
+                                "(illustrative thresholds)"),
         ("latency inference", f"median {statistics.median(inf):.3f} ms" if inf else "-"),
         ("latency total", f"median {statistics.median(tot):.3f} ms per frame" if tot else "-"),
         ("runtime", f"{rt.get('backend')} on {rt.get('delegate')}, degraded={rt.get('degraded')}"),
