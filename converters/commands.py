@@ -24,7 +24,7 @@ TRAIN_EPILOG = """data layouts (--data):
 
 recipes (--recipe; files in converters/recipes/*.yaml):
   reference    the reference CNN, layer for layer (baseline)
-  wide_bn      wider CNN with BatchNorm, global average pooling, augmentation, balanced class weights
+  bn_gap       CNN with BatchNorm, global average pooling, augmentation, balanced class weights
   mobilenetv2  MobileNetV2 alpha 0.35 from scratch, BN momentum 0.9, for 64-128 px colour images
   best         alias of the recipe the accuracy benchmark chose
 

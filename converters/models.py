@@ -109,7 +109,7 @@ def build_model(recipe: Recipe, input_shape: tuple[int, int, int], num_classes: 
         if min(input_shape[:2]) < 32:
             raise ValueError(
                 f"MobileNetV2 needs images of at least 32x32, got {input_shape[:2]}; "
-                "use --recipe reference or wide_bn for small images"
+                "use --recipe reference or bn_gap for small images"
             )
         model = mobilenetv2(input_shape, num_classes, recipe.alpha, recipe.bn_momentum, recipe.dropout)
     model.compile(

@@ -59,7 +59,7 @@ def available_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """Load a recipe by name (``reference``, ``wide_bn``, ``mobilenetv2``, ``best``) or from a YAML path.
+    """Load a recipe by name (``reference``, ``bn_gap``, ``mobilenetv2``, ``best``) or from a YAML path.
 
     Raises:
         ConfigError: unknown name, unreadable file, or invalid fields (the message names the field).

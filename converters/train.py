@@ -62,7 +62,7 @@ def train(
     Args:
         dataset: images and labels; uses ``train`` and ``val`` (never ``test``).
         out_dir: folder for ``{name}.keras`` and ``{name}.labels.json`` (created if needed).
-        recipe: a recipe name (``reference``, ``wide_bn``, ``mobilenetv2``, ``best``), a YAML path or a
+        recipe: a recipe name (``reference``, ``bn_gap``, ``mobilenetv2``, ``best``), a YAML path or a
             Recipe.
         seed: seeds weights, shuffling and augmentation (same seed, same machine: same model).
         epochs: override the recipe's maximum epochs (early stopping may end sooner).
