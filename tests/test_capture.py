@@ -458,3 +458,18 @@ def test_close_from_another_thread_never_releases_a_capture_mid_read(monkeypatch
     assert not thread.is_alive()
     assert cap.released and not cap.released_while_reading
     assert src.state == "closed" and 2 <= len(got) < 200
+
+
+def test_recursive_folder_skips_dicomdir_and_hidden_entries(tmp_path: Path) -> None:
+    study = tmp_path / "PAT1" / "STUDY2"
+    study.mkdir(parents=True)
+    cv2.imwrite(str(study / "b.png"), isic_bgr(0))
+    cv2.imwrite(str(tmp_path / "PAT1" / "a.png"), isic_bgr(1))
+    (tmp_path / ".cache").mkdir()
+    cv2.imwrite(str(tmp_path / ".cache" / "thumb.png"), isic_bgr(2))
+    (tmp_path / "DICOMDIR").write_bytes((DATA / "dicom" / "US1_UNCR.dcm").read_bytes())
+    assert [f.name for f in open_source(str(tmp_path / "PAT1"))] == ["a.png"]
+    with pytest.raises(CaptureError, match="no image or DICOM files"):
+        open_source(str(tmp_path))  # DICOMDIR is an index, not an image
+    frames = list(open_source(str(tmp_path), CaptureConfig(recursive=True)))
+    assert [f.name for f in frames] == ["a.png", "b.png"]

@@ -58,9 +58,7 @@ class CaptureConfig(BaseModel):
     )
     loop: int = Field(1, ge=1, description="play a finite source (file, folder, video) this many times")
     reconnect_initial_s: float = Field(0.5, gt=0, description="first wait before reconnecting a lost stream")
-    reconnect_max_s: float = Field(
-        30.0, gt=0, description="longest wait between stream reconnection attempts"
-    )
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between stream reconnection attempts")
     reconnect_give_up_s: float | None = Field(
         None,
         gt=0,
@@ -70,9 +68,7 @@ class CaptureConfig(BaseModel):
         5.0, gt=0, description="a stream that repeats the same frame (or sends none) this long is reconnected"
     )
     open_timeout_s: float = Field(10.0, gt=0, description="how long to wait for a stream or camera to open")
-    read_timeout_s: float = Field(
-        5.0, gt=0, description="how long to wait for one frame from a stream or camera"
-    )
+    read_timeout_s: float = Field(5.0, gt=0, description="how long to wait for one frame from a stream or camera")
     black_level: int = Field(
         4,
         ge=0,
@@ -86,6 +82,7 @@ class CaptureConfig(BaseModel):
     watch_existing: bool = Field(
         False, description="watch:DIR also reads the files already present when watching starts"
     )
+    recursive: bool = Field(False, description="folders and watch:DIR also read their sub-folders")
     extensions: list[str] = Field(
         default_factory=lambda: list(IMAGE_EXTENSIONS),
         description="file extensions read from folders (a DICOM file without one is found by content)",
@@ -95,9 +92,7 @@ class CaptureConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> CaptureConfig:
-        if self.roi is not None and (
-            self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] <= 0 or self.roi[3] <= 0
-        ):
+        if self.roi is not None and (self.roi[0] < 0 or self.roi[1] < 0 or self.roi[2] <= 0 or self.roi[3] <= 0):
             raise ValueError(f"roi {self.roi} must be x>=0, y>=0, width>0, height>0 (pixels)")
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("reconnect_max_s must be at least reconnect_initial_s")
@@ -121,9 +116,7 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
-def open_source(
-    uri: str, cfg: CaptureConfig | None = None, *, stop: threading.Event | None = None
-) -> FrameSource:
+def open_source(uri: str, cfg: CaptureConfig | None = None, *, stop: threading.Event | None = None) -> FrameSource:
     """Open a capture source from a URI or a local path.
 
     Args:
@@ -151,9 +144,7 @@ def open_source(
 
         index_text = uri.split(":", 1)[1]
         if not index_text.isdigit():
-            raise CaptureError(
-                f"{uri}: camera index must be a number such as camera:0 (see `ls /dev/video*`)"
-            )
+            raise CaptureError(f"{uri}: camera index must be a number such as camera:0 (see `ls /dev/video*`)")
         return CameraSource(int(index_text), cfg, stop)
     if lowered.startswith("watch:"):
         from edgemed.capture.files import WatchSource

@@ -63,7 +63,8 @@ class BaseSource:
                         delay_s = next_due - time.monotonic()
                         if delay_s > 0 and self.stop.wait(delay_s):
                             break
-                        next_due = max(next_due + interval_s, time.monotonic())
+                        # A late frame moves the schedule instead of letting the next ones burst to catch up.
+                        next_due = max(next_due, time.monotonic()) + interval_s
                     yield self._frame(index, item)
                     index += 1
                 if self._stopped():
@@ -109,9 +110,7 @@ class BaseSource:
         """Free OS resources; safe to call more than once."""
 
 
-def _crop(
-    image: np.ndarray, roi: tuple[int, int, int, int], name: str | None
-) -> tuple[np.ndarray | None, str | None]:
+def _crop(image: np.ndarray, roi: tuple[int, int, int, int], name: str | None) -> tuple[np.ndarray | None, str | None]:
     x, y, w, h = roi
     height, width = image.shape[:2]
     if x + w > width or y + h > height:

@@ -51,9 +51,7 @@ def read_dicom(path: Path) -> Iterator[Item]:
         import pydicom
         from pydicom.errors import InvalidDicomError
     except ImportError:
-        yield Item(
-            None, f"{name}: reading DICOM needs pydicom; install it with: pip install edgemed[dicom]", name
-        )
+        yield Item(None, f"{name}: reading DICOM needs pydicom; install it with: pip install edgemed[dicom]", name)
         return
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -85,8 +83,7 @@ def read_dicom(path: Path) -> Iterator[Item]:
         # pydicom reports truncated or inconsistent pixel data with these; the file, not the run, is at fault.
         yield Item(
             None,
-            f"{name}: pixel data cannot be decoded ({exc}); the file may be truncated, "
-            "re-export or re-copy it",
+            f"{name}: pixel data cannot be decoded ({exc}); the file may be truncated, re-export or re-copy it",
             name,
             study_uid,
         )
@@ -118,9 +115,7 @@ def _frames(ds: Any) -> Iterator[Any]:
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric.startswith("YBR_PARTIAL"):
-        raise ValueError(
-            f"photometric interpretation {photometric} is not supported; export as RGB or YBR_FULL"
-        )
+        raise ValueError(f"photometric interpretation {photometric} is not supported; export as RGB or YBR_FULL")
     for pixels in iter_pixels(ds):
         yield to_uint8(pixels, ds, photometric)
 

@@ -55,9 +55,7 @@ def sniff(path: Path) -> Content:
 
 def natural_key(name: str) -> list[Any]:
     """Sort key that orders ``img2`` before ``img10`` (digit runs compare as numbers)."""
-    return [
-        (0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)
-    ]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
 def _cv2() -> Any:
@@ -93,8 +91,7 @@ def read_image(path: Path) -> Item:
     if image is None or image.size == 0:
         return Item(
             None,
-            f"{path.name}: not a readable image (corrupt, truncated or unsupported); "
-            "re-export it as PNG or JPEG",
+            f"{path.name}: not a readable image (corrupt, truncated or unsupported); re-export it as PNG or JPEG",
             path.name,
         )
     return Item(to_rgb_uint8(image), None, path.name)
@@ -113,9 +110,7 @@ def read_file(path: Path) -> Iterator[Item]:
 class FileSource(BaseSource):
     """A single image or DICOM file (a multi-frame DICOM yields all its frames)."""
 
-    def __init__(
-        self, path: Path, kind: Literal["image", "dicom"], cfg: CaptureConfig, stop: threading.Event
-    ):
+    def __init__(self, path: Path, kind: Literal["image", "dicom"], cfg: CaptureConfig, stop: threading.Event):
         super().__init__(cfg, stop)
         self.kind = kind
         self.path = path
@@ -124,20 +119,32 @@ class FileSource(BaseSource):
         yield from read_file(self.path)
 
 
-def list_folder(folder: Path, extensions: list[str]) -> list[Path]:
-    """The folder's image and DICOM files in natural order; hidden files are skipped.
+def list_folder(
+    folder: Path, extensions: list[str], *, recursive: bool = False, skip: set[str] | None = None
+) -> list[Path]:
+    """The folder's image and DICOM files in natural order; hidden files and DICOMDIR indexes are skipped.
 
     A file counts when its extension is listed, or when it has no extension and holds DICOM (devices often
     write DICOM files without one).
+
+    Args:
+        folder: the folder to list.
+        extensions: lower-case extensions with the dot.
+        recursive: also list sub-folders (exported DICOM studies are often nested); order is by relative path.
+        skip: relative paths (as strings) to leave out before any file is opened (watch mode's seen files).
     """
     picked = []
-    for entry in folder.iterdir():
-        if entry.name.startswith(".") or not entry.is_file():
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    for entry in entries:
+        rel = entry.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or entry.name.upper() == "DICOMDIR":
+            continue
+        if (skip is not None and str(rel) in skip) or not entry.is_file():
             continue
         suffix = entry.suffix.lower()
         if suffix in extensions or (not suffix and sniff(entry) == "dicom"):
             picked.append(entry)
-    return sorted(picked, key=lambda p: natural_key(p.name))
+    return sorted(picked, key=lambda p: natural_key(str(p.relative_to(folder))))
 
 
 class FolderSource(BaseSource):
@@ -149,11 +156,9 @@ class FolderSource(BaseSource):
         super().__init__(cfg, stop)
         self.folder = folder
         try:
-            self.paths = list_folder(folder, cfg.extensions)
+            self.paths = list_folder(folder, cfg.extensions, recursive=cfg.recursive)
         except OSError as exc:
-            raise CaptureError(
-                f"{folder}: cannot list the folder ({exc.strerror}); check its permissions"
-            ) from exc
+            raise CaptureError(f"{folder}: cannot list the folder ({exc.strerror}); check its permissions") from exc
         if not self.paths:
             raise CaptureError(
                 f"{folder}: no image or DICOM files found (looked for {', '.join(cfg.extensions)}); "
@@ -186,8 +191,7 @@ class VideoSource(BaseSource):
         if not cap.isOpened():
             cap.release()
             raise CaptureError(
-                f"{self.path}: not a readable image, DICOM or video file; convert it to MP4 (H.264), "
-                "JPEG/PNG or DICOM"
+                f"{self.path}: not a readable image, DICOM or video file; convert it to MP4 (H.264), JPEG/PNG or DICOM"
             )
         return cap
 
@@ -224,37 +228,35 @@ class WatchSource(BaseSource):
         self.folder = folder
         self._seen: set[str] = set()
         if not cfg.watch_existing:
-            self._seen = {p.name for p in list_folder(folder, cfg.extensions)}
+            listed = list_folder(folder, cfg.extensions, recursive=cfg.recursive)
+            self._seen = {str(p.relative_to(folder)) for p in listed}
 
     def _items(self) -> Iterator[Item]:
-        # name -> (size, mtime_ns, first time this signature was seen)
+        # relative path -> (size, mtime_ns, when this size and mtime were first seen)
         pending: dict[str, tuple[int, int, float]] = {}
         while not self._stopped():
             now = time.monotonic()
             ready = []
             try:
-                paths = list_folder(self.folder, self.cfg.extensions)
+                paths = list_folder(self.folder, self.cfg.extensions, recursive=self.cfg.recursive, skip=self._seen)
             except OSError as exc:
                 self.state = "failed"
-                raise CaptureError(
-                    f"watch:{self.folder}: folder became unreadable ({exc}); check the mount"
-                ) from exc
+                raise CaptureError(f"watch:{self.folder}: folder became unreadable ({exc}); check the mount") from exc
             for path in paths:
-                if path.name in self._seen:
-                    continue
+                key = str(path.relative_to(self.folder))
                 try:
                     st = path.stat()
                 except OSError:
                     continue  # removed between listing and stat: it is not ready, look again next poll
                 signature = (st.st_size, st.st_mtime_ns)
-                seen = pending.get(path.name)
+                seen = pending.get(key)
                 if seen is None or seen[:2] != signature:
-                    pending[path.name] = (*signature, now)
+                    pending[key] = (*signature, now)
                 elif st.st_size > 0 and now - seen[2] >= self.cfg.watch_settle_s:
-                    ready.append(path)
-            for path in ready:
-                self._seen.add(path.name)
-                pending.pop(path.name, None)
+                    ready.append((key, path))
+            for key, path in ready:
+                self._seen.add(key)
+                pending.pop(key, None)
                 yield from read_file(path)
             if self.stop.wait(self.cfg.watch_poll_s):
                 return
