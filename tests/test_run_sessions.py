@@ -100,19 +100,24 @@ def test_unreachable_broker_is_not_an_error_and_loses_nothing(int8_model: Path, 
 
 def test_wrong_password_exits_5_and_keeps_results(int8_model: Path, data_dir: Path,
                                                   mosquitto_factory: type[Mosquitto], tmp_path: Path) -> None:
+    device = tmp_path / "device"
+    cine = str(data_dir / "dicom" / CINE)
+    # Results produced offline first: a later refused connection must not lose them.
+    offline = run_edgemed("run", "--model", str(int8_model), "--source", cine, "--device-id", "us-01",
+                          "--data-dir", str(device), "--quiet")
+    assert offline.returncode == 10, offline.stderr
     broker = mosquitto_factory(users={"us-01": "right-password"}).start()
     pw = tmp_path / "pw"
     pw.write_text("wrong-password\n")
     pw.chmod(0o600)
-    device = tmp_path / "device"
-    proc = run_edgemed("run", "--model", str(int8_model), "--source", str(data_dir / "dicom" / CINE),
-                       "--broker", broker.url, "--device-id", "us-01", "--data-dir", str(device),
-                       "--username", "us-01", "--password-file", str(pw), "--quiet")
+    proc = run_edgemed("run", "--model", str(int8_model), "--source", cine, "--broker", broker.url,
+                       "--device-id", "us-01", "--data-dir", str(device), "--username", "us-01",
+                       "--password-file", str(pw), "--quiet")
     assert proc.returncode == 5, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("edgemed: error:") and "password" in last.lower()
     lines = (device / "results.jsonl").read_text().splitlines()
-    assert lines, "results produced before the refusal must be kept"
+    assert len(lines) >= 30
     # Fix the password file and flush with the profile's credentials: everything arrives.
     pw.write_text("right-password\n")
     profile = tmp_path / "p.yaml"
