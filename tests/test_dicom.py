@@ -203,3 +203,24 @@ def test_dicom_without_pixel_data_is_an_error_frame(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "report.dcm")
     (frame,) = frames_of(tmp_path / "report.dcm")
     assert frame.image is None and frame.error is not None and "no image" in frame.error
+
+
+def test_ybr_partial_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DICOM / "US1_UNCR.dcm")
+    ds.PhotometricInterpretation = "YBR_PARTIAL_422"
+    ds.save_as(tmp_path / "partial.dcm")
+    (frame,) = frames_of(tmp_path / "partial.dcm")
+    assert frame.image is None and frame.error is not None
+    assert "YBR_PARTIAL_422 is not supported" in frame.error
+
+
+def test_sixteen_bit_palette_table_holding_eight_bit_values_is_not_blackened(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(DICOM / "OBXXXX1A.dcm")
+    for colour in ("Red", "Green", "Blue"):
+        element = ds[f"{colour}PaletteColorLookupTableData"]
+        element.value = (np.frombuffer(element.value, dtype="<u2") >> 8).astype("<u2").tobytes()
+    ds.save_as(tmp_path / "eight_in_sixteen.dcm")
+    (frame,) = frames_of(tmp_path / "eight_in_sixteen.dcm")
+    (reference,) = frames_of(DICOM / "OBXXXX1A.dcm")
+    assert frame.image is not None and reference.image is not None
+    assert np.array_equal(frame.image, reference.image)

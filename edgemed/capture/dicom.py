@@ -92,6 +92,12 @@ def read_dicom(path: Path) -> Iterator[Item]:
 def _check_decodable(ds: Any, name: str) -> str | None:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return f"{name}: DICOM file holds no image (no Pixel Data); export the image series, not a report"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric.startswith("YBR_PARTIAL"):
+        return (
+            f"{name}: colour encoding {photometric} is not supported; export the images as RGB, YBR_FULL or "
+            "JPEG from the device"
+        )
     from pydicom.pixels.decoders.base import get_decoder
 
     uid = ds.file_meta.get("TransferSyntaxUID")
@@ -114,8 +120,6 @@ def _frames(ds: Any) -> Iterator[Any]:
     from pydicom.pixels.utils import iter_pixels
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric.startswith("YBR_PARTIAL"):
-        raise ValueError(f"photometric interpretation {photometric} is not supported; export as RGB or YBR_FULL")
     for pixels in iter_pixels(ds):
         yield to_uint8(pixels, ds, photometric)
 
@@ -128,8 +132,11 @@ def to_uint8(pixels: Any, ds: Any, photometric: str) -> Any:
         from pydicom.pixels.processing import apply_color_lut
 
         rgb = apply_color_lut(pixels, ds)
-        # Palette tables hold 8- or 16-bit entries; keep the top 8 bits of 16-bit ones.
-        return (rgb >> 8).astype(np.uint8) if rgb.dtype.itemsize > 1 else rgb.astype(np.uint8)
+        # Palette tables hold 8- or 16-bit entries; keep the top 8 bits of 16-bit ones. Some devices declare
+        # 16-bit tables but fill them with 0..255: those are already 8-bit values.
+        if rgb.dtype.itemsize > 1 and int(rgb.max()) > 255:
+            rgb = rgb >> 8
+        return rgb.astype(np.uint8)
     if pixels.ndim == 3:
         # RGB, and YBR already converted to RGB by pydicom's decoders (raw=False).
         if pixels.dtype == np.uint8:
