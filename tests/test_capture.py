@@ -473,3 +473,39 @@ def test_recursive_folder_skips_dicomdir_and_hidden_entries(tmp_path: Path) -> N
         open_source(str(tmp_path))  # DICOMDIR is an index, not an image
     frames = list(open_source(str(tmp_path), CaptureConfig(recursive=True)))
     assert [f.name for f in frames] == ["a.png", "b.png"]
+
+
+def test_reconnect_backoff_doubles_up_to_its_cap_and_state_says_reconnecting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts: list[float] = []
+    states: list[str] = []
+    src: Any = None
+
+    def never_opens(*args: Any) -> FakeCapture:
+        attempts.append(time.monotonic())
+        if src is not None:
+            states.append(src.state)
+        return FakeCapture([], opened=False)
+
+    monkeypatch.setattr(stream_mod, "video_capture", never_opens)
+    cfg = CaptureConfig(reconnect_initial_s=0.05, reconnect_max_s=0.2, reconnect_give_up_s=1.0)
+    src = open_source("rtsp://127.0.0.1:1/live", cfg)
+    assert src.state == "connecting"
+    with pytest.raises(CaptureError, match=r"rtsp://127.0.0.1:1/live: no connection for 1 s"):
+        list(src)
+    gaps = np.diff(attempts)
+    assert len(gaps) >= 4
+    assert gaps[0] == pytest.approx(0.05, abs=0.04)
+    assert gaps[1] == pytest.approx(0.10, abs=0.04)
+    assert all(g == pytest.approx(0.2, abs=0.06) for g in gaps[3:])  # capped at reconnect_max_s
+    assert set(states[1:]) == {"reconnecting"}
+    assert src.state == "failed"
+
+
+@pytest.mark.parametrize("numbers", [[1, 2, 10, 11, 100, 3], [0, 9, 99, 999, 1000, 20]])
+def test_natural_order_compares_numbers_as_numbers(tmp_path: Path, numbers: list[int]) -> None:
+    for n in numbers:
+        cv2.imwrite(str(tmp_path / f"scan_{n}.png"), isic_bgr(n))
+    names = [f.name for f in open_source(str(tmp_path))]
+    assert names == [f"scan_{n}.png" for n in sorted(numbers)]
