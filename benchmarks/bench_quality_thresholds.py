@@ -118,9 +118,7 @@ def gate_table(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--analysis-size", type=int, default=QualityConfig().analysis_size)
     args = parser.parse_args()
     data_dir = Path(os.environ.get("EDGEMED_DATA", ROOT.parent / "shared" / "data"))

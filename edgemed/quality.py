@@ -53,9 +53,7 @@ class QualityConfig(BaseModel):
     min_highlight: float = Field(
         68.0, ge=0, le=255, description="lowest acceptable 99th-percentile pixel value (0-255): underexposure"
     )
-    max_brightness: float = Field(
-        240.0, ge=0, le=255, description="highest acceptable mean pixel value (0-255)"
-    )
+    max_brightness: float = Field(240.0, ge=0, le=255, description="highest acceptable mean pixel value (0-255)")
     max_clipped_fraction: float = Field(
         0.5, ge=0, le=1, description="largest acceptable share of the imaged (non-black) area at saturation"
     )

@@ -53,9 +53,7 @@ def test_the_real_images_are_there() -> None:
     assert len(BREAST) == 156
 
 
-@pytest.mark.parametrize(
-    "images", [ISIC, ULTRASOUND, BREAST], ids=["dermoscopy", "dicom-ultrasound", "breastmnist"]
-)
+@pytest.mark.parametrize("images", [ISIC, ULTRASOUND, BREAST], ids=["dermoscopy", "dicom-ultrasound", "breastmnist"])
 def test_every_real_image_passes_the_default_gate(images: list[np.ndarray]) -> None:
     failures = [r.reason for r in (check_quality(img, CFG) for img in images) if not r.passed]
     assert failures == []
@@ -72,9 +70,7 @@ def test_every_real_ultrasound_image_passes_the_ultrasound_preset(images: list[n
     [(blurred, "too blurred"), (dark, "too dark"), (blank, "blank")],
     ids=["blurred", "dark", "blank"],
 )
-@pytest.mark.parametrize(
-    "images", [ISIC, ULTRASOUND, BREAST], ids=["dermoscopy", "dicom-ultrasound", "breastmnist"]
-)
+@pytest.mark.parametrize("images", [ISIC, ULTRASOUND, BREAST], ids=["dermoscopy", "dicom-ultrasound", "breastmnist"])
 def test_degraded_copies_fail_with_the_right_reason(images: list[np.ndarray], degrade, word: str) -> None:  # type: ignore[no-untyped-def]
     for image in images:
         report = check_quality(degrade(image), CFG)

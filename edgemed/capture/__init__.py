@@ -8,9 +8,20 @@
     rtsp://...     a network stream (also http://, https://): reconnects with capped exponential backoff
     watch:DIR      a folder a device writes into: new files are read once their size has settled
 
-Every source yields :class:`edgemed.types.Frame` objects. An input that cannot be read becomes a frame with
-``image=None`` and ``error`` set, keeping its index, so one bad file never stops a run. OpenCV and pydicom are
-imported inside the functions that need them, so ``import edgemed.capture`` stays cheap.
+Every source yields :class:`edgemed.types.Frame` objects: ``image`` is uint8 ``(H, W)`` gray or ``(H, W, 3)``
+RGB, ``index`` counts from 0 across the whole run (and across ``loop`` replays). An input that cannot be read
+becomes a frame with ``image=None`` and ``error`` set, keeping its index, so one bad file never stops a run.
+OpenCV and pydicom are imported inside the functions that need them, so ``import edgemed.capture`` stays cheap.
+
+DICOM needs the ``dicom`` extra (``pip install edgemed[dicom]``: pydicom and Pillow). That decodes
+uncompressed, RLE, JPEG baseline/extended and JPEG 2000; JPEG Lossless and JPEG-LS need
+``pip install pylibjpeg pylibjpeg-libjpeg``, and a file that needs a missing codec becomes an error frame that
+says so.
+
+Live sources (streams, cameras) never yield a frame that is not real: all-black frames and repeats of the
+previous frame are dropped, and a source that delivers nothing new for ``stale_timeout_s`` is reconnected.
+``watch:DIR`` reads files that appear after it starts (``watch_existing`` to include the ones already there),
+each once, in natural order, after its size and mtime have been stable for ``watch_settle_s``.
 """
 
 from __future__ import annotations
