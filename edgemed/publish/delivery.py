@@ -111,8 +111,10 @@ class Delivery:
     def _on_ack(self, row_id: int) -> None:
         # Runs on the link's network thread: only hand the row id over, never touch the outbox here.
         with self._lock:
+            first = not self._acked
             self._acked.append(row_id)
-        self._wake.set()
+        if first:  # one wake-up per batch of acknowledgements, not one per PUBACK
+            self._wake.set()
 
     def _run(self) -> None:
         while True:
@@ -148,9 +150,7 @@ class Delivery:
         for item in self.outbox.pending(room, after_row=self._cursor):
             self._inflight.add(item.row_id)
             self._cursor = item.row_id
-            self.link.publish(
-                item.topic, item.payload, qos=1, retain=False, on_ack=partial(self._on_ack, item.row_id)
-            )
+            self.link.publish(item.topic, item.payload, on_ack=partial(self._on_ack, item.row_id))
             self.published_total += 1
 
 
