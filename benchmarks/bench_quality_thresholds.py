@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,6 +143,23 @@ def main() -> None:
     }
     for row in gate_table(sets, args.analysis_size, configs):
         print(row)
+    print("\ncost of check_quality per frame (median of 200 calls, this machine)\n")
+    print("| frame | size | ms |")
+    print("|---|---|---|")
+    cfg = QualityConfig(analysis_size=args.analysis_size)
+    for name, index in [("isic_jpeg", 1), ("isic_jpeg", 0), ("dicom_us", 0), ("dicom_us", 33), ("breastmnist", 0)]:
+        image = sets[name][1][index]
+        print(f"| {name}[{index}] | {image.shape} | {time_check(image, cfg):.3f} |")
+
+
+def time_check(image: np.ndarray, cfg: QualityConfig, calls: int = 200) -> float:
+    """Median wall time of one check_quality call in milliseconds."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        check_quality(image, cfg)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
 
 
 if __name__ == "__main__":
