@@ -20,8 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BREAST = ROOT / "data" / "breastmnist_28.npz"
 LABELS = ["malignant", "benign"]
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def breast() -> Dataset:
@@ -57,6 +55,7 @@ def _interp(path: Path) -> Any:
     return it
 
 
+@pytest.mark.slow
 def test_reference_cnn_int8_meets_size_and_agreement(converted: ConvertResult) -> None:
     res = converted
     assert res.manifest_path.is_file()
@@ -81,6 +80,7 @@ def test_reference_cnn_int8_meets_size_and_agreement(converted: ConvertResult) -
     verify_model(res.artifacts["int8"])
 
 
+@pytest.mark.slow
 def test_uint8_io_is_really_uint8(converted: ConvertResult) -> None:
     it = _interp(converted.artifacts["uint8"])
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
@@ -89,6 +89,7 @@ def test_uint8_io_is_really_uint8(converted: ConvertResult) -> None:
     assert zero == 0 and scale == pytest.approx(1 / 255, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_float16_runs_and_matches_float(converted: ConvertResult, breast: Dataset, trained: Path) -> None:
     import keras
 
@@ -103,6 +104,7 @@ def test_float16_runs_and_matches_float(converted: ConvertResult, breast: Datase
     assert np.abs(probs16 - ref).max() < 5e-3
 
 
+@pytest.mark.slow
 def test_report_files_are_complete(converted: ConvertResult) -> None:
     html = converted.report_html.read_text()
     assert html.count("data:image/png;base64,") == 4
@@ -112,6 +114,7 @@ def test_report_files_are_complete(converted: ConvertResult) -> None:
     assert report["targets"]["int8"]["numbers"]["quantized"]["per_class"][0]["label"] == "malignant"
 
 
+@pytest.mark.slow
 def test_probabilities_output_keeps_softmax(tmp_path: Path, trained: Path, breast: Dataset) -> None:
     from converters.convert import convert
 
@@ -124,6 +127,7 @@ def test_probabilities_output_keeps_softmax(tmp_path: Path, trained: Path, breas
     assert detail["quantization"][0] == pytest.approx(1 / 256) and detail["quantization"][1] == -128
 
 
+@pytest.mark.slow
 def test_h5_and_saved_model_inputs(tmp_path: Path, trained: Path, breast: Dataset) -> None:
     import keras
 
@@ -142,6 +146,7 @@ def test_h5_and_saved_model_inputs(tmp_path: Path, trained: Path, breast: Datase
     assert load_manifest(res.manifest_path).artifacts[0].output_kind == "probabilities"
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise_named_errors(tmp_path: Path, trained: Path, breast: Dataset) -> None:
     from converters.convert import convert
 
@@ -160,6 +165,7 @@ def test_bad_inputs_raise_named_errors(tmp_path: Path, trained: Path, breast: Da
         convert(trained, rgb, tmp_path / "o3", progress=False)
 
 
+@pytest.mark.slow
 def test_cli_train_and_convert(tmp_path: Path) -> None:
     env_cmd = [sys.executable, "-m", "edgemed"]
     train = subprocess.run(
@@ -220,3 +226,54 @@ def test_cli_train_and_convert(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "int4" in bad.stderr
+
+
+def test_recipes_load_and_best_is_an_alias(tmp_path: Path) -> None:
+    from converters.recipe import available_recipes, load_recipe
+    from edgemed.errors import ConfigError
+
+    assert {"reference", "bn_gap", "mobilenetv2", "best"} <= set(available_recipes())
+    best = load_recipe("best")
+    assert best.name != "best" and best.name in available_recipes()
+    mobile = load_recipe("mobilenetv2")
+    assert mobile.alpha == 0.35 and mobile.bn_momentum == 0.9 and mobile.augmentation.hflip
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("name: mine\narchitecture: reference\nepochs: 2\n")
+    assert load_recipe(str(custom)).epochs == 2
+    custom.write_text("name: mine\narchitecture: reference\nepoch: 2\n")
+    with pytest.raises(ConfigError, match="epoch"):
+        load_recipe(str(custom))
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        load_recipe("nope")
+
+
+def test_augmentation_keeps_range_and_shape() -> None:
+    from converters.recipe import Augmentation
+    from converters.train import augment
+
+    x = load_dataset(BREAST).splits["val"][0][:16].astype(np.float32) / 255.0
+    aug = Augmentation(hflip=True, vflip=True, rot90=True, shift_fraction=0.2, brightness=0.2, contrast=0.2)
+    out = augment(x, aug, np.random.default_rng(0))
+    assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0
+    assert not np.array_equal(out, x)
+    assert np.array_equal(augment(x, Augmentation(), np.random.default_rng(0)), x)
+
+
+@pytest.mark.slow
+def test_mobilenetv2_device_graph_converts(tmp_path: Path) -> None:
+    from converters.convert import Calibration, _tflite_bytes
+    from converters.edgetpu import check_compatibility
+    from converters.models import build_model
+    from converters.recipe import load_recipe
+    from converters.source import load_source
+
+    model = build_model(load_recipe("mobilenetv2"), (32, 32, 3), 2)
+    model.save(tmp_path / "m.keras")
+    # load_source rebuilds the nested MobileNetV2 with a batch-1 input and a linear head, and checks that the
+    # rebuilt graph reproduces the model's probabilities.
+    source = load_source(tmp_path / "m.keras")
+    assert source.output_kind == "logits"
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    calib = Calibration(images=images, labels=np.zeros(20, np.int64), count_per_class=[10, 10], sha256="x")
+    report = check_compatibility(_tflite_bytes(source, "int8", calib))
+    assert report.compatible, report.problems
