@@ -35,6 +35,8 @@ class BaseSource:
 
     kind: SourceKind = "image"
     finite: bool = True
+    #: how many times a live source lost its connection and reconnected (0 for files); reported on health
+    reconnects: int = 0
 
     def __init__(self, cfg: CaptureConfig, stop: threading.Event) -> None:
         self.cfg = cfg

@@ -49,7 +49,6 @@ class _LiveSource(BaseSource):
     def __init__(self, cfg: CaptureConfig, stop: threading.Event) -> None:
         super().__init__(cfg, stop)
         self._cap: Any = None
-        self.reconnects = 0
 
     def _open_capture(self) -> Any:
         """Return an opened OpenCV capture, or None when it cannot be opened now."""
