@@ -509,3 +509,19 @@ def test_natural_order_compares_numbers_as_numbers(tmp_path: Path, numbers: list
         cv2.imwrite(str(tmp_path / f"scan_{n}.png"), isic_bgr(n))
     names = [f.name for f in open_source(str(tmp_path))]
     assert names == [f"scan_{n}.png" for n in sorted(numbers)]
+
+
+def test_a_server_that_accepts_and_drops_at_once_is_backed_off_and_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts: list[float] = []
+
+    def accepts_then_drops(*args: Any) -> FakeCapture:
+        attempts.append(time.monotonic())
+        return FakeCapture([None])  # opens, then the first read fails
+
+    monkeypatch.setattr(stream_mod, "video_capture", accepts_then_drops)
+    cfg = CaptureConfig(reconnect_initial_s=0.05, reconnect_max_s=0.1, reconnect_give_up_s=0.5)
+    src = open_source("http://127.0.0.1:1/cam.mjpg", cfg)
+    with pytest.raises(CaptureError, match="no connection for"):
+        list(src)
+    assert 4 <= len(attempts) <= 10  # about 0.5 s of 0.05-0.1 s waits, not thousands of immediate retries
+    assert src.state == "failed"

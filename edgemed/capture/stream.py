@@ -62,38 +62,42 @@ class _LiveSource(BaseSource):
         backoff_s = self.cfg.reconnect_initial_s
         down_since: float | None = None
         while not self._stopped():
+            got_frame = False
             if self._cap is None:
                 self._cap = self._open_capture()
-            if self._cap is None:
-                now = time.monotonic()
-                down_since = now if down_since is None else down_since
-                give_up_s = self.cfg.reconnect_give_up_s
-                if give_up_s is not None and now - down_since >= give_up_s:
-                    self.state = "failed"
-                    raise CaptureError(
-                        f"{self.describe()}: no connection for {give_up_s:.0f} s; check the device, the "
-                        "network and the URL, or raise capture.reconnect_give_up_s"
-                    )
-                self.state = "reconnecting"
-                log.warning("%s: not available, retrying in %.1f s", self.describe(), backoff_s)
-                if self.stop.wait(backoff_s):
+            if self._cap is not None:
+                self.state = "open"
+                for item in self._read_until_lost():
+                    if not got_frame:
+                        # The source counts as back only once real frames flow: a server that accepts and then
+                        # drops at once must neither be hammered nor escape reconnect_give_up_s.
+                        backoff_s = self.cfg.reconnect_initial_s
+                        down_since = None
+                        got_frame = True
+                    yield item
+                self._release()
+                if self._stopped():
                     return
-                backoff_s = min(backoff_s * 2.0, self.cfg.reconnect_max_s)
-                continue
-            self.state = "open"
-            down_since = None
-            got_frame = False
-            for item in self._read_until_lost():
-                if not got_frame:
-                    # Reset the backoff only once real frames flow: a server that accepts and then drops at
-                    # once must not be hammered at the initial rate.
-                    backoff_s = self.cfg.reconnect_initial_s
-                    got_frame = True
-                yield item
-            self._release()
-            if not self._stopped():
                 self.reconnects += 1
-                self.state = "reconnecting"
+            self.state = "reconnecting"
+            if got_frame:
+                continue  # it was working: try again at once
+            now = time.monotonic()
+            down_since = now if down_since is None else down_since
+            self._give_up_if_down_too_long(now - down_since)
+            log.warning("%s: not available, retrying in %.1f s", self.describe(), backoff_s)
+            if self.stop.wait(backoff_s):
+                return
+            backoff_s = min(backoff_s * 2.0, self.cfg.reconnect_max_s)
+
+    def _give_up_if_down_too_long(self, down_s: float) -> None:
+        give_up_s = self.cfg.reconnect_give_up_s
+        if give_up_s is not None and down_s >= give_up_s:
+            self.state = "failed"
+            raise CaptureError(
+                f"{self.describe()}: no connection for {give_up_s:.0f} s; check the device, the network and the "
+                "URL, or raise capture.reconnect_give_up_s"
+            )
 
     def _read_until_lost(self) -> Iterator[Item]:
         previous: np.ndarray | None = None
