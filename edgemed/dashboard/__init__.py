@@ -1,0 +1,172 @@
+"""Central fleet dashboard: ingest the devices' MQTT results into SQLite and serve a page that shows them.
+
+    edgemed dashboard --broker mqtt://127.0.0.1:1883 --db fleet.sqlite3 [--port 8080] [--host 127.0.0.1]
+
+The dashboard subscribes to edgemed/+/+/# at QoS 1 with a fixed client id and a persistent session, so results
+published while it is down arrive when it comes back; duplicates are dropped by result id. Open
+http://127.0.0.1:8080/ for the fleet table, urgent results waiting for review (with an acknowledge button) and
+counts per triage level. It shows only what devices publish: no images, file names or patient ids.
+
+The page has no login: it binds to 127.0.0.1 unless --host says otherwise; put an authenticating reverse proxy in
+front of it before exposing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from edgemed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgemed.publish.config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "serve"]
+
+
+def _merge_config(mqtt_url: str, mqtt: MqttConfig | None) -> MqttConfig:
+    fields: dict[str, Any] = mqtt.model_dump() if mqtt is not None else {}
+    fields["url"] = mqtt_url
+    return _validate_config(fields)
+
+
+def _validate_config(fields: dict[str, Any]) -> MqttConfig:
+    from pydantic import ValidationError
+
+    from edgemed.publish.config import MqttConfig
+
+    try:
+        return MqttConfig.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'mqtt'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"dashboard broker settings: {problems}") from exc
+
+
+def serve(
+    mqtt_url: str,
+    *,
+    db: Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    mqtt: MqttConfig | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
+
+    Args:
+        mqtt_url: ``mqtt://host:port`` or ``mqtts://host:port`` of the broker the devices publish to.
+        db: SQLite file of the dashboard (created if missing; kept across restarts).
+        host: interface of the web server; 127.0.0.1 by default.
+        port: TCP port of the web server; 0 picks a free one (logged).
+        mqtt: credentials, TLS, client id and session expiry; its ``url`` is replaced by ``mqtt_url``.
+        stop: set it to stop; when None, SIGINT and SIGTERM stop (only from the main thread).
+
+    Returns:
+        0 after a clean stop.
+
+    Raises:
+        ConfigError: bad broker settings, an unusable database or a port that cannot be bound.
+        BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
+    """
+    from edgemed.dashboard.ingest import Ingest
+    from edgemed.dashboard.store import DashboardStore
+    from edgemed.dashboard.web import make_server
+
+    cfg = _merge_config(mqtt_url, mqtt)
+    stop_event = stop if stop is not None else threading.Event()
+    store = DashboardStore(db)
+    ingest: Ingest | None = None
+    server = None
+    restore: list[tuple[signal.Signals, Any]] = []
+    try:
+        ingest = Ingest(cfg, store)
+        server = make_server(store, host=host, port=port, ingest_snapshot=ingest.snapshot)
+        if stop is None and threading.current_thread() is threading.main_thread():
+
+            def _on_signal(signum: int, frame: FrameType | None) -> None:
+                stop_event.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                restore.append((sig, signal.signal(sig, _on_signal)))
+        ingest.start()
+        web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgemed-web",
+                               daemon=True)
+        web.start()
+        log.info("dashboard at %s (database %s, broker %s)", server.url, db, cfg.url)
+        while not stop_event.wait(0.5):
+            pass
+        return 0
+    finally:
+        for sig, handler in restore:
+            signal.signal(sig, handler)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if ingest is not None:
+            ingest.stop()
+        store.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``edgemed dashboard`` options to a parser.
+
+    Args:
+        p: the sub-command's parser.
+    """
+    p.add_argument("--broker", required=True, metavar="URL",
+                   help="broker the devices publish to: mqtt://host:1883 or mqtts://host:8883")
+    p.add_argument("--db", required=True, type=Path, metavar="FILE",
+                   help="SQLite file for results and device state (created if missing, kept across restarts)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface for the web page (default 127.0.0.1; the page has no login of its own)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port for the web page (default 8080)")
+    p.add_argument("--client-id", default=None,
+                   help="MQTT client id; keep it fixed so queued results reach this dashboard "
+                        "(default edgemed-dashboard)")
+    p.add_argument("--username", default=None, help="broker user name")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--password-env", default=None, metavar="VAR",
+                        help="environment variable holding the broker password")
+    secret.add_argument("--password-file", type=Path, default=None, metavar="FILE",
+                        help="file whose first line is the broker password")
+    p.add_argument("--ca-file", type=Path, default=None, help="PEM CA of the broker's certificate (mqtts://)")
+    p.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate, if the broker wants one")
+    p.add_argument("--key-file", type=Path, default=None, help="PEM key of --cert-file")
+    p.add_argument("--allow-plaintext-remote", action="store_true",
+                   help="allow mqtt:// to a broker on another machine (results then cross the network in clear)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``edgemed dashboard`` from parsed arguments (see ``add_arguments``).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit code (0 after Ctrl-C or SIGTERM).
+
+    Raises:
+        ConfigError: bad options, database or port.
+        BrokerRefusedError: plaintext MQTT to a remote broker without --allow-plaintext-remote.
+    """
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
+    fields: dict[str, Any] = {
+        "url": args.broker,
+        "client_id": args.client_id,
+        "username": args.username,
+        "password_env": args.password_env,
+        "password_file": args.password_file,
+        "allow_plaintext_remote": args.allow_plaintext_remote,
+    }
+    if args.ca_file or args.cert_file or args.key_file:
+        fields["tls"] = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
+    cfg = _validate_config(fields)
+    return serve(args.broker, db=args.db, host=args.host, port=args.port, mqtt=cfg)

@@ -1,0 +1,377 @@
+"""Ingest: one MQTT subscriber that files everything the fleet publishes into the ``DashboardStore``.
+
+Delivery contract. The subscriber uses a FIXED client id and a persistent session (MQTT 5 ``clean_start=False``
+with a session expiry, or MQTT 3.1.1 ``clean_session=False``) at QoS 1 on ``edgemed/+/+/#``: while the dashboard
+is down the broker queues what the devices publish, and hands it over when the dashboard returns. paho runs with
+``manual_ack=True`` and a message is acknowledged (PUBACK) only once it is committed to SQLite, or once it has been
+judged malformed: a crash between receipt and commit leaves the message unacknowledged, so the broker sends it
+again. Duplicates from any source are dropped by the store's primary key on ``result_id``.
+
+Nothing a device sends can crash the ingest: bad JSON, a wrong schema, a topic that does not follow
+``edgemed/{site}/{device_id}/{kind}`` or a payload whose ids disagree with its topic is counted by reason,
+logged (topic and reason only, never the payload) and acknowledged so that the broker does not send it again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import ssl
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgemed.dashboard.store import LEVELS, DashboardStore
+from edgemed.errors import BrokerRefusedError, ConfigError
+from edgemed.publish.config import MqttConfig, read_password
+
+log = logging.getLogger(__name__)
+
+TOPIC_FILTER = "edgemed/+/+/#"
+DEFAULT_CLIENT_ID = "edgemed-dashboard"
+_KINDS = ("results", "studies", "status", "health")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
+
+
+@dataclass
+class IngestStats:
+    """Counters the web page shows under "ingest"; updated from paho's network thread."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    connected: bool = False
+    subscribed: bool = False
+    broker_error: str | None = None
+    last_message_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy."""
+        return {
+            "received": self.received,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(self.rejected),
+            "connected": self.connected,
+            "subscribed": self.subscribed,
+            "broker_error": self.broker_error,
+            "last_message_at": self.last_message_at,
+        }
+
+
+def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) -> str | None:
+    if body.get("schema") != schema:
+        return f"schema is {str(body.get('schema'))[:40]!r}, expected {schema}"
+    if not isinstance(body.get("result_id"), str) or not _HEX32.match(body["result_id"]):
+        return "result_id is not 32 lowercase hex digits"
+    if body.get("site") != site or body.get("device_id") != device_id:
+        return "site/device_id in the payload differ from the topic"
+    seq = body.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return "seq is not a non-negative integer"
+    if not isinstance(body.get("created_at"), str):
+        return "created_at is not a string"
+    triage = body.get("triage")
+    if not isinstance(triage, dict):
+        return "triage is not an object"
+    if triage.get("level") not in LEVELS:
+        return "triage.level is not a known level"
+    if not isinstance(triage.get("reason"), str):
+        return "triage.reason is not a string"
+    return None
+
+
+def validate_result(body: Any, site: str, device_id: str) -> str | None:
+    """Check the fields the dashboard relies on in an ``edgemed.result/1`` envelope.
+
+    This is not the full JSON Schema (the dashboard does not depend on jsonschema): it checks every field the
+    store and the page read, and that the payload's site and device id match the topic it came on.
+
+    Args:
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+
+    Returns:
+        None when usable, else a short reason (safe to log: it quotes no payload text beyond 40 characters).
+    """
+    if not isinstance(body, dict):
+        return "payload is not a JSON object"
+    problem = _check_common(body, "edgemed.result/1", site, device_id)
+    if problem:
+        return problem
+    for name in ("runtime", "model"):
+        if not isinstance(body.get(name), dict):
+            return f"{name} is not an object"
+    prediction = body.get("prediction")
+    if prediction is not None and not (isinstance(prediction, dict) and isinstance(prediction.get("label"), str)):
+        return "prediction is neither null nor an object with a label"
+    return None
+
+
+def validate_study(body: Any, site: str, device_id: str) -> str | None:
+    """Check the fields the dashboard relies on in an ``edgemed.study/1`` decision.
+
+    Args:
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+
+    Returns:
+        None when usable, else a short reason.
+    """
+    if not isinstance(body, dict):
+        return "payload is not a JSON object"
+    problem = _check_common(body, "edgemed.study/1", site, device_id)
+    if problem:
+        return problem
+    frames = body["triage"].get("frames")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        return "triage.frames is not a positive integer"
+    return None
+
+
+class Ingest:
+    """The dashboard's MQTT subscriber: fixed client id, persistent session, QoS 1, manual acknowledgements."""
+
+    def __init__(self, cfg: MqttConfig, store: DashboardStore, *, client_id: str | None = None) -> None:
+        """Build the client; nothing connects until ``start()``.
+
+        Args:
+            cfg: broker settings (URL, credentials, TLS, protocol, session expiry).
+            store: where messages go.
+            client_id: MQTT client id; default ``cfg.client_id`` or ``edgemed-dashboard``. It must stay the same
+                across restarts, or the broker's queued messages go to a session nobody resumes.
+
+        Raises:
+            BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
+            ConfigError: the password source or a TLS file cannot be read.
+        """
+        broker = cfg.broker
+        if not broker.tls and not broker.loopback and not cfg.allow_plaintext_remote:
+            raise BrokerRefusedError(
+                f"refusing plaintext MQTT to {broker.host}:{broker.port}: results and the password would cross "
+                "the network unencrypted; use mqtts:// or allow plaintext explicitly"
+            )
+        self.cfg = cfg
+        self.store = store
+        self.client_id = client_id or cfg.client_id or DEFAULT_CLIENT_ID
+        self.stats = IngestStats()
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        # "auto" means MQTT 5 here: every broker the fleet uses (mosquitto 2, EMQX, HiveMQ) speaks it.
+        self._v5 = cfg.protocol != "3.1.1"
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else False,
+            manual_ack=True,
+        )
+        # paho takes whole seconds here; a dashboard reconnecting one second later than a device is fine.
+        self._client.reconnect_delay_set(max(1, math.ceil(cfg.reconnect_min_s)), max(1, math.ceil(cfg.reconnect_max_s)))
+        self._client.connect_timeout = cfg.connect_timeout_s
+        if cfg.username:
+            self._client.username_pw_set(cfg.username, read_password(cfg))
+        if broker.tls:
+            self._client.tls_set_context(self._ssl_context())
+        self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        self._started = False
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        tls = self.cfg.tls
+        try:
+            ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
+            if tls and tls.cert_file and tls.key_file:
+                ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the dashboard's TLS files ({exc}); check the CA, certificate and key paths"
+            ) from exc
+        return ctx
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; an unreachable broker is retried with capped backoff, never fatal."""
+        if self._started:
+            return
+        self._started = True
+        broker = self.cfg.broker
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.cfg.session_expiry_s
+            self._client.connect_async(
+                broker.host, broker.port, self.cfg.keepalive_s, clean_start=False, properties=props
+            )
+        else:
+            self._client.connect_async(broker.host, broker.port, self.cfg.keepalive_s)
+        self._client.loop_start()
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait until the broker confirmed the subscription (or ``timeout_s`` passed).
+
+        Args:
+            timeout_s: longest wait.
+
+        Returns:
+            True when subscribed.
+        """
+        return self._subscribed.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Disconnect cleanly; the broker keeps the session and queues messages until the next ``start()``."""
+        if not self._started:
+            return
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._started = False
+        with self._lock:
+            self.stats.connected = False
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and connection state for the web page."""
+        with self._lock:
+            return self.stats.as_dict()
+
+    # -- paho callbacks (network thread) -------------------------------------------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        if reason.is_failure:
+            message = f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name, " \
+                "password and client id"
+            log.error("%s", message)
+            with self._lock:
+                self.stats.broker_error = message
+            return
+        log.info("dashboard connected to %s as %s (session present: %s)", self.cfg.url, self.client_id,
+                 getattr(flags, "session_present", None))
+        with self._lock:
+            self.stats.connected = True
+            self.stats.broker_error = None
+        # Subscribing again on a resumed session is harmless and covers a broker that lost the session.
+        client.subscribe(TOPIC_FILTER, qos=1)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        message = f"cannot reach broker {self.cfg.url}; retrying"
+        with self._lock:
+            first = self.stats.broker_error != message
+            self.stats.broker_error = message
+        if first:
+            log.warning("%s", message)
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        with self._lock:
+            self.stats.connected = False
+            self.stats.subscribed = False
+        if self._started:
+            log.warning("dashboard lost the connection to %s (%s); reconnecting", self.cfg.url, reason)
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            message = f"broker {self.cfg.url} refused the subscription to {TOPIC_FILTER}; check its ACL"
+            log.error("%s", message)
+            with self._lock:
+                self.stats.broker_error = message
+            return
+        with self._lock:
+            self.stats.subscribed = True
+        self._subscribed.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            self.handle(msg.topic, bytes(msg.payload))
+        except Exception:  # a store failure (disk full, locked file) must not kill paho's thread
+            # Not acknowledged: the broker redelivers the message after the next reconnect.
+            log.exception("could not store the message on %s; it stays unacknowledged at the broker", msg.topic)
+            return
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+
+    def handle(self, topic: str, payload: bytes) -> str:
+        """File one message; the network thread calls it, and tests may call it directly.
+
+        Args:
+            topic: the MQTT topic.
+            payload: the raw payload.
+
+        Returns:
+            ``"stored"``, ``"duplicate"``, ``"updated"`` (status/health), ``"ignored"`` (an empty retained
+            message clearing a topic) or ``"rejected: <reason>"``.
+        """
+        now = time.time()
+        with self._lock:
+            self.stats.received += 1
+            self.stats.last_message_at = now
+        outcome = self._file(topic, payload, now)
+        with self._lock:
+            if outcome == "stored":
+                self.stats.stored += 1
+            elif outcome == "duplicate":
+                self.stats.duplicates += 1
+            elif outcome.startswith("rejected: "):
+                self.stats.rejected[outcome.removeprefix("rejected: ")] += 1
+        if outcome.startswith("rejected: "):
+            log.warning("dropped a message on %r: %s", topic[:200], outcome.removeprefix("rejected: "))
+        return outcome
+
+    def _file(self, topic: str, payload: bytes, now: float) -> str:
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[3] not in _KINDS:
+            return "rejected: topic is not edgemed/{site}/{device_id}/{results|studies|status|health}"
+        _, site, device_id, kind = parts
+        if not _ID.match(site) or not _ID.match(device_id):
+            return "rejected: site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
+        if not payload:
+            return "ignored"  # someone cleared a retained message: nothing to file
+        if len(payload) > _MAX_PAYLOAD_BYTES:
+            return "rejected: payload larger than 256 KB"
+        try:
+            body = json.loads(payload)
+        except (UnicodeDecodeError, ValueError):
+            return "rejected: payload is not JSON"
+        if kind == "results":
+            problem = validate_result(body, site, device_id)
+            if problem:
+                return f"rejected: {problem}"
+            return "stored" if self.store.add_result(body, now) else "duplicate"
+        if kind == "studies":
+            problem = validate_study(body, site, device_id)
+            if problem:
+                return f"rejected: {problem}"
+            return "stored" if self.store.add_study(body, now) else "duplicate"
+        if not isinstance(body, dict):
+            return "rejected: payload is not a JSON object"
+        if kind == "status":
+            state = body.get("state")
+            # Devices publish "online" and "offline"; MqttLink.publish_status allows other words, shown as sent.
+            if not isinstance(state, str) or not 1 <= len(state) <= 32:
+                return "rejected: status state is not a short word such as online or offline"
+            self.store.set_status(site, device_id, body, now)
+        else:
+            self.store.set_health(site, device_id, body, now)
+        return "updated"

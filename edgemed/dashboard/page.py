@@ -1,0 +1,297 @@
+"""The dashboard's single HTML page: markup, inline CSS and inline JS (no CDN, works on an isolated network).
+
+The script builds every piece of device-supplied text with ``textContent`` (never ``innerHTML``): device ids,
+model names and triage reasons are attacker-controlled strings. ``web.py`` pins the script and the style by hash
+in the Content-Security-Policy, so they are kept as separate constants.
+"""
+
+from __future__ import annotations
+
+STYLE = """
+:root { --fg:#1d2430; --muted:#5b6574; --line:#d9dee5; --bg:#f5f7fa; --card:#fff;
+        --urgent:#b3261e; --ok:#1e7b34; --warn:#a35a00; --off:#6b7280; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color:var(--fg);
+       background:var(--bg); }
+header { display:flex; align-items:center; gap:16px; padding:12px 20px; background:#17324d; color:#fff; }
+header h1 { font-size:18px; margin:0; font-weight:600; }
+header .spacer { flex:1; }
+header .conn { padding:3px 10px; border-radius:12px; font-size:12px; font-weight:600; background:#2e4a66; }
+header .conn.ok { background:#1e7b34; }
+header .conn.bad { background:#b3261e; }
+main { padding:16px 20px; max-width:1400px; margin:0 auto; }
+section { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:12px 16px;
+          margin-bottom:16px; }
+section h2 { font-size:15px; margin:0 0 8px; }
+section p.hint { margin:0 0 8px; color:var(--muted); font-size:13px; }
+table { width:100%; border-collapse:collapse; }
+th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); vertical-align:top; }
+th { font-size:12px; color:var(--muted); font-weight:600; white-space:nowrap; }
+td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td.reason { max-width:520px; overflow-wrap:anywhere; }
+.badge { display:inline-block; padding:1px 8px; border-radius:10px; font-size:12px; font-weight:600;
+         white-space:nowrap; }
+.online { background:#e3f4e7; color:var(--ok); }
+.offline { background:#eceef1; color:var(--off); }
+.unknown { background:#eceef1; color:var(--off); }
+.degraded { background:#fdecd9; color:var(--warn); margin-left:6px; }
+.lvl-urgent { background:#fbe3e1; color:var(--urgent); }
+.lvl-routine { background:#e8eefb; color:#2450a6; }
+.lvl-no_finding { background:#e3f4e7; color:var(--ok); }
+.lvl-inconclusive, .lvl-recapture { background:#fdecd9; color:var(--warn); }
+.lvl-error { background:#eceef1; color:var(--fg); }
+.counts { display:flex; flex-wrap:wrap; gap:10px; }
+.count { flex:1 1 120px; border:1px solid var(--line); border-radius:8px; padding:8px 12px; }
+.count .n { font-size:22px; font-weight:700; font-variant-numeric:tabular-nums; }
+.count .l { font-size:12px; color:var(--muted); }
+.count.urgent .n { color:var(--urgent); }
+#attention { border-color:#e6b3ae; }
+#attention.clear { border-color:var(--line); }
+button { font:inherit; font-size:13px; padding:3px 10px; border-radius:6px; border:1px solid #8a2a22;
+         background:var(--urgent); color:#fff; cursor:pointer; }
+button:disabled { opacity:.5; cursor:default; }
+.toolbar { display:flex; gap:12px; align-items:center; margin-bottom:8px; flex-wrap:wrap; }
+.toolbar label { color:var(--muted); font-size:13px; }
+input, select { font:inherit; font-size:13px; padding:2px 6px; }
+.empty { color:var(--muted); padding:8px; }
+.late { color:var(--warn); font-weight:600; }
+footer { color:var(--muted); font-size:12px; padding:0 20px 20px; max-width:1400px; margin:0 auto; }
+"""
+
+SCRIPT = r"""
+"use strict";
+const LEVEL_NAMES = {urgent: "Urgent", routine: "Routine", no_finding: "No finding",
+                     inconclusive: "Inconclusive", recapture: "Recapture needed", error: "Error"};
+const REFRESH_MS = 3000;
+let lastNow = null;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v; else node.setAttribute(k, v);
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "never";
+  if (seconds < 5) return "just now";
+  if (seconds < 90) return Math.round(seconds) + " s ago";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min ago";
+  if (seconds < 172800) return Math.round(seconds / 3600) + " h ago";
+  return Math.round(seconds / 86400) + " days ago";
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  if (seconds < 90) return Math.round(seconds) + " s";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min";
+  return (seconds / 3600).toFixed(1) + " h";
+}
+
+function num(v, digits) {
+  return (v === null || v === undefined) ? "—" : Number(v).toFixed(digits);
+}
+
+function levelBadge(level) {
+  return el("span", {class: "badge lvl-" + (LEVEL_NAMES[level] ? level : "error")}, LEVEL_NAMES[level] || level);
+}
+
+function replaceBody(tbodyId, rows, columns, emptyText) {
+  const body = document.getElementById(tbodyId);
+  body.replaceChildren();
+  if (rows.length === 0) {
+    body.append(el("tr", {}, el("td", {colspan: String(columns), class: "empty"}, emptyText)));
+  }
+  for (const r of rows) body.append(r);
+}
+
+async function getJson(path) {
+  const resp = await fetch(path, {cache: "no-store"});
+  if (!resp.ok) throw new Error(path + ": HTTP " + resp.status);
+  return resp.json();
+}
+
+async function acknowledge(resultId, button) {
+  button.disabled = true;
+  const by = document.getElementById("ack-by").value;
+  try {
+    const resp = await fetch("/api/ack/" + encodeURIComponent(resultId), {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({by: by})});
+    if (!resp.ok) throw new Error("HTTP " + resp.status);
+  } catch (err) {
+    button.disabled = false;
+    setStatus("Could not record the acknowledgement: " + err.message, false);
+    return;
+  }
+  refresh();
+}
+
+function setStatus(text, ok) {
+  const conn = document.getElementById("conn");
+  conn.textContent = text;
+  conn.className = "conn " + (ok ? "ok" : "bad");
+}
+
+function renderSummary(data) {
+  const now = data.now;
+  const counts = document.getElementById("counts");
+  counts.replaceChildren();
+  for (const [level, name] of Object.entries(LEVEL_NAMES)) {
+    const n = data.counts.results[level] || 0;
+    const s = data.counts.studies[level] || 0;
+    counts.append(el("div", {class: "count " + level, "data-level": level},
+      el("div", {class: "n"}, n), el("div", {class: "l"}, name + (s ? " · " + s + " studies" : ""))));
+  }
+  const rows = data.attention.map((a) => {
+    const button = el("button", {type: "button", "data-result": a.result_id}, "Acknowledge");
+    button.addEventListener("click", () => acknowledge(a.result_id, button));
+    const what = a.kind === "study" ? "Study of " + a.frames + " frames" : "Image #" + a.seq;
+    return el("tr", {class: "urgent-row"},
+      el("td", {class: "late"}, ago(now - a.received_at)),
+      el("td", {}, a.site), el("td", {}, a.device_id), el("td", {}, what),
+      el("td", {}, a.label === null ? "" : a.label),
+      el("td", {class: "reason"}, a.reason),
+      el("td", {}, button));
+  });
+  replaceBody("attention-body", rows, 7, "No urgent result is waiting for review.");
+  document.getElementById("attention").className = rows.length ? "" : "clear";
+  document.getElementById("attention-count").textContent = rows.length ? "(" + rows.length + ")" : "";
+  const ing = data.ingest;
+  if (ing === null) {
+    setStatus("No broker connection configured", false);
+  } else if (ing.connected) {
+    setStatus("Receiving from broker", true);
+  } else {
+    setStatus(ing.broker_error || "Not connected to the broker", false);
+  }
+  if (ing !== null) {
+    document.getElementById("ingest").textContent = "Messages received: " + ing.received + " · results stored: " +
+      ing.stored + " · duplicates dropped: " + ing.duplicates + " · malformed messages ignored: " + ing.rejected;
+  }
+}
+
+function renderFleet(data) {
+  const now = data.now;
+  const rows = data.devices.map((d) => {
+    const stateNames = {online: "Online", offline: "Offline", unknown: "Unknown"};
+    const state = el("span", {class: "badge " + (d.state === "online" ? "online" : "offline")},
+      Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : d.state);
+    if (d.offline_reason) state.setAttribute("title", d.offline_reason);
+    const delegate = el("td", {}, d.delegate || "—");
+    if (d.degraded) {
+      const badge = el("span", {class: "badge degraded"}, "DEGRADED");
+      if (d.degraded_reason) badge.setAttribute("title", d.degraded_reason);
+      delegate.append(badge);
+    }
+    const pending = el("td", {class: "num"}, d.pending === null || d.pending === undefined ? "—" : d.pending);
+    if (d.outbox_full) pending.append(el("span", {class: "badge degraded"}, "FULL"));
+    return el("tr", {class: "device-row", "data-device": d.device_id},
+      el("td", {}, d.device_id), el("td", {}, d.site), el("td", {}, state), delegate, pending,
+      el("td", {class: "num"}, duration(d.oldest_pending_s)),
+      el("td", {class: "num"}, num(d.fps, 1)),
+      el("td", {class: "num"}, d.p95_ms === null || d.p95_ms === undefined ? "—" : num(d.p95_ms, 1) + " ms"),
+      el("td", {class: "num"}, ago(now - d.last_seen)));
+  });
+  replaceBody("fleet-body", rows, 9, "No device has reported yet.");
+}
+
+function renderResults(data) {
+  const now = data.now;
+  const rows = data.results.map((r) => el("tr", {class: "result-row"},
+    el("td", {}, ago(now - r.received_at)), el("td", {}, r.site), el("td", {}, r.device_id),
+    el("td", {class: "num"}, r.seq), el("td", {}, levelBadge(r.level)),
+    el("td", {}, r.label === null ? "" : r.label), el("td", {class: "reason"}, r.reason),
+    el("td", {}, r.acked_at ? "Seen" + (r.acked_by ? " by " + r.acked_by : "") : "")));
+  replaceBody("results-body", rows, 8, "No results yet.");
+}
+
+async function refresh() {
+  const level = document.getElementById("level").value;
+  try {
+    const [summary, fleet, results] = await Promise.all([
+      getJson("/api/summary"), getJson("/api/fleet"),
+      getJson("/api/results?limit=50" + (level ? "&level=" + encodeURIComponent(level) : ""))]);
+    renderSummary(summary);
+    renderFleet(fleet);
+    renderResults(results);
+    lastNow = summary.now;
+    document.getElementById("updated").textContent = "Updated " + new Date(lastNow * 1000).toLocaleTimeString();
+  } catch (err) {
+    setStatus("Dashboard server not answering (" + err.message + ")", false);
+  }
+}
+
+document.getElementById("level").addEventListener("change", refresh);
+refresh();
+setInterval(refresh, REFRESH_MS);
+"""
+
+PAGE_TEMPLATE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>edgemed fleet dashboard</title>
+<style>/*STYLE*/</style>
+</head>
+<body>
+<header>
+  <h1>edgemed fleet dashboard</h1>
+  <span id="conn" class="conn">Connecting…</span>
+  <span class="spacer"></span>
+  <span id="updated"></span>
+</header>
+<main>
+  <section id="attention">
+    <h2>Urgent results waiting for review <span id="attention-count"></span></h2>
+    <p class="hint">Oldest first. Acknowledge a result once a clinician has looked at it on the device.</p>
+    <div class="toolbar"><label for="ack-by">Your initials (recorded with the acknowledgement)</label>
+      <input id="ack-by" maxlength="16" size="6" autocomplete="off"></div>
+    <table>
+      <thead><tr><th>Waiting</th><th>Site</th><th>Device</th><th>What</th><th>Finding</th><th>Why urgent</th>
+        <th></th></tr></thead>
+      <tbody id="attention-body"></tbody>
+    </table>
+  </section>
+  <section>
+    <h2>Results by triage level</h2>
+    <div id="counts" class="counts"></div>
+  </section>
+  <section>
+    <h2>Devices</h2>
+    <p class="hint">"Waiting to send" counts results stored on the device that the broker has not yet received.
+      DEGRADED means the device runs on a fallback instead of its intended accelerator.</p>
+    <table>
+      <thead><tr><th>Device</th><th>Site</th><th>Connection</th><th>Accelerator</th><th>Waiting to send</th>
+        <th>Oldest waiting</th><th>Images/s</th><th>Slowest 5% (p95)</th><th>Last heard from</th></tr></thead>
+      <tbody id="fleet-body"></tbody>
+    </table>
+  </section>
+  <section>
+    <h2>Recent results</h2>
+    <div class="toolbar"><label for="level">Show</label>
+      <select id="level">
+        <option value="">all levels</option><option value="urgent">Urgent</option>
+        <option value="routine">Routine</option><option value="no_finding">No finding</option>
+        <option value="inconclusive">Inconclusive</option><option value="recapture">Recapture needed</option>
+        <option value="error">Error</option>
+      </select></div>
+    <table>
+      <thead><tr><th>Received</th><th>Site</th><th>Device</th><th>Image #</th><th>Level</th><th>Finding</th>
+        <th>Reason</th><th>Reviewed</th></tr></thead>
+      <tbody id="results-body"></tbody>
+    </table>
+  </section>
+</main>
+<footer><span id="ingest"></span><br>
+  Shows only what devices publish: triage results, device state and counters. No images, names or patient ids.
+</footer>
+<script>/*SCRIPT*/</script>
+</body>
+</html>
+"""

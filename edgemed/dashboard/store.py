@@ -1,0 +1,399 @@
+"""The dashboard's SQLite store: results, study decisions, the latest status and heartbeat per device, and acks.
+
+Delivery from the devices is at least once, so the same result can arrive twice (a device that restarts replays
+its outbox; a broker redelivers an unacknowledged QoS 1 message). ``result_id`` is the primary key and rows go in
+with ``INSERT OR IGNORE``: a duplicate is dropped by the database itself, in one statement, so two ingest threads
+racing on the same id still keep exactly one row.
+
+Times: ``received_at`` is the dashboard's own clock (seconds since the epoch). Devices may run without a
+synchronised clock, so "last seen" and ordering use the dashboard's clock; ``created_at`` is kept as the device
+reported it and shown beside ``clock_synced``.
+
+One connection is shared by the ingest thread and the web threads behind a lock: SQLite serialises writers anyway,
+and the dashboard's load (a few hundred messages a second at most) does not need a pool. WAL lets an external
+reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from edgemed.errors import ConfigError
+
+LEVELS = ("urgent", "routine", "no_finding", "inconclusive", "recapture", "error")
+
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS results (
+    result_id   TEXT PRIMARY KEY,
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    clock_synced INTEGER,
+    received_at REAL NOT NULL,
+    level       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    label       TEXT,
+    delegate    TEXT,
+    degraded    INTEGER,
+    session_id  TEXT,
+    payload     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_level ON results(level, received_at);
+CREATE INDEX IF NOT EXISTS results_received ON results(received_at);
+CREATE TABLE IF NOT EXISTS studies (
+    result_id   TEXT PRIMARY KEY,
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    level       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    frames      INTEGER,
+    first_seq   INTEGER,
+    last_seq    INTEGER,
+    session_id  TEXT,
+    payload     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_level ON studies(level, received_at);
+CREATE TABLE IF NOT EXISTS devices (
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    last_seen   REAL NOT NULL,
+    status      TEXT,
+    status_at   REAL,
+    health      TEXT,
+    health_at   REAL,
+    PRIMARY KEY (site, device_id)
+);
+CREATE TABLE IF NOT EXISTS acks (
+    result_id   TEXT PRIMARY KEY,
+    acked_at    REAL NOT NULL,
+    acked_by    TEXT NOT NULL
+);
+"""
+
+
+class AckOutcome(Enum):
+    """What ``DashboardStore.acknowledge`` did."""
+
+    ACKNOWLEDGED = "acknowledged"
+    ALREADY = "already acknowledged"
+    NOT_FOUND = "not found"
+
+
+def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
+    # A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
+    # dashboard never keeps or shows them, whatever a device sends.
+    source = payload.get("source")
+    if isinstance(source, dict) and "name" in source:
+        payload = {**payload, "source": {k: v for k, v in source.items() if k != "name"}}
+    return payload
+
+
+def _loads(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    return value if isinstance(value, dict) else None
+
+
+class DashboardStore:
+    """SQLite store of everything the fleet publishes, shared by the ingest thread and the web server."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (and create if needed) the database.
+
+        Args:
+            path: the SQLite file; its folder is created if missing.
+
+        Raises:
+            ConfigError: the file cannot be created or is not a database.
+        """
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Default isolation: sqlite3 opens a transaction before each write and ``with self._db`` commits it, so
+            # a result and its device's last_seen change together.
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash; a power cut may lose the last transactions, which the
+            # devices still hold (they only drop a result once the broker acknowledged it to them, and the broker
+            # keeps our session's undelivered messages).
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA_SQL)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                f"cannot open the dashboard database {self.path}: {exc}; pass --db with a writable file path"
+            ) from exc
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    # -- writes (ingest) ---------------------------------------------------------------------------------------
+
+    def _touch(self, site: str, device_id: str, received_at: float) -> None:
+        self._db.execute(
+            "INSERT INTO devices(site, device_id, last_seen) VALUES (?, ?, ?) "
+            "ON CONFLICT(site, device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+            (site, device_id, received_at),
+        )
+
+    def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
+        """Store one validated ``edgemed.result/1`` envelope.
+
+        Args:
+            result: the envelope (already validated by the ingest).
+            received_at: dashboard clock; now when None.
+
+        Returns:
+            True when stored, False when a result with this ``result_id`` was already there (a duplicate).
+        """
+        now = time.time() if received_at is None else received_at
+        runtime = result.get("runtime") or {}
+        prediction = result.get("prediction") or {}
+        triage = result["triage"]
+        row = (
+            result["result_id"], result["site"], result["device_id"], result["seq"], result["created_at"],
+            None if result.get("clock_synced") is None else int(bool(result["clock_synced"])), now,
+            triage["level"], triage["reason"], prediction.get("label"), runtime.get("delegate"),
+            None if runtime.get("degraded") is None else int(bool(runtime["degraded"])), result.get("session_id"),
+            json.dumps(_strip_private(result), separators=(",", ":")),
+        )
+        with self._lock, self._db:
+            cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            self._touch(result["site"], result["device_id"], now)
+            return cur.rowcount == 1
+
+    def add_study(self, study: dict[str, Any], received_at: float | None = None) -> bool:
+        """Store one validated ``edgemed.study/1`` decision.
+
+        Args:
+            study: the decision (already validated by the ingest).
+            received_at: dashboard clock; now when None.
+
+        Returns:
+            True when stored, False for a duplicate ``result_id``.
+        """
+        now = time.time() if received_at is None else received_at
+        triage = study["triage"]
+        row = (
+            study["result_id"], study["site"], study["device_id"], study["seq"], study["created_at"], now,
+            triage["level"], triage["reason"], triage.get("frames"), study.get("first_seq"), study.get("last_seq"),
+            study.get("session_id"), json.dumps(study, separators=(",", ":")),
+        )
+        with self._lock, self._db:
+            cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            self._touch(study["site"], study["device_id"], now)
+            return cur.rowcount == 1
+
+    def set_status(self, site: str, device_id: str, status: dict[str, Any], received_at: float | None = None) -> None:
+        """Replace the device's latest status (``online``/``offline``, retained on the broker).
+
+        Args:
+            site: from the topic.
+            device_id: from the topic.
+            status: the status payload.
+            received_at: dashboard clock; now when None.
+        """
+        now = time.time() if received_at is None else received_at
+        with self._lock, self._db:
+            self._touch(site, device_id, now)
+            self._db.execute(
+                "UPDATE devices SET status = ?, status_at = ? WHERE site = ? AND device_id = ?",
+                (json.dumps(status, separators=(",", ":")), now, site, device_id),
+            )
+
+    def set_health(self, site: str, device_id: str, health: dict[str, Any], received_at: float | None = None) -> None:
+        """Replace the device's latest heartbeat.
+
+        Args:
+            site: from the topic.
+            device_id: from the topic.
+            health: the heartbeat payload.
+            received_at: dashboard clock; now when None.
+        """
+        now = time.time() if received_at is None else received_at
+        with self._lock, self._db:
+            self._touch(site, device_id, now)
+            self._db.execute(
+                "UPDATE devices SET health = ?, health_at = ? WHERE site = ? AND device_id = ?",
+                (json.dumps(health, separators=(",", ":")), now, site, device_id),
+            )
+
+    def acknowledge(self, result_id: str, by: str = "", at: float | None = None) -> AckOutcome:
+        """Record that a person has seen an (urgent) result or study decision.
+
+        Args:
+            result_id: the result's or study decision's id.
+            by: free text (initials) typed by the person; may be empty.
+            at: dashboard clock; now when None.
+
+        Returns:
+            Whether it was acknowledged now, had been before, or no such result exists.
+        """
+        now = time.time() if at is None else at
+        with self._lock, self._db:
+            known = self._db.execute(
+                "SELECT 1 FROM results WHERE result_id = ? UNION ALL SELECT 1 FROM studies WHERE result_id = ?",
+                (result_id, result_id),
+            ).fetchone()
+            if known is None:
+                return AckOutcome.NOT_FOUND
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (result_id, now, by.strip()[:64])
+            )
+            return AckOutcome.ACKNOWLEDGED if cur.rowcount == 1 else AckOutcome.ALREADY
+
+    # -- reads (web) -------------------------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.row_factory = sqlite3.Row
+            return list(cur.execute(sql, params).fetchall())
+
+    def fleet(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One row per device: connection state, delegate, backlog and speed from its latest status and heartbeat.
+
+        Args:
+            now: dashboard clock used for "seconds since last seen"; now when None.
+
+        Returns:
+            Dicts with ``site, device_id, state ("online", "offline", another word sent, or "unknown"), last_seen,
+            last_seen_s_ago, delegate, degraded, degraded_reason, pending, oldest_pending_s, outbox_full, fps,
+            p95_ms, frames, errors, connected, source_state, model, offline_reason``, sorted by site and device.
+        """
+        t = time.time() if now is None else now
+        fleet = []
+        for row in self._query("SELECT * FROM devices ORDER BY site, device_id"):
+            status = _loads(row["status"]) or {}
+            health = _loads(row["health"]) or {}
+            # The newer of status and heartbeat says which delegate runs now; both carry it.
+            newest = health if (row["health_at"] or 0) >= (row["status_at"] or 0) else status
+            latency_value = health.get("latency_ms")
+            latency: dict[str, Any] = latency_value if isinstance(latency_value, dict) else {}
+            state = status.get("state")
+            fleet.append({
+                "site": row["site"],
+                "device_id": row["device_id"],
+                "state": state if isinstance(state, str) and state else "unknown",
+                "last_seen": row["last_seen"],
+                "last_seen_s_ago": round(max(0.0, t - row["last_seen"]), 1),
+                "delegate": newest.get("delegate", status.get("delegate")),
+                "degraded": bool(newest.get("degraded", status.get("degraded", False))),
+                "degraded_reason": health.get("degraded_reason"),
+                "pending": health.get("pending"),
+                "oldest_pending_s": health.get("oldest_pending_s"),
+                "outbox_full": health.get("outbox_full"),
+                "fps": health.get("fps"),
+                "p95_ms": latency.get("p95"),
+                "frames": health.get("frames"),
+                "errors": health.get("errors"),
+                "connected": health.get("connected"),
+                "source_state": health.get("source_state"),
+                "model": status.get("model"),
+                "offline_reason": status.get("reason") if state == "offline" else None,
+            })
+        return fleet
+
+    @staticmethod
+    def _result_row(row: sqlite3.Row) -> dict[str, Any]:
+        return {
+            "kind": "frame",
+            "result_id": row["result_id"],
+            "site": row["site"],
+            "device_id": row["device_id"],
+            "seq": row["seq"],
+            "created_at": row["created_at"],
+            "received_at": row["received_at"],
+            "level": row["level"],
+            "reason": row["reason"],
+            "label": row["label"],
+            "delegate": row["delegate"],
+            "degraded": None if row["degraded"] is None else bool(row["degraded"]),
+            "acked_at": row["acked_at"],
+            "acked_by": row["acked_by"],
+        }
+
+    def recent_results(self, level: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest frame results first, optionally of one triage level.
+
+        Args:
+            level: one of ``LEVELS``, or None for all.
+            limit: most rows returned (1-1000).
+
+        Returns:
+            Result summaries (no probabilities, no payload) with their acknowledgement, if any.
+
+        Raises:
+            ConfigError: unknown level or limit out of range.
+        """
+        if level is not None and level not in LEVELS:
+            raise ConfigError(f"unknown triage level {level!r}; use one of {', '.join(LEVELS)}")
+        if not 1 <= limit <= 1000:
+            raise ConfigError(f"limit must be between 1 and 1000, not {limit}")
+        where, params = ("WHERE r.level = ?", (level,)) if level else ("", ())
+        rows = self._query(
+            "SELECT r.*, a.acked_at, a.acked_by FROM results r LEFT JOIN acks a USING (result_id) "
+            f"{where} ORDER BY r.received_at DESC, r.seq DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [self._result_row(r) for r in rows]
+
+    def level_counts(self) -> dict[str, dict[str, int]]:
+        """How many frame results and study decisions have each triage level (every level present, maybe 0).
+
+        Returns:
+            ``{"results": {level: n}, "studies": {level: n}}``.
+        """
+        out: dict[str, dict[str, int]] = {}
+        for table in ("results", "studies"):
+            counts = dict.fromkeys(LEVELS, 0)
+            for row in self._query(f"SELECT level, count(*) AS n FROM {table} GROUP BY level"):
+                counts[row["level"]] = row["n"]
+            out[table] = counts
+        return out
+
+    def unacknowledged_urgent(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Urgent frame results and urgent study decisions no person has acknowledged yet, oldest first.
+
+        Oldest first because the one waiting longest is the one to look at first.
+
+        Args:
+            limit: most rows returned.
+
+        Returns:
+            Summaries with ``kind`` ``"frame"`` or ``"study"``.
+        """
+        rows = self._query(
+            "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
+            "r.reason, r.label, NULL AS frames FROM results r LEFT JOIN acks a USING (result_id) "
+            "WHERE r.level = 'urgent' AND a.result_id IS NULL "
+            "UNION ALL "
+            "SELECT 'study', s.result_id, s.site, s.device_id, s.seq, s.created_at, s.received_at, "
+            "s.reason, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
+            "WHERE s.level = 'urgent' AND a.result_id IS NULL "
+            "ORDER BY received_at ASC, seq ASC LIMIT ?",
+            (limit,),
+        )
+        return [dict(r) for r in rows]
+
+    def result_count(self) -> int:
+        """Number of stored frame results (duplicates are never stored, so this counts unique results)."""
+        return int(self._query("SELECT count(*) AS n FROM results")[0]["n"])
+
+    def study_count(self) -> int:
+        """Number of stored study decisions."""
+        return int(self._query("SELECT count(*) AS n FROM studies")[0]["n"])

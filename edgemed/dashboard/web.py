@@ -1,0 +1,229 @@
+"""The dashboard's web side: one self-contained page and a small JSON API, on the standard library's HTTP server.
+
+Routes:
+    GET  /                      the page (inline CSS and JS; it polls the API every few seconds)
+    GET  /api/fleet             one row per device (``DashboardStore.fleet``)
+    GET  /api/results?level=L&limit=N   newest results, optionally of one triage level
+    GET  /api/summary           level counts, urgent results nobody acknowledged yet, ingest counters
+    POST /api/ack/{result_id}   a person acknowledges an urgent result (JSON body ``{"by": "initials"}``)
+
+Security. Everything shown comes from devices, and a device id, a model name or a triage reason may be hostile
+text: the page builds every cell with ``textContent``, never with HTML strings, and a Content-Security-Policy
+allows only the page's own inline script and style (by hash), so even a missed spot could not run injected code.
+The server binds to 127.0.0.1 by default and has no login: put it behind an authenticating reverse proxy before
+binding it to another interface. On a loopback binding the ``Host`` header must name the loopback (a DNS-rebinding
+page cannot read the API), and the acknowledge endpoint needs a JSON content type and a same-origin ``Origin``
+(a cross-site form cannot post one).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from edgemed.dashboard.page import PAGE_TEMPLATE, SCRIPT, STYLE
+from edgemed.dashboard.store import AckOutcome, DashboardStore
+from edgemed.errors import ConfigError
+from edgemed.publish.config import is_loopback
+
+log = logging.getLogger(__name__)
+
+_ACK_PATH = re.compile(r"^/api/ack/([0-9a-f]{32})$")
+_MAX_BODY_BYTES = 4096
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+_PAGE = PAGE_TEMPLATE.replace("/*STYLE*/", STYLE).replace("/*SCRIPT*/", SCRIPT).encode()
+_CSP = (
+    f"default-src 'none'; script-src {_csp_hash(SCRIPT)}; style-src {_csp_hash(STYLE)}; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+class DashboardServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that knows the store and how to read the ingest's counters."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        store: DashboardStore,
+        ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """Bind the socket.
+
+        Args:
+            address: (host, port); port 0 picks a free port (see ``server_address``).
+            store: the dashboard database.
+            ingest_snapshot: returns the ingest's counters and broker state; None = no ingest running.
+
+        Raises:
+            ConfigError: the address cannot be bound (port in use, host not on this machine).
+        """
+        self.store = store
+        self.ingest_snapshot = ingest_snapshot
+        self.loopback_only = is_loopback(address[0])
+        try:
+            super().__init__(address, _Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve the dashboard on {address[0]}:{address[1]} ({exc}); choose another --port or --host"
+            ) from exc
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/`` of the bound socket."""
+        host, port = self.server_address[0], self.server_address[1]
+        return f"http://{host!s}:{port}/"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DashboardServer
+    server_version = "edgemed-dashboard"
+    sys_version = ""
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The default writes every request to stderr; requests are routine, keep them at debug level.
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header("X-Frame-Options", "DENY")
+        if content_type.startswith("text/html"):
+            self.send_header("Content-Security-Policy", _CSP)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, value: Any) -> None:
+        self._send(status, json.dumps(value, separators=(",", ":")).encode(), "application/json; charset=utf-8")
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _host_ok(self) -> bool:
+        if not self.server.loopback_only:
+            return True
+        host = urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
+        return is_loopback(host)
+
+    # -- routes ------------------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        if not self._host_ok():
+            self._error(HTTPStatus.FORBIDDEN, "this dashboard answers only to 127.0.0.1 or localhost")
+            return
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        now = time.time()
+        try:
+            if url.path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, _PAGE, "text/html; charset=utf-8")
+            elif url.path == "/api/fleet":
+                self._json(HTTPStatus.OK, {"now": now, "devices": self.server.store.fleet(now)})
+            elif url.path == "/api/results":
+                level = (query.get("level") or [""])[0] or None
+                limit_text = (query.get("limit") or ["100"])[0]
+                if not limit_text.isdigit():
+                    raise ConfigError(f"limit must be a whole number, not {limit_text[:20]!r}")
+                results = self.server.store.recent_results(level, int(limit_text))
+                self._json(HTTPStatus.OK, {"now": now, "level": level, "results": results})
+            elif url.path == "/api/summary":
+                snapshot = self.server.ingest_snapshot
+                self._json(HTTPStatus.OK, {
+                    "now": now,
+                    "counts": self.server.store.level_counts(),
+                    "attention": self.server.store.unacknowledged_urgent(),
+                    "ingest": snapshot() if snapshot is not None else None,
+                })
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
+        except ConfigError as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_POST(self) -> None:
+        if not self._host_ok():
+            self._error(HTTPStatus.FORBIDDEN, "this dashboard answers only to 127.0.0.1 or localhost")
+            return
+        match = _ACK_PATH.match(urlsplit(self.path).path)
+        if match is None:
+            self._error(HTTPStatus.NOT_FOUND, "POST /api/ack/{result_id} with a 32-hex-digit result id")
+            return
+        # A cross-site form can send only form content types and cannot set Origin to ours; fetch() from another
+        # origin with a JSON body needs a CORS preflight that this server never approves.
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        origin = self.headers.get("Origin")
+        if content_type != "application/json" or (origin is not None and origin != f"http://{self.headers['Host']}"):
+            self._error(HTTPStatus.FORBIDDEN, "acknowledge from the dashboard page (JSON, same origin)")
+            return
+        length_text = self.headers.get("Content-Length") or "0"
+        length = int(length_text) if length_text.isdigit() else -1
+        if not 0 <= length <= _MAX_BODY_BYTES:
+            self._error(HTTPStatus.BAD_REQUEST, f"body must be JSON of at most {_MAX_BODY_BYTES} bytes")
+            return
+        by = ""
+        if length:
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (UnicodeDecodeError, ValueError):
+                self._error(HTTPStatus.BAD_REQUEST, 'body must be JSON such as {"by": "initials"}')
+                return
+            if isinstance(body, dict) and isinstance(body.get("by"), str):
+                by = body["by"]
+        outcome = self.server.store.acknowledge(match.group(1), by)
+        if outcome is AckOutcome.NOT_FOUND:
+            self._error(HTTPStatus.NOT_FOUND, f"no result {match.group(1)} in this dashboard")
+            return
+        self._json(HTTPStatus.OK, {"result_id": match.group(1), "outcome": outcome.value})
+
+
+def make_server(
+    store: DashboardStore,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
+) -> DashboardServer:
+    """Bind the dashboard's HTTP server (call ``serve_forever()`` on it, and ``shutdown()`` to stop).
+
+    Args:
+        store: the dashboard database.
+        host: interface to bind; 127.0.0.1 by default (the dashboard has no login of its own).
+        port: TCP port; 0 picks a free one.
+        ingest_snapshot: returns the ingest's counters; None when no ingest runs.
+
+    Returns:
+        The bound server.
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    if not is_loopback(host):
+        log.warning(
+            "serving the dashboard on %s: it has no login, so anyone who can reach this address sees the fleet's "
+            "results; put an authenticating reverse proxy in front of it", host
+        )
+    return DashboardServer((host, port), store, ingest_snapshot)

@@ -1,0 +1,398 @@
+"""The central dashboard: SQLite store, MQTT ingest against a real mosquitto, JSON API, and a real browser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from broker_fixtures import Mosquitto, free_port
+
+from edgemed.dashboard import add_arguments, run, serve
+from edgemed.dashboard.ingest import Ingest
+from edgemed.dashboard.store import AckOutcome, DashboardStore
+from edgemed.dashboard.web import DashboardServer, make_server
+from edgemed.envelope import result_schema
+from edgemed.errors import ConfigError
+from edgemed.publish.config import MqttConfig
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+XSS_REASON = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned2"</script>'
+
+
+def make_result(
+    *, device_id: str = "us-01", site: str = "clinic-a", seq: int = 0, level: str = "routine", reason: str = "ok",
+    label: str = "benign",
+) -> dict[str, Any]:
+    """A result envelope as a device publishes it (checked against the real schema in the tests below)."""
+    return {
+        "schema": "edgemed.result/1",
+        "result_id": uuid.uuid4().hex,
+        "seq": seq,
+        "device_id": device_id,
+        "site": site,
+        "created_at": "2026-11-25T10:00:00Z",
+        "clock_synced": True,
+        "session_id": None,
+        "model": {"name": "breast-cnn", "version": "1", "sha256": "a" * 64, "target": "cpu"},
+        "preprocess_sha256": "b" * 64,
+        "runtime": {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False, "edgemed": "0.1.0"},
+        "source": {"kind": "folder", "index": seq},
+        "quality": None,
+        "prediction": {"label": label, "index": 0, "probabilities": {"benign": 0.7, "malignant": 0.3}},
+        "triage": {"level": level, "reason": reason},
+        "latency_ms": {"preprocess": 0.1, "inference": 0.2, "total": 0.4},
+    }
+
+
+def make_study(*, device_id: str = "us-01", site: str = "clinic-a", level: str = "urgent") -> dict[str, Any]:
+    return {
+        "schema": "edgemed.study/1", "result_id": uuid.uuid4().hex, "seq": 99, "device_id": device_id,
+        "site": site, "created_at": "2026-11-25T10:00:05Z", "clock_synced": True, "session_id": "c" * 32,
+        "model": {"name": "breast-cnn", "version": "1", "sha256": "a" * 64}, "source_kind": "video",
+        "first_seq": 90, "last_seq": 98,
+        "triage": {"level": level, "reason": "3 of 9 frames urgent", "frames": 9, "valid_frames": 9,
+                   "rule": "any_urgent", "counts": {"urgent": 3, "routine": 6}},
+    }
+
+
+HEALTH = {"schema": "edgemed.health/1", "uptime_s": 12.0, "frames": 40, "errors": 0, "recaptures": 1, "fps": 7.5,
+          "latency_ms": {"p50": 3.2, "p95": 8.9}, "delegate": "cpu", "degraded": True,
+          "degraded_reason": "edgetpu absent; CPU fallback allowed", "pending": 17, "oldest_pending_s": 125.0,
+          "outbox_full": False, "disk_free_mb": 900.0, "cpu_temp_c": None, "source_state": "reading",
+          "connected": True}
+
+
+def test_sample_payloads_follow_the_real_schema() -> None:
+    jsonschema.validate(make_result(level="urgent", reason="malignant 0.91"), result_schema())
+
+
+# -- store ---------------------------------------------------------------------------------------------------------
+
+
+def test_store_keeps_a_duplicate_result_once(tmp_path: Path) -> None:
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    result = make_result()
+    assert store.add_result(result) is True
+    assert store.add_result(dict(result)) is False
+    assert store.result_count() == 1
+    store.close()
+    # The journal mode is a property of the file: an external reader (backup) can read while we write.
+    reopened = DashboardStore(tmp_path / "d.sqlite3")
+    assert reopened._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert reopened.add_result(result) is False
+    assert reopened.result_count() == 1
+
+
+def test_store_fleet_counts_and_acknowledgement(tmp_path: Path) -> None:
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    store.set_status("clinic-a", "us-01", {"state": "online", "delegate": "edgetpu", "degraded": False}, 100.0)
+    store.set_health("clinic-a", "us-01", HEALTH, 110.0)  # newer than the status: its delegate wins
+    store.set_status("clinic-b", "xr-02", {"state": "offline", "reason": "connection lost"}, 105.0)
+    urgent = make_result(level="urgent", reason="malignant 0.91", seq=1)
+    store.add_result(urgent, 111.0)
+    store.add_result(make_result(level="routine", seq=2), 112.0)
+    named = make_result(seq=3)
+    named["source"]["name"] = "patient-smith.png"  # a device that opted in to publishing file names
+    store.add_result(named, 113.0)
+    study = make_study()
+    store.add_study(study, 114.0)
+
+    fleet = {d["device_id"]: d for d in store.fleet(now=120.0)}
+    assert fleet["us-01"]["state"] == "online"
+    assert fleet["us-01"]["delegate"] == "cpu" and fleet["us-01"]["degraded"] is True
+    assert fleet["us-01"]["pending"] == 17 and fleet["us-01"]["p95_ms"] == 8.9 and fleet["us-01"]["fps"] == 7.5
+    assert fleet["us-01"]["last_seen_s_ago"] == 6.0
+    assert fleet["xr-02"]["state"] == "offline" and fleet["xr-02"]["offline_reason"] == "connection lost"
+    assert fleet["xr-02"]["pending"] is None
+
+    counts = store.level_counts()
+    assert counts["results"]["urgent"] == 1 and counts["results"]["routine"] == 2 and counts["results"]["error"] == 0
+    assert counts["studies"]["urgent"] == 1
+    assert [r["result_id"] for r in store.recent_results("urgent")] == [urgent["result_id"]]
+    with pytest.raises(ConfigError, match="unknown triage level"):
+        store.recent_results("bogus")
+
+    waiting = store.unacknowledged_urgent()
+    assert [(w["kind"], w["result_id"]) for w in waiting] == [("frame", urgent["result_id"]),
+                                                             ("study", study["result_id"])]
+    assert store.acknowledge(urgent["result_id"], by="AB") is AckOutcome.ACKNOWLEDGED
+    assert store.acknowledge(urgent["result_id"], by="CD") is AckOutcome.ALREADY
+    assert store.acknowledge(uuid.uuid4().hex) is AckOutcome.NOT_FOUND
+    assert [w["result_id"] for w in store.unacknowledged_urgent()] == [study["result_id"]]
+    assert store.recent_results("urgent")[0]["acked_by"] == "AB"
+    # File names never reach the dashboard's database.
+    assert b"patient-smith" not in (tmp_path / "d.sqlite3").read_bytes() + (tmp_path / "d.sqlite3-wal").read_bytes()
+
+
+def test_ingest_rejects_malformed_messages_without_crashing(tmp_path: Path) -> None:
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    ingest = Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)  # never started: handle() is called directly
+    good = make_result()
+    topic = "edgemed/clinic-a/us-01/results"
+    assert ingest.handle(topic, json.dumps(good).encode()) == "stored"
+    assert ingest.handle(topic, json.dumps(good).encode()) == "duplicate"
+    cases = {
+        b"{not json": "not JSON",
+        b"\xff\xfe": "not JSON",
+        b"[1, 2]": "not a JSON object",
+        json.dumps({**make_result(), "schema": "other/9"}).encode(): "schema",
+        json.dumps(make_result(device_id="us-99")).encode(): "differ from the topic",
+        json.dumps({**make_result(), "triage": {"level": "panic", "reason": "x"}}).encode(): "triage.level",
+        json.dumps({**make_result(), "seq": -1}).encode(): "seq",
+    }
+    for payload, reason in cases.items():
+        outcome = ingest.handle(topic, payload)
+        assert outcome.startswith("rejected: ") and reason in outcome, (payload, outcome)
+    assert ingest.handle("edgemed/clinic-a/<img onerror=x>/status", b'{"state":"online"}').startswith("rejected: site")
+    assert ingest.handle("edgemed/clinic-a/us-01/other", b"{}").startswith("rejected: topic")
+    assert ingest.handle("edgemed/clinic-a/us-01/status", b"") == "ignored"
+    assert ingest.handle("edgemed/clinic-a/us-01/status", b'{"state": 3}').startswith("rejected: status")
+    assert ingest.handle("edgemed/clinic-a/us-01/studies", json.dumps(make_study()).encode()) == "stored"
+    stats = ingest.snapshot()
+    assert stats["stored"] == 2 and stats["duplicates"] == 1 and stats["rejected"] == len(cases) + 3
+    assert store.result_count() == 1
+
+
+# -- ingest against a real broker --------------------------------------------------------------------------------
+
+
+class Device:
+    """A paho publisher standing in for `edgemed run` on the wire (QoS 1, persistent session)."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as paho
+
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="edgemed-clinic-a-us-01",
+                                  protocol=paho.MQTTv311, clean_session=False)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def send(self, kind: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(f"edgemed/clinic-a/us-01/{kind}", payload, qos=1, retain=retain)
+        info.wait_for_publish(5)  # connected here, so this returns once the broker sent its PUBACK
+        assert info.is_published()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_path: Path) -> None:
+    db = tmp_path / "fleet.sqlite3"
+    cfg = MqttConfig(url=broker.url)
+    store = DashboardStore(db)
+    first = Ingest(cfg, store)
+    first.start()
+    device = Device(broker.port)
+    try:
+        assert first.wait_subscribed(10), broker.log_tail()
+        r1 = make_result(seq=0)
+        device.send("status", json.dumps({"state": "online", "delegate": "cpu", "degraded": False}).encode(), True)
+        device.send("results", json.dumps(r1).encode())
+        device.send("results", json.dumps(r1).encode())  # at-least-once redelivery of the same result
+        assert _wait(lambda: first.snapshot()["duplicates"] == 1, 10), first.snapshot()
+        first.stop()
+        store.close()
+
+        # Dashboard down: the broker queues these for its persistent session.
+        later = [make_result(seq=i, level="urgent" if i == 2 else "routine", reason=f"r{i}") for i in (1, 2, 3)]
+        for r in later:
+            device.send("results", json.dumps(r).encode())
+        device.send("results", b"{truncated")
+        device.send("studies", json.dumps({**make_study(), "schema": "edgemed.study/0"}).encode())
+        device.send("results", json.dumps(later[0]).encode())  # and a duplicate queued while down
+        device.send("health", json.dumps(HEALTH).encode())
+
+        store = DashboardStore(db)
+        second = Ingest(cfg, store)  # same fixed client id: resumes the session
+        second.start()
+        try:
+            assert _wait(lambda: store.result_count() == 4 and second.snapshot()["received"] >= 6, 10), (
+                store.result_count(), second.snapshot(), broker.log_tail())
+            stats = second.snapshot()
+            assert stats["rejected"] == 2 and stats["duplicates"] == 1 and stats["stored"] == 3
+            assert stats["connected"] is True
+            assert {r["seq"] for r in store.recent_results()} == {0, 1, 2, 3}
+            device_row = store.fleet()[0]
+            assert device_row["state"] == "online" and device_row["pending"] == 17
+        finally:
+            second.stop()
+    finally:
+        device.close()
+        first.stop()
+        store.close()
+
+
+# -- web API -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> DashboardStore:
+    store = DashboardStore(tmp_path / "web.sqlite3")
+    store.set_status("clinic-a", "us-01", {"state": "online", "delegate": "cpu", "degraded": True})
+    store.set_health("clinic-a", "us-01", HEALTH)
+    store.set_status("clinic-b", "xr-02", {"state": "offline", "reason": "connection lost"})
+    store.add_result(make_result(level="urgent", reason=XSS_REASON, seq=5, label="<b>malignant</b>"))
+    store.add_result(make_result(level="routine", reason="benign 0.82", seq=6))
+    store.add_result(make_result(level="recapture", reason="image too blurred", seq=7, device_id="xr-02",
+                                 site="clinic-b"))
+    return store
+
+
+@pytest.fixture
+def web(populated: DashboardStore) -> Iterator[DashboardServer]:
+    server = make_server(populated, port=0,
+                         ingest_snapshot=lambda: {"connected": True, "broker_error": None, "received": 3,
+                                                  "stored": 3, "duplicates": 0, "rejected": 0})
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def _request(server: DashboardServer, path: str, *, method: str = "GET", body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(server.url.rstrip("/") + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
+    status, headers, body = _request(web, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "script-src 'sha256-" in headers["Content-Security-Policy"] and "unsafe-inline" not in body.decode()
+    assert b"http://" not in body and b"https://" not in body  # self-contained: no CDN
+
+    status, _, body = _request(web, "/api/fleet")
+    devices = json.loads(body)["devices"]
+    assert status == 200 and [d["device_id"] for d in devices] == ["us-01", "xr-02"]
+    assert devices[0]["degraded"] is True and devices[0]["pending"] == 17
+
+    status, _, body = _request(web, "/api/results?level=urgent")
+    urgent = json.loads(body)["results"]
+    assert status == 200 and len(urgent) == 1 and urgent[0]["reason"] == XSS_REASON
+    assert _request(web, "/api/results?level=bogus")[0] == 400
+    assert _request(web, "/api/results?limit=abc")[0] == 400
+
+    summary = json.loads(_request(web, "/api/summary")[2])
+    assert summary["counts"]["results"]["urgent"] == 1 and summary["counts"]["results"]["recapture"] == 1
+    assert [a["result_id"] for a in summary["attention"]] == [urgent[0]["result_id"]]
+    assert summary["ingest"]["connected"] is True
+
+    rid = urgent[0]["result_id"]
+    # Cross-site attempts: a form post (no JSON type), a foreign Origin, a DNS-rebinding Host.
+    assert _request(web, f"/api/ack/{rid}", method="POST", body=b"by=x",
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})[0] == 403
+    assert _request(web, f"/api/ack/{rid}", method="POST", body=b"{}",
+                    headers={"Content-Type": "application/json", "Origin": "http://evil.example"})[0] == 403
+    assert _request(web, "/api/summary", headers={"Host": "evil.example"})[0] == 403
+    json_headers = {"Content-Type": "application/json"}
+    status, _, body = _request(web, f"/api/ack/{rid}", method="POST", body=b'{"by": "AB"}', headers=json_headers)
+    assert status == 200 and json.loads(body)["outcome"] == "acknowledged"
+    status, _, body = _request(web, f"/api/ack/{rid}", method="POST", body=b"{}", headers=json_headers)
+    assert status == 200 and json.loads(body)["outcome"] == "already acknowledged"
+    assert _request(web, f"/api/ack/{uuid.uuid4().hex}", method="POST", body=b"{}", headers=json_headers)[0] == 404
+    assert _request(web, "/api/ack/../../etc", method="POST", body=b"{}", headers=json_headers)[0] == 404
+    assert json.loads(_request(web, "/api/summary")[2])["attention"] == []
+    assert _request(web, "/nope")[0] == 404
+
+
+# -- a real browser --------------------------------------------------------------------------------------------------
+
+
+def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("headless Chromium is needed for the browser test: apt-get install -y chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=3000"]
+    return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=60)
+
+
+def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(
+    web: DashboardServer, tmp_path: Path
+) -> None:
+    proc = _chromium(tmp_path, web.url, "--dump-dom")
+    dom = proc.stdout
+    assert proc.returncode == 0 and "<html" in dom, proc.stderr[-2000:]
+    # The script ran and filled the fleet table and the urgent list from the API.
+    assert 'class="device-row" data-device="us-01"' in dom, dom[-3000:]
+    assert 'data-device="xr-02"' in dom
+    assert ">DEGRADED</span>" in dom and ">Online</span>" in dom and ">Offline</span>" in dom
+    assert 'class="urgent-row"' in dom and ">Acknowledge</button>" in dom
+    assert "Receiving from broker" in dom
+    # The hostile reason and label are shown as text: escaped in the DOM, no element created, nothing ran.
+    assert "&lt;img src=x onerror=" in dom and "&lt;b&gt;malignant&lt;/b&gt;" in dom
+    assert "<img" not in dom and "<b>malignant" not in dom
+    assert "<title>edgemed fleet dashboard</title>" in dom and "pwned" not in dom.split("</title>")[0]
+
+
+def test_serve_runs_ingest_and_web_until_stopped(broker: Mosquitto, tmp_path: Path) -> None:
+    stop = threading.Event()
+    port = free_port()
+    outcome: list[int] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(serve(broker.url, db=tmp_path / "s.sqlite3", port=port, stop=stop)),
+        daemon=True,
+    )
+    thread.start()
+    device = Device(broker.port)
+    try:
+        def summary() -> dict[str, Any]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/summary", timeout=2) as resp:
+                    return dict(json.loads(resp.read()))
+            except OSError:
+                return {}
+
+        assert _wait(lambda: bool(summary().get("ingest", {}).get("subscribed")), 10)
+        result = make_result(level="urgent", reason="malignant 0.93")
+        device.send("results", json.dumps(result).encode())
+        assert _wait(lambda: [a["result_id"] for a in summary().get("attention", [])] == [result["result_id"]], 10)
+    finally:
+        device.close()
+        stop.set()
+        thread.join(10)
+    assert outcome == [0] and not thread.is_alive()
+
+
+def test_cli_arguments_and_bad_settings(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--broker", "http://x", "--db", str(tmp_path / "x.sqlite3")])
+    with pytest.raises(ConfigError, match="mqtt://"):
+        run(args)
+    args = parser.parse_args(["--broker", "mqtt://127.0.0.1:1883", "--db", str(tmp_path / "x.sqlite3"),
+                              "--username", "ops"])
+    with pytest.raises(ConfigError, match="password"):
+        run(args)
+    args = parser.parse_args(["--broker", "mqtt://127.0.0.1:1883", "--db", str(tmp_path / "x.sqlite3"),
+                              "--port", "70000"])
+    with pytest.raises(ConfigError, match="--port"):
+        run(args)
