@@ -48,7 +48,11 @@ class Recipe(BaseModel):
     epochs: int = Field(30, gt=0, description="maximum epochs; early stopping usually ends sooner")
     batch_size: int = Field(32, gt=0, description="images per gradient step")
     learning_rate: float = Field(1e-3, gt=0.0, description="Adam learning rate")
-    patience: int = Field(5, gt=0, description="epochs without validation-loss improvement before stopping")
+    patience: int = Field(5, gt=0, description="epochs without improvement of `monitor` before stopping")
+    monitor: Literal["val_loss", "val_auc"] = Field("val_loss", description="what early stopping watches")
+    reduce_lr_patience: int | None = Field(
+        None, gt=0, description="halve the learning rate after this many epochs without improvement"
+    )
     class_weight: Literal["none", "balanced"] = Field("none", description="'balanced': 1/count")
     augmentation: Augmentation = Field(default_factory=Augmentation, description="training-time augmentation")
 

@@ -1,9 +1,9 @@
 """Train a recipe's model on a :class:`~converters.data.Dataset` and save it with its labels.
 
 Writes ``{name}.keras`` and ``{name}.labels.json`` (labels, colour mode, input spec, recipe, seed) to
-``out_dir``. Early stopping watches the validation split's loss and restores the best weights, so the saved
-model is the one that generalised best, not the last epoch. When the dataset has no validation split, a seeded
-stratified 15% of the training split is held out for it. Imports TensorFlow.
+``out_dir``. Early stopping watches the validation loss or ROC AUC (per recipe) and restores the best weights,
+so the saved model is the one that generalised best, not the last epoch. When the dataset has no validation
+split, a seeded stratified 15% of the training split is held out for it. Imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter quiet
 
@@ -91,14 +92,25 @@ def train(
         model = build_model(rec, dataset.image_shape, dataset.num_classes)
     except ValueError as exc:
         raise ConfigError(f"recipe {rec.name!r}: {exc}") from exc
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=rec.patience, restore_best_weights=True)
+    mode = "max" if rec.monitor == "val_auc" else "min"
+    callbacks: list[Any] = [ValidationAUC(_scale(x_val), y_val)]
+    if rec.reduce_lr_patience:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=rec.monitor, mode=mode, factor=0.5, patience=rec.reduce_lr_patience, min_lr=1e-5
+            )
+        )
+    # EarlyStopping last: it must see the val_auc that ValidationAUC adds to the epoch's logs.
+    callbacks.append(
+        keras.callbacks.EarlyStopping(monitor=rec.monitor, mode=mode, patience=rec.patience, restore_best_weights=True)
+    )
     batches = AugmentedBatches(x_train, y_train, rec.batch_size, rec.augmentation, seed)
     history = model.fit(
         batches,
         validation_data=(_scale(x_val), y_val),
         epochs=epochs or rec.epochs,
         class_weight=_class_weights(y_train, dataset.num_classes, rec.class_weight),
-        callbacks=[stop],
+        callbacks=callbacks,
         verbose=2 if progress else 0,
     )
     model_path = out / f"{stem}.keras"
@@ -120,13 +132,14 @@ def train(
         + "\n",
         encoding="utf-8",
     )
-    losses = [float(v) for v in history.history["val_loss"]]
+    watched = [float(v) for v in history.history[rec.monitor]]
+    best = int(np.argmax(watched) if mode == "max" else np.argmin(watched))
     return TrainResult(
         model_path=model_path,
         labels_path=labels_path,
         recipe=rec.name,
-        epochs_run=len(losses),
-        best_epoch=int(np.argmin(losses)) + 1,
+        epochs_run=len(watched),
+        best_epoch=best + 1,
         val_loss=float(val_loss),
         val_accuracy=float(val_acc),
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
@@ -138,9 +151,7 @@ def _scale(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / np.float32(255.0)
 
 
-def _hold_out(
-    x: np.ndarray, y: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _hold_out(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     val_idx = []
     for cls in np.unique(y):
@@ -157,6 +168,25 @@ def _class_weights(y: np.ndarray, num_classes: int, mode: str) -> dict[int, floa
         return None
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     return {i: float(len(y) / (num_classes * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+class ValidationAUC(keras.callbacks.Callback):  # type: ignore[misc]
+    """Adds ``val_auc`` (ROC AUC on the validation split, binary or macro one-vs-rest) to each epoch's logs.
+
+    Validation loss rewards confident calibration; AUC rewards ranking, which is what a triage threshold uses.
+    Small validation splits make both noisy, so recipes choose which one stops training.
+    """
+
+    def __init__(self, x_val: np.ndarray, y_val: np.ndarray) -> None:
+        super().__init__()
+        self.x_val, self.y_val = x_val, y_val
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        from converters.metrics import roc_auc
+
+        probs = np.asarray(self.model.predict(self.x_val, batch_size=256, verbose=0), dtype=np.float64)
+        if logs is not None:
+            logs["val_auc"] = roc_auc(self.y_val, probs)
 
 
 class AugmentedBatches(keras.utils.PyDataset):  # type: ignore[misc]
