@@ -125,15 +125,16 @@ def _plots(
     k = len(labels)
     models = [("float", float_probs)] + [(e["target"], e["probs"]) for e in entries]
     fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.0), squeeze=False)
-    for ax, (title, probs) in zip(axes[0], models, strict=True):
+    for n, (ax, (title, probs)) in enumerate(zip(axes[0], models, strict=True)):
         cm = M.confusion(y, probs.argmax(1), k)
         ax.imshow(cm, cmap="Blues")
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center")
+                dark = cm[i, j] > cm.max() / 2
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if dark else "black")
         ax.set_title(title)
         ax.set_xticks(range(k), labels, rotation=45, ha="right")
-        ax.set_yticks(range(k), labels)
+        ax.set_yticks(range(k), labels if n == 0 else [""] * k)
         ax.set_xlabel("predicted")
     axes[0][0].set_ylabel("true")
     plots = {"confusion": _png(fig)}
@@ -164,12 +165,14 @@ def _plots(
     ax.legend(fontsize=8)
     plots["reliability"] = _png(fig)
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     names = ["float32"] + [e["target"] for e in entries]
     ax1.bar(names, [baseline_size / 1024] + [e["size_bytes"] / 1024 for e in entries], color="tab:blue")
     ax1.set_ylabel("size (KiB)")
     ax2.bar(names, [baseline_latency] + [e["latency_ms"] for e in entries], color="tab:orange")
-    ax2.set_ylabel("median CPU latency (ms, batch 1)")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_title("median CPU latency, batch 1", fontsize=9)
+    fig.tight_layout()
     plots["size_latency"] = _png(fig)
     return plots
 
