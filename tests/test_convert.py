@@ -277,3 +277,15 @@ def test_mobilenetv2_device_graph_converts(tmp_path: Path) -> None:
     calib = Calibration(images=images, labels=np.zeros(20, np.int64), count_per_class=[10, 10], sha256="x")
     report = check_compatibility(_tflite_bytes(source, "int8", calib))
     assert report.compatible, report.problems
+
+
+@pytest.mark.slow
+def test_train_holds_out_validation_and_can_stop_on_auc(tmp_path: Path) -> None:
+    from converters.train import train
+
+    ds = load_dataset(BREAST, labels=LABELS)
+    del ds.splits["val"]
+    result = train(ds, tmp_path, recipe="bn_gap_auc", epochs=2, progress=False, name="auc")
+    assert len(result.history["val_auc"]) == 2 and 0.0 <= max(result.history["val_auc"]) <= 1.0
+    assert result.best_epoch == int(np.argmax(result.history["val_auc"])) + 1
+    assert result.recipe == "bn_gap_auc"
