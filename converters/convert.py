@@ -171,9 +171,7 @@ def convert(
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-        raise ConfigError(
-            f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}, e.g. --target int8"
-        )
+        raise ConfigError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}, e.g. --target int8")
     if output not in ("logits", "probabilities"):
         raise ConfigError(f"output {output!r}: use 'logits' or 'probabilities'")
     gate = gate or GateConfig()
@@ -192,7 +190,7 @@ def convert(
     wanted = list(dict.fromkeys(t for t in targets if t != "edgetpu"))
     if "edgetpu" in targets and "int8" not in wanted:
         wanted.insert(0, "int8")  # the Edge TPU model's CPU twin, and what the compiler compiles
-    baseline = _tflite_bytes(source, "float32", calib)
+    baseline = to_tflite(source, "float32", calib)
     from converters.runner import load_interpreter, median_latency_ms
 
     norm = Normalisation()
@@ -288,9 +286,7 @@ def _labels_and_input(model_path: Path, data: Dataset, source: SourceModel) -> t
 def _eval_split(data: Dataset, requested: str | None) -> str:
     if requested is not None:
         if requested == "train":
-            raise ConfigError(
-                "--eval-split train would judge the model on its own calibration images; use test or val"
-            )
+            raise ConfigError("--eval-split train would judge the model on its own calibration images; use test or val")
         if requested not in data.splits:
             raise DataError(data.source, f"no {requested!r} split (has: {', '.join(data.splits)})")
         return requested
@@ -308,7 +304,12 @@ def _probabilities(raw: np.ndarray) -> np.ndarray:
     return softmax(raw)
 
 
-def _tflite_bytes(source: SourceModel, target: str, calib: Calibration) -> bytes:
+def to_tflite(source: SourceModel, target: str, calib: Calibration, progress: bool = False) -> bytes:
+    """Convert the device graph to one target's TFLite bytes (``float32`` is the size/latency baseline).
+
+    Raises:
+        ModelError: the TFLite converter failed (its message is included).
+    """
     import tensorflow as tf
     from tensorflow.lite.python.convert_phase import ConverterError
 
@@ -317,7 +318,9 @@ def _tflite_bytes(source: SourceModel, target: str, calib: Calibration) -> bytes
         images = calib.images.astype(np.float32) / np.float32(255.0)
 
         def representative() -> Any:
-            for image in images:
+            from tqdm import tqdm
+
+            for image in tqdm(images, desc=f"calibrate {target}", disable=not progress, unit="img"):
                 yield [image[None, ...]]
 
         io_type = tf.int8 if target == "int8" else tf.uint8
@@ -356,7 +359,7 @@ def _convert_one(
 
     from converters.runner import io_specs, load_interpreter, median_latency_ms, predict, quant_spec
 
-    content = _tflite_bytes(source, target, calib)
+    content = to_tflite(source, target, calib, progress)
     path.write_bytes(content)
     interp = load_interpreter(str(path))
     in_spec, out_spec = io_specs(interp)

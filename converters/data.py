@@ -112,8 +112,7 @@ def load_dataset(
     if labels is not None and len(labels) < 2:
         raise DataError(
             path,
-            f"{len(labels)} label name(s) given; a classifier needs at least two, "
-            "e.g. --labels benign,malignant",
+            f"{len(labels)} label name(s) given; a classifier needs at least two, e.g. --labels benign,malignant",
         )
     if not path.exists():
         raise DataError(path, "no such file or folder; pass a .npz file or an image folder")
@@ -278,11 +277,7 @@ def _read_class_dirs(path: Path, names: Sequence[str], spec: InputSpec) -> tuple
     ys: list[int] = []
     for index, name in enumerate(names):
         folder = path / name
-        files = (
-            sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if folder.is_dir()
-            else []
-        )
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         images.extend(_read_image(f, spec) for f in files)
         ys.extend([index] * len(files))
     if not images:
@@ -308,9 +303,7 @@ def _read_labels_csv(csv_path: Path, labels: list[str] | None) -> tuple[list[Pat
         names = labels or sorted(set(raw[1]))
         unknown = sorted(set(raw[1]) - set(names))
         if unknown:
-            raise DataError(
-                csv_path, f"label(s) {unknown} are not among the names {names}; fix the CSV or --labels"
-            )
+            raise DataError(csv_path, f"label(s) {unknown} are not among the names {names}; fix the CSV or --labels")
         y = np.asarray([names.index(v) for v in raw[1]], dtype=np.int64)
     files = [csv_path.parent / f for f in raw[0]]
     return files, y, list(names)
@@ -339,9 +332,7 @@ def _empty(spec: InputSpec) -> np.ndarray:
     return np.zeros((0, spec.height, spec.width, spec.channels), np.uint8)
 
 
-def _stratified_split(
-    images: np.ndarray, y: np.ndarray, n_classes: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _stratified_split(images: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per class, shuffle with a fixed seed and cut into train/val/test; each split gets >= 1 image per class
     whenever the class has >= 3 images, so small folders still give a usable evaluation split."""
     rng = np.random.default_rng(SPLIT_SEED)
@@ -373,8 +364,7 @@ def _check(ds: Dataset, path: Path) -> None:
         if len(x) == 0:
             raise DataError(
                 path,
-                f"the {split} split is empty; add images (each class needs >= 3 images "
-                "when the split is made here)",
+                f"the {split} split is empty; add images (each class needs >= 3 images when the split is made here)",
             )
         if len(y) and int(y.max()) >= ds.num_classes:
             raise DataError(

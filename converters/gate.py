@@ -46,9 +46,7 @@ class GateConfig(BaseModel):
     max_auc_drop: float = Field(0.005, ge=0.0, description="float ROC AUC minus quantized ROC AUC")
     max_sensitivity_drop: float = Field(0.02, ge=0.0, description="per-class sensitivity loss (fraction)")
     max_sensitivity_drop_cases: int = Field(1, ge=0, description="...or this many cases, whichever is larger")
-    min_agreement: float = Field(
-        0.98, ge=0.0, le=1.0, description="share of images with the same top-1 class"
-    )
+    min_agreement: float = Field(0.98, ge=0.0, le=1.0, description="share of images with the same top-1 class")
     max_ece_increase: float = Field(0.03, ge=0.0, description="quantized ECE minus float ECE")
     min_eval_per_class: int = Field(20, ge=1, description="minimum evaluation images of every class")
     max_size_bytes: int | None = Field(None, gt=0, description="largest acceptable model file, bytes")
@@ -182,8 +180,7 @@ def evaluate_gate(
         )
     if math.isnan(auc_drop) or auc_drop > config.max_auc_drop + 1e-12:
         failed.append(
-            f"ROC AUC drop {auc_drop:.4f} ({ref['roc_auc']:.4f} -> {qnt['roc_auc']:.4f}) "
-            f"> {config.max_auc_drop}"
+            f"ROC AUC drop {auc_drop:.4f} ({ref['roc_auc']:.4f} -> {qnt['roc_auc']:.4f}) > {config.max_auc_drop}"
         )
     for fr, qr in zip(ref["per_class"], qnt["per_class"], strict=True):
         if not fr["n"]:

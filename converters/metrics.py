@@ -90,9 +90,7 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int = 15)
     return float(total)
 
 
-def reliability(
-    y: np.ndarray, probs: np.ndarray, bins: int = 10
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability(y: np.ndarray, probs: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-bin mean confidence, accuracy and count (for the reliability diagram)."""
     conf = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y).astype(np.float64)
@@ -123,9 +121,7 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def class_rates(
-    y: np.ndarray, pred: np.ndarray, num_classes: int
-) -> list[dict[str, Any]]:
+def class_rates(y: np.ndarray, pred: np.ndarray, num_classes: int) -> list[dict[str, Any]]:
     """Per-class sensitivity (recall) and specificity with Wilson intervals and the counts behind them."""
     out: list[dict[str, Any]] = []
     for k in range(num_classes):

@@ -71,9 +71,7 @@ def write_reports(
     return json_path, html_path
 
 
-def summary_lines(
-    manifest: Manifest, float_summary: dict[str, Any], gates: dict[str, dict[str, Any]]
-) -> list[str]:
+def summary_lines(manifest: Manifest, float_summary: dict[str, Any], gates: dict[str, dict[str, Any]]) -> list[str]:
     """The terminal summary: float numbers, then one line per artifact with its verdict and key numbers."""
     f = float_summary
     lines = [
@@ -203,14 +201,10 @@ def _html(
                 e["latency_ms"],
             )
         )
-    failed = "".join(
-        f"<li><b>{esc(e['target'])}</b>: {esc(c)}</li>" for e in entries for c in e["gate"].failed
-    )
+    failed = "".join(f"<li><b>{esc(e['target'])}</b>: {esc(c)}</li>" for e in entries for c in e["gate"].failed)
     per_class = ""
     for e in entries:
-        for fr, qr in zip(
-            float_summary["per_class"], e["gate"].numbers["quantized"]["per_class"], strict=True
-        ):
+        for fr, qr in zip(float_summary["per_class"], e["gate"].numbers["quantized"]["per_class"], strict=True):
             per_class += (
                 f"<tr><td>{esc(e['target'])}</td><td>{esc(fr['label'])}</td><td>{fr['n']}</td>"
                 f"<td>{_pct(fr['sensitivity'])} → {_pct(qr['sensitivity'])}</td>"
@@ -269,9 +263,7 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{100 * v:.1f}%"
 
 
-def _row(
-    name: str, verdict: str, s: dict[str, Any], numbers: dict[str, Any] | None, size: int, latency: float
-) -> str:
+def _row(name: str, verdict: str, s: dict[str, Any], numbers: dict[str, Any] | None, size: int, latency: float) -> str:
     agreement = f"{100 * numbers['agreement']:.1f}%" if numbers else "-"
     return (
         f'<tr><td>{html.escape(name)}</td><td class="{verdict}">{verdict}</td>'

@@ -52,9 +52,7 @@ def io_specs(interp: Any) -> tuple[TensorSpec, TensorSpec]:
     return tensor_spec(interp.get_input_details()[0]), tensor_spec(interp.get_output_details()[0])
 
 
-def predict(
-    interp: Any, images: np.ndarray, output_kind: str, norm: Normalisation, progress: Any = None
-) -> np.ndarray:
+def predict(interp: Any, images: np.ndarray, output_kind: str, norm: Normalisation, progress: Any = None) -> np.ndarray:
     """Class probabilities for uint8 images ``(N, H, W, C)``, one invoke per image as on the device.
 
     Args:

@@ -71,9 +71,7 @@ def load_source(model_path: str | Path, strip_softmax: bool = True) -> SourceMod
     try:
         model = keras.models.load_model(path, compile=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelError(
-            f"{path}: not a loadable Keras model ({exc}); re-save it with model.save('x.keras')"
-        ) from exc
+        raise ModelError(f"{path}: not a loadable Keras model ({exc}); re-save it with model.save('x.keras')") from exc
     shape = _image_shape(path, model.input_shape)
     device = _device_model(model, shape, strip_softmax)
     return SourceModel(
@@ -126,8 +124,7 @@ def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool) 
         out = z / z.sum(axis=-1, keepdims=True)
     if not np.allclose(ref, out, atol=1e-4):
         raise ModelError(
-            "the rebuilt device graph does not reproduce the model's output; convert with "
-            "--output probabilities"
+            "the rebuilt device graph does not reproduce the model's output; convert with --output probabilities"
         )
     kind = "logits" if strip else ("probabilities" if activation == "softmax" else "unknown")
     return _Device(model=clone, output_kind=kind)
@@ -135,9 +132,7 @@ def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool) 
 
 def _image_shape(path: Path, input_shape: Any) -> tuple[int, int, int]:
     if isinstance(input_shape, list):
-        raise ModelError(
-            f"{path}: the model has {len(input_shape)} inputs; edgemed converts single-image classifiers"
-        )
+        raise ModelError(f"{path}: the model has {len(input_shape)} inputs; edgemed converts single-image classifiers")
     if len(input_shape) != 4 or input_shape[3] not in (1, 3) or None in input_shape[1:]:
         raise ModelError(f"{path}: input shape {input_shape} is not (batch, height, width, 1 or 3)")
     return int(input_shape[1]), int(input_shape[2]), int(input_shape[3])
@@ -145,9 +140,7 @@ def _image_shape(path: Path, input_shape: Any) -> tuple[int, int, int]:
 
 def _load_saved_model(path: Path, tf: Any) -> SourceModel:
     if not (path / "saved_model.pb").is_file():
-        raise ModelError(
-            f"{path} is a folder without saved_model.pb; pass a SavedModel folder or a .keras file"
-        )
+        raise ModelError(f"{path} is a folder without saved_model.pb; pass a SavedModel folder or a .keras file")
     try:
         loaded = tf.saved_model.load(str(path))
         fn = loaded.signatures["serving_default"]
@@ -156,8 +149,7 @@ def _load_saved_model(path: Path, tf: Any) -> SourceModel:
     specs = fn.structured_input_signature[1]
     if len(specs) != 1:
         raise ModelError(
-            f"{path}: the serving signature has {len(specs)} inputs; edgemed converts "
-            "single-image classifiers"
+            f"{path}: the serving signature has {len(specs)} inputs; edgemed converts single-image classifiers"
         )
     arg_name, spec = next(iter(specs.items()))
     shape = _image_shape(path, tuple(spec.shape.as_list()))

@@ -261,7 +261,7 @@ def test_augmentation_keeps_range_and_shape() -> None:
 
 @pytest.mark.slow
 def test_mobilenetv2_device_graph_converts(tmp_path: Path) -> None:
-    from converters.convert import Calibration, _tflite_bytes
+    from converters.convert import Calibration, to_tflite
     from converters.edgetpu import check_compatibility
     from converters.models import build_model
     from converters.recipe import load_recipe
@@ -275,7 +275,7 @@ def test_mobilenetv2_device_graph_converts(tmp_path: Path) -> None:
     assert source.output_kind == "logits"
     images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     calib = Calibration(images=images, labels=np.zeros(20, np.int64), count_per_class=[10, 10], sha256="x")
-    report = check_compatibility(_tflite_bytes(source, "int8", calib))
+    report = check_compatibility(to_tflite(source, "int8", calib))
     assert report.compatible, report.problems
 
 

@@ -138,8 +138,12 @@ def test_npz_label_count_mismatch_and_out_of_range(tmp_path: Path) -> None:
 
 def test_npz_classes_vs_labels_mismatch(tmp_path: Path) -> None:
     f = tmp_path / "classes.npz"
-    np.savez(f, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([[0], [1]], np.uint8),
-             classes=np.array(["a", "b"]))
+    np.savez(
+        f,
+        train_images=np.zeros((2, 8, 8), np.uint8),
+        train_labels=np.array([[0], [1]], np.uint8),
+        classes=np.array(["a", "b"]),
+    )
     assert load_dataset(f).labels == ["a", "b"]
     with pytest.raises(DataError, match="one name per class"):
         load_dataset(f, labels=["x", "y", "z"])
@@ -147,8 +151,13 @@ def test_npz_classes_vs_labels_mismatch(tmp_path: Path) -> None:
 
 def test_empty_split_is_an_error(tmp_path: Path) -> None:
     f = tmp_path / "empty.npz"
-    np.savez(f, train_images=np.zeros((2, 8, 8), np.uint8), train_labels=np.array([[0], [1]], np.uint8),
-             test_images=np.zeros((0, 8, 8), np.uint8), test_labels=np.zeros((0, 1), np.uint8))
+    np.savez(
+        f,
+        train_images=np.zeros((2, 8, 8), np.uint8),
+        train_labels=np.array([[0], [1]], np.uint8),
+        test_images=np.zeros((0, 8, 8), np.uint8),
+        test_labels=np.zeros((0, 1), np.uint8),
+    )
     with pytest.raises(DataError, match="test split is empty"):
         load_dataset(f)
 

@@ -62,12 +62,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model.save(out / "ref.keras")
     source = load_source(out / "ref.keras")
     calib = calibration_sample(ds, per_class=20)
-    from converters.convert import _tflite_bytes
+    from converters.convert import to_tflite
 
     paths = {}
     for target in ("float32", "int8", "dynamic"):
         paths[target] = out / f"ref_{target}.tflite"
-        paths[target].write_bytes(_tflite_bytes(source, target, calib))
+        paths[target].write_bytes(to_tflite(source, target, calib))
     return paths
 
 
