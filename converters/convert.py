@@ -471,11 +471,14 @@ def _edgetpu(out: Path, name: str, entries: list[dict[str, Any]]) -> tuple[dict[
 
 def _edgetpu_artifact(out: Path, info: dict[str, Any], twin: Artifact) -> Artifact:
     path: Path = info.pop("artifact")
-    info["file"] = path.name
+    if twin.verdict == "rejected":
+        (out / "rejected").mkdir(exist_ok=True)
+        path = Path(shutil.move(str(path), out / "rejected" / path.name))
+    info["file"] = str(path.relative_to(out))
     # The compiled file runs only with libedgetpu, so it cannot be gated on this host: it inherits the verdict
     # of the int8 model it was compiled from (the TPU executes the same quantized arithmetic).
     return Artifact(
-        file=path.name,
+        file=str(path.relative_to(out)),
         target="edgetpu",
         sha256=sha256_file(path),
         size_bytes=path.stat().st_size,
