@@ -17,7 +17,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from broker_fixtures import Mosquitto, free_port
+from broker_fixtures import Mosquitto
 
 from edgemed.dashboard import add_arguments, run, serve
 from edgemed.dashboard.ingest import Ingest
@@ -151,6 +151,7 @@ def test_ingest_rejects_malformed_messages_without_crashing(tmp_path: Path) -> N
         json.dumps(make_result(device_id="us-99")).encode(): "differ from the topic",
         json.dumps({**make_result(), "triage": {"level": "panic", "reason": "x"}}).encode(): "triage.level",
         json.dumps({**make_result(), "seq": -1}).encode(): "seq",
+        json.dumps({**make_result(), "seq": 2**64}).encode(): "seq",
     }
     for payload, reason in cases.items():
         outcome = ingest.handle(topic, payload)
@@ -160,9 +161,12 @@ def test_ingest_rejects_malformed_messages_without_crashing(tmp_path: Path) -> N
     assert ingest.handle("edgemed/clinic-a/us-01/status", b"") == "ignored"
     assert ingest.handle("edgemed/clinic-a/us-01/status", b'{"state": 3}').startswith("rejected: status")
     assert ingest.handle("edgemed/clinic-a/us-01/studies", json.dumps(make_study()).encode()) == "stored"
+    # Optional fields of the wrong type are dropped, not fatal: the row still goes in.
+    odd = {**make_result(), "session_id": {"x": 1}, "runtime": {"delegate": [1], "degraded": "yes"}}
+    assert ingest.handle(topic, json.dumps(odd).encode()) == "stored"
     stats = ingest.snapshot()
-    assert stats["stored"] == 2 and stats["duplicates"] == 1 and stats["rejected"] == len(cases) + 3
-    assert store.result_count() == 1
+    assert stats["stored"] == 3 and stats["duplicates"] == 1 and stats["rejected"] == len(cases) + 3
+    assert store.result_count() == 2
 
 
 # -- ingest against a real broker --------------------------------------------------------------------------------
@@ -355,18 +359,20 @@ def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(
 
 def test_serve_runs_ingest_and_web_until_stopped(broker: Mosquitto, tmp_path: Path) -> None:
     stop = threading.Event()
-    port = free_port()
+    urls: list[str] = []
     outcome: list[int] = []
     thread = threading.Thread(
-        target=lambda: outcome.append(serve(broker.url, db=tmp_path / "s.sqlite3", port=port, stop=stop)),
+        target=lambda: outcome.append(serve(broker.url, db=tmp_path / "s.sqlite3", port=0, stop=stop,
+                                            on_ready=urls.append)),
         daemon=True,
     )
     thread.start()
+    assert _wait(lambda: bool(urls), 10)
     device = Device(broker.port)
     try:
         def summary() -> dict[str, Any]:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/summary", timeout=2) as resp:
+                with urllib.request.urlopen(urls[0] + "api/summary", timeout=2) as resp:
                     return dict(json.loads(resp.read()))
             except OSError:
                 return {}

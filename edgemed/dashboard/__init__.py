@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -57,6 +59,7 @@ def serve(
     port: int = 8080,
     mqtt: MqttConfig | None = None,
     stop: threading.Event | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -67,6 +70,8 @@ def serve(
         port: TCP port of the web server; 0 picks a free one (logged).
         mqtt: credentials, TLS, client id and session expiry; its ``url`` is replaced by ``mqtt_url``.
         stop: set it to stop; when None, SIGINT and SIGTERM stop (only from the main thread).
+        on_ready: called once with the page's URL (``http://host:port/``, the real port when ``port`` is 0)
+            after the web server is bound and the ingest has started.
 
     Returns:
         0 after a clean stop.
@@ -100,6 +105,8 @@ def serve(
                                daemon=True)
         web.start()
         log.info("dashboard at %s (database %s, broker %s)", server.url, db, cfg.url)
+        if on_ready is not None:
+            on_ready(server.url)
         while not stop_event.wait(0.5):
             pass
         return 0
@@ -169,4 +176,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ca_file or args.cert_file or args.key_file:
         fields["tls"] = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
     cfg = _validate_config(fields)
-    return serve(args.broker, db=args.db, host=args.host, port=args.port, mqtt=cfg)
+
+    def announce(url: str) -> None:
+        print(f"edgemed: dashboard at {url} (receiving from {cfg.url}; Ctrl-C stops)", file=sys.stderr)
+
+    return serve(args.broker, db=args.db, host=args.host, port=args.port, mqtt=cfg, on_ready=announce)

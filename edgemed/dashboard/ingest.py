@@ -81,8 +81,8 @@ def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) 
     if body.get("site") != site or body.get("device_id") != device_id:
         return "site/device_id in the payload differ from the topic"
     seq = body.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        return "seq is not a non-negative integer"
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
+        return "seq is not a non-negative 64-bit integer"
     if not isinstance(body.get("created_at"), str):
         return "created_at is not a string"
     triage = body.get("triage")
@@ -140,7 +140,7 @@ def validate_study(body: Any, site: str, device_id: str) -> str | None:
     if problem:
         return problem
     frames = body["triage"].get("frames")
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames < 2**63:
         return "triage.frames is not a positive integer"
     return None
 
@@ -195,6 +195,7 @@ class Ingest:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._started = False
+        self._stopping = False
 
     def _ssl_context(self) -> ssl.SSLContext:
         tls = self.cfg.tls
@@ -241,9 +242,11 @@ class Ingest:
         """Disconnect cleanly; the broker keeps the session and queues messages until the next ``start()``."""
         if not self._started:
             return
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._started = False
+        self._stopping = False
         with self._lock:
             self.stats.connected = False
 
@@ -286,7 +289,7 @@ class Ingest:
         with self._lock:
             self.stats.connected = False
             self.stats.subscribed = False
-        if self._started:
+        if not self._stopping:
             log.warning("dashboard lost the connection to %s (%s); reconnecting", self.cfg.url, reason)
 
     def _on_subscribe(

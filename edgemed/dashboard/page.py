@@ -54,6 +54,7 @@ button:disabled { opacity:.5; cursor:default; }
 .toolbar label { color:var(--muted); font-size:13px; }
 input, select { font:inherit; font-size:13px; padding:2px 6px; }
 .empty { color:var(--muted); padding:8px; }
+.note { color:var(--muted); font-size:12px; margin-left:6px; }
 .late { color:var(--warn); font-weight:600; }
 footer { color:var(--muted); font-size:12px; padding:0 20px 20px; max-width:1400px; margin:0 auto; }
 """
@@ -145,14 +146,15 @@ function renderSummary(data) {
     const n = data.counts.results[level] || 0;
     const s = data.counts.studies[level] || 0;
     counts.append(el("div", {class: "count " + level, "data-level": level},
-      el("div", {class: "n"}, n), el("div", {class: "l"}, name + (s ? " · " + s + " studies" : ""))));
+      el("div", {class: "n"}, n),
+      el("div", {class: "l"}, name + (s ? " · " + s + (s === 1 ? " study" : " studies") : ""))));
   }
   const rows = data.attention.map((a) => {
     const button = el("button", {type: "button", "data-result": a.result_id}, "Acknowledge");
     button.addEventListener("click", () => acknowledge(a.result_id, button));
-    const what = a.kind === "study" ? "Study of " + a.frames + " frames" : "Image #" + a.seq;
+    const what = a.kind === "study" ? "Study of " + a.frames + " images" : "Result #" + a.seq;
     return el("tr", {class: "urgent-row"},
-      el("td", {class: "late"}, ago(now - a.received_at)),
+      el("td", {class: "late"}, duration(now - a.received_at)),
       el("td", {}, a.site), el("td", {}, a.device_id), el("td", {}, what),
       el("td", {}, a.label === null ? "" : a.label),
       el("td", {class: "reason"}, a.reason),
@@ -181,7 +183,8 @@ function renderFleet(data) {
     const stateNames = {online: "Online", offline: "Offline", unknown: "Unknown"};
     const state = el("span", {class: "badge " + (d.state === "online" ? "online" : "offline")},
       Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : d.state);
-    if (d.offline_reason) state.setAttribute("title", d.offline_reason);
+    const connection = el("td", {}, state);
+    if (d.offline_reason) connection.append(el("span", {class: "note"}, d.offline_reason));
     const delegate = el("td", {}, d.delegate || "—");
     if (d.degraded) {
       const badge = el("span", {class: "badge degraded"}, "DEGRADED");
@@ -191,7 +194,7 @@ function renderFleet(data) {
     const pending = el("td", {class: "num"}, d.pending === null || d.pending === undefined ? "—" : d.pending);
     if (d.outbox_full) pending.append(el("span", {class: "badge degraded"}, "FULL"));
     return el("tr", {class: "device-row", "data-device": d.device_id},
-      el("td", {}, d.device_id), el("td", {}, d.site), el("td", {}, state), delegate, pending,
+      el("td", {}, d.device_id), el("td", {}, d.site), connection, delegate, pending,
       el("td", {class: "num"}, duration(d.oldest_pending_s)),
       el("td", {class: "num"}, num(d.fps, 1)),
       el("td", {class: "num"}, d.p95_ms === null || d.p95_ms === undefined ? "—" : num(d.p95_ms, 1) + " ms"),
@@ -282,7 +285,7 @@ PAGE_TEMPLATE = """<!doctype html>
         <option value="error">Error</option>
       </select></div>
     <table>
-      <thead><tr><th>Received</th><th>Site</th><th>Device</th><th>Image #</th><th>Level</th><th>Finding</th>
+      <thead><tr><th>Received</th><th>Site</th><th>Device</th><th>Result #</th><th>Level</th><th>Finding</th>
         <th>Reason</th><th>Reviewed</th></tr></thead>
       <tbody id="results-body"></tbody>
     </table>

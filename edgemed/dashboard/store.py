@@ -98,6 +98,25 @@ def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def _text(value: Any) -> str | None:
+    # Validation checks the fields the page needs; optional ones are kept only when they have the right type, so
+    # that no payload can make the INSERT fail (a failing INSERT leaves the message unacknowledged at the broker).
+    return value if isinstance(value, str) else None
+
+
+def _int(value: Any) -> int | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    return value if ok else None
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _flag(value: Any) -> int | None:
+    return int(value) if isinstance(value, bool) else None
+
+
 def _loads(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -161,15 +180,14 @@ class DashboardStore:
             True when stored, False when a result with this ``result_id`` was already there (a duplicate).
         """
         now = time.time() if received_at is None else received_at
-        runtime = result.get("runtime") or {}
-        prediction = result.get("prediction") or {}
+        runtime = _obj(result.get("runtime"))
+        prediction = _obj(result.get("prediction"))
         triage = result["triage"]
         row = (
             result["result_id"], result["site"], result["device_id"], result["seq"], result["created_at"],
-            None if result.get("clock_synced") is None else int(bool(result["clock_synced"])), now,
-            triage["level"], triage["reason"], prediction.get("label"), runtime.get("delegate"),
-            None if runtime.get("degraded") is None else int(bool(runtime["degraded"])), result.get("session_id"),
-            json.dumps(_strip_private(result), separators=(",", ":")),
+            _flag(result.get("clock_synced")), now, triage["level"], triage["reason"],
+            _text(prediction.get("label")), _text(runtime.get("delegate")), _flag(runtime.get("degraded")),
+            _text(result.get("session_id")), json.dumps(_strip_private(result), separators=(",", ":")),
         )
         with self._lock, self._db:
             cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -190,8 +208,8 @@ class DashboardStore:
         triage = study["triage"]
         row = (
             study["result_id"], study["site"], study["device_id"], study["seq"], study["created_at"], now,
-            triage["level"], triage["reason"], triage.get("frames"), study.get("first_seq"), study.get("last_seq"),
-            study.get("session_id"), json.dumps(study, separators=(",", ":")),
+            triage["level"], triage["reason"], _int(triage.get("frames")), _int(study.get("first_seq")),
+            _int(study.get("last_seq")), _text(study.get("session_id")), json.dumps(study, separators=(",", ":")),
         )
         with self._lock, self._db:
             cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
