@@ -285,6 +285,58 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+class Amqtt:
+    """A pure-Python MQTT 3.1.1-only broker (amqtt) in a background thread: the protocol-fallback test's peer."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.port = free_port()
+        self._asyncio = asyncio
+        self._loop = asyncio.new_event_loop()
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="amqtt", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self._thread.is_alive():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"amqtt did not listen on port {self.port} (see the thread's traceback above)")
+
+    def _run(self) -> None:
+        from amqtt.broker import Broker
+
+        async def main() -> None:
+            self._stopped = self._asyncio.Event()
+            config = {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+                "auth": {"allow-anonymous": True, "plugins": ["auth_anonymous"]},
+                "topic-check": {"enabled": False},
+            }
+            broker = Broker(config)
+            await broker.start()
+            await self._stopped.wait()
+            await broker.shutdown()
+
+        self._loop.run_until_complete(main())  # a start-up failure surfaces as the constructor's timeout
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def amqtt_broker() -> Iterator[Amqtt]:
+    """A running MQTT 3.1.1-only broker on a free loopback port."""
+    broker = Amqtt()
+    yield broker
+    broker.stop()
+
+
 class Subscriber:
     """An independent consumer: fixed client id, persistent session, QoS 1, counts unique results."""
 

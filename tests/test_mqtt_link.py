@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from broker_fixtures import Mosquitto, Subscriber, free_port
+from broker_fixtures import Amqtt, Mosquitto, Subscriber, free_port
 
 from edgemed.errors import BrokerRefusedError
 from edgemed.outbox import Outbox, OutboxConfig
@@ -140,9 +140,7 @@ time.sleep(60)
 
 
 def test_a_killed_device_leaves_a_retained_offline_status(broker: Mosquitto) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _DEVICE, broker.url, STATUS], cwd=REPO, stdout=subprocess.PIPE
-    )
+    proc = subprocess.Popen([sys.executable, "-c", _DEVICE, broker.url, STATUS], cwd=REPO, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"online"
         assert _retained(broker.port, STATUS)["state"] == "online"
@@ -190,6 +188,26 @@ def test_delivery_keeps_at_most_max_inflight_unacknowledged(broker: Mosquitto, t
             time.sleep(0.001)
         assert ob.pending_count() == 0
         assert 1 <= peak <= 5
+    finally:
+        delivery.stop()
+        link.stop(2)
+        ob.close()
+
+
+def test_auto_protocol_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker: Amqtt, tmp_path: Path) -> None:
+    # amqtt speaks only MQTT 3.1.1 and drops an MQTT 5 CONNECT without answering.
+    ob = Outbox(tmp_path / "outbox.sqlite3")
+    cfg = _cfg(f"mqtt://127.0.0.1:{amqtt_broker.port}", connect_timeout_s=1.0)
+    link = MqttLink(cfg, status_topic=STATUS, client_id="edgemed-fallback")
+    delivery = Delivery(ob, link)
+    try:
+        link.start()
+        delivery.start()
+        _put(ob, 20)
+        assert link.wait_connected(20), "no MQTT 3.1.1 connection after the fallback"
+        assert link.epoch == 1  # one fallback, and the delivery replays from the outbox on the new client
+        assert delivery.drain(10) == 0
+        link.check()
     finally:
         delivery.stop()
         link.stop(2)

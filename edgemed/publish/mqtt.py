@@ -342,12 +342,19 @@ class MqttLink:
         # that every connection attempt's exception reaches _tls_refusal().
         self._dropped.clear()
         client.loop_start()
+        connack_deadline = time.monotonic() + self.cfg.connect_timeout_s
         while not self._dropped.wait(0.1):
             if self._stop.is_set():
                 break
+            if not self._got_connack and time.monotonic() > connack_deadline:
+                # paho bounds only the TCP and TLS handshakes; a broker that swallows an MQTT 5 CONNECT it does
+                # not understand would otherwise hold us until the keepalive runs out.
+                log.warning("broker %s did not answer CONNECT within %.1f s", self.cfg.url, self.cfg.connect_timeout_s)
+                client.disconnect()
+                break
         # Guarantees that paho's loop ends even when no connection was ever established (stop() while waiting for
         # a CONNACK); a no-op on an already closed connection.
-        if self._stop.is_set() or not self._dropped.is_set():
+        if self._stop.is_set() and not self._dropped.is_set():
             client.disconnect()
         client.loop_stop()
 
