@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from edgemed.errors import EXIT_MODEL, EXIT_OK, ConfigError
 
@@ -25,6 +26,7 @@ TRAIN_EPILOG = """data layouts (--data):
 recipes (--recipe; files in converters/recipes/*.yaml):
   reference    the reference CNN, layer for layer (baseline)
   bn_gap       CNN with BatchNorm, global average pooling, augmentation, balanced class weights
+  bn_gap_auc   bn_gap stopped on validation ROC AUC, learning rate halved on plateaus
   mobilenetv2  MobileNetV2 alpha 0.35 from scratch, BN momentum 0.9, for 64-128 px colour images
   best         alias of the recipe the accuracy benchmark chose
 
@@ -308,7 +310,7 @@ def run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _trained_with(model: Path) -> dict[str, object] | None:
+def _trained_with(model: Path) -> dict[str, Any] | None:
     path = model.with_suffix(".labels.json") if model.is_file() else model / "labels.json"
     if not path.is_file():
         return None
