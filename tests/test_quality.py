@@ -157,3 +157,15 @@ def test_config_rejects_unknown_keys_and_impossible_values() -> None:
         QualityConfig(max_clipped_fraction=1.5)
     with pytest.raises(ValueError, match="unknown modality"):
         quality_preset("xray")  # type: ignore[arg-type]
+
+
+def test_blur_is_exactly_the_variance_of_the_laplacian_of_the_analysis_copy() -> None:
+    for image in (ISIC[0], ULTRASOUND[0], BREAST[0]):
+        gray = analysis_copy(image, CFG.analysis_size)
+        kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
+        lap = cv2.filter2D(gray.astype(np.float64), -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+        m = measure(image, CFG.analysis_size)
+        assert m["blur"] == pytest.approx(float(lap.var()), rel=1e-9)
+        assert m["brightness"] == pytest.approx(float(gray.mean()), rel=1e-9)
+        assert m["std"] == pytest.approx(float(gray.std()), rel=1e-9)
+        assert m["highlight"] == pytest.approx(float(np.percentile(gray, 99, method="inverted_cdf")), abs=1)
