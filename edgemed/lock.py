@@ -53,9 +53,7 @@ class DataDirLock:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise OutboxError(
-                f"cannot create the lock file {self.path}: {exc}; pick a writable --data-dir"
-            ) from exc
+            raise OutboxError(f"cannot create the lock file {self.path}: {exc}; pick a writable --data-dir") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:

@@ -104,9 +104,7 @@ def test_a_client_certificate_is_presented_when_configured(
 def test_an_untrusted_broker_certificate_is_refused_with_the_fix(
     tls_broker: Mosquitto, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    link = MqttLink(
-        _cfg(tls_broker, pki.other_ca_cert, monkeypatch), status_topic=None, client_id="edgemed-ca"
-    )
+    link = MqttLink(_cfg(tls_broker, pki.other_ca_cert, monkeypatch), status_topic=None, client_id="edgemed-ca")
     try:
         link.start()
         exc = _wait_refused(link)

@@ -88,9 +88,7 @@ def parse_broker_url(url: str) -> BrokerUrl:
             "mqtt.password_env or mqtt.password_file instead"
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(
-            f"broker URL {url!r} must not have a path or query; write it as {scheme}://host:port"
-        )
+        raise ConfigError(f"broker URL {url!r} must not have a path or query; write it as {scheme}://host:port")
     if port == 0:
         raise ConfigError(f"broker URL {url!r} has port 0; give the broker's real port")
     return BrokerUrl(scheme, parts.hostname, port or _DEFAULT_PORTS[scheme])  # type: ignore[arg-type]
@@ -126,13 +124,9 @@ class MqttConfig(BaseModel):
         None, max_length=128, description="MQTT client id; None = stable id derived from the device id"
     )
     username: str | None = Field(None, description="broker user name, if the broker requires one")
-    password_env: str | None = Field(
-        None, description="name of the environment variable holding the password"
-    )
+    password_env: str | None = Field(None, description="name of the environment variable holding the password")
     password_file: Path | None = Field(None, description="file whose first line is the password")
-    tls: TlsConfig | None = Field(
-        None, description="TLS settings; needed with mqtts:// only for a private CA"
-    )
+    tls: TlsConfig | None = Field(None, description="TLS settings; needed with mqtts:// only for a private CA")
     allow_plaintext_remote: bool = Field(
         False,
         description="allow mqtt:// (no TLS) to a host other than this machine; results and passwords then "
@@ -201,8 +195,7 @@ def read_password(cfg: MqttConfig) -> str | None:
         value = os.environ.get(cfg.password_env)
         if not value:
             raise ConfigError(
-                f"the broker password variable {cfg.password_env} is not set; export it or set "
-                "mqtt.password_file"
+                f"the broker password variable {cfg.password_env} is not set; export it or set mqtt.password_file"
             )
         return value
     if cfg.password_file:
