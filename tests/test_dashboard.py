@@ -402,3 +402,60 @@ def test_cli_arguments_and_bad_settings(tmp_path: Path) -> None:
                               "--port", "70000"])
     with pytest.raises(ConfigError, match="--port"):
         run(args)
+
+
+def test_a_message_the_store_failed_to_keep_is_redelivered(
+    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DashboardStore(tmp_path / "f.sqlite3")
+    first = Ingest(MqttConfig(url=broker.url), store)
+
+    def disk_full(result: dict[str, Any], received_at: float | None = None) -> bool:
+        raise OSError("database or disk is full")
+
+    monkeypatch.setattr(store, "add_result", disk_full)
+    first.start()
+    device = Device(broker.port)
+    try:
+        assert first.wait_subscribed(10)
+        result = make_result(level="urgent", reason="malignant 0.95")
+        device.send("results", json.dumps(result).encode())
+        assert _wait(lambda: first.snapshot()["received"] == 1, 10)
+        first.stop()  # the message was never acknowledged to the broker
+        monkeypatch.undo()
+        assert store.result_count() == 0
+        second = Ingest(MqttConfig(url=broker.url), store)
+        second.start()
+        try:
+            assert _wait(lambda: store.result_count() == 1, 10), (second.snapshot(), broker.log_tail())
+        finally:
+            second.stop()
+    finally:
+        device.close()
+        first.stop()
+        store.close()
+
+
+def test_ingest_over_tls_with_a_password_and_a_refusal_shown_not_raised(
+    mosquitto_factory: type[Mosquitto], pki: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls_broker = mosquitto_factory(users={"dash": "s3cret"}, pki=pki).start()
+    store = DashboardStore(tmp_path / "t.sqlite3")
+    monkeypatch.setenv("DASH_PW", "s3cret")
+    good = MqttConfig(url=tls_broker.url, username="dash", password_env="DASH_PW", tls={"ca_file": pki.ca_cert})
+    ingest = Ingest(good, store)
+    ingest.start()
+    try:
+        assert ingest.wait_subscribed(10), tls_broker.log_tail()
+    finally:
+        ingest.stop()
+    monkeypatch.setenv("DASH_PW", "wrong")
+    refused = Ingest(good.model_copy(update={"client_id": "dash-2"}), store)
+    refused.start()
+    try:
+        assert _wait(lambda: refused.snapshot()["broker_error"] is not None, 10)
+        error = refused.snapshot()["broker_error"]
+        assert "refused" in error and "password" in error and refused.snapshot()["connected"] is False
+    finally:
+        refused.stop()
+        store.close()
