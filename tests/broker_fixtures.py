@@ -140,6 +140,7 @@ class Mosquitto:
         users: dict[str, str] | None = None,
         pki: Pki | None = None,
         require_client_cert: bool = False,
+        acl: str | None = None,
     ) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -177,6 +178,10 @@ class Mosquitto:
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
+        if acl is not None:
+            aclfile = folder / "acl"
+            aclfile.write_text(acl)
+            lines.append(f"acl_file {aclfile}")
         if pki:
             lines += [
                 f"cafile {pki.ca_cert}",

@@ -212,3 +212,26 @@ def test_auto_protocol_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker
         delivery.stop()
         link.stop(2)
         ob.close()
+
+
+def test_a_publish_the_broker_refuses_is_reported_and_the_result_kept(
+    mosquitto_factory: type[Mosquitto], tmp_path: Path
+) -> None:
+    # Anonymous clients may read but not write: mosquitto answers an MQTT 5 PUBLISH with PUBACK "Not authorized".
+    broker = mosquitto_factory(acl="topic read edgemed/#\n").start()
+    ob = Outbox(tmp_path / "outbox.sqlite3")
+    link = MqttLink(_cfg(broker.url), status_topic=None, client_id="edgemed-acl")
+    delivery = Delivery(ob, link)
+    try:
+        link.start()
+        delivery.start()
+        _put(ob, 3)
+        assert delivery.drain(1.0) == 3  # never acknowledged, so never removed
+        with pytest.raises(BrokerRefusedError, match=r"refused a message .*Not authorized; allow this client"):
+            link.check()
+    finally:
+        delivery.stop()
+        link.stop(2)
+        ob.close()
+    with Outbox(tmp_path / "outbox.sqlite3") as ob:
+        assert ob.pending_count() == 3
