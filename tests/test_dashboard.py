@@ -202,9 +202,10 @@ def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
-def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_path: Path, protocol: str) -> None:
     db = tmp_path / "fleet.sqlite3"
-    cfg = MqttConfig(url=broker.url)
+    cfg = MqttConfig(url=broker.url, protocol=protocol)
     store = DashboardStore(db)
     first = Ingest(cfg, store)
     first.start()

@@ -146,6 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-file", type=Path, default=None, help="PEM CA of the broker's certificate (mqtts://)")
     p.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate, if the broker wants one")
     p.add_argument("--key-file", type=Path, default=None, help="PEM key of --cert-file")
+    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5",
+                   help="MQTT version (default 5); 3.1.1 for an older broker")
     p.add_argument("--allow-plaintext-remote", action="store_true",
                    help="allow mqtt:// to a broker on another machine (results then cross the network in clear)")
 
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         "password_env": args.password_env,
         "password_file": args.password_file,
         "allow_plaintext_remote": args.allow_plaintext_remote,
+        "protocol": args.mqtt_protocol,
     }
     if args.ca_file or args.cert_file or args.key_file:
         fields["tls"] = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}

@@ -173,7 +173,8 @@ class Ingest:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        # "auto" means MQTT 5 here: every broker the fleet uses (mosquitto 2, EMQX, HiveMQ) speaks it.
+        # "auto" means MQTT 5 here (no automatic fall back as on the devices: the central broker is one known
+        # server); pass protocol "3.1.1" for a broker that speaks only 3.1.1.
         self._v5 = cfg.protocol != "3.1.1"
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -339,7 +340,12 @@ class Ingest:
             elif outcome.startswith("rejected: "):
                 self.stats.rejected[outcome.removeprefix("rejected: ")] += 1
         if outcome.startswith("rejected: "):
-            log.warning("dropped a message on %r: %s", topic[:200], outcome.removeprefix("rejected: "))
+            reason = outcome.removeprefix("rejected: ")
+            with self._lock:
+                seen = self.stats.rejected[reason]
+            # The first of each kind, then every 100th: a misbehaving device must not flood the log.
+            if seen == 1 or seen % 100 == 0:
+                log.warning("dropped a message on %r: %s (%d so far)", topic[:200], reason, seen)
         return outcome
 
     def _file(self, topic: str, payload: bytes, now: float) -> str:
