@@ -224,3 +224,26 @@ def test_sixteen_bit_palette_table_holding_eight_bit_values_is_not_blackened(tmp
     (reference,) = frames_of(DICOM / "OBXXXX1A.dcm")
     assert frame.image is not None and reference.image is not None
     assert np.array_equal(frame.image, reference.image)
+
+
+def test_fast_ybr_conversion_matches_pydicoms_own_within_one_level() -> None:
+    from pydicom.pixels.utils import iter_pixels
+
+    ds = pydicom.dcmread(DICOM / "examples_ybr_color.dcm")
+    reference = np.stack(list(iter_pixels(ds)))  # pydicom converts YBR_FULL_422 to RGB itself
+    ours = np.stack([f.image for f in frames_of(DICOM / "examples_ybr_color.dcm")])
+    assert ours.shape == reference.shape == (30, 240, 320, 3)
+    assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_uncompressed_ybr_full_is_converted_to_rgb(tmp_path: Path) -> None:
+    from pydicom.pixels.processing import convert_color_space
+
+    ds = pydicom.dcmread(DICOM / "US1_UNCR.dcm")
+    rgb = ds.pixel_array
+    ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    ds.PhotometricInterpretation = "YBR_FULL"
+    ds.save_as(tmp_path / "ybr.dcm")
+    (frame,) = frames_of(tmp_path / "ybr.dcm")
+    assert frame.image is not None and frame.image.shape == rgb.shape
+    assert np.abs(frame.image.astype(int) - rgb.astype(int)).max() <= 2  # two 8-bit roundings
