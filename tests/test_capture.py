@@ -525,3 +525,15 @@ def test_a_server_that_accepts_and_drops_at_once_is_backed_off_and_given_up(monk
         list(src)
     assert 4 <= len(attempts) <= 10  # about 0.5 s of 0.05-0.1 s waits, not thousands of immediate retries
     assert src.state == "failed"
+
+
+def test_truncated_jpeg_is_an_error_frame_not_a_half_gray_picture(tmp_path: Path) -> None:
+    data = ISIC[0].read_bytes()
+    (tmp_path / "c1.jpg").write_bytes(data[: int(len(data) * 0.95)])
+    (tmp_path / "c2.jpg").write_bytes(data + b"\x00" * 16)  # padding after the end marker is harmless
+    frames = list(open_source(str(tmp_path)))
+    assert (
+        frames[0].image is None
+        and frames[0].error == "c1.jpg: the JPEG file is truncated; copy it again from the device"
+    )
+    assert frames[1].image is not None and frames[1].error is None

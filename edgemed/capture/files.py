@@ -85,9 +85,21 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: Path) -> Item:
-    """Decode one image file; an undecodable file becomes an error item naming the file and the fix."""
+    """Decode one image file; an undecodable or truncated file becomes an error item naming the file and the fix."""
+    import numpy as np
+
     cv2 = _cv2()
-    image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Item(
+            None, f"{path.name}: cannot be read ({exc.strerror}); check the file and its permissions", path.name
+        )
+    # OpenCV 4 decodes a JPEG cut short by a failing card or an unfinished copy, filling the rest with gray; a
+    # complete JPEG ends with the EOI marker (a few padding bytes may follow it).
+    if data.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[-1024:]:
+        return Item(None, f"{path.name}: the JPEG file is truncated; copy it again from the device", path.name)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
     if image is None or image.size == 0:
         return Item(
             None,
