@@ -115,7 +115,8 @@ def test_store_fleet_counts_and_acknowledgement(tmp_path: Path) -> None:
     assert fleet["us-01"]["state"] == "online"
     assert fleet["us-01"]["delegate"] == "cpu" and fleet["us-01"]["degraded"] is True
     assert fleet["us-01"]["pending"] == 17 and fleet["us-01"]["p95_ms"] == 8.9 and fleet["us-01"]["fps"] == 7.5
-    assert fleet["us-01"]["last_seen_s_ago"] == 6.0
+    assert fleet["us-01"]["last_seen_s_ago"] == 6.0 and fleet["us-01"]["silent"] is False
+    assert {d["device_id"]: d["silent"] for d in store.fleet(now=500.0)} == {"us-01": True, "xr-02": False}
     assert fleet["xr-02"]["state"] == "offline" and fleet["xr-02"]["offline_reason"] == "connection lost"
     assert fleet["xr-02"]["pending"] is None
 
@@ -260,6 +261,7 @@ def populated(tmp_path: Path) -> DashboardStore:
     store.set_status("clinic-a", "us-01", {"state": "online", "delegate": "cpu", "degraded": True})
     store.set_health("clinic-a", "us-01", HEALTH)
     store.set_status("clinic-b", "xr-02", {"state": "offline", "reason": "connection lost"})
+    store.set_status("clinic-c", "rpi-03", {"state": "online"}, time.time() - 600)  # online, then nothing
     store.add_result(make_result(level="urgent", reason=XSS_REASON, seq=5, label="<b>malignant</b>"))
     store.add_result(make_result(level="routine", reason="benign 0.82", seq=6))
     store.add_result(make_result(level="recapture", reason="image too blurred", seq=7, device_id="xr-02",
@@ -298,7 +300,7 @@ def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
 
     status, _, body = _request(web, "/api/fleet")
     devices = json.loads(body)["devices"]
-    assert status == 200 and [d["device_id"] for d in devices] == ["us-01", "xr-02"]
+    assert status == 200 and [d["device_id"] for d in devices] == ["us-01", "xr-02", "rpi-03"]
     assert devices[0]["degraded"] is True and devices[0]["pending"] == 17
 
     status, _, body = _request(web, "/api/results?level=urgent")
@@ -352,6 +354,7 @@ def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(
     assert 'class="device-row" data-device="us-01"' in dom, dom[-3000:]
     assert 'data-device="xr-02"' in dom
     assert ">DEGRADED</span>" in dom and ">Online</span>" in dom and ">Offline</span>" in dom
+    assert dom.count(">SILENT</span>") == 1 and "connection lost" in dom
     assert 'class="urgent-row"' in dom and ">Acknowledge</button>" in dom
     assert "Receiving from broker" in dom
     # The hostile reason and label are shown as text: escaped in the DOM, no element created, nothing ran.

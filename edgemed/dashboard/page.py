@@ -191,6 +191,12 @@ function renderFleet(data) {
       if (d.degraded_reason) badge.setAttribute("title", d.degraded_reason);
       delegate.append(badge);
     }
+    const lastHeard = el("td", {class: "num"}, ago(now - d.last_seen));
+    if (d.silent) {
+      lastHeard.classList.add("late");
+      lastHeard.setAttribute("title", "online, but no heartbeat for over 2 minutes: check the device");
+      lastHeard.append(el("span", {class: "badge degraded"}, "SILENT"));
+    }
     const pending = el("td", {class: "num"}, d.pending === null || d.pending === undefined ? "—" : d.pending);
     if (d.outbox_full) pending.append(el("span", {class: "badge degraded"}, "FULL"));
     return el("tr", {class: "device-row", "data-device": d.device_id},
@@ -198,7 +204,7 @@ function renderFleet(data) {
       el("td", {class: "num"}, duration(d.oldest_pending_s)),
       el("td", {class: "num"}, num(d.fps, 1)),
       el("td", {class: "num"}, d.p95_ms === null || d.p95_ms === undefined ? "—" : num(d.p95_ms, 1) + " ms"),
-      el("td", {class: "num"}, ago(now - d.last_seen)));
+      lastHeard);
   });
   replaceBody("fleet-body", rows, 9, "No device has reported yet.");
 }

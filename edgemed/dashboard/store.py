@@ -282,16 +282,20 @@ class DashboardStore:
             cur.row_factory = sqlite3.Row
             return list(cur.execute(sql, params).fetchall())
 
-    def fleet(self, now: float | None = None) -> list[dict[str, Any]]:
+    def fleet(self, now: float | None = None, silent_after_s: float = 120.0) -> list[dict[str, Any]]:
         """One row per device: connection state, delegate, backlog and speed from its latest status and heartbeat.
 
         Args:
             now: dashboard clock used for "seconds since last seen"; now when None.
+            silent_after_s: an online device not heard from for this long is flagged ``silent`` (heartbeats come
+                every 30 s by default, so 120 s is four missed in a row: a hung process or a half-open link that
+                the broker has not yet noticed).
 
         Returns:
             Dicts with ``site, device_id, state ("online", "offline", another word sent, or "unknown"), last_seen,
             last_seen_s_ago, delegate, degraded, degraded_reason, pending, oldest_pending_s, outbox_full, fps,
-            p95_ms, frames, errors, connected, source_state, model, offline_reason``, sorted by site and device.
+            p95_ms, frames, errors, connected, source_state, model, offline_reason, silent``, sorted by site and
+            device.
         """
         t = time.time() if now is None else now
         fleet = []
@@ -323,6 +327,7 @@ class DashboardStore:
                 "source_state": health.get("source_state"),
                 "model": status.get("model"),
                 "offline_reason": status.get("reason") if state == "offline" else None,
+                "silent": state == "online" and t - row["last_seen"] > silent_after_s,
             })
         return fleet
 
