@@ -190,7 +190,7 @@ def markdown(results: dict[str, Any], seeds: list[int]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=["breastmnist", "pneumoniamnist"])
-    p.add_argument("--recipes", nargs="+", default=["reference", "bn_gap_auc"])
+    p.add_argument("--recipes", nargs="+", default=["reference", "bn_gap_auc", "bn_gap_auc_unweighted"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max-epochs", type=int, help="cap every recipe's epochs (default: the recipe's own)")
     p.add_argument("--threads", type=int, default=2, help="TensorFlow threads (default 2)")
