@@ -156,6 +156,15 @@ def run(
     return results
 
 
+def best_overall(results: dict[str, Any]) -> str:
+    """The recipe `--recipe best` should name: highest mean over datasets of its median validation AUC."""
+    recipes = set.intersection(*(set(r["validation"]) for r in results.values()))
+    return max(
+        sorted(recipes),
+        key=lambda rec: statistics.mean(r["validation"][rec]["median_val_auc"] for r in results.values()),
+    )
+
+
 def markdown(results: dict[str, Any], seeds: list[int]) -> str:
     lines = [
         f"Test split, medians over seeds {', '.join(map(str, seeds))}; recipe chosen on validation AUC only.",
@@ -175,6 +184,8 @@ def markdown(results: dict[str, Any], seeds: list[int]) -> str:
                 f"{m['test_int8_acc']:.3f} | {m['test_int8_auc']:.3f} | {m['agreement']:.3f} | {soft} | "
                 f"{pub['acc']:.3f} / {pub['auc']:.3f} |"
             )
+    lines.append("")
+    lines.append(f"`--recipe best` = {best_overall(results)} (highest mean of per-dataset median validation AUC).")
     lines.append("")
     lines.append(
         "Validation medians per recipe: "
@@ -218,6 +229,7 @@ def main() -> int:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "minutes": round((time.perf_counter() - start) / 60, 1),
+        "best_recipe_by_validation": best_overall(results),
     }
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     table = markdown(results, args.seeds)
