@@ -27,8 +27,9 @@ recipes (--recipe; files in converters/recipes/*.yaml):
   reference    the reference CNN, layer for layer (baseline)
   bn_gap       CNN with BatchNorm, global average pooling, augmentation, balanced class weights
   bn_gap_auc   bn_gap stopped on validation ROC AUC, learning rate halved on plateaus
+  bn_gap_auc_unweighted   bn_gap_auc without class weights
   mobilenetv2  MobileNetV2 alpha 0.35 from scratch, BN momentum 0.9, for 64-128 px colour images
-  best         alias of the recipe the accuracy benchmark chose
+  best         alias of the recipe the accuracy benchmark chose on validation (see benchmarks/results)
 
 examples:
   edgemed train --data data/breastmnist_28.npz --out models --labels malignant,benign
