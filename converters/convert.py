@@ -231,6 +231,8 @@ def convert(
         notes.extend(note)
     waiver_rec = Waiver(by=waiver[0], reason=waiver[1], at=_now()) if waiver else None
     artifacts = [_finalise(out, e, waiver_rec) for e in entries]
+    if "edgetpu" in targets and any(a.target == "int8" and a.verdict == "rejected" for a in artifacts):
+        notes.append("the int8 model (the Edge TPU build's CPU twin) was rejected by the gate: neither can ship")
     if edgetpu_info and edgetpu_info.get("artifact"):
         twin = next(a for a in artifacts if a.target == "int8")
         artifacts.append(_edgetpu_artifact(out, edgetpu_info, twin))
