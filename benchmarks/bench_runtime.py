@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, Mosquitto, median
 
-BASELINE = r'''
+BASELINE = r"""
 import sys, time, json, os, resource
 from pathlib import Path
 import numpy as np, cv2
@@ -74,9 +74,9 @@ for img in frames():
 elapsed = time.perf_counter() - first
 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"frames": n, "fps": (n - 1) / elapsed, "rss_mb": rss_mb}))
-'''
+"""
 
-BARE = r'''
+BARE = r"""
 import sys, time, json, statistics
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
@@ -88,7 +88,7 @@ ts = []
 for _ in range(2000):
     t = time.perf_counter(); itp.invoke(); ts.append((time.perf_counter() - t) * 1e3)
 print(json.dumps({"invoke_ms": statistics.median(ts)}))
-'''
+"""
 
 
 def run_child(code_or_args: list[str]) -> tuple[str, float]:
@@ -120,38 +120,86 @@ def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: str
     data_dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-"))
     try:
         start = time.time()
-        _, rss = run_child([sys.executable, "-m", "edgemed", "run", "--model", str(model), "--source", str(source),
-                            "--loop", str(loops), "--threads", str(threads), "--device-id", "bench",
-                            "--broker", broker, "--data-dir", str(data_dir), "--quiet"])
+        _, rss = run_child(
+            [
+                sys.executable,
+                "-m",
+                "edgemed",
+                "run",
+                "--model",
+                str(model),
+                "--source",
+                str(source),
+                "--loop",
+                str(loops),
+                "--threads",
+                str(threads),
+                "--device-id",
+                "bench",
+                "--broker",
+                broker,
+                "--data-dir",
+                str(data_dir),
+                "--quiet",
+            ]
+        )
         rows = [json.loads(line) for line in (data_dir / "results.jsonl").read_text().splitlines()]
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     stamps = [datetime.fromisoformat(r["created_at"].replace("Z", "+00:00")).timestamp() for r in rows]
-    stages = {k: median([r["latency_ms"].get(k, 0.0) for r in rows])
-              for k in ("capture", "quality", "preprocess", "inference", "triage", "total")}
-    return {"frames": len(rows), "fps": (len(rows) - 1) / (stamps[-1] - stamps[0]), "rss_mb": rss,
-            "first_result_s": stamps[0] - start, "stages_ms": stages,
-            "levels": sorted({r["triage"]["level"] for r in rows})}
+    stages = {
+        k: median([r["latency_ms"].get(k, 0.0) for r in rows])
+        for k in ("capture", "quality", "preprocess", "inference", "triage", "total")
+    }
+    return {
+        "frames": len(rows),
+        "fps": (len(rows) - 1) / (stamps[-1] - stamps[0]),
+        "rss_mb": rss,
+        "first_result_s": stamps[0] - start,
+        "stages_ms": stages,
+        "levels": sorted({r["triage"]["level"] for r in rows}),
+    }
 
 
-def bench(name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace,
-          broker: str) -> dict[str, Any]:
+def bench(
+    name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace, broker: str
+) -> dict[str, Any]:
     loops = math.ceil(args.frames / frames_per_loop)
     h, w, c = model_input(model)
     base_runs, run_runs = [], []
     for i in range(args.runs):  # interleaved, so drift on a shared machine hits both alike
-        out, rss = run_child([sys.executable, "-c", BASELINE, str(model), str(source), str(loops),
-                              str(args.threads), str(h), str(w), str(c)])
+        out, rss = run_child(
+            [
+                sys.executable,
+                "-c",
+                BASELINE,
+                str(model),
+                str(source),
+                str(loops),
+                str(args.threads),
+                str(h),
+                str(w),
+                str(c),
+            ]
+        )
         base_runs.append({**json.loads(out), "rss_mb": rss})
         run_runs.append(edgemed_run(model, source, loops, args.threads, broker))
-        print(f"  {name} run {i + 1}/{args.runs}: baseline {base_runs[-1]['fps']:.1f} fps, "
-              f"edgemed run {run_runs[-1]['fps']:.1f} fps", file=sys.stderr)
+        print(
+            f"  {name} run {i + 1}/{args.runs}: baseline {base_runs[-1]['fps']:.1f} fps, "
+            f"edgemed run {run_runs[-1]['fps']:.1f} fps",
+            file=sys.stderr,
+        )
     out, _ = run_child([sys.executable, "-c", BARE, str(model), str(args.threads)])
     base_fps = median([r["fps"] for r in base_runs])
     run_fps = median([r["fps"] for r in run_runs])
     return {
-        "workload": name, "model": model.name, "frames": run_runs[0]["frames"], "runs": args.runs,
-        "baseline_fps": base_fps, "run_fps": run_fps, "ratio": run_fps / base_fps,
+        "workload": name,
+        "model": model.name,
+        "frames": run_runs[0]["frames"],
+        "runs": args.runs,
+        "baseline_fps": base_fps,
+        "run_fps": run_fps,
+        "ratio": run_fps / base_fps,
         "bare_invoke_ms": json.loads(out)["invoke_ms"],
         "run_stages_ms": {k: median([r["stages_ms"][k] for r in run_runs]) for k in run_runs[0]["stages_ms"]},
         "run_first_result_s": median([r["first_result_s"] for r in run_runs]),
@@ -186,15 +234,19 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
 
-    print("| model | workload | frames | baseline fps | edgemed run fps | ratio | capture / quality / preprocess / "
-          "inference / triage ms | first result s | peak RSS MB (run / baseline) | bare invoke ms |")
+    print(
+        "| model | workload | frames | baseline fps | edgemed run fps | ratio | capture / quality / preprocess / "
+        "inference / triage ms | first result s | peak RSS MB (run / baseline) | bare invoke ms |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["run_stages_ms"]
-        print(f"| {r['model_kind']} | {r['workload']} | {r['frames']} | {r['baseline_fps']:.1f} | "
-              f"{r['run_fps']:.1f} | {r['ratio']:.2f} | {s['capture']:.2f} / {s['quality']:.2f} / "
-              f"{s['preprocess']:.2f} / {s['inference']:.3f} / {s['triage']:.3f} | {r['run_first_result_s']:.2f} | "
-              f"{r['run_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} | {r['bare_invoke_ms']:.3f} |")
+        print(
+            f"| {r['model_kind']} | {r['workload']} | {r['frames']} | {r['baseline_fps']:.1f} | "
+            f"{r['run_fps']:.1f} | {r['ratio']:.2f} | {s['capture']:.2f} / {s['quality']:.2f} / "
+            f"{s['preprocess']:.2f} / {s['inference']:.3f} / {s['triage']:.3f} | {r['run_first_result_s']:.2f} | "
+            f"{r['run_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} | {r['bare_invoke_ms']:.3f} |"
+        )
     return 0
 
 

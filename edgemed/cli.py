@@ -48,26 +48,40 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT; omit to work offline")
     p.add_argument("--device-id", help="this device's id, [A-Za-z0-9_-]{1,64}")
     p.add_argument("--site", help="site name, [A-Za-z0-9_-]{1,64} (default: 'default')")
-    p.add_argument("--data-dir", type=Path, help="outbox, device secret and results.jsonl "
-                   "(default ~/.local/share/edgemed)")
+    p.add_argument(
+        "--data-dir", type=Path, help="outbox, device secret and results.jsonl (default ~/.local/share/edgemed)"
+    )
     p.add_argument("--max-frames", type=int, help="stop after N frames")
-    p.add_argument("--drain-timeout", type=float, metavar="SECONDS",
-                   help="wait this long for acknowledgements after the source ends (default 30)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for acknowledgements after the source ends (default 30)",
+    )
     p.add_argument("--study-id", help="study id to pseudonymise into session_id (never published itself)")
     p.add_argument("--accelerator", choices=["cpu", "edgetpu", "gpu"], help="intended accelerator")
     fb = p.add_mutually_exclusive_group()
-    fb.add_argument("--allow-fallback", dest="fallback", action="store_true", default=None,
-                    help="run on CPU (degraded) when the accelerator is absent")
-    fb.add_argument("--no-fallback", dest="fallback", action="store_false",
-                    help="exit 6 when the accelerator is absent")
+    fb.add_argument(
+        "--allow-fallback",
+        dest="fallback",
+        action="store_true",
+        default=None,
+        help="run on CPU (degraded) when the accelerator is absent",
+    )
+    fb.add_argument(
+        "--no-fallback", dest="fallback", action="store_false", help="exit 6 when the accelerator is absent"
+    )
     p.add_argument("--threads", type=int, help="CPU inference threads")
     p.add_argument("--fps-cap", type=float, help="process at most this many frames per second")
     p.add_argument("--username", help="broker user name")
     p.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
     p.add_argument("--password-file", type=Path, help="file holding the broker password")
     p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts:// brokers")
-    p.add_argument("--mqtt-protocol", choices=["auto", "5", "3.1.1"],
-                   help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5)")
+    p.add_argument(
+        "--mqtt-protocol",
+        choices=["auto", "5", "3.1.1"],
+        help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5)",
+    )
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="heartbeat period (default 30)")
     p.add_argument("--loop", type=int, metavar="N", help="play a finite source N times (benchmarks, soak tests)")
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
@@ -110,8 +124,14 @@ def build_profile(args: argparse.Namespace) -> Any:
         _set(raw, "run", "print_results", False)
     if args.broker is not None:
         _set(raw, "mqtt", "url", args.broker)
-    for key, value in (("username", args.username), ("protocol", args.mqtt_protocol), ("password_env", args.password_env),
-                       ("password_file", str(args.password_file.resolve()) if args.password_file else None)):
+    password_file = str(args.password_file.resolve()) if args.password_file else None
+    mqtt_overrides = (
+        ("username", args.username),
+        ("protocol", args.mqtt_protocol),
+        ("password_env", args.password_env),
+        ("password_file", password_file),
+    )
+    for key, value in mqtt_overrides:
         if value is not None:
             _set(raw, "mqtt", key, value)
     if args.ca_file is not None:
@@ -132,8 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for study in summary.studies:
         print(f"edgemed: study decision: {study.level.upper()}: {study.reason}", file=sys.stderr)
     if summary.pending:
-        print(f"edgemed: {summary.pending} results are still pending in {device.data_dir}; they are sent on the "
-              "next run or with `edgemed flush`", file=sys.stderr)
+        print(
+            f"edgemed: {summary.pending} results are still pending in {device.data_dir}; they are sent on the "
+            "next run or with `edgemed flush`",
+            file=sys.stderr,
+        )
     return summary.exit_code
 
 
@@ -177,8 +200,10 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
     for path in args.files:
         prof = load_profile(path)
         note = "" if prof.validated else "  (not validated on real hardware)"
-        print(f"ok  {path}: {prof.profile}, accelerator {prof.inference.accelerator}, "
-              f"fallback {'allowed' if prof.inference.allow_cpu_fallback else 'refused'}{note}")
+        print(
+            f"ok  {path}: {prof.profile}, accelerator {prof.inference.accelerator}, "
+            f"fallback {'allowed' if prof.inference.allow_cpu_fallback else 'refused'}{note}"
+        )
     return 0
 
 
@@ -188,8 +213,10 @@ def _converter_command(name: str) -> int:
     except (ImportError, ValueError):  # a broken or blocked installation counts as absent
         spec = None
     if spec is None:
-        print(f"edgemed {name} needs TensorFlow, which is not installed. Install it with:\n  {CONVERT_INSTALL}",
-              file=sys.stderr)
+        print(
+            f"edgemed {name} needs TensorFlow, which is not installed. Install it with:\n  {CONVERT_INSTALL}",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     return -1
 
@@ -213,52 +240,75 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="edgemed",
         description="Take a trained medical-imaging CNN to a point-of-care device and bring its results home.",
         epilog="workflow: edgemed train -> edgemed convert -> edgemed run (on the device) -> dashboard.\n"
-               "Run `edgemed COMMAND --help` for each command's options and examples.",
+        "Run `edgemed COMMAND --help` for each command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgemed {__version__}")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log verbosity on stderr (default WARNING)")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity on stderr (default WARNING)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw_fmt = argparse.RawDescriptionHelpFormatter
 
     # The converter's options live in converters.commands (argparse only, no TensorFlow), imported only when
     # the command line names train or convert: the device path never imports the converters package.
     wants_converter = _command_of(argv or []) in ("train", "convert")
-    for name, helptext in (("train", "train a model on your images (host; needs the convert extra)"),
-                           ("convert", "quantize a trained model for the device (host; needs the convert extra)")):
+    for name, helptext in (
+        ("train", "train a model on your images (host; needs the convert extra)"),
+        ("convert", "quantize a trained model for the device (host; needs the convert extra)"),
+    ):
         if wants_converter:
             from converters import commands as conv
 
-            p = sub.add_parser(name, help=helptext, formatter_class=raw_fmt,
-                               description=getattr(conv, f"{name.upper()}_DESCRIPTION", helptext),
-                               epilog=getattr(conv, f"{name.upper()}_EPILOG", None))
+            p = sub.add_parser(
+                name,
+                help=helptext,
+                formatter_class=raw_fmt,
+                description=getattr(conv, f"{name.upper()}_DESCRIPTION", helptext),
+                epilog=getattr(conv, f"{name.upper()}_EPILOG", None),
+            )
             getattr(conv, f"add_{name}_arguments")(p)
         else:
             p = sub.add_parser(name, help=helptext)
         p.set_defaults(func=None, converter=name)
 
-    p = sub.add_parser("run", help="run the device pipeline on a source and publish results",
-                       description="Capture frames, check their quality, classify them on the device, triage "
-                                   "them, and deliver every result durably over MQTT.",
-                       epilog=EPILOG_RUN, formatter_class=raw_fmt)
+    p = sub.add_parser(
+        "run",
+        help="run the device pipeline on a source and publish results",
+        description="Capture frames, check their quality, classify them on the device, triage "
+        "them, and deliver every result durably over MQTT.",
+        epilog=EPILOG_RUN,
+        formatter_class=raw_fmt,
+    )
     _add_run_arguments(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("flush", help="send results still pending in a data directory",
-                       description="Send every result still pending in DATA_DIR's outbox, then exit 0 when "
-                                   "nothing is left (10 when some remain after --timeout).")
-    p.add_argument("--data-dir", type=Path, help="the device's data directory (default from the profile, else "
-                   "~/.local/share/edgemed)")
+    p = sub.add_parser(
+        "flush",
+        help="send results still pending in a data directory",
+        description="Send every result still pending in DATA_DIR's outbox, then exit 0 when "
+        "nothing is left (10 when some remain after --timeout).",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the device's data directory (default from the profile, else ~/.local/share/edgemed)",
+    )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     target.add_argument("--profile", type=Path, help="use the profile's broker, TLS and credentials")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for acknowledgements")
     p.set_defaults(func=cmd_flush)
 
-    p = sub.add_parser("doctor", help="check interpreter, accelerators, source, broker and disk",
-                       description="Print a table of what this device can and cannot do, with the fix for each "
-                                   "problem. Exit 0 when everything the profile needs works.")
+    p = sub.add_parser(
+        "doctor",
+        help="check interpreter, accelerators, source, broker and disk",
+        description="Print a table of what this device can and cannot do, with the fix for each "
+        "problem. Exit 0 when everything the profile needs works.",
+    )
     p.add_argument("--profile", type=Path, help="check what this profile needs")
     p.add_argument("--source", help="also try to read one frame from this source")
     p.add_argument("--broker", help="also try to connect to this broker")
@@ -275,8 +325,11 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     else:
         sub.add_parser("dashboard", help=helptext)
 
-    p = sub.add_parser("profile-check", help="validate device profile files",
-                       description="Validate device profiles; every problem names the field and the fix.")
+    p = sub.add_parser(
+        "profile-check",
+        help="validate device profile files",
+        description="Validate device profiles; every problem names the field and the fix.",
+    )
     p.add_argument("files", nargs="+", type=Path, help="profile YAML files")
     p.set_defaults(func=cmd_profile_check)
     return parser

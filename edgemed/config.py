@@ -32,8 +32,9 @@ class DeviceConfig(_Strict):
 
     id: str = Field(description="device id, part of every MQTT topic: 1-64 of [A-Za-z0-9_-]")
     site: str = Field("default", description="clinic or site name, part of every MQTT topic: 1-64 of [A-Za-z0-9_-]")
-    data_dir: Path | None = Field(None, description="where the outbox, device secret and results.jsonl live; "
-                                                    "default ~/.local/share/edgemed")
+    data_dir: Path | None = Field(
+        None, description="where the outbox, device secret and results.jsonl live; default ~/.local/share/edgemed"
+    )
 
     @field_validator("id", "site")
     @classmethod
@@ -46,16 +47,20 @@ class DeviceConfig(_Strict):
 class ModelConfig(_Strict):
     """Which converted model the device runs."""
 
-    path: Path | None = Field(None, description="the .tflite written by `edgemed convert` (int8, float16 or "
-                                                "edgetpu); its manifest must sit beside it")
+    path: Path | None = Field(
+        None,
+        description="the .tflite written by `edgemed convert` (int8, float16 or "
+        "edgetpu); its manifest must sit beside it",
+    )
     manifest: Path | None = Field(None, description="explicit manifest path, when it is not beside the model")
 
 
 class SourceConfig(CaptureConfig):
     """Where frames come from, plus how they are captured."""
 
-    uri: str | None = Field(None, description="PATH (image, folder, video, DICOM), camera:N, rtsp://..., "
-                                              "http(s)://..., or watch:DIR")
+    uri: str | None = Field(
+        None, description="PATH (image, folder, video, DICOM), camera:N, rtsp://..., http(s)://..., or watch:DIR"
+    )
 
 
 class HealthConfig(_Strict):
@@ -67,15 +72,20 @@ class HealthConfig(_Strict):
 class PrivacyConfig(_Strict):
     """What may leave the device. Everything identifying is off unless set here explicitly."""
 
-    publish_source_names: bool = Field(False, description="put the input's file name into results (off: names "
-                                                          "can contain patient identifiers)")
+    publish_source_names: bool = Field(
+        False, description="put the input's file name into results (off: names can contain patient identifiers)"
+    )
 
 
 class RunConfig(_Strict):
     """How a run ends and what it keeps locally."""
 
-    drain_timeout_s: float = Field(30.0, ge=0, description="seconds to wait for broker acknowledgements once the "
-                                                           "source is exhausted; pending results stay on disk")
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="seconds to wait for broker acknowledgements once the "
+        "source is exhausted; pending results stay on disk",
+    )
     max_frames: int | None = Field(None, ge=1, description="stop after this many frames")
     results_jsonl: bool = Field(True, description="append every result to DATA_DIR/results.jsonl")
     print_results: bool = Field(True, description="print one line per result for the person at the device")
@@ -93,8 +103,9 @@ class DeviceProfile(_Strict):
     quality: QualityConfig = QualityConfig()
     inference: BackendConfig = BackendConfig()
     triage: TriagePolicy = TriagePolicy()
-    mqtt: MqttConfig | None = Field(None, description="broker connection; absent = offline (results stay in the "
-                                                      "outbox until `edgemed flush`)")
+    mqtt: MqttConfig | None = Field(
+        None, description="broker connection; absent = offline (results stay in the outbox until `edgemed flush`)"
+    )
     outbox: OutboxConfig = OutboxConfig()
     health: HealthConfig = HealthConfig()
     privacy: PrivacyConfig = PrivacyConfig()

@@ -82,8 +82,12 @@ def _broker(url: str, mqtt_cfg: object | None) -> Check:
         link.stop(timeout_s=2.0)
     except EdgemedError as exc:
         return Check("broker", False, str(exc))
-    return Check("broker", ok, f"connected to {url}" if ok else f"no answer from {url} within 5 s "
-                 "(results would queue on disk)", required=False)
+    return Check(
+        "broker",
+        ok,
+        f"connected to {url}" if ok else f"no answer from {url} within 5 s (results would queue on disk)",
+        required=False,
+    )
 
 
 def _disk(data_dir: Path) -> Check:
@@ -92,11 +96,13 @@ def _disk(data_dir: Path) -> Check:
         with tempfile.NamedTemporaryFile(dir=data_dir):
             pass
     except OSError as exc:
-        return Check("data dir", False, f"{data_dir} not writable ({exc.strerror}); pass --data-dir or fix "
-                     "permissions")
+        return Check("data dir", False, f"{data_dir} not writable ({exc.strerror}); pass --data-dir or fix permissions")
     free_mb = shutil.disk_usage(data_dir).free / 1e6
-    return Check("data dir", free_mb > 100, f"{data_dir}: {free_mb:,.0f} MB free"
-                 + ("" if free_mb > 100 else " (under 100 MB: the outbox may fill)"))
+    return Check(
+        "data dir",
+        free_mb > 100,
+        f"{data_dir}: {free_mb:,.0f} MB free" + ("" if free_mb > 100 else " (under 100 MB: the outbox may fill)"),
+    )
 
 
 def doctor(*, profile_path: Path | None, source: str | None, broker: str | None, data_dir: Path | None) -> int:
@@ -104,14 +110,24 @@ def doctor(*, profile_path: Path | None, source: str | None, broker: str | None,
     from edgemed.config import default_data_dir, load_profile
     from edgemed.identity import clock_synced
 
-    rows = [Check("edgemed", True, f"{__version__} on Python {platform.python_version()} "
-                                   f"({platform.machine()}, {sys.platform})")]
+    rows = [
+        Check(
+            "edgemed",
+            True,
+            f"{__version__} on Python {platform.python_version()} ({platform.machine()}, {sys.platform})",
+        )
+    ]
     profile = None
     if profile_path is not None:
         try:
             profile = load_profile(profile_path)
-            rows.append(Check("profile", True, f"{profile.profile}"
-                              + ("" if profile.validated else " (not validated on real hardware)")))
+            rows.append(
+                Check(
+                    "profile",
+                    True,
+                    f"{profile.profile}" + ("" if profile.validated else " (not validated on real hardware)"),
+                )
+            )
         except EdgemedError as exc:
             rows.append(Check("profile", False, str(exc)))
     rows.append(_interpreter())
@@ -125,10 +141,18 @@ def doctor(*, profile_path: Path | None, source: str | None, broker: str | None,
     ddir = data_dir or (profile.device.data_dir if profile is not None else None) or default_data_dir()
     rows.append(_disk(Path(ddir)))
     synced = clock_synced()
-    rows.append(Check("clock", synced is not False, {True: "synchronised", None: "unknown",
-                                                     False: "not synchronised: results carry clock_synced=false; "
-                                                            "enable NTP (timedatectl set-ntp true)"}[synced],
-                      required=False))
+    rows.append(
+        Check(
+            "clock",
+            synced is not False,
+            {
+                True: "synchronised",
+                None: "unknown",
+                False: "not synchronised: results carry clock_synced=false; enable NTP (timedatectl set-ntp true)",
+            }[synced],
+            required=False,
+        )
+    )
     width = max(len(r.name) for r in rows)
     for r in rows:
         mark = "ok  " if r.ok else ("FAIL" if r.required else "warn")

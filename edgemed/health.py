@@ -87,8 +87,10 @@ class HealthMonitor:
             "errors": errors,
             "recaptures": recaptures,
             "fps": round(self.fps(), 2),
-            "latency_ms": {"p50": None if p50 is None else round(p50, 3),
-                           "p95": None if p95 is None else round(p95, 3)},
+            "latency_ms": {
+                "p50": None if p50 is None else round(p50, 3),
+                "p95": None if p95 is None else round(p95, 3),
+            },
             "disk_free_mb": disk_free_mb,
             "cpu_temp_c": cpu_temperature_c(),
             **state,

@@ -30,8 +30,9 @@ def check_id(kind: str, value: str) -> str:
         ConfigError: the value would break the MQTT topic or could smuggle a name into it.
     """
     if not ID_PATTERN.match(value):
-        raise ConfigError(f"{kind} {value!r} is invalid: use 1-64 letters, digits, '_' or '-' (it becomes part "
-                          "of the MQTT topic)")
+        raise ConfigError(
+            f"{kind} {value!r} is invalid: use 1-64 letters, digits, '_' or '-' (it becomes part of the MQTT topic)"
+        )
     return value
 
 
@@ -56,8 +57,10 @@ def load_or_create_secret(data_dir: Path) -> bytes:
         raise ConfigError(f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")
     key = path.read_bytes()
     if len(key) != 32:
-        raise ConfigError(f"{path} is damaged ({len(key)} bytes, expected 32); delete it to create a new one "
-                          "(existing pseudonyms will no longer match new results)")
+        raise ConfigError(
+            f"{path} is damaged ({len(key)} bytes, expected 32); delete it to create a new one "
+            "(existing pseudonyms will no longer match new results)"
+        )
     return key
 
 

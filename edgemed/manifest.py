@@ -106,8 +106,10 @@ class Manifest(_Strict):
         for art in self.artifacts:
             if Path(art.file).name == file_name:
                 return art
-        raise ModelError(f"{file_name} is not listed in the manifest of model {self.name!r}; "
-                         "use a file written by `edgemed convert` next to its manifest")
+        raise ModelError(
+            f"{file_name} is not listed in the manifest of model {self.name!r}; "
+            "use a file written by `edgemed convert` next to its manifest"
+        )
 
     def preprocess_sha256(self) -> str:
         """Fingerprint of the preprocessing settings; identical settings give identical fingerprints."""
@@ -133,8 +135,9 @@ def load_manifest(path: Path) -> Manifest:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ModelError(f"manifest {path} not found; keep the .manifest.json that `edgemed convert` wrote "
-                         "beside the model") from exc
+        raise ModelError(
+            f"manifest {path} not found; keep the .manifest.json that `edgemed convert` wrote beside the model"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise ModelError(f"manifest {path} is unreadable ({exc}); re-run `edgemed convert`") from exc
     try:
@@ -168,8 +171,10 @@ def find_manifest(model_path: Path) -> Path:
             files = [Path(a.get("file", "")).name for a in raw.get("artifacts", [])]
             if model_path.name in files:
                 return candidate
-    raise ModelError(f"no manifest lists {model_path.name}; pass --manifest FILE or keep the "
-                     "{name}.manifest.json written by `edgemed convert` in the same folder")
+    raise ModelError(
+        f"no manifest lists {model_path.name}; pass --manifest FILE or keep the "
+        "{name}.manifest.json written by `edgemed convert` in the same folder"
+    )
 
 
 def verify_model(model_path: Path, manifest_path: Path | None = None) -> tuple[Manifest, Artifact]:
@@ -190,11 +195,15 @@ def verify_model(model_path: Path, manifest_path: Path | None = None) -> tuple[M
     art = manifest.artifact(model_path.name)
     actual = sha256_file(model_path)
     if actual != art.sha256:
-        raise ModelError(f"{model_path} does not match its manifest (sha256 {actual[:12]}... != "
-                         f"{art.sha256[:12]}...): the file was altered or is from another conversion; re-copy it")
+        raise ModelError(
+            f"{model_path} does not match its manifest (sha256 {actual[:12]}... != "
+            f"{art.sha256[:12]}...): the file was altered or is from another conversion; re-copy it"
+        )
     if art.verdict == "rejected":
         why = "; ".join(art.failed_criteria) or "see report.json"
-        raise ModelRejectedError(f"{model_path.name} was rejected by the acceptance gate ({why}); the device "
-                                 "refuses it. Fix the conversion, or record a waiver with `edgemed convert "
-                                 "--waive-gate --waiver-by NAME --waiver-reason TEXT`")
+        raise ModelRejectedError(
+            f"{model_path.name} was rejected by the acceptance gate ({why}); the device "
+            "refuses it. Fix the conversion, or record a waiver with `edgemed convert "
+            "--waive-gate --waiver-by NAME --waiver-reason TEXT`"
+        )
     return manifest, art

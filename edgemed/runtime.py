@@ -102,11 +102,15 @@ class Classifier:
         self._logits = artifact.output_kind == "logits"
         expected = (1, manifest.input.height, manifest.input.width, manifest.input.channels)
         if tuple(backend.input_spec.shape) != expected:
-            raise ModelError(f"model input {backend.input_spec.shape} does not match its manifest {expected}; "
-                             "re-run `edgemed convert` so model and manifest come from the same conversion")
+            raise ModelError(
+                f"model input {backend.input_spec.shape} does not match its manifest {expected}; "
+                "re-run `edgemed convert` so model and manifest come from the same conversion"
+            )
         if backend.output_spec.shape[-1] != len(self.labels):
-            raise ModelError(f"model has {backend.output_spec.shape[-1]} outputs but the manifest lists "
-                             f"{len(self.labels)} labels; re-run `edgemed convert`")
+            raise ModelError(
+                f"model has {backend.output_spec.shape[-1]} outputs but the manifest lists "
+                f"{len(self.labels)} labels; re-run `edgemed convert`"
+            )
 
     def scores(self, raw: np.ndarray) -> Prediction:
         """Dequantize the raw output (and apply softmax when the model emits logits)."""
@@ -118,8 +122,7 @@ class Classifier:
 class Device:
     """A configured device, ready to process a source. Use as a context manager."""
 
-    def __init__(self, profile: DeviceProfile, *, study_id: str | None = None,
-                 out: IO[str] | None = None) -> None:
+    def __init__(self, profile: DeviceProfile, *, study_id: str | None = None, out: IO[str] | None = None) -> None:
         self.profile = profile
         self.study_id = study_id
         self.out = out if out is not None else sys.stdout
@@ -175,11 +178,18 @@ class Device:
         self._closers.append(self.backend.close)
         self.classifier = Classifier(self.backend, self.manifest, self.artifact)
         self.ctx = EnvelopeContext(
-            device_id=self.device_id, site=self.site,
-            model={"name": self.manifest.name, "version": self.manifest.version, "sha256": self.artifact.sha256,
-                   "target": self.artifact.target},
+            device_id=self.device_id,
+            site=self.site,
+            model={
+                "name": self.manifest.name,
+                "version": self.manifest.version,
+                "sha256": self.artifact.sha256,
+                "target": self.artifact.target,
+            },
             preprocess_sha256=self.manifest.preprocess_sha256(),
-            backend=self.backend.backend, delegate=self.backend.delegate, degraded=self.backend.degraded,
+            backend=self.backend.backend,
+            delegate=self.backend.delegate,
+            degraded=self.backend.degraded,
             publish_source_names=self.profile.privacy.publish_source_names,
         )
         if self.backend.degraded:
@@ -194,15 +204,20 @@ class Device:
 
     def _start_delivery(self) -> None:
         if self.profile.mqtt is None:
-            log.warning("no broker configured: working offline; results stay in %s until `edgemed flush`",
-                        self.data_dir / "outbox.sqlite3")
+            log.warning(
+                "no broker configured: working offline; results stay in %s until `edgemed flush`",
+                self.data_dir / "outbox.sqlite3",
+            )
             return
         from edgemed.publish.delivery import Delivery
         from edgemed.publish.mqtt import MqttLink
 
-        self.link = MqttLink(self.profile.mqtt, status_topic=f"{self.topic_base}/status",
-                             client_id=self.profile.mqtt.client_id or f"edgemed-{self.site}-{self.device_id}",
-                             status_extra=self._status_extra())
+        self.link = MqttLink(
+            self.profile.mqtt,
+            status_topic=f"{self.topic_base}/status",
+            client_id=self.profile.mqtt.client_id or f"edgemed-{self.site}-{self.device_id}",
+            status_extra=self._status_extra(),
+        )
         self.link.start()
         self._closers.append(lambda: self.link.stop(timeout_s=5.0))
         self.delivery = Delivery(self.outbox, self.link)
@@ -214,18 +229,28 @@ class Device:
     def _status_extra(self) -> dict[str, Any]:
         from edgemed import __version__
 
-        return {"device_id": self.device_id, "site": self.site, "delegate": self.backend.delegate,
-                "degraded": self.backend.degraded, "model": self.ctx.model["name"],
-                "model_sha256": self.artifact.sha256, "edgemed": __version__}
+        return {
+            "device_id": self.device_id,
+            "site": self.site,
+            "delegate": self.backend.delegate,
+            "degraded": self.backend.degraded,
+            "model": self.ctx.model["name"],
+            "model_sha256": self.artifact.sha256,
+            "edgemed": __version__,
+        }
 
     # -- health -----------------------------------------------------------------------------------------------
     def health_payload(self) -> dict[str, Any]:
         """The current heartbeat: counters, latency, delegate, pending results, disk and temperature."""
         return self.health.snapshot(
-            data_dir=self.data_dir, device_id=self.device_id, site=self.site,
-            delegate=self.backend.delegate, degraded=self.backend.degraded,
+            data_dir=self.data_dir,
+            device_id=self.device_id,
+            site=self.site,
+            delegate=self.backend.delegate,
+            degraded=self.backend.degraded,
             degraded_reason=self.backend.degraded_reason,
-            pending=self.outbox.pending_count(), oldest_pending_s=self.outbox.oldest_pending_s(),
+            pending=self.outbox.pending_count(),
+            oldest_pending_s=self.outbox.oldest_pending_s(),
             outbox_full=self.outbox.is_full(),
             source_state=self._source.state if self._source is not None else "idle",
             connected=bool(self.link is not None and self.link.connected),
@@ -287,10 +312,16 @@ class Device:
         self._study_key = study
         lat["total"] = (time.perf_counter() - t0) * 1e3 + capture_ms
         env = build_result(
-            self.ctx, frame=frame, seq=self.outbox.next_seq(), created_at=time.time(),
+            self.ctx,
+            frame=frame,
+            seq=self.outbox.next_seq(),
+            created_at=time.time(),
             clock_synced=self._clock_synced(),
             session_id=pseudonym(self.secret, study) if study else None,
-            quality=quality, prediction=prediction, triage=result, latency_ms=lat,
+            quality=quality,
+            prediction=prediction,
+            triage=result,
+            latency_ms=lat,
             result_id=new_result_id(),
         )
         payload = encode(env)
@@ -320,10 +351,17 @@ class Device:
         decision = self._study.decision()
         self.studies.append(decision)
         key = self._study_key
-        env = build_study(self.ctx, seq=self.outbox.next_seq(), created_at=time.time(),
-                          clock_synced=self._clock_synced(), session_id=pseudonym(self.secret, key) if key else None,
-                          source_kind=self._source.kind if self._source is not None else "folder",
-                          first_seq=self._study_first_seq, last_seq=self._study_last_seq, decision=decision)
+        env = build_study(
+            self.ctx,
+            seq=self.outbox.next_seq(),
+            created_at=time.time(),
+            clock_synced=self._clock_synced(),
+            session_id=pseudonym(self.secret, key) if key else None,
+            source_kind=self._source.kind if self._source is not None else "folder",
+            first_seq=self._study_first_seq,
+            last_seq=self._study_last_seq,
+            decision=decision,
+        )
         self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env))
         if self.delivery is not None:
             self.delivery.wake()
@@ -386,8 +424,10 @@ class Device:
         alerted = 0.0
         while self.outbox.is_full() and not self.stop.is_set():
             if time.monotonic() - alerted > 10.0:
-                log.error("outbox full (%d results pending): not accepting frames until the broker catches up",
-                          self.outbox.pending_count())
+                log.error(
+                    "outbox full (%d results pending): not accepting frames until the broker catches up",
+                    self.outbox.pending_count(),
+                )
                 self.publish_health()
                 alerted = time.monotonic()
             self.stop.wait(0.5)

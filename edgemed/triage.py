@@ -83,13 +83,11 @@ class StudyPolicy(BaseModel):
     min_frames_per_level: int = Field(
         1,
         ge=1,
-        description="worst_case: frames a level needs before it can decide the study (filters one-frame "
-        "flickers)",
+        description="worst_case: frames a level needs before it can decide the study (filters one-frame flickers)",
     )
     urgent_overrides: bool = Field(
         True,
-        description="majority and mean_probability: a study with min_frames_per_level urgent frames "
-        "is urgent",
+        description="majority and mean_probability: a study with min_frames_per_level urgent frames is urgent",
     )
 
 
@@ -102,9 +100,7 @@ class TriagePolicy(BaseModel):
         default_factory=dict,
         description="rule per label; labels without a rule are routine (refer for review)",
     )
-    min_confidence: float = Field(
-        0.6, ge=0.0, le=1.0, description="top probability below this -> inconclusive"
-    )
+    min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="top probability below this -> inconclusive")
     min_margin: float = Field(
         0.1, ge=0.0, le=1.0, description="top probability minus the runner-up below this -> inconclusive"
     )
@@ -120,9 +116,7 @@ class TriagePolicy(BaseModel):
     def _reasons_not_blank(self) -> TriagePolicy:
         for label, rule in self.rules.items():
             if rule.reason is not None and not rule.reason.strip():
-                raise ValueError(
-                    f"rules.{label}.reason is blank; write the instruction for the nurse or remove it"
-                )
+                raise ValueError(f"rules.{label}.reason is blank; write the instruction for the nurse or remove it")
         return self
 
 
@@ -153,9 +147,7 @@ def _escalation(pred: Prediction, policy: TriagePolicy) -> TriageResult | None:
     hits = [
         (p, label, rule)
         for label, p in zip(pred.labels, pred.probabilities, strict=True)
-        if (rule := policy.rules.get(label)) is not None
-        and rule.level == "urgent"
-        and p >= rule.min_probability
+        if (rule := policy.rules.get(label)) is not None and rule.level == "urgent" and p >= rule.min_probability
     ]
     if not hits:
         return None
@@ -206,8 +198,7 @@ def triage(pred: Prediction, policy: TriagePolicy) -> TriageResult:
     if rule is not None and top < rule.min_probability:
         return TriageResult(
             "inconclusive",
-            f"{label} {top:.2f} < {rule.min_probability:.2f} needed for {level.replace('_', ' ')}: "
-            "recapture or refer",
+            f"{label} {top:.2f} < {rule.min_probability:.2f} needed for {level.replace('_', ' ')}: recapture or refer",
             {"label": label, "basis": "class_threshold"},
         )
     if rule is not None and rule.reason:
@@ -267,9 +258,7 @@ class StudyAggregator:
         if not self._labels:
             self._labels = pred.labels
             self._prob_sums = [0.0] * len(pred.labels)
-        usable = len(pred.probabilities) == len(self._labels) and all(
-            math.isfinite(p) for p in pred.probabilities
-        )
+        usable = len(pred.probabilities) == len(self._labels) and all(math.isfinite(p) for p in pred.probabilities)
         if pred.labels == self._labels and usable:
             self._prob_sums = [s + p for s, p in zip(self._prob_sums, pred.probabilities, strict=True)]
             self._with_probs += 1
@@ -284,9 +273,7 @@ class StudyAggregator:
         valid, st = self.valid_frames, self.study
         extra = {"frames": self.frames, "valid_frames": valid, "rule": st.rule, "counts": dict(self.levels)}
         if self.frames == 0 or (valid == 0 and self.levels["error"] == self.frames):
-            return TriageResult(
-                "error", "no readable frame in this session: check the probe and record again", extra
-            )
+            return TriageResult("error", "no readable frame in this session: check the probe and record again", extra)
         if valid < st.min_valid_frames:
             worst = self._quality_reasons.most_common(1)
             why = f" (most often: {worst[0][0].rsplit(': recapture', 1)[0]})" if worst else ""
@@ -316,9 +303,7 @@ class StudyAggregator:
             return TriageResult(level, reason, extra)
         if st.rule == "majority" or self._with_probs == 0:
             level = max(SEVERITY, key=lambda lv: (self.levels[lv], SEVERITY[lv]))
-            reason = (
-                f"{self.levels[level]} of {valid} usable frames {level.replace('_', ' ')}: {_ACTION[level]}"
-            )
+            reason = f"{self.levels[level]} of {valid} usable frames {level.replace('_', ' ')}: {_ACTION[level]}"
             return TriageResult(level, reason, extra)
         mean = Prediction(self._labels, tuple(s / self._with_probs for s in self._prob_sums))
         result = triage(mean, self.policy)

@@ -48,10 +48,12 @@ class EmbeddedBroker:
             from amqtt.broker import Broker
 
             # Amqtt must be constructed inside a running loop (STACK.md).
-            self._broker = Broker({
-                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-                "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-            })
+            self._broker = Broker(
+                {
+                    "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+                    "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+                }
+            )
             await self._broker.start()
 
         try:

@@ -130,10 +130,24 @@ def main() -> int:
         collector = Collector(url)
         stack.callback(collector.close)
         t0 = time.monotonic()
-        code = run_device(["run", "--profile", str(PROFILE), "--model", str(int8), "--source", str(images),
-                           "--broker", url, "--data-dir", str(device_dir)]
-                          # amqtt speaks MQTT 3.1.1 only (a production broker speaks 5)
-                          + (["--mqtt-protocol", "3.1.1"] if args.broker is None else []), env)
+        code = run_device(
+            [
+                "run",
+                "--profile",
+                str(PROFILE),
+                "--model",
+                str(int8),
+                "--source",
+                str(images),
+                "--broker",
+                url,
+                "--data-dir",
+                str(device_dir),
+            ]
+            # amqtt speaks MQTT 3.1.1 only (a production broker speaks 5)
+            + (["--mqtt-protocol", "3.1.1"] if args.broker is None else []),
+            env,
+        )
         elapsed = time.monotonic() - t0
         deadline = time.monotonic() + 10
         while len(collector.results) < len(labels) and time.monotonic() < deadline:
@@ -151,19 +165,28 @@ def main() -> int:
     tot = [r["latency_ms"]["total"] for r in results]
     rt = results[0]["runtime"] if results else {}
     print("\n== What the broker received ==")
-    print(table([
-        ("results received", f"{len(results)} unique of {len(labels)} frames ({collector.copies} copies)"),
-        ("on-device accuracy", f"{correct}/{predicted} = {correct / max(predicted, 1):.3f} (vs BreastMNIST labels)"),
-        ("triage levels", ", ".join(f"{k} {v}" for k, v in sorted(levels.items()))),
-        ("malignant -> urgent", f"{flagged}/{len(malignant)} malignant test images triaged urgent "
-                                "(illustrative thresholds)"),
-        ("latency inference", f"median {statistics.median(inf):.3f} ms" if inf else "-"),
-        ("latency total", f"median {statistics.median(tot):.3f} ms per frame" if tot else "-"),
-        ("runtime", f"{rt.get('backend')} on {rt.get('delegate')}, degraded={rt.get('degraded')}"),
-        ("heartbeats", f"{len(collector.health)} received"),
-        ("edgemed run", f"exit {code} in {elapsed:.1f} s"),
-        ("artifacts", str(model_dir)),
-    ]))
+    print(
+        table(
+            [
+                ("results received", f"{len(results)} unique of {len(labels)} frames ({collector.copies} copies)"),
+                (
+                    "on-device accuracy",
+                    f"{correct}/{predicted} = {correct / max(predicted, 1):.3f} (vs BreastMNIST labels)",
+                ),
+                ("triage levels", ", ".join(f"{k} {v}" for k, v in sorted(levels.items()))),
+                (
+                    "malignant -> urgent",
+                    f"{flagged}/{len(malignant)} malignant test images triaged urgent (illustrative thresholds)",
+                ),
+                ("latency inference", f"median {statistics.median(inf):.3f} ms" if inf else "-"),
+                ("latency total", f"median {statistics.median(tot):.3f} ms per frame" if tot else "-"),
+                ("runtime", f"{rt.get('backend')} on {rt.get('delegate')}, degraded={rt.get('degraded')}"),
+                ("heartbeats", f"{len(collector.health)} received"),
+                ("edgemed run", f"exit {code} in {elapsed:.1f} s"),
+                ("artifacts", str(model_dir)),
+            ]
+        )
+    )
     ok = code == 0 and len(results) == len(labels)
     print("\ndemo " + ("finished: every frame produced exactly one delivered result" if ok else "FAILED"))
     return 0 if ok else 1

@@ -22,8 +22,12 @@ pytest_plugins = ["broker_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--hardware", action="store_true", default=False,
-                     help="run tests that need a real Edge TPU or GPU attached to this machine")
+    parser.addoption(
+        "--hardware",
+        action="store_true",
+        default=False,
+        help="run tests that need a real Edge TPU or GPU attached to this machine",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -65,8 +69,9 @@ def int8_model(request: pytest.FixtureRequest) -> Path:
             "import sys; from pathlib import Path; from converters.testing import build_reference_model; "
             "print(build_reference_model(Path(sys.argv[1])))"
         )
-        proc = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True,
-                              timeout=600, cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=600, cwd=ROOT
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"building the test model failed:\n{proc.stdout}\n{proc.stderr}")
         done.write_text(proc.stdout.strip().splitlines()[-1])

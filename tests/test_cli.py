@@ -53,8 +53,11 @@ def test_run_help_teaches_sources_and_exit_codes(capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize("command", ["train", "convert"])
 def test_converter_commands_without_tensorflow_exit_2_with_install_line(command: str, tmp_path: Path) -> None:
-    args = ["--data", "x.npz", "--out", str(tmp_path)] if command == "train" else \
-        ["m.keras", "--calibration", "x.npz", "--out", str(tmp_path)]
+    args = (
+        ["--data", "x.npz", "--out", str(tmp_path)]
+        if command == "train"
+        else ["m.keras", "--calibration", "x.npz", "--out", str(tmp_path)]
+    )
     proc = edgemed(command, *args, block_tf=True)
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'edgemed[convert]'" in proc.stderr
@@ -72,14 +75,23 @@ def test_bad_device_id_is_a_config_error(tmp_path: Path) -> None:
     assert "device.id" in proc.stderr and "1-64 letters" in proc.stderr
 
 
-def test_device_path_never_loads_tensorflow_or_converters(int8_model: Path, tmp_path: Path,
-                                                          data_dir: Path) -> None:
+def test_device_path_never_loads_tensorflow_or_converters(int8_model: Path, tmp_path: Path, data_dir: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for name in ("ISIC_0000014.jpg", "ISIC_0000040.jpg"):
         (images / name).write_bytes((data_dir / "isic_samples" / name).read_bytes())
-    proc = edgemed("run", "--model", str(int8_model), "--source", str(images), "--device-id", "us-01",
-                   "--data-dir", str(tmp_path / "d"), block_tf=True)
+    proc = edgemed(
+        "run",
+        "--model",
+        str(int8_model),
+        "--source",
+        str(images),
+        "--device-id",
+        "us-01",
+        "--data-dir",
+        str(tmp_path / "d"),
+        block_tf=True,
+    )
     assert proc.returncode == 10, proc.stderr  # offline: both results kept on disk
     assert "LOADED []" in proc.stderr
     assert "2 frames" in proc.stderr

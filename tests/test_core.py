@@ -27,11 +27,21 @@ INT8_IN = TensorSpec("in", (1, 28, 28, 1), "int8", 1 / 255, -128)
 def _manifest(tmp: Path, verdict: str = "accepted") -> tuple[Path, Path]:
     model = tmp / "m_int8.tflite"
     model.write_bytes(b"not really a model, only hashed here")
-    art = Artifact(file=model.name, target="int8", sha256=sha256_file(model), size_bytes=model.stat().st_size,
-                   verdict=verdict, failed_criteria=["accuracy drop 4.5 points > 1.0"] if verdict == "rejected"
-                   else [])
-    man = Manifest(name="m", created_at="2026-01-01T00:00:00Z", labels=["a", "b"],
-                   input=InputSpec(height=28, width=28, channels=1, colour_mode="gray"), artifacts=[art])
+    art = Artifact(
+        file=model.name,
+        target="int8",
+        sha256=sha256_file(model),
+        size_bytes=model.stat().st_size,
+        verdict=verdict,
+        failed_criteria=["accuracy drop 4.5 points > 1.0"] if verdict == "rejected" else [],
+    )
+    man = Manifest(
+        name="m",
+        created_at="2026-01-01T00:00:00Z",
+        labels=["a", "b"],
+        input=InputSpec(height=28, width=28, channels=1, colour_mode="gray"),
+        artifacts=[art],
+    )
     path = tmp / "m.manifest.json"
     save_manifest(man, path)
     return model, path
@@ -94,20 +104,37 @@ def test_softmax_is_stable() -> None:
 
 
 def _ctx() -> EnvelopeContext:
-    return EnvelopeContext(device_id="us-01", site="clinic_a", model={"name": "m", "version": "1",
-                           "sha256": "0" * 64, "target": "int8"}, preprocess_sha256="1" * 64,
-                           backend="ai_edge_litert", delegate="cpu", degraded=False)
+    return EnvelopeContext(
+        device_id="us-01",
+        site="clinic_a",
+        model={"name": "m", "version": "1", "sha256": "0" * 64, "target": "int8"},
+        preprocess_sha256="1" * 64,
+        backend="ai_edge_litert",
+        delegate="cpu",
+        degraded=False,
+    )
 
 
 def test_envelope_validates_and_hides_file_names() -> None:
-    frame = Frame(index=3, source_kind="folder", image=np.zeros((2, 2), np.uint8), name="PATIENT_DOE_JOHN.png",
-                  study_uid="1.2.840.99999")
-    env = build_result(_ctx(), frame=frame, seq=7, created_at=1.7e9, clock_synced=True,
-                       session_id=pseudonym(b"k" * 32, "1.2.840.99999"),
-                       quality=QualityReport(True, 120.0, 90.0, 0.001),
-                       prediction=Prediction(("a", "b"), (0.2, 0.8)),
-                       triage=TriageResult("routine", "b: refer for review"),
-                       latency_ms={"preprocess": 0.1, "inference": 0.2, "total": 0.4})
+    frame = Frame(
+        index=3,
+        source_kind="folder",
+        image=np.zeros((2, 2), np.uint8),
+        name="PATIENT_DOE_JOHN.png",
+        study_uid="1.2.840.99999",
+    )
+    env = build_result(
+        _ctx(),
+        frame=frame,
+        seq=7,
+        created_at=1.7e9,
+        clock_synced=True,
+        session_id=pseudonym(b"k" * 32, "1.2.840.99999"),
+        quality=QualityReport(True, 120.0, 90.0, 0.001),
+        prediction=Prediction(("a", "b"), (0.2, 0.8)),
+        triage=TriageResult("routine", "b: refer for review"),
+        latency_ms={"preprocess": 0.1, "inference": 0.2, "total": 0.4},
+    )
     jsonschema.validate(env, result_schema())
     wire = encode(env).decode()
     assert "PATIENT_DOE_JOHN" not in wire and "1.2.840.99999" not in wire
@@ -115,10 +142,18 @@ def test_envelope_validates_and_hides_file_names() -> None:
 
 
 def test_envelope_schema_rejects_missing_field() -> None:
-    env = build_result(_ctx(), frame=Frame(index=0, source_kind="video"), seq=0, created_at=1.7e9,
-                       clock_synced=None, session_id=None, quality=None, prediction=None,
-                       triage=TriageResult("error", "unreadable"), latency_ms={"preprocess": 0, "inference": 0,
-                                                                               "total": 0})
+    env = build_result(
+        _ctx(),
+        frame=Frame(index=0, source_kind="video"),
+        seq=0,
+        created_at=1.7e9,
+        clock_synced=None,
+        session_id=None,
+        quality=None,
+        prediction=None,
+        triage=TriageResult("error", "unreadable"),
+        latency_ms={"preprocess": 0, "inference": 0, "total": 0},
+    )
     jsonschema.validate(env, result_schema())
     del env["seq"]
     with pytest.raises(jsonschema.ValidationError):
@@ -153,8 +188,10 @@ def test_health_percentiles() -> None:
 
 
 def test_import_edgemed_needs_only_the_standard_library() -> None:
-    code = ("import sys; import edgemed, edgemed.errors, edgemed.types; "
-            "heavy = {'numpy', 'cv2', 'paho', 'pydantic', 'ai_edge_litert', 'tensorflow'} & set(sys.modules); "
-            "print(sorted(heavy))")
+    code = (
+        "import sys; import edgemed, edgemed.errors, edgemed.types; "
+        "heavy = {'numpy', 'cv2', 'paho', 'pydantic', 'ai_edge_litert', 'tensorflow'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []

@@ -34,7 +34,12 @@ XSS_REASON = '<img src=x onerror="document.title=\'pwned\'"><script>document.tit
 
 
 def make_result(
-    *, device_id: str = "us-01", site: str = "clinic-a", seq: int = 0, level: str = "routine", reason: str = "ok",
+    *,
+    device_id: str = "us-01",
+    site: str = "clinic-a",
+    seq: int = 0,
+    level: str = "routine",
+    reason: str = "ok",
     label: str = "benign",
 ) -> dict[str, Any]:
     """A result envelope as a device publishes it (checked against the real schema in the tests below)."""
@@ -60,20 +65,48 @@ def make_result(
 
 def make_study(*, device_id: str = "us-01", site: str = "clinic-a", level: str = "urgent") -> dict[str, Any]:
     return {
-        "schema": "edgemed.study/1", "result_id": uuid.uuid4().hex, "seq": 99, "device_id": device_id,
-        "site": site, "created_at": "2026-11-25T10:00:05Z", "clock_synced": True, "session_id": "c" * 32,
-        "model": {"name": "breast-cnn", "version": "1", "sha256": "a" * 64}, "source_kind": "video",
-        "first_seq": 90, "last_seq": 98,
-        "triage": {"level": level, "reason": "3 of 9 frames urgent", "frames": 9, "valid_frames": 9,
-                   "rule": "any_urgent", "counts": {"urgent": 3, "routine": 6}},
+        "schema": "edgemed.study/1",
+        "result_id": uuid.uuid4().hex,
+        "seq": 99,
+        "device_id": device_id,
+        "site": site,
+        "created_at": "2026-11-25T10:00:05Z",
+        "clock_synced": True,
+        "session_id": "c" * 32,
+        "model": {"name": "breast-cnn", "version": "1", "sha256": "a" * 64},
+        "source_kind": "video",
+        "first_seq": 90,
+        "last_seq": 98,
+        "triage": {
+            "level": level,
+            "reason": "3 of 9 frames urgent",
+            "frames": 9,
+            "valid_frames": 9,
+            "rule": "any_urgent",
+            "counts": {"urgent": 3, "routine": 6},
+        },
     }
 
 
-HEALTH = {"schema": "edgemed.health/1", "uptime_s": 12.0, "frames": 40, "errors": 0, "recaptures": 1, "fps": 7.5,
-          "latency_ms": {"p50": 3.2, "p95": 8.9}, "delegate": "cpu", "degraded": True,
-          "degraded_reason": "edgetpu absent; CPU fallback allowed", "pending": 17, "oldest_pending_s": 125.0,
-          "outbox_full": False, "disk_free_mb": 900.0, "cpu_temp_c": None, "source_state": "reading",
-          "connected": True}
+HEALTH = {
+    "schema": "edgemed.health/1",
+    "uptime_s": 12.0,
+    "frames": 40,
+    "errors": 0,
+    "recaptures": 1,
+    "fps": 7.5,
+    "latency_ms": {"p50": 3.2, "p95": 8.9},
+    "delegate": "cpu",
+    "degraded": True,
+    "degraded_reason": "edgetpu absent; CPU fallback allowed",
+    "pending": 17,
+    "oldest_pending_s": 125.0,
+    "outbox_full": False,
+    "disk_free_mb": 900.0,
+    "cpu_temp_c": None,
+    "source_state": "reading",
+    "connected": True,
+}
 
 
 def test_sample_payloads_follow_the_real_schema() -> None:
@@ -128,8 +161,10 @@ def test_store_fleet_counts_and_acknowledgement(tmp_path: Path) -> None:
         store.recent_results("bogus")
 
     waiting = store.unacknowledged_urgent()
-    assert [(w["kind"], w["result_id"]) for w in waiting] == [("frame", urgent["result_id"]),
-                                                             ("study", study["result_id"])]
+    assert [(w["kind"], w["result_id"]) for w in waiting] == [
+        ("frame", urgent["result_id"]),
+        ("study", study["result_id"]),
+    ]
     assert store.acknowledge(urgent["result_id"], by="AB") is AckOutcome.ACKNOWLEDGED
     assert store.acknowledge(urgent["result_id"], by="CD") is AckOutcome.ALREADY
     assert store.acknowledge(uuid.uuid4().hex) is AckOutcome.NOT_FOUND
@@ -181,8 +216,12 @@ class Device:
     def __init__(self, port: int) -> None:
         import paho.mqtt.client as paho
 
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="edgemed-clinic-a-us-01",
-                                  protocol=paho.MQTTv311, clean_session=False)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id="edgemed-clinic-a-us-01",
+            protocol=paho.MQTTv311,
+            clean_session=False,
+        )
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -237,7 +276,10 @@ def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_
         second.start()
         try:
             assert _wait(lambda: store.result_count() == 4 and second.snapshot()["received"] >= 6, 10), (
-                store.result_count(), second.snapshot(), broker.log_tail())
+                store.result_count(),
+                second.snapshot(),
+                broker.log_tail(),
+            )
             stats = second.snapshot()
             assert stats["rejected"] == 2 and stats["duplicates"] == 1 and stats["stored"] == 3
             assert stats["connected"] is True
@@ -264,16 +306,26 @@ def populated(tmp_path: Path) -> DashboardStore:
     store.set_status("clinic-c", "rpi-03", {"state": "online"}, time.time() - 600)  # online, then nothing
     store.add_result(make_result(level="urgent", reason=XSS_REASON, seq=5, label="<b>malignant</b>"))
     store.add_result(make_result(level="routine", reason="benign 0.82", seq=6))
-    store.add_result(make_result(level="recapture", reason="image too blurred", seq=7, device_id="xr-02",
-                                 site="clinic-b"))
+    store.add_result(
+        make_result(level="recapture", reason="image too blurred", seq=7, device_id="xr-02", site="clinic-b")
+    )
     return store
 
 
 @pytest.fixture
 def web(populated: DashboardStore) -> Iterator[DashboardServer]:
-    server = make_server(populated, port=0,
-                         ingest_snapshot=lambda: {"connected": True, "broker_error": None, "received": 3,
-                                                  "stored": 3, "duplicates": 0, "rejected": 0})
+    server = make_server(
+        populated,
+        port=0,
+        ingest_snapshot=lambda: {
+            "connected": True,
+            "broker_error": None,
+            "received": 3,
+            "stored": 3,
+            "duplicates": 0,
+            "rejected": 0,
+        },
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     yield server
@@ -282,8 +334,14 @@ def web(populated: DashboardStore) -> Iterator[DashboardServer]:
     thread.join(5)
 
 
-def _request(server: DashboardServer, path: str, *, method: str = "GET", body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def _request(
+    server: DashboardServer,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(server.url.rstrip("/") + path, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -316,10 +374,26 @@ def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
 
     rid = urgent[0]["result_id"]
     # Cross-site attempts: a form post (no JSON type), a foreign Origin, a DNS-rebinding Host.
-    assert _request(web, f"/api/ack/{rid}", method="POST", body=b"by=x",
-                    headers={"Content-Type": "application/x-www-form-urlencoded"})[0] == 403
-    assert _request(web, f"/api/ack/{rid}", method="POST", body=b"{}",
-                    headers={"Content-Type": "application/json", "Origin": "http://evil.example"})[0] == 403
+    assert (
+        _request(
+            web,
+            f"/api/ack/{rid}",
+            method="POST",
+            body=b"by=x",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )[0]
+        == 403
+    )
+    assert (
+        _request(
+            web,
+            f"/api/ack/{rid}",
+            method="POST",
+            body=b"{}",
+            headers={"Content-Type": "application/json", "Origin": "http://evil.example"},
+        )[0]
+        == 403
+    )
     assert _request(web, "/api/summary", headers={"Host": "evil.example"})[0] == 403
     json_headers = {"Content-Type": "application/json"}
     status, _, body = _request(web, f"/api/ack/{rid}", method="POST", body=b'{"by": "AB"}', headers=json_headers)
@@ -338,15 +412,22 @@ def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
 def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     if not Path(CHROMIUM).exists():
         pytest.fail("headless Chromium is needed for the browser test: apt-get install -y chromium")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=3000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=3000",
+    ]
     return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=60)
 
 
-def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(
-    web: DashboardServer, tmp_path: Path
-) -> None:
+def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(web: DashboardServer, tmp_path: Path) -> None:
     proc = _chromium(tmp_path, web.url, "--dump-dom")
     dom = proc.stdout
     assert proc.returncode == 0 and "<html" in dom, proc.stderr[-2000:]
@@ -376,24 +457,38 @@ class PipeBrowser:
             os.dup2(cmd_r, 3)
             os.dup2(out_w, 4)
 
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-cdp'}", "--remote-debugging-pipe"]
-        self.proc = subprocess.Popen([CHROMIUM, *flags, "about:blank"], pass_fds=(3, 4, cmd_r, out_w), preexec_fn=wire,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-cdp'}",
+            "--remote-debugging-pipe",
+        ]
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *flags, "about:blank"],
+            pass_fds=(3, 4, cmd_r, out_w),
+            preexec_fn=wire,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(cmd_r)
         os.close(out_w)
         self._buf = b""
         self._next_id = 0
         targets = self.call("Target.getTargets")["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
-        self.session = self.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})[
-            "sessionId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
         # Navigate only once attached, so that no evaluation runs in the blank page being replaced.
         self.call("Page.navigate", {"url": url}, self.session)
 
-    def call(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
-             timeout_s: float = 10.0) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, session: str | None = None, timeout_s: float = 10.0
+    ) -> dict[str, Any]:
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
@@ -415,8 +510,9 @@ class PipeBrowser:
 
     def evaluate(self, expression: str) -> Any:
         """Run JS in the page (awaiting a promise) and return its JSON value."""
-        result = self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                 "returnByValue": True}, self.session)
+        result = self.call(
+            "Runtime.evaluate", {"expression": expression, "awaitPromise": True, "returnByValue": True}, self.session
+        )
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
 
@@ -441,14 +537,18 @@ def test_browser_acknowledge_button_records_the_ack_and_hostile_text_never_runs(
     try:
         rid = browser.evaluate(_WAIT_FOR_JS % "document.querySelector('button[data-result]')?.dataset.result")
         assert rid == populated.unacknowledged_urgent()[0]["result_id"]
-        browser.evaluate("document.getElementById('ack-by').value = 'AB'; "
-                         "document.querySelector('button[data-result]').click(); true")
+        browser.evaluate(
+            "document.getElementById('ack-by').value = 'AB'; "
+            "document.querySelector('button[data-result]').click(); true"
+        )
         assert _wait(lambda: populated.unacknowledged_urgent() == [], 10)
         assert populated.recent_results("urgent")[0]["acked_by"] == "AB"
         # The page refreshes itself: the urgent list empties and the result shows who reviewed it.
         assert browser.evaluate(_WAIT_FOR_JS % "document.querySelector('#attention-body .empty')?.textContent")
-        assert browser.evaluate(_WAIT_FOR_JS % "[...document.querySelectorAll('.result-row')]"
-                                ".some((r) => r.textContent.includes('Seen by AB'))")
+        assert browser.evaluate(
+            _WAIT_FOR_JS % "[...document.querySelectorAll('.result-row')]"
+            ".some((r) => r.textContent.includes('Seen by AB'))"
+        )
         # The hostile reason rendered as text: the title is untouched and no <img> or extra <script> exists.
         assert browser.evaluate("document.title") == "edgemed fleet dashboard"
         assert browser.evaluate("document.querySelectorAll('img').length + document.scripts.length") == 1
@@ -461,14 +561,16 @@ def test_serve_runs_ingest_and_web_until_stopped(broker: Mosquitto, tmp_path: Pa
     urls: list[str] = []
     outcome: list[int] = []
     thread = threading.Thread(
-        target=lambda: outcome.append(serve(broker.url, db=tmp_path / "s.sqlite3", port=0, stop=stop,
-                                            on_ready=urls.append)),
+        target=lambda: outcome.append(
+            serve(broker.url, db=tmp_path / "s.sqlite3", port=0, stop=stop, on_ready=urls.append)
+        ),
         daemon=True,
     )
     thread.start()
     assert _wait(lambda: bool(urls), 10)
     device = Device(broker.port)
     try:
+
         def summary() -> dict[str, Any]:
             try:
                 with urllib.request.urlopen(urls[0] + "api/summary", timeout=2) as resp:
@@ -493,12 +595,14 @@ def test_cli_arguments_and_bad_settings(tmp_path: Path) -> None:
     args = parser.parse_args(["--broker", "http://x", "--db", str(tmp_path / "x.sqlite3")])
     with pytest.raises(ConfigError, match="mqtt://"):
         run(args)
-    args = parser.parse_args(["--broker", "mqtt://127.0.0.1:1883", "--db", str(tmp_path / "x.sqlite3"),
-                              "--username", "ops"])
+    args = parser.parse_args(
+        ["--broker", "mqtt://127.0.0.1:1883", "--db", str(tmp_path / "x.sqlite3"), "--username", "ops"]
+    )
     with pytest.raises(ConfigError, match="password"):
         run(args)
-    args = parser.parse_args(["--broker", "mqtt://127.0.0.1:1883", "--db", str(tmp_path / "x.sqlite3"),
-                              "--port", "70000"])
+    args = parser.parse_args(
+        ["--broker", "mqtt://127.0.0.1:1883", "--db", str(tmp_path / "x.sqlite3"), "--port", "70000"]
+    )
     with pytest.raises(ConfigError, match="--port"):
         run(args)
 

@@ -12,10 +12,12 @@ from edgemed.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_doctor_on_this_machine(tmp_path: Path, data_dir: Path, broker: Mosquitto,
-                                capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["doctor", "--source", str(data_dir / "isic_samples"), "--broker", broker.url,
-                 "--data-dir", str(tmp_path)])
+def test_doctor_on_this_machine(
+    tmp_path: Path, data_dir: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["doctor", "--source", str(data_dir / "isic_samples"), "--broker", broker.url, "--data-dir", str(tmp_path)]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "ok    interpreter       ai_edge_litert" in out
@@ -25,8 +27,9 @@ def test_doctor_on_this_machine(tmp_path: Path, data_dir: Path, broker: Mosquitt
     assert "warn  delegate edgetpu" in out and "libedgetpu1-std" in out
 
 
-def test_doctor_fails_when_the_profile_needs_a_missing_accelerator(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_fails_when_the_profile_needs_a_missing_accelerator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     profile = tmp_path / "p.yaml"
     profile.write_text("profile: t\ndevice: {id: d1}\ninference: {accelerator: edgetpu, allow_cpu_fallback: false}\n")
     code = main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)])

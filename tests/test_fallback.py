@@ -140,9 +140,7 @@ def test_edgetpu_delegate_that_loads_runs_undegraded(fake_delegate: dict[str, An
     assert backend.invoke(x).tolist() == cpu.invoke(x).tolist()
 
 
-def test_edgetpu_without_device_option_passes_no_options(
-    fake_delegate: dict[str, Any], compiled: Path
-) -> None:
+def test_edgetpu_without_device_option_passes_no_options(fake_delegate: dict[str, Any], compiled: Path) -> None:
     make_backend(compiled, BackendConfig(accelerator="edgetpu"))
     assert fake_delegate["options"] == {}
 
@@ -161,31 +159,23 @@ def test_delegate_that_fails_to_prepare_falls_back_or_stops(
 def test_uncompiled_model_on_a_working_edgetpu(fake_delegate: dict[str, Any], int8_model: Path) -> None:
     backend = make_backend(int8_model, BackendConfig(accelerator="edgetpu"))
     assert (backend.delegate, backend.degraded) == ("cpu", True)
-    assert (
-        backend.degraded_reason is not None and "edgemed convert --target edgetpu" in backend.degraded_reason
-    )
+    assert backend.degraded_reason is not None and "edgemed convert --target edgetpu" in backend.degraded_reason
     with pytest.raises(ModelError, match="edgemed convert --target edgetpu"):
         make_backend(int8_model, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
 
 
 def test_gpu_delegate_library_that_loads_runs_on_gpu(fake_delegate: dict[str, Any], int8_model: Path) -> None:
-    cfg = BackendConfig(
-        accelerator="gpu", gpu_library="libtensorflowlite_gpu_delegate.so", allow_cpu_fallback=False
-    )
+    cfg = BackendConfig(accelerator="gpu", gpu_library="libtensorflowlite_gpu_delegate.so", allow_cpu_fallback=False)
     backend = make_backend(int8_model, cfg)
     assert (backend.delegate, backend.degraded) == ("gpu", False)
-    assert (
-        fake_delegate["library"] == "libtensorflowlite_gpu_delegate.so" and fake_delegate["delegate"] == "gpu"
-    )
+    assert fake_delegate["library"] == "libtensorflowlite_gpu_delegate.so" and fake_delegate["delegate"] == "gpu"
 
 
 def test_absent_gpu_delegate_library(int8_model: Path) -> None:
     cfg = BackendConfig(accelerator="gpu", gpu_library="libtensorflowlite_gpu_delegate.so")
     backend = make_backend(int8_model, cfg)
     assert (backend.delegate, backend.degraded) == ("cpu", True)
-    assert (
-        backend.degraded_reason is not None and "libtensorflowlite_gpu_delegate.so" in backend.degraded_reason
-    )
+    assert backend.degraded_reason is not None and "libtensorflowlite_gpu_delegate.so" in backend.degraded_reason
     with pytest.raises(DelegateUnavailableError, match="gpu delegate unavailable"):
         make_backend(int8_model, cfg.model_copy(update={"allow_cpu_fallback": False}))
 
@@ -193,9 +183,7 @@ def test_absent_gpu_delegate_library(int8_model: Path) -> None:
 def test_litert_gpu_accelerator_without_a_gpu(int8_model: Path) -> None:
     backend = make_backend(int8_model, BackendConfig(accelerator="gpu"))
     assert (backend.delegate, backend.degraded) == ("cpu", True)
-    assert (
-        backend.degraded_reason is not None and "GPU accelerator could not compile" in backend.degraded_reason
-    )
+    assert backend.degraded_reason is not None and "GPU accelerator could not compile" in backend.degraded_reason
     assert backend.invoke(_zeros(backend)).shape == (2,)
     with pytest.raises(DelegateUnavailableError) as info:
         make_backend(int8_model, BackendConfig(accelerator="gpu", allow_cpu_fallback=False))
@@ -204,9 +192,7 @@ def test_litert_gpu_accelerator_without_a_gpu(int8_model: Path) -> None:
 
 def test_fallback_model_that_cannot_load_is_a_model_error(tmp_path: Path, int8_model: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
-        make_backend(
-            int8_model, BackendConfig(accelerator="edgetpu"), fallback_model=tmp_path / "twin.tflite"
-        )
+        make_backend(int8_model, BackendConfig(accelerator="edgetpu"), fallback_model=tmp_path / "twin.tflite")
 
 
 def test_check_library_tells_absent_from_not_a_delegate() -> None:

@@ -216,10 +216,7 @@ def test_probe_on_this_machine_finds_the_cpu_only(tmp_path: Path) -> None:
     rows = probe_delegates(BackendConfig(threads=3), dev=tmp_path / "dev", sysfs=tmp_path / "sys")
     assert [r.name for r in rows] == ["cpu", "edgetpu", "gpu"]
     cpu, edgetpu, gpu = rows
-    assert (
-        cpu.available
-        and cpu.detail == f"ai_edge_litert {runtime_version('ai_edge_litert')}, XNNPACK, 3 threads"
-    )
+    assert cpu.available and cpu.detail == f"ai_edge_litert {runtime_version('ai_edge_litert')}, XNNPACK, 3 threads"
     assert runtime_version("ai_edge_litert")[0].isdigit()
     assert not edgetpu.available and "libedgetpu.so.1 cannot be loaded" in edgetpu.detail
     assert "no Coral USB" in edgetpu.detail

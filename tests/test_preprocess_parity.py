@@ -15,8 +15,9 @@ from edgemed.preprocess import prepare
 
 
 @pytest.mark.parametrize(("size", "mode"), [((64, 64), "rgb"), ((28, 28), "gray")])
-def test_training_and_device_preprocessing_agree(tmp_path: Path, data_dir: Path, size: tuple[int, int],
-                                                 mode: str) -> None:
+def test_training_and_device_preprocessing_agree(
+    tmp_path: Path, data_dir: Path, size: tuple[int, int], mode: str
+) -> None:
     # The labelled folder of 12 real full-resolution dermoscopy photographs (722x542 to 1504x1129).
     shutil.copytree(data_dir / "isic_samples", tmp_path, dirs_exist_ok=True)
     names = sorted(p.name for p in tmp_path.glob("*.jpg"))

@@ -16,8 +16,14 @@ PROFILES = sorted((ROOT / "firmware_configs").glob("*.yaml"))
 
 def test_there_is_a_profile_for_each_target_device() -> None:
     names = {p.stem for p in PROFILES}
-    assert {"rpi4-coral-usb", "coral-devboard", "jetson-orin-nano", "x86_64-cpu", "dermatoscope-example",
-            "ultrasound-probe-example"} <= names
+    assert {
+        "rpi4-coral-usb",
+        "coral-devboard",
+        "jetson-orin-nano",
+        "x86_64-cpu",
+        "dermatoscope-example",
+        "ultrasound-probe-example",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)

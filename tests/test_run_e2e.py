@@ -80,17 +80,31 @@ def ultrasound_folder(tmp_path: Path, data_dir: Path) -> Path:
 
 
 def run_edgemed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_every_frame_gives_exactly_one_valid_result(int8_model: Path, ultrasound_folder: Path, broker: Mosquitto,
-                                                    tmp_path: Path) -> None:
+def test_every_frame_gives_exactly_one_valid_result(
+    int8_model: Path, ultrasound_folder: Path, broker: Mosquitto, tmp_path: Path
+) -> None:
     collector = Collector(broker.port)
     try:
-        proc = run_edgemed("run", "--model", str(int8_model), "--source", str(ultrasound_folder),
-                           "--broker", broker.url, "--device-id", "us-01", "--site", "clinic_a",
-                           "--data-dir", str(tmp_path / "device"), "--health-interval", "0.2")
+        proc = run_edgemed(
+            "run",
+            "--model",
+            str(int8_model),
+            "--source",
+            str(ultrasound_folder),
+            "--broker",
+            broker.url,
+            "--device-id",
+            "us-01",
+            "--site",
+            "clinic_a",
+            "--data-dir",
+            str(tmp_path / "device"),
+            "--health-interval",
+            "0.2",
+        )
         assert proc.returncode == 0, proc.stderr
         results = collector.wait_results(N_IMAGES + 1)
     finally:
@@ -103,8 +117,7 @@ def test_every_frame_gives_exactly_one_valid_result(int8_model: Path, ultrasound
     for r in results:
         jsonschema.validate(r, result_schema())
         assert r["device_id"] == "us-01" and r["site"] == "clinic_a" and r["source"]["kind"] == "folder"
-        assert r["runtime"] == {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False,
-                                "edgemed": "0.1.0"}
+        assert r["runtime"] == {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False, "edgemed": "0.1.0"}
         assert "img" not in json.dumps(r)  # no file name leaves the device
     # The corrupt file keeps its index and is reported, not dropped.
     bad = next(r for r in results if r["source"]["index"] == N_IMAGES)
@@ -131,13 +144,27 @@ def test_every_frame_gives_exactly_one_valid_result(int8_model: Path, ultrasound
     assert sorted(r["seq"] for r in results) == list(range(N_IMAGES + 1))
 
 
-def test_status_and_health_are_published(int8_model: Path, ultrasound_folder: Path, broker: Mosquitto,
-                                         tmp_path: Path) -> None:
+def test_status_and_health_are_published(
+    int8_model: Path, ultrasound_folder: Path, broker: Mosquitto, tmp_path: Path
+) -> None:
     collector = Collector(broker.port)
     try:
-        proc = run_edgemed("run", "--model", str(int8_model), "--source", str(ultrasound_folder),
-                           "--broker", broker.url, "--device-id", "us-02", "--data-dir", str(tmp_path / "d"),
-                           "--health-interval", "0.1", "--quiet")
+        proc = run_edgemed(
+            "run",
+            "--model",
+            str(int8_model),
+            "--source",
+            str(ultrasound_folder),
+            "--broker",
+            broker.url,
+            "--device-id",
+            "us-02",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--health-interval",
+            "0.1",
+            "--quiet",
+        )
         assert proc.returncode == 0, proc.stderr
         collector.wait_results(N_IMAGES + 1)
         time.sleep(0.3)
@@ -162,20 +189,49 @@ def test_status_and_health_are_published(int8_model: Path, ultrasound_folder: Pa
 
 
 def test_edgetpu_with_fallback_refused_exits_6(int8_model: Path, ultrasound_folder: Path, tmp_path: Path) -> None:
-    proc = run_edgemed("run", "--model", str(int8_model), "--source", str(ultrasound_folder), "--device-id",
-                       "us-03", "--data-dir", str(tmp_path / "d"), "--accelerator", "edgetpu", "--no-fallback")
+    proc = run_edgemed(
+        "run",
+        "--model",
+        str(int8_model),
+        "--source",
+        str(ultrasound_folder),
+        "--device-id",
+        "us-03",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--accelerator",
+        "edgetpu",
+        "--no-fallback",
+    )
     assert proc.returncode == 6, proc.stderr
     assert "edgetpu delegate unavailable" in proc.stderr and "libedgetpu" in proc.stderr
     assert "Delegate.__del__" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
-def test_edgetpu_with_fallback_allowed_runs_degraded(int8_model: Path, ultrasound_folder: Path,
-                                                     broker: Mosquitto, tmp_path: Path) -> None:
+def test_edgetpu_with_fallback_allowed_runs_degraded(
+    int8_model: Path, ultrasound_folder: Path, broker: Mosquitto, tmp_path: Path
+) -> None:
     collector = Collector(broker.port)
     try:
-        proc = run_edgemed("run", "--model", str(int8_model), "--source", str(ultrasound_folder),
-                           "--broker", broker.url, "--device-id", "us-04", "--data-dir", str(tmp_path / "d"),
-                           "--accelerator", "edgetpu", "--allow-fallback", "--health-interval", "0.1", "--quiet")
+        proc = run_edgemed(
+            "run",
+            "--model",
+            str(int8_model),
+            "--source",
+            str(ultrasound_folder),
+            "--broker",
+            broker.url,
+            "--device-id",
+            "us-04",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--accelerator",
+            "edgetpu",
+            "--allow-fallback",
+            "--health-interval",
+            "0.1",
+            "--quiet",
+        )
         assert proc.returncode == 0, proc.stderr
         results = collector.wait_results(N_IMAGES + 1)
         time.sleep(0.3)

@@ -72,9 +72,7 @@ def test_low_top_probability_is_inconclusive_with_the_numbers() -> None:
 def test_small_margin_is_inconclusive() -> None:
     tight = triage(Prediction(("a", "b"), (0.55, 0.45)), TriagePolicy(min_confidence=0.5, min_margin=0.2))
     assert tight.level == "inconclusive"
-    assert (
-        tight.reason == "a 0.55 is too close to the next class (0.45; margin 0.10 < 0.20): recapture or refer"
-    )
+    assert tight.reason == "a 0.55 is too close to the next class (0.45; margin 0.10 < 0.20): recapture or refer"
 
 
 def test_confident_routine_class_is_referred() -> None:
@@ -254,9 +252,7 @@ def policies(draw: st.DrawFn, n: int, urgent: int | None = None) -> TriagePolicy
                 if i == urgent
                 else draw(
                     st.sampled_from(
-                        ["routine", "no_finding"]
-                        if urgent is not None
-                        else ["urgent", "routine", "no_finding"]
+                        ["routine", "no_finding"] if urgent is not None else ["urgent", "routine", "no_finding"]
                     )
                 )
             )
@@ -335,9 +331,7 @@ def test_a_policy_without_urgent_rules_never_says_urgent_and_without_rules_never
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.sampled_from(sorted(LEVELS)), min_size=0, max_size=40), st.integers(1, 4), st.integers(1, 4)
-)
+@given(st.lists(st.sampled_from(sorted(LEVELS)), min_size=0, max_size=40), st.integers(1, 4), st.integers(1, 4))
 def test_worst_case_study_is_at_least_as_severe_as_every_well_supported_frame_level(
     levels: list[str], min_valid: int, per_level: int
 ) -> None:

@@ -101,8 +101,9 @@ def serve(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 restore.append((sig, signal.signal(sig, _on_signal)))
         ingest.start()
-        web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgemed-web",
-                               daemon=True)
+        web = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgemed-web", daemon=True
+        )
         web.start()
         log.info("dashboard at %s (database %s, broker %s)", server.url, db, cfg.url)
         if on_ready is not None:
@@ -127,29 +128,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Args:
         p: the sub-command's parser.
     """
-    p.add_argument("--broker", required=True, metavar="URL",
-                   help="broker the devices publish to: mqtt://host:1883 or mqtts://host:8883")
-    p.add_argument("--db", required=True, type=Path, metavar="FILE",
-                   help="SQLite file for results and device state (created if missing, kept across restarts)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface for the web page (default 127.0.0.1; the page has no login of its own)")
+    p.add_argument(
+        "--broker",
+        required=True,
+        metavar="URL",
+        help="broker the devices publish to: mqtt://host:1883 or mqtts://host:8883",
+    )
+    p.add_argument(
+        "--db",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="SQLite file for results and device state (created if missing, kept across restarts)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface for the web page (default 127.0.0.1; the page has no login of its own)",
+    )
     p.add_argument("--port", type=int, default=8080, help="TCP port for the web page (default 8080)")
-    p.add_argument("--client-id", default=None,
-                   help="MQTT client id; keep it fixed so queued results reach this dashboard "
-                        "(default edgemed-dashboard)")
+    p.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id; keep it fixed so queued results reach this dashboard (default edgemed-dashboard)",
+    )
     p.add_argument("--username", default=None, help="broker user name")
     secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--password-env", default=None, metavar="VAR",
-                        help="environment variable holding the broker password")
-    secret.add_argument("--password-file", type=Path, default=None, metavar="FILE",
-                        help="file whose first line is the broker password")
+    secret.add_argument(
+        "--password-env", default=None, metavar="VAR", help="environment variable holding the broker password"
+    )
+    secret.add_argument(
+        "--password-file", type=Path, default=None, metavar="FILE", help="file whose first line is the broker password"
+    )
     p.add_argument("--ca-file", type=Path, default=None, help="PEM CA of the broker's certificate (mqtts://)")
     p.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate, if the broker wants one")
     p.add_argument("--key-file", type=Path, default=None, help="PEM key of --cert-file")
-    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], default="5",
-                   help="MQTT version (default 5); 3.1.1 for an older broker")
-    p.add_argument("--allow-plaintext-remote", action="store_true",
-                   help="allow mqtt:// to a broker on another machine (results then cross the network in clear)")
+    p.add_argument(
+        "--mqtt-protocol",
+        choices=["5", "3.1.1"],
+        default="5",
+        help="MQTT version (default 5); 3.1.1 for an older broker",
+    )
+    p.add_argument(
+        "--allow-plaintext-remote",
+        action="store_true",
+        help="allow mqtt:// to a broker on another machine (results then cross the network in clear)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -262,14 +262,20 @@ class Ingest:
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
         if reason.is_failure:
-            message = f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name, " \
+            message = (
+                f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name, "
                 "password and client id"
+            )
             log.error("%s", message)
             with self._lock:
                 self.stats.broker_error = message
             return
-        log.info("dashboard connected to %s as %s (session present: %s)", self.cfg.url, self.client_id,
-                 getattr(flags, "session_present", None))
+        log.info(
+            "dashboard connected to %s as %s (session present: %s)",
+            self.cfg.url,
+            self.client_id,
+            getattr(flags, "session_present", None),
+        )
         with self._lock:
             self.stats.connected = True
             self.stats.broker_error = None

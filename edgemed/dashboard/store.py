@@ -184,10 +184,20 @@ class DashboardStore:
         prediction = _obj(result.get("prediction"))
         triage = result["triage"]
         row = (
-            result["result_id"], result["site"], result["device_id"], result["seq"], result["created_at"],
-            _flag(result.get("clock_synced")), now, triage["level"], triage["reason"],
-            _text(prediction.get("label")), _text(runtime.get("delegate")), _flag(runtime.get("degraded")),
-            _text(result.get("session_id")), json.dumps(_strip_private(result), separators=(",", ":")),
+            result["result_id"],
+            result["site"],
+            result["device_id"],
+            result["seq"],
+            result["created_at"],
+            _flag(result.get("clock_synced")),
+            now,
+            triage["level"],
+            triage["reason"],
+            _text(prediction.get("label")),
+            _text(runtime.get("delegate")),
+            _flag(runtime.get("degraded")),
+            _text(result.get("session_id")),
+            json.dumps(_strip_private(result), separators=(",", ":")),
         )
         with self._lock, self._db:
             cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -207,9 +217,19 @@ class DashboardStore:
         now = time.time() if received_at is None else received_at
         triage = study["triage"]
         row = (
-            study["result_id"], study["site"], study["device_id"], study["seq"], study["created_at"], now,
-            triage["level"], triage["reason"], _int(triage.get("frames")), _int(study.get("first_seq")),
-            _int(study.get("last_seq")), _text(study.get("session_id")), json.dumps(study, separators=(",", ":")),
+            study["result_id"],
+            study["site"],
+            study["device_id"],
+            study["seq"],
+            study["created_at"],
+            now,
+            triage["level"],
+            triage["reason"],
+            _int(triage.get("frames")),
+            _int(study.get("first_seq")),
+            _int(study.get("last_seq")),
+            _text(study.get("session_id")),
+            json.dumps(study, separators=(",", ":")),
         )
         with self._lock, self._db:
             cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -269,9 +289,7 @@ class DashboardStore:
             ).fetchone()
             if known is None:
                 return AckOutcome.NOT_FOUND
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (result_id, now, by.strip()[:64])
-            )
+            cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (result_id, now, by.strip()[:64]))
             return AckOutcome.ACKNOWLEDGED if cur.rowcount == 1 else AckOutcome.ALREADY
 
     # -- reads (web) -------------------------------------------------------------------------------------------
@@ -307,28 +325,30 @@ class DashboardStore:
             latency_value = health.get("latency_ms")
             latency: dict[str, Any] = latency_value if isinstance(latency_value, dict) else {}
             state = status.get("state")
-            fleet.append({
-                "site": row["site"],
-                "device_id": row["device_id"],
-                "state": state if isinstance(state, str) and state else "unknown",
-                "last_seen": row["last_seen"],
-                "last_seen_s_ago": round(max(0.0, t - row["last_seen"]), 1),
-                "delegate": newest.get("delegate", status.get("delegate")),
-                "degraded": bool(newest.get("degraded", status.get("degraded", False))),
-                "degraded_reason": health.get("degraded_reason"),
-                "pending": health.get("pending"),
-                "oldest_pending_s": health.get("oldest_pending_s"),
-                "outbox_full": health.get("outbox_full"),
-                "fps": health.get("fps"),
-                "p95_ms": latency.get("p95"),
-                "frames": health.get("frames"),
-                "errors": health.get("errors"),
-                "connected": health.get("connected"),
-                "source_state": health.get("source_state"),
-                "model": status.get("model"),
-                "offline_reason": status.get("reason") if state == "offline" else None,
-                "silent": state == "online" and t - row["last_seen"] > silent_after_s,
-            })
+            fleet.append(
+                {
+                    "site": row["site"],
+                    "device_id": row["device_id"],
+                    "state": state if isinstance(state, str) and state else "unknown",
+                    "last_seen": row["last_seen"],
+                    "last_seen_s_ago": round(max(0.0, t - row["last_seen"]), 1),
+                    "delegate": newest.get("delegate", status.get("delegate")),
+                    "degraded": bool(newest.get("degraded", status.get("degraded", False))),
+                    "degraded_reason": health.get("degraded_reason"),
+                    "pending": health.get("pending"),
+                    "oldest_pending_s": health.get("oldest_pending_s"),
+                    "outbox_full": health.get("outbox_full"),
+                    "fps": health.get("fps"),
+                    "p95_ms": latency.get("p95"),
+                    "frames": health.get("frames"),
+                    "errors": health.get("errors"),
+                    "connected": health.get("connected"),
+                    "source_state": health.get("source_state"),
+                    "model": status.get("model"),
+                    "offline_reason": status.get("reason") if state == "offline" else None,
+                    "silent": state == "online" and t - row["last_seen"] > silent_after_s,
+                }
+            )
         return fleet
 
     @staticmethod

@@ -150,12 +150,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.OK, {"now": now, "level": level, "results": results})
             elif url.path == "/api/summary":
                 snapshot = self.server.ingest_snapshot
-                self._json(HTTPStatus.OK, {
-                    "now": now,
-                    "counts": self.server.store.level_counts(),
-                    "attention": self.server.store.unacknowledged_urgent(),
-                    "ingest": snapshot() if snapshot is not None else None,
-                })
+                self._json(
+                    HTTPStatus.OK,
+                    {
+                        "now": now,
+                        "counts": self.server.store.level_counts(),
+                        "attention": self.server.store.unacknowledged_urgent(),
+                        "ingest": snapshot() if snapshot is not None else None,
+                    },
+                )
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
         except ConfigError as exc:
@@ -224,6 +227,7 @@ def make_server(
     if not is_loopback(host):
         log.warning(
             "serving the dashboard on %s: it has no login, so anyone who can reach this address sees the fleet's "
-            "results; put an authenticating reverse proxy in front of it", host
+            "results; put an authenticating reverse proxy in front of it",
+            host,
         )
     return DashboardServer((host, port), store, ingest_snapshot)

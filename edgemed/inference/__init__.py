@@ -40,9 +40,7 @@ class BackendConfig(BaseModel):
         description="run on the CPU (results marked degraded) when the accelerator cannot be used; "
         "false makes the run stop with exit code 6 instead",
     )
-    threads: int = Field(
-        2, ge=1, description="CPU threads for XNNPACK and for ops an accelerator leaves to the CPU"
-    )
+    threads: int = Field(2, ge=1, description="CPU threads for XNNPACK and for ops an accelerator leaves to the CPU")
     edgetpu_device: str | None = Field(
         None, description="Edge TPU to open: usb, usb:N, pci or pci:N; null opens the first one found"
     )

@@ -50,9 +50,7 @@ def _check_file(model: Path) -> None:
         raise ModelError(f"model file {model} not found; give the .tflite written by `edgemed convert`")
 
 
-def open_interpreter(
-    module: ModuleType, model: Path, threads: int, delegates: list[Any] | None = None
-) -> Any:
+def open_interpreter(module: ModuleType, model: Path, threads: int, delegates: list[Any] | None = None) -> Any:
     """Build and allocate an ``Interpreter`` (XNNPACK is applied by default on CPU).
 
     Raises:
@@ -69,9 +67,7 @@ def open_interpreter(
     except _LOAD_FAILURES as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if delegates:
-            raise DelegateUnavailableError(
-                "delegate", f"the model could not be prepared with it ({detail})"
-            ) from exc
+            raise DelegateUnavailableError("delegate", f"the model could not be prepared with it ({detail})") from exc
         hint = (
             "it is compiled for the Edge TPU: run its CPU int8 twin instead"
             if is_edgetpu_compiled(model)
@@ -108,9 +104,7 @@ class InterpreterBackend:
         inputs = interpreter.get_input_details()
         outputs = interpreter.get_output_details()
         if len(inputs) != 1:
-            raise ModelError(
-                f"the model has {len(inputs)} inputs; edgemed runs single-input image classifiers"
-            )
+            raise ModelError(f"the model has {len(inputs)} inputs; edgemed runs single-input image classifiers")
         self.input_spec = _spec(inputs[0])
         self.output_spec = _spec(outputs[0])
         self._in_index = int(inputs[0]["index"])
@@ -221,8 +215,7 @@ class CompiledModelBackend:
             raise ModelError("the inference backend is closed; build a new one with make_backend")
         if x.dtype != self._in_dtype or x.size != int(np.prod(self._in_shape)):
             raise ModelError(
-                f"model input must be {self._in_dtype.name} of shape {self._in_shape}, got "
-                f"{x.dtype.name} {x.shape}"
+                f"model input must be {self._in_dtype.name} of shape {self._in_shape}, got {x.dtype.name} {x.shape}"
             )
         self._inputs[0].write(np.ascontiguousarray(x.reshape(self._in_shape)))
         self._compiled.run_by_index(0, self._inputs, self._outputs)

@@ -89,8 +89,7 @@ def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> 
 
     if not model.is_file():
         raise ModelError(
-            f"model file {model} not found; give the *_edgetpu.tflite written by "
-            "`edgemed convert --target edgetpu`"
+            f"model file {model} not found; give the *_edgetpu.tflite written by `edgemed convert --target edgetpu`"
         )
     options = {"device": cfg.edgetpu_device} if cfg.edgetpu_device else {}
     compiled = is_edgetpu_compiled(model)
@@ -112,21 +111,16 @@ def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> 
     except DelegateUnavailableError as exc:
         raise DelegateUnavailableError(
             "edgetpu",
-            f"{exc.reason}; check that libedgetpu is at least as new as "
-            "the edgetpu_compiler that built the model",
+            f"{exc.reason}; check that libedgetpu is at least as new as the edgetpu_compiler that built the model",
         ) from exc
-    return InterpreterBackend(
-        interp, backend=name, delegate="edgetpu", intended="edgetpu", keep_alive=[delegate]
-    )
+    return InterpreterBackend(interp, backend=name, delegate="edgetpu", intended="edgetpu", keep_alive=[delegate])
 
 
 def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> Backend:
     from edgemed.inference.backends import CompiledModelBackend, InterpreterBackend, open_interpreter
 
     if cfg.gpu_library is not None:
-        delegate = load_external_delegate(
-            module, cfg.gpu_library, {}, delegate="gpu", install_hint=GPU_INSTALL
-        )
+        delegate = load_external_delegate(module, cfg.gpu_library, {}, delegate="gpu", install_hint=GPU_INSTALL)
         try:
             interp = open_interpreter(module, model, cfg.threads, [delegate])
         except DelegateUnavailableError as exc:
@@ -135,7 +129,6 @@ def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> Back
     if name != "ai_edge_litert":
         raise DelegateUnavailableError(
             "gpu",
-            f"LiteRT's GPU accelerator needs ai-edge-litert, but {name} is the "
-            f"interpreter in use; {GPU_INSTALL}",
+            f"LiteRT's GPU accelerator needs ai-edge-litert, but {name} is the interpreter in use; {GPU_INSTALL}",
         )
     return CompiledModelBackend(module, model, cfg.threads, accelerator="gpu")

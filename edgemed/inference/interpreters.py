@@ -67,9 +67,7 @@ def interpreter_module(preference: RuntimePreference = "auto") -> tuple[RuntimeN
     """
     if preference != "auto":
         if preference not in _MODULES:
-            raise ConfigError(
-                f"unknown interpreter runtime {preference!r}; use one of auto, {', '.join(_ORDER)}"
-            )
+            raise ConfigError(f"unknown interpreter runtime {preference!r}; use one of auto, {', '.join(_ORDER)}")
         module, why = _try_import(preference)
         if module is None:
             raise ConfigError(

@@ -86,9 +86,7 @@ def _edgetpu(cfg: BackendConfig, dev: Path, sysfs: Path) -> DelegateStatus:
 
 
 def _gpu(cfg: BackendConfig, dev: Path) -> DelegateStatus:
-    nodes = sorted(
-        p.name for pattern in ("dri/renderD*", "nvidia*", "mali*", "kgsl-3d0") for p in dev.glob(pattern)
-    )
+    nodes = sorted(p.name for pattern in ("dri/renderD*", "nvidia*", "mali*", "kgsl-3d0") for p in dev.glob(pattern))
     seen = ", ".join(nodes) if nodes else "no GPU device node (/dev/dri/renderD*, /dev/nvidia*, /dev/mali*)"
     if cfg.gpu_library is not None:
         problem = check_library(cfg.gpu_library)
