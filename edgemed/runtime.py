@@ -325,7 +325,7 @@ class Device:
             result_id=new_result_id(),
         )
         payload = encode(env)
-        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload)
+        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"])
         if self.delivery is not None:
             self.delivery.wake()
         if self._jsonl is not None:
@@ -362,7 +362,7 @@ class Device:
             last_seq=self._study_last_seq,
             decision=decision,
         )
-        self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env))
+        self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env), seq=env["seq"])
         if self.delivery is not None:
             self.delivery.wake()
         self._study.reset()

@@ -57,12 +57,15 @@ def _model_key() -> str:
 
 
 @pytest.fixture(scope="session")
-def int8_model(request: pytest.FixtureRequest) -> Path:
+def int8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real BreastMNIST-trained reference CNN, converted to int8 by our converter; its manifest sits beside it.
 
     Built in a subprocess so TensorFlow never loads into the test process (the device side must not need it).
     """
-    cache = Path(request.config.cache.mkdir(f"edgemed-model-{_model_key()}"))
+    # The pytest cache keeps the model across runs; without it (-p no:cacheprovider) build once per session.
+    store = getattr(request.config, "cache", None)
+    name = f"edgemed-model-{_model_key()}"
+    cache = Path(store.mkdir(name)) if store is not None else tmp_path_factory.mktemp(name)
     done = cache / "DONE"
     if not done.exists():
         code = (

@@ -102,6 +102,7 @@ class MqttLink:
         self._went_online = False
         self._connect_called = False
         self._tls_alert: str | None = None
+        self._tls_eof = False
         self._thread: threading.Thread | None = None
         #: Incremented whenever a new paho client replaces the old one (protocol fallback): messages handed to
         #: the old client are gone from memory and must be re-published from the outbox.
@@ -267,10 +268,12 @@ class MqttLink:
         delay = self.cfg.reconnect_min_s
         outage_logged = False
         silent_closes = 0
+        tls_eofs = 0
         while not self._stop.is_set():
             self._got_connack = False
             self._went_online = False
             self._tls_alert = None
+            self._tls_eof = False
             try:
                 self._open()
             except OSError as exc:
@@ -294,7 +297,7 @@ class MqttLink:
                     break
                 if self._went_online:
                     delay = self.cfg.reconnect_min_s
-                    silent_closes = 0
+                    silent_closes = tls_eofs = 0
                     log.warning(
                         "lost the connection to broker %s: results stay in the outbox; reconnecting",
                         self.cfg.url,
@@ -302,6 +305,10 @@ class MqttLink:
                     outage_logged = True
                 elif self._tls_alert is not None:
                     self._refuse_tls_alert(self._tls_alert)
+                elif self._tls_eof and (self.cfg.tls is None or self.cfg.tls.cert_file is None):
+                    tls_eofs += 1
+                    if tls_eofs >= 2:  # twice in a row right after the handshake: not a network blip
+                        self._refuse_tls_alert("it closed TLS twice before answering CONNECT")
                 elif not self._got_connack:
                     silent_closes += 1
                     if self._v5 and self.cfg.protocol == "auto" and silent_closes >= 2 and self._refused is None:
@@ -434,6 +441,13 @@ class MqttLink:
         # the one among them that means "your settings are wrong" rather than "the network went away".
         if level == paho.MQTT_LOG_ERR and "SSL:" in message and "ALERT" in message:
             self._tls_alert = message.split(": ", 1)[-1]
+        if level == paho.MQTT_LOG_ERR and not self._got_connack and "failed to receive on socket" in message:
+            # paho calls no on_disconnect for a connection lost before its CONNACK: end the pump now rather than
+            # at the CONNACK deadline. An EOF inside TLS here is how a broker that wants a client certificate
+            # often looks when its alert raced our CONNECT (the reset discards the alert).
+            if "EOF" in message and self.broker.tls:
+                self._tls_eof = True
+            self._dropped.set()
         if level in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING):
             log.debug("paho: %s", message)
 
