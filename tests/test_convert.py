@@ -114,6 +114,23 @@ def test_report_files_are_complete(converted: ConvertResult) -> None:
     assert report["targets"]["int8"]["numbers"]["quantized"]["per_class"][0]["label"] == "malignant"
 
 
+def test_report_opens_in_a_browser_and_shows_every_plot(converted: ConvertResult, tmp_path: Path) -> None:
+    from browser import WAIT_FOR_JS, PipeBrowser
+
+    browser = PipeBrowser(tmp_path, converted.report_html.resolve().as_uri())
+    try:
+        # Every embedded PNG decoded to a real picture (a broken data URI loads with naturalWidth 0).
+        sizes = browser.evaluate(
+            WAIT_FOR_JS % "document.readyState === 'complete' && [...document.images].map((i) => [i.naturalWidth, "
+            "i.naturalHeight, i.getBoundingClientRect().width])"
+        )
+        text = browser.evaluate("document.body.innerText")
+    finally:
+        browser.close()
+    assert len(sizes) == 4 and all(w > 100 and h > 100 and shown > 0 for w, h, shown in sizes), sizes
+    assert "Confusion matrices" in text and "Reliability diagram" in text and "int8" in text
+
+
 @pytest.mark.slow
 def test_probabilities_output_keeps_softmax(tmp_path: Path, trained: Path, breast: Dataset) -> None:
     from converters.convert import convert

@@ -18,7 +18,7 @@ from edgemed.errors import ConfigError, ModelError, ModelRejectedError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, load_or_create_secret, pseudonym
 from edgemed.manifest import Artifact, InputSpec, Manifest, save_manifest, sha256_file, verify_model
-from edgemed.preprocess import Preprocessor, dequantize, quantize, softmax
+from edgemed.preprocess import Preprocessor, dequantize, probabilities, quantize, softmax
 from edgemed.types import Frame, Prediction, QualityReport, TensorSpec, TriageResult
 
 INT8_IN = TensorSpec("in", (1, 28, 28, 1), "int8", 1 / 255, -128)
@@ -96,6 +96,20 @@ def test_preprocessor_lut_matches_arithmetic() -> None:
     gray = cv2.resize(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), (28, 28), interpolation=cv2.INTER_AREA)
     expected = quantize(gray.astype(np.float32) / 255, INT8_IN)
     np.testing.assert_array_equal(out[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize("logits", [True, False])
+@pytest.mark.parametrize("n", [2, 7, 100])
+def test_small_output_fast_path_equals_the_numpy_path(logits: bool, n: int) -> None:
+    rng = np.random.default_rng(n)
+    spec = TensorSpec("out", (1, n), "int8", 0.0625 if logits else 1 / 256, -3 if logits else -128)
+    for _ in range(50):
+        raw = rng.integers(-128, 128, size=(1, n)).astype(np.int8)
+        real = dequantize(raw.reshape(-1), spec)
+        expected = softmax(real) if logits else np.clip(real, 0.0, 1.0)
+        got = probabilities(raw, spec, logits=logits)
+        assert len(got) == n and all(isinstance(p, float) for p in got)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
 
 
 def test_softmax_is_stable() -> None:

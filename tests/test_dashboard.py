@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
-import shutil
 import subprocess
 import threading
 import time
@@ -20,6 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 from broker_fixtures import Mosquitto
+from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser
 
 from edgemed.dashboard import add_arguments, run, serve
 from edgemed.dashboard.ingest import Ingest
@@ -29,7 +27,6 @@ from edgemed.envelope import result_schema
 from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 XSS_REASON = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned2"</script>'
 
 
@@ -444,98 +441,12 @@ def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(web: D
     assert "<title>edgemed fleet dashboard</title>" in dom and "pwned" not in dom.split("</title>")[0]
 
 
-class PipeBrowser:
-    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no port, no extra package."""
-
-    def __init__(self, tmp_path: Path, url: str) -> None:
-        if not Path(CHROMIUM).exists():
-            pytest.fail("headless Chromium is needed for the browser test: apt-get install -y chromium")
-        cmd_r, self._cmd_w = os.pipe()
-        self._out_r, out_w = os.pipe()
-
-        def wire() -> None:  # in the child, before exec: Chromium expects commands on fd 3, replies on fd 4
-            os.dup2(cmd_r, 3)
-            os.dup2(out_w, 4)
-
-        flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium-cdp'}",
-            "--remote-debugging-pipe",
-        ]
-        self.proc = subprocess.Popen(
-            [CHROMIUM, *flags, "about:blank"],
-            pass_fds=(3, 4, cmd_r, out_w),
-            preexec_fn=wire,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(cmd_r)
-        os.close(out_w)
-        self._buf = b""
-        self._next_id = 0
-        targets = self.call("Target.getTargets")["targetInfos"]
-        page = next(t for t in targets if t["type"] == "page")
-        self.session = self.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
-        # Navigate only once attached, so that no evaluation runs in the blank page being replaced.
-        self.call("Page.navigate", {"url": url}, self.session)
-
-    def call(
-        self, method: str, params: dict[str, Any] | None = None, session: str | None = None, timeout_s: float = 10.0
-    ) -> dict[str, Any]:
-        self._next_id += 1
-        msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            while b"\0" in self._buf:
-                raw, self._buf = self._buf.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self._next_id:
-                    assert "error" not in reply, reply
-                    return dict(reply["result"])
-            ready, _, _ = select.select([self._out_r], [], [], max(0.0, deadline - time.monotonic()))
-            assert ready, f"Chromium did not answer {method} within {timeout_s} s"
-            chunk = os.read(self._out_r, 1 << 16)
-            assert chunk, "Chromium closed the DevTools pipe"
-            self._buf += chunk
-
-    def evaluate(self, expression: str) -> Any:
-        """Run JS in the page (awaiting a promise) and return its JSON value."""
-        result = self.call(
-            "Runtime.evaluate", {"expression": expression, "awaitPromise": True, "returnByValue": True}, self.session
-        )
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        os.close(self._cmd_w)
-        os.close(self._out_r)
-
-
-_WAIT_FOR_JS = """new Promise((resolve, reject) => {
-  const t0 = Date.now();
-  const t = setInterval(() => { const v = (%s); if (v) { clearInterval(t); resolve(v); }
-    else if (Date.now() - t0 > 8000) { clearInterval(t); reject(new Error("timed out")); } }, 50);
-})"""
-
-
 def test_browser_acknowledge_button_records_the_ack_and_hostile_text_never_runs(
     web: DashboardServer, populated: DashboardStore, tmp_path: Path
 ) -> None:
     browser = PipeBrowser(tmp_path, web.url)
     try:
-        rid = browser.evaluate(_WAIT_FOR_JS % "document.querySelector('button[data-result]')?.dataset.result")
+        rid = browser.evaluate(WAIT_FOR_JS % "document.querySelector('button[data-result]')?.dataset.result")
         assert rid == populated.unacknowledged_urgent()[0]["result_id"]
         browser.evaluate(
             "document.getElementById('ack-by').value = 'AB'; "
@@ -544,9 +455,9 @@ def test_browser_acknowledge_button_records_the_ack_and_hostile_text_never_runs(
         assert _wait(lambda: populated.unacknowledged_urgent() == [], 10)
         assert populated.recent_results("urgent")[0]["acked_by"] == "AB"
         # The page refreshes itself: the urgent list empties and the result shows who reviewed it.
-        assert browser.evaluate(_WAIT_FOR_JS % "document.querySelector('#attention-body .empty')?.textContent")
+        assert browser.evaluate(WAIT_FOR_JS % "document.querySelector('#attention-body .empty')?.textContent")
         assert browser.evaluate(
-            _WAIT_FOR_JS % "[...document.querySelectorAll('.result-row')]"
+            WAIT_FOR_JS % "[...document.querySelectorAll('.result-row')]"
             ".some((r) => r.textContent.includes('Seen by AB'))"
         )
         # The hostile reason rendered as text: the title is untouched and no <img> or extra <script> exists.

@@ -124,10 +124,44 @@ _YBR_FULL_TO_RGB = (
 )
 
 
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+def _jpeg_baseline_colour_frames(ds: Any) -> Iterator[Any]:
+    """Colour JPEG-baseline frames decoded by OpenCV's libjpeg-turbo straight to RGB.
+
+    Portable ultrasound cine loops are mostly this. pydicom's path (Pillow to YBR, then a colour transform) holds
+    the GIL for most of a frame; this one is 2.7x faster on the 30-frame cine here and gives the same pixels
+    within 1 level (tests/test_dicom.py).
+    """
+    import cv2
+    import numpy as np
+    from pydicom.encaps import generate_frames
+
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    for index, fragment in enumerate(generate_frames(ds.PixelData, number_of_frames=count)):
+        # Fragments are padded to even length; a JPEG that does not end in EOI was cut short, and libjpeg would
+        # fill the missing rows with grey without an error.
+        if not bytes(fragment[-3:]).rstrip(b"\0").endswith(b"\xff\xd9"):
+            raise ValueError(f"JPEG frame {index + 1} of {count} is truncated")
+        bgr = cv2.imdecode(np.frombuffer(fragment, np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"JPEG frame {index + 1} of {count} is not a decodable JPEG")
+        yield np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
 def _frames(ds: Any) -> Iterator[Any]:
     from pydicom.pixels.utils import iter_pixels
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if (
+        str(ds.file_meta.get("TransferSyntaxUID", "")) == _JPEG_BASELINE
+        and photometric in ("YBR_FULL", "YBR_FULL_422")
+        and int(ds.get("SamplesPerPixel", 1)) == 3
+        and int(ds.get("BitsAllocated", 8)) == 8
+    ):
+        yield from _jpeg_baseline_colour_frames(ds)
+        return
     if photometric in ("YBR_FULL", "YBR_FULL_422") and int(ds.get("BitsAllocated", 8)) == 8:
         # pydicom's own YBR->RGB conversion is numpy float arithmetic (about 1 ms per 320x240 frame, two thirds
         # of the decode time); one OpenCV affine transform gives the same pixels (within 1 level) in 0.05 ms.

@@ -69,7 +69,8 @@ class Delivery:
 
     def wake(self) -> None:
         """Tell the drain that new results may have been committed (it also polls every 50 ms)."""
-        self._wake.set()
+        if not self._wake.is_set():  # set() takes the condition lock even when set: this runs once per frame
+            self._wake.set()
 
     def check(self) -> None:
         """Raise the outbox error that stopped the drain, if any.
