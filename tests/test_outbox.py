@@ -41,6 +41,28 @@ def test_results_come_back_in_order_and_leave_only_when_acked(tmp_path: Path) ->
         assert ob.acked_ids() == {"r1", "r3"}
 
 
+def test_the_ack_log_keeps_the_newest_keep_acked_results_across_restarts(tmp_path: Path) -> None:
+    cfg = OutboxConfig(commit_every=1, keep_acked=10)
+    with Outbox(tmp_path / "o.sqlite3", cfg) as ob:
+        ob.ack_many(_fill(ob, 30))
+        ob.flush()
+        assert ob.acked_ids() == {f"r{i}" for i in range(20, 30)}
+    with Outbox(tmp_path / "o.sqlite3", cfg) as ob:  # row ids go on after a restart with an empty outbox
+        assert ob.acked_ids() == {f"r{i}" for i in range(20, 30)}
+        ob.ack_many(_fill(ob, 5, start=30))
+        ob.flush()
+        assert ob.acked_ids() == {f"r{i}" for i in range(25, 35)}
+
+
+def test_acknowledging_more_rows_than_one_statement_takes(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(commit_every=5000)) as ob:
+        rows = _fill(ob, 1201)
+        ob.flush()
+        ob.ack_many([*rows[:1200], 10**9])
+        assert ob.pending_count() == 1 and [i.result_id for i in ob.pending(10)] == ["r1200"]
+        assert len(ob.acked_ids()) == 1200
+
+
 def test_uncommitted_results_are_not_published_until_the_batch_commits(tmp_path: Path) -> None:
     cfg = OutboxConfig(commit_every=1000, commit_interval_s=0.2)
     with Outbox(tmp_path / "o.sqlite3", cfg) as ob:
