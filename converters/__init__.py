@@ -8,4 +8,10 @@ TensorFlow.
 
 from __future__ import annotations
 
+import os
+
+# Before any submodule can import TensorFlow: its C++ start-up lines (oneDNN notices, CUDA probing) are noise to
+# someone converting a model. Set TF_CPP_MIN_LOG_LEVEL=0 to see them again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 __all__: list[str] = []
