@@ -190,7 +190,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """``edgemed doctor``: check interpreter, delegates, source, broker and disk."""
     from edgemed.doctor import doctor
 
-    return doctor(profile_path=args.profile, source=args.source, broker=args.broker, data_dir=args.data_dir)
+    return doctor(
+        profile_path=args.profile, source=args.source, broker=args.broker, data_dir=args.data_dir, model=args.model
+    )
 
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
@@ -305,11 +307,21 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "doctor",
-        help="check interpreter, accelerators, source, broker and disk",
+        help="check interpreter, accelerators, model, source, broker and disk",
         description="Print a table of what this device can and cannot do, with the fix for each "
         "problem. Exit 0 when everything the profile needs works.",
+        epilog="examples:\n"
+        "  edgemed doctor --profile firmware_configs/rpi4-coral-usb.yaml\n"
+        "  edgemed doctor --model out/breast_int8.tflite --source camera:0 --broker mqtt://127.0.0.1:1883",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--profile", type=Path, help="check what this profile needs")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="check this model (manifest, sha256, gate verdict, one timed invoke on the profile's accelerator); "
+        "default the profile's model.path",
+    )
     p.add_argument("--source", help="also try to read one frame from this source")
     p.add_argument("--broker", help="also try to connect to this broker")
     p.add_argument("--data-dir", type=Path, help="data directory to check for space and permissions")

@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgemed import __version__
 from edgemed.errors import EdgemedError
@@ -46,6 +47,51 @@ def _delegates(profile: object | None) -> list[Check]:
         needed = status.name == cfg.accelerator and not cfg.allow_cpu_fallback
         rows.append(Check(f"delegate {status.name}", status.available, status.detail, required=needed))
     return rows
+
+
+def _model(path: Path, profile: Any) -> Check:
+    """Manifest, sha256 and gate verdict, the triage policy's labels, then a timed invoke on the real backend."""
+    import statistics
+
+    import numpy as np
+
+    from edgemed.inference import BackendConfig, make_backend
+    from edgemed.manifest import verify_model
+    from edgemed.triage import validate_policy
+
+    try:
+        manifest_path = profile.model.manifest if profile is not None else None
+        manifest, art = verify_model(path, manifest_path)
+        if profile is not None:
+            validate_policy(profile.triage, list(manifest.labels))
+        twin = None
+        if art.twin:
+            twin = path.parent / Path(art.twin).name
+            verify_model(twin, manifest_path)
+        cfg = profile.inference if profile is not None else BackendConfig()
+        backend = make_backend(path, cfg, fallback_model=twin)
+        try:
+            x = np.zeros(backend.input_spec.shape, dtype=backend.input_spec.dtype)
+            times = []
+            for _ in range(23):
+                t0 = time.perf_counter()
+                backend.invoke(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+            invoke_ms = statistics.median(times[3:])  # the first calls allocate and warm caches
+            where = backend.delegate + (f" (DEGRADED: {backend.degraded_reason})" if backend.degraded else "")
+        finally:
+            backend.close()
+    except EdgemedError as exc:
+        return Check("model", False, str(exc))
+    spec = manifest.input
+    verdict = art.verdict + (f" by {art.waiver.by}" if art.waiver is not None else "")
+    return Check(
+        "model",
+        True,
+        f"{path.name}: {manifest.name} {manifest.version}, {art.target} {spec.height}x{spec.width} "
+        f"{spec.colour_mode}, labels {', '.join(manifest.labels)}; sha256 matches, gate {verdict}; "
+        f"invoke {invoke_ms:.2f} ms on {where}",
+    )
 
 
 def _source(uri: str) -> Check:
@@ -105,7 +151,14 @@ def _disk(data_dir: Path) -> Check:
     )
 
 
-def doctor(*, profile_path: Path | None, source: str | None, broker: str | None, data_dir: Path | None) -> int:
+def doctor(
+    *,
+    profile_path: Path | None,
+    source: str | None,
+    broker: str | None,
+    data_dir: Path | None,
+    model: Path | None = None,
+) -> int:
     """Run every check, print the table, return 0 when all required checks pass, else 2."""
     from edgemed.config import default_data_dir, load_profile
     from edgemed.identity import clock_synced
@@ -132,6 +185,9 @@ def doctor(*, profile_path: Path | None, source: str | None, broker: str | None,
             rows.append(Check("profile", False, str(exc)))
     rows.append(_interpreter())
     rows.extend(_delegates(profile))
+    model_path = model or (profile.model.path if profile is not None else None)
+    if model_path is not None:
+        rows.append(_model(Path(model_path), profile))
     src = source or (profile.source.uri if profile is not None else None)
     if src:
         rows.append(_source(src))

@@ -42,3 +42,35 @@ def test_doctor_reports_an_unreadable_source(tmp_path: Path, capsys: pytest.Capt
     code = main(["doctor", "--source", str(tmp_path / "missing"), "--data-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 2 and "FAIL  source" in out
+
+
+def test_doctor_checks_the_model_and_times_one_invoke(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["doctor", "--model", str(int8_model), "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("ok    model"))
+    assert "int8 28x28 gray" in line and "sha256 matches, gate accepted" in line and "ms on cpu" in line
+
+
+def test_doctor_fails_an_altered_model_and_a_policy_for_labels_it_lacks(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(int8_model.parent, copy)
+    profile = tmp_path / "p.yaml"
+    model = copy / int8_model.name
+    profile.write_text(
+        f"profile: t\ndevice: {{id: d1}}\nmodel: {{path: {model}}}\n"
+        "triage: {rules: {melanoma: {level: urgent, min_probability: 0.3}}}\n"
+    )
+    assert main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "FAIL  model" in out and "melanoma" in out
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    assert main(["doctor", "--model", str(model), "--data-dir", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "FAIL  model" in out and "does not match its manifest" in out
