@@ -209,6 +209,26 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """``edgemed bundle``: check a profile and its model, write one archive to copy onto a device."""
+    from edgemed.bundle import build_bundle
+
+    result = build_bundle(
+        args.profile,
+        args.out,
+        model=args.model,
+        device_id=args.device_id,
+        site=args.site,
+        wheels=args.wheels,
+        install_prefix=args.prefix,
+    )
+    for warning in result.warnings:
+        print(f"edgemed: warning: {warning}", file=sys.stderr)
+    print(f"bundle  {result.path}  ({len(result.files)} files)")
+    print(f"next:   copy it to the device, then: tar xzf {result.path.name} && sudo ./{result.name}/install.sh")
+    return 0
+
+
 def _converter_command(name: str) -> int:
     try:
         spec = importlib.util.find_spec("tensorflow")
@@ -344,6 +364,31 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("files", nargs="+", type=Path, help="profile YAML files")
     p.set_defaults(func=cmd_profile_check)
+
+    p = sub.add_parser(
+        "bundle",
+        help="pack a profile and its model into an archive to install on a device",
+        description="Check a device profile and its model (manifest, sha256, gate verdict, triage labels), then "
+        "write OUT/NAME.tar.gz with the profile (model path pointing inside the bundle), the model, its manifest "
+        "and CPU twin, the broker CA if the profile names one that exists here, a systemd unit, install.sh, "
+        "BUNDLE.json and SHA256SUMS. Passwords, client keys and images are never bundled.",
+        epilog="examples:\n"
+        "  edgemed bundle --profile firmware_configs/rpi4-coral-usb.yaml --model out/breast_edgetpu.tflite "
+        "--device-id rpi4-coral-07 --out bundles/\n"
+        "  edgemed bundle --profile my-probe.yaml --out bundles/ --wheels wheels-aarch64/\n\n"
+        "on the device:  tar xzf NAME.tar.gz && sudo ./NAME/install.sh",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--profile", type=Path, required=True, help="the device profile, e.g. firmware_configs/x.yaml")
+    p.add_argument("--out", type=Path, required=True, help="folder for the archive, e.g. --out bundles/")
+    p.add_argument("--model", type=Path, help="the .tflite to ship (default: the profile's model.path)")
+    p.add_argument("--device-id", help="override device.id, e.g. one bundle per device of a fleet")
+    p.add_argument("--site", help="override device.site")
+    p.add_argument(
+        "--wheels", type=Path, help="folder of *.whl built for the device, for an install without network access"
+    )
+    p.add_argument("--prefix", default="/opt/edgemed", help="install location on the device (default /opt/edgemed)")
+    p.set_defaults(func=cmd_bundle)
     return parser
 
 

@@ -1,0 +1,343 @@
+"""``edgemed bundle``: one checked, self-describing archive a field engineer copies onto a device.
+
+A bundle holds what a device needs besides the edgemed package: the device profile (rewritten so that its model
+path points inside the bundle), the model with its manifest (and the CPU int8 twin of an Edge TPU model), the
+broker's CA certificate when the profile names one that exists here, a systemd unit, an install script, a
+``BUNDLE.json`` that says what is inside, and ``SHA256SUMS``. Optionally the wheels to install offline.
+
+Nothing secret and nothing about patients goes in: passwords, client keys and certificates are provisioned on
+each device separately (the install notes list where the profile expects them), and no image is ever bundled.
+
+The bundle is checked before it is written: the profile validates, the model matches its manifest and was not
+rejected by the acceptance gate, the triage policy names only the model's labels, and the profile, read back
+from the staged bundle, finds its model there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgemed import __version__
+from edgemed.errors import ConfigError
+
+# Sources that never end: the only kind a service that restarts on failure should run (a finite folder would be
+# processed again after every restart).
+_ENDLESS_PREFIXES = ("watch:", "camera:", "rtsp://", "rtsps://", "http://", "https://")
+# Exit codes a restart cannot fix (configuration, model, broker refusal, accelerator refused): systemd stops.
+_NO_RESTART_CODES = "2 3 5 6"
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    """What ``build_bundle`` wrote."""
+
+    path: Path
+    name: str
+    files: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-") or "bundle"
+
+
+def build_bundle(
+    profile_path: Path,
+    out_dir: Path,
+    *,
+    model: Path | None = None,
+    device_id: str | None = None,
+    site: str | None = None,
+    wheels: Path | None = None,
+    install_prefix: str = "/opt/edgemed",
+) -> BundleResult:
+    """Check a profile and its model, then write ``OUT_DIR/NAME.tar.gz``.
+
+    Args:
+        profile_path: the device profile (YAML).
+        out_dir: where the archive goes (created if missing).
+        model: the model to ship; default the profile's ``model.path``.
+        device_id: override ``device.id`` (one bundle per device of a fleet).
+        site: override ``device.site``.
+        wheels: a folder of ``*.whl`` files (edgemed and its ``device`` dependencies, built for the device's
+            platform) to install without network access.
+        install_prefix: where ``install.sh`` puts things on the device by default.
+
+    Returns:
+        The archive's path and name, the files inside, and warnings for the person building it.
+
+    Raises:
+        ConfigError: the profile is invalid, names no model, or a wheels folder holds no wheel.
+        ModelError: the model is missing, altered, or does not fit the profile's triage policy.
+        ModelRejectedError: the acceptance gate rejected the model and nobody signed a waiver.
+    """
+    import yaml
+
+    from edgemed.config import load_profile, parse_profile
+    from edgemed.manifest import find_manifest, verify_model
+    from edgemed.triage import validate_policy
+
+    profile_path = Path(profile_path)
+    profile = load_profile(profile_path)
+    raw: dict[str, Any] = yaml.safe_load(profile_path.read_text(encoding="utf-8"))
+    if device_id is not None:
+        raw.setdefault("device", {})["id"] = device_id
+    if site is not None:
+        raw.setdefault("device", {})["site"] = site
+    model_path = Path(model) if model is not None else profile.model.path
+    if model_path is None:
+        raise ConfigError(
+            f"profile {profile_path} names no model: pass --model FILE.tflite or set model.path in the profile"
+        )
+    model_path = model_path.resolve()
+    manifest_path = profile.model.manifest or find_manifest(model_path)
+    manifest, art = verify_model(model_path, manifest_path)
+    validate_policy(profile.triage, list(manifest.labels))
+    model_files = [model_path]
+    if art.twin:
+        twin = model_path.parent / Path(art.twin).name
+        verify_model(twin, manifest_path)
+        model_files.append(twin)
+
+    warnings: list[str] = []
+    if device_id is not None and profile.mqtt is not None and profile.mqtt.username == profile.device.id:
+        warnings.append(
+            f"mqtt.username is still {profile.mqtt.username!r}, the profile's own device id: give device "
+            f"{device_id} its own broker account and set mqtt.username in its profile"
+        )
+    if not profile.validated:
+        warnings.append(f"profile {profile.profile} is not validated on real hardware (validated: false)")
+    if art.verdict == "waived" and art.waiver is not None:
+        warnings.append(f"{model_path.name} ships under a gate waiver by {art.waiver.by}: {art.waiver.reason}")
+    uri = profile.source.uri
+    if uri is None or not uri.startswith(_ENDLESS_PREFIXES):
+        warnings.append(
+            f"source {uri!r} ends: the systemd service restarts edgemed on failure and would process a finite "
+            "source again; use watch:DIR, camera:N or a stream for a service"
+        )
+    wheel_files = sorted(wheels.glob("*.whl")) if wheels is not None else []
+    if wheels is not None and not wheel_files:
+        raise ConfigError(f"no *.whl files in {wheels}; build them with: pip wheel '.[device]' -w {wheels}")
+
+    device = raw.get("device", {})
+    name = _safe_name(
+        f"edgemed-{profile.profile}-{device.get('id', profile.device.id)}-{manifest.name}-v{manifest.version}"
+    )
+    raw["model"] = {"path": f"model/{model_path.name}", "manifest": f"model/{Path(manifest_path).name}"}
+    provision: list[str] = []
+    mqtt = raw.get("mqtt")
+    if isinstance(mqtt, dict) and profile.mqtt is not None:
+        tls = profile.mqtt.tls
+        if tls is not None and tls.ca_file is not None and Path(tls.ca_file).is_file():
+            mqtt.setdefault("tls", {})["ca_file"] = "tls/ca.pem"  # public: safe to ship
+        elif tls is not None and tls.ca_file is not None:
+            provision.append(f"the broker's CA certificate at {tls.ca_file}")
+        if tls is not None and tls.cert_file is not None:
+            provision.append(f"this device's client certificate at {tls.cert_file} and its key at {tls.key_file}")
+        if profile.mqtt.password_file is not None:
+            provision.append(f"the broker password for user {profile.mqtt.username!r} in {profile.mqtt.password_file}")
+        if profile.mqtt.password_env is not None:
+            provision.append(f"the broker password in the environment variable {profile.mqtt.password_env}")
+
+    with tempfile.TemporaryDirectory(prefix="edgemed-bundle-") as tmp:
+        stage = Path(tmp) / name
+        (stage / "model").mkdir(parents=True)
+        for f in [*model_files, Path(manifest_path)]:
+            shutil.copy2(f, stage / "model" / Path(f).name)
+        report = model_path.parent / "report.html"
+        if report.is_file():
+            shutil.copy2(report, stage / "model" / "report.html")
+        if isinstance(mqtt, dict) and mqtt.get("tls", {}).get("ca_file") == "tls/ca.pem":
+            assert profile.mqtt is not None and profile.mqtt.tls is not None and profile.mqtt.tls.ca_file
+            (stage / "tls").mkdir()
+            shutil.copy2(profile.mqtt.tls.ca_file, stage / "tls" / "ca.pem")
+        header = (
+            f"# Device profile from {profile_path.name}, bundled by edgemed {__version__} on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+            "# Paths are relative to this file. Edit here, or rebuild the bundle from the original profile.\n"
+        )
+        (stage / "profile.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        # Read the staged profile back: the bundle must be consistent on its own, not only on this machine.
+        staged = parse_profile(yaml.safe_load((stage / "profile.yaml").read_text(encoding="utf-8")), stage / "x")
+        assert staged.model.path is not None
+        verify_model(staged.model.path, staged.model.manifest)
+        if wheel_files:
+            (stage / "wheels").mkdir()
+            for w in wheel_files:
+                shutil.copy2(w, stage / "wheels" / w.name)
+        drain = float(staged.run.drain_timeout_s)
+        (stage / "edgemed.service").write_text(_unit(profile.profile, install_prefix, drain), encoding="utf-8")
+        install = stage / "install.sh"
+        install.write_text(_install_script(name, install_prefix), encoding="utf-8")
+        install.chmod(0o755)
+        meta = {
+            "schema": "edgemed.bundle/1",
+            "name": name,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "edgemed_version": __version__,
+            "profile": {"name": profile.profile, "validated": profile.validated, "source": profile_path.name},
+            "device": {"id": staged.device.id, "site": staged.device.site},
+            "model": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "file": model_path.name,
+                "target": art.target,
+                "sha256": art.sha256,
+                "gate": art.verdict,
+                "twin": Path(art.twin).name if art.twin else None,
+            },
+            "accelerator": staged.inference.accelerator,
+            "provision_on_device": provision,
+            "warnings": warnings,
+        }
+        (stage / "BUNDLE.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (stage / "README.txt").write_text(_readme(meta, install_prefix), encoding="utf-8")
+        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        sums = "".join(f"{_sha256(stage / f)}  {f}\n" for f in files)
+        (stage / "SHA256SUMS").write_text(sums, encoding="utf-8")
+        files.append("SHA256SUMS")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        archive = out_dir / f"{name}.tar.gz"
+        partial = archive.with_suffix(".partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            tar.add(stage, arcname=name, filter=_owned_by_root)
+        partial.replace(archive)  # never leave a half-written bundle under the final name
+    return BundleResult(archive, name, tuple(files), tuple(warnings))
+
+
+def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    # The builder's user and group names mean nothing on the device.
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+
+def _unit(profile_name: str, prefix: str, drain_timeout_s: float) -> str:
+    return f"""[Unit]
+Description=edgemed point-of-care inference ({profile_name})
+Documentation=file://{prefix}/current/README.txt
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=edgemed
+Group=edgemed
+# video: cameras (V4L2); plugdev: the Coral USB Accelerator.
+SupplementaryGroups=video plugdev
+# The data directory (outbox, device secret, results.jsonl) is /var/lib/edgemed, private to the service.
+Environment=XDG_DATA_HOME=/var/lib
+StateDirectory=edgemed
+StateDirectoryMode=0700
+ExecStart={prefix}/venv/bin/edgemed run --profile {prefix}/current/profile.yaml
+# SIGTERM stops capture, waits up to run.drain_timeout_s for acknowledgements, publishes offline, then exits.
+KillSignal=SIGTERM
+TimeoutStopSec={int(drain_timeout_s) + 15}
+Restart=on-failure
+RestartSec=5
+# A configuration, model, broker-refusal or accelerator error does not fix itself: stop and let the journal say why.
+RestartPreventExitStatus={_NO_RESTART_CODES}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _install_script(name: str, prefix: str) -> str:
+    return f"""#!/bin/sh
+# Install this edgemed bundle on a device. Run as root from the unpacked bundle:  sudo ./install.sh
+#   EDGEMED_PREFIX=/opt/edgemed   where to install (default {prefix})
+#   EDGEMED_SKIP_VENV=1           do not create or update the virtual environment
+#   EDGEMED_SKIP_SYSTEMD=1        do not install or start the systemd service
+# Bundles are kept side by side under PREFIX/bundles; PREFIX/current points at the active one, so rolling
+# back is:  ln -sfn bundles/OLD_NAME PREFIX/current && systemctl restart edgemed
+set -eu
+HERE=$(cd "$(dirname "$0")" && pwd)
+PREFIX="${{EDGEMED_PREFIX:-{prefix}}}"
+NAME="{name}"
+VERSION="{__version__}"
+
+cd "$HERE"
+if ! sha256sum --check --quiet SHA256SUMS; then
+  echo "edgemed bundle: files differ from SHA256SUMS: the bundle is damaged or was edited; copy it again" >&2
+  exit 1
+fi
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {{
+  echo "edgemed bundle: edgemed needs Python >= 3.10; this device has $(python3 --version 2>&1)" >&2
+  exit 1
+}}
+
+mkdir -p "$PREFIX/bundles"
+rm -rf "$PREFIX/bundles/$NAME.new"
+cp -R "$HERE" "$PREFIX/bundles/$NAME.new"
+rm -rf "$PREFIX/bundles/$NAME"
+mv "$PREFIX/bundles/$NAME.new" "$PREFIX/bundles/$NAME"
+ln -sfn "bundles/$NAME" "$PREFIX/current"
+echo "installed $NAME in $PREFIX/bundles (active: $PREFIX/current)"
+
+if [ "${{EDGEMED_SKIP_VENV:-0}}" != 1 ]; then
+  [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+  if [ -d "$HERE/wheels" ]; then
+    "$PREFIX/venv/bin/pip" install --no-index --find-links "$HERE/wheels" "edgemed[device]==$VERSION"
+  else
+    "$PREFIX/venv/bin/pip" install "edgemed[device]==$VERSION" || {{
+      echo "edgemed bundle: could not install edgemed $VERSION from the package index; rebuild the bundle" >&2
+      echo "with --wheels DIR (pip wheel '.[device]' -w DIR on a machine of this device's platform)" >&2
+      exit 1
+    }}
+  fi
+fi
+
+if [ "${{EDGEMED_SKIP_SYSTEMD:-0}}" != 1 ] && command -v systemctl >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  id edgemed >/dev/null 2>&1 || useradd --system --home-dir /var/lib/edgemed --shell /usr/sbin/nologin edgemed
+  install -m 0644 "$PREFIX/current/edgemed.service" /etc/systemd/system/edgemed.service
+  systemctl daemon-reload
+  systemctl enable edgemed.service
+  systemctl restart edgemed.service
+  echo "service edgemed started: journalctl -u edgemed -f"
+fi
+
+if [ -x "$PREFIX/venv/bin/edgemed" ]; then
+  "$PREFIX/venv/bin/edgemed" doctor --profile "$PREFIX/current/profile.yaml" ||
+    echo "edgemed bundle: doctor found problems (above); fix them, then: systemctl restart edgemed" >&2
+fi
+"""
+
+
+def _readme(meta: dict[str, Any], prefix: str) -> str:
+    model = meta["model"]
+    out = io.StringIO()
+    out.write(f"{meta['name']}\n\n")
+    out.write(f"edgemed {meta['edgemed_version']} bundle for device {meta['device']['id']} ")
+    out.write(f"(site {meta['device']['site']}), profile {meta['profile']['name']}")
+    out.write(" (validated on hardware)\n" if meta["profile"]["validated"] else " (NOT validated on hardware)\n")
+    out.write(f"model {model['name']} v{model['version']}: {model['file']} ({model['target']}, gate {model['gate']})")
+    out.write(f", sha256 {model['sha256']}\n\n")
+    out.write(f"Install: copy this folder to the device, then run  sudo ./install.sh  (installs into {prefix}).\n")
+    out.write("Check: edgemed doctor --profile PREFIX/current/profile.yaml;  logs: journalctl -u edgemed -f\n\n")
+    if meta["provision_on_device"]:
+        out.write("Provision on the device before starting (never bundled):\n")
+        out.writelines(f"  - {item}\n" for item in meta["provision_on_device"])
+        out.write("\n")
+    if meta["warnings"]:
+        out.write("Warnings:\n")
+        out.writelines(f"  - {w}\n" for w in meta["warnings"])
+    return out.getvalue()

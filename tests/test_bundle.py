@@ -1,0 +1,159 @@
+"""`edgemed bundle`: a checked archive for a device, installed by its own script and run against a real broker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from broker_fixtures import Mosquitto, Subscriber
+
+from edgemed.cli import main
+from edgemed.config import load_profile
+from edgemed.manifest import verify_model
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB (a public CA certificate stands here)\n-----END CERTIFICATE-----\n"
+
+
+def _profile(tmp_path: Path, model: Path, *, mqtt: str = "", labels_rule: str = "malignant") -> Path:
+    (tmp_path / "ca.pem").write_text(CA_PEM)
+    path = tmp_path / "probe.yaml"
+    path.write_text(
+        "profile: probe-test\n"
+        "validated: false\n"
+        "device: {id: us-probe-01, site: clinic-north}\n"
+        f"model: {{path: {model}}}\n"
+        "source: {uri: 'watch:/srv/probe'}\n"
+        f"triage: {{rules: {{{labels_rule}: {{level: urgent, min_probability: 0.4}}}}}}\n" + mqtt
+    )
+    return path
+
+
+def _unpack(archive: Path, into: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        assert all(m.uid == 0 and m.uname == "root" for m in tar.getmembers())
+        tar.extractall(into, filter="data")
+    return into / names[0].split("/")[0]
+
+
+def test_bundle_holds_a_consistent_profile_model_and_checksums_and_no_secret(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mqtt.password").write_text("s3cret-password\n")
+    mqtt = (
+        "mqtt:\n  url: mqtts://broker.example.org:8883\n  username: us-probe-01\n"
+        f"  password_file: {tmp_path / 'mqtt.password'}\n  tls: {{ca_file: ca.pem}}\n"
+    )
+    profile = _profile(tmp_path, int8_model, mqtt=mqtt)
+    code = main(["bundle", "--profile", str(profile), "--out", str(tmp_path / "out"), "--device-id", "us-probe-07"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    archive = next((tmp_path / "out").glob("*.tar.gz"))
+    assert archive.name == "edgemed-probe-test-us-probe-07-breast-v1.tar.gz"
+    assert not list((tmp_path / "out").glob("*.partial"))
+    # The person building it is told what is unusual about this bundle.
+    assert "not validated on real hardware" in captured.err and "mqtt.username is still 'us-probe-01'" in captured.err
+
+    root = _unpack(archive, tmp_path / "device")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == sorted(
+        [
+            "BUNDLE.json",
+            "README.txt",
+            "SHA256SUMS",
+            "edgemed.service",
+            "install.sh",
+            "model/breast.manifest.json",
+            f"model/{int8_model.name}",
+            "model/report.html",
+            "profile.yaml",
+            "tls/ca.pem",
+        ]
+    )
+    for line in (root / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+    # The bundled profile stands on its own: model inside the bundle, sha256 verified, CA beside it.
+    prof = load_profile(root / "profile.yaml")
+    assert prof.device.id == "us-probe-07" and prof.device.site == "clinic-north"
+    assert prof.model.path == (root / "model" / int8_model.name).resolve()
+    manifest, art = verify_model(prof.model.path, prof.model.manifest)
+    assert art.verdict == "accepted" and manifest.name == "breast"
+    assert prof.mqtt is not None and prof.mqtt.tls is not None and prof.mqtt.tls.ca_file == root / "tls" / "ca.pem"
+    # Nothing secret travels: the password stays on the builder's machine and is listed for provisioning.
+    everything = b"".join((root / f).read_bytes() for f in files)
+    assert b"s3cret-password" not in everything
+    meta = json.loads((root / "BUNDLE.json").read_text())
+    assert meta["model"]["sha256"] == art.sha256 and meta["model"]["gate"] == "accepted"
+    password_note = f"the broker password for user 'us-probe-01' in {tmp_path / 'mqtt.password'}"
+    assert meta["provision_on_device"] == [password_note]
+    unit = (root / "edgemed.service").read_text()
+    assert "ExecStart=/opt/edgemed/venv/bin/edgemed run --profile /opt/edgemed/current/profile.yaml" in unit
+    assert "RestartPreventExitStatus=2 3 5 6" in unit and "TimeoutStopSec=45" in unit
+    assert subprocess.run(["bash", "-n", str(root / "install.sh")]).returncode == 0
+
+
+def test_installed_bundle_runs_on_real_images_and_delivers_to_a_real_broker(
+    tmp_path: Path, int8_model: Path, data_dir: Path, broker: Mosquitto
+) -> None:
+    profile = _profile(tmp_path, int8_model, mqtt=f"mqtt:\n  url: {broker.url}\n")
+    assert main(["bundle", "--profile", str(profile), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    prefix = tmp_path / "opt-edgemed"
+    env = {**os.environ, "EDGEMED_PREFIX": str(prefix), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
+    proc = subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (prefix / "current").resolve() == (prefix / "bundles" / root.name).resolve()
+
+    sub = Subscriber(broker.port, "edgemed/clinic-north/us-probe-01/results", client_id="bundle-dashboard")
+    try:
+        args = ["--profile", str(prefix / "current" / "profile.yaml"), "--source", str(data_dir / "isic_samples")]
+        run = subprocess.run(
+            [sys.executable, "-m", "edgemed", "run", *args, "--data-dir", str(tmp_path / "data"), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        assert sub.wait_for(12, 15) == 12  # the 12 real dermoscopy photographs, one result each
+    finally:
+        sub.close()
+
+
+def test_a_damaged_bundle_refuses_to_install(tmp_path: Path, int8_model: Path) -> None:
+    assert main(["bundle", "--profile", str(_profile(tmp_path, int8_model)), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    model = root / "model" / int8_model.name
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    env = {**os.environ, "EDGEMED_PREFIX": str(tmp_path / "p"), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
+    proc = subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "the bundle is damaged or was edited; copy it again" in proc.stderr
+    assert not (tmp_path / "p" / "current").exists()
+
+
+def test_no_bundle_for_a_rejected_model_or_a_policy_the_model_cannot_meet(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rejected = tmp_path / "rejected"
+    shutil.copytree(int8_model.parent, rejected)
+    manifest_path = next(rejected.glob("*.manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    for art in manifest["artifacts"]:
+        art["verdict"], art["failed_criteria"] = "rejected", ["top-1 agreement 0.81 < 0.98"]
+    manifest_path.write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert main(["bundle", "--profile", str(_profile(tmp_path, rejected / int8_model.name)), "--out", str(out)]) == 3
+    assert "rejected by the acceptance gate (top-1 agreement 0.81 < 0.98)" in capsys.readouterr().err
+
+    bad_policy = _profile(tmp_path, int8_model, labels_rule="melanoma")
+    assert main(["bundle", "--profile", str(bad_policy), "--out", str(out)]) == 2
+    assert "melanoma" in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())
