@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -67,6 +68,7 @@ def build_bundle(
     site: str | None = None,
     wheels: Path | None = None,
     install_prefix: str = "/opt/edgemed",
+    sign_key: Path | None = None,
 ) -> BundleResult:
     """Check a profile and its model, then write ``OUT_DIR/NAME.tar.gz``.
 
@@ -79,12 +81,14 @@ def build_bundle(
         wheels: a folder of ``*.whl`` files (edgemed and its ``device`` dependencies, built for the device's
             platform) to install without network access.
         install_prefix: where ``install.sh`` puts things on the device by default.
+        sign_key: a PEM private key (RSA or EC) to sign ``SHA256SUMS`` with, via the ``openssl`` command. A device
+            holding the public key in ``/etc/edgemed/bundle-signing.pub`` installs only bundles it verifies.
 
     Returns:
         The archive's path and name, the files inside, and warnings for the person building it.
 
     Raises:
-        ConfigError: the profile is invalid, names no model, or a wheels folder holds no wheel.
+        ConfigError: the profile is invalid, names no model, a wheels folder holds no wheel, or signing failed.
         ModelError: the model is missing, altered, or does not fit the profile's triage policy.
         ModelRejectedError: the acceptance gate rejected the model and nobody signed a waiver.
     """
@@ -213,6 +217,9 @@ def build_bundle(
         sums = "".join(f"{_sha256(stage / f)}  {f}\n" for f in files)
         (stage / "SHA256SUMS").write_text(sums, encoding="utf-8")
         files.append("SHA256SUMS")
+        if sign_key is not None:
+            _sign(stage / "SHA256SUMS", Path(sign_key))
+            files.append("SHA256SUMS.sig")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         archive = out_dir / f"{name}.tar.gz"
@@ -221,6 +228,29 @@ def build_bundle(
             tar.add(stage, arcname=name, filter=_owned_by_root)
         partial.replace(archive)  # never leave a half-written bundle under the final name
     return BundleResult(archive, name, tuple(files), tuple(warnings))
+
+
+def _sign(sums: Path, key: Path) -> None:
+    # The openssl command is on every Linux the devices run, so the device verifies with the same tool and no
+    # Python crypto package is needed on either side.
+    if shutil.which("openssl") is None:
+        raise ConfigError("signing a bundle needs the openssl command: apt-get install openssl")
+    if not key.is_file():
+        raise ConfigError(
+            f"signing key {key} not found; make one with: openssl genpkey -algorithm EC "
+            "-pkeyopt ec_paramgen_curve:P-256 -out bundle-signing.pem"
+        )
+    proc = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-sign", str(key), "-out", str(sums) + ".sig", str(sums)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        raise ConfigError(
+            f"openssl could not sign with {key}: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}; "
+            "pass an unencrypted PEM RSA or EC private key"
+        )
 
 
 def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -267,6 +297,8 @@ def _install_script(name: str, prefix: str) -> str:
 #   EDGEMED_PREFIX=/opt/edgemed   where to install (default {prefix})
 #   EDGEMED_SKIP_VENV=1           do not create or update the virtual environment
 #   EDGEMED_SKIP_SYSTEMD=1        do not install or start the systemd service
+#   EDGEMED_TRUSTED_KEY=FILE      public key bundles must be signed with (default /etc/edgemed/bundle-signing.pub;
+#                                 when that file exists, unsigned or wrongly signed bundles are refused)
 # Bundles are kept side by side under PREFIX/bundles; PREFIX/current points at the active one, so rolling
 # back is:  ln -sfn bundles/OLD_NAME PREFIX/current && systemctl restart edgemed
 set -eu
@@ -275,7 +307,25 @@ PREFIX="${{EDGEMED_PREFIX:-{prefix}}}"
 NAME="{name}"
 VERSION="{__version__}"
 
+TRUSTED_KEY="${{EDGEMED_TRUSTED_KEY:-/etc/edgemed/bundle-signing.pub}}"
+
 cd "$HERE"
+if [ -f "$TRUSTED_KEY" ]; then
+  # This device accepts only bundles signed by its owner's key.
+  if [ ! -f SHA256SUMS.sig ]; then
+    echo "edgemed bundle: unsigned, and this device only installs bundles signed for $TRUSTED_KEY;" >&2
+    echo "rebuild it with: edgemed bundle ... --sign-key KEY.pem" >&2
+    exit 1
+  fi
+  command -v openssl >/dev/null 2>&1 || {{ echo "edgemed bundle: verifying the signature needs openssl" >&2; exit 1; }}
+  if ! openssl dgst -sha256 -verify "$TRUSTED_KEY" -signature SHA256SUMS.sig SHA256SUMS >/dev/null 2>&1; then
+    echo "edgemed bundle: the signature does not match $TRUSTED_KEY: not built by a trusted key, or altered" >&2
+    exit 1
+  fi
+  echo "signature verified with $TRUSTED_KEY"
+elif [ -f SHA256SUMS.sig ]; then
+  echo "edgemed bundle: signed, but this device has no $TRUSTED_KEY to verify it with (installing unverified)" >&2
+fi
 if ! sha256sum --check --quiet SHA256SUMS; then
   echo "edgemed bundle: files differ from SHA256SUMS: the bundle is damaged or was edited; copy it again" >&2
   exit 1

@@ -221,6 +221,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         site=args.site,
         wheels=args.wheels,
         install_prefix=args.prefix,
+        sign_key=args.sign_key,
     )
     for warning in result.warnings:
         print(f"edgemed: warning: {warning}", file=sys.stderr)
@@ -388,6 +389,12 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--wheels", type=Path, help="folder of *.whl built for the device, for an install without network access"
     )
     p.add_argument("--prefix", default="/opt/edgemed", help="install location on the device (default /opt/edgemed)")
+    p.add_argument(
+        "--sign-key",
+        type=Path,
+        help="PEM private key (RSA or EC) to sign the bundle with; devices holding the public key in "
+        "/etc/edgemed/bundle-signing.pub refuse anything else",
+    )
     p.set_defaults(func=cmd_bundle)
     return parser
 

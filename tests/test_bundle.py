@@ -157,3 +157,49 @@ def test_no_bundle_for_a_rejected_model_or_a_policy_the_model_cannot_meet(
     assert main(["bundle", "--profile", str(bad_policy), "--out", str(out)]) == 2
     assert "melanoma" in capsys.readouterr().err
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_device_with_a_trusted_key_installs_only_bundles_signed_with_it(tmp_path: Path, int8_model: Path) -> None:
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    for who in ("owner", "stranger"):
+        openssl(
+            "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(tmp_path / f"{who}.pem")
+        )
+    openssl("pkey", "-in", str(tmp_path / "owner.pem"), "-pubout", "-out", str(tmp_path / "trusted.pub"))
+    profile = _profile(tmp_path, int8_model)
+
+    def build_and_install(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        assert main(["bundle", "--profile", str(profile), "--out", str(tmp_path / name), *extra]) == 0
+        root = _unpack(next((tmp_path / name).glob("*.tar.gz")), tmp_path / f"{name}-unpacked")
+        env = {
+            **os.environ,
+            "EDGEMED_PREFIX": str(tmp_path / f"{name}-prefix"),
+            "EDGEMED_SKIP_VENV": "1",
+            "EDGEMED_SKIP_SYSTEMD": "1",
+            "EDGEMED_TRUSTED_KEY": str(tmp_path / "trusted.pub"),
+        }
+        return subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+
+    ok = build_and_install("signed", "--sign-key", str(tmp_path / "owner.pem"))
+    assert ok.returncode == 0 and "signature verified" in ok.stdout, ok.stderr
+    stranger = build_and_install("stranger", "--sign-key", str(tmp_path / "stranger.pem"))
+    assert stranger.returncode == 1 and "signature does not match" in stranger.stderr
+    unsigned = build_and_install("unsigned")
+    assert unsigned.returncode == 1 and "unsigned, and this device only installs bundles signed" in unsigned.stderr
+    assert not (tmp_path / "stranger-prefix" / "current").exists()
+    assert not (tmp_path / "unsigned-prefix" / "current").exists()
+
+    # Someone who edits a file and recomputes SHA256SUMS still cannot forge the owner's signature.
+    root = tmp_path / "signed-unpacked" / next((tmp_path / "signed-unpacked").iterdir()).name
+    (root / "profile.yaml").write_text((root / "profile.yaml").read_text().replace("0.4", "0.99"))
+    sums = "".join(
+        f"{hashlib.sha256((root / n).read_bytes()).hexdigest()}  {n}\n"
+        for n in (line.split("  ", 1)[1] for line in (root / "SHA256SUMS").read_text().splitlines())
+    )
+    (root / "SHA256SUMS").write_text(sums)
+    env = {**os.environ, "EDGEMED_PREFIX": str(tmp_path / "p2"), "EDGEMED_SKIP_VENV": "1"}
+    env |= {"EDGEMED_SKIP_SYSTEMD": "1", "EDGEMED_TRUSTED_KEY": str(tmp_path / "trusted.pub")}
+    forged = subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert forged.returncode == 1 and "signature does not match" in forged.stderr
