@@ -15,7 +15,6 @@ from the staged bundle, finds its model there.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 
 from edgemed import __version__
 from edgemed.errors import ConfigError
+from edgemed.manifest import sha256_file
 
 # Sources that never end: the only kind a service that restarts on failure should run (a finite folder would be
 # processed again after every restart).
@@ -45,14 +45,6 @@ class BundleResult:
     name: str
     files: tuple[str, ...]
     warnings: tuple[str, ...]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_name(text: str) -> str:
@@ -214,7 +206,7 @@ def build_bundle(
         (stage / "BUNDLE.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (stage / "README.txt").write_text(_readme(meta, install_prefix), encoding="utf-8")
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        sums = "".join(f"{_sha256(stage / f)}  {f}\n" for f in files)
+        sums = "".join(f"{sha256_file(stage / f)}  {f}\n" for f in files)
         (stage / "SHA256SUMS").write_text(sums, encoding="utf-8")
         files.append("SHA256SUMS")
         if sign_key is not None:

@@ -16,6 +16,21 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
+def headless_flags(profile_dir: Path) -> list[str]:
+    """Chromium flags for tests: headless, no sandbox (root in CI), and no traffic of its own to the internet."""
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile_dir}",
+    ]
+
+
 class PipeBrowser:
     """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no port, no extra package."""
 
@@ -29,18 +44,7 @@ class PipeBrowser:
             os.dup2(cmd_r, 3)
             os.dup2(out_w, 4)
 
-        flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium-cdp'}",
-            "--remote-debugging-pipe",
-        ]
+        flags = [*headless_flags(tmp_path / "chromium-cdp"), "--remote-debugging-pipe"]
         self.proc = subprocess.Popen(
             [CHROMIUM, *flags, "about:blank"],
             pass_fds=(3, 4, cmd_r, out_w),

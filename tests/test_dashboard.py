@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 from broker_fixtures import Mosquitto
-from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser
+from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser, headless_flags
 
 from edgemed.dashboard import add_arguments, run, serve
 from edgemed.dashboard.ingest import Ingest
@@ -409,18 +409,7 @@ def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
 def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
     if not Path(CHROMIUM).exists():
         pytest.fail("headless Chromium is needed for the browser test: apt-get install -y chromium")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--virtual-time-budget=3000",
-    ]
+    flags = [*headless_flags(tmp_path / "chromium-profile"), "--virtual-time-budget=3000"]
     return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=60)
 
 
