@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -62,35 +62,53 @@ class RunSummary:
         return EXIT_OK if self.pending == 0 else EXIT_PENDING
 
 
-def prefetch(items: Iterable[T], stop: threading.Event, depth: int = 4) -> Iterator[T]:
-    """Iterate ``items`` on a background thread, ``depth`` items ahead; exceptions re-raise in the consumer."""
+def prefetch(items: Iterable[T], stop: threading.Event, depth: int = 4) -> Generator[T, None, None]:
+    """Iterate ``items`` on a background thread, ``depth`` items ahead; exceptions re-raise in the consumer.
+
+    Closing the generator (or leaving it by an exception, once it is closed) stops the thread and joins it: a
+    capture thread still inside a decoder when the process exits can abort it from C++ ("terminate called
+    without an active exception", seen once when a refused broker ended a run mid-frame).
+    """
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not (stop.is_set() or done.is_set()):
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    break
+                if not put(item):
+                    return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which re-raises it
-            q.put(exc)
+            put(exc)
             return
-        q.put(_END)
+        put(_END)
 
     thread = threading.Thread(target=produce, name="edgemed-capture", daemon=True)
     thread.start()
-    while True:
-        item = q.get()
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            try:
+                item = q.get(timeout=0.1)
+            except queue.Empty:
+                if not thread.is_alive() and q.empty():
+                    return  # stopped: the producer gave up putting
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        done.set()
+        thread.join(timeout=5.0)
 
 
 @dataclass
@@ -427,8 +445,9 @@ class Device:
         summary = RunSummary()
         self._source = open_source(uri, self.profile.source, stop=self.stop)
         self._closers.append(self._source.close)
+        frames = prefetch(self._captured(self._source), self.stop)
         try:
-            for frame, capture_ms in prefetch(self._captured(self._source), self.stop):
+            for frame, capture_ms in frames:
                 if self.link is not None:
                     self.link.check()
                     self.delivery.check()
@@ -450,6 +469,7 @@ class Device:
                 self._end_study()
         finally:
             self.stop.set()
+            frames.close()  # joins the capture thread before anything is torn down
             self.outbox.flush()
             if self._jsonl is not None:
                 self._jsonl.flush()

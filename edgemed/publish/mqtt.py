@@ -274,6 +274,9 @@ class MqttLink:
             self._went_online = False
             self._tls_alert = None
             self._tls_eof = False
+            # Cleared before connecting, not in _pump: paho can lose the connection (and _handle_log report it)
+            # inside connect() already, and that report must not be wiped out.
+            self._dropped.clear()
             try:
                 self._open()
             except OSError as exc:
@@ -347,7 +350,6 @@ class MqttLink:
         # only queues, and paho writes in bulk, which is twice as fast as driving loop() from here. With
         # reconnect_on_failure=False its thread ends when the connection does; we then reconnect ourselves, so
         # that every connection attempt's exception reaches _tls_refusal().
-        self._dropped.clear()
         client.loop_start()
         connack_deadline = time.monotonic() + self.cfg.connect_timeout_s
         while not self._dropped.wait(0.1):
