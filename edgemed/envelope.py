@@ -32,6 +32,7 @@ class EnvelopeContext:
     delegate: str
     degraded: bool
     publish_source_names: bool = False
+    backend_version: str | None = None
 
 
 def utc_now_iso(ts: float) -> str:
@@ -76,13 +77,25 @@ def build_result(
         "session_id": session_id,
         "model": ctx.model,
         "preprocess_sha256": ctx.preprocess_sha256,
-        "runtime": {"backend": ctx.backend, "delegate": ctx.delegate, "degraded": ctx.degraded, "edgemed": __version__},
+        "runtime": _runtime(ctx),
         "source": source,
         "quality": quality.as_dict() if quality is not None else None,
         "prediction": prediction.as_dict() if prediction is not None else None,
         "triage": triage.as_dict(),
         "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
     }
+
+
+def _runtime(ctx: EnvelopeContext) -> dict[str, Any]:
+    runtime: dict[str, Any] = {
+        "backend": ctx.backend,
+        "delegate": ctx.delegate,
+        "degraded": ctx.degraded,
+        "edgemed": __version__,
+    }
+    if ctx.backend_version:  # provenance: which interpreter build produced the numbers
+        runtime["backend_version"] = ctx.backend_version
+    return runtime
 
 
 def build_study(

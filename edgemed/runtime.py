@@ -30,6 +30,7 @@ from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, clock_synced, load_or_create_secret, pseudonym
 from edgemed.inference import Backend, make_backend
+from edgemed.inference.probe import runtime_version
 from edgemed.lock import DataDirLock
 from edgemed.manifest import Artifact, Manifest, verify_model
 from edgemed.outbox import Outbox
@@ -221,6 +222,7 @@ class Device:
             delegate=self.backend.delegate,
             degraded=self.backend.degraded,
             publish_source_names=self.profile.privacy.publish_source_names,
+            backend_version=runtime_version(self.backend.backend),
         )
         if self.backend.degraded:
             log.warning("running degraded on %s: %s", self.backend.delegate, self.backend.degraded_reason)

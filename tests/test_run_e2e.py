@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -117,7 +118,13 @@ def test_every_frame_gives_exactly_one_valid_result(
     for r in results:
         jsonschema.validate(r, result_schema())
         assert r["device_id"] == "us-01" and r["site"] == "clinic_a" and r["source"]["kind"] == "folder"
-        assert r["runtime"] == {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False, "edgemed": "0.1.0"}
+        assert r["runtime"] == {
+            "backend": "ai_edge_litert",
+            "backend_version": importlib.metadata.version("ai-edge-litert"),
+            "delegate": "cpu",
+            "degraded": False,
+            "edgemed": "0.1.0",
+        }
         assert "img" not in json.dumps(r)  # no file name leaves the device
     # The corrupt file keeps its index and is reported, not dropped.
     bad = next(r for r in results if r["source"]["index"] == N_IMAGES)
