@@ -132,23 +132,34 @@ def build_bundle(
     if wheels is not None and not wheel_files:
         raise ConfigError(f"no *.whl files in {wheels}; build them with: pip wheel '.[device]' -w {wheels}")
 
+    _refuse_relative_device_paths(raw, profile_path)
     device = raw.get("device", {})
+    # The build time makes every bundle's name unique, so installing a rebuilt bundle never overwrites the one
+    # a device may need to roll back to.
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = _safe_name(
-        f"edgemed-{profile.profile}-{device.get('id', profile.device.id)}-{manifest.name}-v{manifest.version}"
+        f"edgemed-{profile.profile}-{device.get('id', profile.device.id)}-{manifest.name}-v{manifest.version}-{stamp}"
     )
     raw["model"] = {"path": f"model/{model_path.name}", "manifest": f"model/{Path(manifest_path).name}"}
     provision: list[str] = []
     mqtt = raw.get("mqtt")
     if isinstance(mqtt, dict) and profile.mqtt is not None:
         tls = profile.mqtt.tls
+        raw_tls = mqtt.get("tls") or {}
         if tls is not None and tls.ca_file is not None and Path(tls.ca_file).is_file():
             mqtt.setdefault("tls", {})["ca_file"] = "tls/ca.pem"  # public: safe to ship
         elif tls is not None and tls.ca_file is not None:
-            provision.append(f"the broker's CA certificate at {tls.ca_file}")
+            provision.append(f"the broker's CA certificate at {raw_tls.get('ca_file')}")
         if tls is not None and tls.cert_file is not None:
-            provision.append(f"this device's client certificate at {tls.cert_file} and its key at {tls.key_file}")
+            provision.append(
+                f"this device's client certificate at {raw_tls.get('cert_file')} and its key at "
+                f"{raw_tls.get('key_file')} (readable by the edgemed user only)"
+            )
         if profile.mqtt.password_file is not None:
-            provision.append(f"the broker password for user {profile.mqtt.username!r} in {profile.mqtt.password_file}")
+            provision.append(
+                f"the broker password for user {profile.mqtt.username!r} in {mqtt.get('password_file')} "
+                "(chmod 600, owned by the edgemed user)"
+            )
         if profile.mqtt.password_env is not None:
             provision.append(f"the broker password in the environment variable {profile.mqtt.password_env}")
 
@@ -179,7 +190,7 @@ def build_bundle(
             for w in wheel_files:
                 shutil.copy2(w, stage / "wheels" / w.name)
         drain = float(staged.run.drain_timeout_s)
-        (stage / "edgemed.service").write_text(_unit(profile.profile, install_prefix, drain), encoding="utf-8")
+        (stage / "edgemed.service").write_text(_unit(profile.profile, drain), encoding="utf-8")
         install = stage / "install.sh"
         install.write_text(_install_script(name, install_prefix), encoding="utf-8")
         install.chmod(0o755)
@@ -222,6 +233,114 @@ def build_bundle(
     return BundleResult(archive, name, tuple(files), tuple(warnings))
 
 
+DEFAULT_TRUSTED_KEY = Path("/etc/edgemed/bundle-signing.pub")
+
+
+def verify_bundle(folder: Path, key: Path | None = None) -> dict[str, Any]:
+    """Check an unpacked bundle with the edgemed already on the device, before running its ``install.sh``.
+
+    The bundle's own script checks the bundle too, but a bundle from an untrusted source could ship a script that
+    does not: this is the check to trust.
+
+    Args:
+        folder: the unpacked bundle (the folder holding ``SHA256SUMS``).
+        key: public key the bundle must be signed with; default ``/etc/edgemed/bundle-signing.pub`` when that
+            file exists (else the signature is not required).
+
+    Returns:
+        The bundle's ``BUNDLE.json``, plus ``signature``: the key it was verified with, or None.
+
+    Raises:
+        ConfigError: a file differs from or is missing in ``SHA256SUMS``, an unlisted file is present, the
+            signature is missing or does not verify, or the profile and model inside do not agree.
+    """
+    from edgemed.config import load_profile
+    from edgemed.manifest import verify_model
+
+    folder = Path(folder)
+    sums = folder / "SHA256SUMS"
+    if not sums.is_file():
+        raise ConfigError(f"{folder} is not an unpacked edgemed bundle (no SHA256SUMS); unpack the .tar.gz first")
+    if key is None and DEFAULT_TRUSTED_KEY.is_file():
+        key = DEFAULT_TRUSTED_KEY
+    if key is not None:
+        if not Path(key).is_file():
+            raise ConfigError(f"trusted key {key} not found; pass the owner's public key with --key")
+        sig = folder / "SHA256SUMS.sig"
+        if not sig.is_file():
+            raise ConfigError(f"{folder.name} is unsigned; only bundles signed for {key} are accepted")
+        if shutil.which("openssl") is None:
+            raise ConfigError("verifying a bundle signature needs the openssl command: apt-get install openssl")
+        proc = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-verify", str(key), "-signature", str(sig), str(sums)],
+            capture_output=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            raise ConfigError(f"{folder.name}: the signature does not match {key}: not built by that key, or altered")
+    listed: dict[str, str] = {}
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, rel = line.partition("  ")
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ConfigError(f"{folder.name}: SHA256SUMS has a malformed line {line!r}; copy the bundle again")
+        listed[rel] = digest
+    present = {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in ("SHA256SUMS", "SHA256SUMS.sig")
+    }
+    if present - set(listed):
+        raise ConfigError(f"{folder.name}: files not listed in SHA256SUMS: {', '.join(sorted(present - set(listed)))}")
+    for rel, digest in listed.items():
+        if not (folder / rel).is_file():
+            raise ConfigError(f"{folder.name}: {rel} is missing; copy the bundle again")
+        if sha256_file(folder / rel) != digest:
+            raise ConfigError(f"{folder.name}: {rel} differs from SHA256SUMS: damaged or edited; copy it again")
+    meta: dict[str, Any] = json.loads((folder / "BUNDLE.json").read_text(encoding="utf-8"))
+    profile = load_profile(folder / "profile.yaml")
+    if profile.model.path is None:
+        raise ConfigError(f"{folder.name}: its profile names no model")
+    _, art = verify_model(profile.model.path, profile.model.manifest)
+    if art.sha256 != meta.get("model", {}).get("sha256"):
+        raise ConfigError(f"{folder.name}: BUNDLE.json and the bundled model disagree; rebuild the bundle")
+    meta["signature"] = str(key) if key is not None else None
+    return meta
+
+
+def _refuse_relative_device_paths(raw: dict[str, Any], profile_path: Path) -> None:
+    # A relative path resolves against the profile's folder: on the device that is inside the root-owned, replaced
+    # on every upgrade bundle folder. The outbox or a secret must not live there.
+    def get(*keys: str) -> Any:
+        node: Any = raw
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    relative = []
+    for keys in (
+        ("device", "data_dir"),
+        ("mqtt", "password_file"),
+        ("mqtt", "tls", "cert_file"),
+        ("mqtt", "tls", "key_file"),
+    ):
+        value = get(*keys)
+        if value is not None and not Path(str(value)).is_absolute():
+            relative.append(f"{'.'.join(keys)}: {value}")
+    ca = get("mqtt", "tls", "ca_file")
+    if ca is not None and not Path(str(ca)).is_absolute() and not (profile_path.parent / str(ca)).is_file():
+        relative.append(f"mqtt.tls.ca_file: {ca}")  # an existing CA is bundled; a missing one is a device path
+    uri = get("source", "uri")
+    if isinstance(uri, str) and "://" not in uri and not uri.startswith("camera:"):
+        path = uri.removeprefix("watch:")
+        if not Path(path).is_absolute():
+            relative.append(f"source.uri: {uri}")
+    if relative:
+        raise ConfigError(
+            f"profile {profile_path}: relative paths would point inside the bundle folder on the device "
+            f"({'; '.join(relative)}); give absolute device paths, e.g. /var/lib/edgemed or /etc/edgemed/mqtt.password"
+        )
+
+
 def _sign(sums: Path, key: Path) -> None:
     # The openssl command is on every Linux the devices run, so the device verifies with the same tool and no
     # Python crypto package is needed on either side.
@@ -252,10 +371,11 @@ def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _unit(profile_name: str, prefix: str, drain_timeout_s: float) -> str:
+def _unit(profile_name: str, drain_timeout_s: float) -> str:
+    # @PREFIX@ is filled in by install.sh, so the unit always runs what that install put in place.
     return f"""[Unit]
 Description=edgemed point-of-care inference ({profile_name})
-Documentation=file://{prefix}/current/README.txt
+Documentation=file://@PREFIX@/current/README.txt
 After=network-online.target
 Wants=network-online.target
 
@@ -269,7 +389,7 @@ SupplementaryGroups=video plugdev
 Environment=XDG_DATA_HOME=/var/lib
 StateDirectory=edgemed
 StateDirectoryMode=0700
-ExecStart={prefix}/venv/bin/edgemed run --profile {prefix}/current/profile.yaml
+ExecStart=@PREFIX@/venv/bin/edgemed run --profile @PREFIX@/current/profile.yaml
 # SIGTERM stops capture, waits up to run.drain_timeout_s for acknowledgements, publishes offline, then exits.
 KillSignal=SIGTERM
 TimeoutStopSec={int(drain_timeout_s) + 15}
@@ -286,80 +406,106 @@ WantedBy=multi-user.target
 def _install_script(name: str, prefix: str) -> str:
     return f"""#!/bin/sh
 # Install this edgemed bundle on a device. Run as root from the unpacked bundle:  sudo ./install.sh
-#   EDGEMED_PREFIX=/opt/edgemed   where to install (default {prefix})
-#   EDGEMED_SKIP_VENV=1           do not create or update the virtual environment
-#   EDGEMED_SKIP_SYSTEMD=1        do not install or start the systemd service
-#   EDGEMED_TRUSTED_KEY=FILE      public key bundles must be signed with (default /etc/edgemed/bundle-signing.pub;
-#                                 when that file exists, unsigned or wrongly signed bundles are refused)
+#   EDGEMED_PREFIX=DIR           where to install (default {prefix})
+#   EDGEMED_TRUSTED_KEY=FILE     public key bundles must be signed with (default /etc/edgemed/bundle-signing.pub;
+#                                when that file exists, unsigned or wrongly signed bundles are refused)
+#   EDGEMED_PIP_INDEX_URL=URL    your organisation's package index, when the bundle carries no wheels
+#   EDGEMED_SKIP_VENV=1          do not create or update the virtual environment
+#   EDGEMED_SKIP_SYSTEMD=1       do not install or start the systemd service
+# This script checks the bundle against itself (checksums, signature). A bundle from an untrusted source could
+# ship a different script: on a device that already runs edgemed, check it first with the installed code:
+#   PREFIX/venv/bin/edgemed verify-bundle DIR
 # Bundles are kept side by side under PREFIX/bundles; PREFIX/current points at the active one, so rolling
 # back is:  ln -sfn bundles/OLD_NAME PREFIX/current && systemctl restart edgemed
 set -eu
-HERE=$(cd "$(dirname "$0")" && pwd)
+die() {{ echo "edgemed bundle: $*" >&2; exit 1; }}
+HERE=$(cd -P "$(dirname "$0")" && pwd -P)
 PREFIX="${{EDGEMED_PREFIX:-{prefix}}}"
 NAME="{name}"
 VERSION="{__version__}"
 
+mkdir -p "$PREFIX/bundles"
+PREFIX_REAL=$(cd -P "$PREFIX" && pwd -P)
+case "$HERE/" in
+  "$PREFIX_REAL"/*) die "run install.sh from the unpacked archive, not from the installed copy in $PREFIX" ;;
+esac
+
+if [ -n "${{EDGEMED_TRUSTED_KEY:-}}" ] && [ ! -f "$EDGEMED_TRUSTED_KEY" ]; then
+  die "EDGEMED_TRUSTED_KEY=$EDGEMED_TRUSTED_KEY does not exist; fix the path (refusing to install unverified)"
+fi
 TRUSTED_KEY="${{EDGEMED_TRUSTED_KEY:-/etc/edgemed/bundle-signing.pub}}"
 
 cd "$HERE"
 if [ -f "$TRUSTED_KEY" ]; then
   # This device accepts only bundles signed by its owner's key.
-  if [ ! -f SHA256SUMS.sig ]; then
-    echo "edgemed bundle: unsigned, and this device only installs bundles signed for $TRUSTED_KEY;" >&2
-    echo "rebuild it with: edgemed bundle ... --sign-key KEY.pem" >&2
-    exit 1
-  fi
-  command -v openssl >/dev/null 2>&1 || {{ echo "edgemed bundle: verifying the signature needs openssl" >&2; exit 1; }}
-  if ! openssl dgst -sha256 -verify "$TRUSTED_KEY" -signature SHA256SUMS.sig SHA256SUMS >/dev/null 2>&1; then
-    echo "edgemed bundle: the signature does not match $TRUSTED_KEY: not built by a trusted key, or altered" >&2
-    exit 1
-  fi
+  [ -f SHA256SUMS.sig ] || die "unsigned, and this device only installs bundles signed for $TRUSTED_KEY; \
+rebuild it with: edgemed bundle ... --sign-key KEY.pem"
+  command -v openssl >/dev/null 2>&1 || die "verifying the signature needs openssl"
+  openssl dgst -sha256 -verify "$TRUSTED_KEY" -signature SHA256SUMS.sig SHA256SUMS >/dev/null 2>&1 ||
+    die "the signature does not match $TRUSTED_KEY: not built by a trusted key, or altered"
   echo "signature verified with $TRUSTED_KEY"
 elif [ -f SHA256SUMS.sig ]; then
   echo "edgemed bundle: signed, but this device has no $TRUSTED_KEY to verify it with (installing unverified)" >&2
 fi
-if ! sha256sum --check --quiet SHA256SUMS; then
-  echo "edgemed bundle: files differ from SHA256SUMS: the bundle is damaged or was edited; copy it again" >&2
-  exit 1
-fi
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || {{
-  echo "edgemed bundle: edgemed needs Python >= 3.10; this device has $(python3 --version 2>&1)" >&2
-  exit 1
-}}
+sha256sum --check --quiet SHA256SUMS || die "files differ from SHA256SUMS: the bundle is damaged or was edited; \
+copy it again"
+# Nothing may ride along unchecked (an extra wheel would be installed as root).
+LISTED=$(mktemp)
+PRESENT=$(mktemp)
+trap 'rm -f "$LISTED" "$PRESENT"' EXIT
+sed 's/^[0-9a-f]*  //' SHA256SUMS | sort >"$LISTED"
+find . -type f ! -name SHA256SUMS ! -name SHA256SUMS.sig | sed 's|^\\./||' | sort >"$PRESENT"
+EXTRA=$(comm -13 "$LISTED" "$PRESENT")
+[ -z "$EXTRA" ] || die "files not listed in SHA256SUMS: $EXTRA; copy the bundle again"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+  die "edgemed needs Python >= 3.10; this device has $(python3 --version 2>&1)"
 
-mkdir -p "$PREFIX/bundles"
-rm -rf "$PREFIX/bundles/$NAME.new"
-cp -R "$HERE" "$PREFIX/bundles/$NAME.new"
-rm -rf "$PREFIX/bundles/$NAME"
-mv "$PREFIX/bundles/$NAME.new" "$PREFIX/bundles/$NAME"
-ln -sfn "bundles/$NAME" "$PREFIX/current"
-echo "installed $NAME in $PREFIX/bundles (active: $PREFIX/current)"
+if [ -d "$PREFIX/bundles/$NAME" ]; then
+  cmp -s "$PREFIX/bundles/$NAME/SHA256SUMS" SHA256SUMS || die "$PREFIX/bundles/$NAME exists with other contents"
+  echo "$NAME is already in $PREFIX/bundles"
+else
+  rm -rf "$PREFIX/bundles/$NAME.new"
+  cp -R "$HERE" "$PREFIX/bundles/$NAME.new"
+  mv "$PREFIX/bundles/$NAME.new" "$PREFIX/bundles/$NAME"
+fi
 
 if [ "${{EDGEMED_SKIP_VENV:-0}}" != 1 ]; then
   [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
-  if [ -d "$HERE/wheels" ]; then
+  if "$PREFIX/venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('edgemed') != '$VERSION')" \
+      2>/dev/null; then
+    echo "edgemed $VERSION is already installed in $PREFIX/venv"
+  elif [ -d "$HERE/wheels" ]; then
     "$PREFIX/venv/bin/pip" install --no-index --find-links "$HERE/wheels" "edgemed[device]==$VERSION"
+  elif [ -n "${{EDGEMED_PIP_INDEX_URL:-}}" ]; then
+    "$PREFIX/venv/bin/pip" install --index-url "$EDGEMED_PIP_INDEX_URL" "edgemed[device]==$VERSION"
   else
-    "$PREFIX/venv/bin/pip" install "edgemed[device]==$VERSION" || {{
-      echo "edgemed bundle: could not install edgemed $VERSION from the package index; rebuild the bundle" >&2
-      echo "with --wheels DIR (pip wheel '.[device]' -w DIR on a machine of this device's platform)" >&2
-      exit 1
-    }}
+    die "this bundle carries no wheels and edgemed $VERSION is not installed: rebuild it with --wheels DIR \
+(pip wheel '.[device]' -w DIR on a machine of this device's platform) or set EDGEMED_PIP_INDEX_URL"
   fi
 fi
 
+# Only now, with everything in place, does the device switch to this bundle.
+ln -sfn "bundles/$NAME" "$PREFIX/current"
+echo "installed $NAME in $PREFIX/bundles (active: $PREFIX/current)"
+
+DOCTOR="$PREFIX/venv/bin/edgemed doctor --profile $PREFIX/current/profile.yaml"
 if [ "${{EDGEMED_SKIP_SYSTEMD:-0}}" != 1 ] && command -v systemctl >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   id edgemed >/dev/null 2>&1 || useradd --system --home-dir /var/lib/edgemed --shell /usr/sbin/nologin edgemed
-  install -m 0644 "$PREFIX/current/edgemed.service" /etc/systemd/system/edgemed.service
+  sed "s|@PREFIX@|$PREFIX|g" "$PREFIX/current/edgemed.service" >/etc/systemd/system/edgemed.service
+  chmod 0644 /etc/systemd/system/edgemed.service
   systemctl daemon-reload
+  # Stopped while the doctor runs: the camera and the Edge TPU take one user at a time.
+  systemctl stop edgemed.service 2>/dev/null || true
+  if [ -x "$PREFIX/venv/bin/edgemed" ]; then
+    mkdir -p /var/lib/edgemed && chown edgemed:edgemed /var/lib/edgemed && chmod 0700 /var/lib/edgemed
+    runuser -u edgemed -- env XDG_DATA_HOME=/var/lib $DOCTOR ||
+      echo "edgemed bundle: doctor found problems (above); the service starts anyway, fix them and restart" >&2
+  fi
   systemctl enable edgemed.service
-  systemctl restart edgemed.service
+  systemctl start edgemed.service
   echo "service edgemed started: journalctl -u edgemed -f"
-fi
-
-if [ -x "$PREFIX/venv/bin/edgemed" ]; then
-  "$PREFIX/venv/bin/edgemed" doctor --profile "$PREFIX/current/profile.yaml" ||
-    echo "edgemed bundle: doctor found problems (above); fix them, then: systemctl restart edgemed" >&2
+elif [ -x "$PREFIX/venv/bin/edgemed" ]; then
+  $DOCTOR || echo "edgemed bundle: doctor found problems (above)" >&2
 fi
 """
 

@@ -235,6 +235,20 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_bundle(args: argparse.Namespace) -> int:
+    """``edgemed verify-bundle``: check an unpacked bundle with the code already installed here."""
+    from edgemed.bundle import verify_bundle
+
+    meta = verify_bundle(args.folder, args.key)
+    model = meta["model"]
+    signed = f"signature verified with {meta['signature']}" if meta["signature"] else "not signed-checked (no key)"
+    print(
+        f"ok  {meta['name']}: device {meta['device']['id']}, model {model['name']} v{model['version']} "
+        f"({model['target']}, gate {model['gate']}); checksums match; {signed}"
+    )
+    return 0
+
+
 def _converter_command(name: str) -> int:
     try:
         spec = importlib.util.find_spec("tensorflow")
@@ -401,6 +415,22 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "/etc/edgemed/bundle-signing.pub refuse anything else",
     )
     p.set_defaults(func=cmd_bundle)
+
+    p = sub.add_parser(
+        "verify-bundle",
+        help="check an unpacked bundle (checksums, signature, model) before installing it",
+        description="Check an unpacked bundle with the edgemed installed here: every file against SHA256SUMS, no "
+        "unlisted file, the signature against a trusted public key, and the bundled profile against its model. "
+        "Run it before a bundle's own install.sh when the bundle did not come from you.",
+        epilog="example:\n  tar xzf NAME.tar.gz && /opt/edgemed/venv/bin/edgemed verify-bundle NAME "
+        "&& sudo ./NAME/install.sh",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", type=Path, help="the unpacked bundle folder")
+    p.add_argument(
+        "--key", type=Path, help="trusted public key (default /etc/edgemed/bundle-signing.pub when it exists)"
+    )
+    p.set_defaults(func=cmd_verify_bundle)
     return parser
 
 

@@ -83,6 +83,8 @@ def _model(path: Path, profile: Any) -> Check:
             backend.close()
     except EdgemedError as exc:
         return Check("model", False, str(exc))
+    except (RuntimeError, ValueError, OSError) as exc:  # the interpreter or accelerator failed while invoking
+        return Check("model", False, f"{path.name} loaded but could not run: {exc}; check the accelerator")
     spec = manifest.input
     verdict = art.verdict + (f" by {art.waiver.by}" if art.waiver is not None else "")
     return Check(

@@ -109,7 +109,11 @@ def prefetch(items: Iterable[T], stop: threading.Event, depth: int = 4) -> Gener
             yield item
     finally:
         done.set()
-        thread.join(timeout=5.0)
+        # Longer than a source's own open and read timeouts (10 s by default), which bound how long the thread can
+        # be inside a decoder or a stream open after it was told to stop.
+        thread.join(timeout=30.0)
+        if thread.is_alive():
+            log.warning("the capture thread did not stop within 30 s; the source may be hung")
 
 
 @dataclass

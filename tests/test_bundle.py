@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_bundle_holds_a_consistent_profile_model_and_checksums_and_no_secret(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     archive = next((tmp_path / "out").glob("*.tar.gz"))
-    assert archive.name == "edgemed-probe-test-us-probe-07-breast-v1.tar.gz"
+    assert re.fullmatch(r"edgemed-probe-test-us-probe-07-breast-v1-\d{8}-\d{6}\.tar\.gz", archive.name), archive.name
     assert not list((tmp_path / "out").glob("*.partial"))
     # The person building it is told what is unusual about this bundle.
     assert "not validated on real hardware" in captured.err and "mqtt.username is still 'us-probe-01'" in captured.err
@@ -93,9 +94,9 @@ def test_bundle_holds_a_consistent_profile_model_and_checksums_and_no_secret(
     meta = json.loads((root / "BUNDLE.json").read_text())
     assert meta["model"]["sha256"] == art.sha256 and meta["model"]["gate"] == "accepted"
     password_note = f"the broker password for user 'us-probe-01' in {tmp_path / 'mqtt.password'}"
-    assert meta["provision_on_device"] == [password_note]
+    assert meta["provision_on_device"] == [password_note + " (chmod 600, owned by the edgemed user)"]
     unit = (root / "edgemed.service").read_text()
-    assert "ExecStart=/opt/edgemed/venv/bin/edgemed run --profile /opt/edgemed/current/profile.yaml" in unit
+    assert "ExecStart=@PREFIX@/venv/bin/edgemed run --profile @PREFIX@/current/profile.yaml" in unit
     assert "RestartPreventExitStatus=2 3 5 6" in unit and "TimeoutStopSec=45" in unit
     assert subprocess.run(["bash", "-n", str(root / "install.sh")]).returncode == 0
 
@@ -203,3 +204,53 @@ def test_a_device_with_a_trusted_key_installs_only_bundles_signed_with_it(tmp_pa
     env |= {"EDGEMED_SKIP_SYSTEMD": "1", "EDGEMED_TRUSTED_KEY": str(tmp_path / "trusted.pub")}
     forged = subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert forged.returncode == 1 and "signature does not match" in forged.stderr
+
+
+def _install(root: Path, prefix: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGEMED_PREFIX": str(prefix), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1", **extra}
+    return subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_install_refuses_unlisted_files_a_missing_trusted_key_and_running_from_the_installed_copy(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bundle", "--profile", str(_profile(tmp_path, int8_model)), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    prefix = tmp_path / "prefix"
+    missing_key = _install(root, prefix, EDGEMED_TRUSTED_KEY=str(tmp_path / "typo.pub"))
+    assert missing_key.returncode == 1 and "typo.pub does not exist" in missing_key.stderr
+
+    assert _install(root, prefix).returncode == 0
+    again = _install(root, prefix)  # the same bundle twice: nothing is replaced, the link stays
+    assert again.returncode == 0 and "already in" in again.stdout
+    from_installed = _install(prefix / "current", prefix)
+    assert from_installed.returncode == 1 and "not from the installed copy" in from_installed.stderr
+    assert (prefix / "current" / "profile.yaml").is_file()  # still intact
+
+    # A file smuggled in beside the checked ones (here a wheel root would install) is refused, by the bundle's
+    # script and by the device's own edgemed.
+    (root / "wheels").mkdir()
+    (root / "wheels" / "edgemed-0.1.0-py3-none-any.whl").write_bytes(b"not what it seems")
+    smuggled = _install(root, tmp_path / "p2")
+    assert smuggled.returncode == 1 and "files not listed in SHA256SUMS: wheels/edgemed-0.1.0" in smuggled.stderr
+    assert main(["verify-bundle", str(root), "--key", str(tmp_path / "none.pub")]) == 2
+    assert "none.pub not found" in capsys.readouterr().err
+    assert main(["verify-bundle", str(root)]) == 2
+    assert "files not listed in SHA256SUMS: wheels/edgemed-0.1.0-py3-none-any.whl" in capsys.readouterr().err
+    shutil.rmtree(root / "wheels")
+    assert main(["verify-bundle", str(root)]) == 0
+    assert "checksums match" in capsys.readouterr().out
+
+
+def test_relative_device_paths_are_refused_when_bundling(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile = _profile(
+        tmp_path, int8_model, mqtt="mqtt:\n  url: mqtt://127.0.0.1:1883\n  username: u\n  password_file: secrets/pw\n"
+    )
+    profile.write_text(
+        profile.read_text().replace("device: {id: us-probe-01", "device: {data_dir: state, id: us-probe-01")
+    )
+    assert main(["bundle", "--profile", str(profile), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "device.data_dir: state" in err and "mqtt.password_file: secrets/pw" in err and "absolute" in err

@@ -235,3 +235,40 @@ def test_a_publish_the_broker_refuses_is_reported_and_the_result_kept(
         ob.close()
     with Outbox(tmp_path / "outbox.sqlite3") as ob:
         assert ob.pending_count() == 3
+
+
+@pytest.mark.parametrize(
+    ("attempts", "refused"),
+    [(["eof", "eof"], True), (["eof", "refused", "refused", "eof"], False), (["eof", "online", "eof"], False)],
+)
+def test_only_two_tls_eofs_in_a_row_count_as_a_refusal(attempts: list[str], refused: bool) -> None:
+    # Logic test at the connection seam: each attempt's outcome is scripted; nothing is sent anywhere.
+    cfg = MqttConfig(url=f"mqtts://127.0.0.1:{free_port()}", reconnect_min_s=0.01, reconnect_max_s=0.02)
+    link = MqttLink(cfg, status_topic=None, client_id="edgemed-eof-logic")
+    script = list(attempts)
+
+    def fake_open() -> None:
+        link.step = script.pop(0) if script else "refused"  # type: ignore[attr-defined]
+        if link.step == "refused":  # type: ignore[attr-defined]
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    def fake_pump(client: object) -> None:
+        if link.step == "eof":  # type: ignore[attr-defined]
+            link._tls_eof = True  # what _handle_log records for paho's "failed to receive ... EOF"
+        else:
+            link._went_online = True
+
+    link._open = fake_open  # type: ignore[method-assign]
+    link._pump = fake_pump  # type: ignore[method-assign]
+    link.start()
+    deadline = time.monotonic() + 5
+    while script and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    link._stop.set()
+    assert not script, "the scripted attempts did not all run"
+    if refused:
+        with pytest.raises(BrokerRefusedError, match="closed TLS twice before answering CONNECT"):
+            link.check()
+    else:
+        link.check()

@@ -274,6 +274,7 @@ class MqttLink:
             self._went_online = False
             self._tls_alert = None
             self._tls_eof = False
+            continue_eofs = False  # set when this attempt ended in a TLS EOF; any other outcome breaks the run
             # Cleared before connecting, not in _pump: paho can lose the connection (and _handle_log report it)
             # inside connect() already, and that report must not be wiped out.
             self._dropped.clear()
@@ -312,11 +313,14 @@ class MqttLink:
                     tls_eofs += 1
                     if tls_eofs >= 2:  # twice in a row right after the handshake: not a network blip
                         self._refuse_tls_alert("it closed TLS twice before answering CONNECT")
+                    continue_eofs = True
                 elif not self._got_connack:
                     silent_closes += 1
                     if self._v5 and self.cfg.protocol == "auto" and silent_closes >= 2 and self._refused is None:
                         self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK")
                         silent_closes = 0
+            if not continue_eofs:
+                tls_eofs = 0
             if self._refused is not None:
                 # A refusal does not fix itself: keep trying, slowly, until someone fixes the settings.
                 delay = self.cfg.reconnect_max_s
