@@ -103,7 +103,8 @@ def build_bundle(
             f"profile {profile_path} names no model: pass --model FILE.tflite or set model.path in the profile"
         )
     model_path = model_path.resolve()
-    manifest_path = profile.model.manifest or find_manifest(model_path)
+    # The profile's explicit manifest belongs to the profile's model, not to one given with --model.
+    manifest_path = (profile.model.manifest if model is None else None) or find_manifest(model_path)
     manifest, art = verify_model(model_path, manifest_path)
     validate_policy(profile.triage, list(manifest.labels))
     model_files = [model_path]

@@ -49,7 +49,7 @@ def _delegates(profile: object | None) -> list[Check]:
     return rows
 
 
-def _model(path: Path, profile: Any) -> Check:
+def _model(path: Path, profile: Any, *, from_profile: bool = True) -> Check:
     """Manifest, sha256 and gate verdict, the triage policy's labels, then a timed invoke on the real backend."""
     import statistics
 
@@ -60,7 +60,8 @@ def _model(path: Path, profile: Any) -> Check:
     from edgemed.triage import validate_policy
 
     try:
-        manifest_path = profile.model.manifest if profile is not None else None
+        # The profile's explicit manifest belongs to the profile's model, not to one given with --model.
+        manifest_path = profile.model.manifest if profile is not None and from_profile else None
         manifest, art = verify_model(path, manifest_path)
         if profile is not None:
             validate_policy(profile.triage, list(manifest.labels))
@@ -189,7 +190,7 @@ def doctor(
     rows.extend(_delegates(profile))
     model_path = model or (profile.model.path if profile is not None else None)
     if model_path is not None:
-        rows.append(_model(Path(model_path), profile))
+        rows.append(_model(Path(model_path), profile, from_profile=model is None))
     src = source or (profile.source.uri if profile is not None else None)
     if src:
         rows.append(_source(src))
