@@ -116,18 +116,6 @@ def prefetch(items: Iterable[T], stop: threading.Event, depth: int = 4) -> Gener
             log.warning("the capture thread did not stop within 30 s; the source may be hung")
 
 
-@dataclass
-class Prepared:
-    """A frame after the capture thread's work: capture, quality gate and (when it passed) the model input."""
-
-    frame: Frame
-    quality: QualityReport | None = None
-    x: np.ndarray | None = None
-    capture_ms: float = 0.0
-    quality_ms: float = 0.0
-    preprocess_ms: float = 0.0
-
-
 class Classifier:
     """Backend plus the manifest's pre- and post-processing: uint8 frame in, class probabilities out."""
 
@@ -323,18 +311,6 @@ class Device:
             self._pseudonyms[study] = pseudonym(self.secret, study)
         return self._pseudonyms[study]
 
-    def prepare(self, frame: Frame, capture_ms: float = 0.0) -> Prepared:
-        """The first half of a frame's processing: quality gate, then the model input if the frame passed."""
-        if frame.image is None:
-            return Prepared(frame, capture_ms=capture_ms)
-        t0 = time.perf_counter()
-        quality = check_quality(frame.image, self.profile.quality) if self.profile.quality.enabled else None
-        t1 = time.perf_counter()
-        if quality is not None and not quality.passed:
-            return Prepared(frame, quality, None, capture_ms, (t1 - t0) * 1e3)
-        x = self.classifier.preprocess(frame.image)
-        return Prepared(frame, quality, x, capture_ms, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
-
     @staticmethod
     def _captured(source: FrameSource) -> Iterator[tuple[Frame, float]]:
         # Runs on the capture thread (see prefetch), so the capture time is the time the source took to read and
@@ -351,27 +327,31 @@ class Device:
 
     def process(self, frame: Frame, capture_ms: float = 0.0) -> dict[str, Any]:
         """Turn one frame into a committed result envelope (durable once this returns and the batch commits)."""
-        item = self.prepare(frame, capture_ms)
-        frame, quality = item.frame, item.quality
-        lat: dict[str, float] = {"capture": item.capture_ms, "quality": item.quality_ms}
+        lat: dict[str, float] = {"capture": capture_ms, "quality": 0.0}
+        quality: QualityReport | None = None
         prediction: Prediction | None = None
         if frame.image is None:
             msg = frame.error or "input could not be read"
             if frame.name:  # the local name can carry patient identifiers: never publish it
                 msg = msg.replace(frame.name, "input")
             result = triage_error(msg)
-        elif item.x is None:
-            assert quality is not None
-            result = triage_recapture(quality)
         else:
-            t2 = time.perf_counter()
-            raw = self.backend.invoke(item.x)
-            t3 = time.perf_counter()
-            prediction = self.classifier.scores(raw)
-            result = triage(prediction, self.profile.triage)
-            lat["preprocess"] = item.preprocess_ms
-            lat["inference"] = (t3 - t2) * 1e3
-            lat["triage"] = (time.perf_counter() - t3) * 1e3
+            t0 = time.perf_counter()
+            quality = check_quality(frame.image, self.profile.quality) if self.profile.quality.enabled else None
+            t1 = time.perf_counter()
+            lat["quality"] = (t1 - t0) * 1e3
+            if quality is not None and not quality.passed:
+                result = triage_recapture(quality)
+            else:
+                x = self.classifier.preprocess(frame.image)
+                t2 = time.perf_counter()
+                raw = self.backend.invoke(x)
+                t3 = time.perf_counter()
+                prediction = self.classifier.scores(raw)
+                result = triage(prediction, self.profile.triage)
+                lat["preprocess"] = (t2 - t1) * 1e3
+                lat["inference"] = (t3 - t2) * 1e3
+                lat["triage"] = (time.perf_counter() - t3) * 1e3
         lat.setdefault("preprocess", 0.0)
         lat.setdefault("inference", 0.0)
         study = self.study_id or frame.study_uid
