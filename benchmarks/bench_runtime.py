@@ -96,8 +96,8 @@ print(json.dumps({"invoke_ms": statistics.median(ts)}))
 """
 
 
-def run_child(code_or_args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[str, float]:
-    """Run a child process to completion; return its stdout and its own peak RSS (MB) from wait4."""
+def run_child(code_or_args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[str, float, float]:
+    """Run a child process to completion; return its stdout, its peak RSS (MB) and its CPU seconds (wait4)."""
     proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out_chunks: list[str] = []
     err_chunks: list[str] = []
@@ -111,7 +111,13 @@ def run_child(code_or_args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[str,
     t_err.join()
     if proc.returncode not in ok:
         raise RuntimeError(f"{code_or_args[:4]} exited {proc.returncode}: {''.join(err_chunks)[-2000:]}")
-    return "".join(out_chunks), usage.ru_maxrss / 1024.0
+    return "".join(out_chunks), usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _epoch(stamp: str) -> float:
@@ -124,12 +130,13 @@ def model_input(model: Path) -> tuple[int, int, int]:
     return spec["height"], spec["width"], spec["channels"]
 
 
-def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: str | None) -> dict[str, Any]:
+def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: Mosquitto | None) -> dict[str, Any]:
     """One `edgemed run` process; stage latencies come from the results it wrote to results.jsonl."""
     data_dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-"))
     try:
         start = time.time()
-        _, rss = run_child(
+        broker_cpu0 = process_cpu_s(broker.proc.pid) if broker else 0.0
+        _, rss, cpu_s = run_child(
             [
                 sys.executable,
                 "-m",
@@ -149,9 +156,10 @@ def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: str
                 str(data_dir),
                 "--quiet",
             ]
-            + (["--broker", broker] if broker else []),
+            + (["--broker", broker.url] if broker else []),
             ok=(0,) if broker else (10,),  # offline: results stay pending, exit 10
         )
+        broker_cpu_s = process_cpu_s(broker.proc.pid) - broker_cpu0 if broker else 0.0
         rows = [json.loads(line) for line in (data_dir / "results.jsonl").read_text().splitlines()]
         # Publishing runs off the inference thread, so its latency is not inside the envelope: it is the time from
         # a result's creation to the broker's PUBACK, which the outbox records for acknowledged results.
@@ -171,6 +179,8 @@ def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: str
         "acked": len(publish_ms),
         "fps": (len(rows) - 1) / (stamps[-1] - stamps[0]),
         "rss_mb": rss,
+        "cpu_s": cpu_s,
+        "broker_cpu_s": broker_cpu_s,
         "first_result_s": stamps[0] - start,
         "stages_ms": stages,
         "levels": sorted({r["triage"]["level"] for r in rows}),
@@ -178,34 +188,35 @@ def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: str
 
 
 def bench(
-    name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace, broker: str | None
+    name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace, broker: Mosquitto | None
 ) -> dict[str, Any]:
     loops = math.ceil(args.frames / frames_per_loop)
     h, w, c = model_input(model)
     base_runs, run_runs = [], []
+    cpu_base, cpu_run, cpu_broker = [], [], []
+
+    def baseline(n_loops: int) -> dict[str, Any]:
+        argv = [str(model), str(source), str(n_loops), str(args.threads), str(h), str(w), str(c)]
+        out, rss, cpu_s = run_child([sys.executable, "-c", BASELINE, *argv])
+        return {**json.loads(out), "rss_mb": rss, "cpu_s": cpu_s}
+
     for i in range(args.runs):  # interleaved, so drift on a shared machine hits both alike
-        out, rss = run_child(
-            [
-                sys.executable,
-                "-c",
-                BASELINE,
-                str(model),
-                str(source),
-                str(loops),
-                str(args.threads),
-                str(h),
-                str(w),
-                str(c),
-            ]
-        )
-        base_runs.append({**json.loads(out), "rss_mb": rss})
+        base_runs.append(baseline(loops))
         run_runs.append(edgemed_run(model, source, loops, args.threads, broker))
+        # CPU per frame in the steady state: the same command on one pass of the source tells start-up apart
+        # (imports, model load, broker connect), so (CPU of the long run - CPU of the short) / (frame difference).
+        short_base = baseline(1)
+        short_run = edgemed_run(model, source, 1, args.threads, broker)
+        extra = run_runs[-1]["frames"] - short_run["frames"]
+        cpu_base.append((base_runs[-1]["cpu_s"] - short_base["cpu_s"]) / extra * 1e3)
+        cpu_run.append((run_runs[-1]["cpu_s"] - short_run["cpu_s"]) / extra * 1e3)
+        cpu_broker.append((run_runs[-1]["broker_cpu_s"] - short_run["broker_cpu_s"]) / extra * 1e3)
         print(
             f"  {name} run {i + 1}/{args.runs}: baseline {base_runs[-1]['fps']:.1f} fps, "
             f"edgemed run {run_runs[-1]['fps']:.1f} fps",
             file=sys.stderr,
         )
-    out, _ = run_child([sys.executable, "-c", BARE, str(model), str(args.threads)])
+    out, _, _ = run_child([sys.executable, "-c", BARE, str(model), str(args.threads)])
     base_fps = median([r["fps"] for r in base_runs])
     run_fps = median([r["fps"] for r in run_runs])
     return {
@@ -222,6 +233,13 @@ def bench(
         "run_peak_rss_mb": max(r["rss_mb"] for r in run_runs),
         "baseline_peak_rss_mb": max(r["rss_mb"] for r in base_runs),
         "levels": run_runs[0]["levels"],
+        # The issue's yardstick for the framework's own cost: CPU it spends per frame beyond the baseline's.
+        "cpu_ms_per_frame": {
+            "baseline": median(cpu_base),
+            "run": median(cpu_run),
+            "broker": median(cpu_broker),
+            "framework_share": median([(r - b) / b for r, b in zip(cpu_run, cpu_base, strict=True)]),
+        },
     }
 
 
@@ -256,25 +274,28 @@ def main() -> int:
                 if args.workload not in ("all", key):
                     continue
                 print(f"benchmarking {label} on {wname} ...", file=sys.stderr)
-                url = None if args.offline else broker.url
-                rows.append({"model_kind": label, **bench(wname, model, source, per_loop, args, url)})
+                row = bench(wname, model, source, per_loop, args, None if args.offline else broker)
+                rows.append({"model_kind": label, **row})
     shutil.rmtree(cine_dir, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
 
     print(
         "| model | workload | frames | baseline fps | edgemed run fps | ratio | capture / quality / preprocess / "
-        "inference / triage / publish (to PUBACK) ms | first result s | peak RSS MB (run / baseline) | bare invoke ms |"
+        "inference / triage / publish (to PUBACK) ms | first result s | peak RSS MB (run / baseline) | bare invoke ms "
+        "| CPU ms/frame baseline / run (+ broker) | framework CPU share |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s = r["run_stages_ms"]
+        cpu = r["cpu_ms_per_frame"]
         print(
             f"| {r['model_kind']} | {r['workload']} | {r['frames']} | {r['baseline_fps']:.1f} | "
             f"{r['run_fps']:.1f} | {r['ratio']:.2f} | {s['capture']:.2f} / {s['quality']:.2f} / "
             f"{s['preprocess']:.2f} / {s['inference']:.3f} / {s['triage']:.3f} / {s['publish']:.1f} | "
             f"{r['run_first_result_s']:.2f} | "
-            f"{r['run_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} | {r['bare_invoke_ms']:.3f} |"
+            f"{r['run_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} | {r['bare_invoke_ms']:.3f} | "
+            f"{cpu['baseline']:.2f} / {cpu['run']:.2f} (+ {cpu['broker']:.3f}) | {cpu['framework_share']:+.0%} |"
         )
     return 0
 

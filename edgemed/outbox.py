@@ -34,7 +34,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -125,6 +125,10 @@ class Outbox:
         self.moved_aside: Path | None = None
         self.evicted_total = 0
         self._lock = threading.RLock()
+        # next_seq() runs once per frame on the producing thread: its own small lock keeps it from queueing
+        # behind the delivery thread's SQL, which holds the main lock.
+        self._seq_lock = threading.Lock()
+        self._commit_listeners: list[Callable[[], None]] = []
         self._in_txn = False
         self._uncommitted = 0
         self._first_uncommitted_at = 0.0
@@ -279,11 +283,21 @@ class Outbox:
         Returns:
             0 for the first result ever produced from this data directory, then 1, 2, ...
         """
-        with self._lock:
-            self._check_open()
+        self._check_open()
+        with self._seq_lock:
             seq = self._seq
             self._seq += 1
             return seq
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every commit that made new results publishable.
+
+        It runs on whichever thread committed, with the outbox lock held: it must be quick and must not call
+        back into the outbox (setting an event is the intended use). The delivery uses it so that it wakes when
+        there is something to send, not on every ``put()`` (uncommitted results are not publishable).
+        """
+        with self._lock:
+            self._commit_listeners.append(listener)
 
     def flush(self) -> None:
         """Commit everything put so far, durably, now.
@@ -441,7 +455,11 @@ class Outbox:
             raise self._write_error(exc) from exc
         self._in_txn = False
         self._uncommitted = 0
+        published = self._last_row > self._committed_max_row
         self._committed_max_row = self._last_row
+        if published:
+            for listener in self._commit_listeners:
+                listener()
 
     def _at_cap(self) -> bool:
         if self._pending >= self.cfg.max_pending:

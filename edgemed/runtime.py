@@ -373,9 +373,8 @@ class Device:
             result_id=new_result_id(),
         )
         payload = encode(env)
+        # Published once committed: the outbox wakes the delivery thread on each commit.
         self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"])
-        if self.delivery is not None:
-            self.delivery.wake()
         if self._jsonl is not None:
             self._jsonl.write(payload.decode("utf-8") + "\n")
         self.health.record(lat["total"], result.level)
@@ -411,8 +410,6 @@ class Device:
             decision=decision,
         )
         self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env), seq=env["seq"])
-        if self.delivery is not None:
-            self.delivery.wake()
         self._study.reset()
 
     def _print(self, frame: Frame, env: dict[str, Any]) -> None:

@@ -25,6 +25,10 @@ from edgemed.publish.mqtt import MqttLink
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05
+# Acknowledgements are removed from the outbox in batches at most this often (sooner when the in-flight window
+# is full, or when stopping): one DELETE per PUBACK would hold the outbox lock, which the producing thread
+# needs for every result, thousands of times a second. Deletions only become durable at the next commit anyway.
+_ACK_BATCH_S = 0.02
 
 
 class Delivery:
@@ -60,6 +64,9 @@ class Delivery:
         self._stop = threading.Event()
         self._error: OutboxError | None = None
         self._thread: threading.Thread | None = None
+        self._acks_flushed_at = 0.0
+        # Woken by commits, not by every put(): results become publishable only once committed.
+        outbox.add_commit_listener(self.wake)
 
     def start(self) -> None:
         """Start the drain thread (idempotent)."""
@@ -70,7 +77,8 @@ class Delivery:
         self._thread.start()
 
     def wake(self) -> None:
-        """Tell the drain that new results may have been committed (it also polls every 50 ms)."""
+        """Tell the drain that new results may have been committed (the outbox does so on every commit, and the
+        drain also polls every 50 ms)."""
         if not self._wake.is_set():  # set() takes the condition lock even when set: this runs once per frame
             self._wake.set()
 
@@ -123,23 +131,39 @@ class Delivery:
         while True:
             stopping = self._stop.is_set()
             try:
-                self._step(publish=not stopping)
+                self._step(publish=not stopping, flush_acks=stopping)
             except OutboxError as exc:
                 self._error = exc
                 log.error("delivery stopped: %s", exc)
                 return
             if stopping:
                 return
-            self._wake.wait(_IDLE_POLL_S)
+            self._wake.wait(self._idle_wait())
             self._wake.clear()
 
-    def _step(self, *, publish: bool) -> None:
+    def _idle_wait(self) -> float:
         with self._lock:
-            acked, self._acked = self._acked, []
-        if acked:
-            self.outbox.ack_many(acked)
-            self._inflight.difference_update(acked)
-            self.acked_total += len(acked)
+            waiting = bool(self._acked)
+        if not waiting:
+            return _IDLE_POLL_S
+        return min(_IDLE_POLL_S, max(0.0, self._acks_flushed_at + _ACK_BATCH_S - time.monotonic()))
+
+    def _step(self, *, publish: bool, flush_acks: bool = False) -> None:
+        now = time.monotonic()
+        if (
+            flush_acks
+            or self.link.epoch != self._epoch  # record what arrived before replaying from the outbox
+            or now - self._acks_flushed_at >= _ACK_BATCH_S
+            or len(self._inflight) >= self.max_inflight
+            or not self.link.connected
+        ):
+            with self._lock:
+                acked, self._acked = self._acked, []
+            self._acks_flushed_at = now
+            if acked:
+                self.outbox.ack_many(acked)
+                self._inflight.difference_update(acked)
+                self.acked_total += len(acked)
         if self.link.epoch != self._epoch:
             # The link replaced its client: what the old one held in memory is gone; replay from the outbox.
             self._epoch = self.link.epoch
