@@ -34,7 +34,7 @@ from edgemed.inference.probe import runtime_version
 from edgemed.lock import DataDirLock
 from edgemed.manifest import Artifact, Manifest, verify_model
 from edgemed.outbox import Outbox
-from edgemed.preprocess import Preprocessor, probabilities
+from edgemed.preprocess import Preprocessor, probabilities, to_colour_mode
 from edgemed.quality import check_quality
 from edgemed.triage import StudyAggregator, triage, triage_error, triage_recapture, validate_policy
 from edgemed.types import Frame, Prediction, QualityReport, TriageResult
@@ -123,6 +123,7 @@ class Classifier:
         self.backend = backend
         self.labels = tuple(manifest.labels)
         self.preprocess = Preprocessor(manifest.input, backend.input_spec)
+        self.gray = manifest.input.colour_mode == "gray"
         self._logits = artifact.output_kind == "logits"
         expected = (1, manifest.input.height, manifest.input.width, manifest.input.channels)
         if tuple(backend.input_spec.shape) != expected:
@@ -337,13 +338,17 @@ class Device:
             result = triage_error(msg)
         else:
             t0 = time.perf_counter()
-            quality = check_quality(frame.image, self.profile.quality) if self.profile.quality.enabled else None
+            image = frame.image
+            if self.classifier.gray and image.ndim == 3:
+                # Once for both: the gate measures a gray frame exactly as it measures the RGB one it came from.
+                image = to_colour_mode(image, "gray")
+            quality = check_quality(image, self.profile.quality) if self.profile.quality.enabled else None
             t1 = time.perf_counter()
             lat["quality"] = (t1 - t0) * 1e3
             if quality is not None and not quality.passed:
                 result = triage_recapture(quality)
             else:
-                x = self.classifier.preprocess(frame.image)
+                x = self.classifier.preprocess(image)
                 t2 = time.perf_counter()
                 raw = self.backend.invoke(x)
                 t3 = time.perf_counter()

@@ -12,8 +12,10 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from edgemed.envelope import EnvelopeContext, build_result, encode, result_schema
+from edgemed.envelope import EnvelopeContext, build_result, encode, new_result_id, result_schema, utc_now_iso
 from edgemed.errors import ConfigError, ModelError, ModelRejectedError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, load_or_create_secret, pseudonym
@@ -209,3 +211,35 @@ def test_import_edgemed_needs_only_the_standard_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.replace("'", '"')) == []
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False, allow_infinity=False))
+def test_timestamps_read_exactly_as_datetime_formats_them(ts: float) -> None:
+    # utc_now_iso caches the formatted second; the result must be what the plain datetime formatting gives.
+    from datetime import datetime, timezone
+
+    expected = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert utc_now_iso(ts) == expected
+
+
+def test_result_ids_are_unique_version_4_uuids_also_in_a_forked_child() -> None:
+    import uuid
+
+    ids = [new_result_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(hex=i).version == 4 and len(i) == 32 for i in ids)
+    # A forked child must not hand out the ids still pooled in its parent.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(read_end)
+        os.write(write_end, " ".join(new_result_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        child_ids = fh.read().split()
+    os.waitpid(pid, 0)
+    parent_ids = [new_result_id() for _ in range(100)]
+    assert len(child_ids) == 100
+    assert not set(child_ids) & set(parent_ids)

@@ -169,3 +169,30 @@ def test_blur_is_exactly_the_variance_of_the_laplacian_of_the_analysis_copy() ->
         assert m["brightness"] == pytest.approx(float(gray.mean()), rel=1e-9)
         assert m["std"] == pytest.approx(float(gray.std()), rel=1e-9)
         assert m["highlight"] == pytest.approx(float(np.percentile(gray, 99, method="inverted_cdf")), abs=1)
+
+
+def test_a_gray_copy_measures_exactly_like_the_rgb_frame_it_came_from() -> None:
+    # The runtime converts once for a grayscale model and hands the gate the gray copy: the verdict and every
+    # published value must not depend on which of the two the gate saw.
+    colour = [im for im in ISIC + ULTRASOUND if im.ndim == 3]
+    assert len(colour) >= 12
+    for image in [*colour, dark(colour[0]), blurred(colour[-1])]:
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        a, b = measure(image), measure(gray)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-9), key
+        assert check_quality(image, CFG).reason == check_quality(gray, CFG).reason
+
+
+def test_measure_matches_a_plain_numpy_reading_of_the_definitions() -> None:
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (120, 160), dtype=np.uint8)
+    image[:40] = 0  # a black surround, excluded from the clipping denominator
+    image[40:50] = 255
+    m = measure(image)
+    flat = image.astype(np.float64).ravel()
+    assert m["brightness"] == pytest.approx(flat.mean())
+    assert m["std"] == pytest.approx(flat.std())
+    assert m["highlight"] == float(np.sort(image.ravel())[int(np.ceil(0.99 * flat.size)) - 1])
+    assert m["clipped_fraction"] == pytest.approx((image >= 250).sum() / (image > 10).sum())
