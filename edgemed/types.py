@@ -6,6 +6,7 @@ numpy is imported for type checking only, so this module (and `import edgemed`) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -66,9 +67,9 @@ class Prediction:
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]
 
-    @property
+    @cached_property
     def index(self) -> int:
-        """Index of the most probable class."""
+        """Index of the most probable class (computed once: triage and the envelope ask several times)."""
         return max(range(len(self.probabilities)), key=self.probabilities.__getitem__)
 
     @property
