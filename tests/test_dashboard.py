@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from broker_fixtures import Mosquitto
+from broker_fixtures import Amqtt, Mosquitto
 from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser, headless_flags
 
 from edgemed.dashboard import add_arguments, run, serve
@@ -288,6 +288,37 @@ def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_
     finally:
         device.close()
         first.stop()
+        store.close()
+
+
+def test_ingest_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker: Amqtt, tmp_path: Path) -> None:
+    # amqtt speaks only MQTT 3.1.1 and leaves an MQTT 5 CONNECT unanswered: "auto" must not hang on it.
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    ingest = Ingest(MqttConfig(url=f"mqtt://127.0.0.1:{amqtt_broker.port}", connect_timeout_s=1.0), store)
+    ingest.start()
+    device = None
+    try:
+        assert ingest.wait_subscribed(20), ingest.snapshot()
+        device = Device(amqtt_broker.port)
+        device.send("results", json.dumps(make_result(seq=5)).encode())
+        assert _wait(lambda: store.result_count() == 1, 10), ingest.snapshot()
+        assert ingest.snapshot()["connected"] is True
+    finally:
+        if device is not None:
+            device.close()
+        ingest.stop()
+        store.close()
+
+
+def test_ingest_with_auto_protocol_stays_on_mqtt5_when_the_broker_speaks_it(broker: Mosquitto, tmp_path: Path) -> None:
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    ingest = Ingest(MqttConfig(url=broker.url, protocol="auto"), store)
+    ingest.start()
+    try:
+        assert ingest.wait_subscribed(10), broker.log_tail()
+        assert ingest._v5 and not ingest._fallen_back.is_set()
+    finally:
+        ingest.stop()
         store.close()
 
 

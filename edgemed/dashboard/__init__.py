@@ -165,9 +165,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=Path, default=None, help="PEM key of --cert-file")
     p.add_argument(
         "--mqtt-protocol",
-        choices=["5", "3.1.1"],
-        default="5",
-        help="MQTT version (default 5); 3.1.1 for an older broker",
+        choices=["auto", "5", "3.1.1"],
+        default="auto",
+        help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5 or leaves it unanswered)",
     )
     p.add_argument(
         "--allow-plaintext-remote",

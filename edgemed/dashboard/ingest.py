@@ -34,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgemed.dashboard.store import LEVELS, DashboardStore
 from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.publish.config import MqttConfig, read_password
+from edgemed.publish.mqtt import PROTOCOL_REFUSED_CODES
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,22 @@ class Ingest:
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        # "auto" means MQTT 5 here (no automatic fall back as on the devices: the central broker is one known
-        # server); pass protocol "3.1.1" for a broker that speaks only 3.1.1.
+        # "auto" tries MQTT 5 and falls back to 3.1.1, as the devices do, when the broker refuses version 5 or
+        # leaves an MQTT 5 CONNECT unanswered (see _watch_protocol).
         self._v5 = cfg.protocol != "3.1.1"
-        self._client = paho.Client(
+        self._attempt_opened_at: float | None = None
+        self._connack_seen = False
+        self._silent_closes = 0
+        self._fallen_back = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._swap_lock = threading.Lock()  # the client is replaced once, on a fall back; stop() must see which
+        self._client = self._make_client()
+        self._started = False
+        self._stopping = False
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.cfg
+        client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
@@ -184,19 +197,20 @@ class Ingest:
             manual_ack=True,
         )
         # paho takes whole seconds here; a dashboard reconnecting one second later than a device is fine.
-        self._client.reconnect_delay_set(max(1, math.ceil(cfg.reconnect_min_s)), max(1, math.ceil(cfg.reconnect_max_s)))
-        self._client.connect_timeout = cfg.connect_timeout_s
+        client.reconnect_delay_set(max(1, math.ceil(cfg.reconnect_min_s)), max(1, math.ceil(cfg.reconnect_max_s)))
+        client.connect_timeout = cfg.connect_timeout_s
         if cfg.username:
-            self._client.username_pw_set(cfg.username, read_password(cfg))
-        if broker.tls:
-            self._client.tls_set_context(self._ssl_context())
-        self._client.on_connect = self._on_connect
-        self._client.on_connect_fail = self._on_connect_fail
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._started = False
-        self._stopping = False
+            client.username_pw_set(cfg.username, read_password(cfg))
+        if cfg.broker.tls:
+            client.tls_set_context(self._ssl_context())
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        return client
 
     def _ssl_context(self) -> ssl.SSLContext:
         tls = self.cfg.tls
@@ -217,16 +231,53 @@ class Ingest:
         if self._started:
             return
         self._started = True
+        self._connect(self._client)
+        if self._v5 and self.cfg.protocol == "auto" and self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch_protocol, name="edgemed-ingest-protocol", daemon=True)
+            self._watchdog.start()
+
+    def _connect(self, client: paho.Client) -> None:
         broker = self.cfg.broker
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self.cfg.session_expiry_s
-            self._client.connect_async(
-                broker.host, broker.port, self.cfg.keepalive_s, clean_start=False, properties=props
-            )
+            client.connect_async(broker.host, broker.port, self.cfg.keepalive_s, clean_start=False, properties=props)
         else:
-            self._client.connect_async(broker.host, broker.port, self.cfg.keepalive_s)
-        self._client.loop_start()
+            client.connect_async(broker.host, broker.port, self.cfg.keepalive_s)
+        client.loop_start()
+
+    def _watch_protocol(self) -> None:
+        # paho bounds only the TCP and TLS handshakes: a broker that does not understand an MQTT 5 CONNECT may
+        # leave it unanswered, and paho would wait out the keepalive. Watch each attempt until the first CONNACK.
+        while self._started and not self._stopping and not self._fallen_back.is_set():
+            with self._lock:
+                if self._connack_seen:
+                    return
+                opened = self._attempt_opened_at
+                silent = self._silent_closes
+            if silent >= 2:
+                self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK")
+            elif opened is not None and time.monotonic() - opened > self.cfg.connect_timeout_s:
+                limit = self.cfg.connect_timeout_s
+                self._fall_back_to_311(f"the broker did not answer an MQTT 5 CONNECT within {limit:g} s")
+            time.sleep(0.1)
+
+    def _fall_back_to_311(self, why: str) -> None:
+        # Runs on the watchdog or a helper thread, never on paho's network thread, which loop_stop() joins.
+        with self._swap_lock:
+            if self._fallen_back.is_set() or self._stopping:
+                return
+            self._fallen_back.set()
+            log.warning("broker %s: %s; the dashboard falls back to MQTT 3.1.1", self.cfg.url, why)
+            old = self._client
+            old.disconnect()
+            old.loop_stop()
+            self._v5 = False
+            with self._lock:
+                self._attempt_opened_at = None
+                self._connack_seen = False
+            self._client = self._make_client()
+            self._connect(self._client)
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """Wait until the broker confirmed the subscription (or ``timeout_s`` passed).
@@ -244,8 +295,13 @@ class Ingest:
         if not self._started:
             return
         self._stopping = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=15.0)  # it exits within 0.1 s, or after a fall back it is finishing
+            self._watchdog = None
+        with self._swap_lock:
+            client = self._client
+        client.disconnect()
+        client.loop_stop()
         self._started = False
         self._stopping = False
         with self._lock:
@@ -258,9 +314,29 @@ class Ingest:
 
     # -- paho callbacks (network thread) -------------------------------------------------------------------------
 
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        with self._lock:
+            self._attempt_opened_at = time.monotonic()
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        with self._lock:
+            if self._attempt_opened_at is not None and not self._connack_seen:
+                self._silent_closes += 1
+            self._attempt_opened_at = None
+
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
+        with self._lock:
+            self._connack_seen = True
+        if reason.is_failure and self._v5 and self.cfg.protocol == "auto" and reason.value in PROTOCOL_REFUSED_CODES:
+            threading.Thread(
+                target=self._fall_back_to_311,
+                args=(f"the broker refused MQTT 5 ({reason.getName()})",),
+                name="edgemed-ingest-fallback",
+                daemon=True,
+            ).start()
+            return
         if reason.is_failure:
             message = (
                 f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name, "

@@ -47,7 +47,7 @@ _REFUSALS = {
 }
 # A v5 CONNECT to a 3.1.1-only broker is answered with return code 1 (unacceptable protocol version), which
 # paho reports as 1 or as 132 "Unsupported protocol version".
-_PROTOCOL_REFUSED = {1, 132}
+PROTOCOL_REFUSED_CODES = frozenset({1, 132})
 
 
 class MqttLink:
@@ -392,7 +392,7 @@ class MqttLink:
         self._got_connack = True
         if reason.is_failure:
             name = reason.getName()
-            if self._v5 and self.cfg.protocol == "auto" and reason.value in _PROTOCOL_REFUSED:
+            if self._v5 and self.cfg.protocol == "auto" and reason.value in PROTOCOL_REFUSED_CODES:
                 self._fall_back_to_311(f"the broker refused MQTT 5 ({name})")
                 return
             hint = _REFUSALS.get(name)
