@@ -132,7 +132,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``edgemed train``; returns the exit code."""
+    from converters._tf import quiet_tensorflow
     from converters.data import load_dataset
+
+    quiet_tensorflow()  # before converters.train imports Keras (and with it TensorFlow)
     from converters.train import train
 
     ds = load_dataset(args.data, labels=args.labels, image_size=args.image_size, colour_mode=args.colour_mode)
@@ -242,6 +245,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``edgemed convert``; returns 0, or 3 when the gate rejected a model."""
+    from converters._tf import quiet_tensorflow
+
+    quiet_tensorflow()  # before converters.convert imports anything that loads TensorFlow
     from converters.convert import TARGETS, convert
     from converters.data import load_dataset
     from converters.gate import load_gate_config

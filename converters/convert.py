@@ -35,6 +35,7 @@ import io
 import os
 import platform
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from converters import edgetpu
+from converters._tf import quiet_tensorflow
 from converters.data import Dataset
 from converters.gate import GateConfig, GateResult, evaluate_gate, summarise
 from converters.source import SourceModel, load_source
@@ -324,6 +326,7 @@ def to_tflite(source: SourceModel, target: str, calib: Calibration, progress: bo
     Raises:
         ModelError: the TFLite converter failed (its message is included).
     """
+    quiet_tensorflow()
     import tensorflow as tf
     from tensorflow.lite.python.convert_phase import ConverterError
 
@@ -350,7 +353,10 @@ def to_tflite(source: SourceModel, target: str, calib: Calibration, progress: bo
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
     try:
         # TensorFlow prints the temporary SavedModel's signature to stdout; keep our own output readable.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # Quantization here is calibrated by the representative dataset; the converter still warns that the
+            # legacy quantized_input_stats were not given, which would send a user looking for a missing step.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
             return bytes(conv.convert())
     except (ConverterError, ValueError, RuntimeError) as exc:
         raise ModelError(f"TFLite conversion to {target} failed: {exc}") from exc
@@ -522,6 +528,7 @@ def _manifest(
     baseline_latency: float,
     edgetpu_info: dict[str, Any] | None,
 ) -> Manifest:
+    quiet_tensorflow()
     import keras
     import tensorflow as tf
 

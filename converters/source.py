@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from converters._tf import quiet_tensorflow
 from edgemed.errors import ModelError
 
 
@@ -57,6 +58,7 @@ def load_source(model_path: str | Path, strip_softmax: bool = True) -> SourceMod
     path = Path(model_path)
     if not path.exists():
         raise ModelError(f"model {path} not found; pass the .keras file written by `edgemed train`")
+    quiet_tensorflow()
     import tensorflow as tf
 
     if path.is_dir():
