@@ -2,17 +2,18 @@
 
 TensorFlow 2.21 logs "oneDNN custom operations are on ..." (twice, once per shared library) through absl before
 absl's logging is initialised, so ``TF_CPP_MIN_LOG_LEVEL`` cannot reach it; to a clinic's ML engineer it reads
-like a problem. The import runs with file descriptor 2 captured; the known notices are dropped and anything else
-(a real error from a broken install) is written back to stderr. ``TF_CPP_MIN_LOG_LEVEL=0`` (or 1) shows
-everything, as TensorFlow documents.
+like a problem. During the import, file descriptor 2 feeds a small filter process that drops the known notices
+and passes everything else straight on: a real error from a broken install (even a fatal one that aborts the
+import, such as a CPU without AVX) still reaches the terminal, because the filter outlives this process.
+``TF_CPP_MIN_LOG_LEVEL=0`` (or 1) shows everything, as TensorFlow documents.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
-import tempfile
 
 _NOTICES = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
@@ -25,6 +26,16 @@ _NOTICES = re.compile(
     r"|To enable the following instructions"
 )
 
+# Runs as `python -I -S -c`: the standard library only, line by line, flushed at once.
+_FILTER = """
+import re, sys
+notice = re.compile(sys.argv[1])
+for raw in sys.stdin.buffer:
+    if not notice.search(raw.decode("utf-8", "replace")):
+        sys.stderr.buffer.write(raw)
+        sys.stderr.buffer.flush()
+"""
+
 
 def quiet_tensorflow() -> None:
     """Import TensorFlow once, dropping its start-up notices (a no-op once it is imported)."""
@@ -33,16 +44,23 @@ def quiet_tensorflow() -> None:
 
         return
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as captured:
-        saved = os.dup(2)
-        os.dup2(captured.fileno(), 2)
+    try:
+        # Started before fd 2 is redirected, so it inherits the real stderr.
+        filt = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, _NOTICES.pattern], stdin=subprocess.PIPE)
+    except OSError:
+        import tensorflow  # no filter process possible: show everything rather than nothing
+
+        return
+    assert filt.stdin is not None
+    saved = os.dup(2)
+    os.dup2(filt.stdin.fileno(), 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        filt.stdin.close()  # the filter sees end of input, forwards what is left and exits
         try:
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines() if line.strip() and not _NOTICES.search(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr)
+            filt.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            filt.kill()

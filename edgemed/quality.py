@@ -132,7 +132,7 @@ def measure(image: np.ndarray, analysis_size: int = 256) -> dict[str, float]:
 
     gray = analysis_copy(image, analysis_size)
     # One 256-bin histogram gives the percentile and the clipping without sorting; mean and spread come from one
-    # OpenCV pass (cheaper than weighting the histogram in numpy; same values to 1e-12).
+    # OpenCV pass (cheaper than weighting the histogram in numpy; the same values to about 1e-5).
     cum = np.cumsum(cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64))
     total = float(cum[-1])
     mean_px, std_px = cv2.meanStdDev(gray)

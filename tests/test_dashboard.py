@@ -303,11 +303,31 @@ def test_ingest_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker: Amqtt
         device.send("results", json.dumps(make_result(seq=5)).encode())
         assert _wait(lambda: store.result_count() == 1, 10), ingest.snapshot()
         assert ingest.snapshot()["connected"] is True
+        # A restart probes MQTT 5 again (the broker may have been merely unwell) and falls back again.
+        ingest.stop()
+        ingest.start()
+        assert ingest.wait_subscribed(20) and _wait(lambda: ingest.snapshot()["connected"], 10)
+        device.send("results", json.dumps(make_result(seq=6)).encode())
+        assert _wait(lambda: store.result_count() == 2, 10), ingest.snapshot()
     finally:
         if device is not None:
             device.close()
         ingest.stop()
         store.close()
+
+
+def test_a_fall_back_that_arrives_after_stop_starts_nothing(amqtt_broker: Amqtt, tmp_path: Path) -> None:
+    # A fall back decided just before stop() (on a helper thread) must not reconnect a client nobody will stop.
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    ingest = Ingest(MqttConfig(url=f"mqtt://127.0.0.1:{amqtt_broker.port}", connect_timeout_s=30.0), store)
+    ingest.start()
+    generation = ingest._generation
+    ingest.stop()
+    stopped_client = ingest._client
+    ingest._fall_back_to_311("late", generation)
+    assert ingest._client is stopped_client and not ingest._fallen_back.is_set()
+    assert not [t for t in ingest._helpers if t.is_alive()]
+    store.close()
 
 
 def test_ingest_with_auto_protocol_stays_on_mqtt5_when_the_broker_speaks_it(broker: Mosquitto, tmp_path: Path) -> None:

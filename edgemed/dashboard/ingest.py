@@ -181,8 +181,9 @@ class Ingest:
         self._connack_seen = False
         self._silent_closes = 0
         self._fallen_back = threading.Event()
-        self._watchdog: threading.Thread | None = None
-        self._swap_lock = threading.Lock()  # the client is replaced once, on a fall back; stop() must see which
+        self._helpers: list[threading.Thread] = []  # the protocol watchdog and fall-back threads, joined by stop()
+        self._generation = 0  # bumped by start() and stop(): a fall back belongs to one start()
+        self._swap_lock = threading.Lock()  # the client is replaced on a fall back; stop() must see which
         self._client = self._make_client()
         self._started = False
         self._stopping = False
@@ -228,13 +229,32 @@ class Ingest:
 
     def start(self) -> None:
         """Connect in the background; an unreachable broker is retried with capped backoff, never fatal."""
-        if self._started:
-            return
-        self._started = True
-        self._connect(self._client)
-        if self._v5 and self.cfg.protocol == "auto" and self._watchdog is None:
-            self._watchdog = threading.Thread(target=self._watch_protocol, name="edgemed-ingest-protocol", daemon=True)
-            self._watchdog.start()
+        with self._swap_lock:
+            if self._started:
+                return
+            self._started = True
+            self._generation += 1
+            generation = self._generation
+            if self.cfg.protocol == "auto" and not self._v5:
+                # An earlier run fell back: probe MQTT 5 again (the broker, or a proxy in front of it, may have
+                # been merely unwell then).
+                self._v5 = True
+                self._fallen_back.clear()
+                with self._lock:
+                    self._attempt_opened_at = None
+                    self._connack_seen = False
+                    self._silent_closes = 0
+                self._client = self._make_client()
+            self._connect(self._client)
+        if self._v5 and self.cfg.protocol == "auto":
+            self._spawn(self._watch_protocol, generation, name="edgemed-ingest-protocol")
+
+    def _spawn(self, target: Any, *args: Any, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
+            self._helpers = [t for t in self._helpers if t.is_alive()]
+            self._helpers.append(thread)
+        thread.start()
 
     def _connect(self, client: paho.Client) -> None:
         broker = self.cfg.broker
@@ -246,26 +266,27 @@ class Ingest:
             client.connect_async(broker.host, broker.port, self.cfg.keepalive_s)
         client.loop_start()
 
-    def _watch_protocol(self) -> None:
+    def _watch_protocol(self, generation: int) -> None:
         # paho bounds only the TCP and TLS handshakes: a broker that does not understand an MQTT 5 CONNECT may
         # leave it unanswered, and paho would wait out the keepalive. Watch each attempt until the first CONNACK.
-        while self._started and not self._stopping and not self._fallen_back.is_set():
+        while self._generation == generation and not self._fallen_back.is_set():
             with self._lock:
                 if self._connack_seen:
                     return
                 opened = self._attempt_opened_at
                 silent = self._silent_closes
             if silent >= 2:
-                self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK")
+                self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK", generation)
             elif opened is not None and time.monotonic() - opened > self.cfg.connect_timeout_s:
                 limit = self.cfg.connect_timeout_s
-                self._fall_back_to_311(f"the broker did not answer an MQTT 5 CONNECT within {limit:g} s")
+                self._fall_back_to_311(f"the broker did not answer an MQTT 5 CONNECT within {limit:g} s", generation)
             time.sleep(0.1)
 
-    def _fall_back_to_311(self, why: str) -> None:
-        # Runs on the watchdog or a helper thread, never on paho's network thread, which loop_stop() joins.
+    def _fall_back_to_311(self, why: str, generation: int) -> None:
+        # Runs on the watchdog or a helper thread, never on paho's network thread, which loop_stop() joins. The
+        # generation ties it to one start(): a stop() (or a later start()) in the meantime makes it a no-op.
         with self._swap_lock:
-            if self._fallen_back.is_set() or self._stopping:
+            if self._fallen_back.is_set() or generation != self._generation or not self._started:
                 return
             self._fallen_back.set()
             log.warning("broker %s: %s; the dashboard falls back to MQTT 3.1.1", self.cfg.url, why)
@@ -276,8 +297,15 @@ class Ingest:
             with self._lock:
                 self._attempt_opened_at = None
                 self._connack_seen = False
-            self._client = self._make_client()
-            self._connect(self._client)
+            try:
+                self._client = self._make_client()
+                self._connect(self._client)
+            except (ConfigError, OSError, ValueError) as exc:
+                # e.g. the password file or a TLS file vanished since start-up: say so where the team looks.
+                message = f"cannot reconnect to {self.cfg.url} with MQTT 3.1.1: {exc}"
+                log.error("%s", message)
+                with self._lock:
+                    self.stats.broker_error = message
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """Wait until the broker confirmed the subscription (or ``timeout_s`` passed).
@@ -292,17 +320,20 @@ class Ingest:
 
     def stop(self) -> None:
         """Disconnect cleanly; the broker keeps the session and queues messages until the next ``start()``."""
-        if not self._started:
-            return
-        self._stopping = True
-        if self._watchdog is not None:
-            self._watchdog.join(timeout=15.0)  # it exits within 0.1 s, or after a fall back it is finishing
-            self._watchdog = None
-        with self._swap_lock:
+        with self._swap_lock:  # waits for a fall back in progress, whose new client is then the one stopped
+            if not self._started:
+                return
+            self._started = False
+            self._generation += 1
+            self._stopping = True
             client = self._client
         client.disconnect()
         client.loop_stop()
-        self._started = False
+        with self._lock:
+            helpers, self._helpers = self._helpers, []
+        for thread in helpers:
+            if thread is not threading.current_thread():
+                thread.join(timeout=15.0)  # each returns within 0.1 s once the generation moved on
         self._stopping = False
         with self._lock:
             self.stats.connected = False
@@ -330,12 +361,8 @@ class Ingest:
         with self._lock:
             self._connack_seen = True
         if reason.is_failure and self._v5 and self.cfg.protocol == "auto" and reason.value in PROTOCOL_REFUSED_CODES:
-            threading.Thread(
-                target=self._fall_back_to_311,
-                args=(f"the broker refused MQTT 5 ({reason.getName()})",),
-                name="edgemed-ingest-fallback",
-                daemon=True,
-            ).start()
+            why = f"the broker refused MQTT 5 ({reason.getName()})"
+            self._spawn(self._fall_back_to_311, why, self._generation, name="edgemed-ingest-fallback")
             return
         if reason.is_failure:
             message = (

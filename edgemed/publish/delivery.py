@@ -130,6 +130,9 @@ class Delivery:
     def _run(self) -> None:
         while True:
             stopping = self._stop.is_set()
+            # Cleared before the step, not after the wait: a commit that lands during the step must wake the next
+            # wait, or its batch would sit until the idle poll.
+            self._wake.clear()
             try:
                 self._step(publish=not stopping, flush_acks=stopping)
             except OutboxError as exc:
@@ -139,7 +142,6 @@ class Delivery:
             if stopping:
                 return
             self._wake.wait(self._idle_wait())
-            self._wake.clear()
 
     def _idle_wait(self) -> float:
         with self._lock:
@@ -150,9 +152,10 @@ class Delivery:
 
     def _step(self, *, publish: bool, flush_acks: bool = False) -> None:
         now = time.monotonic()
+        epoch = self.link.epoch  # read once: the link may replace its client at any moment
         if (
             flush_acks
-            or self.link.epoch != self._epoch  # record what arrived before replaying from the outbox
+            or epoch != self._epoch  # record what arrived before replaying from the outbox
             or now - self._acks_flushed_at >= _ACK_BATCH_S
             or len(self._inflight) >= self.max_inflight
             or not self.link.connected
@@ -164,9 +167,9 @@ class Delivery:
                 self.outbox.ack_many(acked)
                 self._inflight.difference_update(acked)
                 self.acked_total += len(acked)
-        if self.link.epoch != self._epoch:
+        if epoch != self._epoch:
             # The link replaced its client: what the old one held in memory is gone; replay from the outbox.
-            self._epoch = self.link.epoch
+            self._epoch = epoch
             self._inflight.clear()
             self._cursor = 0
         if not publish or not self.link.connected:
