@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import shutil
+import sys
 import threading
 import time
 from collections import deque
@@ -36,11 +37,24 @@ def cpu_temperature_c() -> float | None:
     return max(temps) if temps else None
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (what a device's memory budget must cover); None off Unix."""
+    try:
+        import resource
+    except ImportError:  # Windows: the dashboard may run there; devices are Linux
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, else KiB
+
+
 class HealthMonitor:
     """Counts frames and latencies and renders heartbeat payloads."""
 
     def __init__(self, window: int = 1000) -> None:
         self.started = time.monotonic()
+        # CPU use between heartbeats: on a battery-powered probe or a fanless box the fleet team wants to see a
+        # device that works harder than its frame rate explains (a fallback to CPU, a stuck loop, throttling).
+        self._cpu_mark = (time.monotonic(), time.process_time())
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=window)
         self._stamps: deque[float] = deque(maxlen=window)
@@ -93,5 +107,16 @@ class HealthMonitor:
             },
             "disk_free_mb": disk_free_mb,
             "cpu_temp_c": cpu_temperature_c(),
+            "cpu_percent": self._cpu_percent(),
+            "peak_rss_mb": peak_rss_mb(),
             **state,
         }
+
+    def _cpu_percent(self) -> float | None:
+        """CPU used by this process since the previous heartbeat, in percent of one core (200 = two cores busy)."""
+        now, cpu = time.monotonic(), time.process_time()
+        with self._lock:
+            (then, cpu_then), self._cpu_mark = self._cpu_mark, (now, cpu)
+        if now - then < 0.05:
+            return None  # too short an interval to mean anything
+        return round(100.0 * (cpu - cpu_then) / (now - then), 1)

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -243,3 +244,17 @@ def test_result_ids_are_unique_version_4_uuids_also_in_a_forked_child() -> None:
     parent_ids = [new_result_id() for _ in range(100)]
     assert len(child_ids) == 100
     assert not set(child_ids) & set(parent_ids)
+
+
+def test_heartbeat_reports_cpu_use_between_heartbeats_and_peak_memory() -> None:
+    monitor = HealthMonitor()
+    monitor.snapshot()  # starts the interval
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # a busy interval: about one core for 0.2 s
+        pass
+    busy = monitor.snapshot()["cpu_percent"]
+    time.sleep(0.2)
+    idle = monitor.snapshot()["cpu_percent"]
+    assert busy is not None and busy > 50.0
+    assert idle is not None and idle < busy
+    assert monitor.snapshot()["peak_rss_mb"] > 10.0

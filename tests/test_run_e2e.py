@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -184,6 +185,10 @@ def test_status_and_health_are_published(
         assert key in last
     assert last["delegate"] == "cpu" and last["degraded"] is False
     assert last["frames"] == N_IMAGES + 1 and last["pending"] == 0
+    # The process's own load and memory, for a fleet team watching battery-powered or fanless devices.
+    busy = [h["cpu_percent"] for h in health if h.get("cpu_percent") is not None]
+    assert busy and all(0.0 <= c <= 100.0 * (os.cpu_count() or 1) + 50.0 for c in busy)
+    assert 30.0 < last["peak_rss_mb"] < 400.0
     # The retained status ends as a clean "offline" published by the device itself.
     late = Collector(broker.port)
     try:
