@@ -37,8 +37,27 @@ def cpu_temperature_c() -> float | None:
     return max(temps) if temps else None
 
 
+def _vm_hwm_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux, or no procfs
+        return None
+    for line in status.splitlines():
+        fields = line.split()
+        if fields[:1] == ["VmHWM:"] and len(fields) >= 2 and fields[1].isdigit():
+            return round(int(fields[1]) / 1024, 1)  # kB
+    return None
+
+
 def peak_rss_mb() -> float | None:
-    """This process's peak resident memory in MB (what a device's memory budget must cover); None off Unix."""
+    """This process's peak resident memory in MB (what a device's memory budget must cover); None if unknown.
+
+    Linux: ``VmHWM`` of this process image. ``getrusage``'s ``ru_maxrss`` is not used there because it survives
+    fork and exec: a device runtime started by a large parent process would report the parent's peak.
+    """
+    hwm = _vm_hwm_mb()
+    if hwm is not None:
+        return hwm
     try:
         import resource
     except ImportError:  # Windows: the dashboard may run there; devices are Linux
