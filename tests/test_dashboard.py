@@ -101,6 +101,8 @@ HEALTH = {
     "outbox_full": False,
     "disk_free_mb": 900.0,
     "cpu_temp_c": None,
+    "cpu_percent": 37.5,
+    "peak_rss_mb": 104.2,
     "source_state": "reading",
     "connected": True,
 }
@@ -146,6 +148,12 @@ def test_store_fleet_counts_and_acknowledgement(tmp_path: Path) -> None:
     assert fleet["us-01"]["delegate"] == "cpu" and fleet["us-01"]["degraded"] is True
     assert fleet["us-01"]["pending"] == 17 and fleet["us-01"]["p95_ms"] == 8.9 and fleet["us-01"]["fps"] == 7.5
     assert fleet["us-01"]["last_seen_s_ago"] == 6.0 and fleet["us-01"]["silent"] is False
+    assert fleet["us-01"]["cpu_percent"] == 37.5 and fleet["us-01"]["peak_rss_mb"] == 104.2
+    assert fleet["us-01"]["cpu_temp_c"] is None and fleet["xr-02"]["cpu_percent"] is None
+    # Load figures come from devices: anything but a number is dropped, not passed to the page.
+    store.set_health("clinic-a", "us-01", {**HEALTH, "cpu_percent": "<img src=x>", "cpu_temp_c": True}, 115.0)
+    odd = {d["device_id"]: d for d in store.fleet(now=120.0)}["us-01"]
+    assert odd["cpu_percent"] is None and odd["cpu_temp_c"] is None and odd["peak_rss_mb"] == 104.2
     assert {d["device_id"]: d["silent"] for d in store.fleet(now=500.0)} == {"us-01": True, "xr-02": False}
     assert fleet["xr-02"]["state"] == "offline" and fleet["xr-02"]["offline_reason"] == "connection lost"
     assert fleet["xr-02"]["pending"] is None
@@ -473,6 +481,7 @@ def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(web: D
     assert 'data-device="xr-02"' in dom
     assert ">DEGRADED</span>" in dom and ">Online</span>" in dom and ">Offline</span>" in dom
     assert dom.count(">SILENT</span>") == 1 and "connection lost" in dom
+    assert "CPU 38% · 104 MB" in dom  # the device's load from its heartbeat (no temperature sensor on it)
     assert 'class="urgent-row"' in dom and ">Acknowledge</button>" in dom
     assert "Receiving from broker" in dom
     # The hostile reason and label are shown as text: escaped in the DOM, no element created, nothing ran.

@@ -177,6 +177,16 @@ function renderSummary(data) {
   }
 }
 
+function load(d) {
+  // CPU in percent of one core, the hottest thermal zone, and peak memory: what a fanless or battery-powered
+  // device is costing. A figure the device did not send is left out.
+  const parts = [];
+  if (typeof d.cpu_percent === "number") parts.push("CPU " + num(d.cpu_percent, 0) + "%");
+  if (typeof d.cpu_temp_c === "number") parts.push(num(d.cpu_temp_c, 0) + " °C");
+  if (typeof d.peak_rss_mb === "number") parts.push(num(d.peak_rss_mb, 0) + " MB");
+  return parts.length ? parts.join(" · ") : "—";
+}
+
 function renderFleet(data) {
   const now = data.now;
   const rows = data.devices.map((d) => {
@@ -204,9 +214,10 @@ function renderFleet(data) {
       el("td", {class: "num"}, duration(d.oldest_pending_s)),
       el("td", {class: "num"}, num(d.fps, 1)),
       el("td", {class: "num"}, d.p95_ms === null || d.p95_ms === undefined ? "—" : num(d.p95_ms, 1) + " ms"),
+      el("td", {class: "num load"}, load(d)),
       lastHeard);
   });
-  replaceBody("fleet-body", rows, 9, "No device has reported yet.");
+  replaceBody("fleet-body", rows, 10, "No device has reported yet.");
 }
 
 function renderResults(data) {
@@ -277,7 +288,8 @@ PAGE_TEMPLATE = """<!doctype html>
       DEGRADED means the device runs on a fallback instead of its intended accelerator.</p>
     <table>
       <thead><tr><th>Device</th><th>Site</th><th>Connection</th><th>Accelerator</th><th>Waiting to send</th>
-        <th>Oldest waiting</th><th>Images/s</th><th>Slowest 5% (p95)</th><th>Last heard from</th></tr></thead>
+        <th>Oldest waiting</th><th>Images/s</th><th>Slowest 5% (p95)</th><th>Load</th>
+        <th>Last heard from</th></tr></thead>
       <tbody id="fleet-body"></tbody>
     </table>
   </section>

@@ -117,6 +117,11 @@ def _flag(value: Any) -> int | None:
     return int(value) if isinstance(value, bool) else None
 
 
+def _number(value: Any) -> float | None:
+    # Heartbeat fields come from devices: only a real number reaches the page (not a string, bool or object).
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _loads(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -312,8 +317,8 @@ class DashboardStore:
         Returns:
             Dicts with ``site, device_id, state ("online", "offline", another word sent, or "unknown"), last_seen,
             last_seen_s_ago, delegate, degraded, degraded_reason, pending, oldest_pending_s, outbox_full, fps,
-            p95_ms, frames, errors, connected, source_state, model, offline_reason, silent``, sorted by site and
-            device.
+            p95_ms, frames, errors, connected, source_state, cpu_percent, cpu_temp_c, peak_rss_mb, model,
+            offline_reason, silent``, sorted by site and device (a load figure a device did not send is None).
         """
         t = time.time() if now is None else now
         fleet = []
@@ -344,6 +349,9 @@ class DashboardStore:
                     "errors": health.get("errors"),
                     "connected": health.get("connected"),
                     "source_state": health.get("source_state"),
+                    "cpu_percent": _number(health.get("cpu_percent")),
+                    "cpu_temp_c": _number(health.get("cpu_temp_c")),
+                    "peak_rss_mb": _number(health.get("peak_rss_mb")),
                     "model": status.get("model"),
                     "offline_reason": status.get("reason") if state == "offline" else None,
                     "silent": state == "online" and t - row["last_seen"] > silent_after_s,
