@@ -6,7 +6,9 @@ A single SQLite file in WAL mode (``DATA_DIR/outbox.sqlite3``) holds three table
 * ``meta``: the per-device sequence counter, written in the same transaction as the results it numbered, so a
   crash can never hand out a sequence number twice for two different committed results;
 * ``acked``: a bounded log of recently acknowledged ``result_id`` values, so that a result missing at the
-  consumer can be shown to have been accepted by the broker (a broker-side loss), not lost by the device.
+  consumer can be shown to have been accepted by the broker (a broker-side loss), not lost by the device; with
+  ``replay_window_s`` it also keeps the payloads of the last seconds' acknowledgements, which the delivery
+  publishes again after a reconnection (a broker that acknowledged before writing to disk may have lost them).
 
 Batching and durability: ``put()`` inserts into an open transaction; the transaction is committed when
 ``commit_every`` results have accumulated or the oldest uncommitted one is ``commit_interval_s`` old (a small
@@ -34,12 +36,13 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgemed.errors import OutboxError
 
@@ -61,7 +64,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS acked (
     row_id INTEGER PRIMARY KEY,
     result_id TEXT NOT NULL,
-    acked_at REAL NOT NULL
+    acked_at REAL NOT NULL,
+    topic TEXT,
+    payload BLOB
 );
 """
 
@@ -94,6 +99,22 @@ class OutboxConfig(BaseModel):
     keep_acked: int = Field(
         100_000, ge=0, description="how many acknowledged result ids to keep as evidence of broker PUBACKs"
     )
+    replay_window_s: float = Field(
+        0.0,
+        ge=0,
+        description="after the broker connection comes back, publish again the results the broker acknowledged in "
+        "the last N seconds (a broker that acknowledges before it writes to disk, as mosquitto does, loses "
+        "those if it crashes); set it a little above the broker's autosave interval; 0 = off",
+    )
+
+    @model_validator(mode="after")
+    def _replay_needs_the_log(self) -> OutboxConfig:
+        if self.replay_window_s > 0 and self.keep_acked == 0:
+            raise ValueError(
+                "replay_window_s needs the acknowledgement log: set keep_acked above the results of one window "
+                "(e.g. the default 100000)"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,12 @@ class Outbox:
         self._pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         row = self._db.execute("SELECT MAX(row_id) FROM outbox").fetchone()[0]
         self._committed_max_row = self._last_row = int(row or 0)
+        # Replay: acknowledged payloads are kept for replay_window_s. Each ack batch's ids and time are remembered
+        # so the commit can drop expired payloads by primary key (no scan of the whole log); payloads left from
+        # an earlier run are dropped once here.
+        self._replayable: deque[tuple[float, list[int]]] = deque()
+        self._replay_cutoff = time.time() - self.cfg.replay_window_s
+        self._drop_old_payloads_at_open()
         self._wake = threading.Condition(self._lock)
         self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
         self._committer.start()
@@ -168,6 +195,10 @@ class Outbox:
             if check != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check}")
             db.executescript(_SCHEMA)
+            columns = {str(r[1]) for r in db.execute("PRAGMA table_info(acked)")}
+            for column, kind in (("topic", "TEXT"), ("payload", "BLOB")):
+                if column not in columns:  # an outbox written before replay existed
+                    db.execute(f"ALTER TABLE acked ADD COLUMN {column} {kind}")
             db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,))
             db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', 0)")
         except BaseException:
@@ -343,7 +374,13 @@ class Outbox:
                 for start in range(0, len(ids), _ACK_CHUNK):
                     chunk = ids[start : start + _ACK_CHUNK]
                     marks = ",".join("?" * len(chunk))
-                    if self.cfg.keep_acked:
+                    if self.cfg.replay_window_s > 0:
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at, topic, payload) "
+                            f"SELECT row_id, result_id, ?, topic, payload FROM outbox WHERE row_id IN ({marks})",
+                            (now, *chunk),
+                        )
+                    elif self.cfg.keep_acked:
                         self._db.execute(
                             "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at) "
                             f"SELECT row_id, result_id, ? FROM outbox WHERE row_id IN ({marks})",
@@ -355,6 +392,8 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise self._write_error(exc) from exc
             self._pending -= removed
+            if self.cfg.replay_window_s > 0:
+                self._replayable.append((now, ids))
             if self._uncommitted == 0:
                 self._first_uncommitted_at = time.monotonic()
                 self._wake.notify()
@@ -380,6 +419,41 @@ class Outbox:
                 (after_row, self._committed_max_row, limit),
             ).fetchall()
         return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
+
+    def replay_candidates(self, since: float | None = None) -> list[OutboxItem]:
+        """Results the broker acknowledged at or after ``since`` whose payloads are still kept, in production order.
+
+        The delivery publishes them again after the broker connection comes back: a broker that acknowledged
+        them before writing them to disk has lost them if it crashed. Consumers drop the duplicates by
+        ``result_id``.
+
+        Args:
+            since: epoch seconds; default ``replay_window_s`` before now. With ``replay_window_s`` 0 nothing is
+                kept and the list is empty.
+
+        Returns:
+            Items whose ``created_at`` is the time of the acknowledgement.
+        """
+        if self.cfg.replay_window_s <= 0:
+            return []
+        since = time.time() - self.cfg.replay_window_s if since is None else since
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT row_id, result_id, topic, payload, acked_at FROM acked "
+                "WHERE payload IS NOT NULL AND acked_at >= ? ORDER BY row_id",
+                (since,),
+            ).fetchall()
+        return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
+
+    def set_replay_cutoff(self, cutoff: float) -> None:
+        """Allow payloads acknowledged before ``cutoff`` (epoch seconds) to be dropped at the next commit.
+
+        The delivery moves it forward only while the broker is connected: during an outage the payloads
+        acknowledged just before the connection dropped must survive until they have been re-sent.
+        """
+        with self._lock:
+            self._replay_cutoff = max(self._replay_cutoff, cutoff)
 
     def pending_count(self) -> int:
         """Results not yet acknowledged by the broker (committed or not)."""
@@ -450,6 +524,7 @@ class Outbox:
                 # result, so this is a range delete on the primary key: its cost is what it deletes, not the size
                 # of the log (an OFFSET over the log scanned all 100,000 kept rows on every commit).
                 self._db.execute("DELETE FROM acked WHERE row_id <= ?", (self._last_row - self.cfg.keep_acked,))
+            self._expire_payloads()
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc
@@ -460,6 +535,33 @@ class Outbox:
         if published:
             for listener in self._commit_listeners:
                 listener()
+
+    def _expire_payloads(self) -> None:
+        # Called inside the commit's transaction: payloads acknowledged before the cutoff the delivery set (the
+        # window before the present, while connected) are no longer worth re-sending.
+        cutoff = self._replay_cutoff
+        while self._replayable and self._replayable[0][0] < cutoff:
+            _, ids = self._replayable.popleft()
+            for start in range(0, len(ids), _ACK_CHUNK):
+                chunk = ids[start : start + _ACK_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                self._db.execute(f"UPDATE acked SET topic = NULL, payload = NULL WHERE row_id IN ({marks})", chunk)
+
+    def _drop_old_payloads_at_open(self) -> None:
+        # Payloads from an earlier run: keep those still inside the window (this run's first reconnect may need
+        # them), forget the rest. One pass over the log at start-up, never again.
+        cutoff = time.time() - self.cfg.replay_window_s
+        try:
+            self._db.execute(
+                "UPDATE acked SET topic = NULL, payload = NULL WHERE payload IS NOT NULL AND acked_at < ?", (cutoff,)
+            )
+            kept = self._db.execute(
+                "SELECT acked_at, row_id FROM acked WHERE payload IS NOT NULL ORDER BY acked_at"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot read the acknowledgement log of {self.path}: {exc}") from exc
+        for acked_at, row_id in kept:
+            self._replayable.append((float(acked_at), [int(row_id)]))
 
     def _at_cap(self) -> bool:
         if self._pending >= self.cfg.max_pending:

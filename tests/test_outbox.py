@@ -54,6 +54,65 @@ def test_the_ack_log_keeps_the_newest_keep_acked_results_across_restarts(tmp_pat
         assert ob.acked_ids() == {f"r{i}" for i in range(25, 35)}
 
 
+def test_replay_window_keeps_acknowledged_payloads_only_for_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    cfg = OutboxConfig(commit_every=1, replay_window_s=0.5)
+    with Outbox(path, cfg) as ob:
+        rows = _fill(ob, 4)
+        ob.ack_many(rows[:3])
+        ob.flush()
+        replay = ob.replay_candidates()
+        assert [i.result_id for i in replay] == ["r0", "r1", "r2"]  # in production order, acknowledged only
+        assert replay[0].payload == b'{"n":0}' and replay[0].topic == "edgemed/s/d/results"
+        assert ob.pending_count() == 1  # replayable results are no longer pending
+        time.sleep(0.6)
+        ob.ack(rows[3])
+        ob.flush()
+        assert [i.result_id for i in ob.replay_candidates()] == ["r3"]  # the window before now
+        # Until the delivery moves the cutoff (it does so only while connected), nothing is dropped: after an
+        # outage, what was acknowledged just before the connection fell must still be there to re-send.
+        assert [i.result_id for i in ob.replay_candidates(since=0.0)] == ["r0", "r1", "r2", "r3"]
+        ob.set_replay_cutoff(time.time() - 0.5)
+        ob.put("r9", "edgemed/s/d/results", b"{}")  # the next commit drops the expired payloads (by primary key)
+        assert [i.result_id for i in ob.replay_candidates(since=0.0)] == ["r3"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM acked WHERE payload IS NOT NULL").fetchone()[0] == 1
+    time.sleep(0.6)
+    with Outbox(path, cfg) as ob:  # a restart forgets payloads older than the window at once
+        assert ob.replay_candidates() == [] and ob.acked_ids() == {"r0", "r1", "r2", "r3"}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM acked WHERE payload IS NOT NULL").fetchone()[0] == 0
+    with Outbox(path, OutboxConfig(commit_every=1)) as ob:  # replay off: nothing kept, nothing offered
+        ob.ack_many(_fill(ob, 2, start=4))
+        ob.flush()
+        assert ob.replay_candidates() == [] and ob.replay_candidates(60.0) == []
+
+
+def test_an_outbox_written_before_replay_existed_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    with sqlite3.connect(path) as db:  # the layout of the first release
+        db.executescript(
+            "CREATE TABLE outbox (row_id INTEGER PRIMARY KEY AUTOINCREMENT, result_id TEXT NOT NULL, topic TEXT "
+            "NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL);"
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            "CREATE TABLE acked (row_id INTEGER PRIMARY KEY, result_id TEXT NOT NULL, acked_at REAL NOT NULL);"
+            "INSERT INTO meta VALUES ('schema', 1), ('seq', 7);"
+            "INSERT INTO outbox(result_id, topic, payload, created_at) VALUES ('old', 't', x'7b7d', 1.0);"
+            "INSERT INTO acked VALUES (0, 'older', 1.0);"
+        )
+    with Outbox(path, OutboxConfig(commit_every=1, replay_window_s=30.0)) as ob:
+        assert [i.result_id for i in ob.pending(10)] == ["old"] and ob.next_seq() == 7
+        ob.ack_many([i.row_id for i in ob.pending(10)])
+        ob.flush()
+        assert [i.result_id for i in ob.replay_candidates()] == ["old"]
+        assert ob.acked_ids() == {"old", "older"}
+
+
+def test_replay_window_needs_the_ack_log() -> None:
+    with pytest.raises(ValidationError, match="replay_window_s needs the acknowledgement log"):
+        OutboxConfig(replay_window_s=5.0, keep_acked=0)
+
+
 def test_acknowledging_more_rows_than_one_statement_takes(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.sqlite3", OutboxConfig(commit_every=5000)) as ob:
         rows = _fill(ob, 1201)

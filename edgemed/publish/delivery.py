@@ -65,6 +65,8 @@ class Delivery:
         self._error: OutboxError | None = None
         self._thread: threading.Thread | None = None
         self._acks_flushed_at = 0.0
+        self._connections_seen = 0
+        self.replayed_total = 0
         # Woken by commits, not by every put(): results become publishable only once committed.
         outbox.add_commit_listener(self.wake)
 
@@ -174,6 +176,14 @@ class Delivery:
             self._cursor = 0
         if not publish or not self.link.connected:
             return
+        connections = self.link.connections
+        if connections != self._connections_seen:
+            if self._connections_seen > 0:
+                self._replay()
+            self._connections_seen = connections
+        window = self.outbox.cfg.replay_window_s
+        if window > 0:
+            self.outbox.set_replay_cutoff(time.time() - window)  # connected: older payloads may go
         room = self.max_inflight - len(self._inflight)
         if room <= 0:
             return
@@ -182,6 +192,24 @@ class Delivery:
             self._cursor = item.row_id
             self.link.publish(item.topic, item.payload, on_ack=partial(self._on_ack, item.row_id))
             self.published_total += 1
+
+    def _replay(self) -> None:
+        # The connection came back. If the broker crashed, whatever it acknowledged but had not yet written to
+        # disk is gone: publish again what it acknowledged within the outbox's replay window (fire and forget:
+        # these already left the outbox; the consumer drops the duplicates by result_id).
+        window = self.outbox.cfg.replay_window_s
+        dropped_at = self.link.last_drop_at or time.time()
+        items = self.outbox.replay_candidates(since=dropped_at - window)
+        for item in items:
+            self.link.publish(item.topic, item.payload, on_ack=None)
+        if items:
+            self.replayed_total += len(items)
+            log.warning(
+                "broker connection restored: re-sent %d results it acknowledged in the %.1f s before the "
+                "connection dropped (outbox.replay_window_s), in case it lost them",
+                len(items),
+                window,
+            )
 
 
 def flush(

@@ -107,6 +107,11 @@ class MqttLink:
         #: Incremented whenever a new paho client replaces the old one (protocol fallback): messages handed to
         #: the old client are gone from memory and must be re-published from the outbox.
         self.epoch = 0
+        #: Incremented on every accepted connection (CONNACK success): the delivery re-sends its replay window
+        #: when it sees a reconnection.
+        self.connections = 0
+        #: time.time() when an established connection was last lost (None: never); the replay window ends here.
+        self.last_drop_at: float | None = None
         self._client = self._make_client()
 
     # -- construction ----------------------------------------------------------------------------------------
@@ -300,6 +305,7 @@ class MqttLink:
                 if self._stop.is_set():
                     break
                 if self._went_online:
+                    self.last_drop_at = time.time()
                     delay = self.cfg.reconnect_min_s
                     silent_closes = tls_eofs = 0
                     log.warning(
@@ -408,6 +414,7 @@ class MqttLink:
         client.on_log = None
         self._refused = None
         self._went_online = True
+        self.connections += 1
         self._connected.set()
         log.info(
             "connected to broker %s as %s (MQTT %s, session present: %s)",
