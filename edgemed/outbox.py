@@ -8,7 +8,7 @@ A single SQLite file in WAL mode (``DATA_DIR/outbox.sqlite3``) holds three table
 * ``acked``: a bounded log of recently acknowledged ``result_id`` values, so that a result missing at the
   consumer can be shown to have been accepted by the broker (a broker-side loss), not lost by the device; with
   ``replay_window_s`` it also keeps the payloads of the last seconds' acknowledgements, which the delivery
-  publishes again after a reconnection (a broker that acknowledged before writing to disk may have lost them).
+  publishes again on every connection (a broker that acknowledged before writing to disk may have lost them).
 
 Batching and durability: ``put()`` inserts into an open transaction; the transaction is committed when
 ``commit_every`` results have accumulated or the oldest uncommitted one is ``commit_interval_s`` old (a small
@@ -102,9 +102,9 @@ class OutboxConfig(BaseModel):
     replay_window_s: float = Field(
         0.0,
         ge=0,
-        description="after the broker connection comes back, publish again the results the broker acknowledged in "
-        "the last N seconds (a broker that acknowledges before it writes to disk, as mosquitto does, loses "
-        "those if it crashes); set it a little above the broker's autosave interval; 0 = off",
+        description="on every broker connection, publish again the results acknowledged within N seconds before "
+        "the latest acknowledgement (a broker that acknowledges before it writes to disk, as mosquitto does, "
+        "loses those if it crashes); set it a little above the broker's autosave interval; 0 = off",
     )
 
     @model_validator(mode="after")
@@ -169,12 +169,15 @@ class Outbox:
         self._pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         row = self._db.execute("SELECT MAX(row_id) FROM outbox").fetchone()[0]
         self._committed_max_row = self._last_row = int(row or 0)
-        # Replay: acknowledged payloads are kept for replay_window_s. Each ack batch's ids and time are remembered
-        # so the commit can drop expired payloads by primary key (no scan of the whole log); payloads left from
-        # an earlier run are dropped once here.
-        self._replayable: deque[tuple[float, list[int]]] = deque()
-        self._replay_cutoff = time.time() - self.cfg.replay_window_s
-        self._drop_old_payloads_at_open()
+        # Replay: the payloads of recent acknowledgements are kept so that the delivery can publish them again
+        # after a (re)connection. What is kept is decided on the monotonic clock, relative to the latest
+        # acknowledgement rather than to "now": when a broker dies silently, or during an outage, no
+        # acknowledgement arrives and nothing expires. ``_kept`` maps row id -> when it was acknowledged (or last
+        # re-sent); ``_kept_order`` schedules the expiry checks so a commit touches only what expires, by primary key.
+        self._kept: dict[int, float] = {}
+        self._kept_order: deque[tuple[float, list[int]]] = deque()
+        self._last_ack_mono = time.monotonic()
+        self._load_kept_payloads()
         self._wake = threading.Condition(self._lock)
         self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
         self._committer.start()
@@ -393,7 +396,10 @@ class Outbox:
                 raise self._write_error(exc) from exc
             self._pending -= removed
             if self.cfg.replay_window_s > 0:
-                self._replayable.append((now, ids))
+                mono = time.monotonic()
+                self._last_ack_mono = mono
+                self._kept.update(dict.fromkeys(ids, mono))
+                self._kept_order.append((mono, ids))
             if self._uncommitted == 0:
                 self._first_uncommitted_at = time.monotonic()
                 self._wake.notify()
@@ -420,40 +426,40 @@ class Outbox:
             ).fetchall()
         return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
 
-    def replay_candidates(self, since: float | None = None) -> list[OutboxItem]:
-        """Results the broker acknowledged at or after ``since`` whose payloads are still kept, in production order.
+    def replay_candidates(self) -> list[OutboxItem]:
+        """The acknowledged results whose payloads are still kept, in production order (empty with replay off).
 
-        The delivery publishes them again after the broker connection comes back: a broker that acknowledged
+        Those are the results acknowledged within ``replay_window_s`` before the latest acknowledgement, plus
+        any re-sent since. The delivery publishes them again on every connection: a broker that acknowledged
         them before writing them to disk has lost them if it crashed. Consumers drop the duplicates by
         ``result_id``.
 
-        Args:
-            since: epoch seconds; default ``replay_window_s`` before now. With ``replay_window_s`` 0 nothing is
-                kept and the list is empty.
-
         Returns:
-            Items whose ``created_at`` is the time of the acknowledgement.
+            Items whose ``created_at`` is the wall-clock time of the (first) acknowledgement.
         """
         if self.cfg.replay_window_s <= 0:
             return []
-        since = time.time() - self.cfg.replay_window_s if since is None else since
         with self._lock:
             self._check_open()
             rows = self._db.execute(
-                "SELECT row_id, result_id, topic, payload, acked_at FROM acked "
-                "WHERE payload IS NOT NULL AND acked_at >= ? ORDER BY row_id",
-                (since,),
+                "SELECT row_id, result_id, topic, payload, acked_at FROM acked WHERE payload IS NOT NULL "
+                "ORDER BY row_id"
             ).fetchall()
         return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
 
-    def set_replay_cutoff(self, cutoff: float) -> None:
-        """Allow payloads acknowledged before ``cutoff`` (epoch seconds) to be dropped at the next commit.
+    def renew_replayed(self, row_ids: Iterable[int]) -> None:
+        """Keep re-sent results for another window: the broker may crash again before it writes them.
 
-        The delivery moves it forward only while the broker is connected: during an outage the payloads
-        acknowledged just before the connection dropped must survive until they have been re-sent.
+        Args:
+            row_ids: as carried by the items from ``replay_candidates()``.
         """
+        ids = [int(r) for r in row_ids]
+        if not ids or self.cfg.replay_window_s <= 0:
+            return
         with self._lock:
-            self._replay_cutoff = max(self._replay_cutoff, cutoff)
+            mono = time.monotonic()
+            self._kept.update(dict.fromkeys(ids, mono))
+            self._kept_order.append((mono, ids))
 
     def pending_count(self) -> int:
         """Results not yet acknowledged by the broker (committed or not)."""
@@ -523,7 +529,12 @@ class Outbox:
                 # Keep the acknowledgements of the last keep_acked results produced. Row ids grow by one per
                 # result, so this is a range delete on the primary key: its cost is what it deletes, not the size
                 # of the log (an OFFSET over the log scanned all 100,000 kept rows on every commit).
-                self._db.execute("DELETE FROM acked WHERE row_id <= ?", (self._last_row - self.cfg.keep_acked,))
+                # Rows still holding a replay payload stay: an outage can produce more than keep_acked results
+                # while the ones acknowledged just before it still wait to be re-sent.
+                self._db.execute(
+                    "DELETE FROM acked WHERE row_id <= ? AND payload IS NULL",
+                    (self._last_row - self.cfg.keep_acked,),
+                )
             self._expire_payloads()
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -537,31 +548,41 @@ class Outbox:
                 listener()
 
     def _expire_payloads(self) -> None:
-        # Called inside the commit's transaction: payloads acknowledged before the cutoff the delivery set (the
-        # window before the present, while connected) are no longer worth re-sending.
-        cutoff = self._replay_cutoff
-        while self._replayable and self._replayable[0][0] < cutoff:
-            _, ids = self._replayable.popleft()
-            for start in range(0, len(ids), _ACK_CHUNK):
-                chunk = ids[start : start + _ACK_CHUNK]
+        # Inside the commit's transaction. A payload goes once it was acknowledged (or re-sent) more than
+        # replay_window_s before the latest acknowledgement: the broker has saved it by then, or has been
+        # acknowledging newer results long enough to show it did not crash.
+        if self.cfg.replay_window_s <= 0:
+            return
+        cutoff = self._last_ack_mono - self.cfg.replay_window_s
+        while self._kept_order and self._kept_order[0][0] < cutoff:
+            _, ids = self._kept_order.popleft()
+            # A row re-sent since this entry was scheduled carries a newer time: it stays.
+            expired = [i for i in ids if self._kept.get(i, cutoff) < cutoff]
+            for i in expired:
+                self._kept.pop(i, None)
+            for start in range(0, len(expired), _ACK_CHUNK):
+                chunk = expired[start : start + _ACK_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 self._db.execute(f"UPDATE acked SET topic = NULL, payload = NULL WHERE row_id IN ({marks})", chunk)
 
-    def _drop_old_payloads_at_open(self) -> None:
-        # Payloads from an earlier run: keep those still inside the window (this run's first reconnect may need
-        # them), forget the rest. One pass over the log at start-up, never again.
-        cutoff = time.time() - self.cfg.replay_window_s
+    def _load_kept_payloads(self) -> None:
+        # Payloads kept by an earlier run (a power cut may have taken the broker down too): with replay on they
+        # are re-sent on this run's first connection, then expire as usual; with replay off they are dropped once.
         try:
-            self._db.execute(
-                "UPDATE acked SET topic = NULL, payload = NULL WHERE payload IS NOT NULL AND acked_at < ?", (cutoff,)
-            )
-            kept = self._db.execute(
-                "SELECT acked_at, row_id FROM acked WHERE payload IS NOT NULL ORDER BY acked_at"
-            ).fetchall()
+            flag = self._db.execute("SELECT value FROM meta WHERE key = 'replay_payloads'").fetchone()
+            if self.cfg.replay_window_s <= 0:
+                if flag is not None and flag[0]:
+                    self._db.execute("UPDATE acked SET topic = NULL, payload = NULL WHERE payload IS NOT NULL")
+                    self._db.execute("UPDATE meta SET value = 0 WHERE key = 'replay_payloads'")
+                return
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('replay_payloads', 1)")
+            ids = [int(r[0]) for r in self._db.execute("SELECT row_id FROM acked WHERE payload IS NOT NULL")]
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot read the acknowledgement log of {self.path}: {exc}") from exc
-        for acked_at, row_id in kept:
-            self._replayable.append((float(acked_at), [int(row_id)]))
+        if ids:
+            mono = time.monotonic()
+            self._kept.update(dict.fromkeys(ids, mono))
+            self._kept_order.append((mono, ids))
 
     def _at_cap(self) -> bool:
         if self._pending >= self.cfg.max_pending:

@@ -214,6 +214,33 @@ def test_auto_protocol_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker
         ob.close()
 
 
+def test_a_restarted_device_resends_its_replay_window_when_it_connects(broker: Mosquitto, tmp_path: Path) -> None:
+    # A power cut can take the clinic's broker down with the device: what the broker acknowledged just before
+    # may be gone. The next run of the device re-sends what its outbox still keeps, once connected.
+    cfg = OutboxConfig(commit_every=1, replay_window_s=30.0)
+    with Outbox(tmp_path / "outbox.sqlite3", cfg) as ob:  # the previous run: 5 results, all acknowledged
+        _put(ob, 5)
+        ob.ack_many([i.row_id for i in ob.pending(10)])
+        ob.flush()
+        before = {i.result_id for i in ob.replay_candidates()}
+    assert len(before) == 5
+    sub = Subscriber(broker.port, RESULTS)
+    ob = Outbox(tmp_path / "outbox.sqlite3", cfg)
+    link = MqttLink(_cfg(broker.url), status_topic=None, client_id="edgemed-replay")
+    delivery = Delivery(ob, link)
+    try:
+        link.start()
+        delivery.start()
+        assert sub.wait_for(5, 10) == 5, "the kept results were not re-sent"
+        assert sub.result_ids == before and delivery.replayed_total == 5
+        assert ob.pending_count() == 0  # re-sent from the acknowledgement log, never put back in the queue
+    finally:
+        delivery.stop()
+        link.stop(2)
+        ob.close()
+        sub.close()
+
+
 def test_a_publish_the_broker_refuses_is_reported_and_the_result_kept(
     mosquitto_factory: type[Mosquitto], tmp_path: Path
 ) -> None:

@@ -54,38 +54,46 @@ def test_the_ack_log_keeps_the_newest_keep_acked_results_across_restarts(tmp_pat
         assert ob.acked_ids() == {f"r{i}" for i in range(25, 35)}
 
 
-def test_replay_window_keeps_acknowledged_payloads_only_for_the_window(tmp_path: Path) -> None:
+def test_replay_window_keeps_payloads_relative_to_the_latest_acknowledgement(tmp_path: Path) -> None:
     path = tmp_path / "o.sqlite3"
-    cfg = OutboxConfig(commit_every=1, replay_window_s=0.5)
+    cfg = OutboxConfig(commit_every=1, replay_window_s=0.5, keep_acked=2)
+
+    def kept(ob: Outbox) -> list[str]:
+        return [i.result_id for i in ob.replay_candidates()]
+
     with Outbox(path, cfg) as ob:
-        rows = _fill(ob, 4)
+        rows = _fill(ob, 6)
         ob.ack_many(rows[:3])
-        ob.flush()
         replay = ob.replay_candidates()
         assert [i.result_id for i in replay] == ["r0", "r1", "r2"]  # in production order, acknowledged only
         assert replay[0].payload == b'{"n":0}' and replay[0].topic == "edgemed/s/d/results"
-        assert ob.pending_count() == 1  # replayable results are no longer pending
+        assert ob.pending_count() == 3  # replayable results are no longer pending
+        # An outage (or a broker that died silently): no acknowledgement arrives, so nothing expires, however
+        # long it lasts and however many results are produced meanwhile (more than keep_acked here).
         time.sleep(0.6)
-        ob.ack(rows[3])
+        _fill(ob, 5, start=10)
+        assert kept(ob) == ["r0", "r1", "r2"]
+        # Re-sent on the reconnection and renewed: r1 stays a window longer than the others.
+        ob.renew_replayed([rows[1]])
+        time.sleep(0.3)
+        ob.ack(rows[3])  # the latest acknowledgement: r0 and r2 are now more than a window older
+        ob.flush()  # expiry happens at the commit (within commit_interval_s on a running device)
+        assert kept(ob) == ["r1", "r3"]
+        time.sleep(0.6)
+        ob.ack(rows[4])
         ob.flush()
-        assert [i.result_id for i in ob.replay_candidates()] == ["r3"]  # the window before now
-        # Until the delivery moves the cutoff (it does so only while connected), nothing is dropped: after an
-        # outage, what was acknowledged just before the connection fell must still be there to re-send.
-        assert [i.result_id for i in ob.replay_candidates(since=0.0)] == ["r0", "r1", "r2", "r3"]
-        ob.set_replay_cutoff(time.time() - 0.5)
-        ob.put("r9", "edgemed/s/d/results", b"{}")  # the next commit drops the expired payloads (by primary key)
-        assert [i.result_id for i in ob.replay_candidates(since=0.0)] == ["r3"]
+        assert kept(ob) == ["r4"]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM acked WHERE payload IS NOT NULL").fetchone()[0] == 1
-    time.sleep(0.6)
-    with Outbox(path, cfg) as ob:  # a restart forgets payloads older than the window at once
-        assert ob.replay_candidates() == [] and ob.acked_ids() == {"r0", "r1", "r2", "r3"}
+    with Outbox(path, cfg) as ob:  # a restart keeps what is kept: the first connection of the run re-sends it
+        assert kept(ob) == ["r4"]
+    with Outbox(path, OutboxConfig(commit_every=1)) as ob:  # replay turned off: kept payloads dropped, once
+        assert ob.replay_candidates() == []
+        ob.ack_many(_fill(ob, 2, start=20))
+        ob.flush()
+        assert ob.replay_candidates() == [] and "r20" in ob.acked_ids()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM acked WHERE payload IS NOT NULL").fetchone()[0] == 0
-    with Outbox(path, OutboxConfig(commit_every=1)) as ob:  # replay off: nothing kept, nothing offered
-        ob.ack_many(_fill(ob, 2, start=4))
-        ob.flush()
-        assert ob.replay_candidates() == [] and ob.replay_candidates(60.0) == []
 
 
 def test_an_outbox_written_before_replay_existed_is_upgraded_in_place(tmp_path: Path) -> None:

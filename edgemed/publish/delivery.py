@@ -178,12 +178,8 @@ class Delivery:
             return
         connections = self.link.connections
         if connections != self._connections_seen:
-            if self._connections_seen > 0:
-                self._replay()
             self._connections_seen = connections
-        window = self.outbox.cfg.replay_window_s
-        if window > 0:
-            self.outbox.set_replay_cutoff(time.time() - window)  # connected: older payloads may go
+            self._replay()  # on every connection, the first of a run included (a power cut may take both down)
         room = self.max_inflight - len(self._inflight)
         if room <= 0:
             return
@@ -194,22 +190,23 @@ class Delivery:
             self.published_total += 1
 
     def _replay(self) -> None:
-        # The connection came back. If the broker crashed, whatever it acknowledged but had not yet written to
-        # disk is gone: publish again what it acknowledged within the outbox's replay window (fire and forget:
-        # these already left the outbox; the consumer drops the duplicates by result_id).
-        window = self.outbox.cfg.replay_window_s
-        dropped_at = self.link.last_drop_at or time.time()
-        items = self.outbox.replay_candidates(since=dropped_at - window)
+        # The connection is (back) up. If the broker crashed, whatever it acknowledged but had not yet written to
+        # disk is gone: publish again what the outbox still keeps (outbox.replay_window_s; untracked, since these
+        # already left the outbox; the consumer drops the duplicates by result_id), and keep it for another
+        # window in case the broker crashes again before saving.
+        items = self.outbox.replay_candidates()
+        if not items:
+            return
         for item in items:
             self.link.publish(item.topic, item.payload, on_ack=None)
-        if items:
-            self.replayed_total += len(items)
-            log.warning(
-                "broker connection restored: re-sent %d results it acknowledged in the %.1f s before the "
-                "connection dropped (outbox.replay_window_s), in case it lost them",
-                len(items),
-                window,
-            )
+        self.outbox.renew_replayed(item.row_id for item in items)
+        self.replayed_total += len(items)
+        log.warning(
+            "connected to the broker: re-sent %d results it acknowledged shortly before (outbox.replay_window_s "
+            "%.1f s), in case it lost them",
+            len(items),
+            self.outbox.cfg.replay_window_s,
+        )
 
 
 def flush(

@@ -110,8 +110,6 @@ class MqttLink:
         #: Incremented on every accepted connection (CONNACK success): the delivery re-sends its replay window
         #: when it sees a reconnection.
         self.connections = 0
-        #: time.time() when an established connection was last lost (None: never); the replay window ends here.
-        self.last_drop_at: float | None = None
         self._client = self._make_client()
 
     # -- construction ----------------------------------------------------------------------------------------
@@ -305,7 +303,6 @@ class MqttLink:
                 if self._stop.is_set():
                     break
                 if self._went_online:
-                    self.last_drop_at = time.time()
                     delay = self.cfg.reconnect_min_s
                     silent_closes = tls_eofs = 0
                     log.warning(
