@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -377,16 +377,11 @@ class Outbox:
                 for start in range(0, len(ids), _ACK_CHUNK):
                     chunk = ids[start : start + _ACK_CHUNK]
                     marks = ",".join("?" * len(chunk))
-                    if self.cfg.replay_window_s > 0:
+                    if self.cfg.keep_acked:  # also true whenever replay is on (the config checks it)
+                        kept = ", topic, payload" if self.cfg.replay_window_s > 0 else ""
                         self._db.execute(
-                            "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at, topic, payload) "
-                            f"SELECT row_id, result_id, ?, topic, payload FROM outbox WHERE row_id IN ({marks})",
-                            (now, *chunk),
-                        )
-                    elif self.cfg.keep_acked:
-                        self._db.execute(
-                            "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at) "
-                            f"SELECT row_id, result_id, ? FROM outbox WHERE row_id IN ({marks})",
+                            f"INSERT OR IGNORE INTO acked(row_id, result_id, acked_at{kept}) "
+                            f"SELECT row_id, result_id, ?{kept} FROM outbox WHERE row_id IN ({marks})",
                             (now, *chunk),
                         )
                     before = self._db.total_changes
@@ -396,10 +391,7 @@ class Outbox:
                 raise self._write_error(exc) from exc
             self._pending -= removed
             if self.cfg.replay_window_s > 0:
-                mono = time.monotonic()
-                self._last_ack_mono = mono
-                self._kept.update(dict.fromkeys(ids, mono))
-                self._kept_order.append((mono, ids))
+                self._last_ack_mono = self._keep(ids)
             if self._uncommitted == 0:
                 self._first_uncommitted_at = time.monotonic()
                 self._wake.notify()
@@ -424,7 +416,7 @@ class Outbox:
                 "WHERE row_id > ? AND row_id <= ? ORDER BY row_id LIMIT ?",
                 (after_row, self._committed_max_row, limit),
             ).fetchall()
-        return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
+        return [_item(r) for r in rows]
 
     def replay_candidates(self) -> list[OutboxItem]:
         """The acknowledged results whose payloads are still kept, in production order (empty with replay off).
@@ -445,7 +437,7 @@ class Outbox:
                 "SELECT row_id, result_id, topic, payload, acked_at FROM acked WHERE payload IS NOT NULL "
                 "ORDER BY row_id"
             ).fetchall()
-        return [OutboxItem(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), float(r[4])) for r in rows]
+        return [_item(r) for r in rows]
 
     def renew_replayed(self, row_ids: Iterable[int]) -> None:
         """Keep re-sent results for another window: the broker may crash again before it writes them.
@@ -457,9 +449,7 @@ class Outbox:
         if not ids or self.cfg.replay_window_s <= 0:
             return
         with self._lock:
-            mono = time.monotonic()
-            self._kept.update(dict.fromkeys(ids, mono))
-            self._kept_order.append((mono, ids))
+            self._keep(ids)
 
     def pending_count(self) -> int:
         """Results not yet acknowledged by the broker (committed or not)."""
@@ -547,6 +537,13 @@ class Outbox:
             for listener in self._commit_listeners:
                 listener()
 
+    def _keep(self, ids: list[int]) -> float:
+        # Keep these rows' payloads for a window counted from now (monotonic); returns that time.
+        mono = time.monotonic()
+        self._kept.update(dict.fromkeys(ids, mono))
+        self._kept_order.append((mono, ids))
+        return mono
+
     def _expire_payloads(self) -> None:
         # Inside the commit's transaction. A payload goes once it was acknowledged (or re-sent) more than
         # replay_window_s before the latest acknowledgement: the broker has saved it by then, or has been
@@ -580,9 +577,7 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot read the acknowledgement log of {self.path}: {exc}") from exc
         if ids:
-            mono = time.monotonic()
-            self._kept.update(dict.fromkeys(ids, mono))
-            self._kept_order.append((mono, ids))
+            self._keep(ids)
 
     def _at_cap(self) -> bool:
         if self._pending >= self.cfg.max_pending:
@@ -648,6 +643,11 @@ class Outbox:
                     # Recorded in self._failed: the next put() or flush() on the producing thread raises it.
                     log.error("%s", exc)
                     return
+
+
+def _item(row: tuple[Any, ...]) -> OutboxItem:
+    # (row_id, result_id, topic, payload, time) as both queries select them.
+    return OutboxItem(int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), float(row[4]))
 
 
 def _looks_corrupt(exc: sqlite3.Error) -> bool:

@@ -81,7 +81,7 @@ class Delivery:
     def wake(self) -> None:
         """Tell the drain that new results may have been committed (the outbox does so on every commit, and the
         drain also polls every 50 ms)."""
-        if not self._wake.is_set():  # set() takes the condition lock even when set: this runs once per frame
+        if not self._wake.is_set():  # set() takes the condition lock even when set: this runs on every commit
             self._wake.set()
 
     def check(self) -> None:
