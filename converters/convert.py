@@ -49,6 +49,7 @@ from converters.data import Dataset
 from converters.gate import GateConfig, GateResult, evaluate_gate, summarise
 from converters.source import SourceModel, load_source
 from edgemed.errors import ConfigError, DataError, ModelError
+from edgemed.inference.backends import graph_output_kind
 from edgemed.manifest import Artifact, InputSpec, Manifest, Normalisation, Waiver, save_manifest, sha256_file
 
 TARGETS = ("int8", "uint8", "float16", "dynamic", "edgetpu")
@@ -383,8 +384,11 @@ def _convert_one(
     path.write_bytes(content)
     interp = load_interpreter(str(path))
     in_spec, out_spec = io_specs(interp)
+    # The converted graph's own output op decides (the device checks the same at load); the source model's kind
+    # is the fallback for a graph that cannot tell, and an unknown kind is taken as logits.
+    kind = graph_output_kind(interp) or (source.output_kind if source.output_kind != "unknown" else "logits")
     with tqdm(total=len(x_eval), desc=f"evaluate {target}", disable=not progress, unit="img") as bar:
-        probs = predict(interp, x_eval, source.output_kind, norm, bar)
+        probs = predict(interp, x_eval, kind, norm, bar)
     latency = median_latency_ms(interp, x_eval[0], norm)
     result: GateResult = evaluate_gate(y_eval, float_probs, probs, labels, gate, len(content), latency)
     return {
@@ -392,7 +396,7 @@ def _convert_one(
         "path": path,
         "input": quant_spec(in_spec),
         "output": quant_spec(out_spec),
-        "output_kind": source.output_kind if source.output_kind != "unknown" else "logits",
+        "output_kind": kind,
         "gate": result,
         "probs": probs,
         "size_bytes": len(content),

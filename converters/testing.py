@@ -16,8 +16,9 @@ BREAST_LABELS = ["malignant", "benign"]
 def build_reference_model(out_dir: Path, epochs: int = 3, seed: int = 0) -> Path:
     """Train the reference CNN on BreastMNIST and convert it to int8 with the acceptance gate.
 
-    Writes ``out_dir/breast_int8.tflite``, ``out_dir/breast.manifest.json`` and the report; about 15 s on two
-    cores. With only a few epochs the float model is weak but the int8 model matches it, so the gate accepts it.
+    Writes ``out_dir/breast_int8.tflite``, ``out_dir/breast.manifest.json`` and the report (the trained Keras
+    model stays in ``out_dir/keras/breast.keras``); about 15 s on two cores. With only a few epochs the float
+    model is weak but the int8 model matches it, so the gate accepts it.
 
     Args:
         out_dir: folder for the model files (created if needed).
@@ -36,3 +37,26 @@ def build_reference_model(out_dir: Path, epochs: int = 3, seed: int = 0) -> Path
     trained = train(ds, out_dir / "keras", recipe="reference", seed=seed, epochs=epochs, progress=False, name="breast")
     result = convert(trained.model_path, ds, out_dir, targets=("int8",), name="breast", progress=False)
     return result.artifacts["int8"]
+
+
+def build_float_model(model_dir: Path, out: Path) -> Path:
+    """Convert the reference model kept by :func:`build_reference_model` to a float32 TFLite file with its softmax.
+
+    A genuine converter output that differs from the int8 artifact in every way the manifest records (float32
+    tensors, no quantization, probabilities out), for tests of what the device does with a mislabelled file.
+
+    Args:
+        model_dir: the ``out_dir`` given to :func:`build_reference_model`.
+        out: the ``.tflite`` file to write.
+
+    Returns:
+        ``out``.
+    """
+    from converters.convert import calibration_sample, to_tflite
+    from converters.data import load_dataset
+    from converters.source import load_source
+
+    source = load_source(Path(model_dir) / "keras" / "breast.keras", strip_softmax=False)
+    calib = calibration_sample(load_dataset(BREASTMNIST, labels=BREAST_LABELS))  # unused by float32; required
+    Path(out).write_bytes(to_tflite(source, "float32", calib))
+    return Path(out)

@@ -28,7 +28,7 @@ from typing import Any
 
 from edgemed import __version__
 from edgemed.errors import ConfigError
-from edgemed.manifest import sha256_file
+from edgemed.manifest import Manifest, sha256_file
 
 # Sources that never end: the only kind a service that restarts on failure should run (a finite folder would be
 # processed again after every restart).
@@ -81,7 +81,8 @@ def build_bundle(
 
     Raises:
         ConfigError: the profile is invalid, names no model, a wheels folder holds no wheel, or signing failed.
-        ModelError: the model is missing, altered, or does not fit the profile's triage policy.
+        ModelError: the model is missing, altered, its tensors differ from its manifest, or it does not fit the
+            profile's triage policy.
         ModelRejectedError: the acceptance gate rejected the model and nobody signed a waiver.
     """
     import yaml
@@ -112,6 +113,7 @@ def build_bundle(
         twin = model_path.parent / Path(art.twin).name
         verify_model(twin, manifest_path)
         model_files.append(twin)
+    check_models_load(model_files, manifest)
 
     warnings: list[str] = []
     if device_id is not None and profile.mqtt is not None and profile.mqtt.username == profile.device.id:
@@ -254,6 +256,7 @@ def verify_bundle(folder: Path, key: Path | None = None) -> dict[str, Any]:
     Raises:
         ConfigError: a file differs from or is missing in ``SHA256SUMS``, an unlisted file is present, the
             signature is missing or does not verify, or the profile and model inside do not agree.
+        ModelError: the bundled model is not the one its manifest describes (altered, or its tensors differ).
     """
     from edgemed.config import load_profile
     from edgemed.manifest import verify_model
@@ -301,11 +304,31 @@ def verify_bundle(folder: Path, key: Path | None = None) -> dict[str, Any]:
     profile = load_profile(folder / "profile.yaml")
     if profile.model.path is None:
         raise ConfigError(f"{folder.name}: its profile names no model")
-    _, art = verify_model(profile.model.path, profile.model.manifest)
+    manifest, art = verify_model(profile.model.path, profile.model.manifest)
+    twin = [profile.model.path.parent / Path(art.twin).name] if art.twin else []
+    check_models_load([profile.model.path, *twin], manifest)
     if art.sha256 != meta.get("model", {}).get("sha256"):
         raise ConfigError(f"{folder.name}: BUNDLE.json and the bundled model disagree; rebuild the bundle")
     meta["signature"] = str(key) if key is not None else None
     return meta
+
+
+def check_models_load(files: list[Path], manifest: Manifest) -> None:
+    """Load each model on the CPU and check its real tensors against the manifest, as the device does at start.
+
+    A model compiled for the Edge TPU runs only with libedgetpu: its CPU twin, which it was compiled from and
+    shares its input and output with, is the one checked here (the device checks the compiled file at load).
+
+    Raises:
+        ModelError: a model cannot be loaded, or its tensors or output op differ from its manifest entry.
+        ConfigError: no TensorFlow Lite interpreter is installed here.
+    """
+    from edgemed.inference import BackendConfig, make_backend
+    from edgemed.inference.backends import is_edgetpu_compiled
+
+    for path in files:
+        if not is_edgetpu_compiled(path):
+            make_backend(path, BackendConfig(threads=1), manifest=manifest).close()
 
 
 def _refuse_relative_device_paths(raw: dict[str, Any], profile_path: Path) -> None:

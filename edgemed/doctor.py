@@ -70,7 +70,7 @@ def _model(path: Path, profile: Any, *, from_profile: bool = True) -> Check:
             twin = path.parent / Path(art.twin).name
             verify_model(twin, manifest_path)
         cfg = profile.inference if profile is not None else BackendConfig()
-        backend = make_backend(path, cfg, fallback_model=twin)
+        backend = make_backend(path, cfg, fallback_model=twin, manifest=manifest)
         try:
             x = np.zeros(backend.input_spec.shape, dtype=backend.input_spec.dtype)
             times = []

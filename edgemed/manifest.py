@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgemed import MANIFEST_SCHEMA
 from edgemed.errors import ModelError, ModelRejectedError
 
+if TYPE_CHECKING:
+    from edgemed.types import TensorSpec
+
 Target = Literal["keras", "int8", "uint8", "float16", "dynamic", "edgetpu"]
 Verdict = Literal["accepted", "rejected", "waived", "not_evaluated"]
 ColourMode = Literal["gray", "rgb"]
 ResizeMethod = Literal["area", "linear", "nearest"]
+OutputKind = Literal["probabilities", "logits"]
+
+# The dtype of the input and output tensors a converted file of each target has (float16 keeps float32 I/O).
+_TARGET_IO: dict[str, tuple[str, ...]] = {
+    "int8": ("int8",),
+    "uint8": ("uint8",),
+    "edgetpu": ("int8", "uint8"),
+    "float16": ("float32",),
+    "dynamic": ("float32",),
+}
 
 
 class _Strict(BaseModel):
@@ -72,7 +86,7 @@ class Artifact(_Strict):
     size_bytes: int
     input: QuantSpec | None = None
     output: QuantSpec | None = None
-    output_kind: Literal["probabilities", "logits"] = "probabilities"
+    output_kind: OutputKind = "probabilities"
     verdict: Verdict = "not_evaluated"
     failed_criteria: list[str] = Field(default_factory=list)
     waiver: Waiver | None = None
@@ -184,12 +198,11 @@ def verify_model(model_path: Path, manifest_path: Path | None = None) -> tuple[M
         The manifest and the artifact entry for ``model_path``.
 
     Raises:
-        ModelError: the file is missing or its sha256 differs from the manifest's.
+        ModelError: the file is missing (or a folder) or its sha256 differs from the manifest's.
         ModelRejectedError: the acceptance gate rejected it and nobody signed a waiver.
     """
     model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelError(f"model file {model_path} not found; pass the .tflite written by `edgemed convert`")
+    check_model_file(model_path)
     manifest_path = manifest_path or find_manifest(model_path)
     manifest = load_manifest(manifest_path)
     art = manifest.artifact(model_path.name)
@@ -207,3 +220,116 @@ def verify_model(model_path: Path, manifest_path: Path | None = None) -> tuple[M
             "--waive-gate --waiver-by NAME --waiver-reason TEXT`"
         )
     return manifest, art
+
+
+def check_model_file(model_path: Path) -> None:
+    """Refuse a model path that is missing or is a folder, saying which (and what the folder holds).
+
+    Raises:
+        ModelError: the path is not a file.
+    """
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        found = sorted(p.name for p in model_path.glob("*.tflite"))
+        inside = f" (it holds {', '.join(found[:4])})" if found else " (it holds no .tflite file)"
+        raise ModelError(
+            f"model path {model_path} is a folder{inside}; pass the .tflite file itself, e.g. "
+            f"{model_path / (found[0] if found else 'NAME_int8.tflite')}"
+        )
+    if not model_path.is_file():
+        raise ModelError(f"model file {model_path} not found; pass the .tflite written by `edgemed convert`")
+
+
+def check_loaded_model(
+    manifest: Manifest,
+    model_path: Path,
+    input_tensor: TensorSpec,
+    output_tensor: TensorSpec,
+    output_kind: OutputKind | None,
+) -> None:
+    """Refuse a loaded model whose real tensors are not the ones its manifest describes.
+
+    The sha256 proves only that the file is the one the manifest lists; a hand-edited manifest can list any file.
+    The device publishes the manifest's ``target`` and post-processes by its ``output_kind``, so both must be
+    what the interpreter actually holds: a float model listed as int8, or a softmax output listed as logits (a
+    second softmax squeezes a certain 1.00 into 0.73), is refused here.
+
+    Args:
+        manifest: the model's manifest.
+        model_path: the file the interpreter loaded (its name selects the artifact).
+        input_tensor: the interpreter's input tensor.
+        output_tensor: the interpreter's first output tensor.
+        output_kind: what the graph's output op computes, or ``None`` where the graph cannot tell (an Edge TPU
+            custom op); then that field is not checked.
+
+    Raises:
+        ModelError: a field differs; the message names each field (``artifacts[i].target``, ...) and the fix.
+    """
+    name = Path(model_path).name
+    art = manifest.artifact(name)
+    where = f"artifacts[{manifest.artifacts.index(art)}]"
+    problems = [
+        *_target_problems(where, art, input_tensor, output_tensor),
+        *_tensor_problems(f"{where}.input", art.input, input_tensor),
+        *_tensor_problems(f"{where}.output", art.output, output_tensor),
+        *_shape_problems(manifest, input_tensor, output_tensor),
+    ]
+    if output_kind is not None and output_kind != art.output_kind:
+        consequence = (
+            "the device would apply a softmax to probabilities"
+            if output_kind == "probabilities"
+            else "the device would read logits as probabilities"
+        )
+        problems.append(
+            f"{where}.output_kind is {art.output_kind} but the model's output op computes {output_kind} ({consequence})"
+        )
+    if problems:
+        raise ModelError(
+            f"{name} does not match its manifest: {'; '.join(problems)}. The model or its manifest was changed "
+            "after `edgemed convert`: copy both from the same conversion, or convert again"
+        )
+
+
+def _target_problems(where: str, art: Artifact, inp: TensorSpec, out: TensorSpec) -> list[str]:
+    wanted = _TARGET_IO.get(art.target)
+    if wanted is None:
+        return [f"{where}.target is {art.target}, which is not a TFLite model the device can run"]
+    quantized = wanted[0] != "float32"
+    if inp.dtype in wanted and out.dtype in wanted and (not quantized or (inp.quantized and out.quantized)):
+        return []
+    tensors = inp.dtype if inp.dtype == out.dtype else f"{inp.dtype} in, {out.dtype} out"
+    return [
+        f"{where}.target is {art.target} but the model's tensors are {tensors} (a {art.target} model has "
+        f"{' or '.join(wanted)}{' quantized' if quantized else ''} input and output)"
+    ]
+
+
+def _tensor_problems(where: str, listed: QuantSpec | None, real: TensorSpec) -> list[str]:
+    if listed is None:  # manifests may omit the tensor specs; the target and output kind are still checked
+        return []
+    differ: list[tuple[str, object, object]] = []
+    if listed.dtype != real.dtype:
+        differ.append(("dtype", listed.dtype, real.dtype))
+    if tuple(listed.shape) != tuple(real.shape):
+        differ.append(("shape", list(listed.shape), list(real.shape)))
+    # The manifest stores the interpreter's float32 scale as JSON; it round-trips exactly, so a small relative
+    # tolerance only absorbs a hand-typed value with fewer digits.
+    if not math.isclose(listed.scale, real.scale, rel_tol=1e-6, abs_tol=1e-12):
+        differ.append(("scale", f"{listed.scale:.9g}", f"{real.scale:.9g}"))
+    if listed.zero_point != real.zero_point:
+        differ.append(("zero_point", listed.zero_point, real.zero_point))
+    return [f"{where}.{field} is {mine} but the model's is {theirs}" for field, mine, theirs in differ]
+
+
+def _shape_problems(manifest: Manifest, inp: TensorSpec, out: TensorSpec) -> list[str]:
+    spec = manifest.input
+    problems = []
+    expected = (1, spec.height, spec.width, spec.channels)
+    if tuple(inp.shape) != expected:
+        problems.append(
+            f"input (height {spec.height}, width {spec.width}, channels {spec.channels}) does not fit the model's "
+            f"input tensor {list(inp.shape)}"
+        )
+    if not out.shape or out.shape[-1] != len(manifest.labels):
+        problems.append(f"labels lists {len(manifest.labels)} classes but the model outputs {list(out.shape)}")
+    return problems

@@ -198,7 +198,7 @@ class Device:
             verify_model(twin, self.profile.model.manifest)
             fallback = twin
         validate_policy(self.profile.triage, list(self.manifest.labels))
-        self.backend = make_backend(model_path, self.profile.inference, fallback_model=fallback)
+        self.backend = make_backend(model_path, self.profile.inference, fallback_model=fallback, manifest=self.manifest)
         self._closers.append(self.backend.close)
         self.classifier = Classifier(self.backend, self.manifest, self.artifact)
         self.ctx = EnvelopeContext(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgemed.errors import DelegateUnavailableError, ModelError
+from edgemed.manifest import OutputKind, check_model_file
 from edgemed.types import Delegate, TensorSpec
 
 log = logging.getLogger("edgemed.inference")
@@ -22,6 +23,15 @@ EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
 
 # What the interpreter raises for a model it cannot read or prepare (bad flatbuffer, unresolved custom op).
 _LOAD_FAILURES = (ValueError, RuntimeError, OSError)
+
+# How a classifier's output op tells what the output holds. Ops that turn scores into probabilities:
+_PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
+# ...ops a last layer computes raw scores (logits) with:
+_LOGIT_OPS = frozenset(
+    {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL", "ADD", "SUB", "MUL", "MEAN", "SUM"}
+)
+# ...and ops that pass a value on with its meaning unchanged (quantization and layout), looked through.
+_PASS_THROUGH_OPS = frozenset({"QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE", "CAST"})
 
 
 def is_edgetpu_compiled(model: Path) -> bool:
@@ -46,8 +56,44 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
 
 
 def _check_file(model: Path) -> None:
-    if not model.is_file():
-        raise ModelError(f"model file {model} not found; give the .tflite written by `edgemed convert`")
+    check_model_file(model)
+
+
+def graph_output_kind(interpreter: Any) -> OutputKind | None:
+    """What the model's first output holds, read from the graph op that computes it.
+
+    Args:
+        interpreter: an ``Interpreter`` of any of the three packages (tensors allocated or not).
+
+    Returns:
+        ``probabilities`` when the output comes from a SOFTMAX or LOGISTIC op, ``logits`` when it comes from a
+        layer that computes raw scores, ``None`` when the graph cannot tell (an Edge TPU custom op, or a package
+        without op details).
+    """
+    try:
+        # The public API has no graph introspection; this private call exists in ai_edge_litert, tflite_runtime
+        # and tensorflow.lite alike (converters.runner.op_names uses it too).
+        ops = interpreter._get_ops_details()
+        tensor = int(interpreter.get_output_details()[0]["index"])
+    except (AttributeError, ValueError, RuntimeError, IndexError, KeyError):
+        return None
+    producer: dict[int, tuple[str, list[int]]] = {}
+    for op in ops:
+        name = str(op.get("op_name", ""))
+        if name == "DELEGATE":  # a delegate's node lists every tensor it computes; the original ops remain
+            continue
+        for out in op.get("outputs", []):
+            producer[int(out)] = (name, [int(i) for i in op.get("inputs", [])])
+    for _ in range(len(ops) + 1):  # bounded: each step moves one op back towards the input
+        name, inputs = producer.get(tensor, ("", []))
+        if name in _PROBABILITY_OPS:
+            return "probabilities"
+        if name in _LOGIT_OPS:
+            return "logits"
+        if name not in _PASS_THROUGH_OPS or not inputs:
+            return None
+        tensor = inputs[0]
+    return None
 
 
 def open_interpreter(module: ModuleType, model: Path, threads: int, delegates: list[Any] | None = None) -> Any:
@@ -86,6 +132,7 @@ class InterpreterBackend:
         delegate: where it actually runs.
         degraded: True when ``delegate`` is not the intended accelerator.
         degraded_reason: why, in one line, or ``None``.
+        output_kind: what the graph's output op computes (``None``: the graph cannot tell).
     """
 
     def __init__(
@@ -111,6 +158,7 @@ class InterpreterBackend:
         self._out_index = int(outputs[0]["index"])
         self._in_shape = self.input_spec.shape
         self._in_dtype = np.dtype(inputs[0]["dtype"])
+        self.output_kind = graph_output_kind(interpreter)
         self.backend = backend
         self.delegate: Delegate = delegate
         self.degraded = delegate != intended
@@ -175,6 +223,7 @@ class CompiledModelBackend:
         probe = open_interpreter(module, model, threads)
         self.input_spec = _spec(probe.get_input_details()[0])
         self.output_spec = _spec(probe.get_output_details()[0])
+        self.output_kind = graph_output_kind(probe)
         del probe
         # GPU|CPU lets ops the GPU cannot run stay on the CPU (as the Edge TPU compiler does); with no GPU adapter
         # at all LiteRT still raises RuntimeError (measured with 2.3), so an absent GPU is never silent.

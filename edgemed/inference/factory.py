@@ -10,11 +10,17 @@ from typing import TYPE_CHECKING
 from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.inference.delegates import EDGETPU_INSTALL, GPU_INSTALL, load_external_delegate
 from edgemed.inference.interpreters import interpreter_module
+from edgemed.manifest import check_loaded_model, check_model_file
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from edgemed.inference import Backend, BackendConfig
-    from edgemed.inference.backends import InterpreterBackend
+    from edgemed.inference.backends import CompiledModelBackend, InterpreterBackend
+    from edgemed.manifest import Manifest
     from edgemed.types import Delegate
+
+    _Concrete: TypeAlias = InterpreterBackend | CompiledModelBackend
 
 log = logging.getLogger("edgemed.inference")
 
@@ -24,7 +30,9 @@ NOT_COMPILED = (
 )
 
 
-def make_backend(model: Path, cfg: BackendConfig, *, fallback_model: Path | None = None) -> Backend:
+def make_backend(
+    model: Path, cfg: BackendConfig, *, fallback_model: Path | None = None, manifest: Manifest | None = None
+) -> Backend:
     """Load a model on the intended accelerator, falling back to the CPU only if the profile allows it.
 
     Args:
@@ -33,6 +41,8 @@ def make_backend(model: Path, cfg: BackendConfig, *, fallback_model: Path | None
         cfg: the backend settings of the device profile.
         fallback_model: the model to run on the CPU if the accelerator cannot be used (the manifest's CPU int8
             twin of an Edge TPU model); defaults to ``model``.
+        manifest: the models' manifest; when given, the tensors and output op of the file that actually loaded
+            are checked against its artifact entry (``check_loaded_model``) before the backend is returned.
 
     Returns:
         A backend whose ``delegate`` says where it runs; ``degraded`` and ``degraded_reason`` are set when
@@ -42,17 +52,29 @@ def make_backend(model: Path, cfg: BackendConfig, *, fallback_model: Path | None
         DelegateUnavailableError: the accelerator cannot be used and ``cfg.allow_cpu_fallback`` is false
             (exit 6).
         ModelError: a model cannot be loaded at all, or a model not compiled for the Edge TPU is sent to it
-            with fallback refused, or the CPU fallback model is itself Edge TPU-only (exit 3).
+            with fallback refused, or the CPU fallback model is itself Edge TPU-only, or the loaded model's
+            tensors differ from its manifest (exit 3).
         ConfigError: no interpreter package is installed.
     """
-    model = Path(model)
+    backend, loaded = _load(Path(model), cfg, fallback_model)
+    if manifest is not None:
+        try:
+            check_loaded_model(manifest, loaded, backend.input_spec, backend.output_spec, backend.output_kind)
+        except ModelError:
+            backend.close()
+            raise
+    return backend
+
+
+def _load(model: Path, cfg: BackendConfig, fallback_model: Path | None) -> tuple[_Concrete, Path]:
+    """The backend, and the file it loaded (``fallback_model`` after a fallback)."""
     name, module = interpreter_module(cfg.runtime)
     if cfg.accelerator == "cpu":
-        return _cpu(module, name, model, cfg, intended="cpu")
+        return _cpu(module, name, model, cfg, intended="cpu"), model
     try:
         if cfg.accelerator == "edgetpu":
-            return _edgetpu(module, name, model, cfg)
-        return _gpu(module, name, model, cfg)
+            return _edgetpu(module, name, model, cfg), model
+        return _gpu(module, name, model, cfg), model
     except DelegateUnavailableError as exc:
         if not cfg.allow_cpu_fallback:
             raise
@@ -60,7 +82,7 @@ def make_backend(model: Path, cfg: BackendConfig, *, fallback_model: Path | None
         cpu_model = Path(fallback_model) if fallback_model is not None else model
         backend = _cpu(module, name, cpu_model, cfg, intended=cfg.accelerator, reason=reason)
         log.warning("%s delegate unavailable: %s", cfg.accelerator, reason)
-        return backend
+        return backend, cpu_model
 
 
 def _cpu(
@@ -87,10 +109,11 @@ def _cpu(
 def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> InterpreterBackend:
     from edgemed.inference.backends import InterpreterBackend, is_edgetpu_compiled, open_interpreter
 
-    if not model.is_file():
+    if not model.exists():
         raise ModelError(
             f"model file {model} not found; give the *_edgetpu.tflite written by `edgemed convert --target edgetpu`"
         )
+    check_model_file(model)  # a folder is named as one
     options = {"device": cfg.edgetpu_device} if cfg.edgetpu_device else {}
     compiled = is_edgetpu_compiled(model)
     try:
@@ -116,7 +139,7 @@ def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> 
     return InterpreterBackend(interp, backend=name, delegate="edgetpu", intended="edgetpu", keep_alive=[delegate])
 
 
-def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> Backend:
+def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> _Concrete:
     from edgemed.inference.backends import CompiledModelBackend, InterpreterBackend, open_interpreter
 
     if cfg.gpu_library is not None:
