@@ -146,6 +146,12 @@ def load_manifest(path: Path) -> Manifest:
     Raises:
         ModelError: the file is missing, not JSON, or not a manifest (the message names the field).
     """
+    if Path(path).is_dir():
+        found = sorted(p.name for p in Path(path).glob("*.manifest.json"))
+        raise ModelError(
+            f"manifest path {path} is a folder; pass the .manifest.json file itself"
+            + (f", e.g. {Path(path) / found[0]}" if found else " that `edgemed convert` wrote")
+        )
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:

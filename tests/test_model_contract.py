@@ -185,6 +185,10 @@ def test_a_model_path_that_is_a_folder_says_so(
             check()
         assert f"{folder} is a folder (it holds {int8_model.name})" in str(info.value)
         assert "not found" not in str(info.value)
+    with pytest.raises(
+        ModelError, match=r"manifest path .* is a folder; pass the \.manifest\.json file itself, e\.g\."
+    ):
+        verify_model(int8_model, folder)
     with pytest.raises(ModelError, match=r"is a folder \(it holds no \.tflite file\)"):
         make_backend(tmp_path, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
     assert main(["doctor", "--model", str(folder), "--data-dir", str(tmp_path / "d")]) == 2
