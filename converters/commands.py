@@ -8,9 +8,7 @@ Exit codes: 0 ok, 2 usage or data error (raised as ConfigError/DataError), 3 the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
 from edgemed.errors import EXIT_MODEL, EXIT_OK, ConfigError
 
@@ -61,6 +59,10 @@ examples:
   edgemed convert models/skin.keras --calibration photos/ --out dist --gate-config gate.yaml
   edgemed convert models/skin.keras --calibration photos/ --out dist \\
       --waive-gate --waiver-by "Dr A. Example" --waiver-reason "validated on site study 12"
+
+the data must be the model's (else exit 2, before any work): the classes it was trained on (NAME.labels.json),
+as many classes as it has outputs, its image size and colour mode (a .npz stored otherwise is refused unless
+converted on purpose with --image-size/--colour-mode), and colour images for a model trained on colour
 
 exit codes: 0 every model accepted (or waived), 2 usage or data error, 3 the gate rejected a model
 """
@@ -246,28 +248,16 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``edgemed convert``; returns 0, or 3 when the gate rejected a model."""
     from converters._tf import quiet_tensorflow
-
-    quiet_tensorflow()  # before converters.convert imports anything that loads TensorFlow
-    from converters.convert import TARGETS, convert
+    from converters.convert import TARGETS  # imports no TensorFlow: that happens in quiet_tensorflow below
     from converters.data import load_dataset
+    from converters.fit import expectation, fit_to_model, read_training_record
     from converters.gate import load_gate_config
-    from converters.report import summary_lines
-    from edgemed.manifest import load_manifest
 
     targets = [t for value in args.target for t in value.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ConfigError(f"unknown --target {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
-    waiver = None
-    if args.waive_gate:
-        if not args.waiver_by or not args.waiver_reason:
-            raise ConfigError(
-                "--waive-gate needs --waiver-by NAME and --waiver-reason TEXT: a waiver names a "
-                "responsible person and a reason"
-            )
-        waiver = (args.waiver_by, args.waiver_reason)
-    elif args.waiver_by or args.waiver_reason:
-        raise ConfigError("--waiver-by/--waiver-reason only apply with --waive-gate")
+    waiver = _waiver(args)
     gate = load_gate_config(
         args.gate_config,
         max_accuracy_drop=args.max_acc_drop,
@@ -279,15 +269,26 @@ def run_convert(args: argparse.Namespace) -> int:
         max_size_bytes=int(args.max_size_kb * 1024) if args.max_size_kb else None,
         max_latency_ms=args.max_latency_ms,
     )
-    labels, size, mode = args.labels, args.image_size, args.colour_mode
-    trained = _trained_with(args.model)
-    if trained:
-        # Use the training-time labels and image geometry unless the user overrides them.
-        labels = labels or trained.get("labels")
-        spec = trained.get("input", {})
-        size = size or ((spec["height"], spec["width"]) if "height" in spec else None)
-        mode = mode or spec.get("colour_mode")
-    ds = load_dataset(args.calibration, labels=labels, image_size=size, colour_mode=mode)
+    record = read_training_record(args.model)
+    exp = expectation(args.model, record)
+    if args.labels and exp.labels and args.labels != exp.labels:
+        raise ConfigError(
+            f"--labels {','.join(args.labels)} differs from the classes {args.model.name} was trained on "
+            f"({', '.join(exp.labels)} in {exp.record}); leave --labels out"
+        )
+    # The training-time image geometry, unless the user overrides it; the data's own class names are kept
+    # (labels=None) so that fit_to_model can compare them with the model's instead of overwriting them.
+    size = args.image_size or (exp.shape[:2] if exp.shape else None)
+    mode = args.colour_mode or (record or {}).get("colour_mode")
+    ds = load_dataset(args.calibration, labels=None if exp.labels else args.labels, image_size=size, colour_mode=mode)
+    # Refused here, before TensorFlow is even imported, when the data is plainly not this model's.
+    ds = fit_to_model(ds, exp, "calibration", resized_on_purpose=bool(args.image_size or args.colour_mode))
+
+    quiet_tensorflow()  # before convert() loads the model with Keras
+    from converters.convert import convert
+    from converters.report import summary_lines
+    from edgemed.manifest import load_manifest
+
     result = convert(
         args.model,
         ds,
@@ -317,12 +318,14 @@ def run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _trained_with(model: Path) -> dict[str, Any] | None:
-    path = model.with_suffix(".labels.json") if model.is_file() else model / "labels.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is unreadable ({exc}); delete it or re-run edgemed train") from exc
-    return data if isinstance(data, dict) else None
+def _waiver(args: argparse.Namespace) -> tuple[str, str] | None:
+    if args.waive_gate:
+        if not args.waiver_by or not args.waiver_reason:
+            raise ConfigError(
+                "--waive-gate needs --waiver-by NAME and --waiver-reason TEXT: a waiver names a "
+                "responsible person and a reason"
+            )
+        return args.waiver_by, args.waiver_reason
+    if args.waiver_by or args.waiver_reason:
+        raise ConfigError("--waiver-by/--waiver-reason only apply with --waive-gate")
+    return None

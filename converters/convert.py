@@ -36,7 +36,7 @@ import os
 import platform
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ import numpy as np
 from converters import edgetpu
 from converters._tf import quiet_tensorflow
 from converters.data import Dataset
+from converters.fit import Expectation, expectation, fit_to_model, read_training_record
 from converters.gate import GateConfig, GateResult, evaluate_gate, summarise
 from converters.source import SourceModel, load_source
 from edgemed.errors import ConfigError, DataError, ModelError
@@ -171,7 +172,7 @@ def convert(
         gate: thresholds; default :class:`GateConfig()`.
         waiver: ``(by, reason)`` to ship a rejected model anyway, recorded in the manifest.
         output: ``logits`` (default, softmax on the device) or ``probabilities``.
-        evaluation: dataset for the gate when it differs from ``calibration`` (same labels and image size).
+        evaluation: dataset for the gate when it differs from ``calibration`` (same classes and image size).
         calibration_per_class: calibration images per class (fewer if a class is smaller).
         min_calibration_per_class: below this many training images of any class, refuse.
         seed: seeds the calibration draw and the bootstrap.
@@ -181,7 +182,8 @@ def convert(
         Paths, verdicts and numbers; ``result.rejected`` tells whether to exit 3.
 
     Raises:
-        ConfigError: unknown target or option. DataError: unusable calibration or evaluation data.
+        ConfigError: unknown target or option. DataError: unusable calibration or evaluation data, or data
+            that does not fit the model (other classes, class count, size or colour; see ``converters.fit``).
         ModelError: the model cannot be loaded or converted.
     """
     unknown = [t for t in targets if t not in TARGETS]
@@ -194,8 +196,12 @@ def convert(
     out.mkdir(parents=True, exist_ok=True)
     source = load_source(model_path, strip_softmax=output == "logits")
     name = name or Path(model_path).stem
-    labels, spec = _labels_and_input(Path(model_path), calibration, source)
-    evaluation = evaluation or calibration
+    exp = model_expectation(Path(model_path), source)
+    # A Dataset given here was sized by its caller (load_dataset's image_size): only the command line, which
+    # knows whether the user asked for that, also compares the size the data was stored at.
+    calibration = fit_to_model(calibration, exp, "calibration", resized_on_purpose=True)
+    evaluation = fit_to_model(evaluation, exp, "evaluation", resized_on_purpose=True) if evaluation else calibration
+    labels, spec = list(calibration.labels), calibration.input_spec()
     split = _eval_split(evaluation, eval_split)
     x_eval, y_eval = evaluation.splits[split]
     calib = calibration_sample(calibration, calibration_per_class, min_calibration_per_class, seed)
@@ -283,21 +289,11 @@ def convert(
     )
 
 
-def _labels_and_input(model_path: Path, data: Dataset, source: SourceModel) -> tuple[list[str], InputSpec]:
-    h, w, c = source.input_shape
-    if data.image_shape != (h, w, c):
-        raise DataError(
-            data.source,
-            f"images are {data.image_shape} but the model expects {(h, w, c)}; load "
-            "the data with the same size and colour mode used for training",
-        )
-    if source.num_outputs != data.num_classes:
-        raise DataError(
-            data.source,
-            f"the dataset has {data.num_classes} classes but the model outputs "
-            f"{source.num_outputs}; pass the label names used for training",
-        )
-    return list(data.labels), data.input_spec()
+def model_expectation(model_path: Path, source: SourceModel) -> Expectation:
+    """What data for this model must look like: its training record, with the loaded model's own input shape
+    and number of outputs (the model is the truth where a stale record disagrees)."""
+    exp = expectation(model_path, read_training_record(model_path))
+    return replace(exp, shape=tuple(source.input_shape), classes=source.num_outputs)
 
 
 def _eval_split(data: Dataset, requested: str | None) -> str:

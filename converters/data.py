@@ -48,6 +48,10 @@ class Dataset:
         labels: class names; label value ``i`` means ``labels[i]``.
         colour_mode: ``gray`` (C = 1) or ``rgb`` (C = 3).
         source: the file or folder it was read from.
+        stored_labels: the data's own name for each label value (a ``.npz``'s ``classes``, class sub-folder or
+            CSV label names), whatever ``labels`` says; ``None`` when it has integer labels only.
+        stored_shape: ``(H, W, C)`` of a ``.npz``'s images as stored, before any resize or colour conversion;
+            ``None`` for folders (photos have no common stored size).
     """
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -55,6 +59,8 @@ class Dataset:
     colour_mode: str
     source: str
     notes: list[str] = field(default_factory=list)
+    stored_labels: list[str] | None = None
+    stored_shape: tuple[int, int, int] | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -169,7 +175,15 @@ def _load_npz(path: Path, labels: list[str] | None) -> Dataset:
     n_classes = max(int(y.max()) + 1 if len(y) else 0 for _, y in splits.values())
     final = labels or names or [f"class_{i}" for i in range(max(n_classes, 2))]
     colour = "gray" if splits["train"][0].shape[-1] == 1 else "rgb"
-    return Dataset(splits=splits, labels=list(final), colour_mode=colour, source=str(path))
+    h, w, c = splits["train"][0].shape[1:]
+    return Dataset(
+        splits=splits,
+        labels=list(final),
+        colour_mode=colour,
+        source=str(path),
+        stored_labels=names,
+        stored_shape=(int(h), int(w), int(c)),
+    )
 
 
 def _npz_images(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
@@ -218,7 +232,15 @@ def _conform(ds: Dataset, image_size: tuple[int, int] | None, colour_mode: str |
         )
         for name, (x, y) in ds.splits.items()
     }
-    return Dataset(splits=splits, labels=ds.labels, colour_mode=mode, source=ds.source, notes=ds.notes)
+    return Dataset(
+        splits=splits,
+        labels=ds.labels,
+        colour_mode=mode,
+        source=ds.source,
+        notes=ds.notes,
+        stored_labels=ds.stored_labels,
+        stored_shape=ds.stored_shape,
+    )
 
 
 # -------------------------------------------------------------------------------------------------- folders
@@ -232,17 +254,18 @@ def _load_folder(path: Path, labels: list[str] | None, size: tuple[int, int], mo
         colour_mode="gray" if mode == "gray" else "rgb",
     )
     if (path / "labels.csv").is_file():
-        files, y, names = _read_labels_csv(path / "labels.csv", labels)
+        files, y, names, named = _read_labels_csv(path / "labels.csv", labels)
         images = np.stack([_read_image(f, spec) for f in files]) if files else _empty(spec)
         splits = _stratified_split(images, y, len(names))
-        return Dataset(splits=splits, labels=names, colour_mode=mode, source=str(path))
+        stored = list(names) if named else None
+        return Dataset(splits=splits, labels=names, colour_mode=mode, source=str(path), stored_labels=stored)
     split_dirs = [d for d in SPLITS if (path / d).is_dir()]
     if split_dirs:
         if "train" not in split_dirs:
             raise DataError(path / "train", "the folder has val/ or test/ but no train/ sub-folder")
         names = labels or _class_dirs(path / "train")
         splits = {s: _read_class_dirs(path / s, names, spec) for s in split_dirs}
-        return Dataset(splits=splits, labels=list(names), colour_mode=mode, source=str(path))
+        return Dataset(splits=splits, labels=list(names), colour_mode=mode, source=str(path), stored_labels=list(names))
     names = labels or _class_dirs(path)
     images, y = _read_class_dirs(path, names, spec)
     return Dataset(
@@ -250,6 +273,7 @@ def _load_folder(path: Path, labels: list[str] | None, size: tuple[int, int], mo
         labels=list(names),
         colour_mode=mode,
         source=str(path),
+        stored_labels=list(names),
     )
 
 
@@ -285,7 +309,8 @@ def _read_class_dirs(path: Path, names: Sequence[str], spec: InputSpec) -> tuple
     return np.stack(images), np.asarray(ys, dtype=np.int64)
 
 
-def _read_labels_csv(csv_path: Path, labels: list[str] | None) -> tuple[list[Path], np.ndarray, list[str]]:
+def _read_labels_csv(csv_path: Path, labels: list[str] | None) -> tuple[list[Path], np.ndarray, list[str], bool]:
+    """Files, label values, label names, and whether the CSV itself names the classes."""
     try:
         with open(csv_path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
@@ -299,14 +324,16 @@ def _read_labels_csv(csv_path: Path, labels: list[str] | None) -> tuple[list[Pat
         if int(y.min()) < 0:
             raise DataError(csv_path, f"negative label {int(y.min())}; labels are 0..K-1 or class names")
         names = labels or [f"class_{i}" for i in range(max(int(y.max()) + 1, 2))]
+        named = False
     else:
         names = labels or sorted(set(raw[1]))
         unknown = sorted(set(raw[1]) - set(names))
         if unknown:
             raise DataError(csv_path, f"label(s) {unknown} are not among the names {names}; fix the CSV or --labels")
         y = np.asarray([names.index(v) for v in raw[1]], dtype=np.int64)
+        named = True
     files = [csv_path.parent / f for f in raw[0]]
-    return files, y, list(names)
+    return files, y, list(names), named
 
 
 def _read_image(path: Path, spec: InputSpec) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Train a recipe's model on a :class:`~converters.data.Dataset` and save it with its labels.
 
-Writes ``{name}.keras`` and ``{name}.labels.json`` (labels, colour mode, input spec, recipe, seed) to
+Writes ``{name}.keras`` and ``{name}.labels.json`` (labels, colour mode, input spec, recipe, seed, and the
+stored size and colour content of the training images, which ``edgemed convert`` checks its data against) to
 ``out_dir``. Early stopping watches the validation loss or ROC AUC (per recipe) and restores the best weights,
 so the saved model is the one that generalised best, not the last epoch. When the dataset has no validation
 split, a seeded stratified 15% of the training split is held out for it. Imports TensorFlow.
@@ -20,6 +21,7 @@ import keras
 import numpy as np
 
 from converters.data import Dataset
+from converters.fit import has_colour
 from converters.recipe import Augmentation, Recipe, load_recipe
 from edgemed.errors import ConfigError
 
@@ -126,6 +128,10 @@ def train(
                 "recipe": rec.name,
                 "seed": seed,
                 "trained_on": Path(dataset.source).name,
+                # What `edgemed convert` compares its calibration data with (converters.fit).
+                "stored_labels": dataset.stored_labels,
+                "stored_shape": list(dataset.stored_shape) if dataset.stored_shape else None,
+                "colour_images": any(has_colour(x) for x, _ in dataset.splits.values()),
             },
             indent=2,
         )
