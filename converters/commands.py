@@ -52,6 +52,13 @@ gate defaults (change with flags or --gate-config FILE.yaml):
   accuracy drop <= 0.01, AUC drop <= 0.005, per-class sensitivity drop <= max(0.02, 1 case),
   top-1 agreement >= 0.98, ECE increase <= 0.03, >= 20 evaluation images per class
 
+clinical floors (the converted model itself, per class; a faithful conversion of a weak model is still weak):
+  sensitivity >= 0.50   below it the model misses more cases of the class than it finds (a coin flip finds half)
+  ROC AUC >= 0.70       below it discrimination is poor by the common rule of thumb (0.7-0.8 acceptable)
+  Fixed from these arguments, not tuned on any test split; no clinical validation. A model under a floor is
+  accepted as "faithful conversion, clinically weak" with a WARNING per class; --require-floors rejects it.
+  Per-class floors in the YAML: class_floors: {melanoma: {min_sensitivity: 0.9, min_auc: 0.85}}
+
 examples:
   edgemed convert models/breast.keras --calibration data/breastmnist_28.npz --out dist
   edgemed convert models/breast.keras --calibration data/breastmnist_28.npz --out dist \\
@@ -218,6 +225,20 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-size-kb", type=float, metavar="KB", help="largest model file, e.g. 512")
     g.add_argument("--max-latency-ms", type=float, metavar="MS", help="largest median CPU latency, e.g. 5")
     g.add_argument(
+        "--min-sensitivity",
+        type=float,
+        metavar="X",
+        help="clinical floor for every class's sensitivity, e.g. 0.8 (default 0.50)",
+    )
+    g.add_argument(
+        "--min-auc", type=float, metavar="X", help="clinical floor for every class's ROC AUC, e.g. 0.8 (default 0.70)"
+    )
+    g.add_argument(
+        "--require-floors",
+        action="store_true",
+        help="reject a model under a clinical floor (default: accept it as clinically weak, with a warning)",
+    )
+    g.add_argument(
         "--waive-gate",
         action="store_true",
         help="ship a model the gate rejects, recording who and why in the manifest (needs both below)",
@@ -268,6 +289,9 @@ def run_convert(args: argparse.Namespace) -> int:
         min_eval_per_class=args.min_eval_per_class,
         max_size_bytes=int(args.max_size_kb * 1024) if args.max_size_kb else None,
         max_latency_ms=args.max_latency_ms,
+        min_sensitivity=args.min_sensitivity,
+        min_auc=args.min_auc,
+        require_floors=True if args.require_floors else None,
     )
     record = read_training_record(args.model)
     exp = expectation(args.model, record)
@@ -308,6 +332,13 @@ def run_convert(args: argparse.Namespace) -> int:
     print("\n".join(summary_lines(manifest, result.float_summary, result.gates)))
     for note in result.notes:
         print(f"note: {note}")
+    weak = [t for t, w in result.weak.items() if w and result.verdicts.get(t) != "rejected"]
+    if weak:
+        what = "is a faithful conversion" if len(weak) == 1 else "are faithful conversions"
+        print(
+            f"CLINICALLY WEAK: {', '.join(weak)} {what} of a model under a clinical floor (WARNING lines above); "
+            "set the floors your clinical use needs with --gate-config, or refuse such a model with --require-floors."
+        )
     print(f"manifest {result.manifest_path}\nreport   {result.report_html}")
     if result.rejected:
         print(

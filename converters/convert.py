@@ -70,6 +70,8 @@ class ConvertResult:
         artifacts: target -> file path (inside ``rejected/`` when the gate rejected it).
         verdicts: target -> ``accepted``, ``rejected``, ``waived`` or ``not_evaluated``.
         failed: target -> failed criteria in words.
+        weak: target -> clinical floors the model is under, in words (accepted anyway unless floors are
+            required: "faithful conversion, clinically weak").
         float_summary: the float model's numbers on the evaluation split.
         notes: things the user must know (e.g. the Edge TPU compiler was not found).
     """
@@ -83,6 +85,7 @@ class ConvertResult:
     float_summary: dict[str, Any]
     gates: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    weak: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def rejected(self) -> bool:
@@ -286,6 +289,7 @@ def convert(
         float_summary=float_summary,
         gates={e["target"]: e["gate"].numbers for e in entries},
         notes=notes,
+        weak={a.target: a.clinically_weak for a in artifacts},
     )
 
 
@@ -446,6 +450,9 @@ def _gate_summary(result: GateResult) -> dict[str, Any]:
         k: q[k] for k in ("accuracy", "accuracy_ci", "balanced_accuracy", "roc_auc", "roc_auc_ci", "ece")
     }
     summary["sensitivity"] = {r["label"]: r["sensitivity"] for r in q["per_class"]}
+    # Free-form inside `gate`, so that a device running an older edgemed still reads the manifest.
+    summary["floors"] = n["floors"]
+    summary["clinically_weak"] = list(result.weak)
     return dict(jsonable(summary))
 
 

@@ -16,6 +16,25 @@ evaluation images per class   >= 20       below that the numbers above are too n
 size / latency                optional    set ``max_size_bytes`` / ``max_latency_ms`` for a device budget
 ============================  ==========  ====================================================================
 
+A faithful conversion of a weak model is still a weak model, so the converted model is also held to absolute
+**clinical floors**, per class:
+
+============================  ==========  ====================================================================
+floor                         default     why
+============================  ==========  ====================================================================
+sensitivity of every class    >= 0.50     below it the model misses more cases of the class than it finds: a
+                                          coin flip finds half
+one-vs-rest ROC AUC           >= 0.70     below it discrimination is poor by the common rule of thumb (0.5 is
+                                          none, 0.7-0.8 acceptable, 0.8-0.9 excellent; Hosmer and Lemeshow)
+============================  ==========  ====================================================================
+
+These defaults were fixed from those two arguments alone, not tuned on any dataset or test split: they only stop
+"accepted" from reading as "good", and are no clinical validation. Set the floors your clinical use needs in the
+gate YAML (``min_sensitivity``, ``min_auc``, and ``class_floors: {melanoma: {min_sensitivity: 0.9}}``). By
+default a model under a floor stays accepted as a *faithful conversion, clinically weak*, with one warning per
+failing class on the console, in the report and in the manifest (``gate.clinically_weak``); with
+``require_floors: true`` (``--require-floors``) it is rejected.
+
 Thresholds come from :class:`GateConfig` (defaults above), a YAML/JSON file (``--gate-config``), or single
 command-line flags. Point estimates decide; Wilson and bootstrap 95% intervals are reported beside them so a
 reviewer can see how much a small evaluation set can prove.
@@ -36,6 +55,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from converters import metrics as M
 from edgemed.errors import ConfigError
 
+DEFAULT_MIN_SENSITIVITY = 0.50
+DEFAULT_MIN_AUC = 0.70
+
+
+class ClassFloor(BaseModel):
+    """Clinical floors for one class, overriding the gate's floors for every class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_sensitivity: float | None = Field(None, ge=0.0, le=1.0, description="smallest sensitivity of this class")
+    min_auc: float | None = Field(None, ge=0.0, le=1.0, description="smallest one-vs-rest ROC AUC of this class")
+
 
 class GateConfig(BaseModel):
     """Acceptance thresholds; every field has a safe default."""
@@ -51,6 +82,14 @@ class GateConfig(BaseModel):
     min_eval_per_class: int = Field(20, ge=1, description="minimum evaluation images of every class")
     max_size_bytes: int | None = Field(None, gt=0, description="largest acceptable model file, bytes")
     max_latency_ms: float | None = Field(None, gt=0, description="largest acceptable median CPU latency, ms")
+    min_sensitivity: float = Field(
+        DEFAULT_MIN_SENSITIVITY, ge=0.0, le=1.0, description="clinical floor: every class's sensitivity"
+    )
+    min_auc: float = Field(DEFAULT_MIN_AUC, ge=0.0, le=1.0, description="clinical floor: every class's ROC AUC")
+    class_floors: dict[str, ClassFloor] = Field(
+        default_factory=dict, description="per-class floors by label, e.g. {melanoma: {min_sensitivity: 0.9}}"
+    )
+    require_floors: bool = Field(False, description="reject (not only warn about) a model under a clinical floor")
 
 
 def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateConfig:
@@ -90,11 +129,14 @@ class GateResult:
         passed: every criterion held.
         failed: one sentence per failed criterion, with the measured number and the threshold.
         numbers: every measured value (float and quantized side by side) with intervals, JSON-ready.
+        weak: one sentence per clinical floor the converted model is under (also in ``failed`` when the
+            floors are required).
     """
 
     passed: bool
     failed: list[str] = field(default_factory=list)
     numbers: dict[str, Any] = field(default_factory=dict)
+    weak: list[str] = field(default_factory=list)
 
 
 def summarise(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
@@ -140,7 +182,10 @@ def evaluate_gate(
         latency_ms: its median CPU latency, checked against ``max_latency_ms`` when set.
 
     Returns:
-        The decision, the failed criteria in words, and every number.
+        The decision, the failed criteria in words, the clinical floors missed, and every number.
+
+    Raises:
+        ConfigError: ``class_floors`` names a class the model does not have.
     """
     ref, qnt = summarise(y, float_probs, labels), summarise(y, quant_probs, labels)
     n = len(y)
@@ -204,4 +249,66 @@ def evaluate_gate(
         failed.append(f"size {size_bytes} bytes > {config.max_size_bytes}")
     if config.max_latency_ms is not None and latency_ms is not None and latency_ms > config.max_latency_ms:
         failed.append(f"median CPU latency {latency_ms:.3f} ms > {config.max_latency_ms} ms")
-    return GateResult(passed=not failed, failed=failed, numbers=numbers)
+    weak, numbers["floors"] = clinical_floors(y, quant_probs, qnt["per_class"], labels, config)
+    if config.require_floors:
+        failed.extend(f"clinical floor: {w}" for w in weak)
+    return GateResult(passed=not failed, failed=failed, numbers=numbers, weak=weak)
+
+
+def clinical_floors(
+    y: np.ndarray, probs: np.ndarray, per_class: list[dict[str, Any]], labels: list[str], config: GateConfig
+) -> tuple[list[str], dict[str, Any]]:
+    """Hold the converted model to the absolute per-class floors.
+
+    Args:
+        y: true labels.
+        probs: the converted model's probabilities.
+        per_class: its per-class rates (from :func:`summarise`).
+        labels: class names.
+        config: the floors.
+
+    Returns:
+        One sentence per floor missed, and per class the floors and measured values (JSON-ready).
+
+    Raises:
+        ConfigError: ``class_floors`` names a class the model does not have.
+    """
+    unknown = sorted(set(config.class_floors) - set(labels))
+    if unknown:
+        raise ConfigError(
+            f"gate setting class_floors names {', '.join(unknown)}, which the model does not have "
+            f"(its classes: {', '.join(labels)})"
+        )
+    table: dict[str, Any] = {}
+    for k, rates in enumerate(per_class):
+        own = config.class_floors.get(labels[k], ClassFloor())
+        table[labels[k]] = {
+            "n": rates["n"],
+            "true_positives": rates["true_positives"],
+            "sensitivity": rates["sensitivity"],
+            "min_sensitivity": config.min_sensitivity if own.min_sensitivity is None else own.min_sensitivity,
+            "roc_auc": M.binary_auc((y == k).astype(int), probs[:, k]),
+            "min_auc": config.min_auc if own.min_auc is None else own.min_auc,
+        }
+    weak = [
+        f"sensitivity of {label!r} {_versus(row['sensitivity'], row['min_sensitivity'])} "
+        f"({row['true_positives']} of {row['n']})"
+        for label, row in table.items()
+        if row["n"] and row["sensitivity"] < row["min_sensitivity"]
+    ]
+    rows = list(table.items())
+    if len(rows) == 2 and rows[0][1]["min_auc"] == rows[1][1]["min_auc"]:
+        rows = [("", rows[1][1])]  # two classes have one AUC between them: say it once
+    for label, row in rows:
+        if not math.isnan(row["roc_auc"]) and row["roc_auc"] < row["min_auc"]:
+            who = f"ROC AUC of {label!r} (one-vs-rest)" if label else "ROC AUC"
+            weak.append(f"{who} {_versus(row['roc_auc'], row['min_auc'])}")
+    return weak, {"require": config.require_floors, "classes": table}
+
+
+def _versus(value: float, floor: float) -> str:
+    """``value < floor`` with as many digits as it takes for the two printed numbers to differ."""
+    for digits in range(2, 9):
+        if round(value, digits) != round(floor, digits):
+            return f"{value:.{digits}f} < floor {floor:.{digits}f}"
+    return f"{value!r} < floor {floor!r}"

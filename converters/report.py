@@ -84,14 +84,28 @@ def summary_lines(manifest: Manifest, float_summary: dict[str, Any], gates: dict
             lines.append(f"  {art.target:8s} {art.verdict:9s} {art.file} (twin {art.twin})")
             continue
         q = g["quantized"]
+        sensitivity = " ".join(f"{r['label']} {_fmt(r['sensitivity'])}" for r in q["per_class"])
         lines.append(
-            f"  {art.target:8s} {art.verdict:9s} accuracy {q['accuracy']:.4f} "
+            f"  {art.target:8s} {verdict_text(art.verdict, art.clinically_weak)} accuracy {q['accuracy']:.4f} "
             f"(drop {g['accuracy_drop']:+.4f}), AUC {_fmt(q['roc_auc'])} (drop {_fmt(g['auc_drop'])}), "
-            f"top-1 agreement {g['agreement']:.4f}, {art.size_bytes / 1024:.1f} KiB, "
+            f"sensitivity {sensitivity}, top-1 agreement {g['agreement']:.4f}, {art.size_bytes / 1024:.1f} KiB, "
             f"{g['latency_ms']:.3f} ms  {art.file}"
         )
         lines.extend(f"      FAILED: {c}" for c in art.failed_criteria)
+        lines.extend(f"      WARNING: {w}" for w in floor_warnings(art.clinically_weak, art.failed_criteria))
     return lines
+
+
+def verdict_text(verdict: str, weak: list[str]) -> str:
+    """The verdict as a person should read it: an accepted model under a clinical floor is no good model."""
+    if verdict == "accepted" and weak:
+        return "accepted as a faithful conversion, clinically weak:"
+    return f"{verdict:9s}"
+
+
+def floor_warnings(weak: list[str], failed: list[str]) -> list[str]:
+    """The clinical floors missed that are not already listed as failed criteria (``--require-floors``)."""
+    return [f"clinically weak: {w}" for w in weak if f"clinical floor: {w}" not in failed]
 
 
 def _fmt(v: Any) -> str:
@@ -194,7 +208,7 @@ def _html(
         rows.append(
             _row(
                 e["target"],
-                e["verdict"],
+                verdict_text(e["verdict"], e["gate"].weak).rstrip(":").strip(),
                 e["gate"].numbers["quantized"],
                 e["gate"].numbers,
                 e["size_bytes"],
@@ -202,6 +216,12 @@ def _html(
             )
         )
     failed = "".join(f"<li><b>{esc(e['target'])}</b>: {esc(c)}</li>" for e in entries for c in e["gate"].failed)
+    warnings = "".join(
+        f'<li class="weak"><b>{esc(e["target"])}</b> WARNING: {esc(w)}</li>'
+        for e in entries
+        for w in floor_warnings(e["gate"].weak, e["gate"].failed)
+    )
+    floors = _floors_table(entries)
     per_class = ""
     for e in entries:
         for fr, qr in zip(float_summary["per_class"], e["gate"].numbers["quantized"]["per_class"], strict=True):
@@ -231,7 +251,7 @@ def _html(
 table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #bbb;padding:.25em .6em;text-align:right}}
 th{{background:#eee}}.rejected{{color:#b00;font-weight:bold}}.accepted{{color:#070;font-weight:bold}}
-.waived{{color:#a60;font-weight:bold}}img{{max-width:100%}}</style></head><body>
+.waived{{color:#a60;font-weight:bold}}.weak{{color:#a60}}img{{max-width:100%}}</style></head><body>
 <h1>Conversion report: {esc(manifest.name)}</h1>
 <p>Created {esc(manifest.created_at)}. Labels: {esc(", ".join(labels))}.
 Input {manifest.input.height}x{manifest.input.width}
@@ -245,7 +265,16 @@ Intervals are 95% (Wilson for proportions, bootstrap for AUC).</p>
 <th>ROC AUC [95% CI]</th>
 <th>ECE</th><th>agreement</th><th>size</th><th>latency</th></tr>{"".join(rows)}</table>
 {"<h3>Failed criteria</h3><ul>" + failed + "</ul>" if failed else "<p>Every criterion held.</p>"}
+{
+        "<h3>Clinically weak</h3><p>The conversion is faithful to the float model, but the model is under a clinical "
+        "floor: accepted by default, rejected with --require-floors.</p><ul>" + warnings + "</ul>"
+        if warnings
+        else ""
+    }
 {"<h3>Notes</h3><ul>" + note_html + "</ul>" if note_html else ""}
+<h2>Clinical floors (converted model)</h2>
+<table><tr><th>model</th><th>class</th><th>sensitivity</th><th>floor</th><th>ROC AUC (one-vs-rest)</th>
+<th>floor</th></tr>{floors}</table>
 <h2>Per-class sensitivity and specificity (float → converted)</h2>
 <table><tr><th>model</th><th>class</th><th>n</th><th>sensitivity</th><th>specificity</th>
 <th>sensitivity 95% CI</th></tr>{per_class}</table>
@@ -259,14 +288,31 @@ Intervals are 95% (Wilson for proportions, bootstrap for AUC).</p>
 """
 
 
+def _floors_table(entries: list[dict[str, Any]]) -> str:
+    out = ""
+    for e in entries:
+        for label, row in e["gate"].numbers["floors"]["classes"].items():
+            under_s = row["n"] and row["sensitivity"] < row["min_sensitivity"]
+            under_a = np.isfinite(row["roc_auc"]) and row["roc_auc"] < row["min_auc"]
+            out += (
+                f"<tr><td>{html.escape(e['target'])}</td><td>{html.escape(label)}</td>"
+                f'<td class="{"weak" if under_s else ""}">{_pct(row["sensitivity"])}</td>'
+                f"<td>{_pct(row['min_sensitivity'])}</td>"
+                f'<td class="{"weak" if under_a else ""}">{_fmt(row["roc_auc"])}</td>'
+                f"<td>{_fmt(row['min_auc'])}</td></tr>"
+            )
+    return out
+
+
 def _pct(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{100 * v:.1f}%"
 
 
 def _row(name: str, verdict: str, s: dict[str, Any], numbers: dict[str, Any] | None, size: int, latency: float) -> str:
     agreement = f"{100 * numbers['agreement']:.1f}%" if numbers else "-"
+    css = "weak" if "clinically weak" in verdict else verdict.split()[0]
     return (
-        f'<tr><td>{html.escape(name)}</td><td class="{verdict}">{verdict}</td>'
+        f'<tr><td>{html.escape(name)}</td><td class="{css}">{html.escape(verdict)}</td>'
         f"<td>{_pct(s['accuracy'])} [{_pct(s['accuracy_ci'][0])}, {_pct(s['accuracy_ci'][1])}]</td>"
         f"<td>{_pct(s['balanced_accuracy'])}</td>"
         f"<td>{_fmt(s['roc_auc'])} [{_fmt(s['roc_auc_ci'][0])}, {_fmt(s['roc_auc_ci'][1])}]</td>"

@@ -93,6 +93,13 @@ class Artifact(_Strict):
     gate: dict[str, Any] | None = None
     twin: str | None = Field(None, description="for edgetpu: the CPU int8 file to fall back to")
 
+    @property
+    def clinically_weak(self) -> list[str]:
+        """The clinical floors the gate found this model under (``gate.clinically_weak``; empty in manifests
+        written before the floors existed): a faithful conversion of a weak model."""
+        weak = (self.gate or {}).get("clinically_weak")
+        return [str(w) for w in weak] if isinstance(weak, list) else []
+
 
 class Manifest(_Strict):
     """Everything the device needs to know about a converted model."""

@@ -190,3 +190,108 @@ def test_cli_exit_3_on_rejection(tmp_path: Path, trained: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "--waiver-reason" in proc.stderr
+
+
+def test_clinical_floors_warn_per_class_and_reject_only_when_required() -> None:
+    # Melanoma-like: a faithful conversion (float == int8) of a model that finds 5 of 27 malignant cases.
+    y = np.array([0] * 27 + [1] * 100)
+    p1 = np.where(y == 1, 0.8, 0.7)
+    p1[:5] = 0.3  # the 5 malignant cases it finds
+    p1[27:52] = 0.2  # and 25 benign cases it calls malignant: benign sensitivity 0.75, ROC AUC 0.75
+    probs = _probs(p1)
+    res = evaluate_gate(y, probs, probs, LABELS, GateConfig())
+    assert res.passed and res.failed == []  # by default: accepted, as a faithful conversion...
+    assert res.weak == ["sensitivity of 'malignant' 0.19 < floor 0.50 (5 of 27)"]  # ...that is clinically weak
+    floors = res.numbers["floors"]["classes"]
+    assert floors["malignant"]["min_sensitivity"] == 0.5 and floors["benign"]["sensitivity"] == 0.75
+    assert floors["malignant"]["min_auc"] == 0.7 and res.numbers["floors"]["require"] is False
+
+    strict = evaluate_gate(y, probs, probs, LABELS, GateConfig(require_floors=True))
+    assert not strict.passed
+    assert strict.failed == ["clinical floor: sensitivity of 'malignant' 0.19 < floor 0.50 (5 of 27)"]
+
+    # Per-class floors, and as many digits as the comparison needs (never "0.50 < 0.50").
+    custom = GateConfig(min_auc=0.99, class_floors={"benign": {"min_sensitivity": 1.0}, "malignant": {"min_auc": 0.99}})
+    assert evaluate_gate(y, probs, probs, LABELS, custom).weak == [
+        "sensitivity of 'malignant' 0.19 < floor 0.50 (5 of 27)",
+        "sensitivity of 'benign' 0.75 < floor 1.00 (75 of 100)",
+        "ROC AUC 0.75 < floor 0.99",  # two classes share one AUC: said once
+    ]
+    three = ["a", "b", "c"]
+    y3 = np.repeat([0, 1, 2], 30)
+    p3 = np.eye(3)[y3] * 0.6 + 0.2
+    p3[:30] = [0.2, 0.6, 0.2]  # class a is never found and ranked like b
+    weak3 = evaluate_gate(y3, p3, p3, three, GateConfig(min_eval_per_class=1)).weak
+    assert weak3[0] == "sensitivity of 'a' 0.00 < floor 0.50 (0 of 30)"
+    assert weak3[1].startswith("ROC AUC of 'a' (one-vs-rest) 0.") and weak3[1].endswith("< floor 0.70")
+    near = np.where(y == 1, 0.8, 0.7)
+    near[:13] = 0.3  # 13 of 27 = 0.4815
+    close = evaluate_gate(y, _probs(near), _probs(near), LABELS, GateConfig(min_sensitivity=0.482)).weak
+    assert close == ["sensitivity of 'malignant' 0.481 < floor 0.482 (13 of 27)"]
+    with pytest.raises(ConfigError, match="class_floors names melanoma, which the model does not have"):
+        evaluate_gate(y, probs, probs, LABELS, GateConfig(class_floors={"melanoma": {"min_sensitivity": 0.9}}))
+
+
+def test_floors_from_a_gate_file(tmp_path: Path) -> None:
+    f = tmp_path / "gate.yaml"
+    f.write_text("min_sensitivity: 0.6\nrequire_floors: true\nclass_floors:\n  malignant: {min_sensitivity: 0.9}\n")
+    cfg = load_gate_config(f, min_auc=0.8)
+    assert (cfg.min_sensitivity, cfg.min_auc, cfg.require_floors) == (0.6, 0.8, True)
+    assert cfg.class_floors["malignant"].min_sensitivity == 0.9
+    f.write_text("class_floors:\n  malignant: {min_sensitivty: 0.9}\n")
+    with pytest.raises(ConfigError, match="min_sensitivty"):
+        load_gate_config(f)
+
+
+@pytest.fixture(scope="module")
+def reference_keras(int8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture's own trained model (3 epochs: a faithful int8 conversion of a weak malignant detector)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("keras")
+    for f in (int8_model.parent / "keras").iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder / "breast.keras"
+
+
+@pytest.mark.slow
+def test_cli_says_clinically_weak_per_class_and_require_floors_rejects(reference_keras: Path, tmp_path: Path) -> None:
+    def convert(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgemed", "convert", str(reference_keras), "--calibration", str(BREAST),
+             "--out", str(out), "--no-progress", "--min-sensitivity", "0.99", *extra],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+
+    weak = convert(tmp_path / "weak")
+    assert weak.returncode == 0, weak.stdout[-2000:] + weak.stderr[-2000:]
+    line = next(x for x in weak.stdout.splitlines() if x.startswith("  int8 "))
+    assert "accepted as a faithful conversion, clinically weak:" in line
+    assert "sensitivity malignant 0." in line and " benign 0." in line
+    warnings = [x.strip() for x in weak.stdout.splitlines() if x.strip().startswith("WARNING")]
+    assert warnings and all(w.startswith("WARNING: clinically weak: sensitivity of '") for w in warnings)
+    assert "< floor 0.99" in warnings[0] and "CLINICALLY WEAK: int8 is a faithful conversion" in weak.stdout
+    art = load_manifest(tmp_path / "weak" / "breast.manifest.json").artifacts[0]
+    assert art.verdict == "accepted" and art.clinically_weak == [w.removeprefix("WARNING: clinically weak: ")
+                                                                  for w in warnings]  # fmt: skip
+    assert art.gate is not None and art.gate["floors"]["classes"]["malignant"]["min_sensitivity"] == 0.99
+    verify_model(tmp_path / "weak" / "breast_int8.tflite")  # the device still runs it
+    html = (tmp_path / "weak" / "report.html").read_text()
+    assert "<h3>Clinically weak</h3>" in html and html.count('<li class="weak"><b>int8</b> WARNING: ') == len(warnings)
+
+    strict = convert(tmp_path / "strict", "--require-floors")
+    assert strict.returncode == 3, strict.stdout[-2000:] + strict.stderr[-2000:]
+    assert "FAILED: clinical floor: sensitivity of '" in strict.stdout and "WARNING" not in strict.stdout
+    assert load_manifest(tmp_path / "strict" / "breast.manifest.json").artifacts[0].verdict == "rejected"
+
+
+def test_manifests_written_before_the_floors_still_load(int8_model: Path, tmp_path: Path) -> None:
+    raw = json.loads(next(int8_model.parent.glob("*.manifest.json")).read_text())
+    for art in raw["artifacts"]:
+        art["gate"].pop("floors", None)
+        art["gate"].pop("clinically_weak", None)
+        art["gate"]["thresholds"] = {k: v for k, v in art["gate"]["thresholds"].items() if "floor" not in k}
+    old = tmp_path / "old.manifest.json"
+    old.write_text(json.dumps(raw))
+    art = load_manifest(old).artifacts[0]
+    assert art.verdict == "accepted" and art.clinically_weak == []
