@@ -240,31 +240,52 @@ DEFAULT_TRUSTED_KEY = Path("/etc/edgemed/bundle-signing.pub")
 
 
 def verify_bundle(folder: Path, key: Path | None = None) -> dict[str, Any]:
-    """Check an unpacked bundle with the edgemed already on the device, before running its ``install.sh``.
+    """Check a bundle with the edgemed already on the device, before running its ``install.sh``.
 
     The bundle's own script checks the bundle too, but a bundle from an untrusted source could ship a script that
     does not: this is the check to trust.
 
     Args:
-        folder: the unpacked bundle (the folder holding ``SHA256SUMS``).
+        folder: the unpacked bundle (the folder holding ``SHA256SUMS``), or its ``.tar.gz``, which is then
+            unpacked beside it by :func:`edgemed.bundle_tree.extract_bundle` (and removed again if refused).
         key: public key the bundle must be signed with; default ``/etc/edgemed/bundle-signing.pub`` when that
             file exists (else the signature is not required).
 
     Returns:
-        The bundle's ``BUNDLE.json``, plus ``signature``: the key it was verified with, or None.
+        The bundle's ``BUNDLE.json``, plus ``signature``: the key it was verified with, or None; and
+        ``unpacked``: the folder an archive was unpacked into, or None.
 
     Raises:
-        ConfigError: a file differs from or is missing in ``SHA256SUMS``, an unlisted file is present, the
-            signature is missing or does not verify, or the profile and model inside do not agree.
+        ConfigError: the bundle holds a symbolic link, hard link, device file or a path outside it, a file
+            differs from or is missing in ``SHA256SUMS``, an unlisted file is present, the signature is missing or
+            does not verify, or the profile and model inside do not agree.
         ModelError: the bundled model is not the one its manifest describes (altered, or its tensors differ).
     """
+    from edgemed.bundle_tree import extract_bundle
+
+    folder = Path(folder)
+    if not folder.is_file():
+        return {**_verify_folder(folder, key), "unpacked": None}
+    unpacked = extract_bundle(folder, folder.parent)
+    try:
+        meta = _verify_folder(unpacked, key)
+    except BaseException:
+        shutil.rmtree(unpacked, ignore_errors=True)  # what was refused is not left behind to be installed
+        raise
+    return {**meta, "unpacked": str(unpacked)}
+
+
+def _verify_folder(folder: Path, key: Path | None) -> dict[str, Any]:
+    from edgemed.bundle_tree import refuse_unsafe_entries
     from edgemed.config import load_profile
     from edgemed.manifest import verify_model
 
-    folder = Path(folder)
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
-        raise ConfigError(f"{folder} is not an unpacked edgemed bundle (no SHA256SUMS); unpack the .tar.gz first")
+        raise ConfigError(
+            f"{folder} is not an edgemed bundle (no SHA256SUMS); pass the NAME.tar.gz or the folder it unpacks to"
+        )
+    refuse_unsafe_entries(folder)
     if key is None and DEFAULT_TRUSTED_KEY.is_file():
         key = DEFAULT_TRUSTED_KEY
     if key is not None:
@@ -304,6 +325,9 @@ def verify_bundle(folder: Path, key: Path | None = None) -> dict[str, Any]:
     profile = load_profile(folder / "profile.yaml")
     if profile.model.path is None:
         raise ConfigError(f"{folder.name}: its profile names no model")
+    for path in (profile.model.path, profile.model.manifest):
+        if path is not None and not Path(path).resolve().is_relative_to(folder.resolve()):
+            raise ConfigError(f"{folder.name}: its profile points at {path}, outside the bundle; rebuild the bundle")
     manifest, art = verify_model(profile.model.path, profile.model.manifest)
     twin = [profile.model.path.parent / Path(art.twin).name] if art.twin else []
     check_models_load([profile.model.path, *twin], manifest)
@@ -430,23 +454,44 @@ WantedBy=multi-user.target
 def _install_script(name: str, prefix: str) -> str:
     return f"""#!/bin/sh
 # Install this edgemed bundle on a device. Run as root from the unpacked bundle:  sudo ./install.sh
+#   --allow-unsigned             install although this device holds no trusted key to verify the bundle with
 #   EDGEMED_PREFIX=DIR           where to install (default {prefix})
 #   EDGEMED_TRUSTED_KEY=FILE     public key bundles must be signed with (default /etc/edgemed/bundle-signing.pub;
-#                                when that file exists, unsigned or wrongly signed bundles are refused)
+#                                when that file exists, unsigned or wrongly signed bundles are refused; when it
+#                                does not, nothing is installed without --allow-unsigned)
 #   EDGEMED_PIP_INDEX_URL=URL    your organisation's package index, when the bundle carries no wheels
 #   EDGEMED_SKIP_VENV=1          do not create or update the virtual environment
 #   EDGEMED_SKIP_SYSTEMD=1       do not install or start the systemd service
-# This script checks the bundle against itself (checksums, signature). A bundle from an untrusted source could
-# ship a different script: on a device that already runs edgemed, check it first with the installed code:
-#   PREFIX/venv/bin/edgemed verify-bundle DIR
+# This script checks the bundle against itself (checksums, signature, nothing but plain files). A bundle from an
+# untrusted source could ship a different script: on a device that already runs edgemed, unpack and check it with
+# the installed code instead of tar:  PREFIX/venv/bin/edgemed verify-bundle NAME.tar.gz
 # Bundles are kept side by side under PREFIX/bundles; PREFIX/current points at the active one, so rolling
 # back is:  ln -sfn bundles/OLD_NAME PREFIX/current && systemctl restart edgemed
 set -eu
 die() {{ echo "edgemed bundle: $*" >&2; exit 1; }}
+ALLOW_UNSIGNED=0
+for arg in "$@"; do
+  case "$arg" in
+    --allow-unsigned) ALLOW_UNSIGNED=1 ;;
+    -h | --help) echo "usage: sudo ./install.sh [--allow-unsigned]  (settings: see the top of this file)"; exit 0 ;;
+    *) die "unknown option $arg; usage: sudo ./install.sh [--allow-unsigned]" ;;
+  esac
+done
 HERE=$(cd -P "$(dirname "$0")" && pwd -P)
 PREFIX="${{EDGEMED_PREFIX:-{prefix}}}"
 NAME="{name}"
 VERSION="{__version__}"
+
+# A bundle holds plain files and folders only. A symbolic link (wheels -> ../elsewhere) would bring in files that
+# SHA256SUMS and its signature never saw; a hard link, device file or pipe is never part of a bundle.
+refuse_odd_files() {{
+  ODD=$(find . ! -type f ! -type d | sed 's|^\\./||' | head -n 5)
+  [ -z "$ODD" ] || die "refusing the bundle: $(echo $ODD) is not a plain file or folder (a symbolic link, \\
+device or pipe); a bundle holds only plain files: copy the original again"
+  LINKED=$(find . -type f -links +1 | sed 's|^\\./||' | head -n 5)
+  [ -z "$LINKED" ] || die "refusing the bundle: $(echo $LINKED) is hard-linked to another file; unpack the \\
+original archive again"
+}}
 
 mkdir -p "$PREFIX/bundles"
 PREFIX_REAL=$(cd -P "$PREFIX" && pwd -P)
@@ -460,23 +505,39 @@ fi
 TRUSTED_KEY="${{EDGEMED_TRUSTED_KEY:-/etc/edgemed/bundle-signing.pub}}"
 
 cd "$HERE"
+refuse_odd_files
+# Everything below is checked on a private copy in PREFIX and installed from that copy, so that nothing can be
+# swapped between the check and its use (cp -P copies a link as a link, which the second check refuses).
+STAGE="$PREFIX_REAL/bundles/.$NAME.checking"
+LISTED=$(mktemp)
+PRESENT=$(mktemp)
+trap 'cd /; rm -rf "$STAGE"; rm -f "$LISTED" "$PRESENT"' EXIT
+rm -rf "$STAGE"
+cp -R -P "$HERE" "$STAGE"
+cd "$STAGE"
+refuse_odd_files
+# Every name SHA256SUMS lists is a plain relative path inside the bundle.
+if grep -Evq '^[0-9a-f]{{64}}  [A-Za-z0-9_.+-][A-Za-z0-9_.+/-]*$' SHA256SUMS ||
+  grep -Eq '  (.*/)?[.][.](/|$)' SHA256SUMS; then
+  die "SHA256SUMS names a path outside the bundle, or has a malformed line; copy the bundle again"
+fi
 if [ -f "$TRUSTED_KEY" ]; then
   # This device accepts only bundles signed by its owner's key.
-  [ -f SHA256SUMS.sig ] || die "unsigned, and this device only installs bundles signed for $TRUSTED_KEY; \
+  [ -f SHA256SUMS.sig ] || die "unsigned, and this device only installs bundles signed for $TRUSTED_KEY; \\
 rebuild it with: edgemed bundle ... --sign-key KEY.pem"
   command -v openssl >/dev/null 2>&1 || die "verifying the signature needs openssl"
   openssl dgst -sha256 -verify "$TRUSTED_KEY" -signature SHA256SUMS.sig SHA256SUMS >/dev/null 2>&1 ||
     die "the signature does not match $TRUSTED_KEY: not built by a trusted key, or altered"
   echo "signature verified with $TRUSTED_KEY"
-elif [ -f SHA256SUMS.sig ]; then
-  echo "edgemed bundle: signed, but this device has no $TRUSTED_KEY to verify it with (installing unverified)" >&2
+elif [ "$ALLOW_UNSIGNED" = 1 ]; then
+  echo "edgemed bundle: this device holds no trusted key ($TRUSTED_KEY): installing unverified (--allow-unsigned)" >&2
+else
+  die "this device holds no trusted key ($TRUSTED_KEY) to verify the bundle with: install the owner's public key \\
+there (or name it with EDGEMED_TRUSTED_KEY=FILE), or install unverified with: sudo ./install.sh --allow-unsigned"
 fi
-sha256sum --check --quiet SHA256SUMS || die "files differ from SHA256SUMS: the bundle is damaged or was edited; \
+sha256sum --check --quiet SHA256SUMS || die "files differ from SHA256SUMS: the bundle is damaged or was edited; \\
 copy it again"
 # Nothing may ride along unchecked (an extra wheel would be installed as root).
-LISTED=$(mktemp)
-PRESENT=$(mktemp)
-trap 'rm -f "$LISTED" "$PRESENT"' EXIT
 sed 's/^[0-9a-f]*  //' SHA256SUMS | sort >"$LISTED"
 find . -type f ! -name SHA256SUMS ! -name SHA256SUMS.sig | sed 's|^\\./||' | sort >"$PRESENT"
 EXTRA=$(comm -13 "$LISTED" "$PRESENT")
@@ -484,26 +545,26 @@ EXTRA=$(comm -13 "$LISTED" "$PRESENT")
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
   die "edgemed needs Python >= 3.10; this device has $(python3 --version 2>&1)"
 
-if [ -d "$PREFIX/bundles/$NAME" ]; then
-  cmp -s "$PREFIX/bundles/$NAME/SHA256SUMS" SHA256SUMS || die "$PREFIX/bundles/$NAME exists with other contents"
+BUNDLE="$PREFIX_REAL/bundles/$NAME"
+if [ -d "$BUNDLE" ]; then
+  cmp -s "$BUNDLE/SHA256SUMS" SHA256SUMS || die "$BUNDLE exists with other contents"
   echo "$NAME is already in $PREFIX/bundles"
 else
-  rm -rf "$PREFIX/bundles/$NAME.new"
-  cp -R "$HERE" "$PREFIX/bundles/$NAME.new"
-  mv "$PREFIX/bundles/$NAME.new" "$PREFIX/bundles/$NAME"
+  mv "$STAGE" "$BUNDLE"
 fi
+cd "$BUNDLE"
 
 if [ "${{EDGEMED_SKIP_VENV:-0}}" != 1 ]; then
   [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
-  if "$PREFIX/venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('edgemed') != '$VERSION')" \
+  if "$PREFIX/venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('edgemed') != '$VERSION')" \\
       2>/dev/null; then
     echo "edgemed $VERSION is already installed in $PREFIX/venv"
-  elif [ -d "$HERE/wheels" ]; then
-    "$PREFIX/venv/bin/pip" install --no-index --find-links "$HERE/wheels" "edgemed[device]==$VERSION"
+  elif [ -d "$BUNDLE/wheels" ]; then
+    "$PREFIX/venv/bin/pip" install --no-index --find-links "$BUNDLE/wheels" "edgemed[device]==$VERSION"
   elif [ -n "${{EDGEMED_PIP_INDEX_URL:-}}" ]; then
     "$PREFIX/venv/bin/pip" install --index-url "$EDGEMED_PIP_INDEX_URL" "edgemed[device]==$VERSION"
   else
-    die "this bundle carries no wheels and edgemed $VERSION is not installed: rebuild it with --wheels DIR \
+    die "this bundle carries no wheels and edgemed $VERSION is not installed: rebuild it with --wheels DIR \\
 (pip wheel '.[device]' -w DIR on a machine of this device's platform) or set EDGEMED_PIP_INDEX_URL"
   fi
 fi
@@ -543,7 +604,8 @@ def _readme(meta: dict[str, Any], prefix: str) -> str:
     out.write(" (validated on hardware)\n" if meta["profile"]["validated"] else " (NOT validated on hardware)\n")
     out.write(f"model {model['name']} v{model['version']}: {model['file']} ({model['target']}, gate {model['gate']})")
     out.write(f", sha256 {model['sha256']}\n\n")
-    out.write(f"Install: copy this folder to the device, then run  sudo ./install.sh  (installs into {prefix}).\n")
+    out.write(f"Install: copy this folder to the device, then run  sudo ./install.sh  (installs into {prefix};\n")
+    out.write("  a device without a trusted key in /etc/edgemed/bundle-signing.pub needs  --allow-unsigned).\n")
     out.write("Check: edgemed doctor --profile PREFIX/current/profile.yaml;  logs: journalctl -u edgemed -f\n\n")
     if meta["provision_on_device"]:
         out.write("Provision on the device before starting (never bundled):\n")

@@ -231,7 +231,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"edgemed: warning: {warning}", file=sys.stderr)
     print(f"bundle  {result.path}  ({len(result.files)} files)")
-    print(f"next:   copy it to the device, then: tar xzf {result.path.name} && sudo ./{result.name}/install.sh")
+    unsigned = "" if args.sign_key else " --allow-unsigned"  # unsigned: only a device without a trusted key takes it
+    print(
+        f"next:   copy it to the device, then: tar xzf {result.path.name} && sudo ./{result.name}/install.sh{unsigned}"
+    )
     return 0
 
 
@@ -242,9 +245,10 @@ def cmd_verify_bundle(args: argparse.Namespace) -> int:
     meta = verify_bundle(args.folder, args.key)
     model = meta["model"]
     signed = f"signature verified with {meta['signature']}" if meta["signature"] else "not signed-checked (no key)"
+    unpacked = f"; unpacked into {meta['unpacked']}" if meta.get("unpacked") else ""
     print(
         f"ok  {meta['name']}: device {meta['device']['id']}, model {model['name']} v{model['version']} "
-        f"({model['target']}, gate {model['gate']}); checksums match; {signed}"
+        f"({model['target']}, gate {model['gate']}); checksums match; {signed}{unpacked}"
     )
     return 0
 
@@ -422,11 +426,14 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="Check an unpacked bundle with the edgemed installed here: every file against SHA256SUMS, no "
         "unlisted file, the signature against a trusted public key, and the bundled profile against its model. "
         "Run it before a bundle's own install.sh when the bundle did not come from you.",
-        epilog="example:\n  tar xzf NAME.tar.gz && /opt/edgemed/venv/bin/edgemed verify-bundle NAME "
-        "&& sudo ./NAME/install.sh",
+        epilog="example:\n  /opt/edgemed/venv/bin/edgemed verify-bundle NAME.tar.gz && sudo ./NAME/install.sh",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("folder", type=Path, help="the unpacked bundle folder")
+    p.add_argument(
+        "folder",
+        type=Path,
+        help="the bundle: NAME.tar.gz (unpacked here, refusing links, devices and paths outside it) or its folder",
+    )
     p.add_argument(
         "--key", type=Path, help="trusted public key (default /etc/edgemed/bundle-signing.pub when it exists)"
     )

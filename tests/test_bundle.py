@@ -109,7 +109,9 @@ def test_installed_bundle_runs_on_real_images_and_delivers_to_a_real_broker(
     root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
     prefix = tmp_path / "opt-edgemed"
     env = {**os.environ, "EDGEMED_PREFIX": str(prefix), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
-    proc = subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["sh", str(root / "install.sh"), "--allow-unsigned"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert (prefix / "current").resolve() == (prefix / "bundles" / root.name).resolve()
 
@@ -134,7 +136,9 @@ def test_a_damaged_bundle_refuses_to_install(tmp_path: Path, int8_model: Path) -
     model = root / "model" / int8_model.name
     model.write_bytes(model.read_bytes()[:-1] + b"\0")
     env = {**os.environ, "EDGEMED_PREFIX": str(tmp_path / "p"), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
-    proc = subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["sh", str(root / "install.sh"), "--allow-unsigned"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1
     assert "the bundle is damaged or was edited; copy it again" in proc.stderr
     assert not (tmp_path / "p" / "current").exists()
@@ -206,9 +210,9 @@ def test_a_device_with_a_trusted_key_installs_only_bundles_signed_with_it(tmp_pa
     assert forged.returncode == 1 and "signature does not match" in forged.stderr
 
 
-def _install(root: Path, prefix: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+def _install(root: Path, prefix: Path, *flags: str, **extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "EDGEMED_PREFIX": str(prefix), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1", **extra}
-    return subprocess.run(["sh", str(root / "install.sh")], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["sh", str(root / "install.sh"), *flags], env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_install_refuses_unlisted_files_a_missing_trusted_key_and_running_from_the_installed_copy(
@@ -220,10 +224,10 @@ def test_install_refuses_unlisted_files_a_missing_trusted_key_and_running_from_t
     missing_key = _install(root, prefix, EDGEMED_TRUSTED_KEY=str(tmp_path / "typo.pub"))
     assert missing_key.returncode == 1 and "typo.pub does not exist" in missing_key.stderr
 
-    assert _install(root, prefix).returncode == 0
-    again = _install(root, prefix)  # the same bundle twice: nothing is replaced, the link stays
+    assert _install(root, prefix, "--allow-unsigned").returncode == 0
+    again = _install(root, prefix, "--allow-unsigned")  # the same bundle twice: nothing is replaced, the link stays
     assert again.returncode == 0 and "already in" in again.stdout
-    from_installed = _install(prefix / "current", prefix)
+    from_installed = _install(prefix / "current", prefix, "--allow-unsigned")
     assert from_installed.returncode == 1 and "not from the installed copy" in from_installed.stderr
     assert (prefix / "current" / "profile.yaml").is_file()  # still intact
 
@@ -231,7 +235,7 @@ def test_install_refuses_unlisted_files_a_missing_trusted_key_and_running_from_t
     # script and by the device's own edgemed.
     (root / "wheels").mkdir()
     (root / "wheels" / "edgemed-0.1.0-py3-none-any.whl").write_bytes(b"not what it seems")
-    smuggled = _install(root, tmp_path / "p2")
+    smuggled = _install(root, tmp_path / "p2", "--allow-unsigned")
     assert smuggled.returncode == 1 and "files not listed in SHA256SUMS: wheels/edgemed-0.1.0" in smuggled.stderr
     assert main(["verify-bundle", str(root), "--key", str(tmp_path / "none.pub")]) == 2
     assert "none.pub not found" in capsys.readouterr().err
