@@ -152,16 +152,20 @@ def _fit_labels(ds: Dataset, exp: Expectation, role: str) -> Dataset:
         # `train --labels` is still recognised; the label values are then renumbered to the model's outputs.
         known = exp.data_labels or exp.labels
         present = [ds.stored_labels[v] for v in np.unique(values)]
-        if set(present) != set(known):
+        if not set(present) <= set(known):
             raise DataError(
                 ds.source,
                 f"its classes are {', '.join(present)} but {exp.model} was trained on {', '.join(known)} "
                 f"({exp.record}): this is data of other classes; use {role} images of the model's own classes",
             )
+        missing = [name for name in known if name not in present]
+        if missing:
+            raise DataError(ds.source, f"it has no {role} images of class {', '.join(missing)}; add some")
         # A name with no images (a class listed but empty) is never looked up; 0 only keeps the table whole.
         order = np.asarray([known.index(n) if n in known else 0 for n in ds.stored_labels], dtype=np.int64)
         splits = {name: (x, order[y]) for name, (x, y) in ds.splits.items()}
-        return replace(ds, splits=splits, labels=list(exp.labels), stored_labels=list(exp.labels))
+        # Renumbered: label value i is now the model's class i, which the data calls known[i].
+        return replace(ds, splits=splits, labels=list(exp.labels), stored_labels=list(known))
     classes = int(values.max()) + 1 if len(values) else 0
     wanted = exp.classes if exp.classes is not None else (len(exp.labels) if exp.labels else None)
     if wanted is not None and classes != wanted:

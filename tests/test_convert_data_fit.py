@@ -177,3 +177,26 @@ def test_convert_refuses_evaluation_data_of_other_classes(breast_keras: Path, tm
     assert proc.returncode == 0, proc.stderr
     assert "its classes are nevus, melanoma" in proc.stdout and "use evaluation images" in proc.stdout
     assert json.dumps(sorted(p.name for p in (tmp_path / "out").glob("*.tflite"))) == "[]"
+
+
+def test_classes_renamed_at_training_are_recognised_and_fitting_twice_changes_nothing(tmp_path: Path) -> None:
+    ds = load_dataset(_isic_npz(tmp_path / "isic.npz"))
+    assert ds.stored_labels == ["nevus", "melanoma"]
+    # Trained with `--labels malignant,benign` on data that called them melanoma and nevus.
+    exp = Expectation(
+        model="skin.keras",
+        labels=["malignant", "benign"],
+        data_labels=["melanoma", "nevus"],
+        classes=2,
+        shape=(64, 64, 3),
+        training_shape=(64, 64, 3),
+    )
+    once = fit_to_model(ds, exp, "calibration")
+    twice = fit_to_model(once, exp, "evaluation")  # convert() checks again what the command line fitted
+    assert once.labels == twice.labels == ["malignant", "benign"]
+    for split, (_, y) in ds.splits.items():
+        assert np.array_equal(once.splits[split][1], 1 - y) and np.array_equal(twice.splits[split][1], 1 - y)
+
+    no_melanoma = {k: (x[y == 0], y[y == 0]) for k, (x, y) in ds.splits.items()}
+    with pytest.raises(DataError, match="it has no calibration images of class melanoma; add some"):
+        fit_to_model(replace(ds, splits=no_melanoma), exp, "calibration")

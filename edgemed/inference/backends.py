@@ -75,7 +75,7 @@ def graph_output_kind(interpreter: Any) -> OutputKind | None:
         # and tensorflow.lite alike (converters.runner.op_names uses it too).
         ops = interpreter._get_ops_details()
         tensor = int(interpreter.get_output_details()[0]["index"])
-    except (AttributeError, ValueError, RuntimeError, IndexError, KeyError):
+    except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError):
         return None
     producer: dict[int, tuple[str, list[int]]] = {}
     for op in ops:
