@@ -400,7 +400,8 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "  edgemed bundle --profile firmware_configs/rpi4-coral-usb.yaml --model out/breast_edgetpu.tflite "
         "--device-id rpi4-coral-07 --out bundles/\n"
         "  edgemed bundle --profile my-probe.yaml --out bundles/ --wheels wheels-aarch64/\n\n"
-        "on the device:  tar xzf NAME.tar.gz && sudo ./NAME/install.sh",
+        "on the device:  tar xzf NAME.tar.gz && sudo ./NAME/install.sh  (add --allow-unsigned where the device\n"
+        "holds no trusted key; with --sign-key, devices holding its public key verify the bundle)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--profile", type=Path, required=True, help="the device profile, e.g. firmware_configs/x.yaml")
