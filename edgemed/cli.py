@@ -34,6 +34,10 @@ examples:
 
 sources: a folder of images (natural order: img2 before img10), an image, a video file, a DICOM file or folder,
 camera:N, rtsp://..., http(s)://..., watch:DIR (new files as a device writes them).
+triage without --profile: no label has a rule, so a confident result is ROUTINE ("no triage rule for this
+finding in the device profile: refer for review") and a top probability under 0.60, or under 0.10 ahead of the
+next class, is INCONCLUSIVE; URGENT and NO_FINDING need triage.rules in a profile (see
+examples/breast-ultrasound-triage.yaml and docs/triage.md).
 Command-line flags override the profile. Results go to edgemed/{site}/{device_id}/results (QoS 1) and to
 DATA_DIR/results.jsonl; nothing that identifies a patient (file names, study ids, images) is published.
 exit codes: 0 all delivered, 2 usage/config, 3 model, 4 source, 5 broker refused, 6 accelerator refused,

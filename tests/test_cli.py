@@ -95,3 +95,16 @@ def test_device_path_never_loads_tensorflow_or_converters(int8_model: Path, tmp_
     assert proc.returncode == 10, proc.stderr  # offline: both results kept on disk
     assert "LOADED []" in proc.stderr
     assert "2 frames" in proc.stderr
+
+
+def test_run_help_says_what_triage_applies_without_a_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgemed.triage import NO_RULE_REASON, TriagePolicy
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "triage without --profile" in out and "ROUTINE" in out and "INCONCLUSIVE" in out
+    assert f'("{NO_RULE_REASON}")' in out
+    defaults = TriagePolicy()
+    # The numbers in the help are the policy's real defaults.
+    assert f"under {defaults.min_confidence:.2f}, or under {defaults.min_margin:.2f} ahead" in out
