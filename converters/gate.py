@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from converters import metrics as M
 from edgemed.errors import ConfigError
+from edgemed.validation import describe
 
 
 class GateConfig(BaseModel):
@@ -77,9 +78,9 @@ def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateCo
     try:
         return GateConfig.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"gate setting {where}: {first['msg']} (source: {path or 'command line'})") from exc
+        raise ConfigError(
+            f"gate setting {describe(exc, GateConfig, limit=1)} (source: {path or 'command line'})"
+        ) from exc
 
 
 @dataclass

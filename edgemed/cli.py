@@ -19,10 +19,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemed import __version__
 from edgemed.errors import EXIT_CONFIG, EdgemedError
+
+if TYPE_CHECKING:
+    from edgemed.publish.config import MqttConfig
 
 CONVERT_INSTALL = "pip install 'edgemed[convert]'"
 
@@ -91,56 +94,68 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
 
 
-def _set(raw: dict[str, Any], section: str, key: str, value: Any) -> None:
-    if value is not None:
-        raw.setdefault(section, {})[key] = value
+# Which profile key each flag of `edgemed run` sets (an error in that key then names the flag).
+_RUN_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("device_id", "device.id", "--device-id"),
+    ("site", "device.site", "--site"),
+    ("data_dir", "device.data_dir", "--data-dir"),
+    ("model", "model.path", "--model"),
+    ("manifest", "model.manifest", "--manifest"),
+    ("source", "source.uri", "--source"),
+    ("fps_cap", "source.fps_cap", "--fps-cap"),
+    ("loop", "source.loop", "--loop"),
+    ("accelerator", "inference.accelerator", "--accelerator"),
+    ("fallback", "inference.allow_cpu_fallback", "--allow-fallback/--no-fallback"),
+    ("threads", "inference.threads", "--threads"),
+    ("max_frames", "run.max_frames", "--max-frames"),
+    ("drain_timeout", "run.drain_timeout_s", "--drain-timeout"),
+    ("health_interval", "health.interval_s", "--health-interval"),
+    ("username", "mqtt.username", "--username"),
+    ("mqtt_protocol", "mqtt.protocol", "--mqtt-protocol"),
+    ("password_env", "mqtt.password_env", "--password-env"),
+    ("password_file", "mqtt.password_file", "--password-file"),
+    ("ca_file", "mqtt.tls.ca_file", "--ca-file"),
+)
+
+
+def _flag_value(args: argparse.Namespace, attr: str) -> Any:
+    value = getattr(args, attr)
+    # Paths given on the command line are relative to the working directory, not to the profile.
+    return str(value.resolve()) if isinstance(value, Path) else value
 
 
 def build_profile(args: argparse.Namespace) -> Any:
     """Merge ``--profile`` (if any) with command-line overrides into a validated DeviceProfile."""
-    from edgemed.config import load_profile, parse_profile
+    from edgemed.config import load_profile, override_broker, parse_profile
+    from edgemed.errors import ConfigError
 
     if args.profile is not None:
         raw: dict[str, Any] = load_profile(args.profile).model_dump(exclude_unset=True, mode="json")
-        origin = args.profile
     else:
         raw = {"profile": "command-line"}
-        origin = Path("<command line>")
         if args.device_id is None:
-            from edgemed.errors import ConfigError
-
             raise ConfigError("--device-id is required without --profile (e.g. --device-id us-01)")
-    _set(raw, "device", "id", args.device_id)
-    _set(raw, "device", "site", args.site)
-    _set(raw, "device", "data_dir", str(args.data_dir.resolve()) if args.data_dir else None)
-    _set(raw, "model", "path", str(args.model.resolve()) if args.model else None)
-    _set(raw, "model", "manifest", str(args.manifest.resolve()) if args.manifest else None)
-    _set(raw, "source", "uri", args.source)
-    _set(raw, "source", "fps_cap", args.fps_cap)
-    _set(raw, "source", "loop", args.loop)
-    _set(raw, "inference", "accelerator", args.accelerator)
-    _set(raw, "inference", "allow_cpu_fallback", args.fallback)
-    _set(raw, "inference", "threads", args.threads)
-    _set(raw, "run", "max_frames", args.max_frames)
-    _set(raw, "run", "drain_timeout_s", args.drain_timeout)
-    _set(raw, "health", "interval_s", args.health_interval)
-    if args.quiet:
-        _set(raw, "run", "print_results", False)
+    flags: dict[str, str] = {}
     if args.broker is not None:
-        _set(raw, "mqtt", "url", args.broker)
-    password_file = str(args.password_file.resolve()) if args.password_file else None
-    mqtt_overrides = (
-        ("username", args.username),
-        ("protocol", args.mqtt_protocol),
-        ("password_env", args.password_env),
-        ("password_file", password_file),
-    )
-    for key, value in mqtt_overrides:
-        if value is not None:
-            _set(raw, "mqtt", key, value)
-    if args.ca_file is not None:
-        raw.setdefault("mqtt", {}).setdefault("tls", {})["ca_file"] = str(args.ca_file.resolve())
-    return parse_profile(raw, origin)
+        raw["mqtt"], warning = override_broker(raw.get("mqtt"), args.broker)
+        flags["mqtt.url"] = "--broker"
+        if warning:
+            logging.getLogger("edgemed").warning("%s", warning)
+    for attr, key, flag in _RUN_FLAGS:
+        value = _flag_value(args, attr)
+        if value is None:
+            continue
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            if not isinstance(node.get(section), dict):  # absent, or `mqtt: null` in the profile
+                node[section] = {}
+            node = node[section]
+        node[name] = value
+        flags[key] = flag
+    if args.quiet:
+        raw.setdefault("run", {})["print_results"] = False
+    return parse_profile(raw, args.profile, flags=flags)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -169,30 +184,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _with_broker(cfg: MqttConfig | None, url: str) -> MqttConfig:
+    """The profile's broker settings (or none) pointed at ``--broker URL`` (see ``config.override_broker``)."""
+    from pydantic import ValidationError
+
+    from edgemed.config import override_broker
+    from edgemed.errors import ConfigError
+    from edgemed.publish.config import MqttConfig
+    from edgemed.validation import describe
+
+    current = cfg.model_dump(exclude_unset=True, mode="json") if cfg is not None else None
+    section, warning = override_broker(current, url)
+    if warning:
+        logging.getLogger("edgemed").warning("%s", warning)
+    try:
+        return MqttConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(f"--broker {url} does not fit the profile: {describe(exc, MqttConfig)}") from exc
+
+
 def cmd_flush(args: argparse.Namespace) -> int:
     """``edgemed flush``: send what is pending in a data directory's outbox."""
     from edgemed.config import load_profile
-    from edgemed.publish.config import MqttConfig
-    from edgemed.publish.delivery import flush
+    from edgemed.errors import ConfigError
+    from edgemed.publish.delivery import flush_outbox
 
-    if args.profile is not None:
-        profile = load_profile(args.profile)
-        if profile.mqtt is None:
-            from edgemed.errors import ConfigError
-
-            raise ConfigError(f"profile {args.profile} has no mqtt section; pass --broker URL")
-        cfg = profile.mqtt if args.broker is None else profile.mqtt.model_copy(update={"url": args.broker})
-        data_dir = args.data_dir or profile.device.data_dir
-    else:
-        cfg = MqttConfig(url=args.broker)
-        data_dir = args.data_dir
+    profile = load_profile(args.profile) if args.profile is not None else None
+    cfg = profile.mqtt if profile is not None else None
+    if args.broker is not None:
+        cfg = _with_broker(cfg, args.broker)
+    if cfg is None:
+        where = f"profile {args.profile} has no mqtt section" if profile is not None else "flush needs a broker"
+        raise ConfigError(f"{where}: pass --broker mqtt://HOST:PORT or a --profile with an mqtt section")
+    data_dir = args.data_dir or (profile.device.data_dir if profile is not None else None)
     if data_dir is None:
         from edgemed.config import default_data_dir
 
         data_dir = default_data_dir()
-    remaining = flush(Path(data_dir), cfg, timeout_s=args.timeout)  # locks the data directory itself
-    print(f"edgemed: {remaining} results still pending", file=sys.stderr)
-    return 0 if remaining == 0 else 10
+    # flush_outbox locks the data directory itself: a running `edgemed run` keeps it (exit 2, with the reason).
+    result = flush_outbox(Path(data_dir), cfg, timeout_s=args.timeout, timeout_name="--timeout")
+    print(
+        f"edgemed: sent {result.sent} results; {result.remaining} results still pending in {data_dir}",
+        file=sys.stderr,
+    )
+    return 0 if result.remaining == 0 else 10
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -205,16 +240,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
-    """``edgemed profile-check``: validate device profiles."""
+    """``edgemed profile-check``: validate device profiles, each one, and report every file."""
     from edgemed.config import load_profile
 
+    bad = 0
     for path in args.files:
-        prof = load_profile(path)
+        try:
+            prof = load_profile(path)
+        except EdgemedError as exc:
+            bad += 1
+            print(f"edgemed: error: {exc}", file=sys.stderr)
+            continue
         note = "" if prof.validated else "  (not validated on real hardware)"
         print(
             f"ok  {path}: {prof.profile}, accelerator {prof.inference.accelerator}, "
             f"fallback {'allowed' if prof.inference.allow_cpu_fallback else 'refused'}{note}"
         )
+    if bad:
+        print(f"edgemed: {bad} of {len(args.files)} profiles are invalid", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -267,6 +311,10 @@ def _converter_command(name: str) -> int:
     return -1
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_HELP = "log verbosity on stderr (default WARNING); DEBUG also shows the libraries' own notices"
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The sub-command named on a command line, skipping top-level options and their values."""
     skip = False
@@ -290,12 +338,7 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgemed {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity on stderr (default WARNING)",
-    )
+    parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw_fmt = argparse.RawDescriptionHelpFormatter
 
@@ -335,18 +378,28 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "flush",
         help="send results still pending in a data directory",
-        description="Send every result still pending in DATA_DIR's outbox, then exit 0 when "
-        "nothing is left (10 when some remain after --timeout).",
+        description="Send every result still pending in DATA_DIR's outbox, say how many were sent and how many "
+        "remain, then exit 0 when nothing is left (10 when some remain after --timeout). Give --broker, --profile "
+        "or both.",
+        epilog="examples:\n"
+        "  edgemed flush --profile firmware_configs/first-run.yaml\n"
+        "  edgemed flush --data-dir /var/lib/edgemed --broker mqtts://broker.example.org:8883 --timeout 300",
+        formatter_class=raw_fmt,
     )
     p.add_argument(
         "--data-dir",
         type=Path,
         help="the device's data directory (default from the profile, else ~/.local/share/edgemed)",
     )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    target.add_argument("--profile", type=Path, help="use the profile's broker, TLS and credentials")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for acknowledgements")
+    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (overrides the profile's broker)")
+    p.add_argument("--profile", type=Path, help="use the profile's broker, TLS, credentials and data directory")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait for the broker and its acknowledgements (default %(default)g)",
+    )
     p.set_defaults(func=cmd_flush)
 
     p = sub.add_parser(
@@ -435,6 +488,10 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--key", type=Path, help="trusted public key (default /etc/edgemed/bundle-signing.pub when it exists)"
     )
     p.set_defaults(func=cmd_verify_bundle)
+    for command in sub.choices.values():
+        # Also accepted after the command (`edgemed run ... --log-level DEBUG`); SUPPRESS keeps the top-level
+        # value when it is not given here.
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     return parser
 
 
@@ -458,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(runner(args))
         return int(args.func(args))
     except EdgemedError as exc:
-        print(f"edgemed: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported", False):  # an error already logged (a broker refusal) is shown once
+            print(f"edgemed: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgemed: interrupted", file=sys.stderr)
