@@ -501,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="edgemed: %(levelname)s: %(message)s")
+    from edgemed.stderr_filter import quiet_opencv
+
+    quiet_opencv()  # before any command imports OpenCV; --log-level DEBUG keeps its warnings
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG

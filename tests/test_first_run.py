@@ -11,7 +11,6 @@ the demo's own ``train`` and ``convert`` commands, with fewer epochs, into the c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import free_port
+from demo_model import demo_model_fixture  # noqa: F401  # the demo_model fixture
 
 from edgemed.identity import clock_synced
 
@@ -52,38 +52,6 @@ def readme_steps() -> list[str]:
 
 def _without_comment(line: str) -> str:
     return line.split("  #", 1)[0].strip()
-
-
-@pytest.fixture(scope="session")
-def demo_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's model (``examples/demo.py``'s train and convert commands, 3 epochs), cached like ``int8_model``."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    import demo
-
-    digest = hashlib.sha256((ROOT / "examples" / "demo.py").read_bytes())
-    for path in sorted((ROOT / "converters").rglob("*.py")):
-        digest.update(path.read_bytes())
-    digest.update((ROOT / "data" / "breastmnist_28.npz").read_bytes())
-    name = f"edgemed-demo-model-{digest.hexdigest()[:16]}"
-    store = getattr(request.config, "cache", None)
-    folder = Path(store.mkdir(name)) if store is not None else tmp_path_factory.mktemp(name)
-    done = folder / "DONE"
-    if not done.exists():
-        env = {**os.environ, "KERAS_HOME": str(folder / "keras"), "PYTHONPATH": str(ROOT)}
-        for args in (demo.train_args(folder, epochs=3), None):
-            if args is None:
-                args = demo.convert_args(next(folder.glob("*.keras")), folder)
-            proc = subprocess.run(
-                [sys.executable, "-m", "edgemed", *args, "--no-progress"],
-                capture_output=True,
-                text=True,
-                timeout=600,
-                env=env,
-                cwd=ROOT,
-            )
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        done.write_text("ok")
-    return folder
 
 
 def _copy_repository(dest: Path) -> None:

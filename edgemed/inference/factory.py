@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.inference.delegates import EDGETPU_INSTALL, GPU_INSTALL, load_external_delegate
 from edgemed.inference.interpreters import interpreter_module
+from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 
 if TYPE_CHECKING:
     from edgemed.inference import Backend, BackendConfig
@@ -49,18 +50,20 @@ def make_backend(model: Path, cfg: BackendConfig, *, fallback_model: Path | None
     name, module = interpreter_module(cfg.runtime)
     if cfg.accelerator == "cpu":
         return _cpu(module, name, model, cfg, intended="cpu")
-    try:
-        if cfg.accelerator == "edgetpu":
-            return _edgetpu(module, name, model, cfg)
-        return _gpu(module, name, model, cfg)
-    except DelegateUnavailableError as exc:
-        if not cfg.allow_cpu_fallback:
-            raise
-        reason = f"{exc.reason}; running on the CPU instead"
-        cpu_model = Path(fallback_model) if fallback_model is not None else model
-        backend = _cpu(module, name, cpu_model, cfg, intended=cfg.accelerator, reason=reason)
-        log.warning("%s delegate unavailable: %s", cfg.accelerator, reason)
-        return backend
+    # LiteRT prints INFO lines also when a failed GPU attempt is freed, at the end of the except block below.
+    with filtered_stderr(LITERT_NOTICES):
+        try:
+            if cfg.accelerator == "edgetpu":
+                return _edgetpu(module, name, model, cfg)
+            return _gpu(module, name, model, cfg)
+        except DelegateUnavailableError as exc:
+            if not cfg.allow_cpu_fallback:
+                raise
+            reason = f"{exc.reason}; running on the CPU instead"
+            cpu_model = Path(fallback_model) if fallback_model is not None else model
+            backend = _cpu(module, name, cpu_model, cfg, intended=cfg.accelerator, reason=reason)
+    log.warning("%s delegate unavailable: %s", cfg.accelerator, reason)
+    return backend
 
 
 def _cpu(
