@@ -158,6 +158,8 @@ def test_the_readme_first_run_works_line_by_line(
     assert set(rows) >= {"interpreter", "profile", "model", "source", "broker", "data dir"}
     assert set(rows.values()) == {"ok"}, doctor
 
+    for step in ("doctor", "run"):  # nothing on stderr but edgemed's own lines (no LiteRT or OpenCV notices)
+        assert all(line.startswith("edgemed") for line in outputs[step].stderr.splitlines()), outputs[step].stderr
     run = outputs["run"]
     assert f"edgemed: {RESULTS} frames" in run.stderr and "pending 0" in run.stderr
     assert len(run.stdout.splitlines()) == RESULTS  # one line per image for the person at the device

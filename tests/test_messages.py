@@ -196,3 +196,20 @@ def test_a_refusal_while_nothing_is_captured_is_logged_at_once_and_not_again_at_
             code = proc.wait(timeout=60)
     assert code == 5
     assert log.read_text().count("refused the connection") == 1, log.read_text()
+
+
+def test_a_tls_profile_runs_against_a_local_plaintext_broker_with_one_warning(
+    int8_model: Path, images: Path, tmp_path: Path, mosquitto_factory: type[Mosquitto]
+) -> None:
+    broker = mosquitto_factory(tmp_path / "mq").start()
+    profile = tmp_path / "tls.yaml"
+    profile.write_text(
+        "profile: t\ndevice: {id: msg-01}\n"
+        "mqtt: {url: 'mqtts://broker.example.org:8883', tls: {ca_file: /etc/edgemed/ca.pem}}\n"
+    )
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    proc = edgemed(*run_args(int8_model, images, tmp_path / "d", "--profile", str(profile), "--broker", url))
+    assert proc.returncode == 0, proc.stderr  # every result acknowledged by the local broker
+    assert proc.stderr.count(f"--broker {url} is plaintext to this machine") == 1, proc.stderr
+    assert "mqtt.tls" in proc.stderr and "3 frames" in proc.stderr
+    # A remote plaintext broker stays refused: tested on the check itself (test_profiles.py), which never connects.
