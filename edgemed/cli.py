@@ -155,6 +155,10 @@ def build_profile(args: argparse.Namespace) -> Any:
         flags[key] = flag
     if args.quiet:
         raw.setdefault("run", {})["print_results"] = False
+    mqtt = raw.get("mqtt")
+    if isinstance(mqtt, dict) and "url" not in mqtt:
+        given = ", ".join(flag for key, flag in flags.items() if key.startswith("mqtt."))
+        raise ConfigError(f"{given} set broker options but no broker: pass --broker mqtt://HOST:PORT as well")
     return parse_profile(raw, args.profile, flags=flags)
 
 
@@ -221,6 +225,14 @@ def cmd_flush(args: argparse.Namespace) -> int:
         from edgemed.config import default_data_dir
 
         data_dir = default_data_dir()
+    from edgemed.outbox import OUTBOX_FILENAME
+
+    if not (Path(data_dir) / OUTBOX_FILENAME).is_file():
+        # A mistyped --data-dir would otherwise "send 0 results" and leave an empty folder behind.
+        raise ConfigError(
+            f"{data_dir} holds no outbox ({OUTBOX_FILENAME}), so there is nothing to send; pass the data directory "
+            "the device runs with (--data-dir, or the profile's device.data_dir)"
+        )
     # flush_outbox locks the data directory itself: a running `edgemed run` keeps it (exit 2, with the reason).
     result = flush_outbox(Path(data_dir), cfg, timeout_s=args.timeout, timeout_name="--timeout")
     print(

@@ -213,3 +213,20 @@ def test_a_tls_profile_runs_against_a_local_plaintext_broker_with_one_warning(
     assert proc.stderr.count(f"--broker {url} is plaintext to this machine") == 1, proc.stderr
     assert "mqtt.tls" in proc.stderr and "3 frames" in proc.stderr
     # A remote plaintext broker stays refused: tested on the check itself (test_profiles.py), which never connects.
+
+
+def test_broker_options_without_a_broker_name_the_missing_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", "--model", "m.tflite", "--source", ".", "--device-id", "d1", "--username", "u"]
+    assert main([*args, "--password-env", "PW"]) == 2
+    err = capsys.readouterr().err
+    assert "--username, --password-env set broker options but no broker: pass --broker mqtt://HOST:PORT" in err
+    assert "mqtt.url: required field is missing" not in err
+
+
+def test_flush_of_a_folder_without_an_outbox_says_so_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo"
+    assert main(["flush", "--data-dir", str(missing), "--broker", f"mqtt://127.0.0.1:{free_port()}"]) == 2
+    assert f"{missing} holds no outbox (outbox.sqlite3), so there is nothing to send" in capsys.readouterr().err
+    assert not missing.exists()
