@@ -192,6 +192,8 @@ def main() -> int:
     )
     ok = code == 0 and len(results) == len(labels)
     print("\ndemo " + ("finished: every frame produced exactly one delivered result" if ok else "FAILED"))
+    if ok and out == ROOT / "demo-out":
+        print("next: README.md, 'First run against your own broker' (firmware_configs/first-run.yaml runs this model)")
     return 0 if ok else 1
 
 
