@@ -1,19 +1,23 @@
-"""Import TensorFlow without the C++ start-up lines it writes straight to the process's stderr.
+"""Import and run TensorFlow without the C++ notices it writes straight to the process's stderr.
 
 TensorFlow 2.21 logs "oneDNN custom operations are on ..." (twice, once per shared library) through absl before
-absl's logging is initialised, so ``TF_CPP_MIN_LOG_LEVEL`` cannot reach it; to a clinic's ML engineer it reads
-like a problem. During the import, file descriptor 2 feeds a small filter process that drops the known notices
-and passes everything else straight on: a real error from a broken install (even a fatal one that aborts the
-import, such as a CPU without AVX) still reaches the terminal, because the filter outlives this process.
-``TF_CPP_MIN_LOG_LEVEL=0`` (or 1) shows everything, as TensorFlow documents.
+absl's logging is initialised, so ``TF_CPP_MIN_LOG_LEVEL`` cannot reach it, and its converter prints
+``fully_quantize: 0, inference_type: 6, ...`` for every conversion; to a clinic's ML engineer each reads like a
+problem. ``edgemed.stderr_filter.filtered_stderr`` drops exactly these lines around the import and the calls that
+print them, and passes everything else straight on: a real error from a broken install (even a fatal one that
+aborts the import, such as a CPU without AVX) still reaches the terminal. ``TF_CPP_MIN_LOG_LEVEL=0`` (or 1), as
+TensorFlow documents, or ``edgemed --log-level DEBUG`` shows everything.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 
 _NOTICES = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
@@ -24,43 +28,25 @@ _NOTICES = re.compile(
     r"|TF-TRT Warning"
     r"|This TensorFlow binary is optimized to use available CPU instructions"
     r"|To enable the following instructions"
+    r"|^fully_quantize: \d+, inference_type: "  # the converter's quantizer, once per conversion
+    rf"|{LITERT_NOTICES.pattern}"  # the converter's own LiteRT interpreters (calibration check, evaluation)
 )
 
-# Runs as `python -I -S -c`: the standard library only, line by line, flushed at once.
-_FILTER = """
-import re, sys
-notice = re.compile(sys.argv[1])
-for raw in sys.stdin.buffer:
-    if not notice.search(raw.decode("utf-8", "replace")):
-        sys.stderr.buffer.write(raw)
-        sys.stderr.buffer.flush()
-"""
+
+def _wanted_by_user() -> bool:
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") in ("0", "1")
+
+
+@contextmanager
+def tensorflow_quiet() -> Iterator[None]:
+    """Drop TensorFlow's and LiteRT's known notices written inside the block (see the module docstring)."""
+    with nullcontext() if _wanted_by_user() else filtered_stderr(_NOTICES):
+        yield
 
 
 def quiet_tensorflow() -> None:
     """Import TensorFlow once, dropping its start-up notices (a no-op once it is imported)."""
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") in ("0", "1"):
-        import tensorflow  # loaded once per process: later imports are free
-
+    if "tensorflow" in sys.modules:
         return
-    sys.stderr.flush()
-    try:
-        # Started before fd 2 is redirected, so it inherits the real stderr.
-        filt = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, _NOTICES.pattern], stdin=subprocess.PIPE)
-    except OSError:
-        import tensorflow  # no filter process possible: show everything rather than nothing
-
-        return
-    assert filt.stdin is not None
-    saved = os.dup(2)
-    os.dup2(filt.stdin.fileno(), 2)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        filt.stdin.close()  # the filter sees end of input, forwards what is left and exits
-        try:
-            filt.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            filt.kill()
+    with tensorflow_quiet():
+        import tensorflow  # noqa: F401  # loaded once per process: later imports are free

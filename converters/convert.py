@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from converters import edgetpu
-from converters._tf import quiet_tensorflow
+from converters._tf import quiet_tensorflow, tensorflow_quiet
 from converters.data import Dataset
 from converters.fit import Expectation, expectation, fit_to_model, read_training_record
 from converters.gate import GateConfig, GateResult, evaluate_gate, summarise
@@ -358,7 +358,8 @@ def to_tflite(source: SourceModel, target: str, calib: Calibration, progress: bo
             # Quantization here is calibrated by the representative dataset; the converter still warns that the
             # legacy quantized_input_stats were not given, which would send a user looking for a missing step.
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-            return bytes(conv.convert())
+            with tensorflow_quiet():  # the quantizer's "fully_quantize: ..." line, LiteRT's XNNPACK notice
+                return bytes(conv.convert())
     except (ConverterError, ValueError, RuntimeError) as exc:
         raise ModelError(f"TFLite conversion to {target} failed: {exc}") from exc
 

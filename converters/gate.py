@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from converters import metrics as M
 from edgemed.errors import ConfigError
+from edgemed.validation import describe
 
 DEFAULT_MIN_SENSITIVITY = 0.50
 DEFAULT_MIN_AUC = 0.70
@@ -116,9 +117,9 @@ def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateCo
     try:
         return GateConfig.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"gate setting {where}: {first['msg']} (source: {path or 'command line'})") from exc
+        raise ConfigError(
+            f"gate setting {describe(exc, GateConfig, limit=1)} (source: {path or 'command line'})"
+        ) from exc
 
 
 @dataclass

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgemed.errors import ConfigError
+from edgemed.validation import describe
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -83,9 +84,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"recipe {path} is invalid at {where}: {first['msg']}") from exc
+        raise ConfigError(f"recipe {path} is invalid: {describe(exc, Recipe, limit=1)}") from exc
 
 
 def _read_yaml(path: Path) -> dict[str, object]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgemed.manifest import Normalisation, QuantSpec
 from edgemed.preprocess import dequantize, input_lut, softmax
+from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 from edgemed.types import TensorSpec
 
 
@@ -20,11 +21,12 @@ def load_interpreter(model: bytes | str, threads: int = 1) -> Any:
     """A LiteRT interpreter with tensors allocated (XNNPACK is applied by default, as on the device)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    if isinstance(model, bytes):
-        interp = Interpreter(model_content=model, num_threads=threads)
-    else:
-        interp = Interpreter(model_path=model, num_threads=threads)
-    interp.allocate_tensors()
+    with filtered_stderr(LITERT_NOTICES):  # LiteRT's "Created TensorFlow Lite XNNPACK delegate" notice
+        if isinstance(model, bytes):
+            interp = Interpreter(model_content=model, num_threads=threads)
+        else:
+            interp = Interpreter(model_path=model, num_threads=threads)
+        interp.allocate_tensors()
     return interp
 
 

@@ -127,8 +127,9 @@ def build_bundle(
         warnings.append(f"{model_path.name} ships under a gate waiver by {art.waiver.by}: {art.waiver.reason}")
     uri = profile.source.uri
     if uri is None or not uri.startswith(_ENDLESS_PREFIXES):
+        what = f"source {uri!r} ends" if uri is not None else "the profile sets no source.uri"
         warnings.append(
-            f"source {uri!r} ends: the systemd service restarts edgemed on failure and would process a finite "
+            f"{what}: the systemd service restarts edgemed on failure and would process a finite "
             "source again; use watch:DIR, camera:N or a stream for a service"
         )
     wheel_files = sorted(wheels.glob("*.whl")) if wheels is not None else []

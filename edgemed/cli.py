@@ -19,124 +19,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from edgemed import __version__
 from edgemed.errors import EXIT_CONFIG, EdgemedError
+from edgemed.run_options import EPILOG_RUN, add_run_arguments, build_profile, with_broker
 
 CONVERT_INSTALL = "pip install 'edgemed[convert]'"
-
-EPILOG_RUN = """\
-examples:
-  edgemed run --model out/breast_int8.tflite --source scans/ --broker mqtt://127.0.0.1:1883 --device-id us-01
-  edgemed run --profile firmware_configs/x86_64-cpu.yaml --source watch:/var/lib/probe/export
-  edgemed run --model m_int8.tflite --source cine.dcm --device-id us-01      (offline: results stay on disk)
-
-sources: a folder of images (natural order: img2 before img10), an image, a video file, a DICOM file or folder,
-camera:N, rtsp://..., http(s)://..., watch:DIR (new files as a device writes them).
-Command-line flags override the profile. Results go to edgemed/{site}/{device_id}/results (QoS 1) and to
-DATA_DIR/results.jsonl; nothing that identifies a patient (file names, study ids, images) is published.
-exit codes: 0 all delivered, 2 usage/config, 3 model, 4 source, 5 broker refused, 6 accelerator refused,
-7 outbox unwritable, 10 finished with results still pending on disk."""
-
-
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", type=Path, help="device profile YAML (see firmware_configs/); flags override it")
-    p.add_argument("--model", type=Path, help="converted model (.tflite) with its manifest beside it")
-    p.add_argument("--manifest", type=Path, help="manifest path when it is not beside the model")
-    p.add_argument("--source", help="where frames come from (see below)")
-    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT; omit to work offline")
-    p.add_argument("--device-id", help="this device's id, [A-Za-z0-9_-]{1,64}")
-    p.add_argument("--site", help="site name, [A-Za-z0-9_-]{1,64} (default: 'default')")
-    p.add_argument(
-        "--data-dir", type=Path, help="outbox, device secret and results.jsonl (default ~/.local/share/edgemed)"
-    )
-    p.add_argument("--max-frames", type=int, help="stop after N frames")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="wait this long for acknowledgements after the source ends (default 30)",
-    )
-    p.add_argument("--study-id", help="study id to pseudonymise into session_id (never published itself)")
-    p.add_argument("--accelerator", choices=["cpu", "edgetpu", "gpu"], help="intended accelerator")
-    fb = p.add_mutually_exclusive_group()
-    fb.add_argument(
-        "--allow-fallback",
-        dest="fallback",
-        action="store_true",
-        default=None,
-        help="run on CPU (degraded) when the accelerator is absent",
-    )
-    fb.add_argument(
-        "--no-fallback", dest="fallback", action="store_false", help="exit 6 when the accelerator is absent"
-    )
-    p.add_argument("--threads", type=int, help="CPU inference threads")
-    p.add_argument("--fps-cap", type=float, help="process at most this many frames per second")
-    p.add_argument("--username", help="broker user name")
-    p.add_argument("--password-env", metavar="VAR", help="environment variable holding the broker password")
-    p.add_argument("--password-file", type=Path, help="file holding the broker password")
-    p.add_argument("--ca-file", type=Path, help="CA certificate for mqtts:// brokers")
-    p.add_argument(
-        "--mqtt-protocol",
-        choices=["auto", "5", "3.1.1"],
-        help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5)",
-    )
-    p.add_argument("--health-interval", type=float, metavar="SECONDS", help="heartbeat period (default 30)")
-    p.add_argument("--loop", type=int, metavar="N", help="play a finite source N times (benchmarks, soak tests)")
-    p.add_argument("--quiet", action="store_true", help="do not print one line per result")
-
-
-def _set(raw: dict[str, Any], section: str, key: str, value: Any) -> None:
-    if value is not None:
-        raw.setdefault(section, {})[key] = value
-
-
-def build_profile(args: argparse.Namespace) -> Any:
-    """Merge ``--profile`` (if any) with command-line overrides into a validated DeviceProfile."""
-    from edgemed.config import load_profile, parse_profile
-
-    if args.profile is not None:
-        raw: dict[str, Any] = load_profile(args.profile).model_dump(exclude_unset=True, mode="json")
-        origin = args.profile
-    else:
-        raw = {"profile": "command-line"}
-        origin = Path("<command line>")
-        if args.device_id is None:
-            from edgemed.errors import ConfigError
-
-            raise ConfigError("--device-id is required without --profile (e.g. --device-id us-01)")
-    _set(raw, "device", "id", args.device_id)
-    _set(raw, "device", "site", args.site)
-    _set(raw, "device", "data_dir", str(args.data_dir.resolve()) if args.data_dir else None)
-    _set(raw, "model", "path", str(args.model.resolve()) if args.model else None)
-    _set(raw, "model", "manifest", str(args.manifest.resolve()) if args.manifest else None)
-    _set(raw, "source", "uri", args.source)
-    _set(raw, "source", "fps_cap", args.fps_cap)
-    _set(raw, "source", "loop", args.loop)
-    _set(raw, "inference", "accelerator", args.accelerator)
-    _set(raw, "inference", "allow_cpu_fallback", args.fallback)
-    _set(raw, "inference", "threads", args.threads)
-    _set(raw, "run", "max_frames", args.max_frames)
-    _set(raw, "run", "drain_timeout_s", args.drain_timeout)
-    _set(raw, "health", "interval_s", args.health_interval)
-    if args.quiet:
-        _set(raw, "run", "print_results", False)
-    if args.broker is not None:
-        _set(raw, "mqtt", "url", args.broker)
-    password_file = str(args.password_file.resolve()) if args.password_file else None
-    mqtt_overrides = (
-        ("username", args.username),
-        ("protocol", args.mqtt_protocol),
-        ("password_env", args.password_env),
-        ("password_file", password_file),
-    )
-    for key, value in mqtt_overrides:
-        if value is not None:
-            _set(raw, "mqtt", key, value)
-    if args.ca_file is not None:
-        raw.setdefault("mqtt", {}).setdefault("tls", {})["ca_file"] = str(args.ca_file.resolve())
-    return parse_profile(raw, origin)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -168,27 +56,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_flush(args: argparse.Namespace) -> int:
     """``edgemed flush``: send what is pending in a data directory's outbox."""
     from edgemed.config import load_profile
-    from edgemed.publish.config import MqttConfig
-    from edgemed.publish.delivery import flush
+    from edgemed.errors import ConfigError
+    from edgemed.publish.delivery import flush_outbox
 
-    if args.profile is not None:
-        profile = load_profile(args.profile)
-        if profile.mqtt is None:
-            from edgemed.errors import ConfigError
-
-            raise ConfigError(f"profile {args.profile} has no mqtt section; pass --broker URL")
-        cfg = profile.mqtt if args.broker is None else profile.mqtt.model_copy(update={"url": args.broker})
-        data_dir = args.data_dir or profile.device.data_dir
-    else:
-        cfg = MqttConfig(url=args.broker)
-        data_dir = args.data_dir
+    profile = load_profile(args.profile) if args.profile is not None else None
+    cfg = profile.mqtt if profile is not None else None
+    if args.broker is not None:
+        cfg = with_broker(cfg, args.broker)
+    if cfg is None:
+        where = f"profile {args.profile} has no mqtt section" if profile is not None else "flush needs a broker"
+        raise ConfigError(f"{where}: pass --broker mqtt://HOST:PORT or a --profile with an mqtt section")
+    data_dir = args.data_dir or (profile.device.data_dir if profile is not None else None)
     if data_dir is None:
         from edgemed.config import default_data_dir
 
         data_dir = default_data_dir()
-    remaining = flush(Path(data_dir), cfg, timeout_s=args.timeout)  # locks the data directory itself
-    print(f"edgemed: {remaining} results still pending", file=sys.stderr)
-    return 0 if remaining == 0 else 10
+    from edgemed.outbox import OUTBOX_FILENAME
+
+    if not (Path(data_dir) / OUTBOX_FILENAME).is_file():
+        # A mistyped --data-dir would otherwise "send 0 results" and leave an empty folder behind.
+        raise ConfigError(
+            f"{data_dir} holds no outbox ({OUTBOX_FILENAME}), so there is nothing to send; pass the data directory "
+            "the device runs with (--data-dir, or the profile's device.data_dir)"
+        )
+    # flush_outbox locks the data directory itself: a running `edgemed run` keeps it (exit 2, with the reason).
+    result = flush_outbox(Path(data_dir), cfg, timeout_s=args.timeout, timeout_name="--timeout")
+    print(
+        f"edgemed: sent {result.sent} results; {result.remaining} results still pending in {data_dir}",
+        file=sys.stderr,
+    )
+    return 0 if result.remaining == 0 else 10
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -201,16 +98,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
-    """``edgemed profile-check``: validate device profiles."""
+    """``edgemed profile-check``: validate device profiles, each one, and report every file."""
     from edgemed.config import load_profile
 
+    bad = 0
     for path in args.files:
-        prof = load_profile(path)
+        try:
+            prof = load_profile(path)
+        except EdgemedError as exc:
+            bad += 1
+            print(f"edgemed: error: {exc}", file=sys.stderr)
+            continue
         note = "" if prof.validated else "  (not validated on real hardware)"
         print(
             f"ok  {path}: {prof.profile}, accelerator {prof.inference.accelerator}, "
             f"fallback {'allowed' if prof.inference.allow_cpu_fallback else 'refused'}{note}"
         )
+    if bad:
+        print(f"edgemed: {bad} of {len(args.files)} profiles are invalid", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -267,6 +173,10 @@ def _converter_command(name: str) -> int:
     return -1
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_HELP = "log verbosity on stderr (default WARNING); DEBUG also shows the libraries' own notices"
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The sub-command named on a command line, skipping top-level options and their values."""
     skip = False
@@ -290,12 +200,7 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edgemed {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity on stderr (default WARNING)",
-    )
+    parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     raw_fmt = argparse.RawDescriptionHelpFormatter
 
@@ -329,24 +234,34 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG_RUN,
         formatter_class=raw_fmt,
     )
-    _add_run_arguments(p)
+    add_run_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "flush",
         help="send results still pending in a data directory",
-        description="Send every result still pending in DATA_DIR's outbox, then exit 0 when "
-        "nothing is left (10 when some remain after --timeout).",
+        description="Send every result still pending in DATA_DIR's outbox, say how many were sent and how many "
+        "remain, then exit 0 when nothing is left (10 when some remain after --timeout). Give --broker, --profile "
+        "or both.",
+        epilog="examples:\n"
+        "  edgemed flush --profile firmware_configs/first-run.yaml\n"
+        "  edgemed flush --data-dir /var/lib/edgemed --broker mqtts://broker.example.org:8883 --timeout 300",
+        formatter_class=raw_fmt,
     )
     p.add_argument(
         "--data-dir",
         type=Path,
         help="the device's data directory (default from the profile, else ~/.local/share/edgemed)",
     )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    target.add_argument("--profile", type=Path, help="use the profile's broker, TLS and credentials")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for acknowledgements")
+    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (overrides the profile's broker)")
+    p.add_argument("--profile", type=Path, help="use the profile's broker, TLS, credentials and data directory")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait for the broker and its acknowledgements (default %(default)g)",
+    )
     p.set_defaults(func=cmd_flush)
 
     p = sub.add_parser(
@@ -439,6 +354,10 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--key", type=Path, help="trusted public key (default /etc/edgemed/bundle-signing.pub when it exists)"
     )
     p.set_defaults(func=cmd_verify_bundle)
+    for command in sub.choices.values():
+        # Also accepted after the command (`edgemed run ... --log-level DEBUG`); SUPPRESS keeps the top-level
+        # value when it is not given here.
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     return parser
 
 
@@ -448,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="edgemed: %(levelname)s: %(message)s")
+    from edgemed.stderr_filter import quiet_opencv
+
+    quiet_opencv()  # before any command imports OpenCV; --log-level DEBUG keeps its warnings
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG
@@ -462,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(runner(args))
         return int(args.func(args))
     except EdgemedError as exc:
-        print(f"edgemed: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported", False):  # an error already logged (a broker refusal) is shown once
+            print(f"edgemed: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgemed: interrupted", file=sys.stderr)

@@ -8,19 +8,22 @@ Relative paths in a profile are taken relative to the profile's own folder.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgemed.capture import CaptureConfig
-from edgemed.errors import ConfigError
+from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.identity import ID_PATTERN
 from edgemed.inference import BackendConfig
 from edgemed.outbox import OutboxConfig
-from edgemed.publish.config import MqttConfig
+from edgemed.publish.config import MqttConfig, parse_broker_url
 from edgemed.quality import QualityConfig
 from edgemed.triage import TriagePolicy
+from edgemed.validation import describe
 
 
 class _Strict(BaseModel):
@@ -112,58 +115,100 @@ class DeviceProfile(_Strict):
     run: RunConfig = RunConfig()
 
 
-def _format_error(path: Path, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against firmware_configs/README.md)"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        lines.append(f"{where}: {msg}")
-    more = f" (+{len(exc.errors()) - 5} more)" if len(exc.errors()) > 5 else ""
-    return f"profile {path} is invalid: " + "; ".join(lines) + more
+REFERENCE = "firmware_configs/README.md"
+"""Where every profile key is documented (generated from these models by ``scripts/profile-reference``)."""
+
+
+def _format_error(path: Path | None, exc: ValidationError, flags: Mapping[str, str] | None) -> str:
+    what = "the command line is invalid" if path is None else f"profile {path} is invalid"
+    return f"{what}: " + describe(exc, DeviceProfile, flags=flags, reference=REFERENCE)
+
+
+def override_broker(mqtt: Mapping[str, Any] | None, url: str) -> tuple[dict[str, Any], str | None]:
+    """A profile's ``mqtt`` section with its URL replaced by ``--broker URL``.
+
+    A template profile speaks TLS to a remote broker; a first test is often against a plaintext broker on this
+    machine. A plaintext ``--broker`` to this machine therefore drops the profile's ``mqtt.tls`` (it cannot
+    apply) with a warning; to another machine it is refused, as plaintext to a remote broker always is.
+
+    Args:
+        mqtt: the profile's ``mqtt`` mapping, or None when it has none.
+        url: the ``--broker`` value.
+
+    Returns:
+        The new ``mqtt`` mapping and the warning to show (None when nothing was dropped).
+
+    Raises:
+        ConfigError: the URL is malformed.
+        BrokerRefusedError: plaintext to another machine for a profile whose broker uses TLS.
+    """
+    broker = parse_broker_url(url)
+    section = dict(mqtt or {})
+    section["url"] = url
+    if broker.tls or section.get("tls") is None:
+        return section, None
+    if not broker.loopback and not section.get("allow_plaintext_remote", False):
+        raise BrokerRefusedError(
+            f"refusing --broker {url}: it is plaintext to another machine, but this profile's broker uses TLS "
+            "(mqtt.tls), and results and the password would cross the network unencrypted; use "
+            f"mqtts://{broker.host}:8883 (or a broker on this machine)"
+        )
+    del section["tls"]
+    where = "this machine" if broker.loopback else f"{broker.host} (mqtt.allow_plaintext_remote)"
+    return section, f"--broker {url} is plaintext to {where}: the profile's TLS settings (mqtt.tls) are not used"
+
+
+def _local_path(value: str, base: Path) -> str:
+    # "~" is the home of the user running edgemed (a first-run profile keeps its data there); other relative
+    # paths are relative to the profile file, so a bundle can be copied anywhere as one folder.
+    expanded = os.path.expanduser(value)
+    return expanded if Path(expanded).is_absolute() else str(base / expanded)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    # Relative paths are relative to the profile file, so a bundle can be copied anywhere as one folder.
-    def fix(section: str, key: str) -> None:
-        sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str) and not Path(sec[key]).is_absolute():
-            sec[key] = str(base / sec[key])
+    def fix(section: Any, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            section[key] = _local_path(section[key], base)
 
     for section, key in (("model", "path"), ("model", "manifest"), ("device", "data_dir")):
-        fix(section, key)
+        fix(raw.get(section), key)
     mqtt = raw.get("mqtt")
     if isinstance(mqtt, dict):
-        if isinstance(mqtt.get("password_file"), str) and not Path(mqtt["password_file"]).is_absolute():
-            mqtt["password_file"] = str(base / mqtt["password_file"])
-        tls = mqtt.get("tls")
-        if isinstance(tls, dict):
-            for key in ("ca_file", "cert_file", "key_file"):
-                if isinstance(tls.get(key), str) and not Path(tls[key]).is_absolute():
-                    tls[key] = str(base / tls[key])
+        fix(mqtt, "password_file")
+        for key in ("ca_file", "cert_file", "key_file"):
+            fix(mqtt.get("tls"), key)
     src = raw.get("source")
     if isinstance(src, dict) and isinstance(src.get("uri"), str):
         uri = src["uri"]
-        if "://" not in uri and not uri.startswith(("camera:", "watch:")) and not Path(uri).is_absolute():
-            src["uri"] = str(base / uri)
+        if uri.startswith("watch:"):
+            src["uri"] = "watch:" + os.path.expanduser(uri[len("watch:") :])
+        elif "://" not in uri and not uri.startswith("camera:"):
+            src["uri"] = _local_path(uri, base)
 
 
-def parse_profile(raw: Any, path: Path) -> DeviceProfile:
-    """Validate an already-parsed profile mapping; ``path`` is used for messages and relative paths.
+def parse_profile(raw: Any, path: Path | None, *, flags: Mapping[str, str] | None = None) -> DeviceProfile:
+    """Validate an already-parsed profile mapping.
+
+    Args:
+        raw: the profile as a mapping (YAML or flags merged into it).
+        path: the profile file, for messages and relative paths; None for a profile made of command-line flags
+            only (relative paths are then relative to the working directory).
+        flags: dotted keys set by command-line flags and the flag that set each (``{"device.id": "--device-id"}``),
+            so that an error names the flag.
+
+    Returns:
+        The validated profile.
 
     Raises:
-        ConfigError: naming each bad field and what to do.
+        ConfigError: naming each bad field (or flag) and what to do.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"profile {path} must be a YAML mapping (key: value), not {type(raw).__name__}")
-    _resolve_paths(raw, Path(path).resolve().parent)
+    _resolve_paths(raw, Path(path).resolve().parent if path is not None else Path.cwd())
     try:
         return DeviceProfile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(path, exc)) from exc
+        raise ConfigError(_format_error(path, exc, flags)) from exc
 
 
 def load_profile(path: Path) -> DeviceProfile:
@@ -188,7 +233,5 @@ def load_profile(path: Path) -> DeviceProfile:
 
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/edgemed`` or ``~/.local/share/edgemed``."""
-    import os
-
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "edgemed"

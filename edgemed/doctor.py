@@ -24,6 +24,7 @@ class Check:
     ok: bool
     detail: str
     required: bool = True
+    used: bool = True  # False: the profile does not use this part (an accelerator it does not ask for)
 
 
 def _interpreter() -> Check:
@@ -45,7 +46,9 @@ def _delegates(profile: object | None) -> list[Check]:
     rows = []
     for status in probe_delegates(cfg):
         needed = status.name == cfg.accelerator and not cfg.allow_cpu_fallback
-        rows.append(Check(f"delegate {status.name}", status.available, status.detail, required=needed))
+        # With a profile, an accelerator it does not ask for is not a problem: "n/a", not "warn".
+        used = profile is None or status.name in (cfg.accelerator, "cpu")
+        rows.append(Check(f"delegate {status.name}", status.available, status.detail, required=needed, used=used))
     return rows
 
 
@@ -214,7 +217,7 @@ def doctor(
     )
     width = max(len(r.name) for r in rows)
     for r in rows:
-        mark = "ok  " if r.ok else ("FAIL" if r.required else "warn")
+        mark = "ok  " if r.ok else ("FAIL" if r.required else ("warn" if r.used else "n/a "))
         print(f"{mark}  {r.name:<{width}}  {r.detail}")
     failed = [r for r in rows if r.required and not r.ok]
     return 0 if not failed else 2

@@ -170,9 +170,11 @@ def load_manifest(path: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ModelError(f"manifest {path} is invalid at {where}: {first['msg']}; re-run `edgemed convert`") from exc
+        from edgemed.validation import describe
+
+        raise ModelError(
+            f"manifest {path} is invalid: {describe(exc, Manifest, limit=1)}; re-run `edgemed convert`"
+        ) from exc
 
 
 def save_manifest(manifest: Manifest, path: Path) -> None:

@@ -217,8 +217,7 @@ class Device:
             publish_source_names=self.profile.privacy.publish_source_names,
             backend_version=runtime_version(self.backend.backend),
         )
-        if self.backend.degraded:
-            log.warning("running degraded on %s: %s", self.backend.delegate, self.backend.degraded_reason)
+        # A fallback was logged once by make_backend; it is stamped on every result and heartbeat.
 
     def _open_jsonl(self) -> IO[str] | None:
         if not self.profile.run.results_jsonl:
@@ -486,7 +485,13 @@ class Device:
             return self.outbox.pending_count()
         # Drain in short slices so that a broker refusal (wrong password, bad certificate) that arrives after the
         # last frame still ends the run with exit 5 instead of waiting out the whole timeout.
-        deadline = time.monotonic() + self.profile.run.drain_timeout_s
+        timeout_s = self.profile.run.drain_timeout_s
+        deadline = time.monotonic() + timeout_s
+        pending = self.outbox.pending_count()
+        if pending and timeout_s > 0 and not self.link.connected:
+            log.warning(
+                "%d results pending: waiting up to %g s for the broker (run.drain_timeout_s)", pending, timeout_s
+            )
         while True:
             remaining: int = self.delivery.drain(min(0.25, max(0.0, deadline - time.monotonic())))
             self.link.check()

@@ -19,8 +19,12 @@ How ``triage`` decides, in this order:
 2. **Confidence**: the top probability below ``min_confidence``, or its margin over the runner-up below
    ``min_margin`` -> ``inconclusive``.
 3. **Top class**: the level of the top class's rule, provided its probability reaches the rule's
-   ``min_probability`` (otherwise ``inconclusive``). A label without a rule is ``routine``: a device whose
-   policy was never configured refers everything for review and never says ``no_finding``.
+   ``min_probability`` (otherwise ``inconclusive``). A label without a rule is ``routine`` ("no triage rule for
+   this finding in the device profile: refer for review"): a device whose policy was never configured (``edgemed
+   run`` without ``--profile``) refers everything for review and never says ``no_finding``.
+
+Reasons print two decimals, more where two would make a comparison read false ("0.7996 < 0.8000", never
+"0.80 < 0.80").
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ RuleLevel = Literal["urgent", "routine", "no_finding"]
 SEVERITY: dict[TriageLevel, int] = {"no_finding": 0, "routine": 1, "inconclusive": 2, "urgent": 3}
 """Rank of the levels a prediction can get; higher needs more attention. ``recapture`` and ``error`` are not
 ranked: they mean there is no prediction to rank."""
+
+NO_RULE_REASON = "no triage rule for this finding in the device profile: refer for review"
+"""What a nurse reads for a label the profile gives no rule (every label, when the device runs without a profile)."""
 
 _ACTION: dict[str, str] = {
     "urgent": "refer now",
@@ -164,6 +171,23 @@ def _escalation(pred: Prediction, policy: TriagePolicy) -> TriageResult | None:
     return TriageResult("urgent", reason, {"label": label, "basis": "urgent_threshold"})
 
 
+def _shown_below(value: float, threshold: float) -> tuple[str, str]:
+    """``value`` and ``threshold`` printed with the fewest decimals (at least 2) that show ``value < threshold``.
+
+    Two decimals alone can print a comparison that reads false ("0.80 < 0.80" for 0.7996 against 0.80); rounding
+    is monotonic, so the first precision at which the two texts differ shows the comparison that was made.
+    """
+    for digits in range(2, 10):
+        shown = f"{value:.{digits}f}", f"{threshold:.{digits}f}"
+        if shown[0] != shown[1]:
+            return shown
+    return repr(value), repr(threshold)
+
+
+def _digits(text: str) -> int:
+    return len(text.partition(".")[2]) if "e" not in text else 17
+
+
 def triage(pred: Prediction, policy: TriagePolicy) -> TriageResult:
     """Turn one frame's class probabilities into a triage level with a reason.
 
@@ -182,29 +206,36 @@ def triage(pred: Prediction, policy: TriagePolicy) -> TriageResult:
     top, label = pred.confidence, pred.label
     runner_up = max((p for i, p in enumerate(probs) if i != pred.index), default=0.0)
     if top < policy.min_confidence:
+        shown, needed = _shown_below(top, policy.min_confidence)
         return TriageResult(
             "inconclusive",
-            f"top probability {top:.2f} ({label}) < {policy.min_confidence:.2f}: recapture or refer",
+            f"top probability {shown} ({label}) < {needed}: recapture or refer",
             {"label": label, "basis": "confidence"},
         )
-    if top - runner_up < policy.min_margin:
+    margin = top - runner_up
+    if margin < policy.min_margin:
+        shown, needed = _shown_below(margin, policy.min_margin)
+        # When the margin needs more than two decimals, the probabilities get one more, so that their shown
+        # difference matches the shown margin ("0.5496 ... 0.4504; margin 0.099", not "0.550 ... 0.450").
+        d = 2 if _digits(shown) == 2 else _digits(shown) + 1
         return TriageResult(
             "inconclusive",
-            f"{label} {top:.2f} is too close to the next class ({runner_up:.2f}; margin "
-            f"{top - runner_up:.2f} < {policy.min_margin:.2f}): recapture or refer",
+            f"{label} {top:.{d}f} is too close to the next class ({runner_up:.{d}f}; margin "
+            f"{shown} < {needed}): recapture or refer",
             {"label": label, "basis": "margin"},
         )
     level, rule = _level_of(policy, label)
     if rule is not None and top < rule.min_probability:
+        shown, needed = _shown_below(top, rule.min_probability)
         return TriageResult(
             "inconclusive",
-            f"{label} {top:.2f} < {rule.min_probability:.2f} needed for {level.replace('_', ' ')}: recapture or refer",
+            f"{label} {shown} < {needed} needed for {level.replace('_', ' ')}: recapture or refer",
             {"label": label, "basis": "class_threshold"},
         )
     if rule is not None and rule.reason:
         reason = rule.reason
     elif rule is None:
-        reason = f"{label} ({top:.2f}) has no triage rule: refer for review"
+        reason = f"{label} ({top:.2f}): {NO_RULE_REASON}"
     else:
         reason = f"{label} ({top:.2f}): {_ACTION[level]}"
     return TriageResult(level, reason, {"label": label, "basis": "top_class" if rule else "no_rule"})

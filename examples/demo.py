@@ -45,15 +45,21 @@ def run_device(args: list[str], env: dict[str, str], show: int = 8) -> int:
 
 def export_test_images(out: Path) -> list[int]:
     """Write the BreastMNIST test split as PNG files (img0.png ...); return the labels in natural file order."""
-    import cv2
-    import numpy as np
+    sys.path.insert(0, str(ROOT / "examples"))
+    from export_images import export_images
 
-    data = np.load(DATA)
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [int(v) for v in data["test_labels"][:, 0]]
-    for i, img in enumerate(data["test_images"]):
-        cv2.imwrite(str(out / f"img{i}.png"), img)
-    return labels
+    return export_images(DATA, out, "test")
+
+
+def train_args(model_dir: Path, epochs: int | None = None) -> list[str]:
+    """The `edgemed train` arguments of the demo's model (the README's first run uses the same model)."""
+    args = ["train", "--data", str(DATA), "--out", str(model_dir), "--labels", ",".join(LABELS), "--seed", "0"]
+    return args + (["--epochs", str(epochs)] if epochs else [])
+
+
+def convert_args(keras_model: Path, model_dir: Path) -> list[str]:
+    """The `edgemed convert` arguments that turn the demo's model into ``*_int8.tflite`` with its manifest."""
+    return ["convert", str(keras_model), "--calibration", str(DATA), "--out", str(model_dir)]
 
 
 class Collector:
@@ -102,16 +108,13 @@ def main() -> int:
     out: Path = args.out.resolve()
     env = dict(os.environ, KERAS_HOME=str(out / "keras"), TF_CPP_MIN_LOG_LEVEL="2")
     model_dir, device_dir = out / "model", out / "device"
-    train = ["train", "--data", str(DATA), "--out", str(model_dir), "--labels", ",".join(LABELS), "--seed", "0"]
-    if args.epochs:
-        train += ["--epochs", str(args.epochs)]
-    if sh(train, env) != 0:
+    if sh(train_args(model_dir, args.epochs), env) != 0:
         return 1
     keras_files = sorted(model_dir.glob("*.keras"))
     if not keras_files:
         print(f"demo: no .keras model in {model_dir}", file=sys.stderr)
         return 1
-    if sh(["convert", str(keras_files[0]), "--calibration", str(DATA), "--out", str(model_dir)], env) != 0:
+    if sh(convert_args(keras_files[0], model_dir), env) != 0:
         return 1
     int8 = sorted(model_dir.glob("*_int8.tflite"))[0]
     images = out / "images"
@@ -189,6 +192,8 @@ def main() -> int:
     )
     ok = code == 0 and len(results) == len(labels)
     print("\ndemo " + ("finished: every frame produced exactly one delivered result" if ok else "FAILED"))
+    if ok and out == ROOT / "demo-out":
+        print("next: README.md, 'First run against your own broker' (firmware_configs/first-run.yaml runs this model)")
     return 0 if ok else 1
 
 

@@ -95,3 +95,36 @@ def test_device_path_never_loads_tensorflow_or_converters(int8_model: Path, tmp_
     assert proc.returncode == 10, proc.stderr  # offline: both results kept on disk
     assert "LOADED []" in proc.stderr
     assert "2 frames" in proc.stderr
+
+
+def test_run_help_says_what_triage_applies_without_a_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgemed.triage import NO_RULE_REASON, TriagePolicy
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "triage without --profile" in out and "ROUTINE" in out and "INCONCLUSIVE" in out
+    assert f'("{NO_RULE_REASON}")' in out
+    defaults = TriagePolicy()
+    # The numbers in the help are the policy's real defaults.
+    assert f"under {defaults.min_confidence:.2f}, or under {defaults.min_margin:.2f} ahead" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--device-id", "ward 3"], "the command line is invalid: --device-id (device.id): 'ward 3' must be 1-64"),
+        (["--device-id", "d1", "--threads", "0"], "--threads (inference.threads): must be greater than or equal"),
+        (["--device-id", "d1", "--fps-cap", "-1"], "--fps-cap (source.fps_cap): must be greater than 0 (got -1.0)"),
+    ],
+)
+def test_a_bad_flag_is_named_in_the_error(flags: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--model", "m.tflite", "--source", ".", *flags]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "<command line>" not in err and "Value error" not in err
+
+
+def test_a_bad_flag_over_a_profile_is_named_too(capsys: pytest.CaptureFixture[str]) -> None:
+    profile = Path(__file__).resolve().parent.parent / "firmware_configs" / "x86_64-cpu.yaml"
+    assert main(["run", "--profile", str(profile), "--site", "ward/3"]) == 2
+    assert f"profile {profile} is invalid: --site (device.site): 'ward/3' must be" in capsys.readouterr().err

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from edgemed.cli import main
-from edgemed.config import load_profile
-from edgemed.errors import ConfigError
+from edgemed.config import load_profile, override_broker
+from edgemed.errors import BrokerRefusedError, ConfigError
+from edgemed.publish.config import MqttConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = sorted((ROOT / "firmware_configs").glob("*.yaml"))
@@ -33,8 +34,14 @@ def test_shipped_profiles_validate(path: Path) -> None:
     # Hardware that was not exercised says so, in the data and in a comment.
     if not profile.validated:
         assert "NOT VALIDATED" in text or "not validated" in text.lower()
-    # No committed profile holds an inline password.
-    assert profile.mqtt is None or profile.mqtt.password_env or profile.mqtt.password_file
+    # No committed profile holds an inline password (the schema has no field for one); a broker that is not on
+    # this machine is reached with a password from a file or the environment.
+    assert (
+        profile.mqtt is None
+        or profile.mqtt.password_env
+        or profile.mqtt.password_file
+        or (profile.mqtt.broker.loopback and not profile.mqtt.username)
+    )
     assert profile.model.path is not None and profile.model.path.is_absolute()
 
 
@@ -92,3 +99,101 @@ def test_profile_check_command_fails_with_exit_2(tmp_path: Path, capsys: pytest.
     assert main(["profile-check", str(path)]) == 2
     err = capsys.readouterr().err
     assert "quality.bogus: unknown key" in err
+
+
+def test_a_misspelt_key_gets_the_nearest_valid_key(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "profile: t\ndevice: {id: d1}\ntriage:\n  rules:\n    malignant: {level: urgent, min_probabilty: 0.3}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert "triage.rules.malignant.min_probabilty: unknown key; did you mean `min_probability`?" in message
+    assert "valid keys here: level, min_probability, reason" in message
+    # The reference the message points at exists.
+    assert "(see firmware_configs/README.md)" in message and (ROOT / "firmware_configs" / "README.md").is_file()
+
+
+def test_a_key_with_no_near_match_lists_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_profile(_write(tmp_path, "profile: t\ndevice: {id: d1}\nhealth: {zzz: 1}\n"))
+    assert "health.zzz: unknown key; valid keys here: interval_s" in str(info.value)
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "profile: t\ndevice: {id: d1}\nmqtt: {url: 'mqtt://127.0.0.1:1883', tls: {}}\n",  # a model validator
+        "profile: t\ndevice: {id: 'ward 3'}\n",  # a field validator
+        "profile: t\ndevice: {id: d1}\ninference: {accelerator: tpu, threads: 0}\n",  # pydantic's own checks
+        "profile: t\ndevice: {id: d1}\nmqtt: {url: 'mqtt://127.0.0.1:1883', username: u}\n",
+    ],
+)
+def test_profile_errors_carry_no_pydantic_boilerplate_and_no_python_none(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_profile(_write(tmp_path, text))
+    message = str(info.value)
+    for boilerplate in ("Value error", "Input should be", "Extra inputs", "Assertion failed", "None", "[type="):
+        assert boilerplate not in message, message
+
+
+def test_pydantic_checks_read_as_must_with_the_value_given(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_profile(_write(tmp_path, "profile: t\ndevice: {id: d1}\ninference: {accelerator: tpu}\n"))
+    assert "inference.accelerator: must be 'cpu', 'edgetpu' or 'gpu' (got 'tpu')" in str(info.value)
+
+
+def test_profile_check_reports_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad_one = _write(tmp_path, "profile: t\ndevice: {id: d1}\nquality: {bogus: 1}\n")
+    bad_two = tmp_path / "q.yaml"
+    bad_two.write_text("profile: t\ndevice: {id: d1}\ninference: {threads: 0}\n")
+    good = ROOT / "firmware_configs" / "x86_64-cpu.yaml"
+    assert main(["profile-check", str(bad_one), str(good), str(bad_two)]) == 2
+    captured = capsys.readouterr()
+    assert "quality.bogus: unknown key" in captured.err
+    assert "inference.threads: must be greater than or equal to 1 (got 0)" in captured.err
+    assert f"ok  {good}" in captured.out  # the good file after the first bad one is still checked
+    assert "2 of 3 profiles are invalid" in captured.err
+
+
+def test_home_relative_paths_are_in_the_users_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = _write(tmp_path, "profile: t\ndevice: {id: d1, data_dir: ~/edgemed/data}\nsource: {uri: ~/edgemed/images}\n")
+    prof = load_profile(path)
+    assert prof.device.data_dir == tmp_path / "home" / "edgemed" / "data"
+    assert prof.source.uri == str(tmp_path / "home" / "edgemed" / "images")
+    watch = load_profile(_write(tmp_path, "profile: t\ndevice: {id: d1}\nsource: {uri: 'watch:~/inbox'}\n"))
+    assert watch.source.uri == f"watch:{tmp_path / 'home' / 'inbox'}"
+
+
+TLS_MQTT = {"url": "mqtts://broker.example.org:8883", "tls": {"ca_file": "/etc/edgemed/ca.pem"}}
+
+
+@pytest.mark.parametrize("url", ["mqtt://127.0.0.1:18830", "mqtt://localhost:1883", "mqtt://[::1]:1883"])
+def test_a_plaintext_local_broker_drops_the_profiles_tls_with_one_warning(url: str) -> None:
+    mqtt, warning = override_broker(TLS_MQTT, url)
+    assert mqtt == {"url": url}  # the TLS settings no longer apply, so none is kept
+    assert warning is not None and "mqtt.tls" in warning and "plaintext to this machine" in warning
+    MqttConfig.model_validate(mqtt)
+
+
+@pytest.mark.parametrize("url", ["mqtt://10.0.0.5:1883", "mqtt://broker.example.org:1883", "mqtt://192.168.1.2"])
+def test_a_plaintext_remote_broker_stays_refused_for_a_tls_profile(url: str) -> None:
+    # The check itself, before any socket exists: nothing here connects anywhere.
+    with pytest.raises(BrokerRefusedError, match=r"refusing --broker .* plaintext to another machine") as info:
+        override_broker(TLS_MQTT, url)
+    assert info.value.exit_code == 5 and "use mqtts://" in str(info.value)
+
+
+def test_a_broker_override_keeps_what_still_applies() -> None:
+    assert override_broker(TLS_MQTT, "mqtts://127.0.0.1:8883") == ({**TLS_MQTT, "url": "mqtts://127.0.0.1:8883"}, None)
+    assert override_broker(None, "mqtt://127.0.0.1:1883") == ({"url": "mqtt://127.0.0.1:1883"}, None)
+    with_user = {"url": "mqtt://127.0.0.1:1", "username": "u", "password_env": "PW"}
+    assert override_broker(with_user, "mqtt://127.0.0.1:2") == ({**with_user, "url": "mqtt://127.0.0.1:2"}, None)
+    opted_in = {**TLS_MQTT, "allow_plaintext_remote": True}
+    mqtt, warning = override_broker(opted_in, "mqtt://10.0.0.5:1883")
+    assert "tls" not in mqtt and warning is not None and "allow_plaintext_remote" in warning
+    with pytest.raises(ConfigError, match="must start with mqtt://"):
+        override_broker(TLS_MQTT, "http://127.0.0.1:1883")

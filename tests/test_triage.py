@@ -90,7 +90,28 @@ def test_top_class_below_its_own_threshold_is_inconclusive() -> None:
 
 def test_unconfigured_label_is_routine_so_an_unconfigured_device_never_says_no_finding() -> None:
     result = triage(Prediction(("benign", "malignant"), (0.97, 0.03)), TriagePolicy())
-    assert result.level == "routine" and "has no triage rule: refer for review" in result.reason
+    assert result.level == "routine"
+    # Worded for the nurse: what is missing, and what to do.
+    assert result.reason == "benign (0.97): no triage rule for this finding in the device profile: refer for review"
+
+
+def test_a_reason_never_prints_a_comparison_that_reads_false() -> None:
+    policy = TriagePolicy(
+        rules={"a": ClassRule(level="no_finding", min_probability=0.8)}, min_confidence=0.6, min_margin=0.1
+    )
+    two = ("a", "b")
+    below_rule = triage(Prediction(two, (0.7996, 0.2004)), policy)
+    assert below_rule.reason == "a 0.7996 < 0.8000 needed for no finding: recapture or refer"
+    below_confidence = triage(Prediction(("a", "b", "c"), (0.5999, 0.2, 0.2001)), policy)
+    assert below_confidence.reason == "top probability 0.5999 (a) < 0.6000: recapture or refer"
+    tight = triage(Prediction(("b", "a"), (0.5496, 0.4504)), TriagePolicy(min_confidence=0.5, min_margin=0.1))
+    assert tight.reason == (
+        "b 0.5496 is too close to the next class (0.4504; margin 0.099 < 0.100): recapture or refer"
+    )
+    # Two decimals stay the rule when they already show the comparison.
+    assert triage(Prediction(two, (0.75, 0.25)), policy).reason == (
+        "a 0.75 < 0.80 needed for no finding: recapture or refer"
+    )
 
 
 def test_rule_reason_replaces_the_generated_one() -> None:
@@ -275,6 +296,19 @@ def test_any_probabilities_give_exactly_one_level_with_a_reason(data: st.DataObj
     assert result.level in SEVERITY  # a prediction never yields recapture or error
     assert result.reason.strip() and result.reason == result.reason.strip()
     assert triage(Prediction(labels(len(probs)), probs), policy) == result  # deterministic
+
+
+_BELOW = re.compile(r"(\d+\.\d+) < (\d+\.\d+)")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_every_printed_comparison_is_true(data: st.DataObject) -> None:
+    probs = data.draw(probabilities)
+    policy = data.draw(policies(len(probs)))
+    reason = triage(Prediction(labels(len(probs)), probs), policy).reason
+    for shown, needed in _BELOW.findall(reason):
+        assert float(shown) < float(needed), reason
 
 
 @settings(max_examples=400, deadline=None)

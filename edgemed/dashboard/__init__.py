@@ -47,8 +47,9 @@ def _validate_config(fields: dict[str, Any]) -> MqttConfig:
     try:
         return MqttConfig.model_validate(fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'mqtt'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"dashboard broker settings: {problems}") from exc
+        from edgemed.validation import describe
+
+        raise ConfigError(f"dashboard broker settings: {describe(exc, MqttConfig)}") from exc
 
 
 def serve(

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.manifest import OutputKind, check_model_file
+from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 from edgemed.types import Delegate, TensorSpec
 
 log = logging.getLogger("edgemed.inference")
@@ -106,10 +107,11 @@ def open_interpreter(module: ModuleType, model: Path, threads: int, delegates: l
     """
     _check_file(model)
     try:
-        interp = module.Interpreter(
-            model_path=str(model), num_threads=threads, experimental_delegates=delegates or None
-        )
-        interp.allocate_tensors()
+        with filtered_stderr(LITERT_NOTICES):  # LiteRT's "Created TensorFlow Lite XNNPACK delegate" notice
+            interp = module.Interpreter(
+                model_path=str(model), num_threads=threads, experimental_delegates=delegates or None
+            )
+            interp.allocate_tensors()
     except _LOAD_FAILURES as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if delegates:
@@ -231,12 +233,13 @@ class CompiledModelBackend:
         if accelerator == "gpu":
             flag = HardwareAccelerator.GPU | HardwareAccelerator.CPU
         try:
-            compiled = CompiledModel.from_file(
-                str(model),
-                options=Options(hardware_accelerators=flag, cpu_options=CpuOptions(num_threads=threads)),
-            )
-            self._inputs = compiled.create_input_buffers(0)
-            self._outputs = compiled.create_output_buffers(0)
+            with filtered_stderr(LITERT_NOTICES):  # LiteRT's INFO lines; its warnings and errors still show
+                compiled = CompiledModel.from_file(
+                    str(model),
+                    options=Options(hardware_accelerators=flag, cpu_options=CpuOptions(num_threads=threads)),
+                )
+                self._inputs = compiled.create_input_buffers(0)
+                self._outputs = compiled.create_output_buffers(0)
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())
             raise DelegateUnavailableError(

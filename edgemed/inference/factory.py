@@ -11,6 +11,7 @@ from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.inference.delegates import EDGETPU_INSTALL, GPU_INSTALL, load_external_delegate
 from edgemed.inference.interpreters import interpreter_module
 from edgemed.manifest import check_loaded_model, check_model_file
+from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -71,18 +72,20 @@ def _load(model: Path, cfg: BackendConfig, fallback_model: Path | None) -> tuple
     name, module = interpreter_module(cfg.runtime)
     if cfg.accelerator == "cpu":
         return _cpu(module, name, model, cfg, intended="cpu"), model
-    try:
-        if cfg.accelerator == "edgetpu":
-            return _edgetpu(module, name, model, cfg), model
-        return _gpu(module, name, model, cfg), model
-    except DelegateUnavailableError as exc:
-        if not cfg.allow_cpu_fallback:
-            raise
-        reason = f"{exc.reason}; running on the CPU instead"
-        cpu_model = Path(fallback_model) if fallback_model is not None else model
-        backend = _cpu(module, name, cpu_model, cfg, intended=cfg.accelerator, reason=reason)
-        log.warning("%s delegate unavailable: %s", cfg.accelerator, reason)
-        return backend, cpu_model
+    # LiteRT prints INFO lines also when a failed GPU attempt is freed, at the end of the except block below.
+    with filtered_stderr(LITERT_NOTICES):
+        try:
+            if cfg.accelerator == "edgetpu":
+                return _edgetpu(module, name, model, cfg), model
+            return _gpu(module, name, model, cfg), model
+        except DelegateUnavailableError as exc:
+            if not cfg.allow_cpu_fallback:
+                raise
+            reason = f"{exc.reason}; running on the CPU instead"
+            cpu_model = Path(fallback_model) if fallback_model is not None else model
+            backend = _cpu(module, name, cpu_model, cfg, intended=cfg.accelerator, reason=reason)
+    log.warning("%s delegate unavailable: %s", cfg.accelerator, reason)
+    return backend, cpu_model
 
 
 def _cpu(

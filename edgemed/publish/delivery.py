@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -209,25 +210,48 @@ class Delivery:
         )
 
 
-def flush(
+@dataclass(frozen=True)
+class FlushResult:
+    """What ``flush_outbox`` did.
+
+    Attributes:
+        sent: results the broker acknowledged (and that left the outbox).
+        remaining: results still pending in the outbox.
+    """
+
+    sent: int
+    remaining: int
+
+
+# How long flush waits for the first connection before it says that it is waiting (a broker on this machine
+# answers in milliseconds; anything slower is worth a line).
+_QUIET_CONNECT_S = 1.0
+
+
+def flush_outbox(
     data_dir: Path,
     cfg: MqttConfig,
     timeout_s: float,
     *,
     client_id: str | None = None,
     status_topic: str | None = None,
-) -> int:
+    timeout_name: str = "--timeout",
+) -> FlushResult:
     """Send whatever is pending in a data directory's outbox (``edgemed flush``).
+
+    When the broker does not answer at once, one WARNING says how long the wait can last and which setting
+    bounds it (``timeout_name``), instead of a silent wait.
 
     Args:
         data_dir: the device's data directory; it is locked for the duration.
         cfg: broker settings (TLS and credentials included).
-        timeout_s: longest time to wait for acknowledgements.
+        timeout_s: longest time to wait for the broker and its acknowledgements.
         client_id: MQTT client id; default ``cfg.client_id`` or one derived from the data directory.
         status_topic: where to publish a retained status; None = none.
+        timeout_name: the option that set ``timeout_s``, named in the waiting message.
 
     Returns:
-        How many results are still pending (0 = everything delivered).
+        How many results were sent and how many are still pending.
 
     Raises:
         OutboxLockedError: another process owns the data directory.
@@ -238,8 +262,9 @@ def flush(
     with DataDirLock(data_dir):
         outbox = Outbox(data_dir / OUTBOX_FILENAME)
         try:
-            if outbox.pending_count() == 0:
-                return 0
+            pending = outbox.pending_count()
+            if pending == 0:
+                return FlushResult(0, 0)
             digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
             link = MqttLink(
                 cfg,
@@ -251,15 +276,45 @@ def flush(
             delivery.start()
             try:
                 deadline = time.monotonic() + timeout_s
+                if not link.wait_connected(min(_QUIET_CONNECT_S, timeout_s)):
+                    link.check()
+                    log.warning(
+                        "%d results pending: waiting up to %g s for the broker %s (%s)",
+                        pending,
+                        timeout_s,
+                        cfg.url,
+                        timeout_name,
+                    )
                 remaining = outbox.pending_count()
                 while remaining and time.monotonic() < deadline:
                     link.check()
                     delivery.check()
                     remaining = delivery.drain(min(0.5, max(0.0, deadline - time.monotonic())))
                 link.check()
-                return remaining
+                return FlushResult(pending - remaining, remaining)
             finally:
                 delivery.stop()
                 link.stop(timeout_s=2.0)
         finally:
             outbox.close()
+
+
+def flush(
+    data_dir: Path,
+    cfg: MqttConfig,
+    timeout_s: float,
+    *,
+    client_id: str | None = None,
+    status_topic: str | None = None,
+) -> int:
+    """Send whatever is pending in a data directory's outbox; see ``flush_outbox``.
+
+    Returns:
+        How many results are still pending (0 = everything delivered).
+
+    Raises:
+        OutboxLockedError: another process owns the data directory.
+        BrokerRefusedError: the broker refused the credentials or certificate, or plaintext policy forbids it.
+        OutboxError: the outbox cannot be read or written.
+    """
+    return flush_outbox(data_dir, cfg, timeout_s, client_id=client_id, status_topic=status_topic).remaining

@@ -48,6 +48,27 @@ _REFUSALS = {
 # A v5 CONNECT to a 3.1.1-only broker is answered with return code 1 (unacceptable protocol version), which
 # paho reports as 1 or as 132 "Unsupported protocol version".
 PROTOCOL_REFUSED_CODES = frozenset({1, 132})
+# How long a refusal waits for check() to raise it before the link logs it itself.
+_REFUSAL_GRACE_S = 1.0
+
+
+class ReportedRefusal(BrokerRefusedError):
+    """A refusal that ``MqttLink`` has already logged (``reported``): the caller need not print it again."""
+
+    reported = True
+
+
+def _who(cfg: MqttConfig, name: str, hint: str) -> str:
+    """``as user 'u': <reason>; <fix>`` for a CONNACK refusal, naming where the password comes from."""
+    if cfg.username:
+        source = f"env {cfg.password_env}" if cfg.password_env else str(cfg.password_file)
+        return f"as user {cfg.username!r}: {name}; {hint.format(source=source)}"
+    if "{source}" in hint:  # a credentials refusal, and we sent none
+        return (
+            f"without a user name: {name}; the broker wants one: set mqtt.username with mqtt.password_env or "
+            "mqtt.password_file (or --username with --password-env or --password-file)"
+        )
+    return f"without a user name: {name}; {hint}"
 
 
 class MqttLink:
@@ -98,6 +119,8 @@ class MqttLink:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._refused: str | None = None
+        self._refusal_raised = False  # check() raised the current refusal to a caller
+        self._refusal_logged = False  # nobody asked in time, so it was logged
         self._got_connack = False
         self._went_online = False
         self._connect_called = False
@@ -176,7 +199,8 @@ class MqttLink:
         """
         refused = self._refused
         if refused is not None:
-            raise BrokerRefusedError(refused)
+            self._refusal_raised = True
+            raise ReportedRefusal(refused) if self._refusal_logged else BrokerRefusedError(refused)
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Wait until connected, refused or ``timeout_s`` passed.
@@ -327,6 +351,7 @@ class MqttLink:
             if self._refused is not None:
                 # A refusal does not fix itself: keep trying, slowly, until someone fixes the settings.
                 delay = self.cfg.reconnect_max_s
+                self._report_refusal()
             self._stop.wait(delay)
             delay = min(delay * 2, self.cfg.reconnect_max_s)
 
@@ -400,11 +425,8 @@ class MqttLink:
                 return
             hint = _REFUSALS.get(name)
             if hint is not None:
-                source = (self.cfg.password_env and f"env {self.cfg.password_env}") or str(self.cfg.password_file)
-                self._refuse(
-                    f"broker {self.cfg.url} refused the connection of client {self.client_id!r} as user "
-                    f"{self.cfg.username!r}: {name}; {hint.format(source=source)}"
-                )
+                who = _who(self.cfg, name, hint)
+                self._refuse(f"broker {self.cfg.url} refused the connection of client {self.client_id!r} {who}")
             else:
                 log.warning("broker %s refused the connection for now (%s); retrying", self.cfg.url, name)
             return
@@ -489,10 +511,21 @@ class MqttLink:
 
     def _refuse(self, message: str) -> None:
         first = self._refused != message
+        if first:
+            self._refusal_raised = self._refusal_logged = False
         self._refused = message
         if first:
-            log.error("%s", message)
             self._notify("refused")
+
+    def _report_refusal(self) -> None:
+        # A refusal is shown once: raised by check() to the caller (the command line prints it as its exit
+        # reason), or, when no caller asks within a second (a watch: folder with nothing new), logged here; a
+        # later check() then raises it marked as reported, so that it is not printed a second time.
+        if self._refused is None or self._refusal_logged or self._stop.wait(_REFUSAL_GRACE_S):
+            return
+        if not self._refusal_raised:
+            log.error("%s", self._refused)
+            self._refusal_logged = True
 
     def _notify(self, state: str) -> None:
         if self._on_state is None:

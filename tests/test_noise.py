@@ -1,0 +1,96 @@
+"""Third-party notices stay off stderr by default and come back with ``--log-level DEBUG``.
+
+The real ``edgemed run`` (LiteRT's XNNPACK notice, OpenCV's and FFmpeg's complaints about an unreadable video)
+and the real ``edgemed convert`` (TensorFlow's ``fully_quantize:`` line, LiteRT's notice from the converter's own
+interpreters), each in a child process as a user runs them: by default every line on stderr is edgemed's own.
+The filter itself (``edgemed.stderr_filter``) is also checked against a stand-in that writes to file descriptor 2
+as native code does, including a fatal abort.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from demo_model import demo_model_fixture  # noqa: F401  # the demo_model fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def edgemed(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCV_", "TF_CPP_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
+
+
+def foreign(stderr: str) -> list[str]:
+    """The stderr lines that are not edgemed's own."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("edgemed")]
+
+
+def _run_args(model: Path, source: Path, data: Path) -> list[str]:
+    return ["run", "--model", str(model), "--source", str(source), "--device-id", "q-01", "--data-dir", str(data)]
+
+
+def test_run_prints_only_edgemeds_own_lines(int8_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    images = _run_args(int8_model, data_dir / "isic_samples", tmp_path / "a")
+    quiet = edgemed(*images, "--quiet", "--max-frames", "2")
+    assert quiet.returncode == 10, quiet.stderr
+    assert foreign(quiet.stderr) == [], quiet.stderr
+    loud = edgemed(*images, "--quiet", "--max-frames", "2", "--log-level", "DEBUG")
+    assert "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." in loud.stderr  # hidden, not lost
+
+    video = tmp_path / "broken.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)  # an MP4 header and no movie
+    broken = edgemed(*_run_args(int8_model, video, tmp_path / "b"))
+    assert broken.returncode == 4, broken.stderr  # the source is unusable: edgemed says so, once, in its words
+    assert foreign(broken.stderr) == [], broken.stderr
+    assert re.search(
+        r"moov atom not found|\[ WARN:",
+        edgemed(*_run_args(int8_model, video, tmp_path / "c"), "--log-level", "DEBUG").stderr,
+    )
+
+
+@pytest.mark.slow
+def test_convert_prints_only_edgemeds_own_lines(demo_model: Path, tmp_path: Path) -> None:
+    keras = next(demo_model.glob("*.keras"))
+    args = ["convert", str(keras), "--calibration", str(ROOT / "data" / "breastmnist_28.npz"), "--no-progress"]
+    quiet = edgemed(*args, "--out", str(tmp_path / "a"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert foreign(quiet.stderr) == [], quiet.stderr
+    assert "accepted" in quiet.stdout  # the converter's own report is untouched
+    loud = edgemed(*args, "--out", str(tmp_path / "b"), "--log-level", "DEBUG")
+    assert loud.returncode == 0 and "fully_quantize: " in loud.stderr  # hidden, not lost
+
+
+_NATIVE = """
+import os, sys
+from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
+print("before", file=sys.stderr, flush=True)
+with filtered_stderr(LITERT_NOTICES):
+    os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n")
+    os.write(2, b"E0000 a real problem\\n")
+    os.write(2, b"\\rprogress 1/2\\rprogress 2/2\\n")
+    if sys.argv[1] == "abort":
+        os.write(2, b"F0000 Check failed: fatal\\n")
+        os.abort()
+print("after", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["return", "abort"])
+def test_the_filter_drops_only_the_notices_and_keeps_a_fatal_message(how: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _NATIVE, how], capture_output=True, text=True, timeout=60, env=env)
+    assert "XNNPACK" not in proc.stderr
+    assert "E0000 a real problem" in proc.stderr and "progress 2/2" in proc.stderr
+    assert proc.stderr.index("before") < proc.stderr.index("a real problem")
+    if how == "abort":
+        assert proc.returncode != 0 and "F0000 Check failed: fatal" in proc.stderr  # the filter outlived us
+    else:
+        assert proc.returncode == 0 and proc.stderr.rstrip().endswith("after")  # order kept, stderr restored
