@@ -7,22 +7,25 @@ is down the broker queues what the devices publish, and hands it over when the d
 judged malformed: a crash between receipt and commit leaves the message unacknowledged, so the broker sends it
 again. Duplicates from any source are dropped by the store's primary key on ``result_id``.
 
-Nothing a device sends can crash the ingest: bad JSON, a wrong schema, a topic that does not follow
-``edgemed/{site}/{device_id}/{kind}`` or a payload whose ids disagree with its topic is counted by reason,
-logged (topic and reason only, never the payload) and acknowledged so that the broker does not send it again.
+Nothing a device sends can stop the ingest. Every payload it cannot use (not UTF-8 or not JSON, nested too deep,
+too large, a non-finite number, a wrong schema or field type, a string over its limit, a topic that does not follow
+``edgemed/{site}/{device_id}/{kind}`` or ids that disagree with the topic; see ``validate.py``) is kept in the
+store's dead-letter table with its raw bytes and reason, counted by reason, logged (topic and reason only, never the
+payload) and acknowledged. An unacknowledged message would stay in the broker's in-flight window for this session:
+with mosquitto's default of 20, twenty of them stop all delivery to the dashboard, and a retained one is sent again
+to every new subscriber.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
+import sqlite3
 import ssl
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -31,7 +34,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgemed.dashboard.store import LEVELS, DashboardStore
+from edgemed.dashboard.store import DashboardStore
+from edgemed.dashboard.validate import Filing, classify, validate_result, validate_study
 from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.publish.config import MqttConfig, read_password
 from edgemed.publish.mqtt import PROTOCOL_REFUSED_CODES
@@ -40,10 +44,11 @@ log = logging.getLogger(__name__)
 
 TOPIC_FILTER = "edgemed/+/+/#"
 DEFAULT_CLIENT_ID = "edgemed-dashboard"
-_KINDS = ("results", "studies", "status", "health")
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
+# Errors a write raises because of one message's content (the database itself works): that message becomes a
+# dead letter. Anything else (disk full, locked, I/O error) is the database's fault and is retried.
+_MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
+
+__all__ = ["DEFAULT_CLIENT_ID", "TOPIC_FILTER", "Ingest", "IngestStats", "validate_result", "validate_study"]
 
 
 @dataclass
@@ -72,78 +77,6 @@ class IngestStats:
             "broker_error": self.broker_error,
             "last_message_at": self.last_message_at,
         }
-
-
-def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) -> str | None:
-    if body.get("schema") != schema:
-        return f"schema is {str(body.get('schema'))[:40]!r}, expected {schema}"
-    if not isinstance(body.get("result_id"), str) or not _HEX32.match(body["result_id"]):
-        return "result_id is not 32 lowercase hex digits"
-    if body.get("site") != site or body.get("device_id") != device_id:
-        return "site/device_id in the payload differ from the topic"
-    seq = body.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
-        return "seq is not a non-negative 64-bit integer"
-    if not isinstance(body.get("created_at"), str):
-        return "created_at is not a string"
-    triage = body.get("triage")
-    if not isinstance(triage, dict):
-        return "triage is not an object"
-    if triage.get("level") not in LEVELS:
-        return "triage.level is not a known level"
-    if not isinstance(triage.get("reason"), str):
-        return "triage.reason is not a string"
-    return None
-
-
-def validate_result(body: Any, site: str, device_id: str) -> str | None:
-    """Check the fields the dashboard relies on in an ``edgemed.result/1`` envelope.
-
-    This is not the full JSON Schema (the dashboard does not depend on jsonschema): it checks every field the
-    store and the page read, and that the payload's site and device id match the topic it came on.
-
-    Args:
-        body: the decoded JSON.
-        site: the topic's site segment.
-        device_id: the topic's device segment.
-
-    Returns:
-        None when usable, else a short reason (safe to log: it quotes no payload text beyond 40 characters).
-    """
-    if not isinstance(body, dict):
-        return "payload is not a JSON object"
-    problem = _check_common(body, "edgemed.result/1", site, device_id)
-    if problem:
-        return problem
-    for name in ("runtime", "model"):
-        if not isinstance(body.get(name), dict):
-            return f"{name} is not an object"
-    prediction = body.get("prediction")
-    if prediction is not None and not (isinstance(prediction, dict) and isinstance(prediction.get("label"), str)):
-        return "prediction is neither null nor an object with a label"
-    return None
-
-
-def validate_study(body: Any, site: str, device_id: str) -> str | None:
-    """Check the fields the dashboard relies on in an ``edgemed.study/1`` decision.
-
-    Args:
-        body: the decoded JSON.
-        site: the topic's site segment.
-        device_id: the topic's device segment.
-
-    Returns:
-        None when usable, else a short reason.
-    """
-    if not isinstance(body, dict):
-        return "payload is not a JSON object"
-    problem = _check_common(body, "edgemed.study/1", site, device_id)
-    if problem:
-        return problem
-    frames = body["triage"].get("frames")
-    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames < 2**63:
-        return "triage.frames is not a positive integer"
-    return None
 
 
 class Ingest:
@@ -420,7 +353,7 @@ class Ingest:
             self.handle(msg.topic, bytes(msg.payload))
         except Exception:  # a store failure (disk full, locked file) must not kill paho's thread
             # Not acknowledged: the broker redelivers the message after the next reconnect.
-            log.exception("could not store the message on %s; it stays unacknowledged at the broker", msg.topic)
+            log.exception("could not store the message on %s; it stays unacknowledged at the broker", msg.topic[:200])
             return
         if msg.qos > 0:
             client.ack(msg.mid, msg.qos)
@@ -428,19 +361,43 @@ class Ingest:
     def handle(self, topic: str, payload: bytes) -> str:
         """File one message; the network thread calls it, and tests may call it directly.
 
+        Whatever the payload, it is either stored or kept as a dead letter: only a failing database raises.
+
         Args:
             topic: the MQTT topic.
             payload: the raw payload.
 
         Returns:
             ``"stored"``, ``"duplicate"``, ``"updated"`` (status/health), ``"ignored"`` (an empty retained
-            message clearing a topic) or ``"rejected: <reason>"``.
+            message clearing a topic) or ``"rejected: <reason>"`` (kept in the dead-letter table).
+
+        Raises:
+            sqlite3.Error, OSError: the database could not be written (disk full, locked); nothing was stored.
         """
         now = time.time()
         with self._lock:
             self.stats.received += 1
             self.stats.last_message_at = now
-        outcome = self._file(topic, payload, now)
+        filing = self._classify(topic, payload)
+        try:
+            outcome = self.store.file([filing], now)[0]
+        except _MESSAGE_ERRORS as exc:
+            # The database works but this one message cannot go in: a dead letter, not a stuck message.
+            log.exception("could not store a message on %r; keeping it as a dead letter", topic[:200])
+            dead = replace(filing, kind="dead", body=None, reason=f"could not be stored ({type(exc).__name__})")
+            outcome = self.store.file([dead], now)[0]
+        self._count(topic, outcome)
+        return outcome
+
+    @staticmethod
+    def _classify(topic: str, payload: bytes) -> Filing:
+        try:
+            return classify(topic, payload)
+        except Exception as exc:  # a bug in a check must not leave a message unacknowledged for ever
+            log.exception("could not check a message on %r; keeping it as a dead letter", topic[:200])
+            return Filing("dead", topic, payload, reason=f"could not be checked ({type(exc).__name__})")
+
+    def _count(self, topic: str, outcome: str) -> None:
         with self._lock:
             if outcome == "stored":
                 self.stats.stored += 1
@@ -454,42 +411,6 @@ class Ingest:
                 seen = self.stats.rejected[reason]
             # The first of each kind, then every 100th: a misbehaving device must not flood the log.
             if seen == 1 or seen % 100 == 0:
-                log.warning("dropped a message on %r: %s (%d so far)", topic[:200], reason, seen)
-        return outcome
-
-    def _file(self, topic: str, payload: bytes, now: float) -> str:
-        parts = topic.split("/")
-        if len(parts) != 4 or parts[3] not in _KINDS:
-            return "rejected: topic is not edgemed/{site}/{device_id}/{results|studies|status|health}"
-        _, site, device_id, kind = parts
-        if not _ID.match(site) or not _ID.match(device_id):
-            return "rejected: site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
-        if not payload:
-            return "ignored"  # someone cleared a retained message: nothing to file
-        if len(payload) > _MAX_PAYLOAD_BYTES:
-            return "rejected: payload larger than 256 KB"
-        try:
-            body = json.loads(payload)
-        except (UnicodeDecodeError, ValueError):
-            return "rejected: payload is not JSON"
-        if kind == "results":
-            problem = validate_result(body, site, device_id)
-            if problem:
-                return f"rejected: {problem}"
-            return "stored" if self.store.add_result(body, now) else "duplicate"
-        if kind == "studies":
-            problem = validate_study(body, site, device_id)
-            if problem:
-                return f"rejected: {problem}"
-            return "stored" if self.store.add_study(body, now) else "duplicate"
-        if not isinstance(body, dict):
-            return "rejected: payload is not a JSON object"
-        if kind == "status":
-            state = body.get("state")
-            # Devices publish "online" and "offline"; MqttLink.publish_status allows other words, shown as sent.
-            if not isinstance(state, str) or not 1 <= len(state) <= 32:
-                return "rejected: status state is not a short word such as online or offline"
-            self.store.set_status(site, device_id, body, now)
-        else:
-            self.store.set_health(site, device_id, body, now)
-        return "updated"
+                log.warning(
+                    "dead letter on %r: %s (%d so far; kept in the dead_letters table)", topic[:200], reason, seen
+                )

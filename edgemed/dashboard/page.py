@@ -172,9 +172,22 @@ function renderSummary(data) {
     setStatus(ing.broker_error || "Not connected to the broker", false);
   }
   if (ing !== null) {
-    document.getElementById("ingest").textContent = "Messages received: " + ing.received + " · results stored: " +
-      ing.stored + " · duplicates dropped: " + ing.duplicates + " · malformed messages ignored: " + ing.rejected;
+    document.getElementById("ingest").textContent = "Since start: messages received: " + ing.received +
+      " · results stored: " + ing.stored + " · duplicates dropped: " + ing.duplicates +
+      " · messages refused: " + ing.rejected;
   }
+  renderDeadLetters(data.dead_letters);
+}
+
+function renderDeadLetters(counts) {
+  // Refused messages by reason, since the database was created: a device sending broken payloads shows here.
+  const entries = Object.entries(counts || {});
+  const total = entries.reduce((sum, [, n]) => sum + n, 0);
+  document.getElementById("dead").hidden = total === 0;
+  document.getElementById("dead-count").textContent = total ? "(" + total + ")" : "";
+  const rows = entries.map(([reason, n]) => el("tr", {class: "dead-row"},
+    el("td", {class: "num"}, n), el("td", {class: "reason"}, reason)));
+  replaceBody("dead-body", rows, 2, "No message was refused.");
 }
 
 function load(d) {
@@ -306,6 +319,15 @@ PAGE_TEMPLATE = """<!doctype html>
       <thead><tr><th>Received</th><th>Site</th><th>Device</th><th>Result #</th><th>Level</th><th>Finding</th>
         <th>Reason</th><th>Reviewed</th></tr></thead>
       <tbody id="results-body"></tbody>
+    </table>
+  </section>
+  <section id="dead" hidden>
+    <h2>Refused messages <span id="dead-count"></span></h2>
+    <p class="hint">Messages the dashboard could not use (broken, too large, wrong schema). Each was acknowledged
+      to the broker, so none blocks the others, and kept with its raw bytes in the database's dead_letters table.</p>
+    <table>
+      <thead><tr><th>Count</th><th>Why refused</th></tr></thead>
+      <tbody id="dead-body"></tbody>
     </table>
   </section>
 </main>

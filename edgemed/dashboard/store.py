@@ -20,13 +20,15 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
-LEVELS = ("urgent", "routine", "no_finding", "inconclusive", "recapture", "error")
+__all__ = ["LEVELS", "AckOutcome", "DashboardStore"]
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS results (
@@ -78,7 +80,30 @@ CREATE TABLE IF NOT EXISTS acks (
     acked_at    REAL NOT NULL,
     acked_by    TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL NOT NULL,
+    topic       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    site        TEXT,
+    device_id   TEXT,
+    seq         INTEGER,
+    result_id   TEXT
+);
+CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters(received_at);
+CREATE TABLE IF NOT EXISTS dead_letter_counts (
+    reason      TEXT PRIMARY KEY,
+    n           INTEGER NOT NULL,
+    last_at     REAL NOT NULL
+);
 """
+
+#: Dead letters kept (the newest); their counts by reason are kept for ever in ``dead_letter_counts``.
+DEAD_LETTERS_KEPT = 10_000
+#: Bytes of one dead letter's payload kept (the whole payload up to the ingest's size limit).
+DEAD_LETTER_BYTES_KEPT = 256 * 1024
 
 
 class AckOutcome(Enum):
@@ -143,6 +168,7 @@ class DashboardStore:
         """
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._dead_since_prune = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Default isolation: sqlite3 opens a transaction before each write and ``with self._db`` commits it, so
@@ -174,17 +200,7 @@ class DashboardStore:
             (site, device_id, received_at),
         )
 
-    def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
-        """Store one validated ``edgemed.result/1`` envelope.
-
-        Args:
-            result: the envelope (already validated by the ingest).
-            received_at: dashboard clock; now when None.
-
-        Returns:
-            True when stored, False when a result with this ``result_id`` was already there (a duplicate).
-        """
-        now = time.time() if received_at is None else received_at
+    def _insert_result(self, result: dict[str, Any], now: float) -> bool:
         runtime = _obj(result.get("runtime"))
         prediction = _obj(result.get("prediction"))
         triage = result["triage"]
@@ -204,22 +220,11 @@ class DashboardStore:
             _text(result.get("session_id")),
             json.dumps(_strip_private(result), separators=(",", ":")),
         )
-        with self._lock, self._db:
-            cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
-            self._touch(result["site"], result["device_id"], now)
-            return cur.rowcount == 1
+        cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        self._touch(result["site"], result["device_id"], now)
+        return cur.rowcount == 1
 
-    def add_study(self, study: dict[str, Any], received_at: float | None = None) -> bool:
-        """Store one validated ``edgemed.study/1`` decision.
-
-        Args:
-            study: the decision (already validated by the ingest).
-            received_at: dashboard clock; now when None.
-
-        Returns:
-            True when stored, False for a duplicate ``result_id``.
-        """
-        now = time.time() if received_at is None else received_at
+    def _insert_study(self, study: dict[str, Any], now: float) -> bool:
         triage = study["triage"]
         row = (
             study["result_id"],
@@ -236,10 +241,105 @@ class DashboardStore:
             _text(study.get("session_id")),
             json.dumps(study, separators=(",", ":")),
         )
+        cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        self._touch(study["site"], study["device_id"], now)
+        return cur.rowcount == 1
+
+    def _replace_device_state(self, column: str, site: str, device_id: str, body: dict[str, Any], now: float) -> None:
+        self._touch(site, device_id, now)
+        self._db.execute(
+            f"UPDATE devices SET {column} = ?, {column}_at = ? WHERE site = ? AND device_id = ?",
+            (json.dumps(body, separators=(",", ":")), now, site, device_id),
+        )
+
+    def _insert_dead_letter(self, filing: Filing, now: float) -> None:
+        reason = filing.reason or "unusable payload"
+        self._db.execute(
+            "INSERT INTO dead_letters(received_at, topic, reason, payload, payload_bytes, site, device_id, seq, "
+            "result_id) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                now,
+                filing.topic,
+                reason,
+                filing.payload[:DEAD_LETTER_BYTES_KEPT],
+                len(filing.payload),
+                filing.site,
+                filing.device_id,
+                filing.seq,
+                filing.result_id,
+            ),
+        )
+        self._db.execute(
+            "INSERT INTO dead_letter_counts VALUES (?, 1, ?) "
+            "ON CONFLICT(reason) DO UPDATE SET n = n + 1, last_at = excluded.last_at",
+            (reason, now),
+        )
+        self._dead_since_prune += 1
+        if self._dead_since_prune >= 100:  # a flood of junk must not fill the disk: keep the newest only
+            self._dead_since_prune = 0
+            self._db.execute(
+                "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,)
+            )
+
+    def _file_one(self, filing: Filing, now: float) -> str:
+        body = filing.body
+        if filing.kind == "results" and body is not None:
+            return "stored" if self._insert_result(body, now) else "duplicate"
+        if filing.kind == "studies" and body is not None:
+            return "stored" if self._insert_study(body, now) else "duplicate"
+        if filing.kind in ("status", "health") and body is not None and filing.site and filing.device_id:
+            self._replace_device_state(filing.kind, filing.site, filing.device_id, body, now)
+            return "updated"
+        if filing.kind == "ignored":
+            return "ignored"
+        self._insert_dead_letter(filing, now)
+        return f"rejected: {filing.reason}"
+
+    def file(self, filings: Sequence[Filing], received_at: float | None = None) -> list[str]:
+        """Store what the ingest classified, all in ONE transaction (one commit, one fsync for the lot).
+
+        Args:
+            filings: from ``validate.classify``; dead letters go to the dead-letter table.
+            received_at: dashboard clock; now when None.
+
+        Returns:
+            One outcome per filing: ``"stored"``, ``"duplicate"``, ``"updated"``, ``"ignored"`` or
+            ``"rejected: <reason>"``.
+
+        Raises:
+            sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
+        """
+        now = time.time() if received_at is None else received_at
         with self._lock, self._db:
-            cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
-            self._touch(study["site"], study["device_id"], now)
-            return cur.rowcount == 1
+            return [self._file_one(f, now) for f in filings]
+
+    def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
+        """Store one validated ``edgemed.result/1`` envelope.
+
+        Args:
+            result: the envelope (already validated by the ingest).
+            received_at: dashboard clock; now when None.
+
+        Returns:
+            True when stored, False when a result with this ``result_id`` was already there (a duplicate).
+        """
+        now = time.time() if received_at is None else received_at
+        with self._lock, self._db:
+            return self._insert_result(result, now)
+
+    def add_study(self, study: dict[str, Any], received_at: float | None = None) -> bool:
+        """Store one validated ``edgemed.study/1`` decision.
+
+        Args:
+            study: the decision (already validated by the ingest).
+            received_at: dashboard clock; now when None.
+
+        Returns:
+            True when stored, False for a duplicate ``result_id``.
+        """
+        now = time.time() if received_at is None else received_at
+        with self._lock, self._db:
+            return self._insert_study(study, now)
 
     def set_status(self, site: str, device_id: str, status: dict[str, Any], received_at: float | None = None) -> None:
         """Replace the device's latest status (``online``/``offline``, retained on the broker).
@@ -252,11 +352,7 @@ class DashboardStore:
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:
-            self._touch(site, device_id, now)
-            self._db.execute(
-                "UPDATE devices SET status = ?, status_at = ? WHERE site = ? AND device_id = ?",
-                (json.dumps(status, separators=(",", ":")), now, site, device_id),
-            )
+            self._replace_device_state("status", site, device_id, status, now)
 
     def set_health(self, site: str, device_id: str, health: dict[str, Any], received_at: float | None = None) -> None:
         """Replace the device's latest heartbeat.
@@ -269,11 +365,7 @@ class DashboardStore:
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:
-            self._touch(site, device_id, now)
-            self._db.execute(
-                "UPDATE devices SET health = ?, health_at = ? WHERE site = ? AND device_id = ?",
-                (json.dumps(health, separators=(",", ":")), now, site, device_id),
-            )
+            self._replace_device_state("health", site, device_id, health, now)
 
     def acknowledge(self, result_id: str, by: str = "", at: float | None = None) -> AckOutcome:
         """Record that a person has seen an (urgent) result or study decision.
@@ -437,6 +529,28 @@ class DashboardStore:
             "s.reason, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
             "WHERE s.level = 'urgent' AND a.result_id IS NULL "
             "ORDER BY received_at ASC, seq ASC LIMIT ?",
+            (limit,),
+        )
+        return [dict(r) for r in rows]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """How many payloads were refused, by reason, since the database was created (pruning keeps counts)."""
+        return {
+            r["reason"]: int(r["n"]) for r in self._query("SELECT reason, n FROM dead_letter_counts ORDER BY n DESC")
+        }
+
+    def recent_dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest dead letters without their payload (it is hostile or broken; read it with sqlite3).
+
+        Args:
+            limit: most rows returned.
+
+        Returns:
+            Dicts with ``id, received_at, topic, reason, payload_bytes, site, device_id, seq, result_id``.
+        """
+        rows = self._query(
+            "SELECT id, received_at, substr(topic, 1, 300) AS topic, reason, payload_bytes, site, device_id, seq, "
+            "result_id FROM dead_letters ORDER BY id DESC LIMIT ?",
             (limit,),
         )
         return [dict(r) for r in rows]

@@ -4,7 +4,9 @@ Routes:
     GET  /                      the page (inline CSS and JS; it polls the API every few seconds)
     GET  /api/fleet             one row per device (``DashboardStore.fleet``)
     GET  /api/results?level=L&limit=N   newest results, optionally of one triage level
-    GET  /api/summary           level counts, urgent results nobody acknowledged yet, ingest counters
+    GET  /api/summary           level counts, urgent results nobody acknowledged yet, refused messages by reason,
+                                ingest counters
+    GET  /api/dead-letters      the newest refused messages (topic, reason, size, device; never the payload)
     POST /api/ack/{result_id}   a person acknowledges an urgent result (JSON body ``{"by": "initials"}``)
 
 Security. Everything shown comes from devices, and a device id, a model name or a triage reason may be hostile
@@ -156,9 +158,12 @@ class _Handler(BaseHTTPRequestHandler):
                         "now": now,
                         "counts": self.server.store.level_counts(),
                         "attention": self.server.store.unacknowledged_urgent(),
+                        "dead_letters": self.server.store.dead_letter_counts(),
                         "ingest": snapshot() if snapshot is not None else None,
                     },
                 )
+            elif url.path == "/api/dead-letters":
+                self._json(HTTPStatus.OK, {"now": now, "dead_letters": self.server.store.recent_dead_letters()})
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
         except ConfigError as exc:
