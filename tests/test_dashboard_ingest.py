@@ -206,3 +206,55 @@ def test_the_page_counts_refused_messages_by_reason(tmp_path: Path) -> None:
     assert 'id="dead-count">(4)</span>' in dom, dom[-3000:]
     rows = re.findall(r'<tr class="dead-row"><td class="num">(\d+)</td><td class="reason">([^<]+)</td>', dom)
     assert rows == [("3", "payload nests deeper than 32 levels"), ("1", "payload is not JSON")]
+
+
+def _strict_json(body: bytes) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_non_finite_numbers_are_refused_at_ingest(tmp_path: Path, number: bytes) -> None:
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    ingest = Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)
+    heartbeat = json.dumps({**HEALTH, "fps": 1.5}).encode().replace(b"1.5", number)
+    outcome = ingest.handle("edgemed/clinic-a/us-01/health", heartbeat)
+    assert outcome == "rejected: payload has a non-finite number (NaN or Infinity)"
+    result = json.dumps(make_result(seq=3)).encode().replace(b'"total": 0.4', b'"total": ' + number)
+    assert ingest.handle(TOPIC, result) == outcome
+    assert store.fleet() == [] and store.result_count() == 0  # nothing of them stored, both kept as dead letters
+    assert dead_letters(tmp_path / "d.sqlite3")[0]["payload"] == heartbeat
+    store.close()
+
+
+def test_a_nan_stored_by_an_older_dashboard_never_reaches_the_page(tmp_path: Path) -> None:
+    db = tmp_path / "d.sqlite3"
+    store = DashboardStore(db)
+    store.set_status("clinic-a", "us-01", {"state": "online"})
+    store.set_health("clinic-a", "us-01", HEALTH)
+    with sqlite3.connect(db) as con:  # what an older dashboard wrote: json.dumps allows NaN by default
+        con.execute("UPDATE devices SET health = ?", (json.dumps({**HEALTH, "fps": float("nan")}),))
+    with pytest.raises(ValueError):
+        store.set_health("clinic-a", "us-01", {**HEALTH, "fps": float("inf")})  # the store writes no NaN itself
+    server = make_server(store, port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        fleet = _strict_json(urllib.request.urlopen(server.url + "api/fleet", timeout=5).read())
+        assert fleet["devices"][0]["fps"] is None and fleet["devices"][0]["pending"] == 17
+        proc = _chromium(tmp_path, server.url, "--dump-dom")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        store.close()
+    assert 'class="device-row" data-device="us-01"' in proc.stdout, proc.stdout[-3000:]
+
+
+def test_the_api_encoder_never_writes_non_finite_numbers() -> None:
+    from edgemed.dashboard.web import encode_json
+
+    value = {"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "NaN"}
+    assert _strict_json(encode_json(value)) == {"a": [1.0, None], "b": {"c": None}, "d": "NaN"}

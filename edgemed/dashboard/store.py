@@ -17,6 +17,7 @@ reader (a backup, ``sqlite3`` on the command line) read while the dashboard writ
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -142,9 +143,23 @@ def _flag(value: Any) -> int | None:
     return int(value) if isinstance(value, bool) else None
 
 
-def _number(value: Any) -> float | None:
-    # Heartbeat fields come from devices: only a real number reaches the page (not a string, bool or object).
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def _number(value: Any) -> float | int | None:
+    # Heartbeat fields come from devices: only a finite number reaches the page (not a string, bool, object or
+    # NaN, which is not JSON and blanked the page for everyone). The ingest refuses them; this also covers rows
+    # stored by an older dashboard.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _dumps(value: Any) -> str:
+    # allow_nan=False: NaN and Infinity are not JSON; the ingest refuses them, so this raising is a bug caught
+    # there (the message becomes a dead letter), never invalid JSON in the database.
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def _loads(text: str | None) -> dict[str, Any] | None:
@@ -152,6 +167,40 @@ def _loads(text: str | None) -> dict[str, Any] | None:
         return None
     value = json.loads(text)
     return value if isinstance(value, dict) else None
+
+
+def _device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str, Any]:
+    status = _loads(row["status"]) or {}
+    health = _loads(row["health"]) or {}
+    # The newer of status and heartbeat says which delegate runs now; both carry it.
+    newest = health if (row["health_at"] or 0) >= (row["status_at"] or 0) else status
+    latency = _obj(health.get("latency_ms"))
+    state = _text(status.get("state")) or "unknown"
+    return {
+        "site": row["site"],
+        "device_id": row["device_id"],
+        "state": state,
+        "last_seen": row["last_seen"],
+        "last_seen_s_ago": round(max(0.0, now - row["last_seen"]), 1),
+        "delegate": _text(newest.get("delegate", status.get("delegate"))),
+        "degraded": bool(_bool(newest.get("degraded", status.get("degraded", False)))),
+        "degraded_reason": _text(health.get("degraded_reason")),
+        "pending": _number(health.get("pending")),
+        "oldest_pending_s": _number(health.get("oldest_pending_s")),
+        "outbox_full": _bool(health.get("outbox_full")),
+        "fps": _number(health.get("fps")),
+        "p95_ms": _number(latency.get("p95")),
+        "frames": _number(health.get("frames")),
+        "errors": _number(health.get("errors")),
+        "connected": _bool(health.get("connected")),
+        "source_state": _text(health.get("source_state")),
+        "cpu_percent": _number(health.get("cpu_percent")),
+        "cpu_temp_c": _number(health.get("cpu_temp_c")),
+        "peak_rss_mb": _number(health.get("peak_rss_mb")),
+        "model": _text(status.get("model")),
+        "offline_reason": _text(status.get("reason")) if state == "offline" else None,
+        "silent": state == "online" and now - row["last_seen"] > silent_after_s,
+    }
 
 
 class DashboardStore:
@@ -218,7 +267,7 @@ class DashboardStore:
             _text(runtime.get("delegate")),
             _flag(runtime.get("degraded")),
             _text(result.get("session_id")),
-            json.dumps(_strip_private(result), separators=(",", ":")),
+            _dumps(_strip_private(result)),
         )
         cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
         self._touch(result["site"], result["device_id"], now)
@@ -239,7 +288,7 @@ class DashboardStore:
             _int(study.get("first_seq")),
             _int(study.get("last_seq")),
             _text(study.get("session_id")),
-            json.dumps(study, separators=(",", ":")),
+            _dumps(study),
         )
         cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
         self._touch(study["site"], study["device_id"], now)
@@ -249,7 +298,7 @@ class DashboardStore:
         self._touch(site, device_id, now)
         self._db.execute(
             f"UPDATE devices SET {column} = ?, {column}_at = ? WHERE site = ? AND device_id = ?",
-            (json.dumps(body, separators=(",", ":")), now, site, device_id),
+            (_dumps(body), now, site, device_id),
         )
 
     def _insert_dead_letter(self, filing: Filing, now: float) -> None:
@@ -413,43 +462,8 @@ class DashboardStore:
             offline_reason, silent``, sorted by site and device (a load figure a device did not send is None).
         """
         t = time.time() if now is None else now
-        fleet = []
-        for row in self._query("SELECT * FROM devices ORDER BY site, device_id"):
-            status = _loads(row["status"]) or {}
-            health = _loads(row["health"]) or {}
-            # The newer of status and heartbeat says which delegate runs now; both carry it.
-            newest = health if (row["health_at"] or 0) >= (row["status_at"] or 0) else status
-            latency_value = health.get("latency_ms")
-            latency: dict[str, Any] = latency_value if isinstance(latency_value, dict) else {}
-            state = status.get("state")
-            fleet.append(
-                {
-                    "site": row["site"],
-                    "device_id": row["device_id"],
-                    "state": state if isinstance(state, str) and state else "unknown",
-                    "last_seen": row["last_seen"],
-                    "last_seen_s_ago": round(max(0.0, t - row["last_seen"]), 1),
-                    "delegate": newest.get("delegate", status.get("delegate")),
-                    "degraded": bool(newest.get("degraded", status.get("degraded", False))),
-                    "degraded_reason": health.get("degraded_reason"),
-                    "pending": health.get("pending"),
-                    "oldest_pending_s": health.get("oldest_pending_s"),
-                    "outbox_full": health.get("outbox_full"),
-                    "fps": health.get("fps"),
-                    "p95_ms": latency.get("p95"),
-                    "frames": health.get("frames"),
-                    "errors": health.get("errors"),
-                    "connected": health.get("connected"),
-                    "source_state": health.get("source_state"),
-                    "cpu_percent": _number(health.get("cpu_percent")),
-                    "cpu_temp_c": _number(health.get("cpu_temp_c")),
-                    "peak_rss_mb": _number(health.get("peak_rss_mb")),
-                    "model": status.get("model"),
-                    "offline_reason": status.get("reason") if state == "offline" else None,
-                    "silent": state == "online" and t - row["last_seen"] > silent_after_s,
-                }
-            )
-        return fleet
+        rows = self._query("SELECT * FROM devices ORDER BY site, device_id")
+        return [_device_row(row, t, silent_after_s) for row in rows]
 
     @staticmethod
     def _result_row(row: sqlite3.Row) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -52,6 +53,36 @@ _CSP = (
     f"default-src 'none'; script-src {_csp_hash(SCRIPT)}; style-src {_csp_hash(STYLE)}; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode_json(value: Any) -> bytes:
+    """The API's JSON: always valid JSON, with any NaN or Infinity replaced by null.
+
+    The ingest refuses non-finite numbers and the store never returns one; this is the last line, because one
+    ``NaN`` in ``/api/fleet`` made the page's ``JSON.parse`` fail and blanked the dashboard for everyone.
+
+    Args:
+        value: what to send.
+
+    Returns:
+        Compact UTF-8 JSON.
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        log.warning("a non-finite number reached the dashboard's API; it is sent as null")
+        text = json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
+    return text.encode()
 
 
 class DashboardServer(ThreadingHTTPServer):
@@ -118,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, value: Any) -> None:
-        self._send(status, json.dumps(value, separators=(",", ":")).encode(), "application/json; charset=utf-8")
+        self._send(status, encode_json(value), "application/json; charset=utf-8")
 
     def _error(self, status: HTTPStatus, message: str) -> None:
         self._json(status, {"error": message})
