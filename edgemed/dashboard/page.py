@@ -55,6 +55,9 @@ button:disabled { opacity:.5; cursor:default; }
 input, select { font:inherit; font-size:13px; padding:2px 6px; }
 .empty { color:var(--muted); padding:8px; }
 .note { color:var(--muted); font-size:12px; margin-left:6px; }
+.clipped { color:var(--muted); font-size:12px; }
+.pager { display:flex; gap:8px; align-items:center; margin-top:8px; color:var(--muted); font-size:13px; }
+.pager button { background:#fff; color:var(--fg); border-color:var(--line); }
 .late { color:var(--warn); font-weight:600; }
 footer { color:var(--muted); font-size:12px; padding:0 20px 20px; max-width:1400px; margin:0 auto; }
 """
@@ -64,7 +67,38 @@ SCRIPT = r"""
 const LEVEL_NAMES = {urgent: "Urgent", routine: "Routine", no_finding: "No finding",
                      inconclusive: "Inconclusive", recapture: "Recapture needed", error: "Error"};
 const REFRESH_MS = 3000;
+const FLEET_PAGE = 100;
+const RESULTS_PAGE = 50;
 let lastNow = null;
+let fleetOffset = 0;
+let resultsOffset = 0;
+
+function clip(text, max) {
+  // Device text is limited at ingest, but a database written by an older dashboard may hold anything: a 20,000
+  // character reason froze the page. Show the start and say that the rest is left out.
+  if (text === null || text === undefined) return "";
+  const s = String(text);
+  if (s.length <= max) return s;
+  return el("span", {}, s.slice(0, max) + "…",
+    el("span", {class: "clipped"}, " (shortened: " + s.length.toLocaleString() + " characters in all)"));
+}
+
+function pager(id, offset, shown, total, pageSize, onMove, noun) {
+  // total is null when unknown (results): then "Older" is offered whenever a full page came back.
+  const box = document.getElementById(id);
+  box.replaceChildren();
+  const more = total === null ? shown === pageSize : offset + shown < total;
+  if (offset === 0 && !more) { box.hidden = true; return; }
+  box.hidden = false;
+  const prev = el("button", {type: "button"}, "← Previous");
+  prev.disabled = offset === 0;
+  prev.addEventListener("click", () => onMove(Math.max(0, offset - pageSize)));
+  const next = el("button", {type: "button"}, "Next →");
+  next.disabled = !more;
+  next.addEventListener("click", () => onMove(offset + pageSize));
+  const range = shown ? (offset + 1) + "–" + (offset + shown) : "none";
+  box.append(prev, next, el("span", {}, noun + " " + range + (total === null ? "" : " of " + total)));
+}
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -91,7 +125,8 @@ function duration(seconds) {
   if (seconds === null || seconds === undefined) return "—";
   if (seconds < 90) return Math.round(seconds) + " s";
   if (seconds < 5400) return Math.round(seconds / 60) + " min";
-  return (seconds / 3600).toFixed(1) + " h";
+  if (seconds < 172800) return (seconds / 3600).toFixed(1) + " h";
+  return Math.round(seconds / 86400) + " days";
 }
 
 function num(v, digits) {
@@ -156,13 +191,18 @@ function renderSummary(data) {
     return el("tr", {class: "urgent-row"},
       el("td", {class: "late"}, duration(now - a.received_at)),
       el("td", {}, a.site), el("td", {}, a.device_id), el("td", {}, what),
-      el("td", {}, a.label === null ? "" : a.label),
-      el("td", {class: "reason"}, a.reason),
+      el("td", {}, clip(a.label, 80)),
+      el("td", {class: "reason"}, clip(a.reason, 300)),
       el("td", {}, button));
   });
+  const waiting = data.attention_total;
+  if (waiting > rows.length) {
+    rows.push(el("tr", {class: "more-row"}, el("td", {colspan: "7", class: "empty"},
+      "…and " + (waiting - rows.length) + " more waiting: acknowledge the oldest first and they move up.")));
+  }
   replaceBody("attention-body", rows, 7, "No urgent result is waiting for review.");
-  document.getElementById("attention").className = rows.length ? "" : "clear";
-  document.getElementById("attention-count").textContent = rows.length ? "(" + rows.length + ")" : "";
+  document.getElementById("attention").className = waiting ? "" : "clear";
+  document.getElementById("attention-count").textContent = waiting ? "(" + waiting + ")" : "";
   const ing = data.ingest;
   if (ing === null) {
     setStatus("No broker connection configured", false);
@@ -205,13 +245,13 @@ function renderFleet(data) {
   const rows = data.devices.map((d) => {
     const stateNames = {online: "Online", offline: "Offline", unknown: "Unknown"};
     const state = el("span", {class: "badge " + (d.state === "online" ? "online" : "offline")},
-      Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : d.state);
+      Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : clip(d.state, 32));
     const connection = el("td", {}, state);
-    if (d.offline_reason) connection.append(el("span", {class: "note"}, d.offline_reason));
-    const delegate = el("td", {}, d.delegate || "—");
+    if (d.offline_reason) connection.append(el("span", {class: "note"}, clip(d.offline_reason, 120)));
+    const delegate = el("td", {}, clip(d.delegate, 20) || "—");
     if (d.degraded) {
       const badge = el("span", {class: "badge degraded"}, "DEGRADED");
-      if (d.degraded_reason) badge.setAttribute("title", d.degraded_reason);
+      if (d.degraded_reason) badge.setAttribute("title", String(d.degraded_reason).slice(0, 300));
       delegate.append(badge);
     }
     const lastHeard = el("td", {class: "num"}, ago(now - d.last_seen));
@@ -231,6 +271,11 @@ function renderFleet(data) {
       lastHeard);
   });
   replaceBody("fleet-body", rows, 10, "No device has reported yet.");
+  pager("fleet-pager", data.offset, rows.length, data.total, FLEET_PAGE,
+    (offset) => { fleetOffset = offset; refresh(); }, "Devices");
+  const hidden = document.getElementById("fleet-hidden");
+  hidden.textContent = data.hidden ? data.hidden + (data.hidden === 1 ? " device" : " devices") +
+    " not heard from for over " + duration(data.expire_after_s) + " not shown." : "";
 }
 
 function renderResults(data) {
@@ -238,17 +283,20 @@ function renderResults(data) {
   const rows = data.results.map((r) => el("tr", {class: "result-row"},
     el("td", {}, ago(now - r.received_at)), el("td", {}, r.site), el("td", {}, r.device_id),
     el("td", {class: "num"}, r.seq), el("td", {}, levelBadge(r.level)),
-    el("td", {}, r.label === null ? "" : r.label), el("td", {class: "reason"}, r.reason),
-    el("td", {}, r.acked_at ? "Seen" + (r.acked_by ? " by " + r.acked_by : "") : "")));
-  replaceBody("results-body", rows, 8, "No results yet.");
+    el("td", {}, clip(r.label, 80)), el("td", {class: "reason"}, clip(r.reason, 300)),
+    el("td", {}, r.acked_at ? "Seen" + (r.acked_by ? " by " + clip(r.acked_by, 64) : "") : "")));
+  replaceBody("results-body", rows, 8, resultsOffset ? "No older results." : "No results yet.");
+  pager("results-pager", data.offset, rows.length, null, RESULTS_PAGE,
+    (offset) => { resultsOffset = offset; refresh(); }, "Results");
 }
 
 async function refresh() {
   const level = document.getElementById("level").value;
   try {
     const [summary, fleet, results] = await Promise.all([
-      getJson("/api/summary"), getJson("/api/fleet"),
-      getJson("/api/results?limit=50" + (level ? "&level=" + encodeURIComponent(level) : ""))]);
+      getJson("/api/summary"), getJson("/api/fleet?limit=" + FLEET_PAGE + "&offset=" + fleetOffset),
+      getJson("/api/results?limit=" + RESULTS_PAGE + "&offset=" + resultsOffset +
+              (level ? "&level=" + encodeURIComponent(level) : ""))]);
     renderSummary(summary);
     renderFleet(fleet);
     renderResults(results);
@@ -259,7 +307,7 @@ async function refresh() {
   }
 }
 
-document.getElementById("level").addEventListener("change", refresh);
+document.getElementById("level").addEventListener("change", () => { resultsOffset = 0; refresh(); });
 refresh();
 setInterval(refresh, REFRESH_MS);
 """
@@ -305,6 +353,8 @@ PAGE_TEMPLATE = """<!doctype html>
         <th>Last heard from</th></tr></thead>
       <tbody id="fleet-body"></tbody>
     </table>
+    <div id="fleet-pager" class="pager" hidden></div>
+    <p id="fleet-hidden" class="hint"></p>
   </section>
   <section>
     <h2>Recent results</h2>
@@ -320,6 +370,7 @@ PAGE_TEMPLATE = """<!doctype html>
         <th>Reason</th><th>Reviewed</th></tr></thead>
       <tbody id="results-body"></tbody>
     </table>
+    <div id="results-pager" class="pager" hidden></div>
   </section>
   <section id="dead" hidden>
     <h2>Refused messages <span id="dead-count"></span></h2>

@@ -17,7 +17,6 @@ reader (a backup, ``sqlite3`` on the command line) read while the dashboard writ
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgemed.dashboard.queries import StoreQueries, as_flag, as_int, as_obj, as_text
 from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS devices (
     health_at   REAL,
     PRIMARY KEY (site, device_id)
 );
+CREATE INDEX IF NOT EXISTS devices_last_seen ON devices(last_seen);
 CREATE TABLE IF NOT EXISTS acks (
     result_id   TEXT PRIMARY KEY,
     acked_at    REAL NOT NULL,
@@ -115,6 +116,12 @@ class AckOutcome(Enum):
     NOT_FOUND = "not found"
 
 
+def _dumps(value: Any) -> str:
+    # allow_nan=False: NaN and Infinity are not JSON; the ingest refuses them, so this raising is a bug caught
+    # there (the message becomes a dead letter), never invalid JSON in the database.
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
 def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
     # A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
     # dashboard never keeps or shows them, whatever a device sends.
@@ -124,86 +131,7 @@ def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def _text(value: Any) -> str | None:
-    # Validation checks the fields the page needs; optional ones are kept only when they have the right type, so
-    # that no payload can make the INSERT fail (a failing INSERT leaves the message unacknowledged at the broker).
-    return value if isinstance(value, str) else None
-
-
-def _int(value: Any) -> int | None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-    return value if ok else None
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _flag(value: Any) -> int | None:
-    return int(value) if isinstance(value, bool) else None
-
-
-def _number(value: Any) -> float | int | None:
-    # Heartbeat fields come from devices: only a finite number reaches the page (not a string, bool, object or
-    # NaN, which is not JSON and blanked the page for everyone). The ingest refuses them; this also covers rows
-    # stored by an older dashboard.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _bool(value: Any) -> bool | None:
-    return value if isinstance(value, bool) else None
-
-
-def _dumps(value: Any) -> str:
-    # allow_nan=False: NaN and Infinity are not JSON; the ingest refuses them, so this raising is a bug caught
-    # there (the message becomes a dead letter), never invalid JSON in the database.
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def _loads(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    value = json.loads(text)
-    return value if isinstance(value, dict) else None
-
-
-def _device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str, Any]:
-    status = _loads(row["status"]) or {}
-    health = _loads(row["health"]) or {}
-    # The newer of status and heartbeat says which delegate runs now; both carry it.
-    newest = health if (row["health_at"] or 0) >= (row["status_at"] or 0) else status
-    latency = _obj(health.get("latency_ms"))
-    state = _text(status.get("state")) or "unknown"
-    return {
-        "site": row["site"],
-        "device_id": row["device_id"],
-        "state": state,
-        "last_seen": row["last_seen"],
-        "last_seen_s_ago": round(max(0.0, now - row["last_seen"]), 1),
-        "delegate": _text(newest.get("delegate", status.get("delegate"))),
-        "degraded": bool(_bool(newest.get("degraded", status.get("degraded", False)))),
-        "degraded_reason": _text(health.get("degraded_reason")),
-        "pending": _number(health.get("pending")),
-        "oldest_pending_s": _number(health.get("oldest_pending_s")),
-        "outbox_full": _bool(health.get("outbox_full")),
-        "fps": _number(health.get("fps")),
-        "p95_ms": _number(latency.get("p95")),
-        "frames": _number(health.get("frames")),
-        "errors": _number(health.get("errors")),
-        "connected": _bool(health.get("connected")),
-        "source_state": _text(health.get("source_state")),
-        "cpu_percent": _number(health.get("cpu_percent")),
-        "cpu_temp_c": _number(health.get("cpu_temp_c")),
-        "peak_rss_mb": _number(health.get("peak_rss_mb")),
-        "model": _text(status.get("model")),
-        "offline_reason": _text(status.get("reason")) if state == "offline" else None,
-        "silent": state == "online" and now - row["last_seen"] > silent_after_s,
-    }
-
-
-class DashboardStore:
+class DashboardStore(StoreQueries):
     """SQLite store of everything the fleet publishes, shared by the ingest thread and the web server."""
 
     def __init__(self, path: Path) -> None:
@@ -250,8 +178,8 @@ class DashboardStore:
         )
 
     def _insert_result(self, result: dict[str, Any], now: float) -> bool:
-        runtime = _obj(result.get("runtime"))
-        prediction = _obj(result.get("prediction"))
+        runtime = as_obj(result.get("runtime"))
+        prediction = as_obj(result.get("prediction"))
         triage = result["triage"]
         row = (
             result["result_id"],
@@ -259,14 +187,14 @@ class DashboardStore:
             result["device_id"],
             result["seq"],
             result["created_at"],
-            _flag(result.get("clock_synced")),
+            as_flag(result.get("clock_synced")),
             now,
             triage["level"],
             triage["reason"],
-            _text(prediction.get("label")),
-            _text(runtime.get("delegate")),
-            _flag(runtime.get("degraded")),
-            _text(result.get("session_id")),
+            as_text(prediction.get("label")),
+            as_text(runtime.get("delegate")),
+            as_flag(runtime.get("degraded")),
+            as_text(result.get("session_id")),
             _dumps(_strip_private(result)),
         )
         cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -284,10 +212,10 @@ class DashboardStore:
             now,
             triage["level"],
             triage["reason"],
-            _int(triage.get("frames")),
-            _int(study.get("first_seq")),
-            _int(study.get("last_seq")),
-            _text(study.get("session_id")),
+            as_int(triage.get("frames")),
+            as_int(study.get("first_seq")),
+            as_int(study.get("last_seq")),
+            as_text(study.get("session_id")),
             _dumps(study),
         )
         cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
@@ -437,142 +365,3 @@ class DashboardStore:
                 return AckOutcome.NOT_FOUND
             cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (result_id, now, by.strip()[:64]))
             return AckOutcome.ACKNOWLEDGED if cur.rowcount == 1 else AckOutcome.ALREADY
-
-    # -- reads (web) -------------------------------------------------------------------------------------------
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.row_factory = sqlite3.Row
-            return list(cur.execute(sql, params).fetchall())
-
-    def fleet(self, now: float | None = None, silent_after_s: float = 120.0) -> list[dict[str, Any]]:
-        """One row per device: connection state, delegate, backlog and speed from its latest status and heartbeat.
-
-        Args:
-            now: dashboard clock used for "seconds since last seen"; now when None.
-            silent_after_s: an online device not heard from for this long is flagged ``silent`` (heartbeats come
-                every 30 s by default, so 120 s is four missed in a row: a hung process or a half-open link that
-                the broker has not yet noticed).
-
-        Returns:
-            Dicts with ``site, device_id, state ("online", "offline", another word sent, or "unknown"), last_seen,
-            last_seen_s_ago, delegate, degraded, degraded_reason, pending, oldest_pending_s, outbox_full, fps,
-            p95_ms, frames, errors, connected, source_state, cpu_percent, cpu_temp_c, peak_rss_mb, model,
-            offline_reason, silent``, sorted by site and device (a load figure a device did not send is None).
-        """
-        t = time.time() if now is None else now
-        rows = self._query("SELECT * FROM devices ORDER BY site, device_id")
-        return [_device_row(row, t, silent_after_s) for row in rows]
-
-    @staticmethod
-    def _result_row(row: sqlite3.Row) -> dict[str, Any]:
-        return {
-            "kind": "frame",
-            "result_id": row["result_id"],
-            "site": row["site"],
-            "device_id": row["device_id"],
-            "seq": row["seq"],
-            "created_at": row["created_at"],
-            "received_at": row["received_at"],
-            "level": row["level"],
-            "reason": row["reason"],
-            "label": row["label"],
-            "delegate": row["delegate"],
-            "degraded": None if row["degraded"] is None else bool(row["degraded"]),
-            "acked_at": row["acked_at"],
-            "acked_by": row["acked_by"],
-        }
-
-    def recent_results(self, level: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest frame results first, optionally of one triage level.
-
-        Args:
-            level: one of ``LEVELS``, or None for all.
-            limit: most rows returned (1-1000).
-
-        Returns:
-            Result summaries (no probabilities, no payload) with their acknowledgement, if any.
-
-        Raises:
-            ConfigError: unknown level or limit out of range.
-        """
-        if level is not None and level not in LEVELS:
-            raise ConfigError(f"unknown triage level {level!r}; use one of {', '.join(LEVELS)}")
-        if not 1 <= limit <= 1000:
-            raise ConfigError(f"limit must be between 1 and 1000, not {limit}")
-        where, params = ("WHERE r.level = ?", (level,)) if level else ("", ())
-        rows = self._query(
-            "SELECT r.*, a.acked_at, a.acked_by FROM results r LEFT JOIN acks a USING (result_id) "
-            f"{where} ORDER BY r.received_at DESC, r.seq DESC LIMIT ?",
-            (*params, limit),
-        )
-        return [self._result_row(r) for r in rows]
-
-    def level_counts(self) -> dict[str, dict[str, int]]:
-        """How many frame results and study decisions have each triage level (every level present, maybe 0).
-
-        Returns:
-            ``{"results": {level: n}, "studies": {level: n}}``.
-        """
-        out: dict[str, dict[str, int]] = {}
-        for table in ("results", "studies"):
-            counts = dict.fromkeys(LEVELS, 0)
-            for row in self._query(f"SELECT level, count(*) AS n FROM {table} GROUP BY level"):
-                counts[row["level"]] = row["n"]
-            out[table] = counts
-        return out
-
-    def unacknowledged_urgent(self, limit: int = 200) -> list[dict[str, Any]]:
-        """Urgent frame results and urgent study decisions no person has acknowledged yet, oldest first.
-
-        Oldest first because the one waiting longest is the one to look at first.
-
-        Args:
-            limit: most rows returned.
-
-        Returns:
-            Summaries with ``kind`` ``"frame"`` or ``"study"``.
-        """
-        rows = self._query(
-            "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
-            "r.reason, r.label, NULL AS frames FROM results r LEFT JOIN acks a USING (result_id) "
-            "WHERE r.level = 'urgent' AND a.result_id IS NULL "
-            "UNION ALL "
-            "SELECT 'study', s.result_id, s.site, s.device_id, s.seq, s.created_at, s.received_at, "
-            "s.reason, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
-            "WHERE s.level = 'urgent' AND a.result_id IS NULL "
-            "ORDER BY received_at ASC, seq ASC LIMIT ?",
-            (limit,),
-        )
-        return [dict(r) for r in rows]
-
-    def dead_letter_counts(self) -> dict[str, int]:
-        """How many payloads were refused, by reason, since the database was created (pruning keeps counts)."""
-        return {
-            r["reason"]: int(r["n"]) for r in self._query("SELECT reason, n FROM dead_letter_counts ORDER BY n DESC")
-        }
-
-    def recent_dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The newest dead letters without their payload (it is hostile or broken; read it with sqlite3).
-
-        Args:
-            limit: most rows returned.
-
-        Returns:
-            Dicts with ``id, received_at, topic, reason, payload_bytes, site, device_id, seq, result_id``.
-        """
-        rows = self._query(
-            "SELECT id, received_at, substr(topic, 1, 300) AS topic, reason, payload_bytes, site, device_id, seq, "
-            "result_id FROM dead_letters ORDER BY id DESC LIMIT ?",
-            (limit,),
-        )
-        return [dict(r) for r in rows]
-
-    def result_count(self) -> int:
-        """Number of stored frame results (duplicates are never stored, so this counts unique results)."""
-        return int(self._query("SELECT count(*) AS n FROM results")[0]["n"])
-
-    def study_count(self) -> int:
-        """Number of stored study decisions."""
-        return int(self._query("SELECT count(*) AS n FROM studies")[0]["n"])

@@ -2,8 +2,8 @@
 
 Routes:
     GET  /                      the page (inline CSS and JS; it polls the API every few seconds)
-    GET  /api/fleet             one row per device (``DashboardStore.fleet``)
-    GET  /api/results?level=L&limit=N   newest results, optionally of one triage level
+    GET  /api/fleet?offset=O&limit=N    one row per device heard from recently (``DashboardStore.fleet``), a page
+    GET  /api/results?level=L&offset=O&limit=N   newest results, optionally of one triage level, a page
     GET  /api/summary           level counts, urgent results nobody acknowledged yet, refused messages by reason,
                                 ingest counters
     GET  /api/dead-letters      the newest refused messages (topic, reason, size, device; never the payload)
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 _ACK_PATH = re.compile(r"^/api/ack/([0-9a-f]{32})$")
 _MAX_BODY_BYTES = 4096
+#: Devices not heard from for a week leave the fleet table (their results stay); ``--device-expiry-days``.
+DEVICE_EXPIRY_S = 7 * 86400.0
 
 
 def _csp_hash(text: str) -> str:
@@ -95,6 +97,8 @@ class DashboardServer(ThreadingHTTPServer):
         address: tuple[str, int],
         store: DashboardStore,
         ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
+        *,
+        device_expiry_s: float | None = DEVICE_EXPIRY_S,
     ) -> None:
         """Bind the socket.
 
@@ -102,12 +106,14 @@ class DashboardServer(ThreadingHTTPServer):
             address: (host, port); port 0 picks a free port (see ``server_address``).
             store: the dashboard database.
             ingest_snapshot: returns the ingest's counters and broker state; None = no ingest running.
+            device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
 
         Raises:
             ConfigError: the address cannot be bound (port in use, host not on this machine).
         """
         self.store = store
         self.ingest_snapshot = ingest_snapshot
+        self.device_expiry_s = device_expiry_s
         self.loopback_only = is_loopback(address[0])
         try:
             super().__init__(address, _Handler)
@@ -121,6 +127,13 @@ class DashboardServer(ThreadingHTTPServer):
         """``http://host:port/`` of the bound socket."""
         host, port = self.server_address[0], self.server_address[1]
         return f"http://{host!s}:{port}/"
+
+
+def _number_param(query: dict[str, list[str]], name: str, default: int) -> int:
+    text = (query.get(name) or [str(default)])[0]
+    if not text.isdigit() or len(text) > 9:
+        raise ConfigError(f"{name} must be a whole number, not {text[:20]!r}")
+    return int(text)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -173,32 +186,46 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, _PAGE, "text/html; charset=utf-8")
             elif url.path == "/api/fleet":
-                self._json(HTTPStatus.OK, {"now": now, "devices": self.server.store.fleet(now)})
+                self._json(HTTPStatus.OK, self._fleet(query, now))
             elif url.path == "/api/results":
                 level = (query.get("level") or [""])[0] or None
-                limit_text = (query.get("limit") or ["100"])[0]
-                if not limit_text.isdigit():
-                    raise ConfigError(f"limit must be a whole number, not {limit_text[:20]!r}")
-                results = self.server.store.recent_results(level, int(limit_text))
-                self._json(HTTPStatus.OK, {"now": now, "level": level, "results": results})
+                offset, limit = _number_param(query, "offset", 0), _number_param(query, "limit", 100)
+                results = self.server.store.recent_results(level, limit, offset)
+                self._json(HTTPStatus.OK, {"now": now, "level": level, "offset": offset, "results": results})
             elif url.path == "/api/summary":
-                snapshot = self.server.ingest_snapshot
-                self._json(
-                    HTTPStatus.OK,
-                    {
-                        "now": now,
-                        "counts": self.server.store.level_counts(),
-                        "attention": self.server.store.unacknowledged_urgent(),
-                        "dead_letters": self.server.store.dead_letter_counts(),
-                        "ingest": snapshot() if snapshot is not None else None,
-                    },
-                )
+                self._json(HTTPStatus.OK, self._summary(query, now))
             elif url.path == "/api/dead-letters":
                 self._json(HTTPStatus.OK, {"now": now, "dead_letters": self.server.store.recent_dead_letters()})
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
         except ConfigError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
+
+    def _fleet(self, query: dict[str, list[str]], now: float) -> dict[str, Any]:
+        store, expiry = self.server.store, self.server.device_expiry_s
+        offset, limit = _number_param(query, "offset", 0), _number_param(query, "limit", 100)
+        listed, hidden = store.device_counts(now, expiry)
+        devices = store.fleet(now, offset=offset, limit=limit, expire_after_s=expiry)
+        return {
+            "now": now,
+            "total": listed,
+            "hidden": hidden,
+            "expire_after_s": expiry,
+            "offset": offset,
+            "devices": devices,
+        }
+
+    def _summary(self, query: dict[str, list[str]], now: float) -> dict[str, Any]:
+        store, snapshot = self.server.store, self.server.ingest_snapshot
+        limit = _number_param(query, "attention_limit", 50)
+        return {
+            "now": now,
+            "counts": store.level_counts(),
+            "attention": store.unacknowledged_urgent(limit),
+            "attention_total": store.unacknowledged_urgent_count(),
+            "dead_letters": store.dead_letter_counts(),
+            "ingest": snapshot() if snapshot is not None else None,
+        }
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -245,6 +272,7 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8080,
     ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
+    device_expiry_s: float | None = DEVICE_EXPIRY_S,
 ) -> DashboardServer:
     """Bind the dashboard's HTTP server (call ``serve_forever()`` on it, and ``shutdown()`` to stop).
 
@@ -253,6 +281,7 @@ def make_server(
         host: interface to bind; 127.0.0.1 by default (the dashboard has no login of its own).
         port: TCP port; 0 picks a free one.
         ingest_snapshot: returns the ingest's counters; None when no ingest runs.
+        device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
 
     Returns:
         The bound server.
@@ -266,4 +295,4 @@ def make_server(
             "results; put an authenticating reverse proxy in front of it",
             host,
         )
-    return DashboardServer((host, port), store, ingest_snapshot)
+    return DashboardServer((host, port), store, ingest_snapshot, device_expiry_s=device_expiry_s)
