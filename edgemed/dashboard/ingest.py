@@ -3,9 +3,11 @@
 Delivery contract. The subscriber uses a FIXED client id and a persistent session (MQTT 5 ``clean_start=False``
 with a session expiry, or MQTT 3.1.1 ``clean_session=False``) at QoS 1 on ``edgemed/+/+/#``: while the dashboard
 is down the broker queues what the devices publish, and hands it over when the dashboard returns. paho runs with
-``manual_ack=True`` and a message is acknowledged (PUBACK) only once it is committed to SQLite, or once it has been
-judged malformed: a crash between receipt and commit leaves the message unacknowledged, so the broker sends it
-again. Duplicates from any source are dropped by the store's primary key on ``result_id``.
+``manual_ack=True``: the network thread only queues a message; the writer thread (``writer.py``) commits messages
+in batches, durably, and acknowledges each one (PUBACK) only after the commit that holds it, also for a payload
+kept as a dead letter. A crash between receipt and commit, or a database that cannot be written, leaves the
+message unacknowledged, so the broker keeps it; a failing commit is retried until it works. Duplicates from any
+source are dropped by the store's primary key on ``result_id``.
 
 Nothing a device sends can stop the ingest. Every payload it cannot use (not UTF-8 or not JSON, nested too deep,
 too large, a non-finite number, a wrong schema or field type, a string over its limit, a topic that does not follow
@@ -36,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.validate import Filing, classify, validate_result, validate_study
+from edgemed.dashboard.writer import Held, StoreWriter
 from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.publish.config import MqttConfig, read_password
 from edgemed.publish.mqtt import PROTOCOL_REFUSED_CODES
@@ -117,6 +120,8 @@ class Ingest:
         self._helpers: list[threading.Thread] = []  # the protocol watchdog and fall-back threads, joined by stop()
         self._generation = 0  # bumped by start() and stop(): a fall back belongs to one start()
         self._swap_lock = threading.Lock()  # the client is replaced on a fall back; stop() must see which
+        self._connection = 0  # bumped at every accepted connection: a PUBACK goes only where its message came from
+        self.writer = StoreWriter(classify=self._classify, store=self._store, on_outcome=self._count)
         self._client = self._make_client()
         self._started = False
         self._stopping = False
@@ -168,6 +173,7 @@ class Ingest:
             self._started = True
             self._generation += 1
             generation = self._generation
+            self.writer.start()
             if self.cfg.protocol == "auto" and not self._v5:
                 # An earlier run fell back: probe MQTT 5 again (the broker, or a proxy in front of it, may have
                 # been merely unwell then).
@@ -260,6 +266,7 @@ class Ingest:
             self._generation += 1
             self._stopping = True
             client = self._client
+        self.writer.stop()  # commits and acknowledges what arrived, while the connection is still up
         client.disconnect()
         client.loop_stop()
         with self._lock:
@@ -272,9 +279,11 @@ class Ingest:
             self.stats.connected = False
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters and connection state for the web page."""
+        """Counters, connection state and the database's write state (``store_error``, ``held``) for the page."""
         with self._lock:
-            return self.stats.as_dict()
+            snap = self.stats.as_dict()
+        snap.update(self.writer.status())
+        return snap
 
     # -- paho callbacks (network thread) -------------------------------------------------------------------------
 
@@ -315,6 +324,7 @@ class Ingest:
         with self._lock:
             self.stats.connected = True
             self.stats.broker_error = None
+            self._connection += 1
         # Subscribing again on a resumed session is harmless and covers a broker that lost the session.
         client.subscribe(TOPIC_FILTER, qos=1)
 
@@ -349,17 +359,33 @@ class Ingest:
         self._subscribed.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            self.handle(msg.topic, bytes(msg.payload))
-        except Exception:  # a store failure (disk full, locked file) must not kill paho's thread
-            # Not acknowledged: the broker redelivers the message after the next reconnect.
-            log.exception("could not store the message on %s; it stays unacknowledged at the broker", msg.topic[:200])
-            return
+        # Only queued here: the writer thread stores messages in batches and acknowledges each one after the
+        # commit that holds it (see writer.py). paho's thread stays free to read the socket.
+        now = time.time()
+        with self._lock:
+            self.stats.received += 1
+            self.stats.last_message_at = now
+            connection = self._connection
+        ack = None
         if msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
+            mid, qos = msg.mid, msg.qos
+
+            def ack() -> None:
+                self._ack(client, mid, qos, connection)
+
+        self.writer.submit(Held(msg.topic, bytes(msg.payload), now, ack))
+
+    def _ack(self, client: paho.Client, mid: int, qos: int, connection: int) -> None:
+        # A message received on a connection that has since dropped is sent again by the broker on the next one
+        # (it was never acknowledged); a PUBACK with its old packet id on the new connection could acknowledge
+        # another message, so none is sent. The store drops the redelivered copy as a duplicate.
+        with self._lock:
+            current = connection == self._connection and self.stats.connected
+        if current:
+            client.ack(mid, qos)
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """File one message; the network thread calls it, and tests may call it directly.
+        """File one message now, in its own transaction (tests and tools call it; the network thread batches).
 
         Whatever the payload, it is either stored or kept as a dead letter: only a failing database raises.
 
@@ -378,16 +404,20 @@ class Ingest:
         with self._lock:
             self.stats.received += 1
             self.stats.last_message_at = now
-        filing = self._classify(topic, payload)
-        try:
-            outcome = self.store.file([filing], now)[0]
-        except _MESSAGE_ERRORS as exc:
-            # The database works but this one message cannot go in: a dead letter, not a stuck message.
-            log.exception("could not store a message on %r; keeping it as a dead letter", topic[:200])
-            dead = replace(filing, kind="dead", body=None, reason=f"could not be stored ({type(exc).__name__})")
-            outcome = self.store.file([dead], now)[0]
+        outcome = self._store([self._classify(topic, payload)], now)[0]
         self._count(topic, outcome)
         return outcome
+
+    def _store(self, filings: list[Filing], now: float) -> list[str]:
+        try:
+            return self.store.file(filings, now)
+        except _MESSAGE_ERRORS as exc:
+            if len(filings) > 1:  # find the message at fault: the others go in as they are
+                return [outcome for f in filings for outcome in self._store([f], now)]
+            # The database works but this one message cannot go in: a dead letter, not a stuck message.
+            log.exception("could not store a message on %r; keeping it as a dead letter", filings[0].topic[:200])
+            reason = f"could not be stored ({type(exc).__name__})"
+            return self.store.file([replace(filings[0], kind="dead", body=None, reason=reason)], now)
 
     @staticmethod
     def _classify(topic: str, payload: bytes) -> Filing:

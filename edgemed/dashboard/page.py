@@ -55,6 +55,8 @@ button:disabled { opacity:.5; cursor:default; }
 input, select { font:inherit; font-size:13px; padding:2px 6px; }
 .empty { color:var(--muted); padding:8px; }
 .note { color:var(--muted); font-size:12px; margin-left:6px; }
+.alert { background:#fbe3e1; color:var(--urgent); border:1px solid #e6b3ae; border-radius:8px; padding:10px 16px;
+         margin-bottom:16px; font-weight:600; }
 .clipped { color:var(--muted); font-size:12px; }
 .pager { display:flex; gap:8px; align-items:center; margin-top:8px; color:var(--muted); font-size:13px; }
 .pager button { background:#fff; color:var(--fg); border-color:var(--line); }
@@ -211,6 +213,13 @@ function renderSummary(data) {
   } else {
     setStatus(ing.broker_error || "Not connected to the broker", false);
   }
+  const alert = document.getElementById("store-alert");
+  alert.hidden = !(ing && ing.store_error);
+  if (ing && ing.store_error) {
+    alert.textContent = "Results are not being saved: " + clip(ing.store_error, 300) + ". " + ing.held +
+      " messages are held back, not yet acknowledged to the broker, and saved as soon as the database takes " +
+      "writes again" + (ing.retry_in_s === null ? "." : " (next attempt in " + duration(ing.retry_in_s) + ").");
+  }
   if (ing !== null) {
     document.getElementById("ingest").textContent = "Since start: messages received: " + ing.received +
       " · results stored: " + ing.stored + " · duplicates dropped: " + ing.duplicates +
@@ -328,6 +337,7 @@ PAGE_TEMPLATE = """<!doctype html>
   <span id="updated"></span>
 </header>
 <main>
+  <div id="store-alert" class="alert" hidden></div>
   <section id="attention">
     <h2>Urgent results waiting for review <span id="attention-count"></span></h2>
     <p class="hint">Oldest first. Acknowledge a result once a clinician has looked at it on the device.</p>

@@ -134,11 +134,13 @@ def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
 class DashboardStore(StoreQueries):
     """SQLite store of everything the fleet publishes, shared by the ingest thread and the web server."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
         """Open (and create if needed) the database.
 
         Args:
             path: the SQLite file; its folder is created if missing.
+            busy_timeout_s: how long a write waits for another process's lock (a backup, ``sqlite3``) before it
+                fails; the ingest then retries it (see ``writer.py``).
 
         Raises:
             ConfigError: the file cannot be created or is not a database.
@@ -152,11 +154,12 @@ class DashboardStore(StoreQueries):
             # a result and its device's last_seen change together.
             self._db = sqlite3.connect(str(self.path), check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash; a power cut may lose the last transactions, which the
-            # devices still hold (they only drop a result once the broker acknowledged it to them, and the broker
-            # keeps our session's undelivered messages).
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            # FULL: the write-ahead log is fsynced at every commit. The ingest acknowledges a message to the
+            # broker only after the commit that holds it, and the broker then forgets it: with NORMAL a power cut
+            # could lose what was already acknowledged. The ingest commits in batches, so the cost is one fsync
+            # per batch, not per message.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._db.executescript(_SCHEMA_SQL)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
