@@ -135,6 +135,14 @@ function num(v, digits) {
   return (v === null || v === undefined) ? "—" : Number(v).toFixed(digits);
 }
 
+function finding(label, top) {
+  // The label triage acted on; an urgent class can win although another class is more likely, and then the
+  // nurse must see both, not "normal_benign" beside "suspicious for malignancy".
+  const cell = el("td", {class: "finding"}, clip(label, 80));
+  if (top && top !== label) cell.append(el("span", {class: "note top"}, "(top prediction: " + clip(top, 80) + ")"));
+  return cell;
+}
+
 function levelBadge(level) {
   return el("span", {class: "badge lvl-" + (LEVEL_NAMES[level] ? level : "error")}, LEVEL_NAMES[level] || level);
 }
@@ -193,7 +201,7 @@ function renderSummary(data) {
     return el("tr", {class: "urgent-row"},
       el("td", {class: "late"}, duration(now - a.received_at)),
       el("td", {}, a.site), el("td", {}, a.device_id), el("td", {}, what),
-      el("td", {}, clip(a.label, 80)),
+      finding(a.label, a.top_label),
       el("td", {class: "reason"}, clip(a.reason, 300)),
       el("td", {}, button));
   });
@@ -292,7 +300,7 @@ function renderResults(data) {
   const rows = data.results.map((r) => el("tr", {class: "result-row"},
     el("td", {}, ago(now - r.received_at)), el("td", {}, r.site), el("td", {}, r.device_id),
     el("td", {class: "num"}, r.seq), el("td", {}, levelBadge(r.level)),
-    el("td", {}, clip(r.label, 80)), el("td", {class: "reason"}, clip(r.reason, 300)),
+    finding(r.label, r.top_label), el("td", {class: "reason"}, clip(r.reason, 300)),
     el("td", {}, r.acked_at ? "Seen" + (r.acked_by ? " by " + clip(r.acked_by, 64) : "") : "")));
   replaceBody("results-body", rows, 8, resultsOffset ? "No older results." : "No results yet.");
   pager("results-pager", data.offset, rows.length, null, RESULTS_PAGE,

@@ -121,7 +121,9 @@ def _result_row(row: sqlite3.Row) -> dict[str, Any]:
         "received_at": row["received_at"],
         "level": row["level"],
         "reason": row["reason"],
-        "label": row["label"],
+        # The label triage acted on (an urgent class can win below the top prediction), and the top prediction.
+        "label": row["triage_label"] or row["label"],
+        "top_label": row["label"],
         "delegate": row["delegate"],
         "degraded": None if row["degraded"] is None else bool(row["degraded"]),
         "acked_at": row["acked_at"],
@@ -240,11 +242,12 @@ class StoreQueries:
 
     _URGENT_WAITING = (
         "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
-        "r.reason, r.label, NULL AS frames FROM results r LEFT JOIN acks a USING (result_id) "
+        "r.reason, coalesce(r.triage_label, r.label) AS label, r.label AS top_label, NULL AS frames "
+        "FROM results r LEFT JOIN acks a USING (result_id) "
         "WHERE r.level = 'urgent' AND a.result_id IS NULL "
         "UNION ALL "
         "SELECT 'study', s.result_id, s.site, s.device_id, s.seq, s.created_at, s.received_at, "
-        "s.reason, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
+        "s.reason, s.triage_label, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
         "WHERE s.level = 'urgent' AND a.result_id IS NULL"
     )
 

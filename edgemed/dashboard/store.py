@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS results (
     delegate    TEXT,
     degraded    INTEGER,
     session_id  TEXT,
-    payload     TEXT NOT NULL
+    payload     TEXT NOT NULL,
+    triage_label TEXT
 );
 CREATE INDEX IF NOT EXISTS results_level ON results(level, received_at);
 CREATE INDEX IF NOT EXISTS results_received ON results(received_at);
@@ -63,7 +64,8 @@ CREATE TABLE IF NOT EXISTS studies (
     first_seq   INTEGER,
     last_seq    INTEGER,
     session_id  TEXT,
-    payload     TEXT NOT NULL
+    payload     TEXT NOT NULL,
+    triage_label TEXT
 );
 CREATE INDEX IF NOT EXISTS studies_level ON studies(level, received_at);
 CREATE TABLE IF NOT EXISTS devices (
@@ -161,10 +163,24 @@ class DashboardStore(StoreQueries):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._db.executescript(_SCHEMA_SQL)
+            self._upgrade()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
                 f"cannot open the dashboard database {self.path}: {exc}; pass --db with a writable file path"
             ) from exc
+
+    def _upgrade(self) -> None:
+        # Databases made before triage.label was kept: add the column and fill it from the stored payloads (a
+        # result without one, from an older device, shows its top prediction as before).
+        for table in ("results", "studies"):
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if "triage_label" not in columns:
+                with self._db:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN triage_label TEXT")
+                    self._db.execute(
+                        f"UPDATE {table} SET triage_label = json_extract(payload, '$.triage.label') "
+                        "WHERE json_type(payload, '$.triage.label') = 'text'"
+                    )
 
     def close(self) -> None:
         """Close the database connection."""
@@ -199,8 +215,14 @@ class DashboardStore(StoreQueries):
             as_flag(runtime.get("degraded")),
             as_text(result.get("session_id")),
             _dumps(_strip_private(result)),
+            as_text(triage.get("label")),
         )
-        cur = self._db.execute("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO results(result_id, site, device_id, seq, created_at, clock_synced, received_at, "
+            "level, reason, label, delegate, degraded, session_id, payload, triage_label) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            row,
+        )
         self._touch(result["site"], result["device_id"], now)
         return cur.rowcount == 1
 
@@ -220,8 +242,13 @@ class DashboardStore(StoreQueries):
             as_int(study.get("last_seq")),
             as_text(study.get("session_id")),
             _dumps(study),
+            as_text(triage.get("label")),
         )
-        cur = self._db.execute("INSERT OR IGNORE INTO studies VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO studies(result_id, site, device_id, seq, created_at, received_at, level, reason, "
+            "frames, first_seq, last_seq, session_id, payload, triage_label) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            row,
+        )
         self._touch(study["site"], study["device_id"], now)
         return cur.rowcount == 1
 
