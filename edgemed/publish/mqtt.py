@@ -61,16 +61,19 @@ class MqttLink:
         client_id: str,
         on_state: StateCallback | None = None,
         status_extra: dict[str, Any] | None = None,
+        persistent: bool = True,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
         Args:
             cfg: broker settings.
             status_topic: where the retained ``online``/``offline`` status and the last will go; None = no
-                status (used by ``edgemed flush``).
+                status and no will (``edgemed flush``, ``edgemed doctor``).
             client_id: stable MQTT client id (see ``default_client_id``).
             on_state: called with ``"online"``, ``"offline"`` or ``"refused"`` from the network thread.
             status_extra: fields added to every status message (for example the device id and model version).
+            persistent: keep a session on the broker across connections (a device); False for a one-off check
+                that must leave nothing behind on the broker.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
@@ -87,6 +90,7 @@ class MqttLink:
         self.status_topic = status_topic
         self.client_id = client_id
         self.status_extra: dict[str, Any] = dict(status_extra or {})
+        self.persistent = persistent
         self._on_state = on_state
         self._password = read_password(cfg)
         self._ssl_context = self._make_ssl_context() if self.broker.tls else None
@@ -133,7 +137,7 @@ class MqttLink:
             client_id=self.client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
             # Persistent session: the broker keeps our state across reconnects (v5: clean_start=False).
-            clean_session=None if self._v5 else False,
+            clean_session=None if self._v5 else not self.persistent,
             reconnect_on_failure=False,
         )
         client.connect_timeout = self.cfg.connect_timeout_s
@@ -339,12 +343,12 @@ class MqttLink:
             self._connect_called = True
             if self._v5:
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = self.cfg.session_expiry_s
+                props.SessionExpiryInterval = self.cfg.session_expiry_s if self.persistent else 0
                 self._client.connect(
                     self.broker.host,
                     self.broker.port,
                     self.cfg.keepalive_s,
-                    clean_start=False,
+                    clean_start=not self.persistent,
                     properties=props,
                 )
             else:
