@@ -264,7 +264,13 @@ function renderFleet(data) {
     const state = el("span", {class: "badge " + (d.state === "online" ? "online" : "offline")},
       Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : clip(d.state, 32));
     const connection = el("td", {}, state);
-    if (d.offline_reason) connection.append(el("span", {class: "note"}, clip(d.offline_reason, 120)));
+    if (d.offline_reason) {
+      connection.append(el("span", {class: d.ended_abnormally ? "note late" : "note"}, clip(d.offline_reason, 120)));
+    }
+    if (d.ended_abnormally) {
+      connection.setAttribute("title", "the device did not stop cleanly: check it and its log; results it had " +
+        "not sent stay on its disk and go out at its next run");
+    }
     const delegate = el("td", {}, clip(d.delegate, 20) || "—");
     if (d.degraded) {
       const badge = el("span", {class: "badge degraded"}, "DEGRADED");

@@ -74,6 +74,14 @@ def _page(offset: int, limit: int) -> None:
         raise ConfigError(f"offset must be 0 or more, not {offset}")
 
 
+def _pending(status: dict[str, Any], health: dict[str, Any], status_at: float, health_at: float) -> Any:
+    # The backlog from whichever report is newer: a device that stops (cleanly or with an error) says in its
+    # offline status how many results it leaves on disk; before that, its heartbeats say it. A device killed
+    # outright (its last will) says nothing new: its last heartbeat stands.
+    newer_status = status_at > health_at and as_number(status.get("pending")) is not None
+    return as_number((status if newer_status else health).get("pending"))
+
+
 def device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str, Any]:
     """One fleet row from a ``devices`` row (see ``StoreQueries.fleet``)."""
     status = _loads(row["status"])
@@ -92,7 +100,7 @@ def device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str,
         "delegate": as_text(newest.get("delegate", status.get("delegate"))),
         "degraded": bool(as_bool(newest.get("degraded", status.get("degraded", False)))),
         "degraded_reason": as_text(health.get("degraded_reason")),
-        "pending": as_number(health.get("pending")),
+        "pending": _pending(status, health, status_at, health_at),
         "oldest_pending_s": as_number(health.get("oldest_pending_s")),
         "outbox_full": as_bool(health.get("outbox_full")),
         "fps": as_number(health.get("fps")),
@@ -106,6 +114,8 @@ def device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str,
         "peak_rss_mb": as_number(health.get("peak_rss_mb")),
         "model": as_text(status.get("model")),
         "offline_reason": as_text(status.get("reason")) if state == "offline" else None,
+        # The last will (connection lost) and a run that ended with an error both say clean: false.
+        "ended_abnormally": state == "offline" and status.get("clean") is False,
         "silent": state == "online" and now - row["last_seen"] > silent_after_s,
     }
 
@@ -170,7 +180,7 @@ class StoreQueries:
             Dicts with ``site, device_id, state ("online", "offline", another word sent, or "unknown"), last_seen,
             last_seen_s_ago, delegate, degraded, degraded_reason, pending, oldest_pending_s, outbox_full, fps,
             p95_ms, frames, errors, connected, source_state, cpu_percent, cpu_temp_c, peak_rss_mb, model,
-            offline_reason, silent``, sorted by site and device (a figure a device did not send,
+            offline_reason, ended_abnormally, silent``, sorted by site and device (a figure a device did not send,
             or sent with the wrong type, is None).
 
         Raises:

@@ -146,9 +146,11 @@ class MqttLink:
         if self._ssl_context is not None:
             client.tls_set_context(self._ssl_context)
         if self.status_topic:
+            # The broker publishes this when the connection ends without a DISCONNECT: a crash, a kill, a power cut
+            # or a network failure. The device said nothing more, so it is not a clean stop.
             client.will_set(
                 self.status_topic,
-                self._status_payload("offline", {"reason": "connection lost"}),
+                self._status_payload("offline", {"reason": "connection lost", "clean": False}),
                 qos=1,
                 retain=True,
             )
@@ -244,20 +246,34 @@ class MqttLink:
         if self.status_topic:
             self.publish(self.status_topic, self._status_payload(state, extra or {}), qos=1, retain=True)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(
+        self, timeout_s: float = 5.0, *, abnormal: str | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
         """Publish ``offline`` (retained), wait up to ``timeout_s`` for its PUBACK, then disconnect cleanly.
+
+        The offline status says how the run ended: ``clean: true`` and reason ``stopped`` after a normal end, or
+        ``clean: false`` and reason ``ended with an error (...)`` when ``abnormal`` names what ended it. The last
+        will (no stop at all) says ``connection lost`` with ``clean: false``.
 
         Args:
             timeout_s: longest wait for the acknowledgement and the network thread.
+            abnormal: why the run ended abnormally (for example the exception's class name); None = a clean stop.
+                It is published: never put file names or patient data in it.
+            extra: fields added to the offline status (for example ``pending``: results left on disk).
         """
         deadline = time.monotonic() + timeout_s
         if self._thread is None:
             return
         if self.connected and self.status_topic:
+            ending: dict[str, Any] = (
+                {"reason": "stopped", "clean": True}
+                if abnormal is None
+                else {"reason": f"ended with an error ({abnormal})", "clean": False}
+            )
             acked = threading.Event()
             self.publish(
                 self.status_topic,
-                self._status_payload("offline", {"reason": "stopped"}),
+                self._status_payload("offline", {**(extra or {}), **ending}),
                 qos=1,
                 retain=True,
                 on_ack=acked.set,
