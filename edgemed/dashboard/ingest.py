@@ -120,6 +120,7 @@ class Ingest:
         self._helpers: list[threading.Thread] = []  # the protocol watchdog and fall-back threads, joined by stop()
         self._generation = 0  # bumped by start() and stop(): a fall back belongs to one start()
         self._swap_lock = threading.Lock()  # the client is replaced on a fall back; stop() must see which
+        self._accepted = False  # the current connection got a successful CONNACK
         self._connection = 0  # bumped at every accepted connection: a PUBACK goes only where its message came from
         self.writer = StoreWriter(classify=self._classify, store=self._store, on_outcome=self._count)
         self._client = self._make_client()
@@ -307,13 +308,23 @@ class Ingest:
             self._spawn(self._fall_back_to_311, why, self._generation, name="edgemed-ingest-fallback")
             return
         if reason.is_failure:
+            source = (self.cfg.password_env and f"env {self.cfg.password_env}") or self.cfg.password_file
             message = (
-                f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name, "
-                "password and client id"
+                f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name"
+                + (f" {self.cfg.username!r}" if self.cfg.username else "")
+                + (f", the password it reads ({source})" if source else ", the password")
+                + " and the client id"
             )
-            log.error("%s", message)
             with self._lock:
+                first = self.stats.broker_error != message
                 self.stats.broker_error = message
+                self._accepted = False
+            # Once, as the device does: paho retries with back-off and the broker refuses each attempt the same
+            # way until someone fixes the settings; the page shows the refusal meanwhile.
+            if first:
+                log.error("%s; retrying every %g s or less", message, max(1, math.ceil(self.cfg.reconnect_max_s)))
+            else:
+                log.debug("%s (again)", message)
             return
         log.info(
             "dashboard connected to %s as %s (session present: %s)",
@@ -325,6 +336,7 @@ class Ingest:
             self.stats.connected = True
             self.stats.broker_error = None
             self._connection += 1
+            self._accepted = True
         # Subscribing again on a resumed session is harmless and covers a broker that lost the session.
         client.subscribe(TOPIC_FILTER, qos=1)
 
@@ -342,7 +354,10 @@ class Ingest:
         with self._lock:
             self.stats.connected = False
             self.stats.subscribed = False
-        if not self._stopping:
+            accepted, self._accepted = self._accepted, False
+        # After a refused CONNECT paho reports a disconnect too ("Protocol error"): that is the refusal, already
+        # reported, not a lost connection.
+        if accepted and not self._stopping:
             log.warning("dashboard lost the connection to %s (%s); reconnecting", self.cfg.url, reason)
 
     def _on_subscribe(
