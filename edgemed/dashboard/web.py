@@ -26,6 +26,8 @@ import json
 import logging
 import math
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -42,6 +44,11 @@ log = logging.getLogger(__name__)
 
 _ACK_PATH = re.compile(r"^/api/ack/([0-9a-f]{32})$")
 _MAX_BODY_BYTES = 4096
+#: A connection silent this long while the server waits for its request is closed.
+REQUEST_TIMEOUT_S = 10.0
+#: Connections served at once (each has a thread); the page makes three requests every 3 s per open browser.
+MAX_CONNECTIONS = 64
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
 #: Devices not heard from for a week leave the fleet table (their results stay); ``--device-expiry-days``.
 DEVICE_EXPIRY_S = 7 * 86400.0
 
@@ -88,9 +95,18 @@ def encode_json(value: Any) -> bytes:
 
 
 class DashboardServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that knows the store and how to read the ingest's counters."""
+    """A ThreadingHTTPServer that knows the store and how to read the ingest's counters.
+
+    Each connection gets a thread, so both are bounded: a connection that sends nothing (half open, or a client
+    that stalls) is closed after ``request_timeout_s`` of silence, and beyond ``max_connections`` at a time a new
+    connection is answered 503 and closed at once instead of getting a thread. Without that, every half-open
+    connection held a thread for ever.
+    """
 
     daemon_threads = True
+    # The standard library's 5 would leave a burst of connections waiting in the kernel instead of being served
+    # or refused at once.
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -99,6 +115,8 @@ class DashboardServer(ThreadingHTTPServer):
         ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
         *,
         device_expiry_s: float | None = DEVICE_EXPIRY_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         """Bind the socket.
 
@@ -107,6 +125,9 @@ class DashboardServer(ThreadingHTTPServer):
             store: the dashboard database.
             ingest_snapshot: returns the ingest's counters and broker state; None = no ingest running.
             device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
+            request_timeout_s: a connection silent for this long (while the server waits for its request) is
+                closed.
+            max_connections: connections served at the same time; more are answered 503 and closed.
 
         Raises:
             ConfigError: the address cannot be bound (port in use, host not on this machine).
@@ -114,6 +135,10 @@ class DashboardServer(ThreadingHTTPServer):
         self.store = store
         self.ingest_snapshot = ingest_snapshot
         self.device_expiry_s = device_expiry_s
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
+        self.refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.loopback_only = is_loopback(address[0])
         try:
             super().__init__(address, _Handler)
@@ -121,6 +146,40 @@ class DashboardServer(ThreadingHTTPServer):
             raise ConfigError(
                 f"cannot serve the dashboard on {address[0]}:{address[1]} ({exc}); choose another --port or --host"
             ) from exc
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread of its own, or refuse it when ``max_connections`` are busy."""
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            if self.refused == 1 or self.refused % 100 == 0:  # an attack must not flood the log as well
+                log.warning(
+                    "more than %d connections to the dashboard at once: refusing new ones (%d so far)",
+                    self.max_connections,
+                    self.refused,
+                )
+            try:
+                request.setblocking(False)  # never let a client that does not read stall the accept loop
+                request.send(_BUSY)
+            except OSError:
+                pass  # it is being refused anyway
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The connection's thread: serve it, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-answer is routine (debug); anything else is logged with its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, exc)
+            return
+        log.exception("error while answering %s", client_address)
 
     @property
     def url(self) -> str:
@@ -140,6 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: DashboardServer
     server_version = "edgemed-dashboard"
     sys_version = ""
+
+    def setup(self) -> None:
+        # Every read and write then gives up after this long: a connection that says nothing is closed (the
+        # standard handler answers a timed-out request line by closing the connection).
+        self.request.settimeout(self.server.request_timeout_s)
+        super().setup()
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
@@ -273,6 +338,8 @@ def make_server(
     port: int = 8080,
     ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
     device_expiry_s: float | None = DEVICE_EXPIRY_S,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> DashboardServer:
     """Bind the dashboard's HTTP server (call ``serve_forever()`` on it, and ``shutdown()`` to stop).
 
@@ -282,6 +349,8 @@ def make_server(
         port: TCP port; 0 picks a free one.
         ingest_snapshot: returns the ingest's counters; None when no ingest runs.
         device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
+        request_timeout_s: a connection silent for this long is closed.
+        max_connections: connections served at the same time; more are answered 503 and closed.
 
     Returns:
         The bound server.
@@ -295,4 +364,11 @@ def make_server(
             "results; put an authenticating reverse proxy in front of it",
             host,
         )
-    return DashboardServer((host, port), store, ingest_snapshot, device_expiry_s=device_expiry_s)
+    return DashboardServer(
+        (host, port),
+        store,
+        ingest_snapshot,
+        device_expiry_s=device_expiry_s,
+        request_timeout_s=request_timeout_s,
+        max_connections=max_connections,
+    )
