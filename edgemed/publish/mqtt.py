@@ -246,9 +246,7 @@ class MqttLink:
         if self.status_topic:
             self.publish(self.status_topic, self._status_payload(state, extra or {}), qos=1, retain=True)
 
-    def stop(
-        self, timeout_s: float = 5.0, *, abnormal: str | None = None, extra: dict[str, Any] | None = None
-    ) -> None:
+    def stop(self, timeout_s: float = 5.0, *, abnormal: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """Publish ``offline`` (retained), wait up to ``timeout_s`` for its PUBACK, then disconnect cleanly.
 
         The offline status says how the run ended: ``clean: true`` and reason ``stopped`` after a normal end, or
