@@ -28,78 +28,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edgemed.dashboard.limits import FIELD_LIMITS, MAX_KEY, MAX_TEXT
+
 LEVELS = ("urgent", "routine", "no_finding", "inconclusive", "recapture", "error")
 KINDS = ("results", "studies", "status", "health")
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
 MAX_DEPTH = 32  # a result nests 3 levels deep
 MAX_INT_DIGITS = 40
-MAX_TEXT = 1000
-MAX_KEY = 128
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-
-_MODEL_LIMITS = {"model.name": 128, "model.version": 64, "model.sha256": 64, "model.target": 32}
-#: Longest string allowed at each path the dashboard reads, per topic kind (characters, not bytes).
-FIELD_LIMITS: dict[str, dict[str, int]] = {
-    "results": {
-        "schema": 32,
-        "result_id": 32,
-        "device_id": 64,
-        "site": 64,
-        "created_at": 40,
-        "session_id": 64,
-        **_MODEL_LIMITS,
-        "preprocess_sha256": 64,
-        "runtime.backend": 32,
-        "runtime.delegate": 16,
-        "runtime.edgemed": 32,
-        "runtime.backend_version": 64,
-        "source.kind": 16,
-        "source.name": 255,
-        "quality.reason": 500,
-        "prediction.label": 128,
-        "triage.level": 16,
-        "triage.reason": 1000,
-        "triage.label": 128,
-        "triage.basis": 32,
-    },
-    "studies": {
-        "schema": 32,
-        "result_id": 32,
-        "device_id": 64,
-        "site": 64,
-        "created_at": 40,
-        "session_id": 64,
-        **_MODEL_LIMITS,
-        "source_kind": 16,
-        "triage.level": 16,
-        "triage.reason": 1000,
-        "triage.label": 128,
-        "triage.rule": 32,
-    },
-    "status": {
-        "state": 32,
-        "reason": 200,
-        "error": 100,
-        "at": 40,
-        "device_id": 64,
-        "site": 64,
-        "delegate": 16,
-        "model": 128,
-        "model_sha256": 64,
-        "edgemed": 32,
-    },
-    "health": {
-        "schema": 32,
-        "device_id": 64,
-        "site": 64,
-        "delegate": 16,
-        "degraded_reason": 500,
-        "source_state": 32,
-    },
-}
 
 # Heartbeat fields the page reads, by type; a wrong type there is a dead letter, not a blank or a NaN on the page.
 _HEALTH_NUMBERS = (
