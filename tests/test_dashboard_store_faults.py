@@ -150,3 +150,27 @@ def test_messages_are_acknowledged_only_after_the_durable_commit_that_holds_them
     # Batched: far fewer commits (each one an fsync) than messages.
     assert len(commits) <= 100, len(commits)
     store.close()
+
+
+def test_a_message_the_database_refuses_becomes_a_dead_letter_and_the_batch_goes_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A defect seam: no validated payload is known to make SQLite refuse it, so the store is made to refuse one.
+    from edgemed.dashboard.validate import classify
+
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    ingest = Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)
+    bad = make_result(seq=2)
+    original = store.file
+
+    def refuse_one(filings: list[Any], received_at: float | None = None) -> list[str]:
+        if any(f.result_id == bad["result_id"] and f.kind == "results" for f in filings):
+            raise sqlite3.IntegrityError("CHECK constraint failed")
+        return original(filings, received_at)
+
+    monkeypatch.setattr(store, "file", refuse_one)
+    batch = [make_result(seq=1), bad, make_result(seq=3)]
+    filings = [classify("edgemed/clinic-a/us-01/results", json.dumps(r).encode()) for r in batch]
+    assert ingest._store(filings, time.time()) == ["stored", "rejected: could not be stored (IntegrityError)", "stored"]
+    assert store.result_count() == 2 and store.dead_letter_counts() == {"could not be stored (IntegrityError)": 1}
+    store.close()

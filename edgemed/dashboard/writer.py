@@ -97,6 +97,7 @@ class StoreWriter:
         """Start the writer thread (again after a ``stop()``)."""
         if self._thread is not None and self._thread.is_alive():
             return
+        self._discard_queued()  # arrived after the last stop(): never acknowledged, the broker sends them again
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="edgemed-ingest-writer", daemon=True)
         self._thread.start()
@@ -124,13 +125,16 @@ class StoreWriter:
         if self._thread is not None:
             self._thread.join(max(1.0, deadline - time.monotonic()))
         self._thread = None
-        while True:  # dropped unacknowledged: redelivered by the broker
+        self._discard_queued()
+        with self._lock:
+            self._in_batch = 0
+
+    def _discard_queued(self) -> None:
+        while True:  # dropped unacknowledged: the broker sends them again to the next session
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        with self._lock:
-            self._in_batch = 0
 
     def held(self) -> int:
         """Messages received and not yet committed."""
