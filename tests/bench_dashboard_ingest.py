@@ -12,6 +12,7 @@ prints its fsync/fdatasync counts beside the number of PUBACKs it sent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -38,7 +39,8 @@ def main() -> int:
     strace_out = folder / "strace.txt"
     if use_strace:
         cmd = ["strace", "-f", "-e", "trace=fsync,fdatasync", "-o", str(strace_out), *cmd]
-    dash = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # A session of its own: SIGINT then reaches the dashboard also when strace is its parent.
+    dash = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -68,11 +70,11 @@ def main() -> int:
         client.loop_stop()
         print(f"{stored} of {n} results stored in {elapsed:.2f} s: {stored / elapsed:.0f} results/s")
     finally:
-        dash.send_signal(signal.SIGINT)
+        os.killpg(dash.pid, signal.SIGINT)
         try:
             dash.wait(20)
         except subprocess.TimeoutExpired:
-            dash.kill()
+            os.killpg(dash.pid, signal.SIGKILL)
             dash.wait(5)
         broker.stop()
     if use_strace:
