@@ -74,3 +74,30 @@ def test_doctor_fails_an_altered_model_and_a_policy_for_labels_it_lacks(
     assert main(["doctor", "--model", str(model), "--data-dir", str(tmp_path)]) == 2
     out = capsys.readouterr().out
     assert "FAIL  model" in out and "does not match its manifest" in out
+
+
+def test_the_broker_check_leaves_nothing_on_the_broker(
+    tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from broker_fixtures import Subscriber
+
+    for protocol in ("auto", "3.1.1"):
+        profile = tmp_path / f"p-{protocol}.yaml"
+        mqtt = f"{{url: '{broker.url}', protocol: '{protocol}'}}"
+        profile.write_text(f"profile: t\ndevice: {{id: d1, site: s1}}\nmqtt: {mqtt}\n")
+        main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)])
+        assert f"ok    broker            connected to {broker.url}" in capsys.readouterr().out
+    # Nothing retained under any topic (a retained status listed a device "doctor" on the dashboard for ever) ...
+    sub = Subscriber(broker.port, "#")
+    try:
+        time.sleep(1.0)
+        assert sub.retained == {}
+    finally:
+        sub.close()
+    # ... and no session kept for the doctor's client id: both connections asked for a clean start.
+    doctor_lines = [
+        x for x in broker.log_path.read_text().splitlines() if "New client connected" in x and "doctor" in x
+    ]
+    assert len(doctor_lines) == 2 and all(", c1," in x for x in doctor_lines), doctor_lines
