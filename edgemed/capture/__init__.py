@@ -21,7 +21,8 @@ says so.
 Live sources (streams, cameras) never yield a frame that is not real: all-black frames and repeats of the
 previous frame are dropped, and a source that delivers nothing new for ``stale_timeout_s`` is reconnected.
 ``watch:DIR`` reads files that appear after it starts (``watch_existing`` to include the ones already there),
-each once, in natural order, after its size and mtime have been stable for ``watch_settle_s``.
+each once, in natural order, after its size and mtime have been stable for ``watch_settle_s``. A file still empty
+after that is reported as empty, and read again if the device writes it after all.
 """
 
 from __future__ import annotations
@@ -176,6 +177,11 @@ def _open_path(path: Path, cfg: CaptureConfig, stop: threading.Event) -> FrameSo
         return files.FileSource(path, "dicom", cfg, stop)
     if content == "image":
         return files.FileSource(path, "image", cfg, stop)
+    # Named as an image or DICOM file but holding neither (empty, damaged): one error result that says which,
+    # not an attempt to open it as a video.
+    suffix = path.suffix.lower()
+    if suffix in cfg.extensions:
+        return files.FileSource(path, "dicom" if suffix in (".dcm", ".dicom") else "image", cfg, stop)
     return files.VideoSource(path, cfg, stop)
 
 

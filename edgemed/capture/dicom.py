@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgemed.capture._base import Item
 from edgemed.errors import CodecUnavailableError
@@ -37,56 +36,63 @@ _CODEC_PACKAGES = {
 }
 
 
-def read_dicom(path: Path) -> Iterator[Item]:
+def read_dicom(fh: BinaryIO, name: str) -> Iterator[Item]:
     """Yield every frame of a DICOM file as a uint8 item; problems become one error item naming file and fix.
 
     Args:
-        path: a DICOM Part 10 file.
+        fh: the file, open for binary reading at its start.
+        name: the file's name, for messages.
 
     Yields:
-        One item per frame (``study_uid`` from StudyInstanceUID), or a single error item.
+        One item per frame (``study_uid`` from StudyInstanceUID), or a single error item. A file that breaks
+        part-way (truncated pixel data) yields the frames before the break, then one error item.
     """
-    name = path.name
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
     except ImportError:
         yield Item(None, f"{name}: reading DICOM needs pydicom; install it with: pip install edgemed[dicom]", name)
         return
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
-        yield Item(None, f"{name}: not a readable DICOM file ({exc}); re-export it from the device", name)
+            ds = pydicom.dcmread(fh)
+    except Exception as exc:  # noqa: BLE001 - see _why: a damaged file raises almost any type from pydicom
+        yield Item(None, f"{name}: not a readable DICOM file ({_why(exc)}); export it again from the device", name)
         return
     if any("End of file" in str(w.message) for w in caught):
         # pydicom drops an element cut off by the end of the file and only warns: say what happened.
         yield Item(None, f"{name}: the file is truncated (it ends inside its data); re-copy or re-export it", name)
         return
     study_uid = str(ds.get("StudyInstanceUID", "")) or None
-    problem = _check_decodable(ds, name)
+    try:
+        problem = _check_decodable(ds, name)
+    except Exception as exc:  # noqa: BLE001 - a damaged header element is parsed only when first read
+        problem = f"{name}: DICOM header is damaged ({_why(exc)}); export it again from the device"
     if problem is not None:
         yield Item(None, problem, name, study_uid)
         return
     try:
         yield from (Item(image, None, name, study_uid) for image in _frames(ds))
-    except (
-        ValueError,
-        RuntimeError,
-        AttributeError,
-        KeyError,
-        OSError,
-        EOFError,
-        NotImplementedError,
-    ) as exc:
-        # pydicom reports truncated or inconsistent pixel data with these; the file, not the run, is at fault.
+    except Exception as exc:  # noqa: BLE001 - truncated or inconsistent pixel data: the file, not the run, is at fault
         yield Item(
             None,
-            f"{name}: pixel data cannot be decoded ({exc}); the file may be truncated, re-export or re-copy it",
+            f"{name}: pixel data cannot be decoded ({_why(exc)}); the file may be truncated, re-export or re-copy it",
             name,
             study_uid,
         )
+
+
+def _why(exc: BaseException) -> str:
+    """A short, single-line reason from a decoder's exception, for an error result.
+
+    pydicom parses the file's bytes lazily and, on damaged input, raises nearly any type: fuzzing the files in
+    data/dicom gave InvalidDicomError, BytesLengthException, NotImplementedError (an unknown VR), TypeError (a
+    damaged palette depth), ValueError, KeyError, struct.error and EOFError. So the boundary catches them all
+    and keeps one line of the message, never a traceback. pydicom reads from the open file object, so its
+    messages carry no path.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _check_decodable(ds: Any, name: str) -> str | None:

@@ -39,14 +39,19 @@ def sniff(path: Path) -> Content:
 
     Returns:
         ``dicom`` for a DICOM Part 10 file (``DICM`` at byte 128), ``image`` for JPEG, PNG, BMP, TIFF, WebP
-        and PNM, ``other`` for anything else (including unreadable files).
+        and PNM, ``other`` for anything else (including unreadable and empty files).
     """
     try:
         with path.open("rb") as fh:
             head = fh.read(132)
     except OSError:
         return "other"
-    if len(head) == 132 and head[128:132] == b"DICM":
+    return sniff_bytes(head)
+
+
+def sniff_bytes(head: bytes) -> Content:
+    """:func:`sniff` on the first 132 (or more) bytes of a file already read."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "image"
@@ -84,39 +89,70 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def read_image(path: Path) -> Item:
-    """Decode one image file; an undecodable or truncated file becomes an error item naming the file and the fix."""
+def decode_image(data: bytes, name: str) -> Item:
+    """Decode one image file's bytes; an undecodable or truncated image becomes an error item that says so."""
     import numpy as np
 
     cv2 = _cv2()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return Item(
-            None, f"{path.name}: cannot be read ({exc.strerror}); check the file and its permissions", path.name
-        )
     # OpenCV 4 decodes a JPEG cut short by a failing card or an unfinished copy, filling the rest with gray; a
     # complete JPEG ends with the EOI marker (a few padding bytes may follow it).
     if data.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[-1024:]:
-        return Item(None, f"{path.name}: the JPEG file is truncated; copy it again from the device", path.name)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
-    if image is None or image.size == 0:
-        return Item(
-            None,
-            f"{path.name}: not a readable image (corrupt, truncated or unsupported); re-export it as PNG or JPEG",
-            path.name,
-        )
-    return Item(to_rgb_uint8(image), None, path.name)
+        return Item(None, f"{name}: the JPEG file is truncated; copy it again from the device", name)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+        if image is not None and image.size > 0:
+            return Item(to_rgb_uint8(image), None, name)
+    except cv2.error:
+        pass  # OpenCV's own asserts on a malformed header; reported below like any undecodable image
+    return Item(
+        None,
+        f"{name}: the image cannot be decoded (corrupt or truncated); copy it again from the device or "
+        "re-export it as PNG or JPEG",
+        name,
+    )
 
 
 def read_file(path: Path) -> Iterator[Item]:
-    """Every frame of one file, chosen by content: DICOM (all frames) or a single image."""
-    if sniff(path) == "dicom":
-        from edgemed.capture.dicom import read_dicom
+    """Every frame of one file, chosen by content: DICOM (all frames) or a single image.
 
-        yield from read_dicom(path)
-    else:
-        yield read_image(path)
+    A file that cannot be used becomes one error item whose advice fits what the file is: empty, unreadable,
+    a damaged DICOM file, or something that is not an image at all.
+    """
+    name = path.name
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+            if not head:
+                yield Item(None, f"{name}: the file is empty (0 bytes); copy it again from the device", name)
+                return
+            content = sniff_bytes(head)
+            if content == "dicom":
+                from edgemed.capture.dicom import read_dicom
+
+                fh.seek(0)
+                yield from read_dicom(fh, name)
+                return
+            if content == "image":
+                yield decode_image(head + fh.read(), name)
+                return
+    except OSError as exc:
+        yield Item(None, f"{name}: cannot be read ({exc.strerror}); check the file and its permissions", name)
+        return
+    yield Item(None, _not_media(path), name)
+
+
+def _not_media(path: Path) -> str:
+    """Advice for a file whose content is neither DICOM nor an image format, by what its name says it should be."""
+    suffix = path.suffix.lower()
+    if suffix in (".dcm", ".dicom", ""):
+        return (
+            f"{path.name}: not a readable DICOM file (no DICOM header: damaged, or not DICOM at all); "
+            "export it again from the device as DICOM"
+        )
+    return (
+        f"{path.name}: not a readable image (its content is not JPEG, PNG, BMP, TIFF, WebP or PNM); "
+        "re-export it as PNG or JPEG"
+    )
 
 
 class FileSource(BaseSource):
@@ -199,6 +235,14 @@ class VideoSource(BaseSource):
 
     def _open(self) -> Any:
         cv2 = _cv2()
+        try:
+            empty = self.path.stat().st_size == 0
+        except OSError as exc:
+            raise CaptureError(
+                f"{self.path}: cannot be read ({exc.strerror}); check the file and its permissions"
+            ) from exc
+        if empty:
+            raise CaptureError(f"{self.path}: the file is empty (0 bytes); copy it again from the device")
         cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
         if not cap.isOpened():
             cap.release()
@@ -239,6 +283,7 @@ class WatchSource(BaseSource):
             raise CaptureError(f"watch:{folder}: no such folder; create it or fix the watch: path")
         self.folder = folder
         self._seen: set[str] = set()
+        self._empty: dict[str, Path] = {}  # reported as empty; read again if the device writes them after all
         if not cfg.watch_existing:
             listed = list_folder(folder, cfg.extensions, recursive=cfg.recursive)
             self._seen = {str(p.relative_to(folder)) for p in listed}
@@ -247,28 +292,46 @@ class WatchSource(BaseSource):
         # relative path -> (size, mtime_ns, when this size and mtime were first seen)
         pending: dict[str, tuple[int, int, float]] = {}
         while not self._stopped():
-            now = time.monotonic()
-            ready = []
-            try:
-                paths = list_folder(self.folder, self.cfg.extensions, recursive=self.cfg.recursive, skip=self._seen)
-            except OSError as exc:
-                self.state = "failed"
-                raise CaptureError(f"watch:{self.folder}: folder became unreadable ({exc}); check the mount") from exc
-            for path in paths:
-                key = str(path.relative_to(self.folder))
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue  # removed between listing and stat: it is not ready, look again next poll
-                signature = (st.st_size, st.st_mtime_ns)
-                seen = pending.get(key)
-                if seen is None or seen[:2] != signature:
-                    pending[key] = (*signature, now)
-                elif st.st_size > 0 and now - seen[2] >= self.cfg.watch_settle_s:
-                    ready.append((key, path))
-            for key, path in ready:
+            self._recheck_empty()
+            for key, path, size in self._ready(pending):
                 self._seen.add(key)
                 pending.pop(key, None)
+                if size == 0:
+                    # Reported as empty once it has settled; if the device writes it after all, it is read again.
+                    self._empty[key] = path
                 yield from read_file(path)
             if self.stop.wait(self.cfg.watch_poll_s):
                 return
+
+    def _ready(self, pending: dict[str, tuple[int, int, float]]) -> list[tuple[str, Path, int]]:
+        """The new files whose size and mtime have not changed for ``watch_settle_s``, in natural order."""
+        now = time.monotonic()
+        ready = []
+        try:
+            paths = list_folder(self.folder, self.cfg.extensions, recursive=self.cfg.recursive, skip=self._seen)
+        except OSError as exc:
+            self.state = "failed"
+            raise CaptureError(f"watch:{self.folder}: folder became unreadable ({exc}); check the mount") from exc
+        for path in paths:
+            key = str(path.relative_to(self.folder))
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # removed between listing and stat: it is not ready, look again next poll
+            signature = (st.st_size, st.st_mtime_ns)
+            seen = pending.get(key)
+            if seen is None or seen[:2] != signature:
+                pending[key] = (*signature, now)
+            elif now - seen[2] >= self.cfg.watch_settle_s:
+                ready.append((key, path, st.st_size))
+        return ready
+
+    def _recheck_empty(self) -> None:
+        for key, path in list(self._empty.items()):
+            try:
+                still_empty = path.stat().st_size == 0
+            except OSError:
+                still_empty = False  # removed: a new file of that name is a new input
+            if not still_empty:
+                del self._empty[key]
+                self._seen.discard(key)
