@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
+from edgemed.errors import ConfigError
 from edgemed.types import Frame
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class BaseSource:
         self.state = "open"
         self._closed = False
         self._iterating = False
+        self._roi_fitted = False  # the region of interest fitted a frame of this source at least once
 
     def _items(self) -> Iterator[Item]:
         """One pass over the inputs; finite sources are replayed ``cfg.loop`` times by ``__iter__``."""
@@ -81,7 +83,7 @@ class BaseSource:
         image = item.image
         error = item.error
         if image is not None and self.cfg.roi is not None:
-            image, error = _crop(image, self.cfg.roi, item.name)
+            image, error = self._crop(image, self.cfg.roi, item.name)
         return Frame(
             index=index,
             source_kind=self.kind,
@@ -91,6 +93,34 @@ class BaseSource:
             study_uid=item.study_uid,
             name=item.name,
         )
+
+    def _crop(
+        self, image: np.ndarray, roi: tuple[int, int, int, int], name: str | None
+    ) -> tuple[np.ndarray | None, str | None]:
+        """The region of interest of one frame, or the error that replaces it.
+
+        A region of interest belongs to a device's fixed picture geometry (a probe's screen layout), so when it
+        does not fit the first readable frame it would fail every frame: that is a configuration error and the
+        run stops before any result. Once it has fitted a frame, a later frame it does not fit (a folder mixing
+        picture sizes) is one error result and the run goes on.
+
+        Raises:
+            ConfigError: the region does not fit the first readable frame of the source.
+        """
+        x, y, w, h = roi
+        height, width = image.shape[:2]
+        if x + w <= width and y + h <= height:
+            self._roi_fitted = True
+            # A slice is a view: no copy here; preprocessing makes the one contiguous copy it needs.
+            return image[y : y + h, x : x + w], None
+        where = f"region of interest x={x} y={y} w={w} h={h} (source.roi) lies outside the {width}x{height}"
+        if not self._roi_fitted:
+            self.state = "failed"
+            raise ConfigError(
+                f"{where} first frame of the source, so it would fail every frame; set source.roi in the device "
+                f"profile to a region inside {width}x{height} pixels, or remove it to use the whole picture"
+            )
+        return None, f"{name or 'frame'}: {where} frame; fix source.roi in the device profile"
 
     def _stopped(self) -> bool:
         return self.stop.is_set() or self._closed
@@ -110,15 +140,3 @@ class BaseSource:
 
     def _release(self) -> None:
         """Free OS resources; safe to call more than once."""
-
-
-def _crop(image: np.ndarray, roi: tuple[int, int, int, int], name: str | None) -> tuple[np.ndarray | None, str | None]:
-    x, y, w, h = roi
-    height, width = image.shape[:2]
-    if x + w > width or y + h > height:
-        return None, (
-            f"{name or 'frame'}: region of interest x={x} y={y} w={w} h={h} lies outside the "
-            f"{width}x{height} frame; fix capture.roi in the device profile"
-        )
-    # A slice is a view: no copy here; preprocessing makes the one contiguous copy it needs.
-    return image[y : y + h, x : x + w], None
