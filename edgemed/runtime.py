@@ -36,7 +36,8 @@ from edgemed.manifest import Artifact, Manifest, verify_model
 from edgemed.outbox import Outbox
 from edgemed.preprocess import Preprocessor, probabilities, to_colour_mode
 from edgemed.quality import check_quality
-from edgemed.triage import StudyAggregator, triage, triage_error, triage_recapture, validate_policy
+from edgemed.sessions import ClosedStudy, StudyTracker
+from edgemed.triage import triage, triage_error, triage_recapture, validate_policy
 from edgemed.types import Frame, Prediction, QualityReport, TriageResult
 
 log = logging.getLogger("edgemed.runtime")
@@ -160,9 +161,7 @@ class Device:
         self.delivery: Any = None
         self._source: FrameSource | None = None
         self._clock: tuple[float, bool | None] = (0.0, None)
-        self._study = StudyAggregator(profile.triage)
-        self._study_key: str | None = None
-        self._study_first_seq = self._study_last_seq = 0
+        self._studies = StudyTracker(profile.triage, study_id)
         self.studies: list[TriageResult] = []
         self._pseudonyms: dict[str, str] = {}
 
@@ -359,10 +358,10 @@ class Device:
                 lat["triage"] = (time.perf_counter() - t3) * 1e3
         lat.setdefault("preprocess", 0.0)
         lat.setdefault("inference", 0.0)
-        study = self.study_id or frame.study_uid
-        if study != self._study_key and self._study.frames:
-            self._end_study()  # a new study began within the source (e.g. the next DICOM in a folder)
-        self._study_key = study
+        closed = self._studies.before(frame)
+        if closed is not None:
+            self._emit_study(closed)  # a new study began within the source (e.g. the next DICOM in a folder)
+        study = self._studies.study_of(frame)
         lat["total"] = sum(lat.values())
         env = build_result(
             self.ctx,
@@ -383,39 +382,28 @@ class Device:
         if self._jsonl is not None:
             self._jsonl.write(payload.decode("utf-8") + "\n")
         self.health.record(lat["total"], result.level)
-        if not self._study.frames:
-            self._study_first_seq = env["seq"]
-        self._study_last_seq = env["seq"]
-        self._study.add(result, prediction)
+        self._studies.add(frame, env["seq"], result, prediction)
         return env
 
-    def _end_study(self) -> None:
-        # A one- or two-frame "study" (a still image) is its own decision; a study decision is published for
-        # sessions with at least min_valid_frames frames, or always when the profile configures triage.study.
-        configured = self.profile.triage.study is not None
-        if configured or self._study.frames >= self._study.study.min_valid_frames:
-            self._emit_study()
-        else:
-            self._study.reset()
+    def _emit_study(self, closed: ClosedStudy) -> None:
+        """Commit the decision over a study's frames to the outbox.
 
-    def _emit_study(self) -> None:
-        """Commit the decision over the current session's frames to the outbox, then start a new session."""
-        decision = self._study.decision()
-        self.studies.append(decision)
-        key = self._study_key
+        It takes the next ``seq`` of the one counter that also numbers frame results, so a consumer of all
+        topics sees every number once and a gap means a lost message (see the README's envelope section).
+        """
+        self.studies.append(closed.decision)
         env = build_study(
             self.ctx,
             seq=self.outbox.next_seq(),
             created_at=time.time(),
             clock_synced=self._clock_synced(),
-            session_id=self._session_id(key),
+            session_id=self._session_id(closed.study),
             source_kind=self._source.kind if self._source is not None else "folder",
-            first_seq=self._study_first_seq,
-            last_seq=self._study_last_seq,
-            decision=decision,
+            first_seq=closed.first_seq,
+            last_seq=closed.last_seq,
+            decision=closed.decision,
         )
         self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env), seq=env["seq"])
-        self._study.reset()
 
     def _print(self, frame: Frame, env: dict[str, Any]) -> None:
         tri = env["triage"]
@@ -450,11 +438,10 @@ class Device:
                     self._print(frame, env)
                 if max_frames is not None and summary.frames >= max_frames:
                     break
-            # A study decision only makes sense for frames of one session: a cine loop or video, a live stream,
-            # or inputs tied together by a study id. A folder of unrelated images gets none.
-            live = self._source.kind in ("video", "stream", "camera")
-            if self._study.frames and (self._study_key is not None or live):
-                self._end_study()
+            # Only frames of one study form a study (edgemed/sessions.py): a folder of unrelated images gets none.
+            closed = self._studies.close()
+            if closed is not None:
+                self._emit_study(closed)
         finally:
             self.stop.set()
             frames.close()  # joins the capture thread before anything is torn down
