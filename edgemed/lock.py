@@ -11,6 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from edgemed.datadir import open_private, private_dir
 from edgemed.errors import OutboxError, OutboxLockedError
 
 LOCK_FILENAME = ".lock"
@@ -50,10 +51,12 @@ class DataDirLock:
         if self._fd is not None:
             return
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            private_dir(self.data_dir)
+            fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            raise OutboxError(f"cannot create the lock file {self.path}: {exc}; pick a writable --data-dir") from exc
+            raise OutboxError(
+                f"cannot create the lock file {self.path}: {exc.strerror}; pick a writable --data-dir"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgemed.datadir import private_dir, private_file, tighten
 from edgemed.errors import OutboxError
 
 log = logging.getLogger(__name__)
@@ -158,10 +159,10 @@ class Outbox:
         self._closed = False
         self._failed: OutboxError | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
         except OSError as exc:
             raise OutboxError(
-                f"cannot create the data directory {self.path.parent}: {exc}; pick a writable --data-dir"
+                f"cannot create the data directory {self.path.parent}: {exc.strerror}; pick a writable --data-dir"
             ) from exc
         self._db = self._open_checked()
         self._seq = self._seq_durable = self._read_seq()
@@ -185,6 +186,16 @@ class Outbox:
     # -- opening ---------------------------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        try:
+            # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
+            private_file(self.path)
+            for suffix in ("-wal", "-shm"):
+                tighten(self.path.with_name(self.path.name + suffix))
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot create the outbox {self.path}: {exc.strerror}; free disk space or fix the permissions "
+                "of the data directory"
+            ) from exc
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so batching is explicit.
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=5.0)
         try:

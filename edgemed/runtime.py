@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -25,8 +26,9 @@ import numpy as np
 
 from edgemed.capture import FrameSource, open_source
 from edgemed.config import DeviceProfile, default_data_dir
+from edgemed.datadir import open_private
 from edgemed.envelope import EnvelopeContext, build_result, build_study, encode, new_result_id
-from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError
+from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError, OutboxError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, clock_synced, load_or_create_secret, pseudonym
 from edgemed.inference import Backend, make_backend
@@ -163,12 +165,12 @@ class Device:
         self._clock: tuple[float, bool | None] = (0.0, None)
         self._studies = StudyTracker(profile.triage, study_id)
         self.studies: list[TriageResult] = []
+        self._print_names = shows_names(profile.privacy.print_source_names, self.out)
         self._pseudonyms: dict[str, str] = {}
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Device:
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = DataDirLock(self.data_dir)
+        lock = DataDirLock(self.data_dir)  # creates the data directory, 0700
         lock.__enter__()
         self._closers.append(lambda: lock.__exit__(None, None, None))
         try:
@@ -222,7 +224,12 @@ class Device:
     def _open_jsonl(self) -> IO[str] | None:
         if not self.profile.run.results_jsonl:
             return None
-        fh = open(self.data_dir / "results.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        path = self.data_dir / "results.jsonl"
+        try:
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as exc:
+            raise OutboxError(f"cannot open {path}: {exc.strerror}; free disk space or fix its permissions") from exc
+        fh = os.fdopen(fd, "a", encoding="utf-8")
         self._closers.append(fh.close)
         return fh
 
@@ -409,7 +416,7 @@ class Device:
         tri = env["triage"]
         pred = env["prediction"]
         what = f"{pred['label']} ({pred['probabilities'][pred['label']]:.0%})" if pred else "-"
-        name = f" {frame.name}" if frame.name else ""
+        name = f" {frame.name}" if frame.name and self._print_names else ""
         self.out.write(f"#{frame.index:<5}{name}  {what}  -> {tri['level'].upper()}: {tri['reason']}\n")
 
     def run(self, source_uri: str | None = None, *, max_frames: int | None = None) -> RunSummary:
@@ -492,6 +499,22 @@ class Device:
                 closer()
             except Exception:
                 log.exception("error while shutting down")
+
+
+def shows_names(setting: str, out: IO[str]) -> bool:
+    """Whether the printout may show file names (``privacy.print_source_names``).
+
+    ``auto`` shows them only when ``out`` is a terminal, where a person reads them. Under a service manager
+    stdout is not a terminal (systemd's is the journal, which keeps it and may forward it), nor is it when piped
+    to a file or a log collector: a file name can carry a medical record number, so none is written there unless
+    the profile says ``always``.
+    """
+    if setting != "auto":
+        return setting == "always"
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError, OSError):  # a closed or unusual stream: not a terminal
+        return False
 
 
 def install_signal_handlers(device: Device) -> None:
