@@ -7,6 +7,7 @@ PID is written inside only to name it in the refusal message.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -69,8 +70,11 @@ class DataDirLock:
         except OSError as exc:
             os.close(fd)
             raise OutboxError(f"cannot lock {self.path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # On a full disk the PID cannot be written: the lock is held all the same (the PID only names the owner in
+        # a refusal), and the outbox, which needs the space, reports the full disk with its own exit code.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:

@@ -233,6 +233,25 @@ class Device:
         self._closers.append(fh.close)
         return fh
 
+    def _local_copy(self, payload: bytes | None) -> None:
+        """Append one envelope to results.jsonl (``None``: flush what is buffered).
+
+        Raises:
+            OutboxError: the disk refused the write (full, read-only): exit 7 as for the outbox on the same disk.
+        """
+        if self._jsonl is None:
+            return
+        try:
+            if payload is None:
+                self._jsonl.flush()
+            else:
+                self._jsonl.write(payload.decode("utf-8") + "\n")
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot write {self.data_dir / 'results.jsonl'}: {exc.strerror}; free disk space in the data "
+                "directory (the results themselves are in the outbox)"
+            ) from exc
+
     def _start_delivery(self) -> None:
         if self.profile.mqtt is None:
             log.warning(
@@ -387,7 +406,7 @@ class Device:
         # Published once committed: the outbox wakes the delivery thread on each commit.
         self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"])
         if self._jsonl is not None:
-            self._jsonl.write(payload.decode("utf-8") + "\n")
+            self._local_copy(payload)
         self.health.record(lat["total"], result.level)
         self._studies.add(frame, env["seq"], result, prediction)
         return env
@@ -453,8 +472,7 @@ class Device:
             self.stop.set()
             frames.close()  # joins the capture thread before anything is torn down
             self.outbox.flush()
-            if self._jsonl is not None:
-                self._jsonl.flush()
+            self._local_copy(None)
         summary.errors = summary.levels.get("error", 0)
         summary.recaptures = summary.levels.get("recapture", 0)
         summary.studies = list(self.studies)
@@ -497,8 +515,10 @@ class Device:
             closer = self._closers.pop()
             try:
                 closer()
-            except Exception:
-                log.exception("error while shutting down")
+            except Exception as exc:
+                # One line for the operator (a full disk makes closing results.jsonl fail); the traceback at DEBUG.
+                log.error("while shutting down: %s", exc)
+                log.debug("shutdown error", exc_info=True)
 
 
 def shows_names(setting: str, out: IO[str]) -> bool:
