@@ -84,6 +84,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="heartbeat period (default 30)")
     p.add_argument("--loop", type=int, metavar="N", help="play a finite source N times (benchmarks, soak tests)")
+    p.add_argument(
+        "--from-start",
+        action="store_true",
+        help="process the source again from its start, even if its last run on this data directory was "
+        "interrupted (by default that run is resumed after its last committed result)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
 
 
@@ -151,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cv2.setNumThreads(1)
     with Device(profile, study_id=args.study_id) as device:
         install_signal_handlers(device)
-        summary = device.run()
+        summary = device.run(from_start=args.from_start)
     levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
     print(f"edgemed: {summary.frames} frames ({levels}); pending {summary.pending}", file=sys.stderr)
     for study in summary.studies:

@@ -44,8 +44,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgemed import ledger
 from edgemed.datadir import private_dir, private_file, tighten
 from edgemed.errors import OutboxError
+from edgemed.types import InputDone
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,10 @@ class Outbox:
         self._last_row = 0
         self._closed = False
         self._failed: OutboxError | None = None
+        # The ledger rows of the results in the open transaction, written with them at the commit (one row per
+        # input file per commit, not one statement per frame), and the sources whose pass ended in it.
+        self._ledger_done: dict[tuple[str, str], InputDone] = {}
+        self._ledger_ended: set[str] = set()
         try:
             private_dir(self.path.parent)
         except OSError as exc:
@@ -208,7 +214,7 @@ class Outbox:
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check}")
-            db.executescript(_SCHEMA)
+            db.executescript(_SCHEMA + ledger.SCHEMA)
             columns = {str(r[1]) for r in db.execute("PRAGMA table_info(acked)")}
             for column, kind in (("topic", "TEXT"), ("payload", "BLOB")):
                 if column not in columns:  # an outbox written before replay existed
@@ -268,7 +274,14 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def put(self, result_id: str, topic: str, payload: bytes, seq: int | None = None) -> int:
+    def put(
+        self,
+        result_id: str,
+        topic: str,
+        payload: bytes,
+        seq: int | None = None,
+        done: tuple[str, InputDone] | None = None,
+    ) -> int:
         """Queue one result; it becomes durable (and publishable) at the next batch commit.
 
         Args:
@@ -278,6 +291,8 @@ class Outbox:
             seq: the sequence number from ``next_seq()`` inside ``payload``. Passing it makes the persisted
                 counter advance only with committed results, so a crash never leaves a gap in the published
                 sequence (a consumer may read a gap as a lost result).
+            done: ``(source, row)``: the ledger row this result brings its input to (see ``edgemed.ledger``);
+                it is written in the same transaction as the result.
 
         Returns:
             The row id, increasing in production order.
@@ -307,6 +322,8 @@ class Outbox:
                 raise self._write_error(exc) from exc
             row_id = int(cur.lastrowid or 0)
             self._last_row = row_id
+            if done is not None:
+                self._ledger_done[(done[0], done[1].path)] = done[1]
             if seq is not None:
                 self._seq_explicit = True
                 self._seq_durable = max(self._seq_durable, seq + 1)
@@ -485,6 +502,56 @@ class Outbox:
             self._check_open()
             return {str(r[0]) for r in self._db.execute("SELECT result_id FROM acked")}
 
+    # -- the ledger of processed inputs (edgemed/ledger.py) ------------------------------------------------------
+
+    def source_ledger(self, source: str) -> tuple[ledger.SourceState, dict[str, InputDone]]:
+        """What the ledger knows of ``source``: whether its last pass was interrupted, and its files' rows."""
+        with self._lock:
+            self._check_open()
+            return ledger.state(self._db, source), ledger.inputs(self._db, source)
+
+    def start_source(self, source: str, *, keep: bool, add: Iterable[InputDone] = (), drop: Iterable[str] = ()) -> None:
+        """Begin a pass over ``source``, durably: forget its rows unless ``keep``, add and drop the given rows.
+
+        Raises:
+            OutboxError: the disk refused the write.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                self._begin()
+                ledger.start(self._db, source, keep=keep)
+                ledger.drop(self._db, source, drop)
+                ledger.write(self._db, {(source, row.path): row for row in add}, ())
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._commit()
+
+    def end_source(self, source: str) -> None:
+        """Mark the pass over ``source`` complete, with the next commit (after its last results)."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._begin()
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._ledger_ended.add(source)
+
+    def forget_source(self, source: str) -> None:
+        """Drop the ledger's rows for ``source`` durably (a ``--loop`` run is no basis for resuming).
+
+        Raises:
+            OutboxError: the disk refused the write.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                self._begin()
+                ledger.forget(self._db, source)
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._commit()
+
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -537,10 +604,13 @@ class Outbox:
                     (self._last_row - self.cfg.keep_acked,),
                 )
             self._expire_payloads()
+            ledger.write(self._db, self._ledger_done, self._ledger_ended)
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._write_error(exc) from exc
         self._in_txn = False
+        self._ledger_done.clear()
+        self._ledger_ended.clear()
         self._uncommitted = 0
         published = self._last_row > self._committed_max_row
         self._committed_max_row = self._last_row
@@ -632,6 +702,8 @@ class Outbox:
                 log.debug("rollback after a failed write: %s", rollback_exc)
             self._in_txn = False
             self._uncommitted = 0
+            self._ledger_done.clear()  # rolled back with the results they account for
+            self._ledger_ended.clear()
         self._failed = OutboxError(
             f"cannot write the outbox {self.path}: {exc}; free disk space or fix the permissions of the data "
             "directory (results produced since the last commit were not kept)"

@@ -40,7 +40,7 @@ from edgemed.preprocess import Preprocessor, probabilities, to_colour_mode
 from edgemed.quality import check_quality
 from edgemed.sessions import ClosedStudy, StudyTracker
 from edgemed.triage import triage, triage_error, triage_recapture, validate_policy
-from edgemed.types import Frame, Prediction, QualityReport, TriageResult
+from edgemed.types import Frame, InputDone, Prediction, QualityReport, TriageResult
 
 log = logging.getLogger("edgemed.runtime")
 
@@ -166,6 +166,7 @@ class Device:
         self._studies = StudyTracker(profile.triage, study_id)
         self.studies: list[TriageResult] = []
         self._print_names = shows_names(profile.privacy.print_source_names, self.out)
+        self._ledger_key: str | None = None
         self._pseudonyms: dict[str, str] = {}
 
     # -- set-up -----------------------------------------------------------------------------------------------
@@ -404,7 +405,12 @@ class Device:
         )
         payload = encode(env)
         # Published once committed: the outbox wakes the delivery thread on each commit.
-        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"])
+        done = None
+        if self._ledger_key is not None and frame.input is not None:
+            ref = frame.input
+            row = InputDone(ref.path, ref.size, ref.mtime_ns, ref.sha256, frame.input_frame + 1, ref.frames_total)
+            done = (self._ledger_key, row)
+        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"], done=done)
         if self._jsonl is not None:
             self._local_copy(payload)
         self.health.record(lat["total"], result.level)
@@ -438,8 +444,17 @@ class Device:
         name = f" {frame.name}" if frame.name and self._print_names else ""
         self.out.write(f"#{frame.index:<5}{name}  {what}  -> {tri['level'].upper()}: {tri['reason']}\n")
 
-    def run(self, source_uri: str | None = None, *, max_frames: int | None = None) -> RunSummary:
-        """Process every frame of the source, then wait (bounded) for the broker to acknowledge the results."""
+    def run(
+        self, source_uri: str | None = None, *, max_frames: int | None = None, from_start: bool = False
+    ) -> RunSummary:
+        """Process every frame of the source, then wait (bounded) for the broker to acknowledge the results.
+
+        Args:
+            source_uri: overrides the profile's ``source.uri``.
+            max_frames: stop after this many frames (overrides ``run.max_frames``).
+            from_start: process a file source again from its start even when its last run on this data
+                directory was interrupted (``--from-start``); for ``watch:``, read every file in the folder again.
+        """
         uri = source_uri or self.profile.source.uri
         if uri is None:
             raise ModelError("no source given: pass --source PATH or set source.uri in the profile")
@@ -447,7 +462,9 @@ class Device:
         summary = RunSummary()
         self._source = open_source(uri, self.profile.source, stop=self.stop)
         self._closers.append(self._source.close)
+        self._ledger_key = self._attach_ledger(self._source, from_start=from_start)
         frames = prefetch(self._captured(self._source), self.stop)
+        exhausted = False
         try:
             for frame, capture_ms in frames:
                 if self.link is not None:
@@ -464,6 +481,11 @@ class Device:
                     self._print(frame, env)
                 if max_frames is not None and summary.frames >= max_frames:
                     break
+            else:
+                exhausted = True
+            if exhausted and self._ledger_key is not None and self._source.state == "ended":
+                # Committed with the last results: the next run processes this source again from its start.
+                self.outbox.end_source(self._ledger_key)
             # Only frames of one study form a study (edgemed/sessions.py): a folder of unrelated images gets none.
             closed = self._studies.close()
             if closed is not None:
@@ -478,6 +500,33 @@ class Device:
         summary.studies = list(self.studies)
         summary.pending = self._drain()
         return summary
+
+    def _attach_ledger(self, source: FrameSource, *, from_start: bool) -> str | None:
+        """Tell a file source what the ledger of processed inputs knows (see edgemed/ledger.py); returns its key.
+
+        A folder or file resumes only after an interrupted pass; ``watch:`` always takes up where it stopped. A
+        looped run (``--loop``) keeps no ledger and leaves none behind to resume from.
+        """
+        key = source.ledger_key
+        if not source.keeps_ledger or key is None:
+            return None
+        if self.profile.source.loop > 1:
+            self.outbox.forget_source(key)
+            return None
+        watch = source.kind == "watch"
+        state, rows = self.outbox.source_ledger(key)
+        resume = not from_start and (state == "interrupted" or (watch and state == "complete"))
+        changes = source.attach_ledger(rows if resume else {}, history=from_start or state != "new")
+        self.outbox.start_source(key, keep=resume, add=changes.add, drop=changes.forget)
+        finished = sum(1 for row in rows.values() if row.finished and row.frames_total)
+        if resume and not watch and finished:
+            # The source is not named: its path may carry a patient's name, and this line reaches the journal.
+            log.warning(
+                "resuming where the interrupted run on this data directory stopped: %d files that already have "
+                "results are skipped (pass --from-start to process them again)",
+                finished,
+            )
+        return key
 
     def _wait_for_room(self) -> None:
         # The outbox cap is a policy, not a loss: with on_full=block the device stops taking frames and says so

@@ -16,19 +16,35 @@ from edgemed.errors import ConfigError
 from edgemed.types import Frame
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import numpy as np
 
     from edgemed.capture import CaptureConfig
-    from edgemed.types import SourceKind
+    from edgemed.types import InputDone, InputRef, SourceKind
 
 
 class Item(NamedTuple):
-    """One input as a concrete source produced it, before numbering."""
+    """One input as a concrete source produced it, before numbering.
+
+    An item with ``skip`` set is not a frame: that many frames of an input already have committed results from
+    an earlier run (the ledger says so), and numbering moves on past them as if they had been read.
+    """
 
     image: np.ndarray | None
     error: str | None = None
     name: str | None = None
     study_uid: str | None = None
+    input: InputRef | None = None
+    input_frame: int = 0
+    skip: int = 0
+
+
+class LedgerChanges(NamedTuple):
+    """What a source asks the ledger to record when it is attached (``watch:`` only)."""
+
+    add: list[InputDone]  # files present when watching started for the first time: not new, noted as seen
+    forget: list[str]  # files the ledger has that are gone from the folder
 
 
 class BaseSource:
@@ -38,6 +54,10 @@ class BaseSource:
     finite: bool = True
     #: how many times a live source lost its connection and reconnected (0 for files); reported on health
     reconnects: int = 0
+    #: file sources can keep a ledger of processed inputs (resume, watch: across restarts); live ones cannot
+    keeps_ledger: bool = False
+    #: how the ledger names this source: its absolute path (``watch:`` and the path for a watched folder)
+    ledger_key: str | None = None
 
     def __init__(self, cfg: CaptureConfig, stop: threading.Event) -> None:
         self.cfg = cfg
@@ -46,10 +66,28 @@ class BaseSource:
         self._closed = False
         self._iterating = False
         self._roi_fitted = False  # the region of interest fitted a frame of this source at least once
+        self.ledger = False  # frames carry an InputRef for the ledger (attach_ledger)
+        self._done: dict[str, InputDone] = {}
 
     def _items(self) -> Iterator[Item]:
         """One pass over the inputs; finite sources are replayed ``cfg.loop`` times by ``__iter__``."""
         raise NotImplementedError
+
+    def attach_ledger(self, done: Mapping[str, InputDone], *, history: bool) -> LedgerChanges:
+        """Use the ledger of processed inputs: frames then carry an ``InputRef``, and inputs it shows as done
+        are skipped (their frames keep their numbers).
+
+        Args:
+            done: the ledger's rows for this source, by relative path (empty to process everything).
+            history: the ledger has seen this source before (``watch:``: files not in it arrived while edgemed
+                was not running).
+
+        Returns:
+            Rows to add or drop (only ``watch:`` has any).
+        """
+        self.ledger = True
+        self._done = dict(done)
+        return LedgerChanges([], [])
 
     def __iter__(self) -> Iterator[Frame]:
         index = 0
@@ -60,6 +98,9 @@ class BaseSource:
         try:
             for _ in range(passes):
                 for item in self._items():
+                    if item.skip:
+                        index += item.skip  # done by an earlier run: the frames after keep their numbers
+                        continue
                     if self._stopped():
                         break
                     if interval_s:
@@ -92,6 +133,8 @@ class BaseSource:
             captured_at=time.time(),
             study_uid=item.study_uid,
             name=item.name,
+            input=item.input,
+            input_frame=item.input_frame,
         )
 
     def _crop(
