@@ -28,7 +28,7 @@ from edgemed.capture import FrameSource, open_source
 from edgemed.config import DeviceProfile, default_data_dir
 from edgemed.datadir import open_private
 from edgemed.envelope import EnvelopeContext, build_result, build_study, encode, new_result_id
-from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError, OutboxError
+from edgemed.errors import EXIT_OK, EXIT_OUTBOX, EXIT_PENDING, ModelError, OutboxError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, clock_synced, load_or_create_secret, pseudonym
 from edgemed.inference import Backend, make_backend
@@ -59,10 +59,15 @@ class RunSummary:
     levels: dict[str, int] = field(default_factory=dict)
     studies: list[TriageResult] = field(default_factory=list)
     stopped_by_signal: bool = False
+    #: the outbox was found damaged at start: what was recovered and what was not (the run went on)
+    outbox_damage: str | None = None
 
     @property
     def exit_code(self) -> int:
-        """0 when every result was acknowledged, 10 when some are still pending on disk."""
+        """0 when every result was acknowledged, 10 when some are still pending on disk, 7 when the outbox was
+        found damaged at start (whatever could be read was recovered and sent; the rest may be lost)."""
+        if self.outbox_damage is not None:
+            return EXIT_OUTBOX
         return EXIT_OK if self.pending == 0 else EXIT_PENDING
 
 
@@ -499,6 +504,9 @@ class Device:
         summary.recaptures = summary.levels.get("recapture", 0)
         summary.studies = list(self.studies)
         summary.pending = self._drain()
+        if self.outbox.recovery is not None:
+            summary.outbox_damage = self.outbox.recovery.describe()
+            log.error("%s", summary.outbox_damage)  # said at start too; repeated where the run's outcome is read
         return summary
 
     def _attach_ledger(self, source: FrameSource, *, from_start: bool) -> str | None:
