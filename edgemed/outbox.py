@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -270,7 +271,7 @@ class Outbox:
         if damage is not None:
             return damage, damage.describe()
         try:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+            db = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True, timeout=5.0)
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}; check its permissions") from exc
         try:

@@ -220,6 +220,10 @@ def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
     if found.meta.get("replay_payloads"):
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('replay_payloads', 1)")
     db.execute("COMMIT")
+    # Fold the log into the file now and check it worked: the file alone is moved into place.
+    busy, frames, done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy or frames != done:
+        raise sqlite3.OperationalError(f"the new outbox could not be checkpointed ({done} of {frames} pages)")
     return next_seq
 
 
