@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgemed import walcheck
-from edgemed.datadir import open_private, private_dir
+from edgemed.datadir import open_private, private_dir, tighten
 from edgemed.errors import OutboxError
 from edgemed.walcheck import WalDamage
 
@@ -177,11 +177,14 @@ def _move_aside(path: Path) -> Path:
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
         n += 1
     path.rename(target)
+    tighten(target)  # an outbox from before files were private may be 0644: its results are no less private
     # The WAL may hold committed results that are not yet in the main file: keep it with it.
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         if side.exists():
-            side.rename(target.with_name(target.name + suffix))
+            moved = target.with_name(target.name + suffix)
+            side.rename(moved)
+            tighten(moved)
     return target
 
 

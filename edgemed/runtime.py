@@ -416,8 +416,7 @@ class Device:
             row = InputDone(ref.path, ref.size, ref.mtime_ns, ref.sha256, frame.input_frame + 1, ref.frames_total)
             done = (self._ledger_key, row)
         self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"], done=done)
-        if self._jsonl is not None:
-            self._local_copy(payload)
+        self._local_copy(payload)
         self.health.record(lat["total"], result.level)
         self._studies.add(frame, env["seq"], result, prediction)
         return env

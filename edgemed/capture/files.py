@@ -110,8 +110,8 @@ def decode_image(data: bytes, name: str) -> Item:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
         if image is not None and image.size > 0:
             return Item(to_rgb_uint8(image), None, name)
-    except cv2.error:
-        pass  # OpenCV's own asserts on a malformed header; reported below like any undecodable image
+    except cv2.error as exc:  # OpenCV's own asserts on a malformed header: an undecodable image like any other
+        log.debug("OpenCV refused an image: %s", type(exc).__name__)
     return Item(
         None,
         f"{name}: the image cannot be decoded (corrupt or truncated); copy it again from the device or "
