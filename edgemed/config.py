@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -77,6 +77,12 @@ class PrivacyConfig(_Strict):
 
     publish_source_names: bool = Field(
         False, description="put the input's file name into results (off: names can contain patient identifiers)"
+    )
+    print_source_names: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="whether the one line per result printed on stdout shows the input's file name: 'auto' only "
+        "when stdout is a terminal, so a service (the systemd journal, a pipe, a log file) never gets file names; "
+        "'always' also there; 'never' not even on a terminal (names can contain a medical record number)",
     )
 
 
