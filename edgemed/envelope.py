@@ -1,7 +1,9 @@
 """The result envelope (schema ``edgemed.result/1``): what one frame's result looks like on the wire.
 
-The JSON Schema in ``edgemed/schemas/result-v1.json`` is the published contract; :func:`build_result` is the only
-place that assembles an envelope, so privacy rules (no file names, no study ids) are enforced in one spot.
+The JSON Schemas in ``edgemed/schemas/`` are the published contract. The runtime encodes each typed result once:
+:func:`result_envelope` for a :class:`~edgemed.types.FrameResult`, :func:`study_envelope` for a
+:class:`~edgemed.types.StudyResult`, then :func:`encode`. Those two are the only places that assemble an envelope,
+so the privacy rules (no file names, no study ids) are enforced in one spot.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from importlib import resources
 from typing import Any
 
 from edgemed import RESULT_SCHEMA, __version__
-from edgemed.types import Frame, Prediction, QualityReport, TriageResult
+from edgemed.types import Frame, FrameResult, Prediction, QualityReport, StudyResult, TriageResult
 
 STUDY_SCHEMA = "edgemed.study/1"
 
@@ -95,6 +97,37 @@ def new_result_id() -> str:
     return _RESULT_IDS.next()
 
 
+def result_envelope(ctx: EnvelopeContext, result: FrameResult) -> dict[str, Any]:
+    """Assemble the envelope (``edgemed.result/1``) of one frame result.
+
+    The frame's local name and study id are deliberately not copied in: only the pseudonymous ``session_id`` is
+    (and the name only where the profile sets ``privacy.publish_source_names``).
+    """
+    frame = result.frame
+    source: dict[str, Any] = {"kind": frame.source_kind, "index": frame.index}
+    if ctx.publish_source_names and frame.name:
+        source["name"] = frame.name
+    quality, prediction = result.quality, result.prediction
+    return {
+        "schema": RESULT_SCHEMA,
+        "result_id": result.result_id,
+        "seq": result.seq,
+        "device_id": ctx.device_id,
+        "site": ctx.site,
+        "created_at": utc_now_iso(result.created_at),
+        "clock_synced": result.clock_synced,
+        "session_id": result.session_id,
+        "model": ctx.model,
+        "preprocess_sha256": ctx.preprocess_sha256,
+        "runtime": _runtime(ctx),
+        "source": source,
+        "quality": quality.as_dict() if quality is not None else None,
+        "prediction": prediction.as_dict() if prediction is not None else None,
+        "triage": result.triage.as_dict(),
+        "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
+    }
+
+
 def build_result(
     ctx: EnvelopeContext,
     *,
@@ -109,31 +142,21 @@ def build_result(
     latency_ms: dict[str, float],
     result_id: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble one result envelope.
-
-    The frame's local name and study id are deliberately not copied in: only the pseudonymous ``session_id`` is.
-    """
-    source: dict[str, Any] = {"kind": frame.source_kind, "index": frame.index}
-    if ctx.publish_source_names and frame.name:
-        source["name"] = frame.name
-    return {
-        "schema": RESULT_SCHEMA,
-        "result_id": result_id or new_result_id(),
-        "seq": seq,
-        "device_id": ctx.device_id,
-        "site": ctx.site,
-        "created_at": utc_now_iso(created_at),
-        "clock_synced": clock_synced,
-        "session_id": session_id,
-        "model": ctx.model,
-        "preprocess_sha256": ctx.preprocess_sha256,
-        "runtime": _runtime(ctx),
-        "source": source,
-        "quality": quality.as_dict() if quality is not None else None,
-        "prediction": prediction.as_dict() if prediction is not None else None,
-        "triage": triage.as_dict(),
-        "latency_ms": {k: round(v, 3) for k, v in latency_ms.items()},
-    }
+    """The envelope of a result given field by field (a fresh ``result_id`` when none is given); see
+    :func:`result_envelope`."""
+    result = FrameResult(
+        frame=frame,
+        seq=seq,
+        result_id=result_id or new_result_id(),
+        created_at=created_at,
+        clock_synced=clock_synced,
+        session_id=session_id,
+        quality=quality,
+        prediction=prediction,
+        triage=triage,
+        latency_ms=latency_ms,
+    )
+    return result_envelope(ctx, result)
 
 
 def _runtime(ctx: EnvelopeContext) -> dict[str, Any]:
@@ -148,33 +171,22 @@ def _runtime(ctx: EnvelopeContext) -> dict[str, Any]:
     return runtime
 
 
-def build_study(
-    ctx: EnvelopeContext,
-    *,
-    seq: int,
-    created_at: float,
-    clock_synced: bool | None,
-    session_id: str | None,
-    source_kind: str,
-    first_seq: int,
-    last_seq: int,
-    decision: TriageResult,
-) -> dict[str, Any]:
-    """Assemble one study decision (schema ``edgemed.study/1``) for the frames ``first_seq..last_seq``."""
+def study_envelope(ctx: EnvelopeContext, study: StudyResult) -> dict[str, Any]:
+    """The envelope (``edgemed.study/1``) of one study decision over the frames ``first_seq..last_seq``."""
     return {
         "schema": STUDY_SCHEMA,
-        "result_id": new_result_id(),
-        "seq": seq,
+        "result_id": study.result_id,
+        "seq": study.seq,
         "device_id": ctx.device_id,
         "site": ctx.site,
-        "created_at": utc_now_iso(created_at),
-        "clock_synced": clock_synced,
-        "session_id": session_id,
+        "created_at": utc_now_iso(study.created_at),
+        "clock_synced": study.clock_synced,
+        "session_id": study.session_id,
         "model": ctx.model,
-        "source_kind": source_kind,
-        "first_seq": first_seq,
-        "last_seq": last_seq,
-        "triage": decision.as_dict(),
+        "source_kind": study.source_kind,
+        "first_seq": study.first_seq,
+        "last_seq": study.last_seq,
+        "triage": study.decision.as_dict(),
     }
 
 

@@ -2,6 +2,15 @@
 
 The monitor is fed by the runtime thread (one call per frame) and read by the heartbeat timer; a lock keeps the
 two consistent. Latency percentiles are over a sliding window so a long-running device reports its present state.
+
+A heartbeat (schema ``edgemed.health/1``) holds what the monitor measures itself: ``uptime_s``, ``frames``,
+``errors``, ``recaptures``, ``fps``, ``latency_ms`` (``p50``, ``p95``), ``disk_free_mb``, ``cpu_temp_c``,
+``cpu_percent`` and ``peak_rss_mb``; and what the runtime adds (``Device.health_payload``): ``device_id``,
+``site``, ``delegate``, ``degraded``, ``degraded_reason``, ``pending`` and ``oldest_pending_s`` (results waiting
+in the outbox), ``outbox_full``, ``source_state`` (``edgemed.capture.FrameSource``; ``idle`` before a source is
+open), ``connected``, ``source_reconnects`` (times a stream or camera lost its connection and got it back) and
+``evicted_total`` (results deleted unsent at the outbox cap by ``on_full: evict_oldest`` since the device
+started).
 """
 
 from __future__ import annotations

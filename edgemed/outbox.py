@@ -24,11 +24,14 @@ power loss.
 Caps: ``max_pending`` and ``max_age_s`` bound the queue. When reached, ``on_full="block"`` makes ``is_full()``
 true so the runtime stops accepting frames and alerts on its health topic, and ``put()`` raises
 ``OutboxFullError``; ``on_full="evict_oldest"`` deletes the oldest unacknowledged results, counts them in
-``evicted_total`` and logs a warning: never a silent loss.
+``evicted_total`` (published on every heartbeat) and logs a warning: never a silent loss.
 
 Threads
-    One connection guarded by one lock: ``put()`` from the capture thread and ``pending()``/``ack()`` from the
-    delivery thread may run concurrently.
+    One connection guarded by one lock. ``put()`` and ``next_seq()`` run on the runtime's thread (the one that
+    runs the quality gate, inference and triage; the capture thread only reads frames), ``pending()`` and
+    ``ack()``/``ack_many()`` on the delivery thread, and time-bound commits on the committer thread; they may run
+    concurrently. ``next_seq()`` has a small lock of its own, so numbering a frame never waits behind the
+    delivery thread's SQL.
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 Training and the device call the *same* functions here, so a frame is resized, colour-converted and normalised
 on the device exactly as the training images were. Quantization goes through a 256-entry lookup table: every
 uint8 pixel maps to one model-input value, so the per-frame cost is one table lookup instead of float arithmetic.
+
+What comes out of the model (dequantize, softmax, probabilities) is read in ``edgemed.inference.classify``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,40 +74,6 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return np.clip(q, lo, hi).astype(spec.dtype)
 
 
-def dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """Integer tensor to real values: ``scale * (q - zero_point)``; float tensors pass through as float64.
-
-    The subtraction is done in int64 because int8 minus a zero point can leave the int8 range.
-    """
-    if not spec.quantized:
-        return raw.astype(np.float64)
-    return spec.scale * (raw.astype(np.int64) - spec.zero_point).astype(np.float64)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return np.asarray(e / e.sum(axis=-1, keepdims=True))
-
-
-def probabilities(raw: np.ndarray, spec: TensorSpec, *, logits: bool) -> tuple[float, ...]:
-    """Class probabilities from a raw output tensor: dequantized, then softmax (logits) or clipped to [0, 1]."""
-    if spec.quantized and raw.size <= 64:
-        # A classifier has a handful of outputs: plain floats cost a fifth of numpy's per-call overhead, once
-        # per frame on the inference thread. Same arithmetic as dequantize() and softmax() below.
-        values = [spec.scale * (q - spec.zero_point) for q in np.asarray(raw).reshape(-1).tolist()]
-        if not logits:
-            return tuple(min(max(v, 0.0), 1.0) for v in values)
-        top = max(values)
-        exps = [math.exp(v - top) for v in values]
-        total = sum(exps)
-        return tuple(e / total for e in exps)
-    real = dequantize(np.asarray(raw).reshape(-1), spec)
-    probs = softmax(real) if logits else np.clip(real, 0.0, 1.0)
-    return tuple(float(p) for p in probs)
-
-
 def input_lut(norm: Normalisation, spec: TensorSpec) -> np.ndarray:
     """The 256-entry table mapping each uint8 pixel straight to the model-input value (quantized or float)."""
     pixels = np.arange(256, dtype=np.float32)
@@ -125,3 +92,16 @@ class Preprocessor:
         """Prepare, normalise and quantize one frame; returns shape ``(1, H, W, C)``."""
         out: np.ndarray = self._lut[prepare(image, self.spec)][None, ...]
         return out
+
+
+# Moved to edgemed.inference.classify (issue 10): these names still resolve here, lazily, for callers written
+# before the move (converters.runner, converters.convert). Import them from edgemed.inference.classify.
+_MOVED_TO_CLASSIFY = ("dequantize", "softmax", "probabilities")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_CLASSIFY:
+        from edgemed.inference import classify
+
+        return getattr(classify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,18 +5,23 @@ or a DICOM file's StudyInstanceUID), or every frame of one video, stream or came
 unrelated photos forms no study, even when a DICOM file sits among them: each photo is a decision of its own.
 A study is a run of consecutive frames with the same key; the first frame with another key (or with none) ends
 it.
+
+A study id never leaves the device: results and decisions carry its keyed pseudonym (``session_id``, an HMAC
+with the device secret, ``edgemed.identity.pseudonym``), computed here once per study rather than once per frame.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgemed.identity import pseudonym
 from edgemed.triage import StudyAggregator, TriagePolicy
-from edgemed.types import Frame, Prediction, TriageResult
+from edgemed.types import Frame, FrameResult, TriageResult
 
 # Every frame of one of these is one session, with or without a study id.
 SESSION_SOURCES = ("video", "stream", "camera")
 _SESSION = "\0session"  # the key of a video/stream/camera session without a study id (never a real study id)
+_PSEUDONYMS_KEPT = 1024  # a folder of single DICOM files has one study each: bound the cache
 
 
 @dataclass(frozen=True)
@@ -25,13 +30,13 @@ class ClosedStudy:
 
     Attributes:
         decision: the study-level result.
-        study: the study id (pseudonymised into ``session_id`` by the caller), or None for a session without one.
+        session_id: the study id's pseudonym, or None for a video, stream or camera session without a study id.
         first_seq: ``seq`` of its first frame result.
         last_seq: ``seq`` of its last frame result.
     """
 
     decision: TriageResult
-    study: str | None
+    session_id: str | None
     first_seq: int
     last_seq: int
 
@@ -39,20 +44,38 @@ class ClosedStudy:
 class StudyTracker:
     """Groups consecutive frames into studies and says when one ends."""
 
-    def __init__(self, policy: TriagePolicy, study_id: str | None = None) -> None:
+    def __init__(self, policy: TriagePolicy, secret: bytes, study_id: str | None = None) -> None:
         """Args:
         policy: the triage policy (its ``study`` part decides what a study needs).
+        secret: the device secret that keys the pseudonyms (``edgemed.identity.load_or_create_secret``).
         study_id: a study id given for the whole run (``--study-id``); it ties every frame together.
         """
         self.policy = policy
         self.study_id = study_id
         self.aggregator = StudyAggregator(policy)
+        self._secret = secret
+        self._pseudonyms: dict[str, str] = {}
         self._key: str | None = None
         self._first_seq = self._last_seq = 0
 
     def study_of(self, frame: Frame) -> str | None:
-        """The study id a frame belongs to (pseudonymised into its ``session_id``), or None."""
+        """The study id a frame belongs to (never published: see :meth:`session_id`), or None."""
         return self.study_id or frame.study_uid
+
+    def session_id(self, frame: Frame) -> str | None:
+        """The published stand-in for the frame's study id (its keyed pseudonym), or None for a frame of none."""
+        return self._pseudonym(self.study_of(frame))
+
+    def _pseudonym(self, study: str | None) -> str | None:
+        # Every frame of a cine carries the same study id: its HMAC is computed once, not once per frame.
+        if not study:
+            return None
+        known = self._pseudonyms.get(study)
+        if known is None:
+            if len(self._pseudonyms) >= _PSEUDONYMS_KEPT:
+                self._pseudonyms.clear()
+            known = self._pseudonyms[study] = pseudonym(self._secret, study)
+        return known
 
     def _key_of(self, frame: Frame) -> str | None:
         study = self.study_of(frame)
@@ -71,14 +94,14 @@ class StudyTracker:
         self._key = key
         return closed
 
-    def add(self, frame: Frame, seq: int, result: TriageResult, prediction: Prediction | None) -> None:
-        """Record the frame's committed result in its study (a frame of no study is its own decision)."""
-        if self._key_of(frame) is None:
+    def add(self, result: FrameResult) -> None:
+        """Record a frame's committed result in its study (a frame of no study is its own decision)."""
+        if self._key_of(result.frame) is None:
             return
         if not self.aggregator.frames:
-            self._first_seq = seq
-        self._last_seq = seq
-        self.aggregator.add(result, prediction)
+            self._first_seq = result.seq
+        self._last_seq = result.seq
+        self.aggregator.add(result.triage, result.prediction)
 
     def close(self) -> ClosedStudy | None:
         """End the open study (at the end of the source, or when a frame of another study arrives).
@@ -95,6 +118,6 @@ class StudyTracker:
         closed = None
         if due:
             study = None if self._key == _SESSION else self._key
-            closed = ClosedStudy(agg.decision(), study, self._first_seq, self._last_seq)
+            closed = ClosedStudy(agg.decision(), self._pseudonym(study), self._first_seq, self._last_seq)
         agg.reset()
         return closed

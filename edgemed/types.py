@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 SourceKind = Literal["image", "folder", "watch", "video", "camera", "stream", "dicom"]
+#: Where a capture source is in its life (``edgemed.capture.FrameSource`` says what each means).
+SourceState = Literal["connecting", "open", "reconnecting", "ended", "stopped", "failed", "closed"]
 Delegate = Literal["cpu", "edgetpu", "gpu"]
 TriageLevel = Literal["urgent", "routine", "no_finding", "inconclusive", "recapture", "error"]
 
@@ -174,3 +176,67 @@ class TriageResult:
     def as_dict(self) -> dict[str, Any]:
         """The ``triage`` object of the result envelope."""
         return {"level": self.level, "reason": self.reason, **self.extra}
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResult:
+    """What one frame became, as committed to the outbox: the one value the envelope, the nurse's line, the run
+    summary and the health counters all read.
+
+    Attributes:
+        frame: the frame it came from. Its pixels and local name stay on the device: the envelope copies neither
+            (``edgemed.envelope.build_result``).
+        seq: its number on the device's one counter (shared with study decisions; a gap means a lost message).
+        result_id: random id, the same through every retry; consumers drop duplicates by it.
+        created_at: wall-clock time (``time.time()``) the result was made.
+        clock_synced: whether that clock was trustworthy (None when unknown).
+        session_id: the keyed pseudonym of the frame's study, or None for a frame of no study.
+        quality: the quality gate's report, or None when the gate is off or the frame was unreadable.
+        prediction: the class probabilities, or None when the frame was not classified (unreadable, recapture).
+        triage: the decision for the person at the device.
+        latency_ms: milliseconds per stage (``capture``, ``quality``, ``preprocess``, ``inference``, ``triage``
+            when classified, ``total``), in that order: the envelope keeps it.
+    """
+
+    frame: Frame
+    seq: int
+    result_id: str
+    created_at: float
+    clock_synced: bool | None
+    session_id: str | None
+    quality: QualityReport | None
+    prediction: Prediction | None
+    triage: TriageResult
+    latency_ms: dict[str, float]
+
+    @property
+    def level(self) -> TriageLevel:
+        """The triage level (what the summary counts)."""
+        return self.triage.level
+
+
+@dataclass(frozen=True, slots=True)
+class StudyResult:
+    """One study decision, as committed to the outbox (schema ``edgemed.study/1``).
+
+    Attributes:
+        seq: its number on the one counter that also numbers frame results (after its last frame).
+        result_id: random id, as for a frame result.
+        created_at: wall-clock time it was made.
+        clock_synced: whether that clock was trustworthy.
+        session_id: the keyed pseudonym of the study, or None for a video, stream or camera session without one.
+        source_kind: what the frames came from.
+        first_seq: ``seq`` of the study's first frame result.
+        last_seq: ``seq`` of its last frame result.
+        decision: the study-level triage.
+    """
+
+    seq: int
+    result_id: str
+    created_at: float
+    clock_synced: bool | None
+    session_id: str | None
+    source_kind: str
+    first_seq: int
+    last_seq: int
+    decision: TriageResult

@@ -20,8 +20,9 @@ from edgemed.envelope import EnvelopeContext, build_result, encode, new_result_i
 from edgemed.errors import ConfigError, ModelError, ModelRejectedError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, load_or_create_secret, pseudonym
+from edgemed.inference.classify import dequantize, probabilities, softmax
 from edgemed.manifest import Artifact, InputSpec, Manifest, save_manifest, sha256_file, verify_model
-from edgemed.preprocess import Preprocessor, dequantize, probabilities, quantize, softmax
+from edgemed.preprocess import Preprocessor, quantize
 from edgemed.types import Frame, Prediction, QualityReport, TensorSpec, TriageResult
 
 INT8_IN = TensorSpec("in", (1, 28, 28, 1), "int8", 1 / 255, -128)

@@ -16,8 +16,9 @@ from pydantic import ValidationError
 from edgemed.errors import ConfigError, ModelError
 from edgemed.inference import BackendConfig, interpreter_module, make_backend
 from edgemed.inference.backends import CompiledModelBackend, is_edgetpu_compiled
+from edgemed.inference.classify import dequantize, softmax
 from edgemed.inference.probe import coral_usb_devices, probe_delegates, runtime_version
-from edgemed.preprocess import dequantize, quantize, softmax
+from edgemed.preprocess import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,6 +12,8 @@ Every source yields :class:`edgemed.types.Frame` objects: ``image`` is uint8 ``(
 RGB, ``index`` counts from 0 across the whole run (and across ``loop`` replays). An input that cannot be read
 becomes a frame with ``image=None`` and ``error`` set, keeping its index, so one bad file never stops a run.
 OpenCV and pydicom are imported inside the functions that need them, so ``import edgemed.capture`` stays cheap.
+``read_ahead(source, stop)`` (``prefetch.py``) reads and decodes a source on a capture thread, a few frames ahead
+of the runtime.
 
 DICOM needs the ``dicom`` extra (``pip install edgemed[dicom]``: pydicom and Pillow). That decodes
 uncompressed, RLE, JPEG baseline/extended and JPEG 2000; JPEG Lossless and JPEG-LS need
@@ -37,13 +39,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgemed.capture.prefetch import read_ahead
 from edgemed.errors import CaptureError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from edgemed.capture._base import LedgerChanges
-    from edgemed.types import Frame, InputDone, SourceKind
+    from edgemed.types import Frame, InputDone, SourceKind, SourceState
 
 IMAGE_EXTENSIONS = [
     ".jpg",
@@ -121,15 +124,38 @@ class CaptureConfig(BaseModel):
 class FrameSource(Protocol):
     """What the runtime reads frames from.
 
-    ``state`` is one of ``open``, ``reconnecting``, ``ended``, ``failed``, ``closed``; it is reported on
-    health.
     Iteration ends when the source is exhausted, when ``stop`` is set, or after ``close()``.
     File sources (``keeps_ledger``) can resume from the ledger of processed inputs: ``ledger_key`` names the
     source there (its absolute path), and ``attach_ledger`` must be called before iterating.
+
+    ``state`` is published as ``source_state`` on every heartbeat (``idle`` there before a source is open). A
+    source is in exactly one of these states:
+
+    ``connecting``
+        a stream that has not delivered its first connection yet (streams start here; others start ``open``);
+    ``open``
+        frames can be read: a file source, or a stream or camera that is connected;
+    ``reconnecting``
+        a stream or camera lost its connection (or never got one) and is retrying with back-off;
+    ``ended``
+        every frame was read (a finite source, all ``loop`` passes);
+    ``stopped``
+        iteration ended early because ``stop`` was set (SIGTERM) before the source ended;
+    ``failed``
+        the source gave up and raised ``CaptureError`` or ``ConfigError`` (a stream down longer than
+        ``reconnect_give_up_s``, a watched folder that became unreadable, a region of interest that does not
+        fit the first frame);
+    ``closed``
+        ``close()`` was called (the runtime closes every source at the end of a run; a failed source stays
+        ``failed``).
+
+    ``reconnects`` counts the times a live source lost its connection and got it back (0 for files); it is
+    published as ``source_reconnects`` on every heartbeat.
     """
 
     kind: SourceKind
-    state: str
+    state: SourceState
+    reconnects: int
     keeps_ledger: bool
     ledger_key: str | None
 
@@ -197,4 +223,4 @@ def _open_path(path: Path, cfg: CaptureConfig, stop: threading.Event) -> FrameSo
     return files.VideoSource(path, cfg, stop)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "CaptureConfig", "FrameSource", "open_source"]
+__all__ = ["IMAGE_EXTENSIONS", "CaptureConfig", "FrameSource", "open_source", "read_ahead"]

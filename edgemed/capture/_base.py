@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from edgemed.capture import CaptureConfig
-    from edgemed.types import InputDone, InputRef, SourceKind
+    from edgemed.types import InputDone, InputRef, SourceKind, SourceState
 
 
 class Item(NamedTuple):
@@ -51,8 +51,10 @@ class BaseSource:
     """Numbering, cropping, pacing and stopping around a concrete source's ``_items()``."""
 
     kind: SourceKind = "image"
+    #: see ``edgemed.capture.FrameSource`` for what each state means
+    state: SourceState
     finite: bool = True
-    #: how many times a live source lost its connection and reconnected (0 for files); reported on health
+    #: how many times a live source lost its connection and reconnected (0 for files); on every heartbeat
     reconnects: int = 0
     #: file sources can keep a ledger of processed inputs (resume, watch: across restarts); live ones cannot
     keeps_ledger: bool = False

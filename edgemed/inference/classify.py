@@ -1,0 +1,101 @@
+"""Classification over a backend: a uint8 frame in, class probabilities in the manifest's label order out.
+
+Beside the backends, as pycoral keeps ``classify.py`` beside its interpreter adapters: the backends only run a
+tensor; turning the raw output into probabilities (dequantize, then softmax for a model that emits logits) lives
+here, in one place, and is the same arithmetic on the device and in the converter's acceptance gate
+(``converters.runner``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgemed.errors import ModelError
+from edgemed.preprocess import Preprocessor
+from edgemed.types import Prediction, TensorSpec
+
+if TYPE_CHECKING:
+    from edgemed.inference import Backend
+    from edgemed.manifest import Artifact, Manifest
+
+
+def dequantize(raw: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Integer tensor to real values: ``scale * (q - zero_point)``; float tensors pass through as float64.
+
+    The subtraction is done in int64 because int8 minus a zero point can leave the int8 range.
+    """
+    if not spec.quantized:
+        return raw.astype(np.float64)
+    return spec.scale * (raw.astype(np.int64) - spec.zero_point).astype(np.float64)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+def probabilities(raw: np.ndarray, spec: TensorSpec, *, logits: bool) -> tuple[float, ...]:
+    """Class probabilities from a raw output tensor: dequantized, then softmax (logits) or clipped to [0, 1]."""
+    if spec.quantized and raw.size <= 64:
+        # A classifier has a handful of outputs: plain floats cost a fifth of numpy's per-call overhead, once
+        # per frame on the inference thread. Same arithmetic as dequantize() and softmax() above.
+        values = [spec.scale * (q - spec.zero_point) for q in np.asarray(raw).reshape(-1).tolist()]
+        if not logits:
+            return tuple(min(max(v, 0.0), 1.0) for v in values)
+        top = max(values)
+        exps = [math.exp(v - top) for v in values]
+        total = sum(exps)
+        return tuple(e / total for e in exps)
+    real = dequantize(np.asarray(raw).reshape(-1), spec)
+    probs = softmax(real) if logits else np.clip(real, 0.0, 1.0)
+    return tuple(float(p) for p in probs)
+
+
+class Classifier:
+    """A backend plus its manifest's pre- and post-processing: uint8 frame in, class probabilities out.
+
+    Attributes:
+        backend: the loaded model.
+        manifest: its manifest (labels, input geometry, name and version).
+        artifact: the manifest's entry for the loaded file (sha256, target, output kind).
+        labels: the class names, in output order.
+        preprocess: frame to input tensor (resize, colour, quantize), shape ``(1, H, W, C)``.
+        gray: True when the model reads grayscale frames (the quality gate then measures the gray frame).
+    """
+
+    def __init__(self, backend: Backend, manifest: Manifest, artifact: Artifact) -> None:
+        """Args:
+            backend: the loaded model.
+            manifest: the manifest that describes it.
+            artifact: the manifest's entry for the file the backend loaded.
+
+        Raises:
+            ModelError: the backend's input or output tensor does not fit the manifest.
+        """
+        self.backend = backend
+        self.manifest = manifest
+        self.artifact = artifact
+        self.labels = tuple(manifest.labels)
+        self.preprocess = Preprocessor(manifest.input, backend.input_spec)
+        self.gray = manifest.input.colour_mode == "gray"
+        self._logits = artifact.output_kind == "logits"
+        expected = (1, manifest.input.height, manifest.input.width, manifest.input.channels)
+        if tuple(backend.input_spec.shape) != expected:
+            raise ModelError(
+                f"model input {backend.input_spec.shape} does not match its manifest {expected}; "
+                "re-run `edgemed convert` so model and manifest come from the same conversion"
+            )
+        if backend.output_spec.shape[-1] != len(self.labels):
+            raise ModelError(
+                f"model has {backend.output_spec.shape[-1]} outputs but the manifest lists "
+                f"{len(self.labels)} labels; re-run `edgemed convert`"
+            )
+
+    def scores(self, raw: np.ndarray) -> Prediction:
+        """Dequantize the raw output (and apply softmax when the model emits logits)."""
+        return Prediction(self.labels, probabilities(raw, self.backend.output_spec, logits=self._logits))
