@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemed import RESULT_SCHEMA, __version__
 from edgemed.types import Frame, FrameResult, Prediction, QualityReport, StudyResult, TriageResult
+
+if TYPE_CHECKING:
+    from edgemed.inference.classify import Classifier
 
 STUDY_SCHEMA = "edgemed.study/1"
 
@@ -38,6 +41,31 @@ class EnvelopeContext:
     degraded: bool
     publish_source_names: bool = False
     backend_version: str | None = None
+
+    @classmethod
+    def of(
+        cls, device_id: str, site: str, classifier: Classifier, *, publish_source_names: bool = False
+    ) -> EnvelopeContext:
+        """The context of a device running ``classifier``: its model's identity and the backend that runs it."""
+        from edgemed.inference.probe import runtime_version
+
+        manifest, artifact, backend = classifier.manifest, classifier.artifact, classifier.backend
+        return cls(
+            device_id=device_id,
+            site=site,
+            model={
+                "name": manifest.name,
+                "version": manifest.version,
+                "sha256": artifact.sha256,
+                "target": artifact.target,
+            },
+            preprocess_sha256=manifest.preprocess_sha256(),
+            backend=backend.backend,
+            delegate=backend.delegate,
+            degraded=backend.degraded,
+            publish_source_names=publish_source_names,
+            backend_version=runtime_version(backend.backend),
+        )
 
 
 _SECOND_PREFIX: tuple[int, str] = (-1, "")

@@ -8,8 +8,8 @@ A heartbeat (schema ``edgemed.health/1``) holds what the monitor measures itself
 ``cpu_percent`` and ``peak_rss_mb``; and what the runtime adds (``Device.health_payload``): ``device_id``,
 ``site``, ``delegate``, ``degraded``, ``degraded_reason``, ``pending`` and ``oldest_pending_s`` (results waiting
 in the outbox), ``outbox_full``, ``source_state`` (``edgemed.capture.FrameSource``; ``idle`` before a source is
-open), ``connected``, ``source_reconnects`` (times a stream or camera lost its connection and got it back) and
-``evicted_total`` (results deleted unsent at the outbox cap by ``on_full: evict_oldest`` since the device
+open), ``connected``, ``source_reconnects`` (times a stream or camera lost its connection and began reconnecting) and
+``evicted_total`` (results deleted unsent at the outbox cap by ``on_full: evict_oldest`` since the run
 started).
 """
 

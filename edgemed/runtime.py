@@ -1,6 +1,6 @@
 """The device pipeline, wired in one place. One frame goes through:
 
-    capture    edgemed.capture.read_ahead       read and decoded on the capture thread, a few frames ahead
+    capture    edgemed.capture.prefetch         read and decoded on the capture thread, a few frames ahead
     quality    edgemed.quality.check_quality    too blurred, dark or clipped: a ``recapture`` result
     classify   edgemed.inference.classify       preprocess, invoke the backend, dequantize to probabilities
     triage     edgemed.triage.triage            the decision for the person at the device
@@ -20,30 +20,31 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO, TYPE_CHECKING, Any
 
-from edgemed.capture import FrameSource, open_source, read_ahead
+from edgemed.capture import FrameSource, open_source
+from edgemed.capture.prefetch import read_ahead
 from edgemed.clock import Clock
 from edgemed.config import DeviceProfile, default_data_dir
 from edgemed.deploy import Deployable, check_deployable
 from edgemed.envelope import EnvelopeContext, encode, new_result_id, result_envelope, study_envelope
-from edgemed.errors import EXIT_OK, EXIT_OUTBOX, EXIT_PENDING, ConfigError, ModelError
+from edgemed.errors import ConfigError, ModelError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, load_or_create_secret
 from edgemed.inference.classify import Classifier
-from edgemed.inference.probe import runtime_version
 from edgemed.local_copy import LocalCopy
 from edgemed.lock import DataDirLock
 from edgemed.outbox import Outbox
 from edgemed.preprocess import to_colour_mode
 from edgemed.printer import Printer, shows_names
 from edgemed.quality import check_quality
+from edgemed.resume import attach_ledger, input_done
 from edgemed.sessions import ClosedStudy, StudyTracker
+from edgemed.summary import RunSummary
 from edgemed.triage import triage, triage_error, triage_recapture, validate_policy
-from edgemed.types import Frame, FrameResult, InputDone, Prediction, QualityReport, StudyResult, TriageResult
+from edgemed.types import Frame, FrameResult, Prediction, QualityReport, StudyResult, TriageResult
 from edgemed.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -54,39 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgemed.runtime")
 
 __all__ = ["Classifier", "Device", "RunSummary", "install_signal_handlers", "shows_names"]
-
-
-@dataclass
-class RunSummary:
-    """What a run did, for the exit code and the closing line."""
-
-    frames: int = 0
-    errors: int = 0
-    recaptures: int = 0
-    pending: int = 0
-    levels: dict[str, int] = field(default_factory=dict)
-    studies: list[TriageResult] = field(default_factory=list)
-    stopped_by_signal: bool = False
-    #: the outbox was found damaged at start: what was recovered and what was not (the run went on)
-    outbox_damage: str | None = None
-
-    def add(self, result: FrameResult) -> None:
-        """Count one committed frame result."""
-        level = result.level
-        self.frames += 1
-        self.levels[level] = self.levels.get(level, 0) + 1
-        if level == "error":
-            self.errors += 1
-        elif level == "recapture":
-            self.recaptures += 1
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every result was acknowledged, 10 when some are still pending on disk, 7 when the outbox was
-        found damaged at start (whatever could be read was recovered and sent; the rest may be lost)."""
-        if self.outbox_damage is not None:
-            return EXIT_OUTBOX
-        return EXIT_OK if self.pending == 0 else EXIT_PENDING
 
 
 class Device:
@@ -154,7 +122,12 @@ class Device:
         try:
             self.classifier = self._load_model()
             self.backend = self.classifier.backend
-            self.ctx = self._envelope_context()
+            self.ctx = EnvelopeContext.of(
+                self.device_id,
+                self.site,
+                self.classifier,
+                publish_source_names=self.profile.privacy.publish_source_names,
+            )
             self.sessions = StudyTracker(self.profile.triage, load_or_create_secret(self.data_dir), self.study_id)
             self.outbox = Outbox(self.data_dir / "outbox.sqlite3", self.profile.outbox)
             self._closers.append(self.outbox.close)
@@ -191,25 +164,6 @@ class Device:
         backend = self._backend if self._backend is not None else model.open_backend(self.profile.inference)
         self._closers.append(backend.close)
         return Classifier(backend, model.manifest, model.artifact)
-
-    def _envelope_context(self) -> EnvelopeContext:
-        manifest, artifact, backend = self.classifier.manifest, self.classifier.artifact, self.backend
-        return EnvelopeContext(
-            device_id=self.device_id,
-            site=self.site,
-            model={
-                "name": manifest.name,
-                "version": manifest.version,
-                "sha256": artifact.sha256,
-                "target": artifact.target,
-            },
-            preprocess_sha256=manifest.preprocess_sha256(),
-            backend=backend.backend,
-            delegate=backend.delegate,
-            degraded=backend.degraded,
-            publish_source_names=self.profile.privacy.publish_source_names,
-            backend_version=runtime_version(backend.backend),
-        )
 
     def _start_delivery(self) -> None:
         link = self._publisher if self._publisher is not None else self._mqtt_link()
@@ -322,7 +276,13 @@ class Device:
         )
         payload = encode(result_envelope(self.ctx, result))
         # Published once committed: the outbox wakes the delivery thread on each commit.
-        self.outbox.put(result.result_id, f"{self.topic_base}/results", payload, seq=result.seq, done=self._done(frame))
+        self.outbox.put(
+            result.result_id,
+            f"{self.topic_base}/results",
+            payload,
+            seq=result.seq,
+            done=input_done(self._ledger_key, frame),
+        )
         if self.local_copy is not None:
             self.local_copy.append(payload)
         self.health.record(latency_ms["total"], verdict.level)
@@ -356,14 +316,6 @@ class Device:
         t4 = time.perf_counter()
         stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3)
         return quality, prediction, verdict, _latency_ms(capture_ms, *stages)
-
-    def _done(self, frame: Frame) -> tuple[str, InputDone] | None:
-        # With the ledger kept, committing a frame's result also records how far its input file is done.
-        ref = frame.input
-        if self._ledger_key is None or ref is None:
-            return None
-        row = InputDone(ref.path, ref.size, ref.mtime_ns, ref.sha256, frame.input_frame + 1, ref.frames_total)
-        return self._ledger_key, row
 
     def _commit_study(self, closed: ClosedStudy) -> StudyResult:
         """Commit the decision over a study's frames to the outbox.
@@ -409,7 +361,7 @@ class Device:
             OutboxError: the outbox cannot be written.
         """
         source = self._open_source(source_uri)
-        self._ledger_key = self._attach_ledger(source, from_start=from_start)
+        self._ledger_key = attach_ledger(source, self.outbox, loop=self.profile.source.loop, from_start=from_start)
         limit = max_frames or self.profile.run.max_frames
         summary = RunSummary()
         frames = read_ahead(source, self.stop)
@@ -458,33 +410,6 @@ class Device:
         self._source = source
         self._closers.append(source.close)
         return source
-
-    def _attach_ledger(self, source: FrameSource, *, from_start: bool) -> str | None:
-        """Tell a file source what the ledger of processed inputs knows (see edgemed/ledger.py); returns its key.
-
-        A folder or file resumes only after an interrupted pass; ``watch:`` always takes up where it stopped. A
-        looped run (``--loop``) keeps no ledger and leaves none behind to resume from.
-        """
-        key = source.ledger_key
-        if not source.keeps_ledger or key is None:
-            return None
-        if self.profile.source.loop > 1:
-            self.outbox.forget_source(key)
-            return None
-        watch = source.kind == "watch"
-        state, rows = self.outbox.source_ledger(key)
-        resume = not from_start and (state == "interrupted" or (watch and state == "complete"))
-        changes = source.attach_ledger(rows if resume else {}, history=from_start or state != "new")
-        self.outbox.start_source(key, keep=resume, add=changes.add, drop=changes.forget)
-        finished = sum(1 for row in rows.values() if row.finished and row.frames_total)
-        if resume and not watch and finished:
-            # The source is not named: its path may carry a patient's name, and this line reaches the journal.
-            log.warning(
-                "resuming where the interrupted run on this data directory stopped: %d files that already have "
-                "results are skipped (pass --from-start to process them again)",
-                finished,
-            )
-        return key
 
     def close(self) -> None:
         """Release everything in reverse order of acquisition; safe to call twice."""

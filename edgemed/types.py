@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 SourceKind = Literal["image", "folder", "watch", "video", "camera", "stream", "dicom"]
 #: Where a capture source is in its life (``edgemed.capture.FrameSource`` says what each means).
-SourceState = Literal["connecting", "open", "reconnecting", "ended", "stopped", "failed", "closed"]
+CaptureState = Literal["connecting", "open", "reconnecting", "ended", "stopped", "failed", "closed"]
 Delegate = Literal["cpu", "edgetpu", "gpu"]
 TriageLevel = Literal["urgent", "routine", "no_finding", "inconclusive", "recapture", "error"]
 

@@ -17,7 +17,7 @@ import numpy as np
 from edgemed.capture._base import LedgerChanges
 from edgemed.deploy import Deployable
 from edgemed.manifest import Artifact, InputSpec, Manifest
-from edgemed.types import Frame, InputDone, SourceKind, SourceState, TensorSpec
+from edgemed.types import CaptureState, Frame, InputDone, SourceKind, TensorSpec
 
 LABELS = ("benign", "malignant")
 # The quantization of a real int8 model: input pixel p -> p - 128; output logit = 0.1 * q.
@@ -101,7 +101,7 @@ class ListSource:
     def __init__(self, frames: list[Frame], kind: SourceKind = "video", reconnects: int = 0) -> None:
         self.frames = frames
         self.kind = kind
-        self.state: SourceState = "open"
+        self.state: CaptureState = "open"
         self.reconnects = reconnects
         self.closed = False
 

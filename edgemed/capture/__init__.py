@@ -12,8 +12,8 @@ Every source yields :class:`edgemed.types.Frame` objects: ``image`` is uint8 ``(
 RGB, ``index`` counts from 0 across the whole run (and across ``loop`` replays). An input that cannot be read
 becomes a frame with ``image=None`` and ``error`` set, keeping its index, so one bad file never stops a run.
 OpenCV and pydicom are imported inside the functions that need them, so ``import edgemed.capture`` stays cheap.
-``read_ahead(source, stop)`` (``prefetch.py``) reads and decodes a source on a capture thread, a few frames ahead
-of the runtime.
+``edgemed.capture.prefetch.read_ahead(source, stop)`` reads and decodes a source on a capture thread, a few frames
+ahead of the runtime.
 
 DICOM needs the ``dicom`` extra (``pip install edgemed[dicom]``: pydicom and Pillow). That decodes
 uncompressed, RLE, JPEG baseline/extended and JPEG 2000; JPEG Lossless and JPEG-LS need
@@ -39,14 +39,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgemed.capture.prefetch import read_ahead
 from edgemed.errors import CaptureError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from edgemed.capture._base import LedgerChanges
-    from edgemed.types import Frame, InputDone, SourceKind, SourceState
+    from edgemed.types import CaptureState, Frame, InputDone, SourceKind
 
 IMAGE_EXTENSIONS = [
     ".jpg",
@@ -149,12 +148,12 @@ class FrameSource(Protocol):
         ``close()`` was called (the runtime closes every source at the end of a run; a failed source stays
         ``failed``).
 
-    ``reconnects`` counts the times a live source lost its connection and got it back (0 for files); it is
+    ``reconnects`` counts the times a live source lost its connection and began reconnecting (0 for files); it is
     published as ``source_reconnects`` on every heartbeat.
     """
 
     kind: SourceKind
-    state: SourceState
+    state: CaptureState
     reconnects: int
     keeps_ledger: bool
     ledger_key: str | None
@@ -223,4 +222,4 @@ def _open_path(path: Path, cfg: CaptureConfig, stop: threading.Event) -> FrameSo
     return files.VideoSource(path, cfg, stop)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "CaptureConfig", "FrameSource", "open_source", "read_ahead"]
+__all__ = ["IMAGE_EXTENSIONS", "CaptureConfig", "FrameSource", "open_source"]

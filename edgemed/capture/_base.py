@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from edgemed.capture import CaptureConfig
-    from edgemed.types import InputDone, InputRef, SourceKind, SourceState
+    from edgemed.types import CaptureState, InputDone, InputRef, SourceKind
 
 
 class Item(NamedTuple):
@@ -52,9 +52,9 @@ class BaseSource:
 
     kind: SourceKind = "image"
     #: see ``edgemed.capture.FrameSource`` for what each state means
-    state: SourceState
+    state: CaptureState
     finite: bool = True
-    #: how many times a live source lost its connection and reconnected (0 for files); on every heartbeat
+    #: how many times a live source lost its connection and began reconnecting (0 for files); on every heartbeat
     reconnects: int = 0
     #: file sources can keep a ledger of processed inputs (resume, watch: across restarts); live ones cannot
     keeps_ledger: bool = False
