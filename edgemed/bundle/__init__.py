@@ -13,10 +13,11 @@ rejected by the acceptance gate, the triage policy names only the model's labels
 from the staged bundle, finds its model there.
 
 Modules:
-    build.py        :func:`build_bundle`, in named steps
-    verify.py       :func:`verify_bundle` (the device's own check) and :func:`check_models_load`
-    tree.py         plain files only: :func:`extract_bundle`, :func:`refuse_unsafe_entries`
-    render.py       fills in ``templates/install.sh.in`` and ``templates/edgemed.service.in`` (package data)
+    build.py           :func:`build_bundle`, in named steps
+    device_profile.py  the profile rewritten for the device (model inside the bundle, CA, secrets to provision)
+    verify.py          :func:`verify_bundle` (the device's own check) and :func:`check_models_load`
+    tree.py            plain files only: :func:`extract_bundle`, :func:`refuse_unsafe_entries`
+    render.py          fills in ``templates/install.sh.in`` and ``templates/edgemed.service.in`` (package data)
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """``build_bundle``: check a profile and its model, stage the bundle's files, and write one archive.
 
 The steps, in the order :func:`build_bundle` runs them: check the model the profile ships (:func:`_ship_model`),
-collect warnings for the person building it, rewrite the profile for the device (model inside the bundle, the
-broker's CA bundled when it exists here, secrets listed for provisioning), stage every file and read the staged
-profile back, then checksum, sign and archive.
+collect warnings for the person building it, rewrite the profile for the device
+(:mod:`edgemed.bundle.device_profile`), stage every file and read the staged profile back (:func:`_stage`),
+write ``BUNDLE.json`` and ``README.txt``, then checksum, sign and archive.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed import __version__
+from edgemed.bundle.device_profile import ProfileForDevice, profile_for_device, refuse_relative_device_paths
 from edgemed.bundle.render import render_template
 from edgemed.bundle.verify import check_models_load
 from edgemed.errors import EXIT_BROKER, EXIT_CONFIG, EXIT_DELEGATE, EXIT_MODEL, ConfigError
@@ -60,15 +61,6 @@ class _Shipped:
     manifest: Manifest
     artifact: Artifact
     files: tuple[Path, ...]
-
-
-@dataclass(frozen=True)
-class _DeviceProfile:
-    """The profile as the device will read it, and what goes with it."""
-
-    raw: dict[str, Any]
-    ca_file: Path | None  # the broker's CA certificate to bundle as tls/ca.pem
-    provision: list[str]  # what the field engineer must put on the device (never bundled)
 
 
 def _safe_name(text: str) -> str:
@@ -131,18 +123,19 @@ def build_bundle(
     wheel_files = sorted(wheels.glob("*.whl")) if wheels is not None else []
     if wheels is not None and not wheel_files:
         raise ConfigError(f"no *.whl files in {wheels}; build them with: pip wheel '.[device]' -w {wheels}")
-    _refuse_relative_device_paths(raw, profile_path)
+    refuse_relative_device_paths(raw, profile_path)
     # The build time makes every bundle's name unique, so installing a rebuilt bundle never overwrites the one
     # a device may need to roll back to.
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     device_name = raw.get("device", {}).get("id", profile.device.id)
     manifest = shipped.manifest
     name = _safe_name(f"edgemed-{profile.profile}-{device_name}-{manifest.name}-v{manifest.version}-{stamp}")
-    device = _device_profile(raw, profile, shipped)
+    device = profile_for_device(raw, profile, shipped.path.name, shipped.manifest_path.name)
 
     with tempfile.TemporaryDirectory(prefix="edgemed-bundle-") as tmp:
         stage = Path(tmp) / name
-        meta = _stage(stage, name, profile_path, profile, shipped, device, wheel_files, install_prefix, warnings)
+        staged = _stage(stage, name, profile_path, profile, shipped, device, wheel_files, install_prefix)
+        meta = _bundle_json(name, profile_path, profile, staged, shipped, device, warnings)
         (stage / "BUNDLE.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (stage / "README.txt").write_text(_readme(meta, install_prefix), encoding="utf-8")
         files = _checksum(stage)
@@ -198,48 +191,21 @@ def _warnings(profile: DeviceProfile, shipped: _Shipped, device_id: str | None) 
     return warnings
 
 
-def _device_profile(raw: dict[str, Any], profile: DeviceProfile, shipped: _Shipped) -> _DeviceProfile:
-    """Point the profile's model inside the bundle, bundle the broker's CA if it is here, list the secrets."""
-    raw["model"] = {"path": f"model/{shipped.path.name}", "manifest": f"model/{shipped.manifest_path.name}"}
-    ca_file: Path | None = None
-    provision: list[str] = []
-    mqtt = raw.get("mqtt")
-    if not isinstance(mqtt, dict) or profile.mqtt is None:
-        return _DeviceProfile(raw, ca_file, provision)
-    tls = profile.mqtt.tls
-    raw_tls = mqtt.get("tls") or {}
-    if tls is not None and tls.ca_file is not None and Path(tls.ca_file).is_file():
-        ca_file = Path(tls.ca_file)
-        mqtt["tls"] = {**raw_tls, "ca_file": "tls/ca.pem"}  # public: safe to ship
-    elif tls is not None and tls.ca_file is not None:
-        provision.append(f"the broker's CA certificate at {raw_tls.get('ca_file')}")
-    if tls is not None and tls.cert_file is not None:
-        provision.append(
-            f"this device's client certificate at {raw_tls.get('cert_file')} and its key at "
-            f"{raw_tls.get('key_file')} (readable by the edgemed user only)"
-        )
-    if profile.mqtt.password_file is not None:
-        provision.append(
-            f"the broker password for user {profile.mqtt.username!r} in {mqtt.get('password_file')} "
-            "(chmod 600, owned by the edgemed user)"
-        )
-    if profile.mqtt.password_env is not None:
-        provision.append(f"the broker password in the environment variable {profile.mqtt.password_env}")
-    return _DeviceProfile(raw, ca_file, provision)
-
-
 def _stage(
     stage: Path,
     name: str,
     profile_path: Path,
     profile: DeviceProfile,
     shipped: _Shipped,
-    device: _DeviceProfile,
+    device: ProfileForDevice,
     wheel_files: list[Path],
     install_prefix: str,
-    warnings: list[str],
-) -> dict[str, Any]:
-    """Write the bundle's files into ``stage``; returns its ``BUNDLE.json`` content."""
+) -> DeviceProfile:
+    """Write the bundle's files (all but BUNDLE.json, README.txt and the sums) into ``stage``.
+
+    Returns:
+        The staged profile, read back from the stage: what the device will load.
+    """
     import yaml
 
     from edgemed.config import parse_profile
@@ -273,6 +239,19 @@ def _stage(
     install = stage / "install.sh"
     install.write_text(_install_script(name, install_prefix), encoding="utf-8")
     install.chmod(0o755)
+    return staged
+
+
+def _bundle_json(
+    name: str,
+    profile_path: Path,
+    profile: DeviceProfile,
+    staged: DeviceProfile,
+    shipped: _Shipped,
+    device: ProfileForDevice,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """What ``BUNDLE.json`` says is inside (``verify-bundle`` and the README read it back)."""
     art = shipped.artifact
     return {
         "schema": "edgemed.bundle/1",
@@ -312,40 +291,6 @@ def _archive(stage: Path, out_dir: Path, name: str) -> Path:
         tar.add(stage, arcname=name, filter=_owned_by_root)
     partial.replace(archive)  # never leave a half-written bundle under the final name
     return archive
-
-
-def _refuse_relative_device_paths(raw: dict[str, Any], profile_path: Path) -> None:
-    # A relative path resolves against the profile's folder: on the device that is inside the root-owned, replaced
-    # on every upgrade bundle folder. The outbox or a secret must not live there.
-    def get(*keys: str) -> Any:
-        node: Any = raw
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        return node
-
-    relative = []
-    for keys in (
-        ("device", "data_dir"),
-        ("mqtt", "password_file"),
-        ("mqtt", "tls", "cert_file"),
-        ("mqtt", "tls", "key_file"),
-    ):
-        value = get(*keys)
-        if value is not None and not Path(str(value)).is_absolute():
-            relative.append(f"{'.'.join(keys)}: {value}")
-    ca = get("mqtt", "tls", "ca_file")
-    if ca is not None and not Path(str(ca)).is_absolute() and not (profile_path.parent / str(ca)).is_file():
-        relative.append(f"mqtt.tls.ca_file: {ca}")  # an existing CA is bundled; a missing one is a device path
-    uri = get("source", "uri")
-    if isinstance(uri, str) and "://" not in uri and not uri.startswith("camera:"):
-        path = uri.removeprefix("watch:")
-        if not Path(path).is_absolute():
-            relative.append(f"source.uri: {uri}")
-    if relative:
-        raise ConfigError(
-            f"profile {profile_path}: relative paths would point inside the bundle folder on the device "
-            f"({'; '.join(relative)}); give absolute device paths, e.g. /var/lib/edgemed or /etc/edgemed/mqtt.password"
-        )
 
 
 def _sign(sums: Path, key: Path) -> None:
