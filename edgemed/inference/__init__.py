@@ -22,6 +22,7 @@ from edgemed.inference.interpreters import interpreter_module
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgemed.manifest import OutputKind
     from edgemed.types import Delegate, TensorSpec
 
 _EDGETPU_DEVICE = re.compile(r"^(usb|pci)(:\d+)?$")
@@ -77,6 +78,8 @@ class Backend(Protocol):
         delegate: where it actually runs: ``cpu``, ``edgetpu`` or ``gpu``.
         degraded: True when ``delegate`` is not the accelerator the profile asked for.
         degraded_reason: why it is degraded, in one line, or ``None``.
+        output_kind: what the graph's output op computes, ``probabilities`` or ``logits`` (``None``: the graph
+            cannot tell, e.g. an Edge TPU custom op).
     """
 
     input_spec: TensorSpec
@@ -85,6 +88,7 @@ class Backend(Protocol):
     delegate: Delegate
     degraded: bool
     degraded_reason: str | None
+    output_kind: OutputKind | None
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one quantized input; return the raw output row, shape ``(classes,)``."""
