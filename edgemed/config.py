@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from edgemed.capture import CaptureConfig
 from edgemed.errors import BrokerRefusedError, ConfigError
@@ -23,14 +23,10 @@ from edgemed.outbox import OutboxConfig
 from edgemed.publish.config import MqttConfig, parse_broker_url
 from edgemed.quality import QualityConfig
 from edgemed.triage import TriagePolicy
-from edgemed.validation import describe
+from edgemed.validation import StrictModel, describe
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DeviceConfig(_Strict):
+class DeviceConfig(StrictModel):
     """Who the device is and where it keeps its state."""
 
     id: str = Field(description="device id, part of every MQTT topic: 1-64 of [A-Za-z0-9_-]")
@@ -47,7 +43,7 @@ class DeviceConfig(_Strict):
         return value
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which converted model the device runs."""
 
     path: Path | None = Field(
@@ -66,13 +62,13 @@ class SourceConfig(CaptureConfig):
     )
 
 
-class HealthConfig(_Strict):
+class HealthConfig(StrictModel):
     """The heartbeat on edgemed/{site}/{device_id}/health."""
 
     interval_s: float = Field(30.0, gt=0, description="seconds between heartbeats")
 
 
-class PrivacyConfig(_Strict):
+class PrivacyConfig(StrictModel):
     """What may leave the device. Everything identifying is off unless set here explicitly."""
 
     publish_source_names: bool = Field(
@@ -80,7 +76,7 @@ class PrivacyConfig(_Strict):
     )
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """How a run ends and what it keeps locally."""
 
     drain_timeout_s: float = Field(
@@ -94,7 +90,7 @@ class RunConfig(_Strict):
     print_results: bool = Field(True, description="print one line per result for the person at the device")
 
 
-class DeviceProfile(_Strict):
+class DeviceProfile(StrictModel):
     """A complete device profile (see ``firmware_configs/`` for real ones)."""
 
     profile: str = Field(description="profile name, e.g. rpi4-coral-usb")
