@@ -3,11 +3,14 @@
 Each part of the runtime owns its own config model (``CaptureConfig``, ``QualityConfig``, ``BackendConfig``,
 ``TriagePolicy``, ``MqttConfig``, ``OutboxConfig``); :class:`DeviceProfile` composes them. Unknown keys are
 rejected everywhere, so a typo in a field name is an error that names the field, not a silently ignored setting.
-Relative paths in a profile are taken relative to the profile's own folder.
+Relative paths in a profile are taken relative to the profile's own folder. ``merge_overrides`` sets values over
+a profile (the command line over ``--profile``), and ``merge_broker`` points its broker settings elsewhere, both
+validated again as a whole.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +27,8 @@ from edgemed.publish.config import MqttConfig, parse_broker_url
 from edgemed.quality import QualityConfig
 from edgemed.triage import TriagePolicy
 from edgemed.validation import StrictModel, describe
+
+log = logging.getLogger(__name__)
 
 
 class DeviceConfig(StrictModel):
@@ -225,6 +230,91 @@ def load_profile(path: Path) -> DeviceProfile:
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     return parse_profile(raw, path)
+
+
+def merge_overrides(
+    profile: DeviceProfile | None,
+    overrides: Mapping[str, Any],
+    *,
+    broker: str | None = None,
+    names: Mapping[str, str] | None = None,
+    origin: Path | None = None,
+) -> DeviceProfile:
+    """A profile with values set over it (the command line over ``--profile``), validated as a whole again.
+
+    Args:
+        profile: the loaded profile, or None to make one of the overrides alone (``device.id`` is then needed).
+        overrides: dotted profile keys and their values, e.g. ``{"device.id": "us-01", "inference.threads": 2}``;
+            a None value sets nothing. A ``Path`` is taken relative to the working directory, not to the profile.
+        broker: a broker URL to use instead of the profile's, with the rule of :func:`override_broker` (a
+            plaintext broker on this machine drops the profile's TLS settings with a warning).
+        names: what sets each key, e.g. ``{"device.id": "--device-id", "mqtt.url": "--broker"}``; a bad value
+            set by an override is reported under that name, and a missing broker is asked for by it.
+        origin: the profile's file, named in messages (None: the overrides alone are "the command line").
+
+    Returns:
+        The validated profile.
+
+    Raises:
+        ConfigError: a bad value (the message names the key, or the name that set it, and the fix), or broker
+            options without a broker.
+        BrokerRefusedError: ``broker`` is plaintext to another machine for a profile whose broker uses TLS.
+    """
+    names = names or {}
+    raw: dict[str, Any] = (
+        profile.model_dump(exclude_unset=True, mode="json") if profile is not None else {"profile": "command-line"}
+    )
+    flags: dict[str, str] = {}  # the keys set here, by who set them (an error in a key from the file names the key)
+    if broker is not None:
+        raw["mqtt"] = _broker_section(raw.get("mqtt"), broker)
+        flags["mqtt.url"] = names.get("mqtt.url", "mqtt.url")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            if not isinstance(node.get(section), dict):  # absent, or `mqtt: null` in the profile
+                node[section] = {}
+            node = node[section]
+        node[name] = str(value.resolve()) if isinstance(value, Path) else value
+        flags[key] = names.get(key, key)
+    mqtt = raw.get("mqtt")
+    if isinstance(mqtt, dict) and "url" not in mqtt:
+        given = ", ".join(flag for key, flag in flags.items() if key.startswith("mqtt."))
+        ask = f"pass {names['mqtt.url']} mqtt://HOST:PORT" if "mqtt.url" in names else "set mqtt.url"
+        raise ConfigError(f"{given} set broker options but no broker: {ask} as well")
+    return parse_profile(raw, origin, flags=flags)
+
+
+def _broker_section(mqtt: Mapping[str, Any] | None, url: str) -> dict[str, Any]:
+    """``override_broker``, with its warning logged (once, here) rather than returned."""
+    section, warning = override_broker(mqtt, url)
+    if warning:
+        log.warning("%s", warning)
+    return section
+
+
+def merge_broker(cfg: MqttConfig | None, url: str) -> MqttConfig:
+    """Broker settings (or none) pointed at ``--broker URL``, by the rule of :func:`override_broker`.
+
+    Args:
+        cfg: the profile's broker settings, or None when it has none.
+        url: the new broker URL.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: the URL is malformed or does not fit the rest of the settings.
+        BrokerRefusedError: plaintext to another machine for settings that use TLS.
+    """
+    current = cfg.model_dump(exclude_unset=True, mode="json") if cfg is not None else None
+    section = _broker_section(current, url)
+    try:
+        return MqttConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(f"--broker {url} does not fit the profile: {describe(exc, MqttConfig)}") from exc
 
 
 def default_data_dir() -> Path:

@@ -10,10 +10,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemed import __version__
 from edgemed.errors import EdgemedError
+
+if TYPE_CHECKING:
+    from edgemed.publish.config import MqttConfig
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,22 @@ def _source(uri: str) -> Check:
         return Check("source", False, str(exc))
 
 
-def _broker(url: str, mqtt_cfg: object | None) -> Check:
-    from edgemed.publish.config import MqttConfig
-    from edgemed.publish.mqtt import MqttLink
+def _broker_override(mqtt_cfg: MqttConfig | None, url: str) -> Check:
+    """``--broker``: the profile's settings pointed at it by the rule ``run`` and ``flush`` use, then connect."""
+    from edgemed.config import merge_broker
 
     try:
-        cfg = mqtt_cfg.model_copy(update={"url": url}) if isinstance(mqtt_cfg, MqttConfig) else MqttConfig(url=url)
+        cfg = merge_broker(mqtt_cfg, url)
+    except EdgemedError as exc:
+        return Check("broker", False, str(exc))
+    return _broker(cfg)
+
+
+def _broker(cfg: MqttConfig) -> Check:
+    from edgemed.publish.mqtt import MqttLink
+
+    url = cfg.url
+    try:
         link = MqttLink(cfg, status_topic="edgemed/doctor/doctor/status", client_id=f"edgemed-doctor-{os.getpid()}")
         link.start()
         deadline = time.monotonic() + 5.0
@@ -197,9 +210,11 @@ def doctor(
     src = source or (profile.source.uri if profile is not None else None)
     if src:
         rows.append(_source(src))
-    url = broker or (profile.mqtt.url if profile is not None and profile.mqtt is not None else None)
-    if url:
-        rows.append(_broker(url, profile.mqtt if profile is not None else None))
+    mqtt = profile.mqtt if profile is not None else None
+    if broker:
+        rows.append(_broker_override(mqtt, broker))
+    elif mqtt is not None:
+        rows.append(_broker(mqtt))
     ddir = data_dir or (profile.device.data_dir if profile is not None else None) or default_data_dir()
     rows.append(_disk(Path(ddir)))
     synced = clock_synced()
