@@ -136,7 +136,9 @@ def _broker(cfg: MqttConfig) -> Check:
 
     url = cfg.url
     try:
-        link = MqttLink(cfg, status_topic="edgemed/doctor/doctor/status", client_id=f"edgemed-doctor-{os.getpid()}")
+        # No status topic (so no retained status and no last will) and a clean session: the check must leave
+        # nothing on the broker. A retained status under edgemed/ made the dashboard list a device "doctor".
+        link = MqttLink(cfg, status_topic=None, client_id=f"edgemed-doctor-{os.getpid()}", persistent=False)
         link.start()
         deadline = time.monotonic() + 5.0
         while not link.connected and time.monotonic() < deadline:

@@ -165,6 +165,7 @@ class Device:
         self._study_first_seq = self._study_last_seq = 0
         self.studies: list[TriageResult] = []
         self._pseudonyms: dict[str, str] = {}
+        self._ended_by: BaseException | None = None  # what ended the run, when it was not a clean end
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Device:
@@ -179,12 +180,14 @@ class Device:
             self._closers.append(self.outbox.close)
             self._jsonl = self._open_jsonl()
             self._start_delivery()
-        except BaseException:
+        except BaseException as exc:
+            self._ended_by = exc
             self.close()
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self._ended_by = exc
         self.close()
 
     def _load_model(self) -> None:
@@ -243,12 +246,24 @@ class Device:
             status_extra=self._status_extra(),
         )
         self.link.start()
-        self._closers.append(lambda: self.link.stop(timeout_s=5.0))
+        self._closers.append(self._stop_link)
         self.delivery = Delivery(self.outbox, self.link)
         self.delivery.start()
         self._closers.append(self.delivery.stop)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="edgemed-health", daemon=True)
         self._heartbeat.start()
+
+    def _stop_link(self) -> None:
+        # The offline status says whether the run ended cleanly and how many results it left on disk, so that the
+        # dashboard does not show "stopped" and no backlog after a crash. Only the exception's class is
+        # published: its message may name a file.
+        try:
+            extra = {"pending": self.outbox.pending_count()}
+        except Exception:  # the outbox is what failed (disk full, damaged file): say the rest anyway
+            log.warning("could not count the pending results for the offline status", exc_info=True)
+            extra = {}
+        ended = self._ended_by
+        self.link.stop(timeout_s=5.0, abnormal=type(ended).__name__ if ended is not None else None, extra=extra)
 
     def _status_extra(self) -> dict[str, Any]:
         from edgemed import __version__
@@ -282,6 +297,10 @@ class Device:
 
     def _heartbeat_loop(self) -> None:
         interval = self.profile.health.interval_s
+        # A first heartbeat as soon as the link is up, not one interval later: the dashboard then knows the
+        # backlog of a run that ends (or is killed) before its first interval.
+        if self.link.wait_connected(min(interval, 10.0)) and not self.stop.is_set():
+            self.publish_health()
         while not self.stop.wait(interval):
             self.publish_health()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import subprocess
 import threading
 import time
@@ -567,16 +568,30 @@ def test_cli_arguments_and_bad_settings(tmp_path: Path) -> None:
         run(args)
 
 
-def test_a_message_the_store_failed_to_keep_is_redelivered(
-    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def fill_the_disk(store: DashboardStore) -> int:
+    """Make the store's disk full: the file may not grow and its pages are filled with results; returns their number.
+
+    SQLite reports "database or disk is full" past ``max_page_count``, as it does for a full disk.
+    """
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 4}")
+    for n in range(1000):
+        try:
+            store.add_result(make_result(seq=10_000 + n, device_id="filler"))
+        except sqlite3.OperationalError as exc:
+            assert "full" in str(exc)
+            return n
+    raise AssertionError("the database did not fill up")
+
+
+def free_the_disk(store: DashboardStore) -> None:
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_a_message_the_store_failed_to_keep_is_redelivered(broker: Mosquitto, tmp_path: Path) -> None:
     store = DashboardStore(tmp_path / "f.sqlite3")
     first = Ingest(MqttConfig(url=broker.url), store)
-
-    def disk_full(result: dict[str, Any], received_at: float | None = None) -> bool:
-        raise OSError("database or disk is full")
-
-    monkeypatch.setattr(store, "add_result", disk_full)
+    fillers = fill_the_disk(store)
     first.start()
     device = Device(broker.port)
     try:
@@ -585,12 +600,12 @@ def test_a_message_the_store_failed_to_keep_is_redelivered(
         device.send("results", json.dumps(result).encode())
         assert _wait(lambda: first.snapshot()["received"] == 1, 10)
         first.stop()  # the message was never acknowledged to the broker
-        monkeypatch.undo()
-        assert store.result_count() == 0
+        free_the_disk(store)
+        assert store.result_count() == fillers
         second = Ingest(MqttConfig(url=broker.url), store)
         second.start()
         try:
-            assert _wait(lambda: store.result_count() == 1, 10), (second.snapshot(), broker.log_tail())
+            assert _wait(lambda: store.result_count() == fillers + 1, 10), (second.snapshot(), broker.log_tail())
         finally:
             second.stop()
     finally:

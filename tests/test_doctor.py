@@ -95,3 +95,30 @@ def test_doctor_checks_a_local_plaintext_broker_over_a_tls_profile_as_run_would(
     assert main(["doctor", "--profile", str(profile), "--broker", broker.url, "--data-dir", str(tmp_path)]) == 0
     assert f"ok    broker            connected to {broker.url}" in capsys.readouterr().out
     assert any("TLS settings (mqtt.tls) are not used" in r.getMessage() for r in caplog.records)
+
+
+def test_the_broker_check_leaves_nothing_on_the_broker(
+    tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from broker_fixtures import Subscriber
+
+    for protocol in ("auto", "3.1.1"):
+        profile = tmp_path / f"p-{protocol}.yaml"
+        mqtt = f"{{url: '{broker.url}', protocol: '{protocol}'}}"
+        profile.write_text(f"profile: t\ndevice: {{id: d1, site: s1}}\nmqtt: {mqtt}\n")
+        main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)])
+        assert f"ok    broker            connected to {broker.url}" in capsys.readouterr().out
+    # Nothing retained under any topic (a retained status listed a device "doctor" on the dashboard for ever) ...
+    sub = Subscriber(broker.port, "#")
+    try:
+        time.sleep(1.0)
+        assert sub.retained == {}
+    finally:
+        sub.close()
+    # ... and no session kept for the doctor's client id: both connections asked for a clean start.
+    doctor_lines = [
+        x for x in broker.log_path.read_text().splitlines() if "New client connected" in x and "doctor" in x
+    ]
+    assert len(doctor_lines) == 2 and all(", c1," in x for x in doctor_lines), doctor_lines

@@ -73,6 +73,7 @@ def test_results_are_delivered_in_order_and_acked_only_on_puback(
         sub.close()
     status = _retained(broker.port, STATUS)
     assert (status["state"], status["reason"]) == ("offline", "stopped")
+    assert status["clean"] is True
 
 
 def test_an_unreachable_broker_is_not_an_error_and_results_wait_on_disk(
@@ -152,10 +153,21 @@ def test_a_killed_device_leaves_a_retained_offline_status(broker: Mosquitto) -> 
             time.sleep(0.1)
             status = _retained(broker.port, STATUS)
         assert status["state"] == "offline" and status["reason"] == "connection lost"
+        assert status["clean"] is False  # the will: the device never said it stopped
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_run_that_ended_with_an_error_says_so_in_its_offline_status(broker: Mosquitto) -> None:
+    link = MqttLink(_cfg(broker.url), status_topic=STATUS, client_id="edgemed-crash")
+    link.start()
+    assert link.wait_connected(10)
+    link.stop(5, abnormal="RuntimeError", extra={"pending": 7})
+    status = _retained(broker.port, STATUS)
+    assert status["state"] == "offline" and status["clean"] is False and status["pending"] == 7
+    assert status["reason"] == "ended with an error (RuntimeError)"
 
 
 def test_flush_sends_what_is_pending_and_reports_what_is_left(broker: Mosquitto, tmp_path: Path) -> None:

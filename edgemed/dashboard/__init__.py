@@ -61,6 +61,7 @@ def serve(
     mqtt: MqttConfig | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    device_expiry_s: float | None = 7 * 86400.0,
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -73,6 +74,8 @@ def serve(
         stop: set it to stop; when None, SIGINT and SIGTERM stop (only from the main thread).
         on_ready: called once with the page's URL (``http://host:port/``, the real port when ``port`` is 0)
             after the web server is bound and the ingest has started.
+        device_expiry_s: devices not heard from for this long leave the fleet table (their results stay);
+            None keeps every device listed.
 
     Returns:
         0 after a clean stop.
@@ -93,7 +96,9 @@ def serve(
     restore: list[tuple[signal.Signals, Any]] = []
     try:
         ingest = Ingest(cfg, store)
-        server = make_server(store, host=host, port=port, ingest_snapshot=ingest.snapshot)
+        server = make_server(
+            store, host=host, port=port, ingest_snapshot=ingest.snapshot, device_expiry_s=device_expiry_s
+        )
         if stop is None and threading.current_thread() is threading.main_thread():
 
             def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -149,6 +154,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=8080, help="TCP port for the web page (default 8080)")
     p.add_argument(
+        "--device-expiry-days",
+        type=float,
+        default=7.0,
+        metavar="DAYS",
+        help="leave devices silent for this long out of the fleet table; their results stay (default 7; 0 = never)",
+    )
+    p.add_argument(
         "--client-id",
         default=None,
         help="MQTT client id; keep it fixed so queued results reach this dashboard (default edgemed-dashboard)",
@@ -192,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
     """
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
+    if not 0 <= args.device_expiry_days < 100_000:
+        raise ConfigError(f"--device-expiry-days must be 0 (never) or a positive number, not {args.device_expiry_days}")
+    expiry = args.device_expiry_days * 86400.0 or None
     fields: dict[str, Any] = {
         "url": args.broker,
         "client_id": args.client_id,
@@ -208,4 +223,12 @@ def run(args: argparse.Namespace) -> int:
     def announce(url: str) -> None:
         print(f"edgemed: dashboard at {url} (receiving from {cfg.url}; Ctrl-C stops)", file=sys.stderr)
 
-    return serve(args.broker, db=args.db, host=args.host, port=args.port, mqtt=cfg, on_ready=announce)
+    return serve(
+        args.broker,
+        db=args.db,
+        host=args.host,
+        port=args.port,
+        mqtt=cfg,
+        on_ready=announce,
+        device_expiry_s=expiry,
+    )

@@ -3,26 +3,31 @@
 Delivery contract. The subscriber uses a FIXED client id and a persistent session (MQTT 5 ``clean_start=False``
 with a session expiry, or MQTT 3.1.1 ``clean_session=False``) at QoS 1 on ``edgemed/+/+/#``: while the dashboard
 is down the broker queues what the devices publish, and hands it over when the dashboard returns. paho runs with
-``manual_ack=True`` and a message is acknowledged (PUBACK) only once it is committed to SQLite, or once it has been
-judged malformed: a crash between receipt and commit leaves the message unacknowledged, so the broker sends it
-again. Duplicates from any source are dropped by the store's primary key on ``result_id``.
+``manual_ack=True``: the network thread only queues a message; the writer thread (``writer.py``) commits messages
+in batches, durably, and acknowledges each one (PUBACK) only after the commit that holds it, also for a payload
+kept as a dead letter. A crash between receipt and commit, or a database that cannot be written, leaves the
+message unacknowledged, so the broker keeps it; a failing commit is retried until it works. Duplicates from any
+source are dropped by the store's primary key on ``result_id``.
 
-Nothing a device sends can crash the ingest: bad JSON, a wrong schema, a topic that does not follow
-``edgemed/{site}/{device_id}/{kind}`` or a payload whose ids disagree with its topic is counted by reason,
-logged (topic and reason only, never the payload) and acknowledged so that the broker does not send it again.
+Nothing a device sends can stop the ingest. Every payload it cannot use (not UTF-8 or not JSON, nested too deep,
+too large, a non-finite number, a wrong schema or field type, a string over its limit, a topic that does not follow
+``edgemed/{site}/{device_id}/{kind}`` or ids that disagree with the topic; see ``validate.py``) is kept in the
+store's dead-letter table with its raw bytes and reason, counted by reason, logged (topic and reason only, never the
+payload) and acknowledged. An unacknowledged message would stay in the broker's in-flight window for this session:
+with mosquitto's default of 20, twenty of them stop all delivery to the dashboard, and a retained one is sent again
+to every new subscriber.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
+import sqlite3
 import ssl
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -31,7 +36,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgemed.dashboard.store import LEVELS, DashboardStore
+from edgemed.dashboard.store import DashboardStore
+from edgemed.dashboard.validate import Filing, classify, validate_result, validate_study
+from edgemed.dashboard.writer import Held, StoreWriter
 from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.publish.config import MqttConfig, read_password
 from edgemed.publish.mqtt import PROTOCOL_REFUSED_CODES
@@ -40,10 +47,11 @@ log = logging.getLogger(__name__)
 
 TOPIC_FILTER = "edgemed/+/+/#"
 DEFAULT_CLIENT_ID = "edgemed-dashboard"
-_KINDS = ("results", "studies", "status", "health")
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
+# Errors a write raises because of one message's content (the database itself works): that message becomes a
+# dead letter. Anything else (disk full, locked, I/O error) is the database's fault and is retried.
+_MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
+
+__all__ = ["DEFAULT_CLIENT_ID", "TOPIC_FILTER", "Ingest", "IngestStats", "validate_result", "validate_study"]
 
 
 @dataclass
@@ -72,78 +80,6 @@ class IngestStats:
             "broker_error": self.broker_error,
             "last_message_at": self.last_message_at,
         }
-
-
-def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) -> str | None:
-    if body.get("schema") != schema:
-        return f"schema is {str(body.get('schema'))[:40]!r}, expected {schema}"
-    if not isinstance(body.get("result_id"), str) or not _HEX32.match(body["result_id"]):
-        return "result_id is not 32 lowercase hex digits"
-    if body.get("site") != site or body.get("device_id") != device_id:
-        return "site/device_id in the payload differ from the topic"
-    seq = body.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < 2**63:
-        return "seq is not a non-negative 64-bit integer"
-    if not isinstance(body.get("created_at"), str):
-        return "created_at is not a string"
-    triage = body.get("triage")
-    if not isinstance(triage, dict):
-        return "triage is not an object"
-    if triage.get("level") not in LEVELS:
-        return "triage.level is not a known level"
-    if not isinstance(triage.get("reason"), str):
-        return "triage.reason is not a string"
-    return None
-
-
-def validate_result(body: Any, site: str, device_id: str) -> str | None:
-    """Check the fields the dashboard relies on in an ``edgemed.result/1`` envelope.
-
-    This is not the full JSON Schema (the dashboard does not depend on jsonschema): it checks every field the
-    store and the page read, and that the payload's site and device id match the topic it came on.
-
-    Args:
-        body: the decoded JSON.
-        site: the topic's site segment.
-        device_id: the topic's device segment.
-
-    Returns:
-        None when usable, else a short reason (safe to log: it quotes no payload text beyond 40 characters).
-    """
-    if not isinstance(body, dict):
-        return "payload is not a JSON object"
-    problem = _check_common(body, "edgemed.result/1", site, device_id)
-    if problem:
-        return problem
-    for name in ("runtime", "model"):
-        if not isinstance(body.get(name), dict):
-            return f"{name} is not an object"
-    prediction = body.get("prediction")
-    if prediction is not None and not (isinstance(prediction, dict) and isinstance(prediction.get("label"), str)):
-        return "prediction is neither null nor an object with a label"
-    return None
-
-
-def validate_study(body: Any, site: str, device_id: str) -> str | None:
-    """Check the fields the dashboard relies on in an ``edgemed.study/1`` decision.
-
-    Args:
-        body: the decoded JSON.
-        site: the topic's site segment.
-        device_id: the topic's device segment.
-
-    Returns:
-        None when usable, else a short reason.
-    """
-    if not isinstance(body, dict):
-        return "payload is not a JSON object"
-    problem = _check_common(body, "edgemed.study/1", site, device_id)
-    if problem:
-        return problem
-    frames = body["triage"].get("frames")
-    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames < 2**63:
-        return "triage.frames is not a positive integer"
-    return None
 
 
 class Ingest:
@@ -184,6 +120,9 @@ class Ingest:
         self._helpers: list[threading.Thread] = []  # the protocol watchdog and fall-back threads, joined by stop()
         self._generation = 0  # bumped by start() and stop(): a fall back belongs to one start()
         self._swap_lock = threading.Lock()  # the client is replaced on a fall back; stop() must see which
+        self._accepted = False  # the current connection got a successful CONNACK
+        self._connection = 0  # bumped at every accepted connection: a PUBACK goes only where its message came from
+        self.writer = StoreWriter(classify=self._classify, store=self._store, on_outcome=self._count)
         self._client = self._make_client()
         self._started = False
         self._stopping = False
@@ -235,6 +174,7 @@ class Ingest:
             self._started = True
             self._generation += 1
             generation = self._generation
+            self.writer.start()
             if self.cfg.protocol == "auto" and not self._v5:
                 # An earlier run fell back: probe MQTT 5 again (the broker, or a proxy in front of it, may have
                 # been merely unwell then).
@@ -327,6 +267,7 @@ class Ingest:
             self._generation += 1
             self._stopping = True
             client = self._client
+        self.writer.stop()  # commits and acknowledges what arrived, while the connection is still up
         client.disconnect()
         client.loop_stop()
         with self._lock:
@@ -339,9 +280,11 @@ class Ingest:
             self.stats.connected = False
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters and connection state for the web page."""
+        """Counters, connection state and the database's write state (``store_error``, ``held``) for the page."""
         with self._lock:
-            return self.stats.as_dict()
+            snap = self.stats.as_dict()
+        snap.update(self.writer.status())
+        return snap
 
     # -- paho callbacks (network thread) -------------------------------------------------------------------------
 
@@ -365,13 +308,23 @@ class Ingest:
             self._spawn(self._fall_back_to_311, why, self._generation, name="edgemed-ingest-fallback")
             return
         if reason.is_failure:
+            source = (self.cfg.password_env and f"env {self.cfg.password_env}") or self.cfg.password_file
             message = (
-                f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name, "
-                "password and client id"
+                f"broker {self.cfg.url} refused the dashboard ({reason.getName()}); check the user name"
+                + (f" {self.cfg.username!r}" if self.cfg.username else "")
+                + (f", the password it reads ({source})" if source else ", the password")
+                + " and the client id"
             )
-            log.error("%s", message)
             with self._lock:
+                first = self.stats.broker_error != message
                 self.stats.broker_error = message
+                self._accepted = False
+            # Once, as the device does: paho retries with back-off and the broker refuses each attempt the same
+            # way until someone fixes the settings; the page shows the refusal meanwhile.
+            if first:
+                log.error("%s; retrying every %g s or less", message, max(1, math.ceil(self.cfg.reconnect_max_s)))
+            else:
+                log.debug("%s (again)", message)
             return
         log.info(
             "dashboard connected to %s as %s (session present: %s)",
@@ -382,6 +335,8 @@ class Ingest:
         with self._lock:
             self.stats.connected = True
             self.stats.broker_error = None
+            self._connection += 1
+            self._accepted = True
         # Subscribing again on a resumed session is harmless and covers a broker that lost the session.
         client.subscribe(TOPIC_FILTER, qos=1)
 
@@ -399,7 +354,10 @@ class Ingest:
         with self._lock:
             self.stats.connected = False
             self.stats.subscribed = False
-        if not self._stopping:
+            accepted, self._accepted = self._accepted, False
+        # After a refused CONNECT paho reports a disconnect too ("Protocol error"): that is the refusal, already
+        # reported, not a lost connection.
+        if accepted and not self._stopping:
             log.warning("dashboard lost the connection to %s (%s); reconnecting", self.cfg.url, reason)
 
     def _on_subscribe(
@@ -416,17 +374,35 @@ class Ingest:
         self._subscribed.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        try:
-            self.handle(msg.topic, bytes(msg.payload))
-        except Exception:  # a store failure (disk full, locked file) must not kill paho's thread
-            # Not acknowledged: the broker redelivers the message after the next reconnect.
-            log.exception("could not store the message on %s; it stays unacknowledged at the broker", msg.topic)
-            return
+        # Only queued here: the writer thread stores messages in batches and acknowledges each one after the
+        # commit that holds it (see writer.py). paho's thread stays free to read the socket.
+        now = time.time()
+        with self._lock:
+            self.stats.received += 1
+            self.stats.last_message_at = now
+            connection = self._connection
+        ack = None
         if msg.qos > 0:
-            client.ack(msg.mid, msg.qos)
+            mid, qos = msg.mid, msg.qos
+
+            def ack() -> None:
+                self._ack(client, mid, qos, connection)
+
+        self.writer.submit(Held(msg.topic, bytes(msg.payload), now, ack))
+
+    def _ack(self, client: paho.Client, mid: int, qos: int, connection: int) -> None:
+        # A message received on a connection that has since dropped is sent again by the broker on the next one
+        # (it was never acknowledged); a PUBACK with its old packet id on the new connection could acknowledge
+        # another message, so none is sent. The store drops the redelivered copy as a duplicate.
+        with self._lock:
+            current = connection == self._connection and self.stats.connected
+        if current:
+            client.ack(mid, qos)
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """File one message; the network thread calls it, and tests may call it directly.
+        """File one message now, in its own transaction (tests and tools call it; the network thread batches).
+
+        Whatever the payload, it is either stored or kept as a dead letter: only a failing database raises.
 
         Args:
             topic: the MQTT topic.
@@ -434,13 +410,39 @@ class Ingest:
 
         Returns:
             ``"stored"``, ``"duplicate"``, ``"updated"`` (status/health), ``"ignored"`` (an empty retained
-            message clearing a topic) or ``"rejected: <reason>"``.
+            message clearing a topic) or ``"rejected: <reason>"`` (kept in the dead-letter table).
+
+        Raises:
+            sqlite3.Error, OSError: the database could not be written (disk full, locked); nothing was stored.
         """
         now = time.time()
         with self._lock:
             self.stats.received += 1
             self.stats.last_message_at = now
-        outcome = self._file(topic, payload, now)
+        outcome = self._store([self._classify(topic, payload)], now)[0]
+        self._count(topic, outcome)
+        return outcome
+
+    def _store(self, filings: list[Filing], now: float) -> list[str]:
+        try:
+            return self.store.file(filings, now)
+        except _MESSAGE_ERRORS as exc:
+            if len(filings) > 1:  # find the message at fault: the others go in as they are
+                return [outcome for f in filings for outcome in self._store([f], now)]
+            # The database works but this one message cannot go in: a dead letter, not a stuck message.
+            log.exception("could not store a message on %r; keeping it as a dead letter", filings[0].topic[:200])
+            reason = f"could not be stored ({type(exc).__name__})"
+            return self.store.file([replace(filings[0], kind="dead", body=None, reason=reason)], now)
+
+    @staticmethod
+    def _classify(topic: str, payload: bytes) -> Filing:
+        try:
+            return classify(topic, payload)
+        except Exception as exc:  # a bug in a check must not leave a message unacknowledged for ever
+            log.exception("could not check a message on %r; keeping it as a dead letter", topic[:200])
+            return Filing("dead", topic, payload, reason=f"could not be checked ({type(exc).__name__})")
+
+    def _count(self, topic: str, outcome: str) -> None:
         with self._lock:
             if outcome == "stored":
                 self.stats.stored += 1
@@ -454,42 +456,6 @@ class Ingest:
                 seen = self.stats.rejected[reason]
             # The first of each kind, then every 100th: a misbehaving device must not flood the log.
             if seen == 1 or seen % 100 == 0:
-                log.warning("dropped a message on %r: %s (%d so far)", topic[:200], reason, seen)
-        return outcome
-
-    def _file(self, topic: str, payload: bytes, now: float) -> str:
-        parts = topic.split("/")
-        if len(parts) != 4 or parts[3] not in _KINDS:
-            return "rejected: topic is not edgemed/{site}/{device_id}/{results|studies|status|health}"
-        _, site, device_id, kind = parts
-        if not _ID.match(site) or not _ID.match(device_id):
-            return "rejected: site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
-        if not payload:
-            return "ignored"  # someone cleared a retained message: nothing to file
-        if len(payload) > _MAX_PAYLOAD_BYTES:
-            return "rejected: payload larger than 256 KB"
-        try:
-            body = json.loads(payload)
-        except (UnicodeDecodeError, ValueError):
-            return "rejected: payload is not JSON"
-        if kind == "results":
-            problem = validate_result(body, site, device_id)
-            if problem:
-                return f"rejected: {problem}"
-            return "stored" if self.store.add_result(body, now) else "duplicate"
-        if kind == "studies":
-            problem = validate_study(body, site, device_id)
-            if problem:
-                return f"rejected: {problem}"
-            return "stored" if self.store.add_study(body, now) else "duplicate"
-        if not isinstance(body, dict):
-            return "rejected: payload is not a JSON object"
-        if kind == "status":
-            state = body.get("state")
-            # Devices publish "online" and "offline"; MqttLink.publish_status allows other words, shown as sent.
-            if not isinstance(state, str) or not 1 <= len(state) <= 32:
-                return "rejected: status state is not a short word such as online or offline"
-            self.store.set_status(site, device_id, body, now)
-        else:
-            self.store.set_health(site, device_id, body, now)
-        return "updated"
+                log.warning(
+                    "dead letter on %r: %s (%d so far; kept in the dead_letters table)", topic[:200], reason, seen
+                )

@@ -55,6 +55,11 @@ button:disabled { opacity:.5; cursor:default; }
 input, select { font:inherit; font-size:13px; padding:2px 6px; }
 .empty { color:var(--muted); padding:8px; }
 .note { color:var(--muted); font-size:12px; margin-left:6px; }
+.alert { background:#fbe3e1; color:var(--urgent); border:1px solid #e6b3ae; border-radius:8px; padding:10px 16px;
+         margin-bottom:16px; font-weight:600; }
+.clipped { color:var(--muted); font-size:12px; }
+.pager { display:flex; gap:8px; align-items:center; margin-top:8px; color:var(--muted); font-size:13px; }
+.pager button { background:#fff; color:var(--fg); border-color:var(--line); }
 .late { color:var(--warn); font-weight:600; }
 footer { color:var(--muted); font-size:12px; padding:0 20px 20px; max-width:1400px; margin:0 auto; }
 """
@@ -64,7 +69,38 @@ SCRIPT = r"""
 const LEVEL_NAMES = {urgent: "Urgent", routine: "Routine", no_finding: "No finding",
                      inconclusive: "Inconclusive", recapture: "Recapture needed", error: "Error"};
 const REFRESH_MS = 3000;
+const FLEET_PAGE = 100;
+const RESULTS_PAGE = 50;
 let lastNow = null;
+let fleetOffset = 0;
+let resultsOffset = 0;
+
+function clip(text, max) {
+  // Device text is limited at ingest, but a database written by an older dashboard may hold anything: a 20,000
+  // character reason froze the page. Show the start and say that the rest is left out.
+  if (text === null || text === undefined) return "";
+  const s = String(text);
+  if (s.length <= max) return s;
+  return el("span", {}, s.slice(0, max) + "…",
+    el("span", {class: "clipped"}, " (shortened: " + s.length.toLocaleString() + " characters in all)"));
+}
+
+function pager(id, offset, shown, total, pageSize, onMove, noun) {
+  // total is null when unknown (results): then "Older" is offered whenever a full page came back.
+  const box = document.getElementById(id);
+  box.replaceChildren();
+  const more = total === null ? shown === pageSize : offset + shown < total;
+  if (offset === 0 && !more) { box.hidden = true; return; }
+  box.hidden = false;
+  const prev = el("button", {type: "button"}, "← Previous");
+  prev.disabled = offset === 0;
+  prev.addEventListener("click", () => onMove(Math.max(0, offset - pageSize)));
+  const next = el("button", {type: "button"}, "Next →");
+  next.disabled = !more;
+  next.addEventListener("click", () => onMove(offset + pageSize));
+  const range = shown ? (offset + 1) + "–" + (offset + shown) : "none";
+  box.append(prev, next, el("span", {}, noun + " " + range + (total === null ? "" : " of " + total)));
+}
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -91,11 +127,20 @@ function duration(seconds) {
   if (seconds === null || seconds === undefined) return "—";
   if (seconds < 90) return Math.round(seconds) + " s";
   if (seconds < 5400) return Math.round(seconds / 60) + " min";
-  return (seconds / 3600).toFixed(1) + " h";
+  if (seconds < 172800) return (seconds / 3600).toFixed(1) + " h";
+  return Math.round(seconds / 86400) + " days";
 }
 
 function num(v, digits) {
   return (v === null || v === undefined) ? "—" : Number(v).toFixed(digits);
+}
+
+function finding(label, top) {
+  // The label triage acted on; an urgent class can win although another class is more likely, and then the
+  // nurse must see both, not "normal_benign" beside "suspicious for malignancy".
+  const cell = el("td", {class: "finding"}, clip(label, 80));
+  if (top && top !== label) cell.append(el("span", {class: "note top"}, "(top prediction: " + clip(top, 80) + ")"));
+  return cell;
 }
 
 function levelBadge(level) {
@@ -156,13 +201,18 @@ function renderSummary(data) {
     return el("tr", {class: "urgent-row"},
       el("td", {class: "late"}, duration(now - a.received_at)),
       el("td", {}, a.site), el("td", {}, a.device_id), el("td", {}, what),
-      el("td", {}, a.label === null ? "" : a.label),
-      el("td", {class: "reason"}, a.reason),
+      finding(a.label, a.top_label),
+      el("td", {class: "reason"}, clip(a.reason, 300)),
       el("td", {}, button));
   });
+  const waiting = data.attention_total;
+  if (waiting > rows.length) {
+    rows.push(el("tr", {class: "more-row"}, el("td", {colspan: "7", class: "empty"},
+      "…and " + (waiting - rows.length) + " more waiting: acknowledge the oldest first and they move up.")));
+  }
   replaceBody("attention-body", rows, 7, "No urgent result is waiting for review.");
-  document.getElementById("attention").className = rows.length ? "" : "clear";
-  document.getElementById("attention-count").textContent = rows.length ? "(" + rows.length + ")" : "";
+  document.getElementById("attention").className = waiting ? "" : "clear";
+  document.getElementById("attention-count").textContent = waiting ? "(" + waiting + ")" : "";
   const ing = data.ingest;
   if (ing === null) {
     setStatus("No broker connection configured", false);
@@ -171,10 +221,30 @@ function renderSummary(data) {
   } else {
     setStatus(ing.broker_error || "Not connected to the broker", false);
   }
-  if (ing !== null) {
-    document.getElementById("ingest").textContent = "Messages received: " + ing.received + " · results stored: " +
-      ing.stored + " · duplicates dropped: " + ing.duplicates + " · malformed messages ignored: " + ing.rejected;
+  const alert = document.getElementById("store-alert");
+  alert.hidden = !(ing && ing.store_error);
+  if (ing && ing.store_error) {
+    alert.textContent = "Results are not being saved: " + clip(ing.store_error, 300) + ". " + ing.held +
+      " messages are held back, not yet acknowledged to the broker, and saved as soon as the database takes " +
+      "writes again" + (ing.retry_in_s === null ? "." : " (next attempt in " + duration(ing.retry_in_s) + ").");
   }
+  if (ing !== null) {
+    document.getElementById("ingest").textContent = "Since start: messages received: " + ing.received +
+      " · results stored: " + ing.stored + " · duplicates dropped: " + ing.duplicates +
+      " · messages refused: " + ing.rejected;
+  }
+  renderDeadLetters(data.dead_letters);
+}
+
+function renderDeadLetters(counts) {
+  // Refused messages by reason, since the database was created: a device sending broken payloads shows here.
+  const entries = Object.entries(counts || {});
+  const total = entries.reduce((sum, [, n]) => sum + n, 0);
+  document.getElementById("dead").hidden = total === 0;
+  document.getElementById("dead-count").textContent = total ? "(" + total + ")" : "";
+  const rows = entries.map(([reason, n]) => el("tr", {class: "dead-row"},
+    el("td", {class: "num"}, n), el("td", {class: "reason"}, reason)));
+  replaceBody("dead-body", rows, 2, "No message was refused.");
 }
 
 function load(d) {
@@ -192,13 +262,19 @@ function renderFleet(data) {
   const rows = data.devices.map((d) => {
     const stateNames = {online: "Online", offline: "Offline", unknown: "Unknown"};
     const state = el("span", {class: "badge " + (d.state === "online" ? "online" : "offline")},
-      Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : d.state);
+      Object.hasOwn(stateNames, d.state) ? stateNames[d.state] : clip(d.state, 32));
     const connection = el("td", {}, state);
-    if (d.offline_reason) connection.append(el("span", {class: "note"}, d.offline_reason));
-    const delegate = el("td", {}, d.delegate || "—");
+    if (d.offline_reason) {
+      connection.append(el("span", {class: d.ended_abnormally ? "note late" : "note"}, clip(d.offline_reason, 120)));
+    }
+    if (d.ended_abnormally) {
+      connection.setAttribute("title", "the device did not stop cleanly: check it and its log; results it had " +
+        "not sent stay on its disk and go out at its next run");
+    }
+    const delegate = el("td", {}, clip(d.delegate, 20) || "—");
     if (d.degraded) {
       const badge = el("span", {class: "badge degraded"}, "DEGRADED");
-      if (d.degraded_reason) badge.setAttribute("title", d.degraded_reason);
+      if (d.degraded_reason) badge.setAttribute("title", String(d.degraded_reason).slice(0, 300));
       delegate.append(badge);
     }
     const lastHeard = el("td", {class: "num"}, ago(now - d.last_seen));
@@ -218,6 +294,11 @@ function renderFleet(data) {
       lastHeard);
   });
   replaceBody("fleet-body", rows, 10, "No device has reported yet.");
+  pager("fleet-pager", data.offset, rows.length, data.total, FLEET_PAGE,
+    (offset) => { fleetOffset = offset; refresh(); }, "Devices");
+  const hidden = document.getElementById("fleet-hidden");
+  hidden.textContent = data.hidden ? data.hidden + (data.hidden === 1 ? " device" : " devices") +
+    " not heard from for over " + duration(data.expire_after_s) + " not shown." : "";
 }
 
 function renderResults(data) {
@@ -225,17 +306,20 @@ function renderResults(data) {
   const rows = data.results.map((r) => el("tr", {class: "result-row"},
     el("td", {}, ago(now - r.received_at)), el("td", {}, r.site), el("td", {}, r.device_id),
     el("td", {class: "num"}, r.seq), el("td", {}, levelBadge(r.level)),
-    el("td", {}, r.label === null ? "" : r.label), el("td", {class: "reason"}, r.reason),
-    el("td", {}, r.acked_at ? "Seen" + (r.acked_by ? " by " + r.acked_by : "") : "")));
-  replaceBody("results-body", rows, 8, "No results yet.");
+    finding(r.label, r.top_label), el("td", {class: "reason"}, clip(r.reason, 300)),
+    el("td", {}, r.acked_at ? "Seen" + (r.acked_by ? " by " + clip(r.acked_by, 64) : "") : "")));
+  replaceBody("results-body", rows, 8, resultsOffset ? "No older results." : "No results yet.");
+  pager("results-pager", data.offset, rows.length, null, RESULTS_PAGE,
+    (offset) => { resultsOffset = offset; refresh(); }, "Results");
 }
 
 async function refresh() {
   const level = document.getElementById("level").value;
   try {
     const [summary, fleet, results] = await Promise.all([
-      getJson("/api/summary"), getJson("/api/fleet"),
-      getJson("/api/results?limit=50" + (level ? "&level=" + encodeURIComponent(level) : ""))]);
+      getJson("/api/summary"), getJson("/api/fleet?limit=" + FLEET_PAGE + "&offset=" + fleetOffset),
+      getJson("/api/results?limit=" + RESULTS_PAGE + "&offset=" + resultsOffset +
+              (level ? "&level=" + encodeURIComponent(level) : ""))]);
     renderSummary(summary);
     renderFleet(fleet);
     renderResults(results);
@@ -246,7 +330,7 @@ async function refresh() {
   }
 }
 
-document.getElementById("level").addEventListener("change", refresh);
+document.getElementById("level").addEventListener("change", () => { resultsOffset = 0; refresh(); });
 refresh();
 setInterval(refresh, REFRESH_MS);
 """
@@ -267,6 +351,7 @@ PAGE_TEMPLATE = """<!doctype html>
   <span id="updated"></span>
 </header>
 <main>
+  <div id="store-alert" class="alert" hidden></div>
   <section id="attention">
     <h2>Urgent results waiting for review <span id="attention-count"></span></h2>
     <p class="hint">Oldest first. Acknowledge a result once a clinician has looked at it on the device.</p>
@@ -292,6 +377,8 @@ PAGE_TEMPLATE = """<!doctype html>
         <th>Last heard from</th></tr></thead>
       <tbody id="fleet-body"></tbody>
     </table>
+    <div id="fleet-pager" class="pager" hidden></div>
+    <p id="fleet-hidden" class="hint"></p>
   </section>
   <section>
     <h2>Recent results</h2>
@@ -306,6 +393,16 @@ PAGE_TEMPLATE = """<!doctype html>
       <thead><tr><th>Received</th><th>Site</th><th>Device</th><th>Result #</th><th>Level</th><th>Finding</th>
         <th>Reason</th><th>Reviewed</th></tr></thead>
       <tbody id="results-body"></tbody>
+    </table>
+    <div id="results-pager" class="pager" hidden></div>
+  </section>
+  <section id="dead" hidden>
+    <h2>Refused messages <span id="dead-count"></span></h2>
+    <p class="hint">Messages the dashboard could not use (broken, too large, wrong schema). Each was acknowledged
+      to the broker, so none blocks the others, and kept with its raw bytes in the database's dead_letters table.</p>
+    <table>
+      <thead><tr><th>Count</th><th>Why refused</th></tr></thead>
+      <tbody id="dead-body"></tbody>
     </table>
   </section>
 </main>

@@ -2,9 +2,11 @@
 
 Routes:
     GET  /                      the page (inline CSS and JS; it polls the API every few seconds)
-    GET  /api/fleet             one row per device (``DashboardStore.fleet``)
-    GET  /api/results?level=L&limit=N   newest results, optionally of one triage level
-    GET  /api/summary           level counts, urgent results nobody acknowledged yet, ingest counters
+    GET  /api/fleet?offset=O&limit=N    one row per device heard from recently (``DashboardStore.fleet``), a page
+    GET  /api/results?level=L&offset=O&limit=N   newest results, optionally of one triage level, a page
+    GET  /api/summary           level counts, urgent results nobody acknowledged yet, refused messages by reason,
+                                ingest counters
+    GET  /api/dead-letters      the newest refused messages (topic, reason, size, device; never the payload)
     POST /api/ack/{result_id}   a person acknowledges an urgent result (JSON body ``{"by": "initials"}``)
 
 Security. Everything shown comes from devices, and a device id, a model name or a triage reason may be hostile
@@ -22,7 +24,10 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -39,6 +44,13 @@ log = logging.getLogger(__name__)
 
 _ACK_PATH = re.compile(r"^/api/ack/([0-9a-f]{32})$")
 _MAX_BODY_BYTES = 4096
+#: A connection silent this long while the server waits for its request is closed.
+REQUEST_TIMEOUT_S = 10.0
+#: Connections served at once (each has a thread); the page makes three requests every 3 s per open browser.
+MAX_CONNECTIONS = 64
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+#: Devices not heard from for a week leave the fleet table (their results stay); ``--device-expiry-days``.
+DEVICE_EXPIRY_S = 7 * 86400.0
 
 
 def _csp_hash(text: str) -> str:
@@ -52,16 +64,59 @@ _CSP = (
 )
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode_json(value: Any) -> bytes:
+    """The API's JSON: always valid JSON, with any NaN or Infinity replaced by null.
+
+    The ingest refuses non-finite numbers and the store never returns one; this is the last line, because one
+    ``NaN`` in ``/api/fleet`` made the page's ``JSON.parse`` fail and blanked the dashboard for everyone.
+
+    Args:
+        value: what to send.
+
+    Returns:
+        Compact UTF-8 JSON.
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        log.warning("a non-finite number reached the dashboard's API; it is sent as null")
+        text = json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
+    return text.encode()
+
+
 class DashboardServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that knows the store and how to read the ingest's counters."""
+    """A ThreadingHTTPServer that knows the store and how to read the ingest's counters.
+
+    Each connection gets a thread, so both are bounded: a connection that sends nothing (half open, or a client
+    that stalls) is closed after ``request_timeout_s`` of silence, and beyond ``max_connections`` at a time a new
+    connection is answered 503 and closed at once instead of getting a thread. Without that, every half-open
+    connection held a thread for ever.
+    """
 
     daemon_threads = True
+    # The standard library's 5 would leave a burst of connections waiting in the kernel instead of being served
+    # or refused at once.
+    request_queue_size = 128
 
     def __init__(
         self,
         address: tuple[str, int],
         store: DashboardStore,
         ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
+        *,
+        device_expiry_s: float | None = DEVICE_EXPIRY_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         """Bind the socket.
 
@@ -69,12 +124,21 @@ class DashboardServer(ThreadingHTTPServer):
             address: (host, port); port 0 picks a free port (see ``server_address``).
             store: the dashboard database.
             ingest_snapshot: returns the ingest's counters and broker state; None = no ingest running.
+            device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
+            request_timeout_s: a connection silent for this long (while the server waits for its request) is
+                closed.
+            max_connections: connections served at the same time; more are answered 503 and closed.
 
         Raises:
             ConfigError: the address cannot be bound (port in use, host not on this machine).
         """
         self.store = store
         self.ingest_snapshot = ingest_snapshot
+        self.device_expiry_s = device_expiry_s
+        self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
+        self.refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.loopback_only = is_loopback(address[0])
         try:
             super().__init__(address, _Handler)
@@ -83,6 +147,40 @@ class DashboardServer(ThreadingHTTPServer):
                 f"cannot serve the dashboard on {address[0]}:{address[1]} ({exc}); choose another --port or --host"
             ) from exc
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread of its own, or refuse it when ``max_connections`` are busy."""
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            if self.refused == 1 or self.refused % 100 == 0:  # an attack must not flood the log as well
+                log.warning(
+                    "more than %d connections to the dashboard at once: refusing new ones (%d so far)",
+                    self.max_connections,
+                    self.refused,
+                )
+            try:
+                request.setblocking(False)  # never let a client that does not read stall the accept loop
+                request.send(_BUSY)
+            except OSError:
+                pass  # it is being refused anyway
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The connection's thread: serve it, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-answer is routine (debug); anything else is logged with its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, exc)
+            return
+        log.exception("error while answering %s", client_address)
+
     @property
     def url(self) -> str:
         """``http://host:port/`` of the bound socket."""
@@ -90,10 +188,23 @@ class DashboardServer(ThreadingHTTPServer):
         return f"http://{host!s}:{port}/"
 
 
+def _number_param(query: dict[str, list[str]], name: str, default: int) -> int:
+    text = (query.get(name) or [str(default)])[0]
+    if not text.isdigit() or len(text) > 9:
+        raise ConfigError(f"{name} must be a whole number, not {text[:20]!r}")
+    return int(text)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: DashboardServer
     server_version = "edgemed-dashboard"
     sys_version = ""
+
+    def setup(self) -> None:
+        # Every read and write then gives up after this long: a connection that says nothing is closed (the
+        # standard handler answers a timed-out request line by closing the connection).
+        self.request.settimeout(self.server.request_timeout_s)
+        super().setup()
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
@@ -116,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, value: Any) -> None:
-        self._send(status, json.dumps(value, separators=(",", ":")).encode(), "application/json; charset=utf-8")
+        self._send(status, encode_json(value), "application/json; charset=utf-8")
 
     def _error(self, status: HTTPStatus, message: str) -> None:
         self._json(status, {"error": message})
@@ -140,29 +251,46 @@ class _Handler(BaseHTTPRequestHandler):
             if url.path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, _PAGE, "text/html; charset=utf-8")
             elif url.path == "/api/fleet":
-                self._json(HTTPStatus.OK, {"now": now, "devices": self.server.store.fleet(now)})
+                self._json(HTTPStatus.OK, self._fleet(query, now))
             elif url.path == "/api/results":
                 level = (query.get("level") or [""])[0] or None
-                limit_text = (query.get("limit") or ["100"])[0]
-                if not limit_text.isdigit():
-                    raise ConfigError(f"limit must be a whole number, not {limit_text[:20]!r}")
-                results = self.server.store.recent_results(level, int(limit_text))
-                self._json(HTTPStatus.OK, {"now": now, "level": level, "results": results})
+                offset, limit = _number_param(query, "offset", 0), _number_param(query, "limit", 100)
+                results = self.server.store.recent_results(level, limit, offset)
+                self._json(HTTPStatus.OK, {"now": now, "level": level, "offset": offset, "results": results})
             elif url.path == "/api/summary":
-                snapshot = self.server.ingest_snapshot
-                self._json(
-                    HTTPStatus.OK,
-                    {
-                        "now": now,
-                        "counts": self.server.store.level_counts(),
-                        "attention": self.server.store.unacknowledged_urgent(),
-                        "ingest": snapshot() if snapshot is not None else None,
-                    },
-                )
+                self._json(HTTPStatus.OK, self._summary(query, now))
+            elif url.path == "/api/dead-letters":
+                self._json(HTTPStatus.OK, {"now": now, "dead_letters": self.server.store.recent_dead_letters()})
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such page: {url.path[:100]}")
         except ConfigError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
+
+    def _fleet(self, query: dict[str, list[str]], now: float) -> dict[str, Any]:
+        store, expiry = self.server.store, self.server.device_expiry_s
+        offset, limit = _number_param(query, "offset", 0), _number_param(query, "limit", 100)
+        listed, hidden = store.device_counts(now, expiry)
+        devices = store.fleet(now, offset=offset, limit=limit, expire_after_s=expiry)
+        return {
+            "now": now,
+            "total": listed,
+            "hidden": hidden,
+            "expire_after_s": expiry,
+            "offset": offset,
+            "devices": devices,
+        }
+
+    def _summary(self, query: dict[str, list[str]], now: float) -> dict[str, Any]:
+        store, snapshot = self.server.store, self.server.ingest_snapshot
+        limit = _number_param(query, "attention_limit", 50)
+        return {
+            "now": now,
+            "counts": store.level_counts(),
+            "attention": store.unacknowledged_urgent(limit),
+            "attention_total": store.unacknowledged_urgent_count(),
+            "dead_letters": store.dead_letter_counts(),
+            "ingest": snapshot() if snapshot is not None else None,
+        }
 
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -209,6 +337,9 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8080,
     ingest_snapshot: Callable[[], dict[str, Any]] | None = None,
+    device_expiry_s: float | None = DEVICE_EXPIRY_S,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> DashboardServer:
     """Bind the dashboard's HTTP server (call ``serve_forever()`` on it, and ``shutdown()`` to stop).
 
@@ -217,6 +348,9 @@ def make_server(
         host: interface to bind; 127.0.0.1 by default (the dashboard has no login of its own).
         port: TCP port; 0 picks a free one.
         ingest_snapshot: returns the ingest's counters; None when no ingest runs.
+        device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
+        request_timeout_s: a connection silent for this long is closed.
+        max_connections: connections served at the same time; more are answered 503 and closed.
 
     Returns:
         The bound server.
@@ -230,4 +364,11 @@ def make_server(
             "results; put an authenticating reverse proxy in front of it",
             host,
         )
-    return DashboardServer((host, port), store, ingest_snapshot)
+    return DashboardServer(
+        (host, port),
+        store,
+        ingest_snapshot,
+        device_expiry_s=device_expiry_s,
+        request_timeout_s=request_timeout_s,
+        max_connections=max_connections,
+    )

@@ -82,16 +82,19 @@ class MqttLink:
         client_id: str,
         on_state: StateCallback | None = None,
         status_extra: dict[str, Any] | None = None,
+        persistent: bool = True,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
         Args:
             cfg: broker settings.
             status_topic: where the retained ``online``/``offline`` status and the last will go; None = no
-                status (used by ``edgemed flush``).
+                status and no will (``edgemed flush``, ``edgemed doctor``).
             client_id: stable MQTT client id (see ``default_client_id``).
             on_state: called with ``"online"``, ``"offline"`` or ``"refused"`` from the network thread.
             status_extra: fields added to every status message (for example the device id and model version).
+            persistent: keep a session on the broker across connections (a device); False for a one-off check
+                that must leave nothing behind on the broker.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
@@ -108,6 +111,7 @@ class MqttLink:
         self.status_topic = status_topic
         self.client_id = client_id
         self.status_extra: dict[str, Any] = dict(status_extra or {})
+        self.persistent = persistent
         self._on_state = on_state
         self._password = read_password(cfg)
         self._ssl_context = self._make_ssl_context() if self.broker.tls else None
@@ -156,7 +160,7 @@ class MqttLink:
             client_id=self.client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
             # Persistent session: the broker keeps our state across reconnects (v5: clean_start=False).
-            clean_session=None if self._v5 else False,
+            clean_session=None if self._v5 else not self.persistent,
             reconnect_on_failure=False,
         )
         client.connect_timeout = self.cfg.connect_timeout_s
@@ -165,9 +169,11 @@ class MqttLink:
         if self._ssl_context is not None:
             client.tls_set_context(self._ssl_context)
         if self.status_topic:
+            # The broker publishes this when the connection ends without a DISCONNECT: a crash, a kill, a power cut
+            # or a network failure. The device said nothing more, so it is not a clean stop.
             client.will_set(
                 self.status_topic,
-                self._status_payload("offline", {"reason": "connection lost"}),
+                self._status_payload("offline", {"reason": "connection lost", "clean": False}),
                 qos=1,
                 retain=True,
             )
@@ -264,20 +270,32 @@ class MqttLink:
         if self.status_topic:
             self.publish(self.status_topic, self._status_payload(state, extra or {}), qos=1, retain=True)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, *, abnormal: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """Publish ``offline`` (retained), wait up to ``timeout_s`` for its PUBACK, then disconnect cleanly.
+
+        The offline status says how the run ended: ``clean: true`` and reason ``stopped`` after a normal end, or
+        ``clean: false`` and reason ``ended with an error (...)`` when ``abnormal`` names what ended it. The last
+        will (no stop at all) says ``connection lost`` with ``clean: false``.
 
         Args:
             timeout_s: longest wait for the acknowledgement and the network thread.
+            abnormal: why the run ended abnormally (for example the exception's class name); None = a clean stop.
+                It is published: never put file names or patient data in it.
+            extra: fields added to the offline status (for example ``pending``: results left on disk).
         """
         deadline = time.monotonic() + timeout_s
         if self._thread is None:
             return
         if self.connected and self.status_topic:
+            ending: dict[str, Any] = (
+                {"reason": "stopped", "clean": True}
+                if abnormal is None
+                else {"reason": f"ended with an error ({abnormal})", "clean": False}
+            )
             acked = threading.Event()
             self.publish(
                 self.status_topic,
-                self._status_payload("offline", {"reason": "stopped"}),
+                self._status_payload("offline", {**(extra or {}), **ending}),
                 qos=1,
                 retain=True,
                 on_ack=acked.set,
@@ -364,12 +382,12 @@ class MqttLink:
             self._connect_called = True
             if self._v5:
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = self.cfg.session_expiry_s
+                props.SessionExpiryInterval = self.cfg.session_expiry_s if self.persistent else 0
                 self._client.connect(
                     self.broker.host,
                     self.broker.port,
                     self.cfg.keepalive_s,
-                    clean_start=False,
+                    clean_start=not self.persistent,
                     properties=props,
                 )
             else:

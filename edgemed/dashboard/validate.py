@@ -1,0 +1,371 @@
+"""What the ingest accepts: bounded decoding, the fields the dashboard reads, and a length limit on every string.
+
+``classify(topic, payload)`` turns any message into exactly one ``Filing``: a result, a study decision, a status
+or a heartbeat to store, an empty retained message to ignore, or a dead letter with a reason. It never raises on
+input: a payload the dashboard cannot use is acknowledged and kept in the dead-letter table (see ``store.py``), so
+that no message can sit unacknowledged at the broker and fill the session's in-flight window (mosquitto sends
+nothing more once 20 messages wait for an acknowledgement, and a retained poison message would block every new
+client id too).
+
+Decoding is bounded: at most ``MAX_PAYLOAD_BYTES``; strict UTF-8; at most ``MAX_DEPTH`` levels of nesting (a
+thousand ``[`` make Python's parser raise ``RecursionError``); no ``NaN``/``Infinity`` and no number that only
+becomes one (``1e999``), because non-finite numbers are not JSON and would reach the web page's JSON; integers of
+at most ``MAX_INT_DIGITS`` digits; no lone surrogate escapes (``"\\ud800"``), which SQLite cannot store as text.
+
+Length limits. A device (or anyone who can publish on the broker) controls every string of a payload; a 20,000
+character triage reason froze the page for everyone. Each string the dashboard stores or shows has a limit in
+``FIELD_LIMITS``; every other string has ``MAX_TEXT`` and every object key ``MAX_KEY``. A payload over a limit is
+not shortened (the store never alters a result): it becomes a dead letter with its raw bytes.
+
+Reasons never quote payload text, so they are safe to log and to count: their number is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from edgemed.dashboard.limits import FIELD_LIMITS, MAX_KEY, MAX_TEXT
+
+LEVELS = ("urgent", "routine", "no_finding", "inconclusive", "recapture", "error")
+KINDS = ("results", "studies", "status", "health")
+
+MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
+MAX_DEPTH = 32  # a result nests 3 levels deep
+MAX_INT_DIGITS = 40
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+# Heartbeat fields the page reads, by type; a wrong type there is a dead letter, not a blank or a NaN on the page.
+_HEALTH_NUMBERS = (
+    "uptime_s",
+    "frames",
+    "errors",
+    "recaptures",
+    "fps",
+    "pending",
+    "oldest_pending_s",
+    "disk_free_mb",
+    "cpu_temp_c",
+    "cpu_percent",
+    "peak_rss_mb",
+)
+_HEALTH_FLAGS = ("degraded", "outbox_full", "connected")
+_HEALTH_TEXTS = ("delegate", "degraded_reason", "source_state")
+
+
+class Rejected(ValueError):
+    """A payload the dashboard cannot use; ``reason`` says why without quoting it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+FilingKind = Literal["results", "studies", "status", "health", "ignored", "dead"]
+
+
+@dataclass(frozen=True)
+class Filing:
+    """What one message becomes: something to store, nothing (``ignored``) or a dead letter (``dead``).
+
+    ``site``, ``device_id``, ``seq`` and ``result_id`` are filled in when they could be read, also for a dead
+    letter (a receipt can then say which result of which device was refused).
+    """
+
+    kind: FilingKind
+    topic: str
+    payload: bytes
+    body: dict[str, Any] | None = None
+    reason: str | None = None
+    site: str | None = None
+    device_id: str | None = None
+    seq: int | None = None
+    result_id: str | None = None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise Rejected("payload has a non-finite number (NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Rejected("payload has a non-finite number (NaN or Infinity)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise Rejected(f"payload has a number with more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def decode(payload: bytes) -> Any:
+    """Parse a payload as strict, bounded JSON.
+
+    Args:
+        payload: the raw bytes.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        Rejected: too large, not UTF-8, not JSON, nested too deep, a non-finite or huge number, a lone surrogate.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise Rejected(f"payload larger than {MAX_PAYLOAD_BYTES // 1024} KB")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected("payload is not JSON (not UTF-8 text)") from exc
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except Rejected:
+        raise
+    except RecursionError as exc:
+        raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels") from exc
+    except ValueError as exc:
+        raise Rejected("payload is not JSON") from exc
+    return value
+
+
+def _text_ok(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_strings(body: Any, kind: str) -> None:
+    """Walk the decoded payload once: nesting depth, every string's length and every key's length.
+
+    Args:
+        body: the decoded JSON.
+        kind: the topic kind, which selects the ``FIELD_LIMITS`` table.
+
+    Raises:
+        Rejected: nested deeper than ``MAX_DEPTH``, a string over its limit, a key over ``MAX_KEY``, a lone
+            surrogate.
+    """
+    limits = FIELD_LIMITS.get(kind, {})
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            limit = limits.get(path, MAX_TEXT)
+            if len(value) > limit:
+                where = path if path in limits else "a string in the payload"
+                raise Rejected(f"{where} is longer than {limit} characters")
+            if not _text_ok(value):
+                raise Rejected("payload has text that is not valid Unicode (a lone surrogate escape)")
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels")
+            if isinstance(value, list):
+                stack.extend((item, path + "[]", depth + 1) for item in value)
+                continue
+            for key, item in value.items():
+                if len(key) > MAX_KEY:
+                    raise Rejected(f"an object key is longer than {MAX_KEY} characters")
+                if not _text_ok(key):
+                    raise Rejected("payload has text that is not valid Unicode (a lone surrogate escape)")
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+
+
+def _is_int(value: Any, low: int, high: int = 2**63) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) -> str | None:
+    if body.get("schema") != schema:
+        return f"schema is not {schema}"
+    if not isinstance(body.get("result_id"), str) or not _HEX32.match(body["result_id"]):
+        return "result_id is not 32 lowercase hex digits"
+    if body.get("site") != site or body.get("device_id") != device_id:
+        return "site/device_id in the payload differ from the topic"
+    if not _is_int(body.get("seq"), 0):
+        return "seq is not a non-negative 64-bit integer"
+    if not isinstance(body.get("created_at"), str):
+        return "created_at is not a string"
+    triage = body.get("triage")
+    if not isinstance(triage, dict):
+        return "triage is not an object"
+    if triage.get("level") not in LEVELS:
+        return "triage.level is not a known level"
+    if not isinstance(triage.get("reason"), str):
+        return "triage.reason is not a string"
+    label = triage.get("label")
+    if label is not None and not isinstance(label, str):
+        return "triage.label is neither absent nor a string"
+    return None
+
+
+def validate_result(body: Any, site: str, device_id: str) -> str | None:
+    """Check the fields the dashboard relies on in an ``edgemed.result/1`` envelope.
+
+    This is not the full JSON Schema (the dashboard does not depend on jsonschema): it checks every field the
+    store and the page read, and that the payload's site and device id match the topic it came on.
+
+    Args:
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+
+    Returns:
+        None when usable, else a short reason (safe to log: it quotes no payload text).
+    """
+    if not isinstance(body, dict):
+        return "payload is not a JSON object"
+    problem = _check_common(body, "edgemed.result/1", site, device_id)
+    if problem:
+        return problem
+    for name in ("runtime", "model"):
+        if not isinstance(body.get(name), dict):
+            return f"{name} is not an object"
+    prediction = body.get("prediction")
+    if prediction is not None and not (isinstance(prediction, dict) and isinstance(prediction.get("label"), str)):
+        return "prediction is neither null nor an object with a label"
+    return None
+
+
+def validate_study(body: Any, site: str, device_id: str) -> str | None:
+    """Check the fields the dashboard relies on in an ``edgemed.study/1`` decision.
+
+    Args:
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+
+    Returns:
+        None when usable, else a short reason.
+    """
+    if not isinstance(body, dict):
+        return "payload is not a JSON object"
+    problem = _check_common(body, "edgemed.study/1", site, device_id)
+    if problem:
+        return problem
+    if not _is_int(body["triage"].get("frames"), 1):
+        return "triage.frames is not a positive integer"
+    return None
+
+
+def validate_status(body: Any) -> str | None:
+    """Check a retained status message (``online``/``offline`` and what the page shows beside it).
+
+    Args:
+        body: the decoded JSON.
+
+    Returns:
+        None when usable, else a short reason.
+    """
+    if not isinstance(body, dict):
+        return "payload is not a JSON object"
+    state = body.get("state")
+    # Devices publish "online" and "offline"; MqttLink.publish_status allows other words, shown as sent.
+    if not isinstance(state, str) or not 1 <= len(state) <= 32:
+        return "status state is not a short word such as online or offline"
+    for name in ("reason", "delegate", "model", "error"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            return f"status {name} is not a string"
+    if body.get("pending") is not None and not _is_int(body["pending"], 0):
+        return "status pending is not a non-negative integer"
+    for name in ("degraded", "clean"):
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            return f"status {name} is not true or false"
+    return None
+
+
+def validate_health(body: Any) -> str | None:
+    """Check a heartbeat: every field the page reads has the type the page expects (or is null).
+
+    Args:
+        body: the decoded JSON.
+
+    Returns:
+        None when usable, else a short reason.
+    """
+    if not isinstance(body, dict):
+        return "payload is not a JSON object"
+    for name in _HEALTH_NUMBERS:
+        if body.get(name) is not None and not _is_number(body[name]):
+            return f"heartbeat {name} is not a number"
+    for name in _HEALTH_FLAGS:
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            return f"heartbeat {name} is not true or false"
+    for name in _HEALTH_TEXTS:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            return f"heartbeat {name} is not a string"
+    latency = body.get("latency_ms")
+    if latency is not None:
+        if not isinstance(latency, dict):
+            return "heartbeat latency_ms is not an object"
+        if any(latency.get(q) is not None and not _is_number(latency[q]) for q in ("p50", "p95")):
+            return "heartbeat latency_ms.p50/p95 is not a number"
+    return None
+
+
+_VALIDATORS = {
+    "results": validate_result,
+    "studies": validate_study,
+}
+
+
+def _identity(body: Any) -> tuple[int | None, str | None]:
+    if not isinstance(body, dict):
+        return None, None
+    seq = body.get("seq") if _is_int(body.get("seq"), 0) else None
+    rid = body.get("result_id")
+    return seq, rid if isinstance(rid, str) and _HEX32.match(rid) else None
+
+
+def classify(topic: str, payload: bytes) -> Filing:
+    """Decide what one message is; never raises on input.
+
+    Args:
+        topic: the MQTT topic.
+        payload: the raw payload.
+
+    Returns:
+        The filing: ``results``/``studies``/``status``/``health`` with the decoded body, ``ignored`` for an empty
+        payload (a retained message being cleared) or ``dead`` with the reason.
+    """
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "edgemed" or parts[3] not in KINDS:
+        return Filing(
+            "dead", topic, payload, reason="topic is not edgemed/{site}/{device_id}/{" + "|".join(KINDS) + "}"
+        )
+    _, site, device_id, kind = parts
+    if not _ID.match(site) or not _ID.match(device_id):
+        return Filing(
+            "dead", topic, payload, reason="site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
+        )
+    if not payload:
+        return Filing("ignored", topic, payload, site=site, device_id=device_id)
+    body: Any = None
+    try:
+        body = decode(payload)
+        problem = _VALIDATORS[kind](body, site, device_id) if kind in _VALIDATORS else None
+        if problem is None and kind == "status":
+            problem = validate_status(body)
+        elif problem is None and kind == "health":
+            problem = validate_health(body)
+        if problem is not None:
+            raise Rejected(problem)
+        check_strings(body, kind)
+    except Rejected as exc:
+        seq, rid = _identity(body)
+        return Filing("dead", topic, payload, reason=exc.reason, site=site, device_id=device_id, seq=seq, result_id=rid)
+    seq, rid = _identity(body)
+    return Filing(kind, topic, payload, body=body, site=site, device_id=device_id, seq=seq, result_id=rid)  # type: ignore[arg-type]

@@ -1,0 +1,176 @@
+"""A failing database (full disk, a lock held by another process) is retried until it works, without a restart;
+and what the dashboard acknowledges to the broker is what a durable commit holds, in batches.
+
+Against a real mosquitto and the real SQLite file: the disk is "full" past ``max_page_count`` (SQLite then reports
+"database or disk is full", as for a real full disk) and the lock is a real write transaction of another
+connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker_fixtures import Mosquitto
+from test_dashboard import HEALTH, Device, _chromium, _wait, fill_the_disk, free_the_disk, make_result
+
+from edgemed.dashboard.ingest import Ingest
+from edgemed.dashboard.store import DashboardStore
+from edgemed.dashboard.web import make_server
+from edgemed.publish.config import MqttConfig
+
+
+def _log_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is_freed(
+    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    store = DashboardStore(tmp_path / "full.sqlite3")
+    fillers = fill_the_disk(store)
+    ingest = Ingest(MqttConfig(url=broker.url), store)
+    server = make_server(store, port=0, ingest_snapshot=ingest.snapshot)
+    web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    web.start()
+    ingest.start()
+    device = Device(broker.port)
+    try:
+        assert ingest.wait_subscribed(10)
+        sent = [make_result(seq=i, level="urgent" if i % 5 == 0 else "routine") for i in range(30)]
+        for result in sent:
+            device.send("results", json.dumps(result).encode())
+        device.send("health", json.dumps(HEALTH).encode())
+        assert _wait(lambda: ingest.snapshot()["store_error"] is not None and ingest.snapshot()["held"] >= 1, 10)
+        assert "full" in ingest.snapshot()["store_error"]
+        dom = _chromium(tmp_path, server.url, "--dump-dom").stdout
+        assert 'id="store-alert" class="alert">Results are not being saved: cannot write' in dom, dom[-3000:]
+        assert "held back, not yet acknowledged to the broker" in dom
+        time.sleep(1.6)  # a few attempts with back-off (0.5 s, 1 s, ...)
+        attempts = _log_lines(caplog, "cannot write to the dashboard database")
+        assert 2 <= len(attempts) <= 4, attempts  # one line per back-off step, not one per message
+        free_the_disk(store)
+        # No restart: the next attempt stores everything held back, and what comes after goes in as usual.
+        assert _wait(lambda: store.result_count() == fillers + 30, 10), (store.result_count(), ingest.snapshot())
+        device.send("results", json.dumps(make_result(seq=30)).encode())
+        assert _wait(lambda: store.result_count() == fillers + 31, 10)
+        snap = ingest.snapshot()
+        assert snap["store_error"] is None and snap["held"] == 0 and snap["stored"] == 31
+        assert len(_log_lines(caplog, "takes writes again")) == 1
+        assert {r["result_id"] for r in store.recent_results("urgent")} == {
+            r["result_id"] for r in sent if r["triage"]["level"] == "urgent"
+        }
+    finally:
+        device.close()
+        ingest.stop()
+        server.shutdown()
+        server.server_close()
+        store.close()
+
+
+def test_a_database_locked_by_another_process_is_retried_until_the_lock_goes(broker: Mosquitto, tmp_path: Path) -> None:
+    db = tmp_path / "locked.sqlite3"
+    store = DashboardStore(db, busy_timeout_s=0.2)
+    ingest = Ingest(MqttConfig(url=broker.url), store)
+    ingest.start()
+    device = Device(broker.port)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        assert ingest.wait_subscribed(10)
+        other.execute("BEGIN IMMEDIATE")  # e.g. a backup script writing: no other writer until it commits
+        for i in range(20):
+            device.send("results", json.dumps(make_result(seq=i)).encode())
+        assert _wait(lambda: "locked" in (ingest.snapshot()["store_error"] or ""), 10), ingest.snapshot()
+        time.sleep(2.0)
+        assert store.result_count() == 0
+        other.execute("COMMIT")
+        assert _wait(lambda: store.result_count() == 20, 10), ingest.snapshot()
+        assert ingest.snapshot()["store_error"] is None
+    finally:
+        other.close()
+        device.close()
+        ingest.stop()
+        store.close()
+
+
+def test_messages_are_acknowledged_only_after_the_durable_commit_that_holds_them(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    db = tmp_path / "acks.sqlite3"
+    store = DashboardStore(db)
+    # The database survives a power cut once a commit returned: the write-ahead log is fsynced at each commit.
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    ingest = Ingest(MqttConfig(url=broker.url), store)
+    received: dict[int, str] = {}
+    acked_unstored: list[str] = []
+    acked: list[str] = []
+    checker = sqlite3.connect(db, check_same_thread=False)  # sees only committed data
+    on_message, send_ack = ingest._on_message, ingest._ack
+
+    def record(client: Any, userdata: Any, msg: Any) -> None:
+        received[msg.mid] = json.loads(msg.payload)["result_id"]
+        on_message(client, userdata, msg)
+
+    def check_then_ack(client: Any, mid: int, qos: int, connection: int) -> None:
+        rid = received[mid]
+        if checker.execute("SELECT 1 FROM results WHERE result_id = ?", (rid,)).fetchone() is None:
+            acked_unstored.append(rid)
+        acked.append(rid)
+        send_ack(client, mid, qos, connection)
+
+    ingest._on_message = record  # type: ignore[method-assign]
+    ingest._ack = check_then_ack  # type: ignore[method-assign]
+    ingest._client.on_message = record
+    ingest.start()
+    device = Device(broker.port)
+    try:
+        assert ingest.wait_subscribed(10)
+        infos = [
+            device.client.publish("edgemed/clinic-a/us-01/results", json.dumps(make_result(seq=i)).encode(), qos=1)
+            for i in range(300)
+        ]
+        for info in infos:
+            info.wait_for_publish(10)
+        assert _wait(lambda: len(acked) == 300, 20), (len(acked), ingest.snapshot())
+    finally:
+        device.close()
+        ingest.stop()
+        checker.close()
+    assert acked_unstored == []
+    assert store.result_count() == 300
+    # Batched: far fewer commits (each one an fsync) than messages.
+    assert len(commits) <= 100, len(commits)
+    store.close()
+
+
+def test_a_message_the_database_refuses_becomes_a_dead_letter_and_the_batch_goes_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A defect seam: no validated payload is known to make SQLite refuse it, so the store is made to refuse one.
+    from edgemed.dashboard.validate import classify
+
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    ingest = Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)
+    bad = make_result(seq=2)
+    original = store.file
+
+    def refuse_one(filings: list[Any], received_at: float | None = None) -> list[str]:
+        if any(f.result_id == bad["result_id"] and f.kind == "results" for f in filings):
+            raise sqlite3.IntegrityError("CHECK constraint failed")
+        return original(filings, received_at)
+
+    monkeypatch.setattr(store, "file", refuse_one)
+    batch = [make_result(seq=1), bad, make_result(seq=3)]
+    filings = [classify("edgemed/clinic-a/us-01/results", json.dumps(r).encode()) for r in batch]
+    assert ingest._store(filings, time.time()) == ["stored", "rejected: could not be stored (IntegrityError)", "stored"]
+    assert store.result_count() == 2 and store.dead_letter_counts() == {"could not be stored (IntegrityError)": 1}
+    store.close()
