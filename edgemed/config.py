@@ -180,11 +180,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             fix(mqtt.get("tls"), key)
     src = raw.get("source")
     if isinstance(src, dict) and isinstance(src.get("uri"), str):
-        uri = src["uri"]
-        if uri.startswith("watch:"):
-            src["uri"] = "watch:" + os.path.expanduser(uri[len("watch:") :])
-        elif "://" not in uri and not uri.startswith("camera:"):
-            src["uri"] = _local_path(uri, base)
+        src["uri"] = _source_uri(src["uri"], base)
+
+
+def _source_uri(uri: str, base: Path) -> str:
+    if uri.startswith("watch:"):
+        return "watch:" + os.path.expanduser(uri[len("watch:") :])
+    if "://" in uri or uri.startswith("camera:"):
+        return uri
+    return _local_path(uri, base)
 
 
 def parse_profile(raw: Any, path: Path | None, *, flags: Mapping[str, str] | None = None) -> DeviceProfile:
@@ -245,7 +249,8 @@ def merge_overrides(
     Args:
         profile: the loaded profile, or None to make one of the overrides alone (``device.id`` is then needed).
         overrides: dotted profile keys and their values, e.g. ``{"device.id": "us-01", "inference.threads": 2}``;
-            a None value sets nothing. A ``Path`` is taken relative to the working directory, not to the profile.
+            a None value sets nothing. A ``Path``, and a file or folder as ``source.uri``, is taken relative to
+            the working directory, not to the profile's folder.
         broker: a broker URL to use instead of the profile's, with the rule of :func:`override_broker` (a
             plaintext broker on this machine drops the profile's TLS settings with a warning).
         names: what sets each key, e.g. ``{"device.id": "--device-id", "mqtt.url": "--broker"}``; a bad value
@@ -264,27 +269,37 @@ def merge_overrides(
     raw: dict[str, Any] = (
         profile.model_dump(exclude_unset=True, mode="json") if profile is not None else {"profile": "command-line"}
     )
-    flags: dict[str, str] = {}  # the keys set here, by who set them (an error in a key from the file names the key)
+    set_here: list[str] = []
     if broker is not None:
         raw["mqtt"] = _broker_section(raw.get("mqtt"), broker)
-        flags["mqtt.url"] = names.get("mqtt.url", "mqtt.url")
+        set_here.append("mqtt.url")
     for key, value in overrides.items():
         if value is None:
             continue
-        *sections, name = key.split(".")
-        node = raw
-        for section in sections:
-            if not isinstance(node.get(section), dict):  # absent, or `mqtt: null` in the profile
-                node[section] = {}
-            node = node[section]
-        node[name] = str(value.resolve()) if isinstance(value, Path) else value
-        flags[key] = names.get(key, key)
+        if isinstance(value, Path):
+            value = str(value.resolve())
+        elif key == "source.uri" and isinstance(value, str):  # the one path that is a string (it may be a URL)
+            value = _source_uri(value, Path.cwd())
+        _set(raw, key, value)
+        set_here.append(key)
     mqtt = raw.get("mqtt")
     if isinstance(mqtt, dict) and "url" not in mqtt:
-        given = ", ".join(flag for key, flag in flags.items() if key.startswith("mqtt."))
+        given = ", ".join(names.get(key, key) for key in set_here if key.startswith("mqtt."))
         ask = f"pass {names['mqtt.url']} mqtt://HOST:PORT" if "mqtt.url" in names else "set mqtt.url"
         raise ConfigError(f"{given} set broker options but no broker: {ask} as well")
+    # Only a key set here is reported under the name that set it; one from the profile file under its own key.
+    flags = {key: names[key] for key in set_here if key in names}
     return parse_profile(raw, origin, flags=flags)
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    *sections, name = key.split(".")
+    node = raw
+    for section in sections:
+        if not isinstance(node.get(section), dict):  # absent, or `mqtt: null` in the profile
+            node[section] = {}
+        node = node[section]
+    node[name] = value
 
 
 def _broker_section(mqtt: Mapping[str, Any] | None, url: str) -> dict[str, Any]:

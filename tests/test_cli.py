@@ -187,3 +187,19 @@ def test_flush_uses_the_profiles_outbox_settings(
         assert len(reopened.replay_candidates()) == replayable
     finally:
         reopened.close()
+
+
+def test_a_relative_source_flag_is_relative_to_the_working_directory_not_the_profile(
+    int8_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    # `edgemed run --profile firmware_configs/x.yaml --source scans/` (the README's example) means ./scans.
+    work = tmp_path / "work"
+    (work / "scans").mkdir(parents=True)
+    for name in ("ISIC_0000014.jpg", "ISIC_0000040.jpg"):
+        (work / "scans" / name).write_bytes((data_dir / "isic_samples" / name).read_bytes())
+    profile = tmp_path / "profiles" / "device.yaml"
+    profile.parent.mkdir()
+    profile.write_text(f"profile: t\ndevice: {{id: d1, data_dir: {tmp_path / 'd'}}}\n")
+    proc = edgemed("run", "--profile", str(profile), "--model", str(int8_model), "--source", "scans", cwd=work)
+    assert proc.returncode == 10, proc.stderr  # offline: both results kept on disk
+    assert "2 frames" in proc.stderr
