@@ -10,12 +10,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgemed import __version__
 from edgemed.errors import EdgemedError
 
 if TYPE_CHECKING:
+    from edgemed.config import DeviceProfile
     from edgemed.publish.config import MqttConfig
 
 
@@ -41,11 +42,11 @@ def _interpreter() -> Check:
     return Check("interpreter", True, f"{name} {runtime_version(name)}")
 
 
-def _delegates(profile: object | None) -> list[Check]:
+def _delegates(profile: DeviceProfile | None) -> list[Check]:
     from edgemed.inference import BackendConfig
     from edgemed.inference.probe import probe_delegates
 
-    cfg = getattr(profile, "inference", None) or BackendConfig()
+    cfg = profile.inference if profile is not None else BackendConfig()
     rows = []
     for status in probe_delegates(cfg):
         needed = status.name == cfg.accelerator and not cfg.allow_cpu_fallback
@@ -55,7 +56,7 @@ def _delegates(profile: object | None) -> list[Check]:
     return rows
 
 
-def _model(path: Path, profile: Any, *, from_profile: bool = True) -> Check:
+def _model(path: Path, profile: DeviceProfile | None, *, from_profile: bool = True) -> Check:
     """Manifest, sha256 and gate verdict, the triage policy's labels, then a timed invoke on the real backend."""
     import statistics
 
@@ -180,7 +181,18 @@ def doctor(
     data_dir: Path | None,
     model: Path | None = None,
 ) -> int:
-    """Run every check, print the table, return 0 when all required checks pass, else 2."""
+    """Run every check and print the table.
+
+    Args:
+        profile_path: a device profile; its accelerator, model, source, broker and data directory are checked.
+        source: a source to read one frame from (instead of the profile's).
+        broker: a broker to connect to, by the rule ``edgemed run --broker`` uses over the profile's settings.
+        data_dir: the data directory to check (instead of the profile's, else the default).
+        model: a model to check (instead of the profile's model.path).
+
+    Returns:
+        0 when every required check passes, else 2.
+    """
     from edgemed.config import default_data_dir, load_profile
     from edgemed.identity import clock_synced
 
