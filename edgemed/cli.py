@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cv2.setNumThreads(1)
     with Device(profile, study_id=args.study_id) as device:
         install_signal_handlers(device)
-        summary = device.run()
+        summary = device.run(from_start=args.from_start)
     levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
     print(f"edgemed: {summary.frames} frames ({levels}); pending {summary.pending}", file=sys.stderr)
     for study in summary.studies:

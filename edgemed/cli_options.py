@@ -110,6 +110,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--health-interval", type=float, metavar="SECONDS", help="heartbeat period (default 30)")
     p.add_argument("--loop", type=int, metavar="N", help="play a finite source N times (benchmarks, soak tests)")
+    p.add_argument(
+        "--from-start",
+        action="store_true",
+        help="process the source again from its start, even if its last run on this data directory was "
+        "interrupted (by default that run is resumed after its last committed result)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -78,6 +78,12 @@ class PrivacyConfig(StrictModel):
 
     publish_source_names: bool = Field(
         False, description="put the input's file name into results (off: names can contain patient identifiers)"
+    )
+    print_source_names: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="whether the one line per result printed on stdout shows the input's file name: 'auto' only "
+        "when stdout is a terminal, so a service (the systemd journal, a pipe, a log file) never gets file names; "
+        "'always' also there; 'never' not even on a terminal (names can contain a medical record number)",
     )
 
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgemed import __version__
 from edgemed.errors import EdgemedError
@@ -121,6 +121,37 @@ def _source(uri: str) -> Check:
         return Check("source", False, str(exc))
 
 
+def _source_roi(uri: str, cfg: Any) -> Check:
+    """Whether the profile's ``source.roi`` fits the source's first readable frame, as ``edgemed run`` checks it.
+
+    Read with the profile's own capture settings; a live source gets a bounded wait for its first frame and a
+    ``watch:`` folder is not read (its first file may not exist yet).
+    """
+    import threading
+
+    from edgemed.capture import open_source
+
+    if uri.lower().startswith("watch:"):
+        return Check("source roi", True, "checked on the first file that arrives (watch: folder)", required=False)
+    stop = threading.Event()
+    timer = threading.Timer(15.0, stop.set)
+    timer.start()
+    try:
+        src = open_source(uri, cfg, stop=stop)
+        try:
+            for frame in src:
+                if frame.image is not None:
+                    x, y, w, h = cfg.roi
+                    return Check("source roi", True, f"source.roi x={x} y={y} w={w} h={h} fits the first frame")
+            return Check("source roi", False, "no readable frame to check source.roi against", required=False)
+        finally:
+            src.close()
+    except EdgemedError as exc:
+        return Check("source roi", False, str(exc))
+    finally:
+        timer.cancel()
+
+
 def _broker_override(mqtt_cfg: MqttConfig | None, url: str) -> Check:
     """``--broker``: the profile's settings pointed at it by the rule ``run`` and ``flush`` use, then connect."""
     from edgemed.config import merge_broker
@@ -224,6 +255,8 @@ def doctor(
     src = source or (profile.source.uri if profile is not None else None)
     if src:
         rows.append(_source(src))
+        if profile is not None and profile.source.roi is not None:
+            rows.append(_source_roi(src, profile.source))
     mqtt = profile.mqtt if profile is not None else None
     if broker:
         rows.append(_broker_override(mqtt, broker))
