@@ -50,30 +50,26 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from converters import metrics as M
 from converters.metrics import ClassRates, ModelSummary, summarise
 from edgemed.errors import ConfigError
-from edgemed.validation import describe
+from edgemed.validation import StrictModel, describe
 
 DEFAULT_MIN_SENSITIVITY = 0.50
 DEFAULT_MIN_AUC = 0.70
 
 
-class ClassFloor(BaseModel):
+class ClassFloor(StrictModel):
     """Clinical floors for one class, overriding the gate's floors for every class."""
-
-    model_config = ConfigDict(extra="forbid")
 
     min_sensitivity: float | None = Field(None, ge=0.0, le=1.0, description="smallest sensitivity of this class")
     min_auc: float | None = Field(None, ge=0.0, le=1.0, description="smallest one-vs-rest ROC AUC of this class")
 
 
-class GateConfig(BaseModel):
+class GateConfig(StrictModel):
     """Acceptance thresholds; every field has a safe default."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_accuracy_drop: float = Field(0.01, ge=0.0, description="float accuracy minus quantized accuracy")
     max_auc_drop: float = Field(0.005, ge=0.0, description="float ROC AUC minus quantized ROC AUC")

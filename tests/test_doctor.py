@@ -76,6 +76,27 @@ def test_doctor_fails_an_altered_model_and_a_policy_for_labels_it_lacks(
     assert "FAIL  model" in out and "does not match its manifest" in out
 
 
+def test_doctor_names_a_bad_broker_url_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--broker", "http://127.0.0.1:1883", "--data-dir", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "broker" in x)
+    assert line.startswith("FAIL  broker") and "broker URL 'http://127.0.0.1:1883' must start with mqtt://" in line
+    assert "Value error" not in out and "validation error" not in out
+
+
+def test_doctor_checks_a_local_plaintext_broker_over_a_tls_profile_as_run_would(
+    tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "profile: t\ndevice: {id: d1}\n"
+        "mqtt: {url: 'mqtts://broker.example.org:8883', tls: {ca_file: /etc/edgemed/ca.pem}}\n"
+    )
+    assert main(["doctor", "--profile", str(profile), "--broker", broker.url, "--data-dir", str(tmp_path)]) == 0
+    assert f"ok    broker            connected to {broker.url}" in capsys.readouterr().out
+    assert any("TLS settings (mqtt.tls) are not used" in r.getMessage() for r in caplog.records)
+
+
 def test_the_broker_check_leaves_nothing_on_the_broker(
     tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:

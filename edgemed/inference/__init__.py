@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from edgemed.inference.factory import make_backend
 from edgemed.inference.interpreters import interpreter_module
+from edgemed.validation import FrozenModel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,10 +29,8 @@ if TYPE_CHECKING:
 _EDGETPU_DEVICE = re.compile(r"^(usb|pci)(:\d+)?$")
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(FrozenModel):
     """Which accelerator a device should use, and what to do when it is missing."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     accelerator: Literal["cpu", "edgetpu", "gpu"] = Field(
         "cpu", description="the intended accelerator: cpu (XNNPACK), edgetpu (Coral) or gpu"
