@@ -95,6 +95,9 @@ def _model(path: Path, profile: DeviceProfile | None, *, from_profile: bool = Tr
         return Check("model", False, f"{path.name} loaded but could not run: {exc}; check the accelerator")
     spec = manifest.input
     verdict = art.verdict + (f" by {art.waiver.by}" if art.waiver is not None else "")
+    if art.clinically_weak:
+        # The gate proves a faithful conversion, not a good model: say so where the field engineer looks.
+        verdict += f" (faithful conversion, clinically weak: {'; '.join(art.clinically_weak)})"
     return Check(
         "model",
         True,
@@ -109,6 +112,13 @@ def _source(uri: str) -> Check:
 
     try:
         src = open_source(uri)
+        if src.kind == "watch":
+            # A watched folder yields only files that arrive after it starts: reading a frame would wait for the
+            # device to write one. Opening it already checked that the folder exists and can be listed.
+            src.close()
+            return Check(
+                "source", True, f"watch folder {uri.split(':', 1)[1]} is readable; new files are read as they arrive"
+            )
         try:
             for frame in src:
                 if frame.image is None:

@@ -122,3 +122,40 @@ def test_the_broker_check_leaves_nothing_on_the_broker(
         x for x in broker.log_path.read_text().splitlines() if "New client connected" in x and "doctor" in x
     ]
     assert len(doctor_lines) == 2 and all(", c1," in x for x in doctor_lines), doctor_lines
+
+
+def test_doctor_does_not_wait_for_a_file_in_an_empty_watch_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A watch: source yields only files that arrive later: doctor must check the folder, not wait for a frame."""
+    import threading
+    import time
+
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    codes: list[int] = []
+    started = time.monotonic()
+    worker = threading.Thread(
+        target=lambda: codes.append(
+            main(["doctor", "--source", f"watch:{watched}", "--data-dir", str(tmp_path / "d")])
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "doctor blocked on an empty watch: folder"
+    out = capsys.readouterr().out
+    assert codes == [0], out
+    assert f"ok    source            watch folder {watched} is readable" in out
+    assert time.monotonic() - started < 30
+
+
+def test_doctor_says_a_clinically_weak_model_is_only_a_faithful_conversion(
+    int8_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The test model passes the gate against its float twin but misses most malignant cases (issue 9 item 10)."""
+    code = main(["doctor", "--model", str(int8_model), "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    model_row = next(line for line in out.splitlines() if line.split()[1:2] == ["model"])
+    assert "faithful conversion, clinically weak" in model_row and "malignant" in model_row, model_row
