@@ -38,7 +38,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The pipeline already keeps both cores busy (capture thread, inference, delivery): OpenCV's own thread
     # pool on top only adds contention. Measured on the cine benchmark: 3-15% more frames per second with one.
     cv2.setNumThreads(1)
-    with Device(profile, study_id=args.study_id) as device:
+    from edgemed.stderr_filter import RUN_NOTICES, filtered_stderr
+
+    # For the whole run, not around single calls: libjpeg prints its warnings from the capture thread's decoder.
+    with filtered_stderr(RUN_NOTICES), Device(profile, study_id=args.study_id) as device:
         install_signal_handlers(device)
         summary = device.run(from_start=args.from_start)
     levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
