@@ -3,6 +3,11 @@ back policy, a refusal shown exactly once, and the arguments the link rejects at
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from edgemed.dashboard.ingest import describe_dashboard_refusal
@@ -20,6 +25,7 @@ from edgemed.publish.policy import (
 from edgemed.publish.publisher import Subscription
 
 URL = "mqtt://127.0.0.1:1883"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(**kw: object) -> MqttConfig:
@@ -134,3 +140,19 @@ def test_bad_link_arguments_are_rejected_at_once_with_what_to_do() -> None:
     with pytest.raises(ValueError, match="needs a topic filter"):
         Subscription("")
     assert Subscription("$share/ingest/edgemed/+/+/results").topic_filter == "$share/ingest/edgemed/+/+/results"
+
+
+def test_publish_mqtt_is_the_only_module_of_edgemed_that_imports_paho() -> None:
+    importers = set()
+    for path in (REPO / "edgemed").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name == "paho" or name.startswith("paho.") for name in names):
+                importers.add(path.relative_to(REPO).as_posix())
+    assert importers == {"edgemed/publish/mqtt.py"}
+    # The delivery logic and the dashboard's writer load without paho: only the link needs it.
+    code = "import sys, edgemed.publish.delivery, edgemed.dashboard.writer; print('paho' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,6 +1,6 @@
 """The seam between delivery and MQTT: what a publisher must do, what a received message is, the callback types.
 
-``Delivery`` depends on ``Publisher`` only, never on paho or ``MqttLink``: the way httpx's transport seam
+The ``Delivery`` class depends on ``Publisher`` only, never on paho or ``MqttLink``: the way httpx's transport seam
 (``handle_request``) makes a 40-line in-memory mock possible, an in-memory publisher (``tests/fakes.py``) tests the
 delivery logic without a broker. ``Link`` adds what the runtime needs around it (start, wait, stop with a reason).
 ``MqttLink`` (``publish.mqtt``) is the one real implementation of both; it also subscribes and receives, for the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 #: Called once when the broker acknowledged a message (from the network thread; must not block).
 AckCallback = Callable[[], None]
@@ -23,9 +23,8 @@ AckCallback = Callable[[], None]
 StateCallback = Callable[[str], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One message the broker delivered.
+class Message(NamedTuple):
+    """One message the broker delivered (a tuple: made for every message on the network thread, it must be cheap).
 
     Attributes:
         topic: the topic it was published on.
