@@ -575,6 +575,8 @@ class MqttLink:
         retry_s = self.cfg.reconnect_max_s if retry else None
         if self._refusal.set(message, time.monotonic(), retry_s=retry_s):
             self._notify("refused")
+        else:
+            log.debug("%s (again)", message)
 
     def _report_refusal(self) -> None:
         line = self._refusal.take_log_line(time.monotonic())
