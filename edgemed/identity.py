@@ -7,6 +7,7 @@ so the dashboard can group frames, but useless to anyone without the secret, whi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -17,7 +18,7 @@ import secrets
 import time
 from pathlib import Path
 
-from edgemed.errors import ConfigError
+from edgemed.errors import ConfigError, OutboxError
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SECRET_FILE = "device.secret"
@@ -39,29 +40,54 @@ def check_id(kind: str, value: str) -> str:
 def load_or_create_secret(data_dir: Path) -> bytes:
     """The device's 32-byte pseudonymisation key, created with mode 0600 on first run.
 
+    The key is written to a temporary file, fsynced and then linked into place, so an interrupted first run (a
+    full disk, a power cut) never leaves a short key behind. An empty key file (left by an older version in that
+    case) was never used for any pseudonym and is replaced.
+
     Raises:
         ConfigError: the file exists but is group/world readable or not 32 bytes, so pseudonyms are not safe.
+        OutboxError: the data directory cannot be written (disk full, permissions): exit 7 like the outbox.
     """
     path = Path(data_dir) / SECRET_FILE
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-    mode = path.stat().st_mode & 0o777
+        if path.exists() and path.stat().st_size == 0:
+            path.unlink()
+        if not path.exists():
+            _create_secret(path)
+        mode = path.stat().st_mode & 0o777
+        key = path.read_bytes()
+    except OSError as exc:
+        raise OutboxError(
+            f"cannot create the device secret {path}: {exc.strerror}; free disk space in the data directory "
+            "or fix its permissions"
+        ) from exc
     if mode & 0o077:
         raise ConfigError(f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")
-    key = path.read_bytes()
     if len(key) != 32:
         raise ConfigError(
             f"{path} is damaged ({len(key)} bytes, expected 32); delete it to create a new one "
             "(existing pseudonyms will no longer match new results)"
         )
     return key
+
+
+def _create_secret(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process created it meanwhile: that key stands
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the new name survives a power cut too
+    finally:
+        os.close(dir_fd)
 
 
 def pseudonym(secret: bytes, study_id: str) -> str:

@@ -7,10 +7,12 @@ PID is written inside only to name it in the refusal message.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
 
+from edgemed.datadir import open_private, private_dir
 from edgemed.errors import OutboxError, OutboxLockedError
 
 LOCK_FILENAME = ".lock"
@@ -50,10 +52,12 @@ class DataDirLock:
         if self._fd is not None:
             return
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            private_dir(self.data_dir)
+            fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
-            raise OutboxError(f"cannot create the lock file {self.path}: {exc}; pick a writable --data-dir") from exc
+            raise OutboxError(
+                f"cannot create the lock file {self.path}: {exc.strerror}; pick a writable --data-dir"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -66,8 +70,11 @@ class DataDirLock:
         except OSError as exc:
             os.close(fd)
             raise OutboxError(f"cannot lock {self.path}: {exc}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # On a full disk the PID cannot be written: the lock is held all the same (the PID only names the owner in
+        # a refusal), and the outbox, which needs the space, reports the full disk with its own exit code.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:

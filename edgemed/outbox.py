@@ -1,6 +1,7 @@
 """The durable outbox: every result is committed to disk before it is published and leaves only on a PUBACK.
 
-A single SQLite file in WAL mode (``DATA_DIR/outbox.sqlite3``) holds three tables:
+A single SQLite file in WAL mode (``DATA_DIR/outbox.sqlite3``) holds three tables (and the ledger of processed
+inputs, ``edgemed.ledger``):
 
 * ``outbox``: results not yet acknowledged by the broker, in the order they were produced (``row_id``);
 * ``meta``: the per-device sequence counter, written in the same transaction as the results it numbered, so a
@@ -41,10 +42,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from edgemed import ledger, recovery, walcheck
+from edgemed.datadir import private_dir, private_file, tighten
 from edgemed.errors import OutboxError
+from edgemed.types import InputDone
+from edgemed.validation import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +81,8 @@ class OutboxFullError(OutboxError):
     """The outbox reached its cap and the profile says to block rather than evict."""
 
 
-class OutboxConfig(BaseModel):
+class OutboxConfig(StrictModel):
     """How the outbox trades throughput against the size of the window a power cut can lose."""
-
-    model_config = ConfigDict(extra="forbid")
 
     commit_every: int = Field(100, ge=1, description="results per durable commit; 1 = every put() is durable on return")
     commit_interval_s: float = Field(
@@ -132,7 +136,7 @@ class Outbox:
     """A durable, ordered store-and-forward queue of results (see the module docstring for the guarantees)."""
 
     def __init__(self, path: Path, cfg: OutboxConfig | None = None) -> None:
-        """Open (or create) the outbox at ``path``; a corrupt file is moved aside and a new one started.
+        """Open (or create) the outbox at ``path``; a damaged file is recovered into a new one (``edgemed.recovery``).
 
         Args:
             path: the SQLite file, normally ``DATA_DIR/outbox.sqlite3``. Its folder is created if missing.
@@ -144,6 +148,8 @@ class Outbox:
         self.path = Path(path)
         self.cfg = cfg or OutboxConfig()
         self.moved_aside: Path | None = None
+        #: set when the file was found damaged at open: what was recovered from it, and what was not
+        self.recovery: recovery.OutboxRecovery | None = None
         self.evicted_total = 0
         self._lock = threading.RLock()
         # next_seq() runs once per frame on the producing thread: its own small lock keeps it from queueing
@@ -157,11 +163,22 @@ class Outbox:
         self._last_row = 0
         self._closed = False
         self._failed: OutboxError | None = None
+        # The ledger rows of the results in the open transaction, written with them at the commit (one row per
+        # input file per commit, not one statement per frame), and the sources whose pass ended in it.
+        self._ledger_done: dict[tuple[str, str], InputDone] = {}
+        self._ledger_ended: set[str] = set()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
         except OSError as exc:
             raise OutboxError(
-                f"cannot create the data directory {self.path.parent}: {exc}; pick a writable --data-dir"
+                f"cannot create the data directory {self.path.parent}: {exc.strerror}; pick a writable --data-dir"
+            ) from exc
+        try:
+            self._mark = recovery.SeqMark(self.path.with_suffix(".seq"), sync=self.cfg.synchronous == "FULL")
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot create {self.path.with_suffix('.seq')}: {exc.strerror}; free disk space or fix the "
+                "permissions of the data directory"
             ) from exc
         self._db = self._open_checked()
         self._seq = self._seq_durable = self._read_seq()
@@ -184,20 +201,28 @@ class Outbox:
 
     # -- opening ---------------------------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, path: Path | None = None) -> sqlite3.Connection:
+        path = path or self.path
+        try:
+            # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the same mode.
+            private_file(path)
+            for suffix in ("-wal", "-shm"):
+                tighten(path.with_name(path.name + suffix))
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot create the outbox {path}: {exc.strerror}; free disk space or fix the permissions "
+                "of the data directory"
+            ) from exc
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so batching is explicit.
-        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=5.0)
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise OutboxError(
-                    f"{self.path}: SQLite refused WAL mode ({mode}); put the data directory on a local file system"
+                    f"{path}: SQLite refused WAL mode ({mode}); put the data directory on a local file system"
                 )
             db.execute(f"PRAGMA synchronous={self.cfg.synchronous}")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {check}")
-            db.executescript(_SCHEMA)
+            db.executescript(_SCHEMA + ledger.SCHEMA)
             columns = {str(r[1]) for r in db.execute("PRAGMA table_info(acked)")}
             for column, kind in (("topic", "TEXT"), ("payload", "BLOB")):
                 if column not in columns:  # an outbox written before replay existed
@@ -210,54 +235,70 @@ class Outbox:
         return db
 
     def _open_checked(self) -> sqlite3.Connection:
+        """Open the outbox; a damaged one is recovered first (``edgemed.recovery``), a lost one keeps its seq."""
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        wal_damage, reason = self._damage() if existed else (None, None)
+        if reason is not None:
+            self.recovery = recovery.recover(
+                self.path, reason, wal_damage, connect=self._connect, mark=self._mark.read()
+            )
+            self.moved_aside = self.recovery.moved_to
+            log.error("%s", self.recovery.describe())
         try:
-            return self._connect()
+            db = self._connect()
+        except sqlite3.Error as exc:
+            raise OutboxError(
+                f"cannot open the outbox {self.path}: {exc}; check permissions and free disk space in the data "
+                "directory"
+            ) from exc
+        mark = self._mark.read()
+        if not existed and mark:
+            # The database is new but this data directory has numbered results before (the file was deleted or
+            # lost): go on after them, never reuse a number.
+            db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'seq'", (mark,))
+        return db
+
+    def _damage(self) -> tuple[walcheck.WalDamage | None, str | None]:
+        """What is wrong with the existing file, checked before SQLite opens it for writing (which could fold a
+        damaged log into the database and delete it): the write-ahead log, then ``PRAGMA quick_check`` on a
+        read-only connection.
+
+        Raises:
+            OutboxError: the file cannot be opened for a reason other than damage (permissions, locking).
+        """
+        damage = walcheck.inspect(self.path.with_name(self.path.name + "-wal"), self.path)
+        if damage is not None:
+            return damage, damage.describe()
+        try:
+            db = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}; check its permissions") from exc
+        try:
+            check = str(db.execute("PRAGMA quick_check").fetchone()[0])
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and not _looks_corrupt(exc):
                 raise OutboxError(
                     f"cannot open the outbox {self.path}: {exc}; check permissions and free "
                     "disk space in the data directory"
                 ) from exc
-            self.moved_aside = self._move_aside(exc)
-        try:
-            return self._connect()
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot create a new outbox {self.path}: {exc}") from exc
-
-    def _move_aside(self, error: Exception) -> Path:
-        reason = " ".join(str(error).split())  # quick_check reports span lines; keep the log to one
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        n = 1
-        while target.exists():
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
-            n += 1
-        try:
-            self.path.rename(target)
-            # The WAL may hold committed results that are not yet in the main file: keep it with it.
-            for suffix in ("-wal", "-shm"):
-                side = self.path.with_name(self.path.name + suffix)
-                if side.exists():
-                    side.rename(target.with_name(target.name + suffix))
-        except OSError as exc:
-            raise OutboxError(
-                f"the outbox {self.path} is corrupt ({reason}) and cannot be moved aside: {exc}; move it away by hand"
-            ) from exc
-        log.error(
-            "outbox %s is corrupt (%s): moved it to %s (its contents may still be recoverable with the "
-            "sqlite3 .recover command) and started a new, empty outbox",
-            self.path,
-            reason,
-            target,
-        )
-        return target
+            check = str(exc)
+        finally:
+            db.close()
+        return None, None if check == "ok" else " ".join(check.split())[:200]
 
     def _read_seq(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def put(self, result_id: str, topic: str, payload: bytes, seq: int | None = None) -> int:
+    def put(
+        self,
+        result_id: str,
+        topic: str,
+        payload: bytes,
+        seq: int | None = None,
+        done: tuple[str, InputDone] | None = None,
+    ) -> int:
         """Queue one result; it becomes durable (and publishable) at the next batch commit.
 
         Args:
@@ -267,6 +308,8 @@ class Outbox:
             seq: the sequence number from ``next_seq()`` inside ``payload``. Passing it makes the persisted
                 counter advance only with committed results, so a crash never leaves a gap in the published
                 sequence (a consumer may read a gap as a lost result).
+            done: ``(source, row)``: the ledger row this result brings its input to (see ``edgemed.ledger``);
+                it is written in the same transaction as the result.
 
         Returns:
             The row id, increasing in production order.
@@ -296,6 +339,8 @@ class Outbox:
                 raise self._write_error(exc) from exc
             row_id = int(cur.lastrowid or 0)
             self._last_row = row_id
+            if done is not None:
+                self._ledger_done[(done[0], done[1].path)] = done[1]
             if seq is not None:
                 self._seq_explicit = True
                 self._seq_durable = max(self._seq_durable, seq + 1)
@@ -474,6 +519,56 @@ class Outbox:
             self._check_open()
             return {str(r[0]) for r in self._db.execute("SELECT result_id FROM acked")}
 
+    # -- the ledger of processed inputs (edgemed/ledger.py) ------------------------------------------------------
+
+    def source_ledger(self, source: str) -> tuple[ledger.SourceState, dict[str, InputDone]]:
+        """What the ledger knows of ``source``: whether its last pass was interrupted, and its files' rows."""
+        with self._lock:
+            self._check_open()
+            return ledger.state(self._db, source), ledger.inputs(self._db, source)
+
+    def start_source(self, source: str, *, keep: bool, add: Iterable[InputDone] = (), drop: Iterable[str] = ()) -> None:
+        """Begin a pass over ``source``, durably: forget its rows unless ``keep``, add and drop the given rows.
+
+        Raises:
+            OutboxError: the disk refused the write.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                self._begin()
+                ledger.start(self._db, source, keep=keep)
+                ledger.drop(self._db, source, drop)
+                ledger.write(self._db, {(source, row.path): row for row in add}, ())
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._commit()
+
+    def end_source(self, source: str) -> None:
+        """Mark the pass over ``source`` complete, with the next commit (after its last results)."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._begin()
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._ledger_ended.add(source)
+
+    def forget_source(self, source: str) -> None:
+        """Drop the ledger's rows for ``source`` durably (a ``--loop`` run is no basis for resuming).
+
+        Raises:
+            OutboxError: the disk refused the write.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                self._begin()
+                ledger.forget(self._db, source)
+            except sqlite3.Error as exc:
+                raise self._write_error(exc) from exc
+            self._commit()
+
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -487,6 +582,7 @@ class Outbox:
                 self._closed = True
                 self._wake.notify_all()
                 self._db.close()
+                self._mark.close()
         self._committer.join(timeout=5.0)
 
     def __enter__(self) -> Outbox:
@@ -515,6 +611,8 @@ class Outbox:
         try:
             persisted = self._seq_durable if self._seq_explicit else self._seq
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (persisted,))
+            # Outside the database, before the commit: never behind a published seq (edgemed/recovery.py).
+            self._mark.write(persisted)
             if self.cfg.keep_acked and self._last_row > self.cfg.keep_acked:
                 # Keep the acknowledgements of the last keep_acked results produced. Row ids grow by one per
                 # result, so this is a range delete on the primary key: its cost is what it deletes, not the size
@@ -526,10 +624,13 @@ class Outbox:
                     (self._last_row - self.cfg.keep_acked,),
                 )
             self._expire_payloads()
+            ledger.write(self._db, self._ledger_done, self._ledger_ended)
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise self._write_error(exc) from exc
         self._in_txn = False
+        self._ledger_done.clear()
+        self._ledger_ended.clear()
         self._uncommitted = 0
         published = self._last_row > self._committed_max_row
         self._committed_max_row = self._last_row
@@ -612,7 +713,7 @@ class Outbox:
             self.evicted_total,
         )
 
-    def _write_error(self, exc: sqlite3.Error) -> OutboxError:
+    def _write_error(self, exc: sqlite3.Error | OSError) -> OutboxError:
         if self._in_txn:
             # A failed statement may leave the transaction open or rolled back; start clean either way.
             try:
@@ -621,8 +722,11 @@ class Outbox:
                 log.debug("rollback after a failed write: %s", rollback_exc)
             self._in_txn = False
             self._uncommitted = 0
+            self._ledger_done.clear()  # rolled back with the results they account for
+            self._ledger_ended.clear()
+        why = exc.strerror if isinstance(exc, OSError) else exc
         self._failed = OutboxError(
-            f"cannot write the outbox {self.path}: {exc}; free disk space or fix the permissions of the data "
+            f"cannot write the outbox {self.path}: {why}; free disk space or fix the permissions of the data "
             "directory (results produced since the last commit were not kept)"
         )
         return self._failed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -25,8 +26,9 @@ import numpy as np
 
 from edgemed.capture import FrameSource, open_source
 from edgemed.config import DeviceProfile, default_data_dir
+from edgemed.datadir import open_private
 from edgemed.envelope import EnvelopeContext, build_result, build_study, encode, new_result_id
-from edgemed.errors import EXIT_OK, EXIT_PENDING, ModelError
+from edgemed.errors import EXIT_OK, EXIT_OUTBOX, EXIT_PENDING, ModelError, OutboxError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, clock_synced, load_or_create_secret, pseudonym
 from edgemed.inference import Backend, make_backend
@@ -36,8 +38,9 @@ from edgemed.manifest import Artifact, Manifest, verify_model
 from edgemed.outbox import Outbox
 from edgemed.preprocess import Preprocessor, probabilities, to_colour_mode
 from edgemed.quality import check_quality
-from edgemed.triage import StudyAggregator, triage, triage_error, triage_recapture, validate_policy
-from edgemed.types import Frame, Prediction, QualityReport, TriageResult
+from edgemed.sessions import ClosedStudy, StudyTracker
+from edgemed.triage import triage, triage_error, triage_recapture, validate_policy
+from edgemed.types import Frame, InputDone, Prediction, QualityReport, TriageResult
 
 log = logging.getLogger("edgemed.runtime")
 
@@ -56,10 +59,15 @@ class RunSummary:
     levels: dict[str, int] = field(default_factory=dict)
     studies: list[TriageResult] = field(default_factory=list)
     stopped_by_signal: bool = False
+    #: the outbox was found damaged at start: what was recovered and what was not (the run went on)
+    outbox_damage: str | None = None
 
     @property
     def exit_code(self) -> int:
-        """0 when every result was acknowledged, 10 when some are still pending on disk."""
+        """0 when every result was acknowledged, 10 when some are still pending on disk, 7 when the outbox was
+        found damaged at start (whatever could be read was recovered and sent; the rest may be lost)."""
+        if self.outbox_damage is not None:
+            return EXIT_OUTBOX
         return EXIT_OK if self.pending == 0 else EXIT_PENDING
 
 
@@ -160,17 +168,16 @@ class Device:
         self.delivery: Any = None
         self._source: FrameSource | None = None
         self._clock: tuple[float, bool | None] = (0.0, None)
-        self._study = StudyAggregator(profile.triage)
-        self._study_key: str | None = None
-        self._study_first_seq = self._study_last_seq = 0
+        self._studies = StudyTracker(profile.triage, study_id)
         self.studies: list[TriageResult] = []
+        self._print_names = shows_names(profile.privacy.print_source_names, self.out)
+        self._ledger_key: str | None = None
         self._pseudonyms: dict[str, str] = {}
         self._ended_by: BaseException | None = None  # what ended the run, when it was not a clean end
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Device:
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = DataDirLock(self.data_dir)
+        lock = DataDirLock(self.data_dir)  # creates the data directory, 0700
         lock.__enter__()
         self._closers.append(lambda: lock.__exit__(None, None, None))
         try:
@@ -225,9 +232,33 @@ class Device:
     def _open_jsonl(self) -> IO[str] | None:
         if not self.profile.run.results_jsonl:
             return None
-        fh = open(self.data_dir / "results.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        path = self.data_dir / "results.jsonl"
+        try:
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except OSError as exc:
+            raise OutboxError(f"cannot open {path}: {exc.strerror}; free disk space or fix its permissions") from exc
+        fh = os.fdopen(fd, "a", encoding="utf-8")
         self._closers.append(fh.close)
         return fh
+
+    def _local_copy(self, payload: bytes | None) -> None:
+        """Append one envelope to results.jsonl (``None``: flush what is buffered).
+
+        Raises:
+            OutboxError: the disk refused the write (full, read-only): exit 7 as for the outbox on the same disk.
+        """
+        if self._jsonl is None:
+            return
+        try:
+            if payload is None:
+                self._jsonl.flush()
+            else:
+                self._jsonl.write(payload.decode("utf-8") + "\n")
+        except OSError as exc:
+            raise OutboxError(
+                f"cannot write {self.data_dir / 'results.jsonl'}: {exc.strerror}; free disk space in the data "
+                "directory (the results themselves are in the outbox)"
+            ) from exc
 
     def _start_delivery(self) -> None:
         if self.profile.mqtt is None:
@@ -377,10 +408,10 @@ class Device:
                 lat["triage"] = (time.perf_counter() - t3) * 1e3
         lat.setdefault("preprocess", 0.0)
         lat.setdefault("inference", 0.0)
-        study = self.study_id or frame.study_uid
-        if study != self._study_key and self._study.frames:
-            self._end_study()  # a new study began within the source (e.g. the next DICOM in a folder)
-        self._study_key = study
+        closed = self._studies.before(frame)
+        if closed is not None:
+            self._emit_study(closed)  # a new study began within the source (e.g. the next DICOM in a folder)
+        study = self._studies.study_of(frame)
         lat["total"] = sum(lat.values())
         env = build_result(
             self.ctx,
@@ -397,53 +428,55 @@ class Device:
         )
         payload = encode(env)
         # Published once committed: the outbox wakes the delivery thread on each commit.
-        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"])
-        if self._jsonl is not None:
-            self._jsonl.write(payload.decode("utf-8") + "\n")
+        done = None
+        if self._ledger_key is not None and frame.input is not None:
+            ref = frame.input
+            row = InputDone(ref.path, ref.size, ref.mtime_ns, ref.sha256, frame.input_frame + 1, ref.frames_total)
+            done = (self._ledger_key, row)
+        self.outbox.put(env["result_id"], f"{self.topic_base}/results", payload, seq=env["seq"], done=done)
+        self._local_copy(payload)
         self.health.record(lat["total"], result.level)
-        if not self._study.frames:
-            self._study_first_seq = env["seq"]
-        self._study_last_seq = env["seq"]
-        self._study.add(result, prediction)
+        self._studies.add(frame, env["seq"], result, prediction)
         return env
 
-    def _end_study(self) -> None:
-        # A one- or two-frame "study" (a still image) is its own decision; a study decision is published for
-        # sessions with at least min_valid_frames frames, or always when the profile configures triage.study.
-        configured = self.profile.triage.study is not None
-        if configured or self._study.frames >= self._study.study.min_valid_frames:
-            self._emit_study()
-        else:
-            self._study.reset()
+    def _emit_study(self, closed: ClosedStudy) -> None:
+        """Commit the decision over a study's frames to the outbox.
 
-    def _emit_study(self) -> None:
-        """Commit the decision over the current session's frames to the outbox, then start a new session."""
-        decision = self._study.decision()
-        self.studies.append(decision)
-        key = self._study_key
+        It takes the next ``seq`` of the one counter that also numbers frame results, so a consumer of all
+        topics sees every number once and a gap means a lost message (see the README's envelope section).
+        """
+        self.studies.append(closed.decision)
         env = build_study(
             self.ctx,
             seq=self.outbox.next_seq(),
             created_at=time.time(),
             clock_synced=self._clock_synced(),
-            session_id=self._session_id(key),
+            session_id=self._session_id(closed.study),
             source_kind=self._source.kind if self._source is not None else "folder",
-            first_seq=self._study_first_seq,
-            last_seq=self._study_last_seq,
-            decision=decision,
+            first_seq=closed.first_seq,
+            last_seq=closed.last_seq,
+            decision=closed.decision,
         )
         self.outbox.put(env["result_id"], f"{self.topic_base}/studies", encode(env), seq=env["seq"])
-        self._study.reset()
 
     def _print(self, frame: Frame, env: dict[str, Any]) -> None:
         tri = env["triage"]
         pred = env["prediction"]
         what = f"{pred['label']} ({pred['probabilities'][pred['label']]:.0%})" if pred else "-"
-        name = f" {frame.name}" if frame.name else ""
+        name = f" {frame.name}" if frame.name and self._print_names else ""
         self.out.write(f"#{frame.index:<5}{name}  {what}  -> {tri['level'].upper()}: {tri['reason']}\n")
 
-    def run(self, source_uri: str | None = None, *, max_frames: int | None = None) -> RunSummary:
-        """Process every frame of the source, then wait (bounded) for the broker to acknowledge the results."""
+    def run(
+        self, source_uri: str | None = None, *, max_frames: int | None = None, from_start: bool = False
+    ) -> RunSummary:
+        """Process every frame of the source, then wait (bounded) for the broker to acknowledge the results.
+
+        Args:
+            source_uri: overrides the profile's ``source.uri``.
+            max_frames: stop after this many frames (overrides ``run.max_frames``).
+            from_start: process a file source again from its start even when its last run on this data
+                directory was interrupted (``--from-start``); for ``watch:``, read every file in the folder again.
+        """
         uri = source_uri or self.profile.source.uri
         if uri is None:
             raise ModelError("no source given: pass --source PATH or set source.uri in the profile")
@@ -451,7 +484,9 @@ class Device:
         summary = RunSummary()
         self._source = open_source(uri, self.profile.source, stop=self.stop)
         self._closers.append(self._source.close)
+        self._ledger_key = self._attach_ledger(self._source, from_start=from_start)
         frames = prefetch(self._captured(self._source), self.stop)
+        exhausted = False
         try:
             for frame, capture_ms in frames:
                 if self.link is not None:
@@ -468,22 +503,55 @@ class Device:
                     self._print(frame, env)
                 if max_frames is not None and summary.frames >= max_frames:
                     break
-            # A study decision only makes sense for frames of one session: a cine loop or video, a live stream,
-            # or inputs tied together by a study id. A folder of unrelated images gets none.
-            live = self._source.kind in ("video", "stream", "camera")
-            if self._study.frames and (self._study_key is not None or live):
-                self._end_study()
+            else:
+                exhausted = True
+            if exhausted and self._ledger_key is not None and self._source.state == "ended":
+                # Committed with the last results: the next run processes this source again from its start.
+                self.outbox.end_source(self._ledger_key)
+            # Only frames of one study form a study (edgemed/sessions.py): a folder of unrelated images gets none.
+            closed = self._studies.close()
+            if closed is not None:
+                self._emit_study(closed)
         finally:
             self.stop.set()
             frames.close()  # joins the capture thread before anything is torn down
             self.outbox.flush()
-            if self._jsonl is not None:
-                self._jsonl.flush()
+            self._local_copy(None)
         summary.errors = summary.levels.get("error", 0)
         summary.recaptures = summary.levels.get("recapture", 0)
         summary.studies = list(self.studies)
         summary.pending = self._drain()
+        if self.outbox.recovery is not None:
+            summary.outbox_damage = self.outbox.recovery.describe()
+            log.error("%s", summary.outbox_damage)  # said at start too; repeated where the run's outcome is read
         return summary
+
+    def _attach_ledger(self, source: FrameSource, *, from_start: bool) -> str | None:
+        """Tell a file source what the ledger of processed inputs knows (see edgemed/ledger.py); returns its key.
+
+        A folder or file resumes only after an interrupted pass; ``watch:`` always takes up where it stopped. A
+        looped run (``--loop``) keeps no ledger and leaves none behind to resume from.
+        """
+        key = source.ledger_key
+        if not source.keeps_ledger or key is None:
+            return None
+        if self.profile.source.loop > 1:
+            self.outbox.forget_source(key)
+            return None
+        watch = source.kind == "watch"
+        state, rows = self.outbox.source_ledger(key)
+        resume = not from_start and (state == "interrupted" or (watch and state == "complete"))
+        changes = source.attach_ledger(rows if resume else {}, history=from_start or state != "new")
+        self.outbox.start_source(key, keep=resume, add=changes.add, drop=changes.forget)
+        finished = sum(1 for row in rows.values() if row.finished and row.frames_total)
+        if resume and not watch and finished:
+            # The source is not named: its path may carry a patient's name, and this line reaches the journal.
+            log.warning(
+                "resuming where the interrupted run on this data directory stopped: %d files that already have "
+                "results are skipped (pass --from-start to process them again)",
+                finished,
+            )
+        return key
 
     def _wait_for_room(self) -> None:
         # The outbox cap is a policy, not a loss: with on_full=block the device stops taking frames and says so
@@ -527,8 +595,26 @@ class Device:
             closer = self._closers.pop()
             try:
                 closer()
-            except Exception:
-                log.exception("error while shutting down")
+            except Exception as exc:
+                # One line for the operator (a full disk makes closing results.jsonl fail); the traceback at DEBUG.
+                log.error("while shutting down: %s", exc)
+                log.debug("shutdown error", exc_info=True)
+
+
+def shows_names(setting: str, out: IO[str]) -> bool:
+    """Whether the printout may show file names (``privacy.print_source_names``).
+
+    ``auto`` shows them only when ``out`` is a terminal, where a person reads them. Under a service manager
+    stdout is not a terminal (systemd's is the journal, which keeps it and may forward it), nor is it when piped
+    to a file or a log collector: a file name can carry a medical record number, so none is written there unless
+    the profile says ``always``.
+    """
+    if setting != "auto":
+        return setting == "always"
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError, OSError):  # a closed or unusual stream: not a terminal
+        return False
 
 
 def install_signal_handlers(device: Device) -> None:

@@ -18,6 +18,52 @@ TriageLevel = Literal["urgent", "routine", "no_finding", "inconclusive", "recapt
 
 
 @dataclass(frozen=True)
+class InputRef:
+    """The file a frame came from, as the ledger of processed inputs records it.
+
+    Attributes:
+        path: the file's path relative to the source (its name, for a single-file source).
+        size: its size in bytes when it was read.
+        mtime_ns: its modification time when it was read.
+        sha256: hex SHA-256 of the bytes that were decoded (computed once, from the bytes already read).
+        frames_total: how many frames the file holds, when known (1 for an image, NumberOfFrames for DICOM, the
+            frames read before an error); None for a video.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    frames_total: int | None
+
+
+@dataclass(frozen=True)
+class InputDone:
+    """One row of the ledger: how far the results of one input file are committed.
+
+    Attributes:
+        path: relative to the source.
+        size: size in bytes when it was read.
+        mtime_ns: modification time when it was read.
+        sha256: content hash; None for a file only noted as present when ``watch:`` first started.
+        frames_done: frames of the file with a committed result (its first ``frames_done`` frames).
+        frames_total: frames the file holds, when known.
+    """
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    frames_done: int
+    frames_total: int | None
+
+    @property
+    def finished(self) -> bool:
+        """True when every frame of the file has a committed result (never for a video: its length is unknown)."""
+        return self.frames_total is not None and self.frames_done >= self.frames_total
+
+
+@dataclass(frozen=True)
 class Frame:
     """One frame from a capture source.
 
@@ -30,6 +76,9 @@ class Frame:
         study_uid: a study identifier found in the input (DICOM StudyInstanceUID). It never leaves the device:
             only its keyed pseudonym is published.
         name: local name of the input (file name) for the person at the device; never published.
+        input: the file this frame came from, for the ledger of processed inputs (None for live sources, and
+            when the run keeps no ledger).
+        input_frame: the frame's position within that file, from 0.
     """
 
     index: int
@@ -39,6 +88,8 @@ class Frame:
     captured_at: float = 0.0
     study_uid: str | None = None
     name: str | None = None
+    input: InputRef | None = None
+    input_frame: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from edgemed.capture import CaptureConfig, open_source
 from edgemed.capture import stream as stream_mod
-from edgemed.errors import EXIT_SOURCE, CaptureError
+from edgemed.errors import EXIT_SOURCE, CaptureError, ConfigError
 from edgemed.types import Frame
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -148,13 +148,16 @@ def test_fps_cap_paces_delivery(video: Path) -> None:
     assert gaps.min() > 1 / 40 * 0.5
 
 
-def test_roi_crops_every_frame_and_a_roi_outside_the_frame_is_an_error_frame(video: Path) -> None:
+def test_roi_crops_every_frame_and_a_roi_outside_the_first_frame_is_a_config_error(video: Path) -> None:
     frames = list(open_source(str(video), CaptureConfig(roi=(10, 20, 100, 50))))
     full = list(open_source(str(video)))
     assert frames[0].image is not None and frames[0].image.shape == (50, 100, 3)
     assert full[0].image is not None and np.array_equal(frames[0].image, full[0].image[20:70, 10:110])
-    bad = list(open_source(str(video), CaptureConfig(roi=(300, 0, 100, 100))))
-    assert len(bad) == 8 and all(f.image is None and "capture.roi" in (f.error or "") for f in bad)
+    # Outside the first frame, it would fail every frame of the video: a configuration error naming the real key.
+    src = open_source(str(video), CaptureConfig(roi=(300, 0, 100, 100)))
+    with pytest.raises(ConfigError, match=r"\(source\.roi\) lies outside the 320x240 first frame") as info:
+        list(src)
+    assert info.value.exit_code == 2 and src.state == "failed"
 
 
 def test_stop_event_ends_iteration_promptly(video: Path) -> None:

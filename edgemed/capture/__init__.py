@@ -21,7 +21,11 @@ says so.
 Live sources (streams, cameras) never yield a frame that is not real: all-black frames and repeats of the
 previous frame are dropped, and a source that delivers nothing new for ``stale_timeout_s`` is reconnected.
 ``watch:DIR`` reads files that appear after it starts (``watch_existing`` to include the ones already there),
-each once, in natural order, after its size and mtime have been stable for ``watch_settle_s``.
+each once, in natural order, after its size and mtime have been stable for ``watch_settle_s``. A file still empty
+after that is reported as empty, and read again if the device writes it after all. With the ledger of processed
+inputs attached (``attach_ledger``; the runtime does it, see ``edgemed.ledger``) "once" holds across restarts:
+files that arrived while edgemed was not running are read at the next start, and file sources resume an
+interrupted pass after the last frame with a committed result.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from edgemed.errors import CaptureError
+from edgemed.validation import StrictModel
 
 if TYPE_CHECKING:
-    from edgemed.types import Frame, SourceKind
+    from collections.abc import Mapping
+
+    from edgemed.capture._base import LedgerChanges
+    from edgemed.types import Frame, InputDone, SourceKind
 
 IMAGE_EXTENSIONS = [
     ".jpg",
@@ -53,10 +61,8 @@ IMAGE_EXTENSIONS = [
 ]
 
 
-class CaptureConfig(BaseModel):
+class CaptureConfig(StrictModel):
     """How frames are taken from a source; every default is safe for an unattended device."""
-
-    model_config = ConfigDict(extra="forbid")
 
     fps_cap: float | None = Field(
         None,
@@ -117,14 +123,20 @@ class FrameSource(Protocol):
     ``state`` is one of ``open``, ``reconnecting``, ``ended``, ``failed``, ``closed``; it is reported on
     health.
     Iteration ends when the source is exhausted, when ``stop`` is set, or after ``close()``.
+    File sources (``keeps_ledger``) can resume from the ledger of processed inputs: ``ledger_key`` names the
+    source there (its absolute path), and ``attach_ledger`` must be called before iterating.
     """
 
     kind: SourceKind
     state: str
+    keeps_ledger: bool
+    ledger_key: str | None
 
     def __iter__(self) -> Iterator[Frame]: ...
 
     def close(self) -> None: ...
+
+    def attach_ledger(self, done: Mapping[str, InputDone], *, history: bool) -> LedgerChanges: ...
 
 
 def open_source(uri: str, cfg: CaptureConfig | None = None, *, stop: threading.Event | None = None) -> FrameSource:
@@ -176,6 +188,11 @@ def _open_path(path: Path, cfg: CaptureConfig, stop: threading.Event) -> FrameSo
         return files.FileSource(path, "dicom", cfg, stop)
     if content == "image":
         return files.FileSource(path, "image", cfg, stop)
+    # Named as an image or DICOM file but holding neither (empty, damaged): one error result that says which,
+    # not an attempt to open it as a video.
+    suffix = path.suffix.lower()
+    if suffix in cfg.extensions:
+        return files.FileSource(path, "dicom" if suffix in (".dcm", ".dicom") else "image", cfg, stop)
     return files.VideoSource(path, cfg, stop)
 
 

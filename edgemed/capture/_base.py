@@ -12,22 +12,39 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
+from edgemed.errors import ConfigError
 from edgemed.types import Frame
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import numpy as np
 
     from edgemed.capture import CaptureConfig
-    from edgemed.types import SourceKind
+    from edgemed.types import InputDone, InputRef, SourceKind
 
 
 class Item(NamedTuple):
-    """One input as a concrete source produced it, before numbering."""
+    """One input as a concrete source produced it, before numbering.
+
+    An item with ``skip`` set is not a frame: that many frames of an input already have committed results from
+    an earlier run (the ledger says so), and numbering moves on past them as if they had been read.
+    """
 
     image: np.ndarray | None
     error: str | None = None
     name: str | None = None
     study_uid: str | None = None
+    input: InputRef | None = None
+    input_frame: int = 0
+    skip: int = 0
+
+
+class LedgerChanges(NamedTuple):
+    """What a source asks the ledger to record when it is attached (``watch:`` only)."""
+
+    add: list[InputDone]  # files present when watching started for the first time: not new, noted as seen
+    forget: list[str]  # files the ledger has that are gone from the folder
 
 
 class BaseSource:
@@ -37,6 +54,10 @@ class BaseSource:
     finite: bool = True
     #: how many times a live source lost its connection and reconnected (0 for files); reported on health
     reconnects: int = 0
+    #: file sources can keep a ledger of processed inputs (resume, watch: across restarts); live ones cannot
+    keeps_ledger: bool = False
+    #: how the ledger names this source: its absolute path (``watch:`` and the path for a watched folder)
+    ledger_key: str | None = None
 
     def __init__(self, cfg: CaptureConfig, stop: threading.Event) -> None:
         self.cfg = cfg
@@ -44,10 +65,29 @@ class BaseSource:
         self.state = "open"
         self._closed = False
         self._iterating = False
+        self._roi_fitted = False  # the region of interest fitted a frame of this source at least once
+        self.ledger = False  # frames carry an InputRef for the ledger (attach_ledger)
+        self._done: dict[str, InputDone] = {}
 
     def _items(self) -> Iterator[Item]:
         """One pass over the inputs; finite sources are replayed ``cfg.loop`` times by ``__iter__``."""
         raise NotImplementedError
+
+    def attach_ledger(self, done: Mapping[str, InputDone], *, history: bool) -> LedgerChanges:
+        """Use the ledger of processed inputs: frames then carry an ``InputRef``, and inputs it shows as done
+        are skipped (their frames keep their numbers).
+
+        Args:
+            done: the ledger's rows for this source, by relative path (empty to process everything).
+            history: the ledger has seen this source before (``watch:``: files not in it arrived while edgemed
+                was not running).
+
+        Returns:
+            Rows to add or drop (only ``watch:`` has any).
+        """
+        self.ledger = True
+        self._done = dict(done)
+        return LedgerChanges([], [])
 
     def __iter__(self) -> Iterator[Frame]:
         index = 0
@@ -58,6 +98,9 @@ class BaseSource:
         try:
             for _ in range(passes):
                 for item in self._items():
+                    if item.skip:
+                        index += item.skip  # done by an earlier run: the frames after keep their numbers
+                        continue
                     if self._stopped():
                         break
                     if interval_s:
@@ -81,7 +124,7 @@ class BaseSource:
         image = item.image
         error = item.error
         if image is not None and self.cfg.roi is not None:
-            image, error = _crop(image, self.cfg.roi, item.name)
+            image, error = self._crop(image, self.cfg.roi, item.name)
         return Frame(
             index=index,
             source_kind=self.kind,
@@ -90,7 +133,37 @@ class BaseSource:
             captured_at=time.time(),
             study_uid=item.study_uid,
             name=item.name,
+            input=item.input,
+            input_frame=item.input_frame,
         )
+
+    def _crop(
+        self, image: np.ndarray, roi: tuple[int, int, int, int], name: str | None
+    ) -> tuple[np.ndarray | None, str | None]:
+        """The region of interest of one frame, or the error that replaces it.
+
+        A region of interest belongs to a device's fixed picture geometry (a probe's screen layout), so when it
+        does not fit the first readable frame it would fail every frame: that is a configuration error and the
+        run stops before any result. Once it has fitted a frame, a later frame it does not fit (a folder mixing
+        picture sizes) is one error result and the run goes on.
+
+        Raises:
+            ConfigError: the region does not fit the first readable frame of the source.
+        """
+        x, y, w, h = roi
+        height, width = image.shape[:2]
+        if x + w <= width and y + h <= height:
+            self._roi_fitted = True
+            # A slice is a view: no copy here; preprocessing makes the one contiguous copy it needs.
+            return image[y : y + h, x : x + w], None
+        where = f"region of interest x={x} y={y} w={w} h={h} (source.roi) lies outside the {width}x{height}"
+        if not self._roi_fitted:
+            self.state = "failed"
+            raise ConfigError(
+                f"{where} first frame of the source, so it would fail every frame; set source.roi in the device "
+                f"profile to a region inside {width}x{height} pixels, or remove it to use the whole picture"
+            )
+        return None, f"{name or 'frame'}: {where} frame; fix source.roi in the device profile"
 
     def _stopped(self) -> bool:
         return self.stop.is_set() or self._closed
@@ -110,15 +183,3 @@ class BaseSource:
 
     def _release(self) -> None:
         """Free OS resources; safe to call more than once."""
-
-
-def _crop(image: np.ndarray, roi: tuple[int, int, int, int], name: str | None) -> tuple[np.ndarray | None, str | None]:
-    x, y, w, h = roi
-    height, width = image.shape[:2]
-    if x + w > width or y + h > height:
-        return None, (
-            f"{name or 'frame'}: region of interest x={x} y={y} w={w} h={h} lies outside the "
-            f"{width}x{height} frame; fix capture.roi in the device profile"
-        )
-    # A slice is a view: no copy here; preprocessing makes the one contiguous copy it needs.
-    return image[y : y + h, x : x + w], None

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, BinaryIO
 
 from edgemed.capture._base import Item
 from edgemed.errors import CodecUnavailableError
+from edgemed.types import InputRef
 
 # Transfer syntax UID -> the pip requirement that adds a decoder for it (pydicom's pylibjpeg plugins).
 _CODEC_PACKAGES = {
@@ -37,56 +38,89 @@ _CODEC_PACKAGES = {
 }
 
 
-def read_dicom(path: Path) -> Iterator[Item]:
+def read_dicom(fh: BinaryIO, name: str, *, skip: int = 0, ref: InputRef | None = None) -> Iterator[Item]:
     """Yield every frame of a DICOM file as a uint8 item; problems become one error item naming file and fix.
 
     Args:
-        path: a DICOM Part 10 file.
+        fh: the file, open for binary reading at its start.
+        name: the file's name, for messages.
+        skip: leave out the first ``skip`` frames (they have results from an earlier run); JPEG frames are not
+            even decoded.
+        ref: the file as the ledger knows it; every item carries it, with the file's frame count.
 
     Yields:
-        One item per frame (``study_uid`` from StudyInstanceUID), or a single error item.
+        One item per frame (``study_uid`` from StudyInstanceUID), or a single error item. A file that breaks
+        part-way (truncated pixel data) yields the frames before the break, then one error item.
     """
-    name = path.name
+    items = _read(fh, name, skip)
+    if ref is None:
+        yield from (item for item, _ in items)
+        return
+    position = skip
+    tagged = ref
+    for item, total in items:
+        # An error ends the file: count it as its last frame, so a resumed run does not report it twice.
+        frames = position + 1 if item.error is not None else total
+        if tagged.frames_total != frames:  # once per file, not once per frame
+            tagged = replace(ref, frames_total=frames)
+        yield item._replace(input=tagged, input_frame=position)
+        position += 1
+
+
+def _read(fh: BinaryIO, name: str, skip: int) -> Iterator[tuple[Item, int]]:
+    """The items of :func:`read_dicom`, each with the file's frame count."""
     try:
         import pydicom
-        from pydicom.errors import InvalidDicomError
     except ImportError:
-        yield Item(None, f"{name}: reading DICOM needs pydicom; install it with: pip install edgemed[dicom]", name)
+        yield Item(None, f"{name}: reading DICOM needs pydicom; install it with: pip install edgemed[dicom]", name), 1
         return
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
-        yield Item(None, f"{name}: not a readable DICOM file ({exc}); re-export it from the device", name)
+            ds = pydicom.dcmread(fh)
+    except Exception as exc:  # noqa: BLE001 - see _why: a damaged file raises almost any type from pydicom
+        yield Item(None, f"{name}: not a readable DICOM file ({_why(exc)}); export it again from the device", name), 1
         return
     if any("End of file" in str(w.message) for w in caught):
         # pydicom drops an element cut off by the end of the file and only warns: say what happened.
-        yield Item(None, f"{name}: the file is truncated (it ends inside its data); re-copy or re-export it", name)
+        yield Item(None, f"{name}: the file is truncated (it ends inside its data); re-copy or re-export it", name), 1
         return
     study_uid = str(ds.get("StudyInstanceUID", "")) or None
-    problem = _check_decodable(ds, name)
+    try:
+        problem = _check_decodable(ds, name)
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as exc:  # noqa: BLE001 - a damaged header element is parsed only when first read
+        problem = f"{name}: DICOM header is damaged ({_why(exc)}); export it again from the device"
     if problem is not None:
-        yield Item(None, problem, name, study_uid)
+        yield Item(None, problem, name, study_uid), 1
         return
     try:
-        yield from (Item(image, None, name, study_uid) for image in _frames(ds))
-    except (
-        ValueError,
-        RuntimeError,
-        AttributeError,
-        KeyError,
-        OSError,
-        EOFError,
-        NotImplementedError,
-    ) as exc:
-        # pydicom reports truncated or inconsistent pixel data with these; the file, not the run, is at fault.
-        yield Item(
-            None,
-            f"{name}: pixel data cannot be decoded ({exc}); the file may be truncated, re-export or re-copy it",
-            name,
-            study_uid,
+        for image in _frames(ds, skip):
+            yield Item(image, None, name, study_uid), count
+    except Exception as exc:  # noqa: BLE001 - truncated or inconsistent pixel data: the file, not the run, is at fault
+        yield (
+            Item(
+                None,
+                f"{name}: pixel data cannot be decoded ({_why(exc)}); the file may be truncated, re-export or re-copy "
+                "it",
+                name,
+                study_uid,
+            ),
+            count,
         )
+
+
+def _why(exc: BaseException) -> str:
+    """A short, single-line reason from a decoder's exception, for an error result.
+
+    pydicom parses the file's bytes lazily and, on damaged input, raises nearly any type: fuzzing the files in
+    data/dicom gave InvalidDicomError, BytesLengthException, NotImplementedError (an unknown VR), TypeError (a
+    damaged palette depth), ValueError, KeyError, struct.error and EOFError. So the boundary catches them all
+    and keeps one line of the message, never a traceback. pydicom reads from the open file object, so its
+    messages carry no path.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _check_decodable(ds: Any, name: str) -> str | None:
@@ -127,7 +161,7 @@ _YBR_FULL_TO_RGB = (
 _JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
-def _jpeg_baseline_colour_frames(ds: Any) -> Iterator[Any]:
+def _jpeg_baseline_colour_frames(ds: Any, skip: int) -> Iterator[Any]:
     """Colour JPEG-baseline frames decoded by OpenCV's libjpeg-turbo straight to RGB.
 
     Portable ultrasound cine loops are mostly this. pydicom's path (Pillow to YBR, then a colour transform) holds
@@ -140,6 +174,8 @@ def _jpeg_baseline_colour_frames(ds: Any) -> Iterator[Any]:
 
     count = int(ds.get("NumberOfFrames", 1) or 1)
     for index, fragment in enumerate(generate_frames(ds.PixelData, number_of_frames=count)):
+        if index < skip:
+            continue  # done by an earlier run: not decoded
         # Fragments are padded to even length; a JPEG that does not end in EOI was cut short, and libjpeg would
         # fill the missing rows with grey without an error.
         if not bytes(fragment[-3:]).rstrip(b"\0").endswith(b"\xff\xd9"):
@@ -150,9 +186,11 @@ def _jpeg_baseline_colour_frames(ds: Any) -> Iterator[Any]:
         yield np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-def _frames(ds: Any) -> Iterator[Any]:
+def _frames(ds: Any, skip: int = 0) -> Iterator[Any]:
     from pydicom.pixels.utils import iter_pixels
 
+    # Frames left out (done by an earlier run) are not decoded: pydicom decodes only the indices asked for.
+    indices = range(skip, int(ds.get("NumberOfFrames", 1) or 1)) if skip else None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if (
         str(ds.file_meta.get("TransferSyntaxUID", "")) == _JPEG_BASELINE
@@ -160,7 +198,7 @@ def _frames(ds: Any) -> Iterator[Any]:
         and int(ds.get("SamplesPerPixel", 1)) == 3
         and int(ds.get("BitsAllocated", 8)) == 8
     ):
-        yield from _jpeg_baseline_colour_frames(ds)
+        yield from _jpeg_baseline_colour_frames(ds, skip)
         return
     if photometric in ("YBR_FULL", "YBR_FULL_422") and int(ds.get("BitsAllocated", 8)) == 8:
         # pydicom's own YBR->RGB conversion is numpy float arithmetic (about 1 ms per 320x240 frame, two thirds
@@ -169,10 +207,10 @@ def _frames(ds: Any) -> Iterator[Any]:
         import numpy as np
 
         matrix = np.array(_YBR_FULL_TO_RGB, dtype=np.float32)
-        for ybr in iter_pixels(ds, raw=True):
+        for ybr in iter_pixels(ds, raw=True, indices=indices):
             yield np.asarray(cv2.transform(np.ascontiguousarray(ybr), matrix))
         return
-    for pixels in iter_pixels(ds):
+    for pixels in iter_pixels(ds, indices=indices):
         yield to_uint8(pixels, ds, photometric)
 
 

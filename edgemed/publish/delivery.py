@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgemed.errors import OutboxError
 from edgemed.lock import DataDirLock
-from edgemed.outbox import OUTBOX_FILENAME, Outbox
+from edgemed.outbox import OUTBOX_FILENAME, Outbox, OutboxConfig
 from edgemed.publish.config import MqttConfig
 from edgemed.publish.publisher import Publisher
 
@@ -241,6 +241,7 @@ def flush_outbox(
     client_id: str | None = None,
     status_topic: str | None = None,
     timeout_name: str = "--timeout",
+    outbox_cfg: OutboxConfig | None = None,
 ) -> FlushResult:
     """Send whatever is pending in a data directory's outbox (``edgemed flush``).
 
@@ -254,6 +255,8 @@ def flush_outbox(
         client_id: MQTT client id; default ``cfg.client_id`` or one derived from the data directory.
         status_topic: where to publish a retained status; None = none.
         timeout_name: the option that set ``timeout_s``, named in the waiting message.
+        outbox_cfg: the profile's outbox settings (acknowledgement log, replay window, commit level); default
+            ``OutboxConfig()``.
 
     Returns:
         How many results were sent and how many are still pending.
@@ -265,7 +268,7 @@ def flush_outbox(
     """
     data_dir = Path(data_dir)
     with DataDirLock(data_dir):
-        outbox = Outbox(data_dir / OUTBOX_FILENAME)
+        outbox = Outbox(data_dir / OUTBOX_FILENAME, outbox_cfg)
         try:
             pending = outbox.pending_count()
             if pending == 0:
@@ -313,6 +316,7 @@ def flush(
     *,
     client_id: str | None = None,
     status_topic: str | None = None,
+    outbox_cfg: OutboxConfig | None = None,
 ) -> int:
     """Send whatever is pending in a data directory's outbox; see ``flush_outbox``.
 
@@ -324,4 +328,6 @@ def flush(
         BrokerRefusedError: the broker refused the credentials or certificate, or plaintext policy forbids it.
         OutboxError: the outbox cannot be read or written.
     """
-    return flush_outbox(data_dir, cfg, timeout_s, client_id=client_id, status_topic=status_topic).remaining
+    return flush_outbox(
+        data_dir, cfg, timeout_s, client_id=client_id, status_topic=status_topic, outbox_cfg=outbox_cfg
+    ).remaining

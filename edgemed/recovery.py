@@ -1,0 +1,401 @@
+"""What a damaged outbox still holds, copied into a new one; and the ``seq`` mark that survives the damage.
+
+When the outbox file is found damaged at start (it is not a database, ``PRAGMA quick_check`` fails, or its
+write-ahead log is damaged in a way SQLite would silently skip: ``edgemed.walcheck``), the outbox moves the
+damaged files aside, byte for byte, and starts a new file. This module then reads the damaged copy the portable
+way (the ``sqlite3`` shell's ``.recover`` is not on every device, and Python's sqlite3 has no equivalent): table
+by table and row-id range by row-id range, halving every range that fails until single rows, so that an
+unreadable page costs only the rows on it. Pending results keep their ``row_id`` (their order), ``result_id`` and
+payload; the acknowledgement log and the ledger of processed inputs are copied too.
+
+**Sequence numbers are never reused.** ``DATA_DIR/outbox.seq`` holds the sequence counter as it is about to be
+committed: the outbox writes it (and fsyncs it with ``synchronous=FULL``) before every commit that numbers new
+results, so it is never behind anything published. It is read only when the database was damaged or lost; the
+new outbox continues at the highest of that mark, the damaged file's own counter, and the highest ``seq`` in the
+recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)? A
+recovery would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results:
+up to a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
+results), and it can leave a gap of at most one uncommitted batch, only when a crash between mark and commit
+coincides with damage to the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemed import walcheck
+from edgemed.datadir import open_private, private_dir, tighten
+from edgemed.errors import OutboxError
+from edgemed.walcheck import WalDamage
+
+log = logging.getLogger(__name__)
+
+_WINDOW = 5000  # row ids per query before halving starts
+# table -> (key column, selected columns); all are rowid tables, so ranges of the key are cheap to read.
+TABLES: dict[str, tuple[str, str]] = {
+    "outbox": ("row_id", "row_id, result_id, topic, payload, created_at"),
+    "acked": ("row_id", "row_id, result_id, acked_at, topic, payload"),
+    "inputs": ("id", "source, path, size, mtime_ns, sha256, frames_done, frames_total"),
+    "sources": ("id", "source, complete, started_at"),
+}
+
+
+@dataclass
+class Salvaged:
+    """The rows read back from a damaged outbox file.
+
+    Attributes:
+        rows: per table, the rows that could be read, in key order.
+        unreadable: per table, the row ids that could not be read (each may have held a row or been a gap);
+            None when not even the table's extent could be read.
+        meta: the ``meta`` table (``seq``, ...) when readable.
+        opened: SQLite could open the file at all.
+    """
+
+    rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    unreadable: dict[str, list[int] | None] = field(default_factory=dict)
+    meta: dict[str, int] = field(default_factory=dict)
+    opened: bool = True
+
+
+@dataclass(frozen=True)
+class OutboxRecovery:
+    """What happened to a damaged outbox at start; ``describe()`` says it in one line.
+
+    Attributes:
+        moved_to: where the damaged file was moved (kept byte for byte, with its ``-wal``/``-shm``).
+        reason: what was wrong with it.
+        pending: unacknowledged results recovered into the new outbox (they are sent as usual).
+        lost_at_most: row ids of unacknowledged results that could not be read (an upper bound of lost results),
+            or None when the damaged file could not be read at all.
+        acked: acknowledgement-log rows recovered.
+        inputs: ledger rows recovered.
+        next_seq: where the sequence continues (never a number already used).
+    """
+
+    moved_to: Path
+    reason: str
+    pending: int
+    lost_at_most: int | None
+    acked: int
+    inputs: int
+    next_seq: int
+
+    def describe(self) -> str:
+        """One line for the log and the end of the run."""
+        if self.lost_at_most is None:
+            lost = "nothing could be read from it"
+        elif self.lost_at_most:
+            lost = f"up to {self.lost_at_most} results on unreadable pages are lost"
+        else:
+            lost = "nothing unreadable"
+        return (
+            f"the outbox is corrupt ({self.reason}): recovered {self.pending} pending results, "
+            f"{self.acked} acknowledgement records and {self.inputs} ledger rows into a new outbox; {lost}; "
+            f"seq continues at {self.next_seq}; the damaged file is kept as {self.moved_to}"
+        )
+
+
+def recover(
+    path: Path,
+    reason: str,
+    wal_damage: WalDamage | None,
+    *,
+    connect: Callable[[Path], sqlite3.Connection],
+    mark: int | None,
+) -> OutboxRecovery:
+    """Replace the damaged outbox ``path`` with a new one holding everything that could be read from it.
+
+    Nothing is moved until the new outbox is complete: the damaged file and its ``-wal`` are copied into a
+    private working folder (the log repaired on the way when ``wal_damage``), read there, and a new outbox is
+    written beside them; only then are the damaged files renamed to ``outbox.sqlite3.corrupt-<UTC time>`` and the
+    new one renamed into place. A failure on the way (a full disk) leaves the damaged file where it was, and the
+    next start tries again.
+
+    Args:
+        path: the outbox file.
+        reason: what is wrong with it, for the report.
+        wal_damage: the write-ahead log's damage, when that is what is wrong.
+        connect: opens (and creates the schema of) an outbox at a path, as the outbox does.
+        mark: the ``outbox.seq`` mark.
+
+    Raises:
+        OutboxError: the recovery could not be written; the damaged file is untouched.
+    """
+    work = path.with_name(f".{path.name}.recovering-{os.getpid()}")
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+        private_dir(work)
+        copy = work / "damaged.sqlite3"
+        _copy(path, copy)
+        wal = path.with_name(path.name + "-wal")
+        if wal_damage is not None:
+            walcheck.repair(wal, wal_damage, work / "damaged.sqlite3-wal")
+        elif wal.exists():
+            _copy(wal, work / "damaged.sqlite3-wal")
+        found = salvage(copy)
+        fresh = work / "outbox.sqlite3"
+        db = connect(fresh)
+        try:
+            next_seq = _restore(db, found, mark)
+        finally:
+            db.close()  # folds its log into the file: one file to move into place
+        moved = _move_aside(path)
+        os.rename(fresh, path)
+        _fsync_dir(path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise OutboxError(
+            f"the outbox {path} is damaged ({reason}) and cannot be recovered now: {why}; free disk space in the "
+            "data directory and start again (the damaged file is untouched)"
+        ) from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _report(moved, reason, found, next_seq)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    fd = open_private(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as out, src.open("rb") as fh:
+        shutil.copyfileobj(fh, out, 1 << 20)
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    tighten(target)  # an outbox from before files were private may be 0644: its results are no less private
+    # The WAL may hold committed results that are not yet in the main file: keep it with it.
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            moved = target.with_name(target.name + suffix)
+            side.rename(moved)
+            tighten(moved)
+    return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
+    """Write the salvaged rows into the new outbox ``db``; returns the seq it continues at."""
+    rows = found.rows
+    payloads = [r[3] for r in rows.get("outbox", [])] + [r[4] for r in rows.get("acked", []) if r[4] is not None]
+    top = highest_seq(payloads)
+    next_seq = max(mark or 0, found.meta.get("seq", 0), 0 if top is None else top + 1)
+    db.execute("BEGIN IMMEDIATE")
+    db.executemany(
+        "INSERT INTO outbox(row_id, result_id, topic, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+        rows.get("outbox", []),
+    )
+    db.executemany(
+        "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at, topic, payload) VALUES (?, ?, ?, ?, ?)",
+        rows.get("acked", []),
+    )
+    db.executemany(
+        "INSERT OR IGNORE INTO inputs(source, path, size, mtime_ns, sha256, frames_done, frames_total) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        rows.get("inputs", []),
+    )
+    db.executemany(
+        "INSERT OR IGNORE INTO sources(source, complete, started_at) VALUES (?, ?, ?)", rows.get("sources", [])
+    )
+    db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (next_seq,))
+    if found.meta.get("replay_payloads"):
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('replay_payloads', 1)")
+    db.execute("COMMIT")
+    # Fold the log into the file now and check it worked: the file alone is moved into place.
+    busy, frames, done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if busy or frames != done:
+        raise sqlite3.OperationalError(f"the new outbox could not be checkpointed ({done} of {frames} pages)")
+    return next_seq
+
+
+def _report(moved: Path, reason: str, found: Salvaged, next_seq: int) -> OutboxRecovery:
+    bad = found.unreadable.get("outbox") if found.opened else None
+    lost: int | None = None
+    if bad is not None:
+        # An unreadable row id may have held a pending result, or one acknowledged (and deleted) long ago.
+        acked = {int(r[0]) for r in found.rows.get("acked", [])}
+        lost = sum(1 for row_id in bad if row_id not in acked)
+    return OutboxRecovery(
+        moved_to=moved,
+        reason=reason,
+        pending=len(found.rows.get("outbox", [])),
+        lost_at_most=lost,
+        acked=len(found.rows.get("acked", [])),
+        inputs=len(found.rows.get("inputs", [])),
+        next_seq=next_seq,
+    )
+
+
+def salvage(path: Path) -> Salvaged:
+    """Read every row that can still be read from the outbox file ``path`` (a working copy: it may be written).
+
+    Never raises for damage: what cannot be read is reported in ``unreadable``.
+    """
+    out = Salvaged()
+    try:
+        db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
+    except sqlite3.Error:
+        out.opened = False
+        return out
+    try:
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError:
+            out.opened = False
+            return out
+        out.meta = _meta(db)
+        for table, (key, cols) in TABLES.items():
+            rows, bad = _table(db, table, key, cols)
+            out.rows[table] = rows
+            out.unreadable[table] = bad
+    finally:
+        db.close()
+    return out
+
+
+def _meta(db: sqlite3.Connection) -> dict[str, int]:
+    try:
+        return {str(k): int(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except (sqlite3.DatabaseError, ValueError, TypeError):
+        meta: dict[str, int] = {}  # the table as a whole is unreadable: each key on its own below
+    for key in ("seq", "replay_payloads"):  # one by one: a damaged page may hold only some of them
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row is not None:
+            meta[key] = int(row[0])
+    return meta
+
+
+def _bounds(db: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | None:
+    """The table's key range; each end looked up on its own when MIN/MAX fails. None: not even that is readable."""
+    try:
+        lo, hi = db.execute(f"SELECT MIN({key}), MAX({key}) FROM {table}").fetchone()
+        return (int(lo), int(hi)) if lo is not None else (1, 0)
+    except sqlite3.DatabaseError:
+        ends: list[int | None] = []
+    for order in ("", "DESC"):  # each end of the b-tree on its own: one side may still be readable
+        try:
+            row = db.execute(f"SELECT {key} FROM {table} ORDER BY {key} {order} LIMIT 1").fetchone()
+            ends.append(None if row is None else int(row[0]))
+        except sqlite3.DatabaseError:
+            ends.append(None)
+    top = None
+    if table in ("outbox", "acked"):  # both are numbered by the outbox's AUTOINCREMENT counter
+        try:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            top = None if row is None else int(row[0])
+        except sqlite3.DatabaseError:
+            top = None
+    lo, hi = ends[0] or 1, ends[1] or top
+    return None if hi is None else (lo, hi)
+
+
+def _table(db: sqlite3.Connection, table: str, key: str, cols: str) -> tuple[list[tuple[Any, ...]], list[int] | None]:
+    bounds = _bounds(db, table, key)
+    if bounds is None:
+        return [], None
+    rows: list[tuple[Any, ...]] = []
+    bad: list[int] = []
+    sql = f"SELECT {cols} FROM {table} WHERE {key} BETWEEN ? AND ? ORDER BY {key}"
+    for lo, hi in _windows(*bounds):
+        stack = [(lo, hi)]
+        while stack:
+            a, b = stack.pop()
+            try:
+                rows.extend(db.execute(sql, (a, b)).fetchall())
+            except sqlite3.DatabaseError:
+                if a == b:
+                    bad.append(a)
+                else:
+                    mid = (a + b) // 2
+                    stack += [(mid + 1, b), (a, mid)]  # the lower half first: rows stay in key order
+    return rows, bad
+
+
+def _windows(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    start = lo
+    while start <= hi:
+        yield start, min(hi, start + _WINDOW - 1)
+        start += _WINDOW
+
+
+def highest_seq(payloads: list[bytes]) -> int | None:
+    """The highest ``seq`` in JSON envelopes (results, study decisions); unparsable payloads are skipped."""
+    best = None
+    for payload in payloads:
+        try:
+            seq = json.loads(payload).get("seq")
+        except (ValueError, AttributeError, TypeError):
+            continue
+        if isinstance(seq, int) and (best is None or seq > best):
+            best = seq
+    return best
+
+
+class SeqMark:
+    """``DATA_DIR/outbox.seq``: the sequence counter as last committed (see the module docstring).
+
+    Opened once; each write is one ``pwrite`` of a fixed-width line (the file never changes size, so
+    ``fdatasync`` has no metadata to flush) and, when ``sync``, one ``fdatasync``.
+    """
+
+    _WIDTH = 21  # 20 digits and a newline: any 64-bit value
+
+    def __init__(self, path: Path, *, sync: bool) -> None:
+        """Open (or create, 0600) the mark.
+
+        Raises:
+            OSError: it cannot be opened.
+        """
+        self.path = path
+        self.sync = sync
+        self._fd = open_private(path, os.O_RDWR | os.O_CREAT)
+        self._written: int | None = None
+
+    def read(self) -> int | None:
+        """The mark, or None when there is none (a data directory from before the mark existed) or it is garbled."""
+        text = os.pread(self._fd, self._WIDTH, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+
+    def write(self, value: int) -> None:
+        """Record ``value`` (durably when ``sync``); a no-op when it is already the recorded value.
+
+        Raises:
+            OSError: the disk refused the write.
+        """
+        if value == self._written:
+            return
+        os.pwrite(self._fd, f"{value:020d}\n".encode(), 0)
+        if self.sync:
+            os.fdatasync(self._fd)
+        self._written = value
+
+    def close(self) -> None:
+        """Close the file; safe to call twice."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
