@@ -17,7 +17,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from broker_fixtures import Amqtt, Mosquitto
+from broker_fixtures import Amqtt, Device, Mosquitto
 from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser, headless_flags
 
 from edgemed.dashboard import add_arguments, run, serve
@@ -214,31 +214,6 @@ def test_ingest_rejects_malformed_messages_without_crashing(tmp_path: Path) -> N
 
 
 # -- ingest against a real broker --------------------------------------------------------------------------------
-
-
-class Device:
-    """A paho publisher standing in for `edgemed run` on the wire (QoS 1, persistent session)."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as paho
-
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id="edgemed-clinic-a-us-01",
-            protocol=paho.MQTTv311,
-            clean_session=False,
-        )
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def send(self, kind: str, payload: bytes, retain: bool = False) -> None:
-        info = self.client.publish(f"edgemed/clinic-a/us-01/{kind}", payload, qos=1, retain=retain)
-        info.wait_for_publish(5)  # connected here, so this returns once the broker sent its PUBACK
-        assert info.is_published()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import Mosquitto
-from test_dashboard import HEALTH, Device, _chromium, _wait, fill_the_disk, free_the_disk, make_result
+from broker_fixtures import Device, Mosquitto
+from test_dashboard import HEALTH, _chromium, _wait, fill_the_disk, free_the_disk, make_result
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from broker_fixtures import Mosquitto
-from test_dashboard import Device
+from broker_fixtures import Device, Mosquitto
 
 from edgemed.errors import BrokerRefusedError
 from edgemed.publish.config import MqttConfig
