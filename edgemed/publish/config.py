@@ -7,7 +7,6 @@ when the link is built.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import os
@@ -245,18 +244,3 @@ def _check_password_file(path: Path) -> None:
                 mode,
                 path,
             )
-
-
-def default_client_id(device_id: str) -> str:
-    """A stable MQTT client id for a device, so its broker session survives restarts.
-
-    Args:
-        device_id: the profile's device id.
-
-    Returns:
-        ``edgemed-{device_id}``, or a hashed form when that would exceed 64 characters.
-    """
-    cid = f"edgemed-{device_id}"
-    if len(cid) <= 64:
-        return cid
-    return "edgemed-" + hashlib.sha256(device_id.encode()).hexdigest()[:40]
