@@ -53,7 +53,7 @@ def run(
 
     from converters.convert import convert
     from converters.data import load_dataset
-    from converters.gate import summarise
+    from converters.metrics import summarise
     from converters.train import train
 
     results: dict[str, Any] = {}
@@ -82,13 +82,13 @@ def run(
                         "model": str(tr.model_path),
                         "epochs": tr.epochs_run,
                         "best_epoch": tr.best_epoch,
-                        "val_acc": val["accuracy"],
-                        "val_auc": val["roc_auc"],
+                        "val_acc": val.accuracy,
+                        "val_auc": val.roc_auc,
                         "train_s": round(time.perf_counter() - start, 1),
                     }
                 )
                 print(
-                    f"{name} {recipe} seed {seed}: val acc {val['accuracy']:.3f} auc {val['roc_auc']:.3f} "
+                    f"{name} {recipe} seed {seed}: val acc {val.accuracy:.3f} auc {val.roc_auc:.3f} "
                     f"({tr.epochs_run} epochs, {time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )
@@ -110,11 +110,11 @@ def run(
                 g = res.gates["int8"]
                 row = {
                     **r,
-                    "test_float_acc": res.float_summary["accuracy"],
-                    "test_float_auc": res.float_summary["roc_auc"],
-                    "test_int8_acc": g["quantized"]["accuracy"],
-                    "test_int8_auc": g["quantized"]["roc_auc"],
-                    "agreement": g["agreement"],
+                    "test_float_acc": res.float_summary.accuracy,
+                    "test_float_auc": res.float_summary.roc_auc,
+                    "test_int8_acc": g.quantized.accuracy,
+                    "test_int8_auc": g.quantized.roc_auc,
+                    "agreement": g.agreement,
                     "verdict": res.verdicts["int8"],
                     "failed": res.failed["int8"],
                 }
@@ -129,8 +129,8 @@ def run(
                         progress=False,
                         seed=r["seed"],
                     )
-                    row["test_int8_softmax_auc"] = soft.gates["int8"]["quantized"]["roc_auc"]
-                    row["test_int8_softmax_agreement"] = soft.gates["int8"]["agreement"]
+                    row["test_int8_softmax_auc"] = soft.gates["int8"].quantized.roc_auc
+                    row["test_int8_softmax_agreement"] = soft.gates["int8"].agreement
                 rows.append(row)
                 print(
                     f"{name} {recipe} seed {r['seed']} TEST: float {row['test_float_acc']:.3f}/"

@@ -1,8 +1,8 @@
 """The acceptance gate: does a converted model behave like the float model it came from?
 
-Both models are run on the same held-out images (the float Keras model in TensorFlow, the converted file in
-the on-device LiteRT interpreter). The gate compares them and fails the converted model when any criterion
-fails:
+Both models are run on the same held-out images (the float Keras model in TensorFlow, the converted file through
+the device's own inference code: ``converters.runner``). The gate compares them and fails the converted model
+when any criterion fails:
 
 ============================  ==========  ====================================================================
 criterion                     default     why
@@ -44,35 +44,32 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from converters import metrics as M
+from converters.metrics import ClassRates, ModelSummary, summarise
 from edgemed.errors import ConfigError
-from edgemed.validation import describe
+from edgemed.validation import StrictModel, describe
 
 DEFAULT_MIN_SENSITIVITY = 0.50
 DEFAULT_MIN_AUC = 0.70
 
 
-class ClassFloor(BaseModel):
+class ClassFloor(StrictModel):
     """Clinical floors for one class, overriding the gate's floors for every class."""
-
-    model_config = ConfigDict(extra="forbid")
 
     min_sensitivity: float | None = Field(None, ge=0.0, le=1.0, description="smallest sensitivity of this class")
     min_auc: float | None = Field(None, ge=0.0, le=1.0, description="smallest one-vs-rest ROC AUC of this class")
 
 
-class GateConfig(BaseModel):
+class GateConfig(StrictModel):
     """Acceptance thresholds; every field has a safe default."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_accuracy_drop: float = Field(0.01, ge=0.0, description="float accuracy minus quantized accuracy")
     max_auc_drop: float = Field(0.005, ge=0.0, description="float ROC AUC minus quantized ROC AUC")
@@ -122,44 +119,96 @@ def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateCo
         ) from exc
 
 
-@dataclass
+@dataclass(frozen=True)
+class ClassFloorCheck:
+    """One class of the converted model held to its clinical floors."""
+
+    n: int
+    true_positives: int
+    sensitivity: float
+    min_sensitivity: float
+    roc_auc: float  # one-vs-rest; NaN when the class is absent
+    min_auc: float
+
+    @property
+    def under_sensitivity(self) -> bool:
+        """The class has images and the model finds fewer of them than the floor asks."""
+        return bool(self.n) and self.sensitivity < self.min_sensitivity
+
+    @property
+    def under_auc(self) -> bool:
+        """The class's one-vs-rest AUC is defined and under its floor."""
+        return not math.isnan(self.roc_auc) and self.roc_auc < self.min_auc
+
+
+@dataclass(frozen=True)
+class Floors:
+    """The clinical floors, class by class, and whether missing one rejects the model."""
+
+    require: bool
+    classes: dict[str, ClassFloorCheck]
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form (``gate.floors`` in the manifest, ``numbers.floors`` in report.json)."""
+        return {"require": self.require, "classes": {label: asdict(row) for label, row in self.classes.items()}}
+
+
+@dataclass(frozen=True)
 class GateResult:
-    """The gate's decision for one converted model.
+    """The gate's decision for one converted model, and every number it was made on.
 
     Attributes:
-        passed: every criterion held.
         failed: one sentence per failed criterion, with the measured number and the threshold.
-        numbers: every measured value (float and quantized side by side) with intervals, JSON-ready.
         weak: one sentence per clinical floor the converted model is under (also in ``failed`` when the
             floors are required).
+        reference, quantized: the float and the converted model on the same images.
+        agreement: share of images on which both models name the same class.
+        accuracy_drop, auc_drop: float minus converted; ``*_ci`` are paired bootstrap 95% intervals.
+        ece_increase: converted minus float expected calibration error.
+        size_bytes, latency_ms: what was checked against the size and latency budgets (None: not given).
+        config: the thresholds applied.
+        floors: the clinical floors, per class.
     """
 
-    passed: bool
-    failed: list[str] = field(default_factory=list)
-    numbers: dict[str, Any] = field(default_factory=dict)
-    weak: list[str] = field(default_factory=list)
+    failed: list[str]
+    weak: list[str]
+    reference: ModelSummary
+    quantized: ModelSummary
+    agreement: float
+    agreement_ci: tuple[float, float]
+    accuracy_drop: float
+    accuracy_drop_ci: tuple[float, float]
+    auc_drop: float
+    auc_drop_ci: tuple[float, float]
+    ece_increase: float
+    size_bytes: int | None
+    latency_ms: float | None
+    config: GateConfig
+    floors: Floors
 
+    @property
+    def passed(self) -> bool:
+        """Every criterion held."""
+        return not self.failed
 
-def summarise(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, AUC, ECE and per-class rates of one model, with 95% intervals."""
-    k = len(labels)
-    pred = probs.argmax(axis=1)
-    n, correct = len(y), int((pred == y).sum())
-    rates = M.class_rates(y, pred, k)
-    for r in rates:
-        r["label"] = labels[int(r["class_index"])]
-    auc = M.roc_auc(y, probs)
-    return {
-        "n": n,
-        "accuracy": correct / n,
-        "accuracy_ci": list(M.wilson(correct, n)),
-        "balanced_accuracy": M.balanced_accuracy(y, pred, k),
-        "roc_auc": auc,
-        "roc_auc_ci": list(M.bootstrap_ci(lambda i: M.roc_auc(y[i], probs[i]), n)),
-        "ece": M.expected_calibration_error(y, probs),
-        "per_class": rates,
-        "confusion": M.confusion(y, pred, k).tolist(),
-    }
+    @property
+    def numbers(self) -> dict[str, Any]:
+        """Every measured value (float and quantized side by side) with intervals: ``report.json``'s form."""
+        return {
+            "float": self.reference.record(),
+            "quantized": self.quantized.record(),
+            "agreement": self.agreement,
+            "agreement_ci": self.agreement_ci,
+            "accuracy_drop": self.accuracy_drop,
+            "accuracy_drop_ci": self.accuracy_drop_ci,
+            "auc_drop": self.auc_drop,
+            "auc_drop_ci": self.auc_drop_ci,
+            "ece_increase": self.ece_increase,
+            "size_bytes": self.size_bytes,
+            "latency_ms": self.latency_ms,
+            "thresholds": self.config.model_dump(),
+            "floors": self.floors.record(),
+        }
 
 
 def evaluate_gate(
@@ -191,85 +240,88 @@ def evaluate_gate(
     ref, qnt = summarise(y, float_probs, labels), summarise(y, quant_probs, labels)
     n = len(y)
     agree = int((float_probs.argmax(1) == quant_probs.argmax(1)).sum())
-    acc_drop = ref["accuracy"] - qnt["accuracy"]
-    auc_drop = ref["roc_auc"] - qnt["roc_auc"]
 
-    def paired(stat: Any) -> list[float]:
-        return list(M.bootstrap_ci(lambda i: stat(y[i], float_probs[i]) - stat(y[i], quant_probs[i]), n))
+    def paired(stat: Any) -> tuple[float, float]:
+        return M.bootstrap_ci(lambda i: stat(y[i], float_probs[i]) - stat(y[i], quant_probs[i]), n)
 
-    numbers: dict[str, Any] = {
-        "float": ref,
-        "quantized": qnt,
-        "agreement": agree / n,
-        "agreement_ci": list(M.wilson(agree, n)),
-        "accuracy_drop": acc_drop,
-        "accuracy_drop_ci": paired(lambda yy, pp: float((pp.argmax(1) == yy).mean())),
-        "auc_drop": auc_drop,
-        "auc_drop_ci": paired(M.roc_auc),
-        "ece_increase": qnt["ece"] - ref["ece"],
-        "size_bytes": size_bytes,
-        "latency_ms": latency_ms,
-        "thresholds": config.model_dump(),
-    }
+    weak, floors = clinical_floors(y, quant_probs, qnt.per_class, labels, config)
+    measured = GateResult(
+        failed=[],  # decided below, from these numbers
+        weak=weak,
+        reference=ref,
+        quantized=qnt,
+        agreement=agree / n,
+        agreement_ci=M.wilson(agree, n),
+        accuracy_drop=ref.accuracy - qnt.accuracy,
+        accuracy_drop_ci=paired(lambda yy, pp: float((pp.argmax(1) == yy).mean())),
+        auc_drop=ref.roc_auc - qnt.roc_auc,
+        auc_drop_ci=paired(M.roc_auc),
+        ece_increase=qnt.ece - ref.ece,
+        size_bytes=size_bytes,
+        latency_ms=latency_ms,
+        config=config,
+        floors=floors,
+    )
+    failed = _failed_criteria(measured, y, agree, labels)
+    if config.require_floors:
+        failed.extend(f"clinical floor: {w}" for w in weak)
+    return replace(measured, failed=failed)
+
+
+def _failed_criteria(g: GateResult, y: np.ndarray, agree: int, labels: list[str]) -> list[str]:
+    """One sentence per criterion the converted model fails, in the order of the table above."""
+    config, ref, qnt, n = g.config, g.reference, g.quantized, len(y)
     failed: list[str] = []
-    counts = np.bincount(y, minlength=len(labels))
-    for k, c in enumerate(counts):
+    for k, c in enumerate(np.bincount(y, minlength=len(labels))):
         if c < config.min_eval_per_class:
             failed.append(
                 f"evaluation size: class {labels[k]!r} has {c} images, need >= "
                 f"{config.min_eval_per_class} to judge the conversion"
             )
-    if acc_drop > config.max_accuracy_drop + 1e-12:
+    if g.accuracy_drop > config.max_accuracy_drop + 1e-12:
         failed.append(
-            f"accuracy drop {acc_drop:.4f} ({ref['accuracy']:.4f} -> {qnt['accuracy']:.4f}) "
+            f"accuracy drop {g.accuracy_drop:.4f} ({ref.accuracy:.4f} -> {qnt.accuracy:.4f}) "
             f"> {config.max_accuracy_drop}"
         )
-    if math.isnan(auc_drop) or auc_drop > config.max_auc_drop + 1e-12:
-        failed.append(
-            f"ROC AUC drop {auc_drop:.4f} ({ref['roc_auc']:.4f} -> {qnt['roc_auc']:.4f}) > {config.max_auc_drop}"
-        )
-    for fr, qr in zip(ref["per_class"], qnt["per_class"], strict=True):
-        if not fr["n"]:
+    if math.isnan(g.auc_drop) or g.auc_drop > config.max_auc_drop + 1e-12:
+        failed.append(f"ROC AUC drop {g.auc_drop:.4f} ({ref.roc_auc:.4f} -> {qnt.roc_auc:.4f}) > {config.max_auc_drop}")
+    for fr, qr in zip(ref.per_class, qnt.per_class, strict=True):
+        if not fr.n:
             continue
-        allowed = max(config.max_sensitivity_drop, config.max_sensitivity_drop_cases / fr["n"])
-        drop = fr["sensitivity"] - qr["sensitivity"]
+        allowed = max(config.max_sensitivity_drop, config.max_sensitivity_drop_cases / fr.n)
+        drop = fr.sensitivity - qr.sensitivity
         if drop > allowed + 1e-12:
             failed.append(
-                f"sensitivity of {fr['label']!r} dropped {drop:.4f} ({fr['sensitivity']:.4f} -> "
-                f"{qr['sensitivity']:.4f}, {fr['true_positives']} -> {qr['true_positives']} of "
-                f"{fr['n']}) > {allowed:.4f}"
+                f"sensitivity of {fr.label!r} dropped {drop:.4f} ({fr.sensitivity:.4f} -> "
+                f"{qr.sensitivity:.4f}, {fr.true_positives} -> {qr.true_positives} of {fr.n}) > {allowed:.4f}"
             )
     if agree / n < config.min_agreement:
         failed.append(f"top-1 agreement {agree / n:.4f} ({agree}/{n}) < {config.min_agreement}")
-    if numbers["ece_increase"] > config.max_ece_increase:
+    if g.ece_increase > config.max_ece_increase:
         failed.append(
-            f"calibration error rose {numbers['ece_increase']:.4f} ({ref['ece']:.4f} -> "
-            f"{qnt['ece']:.4f}) > {config.max_ece_increase}"
+            f"calibration error rose {g.ece_increase:.4f} ({ref.ece:.4f} -> {qnt.ece:.4f}) > {config.max_ece_increase}"
         )
-    if config.max_size_bytes is not None and size_bytes is not None and size_bytes > config.max_size_bytes:
-        failed.append(f"size {size_bytes} bytes > {config.max_size_bytes}")
-    if config.max_latency_ms is not None and latency_ms is not None and latency_ms > config.max_latency_ms:
-        failed.append(f"median CPU latency {latency_ms:.3f} ms > {config.max_latency_ms} ms")
-    weak, numbers["floors"] = clinical_floors(y, quant_probs, qnt["per_class"], labels, config)
-    if config.require_floors:
-        failed.extend(f"clinical floor: {w}" for w in weak)
-    return GateResult(passed=not failed, failed=failed, numbers=numbers, weak=weak)
+    if config.max_size_bytes is not None and g.size_bytes is not None and g.size_bytes > config.max_size_bytes:
+        failed.append(f"size {g.size_bytes} bytes > {config.max_size_bytes}")
+    if config.max_latency_ms is not None and g.latency_ms is not None and g.latency_ms > config.max_latency_ms:
+        failed.append(f"median CPU latency {g.latency_ms:.3f} ms > {config.max_latency_ms} ms")
+    return failed
 
 
 def clinical_floors(
-    y: np.ndarray, probs: np.ndarray, per_class: list[dict[str, Any]], labels: list[str], config: GateConfig
-) -> tuple[list[str], dict[str, Any]]:
+    y: np.ndarray, probs: np.ndarray, per_class: list[ClassRates], labels: list[str], config: GateConfig
+) -> tuple[list[str], Floors]:
     """Hold the converted model to the absolute per-class floors.
 
     Args:
         y: true labels.
         probs: the converted model's probabilities.
-        per_class: its per-class rates (from :func:`summarise`).
+        per_class: its per-class rates (from :func:`converters.metrics.summarise`).
         labels: class names.
         config: the floors.
 
     Returns:
-        One sentence per floor missed, and per class the floors and measured values (JSON-ready).
+        One sentence per floor missed, and per class the floors and measured values.
 
     Raises:
         ConfigError: ``class_floors`` names a class the model does not have.
@@ -280,31 +332,30 @@ def clinical_floors(
             f"gate setting class_floors names {', '.join(unknown)}, which the model does not have "
             f"(its classes: {', '.join(labels)})"
         )
-    table: dict[str, Any] = {}
+    table: dict[str, ClassFloorCheck] = {}
     for k, rates in enumerate(per_class):
         own = config.class_floors.get(labels[k], ClassFloor())
-        table[labels[k]] = {
-            "n": rates["n"],
-            "true_positives": rates["true_positives"],
-            "sensitivity": rates["sensitivity"],
-            "min_sensitivity": config.min_sensitivity if own.min_sensitivity is None else own.min_sensitivity,
-            "roc_auc": M.binary_auc((y == k).astype(int), probs[:, k]),
-            "min_auc": config.min_auc if own.min_auc is None else own.min_auc,
-        }
+        table[labels[k]] = ClassFloorCheck(
+            n=rates.n,
+            true_positives=rates.true_positives,
+            sensitivity=rates.sensitivity,
+            min_sensitivity=config.min_sensitivity if own.min_sensitivity is None else own.min_sensitivity,
+            roc_auc=M.binary_auc((y == k).astype(int), probs[:, k]),
+            min_auc=config.min_auc if own.min_auc is None else own.min_auc,
+        )
     weak = [
-        f"sensitivity of {label!r} {_versus(row['sensitivity'], row['min_sensitivity'])} "
-        f"({row['true_positives']} of {row['n']})"
+        f"sensitivity of {label!r} {_versus(row.sensitivity, row.min_sensitivity)} ({row.true_positives} of {row.n})"
         for label, row in table.items()
-        if row["n"] and row["sensitivity"] < row["min_sensitivity"]
+        if row.under_sensitivity
     ]
     rows = list(table.items())
-    if len(rows) == 2 and rows[0][1]["min_auc"] == rows[1][1]["min_auc"]:
+    if len(rows) == 2 and rows[0][1].min_auc == rows[1][1].min_auc:
         rows = [("", rows[1][1])]  # two classes have one AUC between them: say it once
     for label, row in rows:
-        if not math.isnan(row["roc_auc"]) and row["roc_auc"] < row["min_auc"]:
+        if row.under_auc:
             who = f"ROC AUC of {label!r} (one-vs-rest)" if label else "ROC AUC"
-            weak.append(f"{who} {_versus(row['roc_auc'], row['min_auc'])}")
-    return weak, {"require": config.require_floors, "classes": table}
+            weak.append(f"{who} {_versus(row.roc_auc, row.min_auc)}")
+    return weak, Floors(require=config.require_floors, classes=table)
 
 
 def _versus(value: float, floor: float) -> str:

@@ -1,4 +1,4 @@
-"""Classification metrics for the acceptance gate, in plain numpy (no scikit-learn on the device or host).
+"""Classification metrics and a model's summary for the acceptance gate, in plain numpy (no scikit-learn anywhere).
 
 ROC AUC is the Mann-Whitney statistic with average ranks for ties: tied scores count one half, which is
 exactly what makes a coarsely quantized probability output lose AUC while top-1 agreement stays perfect.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -121,23 +122,38 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def class_rates(y: np.ndarray, pred: np.ndarray, num_classes: int) -> list[dict[str, Any]]:
-    """Per-class sensitivity (recall) and specificity with Wilson intervals and the counts behind them."""
-    out: list[dict[str, Any]] = []
-    for k in range(num_classes):
+@dataclass(frozen=True)
+class ClassRates:
+    """One class's sensitivity (recall) and specificity with Wilson intervals, and the counts behind them."""
+
+    class_index: int
+    n: int  # images of this class
+    true_positives: int
+    sensitivity: float  # NaN when the class has no image
+    sensitivity_ci: tuple[float, float]
+    specificity: float  # NaN when every image is of this class
+    specificity_ci: tuple[float, float]
+    label: str
+
+
+def class_rates(y: np.ndarray, pred: np.ndarray, labels: list[str]) -> list[ClassRates]:
+    """Per-class sensitivity and specificity of predictions ``pred`` against true labels ``y``."""
+    out: list[ClassRates] = []
+    for k, label in enumerate(labels):
         pos, neg = y == k, y != k
         tp, n_pos = int((pred[pos] == k).sum()), int(pos.sum())
         tn, n_neg = int((pred[neg] != k).sum()), int(neg.sum())
         out.append(
-            {
-                "class_index": k,
-                "n": n_pos,
-                "true_positives": tp,
-                "sensitivity": tp / n_pos if n_pos else float("nan"),
-                "sensitivity_ci": list(wilson(tp, n_pos)),
-                "specificity": tn / n_neg if n_neg else float("nan"),
-                "specificity_ci": list(wilson(tn, n_neg)),
-            }
+            ClassRates(
+                class_index=k,
+                n=n_pos,
+                true_positives=tp,
+                sensitivity=tp / n_pos if n_pos else float("nan"),
+                sensitivity_ci=wilson(tp, n_pos),
+                specificity=tn / n_neg if n_neg else float("nan"),
+                specificity_ci=wilson(tn, n_neg),
+                label=label,
+            )
         )
     return out
 
@@ -146,3 +162,43 @@ def balanced_accuracy(y: np.ndarray, pred: np.ndarray, num_classes: int) -> floa
     """Mean per-class sensitivity over the classes present."""
     recalls = [float((pred[y == k] == k).mean()) for k in range(num_classes) if (y == k).any()]
     return float(np.mean(recalls))
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model's numbers on the evaluation images, with 95% intervals.
+
+    ``record()`` is the JSON form written to ``report.json`` (and, in part, the manifest).
+    """
+
+    n: int
+    accuracy: float
+    accuracy_ci: tuple[float, float]
+    balanced_accuracy: float
+    roc_auc: float  # NaN when a class is absent
+    roc_auc_ci: tuple[float, float]
+    ece: float
+    per_class: list[ClassRates]
+    confusion: list[list[int]]  # rows = true class, columns = predicted class
+
+    def record(self) -> dict[str, Any]:
+        """Every number as plain Python values (tuples stay tuples: :func:`converters.outcome.jsonable` lists them)."""
+        return asdict(self)
+
+
+def summarise(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> ModelSummary:
+    """Accuracy, balanced accuracy, AUC, ECE and per-class rates of one model's probabilities ``(N, K)``."""
+    k = len(labels)
+    pred = probs.argmax(axis=1)
+    n, correct = len(y), int((pred == y).sum())
+    return ModelSummary(
+        n=n,
+        accuracy=correct / n,
+        accuracy_ci=wilson(correct, n),
+        balanced_accuracy=balanced_accuracy(y, pred, k),
+        roc_auc=roc_auc(y, probs),
+        roc_auc_ci=bootstrap_ci(lambda i: roc_auc(y[i], probs[i]), n),
+        ece=expected_calibration_error(y, probs),
+        per_class=class_rates(y, pred, labels),
+        confusion=confusion(y, pred, k).tolist(),
+    )

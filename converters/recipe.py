@@ -13,18 +13,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from edgemed.errors import ConfigError
-from edgemed.validation import describe
+from edgemed.validation import StrictModel, describe
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 
-class Augmentation(BaseModel):
+class Augmentation(StrictModel):
     """Random changes applied to each training batch (never to validation, test or calibration images)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     hflip: bool = Field(False, description="mirror left-right with probability 0.5")
     vflip: bool = Field(False, description="mirror top-bottom with probability 0.5")
@@ -34,10 +32,8 @@ class Augmentation(BaseModel):
     contrast: float = Field(0.0, ge=0.0, le=1.0, description="max relative contrast change around the mean")
 
 
-class Recipe(BaseModel):
+class Recipe(StrictModel):
     """One training configuration."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="recipe name, as passed to --recipe")
     description: str = Field("", description="one line for --help and reports")

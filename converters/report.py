@@ -17,79 +17,57 @@ from typing import Any
 import numpy as np
 
 from converters import metrics as M
+from converters.gate import GateResult
+from converters.metrics import ModelSummary
+from converters.outcome import Conversion, EdgeTpuOutcome, TargetOutcome, jsonable
 from edgemed.manifest import Manifest
 
 
-def write_reports(
-    out: Path,
-    manifest: Manifest,
-    entries: list[dict[str, Any]],
-    float_summary: dict[str, Any],
-    baseline: bytes,
-    baseline_latency: float,
-    edgetpu_info: dict[str, Any] | None,
-    notes: list[str],
-    y: np.ndarray,
-    float_probs: np.ndarray,
-) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.html`` into ``out``; returns their paths."""
-    from converters.convert import jsonable
-
+def write_reports(manifest: Manifest, conversion: Conversion) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into the conversion's output folder; returns their paths."""
+    out = conversion.out
     data = {
         "manifest": manifest.model_dump(mode="json", by_alias=True),
-        "float": float_summary,
-        "float_tflite": {"size_bytes": len(baseline), "latency_ms": baseline_latency},
+        "float": conversion.reference.summary.record(),
+        "float_tflite": {"size_bytes": conversion.baseline.size_bytes, "latency_ms": conversion.baseline.latency_ms},
         "targets": {
-            e["target"]: {
-                "verdict": e["verdict"],
-                "file": str(e["path"].relative_to(out)),
-                "failed_criteria": e["gate"].failed,
-                "numbers": e["gate"].numbers,
+            t.target: {
+                "verdict": t.verdict,
+                "file": str(t.path.relative_to(out)),
+                "failed_criteria": t.gate.failed,
+                "numbers": t.gate.numbers,
             }
-            for e in entries
+            for t in conversion.targets
         },
-        "edgetpu": {k: v for k, v in (edgetpu_info or {}).items() if k != "artifact"} or None,
-        "notes": notes,
+        "edgetpu": conversion.edgetpu.record(out) if conversion.edgetpu is not None else None,
+        "notes": conversion.notes,
     }
     json_path = out / "report.json"
     json_path.write_text(json.dumps(jsonable(data), indent=2) + "\n", encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(
-        _html(
-            manifest,
-            entries,
-            float_summary,
-            len(baseline),
-            baseline_latency,
-            edgetpu_info,
-            notes,
-            y,
-            float_probs,
-        ),
-        encoding="utf-8",
-    )
+    html_path.write_text(_html(manifest, conversion), encoding="utf-8")
     return json_path, html_path
 
 
-def summary_lines(manifest: Manifest, float_summary: dict[str, Any], gates: dict[str, dict[str, Any]]) -> list[str]:
+def summary_lines(manifest: Manifest, float_summary: ModelSummary, gates: dict[str, GateResult]) -> list[str]:
     """The terminal summary: float numbers, then one line per artifact with its verdict and key numbers."""
     f = float_summary
     lines = [
         f"evaluation: {manifest.evaluation['split'] if manifest.evaluation else '?'} split, "
-        f"{f['n']} images; float accuracy {f['accuracy']:.4f}, AUC {_fmt(f['roc_auc'])}"
+        f"{f.n} images; float accuracy {f.accuracy:.4f}, AUC {_fmt(f.roc_auc)}"
     ]
     for art in manifest.artifacts:
         g = gates.get(art.target)
         if g is None:
             lines.append(f"  {art.target:8s} {art.verdict:9s} {art.file} (twin {art.twin})")
             continue
-        q = g["quantized"]
-        sensitivity = " ".join(f"{r['label']} {_fmt(r['sensitivity'])}" for r in q["per_class"])
+        q = g.quantized
+        sensitivity = " ".join(f"{r.label} {_fmt(r.sensitivity)}" for r in q.per_class)
         lines.append(
-            f"  {art.target:8s} {verdict_text(art.verdict, art.clinically_weak)} accuracy {q['accuracy']:.4f} "
-            f"(drop {g['accuracy_drop']:+.4f}), AUC {_fmt(q['roc_auc'])} (drop {_fmt(g['auc_drop'])}), "
-            f"sensitivity {sensitivity}, top-1 agreement {g['agreement']:.4f}, {art.size_bytes / 1024:.1f} KiB, "
-            f"{g['latency_ms']:.3f} ms  {art.file}"
+            f"  {art.target:8s} {verdict_text(art.verdict, art.clinically_weak)} accuracy {q.accuracy:.4f} "
+            f"(drop {g.accuracy_drop:+.4f}), AUC {_fmt(q.roc_auc)} (drop {_fmt(g.auc_drop)}), "
+            f"sensitivity {sensitivity}, top-1 agreement {g.agreement:.4f}, {art.size_bytes / 1024:.1f} KiB, "
+            f"{g.latency_ms:.3f} ms  {art.file}"
         )
         lines.extend(f"      FAILED: {c}" for c in art.failed_criteria)
         lines.extend(f"      WARNING: {w}" for w in floor_warnings(art.clinically_weak, art.failed_criteria))
@@ -121,21 +99,15 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _plots(
-    entries: list[dict[str, Any]],
-    labels: list[str],
-    y: np.ndarray,
-    float_probs: np.ndarray,
-    baseline_size: int,
-    baseline_latency: float,
-) -> dict[str, str]:
+def _plots(conversion: Conversion) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels, y, targets, baseline = conversion.labels, conversion.y, conversion.targets, conversion.baseline
     k = len(labels)
-    models = [("float", float_probs)] + [(e["target"], e["probs"]) for e in entries]
+    models = [("float", conversion.reference.probs)] + [(t.target, t.probs) for t in targets]
     fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.0), squeeze=False)
     for n, (ax, (title, probs)) in enumerate(zip(axes[0], models, strict=True)):
         cm = M.confusion(y, probs.argmax(1), k)
@@ -178,10 +150,11 @@ def _plots(
     plots["reliability"] = _png(fig)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    names = ["float32"] + [e["target"] for e in entries]
-    ax1.bar(names, [baseline_size / 1024] + [e["size_bytes"] / 1024 for e in entries], color="tab:blue")
+    names = ["float32"] + [t.target for t in targets]
+    footprints = [baseline] + [t.footprint for t in targets]
+    ax1.bar(names, [f.size_bytes / 1024 for f in footprints], color="tab:blue")
     ax1.set_ylabel("size (KiB)")
-    ax2.bar(names, [baseline_latency] + [e["latency_ms"] for e in entries], color="tab:orange")
+    ax2.bar(names, [f.latency_ms for f in footprints], color="tab:orange")
     ax2.set_ylabel("latency (ms)")
     ax2.set_title("median CPU latency, batch 1", fontsize=9)
     fig.tight_layout()
@@ -189,60 +162,25 @@ def _plots(
     return plots
 
 
-def _html(
-    manifest: Manifest,
-    entries: list[dict[str, Any]],
-    float_summary: dict[str, Any],
-    baseline_size: int,
-    baseline_latency: float,
-    edgetpu_info: dict[str, Any] | None,
-    notes: list[str],
-    y: np.ndarray,
-    float_probs: np.ndarray,
-) -> str:
+def _html(manifest: Manifest, conversion: Conversion) -> str:
     esc = html.escape
-    labels = manifest.labels
-    plots = _plots(entries, labels, y, float_probs, baseline_size, baseline_latency)
-    rows = [_row("float (Keras)", "reference", float_summary, None, baseline_size, baseline_latency)]
-    for e in entries:
-        rows.append(
-            _row(
-                e["target"],
-                verdict_text(e["verdict"], e["gate"].weak).rstrip(":").strip(),
-                e["gate"].numbers["quantized"],
-                e["gate"].numbers,
-                e["size_bytes"],
-                e["latency_ms"],
-            )
-        )
-    failed = "".join(f"<li><b>{esc(e['target'])}</b>: {esc(c)}</li>" for e in entries for c in e["gate"].failed)
+    labels, targets, reference = manifest.labels, conversion.targets, conversion.reference.summary
+    plots = _plots(conversion)
+    base = conversion.baseline
+    rows = [_row("float (Keras)", "reference", reference, None, base.size_bytes, base.latency_ms)]
+    for t in targets:
+        verdict = verdict_text(t.verdict, t.gate.weak).rstrip(":").strip()
+        rows.append(_row(t.target, verdict, t.gate.quantized, t.gate, t.footprint.size_bytes, t.footprint.latency_ms))
+    failed = "".join(f"<li><b>{esc(t.target)}</b>: {esc(c)}</li>" for t in targets for c in t.gate.failed)
     warnings = "".join(
-        f'<li class="weak"><b>{esc(e["target"])}</b> WARNING: {esc(w)}</li>'
-        for e in entries
-        for w in floor_warnings(e["gate"].weak, e["gate"].failed)
+        f'<li class="weak"><b>{esc(t.target)}</b> WARNING: {esc(w)}</li>'
+        for t in targets
+        for w in floor_warnings(t.gate.weak, t.gate.failed)
     )
-    floors = _floors_table(entries)
-    per_class = ""
-    for e in entries:
-        for fr, qr in zip(float_summary["per_class"], e["gate"].numbers["quantized"]["per_class"], strict=True):
-            per_class += (
-                f"<tr><td>{esc(e['target'])}</td><td>{esc(fr['label'])}</td><td>{fr['n']}</td>"
-                f"<td>{_pct(fr['sensitivity'])} → {_pct(qr['sensitivity'])}</td>"
-                f"<td>{_pct(fr['specificity'])} → {_pct(qr['specificity'])}</td>"
-                f"<td>[{_pct(qr['sensitivity_ci'][0])}, {_pct(qr['sensitivity_ci'][1])}]</td></tr>"
-            )
-    tpu = ""
-    if edgetpu_info is not None:
-        problems = "".join(f"<li>{esc(p)}</li>" for p in edgetpu_info.get("problems", [])) or "<li>none</li>"
-        comp = edgetpu_info.get("compiler")
-        comp_text = (
-            "edgetpu_compiler not on PATH: no Edge TPU file; the CPU int8 twin is the fallback"
-            if comp is None
-            else f"compiler {esc(str(comp.get('version')))}: {comp.get('ops_on_tpu')} of "
-            f"{comp.get('total_ops')} ops on the Edge TPU, {comp.get('ops_on_cpu')} on the CPU"
-        )
-        tpu = f"<h2>Edge TPU</h2><p>{comp_text}</p><p>Compatibility problems:</p><ul>{problems}</ul>"
-    note_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    floors = _floors_table(targets)
+    per_class = "".join(_per_class_rows(reference, t) for t in targets)
+    tpu = _edgetpu_section(conversion.edgetpu)
+    note_html = "".join(f"<li>{esc(n)}</li>" for n in conversion.notes)
     ev = manifest.evaluation or {}
     cal = manifest.calibration or {}
     return f"""<!DOCTYPE html>
@@ -288,34 +226,60 @@ Intervals are 95% (Wilson for proportions, bootstrap for AUC).</p>
 """
 
 
-def _floors_table(entries: list[dict[str, Any]]) -> str:
+def _floors_table(targets: list[TargetOutcome]) -> str:
     out = ""
-    for e in entries:
-        for label, row in e["gate"].numbers["floors"]["classes"].items():
-            under_s = row["n"] and row["sensitivity"] < row["min_sensitivity"]
-            under_a = np.isfinite(row["roc_auc"]) and row["roc_auc"] < row["min_auc"]
+    for t in targets:
+        for label, row in t.gate.floors.classes.items():
             out += (
-                f"<tr><td>{html.escape(e['target'])}</td><td>{html.escape(label)}</td>"
-                f'<td class="{"weak" if under_s else ""}">{_pct(row["sensitivity"])}</td>'
-                f"<td>{_pct(row['min_sensitivity'])}</td>"
-                f'<td class="{"weak" if under_a else ""}">{_fmt(row["roc_auc"])}</td>'
-                f"<td>{_fmt(row['min_auc'])}</td></tr>"
+                f"<tr><td>{html.escape(t.target)}</td><td>{html.escape(label)}</td>"
+                f'<td class="{"weak" if row.under_sensitivity else ""}">{_pct(row.sensitivity)}</td>'
+                f"<td>{_pct(row.min_sensitivity)}</td>"
+                f'<td class="{"weak" if row.under_auc else ""}">{_fmt(row.roc_auc)}</td>'
+                f"<td>{_fmt(row.min_auc)}</td></tr>"
             )
     return out
+
+
+def _per_class_rows(reference: ModelSummary, target: TargetOutcome) -> str:
+    out = ""
+    esc = html.escape
+    for fr, qr in zip(reference.per_class, target.gate.quantized.per_class, strict=True):
+        out += (
+            f"<tr><td>{esc(target.target)}</td><td>{esc(fr.label)}</td><td>{fr.n}</td>"
+            f"<td>{_pct(fr.sensitivity)} → {_pct(qr.sensitivity)}</td>"
+            f"<td>{_pct(fr.specificity)} → {_pct(qr.specificity)}</td>"
+            f"<td>[{_pct(qr.sensitivity_ci[0])}, {_pct(qr.sensitivity_ci[1])}]</td></tr>"
+        )
+    return out
+
+
+def _edgetpu_section(tpu: EdgeTpuOutcome | None) -> str:
+    if tpu is None:
+        return ""
+    esc = html.escape
+    problems = "".join(f"<li>{esc(p)}</li>" for p in tpu.problems) or "<li>none</li>"
+    run = tpu.compiler
+    comp_text = (
+        "edgetpu_compiler not on PATH: no Edge TPU file; the CPU int8 twin is the fallback"
+        if run is None
+        else f"compiler {esc(run.version)}: {run.ops_on_tpu} of {run.total_ops} ops on the Edge TPU, "
+        f"{run.ops_on_cpu} on the CPU"
+    )
+    return f"<h2>Edge TPU</h2><p>{comp_text}</p><p>Compatibility problems:</p><ul>{problems}</ul>"
 
 
 def _pct(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{100 * v:.1f}%"
 
 
-def _row(name: str, verdict: str, s: dict[str, Any], numbers: dict[str, Any] | None, size: int, latency: float) -> str:
-    agreement = f"{100 * numbers['agreement']:.1f}%" if numbers else "-"
+def _row(name: str, verdict: str, s: ModelSummary, gate: GateResult | None, size: int, latency: float) -> str:
+    agreement = f"{100 * gate.agreement:.1f}%" if gate is not None else "-"
     css = "weak" if "clinically weak" in verdict else verdict.split()[0]
     return (
         f'<tr><td>{html.escape(name)}</td><td class="{css}">{html.escape(verdict)}</td>'
-        f"<td>{_pct(s['accuracy'])} [{_pct(s['accuracy_ci'][0])}, {_pct(s['accuracy_ci'][1])}]</td>"
-        f"<td>{_pct(s['balanced_accuracy'])}</td>"
-        f"<td>{_fmt(s['roc_auc'])} [{_fmt(s['roc_auc_ci'][0])}, {_fmt(s['roc_auc_ci'][1])}]</td>"
-        f"<td>{s['ece']:.4f}</td><td>{agreement}</td><td>{size / 1024:.1f} KiB</td>"
+        f"<td>{_pct(s.accuracy)} [{_pct(s.accuracy_ci[0])}, {_pct(s.accuracy_ci[1])}]</td>"
+        f"<td>{_pct(s.balanced_accuracy)}</td>"
+        f"<td>{_fmt(s.roc_auc)} [{_fmt(s.roc_auc_ci[0])}, {_fmt(s.roc_auc_ci[1])}]</td>"
+        f"<td>{s.ece:.4f}</td><td>{agreement}</td><td>{size / 1024:.1f} KiB</td>"
         f"<td>{latency:.3f} ms</td></tr>"
     )

@@ -21,23 +21,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgemed import __version__
+from edgemed import cli_options as options
+from edgemed.cli_options import LOG_LEVEL_HELP, LOG_LEVELS, build_profile
 from edgemed.errors import EXIT_CONFIG, EdgemedError
-from edgemed.run_options import EPILOG_RUN, add_run_arguments, build_profile, with_broker
 
 CONVERT_INSTALL = "pip install 'edgemed[convert]'"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``edgemed run``: process a source and publish the results."""
-    from edgemed.runtime import Device, install_signal_handlers
-
-    profile = build_profile(args)
+    profile = build_profile(args)  # a bad flag, profile or missing source stops here, before anything is opened
     import cv2
+
+    from edgemed.runtime import Device, install_signal_handlers
 
     # The pipeline already keeps both cores busy (capture thread, inference, delivery): OpenCV's own thread
     # pool on top only adds contention. Measured on the cine benchmark: 3-15% more frames per second with one.
     cv2.setNumThreads(1)
-    with Device(profile, study_id=args.study_id) as device:
+    from edgemed.stderr_filter import RUN_NOTICES, filtered_stderr
+
+    # For the whole run, not around single calls: libjpeg prints its warnings from the capture thread's decoder.
+    with filtered_stderr(RUN_NOTICES), Device(profile, study_id=args.study_id) as device:
         install_signal_handlers(device)
         summary = device.run(from_start=args.from_start)
     levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
@@ -55,32 +59,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     """``edgemed flush``: send what is pending in a data directory's outbox."""
-    from edgemed.config import load_profile
+    from edgemed.config import default_data_dir, load_profile, merge_broker
     from edgemed.errors import ConfigError
+    from edgemed.outbox import OUTBOX_FILENAME
     from edgemed.publish.delivery import flush_outbox
 
     profile = load_profile(args.profile) if args.profile is not None else None
     cfg = profile.mqtt if profile is not None else None
     if args.broker is not None:
-        cfg = with_broker(cfg, args.broker)
+        cfg = merge_broker(cfg, args.broker)
     if cfg is None:
         where = f"profile {args.profile} has no mqtt section" if profile is not None else "flush needs a broker"
         raise ConfigError(f"{where}: pass --broker mqtt://HOST:PORT or a --profile with an mqtt section")
-    data_dir = args.data_dir or (profile.device.data_dir if profile is not None else None)
-    if data_dir is None:
-        from edgemed.config import default_data_dir
-
-        data_dir = default_data_dir()
-    from edgemed.outbox import OUTBOX_FILENAME
-
-    if not (Path(data_dir) / OUTBOX_FILENAME).is_file():
+    data_dir = Path(args.data_dir or (profile.device.data_dir if profile is not None else None) or default_data_dir())
+    if not (data_dir / OUTBOX_FILENAME).is_file():
         # A mistyped --data-dir would otherwise "send 0 results" and leave an empty folder behind.
         raise ConfigError(
             f"{data_dir} holds no outbox ({OUTBOX_FILENAME}), so there is nothing to send; pass the data directory "
             "the device runs with (--data-dir, or the profile's device.data_dir)"
         )
     # flush_outbox locks the data directory itself: a running `edgemed run` keeps it (exit 2, with the reason).
-    result = flush_outbox(Path(data_dir), cfg, timeout_s=args.timeout, timeout_name="--timeout")
+    result = flush_outbox(
+        data_dir,
+        cfg,
+        timeout_s=args.timeout,
+        timeout_name="--timeout",
+        outbox_cfg=profile.outbox if profile is not None else None,
+    )
     print(
         f"edgemed: sent {result.sent} results; {result.remaining} results still pending in {data_dir}",
         file=sys.stderr,
@@ -173,10 +178,6 @@ def _converter_command(name: str) -> int:
     return -1
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_LEVEL_HELP = "log verbosity on stderr (default WARNING); DEBUG also shows the libraries' own notices"
-
-
 def _command_of(argv: Sequence[str]) -> str | None:
     """The sub-command named on a command line, skipping top-level options and their values."""
     skip = False
@@ -191,7 +192,14 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 
 def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The full argument parser (the converter's options are defined by ``converters.commands``)."""
+    """The full argument parser: each command's options from ``cli_options``, and its handler here.
+
+    Args:
+        argv: the command line; the options of train, convert and dashboard are loaded only when it names them.
+
+    Returns:
+        The parser.
+    """
     parser = argparse.ArgumentParser(
         prog="edgemed",
         description="Take a trained medical-imaging CNN to a point-of-care device and bring its results home.",
@@ -202,158 +210,15 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgemed {__version__}")
     parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    raw_fmt = argparse.RawDescriptionHelpFormatter
-
-    # The converter's options live in converters.commands (argparse only, no TensorFlow), imported only when
-    # the command line names train or convert: the device path never imports the converters package.
-    wants_converter = _command_of(argv or []) in ("train", "convert")
-    for name, helptext in (
-        ("train", "train a model on your images (host; needs the convert extra)"),
-        ("convert", "quantize a trained model for the device (host; needs the convert extra)"),
-    ):
-        if wants_converter:
-            from converters import commands as conv
-
-            p = sub.add_parser(
-                name,
-                help=helptext,
-                formatter_class=raw_fmt,
-                description=getattr(conv, f"{name.upper()}_DESCRIPTION", helptext),
-                epilog=getattr(conv, f"{name.upper()}_EPILOG", None),
-            )
-            getattr(conv, f"add_{name}_arguments")(p)
-        else:
-            p = sub.add_parser(name, help=helptext)
-        p.set_defaults(func=None, converter=name)
-
-    p = sub.add_parser(
-        "run",
-        help="run the device pipeline on a source and publish results",
-        description="Capture frames, check their quality, classify them on the device, triage "
-        "them, and deliver every result durably over MQTT.",
-        epilog=EPILOG_RUN,
-        formatter_class=raw_fmt,
-    )
-    add_run_arguments(p)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser(
-        "flush",
-        help="send results still pending in a data directory",
-        description="Send every result still pending in DATA_DIR's outbox, say how many were sent and how many "
-        "remain, then exit 0 when nothing is left (10 when some remain after --timeout). Give --broker, --profile "
-        "or both.",
-        epilog="examples:\n"
-        "  edgemed flush --profile firmware_configs/first-run.yaml\n"
-        "  edgemed flush --data-dir /var/lib/edgemed --broker mqtts://broker.example.org:8883 --timeout 300",
-        formatter_class=raw_fmt,
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        help="the device's data directory (default from the profile, else ~/.local/share/edgemed)",
-    )
-    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (overrides the profile's broker)")
-    p.add_argument("--profile", type=Path, help="use the profile's broker, TLS, credentials and data directory")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="longest wait for the broker and its acknowledgements (default %(default)g)",
-    )
-    p.set_defaults(func=cmd_flush)
-
-    p = sub.add_parser(
-        "doctor",
-        help="check interpreter, accelerators, model, source, broker and disk",
-        description="Print a table of what this device can and cannot do, with the fix for each "
-        "problem. Exit 0 when everything the profile needs works.",
-        epilog="examples:\n"
-        "  edgemed doctor --profile firmware_configs/rpi4-coral-usb.yaml\n"
-        "  edgemed doctor --model out/breast_int8.tflite --source camera:0 --broker mqtt://127.0.0.1:1883",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--profile", type=Path, help="check what this profile needs")
-    p.add_argument(
-        "--model",
-        type=Path,
-        help="check this model (manifest, sha256, gate verdict, one timed invoke on the profile's accelerator); "
-        "default the profile's model.path",
-    )
-    p.add_argument("--source", help="also try to read one frame from this source")
-    p.add_argument("--broker", help="also try to connect to this broker")
-    p.add_argument("--data-dir", type=Path, help="data directory to check for space and permissions")
-    p.set_defaults(func=cmd_doctor)
-
-    helptext = "central side: ingest results from the broker and serve the fleet dashboard"
-    if _command_of(argv or []) == "dashboard":
-        from edgemed import dashboard  # the device path never imports the dashboard
-
-        p = sub.add_parser("dashboard", help=helptext, description=dashboard.__doc__, formatter_class=raw_fmt)
-        dashboard.add_arguments(p)
-        p.set_defaults(func=dashboard.run)
-    else:
-        sub.add_parser("dashboard", help=helptext)
-
-    p = sub.add_parser(
-        "profile-check",
-        help="validate device profile files",
-        description="Validate device profiles; every problem names the field and the fix.",
-    )
-    p.add_argument("files", nargs="+", type=Path, help="profile YAML files")
-    p.set_defaults(func=cmd_profile_check)
-
-    p = sub.add_parser(
-        "bundle",
-        help="pack a profile and its model into an archive to install on a device",
-        description="Check a device profile and its model (manifest, sha256, gate verdict, triage labels), then "
-        "write OUT/NAME.tar.gz with the profile (model path pointing inside the bundle), the model, its manifest "
-        "and CPU twin, the broker CA if the profile names one that exists here, a systemd unit, install.sh, "
-        "BUNDLE.json and SHA256SUMS. Passwords, client keys and images are never bundled.",
-        epilog="examples:\n"
-        "  edgemed bundle --profile firmware_configs/rpi4-coral-usb.yaml --model out/breast_edgetpu.tflite "
-        "--device-id rpi4-coral-07 --out bundles/\n"
-        "  edgemed bundle --profile my-probe.yaml --out bundles/ --wheels wheels-aarch64/\n\n"
-        "on the device:  tar xzf NAME.tar.gz && sudo ./NAME/install.sh  (add --allow-unsigned where the device\n"
-        "holds no trusted key; with --sign-key, devices holding its public key verify the bundle)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--profile", type=Path, required=True, help="the device profile, e.g. firmware_configs/x.yaml")
-    p.add_argument("--out", type=Path, required=True, help="folder for the archive, e.g. --out bundles/")
-    p.add_argument("--model", type=Path, help="the .tflite to ship (default: the profile's model.path)")
-    p.add_argument("--device-id", help="override device.id, e.g. one bundle per device of a fleet")
-    p.add_argument("--site", help="override device.site")
-    p.add_argument(
-        "--wheels", type=Path, help="folder of *.whl built for the device, for an install without network access"
-    )
-    p.add_argument("--prefix", default="/opt/edgemed", help="install location on the device (default /opt/edgemed)")
-    p.add_argument(
-        "--sign-key",
-        type=Path,
-        help="PEM private key (RSA or EC) to sign the bundle with; devices holding the public key in "
-        "/etc/edgemed/bundle-signing.pub refuse anything else",
-    )
-    p.set_defaults(func=cmd_bundle)
-
-    p = sub.add_parser(
-        "verify-bundle",
-        help="check an unpacked bundle (checksums, signature, model) before installing it",
-        description="Check an unpacked bundle with the edgemed installed here: every file against SHA256SUMS, no "
-        "unlisted file, the signature against a trusted public key, and the bundled profile against its model. "
-        "Run it before a bundle's own install.sh when the bundle did not come from you.",
-        epilog="example:\n  /opt/edgemed/venv/bin/edgemed verify-bundle NAME.tar.gz && sudo ./NAME/install.sh",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "folder",
-        type=Path,
-        help="the bundle: NAME.tar.gz (unpacked here, refusing links, devices and paths outside it) or its folder",
-    )
-    p.add_argument(
-        "--key", type=Path, help="trusted public key (default /etc/edgemed/bundle-signing.pub when it exists)"
-    )
-    p.set_defaults(func=cmd_verify_bundle)
+    named = _command_of(argv or [])
+    options.add_converter_commands(sub, load=named in ("train", "convert"))
+    options.add_run(sub).set_defaults(func=cmd_run)
+    options.add_flush(sub).set_defaults(func=cmd_flush)
+    options.add_doctor(sub).set_defaults(func=cmd_doctor)
+    options.add_dashboard(sub, load=named == "dashboard")
+    options.add_profile_check(sub).set_defaults(func=cmd_profile_check)
+    options.add_bundle(sub).set_defaults(func=cmd_bundle)
+    options.add_verify_bundle(sub).set_defaults(func=cmd_verify_bundle)
     for command in sub.choices.values():
         # Also accepted after the command (`edgemed run ... --log-level DEBUG`); SUPPRESS keeps the top-level
         # value when it is not given here.

@@ -3,17 +3,20 @@
 Each part of the runtime owns its own config model (``CaptureConfig``, ``QualityConfig``, ``BackendConfig``,
 ``TriagePolicy``, ``MqttConfig``, ``OutboxConfig``); :class:`DeviceProfile` composes them. Unknown keys are
 rejected everywhere, so a typo in a field name is an error that names the field, not a silently ignored setting.
-Relative paths in a profile are taken relative to the profile's own folder.
+Relative paths in a profile are taken relative to the profile's own folder. ``merge_overrides`` sets values over
+a profile (the command line over ``--profile``), and ``merge_broker`` points its broker settings elsewhere, both
+validated again as a whole.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from edgemed.capture import CaptureConfig
 from edgemed.errors import BrokerRefusedError, ConfigError
@@ -23,14 +26,12 @@ from edgemed.outbox import OutboxConfig
 from edgemed.publish.config import MqttConfig, parse_broker_url
 from edgemed.quality import QualityConfig
 from edgemed.triage import TriagePolicy
-from edgemed.validation import describe
+from edgemed.validation import StrictModel, describe
+
+log = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DeviceConfig(_Strict):
+class DeviceConfig(StrictModel):
     """Who the device is and where it keeps its state."""
 
     id: str = Field(description="device id, part of every MQTT topic: 1-64 of [A-Za-z0-9_-]")
@@ -47,7 +48,7 @@ class DeviceConfig(_Strict):
         return value
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which converted model the device runs."""
 
     path: Path | None = Field(
@@ -66,13 +67,13 @@ class SourceConfig(CaptureConfig):
     )
 
 
-class HealthConfig(_Strict):
+class HealthConfig(StrictModel):
     """The heartbeat on edgemed/{site}/{device_id}/health."""
 
     interval_s: float = Field(30.0, gt=0, description="seconds between heartbeats")
 
 
-class PrivacyConfig(_Strict):
+class PrivacyConfig(StrictModel):
     """What may leave the device. Everything identifying is off unless set here explicitly."""
 
     publish_source_names: bool = Field(
@@ -86,7 +87,7 @@ class PrivacyConfig(_Strict):
     )
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """How a run ends and what it keeps locally."""
 
     drain_timeout_s: float = Field(
@@ -100,7 +101,7 @@ class RunConfig(_Strict):
     print_results: bool = Field(True, description="print one line per result for the person at the device")
 
 
-class DeviceProfile(_Strict):
+class DeviceProfile(StrictModel):
     """A complete device profile (see ``firmware_configs/`` for real ones)."""
 
     profile: str = Field(description="profile name, e.g. rpi4-coral-usb")
@@ -185,11 +186,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             fix(mqtt.get("tls"), key)
     src = raw.get("source")
     if isinstance(src, dict) and isinstance(src.get("uri"), str):
-        uri = src["uri"]
-        if uri.startswith("watch:"):
-            src["uri"] = "watch:" + os.path.expanduser(uri[len("watch:") :])
-        elif "://" not in uri and not uri.startswith("camera:"):
-            src["uri"] = _local_path(uri, base)
+        src["uri"] = _source_uri(src["uri"], base)
+
+
+def _source_uri(uri: str, base: Path) -> str:
+    if uri.startswith("watch:"):
+        return "watch:" + os.path.expanduser(uri[len("watch:") :])
+    if "://" in uri or uri.startswith("camera:"):
+        return uri
+    return _local_path(uri, base)
 
 
 def parse_profile(raw: Any, path: Path | None, *, flags: Mapping[str, str] | None = None) -> DeviceProfile:
@@ -235,6 +240,102 @@ def load_profile(path: Path) -> DeviceProfile:
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     return parse_profile(raw, path)
+
+
+def merge_overrides(
+    profile: DeviceProfile | None,
+    overrides: Mapping[str, Any],
+    *,
+    broker: str | None = None,
+    names: Mapping[str, str] | None = None,
+    origin: Path | None = None,
+) -> DeviceProfile:
+    """A profile with values set over it (the command line over ``--profile``), validated as a whole again.
+
+    Args:
+        profile: the loaded profile, or None to make one of the overrides alone (``device.id`` is then needed).
+        overrides: dotted profile keys and their values, e.g. ``{"device.id": "us-01", "inference.threads": 2}``;
+            a None value sets nothing. A ``Path``, and a file or folder as ``source.uri``, is taken relative to
+            the working directory, not to the profile's folder.
+        broker: a broker URL to use instead of the profile's, with the rule of :func:`override_broker` (a
+            plaintext broker on this machine drops the profile's TLS settings with a warning).
+        names: what sets each key, e.g. ``{"device.id": "--device-id", "mqtt.url": "--broker"}``; a bad value
+            set by an override is reported under that name, and a missing broker is asked for by it.
+        origin: the profile's file, named in messages (None: the overrides alone are "the command line").
+
+    Returns:
+        The validated profile.
+
+    Raises:
+        ConfigError: a bad value (the message names the key, or the name that set it, and the fix), or broker
+            options without a broker.
+        BrokerRefusedError: ``broker`` is plaintext to another machine for a profile whose broker uses TLS.
+    """
+    names = names or {}
+    raw: dict[str, Any] = (
+        profile.model_dump(exclude_unset=True, mode="json") if profile is not None else {"profile": "command-line"}
+    )
+    set_here: list[str] = []
+    if broker is not None:
+        raw["mqtt"] = _broker_section(raw.get("mqtt"), broker)
+        set_here.append("mqtt.url")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, Path):
+            value = str(value.resolve())
+        elif key == "source.uri" and isinstance(value, str):  # the one path that is a string (it may be a URL)
+            value = _source_uri(value, Path.cwd())
+        _set(raw, key, value)
+        set_here.append(key)
+    mqtt = raw.get("mqtt")
+    if isinstance(mqtt, dict) and "url" not in mqtt:
+        given = ", ".join(names.get(key, key) for key in set_here if key.startswith("mqtt."))
+        ask = f"pass {names['mqtt.url']} mqtt://HOST:PORT" if "mqtt.url" in names else "set mqtt.url"
+        raise ConfigError(f"{given} set broker options but no broker: {ask} as well")
+    # Only a key set here is reported under the name that set it; one from the profile file under its own key.
+    flags = {key: names[key] for key in set_here if key in names}
+    return parse_profile(raw, origin, flags=flags)
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    *sections, name = key.split(".")
+    node = raw
+    for section in sections:
+        if not isinstance(node.get(section), dict):  # absent, or `mqtt: null` in the profile
+            node[section] = {}
+        node = node[section]
+    node[name] = value
+
+
+def _broker_section(mqtt: Mapping[str, Any] | None, url: str) -> dict[str, Any]:
+    """``override_broker``, with its warning logged (once, here) rather than returned."""
+    section, warning = override_broker(mqtt, url)
+    if warning:
+        log.warning("%s", warning)
+    return section
+
+
+def merge_broker(cfg: MqttConfig | None, url: str) -> MqttConfig:
+    """Broker settings (or none) pointed at ``--broker URL``, by the rule of :func:`override_broker`.
+
+    Args:
+        cfg: the profile's broker settings, or None when it has none.
+        url: the new broker URL.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: the URL is malformed or does not fit the rest of the settings.
+        BrokerRefusedError: plaintext to another machine for settings that use TLS.
+    """
+    current = cfg.model_dump(exclude_unset=True, mode="json") if cfg is not None else None
+    section = _broker_section(current, url)
+    try:
+        return MqttConfig.model_validate(section)
+    except ValidationError as exc:
+        raise ConfigError(f"--broker {url} does not fit the profile: {describe(exc, MqttConfig)}") from exc
 
 
 def default_data_dir() -> Path:

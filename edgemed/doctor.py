@@ -10,10 +10,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgemed import __version__
 from edgemed.errors import EdgemedError
+
+if TYPE_CHECKING:
+    from edgemed.config import DeviceProfile
+    from edgemed.publish.config import MqttConfig
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,11 @@ def _interpreter() -> Check:
     return Check("interpreter", True, f"{name} {runtime_version(name)}")
 
 
-def _delegates(profile: object | None) -> list[Check]:
+def _delegates(profile: DeviceProfile | None) -> list[Check]:
     from edgemed.inference import BackendConfig
     from edgemed.inference.probe import probe_delegates
 
-    cfg = getattr(profile, "inference", None) or BackendConfig()
+    cfg = profile.inference if profile is not None else BackendConfig()
     rows = []
     for status in probe_delegates(cfg):
         needed = status.name == cfg.accelerator and not cfg.allow_cpu_fallback
@@ -52,7 +56,7 @@ def _delegates(profile: object | None) -> list[Check]:
     return rows
 
 
-def _model(path: Path, profile: Any, *, from_profile: bool = True) -> Check:
+def _model(path: Path, profile: DeviceProfile | None, *, from_profile: bool = True) -> Check:
     """Manifest, sha256 and gate verdict, the triage policy's labels, then a timed invoke on the real backend."""
     import statistics
 
@@ -91,6 +95,9 @@ def _model(path: Path, profile: Any, *, from_profile: bool = True) -> Check:
         return Check("model", False, f"{path.name} loaded but could not run: {exc}; check the accelerator")
     spec = manifest.input
     verdict = art.verdict + (f" by {art.waiver.by}" if art.waiver is not None else "")
+    if art.clinically_weak:
+        # The gate proves a faithful conversion, not a good model: say so where the field engineer looks.
+        verdict += f" (faithful conversion, clinically weak: {'; '.join(art.clinically_weak)})"
     return Check(
         "model",
         True,
@@ -105,6 +112,13 @@ def _source(uri: str) -> Check:
 
     try:
         src = open_source(uri)
+        if src.kind == "watch":
+            # A watched folder yields only files that arrive after it starts: reading a frame would wait for the
+            # device to write one. Opening it already checked that the folder exists and can be listed.
+            src.close()
+            return Check(
+                "source", True, f"watch folder {uri.split(':', 1)[1]} is readable; new files are read as they arrive"
+            )
         try:
             for frame in src:
                 if frame.image is None:
@@ -148,12 +162,22 @@ def _source_roi(uri: str, cfg: Any) -> Check:
         timer.cancel()
 
 
-def _broker(url: str, mqtt_cfg: object | None) -> Check:
-    from edgemed.publish.config import MqttConfig
-    from edgemed.publish.mqtt import MqttLink
+def _broker_override(mqtt_cfg: MqttConfig | None, url: str) -> Check:
+    """``--broker``: the profile's settings pointed at it by the rule ``run`` and ``flush`` use, then connect."""
+    from edgemed.config import merge_broker
 
     try:
-        cfg = mqtt_cfg.model_copy(update={"url": url}) if isinstance(mqtt_cfg, MqttConfig) else MqttConfig(url=url)
+        cfg = merge_broker(mqtt_cfg, url)
+    except EdgemedError as exc:
+        return Check("broker", False, str(exc))
+    return _broker(cfg)
+
+
+def _broker(cfg: MqttConfig) -> Check:
+    from edgemed.publish.mqtt import MqttLink
+
+    url = cfg.url
+    try:
         # No status topic (so no retained status and no last will) and a clean session: the check must leave
         # nothing on the broker. A retained status under edgemed/ made the dashboard list a device "doctor".
         link = MqttLink(cfg, status_topic=None, client_id=f"edgemed-doctor-{os.getpid()}", persistent=False)
@@ -198,7 +222,18 @@ def doctor(
     data_dir: Path | None,
     model: Path | None = None,
 ) -> int:
-    """Run every check, print the table, return 0 when all required checks pass, else 2."""
+    """Run every check and print the table.
+
+    Args:
+        profile_path: a device profile; its accelerator, model, source, broker and data directory are checked.
+        source: a source to read one frame from (instead of the profile's).
+        broker: a broker to connect to, by the rule ``edgemed run --broker`` uses over the profile's settings.
+        data_dir: the data directory to check (instead of the profile's, else the default).
+        model: a model to check (instead of the profile's model.path).
+
+    Returns:
+        0 when every required check passes, else 2.
+    """
     from edgemed.config import default_data_dir, load_profile
     from edgemed.identity import clock_synced
 
@@ -232,9 +267,11 @@ def doctor(
         rows.append(_source(src))
         if profile is not None and profile.source.roi is not None:
             rows.append(_source_roi(src, profile.source))
-    url = broker or (profile.mqtt.url if profile is not None and profile.mqtt is not None else None)
-    if url:
-        rows.append(_broker(url, profile.mqtt if profile is not None else None))
+    mqtt = profile.mqtt if profile is not None else None
+    if broker:
+        rows.append(_broker_override(mqtt, broker))
+    elif mqtt is not None:
+        rows.append(_broker(mqtt))
     ddir = data_dir or (profile.device.data_dir if profile is not None else None) or default_data_dir()
     rows.append(_disk(Path(ddir)))
     synced = clock_synced()

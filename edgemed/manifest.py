@@ -13,10 +13,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from edgemed import MANIFEST_SCHEMA
 from edgemed.errors import ModelError, ModelRejectedError
+from edgemed.validation import FrozenModel, describe
 
 if TYPE_CHECKING:
     from edgemed.types import TensorSpec
@@ -37,18 +38,14 @@ _TARGET_IO: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Normalisation(_Strict):
+class Normalisation(FrozenModel):
     """Pixel to model-input mapping: ``x = pixel * scale + offset``."""
 
     scale: float = Field(1.0 / 255.0, description="multiplier applied to uint8 pixels")
     offset: float = Field(0.0, description="added after scaling")
 
 
-class InputSpec(_Strict):
+class InputSpec(FrozenModel):
     """What a frame must look like before it is quantized and fed to the model."""
 
     height: int = Field(gt=0)
@@ -59,7 +56,7 @@ class InputSpec(_Strict):
     normalisation: Normalisation = Normalisation()
 
 
-class QuantSpec(_Strict):
+class QuantSpec(FrozenModel):
     """One tensor of a converted model, as the interpreter reports it."""
 
     name: str = ""
@@ -69,7 +66,7 @@ class QuantSpec(_Strict):
     zero_point: int = 0
 
 
-class Waiver(_Strict):
+class Waiver(FrozenModel):
     """A named person's decision to ship a model the gate rejected."""
 
     by: str
@@ -77,7 +74,7 @@ class Waiver(_Strict):
     at: str
 
 
-class Artifact(_Strict):
+class Artifact(FrozenModel):
     """One file produced by the converter."""
 
     file: str = Field(description="path relative to the manifest's folder")
@@ -101,10 +98,10 @@ class Artifact(_Strict):
         return [str(w) for w in weak] if isinstance(weak, list) else []
 
 
-class Manifest(_Strict):
+class Manifest(FrozenModel):
     """Everything the device needs to know about a converted model."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)  # newer converters may add sections; keep them
+    model_config = ConfigDict(extra="allow")  # newer converters may add sections; keep them (still frozen)
 
     schema_: str = Field(MANIFEST_SCHEMA, alias="schema")
     name: str
@@ -170,8 +167,6 @@ def load_manifest(path: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        from edgemed.validation import describe
-
         raise ModelError(
             f"manifest {path} is invalid: {describe(exc, Manifest, limit=1)}; re-run `edgemed convert`"
         ) from exc

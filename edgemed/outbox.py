@@ -47,12 +47,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from edgemed import ledger, recovery, walcheck
 from edgemed.datadir import private_dir, private_file, tighten
 from edgemed.errors import OutboxError
 from edgemed.types import InputDone
+from edgemed.validation import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,8 @@ class OutboxFullError(OutboxError):
     """The outbox reached its cap and the profile says to block rather than evict."""
 
 
-class OutboxConfig(BaseModel):
+class OutboxConfig(StrictModel):
     """How the outbox trades throughput against the size of the window a power cut can lose."""
-
-    model_config = ConfigDict(extra="forbid")
 
     commit_every: int = Field(100, ge=1, description="results per durable commit; 1 = every put() is durable on return")
     commit_interval_s: float = Field(

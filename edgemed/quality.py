@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from edgemed.types import QualityReport
+from edgemed.validation import StrictModel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,10 +38,8 @@ SATURATED_LEVEL = 250
 BLACK_LEVEL = 10
 
 
-class QualityConfig(BaseModel):
+class QualityConfig(StrictModel):
     """Thresholds of the image-quality gate; the defaults pass every real image measured."""
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="run the gate; when false every frame passes unmeasured")
     analysis_size: int = Field(

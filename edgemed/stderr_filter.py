@@ -27,6 +27,12 @@ LITERT_NOTICES = re.compile(r"^INFO: (Created TensorFlow Lite (XNNPACK )?delegat
 """LiteRT's INFO lines: the one for every interpreter (XNNPACK is applied by default on the CPU), and those of its
 ``CompiledModel`` runtime (``INFO: [environment.cc:36] ...``); its warnings and errors are not notices."""
 
+LIBJPEG_NOTICES = re.compile(r"^(Corrupt JPEG data: |Premature end of JPEG file|Invalid SOS parameters for sequential)")
+"""libjpeg's warnings, which OpenCV's decoder lets it print for a damaged JPEG while decoding it anyway."""
+
+RUN_NOTICES = re.compile(f"{LITERT_NOTICES.pattern}|{LIBJPEG_NOTICES.pattern}")
+"""Everything ``edgemed run`` keeps off stderr for the whole run (the capture thread decodes while it classifies)."""
+
 # Runs as `python -I -S -c`: the standard library only. Lines end at "\n" or at "\r" (a progress bar redraws its
 # line with "\r"), and each is passed on as soon as it is complete, so a progress bar keeps moving.
 _FILTER = r"""

@@ -33,10 +33,11 @@ import math
 from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from edgemed.errors import ConfigError
 from edgemed.types import Prediction, QualityReport, TriageLevel, TriageResult
+from edgemed.validation import FrozenModel
 
 RuleLevel = Literal["urgent", "routine", "no_finding"]
 
@@ -55,10 +56,8 @@ _ACTION: dict[str, str] = {
 }
 
 
-class ClassRule(BaseModel):
+class ClassRule(FrozenModel):
     """What a class means clinically when the model picks it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     level: RuleLevel = Field(description="urgent (refer now), routine (refer) or no_finding")
     min_probability: float = Field(
@@ -73,10 +72,8 @@ class ClassRule(BaseModel):
     )
 
 
-class StudyPolicy(BaseModel):
+class StudyPolicy(FrozenModel):
     """How the frames of one session (video, cine loop, burst) are combined into one decision."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     rule: Literal["worst_case", "majority", "mean_probability"] = Field(
         "worst_case",
@@ -98,10 +95,8 @@ class StudyPolicy(BaseModel):
     )
 
 
-class TriagePolicy(BaseModel):
+class TriagePolicy(FrozenModel):
     """Per-class rules and the confidence a prediction needs before it is acted on."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     rules: dict[str, ClassRule] = Field(
         default_factory=dict,

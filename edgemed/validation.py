@@ -1,8 +1,14 @@
-"""One formatter for pydantic validation errors: each problem as ``where: what is wrong`` a person can act on.
+"""The strict base of every settings model, and the one formatter of their validation errors.
+
+Every model a person writes (a device profile and each of its sections, a manifest, a training recipe, the gate's
+thresholds) derives from :class:`StrictModel` (or :class:`FrozenModel`), so an unknown key, usually a typo, is
+an error rather than a setting silently ignored; nowhere else says ``extra="forbid"``.
 
 pydantic's own text is written for programmers (``Value error, ...``, ``Input should be ...``, ``Extra inputs are
 not permitted``). ``problems()`` keeps the location, drops that boilerplate, says ``unknown key`` with the
-nearest valid key ("did you mean `min_probability`?"), and names the command-line flag a value came from.
+nearest valid key ("did you mean `min_probability`?"), and names the command-line flag a value came from. Every
+``ValidationError`` that reaches a person goes through ``describe()`` (or ``problems()``), wrapped in the
+``EdgemedError`` of the module that validated it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,20 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class StrictModel(BaseModel):
+    """Base of every settings model: a key the model does not define is an error that names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FrozenModel(StrictModel):
+    """A :class:`StrictModel` whose instances cannot be changed after validation (safe to share across threads)."""
+
+    model_config = ConfigDict(frozen=True)  # merged with the parent's: extra="forbid" still applies
+
 
 # pydantic's prefixes for exceptions raised inside validators; the text after them is ours.
 _PREFIXES = ("Value error, ", "Assertion failed, ")

@@ -10,6 +10,8 @@ talks to anything but the brokers it starts on the loopback interface.
   made with the ``openssl`` command.
 * ``Subscriber``: an independent paho client with a persistent session and a fixed client id that counts the
   unique ``result_id`` and ``seq`` values it receives.
+* ``Device``: an independent paho publisher standing in for ``edgemed run`` on the wire (device ``us-01`` of site
+  ``clinic-a``).
 """
 
 from __future__ import annotations
@@ -413,6 +415,31 @@ class Subscriber:
         while self.unique() < n and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.unique()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Device:
+    """A paho publisher standing in for `edgemed run` on the wire (QoS 1, persistent session)."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as paho
+
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id="edgemed-clinic-a-us-01",
+            protocol=paho.MQTTv311,
+            clean_session=False,
+        )
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def send(self, kind: str, payload: bytes, retain: bool = False) -> None:
+        info = self.client.publish(f"edgemed/clinic-a/us-01/{kind}", payload, qos=1, retain=retain)
+        info.wait_for_publish(5)  # connected here, so this returns once the broker sent its PUBACK
+        assert info.is_published()
 
     def close(self) -> None:
         self.client.disconnect()

@@ -258,3 +258,25 @@ def test_relative_device_paths_are_refused_when_bundling(
     assert main(["bundle", "--profile", str(profile), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "device.data_dir: state" in err and "mqtt.password_file: secrets/pw" in err and "absolute" in err
+
+
+def test_an_install_prefix_that_is_not_a_plain_absolute_path_is_refused(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The prefix lands between double quotes in a script that runs as root: a quote would end the string there.
+    profile = _profile(tmp_path, int8_model)
+    for prefix in ('/opt/x"; touch /tmp/edgemed-pwned; "', "opt/edgemed", "/opt/$(id)"):
+        out = tmp_path / "out"
+        assert main(["bundle", "--profile", str(profile), "--out", str(out), "--prefix", prefix]) == 2
+        assert "is not a plain absolute path" in capsys.readouterr().err
+        assert not out.exists()
+    assert main(["bundle", "--profile", str(profile), "--out", str(tmp_path / "ok"), "--prefix", "/srv/edge-med"]) == 0
+
+
+def test_a_profile_with_tls_null_bundles_without_a_ca(tmp_path: Path, int8_model: Path) -> None:
+    profile = _profile(tmp_path, int8_model, mqtt="mqtt:\n  url: mqtt://127.0.0.1:1883\n  tls: null\n")
+    assert main(["bundle", "--profile", str(profile), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    assert not (root / "tls").exists()
+    prof = load_profile(root / "profile.yaml")
+    assert prof.mqtt is not None and prof.mqtt.tls is None

@@ -1,14 +1,18 @@
-"""The command line: version, help, converter isolation, and clear one-line errors with stable exit codes."""
+"""The command line: version, help, converter isolation, flush with a profile, one-line errors, stable exit codes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from broker_fixtures import Mosquitto
 
 from edgemed.cli import main
+from edgemed.outbox import OUTBOX_FILENAME, Outbox, OutboxConfig
 
 # Runs edgemed in a child interpreter where importing TensorFlow is impossible, as on a device without the
 # convert extra, then reports which heavy packages the command loaded.
@@ -128,3 +132,74 @@ def test_a_bad_flag_over_a_profile_is_named_too(capsys: pytest.CaptureFixture[st
     profile = Path(__file__).resolve().parent.parent / "firmware_configs" / "x86_64-cpu.yaml"
     assert main(["run", "--profile", str(profile), "--site", "ward/3"]) == 2
     assert f"profile {profile} is invalid: --site (device.site): 'ward/3' must be" in capsys.readouterr().err
+
+
+def test_run_without_a_source_is_a_config_error_before_anything_is_opened(int8_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    proc = edgemed("run", "--device-id", "us-01", "--model", str(int8_model), "--data-dir", str(data))
+    assert proc.returncode == 2, proc.stderr
+    assert "edgemed: error: no source given: pass --source PATH or set source.uri in the profile" in proc.stderr
+    assert not data.exists()  # refused before the device opened its data directory
+
+
+def _pending(data: Path, n: int) -> None:
+    """``n`` committed results waiting in ``data``'s outbox, as an offline run leaves them."""
+    outbox = Outbox(data / OUTBOX_FILENAME)
+    try:
+        for i in range(n):
+            seq = outbox.next_seq()
+            outbox.put(f"r{i}", "edgemed/default/flush-01/results", json.dumps({"seq": seq}).encode(), seq=seq)
+    finally:
+        outbox.close()
+
+
+@pytest.mark.parametrize(
+    ("outbox", "evidence", "replayable"),
+    [
+        ({"keep_acked": 0}, 0, 0),  # no acknowledgement log: nothing kept after delivery
+        ({"replay_window_s": 600}, 3, 3),  # payloads kept, to be sent again after a broker crash
+    ],
+)
+def test_flush_uses_the_profiles_outbox_settings(
+    outbox: dict[str, float],
+    evidence: int,
+    replayable: int,
+    broker: Mosquitto,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = tmp_path / "d"
+    _pending(data, 3)
+    profile = tmp_path / "device.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {"profile": "t", "device": {"id": "flush-01", "data_dir": str(data)}, "mqtt": {"url": broker.url}}
+            | {"outbox": outbox}
+        ),
+        encoding="utf-8",
+    )
+    assert main(["flush", "--profile", str(profile), "--timeout", "20"]) == 0
+    assert f"edgemed: sent 3 results; 0 results still pending in {data}" in capsys.readouterr().err
+    reopened = Outbox(data / OUTBOX_FILENAME, OutboxConfig.model_validate(outbox))
+    try:
+        assert reopened.pending_count() == 0
+        assert len(reopened.acked_ids()) == evidence
+        assert len(reopened.replay_candidates()) == replayable
+    finally:
+        reopened.close()
+
+
+def test_a_relative_source_flag_is_relative_to_the_working_directory_not_the_profile(
+    int8_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    # `edgemed run --profile firmware_configs/x.yaml --source scans/` (the README's example) means ./scans.
+    work = tmp_path / "work"
+    (work / "scans").mkdir(parents=True)
+    for name in ("ISIC_0000014.jpg", "ISIC_0000040.jpg"):
+        (work / "scans" / name).write_bytes((data_dir / "isic_samples" / name).read_bytes())
+    profile = tmp_path / "profiles" / "device.yaml"
+    profile.parent.mkdir()
+    profile.write_text(f"profile: t\ndevice: {{id: d1, data_dir: {tmp_path / 'd'}}}\n")
+    proc = edgemed("run", "--profile", str(profile), "--model", str(int8_model), "--source", "scans", cwd=work)
+    assert proc.returncode == 10, proc.stderr  # offline: both results kept on disk
+    assert "2 frames" in proc.stderr

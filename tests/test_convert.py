@@ -93,13 +93,12 @@ def test_uint8_io_is_really_uint8(converted: ConvertResult) -> None:
 def test_float16_runs_and_matches_float(converted: ConvertResult, breast: Dataset, trained: Path) -> None:
     import keras
 
-    from converters.runner import load_interpreter, predict
-    from edgemed.manifest import Normalisation
+    from converters.runner import DeviceModel
 
     x, _ = breast.splits["test"]
-    it = load_interpreter(str(converted.artifacts["float16"]))
-    assert it.get_input_details()[0]["dtype"] == np.float32
-    probs16 = predict(it, x[:40], "logits", Normalisation())
+    with DeviceModel(converted.artifacts["float16"], breast.input_spec()) as model:  # the device's own code path
+        assert model.backend.input_spec.dtype == "float32"
+        probs16 = model.probabilities(x[:40], "logits")
     ref = keras.models.load_model(trained).predict(x[:40].astype(np.float32) / 255.0, verbose=0)
     assert np.abs(probs16 - ref).max() < 5e-3
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from broker_fixtures import Amqtt, Mosquitto
+from broker_fixtures import Amqtt, Device, Mosquitto
 from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser, headless_flags
 
 from edgemed.dashboard import add_arguments, run, serve
@@ -216,31 +216,6 @@ def test_ingest_rejects_malformed_messages_without_crashing(tmp_path: Path) -> N
 # -- ingest against a real broker --------------------------------------------------------------------------------
 
 
-class Device:
-    """A paho publisher standing in for `edgemed run` on the wire (QoS 1, persistent session)."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as paho
-
-        self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id="edgemed-clinic-a-us-01",
-            protocol=paho.MQTTv311,
-            clean_session=False,
-        )
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def send(self, kind: str, payload: bytes, retain: bool = False) -> None:
-        info = self.client.publish(f"edgemed/clinic-a/us-01/{kind}", payload, qos=1, retain=retain)
-        info.wait_for_publish(5)  # connected here, so this returns once the broker sent its PUBACK
-        assert info.is_published()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -326,16 +301,16 @@ def test_ingest_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker: Amqtt
 
 
 def test_a_fall_back_that_arrives_after_stop_starts_nothing(amqtt_broker: Amqtt, tmp_path: Path) -> None:
-    # A fall back decided just before stop() (on a helper thread) must not reconnect a client nobody will stop.
+    # A fall back decided just before stop() must not reconnect a client nobody will stop. Fall backs are decided
+    # on the link's supervisor thread, after an attempt ends and only if no stop() came meanwhile; stop() joins it.
     store = DashboardStore(tmp_path / "fleet.sqlite3")
     ingest = Ingest(MqttConfig(url=f"mqtt://127.0.0.1:{amqtt_broker.port}", connect_timeout_s=30.0), store)
     ingest.start()
-    generation = ingest._generation
-    ingest.stop()
-    stopped_client = ingest._client
-    ingest._fall_back_to_311("late", generation)
-    assert ingest._client is stopped_client and not ingest._fallen_back.is_set()
-    assert not [t for t in ingest._helpers if t.is_alive()]
+    supervisor, client = ingest.link._thread, ingest.link._client
+    assert supervisor is not None
+    ingest.stop()  # while the MQTT 5 CONNECT is still unanswered
+    assert ingest.link._client is client and ingest.link.epoch == 0 and ingest.link.protocol == "5"
+    assert not supervisor.is_alive()
     store.close()
 
 
@@ -345,7 +320,7 @@ def test_ingest_with_auto_protocol_stays_on_mqtt5_when_the_broker_speaks_it(brok
     ingest.start()
     try:
         assert ingest.wait_subscribed(10), broker.log_tail()
-        assert ingest._v5 and not ingest._fallen_back.is_set()
+        assert ingest.link.protocol == "5" and ingest.link.epoch == 0  # no fall back
     finally:
         ingest.stop()
         store.close()

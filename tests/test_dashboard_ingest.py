@@ -21,8 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from broker_fixtures import Mosquitto
-from test_dashboard import HEALTH, Device, _chromium, _wait, make_result, make_study
+from broker_fixtures import Device, Mosquitto
+from test_dashboard import HEALTH, _chromium, _wait, make_result, make_study
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore

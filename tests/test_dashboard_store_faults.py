@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_fixtures import Mosquitto
-from test_dashboard import HEALTH, Device, _chromium, _wait, fill_the_disk, free_the_disk, make_result
+from broker_fixtures import Device, Mosquitto
+from test_dashboard import HEALTH, _chromium, _wait, fill_the_disk, free_the_disk, make_result
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.web import make_server
+from edgemed.dashboard.writer import Held
 from edgemed.publish.config import MqttConfig
 
 
@@ -110,26 +111,28 @@ def test_messages_are_acknowledged_only_after_the_durable_commit_that_holds_them
     commits: list[str] = []
     store._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
     ingest = Ingest(MqttConfig(url=broker.url), store)
-    received: dict[int, str] = {}
     acked_unstored: list[str] = []
     acked: list[str] = []
+    no_ack: list[str] = []
     checker = sqlite3.connect(db, check_same_thread=False)  # sees only committed data
-    on_message, send_ack = ingest._on_message, ingest._ack
+    submit = ingest.writer.submit
 
-    def record(client: Any, userdata: Any, msg: Any) -> None:
-        received[msg.mid] = json.loads(msg.payload)["result_id"]
-        on_message(client, userdata, msg)
+    def record(held: Held) -> None:  # what the link's network thread hands the writer
+        rid, send_ack = json.loads(held.payload)["result_id"], held.ack
+        if send_ack is None:  # QoS 1 with manual acknowledgement must come with its ack
+            no_ack.append(rid)
+            return
 
-    def check_then_ack(client: Any, mid: int, qos: int, connection: int) -> None:
-        rid = received[mid]
-        if checker.execute("SELECT 1 FROM results WHERE result_id = ?", (rid,)).fetchone() is None:
-            acked_unstored.append(rid)
-        acked.append(rid)
-        send_ack(client, mid, qos, connection)
+        def check_then_ack() -> None:
+            if checker.execute("SELECT 1 FROM results WHERE result_id = ?", (rid,)).fetchone() is None:
+                acked_unstored.append(rid)
+            acked.append(rid)
+            send_ack()
 
-    ingest._on_message = record  # type: ignore[method-assign]
-    ingest._ack = check_then_ack  # type: ignore[method-assign]
-    ingest._client.on_message = record
+        held.ack = check_then_ack
+        submit(held)
+
+    ingest.writer.submit = record  # type: ignore[method-assign]
     ingest.start()
     device = Device(broker.port)
     try:
@@ -145,7 +148,7 @@ def test_messages_are_acknowledged_only_after_the_durable_commit_that_holds_them
         device.close()
         ingest.stop()
         checker.close()
-    assert acked_unstored == []
+    assert acked_unstored == [] and no_ack == []
     assert store.result_count() == 300
     # Batched: far fewer commits (each one an fsync) than messages.
     assert len(commits) <= 100, len(commits)

@@ -76,6 +76,27 @@ def test_doctor_fails_an_altered_model_and_a_policy_for_labels_it_lacks(
     assert "FAIL  model" in out and "does not match its manifest" in out
 
 
+def test_doctor_names_a_bad_broker_url_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--broker", "http://127.0.0.1:1883", "--data-dir", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "broker" in x)
+    assert line.startswith("FAIL  broker") and "broker URL 'http://127.0.0.1:1883' must start with mqtt://" in line
+    assert "Value error" not in out and "validation error" not in out
+
+
+def test_doctor_checks_a_local_plaintext_broker_over_a_tls_profile_as_run_would(
+    tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        "profile: t\ndevice: {id: d1}\n"
+        "mqtt: {url: 'mqtts://broker.example.org:8883', tls: {ca_file: /etc/edgemed/ca.pem}}\n"
+    )
+    assert main(["doctor", "--profile", str(profile), "--broker", broker.url, "--data-dir", str(tmp_path)]) == 0
+    assert f"ok    broker            connected to {broker.url}" in capsys.readouterr().out
+    assert any("TLS settings (mqtt.tls) are not used" in r.getMessage() for r in caplog.records)
+
+
 def test_the_broker_check_leaves_nothing_on_the_broker(
     tmp_path: Path, broker: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -101,3 +122,40 @@ def test_the_broker_check_leaves_nothing_on_the_broker(
         x for x in broker.log_path.read_text().splitlines() if "New client connected" in x and "doctor" in x
     ]
     assert len(doctor_lines) == 2 and all(", c1," in x for x in doctor_lines), doctor_lines
+
+
+def test_doctor_does_not_wait_for_a_file_in_an_empty_watch_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A watch: source yields only files that arrive later: doctor must check the folder, not wait for a frame."""
+    import threading
+    import time
+
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    codes: list[int] = []
+    started = time.monotonic()
+    worker = threading.Thread(
+        target=lambda: codes.append(
+            main(["doctor", "--source", f"watch:{watched}", "--data-dir", str(tmp_path / "d")])
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "doctor blocked on an empty watch: folder"
+    out = capsys.readouterr().out
+    assert codes == [0], out
+    assert f"ok    source            watch folder {watched} is readable" in out
+    assert time.monotonic() - started < 30
+
+
+def test_doctor_says_a_clinically_weak_model_is_only_a_faithful_conversion(
+    int8_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The test model passes the gate against its float twin but misses most malignant cases (issue 9 item 10)."""
+    code = main(["doctor", "--model", str(int8_model), "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    model_row = next(line for line in out.splitlines() if line.split()[1:2] == ["model"])
+    assert "faithful conversion, clinically weak" in model_row and "malignant" in model_row, model_row

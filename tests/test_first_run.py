@@ -175,7 +175,7 @@ def test_the_readme_first_run_works_line_by_line(
     base = f"http://127.0.0.1:{http_port}"
     _wait("the dashboard", lambda: sum(_get_json(f"{base}/api/summary")["counts"]["results"].values()) == RESULTS)  # type: ignore[index]
     fleet = _get_json(f"{base}/api/fleet")["devices"]
-    # (doctor's broker check must not leave a device of its own there either: issue 9 item 17, tested with it)
-    assert "first-run-01" in [d["device_id"] for d in fleet]  # type: ignore[union-attr,index]
+    # doctor's broker check left a retained "doctor" device there before (issue 9 item 17): only the device shows
+    assert [d["device_id"] for d in fleet] == ["first-run-01"]  # type: ignore[union-attr,index]
     with urllib.request.urlopen(base + "/", timeout=5) as page:
         assert page.status == 200

@@ -19,6 +19,7 @@ from edgemed.outbox import Outbox, OutboxConfig
 from edgemed.publish.config import MqttConfig
 from edgemed.publish.delivery import Delivery, flush
 from edgemed.publish.mqtt import MqttLink
+from edgemed.publish.policy import Attempt
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = "edgemed/site/dev/results"
@@ -289,19 +290,15 @@ def test_only_two_tls_eofs_in_a_row_count_as_a_refusal(attempts: list[str], refu
     link = MqttLink(cfg, status_topic=None, client_id="edgemed-eof-logic")
     script = list(attempts)
 
-    def fake_open() -> None:
-        link.step = script.pop(0) if script else "refused"  # type: ignore[attr-defined]
-        if link.step == "refused":  # type: ignore[attr-defined]
-            raise ConnectionRefusedError(111, "Connection refused")
+    def fake_connect_once() -> Attempt:  # what the paho callbacks would have recorded for each attempt
+        step = script.pop(0) if script else "refused"
+        if step == "refused":
+            return Attempt(error=ConnectionRefusedError(111, "Connection refused"))
+        if step == "eof":
+            return Attempt(tls_eof=True)  # paho's "failed to receive ... EOF" before any CONNACK
+        return Attempt(connack=True, online=True)
 
-    def fake_pump(client: object) -> None:
-        if link.step == "eof":  # type: ignore[attr-defined]
-            link._tls_eof = True  # what _handle_log records for paho's "failed to receive ... EOF"
-        else:
-            link._went_online = True
-
-    link._open = fake_open  # type: ignore[method-assign]
-    link._pump = fake_pump  # type: ignore[method-assign]
+    link._connect_once = fake_connect_once  # type: ignore[method-assign]
     link.start()
     deadline = time.monotonic() + 5
     while script and time.monotonic() < deadline:

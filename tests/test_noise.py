@@ -56,6 +56,23 @@ def test_run_prints_only_edgemeds_own_lines(int8_model: Path, data_dir: Path, tm
     )
 
 
+def test_a_damaged_jpeg_leaves_no_libjpeg_warning_on_stderr(int8_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    """libjpeg prints "Corrupt JPEG data: ..." from the capture thread's decoder for a JPEG damaged inside."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    good = (data_dir / "isic_samples" / "ISIC_0000014.jpg").read_bytes()
+    damaged = bytearray(good)
+    for i in range(2000, len(damaged) - 2000, 97):  # scan data overwritten; markers at both ends intact
+        damaged[i] = 0x55
+    (folder / "a.jpg").write_bytes(bytes(damaged))
+    (folder / "b.jpg").write_bytes(good)
+    quiet = edgemed(*_run_args(int8_model, folder, tmp_path / "q"), "--quiet")
+    assert quiet.returncode == 10, quiet.stderr
+    assert foreign(quiet.stderr) == [], quiet.stderr
+    loud = edgemed(*_run_args(int8_model, folder, tmp_path / "l"), "--quiet", "--log-level", "DEBUG")
+    assert "Corrupt JPEG data" in loud.stderr  # hidden, not lost
+
+
 @pytest.mark.slow
 def test_convert_prints_only_edgemeds_own_lines(demo_model: Path, tmp_path: Path) -> None:
     keras = next(demo_model.glob("*.keras"))

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from broker_fixtures import Mosquitto
-from test_run_e2e import Collector, run_edgemed
+from helpers import Collector, run_edgemed
 
 from edgemed.outbox import Outbox, OutboxConfig
 

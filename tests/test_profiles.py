@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgemed.cli import main
-from edgemed.config import load_profile, override_broker
+from edgemed.config import load_profile, merge_broker, merge_overrides, override_broker
 from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.publish.config import MqttConfig
 
@@ -197,3 +197,48 @@ def test_a_broker_override_keeps_what_still_applies() -> None:
     assert "tls" not in mqtt and warning is not None and "allow_plaintext_remote" in warning
     with pytest.raises(ConfigError, match="must start with mqtt://"):
         override_broker(TLS_MQTT, "http://127.0.0.1:1883")
+
+
+def test_merge_overrides_sets_plain_values_over_a_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sub").mkdir()
+    path = _write(tmp_path / "sub", "profile: t\ndevice: {id: d1, site: s1}\ninference: {threads: 4}\n")
+    profile = load_profile(path)
+    monkeypatch.chdir(tmp_path)
+    overrides = {"device.id": "d2", "inference.threads": None, "model.path": Path("m.tflite"), "run.max_frames": 5}
+    merged = merge_overrides(profile, overrides | {"source.uri": "scans"}, origin=path)
+    assert (merged.device.id, merged.device.site) == ("d2", "s1")  # the profile's other values stay
+    assert merged.inference.threads == 4  # None sets nothing
+    assert merged.run.max_frames == 5
+    # Paths given as overrides are relative to the working directory, not to the profile's folder (sub/).
+    assert merged.model.path == tmp_path / "m.tflite"
+    assert merged.source.uri == str(tmp_path / "scans")
+    assert merge_overrides(profile, {"source.uri": "camera:0"}, origin=path).source.uri == "camera:0"
+    assert profile.device.id == "d1"  # the loaded profile is not changed
+
+
+def test_merge_overrides_names_the_flag_that_set_a_bad_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, "profile: t\ndevice: {id: d1}\n")
+    profile = load_profile(path)
+    names = {"device.id": "--device-id", "device.site": "--site", "mqtt.url": "--broker", "mqtt.username": "--user"}
+    with pytest.raises(ConfigError, match=r"^the command line is invalid: --device-id \(device.id\): 'a b' must be"):
+        merge_overrides(None, {"device.id": "a b"}, names=names)
+    with pytest.raises(ConfigError, match=rf"^profile {path} is invalid: --site \(device.site\): 'x/y' must be"):
+        merge_overrides(profile, {"device.site": "x/y"}, names=names, origin=path)
+    with pytest.raises(ConfigError, match=r"is invalid: inference.threads: must be greater than or equal to 1"):
+        merge_overrides(profile, {"inference.threads": 0}, names=names, origin=path)  # no name: the key
+    with pytest.raises(ConfigError, match=r"^--user set broker options but no broker: pass --broker mqtt://HOST"):
+        merge_overrides(profile, {"mqtt.username": "u"}, names=names)
+    with pytest.raises(ConfigError, match=r"^mqtt.username set broker options but no broker: set mqtt.url as well"):
+        merge_overrides(profile, {"mqtt.username": "u"})
+
+
+def test_merge_broker_drops_tls_for_a_local_plaintext_broker(caplog: pytest.LogCaptureFixture) -> None:
+    tls = MqttConfig.model_validate(TLS_MQTT | {"username": "u", "password_env": "PW"})
+    local = merge_broker(tls, "mqtt://127.0.0.1:1883")
+    assert (local.url, local.tls, local.username, local.password_env) == ("mqtt://127.0.0.1:1883", None, "u", "PW")
+    assert sum("mqtt.tls" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert merge_broker(None, "mqtts://127.0.0.1:8883").url == "mqtts://127.0.0.1:8883"
+    with pytest.raises(BrokerRefusedError, match="plaintext to another machine"):
+        merge_broker(tls, "mqtt://10.0.0.5:1883")
+    with pytest.raises(ConfigError, match=r"^broker URL 'http://127.0.0.1:1883' must start with mqtt://"):
+        merge_broker(tls, "http://127.0.0.1:1883")

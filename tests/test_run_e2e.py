@@ -5,18 +5,15 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import cv2
 import jsonschema
 import numpy as np
 import pytest
 from broker_fixtures import Mosquitto
+from helpers import Collector, run_edgemed
 
 from edgemed.envelope import result_schema
 from edgemed.inference import BackendConfig, make_backend
@@ -24,49 +21,6 @@ from edgemed.manifest import verify_model
 from edgemed.runtime import Classifier
 
 N_IMAGES = 24  # img0 .. img23: natural order differs from lexical order (img10 < img2 lexically)
-
-
-class Collector:
-    """Independent consumer keeping every payload per topic (persistent session, QoS 1)."""
-
-    def __init__(self, port: int, *, username: str | None = None, password: str | None = None) -> None:
-        import paho.mqtt.client as paho
-
-        self.by_topic: dict[str, list[dict[str, Any]]] = {}
-        self.retained: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="e2e-dashboard", clean_session=False)
-        self.client.on_connect = lambda c, *a: c.subscribe("edgemed/#", qos=1)
-        self.client.on_subscribe = lambda *a: self._ready.set()
-        self.client.on_message = self._on_message
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert self._ready.wait(10), "collector could not subscribe"
-
-    def _on_message(self, _c: object, _u: object, msg: Any) -> None:
-        body = json.loads(msg.payload)
-        with self._lock:
-            if msg.retain:
-                self.retained[msg.topic] = body
-            else:
-                self.by_topic.setdefault(msg.topic.rsplit("/", 1)[1], []).append(body)
-
-    def results(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.by_topic.get("results", []))
-
-    def wait_results(self, n: int, timeout_s: float = 15.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        while len({r["result_id"] for r in self.results()}) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.results()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -79,10 +33,6 @@ def ultrasound_folder(tmp_path: Path, data_dir: Path) -> Path:
         cv2.imwrite(str(folder / f"img{i}.png"), img)
     (folder / f"img{N_IMAGES}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated by a failing USB stick")
     return folder
-
-
-def run_edgemed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_frame_gives_exactly_one_valid_result(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jsonschema
 from broker_fixtures import Mosquitto
-from test_run_e2e import Collector, run_edgemed
+from helpers import Collector, run_edgemed
 
 from edgemed.envelope import result_schema, study_schema
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_run_e2e import run_edgemed
+from helpers import run_edgemed
 
 from edgemed.cli import main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from test_run_e2e import run_edgemed
+from helpers import run_edgemed
 
 from edgemed.envelope import result_schema, study_schema
 

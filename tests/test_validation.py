@@ -1,14 +1,15 @@
-"""edgemed.validation: the one formatter of pydantic errors (locations, plain wording, nearest valid key)."""
+"""edgemed.validation: the one strict base of settings models and the one formatter of their errors."""
 
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from edgemed.config import DeviceProfile, RunConfig
 from edgemed.inference import BackendConfig
+from edgemed.manifest import Manifest
 from edgemed.triage import ClassRule, StudyPolicy
-from edgemed.validation import describe, model_at, problems
+from edgemed.validation import FrozenModel, StrictModel, describe, model_at, problems
 
 
 def test_model_at_follows_fields_optionals_and_mappings() -> None:
@@ -21,8 +22,7 @@ def test_model_at_follows_fields_optionals_and_mappings() -> None:
     assert model_at(DeviceProfile, ("nosuch",)) is None
 
 
-class _Pair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Pair(StrictModel):
     low: float = Field(0.0, gt=-1)
     high: float = 1.0
 
@@ -52,3 +52,43 @@ def test_describe_joins_and_caps() -> None:
     exc = _error({"a": 1, "b": 2, "c": 3})
     assert describe(exc, _Pair, limit=2).endswith("(+1 more)")
     assert describe(exc, _Pair, limit=2).count("unknown key") == 2
+
+
+def _models_under(root: type[BaseModel]) -> set[type[BaseModel]]:
+    """Every model class reachable from ``root`` through its fields (optionals, lists and mappings included)."""
+    found: set[type[BaseModel]] = set()
+    todo = [root]
+    while todo:
+        model = todo.pop()
+        if model in found:
+            continue
+        found.add(model)
+        for name in model.model_fields:
+            for key in ([name], [name, 0], [name, "any-key"]):
+                inner = model_at(model, key)
+                if inner is not None:
+                    todo.append(inner)
+    return found
+
+
+def test_every_settings_model_rejects_unknown_keys_through_the_one_base() -> None:
+    from converters.gate import GateConfig
+    from converters.recipe import Recipe
+
+    models = _models_under(DeviceProfile) | _models_under(Manifest) | _models_under(GateConfig) | _models_under(Recipe)
+    assert len(models) >= 20  # the walk reached the nested sections, not just the roots
+    for model in models:
+        assert issubclass(model, StrictModel), model
+        if model is Manifest:  # newer converters may add top-level sections; the device keeps them
+            continue
+        with pytest.raises(ValidationError) as info:
+            model.model_validate({"no_such_key": 1})
+        assert any(e["type"] == "extra_forbidden" for e in info.value.errors()), model
+
+
+def test_frozen_models_cannot_be_changed_after_validation() -> None:
+    rule = ClassRule(level="urgent")
+    assert isinstance(rule, FrozenModel)
+    with pytest.raises(ValidationError, match="frozen"):
+        rule.level = "routine"  # type: ignore[misc]
+    assert issubclass(BackendConfig, FrozenModel) and issubclass(Manifest, FrozenModel)

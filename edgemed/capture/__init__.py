@@ -37,9 +37,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from edgemed.errors import CaptureError
+from edgemed.validation import StrictModel
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -62,10 +63,8 @@ IMAGE_EXTENSIONS = [
 ]
 
 
-class CaptureConfig(BaseModel):
+class CaptureConfig(StrictModel):
     """How frames are taken from a source; every default is safe for an unattended device."""
-
-    model_config = ConfigDict(extra="forbid")
 
     fps_cap: float | None = Field(
         None,

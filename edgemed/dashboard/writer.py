@@ -103,7 +103,7 @@ class StoreWriter:
         self._thread.start()
 
     def submit(self, held: Held) -> None:
-        """Queue one received message (paho's network thread calls this; it never blocks)."""
+        """Queue one received message (the link's network thread calls this; it never blocks)."""
         if held.ack is None and self._error is not None and self._queue.qsize() >= self.max_held_qos0:
             with self._lock:
                 self._dropped_qos0 += 1

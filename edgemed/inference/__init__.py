@@ -14,23 +14,23 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from edgemed.inference.factory import make_backend
 from edgemed.inference.interpreters import interpreter_module
+from edgemed.validation import FrozenModel
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from edgemed.manifest import OutputKind
     from edgemed.types import Delegate, TensorSpec
 
 _EDGETPU_DEVICE = re.compile(r"^(usb|pci)(:\d+)?$")
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(FrozenModel):
     """Which accelerator a device should use, and what to do when it is missing."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     accelerator: Literal["cpu", "edgetpu", "gpu"] = Field(
         "cpu", description="the intended accelerator: cpu (XNNPACK), edgetpu (Coral) or gpu"
@@ -77,6 +77,8 @@ class Backend(Protocol):
         delegate: where it actually runs: ``cpu``, ``edgetpu`` or ``gpu``.
         degraded: True when ``delegate`` is not the accelerator the profile asked for.
         degraded_reason: why it is degraded, in one line, or ``None``.
+        output_kind: what the graph's output op computes, ``probabilities`` or ``logits`` (``None``: the graph
+            cannot tell, e.g. an Edge TPU custom op).
     """
 
     input_spec: TensorSpec
@@ -85,6 +87,7 @@ class Backend(Protocol):
     delegate: Delegate
     degraded: bool
     degraded_reason: str | None
+    output_kind: OutputKind | None
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one quantized input; return the raw output row, shape ``(classes,)``."""

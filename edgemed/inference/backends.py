@@ -73,7 +73,7 @@ def graph_output_kind(interpreter: Any) -> OutputKind | None:
     """
     try:
         # The public API has no graph introspection; this private call exists in ai_edge_litert, tflite_runtime
-        # and tensorflow.lite alike (converters.runner.op_names uses it too).
+        # and tensorflow.lite alike.
         ops = interpreter._get_ops_details()
         tensor = int(interpreter.get_output_details()[0]["index"])
     except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError):

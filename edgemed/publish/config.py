@@ -7,7 +7,6 @@ when the link is built.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import os
@@ -18,9 +17,10 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgemed.errors import ConfigError
+from edgemed.validation import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,8 @@ def parse_broker_url(url: str) -> BrokerUrl:
     return BrokerUrl(scheme, parts.hostname, port or _DEFAULT_PORTS[scheme])  # type: ignore[arg-type]
 
 
-class TlsConfig(BaseModel):
+class TlsConfig(StrictModel):
     """TLS settings. Certificates are always verified: there is no switch to turn verification off."""
-
-    model_config = ConfigDict(extra="forbid")
 
     ca_file: Path | None = Field(
         None, description="PEM file of the CA that signed the broker's certificate; None = the system CAs"
@@ -121,10 +119,8 @@ class TlsConfig(BaseModel):
         return self
 
 
-class MqttConfig(BaseModel):
+class MqttConfig(StrictModel):
     """How the device reaches its broker."""
-
-    model_config = ConfigDict(extra="forbid")
 
     url: str = Field(..., description="mqtt://host:port (plaintext) or mqtts://host:port (TLS)")
     client_id: str | None = Field(
@@ -248,18 +244,3 @@ def _check_password_file(path: Path) -> None:
                 mode,
                 path,
             )
-
-
-def default_client_id(device_id: str) -> str:
-    """A stable MQTT client id for a device, so its broker session survives restarts.
-
-    Args:
-        device_id: the profile's device id.
-
-    Returns:
-        ``edgemed-{device_id}``, or a hashed form when that would exceed 64 characters.
-    """
-    cid = f"edgemed-{device_id}"
-    if len(cid) <= 64:
-        return cid
-    return "edgemed-" + hashlib.sha256(device_id.encode()).hexdigest()[:40]

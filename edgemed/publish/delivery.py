@@ -1,10 +1,14 @@
-"""Drains the durable outbox through the MQTT link, in order, and deletes a result only on its PUBACK.
+"""Drains the durable outbox through a publisher, in order, and deletes a result only on its PUBACK.
 
-One background thread moves committed results from the outbox to the link, keeping at most ``max_inflight``
-unacknowledged; acknowledgements arrive on the link's network thread and are handed back to this thread, which
-deletes the rows in batches. Nothing is ever removed from the outbox on a publish alone: a result leaves only
-when the broker has taken responsibility for it. Delivery is therefore at least once: after a crash or a
-reconnect a result may be sent again, with the same ``result_id``, and the consumer drops the duplicate.
+One background thread moves committed results from the outbox to the publisher, keeping at most ``max_inflight``
+unacknowledged; acknowledgements arrive on the publisher's network thread and are handed back to this thread,
+which deletes the rows in batches. Nothing is ever removed from the outbox on a publish alone: a result leaves
+only when the broker has taken responsibility for it. Delivery is therefore at least once: after a crash, a
+reconnect or a protocol fall back a result may be sent again, with the same ``result_id``, and the consumer drops
+the duplicate.
+
+``Delivery`` knows the publisher only through the ``Publisher`` protocol (``publish.publisher``): ``MqttLink`` in
+production, an in-memory publisher in the delivery logic tests (``tests/test_delivery_logic.py``).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from pathlib import Path
 
 from edgemed.errors import OutboxError
 from edgemed.lock import DataDirLock
-from edgemed.outbox import OUTBOX_FILENAME, Outbox
+from edgemed.outbox import OUTBOX_FILENAME, Outbox, OutboxConfig
 from edgemed.publish.config import MqttConfig
-from edgemed.publish.mqtt import MqttLink
+from edgemed.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +37,14 @@ _ACK_BATCH_S = 0.02
 
 
 class Delivery:
-    """The background drain of one outbox through one link."""
+    """The background drain of one outbox through one publisher."""
 
-    def __init__(self, outbox: Outbox, link: MqttLink, *, max_inflight: int = 500) -> None:
+    def __init__(self, outbox: Outbox, publisher: Publisher, *, max_inflight: int = 500) -> None:
         """Prepare the drain; nothing runs until ``start()``.
 
         Args:
             outbox: where results wait (``pending()``/``ack_many()`` are called from this object's thread).
-            link: the MQTT link; it need not be connected yet.
+            publisher: the connection to the broker (``MqttLink``); it need not be connected yet.
             max_inflight: most results published and not yet acknowledged at any time. 500 measured 18% faster
                 than 100 (benchmarks/bench_outbox.py) and no faster at 1,000; after a reconnect at most this many
                 are sent again, each with its result_id.
@@ -51,7 +55,7 @@ class Delivery:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
         self.outbox = outbox
-        self.link = link
+        self.publisher = publisher
         self.max_inflight = max_inflight
         self.published_total = 0
         self.acked_total = 0
@@ -59,7 +63,7 @@ class Delivery:
         self._acked: list[int] = []
         self._inflight: set[int] = set()
         self._cursor = 0
-        self._epoch = link.epoch
+        self._epoch = publisher.epoch
         self._was_connected = False
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -123,7 +127,7 @@ class Delivery:
     # -- drain thread ----------------------------------------------------------------------------------------
 
     def _on_ack(self, row_id: int) -> None:
-        # Runs on the link's network thread: only hand the row id over, never touch the outbox here.
+        # Runs on the publisher's network thread: only hand the row id over, never touch the outbox here.
         with self._lock:
             first = not self._acked
             self._acked.append(row_id)
@@ -155,13 +159,14 @@ class Delivery:
 
     def _step(self, *, publish: bool, flush_acks: bool = False) -> None:
         now = time.monotonic()
-        epoch = self.link.epoch  # read once: the link may replace its client at any moment
+        publisher = self.publisher
+        epoch = publisher.epoch  # read once: the publisher may replace its client at any moment
         if (
             flush_acks
             or epoch != self._epoch  # record what arrived before replaying from the outbox
             or now - self._acks_flushed_at >= _ACK_BATCH_S
             or len(self._inflight) >= self.max_inflight
-            or not self.link.connected
+            or not publisher.connected
         ):
             with self._lock:
                 acked, self._acked = self._acked, []
@@ -171,13 +176,13 @@ class Delivery:
                 self._inflight.difference_update(acked)
                 self.acked_total += len(acked)
         if epoch != self._epoch:
-            # The link replaced its client: what the old one held in memory is gone; replay from the outbox.
+            # The publisher replaced its client: what the old one held in memory is gone; replay from the outbox.
             self._epoch = epoch
             self._inflight.clear()
             self._cursor = 0
-        if not publish or not self.link.connected:
+        if not publish or not publisher.connected:
             return
-        connections = self.link.connections
+        connections = publisher.connections
         if connections != self._connections_seen:
             self._connections_seen = connections
             self._replay()  # on every connection, the first of a run included (a power cut may take both down)
@@ -187,7 +192,7 @@ class Delivery:
         for item in self.outbox.pending(room, after_row=self._cursor):
             self._inflight.add(item.row_id)
             self._cursor = item.row_id
-            self.link.publish(item.topic, item.payload, on_ack=partial(self._on_ack, item.row_id))
+            publisher.publish(item.topic, item.payload, on_ack=partial(self._on_ack, item.row_id))
             self.published_total += 1
 
     def _replay(self) -> None:
@@ -199,7 +204,7 @@ class Delivery:
         if not items:
             return
         for item in items:
-            self.link.publish(item.topic, item.payload, on_ack=None)
+            self.publisher.publish(item.topic, item.payload, on_ack=None)
         self.outbox.renew_replayed(item.row_id for item in items)
         self.replayed_total += len(items)
         log.warning(
@@ -236,6 +241,7 @@ def flush_outbox(
     client_id: str | None = None,
     status_topic: str | None = None,
     timeout_name: str = "--timeout",
+    outbox_cfg: OutboxConfig | None = None,
 ) -> FlushResult:
     """Send whatever is pending in a data directory's outbox (``edgemed flush``).
 
@@ -249,6 +255,8 @@ def flush_outbox(
         client_id: MQTT client id; default ``cfg.client_id`` or one derived from the data directory.
         status_topic: where to publish a retained status; None = none.
         timeout_name: the option that set ``timeout_s``, named in the waiting message.
+        outbox_cfg: the profile's outbox settings (acknowledgement log, replay window, commit level); default
+            ``OutboxConfig()``.
 
     Returns:
         How many results were sent and how many are still pending.
@@ -260,12 +268,14 @@ def flush_outbox(
     """
     data_dir = Path(data_dir)
     with DataDirLock(data_dir):
-        outbox = Outbox(data_dir / OUTBOX_FILENAME)
+        outbox = Outbox(data_dir / OUTBOX_FILENAME, outbox_cfg)
         try:
             pending = outbox.pending_count()
             if pending == 0:
                 return FlushResult(0, 0)
             digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+            from edgemed.publish.mqtt import MqttLink  # paho is imported only where a broker is used
+
             link = MqttLink(
                 cfg,
                 status_topic=status_topic,
@@ -306,6 +316,7 @@ def flush(
     *,
     client_id: str | None = None,
     status_topic: str | None = None,
+    outbox_cfg: OutboxConfig | None = None,
 ) -> int:
     """Send whatever is pending in a data directory's outbox; see ``flush_outbox``.
 
@@ -317,4 +328,6 @@ def flush(
         BrokerRefusedError: the broker refused the credentials or certificate, or plaintext policy forbids it.
         OutboxError: the outbox cannot be read or written.
     """
-    return flush_outbox(data_dir, cfg, timeout_s, client_id=client_id, status_topic=status_topic).remaining
+    return flush_outbox(
+        data_dir, cfg, timeout_s, client_id=client_id, status_topic=status_topic, outbox_cfg=outbox_cfg
+    ).remaining

@@ -1,16 +1,22 @@
-"""The MQTT link: the only module in edgemed that imports paho-mqtt.
+"""The MQTT core: the only module in edgemed that imports paho-mqtt, used by the device and the dashboard alike.
 
 ``MqttLink`` owns one paho client and a supervisor thread. The supervisor makes every connection attempt itself
 (``connect()``/``reconnect()``, which raise) and then hands the live connection to paho's network thread
 (``loop_start()`` with ``reconnect_on_failure=False``, so that thread ends with the connection). paho's own retry
 loop is not used because it swallows the exception of a failed attempt, and that exception is what tells an
-unreachable broker (normal: retry with capped backoff, results wait in the outbox) from a broker that refuses us
-(a configuration error: wrong CA, wrong password, exit 5).
+unreachable broker (normal: retry with capped backoff) from a broker that refuses us (a configuration error: wrong
+CA, wrong password, exit 5). What an attempt amounts to (back-off, refusal, MQTT 5 -> 3.1.1 fall back) is decided
+by ``policy.ReconnectPolicy``; the TLS context comes from ``tls.make_ssl_context``.
+
+One link serves both ends. The device publishes (``publish(..., on_ack=f)``) with a retained status and a last
+will; the dashboard subscribes (``subscriptions``, restored on every connection) and acknowledges each received
+message itself (``manual_ack``) after the commit that holds it, on the connection the message came on.
 
 Delivery contract: ``publish(..., on_ack=f)`` calls ``f`` from the network thread once the broker has sent a
 successful PUBACK for that message, and never otherwise. Messages handed to paho while the connection is down,
-or in flight when it drops, are kept by paho in memory and re-sent after reconnect; if the process dies they
-are lost from memory but not from the outbox, which replays them at the next start.
+or in flight when it drops, are kept by paho in memory and re-sent after reconnect; if the process dies, or the
+client is replaced by a protocol fall back (``epoch``), they are lost from memory but not from the outbox, which
+replays them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -28,51 +35,36 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgemed.errors import BrokerRefusedError, ConfigError
+from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig, read_password
+from edgemed.publish.policy import (
+    PROTOCOL_REFUSED_CODES,
+    Attempt,
+    ReconnectPolicy,
+    RefusalState,
+    RefusalWording,
+    ReportedRefusal,
+    Step,
+    connack_refusal,
+    describe_device_refusal,
+    publish_refusal,
+    require_safe_transport,
+    subscribe_refusal,
+)
+from edgemed.publish.publisher import AckCallback, Message, MessageCallback, StateCallback, Subscription
+from edgemed.publish.tls import make_ssl_context
 
 log = logging.getLogger(__name__)
 
-AckCallback = Callable[[], None]
-StateCallback = Callable[[str], None]
+__all__ = ["MqttLink", "ReportedRefusal"]
 
-# CONNACK reasons that mean "your settings are wrong", as opposed to "try again later".
-_REFUSALS = {
-    "Not authorized": "check mqtt.username and the password it reads ({source})",
-    "Bad user name or password": "check mqtt.username and the password it reads ({source})",
-    "Client identifier not valid": "set mqtt.client_id to an id the broker accepts",
-    "Banned": "the broker banned this client; ask its operator",
-    "Bad authentication method": "the broker wants another authentication method",
-}
-# A v5 CONNECT to a 3.1.1-only broker is answered with return code 1 (unacceptable protocol version), which
-# paho reports as 1 or as 132 "Unsupported protocol version".
-PROTOCOL_REFUSED_CODES = frozenset({1, 132})
-# How long a refusal waits for check() to raise it before the link logs it itself.
-_REFUSAL_GRACE_S = 1.0
-
-
-class ReportedRefusal(BrokerRefusedError):
-    """A refusal that ``MqttLink`` has already logged (``reported``): the caller need not print it again."""
-
-    reported = True
-
-
-def _who(cfg: MqttConfig, name: str, hint: str) -> str:
-    """``as user 'u': <reason>; <fix>`` for a CONNACK refusal, naming where the password comes from."""
-    if cfg.username:
-        source = f"env {cfg.password_env}" if cfg.password_env else str(cfg.password_file)
-        return f"as user {cfg.username!r}: {name}; {hint.format(source=source)}"
-    if "{source}" in hint:  # a credentials refusal, and we sent none
-        return (
-            f"without a user name: {name}; the broker wants one: set mqtt.username with mqtt.password_env or "
-            "mqtt.password_file (or --username with --password-env or --password-file)"
-        )
-    return f"without a user name: {name}; {hint}"
+_DEVICE_NOTE = "results stay in the outbox and are sent when it is back"
 
 
 class MqttLink:
-    """A persistent, reconnecting MQTT connection with a retained online/offline status and a last will."""
+    """A persistent, reconnecting MQTT connection: publishes with acknowledgements, subscribes and receives."""
 
     def __init__(
         self,
@@ -83,76 +75,73 @@ class MqttLink:
         on_state: StateCallback | None = None,
         status_extra: dict[str, Any] | None = None,
         persistent: bool = True,
+        subscriptions: Iterable[Subscription] = (),
+        on_message: MessageCallback | None = None,
+        manual_ack: bool = False,
+        describe_refusal: RefusalWording = describe_device_refusal,
+        offline_note: str = _DEVICE_NOTE,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
         Args:
             cfg: broker settings.
             status_topic: where the retained ``online``/``offline`` status and the last will go; None = no
-                status and no will (``edgemed flush``, ``edgemed doctor``).
-            client_id: stable MQTT client id (see ``default_client_id``).
+                status and no will (``edgemed flush``, ``edgemed doctor``, the dashboard).
+            client_id: MQTT client id; keep it the same across restarts for a persistent session.
             on_state: called with ``"online"``, ``"offline"`` or ``"refused"`` from the network thread.
             status_extra: fields added to every status message (for example the device id and model version).
-            persistent: keep a session on the broker across connections (a device); False for a one-off check
-                that must leave nothing behind on the broker.
+            persistent: keep a session on the broker across connections; False for a one-off check that must
+                leave nothing behind on the broker.
+            subscriptions: topic filters subscribed to on every connection.
+            on_message: receives every message (network thread; it must only hand the message on).
+            manual_ack: QoS 1 messages are acknowledged only by ``Message.ack()`` (after a durable commit);
+                otherwise the link acknowledges each one when ``on_message`` returns.
+            describe_refusal: words a CONNACK refusal in the owner's terms (profile keys, command-line options).
+            offline_note: what happens to the owner's messages while the broker is away, said in the log.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
             ConfigError: the password source or a TLS file cannot be read.
+            ValueError: subscriptions or ``manual_ack`` without ``on_message``.
         """
+        self._subscriptions = tuple(subscriptions)
+        if (self._subscriptions or manual_ack) and on_message is None:
+            raise ValueError("subscriptions and manual_ack need on_message, the callback that receives messages")
+        require_safe_transport(cfg)
         self.cfg = cfg
         self.broker = cfg.broker
-        if not self.broker.tls and not self.broker.loopback and not cfg.allow_plaintext_remote:
-            raise BrokerRefusedError(
-                f"refusing plaintext MQTT to {self.broker.host}:{self.broker.port}: results and the password "
-                "would cross the network unencrypted; use mqtts:// (with mqtt.tls.ca_file for a private CA) "
-                "or set mqtt.allow_plaintext_remote: true"
-            )
         self.status_topic = status_topic
         self.client_id = client_id
         self.status_extra: dict[str, Any] = dict(status_extra or {})
         self.persistent = persistent
         self._on_state = on_state
+        self._on_message = on_message
+        self._manual_ack = manual_ack
+        self._describe_refusal = describe_refusal
+        self._offline_note = offline_note
         self._password = read_password(cfg)
-        self._ssl_context = self._make_ssl_context() if self.broker.tls else None
+        self._ssl_context: ssl.SSLContext | None = make_ssl_context(cfg.tls) if self.broker.tls else None
         self._v5 = cfg.protocol != "3.1.1"
         self._lock = threading.Lock()
         self._callbacks: dict[int, AckCallback | None] = {}
         self._early: dict[int, ReasonCode] = {}
         self._dropped = threading.Event()
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._stop = threading.Event()
-        self._refused: str | None = None
-        self._refusal_raised = False  # check() raised the current refusal to a caller
-        self._refusal_logged = False  # nobody asked in time, so it was logged
-        self._got_connack = False
-        self._went_online = False
+        self._refusal = RefusalState()
+        self._unreachable: str | None = None
+        self._sub_mid: int | None = None
+        self._attempt = Attempt()
         self._connect_called = False
-        self._tls_alert: str | None = None
-        self._tls_eof = False
         self._thread: threading.Thread | None = None
         #: Incremented whenever a new paho client replaces the old one (protocol fallback): messages handed to
         #: the old client are gone from memory and must be re-published from the outbox.
         self.epoch = 0
         #: Incremented on every accepted connection (CONNACK success): the delivery re-sends its replay window
-        #: when it sees a reconnection.
+        #: when it sees a reconnection, and a received message is acknowledged only on its own connection.
         self.connections = 0
         self._client = self._make_client()
-
-    # -- construction ----------------------------------------------------------------------------------------
-
-    def _make_ssl_context(self) -> ssl.SSLContext:
-        tls = self.cfg.tls
-        ca = str(tls.ca_file) if tls and tls.ca_file else None
-        try:
-            ctx = ssl.create_default_context(cafile=ca)
-            if tls and tls.cert_file and tls.key_file:
-                ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load the TLS files of mqtt.tls ({exc}); check ca_file, cert_file and key_file"
-            ) from exc
-        return ctx
 
     def _make_client(self) -> paho.Client:
         client = paho.Client(
@@ -162,6 +151,7 @@ class MqttLink:
             # Persistent session: the broker keeps our state across reconnects (v5: clean_start=False).
             clean_session=None if self._v5 else not self.persistent,
             reconnect_on_failure=False,
+            manual_ack=self._manual_ack,
         )
         client.connect_timeout = self.cfg.connect_timeout_s
         if self.cfg.username:
@@ -170,7 +160,7 @@ class MqttLink:
             client.tls_set_context(self._ssl_context)
         if self.status_topic:
             # The broker publishes this when the connection ends without a DISCONNECT: a crash, a kill, a power cut
-            # or a network failure. The device said nothing more, so it is not a clean stop.
+            # or a network failure. The owner said nothing more, so it is not a clean stop.
             client.will_set(
                 self.status_topic,
                 self._status_payload("offline", {"reason": "connection lost", "clean": False}),
@@ -180,6 +170,10 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
+        if self._subscriptions:
+            client.on_subscribe = self._handle_subscribe
+        if self._on_message is not None:
+            client.on_message = self._handle_message
         return client
 
     # -- public API ------------------------------------------------------------------------------------------
@@ -189,10 +183,30 @@ class MqttLink:
         """True between a successful CONNACK and the loss of the connection."""
         return self._connected.is_set()
 
+    @property
+    def subscribed(self) -> bool:
+        """True once the broker granted every subscription on the current connection."""
+        return self._subscribed.is_set()
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version this link speaks now: ``"5"``, or ``"3.1.1"`` (configured, or after a fall back)."""
+        return "5" if self._v5 else "3.1.1"
+
+    @property
+    def problem(self) -> str | None:
+        """Why the link is not working, for a status page: the refusal, or the broker being unreachable."""
+        return self._refusal.message or (None if self.connected else self._unreachable)
+
     def start(self) -> None:
         """Start connecting in the background; an unreachable broker is not an error: the link retries."""
         if self._thread is not None:
             return
+        if self.cfg.protocol == "auto" and not self._v5:
+            # An earlier run of this link fell back: probe MQTT 5 again (the broker, or a proxy in front of it,
+            # may have been merely unwell then).
+            self._v5 = True
+            self._replace_client()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="edgemed-mqtt", daemon=True)
         self._thread.start()
@@ -201,12 +215,10 @@ class MqttLink:
         """Raise if the broker refused us; call it periodically from the main thread.
 
         Raises:
-            BrokerRefusedError: wrong password, untrusted certificate, rejected client id or publish refused.
+            BrokerRefusedError: wrong password, untrusted certificate, rejected client id, or a message or
+                subscription refused.
         """
-        refused = self._refused
-        if refused is not None:
-            self._refusal_raised = True
-            raise ReportedRefusal(refused) if self._refusal_logged else BrokerRefusedError(refused)
+        self._refusal.check()
 
     def wait_connected(self, timeout_s: float) -> bool:
         """Wait until connected, refused or ``timeout_s`` passed.
@@ -217,9 +229,23 @@ class MqttLink:
         Returns:
             True when connected.
         """
+        return self._wait(self._connected, timeout_s)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait until the broker granted every subscription (or refused, or ``timeout_s`` passed).
+
+        Args:
+            timeout_s: longest wait.
+
+        Returns:
+            True when subscribed (with no subscriptions: when connected).
+        """
+        return self._wait(self._subscribed if self._subscriptions else self._connected, timeout_s)
+
+    def _wait(self, event: threading.Event, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        while not self._connected.wait(0.05):
-            if self._refused is not None or time.monotonic() > deadline:
+        while not event.wait(0.05):
+            if self._refusal.message is not None or time.monotonic() > deadline:
                 return False
         return True
 
@@ -275,7 +301,8 @@ class MqttLink:
 
         The offline status says how the run ended: ``clean: true`` and reason ``stopped`` after a normal end, or
         ``clean: false`` and reason ``ended with an error (...)`` when ``abnormal`` names what ended it. The last
-        will (no stop at all) says ``connection lost`` with ``clean: false``.
+        will (no stop at all) says ``connection lost`` with ``clean: false``. A persistent session stays on the
+        broker, which queues what arrives for it until the next ``start()``.
 
         Args:
             timeout_s: longest wait for the acknowledgement and the network thread.
@@ -306,72 +333,59 @@ class MqttLink:
         self._thread.join(max(0.1, deadline - time.monotonic()))
         self._thread = None
         self._connected.clear()
+        self._subscribed.clear()
 
-    # -- network thread --------------------------------------------------------------------------------------
+    # -- supervisor thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = self.cfg.reconnect_min_s
-        outage_logged = False
-        silent_closes = 0
-        tls_eofs = 0
+        policy = ReconnectPolicy(self.cfg)
         while not self._stop.is_set():
-            self._got_connack = False
-            self._went_online = False
-            self._tls_alert = None
-            self._tls_eof = False
-            continue_eofs = False  # set when this attempt ended in a TLS EOF; any other outcome breaks the run
-            # Cleared before connecting, not in _pump: paho can lose the connection (and _handle_log report it)
-            # inside connect() already, and that report must not be wiped out.
-            self._dropped.clear()
-            try:
-                self._open()
-            except OSError as exc:
-                refusal = _tls_refusal(exc, self.cfg)
-                if refusal is not None:
-                    self._refuse(refusal)
-                elif not outage_logged:
-                    log.warning(
-                        "broker %s is unreachable (%s): results stay in the outbox and are sent when it is "
-                        "back; retrying every %.1f-%.1f s",
-                        self.cfg.url,
-                        exc,
-                        self.cfg.reconnect_min_s,
-                        self.cfg.reconnect_max_s,
-                    )
-                    outage_logged = True
-            else:
-                self._pump(self._client)
-                self._connected.clear()
-                if self._stop.is_set():
-                    break
-                if self._went_online:
-                    delay = self.cfg.reconnect_min_s
-                    silent_closes = tls_eofs = 0
-                    log.warning(
-                        "lost the connection to broker %s: results stay in the outbox; reconnecting",
-                        self.cfg.url,
-                    )
-                    outage_logged = True
-                elif self._tls_alert is not None:
-                    self._refuse_tls_alert(self._tls_alert)
-                elif self._tls_eof and (self.cfg.tls is None or self.cfg.tls.cert_file is None):
-                    tls_eofs += 1
-                    if tls_eofs >= 2:  # twice in a row right after the handshake: not a network blip
-                        self._refuse_tls_alert("it closed TLS twice before answering CONNECT")
-                    continue_eofs = True
-                elif not self._got_connack:
-                    silent_closes += 1
-                    if self._v5 and self.cfg.protocol == "auto" and silent_closes >= 2 and self._refused is None:
-                        self._fall_back_to_311("the broker closed two MQTT 5 connections without a CONNACK")
-                        silent_closes = 0
-            if not continue_eofs:
-                tls_eofs = 0
-            if self._refused is not None:
-                # A refusal does not fix itself: keep trying, slowly, until someone fixes the settings.
-                delay = self.cfg.reconnect_max_s
+            attempt = self._connect_once()
+            if self._stop.is_set():
+                break
+            may_fall_back = self._v5 and self.cfg.protocol == "auto"
+            step = policy.after(attempt, refused=self._refusal.message is not None, may_fall_back=may_fall_back)
+            self._follow(step, attempt)
+            if self._refusal.message is not None:
+                # Leave check() its chance to raise the refusal first (see RefusalState), then log it if nobody did.
+                self._stop.wait(self._refusal.due_in(time.monotonic()))
                 self._report_refusal()
-            self._stop.wait(delay)
-            delay = min(delay * 2, self.cfg.reconnect_max_s)
+            self._stop.wait(step.delay_s)
+
+    def _connect_once(self) -> Attempt:
+        """One connection attempt, from CONNECT until the connection ends (the callbacks fill in the record)."""
+        attempt = self._attempt = Attempt()
+        # Cleared before connecting, not in _pump: paho can lose the connection (and _handle_log report it)
+        # inside connect() already, and that report must not be wiped out.
+        self._dropped.clear()
+        try:
+            self._open()
+        except OSError as exc:
+            attempt.error = exc
+            return attempt
+        self._pump(self._client)
+        self._connected.clear()
+        self._subscribed.clear()
+        return attempt
+
+    def _follow(self, step: Step, attempt: Attempt) -> None:
+        if step.refusal is not None:
+            self._refuse(step.refusal, retry=True)
+        if step.fall_back is not None:
+            self._fall_back_to_311(step.fall_back)
+        if step.report == "unreachable":
+            log.warning(
+                "broker %s is unreachable (%s): %s; retrying every %.1f-%.1f s",
+                self.cfg.url,
+                attempt.error,
+                self._offline_note,
+                self.cfg.reconnect_min_s,
+                self.cfg.reconnect_max_s,
+            )
+        elif step.report == "lost":
+            log.warning("lost the connection to broker %s: %s; reconnecting", self.cfg.url, self._offline_note)
+        if attempt.error is not None and step.refusal is None:
+            self._unreachable = f"broker {self.cfg.url} is unreachable ({attempt.error}); retrying"
 
     def _open(self) -> None:
         # Listen to paho's log only until connected: with a log callback set, paho formats a debug line for
@@ -399,13 +413,14 @@ class MqttLink:
         # paho's own network thread (loop_start) runs the connection: in that mode publish() from other threads
         # only queues, and paho writes in bulk, which is twice as fast as driving loop() from here. With
         # reconnect_on_failure=False its thread ends when the connection does; we then reconnect ourselves, so
-        # that every connection attempt's exception reaches _tls_refusal().
+        # that every connection attempt's exception reaches the policy.
         client.loop_start()
         connack_deadline = time.monotonic() + self.cfg.connect_timeout_s
         while not self._dropped.wait(0.1):
             if self._stop.is_set():
                 break
-            if not self._got_connack and time.monotonic() > connack_deadline:
+            self._report_refusal()  # a message or subscription refused while the connection stays up
+            if not self._attempt.connack and time.monotonic() > connack_deadline:
                 # paho bounds only the TCP and TLS handshakes; a broker that swallows an MQTT 5 CONNECT it does
                 # not understand would otherwise hold us until the keepalive runs out.
                 log.warning("broker %s did not answer CONNECT within %.1f s", self.cfg.url, self.cfg.connect_timeout_s)
@@ -420,6 +435,11 @@ class MqttLink:
     def _fall_back_to_311(self, why: str) -> None:
         log.warning("broker %s: %s; falling back to MQTT 3.1.1", self.cfg.url, why)
         self._v5 = False
+        self._replace_client()
+
+    def _replace_client(self) -> None:
+        # Only ever on the supervisor thread (or before it starts): paho's network thread for the old client has
+        # ended, so nothing can call back into it any more.
         with self._lock:
             self._callbacks.clear()
             self._early.clear()
@@ -427,76 +447,102 @@ class MqttLink:
         self._connect_called = False
         self.epoch += 1
 
+    # -- network thread --------------------------------------------------------------------------------------
+
     def _handle_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: Any,
-        reason: ReasonCode,
-        properties: Properties | None,
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
-        self._got_connack = True
+        self._attempt.connack = True
         if reason.is_failure:
             name = reason.getName()
-            if self._v5 and self.cfg.protocol == "auto" and reason.value in PROTOCOL_REFUSED_CODES:
-                self._fall_back_to_311(f"the broker refused MQTT 5 ({name})")
-                return
-            hint = _REFUSALS.get(name)
-            if hint is not None:
-                who = _who(self.cfg, name, hint)
-                self._refuse(f"broker {self.cfg.url} refused the connection of client {self.client_id!r} {who}")
+            if self._v5 and reason.value in PROTOCOL_REFUSED_CODES:
+                self._attempt.protocol_refused = name
+                if self.cfg.protocol == "auto":
+                    return  # the supervisor falls back once this connection has ended
+            refusal = connack_refusal(name, self.cfg, self.client_id)
+            if refusal is not None:
+                self._refuse(self._describe_refusal(refusal), retry=True)
             else:
                 log.warning("broker %s refused the connection for now (%s); retrying", self.cfg.url, name)
             return
         client.on_log = None
-        self._refused = None
-        self._went_online = True
+        self._refusal.clear()
+        self._unreachable = None
+        self._attempt.online = True
         self.connections += 1
         self._connected.set()
         log.info(
             "connected to broker %s as %s (MQTT %s, session present: %s)",
             self.cfg.url,
             self.client_id,
-            "5" if self._v5 else "3.1.1",
+            self.protocol,
             getattr(flags, "session_present", None),
         )
         if self.status_topic:
             client.publish(self.status_topic, self._status_payload("online", {}), qos=1, retain=True)
+        if self._subscriptions:
+            # Also on a resumed session: harmless there, and it covers a broker that lost the session.
+            self._sub_mid = client.subscribe(self._subscribe_list())[1]
         self._notify("online")
 
+    def _subscribe_list(self) -> list[tuple[str, Any]]:
+        if self._v5:
+            return [(s.topic_filter, SubscribeOptions(qos=s.qos, noLocal=s.no_local)) for s in self._subscriptions]
+        return [(s.topic_filter, s.qos) for s in self._subscriptions]
+
+    def _handle_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
+    ) -> None:
+        if mid != self._sub_mid:
+            return
+        # One reason code per filter, in order; only the codes the broker sent are judged.
+        pairs = zip(self._subscriptions, reasons, strict=False)
+        refused = {s.topic_filter: r.getName() for s, r in pairs if r.is_failure}
+        if refused:
+            self._refuse(subscribe_refusal(self.cfg.url, self.client_id, refused), retry=False)
+        else:
+            self._subscribed.set()
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        ack = None
+        if self._manual_ack and msg.qos > 0:
+            ack = partial(self._ack, client, msg.mid, msg.qos, self.connections)
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), ack))
+        except Exception:
+            # The handler belongs to the owner; a bug there must not kill the network thread. Unacknowledged, the
+            # message comes again on the next connection.
+            log.exception("message handler failed for a message on %r", msg.topic[:200])
+
+    def _ack(self, client: paho.Client, mid: int, qos: int, connection: int) -> None:
+        # A message received on a connection that has since dropped is sent again by the broker on the next one
+        # (it was never acknowledged); a PUBACK with its old packet id on the new connection could acknowledge
+        # another message, so none is sent. The owner drops the redelivered copy as a duplicate.
+        if connection == self.connections and client is self._client and self._connected.is_set():
+            client.ack(mid, qos)
+
     def _handle_disconnect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: Any,
-        reason: ReasonCode,
-        properties: Properties | None,
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         self._dropped.set()
         if was:
             self._notify("offline")
-
-    def _refuse_tls_alert(self, alert: str) -> None:
-        # TLS 1.3 reports a rejected client certificate only after the handshake, as an alert on the first
-        # read; paho logs it and closes. Without this the failure would look like a network outage.
-        self._refuse(
-            f"TLS: broker {self.cfg.url} rejected the connection ({alert}); if it requires a client "
-            "certificate, set mqtt.tls.cert_file and mqtt.tls.key_file to one its CA signed"
-        )
 
     def _handle_log(self, client: paho.Client, userdata: Any, level: int, message: str) -> None:
         # paho swallows socket errors after the handshake and only logs them; a TLS alert from the broker is
         # the one among them that means "your settings are wrong" rather than "the network went away".
         if level == paho.MQTT_LOG_ERR and "SSL:" in message and "ALERT" in message:
-            self._tls_alert = message.split(": ", 1)[-1]
-        if level == paho.MQTT_LOG_ERR and not self._got_connack and "failed to receive on socket" in message:
+            self._attempt.tls_alert = message.split(": ", 1)[-1]
+        if level == paho.MQTT_LOG_ERR and not self._attempt.connack and "failed to receive on socket" in message:
             # paho calls no on_disconnect for a connection lost before its CONNACK: end the pump now rather than
-            # at the CONNACK deadline. An EOF inside TLS here is how a broker that wants a client certificate
-            # often looks when its alert raced our CONNECT (the reset discards the alert).
+            # at the CONNACK deadline.
             if "EOF" in message and self.broker.tls:
-                self._tls_eof = True
+                self._attempt.tls_eof = True
             self._dropped.set()
         if level in (paho.MQTT_LOG_ERR, paho.MQTT_LOG_WARNING):
             log.debug("paho: %s", message)
@@ -514,11 +560,7 @@ class MqttLink:
     def _finish(self, mid: int, topic: str, reason: ReasonCode, on_ack: AckCallback | None) -> None:
         # v5 PUBACK reason codes >= 0x80 mean the broker did not take the message (typically an ACL denial).
         if reason.is_failure:
-            self._refuse(
-                f"broker {self.cfg.url} refused a message from client {self.client_id!r}"
-                f"{' on ' + topic if topic else ''}: {reason.getName()}; allow this client to publish on "
-                "its edgemed/ topics in the broker's ACL"
-            )
+            self._refuse(publish_refusal(self.cfg.url, self.client_id, topic, reason.getName()), retry=False)
             return
         if on_ack is not None:
             try:
@@ -527,23 +569,19 @@ class MqttLink:
                 # The callback belongs to the delivery layer; a bug there must not kill the network thread.
                 log.exception("acknowledgement callback failed for message %d", mid)
 
-    def _refuse(self, message: str) -> None:
-        first = self._refused != message
-        if first:
-            self._refusal_raised = self._refusal_logged = False
-        self._refused = message
-        if first:
+    # -- refusals and status ---------------------------------------------------------------------------------
+
+    def _refuse(self, message: str, *, retry: bool) -> None:
+        retry_s = self.cfg.reconnect_max_s if retry else None
+        if self._refusal.set(message, time.monotonic(), retry_s=retry_s):
             self._notify("refused")
+        else:
+            log.debug("%s (again)", message)
 
     def _report_refusal(self) -> None:
-        # A refusal is shown once: raised by check() to the caller (the command line prints it as its exit
-        # reason), or, when no caller asks within a second (a watch: folder with nothing new), logged here; a
-        # later check() then raises it marked as reported, so that it is not printed a second time.
-        if self._refused is None or self._refusal_logged or self._stop.wait(_REFUSAL_GRACE_S):
-            return
-        if not self._refusal_raised:
-            log.error("%s", self._refused)
-            self._refusal_logged = True
+        line = self._refusal.take_log_line(time.monotonic())
+        if line is not None:
+            log.error("%s", line)
 
     def _notify(self, state: str) -> None:
         if self._on_state is None:
@@ -561,23 +599,3 @@ class MqttLink:
             **extra,
         }
         return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-
-
-def _tls_refusal(exc: OSError, cfg: MqttConfig) -> str | None:
-    """A one-line configuration error for a TLS failure, or None for a transient network failure."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        what = exc.verify_message or str(exc)
-        fix = (
-            "set mqtt.tls.ca_file to the CA that signed the broker's certificate"
-            if "hostname" not in what.lower()
-            else "use the host name the broker's certificate names in the URL"
-        )
-        return f"TLS: the certificate of broker {cfg.url} is not trusted ({what}); {fix}"
-    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-        return None  # the broker went away mid-handshake: retry
-    if isinstance(exc, ssl.SSLError):
-        return (
-            f"TLS handshake with broker {cfg.url} failed ({exc.reason or exc}); check that the port speaks "
-            "TLS and, if the broker requires a client certificate, set mqtt.tls.cert_file and key_file"
-        )
-    return None
