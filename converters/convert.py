@@ -269,7 +269,7 @@ def _float_reference(inputs: _Inputs) -> FloatReference:
 def _probabilities(raw: np.ndarray) -> np.ndarray:
     if np.allclose(raw.sum(axis=1), 1.0, atol=1e-3) and (raw >= 0).all():
         return raw
-    from edgemed.preprocess import softmax
+    from edgemed.inference.classify import softmax
 
     return softmax(raw)
 

@@ -4,7 +4,7 @@ The gate must judge the bytes the device runs, run the way the device runs them,
 converter's own: the file is loaded by ``edgemed.inference.make_backend`` (CPU with XNNPACK, the interpreter
 package the device would pick), each uint8 image goes through ``edgemed.preprocess.Preprocessor`` (colour mode,
 resize and the uint8 -> input lookup of the manifest's input spec) and ``Backend.invoke``, and each raw output
-through ``edgemed.preprocess.probabilities`` (dequantize, then softmax for logits): the calls the device's
+through ``edgemed.inference.classify.probabilities`` (dequantize, then softmax for logits): the calls the device's
 ``Classifier`` makes for every frame. Latency is timed around ``Backend.invoke``, as the device times inference.
 
 One difference is deliberate: the gate runs on one CPU thread (the device uses its profile's ``threads``), so
@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from edgemed.inference import Backend, BackendConfig, make_backend
+from edgemed.inference.classify import probabilities
 from edgemed.manifest import InputSpec, OutputKind, QuantSpec
-from edgemed.preprocess import Preprocessor, probabilities
+from edgemed.preprocess import Preprocessor
 from edgemed.types import TensorSpec
 
 # No fallback: a model that does not load on the CPU is an error here, not a degraded run.

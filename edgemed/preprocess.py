@@ -93,15 +93,3 @@ class Preprocessor:
         out: np.ndarray = self._lut[prepare(image, self.spec)][None, ...]
         return out
 
-
-# Moved to edgemed.inference.classify (issue 10): these names still resolve here, lazily, for callers written
-# before the move (converters.runner, converters.convert). Import them from edgemed.inference.classify.
-_MOVED_TO_CLASSIFY = ("dequantize", "softmax", "probabilities")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_CLASSIFY:
-        from edgemed.inference import classify
-
-        return getattr(classify, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from edgemed.inference import Backend
     from edgemed.publish.delivery import Delivery
     from edgemed.publish.mqtt import MqttLink
+    from edgemed.publish.publisher import Link
 
 log = logging.getLogger("edgemed.runtime")
 
@@ -74,7 +75,7 @@ class Device:
         model: Deployable | None = None,
         backend: Backend | None = None,
         source: FrameSource | None = None,
-        publisher: MqttLink | None = None,
+        publisher: Link | None = None,
         clock: Clock | None = None,
     ) -> None:
         """Args:
@@ -106,7 +107,7 @@ class Device:
         names = shows_names(profile.privacy.print_source_names, out)
         self.printer = Printer(out, show_names=names) if profile.run.print_results else None
         self.studies: list[StudyResult] = []
-        self.link: MqttLink | None = None
+        self.link: Link | None = None
         self.delivery: Delivery | None = None
         self.local_copy: LocalCopy | None = None
         self._model, self._backend, self._source, self._publisher = model, backend, source, publisher

@@ -1,9 +1,9 @@
 """What the run loop asks of delivery: is it still healthy, is there room for another result, and, at the end,
 has the broker taken everything (waiting a bounded time). The heartbeat runs here too.
 
-The link (``edgemed.publish.mqtt``) and the delivery thread (``edgemed.publish.delivery``) are built, started
-and stopped by the runtime (``Device._start_delivery``); an ``Uplink`` without them is a device working
-offline: results stay in the outbox until ``edgemed flush``.
+The link (an ``edgemed.publish.publisher.Link``: ``MqttLink`` on a device) and the delivery thread
+(``edgemed.publish.delivery``) are built, started and stopped by the runtime (``Device._start_delivery``); an
+``Uplink`` without them is a device working offline: results stay in the outbox until ``edgemed flush``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgemed.outbox import Outbox
     from edgemed.publish.delivery import Delivery
-    from edgemed.publish.mqtt import MqttLink
+    from edgemed.publish.publisher import Link
 
 log = logging.getLogger("edgemed.runtime")
 
@@ -48,7 +48,7 @@ class Uplink:
         """
         self.outbox = outbox
         self.stop = stop
-        self.link: MqttLink | None = None
+        self.link: Link | None = None
         self.delivery: Delivery | None = None
         self._health_topic = health_topic
         self._heartbeat = heartbeat
@@ -59,7 +59,7 @@ class Uplink:
         """True while the link is connected to the broker (never when offline)."""
         return self.link is not None and self.link.connected
 
-    def attach(self, link: MqttLink, delivery: Delivery) -> None:
+    def attach(self, link: Link, delivery: Delivery) -> None:
         """Go online through a started link and delivery thread, and start the heartbeat."""
         self.link, self.delivery = link, delivery
         threading.Thread(target=self._heartbeat_loop, args=(link,), name="edgemed-health", daemon=True).start()
@@ -126,7 +126,7 @@ class Uplink:
         self.publish_health()
         return remaining
 
-    def _heartbeat_loop(self, link: MqttLink) -> None:
+    def _heartbeat_loop(self, link: Link) -> None:
         # A first heartbeat as soon as the link is up, not one interval later: the dashboard then knows the
         # backlog of a run that ends (or is killed) before its first interval.
         if link.wait_connected(min(self._interval_s, _FIRST_HEARTBEAT_WAIT_S)) and not self.stop.is_set():

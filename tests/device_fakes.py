@@ -1,22 +1,22 @@
 """Fakes at the device's seams (backend, source, publisher), for logic tests of ``edgemed.runtime.Device``.
 
 Only the seams are fake: the device under test still runs the real quality gate, preprocessing, triage,
-envelope, outbox (SQLite in a temporary folder) and delivery thread.
+envelope, outbox (SQLite in a temporary folder) and delivery thread. The publisher is the project's in-memory one
+(``tests/fakes.py``), acknowledging at once.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from fakes import FakePublisher
 
 from edgemed.capture._base import LedgerChanges
 from edgemed.deploy import Deployable
 from edgemed.manifest import Artifact, InputSpec, Manifest
+from edgemed.publish.publisher import AckCallback
 from edgemed.types import CaptureState, Frame, InputDone, SourceKind, TensorSpec
 
 LABELS = ("benign", "malignant")
@@ -121,53 +121,15 @@ class ListSource:
         raise AssertionError("a source that keeps no ledger is never attached to one")
 
 
-@dataclass(frozen=True)
-class Published:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-
-
-class MemoryLink:
-    """An always-connected publisher that acknowledges every QoS 1 message at once, in memory."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.messages: list[Published] = []
-        self.connected = False
-        self.epoch = 0
-        self.connections = 0
-        self.stopped: dict[str, Any] | None = None
-
-    def start(self) -> None:
-        self.connected = True
-        self.connections += 1
-
-    def wait_connected(self, timeout_s: float) -> bool:
-        return self.connected
-
-    def check(self) -> None:
-        return None
+class AcknowledgingPublisher(FakePublisher):
+    """The in-memory publisher (``tests/fakes.py``) with a broker that acknowledges every QoS 1 message at once."""
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int = 1,
-        retain: bool = False,
-        on_ack: Callable[[], None] | None = None,
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, on_ack: AckCallback | None = None
     ) -> None:
-        with self._lock:
-            self.messages.append(Published(topic, payload, qos, retain))
-        if qos == 1 and on_ack is not None:
-            on_ack()
-
-    def stop(self, timeout_s: float = 5.0, *, abnormal: str | None = None, extra: dict[str, Any] | None = None) -> None:
-        self.connected = False
-        self.stopped = {"abnormal": abnormal, "extra": extra}
+        super().publish(topic, payload, qos, retain, on_ack)
+        self.ack()
 
     def on(self, kind: str) -> list[bytes]:
         """Payloads published on ``.../{kind}``, in publication order."""
-        with self._lock:
-            return [m.payload for m in self.messages if m.topic.rsplit("/", 1)[1] == kind]
+        return [m.payload for m in list(self.sent) if m.topic.rsplit("/", 1)[1] == kind]

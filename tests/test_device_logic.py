@@ -16,7 +16,17 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from device_fakes import BRIGHT, DARK, INPUT, MID, BrightnessBackend, ListSource, MemoryLink, fake_model, noise
+from device_fakes import (
+    BRIGHT,
+    DARK,
+    INPUT,
+    MID,
+    AcknowledgingPublisher,
+    BrightnessBackend,
+    ListSource,
+    fake_model,
+    noise,
+)
 
 from edgemed.clock import Clock
 from edgemed.config import DeviceProfile
@@ -75,7 +85,7 @@ def _cine(kind: str = "video", study_uid: str | None = None) -> list[Frame]:
 
 
 def test_a_session_gives_its_results_in_order_then_one_study_decision(tmp_path: Path) -> None:
-    backend, link, out = BrightnessBackend(), MemoryLink(), io.StringIO()
+    backend, link, out = BrightnessBackend(), AcknowledgingPublisher(), io.StringIO()
     frames = _cine()
     device = Device(
         _profile(tmp_path),
@@ -138,11 +148,11 @@ def test_a_session_gives_its_results_in_order_then_one_study_decision(tmp_path: 
     assert lines[1] == "#1      malignant (100%)  -> URGENT: " + results[1]["triage"]["reason"]
     assert lines[5].startswith("#5      -  -> ERROR: ")
     # The broker got a clean offline status with nothing left on disk.
-    assert link.stopped == {"abnormal": None, "extra": {"pending": 0}}
+    assert link.stopped == {"abnormal": None, "pending": 0}
 
 
 def test_a_new_study_is_decided_before_the_first_frame_of_the_next(tmp_path: Path) -> None:
-    link = MemoryLink()
+    link = AcknowledgingPublisher()
     # A folder: two cine studies back to back (by StudyInstanceUID), then an unrelated photo.
     frames = [
         *(Frame(index=i, source_kind="dicom", image=noise(*BRIGHT, seed=i), study_uid="1.2.3.A") for i in range(3)),
@@ -155,7 +165,7 @@ def test_a_new_study_is_decided_before_the_first_frame_of_the_next(tmp_path: Pat
     ) as device:
         summary = device.run()
 
-    sent = [json.loads(m.payload) for m in link.messages if not m.topic.endswith("/health")]
+    sent = [json.loads(m.payload) for m in link.sent if not m.topic.endswith("/health")]
     kinds = [env["schema"] for env in sent]
     assert kinds == [
         *["edgemed.result/1"] * 3,
@@ -173,7 +183,7 @@ def test_a_new_study_is_decided_before_the_first_frame_of_the_next(tmp_path: Pat
     assert {env["session_id"] for env in sent[:4]} == {pseudonym(secret, "1.2.3.A")}
     assert {env["session_id"] for env in sent[4:8]} == {pseudonym(secret, "1.2.3.B")}
     assert sent[8]["session_id"] is None
-    assert not any("1.2.3." in m.payload.decode() for m in link.messages)
+    assert not any("1.2.3." in m.payload.decode() for m in link.sent)
     assert summary.frames == 7 and [s.level for s in summary.studies] == ["urgent", "no_finding"]
 
 
@@ -195,7 +205,7 @@ def test_process_returns_the_typed_result_the_envelope_was_encoded_from(tmp_path
 
 
 def test_the_heartbeat_reports_source_reconnects_and_evicted_results(tmp_path: Path) -> None:
-    link = MemoryLink()
+    link = AcknowledgingPublisher()
     frames = [Frame(index=i, source_kind="stream", image=noise(*DARK, seed=i)) for i in range(6)]
     profile = _profile(tmp_path, run={"print_results": False}, outbox={"max_pending": 3, "on_full": "evict_oldest"})
     # Offline (no publisher): the outbox fills, and evict_oldest makes room by deleting the oldest.
@@ -227,7 +237,7 @@ def test_a_device_given_no_source_is_a_configuration_error(tmp_path: Path, int8_
 
 
 def test_edgemed_run_without_a_source_exits_2(tmp_path: Path, int8_model: Path) -> None:
-    from test_run_e2e import run_edgemed
+    from helpers import run_edgemed
 
     proc = run_edgemed("run", "--model", str(int8_model), "--device-id", "d1", "--data-dir", str(tmp_path / "d"))
     assert proc.returncode == 2, proc.stderr
