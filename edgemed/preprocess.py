@@ -92,4 +92,3 @@ class Preprocessor:
         """Prepare, normalise and quantize one frame; returns shape ``(1, H, W, C)``."""
         out: np.ndarray = self._lut[prepare(image, self.spec)][None, ...]
         return out
-
