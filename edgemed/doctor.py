@@ -62,22 +62,15 @@ def _model(path: Path, profile: DeviceProfile | None, *, from_profile: bool = Tr
 
     import numpy as np
 
-    from edgemed.inference import BackendConfig, make_backend
-    from edgemed.manifest import verify_model
-    from edgemed.triage import validate_policy
+    from edgemed.deploy import check_deployable
+    from edgemed.inference import BackendConfig
 
     try:
         # The profile's explicit manifest belongs to the profile's model, not to one given with --model.
         manifest_path = profile.model.manifest if profile is not None and from_profile else None
-        manifest, art = verify_model(path, manifest_path)
-        if profile is not None:
-            validate_policy(profile.triage, list(manifest.labels))
-        twin = None
-        if art.twin:
-            twin = path.parent / Path(art.twin).name
-            verify_model(twin, manifest_path)
-        cfg = profile.inference if profile is not None else BackendConfig()
-        backend = make_backend(path, cfg, fallback_model=twin, manifest=manifest)
+        checked = check_deployable(path, manifest_path, profile.triage if profile is not None else None)
+        manifest, art = checked.manifest, checked.artifact
+        backend = checked.open_backend(profile.inference if profile is not None else BackendConfig())
         try:
             x = np.zeros(backend.input_spec.shape, dtype=backend.input_spec.dtype)
             times = []

@@ -15,7 +15,7 @@ from the staged bundle, finds its model there.
 Modules:
     build.py           :func:`build_bundle`, in named steps
     device_profile.py  the profile rewritten for the device (model inside the bundle, CA, secrets to provision)
-    verify.py          :func:`verify_bundle` (the device's own check) and :func:`check_models_load`
+    verify.py          :func:`verify_bundle` (the device's own check; the model by ``edgemed.deploy``)
     tree.py            plain files only: :func:`extract_bundle`, :func:`refuse_unsafe_entries`
     render.py          fills in ``templates/install.sh.in`` and ``templates/edgemed.service.in`` (package data)
 """
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from edgemed.bundle.build import BundleResult, build_bundle
 from edgemed.bundle.tree import extract_bundle, refuse_unsafe_entries
-from edgemed.bundle.verify import DEFAULT_TRUSTED_KEY, check_models_load, verify_bundle
+from edgemed.bundle.verify import DEFAULT_TRUSTED_KEY, verify_bundle
+from edgemed.deploy import check_models_load
 
 __all__ = [
     "DEFAULT_TRUSTED_KEY",

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from edgemed import __version__
 from edgemed.bundle.device_profile import ProfileForDevice, profile_for_device, refuse_relative_device_paths
 from edgemed.bundle.render import render_template
-from edgemed.bundle.verify import check_models_load
 from edgemed.errors import EXIT_BROKER, EXIT_CONFIG, EXIT_DELEGATE, EXIT_MODEL, ConfigError
 from edgemed.manifest import sha256_file
 
@@ -148,8 +147,7 @@ def build_bundle(
 
 def _ship_model(profile: DeviceProfile, profile_path: Path, model: Path | None) -> _Shipped:
     """The model to ship (``model``, else the profile's), verified with its twin and loaded as the device will."""
-    from edgemed.manifest import find_manifest, verify_model
-    from edgemed.triage import validate_policy
+    from edgemed.deploy import check_deployable
 
     model_path = Path(model) if model is not None else profile.model.path
     if model_path is None:
@@ -158,16 +156,8 @@ def _ship_model(profile: DeviceProfile, profile_path: Path, model: Path | None) 
         )
     model_path = model_path.resolve()
     # The profile's explicit manifest belongs to the profile's model, not to one given with --model.
-    manifest_path = Path((profile.model.manifest if model is None else None) or find_manifest(model_path))
-    manifest, art = verify_model(model_path, manifest_path)
-    validate_policy(profile.triage, list(manifest.labels))
-    model_files = [model_path]
-    if art.twin:
-        twin = model_path.parent / Path(art.twin).name
-        verify_model(twin, manifest_path)
-        model_files.append(twin)
-    check_models_load(model_files, manifest)
-    return _Shipped(model_path, manifest_path, manifest, art, tuple(model_files))
+    checked = check_deployable(model_path, profile.model.manifest if model is None else None, profile.triage, load=True)
+    return _Shipped(model_path, checked.manifest_path, checked.manifest, checked.artifact, tuple(checked.files))
 
 
 def _warnings(profile: DeviceProfile, shipped: _Shipped, device_id: str | None) -> list[str]:

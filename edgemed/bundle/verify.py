@@ -2,7 +2,7 @@
 
 In order: nothing but plain files (:mod:`edgemed.bundle.tree`), the signature when the device holds a trusted key,
 every file against ``SHA256SUMS`` and nothing unlisted, then the profile, model and ``BUNDLE.json`` against each
-other, with the model loaded as the device loads it (:func:`check_models_load`).
+other, with the model loaded as the device loads it (``edgemed.deploy.check_deployable``).
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgemed.errors import ConfigError
 from edgemed.manifest import sha256_file
-
-if TYPE_CHECKING:
-    from edgemed.manifest import Manifest
 
 DEFAULT_TRUSTED_KEY = Path("/etc/edgemed/bundle-signing.pub")
 _SUMS_FILES = ("SHA256SUMS", "SHA256SUMS.sig")
@@ -57,24 +54,6 @@ def verify_bundle(folder: Path, key: Path | None = None) -> dict[str, Any]:
         shutil.rmtree(unpacked, ignore_errors=True)  # what was refused is not left behind to be installed
         raise
     return {**meta, "unpacked": str(unpacked)}
-
-
-def check_models_load(files: list[Path], manifest: Manifest) -> None:
-    """Load each model on the CPU and check its real tensors against the manifest, as the device does at start.
-
-    A model compiled for the Edge TPU runs only with libedgetpu: its CPU twin, which it was compiled from and
-    shares its input and output with, is the one checked here (the device checks the compiled file at load).
-
-    Raises:
-        ModelError: a model cannot be loaded, or its tensors or output op differ from its manifest entry.
-        ConfigError: no TensorFlow Lite interpreter is installed here.
-    """
-    from edgemed.inference import BackendConfig, make_backend
-    from edgemed.inference.backends import is_edgetpu_compiled
-
-    for path in files:
-        if not is_edgetpu_compiled(path):
-            make_backend(path, BackendConfig(threads=1), manifest=manifest).close()
 
 
 def _verify_folder(folder: Path, key: Path | None) -> dict[str, Any]:
@@ -135,7 +114,7 @@ def _check_sums(folder: Path, sums: Path) -> None:
 def _check_contents(folder: Path, meta: dict[str, Any]) -> None:
     """The profile finds its model inside the bundle, the model is its manifest's, and BUNDLE.json agrees."""
     from edgemed.config import load_profile
-    from edgemed.manifest import verify_model
+    from edgemed.deploy import check_deployable
 
     profile = load_profile(folder / "profile.yaml")
     if profile.model.path is None:
@@ -143,8 +122,6 @@ def _check_contents(folder: Path, meta: dict[str, Any]) -> None:
     for path in (profile.model.path, profile.model.manifest):
         if path is not None and not Path(path).resolve().is_relative_to(folder.resolve()):
             raise ConfigError(f"{folder.name}: its profile points at {path}, outside the bundle; rebuild the bundle")
-    manifest, art = verify_model(profile.model.path, profile.model.manifest)
-    twin = [profile.model.path.parent / Path(art.twin).name] if art.twin else []
-    check_models_load([profile.model.path, *twin], manifest)
+    art = check_deployable(profile.model.path, profile.model.manifest, load=True).artifact
     if art.sha256 != meta.get("model", {}).get("sha256"):
         raise ConfigError(f"{folder.name}: BUNDLE.json and the bundled model disagree; rebuild the bundle")
