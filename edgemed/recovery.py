@@ -58,12 +58,15 @@ class Salvaged:
         unreadable: per table, the row ids that could not be read (each may have held a row or been a gap);
             None when not even the table's extent could be read.
         meta: the ``meta`` table (``seq``, ...) when readable.
+        row_counter: the outbox's AUTOINCREMENT counter (``sqlite_sequence``) when readable: the highest row id
+            ever handed out, also to results acknowledged and deleted since.
         opened: SQLite could open the file at all.
     """
 
     rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     unreadable: dict[str, list[int] | None] = field(default_factory=dict)
     meta: dict[str, int] = field(default_factory=dict)
+    row_counter: int | None = None
     opened: bool = True
 
 
@@ -220,6 +223,7 @@ def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
         "INSERT OR IGNORE INTO sources(source, complete, started_at) VALUES (?, ?, ?)", rows.get("sources", [])
     )
     db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (next_seq,))
+    _restore_row_counter(db, found)
     if found.meta.get("replay_payloads"):
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('replay_payloads', 1)")
     db.execute("COMMIT")
@@ -228,6 +232,18 @@ def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
     if busy or frames != done:
         raise sqlite3.OperationalError(f"the new outbox could not be checkpointed ({done} of {frames} pages)")
     return next_seq
+
+
+def _restore_row_counter(db: sqlite3.Connection, found: Salvaged) -> None:
+    """Continue row ids after every one the damaged file used. Explicit row ids above set the counter only up to
+    the highest pending row; without this, new results would get the row ids of recovered acknowledgement
+    records: ``ack_many``'s INSERT OR IGNORE would drop their proof of delivery, replay would re-send the old
+    payloads under them, and the ``keep_acked`` trimming, which counts in row ids, would cut the wrong rows."""
+    ids = [int(r[0]) for table in ("outbox", "acked") for r in found.rows.get(table, [])]
+    top = max([*ids, found.row_counter or 0], default=0)
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+    if top:
+        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (top,))
 
 
 def _report(moved: Path, reason: str, found: Salvaged, next_seq: int) -> OutboxRecovery:
@@ -266,6 +282,7 @@ def salvage(path: Path) -> Salvaged:
             out.opened = False
             return out
         out.meta = _meta(db)
+        out.row_counter = _row_counter(db)
         for table, (key, cols) in TABLES.items():
             rows, bad = _table(db, table, key, cols)
             out.rows[table] = rows
@@ -290,6 +307,14 @@ def _meta(db: sqlite3.Connection) -> dict[str, int]:
     return meta
 
 
+def _row_counter(db: sqlite3.Connection) -> int | None:
+    try:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return None if row is None else int(row[0])
+
+
 def _bounds(db: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | None:
     """The table's key range; each end looked up on its own when MIN/MAX fails. None: not even that is readable."""
     try:
@@ -303,13 +328,8 @@ def _bounds(db: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | N
             ends.append(None if row is None else int(row[0]))
         except sqlite3.DatabaseError:
             ends.append(None)
-    top = None
-    if table in ("outbox", "acked"):  # both are numbered by the outbox's AUTOINCREMENT counter
-        try:
-            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            top = None if row is None else int(row[0])
-        except sqlite3.DatabaseError:
-            top = None
+    # Both are numbered by the outbox's AUTOINCREMENT counter.
+    top = _row_counter(db) if table in ("outbox", "acked") else None
     lo, hi = ends[0] or 1, ends[1] or top
     return None if hi is None else (lo, hi)
 
