@@ -251,12 +251,33 @@ class Outbox:
                 f"cannot open the outbox {self.path}: {exc}; check permissions and free disk space in the data "
                 "directory"
             ) from exc
-        mark = self._mark.read()
-        if not existed and mark:
-            # The database is new but this data directory has numbered results before (the file was deleted or
-            # lost): go on after them, never reuse a number.
-            db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'seq'", (mark,))
+        self._continue_after_mark(db, existed)
         return db
+
+    def _continue_after_mark(self, db: sqlite3.Connection, existed: bool) -> None:
+        """Never reuse a ``seq``: continue at the mark when the database is behind it. The file may be new (the old
+        one deleted or lost) or have lost its last commits without any damage to detect (its ``-wal`` deleted, a
+        damaged last transaction read as torn); the results of those commits may have been published."""
+        mark = self._mark.read()
+        if not mark:
+            return
+        seq = int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+        if mark <= seq:
+            return
+        db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (mark,))
+        if existed and self.recovery is None:
+            # Also after a crash between the mark and its commit (that batch was never published): one gap in seq
+            # that this line explains, rather than a number published twice.
+            log.warning(
+                "the outbox %s is behind its seq mark (%d, the mark says %d): its last commits were lost (its "
+                "write-ahead log deleted or damaged?), or a crash interrupted the last commit; up to %d results "
+                "may be missing and seq continues at %d, so no number is used twice",
+                self.path,
+                seq,
+                mark,
+                mark - seq,
+                mark,
+            )
 
     def _damage(self) -> tuple[walcheck.WalDamage | None, str | None]:
         """What is wrong with the existing file, checked before SQLite opens it for writing (which could fold a

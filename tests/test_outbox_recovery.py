@@ -227,3 +227,30 @@ def test_a_new_result_never_takes_the_row_id_of_a_recovered_acknowledgement(tmp_
         ob.flush()
         assert "new" in ob.acked_ids()  # its proof of delivery was not dropped as a duplicate row id
         assert [item.result_id for item in ob.replay_candidates()] == [*(f"old{i}" for i in range(5)), "new"]
+
+
+_COMMIT_TWICE = """
+import json, os, sys
+from pathlib import Path
+from edgemed.outbox import Outbox, OutboxConfig
+def put(ob, n):
+    for _ in range(n):
+        seq = ob.next_seq()
+        ob.put(f"r{seq}", "t/results", json.dumps({"seq": seq}).encode(), seq=seq)
+    ob.flush()
+with Outbox(Path(sys.argv[1]), OutboxConfig(commit_every=10)) as ob:
+    put(ob, 30)  # closed: folded into the database file
+ob = Outbox(Path(sys.argv[1]), OutboxConfig(commit_every=10))
+put(ob, 20)  # committed (and publishable) but only in the write-ahead log
+os._exit(0)
+"""
+
+
+def test_seq_continues_after_commits_lost_with_the_write_ahead_log(tmp_path: Path, caplog: Any) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    subprocess.run([sys.executable, "-c", _COMMIT_TWICE, str(path)], check=True, cwd=REPO, timeout=60)
+    (tmp_path / "outbox.sqlite3-wal").unlink()  # deleted by hand, or lost: nothing damaged is left to find
+    with Outbox(path) as ob:
+        assert ob.recovery is None and ob.pending_count() == 30  # the 20 in the log are gone
+        assert ob.next_seq() == 50  # not 30: seq 30 to 49 may have been published already
+    assert "behind its seq mark (30, the mark says 50)" in caplog.text
