@@ -84,7 +84,12 @@ class OutboxFullError(OutboxError):
 class OutboxConfig(StrictModel):
     """How the outbox trades throughput against the size of the window a power cut can lose."""
 
-    commit_every: int = Field(100, ge=1, description="results per durable commit; 1 = every put() is durable on return")
+    commit_every: int = Field(
+        100,
+        ge=1,
+        description="results per durable commit; 1 = every put() is durable on return, at the price of two fsyncs "
+        "per result with synchronous FULL (SQLite's log and the seq mark, DATA_DIR/outbox.seq)",
+    )
     commit_interval_s: float = Field(
         0.05, gt=0, description="longest time a result may sit uncommitted (and unpublished)"
     )

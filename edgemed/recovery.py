@@ -10,13 +10,14 @@ payload; the acknowledgement log and the ledger of processed inputs are copied t
 
 **Sequence numbers are never reused.** ``DATA_DIR/outbox.seq`` holds the sequence counter as it is about to be
 committed: the outbox writes it (and fsyncs it with ``synchronous=FULL``) before every commit that numbers new
-results, so it is never behind anything published. It is read only when the database was damaged or lost; the
-new outbox continues at the highest of that mark, the damaged file's own counter, and the highest ``seq`` in the
-recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)? A
-recovery would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results:
-up to a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
-results), and it can leave a gap of at most one uncommitted batch, only when a crash between mark and commit
-coincides with damage to the database.
+results, so it is never behind anything published. Every start continues at the higher of the database's counter
+and the mark (a database can lose its last commits without damage to find: its ``-wal`` deleted); a recovered
+outbox continues at the highest of the mark, the damaged file's own counter, and the highest ``seq`` in the
+recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)? Every
+crash would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results: up to
+a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
+results; with ``commit_every=1`` that doubles the fsyncs per result: docs/delivery.md), and it can leave a gap of
+at most one uncommitted batch, only after a crash between mark and commit.
 """
 
 from __future__ import annotations
