@@ -260,3 +260,27 @@ def test_one_ledger_row_per_file_per_commit_whatever_the_batch(tmp_path: Path, c
         state, rows = ob.source_ledger("/s")
     assert state == "complete"
     assert sorted(rows) == [f"f{i}.dcm" for i in range(10)] and all(r.finished for r in rows.values())
+
+
+def test_a_source_whose_ledger_rows_survived_without_its_sources_row_is_not_new(tmp_path: Path) -> None:
+    """A recovery that reads ``inputs`` but not ``sources``: a ``watch:`` folder taken for new would mark the
+    files present as seen, and those that arrived while edgemed was down would never be read."""
+    from edgemed.outbox import Outbox
+    from edgemed.types import InputDone
+
+    path = tmp_path / "outbox.sqlite3"
+    done = InputDone("a.png", 10, 1, "ab" * 32, 1, 1)
+    with Outbox(path) as ob:
+        ob.start_source("/watch", keep=True, add=[done])
+        ob.start_source("/other", keep=True)
+    with sqlite3.connect(path) as db:  # wreck the one page of the sources table
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sources'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b"\xff" * page_size)
+    with Outbox(path) as ob:
+        assert ob.recovery is not None and ob.recovery.inputs == 1
+        assert ob.source_ledger("/watch") == ("interrupted", {"a.png": done})
+        assert ob.source_ledger("/other") == ("new", {})  # no row of it was left anywhere
