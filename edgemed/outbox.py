@@ -185,7 +185,22 @@ class Outbox:
                 f"cannot create {self.path.with_suffix('.seq')}: {exc.strerror}; free disk space or fix the "
                 "permissions of the data directory"
             ) from exc
-        self._db = self._open_checked()
+        try:
+            self._db = self._open_checked()
+            try:
+                self._load_state()
+            except BaseException:
+                self._db.close()
+                raise
+        except BaseException:
+            self._mark.close()  # a failed open or recovery keeps nothing open
+            raise
+        self._wake = threading.Condition(self._lock)
+        self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
+        self._committer.start()
+
+    def _load_state(self) -> None:
+        """The counters and the replay state, read from the opened database."""
         self._seq = self._seq_durable = self._read_seq()
         self._seq_explicit = False
         self._pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
@@ -200,9 +215,6 @@ class Outbox:
         self._kept_order: deque[tuple[float, list[int]]] = deque()
         self._last_ack_mono = time.monotonic()
         self._load_kept_payloads()
-        self._wake = threading.Condition(self._lock)
-        self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
-        self._committer.start()
 
     # -- opening ---------------------------------------------------------------------------------------------
 
@@ -256,7 +268,14 @@ class Outbox:
                 f"cannot open the outbox {self.path}: {exc}; check permissions and free disk space in the data "
                 "directory"
             ) from exc
-        self._continue_after_mark(db, existed)
+        try:
+            self._continue_after_mark(db, existed)
+        except sqlite3.Error as exc:
+            db.close()
+            raise OutboxError(
+                f"cannot write the outbox {self.path}: {exc}; free disk space or fix the permissions of the data "
+                "directory"
+            ) from exc
         return db
 
     def _continue_after_mark(self, db: sqlite3.Connection, existed: bool) -> None:
