@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 OUTBOX_FILENAME = "outbox.sqlite3"
 _SCHEMA_VERSION = 1
 _ACK_CHUNK = 500  # row ids per statement in ack_many (SQLite allows 32,766 host parameters; older builds 999)
+# Puts one "not full" answer of is_full() admits with on_full=block: what one frame produces (its result and the
+# study decisions it closes) is kept even when the cap is reached while it is being processed.
+_ADMITTED_PUTS = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -168,6 +171,7 @@ class Outbox:
         self._last_row = 0
         self._closed = False
         self._failed: OutboxError | None = None
+        self._admitted: dict[int, int] = {}  # thread id -> puts its last is_full() admitted (on_full=block)
         # The ledger rows of the results in the open transaction, written with them at the commit (one row per
         # input file per commit, not one statement per frame), and the sources whose pass ended in it.
         self._ledger_done: dict[tuple[str, str], InputDone] = {}
@@ -360,16 +364,19 @@ class Outbox:
             The row id, increasing in production order.
 
         Raises:
-            OutboxFullError: the cap is reached and ``on_full`` is ``block``.
+            OutboxFullError: the cap is reached and ``on_full`` is ``block``, unless ``is_full()`` said there was
+                room since: a producer that asks it before each frame keeps what that frame produces (up to a few
+                results past the cap) and pauses before the next frame, instead of losing a result.
             OutboxError: the disk refused the write.
         """
         with self._lock:
             self._check_open()
-            if self._at_cap():
+            if not self._take_admission() and self._at_cap():
                 if self.cfg.on_full == "block":
+                    age = "no age cap" if self.cfg.max_age_s is None else f"max age {self.cfg.max_age_s:g} s"
                     raise OutboxFullError(
                         f"the outbox {self.path} holds {self._pending} unacknowledged results "
-                        f"(cap {self.cfg.max_pending}, max age {self.cfg.max_age_s} s); results are kept, "
+                        f"(cap {self.cfg.max_pending}, {age}); results are kept, "
                         "new ones are refused until the broker is reachable again"
                     )
                 self._evict()
@@ -554,9 +561,20 @@ class Outbox:
         return None if row is None else max(0.0, time.time() - float(row[0]))
 
     def is_full(self) -> bool:
-        """True when the size or age cap is reached and the policy is to block new results."""
+        """True when the size or age cap is reached and the policy is to block new results.
+
+        The producer's admission check: with ``on_full=block``, a False answer admits the calling thread's next
+        few puts (the results of one frame), and ``put()`` keeps them even when the cap is reached meanwhile (the
+        age cap can be crossed while a frame is being classified); a True answer withdraws it. Ask it before each
+        frame and pause while it is True.
+        """
         with self._lock:
-            return self.cfg.on_full == "block" and self._at_cap()
+            full = self.cfg.on_full == "block" and self._at_cap()
+            if self.cfg.on_full == "block":
+                # Per thread: the health thread asks too, and its answer must not withdraw the producer's admission
+                # while the frame admitted is being classified.
+                self._admitted[threading.get_ident()] = 0 if full else _ADMITTED_PUTS
+            return full
 
     def acked_ids(self) -> set[str]:
         """The ``result_id`` of every acknowledgement still in the bounded evidence log (committed or not)."""
@@ -724,6 +742,13 @@ class Outbox:
             raise OutboxError(f"cannot read the acknowledgement log of {self.path}: {exc}") from exc
         if ids:
             self._keep(ids)
+
+    def _take_admission(self) -> bool:
+        """Whether this put was admitted by the calling thread's last ``is_full()``; uses one admitted put."""
+        left = self._admitted.get(threading.get_ident(), 0) if self._admitted else 0
+        if left:
+            self._admitted[threading.get_ident()] = left - 1
+        return left > 0
 
     def _at_cap(self) -> bool:
         if self._pending >= self.cfg.max_pending:

@@ -402,3 +402,33 @@ def test_a_file_whose_mode_cannot_be_read_is_reported_not_raised(
     monkeypatch.setattr(Path, "stat", stat)
     tighten(target)
     assert f"cannot check whether {target} is private" in caplog.text
+
+
+def test_a_frame_admitted_before_the_age_cap_is_crossed_is_kept(tmp_path: Path) -> None:
+    """The runtime asks is_full() before each frame; the age cap can be crossed while the frame is classified.
+    Refusing its result then would end the run (exit 7) instead of pausing before the next frame."""
+    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(max_age_s=0.2)) as ob:
+        _fill(ob, 1)
+        assert not ob.is_full()  # room: the next frame is taken
+        time.sleep(0.3)  # ... and classified while the oldest result passes max_age_s
+        health = threading.Thread(target=lambda: seen.append(ob.is_full()))  # the heartbeat asks meanwhile
+        seen: list[bool] = []
+        health.start()
+        health.join(10)
+        assert seen == [True]
+        ob.put("result", "t", b"{}")
+        ob.put("study decision", "t", b"{}")  # the same frame may close a study
+        assert ob.is_full()  # the producer pauses here
+        with pytest.raises(OutboxFullError):
+            ob.put("not admitted", "t", b"{}")  # a put no is_full() admitted is refused at the cap, as before
+        assert ob.pending_count() == 3
+
+
+def test_admission_covers_one_frame_not_a_stream(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(max_pending=2)) as ob:
+        _fill(ob, 1)
+        assert not ob.is_full()
+        _fill(ob, 4, start=1)  # what one frame may produce: kept past the cap
+        with pytest.raises(OutboxFullError):
+            ob.put("fifth", "t", b"{}")
+        assert ob.pending_count() == 5
