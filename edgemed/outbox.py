@@ -257,6 +257,10 @@ class Outbox:
 
     def _open_checked(self) -> sqlite3.Connection:
         """Open the outbox; a damaged one is recovered first (``edgemed.recovery``), a lost one keeps its seq."""
+        finished = recovery.finish_interrupted(self.path)
+        if finished is not None:
+            self.recovery, self.moved_aside = finished, finished.moved_to
+            log.error("%s (a crash had interrupted the recovery; finished at this start)", finished.describe())
         existed = self.path.exists() and self.path.stat().st_size > 0
         wal_damage, reason = self._damage() if existed else (None, None)
         if reason is not None:
