@@ -17,9 +17,12 @@ log = logging.getLogger(__name__)
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
+# Folders already warned about in this process: the lock and the outbox both prepare the data directory.
+_warned_open: set[Path] = set()
+
 
 def private_dir(path: Path) -> None:
-    """Create ``path`` (and missing parents) with mode 0700; warn once when an existing one is open to others.
+    """Create ``path`` (and missing parents) with mode 0700; warn (once per process) when it is open to others.
 
     An existing folder is not changed: it was chosen by the operator and may be shared with something else. The
     files edgemed keeps in it are 0600 either way.
@@ -29,7 +32,8 @@ def private_dir(path: Path) -> None:
     """
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
+    if mode & 0o077 and path.resolve() not in _warned_open:
+        _warned_open.add(path.resolve())
         log.warning(
             "the data directory %s is open to other users (mode %o); its files are private (0600), "
             "but to hide even their names run: chmod 700 %s",
@@ -60,8 +64,15 @@ def tighten(path: Path) -> None:
     """
     try:
         mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            os.chmod(path, mode & 0o700)
+    except FileNotFoundError:
+        return
+    except PermissionError:  # a folder on the way that this user may not search
+        log.warning("cannot check whether %s is private (permission denied); run: chmod 600 %s", path, path)
+        return
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(path, mode & 0o700)
     except FileNotFoundError:
         return
     except PermissionError:

@@ -61,11 +61,17 @@ _UPSERT = (
 
 
 def state(db: sqlite3.Connection, source: str) -> SourceState:
-    """Whether ``source`` was never seen, was interrupted in its last pass, or completed it."""
+    """Whether ``source`` was never seen, was interrupted in its last pass, or completed it.
+
+    Rows in ``inputs`` without one in ``sources`` (a recovery that could read one table and not the other) count
+    as an interrupted pass: taken for new, a ``watch:`` folder would mark its present files as seen, and the files
+    that arrived while edgemed was down would never be read.
+    """
     row = db.execute("SELECT complete FROM sources WHERE source = ?", (source,)).fetchone()
-    if row is None:
-        return "new"
-    return "complete" if row[0] else "interrupted"
+    if row is not None:
+        return "complete" if row[0] else "interrupted"
+    seen = db.execute("SELECT 1 FROM inputs WHERE source = ? LIMIT 1", (source,)).fetchone()
+    return "new" if seen is None else "interrupted"
 
 
 def inputs(db: sqlite3.Connection, source: str) -> dict[str, InputDone]:

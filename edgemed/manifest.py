@@ -27,6 +27,7 @@ Verdict = Literal["accepted", "rejected", "waived", "not_evaluated"]
 ColourMode = Literal["gray", "rgb"]
 ResizeMethod = Literal["area", "linear", "nearest"]
 OutputKind = Literal["probabilities", "logits"]
+WeightKind = Literal["float32", "float16", "int8"]
 
 # The dtype of the input and output tensors a converted file of each target has (float16 keeps float32 I/O).
 _TARGET_IO: dict[str, tuple[str, ...]] = {
@@ -36,6 +37,9 @@ _TARGET_IO: dict[str, tuple[str, ...]] = {
     "float16": ("float32",),
     "dynamic": ("float32",),
 }
+# ...and the weights of the targets whose I/O is float32 like a plain float32 model's (edgemed.inference.backends
+# .graph_weights): only the weights tell them apart.
+_TARGET_WEIGHTS: dict[str, WeightKind] = {"float16": "float16", "dynamic": "int8"}
 
 
 class Normalisation(FrozenModel):
@@ -256,6 +260,7 @@ def check_loaded_model(
     input_tensor: TensorSpec,
     output_tensor: TensorSpec,
     output_kind: OutputKind | None,
+    weights: WeightKind | None = None,
 ) -> None:
     """Refuse a loaded model whose real tensors are not the ones its manifest describes.
 
@@ -271,6 +276,8 @@ def check_loaded_model(
         output_tensor: the interpreter's first output tensor.
         output_kind: what the graph's output op computes, or ``None`` where the graph cannot tell (an Edge TPU
             custom op); then that field is not checked.
+        weights: how the model stores its weights (``float16``, ``int8``, ``float32``), or ``None`` when not
+            known; checked for the ``float16`` and ``dynamic`` targets, whose tensors in and out are float32.
 
     Raises:
         ModelError: a field differs; the message names each field (``artifacts[i].target``, ...) and the fix.
@@ -279,7 +286,7 @@ def check_loaded_model(
     art = manifest.artifact(name)
     where = f"artifacts[{manifest.artifacts.index(art)}]"
     problems = [
-        *_target_problems(where, art, input_tensor, output_tensor),
+        *_target_problems(where, art, input_tensor, output_tensor, weights),
         *_tensor_problems(f"{where}.input", art.input, input_tensor),
         *_tensor_problems(f"{where}.output", art.output, output_tensor),
         *_shape_problems(manifest, input_tensor, output_tensor),
@@ -300,13 +307,22 @@ def check_loaded_model(
         )
 
 
-def _target_problems(where: str, art: Artifact, inp: TensorSpec, out: TensorSpec) -> list[str]:
+def _target_problems(
+    where: str, art: Artifact, inp: TensorSpec, out: TensorSpec, weights: WeightKind | None
+) -> list[str]:
     wanted = _TARGET_IO.get(art.target)
     if wanted is None:
         return [f"{where}.target is {art.target}, which is not a TFLite model the device can run"]
     quantized = wanted[0] != "float32"
     if inp.dtype in wanted and out.dtype in wanted and (not quantized or (inp.quantized and out.quantized)):
-        return []
+        stored = _TARGET_WEIGHTS.get(art.target)
+        if stored is None or weights is None or weights == stored:
+            return []
+        what = {"float32": "a float32 model", "float16": "a float16 model", "int8": "a dynamic-range model"}
+        return [
+            f"{where}.target is {art.target} but the model's weights are {weights} ({what[weights]}; a "
+            f"{art.target} model stores its weights as {stored})"
+        ]
     tensors = inp.dtype if inp.dtype == out.dtype else f"{inp.dtype} in, {out.dtype} out"
     return [
         f"{where}.target is {art.target} but the model's tensors are {tensors} (a {art.target} model has "

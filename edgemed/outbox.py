@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 OUTBOX_FILENAME = "outbox.sqlite3"
 _SCHEMA_VERSION = 1
 _ACK_CHUNK = 500  # row ids per statement in ack_many (SQLite allows 32,766 host parameters; older builds 999)
+# Puts one "not full" answer of is_full() admits with on_full=block: what one frame produces (its result and the
+# study decisions it closes) is kept even when the cap is reached while it is being processed.
+_ADMITTED_PUTS = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -87,7 +90,12 @@ class OutboxFullError(OutboxError):
 class OutboxConfig(StrictModel):
     """How the outbox trades throughput against the size of the window a power cut can lose."""
 
-    commit_every: int = Field(100, ge=1, description="results per durable commit; 1 = every put() is durable on return")
+    commit_every: int = Field(
+        100,
+        ge=1,
+        description="results per durable commit; 1 = every put() is durable on return, at the price of two fsyncs "
+        "per result with synchronous FULL (SQLite's log and the seq mark, DATA_DIR/outbox.seq)",
+    )
     commit_interval_s: float = Field(
         0.05, gt=0, description="longest time a result may sit uncommitted (and unpublished)"
     )
@@ -166,6 +174,7 @@ class Outbox:
         self._last_row = 0
         self._closed = False
         self._failed: OutboxError | None = None
+        self._admitted: dict[int, int] = {}  # thread id -> puts its last is_full() admitted (on_full=block)
         # The ledger rows of the results in the open transaction, written with them at the commit (one row per
         # input file per commit, not one statement per frame), and the sources whose pass ended in it.
         self._ledger_done: dict[tuple[str, str], InputDone] = {}
@@ -183,7 +192,22 @@ class Outbox:
                 f"cannot create {self.path.with_suffix('.seq')}: {exc.strerror}; free disk space or fix the "
                 "permissions of the data directory"
             ) from exc
-        self._db = self._open_checked()
+        try:
+            self._db = self._open_checked()
+            try:
+                self._load_state()
+            except BaseException:
+                self._db.close()
+                raise
+        except BaseException:
+            self._mark.close()  # a failed open or recovery keeps nothing open
+            raise
+        self._wake = threading.Condition(self._lock)
+        self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
+        self._committer.start()
+
+    def _load_state(self) -> None:
+        """The counters and the replay state, read from the opened database."""
         self._seq = self._seq_durable = self._read_seq()
         self._seq_explicit = False
         self._pending = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
@@ -198,9 +222,6 @@ class Outbox:
         self._kept_order: deque[tuple[float, list[int]]] = deque()
         self._last_ack_mono = time.monotonic()
         self._load_kept_payloads()
-        self._wake = threading.Condition(self._lock)
-        self._committer = threading.Thread(target=self._commit_loop, name="edgemed-outbox-commit", daemon=True)
-        self._committer.start()
 
     # -- opening ---------------------------------------------------------------------------------------------
 
@@ -239,6 +260,10 @@ class Outbox:
 
     def _open_checked(self) -> sqlite3.Connection:
         """Open the outbox; a damaged one is recovered first (``edgemed.recovery``), a lost one keeps its seq."""
+        finished = recovery.finish_interrupted(self.path)
+        if finished is not None:
+            self.recovery, self.moved_aside = finished, finished.moved_to
+            log.error("%s (a crash had interrupted the recovery; finished at this start)", finished.describe())
         existed = self.path.exists() and self.path.stat().st_size > 0
         wal_damage, reason = self._damage() if existed else (None, None)
         if reason is not None:
@@ -254,12 +279,40 @@ class Outbox:
                 f"cannot open the outbox {self.path}: {exc}; check permissions and free disk space in the data "
                 "directory"
             ) from exc
-        mark = self._mark.read()
-        if not existed and mark:
-            # The database is new but this data directory has numbered results before (the file was deleted or
-            # lost): go on after them, never reuse a number.
-            db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'seq'", (mark,))
+        try:
+            self._continue_after_mark(db, existed)
+        except sqlite3.Error as exc:
+            db.close()
+            raise OutboxError(
+                f"cannot write the outbox {self.path}: {exc}; free disk space or fix the permissions of the data "
+                "directory"
+            ) from exc
         return db
+
+    def _continue_after_mark(self, db: sqlite3.Connection, existed: bool) -> None:
+        """Never reuse a ``seq``: continue at the mark when the database is behind it. The file may be new (the old
+        one deleted or lost) or have lost its last commits without any damage to detect (its ``-wal`` deleted, a
+        damaged last transaction read as torn); the results of those commits may have been published."""
+        mark = self._mark.read()
+        if not mark:
+            return
+        seq = int(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+        if mark <= seq:
+            return
+        db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (mark,))
+        if existed and self.recovery is None:
+            # Also after a crash between the mark and its commit (that batch was never published): one gap in seq
+            # that this line explains, rather than a number published twice.
+            log.warning(
+                "the outbox %s is behind its seq mark (%d, the mark says %d): its last commits were lost (its "
+                "write-ahead log deleted or damaged?), or a crash interrupted the last commit; up to %d results "
+                "may be missing and seq continues at %d, so no number is used twice",
+                self.path,
+                seq,
+                mark,
+                mark - seq,
+                mark,
+            )
 
     def _damage(self) -> tuple[walcheck.WalDamage | None, str | None]:
         """What is wrong with the existing file, checked before SQLite opens it for writing (which could fold a
@@ -318,16 +371,19 @@ class Outbox:
             The row id, increasing in production order.
 
         Raises:
-            OutboxFullError: the cap is reached and ``on_full`` is ``block``.
+            OutboxFullError: the cap is reached and ``on_full`` is ``block``, unless ``is_full()`` said there was
+                room since: a producer that asks it before each frame keeps what that frame produces (up to a few
+                results past the cap) and pauses before the next frame, instead of losing a result.
             OutboxError: the disk refused the write.
         """
         with self._lock:
             self._check_open()
-            if self._at_cap():
+            if not self._take_admission() and self._at_cap():
                 if self.cfg.on_full == "block":
+                    age = "no age cap" if self.cfg.max_age_s is None else f"max age {self.cfg.max_age_s:g} s"
                     raise OutboxFullError(
                         f"the outbox {self.path} holds {self._pending} unacknowledged results "
-                        f"(cap {self.cfg.max_pending}, max age {self.cfg.max_age_s} s); results are kept, "
+                        f"(cap {self.cfg.max_pending}, {age}); results are kept, "
                         "new ones are refused until the broker is reachable again"
                     )
                 self._evict()
@@ -512,9 +568,20 @@ class Outbox:
         return None if row is None else max(0.0, time.time() - float(row[0]))
 
     def is_full(self) -> bool:
-        """True when the size or age cap is reached and the policy is to block new results."""
+        """True when the size or age cap is reached and the policy is to block new results.
+
+        The producer's admission check: with ``on_full=block``, a False answer admits the calling thread's next
+        few puts (the results of one frame), and ``put()`` keeps them even when the cap is reached meanwhile (the
+        age cap can be crossed while a frame is being classified); a True answer withdraws it. Ask it before each
+        frame and pause while it is True.
+        """
         with self._lock:
-            return self.cfg.on_full == "block" and self._at_cap()
+            full = self.cfg.on_full == "block" and self._at_cap()
+            if self.cfg.on_full == "block":
+                # Per thread: the health thread asks too, and its answer must not withdraw the producer's admission
+                # while the frame admitted is being classified.
+                self._admitted[threading.get_ident()] = 0 if full else _ADMITTED_PUTS
+            return full
 
     def acked_ids(self) -> set[str]:
         """The ``result_id`` of every acknowledgement still in the bounded evidence log (committed or not)."""
@@ -682,6 +749,13 @@ class Outbox:
             raise OutboxError(f"cannot read the acknowledgement log of {self.path}: {exc}") from exc
         if ids:
             self._keep(ids)
+
+    def _take_admission(self) -> bool:
+        """Whether this put was admitted by the calling thread's last ``is_full()``; uses one admitted put."""
+        left = self._admitted.get(threading.get_ident(), 0) if self._admitted else 0
+        if left:
+            self._admitted[threading.get_ident()] = left - 1
+        return left > 0
 
     def _at_cap(self) -> bool:
         if self._pending >= self.cfg.max_pending:

@@ -10,19 +10,22 @@ payload; the acknowledgement log and the ledger of processed inputs are copied t
 
 **Sequence numbers are never reused.** ``DATA_DIR/outbox.seq`` holds the sequence counter as it is about to be
 committed: the outbox writes it (and fsyncs it with ``synchronous=FULL``) before every commit that numbers new
-results, so it is never behind anything published. It is read only when the database was damaged or lost; the
-new outbox continues at the highest of that mark, the damaged file's own counter, and the highest ``seq`` in the
-recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)? A
-recovery would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results:
-up to a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
-results), and it can leave a gap of at most one uncommitted batch, only when a crash between mark and commit
-coincides with damage to the database.
+results, so it is never behind anything published. Every start continues at the higher of the database's counter
+and the mark (a database can lose its last commits without damage to find: its ``-wal`` deleted); a recovered
+outbox continues at the highest of the mark, the damaged file's own counter, and the highest ``seq`` in the
+recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)? Every
+crash would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results: up to
+a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
+results; with ``commit_every=1`` that doubles the fsyncs per result: docs/delivery.md), and it can leave a gap of
+at most one uncommitted batch, only after a crash between mark and commit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -31,9 +34,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from edgemed import walcheck
-from edgemed.datadir import open_private, private_dir, tighten
+from edgemed import recovery_swap, walcheck
+from edgemed.datadir import open_private, private_dir
 from edgemed.errors import OutboxError
 from edgemed.walcheck import WalDamage
 
@@ -58,12 +62,15 @@ class Salvaged:
         unreadable: per table, the row ids that could not be read (each may have held a row or been a gap);
             None when not even the table's extent could be read.
         meta: the ``meta`` table (``seq``, ...) when readable.
+        row_counter: the outbox's AUTOINCREMENT counter (``sqlite_sequence``) when readable: the highest row id
+            ever handed out, also to results acknowledged and deleted since.
         opened: SQLite could open the file at all.
     """
 
     rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     unreadable: dict[str, list[int] | None] = field(default_factory=dict)
     meta: dict[str, int] = field(default_factory=dict)
+    row_counter: int | None = None
     opened: bool = True
 
 
@@ -115,11 +122,13 @@ def recover(
 ) -> OutboxRecovery:
     """Replace the damaged outbox ``path`` with a new one holding everything that could be read from it.
 
-    Nothing is moved until the new outbox is complete: the damaged file and its ``-wal`` are copied into a
-    private working folder (the log repaired on the way when ``wal_damage``), read there, and a new outbox is
-    written beside them; only then are the damaged files renamed to ``outbox.sqlite3.corrupt-<UTC time>`` and the
-    new one renamed into place. A failure on the way (a full disk) leaves the damaged file where it was, and the
-    next start tries again.
+    Nothing is moved until the new outbox is complete: the damaged file is hard-linked (copied only where the
+    file system has no hard links) into a private working folder with a copy of its ``-wal`` (repaired on the way
+    when ``wal_damage``), read there read-only, and a new outbox is written beside them; only then are the
+    damaged files renamed to ``outbox.sqlite3.corrupt-<UTC time>`` and the new one renamed into place, a swap
+    written down first so that a crash in the middle is finished at the next start (``edgemed.recovery_swap``).
+    The free space each step needs is checked before it, and a failure on the way (a full disk) leaves the
+    damaged file where it was, and the next start tries again.
 
     Args:
         path: the outbox file.
@@ -136,31 +145,101 @@ def recover(
         shutil.rmtree(work, ignore_errors=True)
         private_dir(work)
         copy = work / "damaged.sqlite3"
-        _copy(path, copy)
         wal = path.with_name(path.name + "-wal")
+        _need_room(path, _size(wal), reason, "a copy of its write-ahead log")
+        _link_or_copy(path, copy, reason)
         if wal_damage is not None:
             walcheck.repair(wal, wal_damage, work / "damaged.sqlite3-wal")
         elif wal.exists():
             _copy(wal, work / "damaged.sqlite3-wal")
         found = salvage(copy)
+        (work / "damaged.sqlite3").unlink()  # a copy frees its space now; a link costs nothing
+        _need_room(path, _new_size(found), reason, "the new outbox with what was recovered")
         fresh = work / "outbox.sqlite3"
         db = connect(fresh)
         try:
             next_seq = _restore(db, found, mark)
         finally:
-            db.close()  # folds its log into the file: one file to move into place
-        moved = _move_aside(path)
-        os.rename(fresh, path)
-        _fsync_dir(path.parent)
+            db.close()
+        target = _corrupt_name(path)
+        result = _report(target, reason, found, next_seq)
+        recovery_swap.swap(path, target, fresh, _fields(result))
     except (OSError, sqlite3.Error) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise OutboxError(
             f"the outbox {path} is damaged ({reason}) and cannot be recovered now: {why}; free disk space in the "
             "data directory and start again (the damaged file is untouched)"
         ) from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _report(moved, reason, found, next_seq)
+    return result
+
+
+def finish_interrupted(path: Path) -> OutboxRecovery | None:
+    """Finish a recovery whose swap a crash interrupted (see ``edgemed.recovery_swap``), before the outbox opens;
+    working folders a crash left behind are removed (on a disk the backlog filled, they hold space).
+
+    Returns:
+        Its report when there was one to finish, else None.
+
+    Raises:
+        OutboxError: the swap could not be finished.
+    """
+    try:
+        done = recovery_swap.finish(path)
+    except OSError as exc:
+        raise OutboxError(
+            f"a recovery of the outbox {path} was interrupted and cannot be finished: {exc}; free disk space or "
+            "fix the permissions of the data directory and start again"
+        ) from exc
+    for stale in recovery_swap.working_folders(path):
+        shutil.rmtree(stale, ignore_errors=True)
+    if done is None:
+        return None
+    target, report = done
+    return OutboxRecovery(moved_to=target, **report)
+
+
+def _fields(result: OutboxRecovery) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(result).items() if k != "moved_to"}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _new_size(found: Salvaged) -> int:
+    """A generous estimate of the new outbox's size: its rows' bytes, a quarter more for the b-tree pages, and
+    the schema's pages (written with a rollback journal: no write-ahead log to hold the data a second time)."""
+    data = sum(len(v) if isinstance(v, (bytes, str)) else 8 for rows in found.rows.values() for r in rows for v in r)
+    return data * 5 // 4 + (256 << 10)
+
+
+def _need_room(path: Path, needed: int, reason: str, what: str) -> None:
+    free = shutil.disk_usage(path.parent).free
+    if needed <= free:
+        return
+    mib = 1 << 20
+    raise OutboxError(
+        f"the outbox {path} is damaged ({reason}); recovering it needs about {needed / mib:.1f} MB free in "
+        f"{path.parent} for {what}, and {free / mib:.1f} MB are free: free at least "
+        f"{math.ceil((needed - free) / mib)} MB there and start again (the damaged file is untouched)"
+    )
+
+
+def _link_or_copy(src: Path, dst: Path, reason: str) -> None:
+    # A hard link reads the damaged file where it is, at no cost in space: salvage() opens it read-only, so it
+    # is never written. Only a file system without hard links (FAT on an SD card) makes a copy.
+    try:
+        os.link(src, dst)
+        return
+    except OSError as exc:
+        log.debug("no hard link for the damaged outbox (%s): copying it", exc.strerror)
+    _need_room(src, _size(src), reason, "a working copy of the damaged file")
+    _copy(src, dst)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -169,31 +248,14 @@ def _copy(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fh, out, 1 << 20)
 
 
-def _move_aside(path: Path) -> Path:
+def _corrupt_name(path: Path) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 1
     while target.exists():
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
         n += 1
-    path.rename(target)
-    tighten(target)  # an outbox from before files were private may be 0644: its results are no less private
-    # The WAL may hold committed results that are not yet in the main file: keep it with it.
-    for suffix in ("-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            moved = target.with_name(target.name + suffix)
-            side.rename(moved)
-            tighten(moved)
     return target
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
@@ -202,6 +264,9 @@ def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
     payloads = [r[3] for r in rows.get("outbox", [])] + [r[4] for r in rows.get("acked", []) if r[4] is not None]
     top = highest_seq(payloads)
     next_seq = max(mark or 0, found.meta.get("seq", 0), 0 if top is None else top + 1)
+    # A rollback journal while the rows go in: in the write-ahead log they would take their space twice until
+    # the checkpoint (on a disk the backlog filled, that may be the difference).
+    db.execute("PRAGMA journal_mode=DELETE")
     db.execute("BEGIN IMMEDIATE")
     db.executemany(
         "INSERT INTO outbox(row_id, result_id, topic, payload, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -220,14 +285,30 @@ def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
         "INSERT OR IGNORE INTO sources(source, complete, started_at) VALUES (?, ?, ?)", rows.get("sources", [])
     )
     db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (next_seq,))
+    _restore_row_counter(db, found)
     if found.meta.get("replay_payloads"):
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('replay_payloads', 1)")
     db.execute("COMMIT")
-    # Fold the log into the file now and check it worked: the file alone is moved into place.
+    mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"the new outbox could not be put back in WAL mode ({mode})")
+    # Nothing may be left in a log: the file alone is moved into place.
     busy, frames, done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     if busy or frames != done:
         raise sqlite3.OperationalError(f"the new outbox could not be checkpointed ({done} of {frames} pages)")
     return next_seq
+
+
+def _restore_row_counter(db: sqlite3.Connection, found: Salvaged) -> None:
+    """Continue row ids after every one the damaged file used. Explicit row ids above set the counter only up to
+    the highest pending row; without this, new results would get the row ids of recovered acknowledgement
+    records: ``ack_many``'s INSERT OR IGNORE would drop their proof of delivery, replay would re-send the old
+    payloads under them, and the ``keep_acked`` trimming, which counts in row ids, would cut the wrong rows."""
+    ids = [int(r[0]) for table in ("outbox", "acked") for r in found.rows.get(table, [])]
+    top = max([*ids, found.row_counter or 0], default=0)
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+    if top:
+        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (top,))
 
 
 def _report(moved: Path, reason: str, found: Salvaged, next_seq: int) -> OutboxRecovery:
@@ -249,13 +330,14 @@ def _report(moved: Path, reason: str, found: Salvaged, next_seq: int) -> OutboxR
 
 
 def salvage(path: Path) -> Salvaged:
-    """Read every row that can still be read from the outbox file ``path`` (a working copy: it may be written).
+    """Read every row that can still be read from the outbox file ``path``, without writing to it.
 
     Never raises for damage: what cannot be read is reported in ``unreadable``.
     """
     out = Salvaged()
     try:
-        db = sqlite3.connect(str(path), isolation_level=None, timeout=5.0)
+        # Read-only: the file may be a hard link to the damaged outbox itself.
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None, timeout=5.0)
     except sqlite3.Error:
         out.opened = False
         return out
@@ -266,6 +348,7 @@ def salvage(path: Path) -> Salvaged:
             out.opened = False
             return out
         out.meta = _meta(db)
+        out.row_counter = _row_counter(db)
         for table, (key, cols) in TABLES.items():
             rows, bad = _table(db, table, key, cols)
             out.rows[table] = rows
@@ -290,6 +373,14 @@ def _meta(db: sqlite3.Connection) -> dict[str, int]:
     return meta
 
 
+def _row_counter(db: sqlite3.Connection) -> int | None:
+    try:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return None if row is None else int(row[0])
+
+
 def _bounds(db: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | None:
     """The table's key range; each end looked up on its own when MIN/MAX fails. None: not even that is readable."""
     try:
@@ -303,13 +394,8 @@ def _bounds(db: sqlite3.Connection, table: str, key: str) -> tuple[int, int] | N
             ends.append(None if row is None else int(row[0]))
         except sqlite3.DatabaseError:
             ends.append(None)
-    top = None
-    if table in ("outbox", "acked"):  # both are numbered by the outbox's AUTOINCREMENT counter
-        try:
-            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            top = None if row is None else int(row[0])
-        except sqlite3.DatabaseError:
-            top = None
+    # Both are numbered by the outbox's AUTOINCREMENT counter.
+    top = _row_counter(db) if table in ("outbox", "acked") else None
     lo, hi = ends[0] or 1, ends[1] or top
     return None if hi is None else (lo, hi)
 

@@ -35,7 +35,14 @@ RUN_NOTICES = re.compile(f"{LITERT_NOTICES.pattern}|{LIBJPEG_NOTICES.pattern}")
 
 # Runs as `python -I -S -c`: the standard library only. Lines end at "\n" or at "\r" (a progress bar redraws its
 # line with "\r"), and each is passed on as soon as it is complete, so a progress bar keeps moving.
+# It ignores SIGINT and SIGTERM: Ctrl-C signals the whole foreground process group and `systemctl stop` every
+# process of the service, and the filter must outlive edgemed's own shutdown to pass on what it logs while
+# draining (killed first, it would turn every later write to fd 2 into EPIPE). It exits when its input closes:
+# when edgemed leaves the block or dies; SIGKILL (systemd's stop timeout) still ends it.
 _FILTER = r"""
+import signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 import os, re, sys
 notice = re.compile(sys.argv[1])
 out, held = sys.stderr.buffer, b""

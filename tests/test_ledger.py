@@ -250,13 +250,50 @@ def test_one_ledger_row_per_file_per_commit_whatever_the_batch(tmp_path: Path, c
     from edgemed.outbox import Outbox, OutboxConfig
     from edgemed.types import InputDone
 
-    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(commit_every=commit_every)) as ob:
+    statements: list[str] = []
+    # No commit on the clock: the batches are exactly commit_every results each.
+    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(commit_every=commit_every, commit_interval_s=3600)) as ob:
         ob.start_source("/s", keep=False)
+        ob._db.set_trace_callback(statements.append)  # every statement SQLite runs, one per executemany row
         for i in range(300):
             row = InputDone(f"f{i // 30}.dcm", 10, 1, None, i % 30 + 1, 30)
             ob.put(f"r{i}", "t", b"{}", done=("/s", row))
         ob.end_source("/s")
         ob.flush()
+        ob._db.set_trace_callback(None)
         state, rows = ob.source_ledger("/s")
     assert state == "complete"
     assert sorted(rows) == [f"f{i}.dcm" for i in range(10)] and all(r.finished for r in rows.values())
+    per_commit: list[int] = [0]
+    for sql in statements:
+        if sql.strip().upper() == "COMMIT":
+            per_commit.append(0)
+        elif "inputs" in sql:
+            per_commit[-1] += 1
+    # Each commit writes one row per file among its results (30 frames a file), not one per frame.
+    files = [len({i // 30 for i in range(start, start + commit_every)}) for start in range(0, 300, commit_every)]
+    assert per_commit == [*files, 0, 0]  # nothing in end_source's commit, nor after it
+
+
+def test_a_source_whose_ledger_rows_survived_without_its_sources_row_is_not_new(tmp_path: Path) -> None:
+    """A recovery that reads ``inputs`` but not ``sources``: a ``watch:`` folder taken for new would mark the
+    files present as seen, and those that arrived while edgemed was down would never be read."""
+    from edgemed.outbox import Outbox
+    from edgemed.types import InputDone
+
+    path = tmp_path / "outbox.sqlite3"
+    done = InputDone("a.png", 10, 1, "ab" * 32, 1, 1)
+    with Outbox(path) as ob:
+        ob.start_source("/watch", keep=True, add=[done])
+        ob.start_source("/other", keep=True)
+    with sqlite3.connect(path) as db:  # wreck the one page of the sources table
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sources'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * page_size)
+        fh.write(b"\xff" * page_size)
+    with Outbox(path) as ob:
+        assert ob.recovery is not None and ob.recovery.inputs == 1
+        assert ob.source_ledger("/watch") == ("interrupted", {"a.png": done})
+        assert ob.source_ledger("/other") == ("new", {})  # no row of it was left anywhere

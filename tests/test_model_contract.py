@@ -20,7 +20,7 @@ import pytest
 from edgemed.cli import main
 from edgemed.errors import ModelError
 from edgemed.inference import BackendConfig, interpreter_module, make_backend
-from edgemed.inference.backends import graph_output_kind, open_interpreter
+from edgemed.inference.backends import graph_output_kind, graph_weights, open_interpreter
 from edgemed.manifest import load_manifest, sha256_file, verify_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,36 @@ def float_model(int8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     )
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+_CONVERT = """
+import sys
+from pathlib import Path
+from converters.convert import calibration_sample, to_tflite
+from converters.data import load_dataset
+from converters.source import load_source
+from converters.testing import BREASTMNIST, BREAST_LABELS
+source = load_source(Path(sys.argv[1]) / "keras" / "breast.keras", strip_softmax=False)
+calib = calibration_sample(load_dataset(BREASTMNIST, labels=BREAST_LABELS))
+for target in sys.argv[3:]:
+    (Path(sys.argv[2]) / f"breast_{target}.tflite").write_bytes(to_tflite(source, target, calib))
+"""
+
+
+@pytest.fixture(scope="module")
+def float_targets(int8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The int8 fixture's own Keras model converted by our converter to float16 and dynamic-range TFLite files
+    (softmax kept), in a subprocess: no TensorFlow in the test process."""
+    out = tmp_path_factory.mktemp("targets")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONVERT, str(int8_model.parent), str(out), "float16", "dynamic"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {target: out / f"breast_{target}.tflite" for target in ("float16", "dynamic")}
 
 
 def _copy(int8_model: Path, into: Path) -> tuple[Path, Path]:
@@ -119,7 +149,7 @@ def test_a_float_model_listed_as_int8_is_refused_by_the_device_the_doctor_and_th
 
 @pytest.mark.slow
 def test_an_edit_that_fixes_the_tensors_but_not_the_output_kind_is_refused(
-    int8_model: Path, float_model: Path, tmp_path: Path
+    int8_model: Path, float_model: Path, float_targets: dict[str, Path], tmp_path: Path
 ) -> None:
     model, manifest_path = _copy(int8_model, tmp_path / "m")
     shutil.copy(float_model, model)
@@ -128,8 +158,9 @@ def test_an_edit_that_fixes_the_tensors_but_not_the_output_kind_is_refused(
     with pytest.raises(ModelError, match=r"artifacts\[0\]\.output_kind is logits .* apply a softmax to probabilit"):
         make_backend(model, BackendConfig(), manifest=manifest)
 
-    # Told the truth, the same file runs and its probabilities are not squeezed by a second softmax.
-    _edit(manifest_path, model, output_kind="probabilities")
+    # Told the truth, a float16 model runs and its probabilities are not squeezed by a second softmax.
+    shutil.copy(float_targets["float16"], model)
+    _edit(manifest_path, model, target="float16", output_kind="probabilities", **_float_specs(model))
     from edgemed.runtime import Classifier
 
     manifest = load_manifest(manifest_path)
@@ -193,3 +224,29 @@ def test_a_model_path_that_is_a_folder_says_so(
         make_backend(tmp_path, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
     assert main(["doctor", "--model", str(folder), "--data-dir", str(tmp_path / "d")]) == 2
     assert "is a folder (it holds" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_float32_float16_and_dynamic_models_are_told_apart_by_their_weights(
+    int8_model: Path, float_model: Path, float_targets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Their tensors in and out are all float32: a plain float32 model listed as float16 used to pass, and the
+    device published ``target: float16`` for it."""
+    _, module = interpreter_module()
+    files = {"float32": float_model, **float_targets}
+    stored = {"float32": "float32", "float16": "float16", "dynamic": "int8"}
+    for kind, path in files.items():
+        assert graph_weights(open_interpreter(module, path, 1)) == stored[kind]
+    assert graph_weights(object()) is None  # an interpreter that lists nothing is not guessed at
+    for kind, path in files.items():
+        for listed in ("float16", "dynamic"):
+            model, manifest_path = _copy(int8_model, tmp_path / f"{kind}-as-{listed}")
+            shutil.copy(path, model)
+            _edit(manifest_path, model, target=listed, output_kind="probabilities", **_float_specs(model))
+            manifest = load_manifest(manifest_path)
+            if kind == listed:
+                make_backend(model, BackendConfig(), manifest=manifest).close()  # the truth loads
+                continue
+            with pytest.raises(ModelError) as info:
+                make_backend(model, BackendConfig(), manifest=manifest)
+            assert f"artifacts[0].target is {listed} but the model's weights are {stored[kind]}" in str(info.value)

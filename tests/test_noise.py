@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +115,46 @@ def test_the_filter_drops_only_the_notices_and_keeps_a_fatal_message(how: str) -
         assert proc.returncode != 0 and "F0000 Check failed: fatal" in proc.stderr  # the filter outlived us
     else:
         assert proc.returncode == 0 and proc.stderr.rstrip().endswith("after")  # order kept, stderr restored
+
+
+def _count(device: Path, sql: str) -> int:
+    if not (device / "outbox.sqlite3").exists():
+        return 0
+    db = sqlite3.connect(f"file:{device / 'outbox.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(db.execute(sql).fetchone()[0])
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_leaves_the_shutdown_lines_on_stderr(
+    sig: signal.Signals, int8_model: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C signals the terminal's whole foreground process group, ``systemctl stop`` every process of the
+    service: the stderr filter, a child of edgemed, gets the signal too and must outlive edgemed's shutdown."""
+    folder, device = tmp_path / "watch", tmp_path / "device"
+    folder.mkdir()
+    cmd = [sys.executable, "-m", "edgemed", *_run_args(int8_model, Path(f"watch:{folder}"), device), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENCV_", "TF_CPP_"))}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _count(device, "SELECT COUNT(*) FROM sources") < 1:  # the watch has taken stock of the folder
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start in time"
+            time.sleep(0.05)
+        shutil.copy(data_dir / "isic_samples" / "ISIC_0000014.jpg", folder / "new.jpg")
+        while _count(device, "SELECT COUNT(*) FROM outbox WHERE topic LIKE '%/results'") < 1:  # the loop runs
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not read the new file"
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert f"received {sig.name}: stopping capture, draining" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "edgemed: 1 frames" in err, err  # the end-of-run summary, written after the drain, is there too

@@ -354,3 +354,81 @@ def test_mqtt_config_rejects_unsafe_or_inconsistent_settings(tmp_path: Path, mon
     monkeypatch.delenv("EDGEMED_TEST_PW")
     with pytest.raises(ConfigError, match="EDGEMED_TEST_PW is not set"):
         read_password(MqttConfig(url="mqtt://localhost", username="u", password_env="EDGEMED_TEST_PW"))
+
+
+def _open_files(name: str) -> int:
+    fds = Path("/proc/self/fd")
+    found = 0
+    for fd in fds.iterdir():
+        try:
+            found += os.readlink(fd).endswith(name)
+        except OSError:  # closed while listing (the listing's own descriptor)
+            continue
+    return found
+
+
+def test_an_outbox_that_cannot_be_opened_keeps_no_file_open(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    path.mkdir()  # SQLite cannot open a folder: the open fails after the seq mark was opened
+    for _ in range(3):
+        with pytest.raises(OutboxError, match="cannot open the outbox"):
+            Outbox(path)
+    assert _open_files("outbox.seq") == 0
+
+
+def test_the_open_data_directory_warning_is_given_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    device = tmp_path / "device"
+    device.mkdir(mode=0o755)
+    device.chmod(0o755)
+    with DataDirLock(device), Outbox(device / "outbox.sqlite3"):  # as a run opens them
+        pass
+    assert caplog.text.count("is open to other users (mode 755)") == 1
+
+
+def test_a_file_whose_mode_cannot_be_read_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgemed.datadir import tighten
+
+    target = tmp_path / "results.jsonl"
+    target.write_text("")
+    real_stat = Path.stat
+
+    def stat(self: Path, **kwargs: object) -> os.stat_result:
+        if self == target:  # as for a file under a folder this user may not search
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "stat", stat)
+    tighten(target)
+    assert f"cannot check whether {target} is private" in caplog.text
+
+
+def test_a_frame_admitted_before_the_age_cap_is_crossed_is_kept(tmp_path: Path) -> None:
+    """The runtime asks is_full() before each frame; the age cap can be crossed while the frame is classified.
+    Refusing its result then would end the run (exit 7) instead of pausing before the next frame."""
+    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(max_age_s=0.2)) as ob:
+        _fill(ob, 1)
+        assert not ob.is_full()  # room: the next frame is taken
+        time.sleep(0.3)  # ... and classified while the oldest result passes max_age_s
+        health = threading.Thread(target=lambda: seen.append(ob.is_full()))  # the heartbeat asks meanwhile
+        seen: list[bool] = []
+        health.start()
+        health.join(10)
+        assert seen == [True]
+        ob.put("result", "t", b"{}")
+        ob.put("study decision", "t", b"{}")  # the same frame may close a study
+        assert ob.is_full()  # the producer pauses here
+        with pytest.raises(OutboxFullError):
+            ob.put("not admitted", "t", b"{}")  # a put no is_full() admitted is refused at the cap, as before
+        assert ob.pending_count() == 3
+
+
+def test_admission_covers_one_frame_not_a_stream(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3", OutboxConfig(max_pending=2)) as ob:
+        _fill(ob, 1)
+        assert not ob.is_full()
+        _fill(ob, 4, start=1)  # what one frame may produce: kept past the cap
+        with pytest.raises(OutboxFullError):
+            ob.put("fifth", "t", b"{}")
+        assert ob.pending_count() == 5

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgemed.errors import DelegateUnavailableError, ModelError
-from edgemed.manifest import OutputKind, check_model_file
+from edgemed.manifest import OutputKind, WeightKind, check_model_file
 from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 from edgemed.types import Delegate, TensorSpec
 
@@ -97,6 +97,32 @@ def graph_output_kind(interpreter: Any) -> OutputKind | None:
     return None
 
 
+def graph_weights(interpreter: Any) -> WeightKind | None:
+    """How the model stores its weights, read from the types of its tensors other than the input and output.
+
+    The input and output dtypes cannot tell the float targets apart: float32, float16 and dynamic-range models
+    all take and return float32. float16 conversion keeps its weights as float16 constants (DEQUANTIZE ops
+    widen them to float32), dynamic-range quantization keeps them as int8.
+
+    Args:
+        interpreter: an ``Interpreter`` of any of the three packages.
+
+    Returns:
+        ``float16`` when any tensor is float16, ``int8`` when any is int8 or uint8 (quantized weights), else
+        ``float32``; ``None`` when the interpreter lists no tensors.
+    """
+    try:
+        io = {int(d["index"]) for d in (*interpreter.get_input_details(), *interpreter.get_output_details())}
+        kinds = {np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details() if int(d["index"]) not in io}
+    except (AttributeError, TypeError, ValueError, RuntimeError, KeyError):
+        return None
+    if not kinds:
+        return None
+    if "float16" in kinds:
+        return "float16"
+    return "int8" if kinds & {"int8", "uint8"} else "float32"
+
+
 def open_interpreter(module: ModuleType, model: Path, threads: int, delegates: list[Any] | None = None) -> Any:
     """Build and allocate an ``Interpreter`` (XNNPACK is applied by default on CPU).
 
@@ -135,6 +161,7 @@ class InterpreterBackend:
         degraded: True when ``delegate`` is not the intended accelerator.
         degraded_reason: why, in one line, or ``None``.
         output_kind: what the graph's output op computes (``None``: the graph cannot tell).
+        weights: how the model stores its weights (``graph_weights``).
     """
 
     def __init__(
@@ -161,6 +188,7 @@ class InterpreterBackend:
         self._in_shape = self.input_spec.shape
         self._in_dtype = np.dtype(inputs[0]["dtype"])
         self.output_kind = graph_output_kind(interpreter)
+        self.weights = graph_weights(interpreter)
         self.backend = backend
         self.delegate: Delegate = delegate
         self.degraded = delegate != intended
@@ -226,6 +254,7 @@ class CompiledModelBackend:
         self.input_spec = _spec(probe.get_input_details()[0])
         self.output_spec = _spec(probe.get_output_details()[0])
         self.output_kind = graph_output_kind(probe)
+        self.weights = graph_weights(probe)
         del probe
         # GPU|CPU lets ops the GPU cannot run stay on the CPU (as the Edge TPU compiler does); with no GPU adapter
         # at all LiteRT still raises RuntimeError (measured with 2.3), so an absent GPU is never silent.

@@ -60,7 +60,9 @@ def make_backend(
     backend, loaded = _load(Path(model), cfg, fallback_model)
     if manifest is not None:
         try:
-            check_loaded_model(manifest, loaded, backend.input_spec, backend.output_spec, backend.output_kind)
+            check_loaded_model(
+                manifest, loaded, backend.input_spec, backend.output_spec, backend.output_kind, backend.weights
+            )
         except ModelError:
             backend.close()
             raise
