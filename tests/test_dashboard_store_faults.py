@@ -14,7 +14,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from broker_fixtures import Device, Mosquitto
@@ -183,7 +182,9 @@ def test_a_message_the_database_refuses_becomes_a_dead_letter_and_the_batch_goes
     store.close()
 
 
-def test_a_database_error_after_a_refused_message_never_keeps_its_dead_letter_twice(broker: Mosquitto, tmp_path: Path) -> None:
+def test_a_database_error_after_a_refused_message_never_keeps_its_dead_letter_twice(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
     # Item 12 of the review: the per-message fallback committed message by message; a database error halfway then
     # made the writer retry the whole batch, and the refused message was kept as a dead letter a second time.
     store = DashboardStore(tmp_path / "d.sqlite3")
