@@ -51,13 +51,17 @@ class BrokerUrl:
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine, judged from its text alone (no DNS lookup).
 
+    Only a loopback IP literal or exactly ``localhost`` counts: the plaintext and TLS-drop rules trust it, so it
+    must not be a name that can point anywhere. glibc answers ``localhost`` from ``/etc/hosts``, but the
+    fully qualified ``localhost.`` (and ``localhost.example.org``, ``127.0.0.1.nip.io``) goes to DNS.
+
     Args:
         host: a host name or an IPv4/IPv6 address.
 
     Returns:
-        True for ``localhost`` and loopback addresses.
+        True for ``localhost`` (any case) and loopback addresses (127.0.0.0/8, ::1).
     """
-    if host.lower() in ("localhost", "localhost."):
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
