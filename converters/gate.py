@@ -55,7 +55,7 @@ from pydantic import Field, ValidationError
 from converters import metrics as M
 from converters.metrics import ClassRates, ModelSummary, summarise
 from edgemed.errors import ConfigError
-from edgemed.validation import StrictModel, describe
+from edgemed.validation import StrictModel, describe, describe_yaml_error
 
 DEFAULT_MIN_SENSITIVITY = 0.50
 DEFAULT_MIN_AUC = 0.70
@@ -105,7 +105,9 @@ def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateCo
         try:
             text = Path(path).read_text(encoding="utf-8")
             raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"gate config {path} is not valid YAML: {describe_yaml_error(exc)}") from exc
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read gate config {path} ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"gate config {path} must be a mapping, e.g. 'max_accuracy_drop: 0.01'")

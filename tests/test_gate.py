@@ -295,3 +295,14 @@ def test_manifests_written_before_the_floors_still_load(int8_model: Path, tmp_pa
     old.write_text(json.dumps(raw))
     art = load_manifest(old).artifacts[0]
     assert art.verdict == "accepted" and art.clinically_weak == []
+
+
+def test_a_gate_file_that_is_not_yaml_says_where_in_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "gate.yaml"
+    f.write_text("min_auc: 0.8\n  min_sensitivity: : 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_gate_config(f)
+    assert (
+        str(info.value)
+        == f"gate config {f} is not valid YAML: mapping values are not allowed here at line 2, column 18"
+    )
