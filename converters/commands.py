@@ -306,7 +306,9 @@ def run_convert(args: argparse.Namespace) -> int:
     mode = args.colour_mode or (record or {}).get("colour_mode")
     ds = load_dataset(args.calibration, labels=None if exp.labels else args.labels, image_size=size, colour_mode=mode)
     # Refused here, before TensorFlow is even imported, when the data is plainly not this model's.
-    ds = fit_to_model(ds, exp, "calibration", resized_on_purpose=bool(args.image_size or args.colour_mode))
+    ds = fit_to_model(
+        ds, exp, "calibration", resized_on_purpose=bool(args.image_size or args.colour_mode), eval_split=args.eval_split
+    )
 
     quiet_tensorflow()  # before convert() loads the model with Keras
     from converters.convert import convert

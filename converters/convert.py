@@ -251,8 +251,14 @@ def _inputs(
     exp = model_expectation(Path(model_path), source)
     # A Dataset given here was sized by its caller (load_dataset's image_size): only the command line, which
     # knows whether the user asked for that, also compares the size the data was stored at.
-    calibration = fit_to_model(calibration, exp, "calibration", resized_on_purpose=True)
-    evaluation = fit_to_model(evaluation, exp, "evaluation", resized_on_purpose=True) if evaluation else calibration
+    judged_here = evaluation is None  # the gate judges on the calibration data's held-out split
+    calibration = fit_to_model(
+        calibration, exp, "calibration", resized_on_purpose=True, eval_split=eval_split, evaluated=judged_here
+    )
+    if evaluation is not None:
+        evaluation = fit_to_model(evaluation, exp, "evaluation", resized_on_purpose=True, eval_split=eval_split)
+    else:
+        evaluation = calibration
     held = held_out(evaluation, eval_split)
     calib = calibration_sample(calibration, *sampling)  # per class, minimum per class, seed
     labels, spec = list(calibration.labels), calibration.input_spec()

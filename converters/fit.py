@@ -8,7 +8,11 @@ checks here refuse such data before any work is done, from what ``edgemed train`
 
 * class names: data that names its classes (a ``.npz``'s ``classes``, class sub-folders, CSV label names) must
   name the model's classes; its label values are then mapped to the model's output order by name;
-* class count: integer labels must cover exactly the model's outputs;
+* class count: integer labels must be the model's outputs, ``0 .. K-1`` and nothing else;
+* every class in what is used: the calibration images (``train``) and the split the gate judges on (``test``,
+  else ``val``, or ``--eval-split``) must each hold images of every class, checked split by split: labels
+  ``{0, 2}`` for three outputs, or a class found only in the training split, leave a class whose clinical floors
+  the gate cannot check;
 * input shape and colour mode: a ``.npz`` stored at another size or colour mode than the model's input (or the
   training data's, converted the same way) is refused unless resized on purpose (``--image-size``,
   ``--colour-mode``);
@@ -117,24 +121,38 @@ def has_colour(images: np.ndarray) -> bool:
     return False
 
 
-def fit_to_model(ds: Dataset, exp: Expectation, role: str, *, resized_on_purpose: bool = False) -> Dataset:
+def fit_to_model(
+    ds: Dataset,
+    exp: Expectation,
+    role: str,
+    *,
+    resized_on_purpose: bool = False,
+    eval_split: str | None = None,
+    evaluated: bool = True,
+) -> Dataset:
     """Check that ``ds`` fits the model and return it with the model's labels, in the model's output order.
 
     Args:
         ds: the calibration or evaluation data.
         exp: what the model expects.
-        role: ``calibration`` or ``evaluation``, for messages.
+        role: ``calibration`` (its ``train`` split is drawn from, and must hold every class) or ``evaluation``,
+            for messages.
         resized_on_purpose: the user asked for ``--image-size``/``--colour-mode``: a stored size or colour mode
             unlike the model's is then converted, not refused.
+        eval_split: the split the gate judges on (``--eval-split``); None = ``test``, else ``val``, as the gate
+            picks it.
+        evaluated: the gate judges on this dataset (False for calibration data given beside evaluation data).
 
     Returns:
         ``ds``, or a copy whose label values are renumbered to the model's label order.
 
     Raises:
-        DataError: other class names, another number of classes, another input size or colour mode, or no
-            colour where the model was trained on colour; the message names the file, the difference and the fix.
+        DataError: other class names, another number of classes, a class missing from the calibration or the
+            evaluated split, another input size or colour mode, or no colour where the model was trained on
+            colour; the message names the file, the difference and the fix.
     """
     ds = _fit_labels(ds, exp, role)
+    _require_every_class(ds, exp, role, _used_splits(ds, role, eval_split if evaluated else None, evaluated))
     _check_shape(ds, exp, role, resized_on_purpose)
     if exp.colour_images and ds.image_shape[-1] == 3 and not any(has_colour(x) for x, _ in ds.splits.values()):
         raise DataError(
@@ -158,17 +176,15 @@ def _fit_labels(ds: Dataset, exp: Expectation, role: str) -> Dataset:
                 f"its classes are {', '.join(present)} but {exp.model} was trained on {', '.join(known)} "
                 f"({exp.record}): this is data of other classes; use {role} images of the model's own classes",
             )
-        missing = [name for name in known if name not in present]
-        if missing:
-            raise DataError(ds.source, f"it has no {role} images of class {', '.join(missing)}; add some")
         # A name with no images (a class listed but empty) is never looked up; 0 only keeps the table whole.
         order = np.asarray([known.index(n) if n in known else 0 for n in ds.stored_labels], dtype=np.int64)
         splits = {name: (x, order[y]) for name, (x, y) in ds.splits.items()}
         # Renumbered: label value i is now the model's class i, which the data calls known[i].
         return replace(ds, splits=splits, labels=list(exp.labels), stored_labels=list(known))
     classes = int(values.max()) + 1 if len(values) else 0
-    wanted = exp.classes if exp.classes is not None else (len(exp.labels) if exp.labels else None)
-    if wanted is not None and classes != wanted:
+    wanted = _wanted(exp)
+    # Every value must be one of the model's outputs; whether each output has images is checked per split.
+    if wanted is not None and (classes > wanted or (len(values) and int(values.min()) < 0)):
         raise DataError(
             ds.source,
             f"its labels are 0..{classes - 1} ({classes} classes) but {exp.model} outputs {wanted} classes; "
@@ -177,6 +193,41 @@ def _fit_labels(ds: Dataset, exp: Expectation, role: str) -> Dataset:
     if exp.labels is not None and ds.labels != exp.labels:
         return replace(ds, labels=list(exp.labels))
     return ds
+
+
+def _wanted(exp: Expectation) -> int | None:
+    return exp.classes if exp.classes is not None else (len(exp.labels) if exp.labels else None)
+
+
+def _used_splits(ds: Dataset, role: str, eval_split: str | None, evaluated: bool) -> list[str]:
+    """The splits whose images are used: ``train`` for calibration, and the split the gate judges on."""
+    used = ["train"] if role == "calibration" else []
+    if evaluated:
+        judged = eval_split if eval_split in ds.splits else next((s for s in ("test", "val") if s in ds.splits), None)
+        if judged is not None and judged != "train" and judged not in used:
+            used.append(judged)
+    return used
+
+
+def _require_every_class(ds: Dataset, exp: Expectation, role: str, splits: list[str]) -> None:
+    """Each used split holds images of every class of the model (``np.unique``, not the highest label + 1)."""
+    wanted = _wanted(exp)
+    if wanted is None:
+        return
+    names = ds.stored_labels if ds.stored_labels is not None and len(ds.stored_labels) == wanted else exp.labels
+    for split in splits:
+        present = set(np.unique(ds.splits[split][1]).tolist())
+        missing = [k for k in range(wanted) if k not in present]
+        if not missing:
+            continue
+        classes = ", ".join(names[k] if names else str(k) for k in missing)
+        if split == "train" and role == "calibration":
+            raise DataError(ds.source, f"it has no {role} images of class {classes}; add some")
+        raise DataError(
+            ds.source,
+            f"its {split} split, which the gate judges {exp.model} on, has no images of class {classes}: the "
+            "clinical floors of that class could not be checked; add some, or choose another split with --eval-split",
+        )
 
 
 def _check_shape(ds: Dataset, exp: Expectation, role: str, resized_on_purpose: bool) -> None:

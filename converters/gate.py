@@ -33,7 +33,9 @@ These defaults were fixed from those two arguments alone, not tuned on any datas
 gate YAML (``min_sensitivity``, ``min_auc``, and ``class_floors: {melanoma: {min_sensitivity: 0.9}}``). By
 default a model under a floor stays accepted as a *faithful conversion, clinically weak*, with one warning per
 failing class on the console, in the report and in the manifest (``gate.clinically_weak``); with
-``require_floors: true`` (``--require-floors``) it is rejected.
+``require_floors: true`` (``--require-floors``) it is rejected. A floor that cannot be checked (a class with no
+evaluation images has no sensitivity; an evaluation set without that class, or of nothing else, has no AUC for
+it) is treated the same way: never passed silently, a warning by default and a rejection with the floors required.
 
 Thresholds come from :class:`GateConfig` (defaults above), a YAML/JSON file (``--gate-config``), or single
 command-line flags. Point estimates decide; Wilson and bootstrap 95% intervals are reported beside them so a
@@ -55,7 +57,7 @@ from pydantic import Field, ValidationError
 from converters import metrics as M
 from converters.metrics import ClassRates, ModelSummary, summarise
 from edgemed.errors import ConfigError
-from edgemed.validation import StrictModel, describe
+from edgemed.validation import StrictModel, describe, describe_yaml_error
 
 DEFAULT_MIN_SENSITIVITY = 0.50
 DEFAULT_MIN_AUC = 0.70
@@ -105,7 +107,9 @@ def load_gate_config(path: str | Path | None = None, **overrides: Any) -> GateCo
         try:
             text = Path(path).read_text(encoding="utf-8")
             raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"gate config {path} is not valid YAML: {describe_yaml_error(exc)}") from exc
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read gate config {path} ({exc})") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"gate config {path} must be a mapping, e.g. 'max_accuracy_drop: 0.01'")
@@ -139,6 +143,16 @@ class ClassFloorCheck:
     def under_auc(self) -> bool:
         """The class's one-vs-rest AUC is defined and under its floor."""
         return not math.isnan(self.roc_auc) and self.roc_auc < self.min_auc
+
+    @property
+    def sensitivity_unchecked(self) -> bool:
+        """No evaluation image of the class: its sensitivity, and so its floor, is undefined."""
+        return not self.n or math.isnan(self.sensitivity)
+
+    @property
+    def auc_unchecked(self) -> bool:
+        """The evaluation images lack the class or everything else: its one-vs-rest AUC is undefined."""
+        return math.isnan(self.roc_auc)
 
 
 @dataclass(frozen=True)
@@ -343,17 +357,30 @@ def clinical_floors(
             roc_auc=M.binary_auc((y == k).astype(int), probs[:, k]),
             min_auc=config.min_auc if own.min_auc is None else own.min_auc,
         )
-    weak = [
-        f"sensitivity of {label!r} {_versus(row.sensitivity, row.min_sensitivity)} ({row.true_positives} of {row.n})"
-        for label, row in table.items()
-        if row.under_sensitivity
-    ]
+    weak: list[str] = []
+    for label, row in table.items():
+        if row.sensitivity_unchecked:
+            weak.append(
+                f"sensitivity of {label!r}: floor {row.min_sensitivity:.2f} cannot be checked (no evaluation images "
+                "of this class); evaluate on images of every class"
+            )
+        elif row.under_sensitivity:
+            weak.append(
+                f"sensitivity of {label!r} {_versus(row.sensitivity, row.min_sensitivity)} "
+                f"({row.true_positives} of {row.n})"
+            )
     rows = list(table.items())
     if len(rows) == 2 and rows[0][1].min_auc == rows[1][1].min_auc:
         rows = [("", rows[1][1])]  # two classes have one AUC between them: say it once
     for label, row in rows:
-        if row.under_auc:
-            who = f"ROC AUC of {label!r} (one-vs-rest)" if label else "ROC AUC"
+        who = f"ROC AUC of {label!r} (one-vs-rest)" if label else "ROC AUC"
+        if row.auc_unchecked:
+            lacking = "this class or every other" if label else "one of the two classes"
+            weak.append(
+                f"{who}: floor {row.min_auc:.2f} cannot be checked (the evaluation images lack {lacking}); "
+                "evaluate on images of every class"
+            )
+        elif row.under_auc:
             weak.append(f"{who} {_versus(row.roc_auc, row.min_auc)}")
     return weak, Floors(require=config.require_floors, classes=table)
 

@@ -238,7 +238,9 @@ def load_profile(path: Path) -> DeviceProfile:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"profile {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        from edgemed.validation import describe_yaml_error
+
+        raise ConfigError(f"profile {path} is not valid YAML: {describe_yaml_error(exc)}") from exc
     return parse_profile(raw, path)
 
 

@@ -175,13 +175,16 @@ def _broker(cfg: MqttConfig) -> Check:
         # nothing on the broker. A retained status under edgemed/ made the dashboard list a device "doctor".
         link = MqttLink(cfg, status_topic=None, client_id=f"edgemed-doctor-{os.getpid()}", persistent=False)
         link.start()
-        deadline = time.monotonic() + 5.0
-        while not link.connected and time.monotonic() < deadline:
+        try:
+            deadline = time.monotonic() + 5.0
+            while not link.connected and time.monotonic() < deadline:
+                link.check()
+                time.sleep(0.05)
             link.check()
-            time.sleep(0.05)
-        link.check()
-        ok = bool(link.connected)
-        link.stop(timeout_s=2.0)
+            ok = bool(link.connected)
+        finally:
+            # Also after a refusal: otherwise the link's thread goes on reconnecting until the process ends.
+            link.stop(timeout_s=2.0)
     except EdgemedError as exc:
         return Check("broker", False, str(exc))
     return Check(
@@ -193,8 +196,11 @@ def _broker(cfg: MqttConfig) -> Check:
 
 
 def _disk(data_dir: Path) -> Check:
+    from edgemed.datadir import private_dir
+
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Created the way `edgemed run` creates it (0700): a folder made 0755 here made every later run warn.
+        private_dir(data_dir)
         with tempfile.NamedTemporaryFile(dir=data_dir):
             pass
     except OSError as exc:

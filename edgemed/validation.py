@@ -5,10 +5,13 @@ thresholds) derives from :class:`StrictModel` (or :class:`FrozenModel`), so an u
 an error rather than a setting silently ignored; nowhere else says ``extra="forbid"``.
 
 pydantic's own text is written for programmers (``Value error, ...``, ``Input should be ...``, ``Extra inputs are
-not permitted``). ``problems()`` keeps the location, drops that boilerplate, says ``unknown key`` with the
+not permitted``, ``Input is not a valid path for <class 'pathlib.Path'>``, ``valid dictionary or instance of
+QualityConfig``). ``problems()`` keeps the location, drops that boilerplate, says what a wrong kind of value
+should have been in the words of the YAML file (a mapping, a list, text, a path), says ``unknown key`` with the
 nearest valid key ("did you mean `min_probability`?"), and names the command-line flag a value came from. Every
 ``ValidationError`` that reaches a person goes through ``describe()`` (or ``problems()``), wrapped in the
-``EdgemedError`` of the module that validated it.
+``EdgemedError`` of the module that validated it. ``describe_yaml_error()`` does the same for a file that is not
+YAML at all (PyYAML ends its messages with ``in "<unicode string>"``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ class FrozenModel(StrictModel):
 _PREFIXES = ("Value error, ", "Assertion failed, ")
 # pydantic's own checks read "Input should be greater than 0", "List should have at least 2 items ...".
 _SHOULD = re.compile(r"^(Input|List|String|Value|Dictionary|Tuple|Set|Object|Decimal|Path) should ")
+# A value of the wrong kind, said as a YAML file writes the right one (pydantic names Python classes here).
+_KIND_WANTED = {
+    "path_type": "must be a path, written as text",
+    "model_type": "must be a section of keys (key: value)",
+    "model_attributes_type": "must be a section of keys (key: value)",
+    "dataclass_type": "must be a section of keys (key: value)",
+    "dict_type": "must be a mapping (key: value)",
+    "list_type": "must be a list ([a, b] or lines starting with -)",
+    "tuple_type": "must be a list ([a, b] or lines starting with -)",
+    "string_type": "must be text",
+}
 
 
 def _candidates(annotation: Any) -> list[Any]:
@@ -97,12 +111,26 @@ def _shown(value: Any) -> str | None:
     return None
 
 
+def _kind_of(value: Any) -> str:
+    """What a YAML file wrote, in its own words: ``'abc'``, ``5``, ``a list``, ``a section of keys``, ``nothing``."""
+    shown = _shown(value)
+    if shown is not None:
+        return shown
+    if isinstance(value, Mapping):
+        return "a section of keys"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "nothing (null)" if value is None else "something else"
+
+
 def _message(err: Mapping[str, Any], root: type[BaseModel] | None, reference: str | None) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return _unknown_key(root, err["loc"], reference)
     if kind == "missing":
         return "required field is missing"
+    if kind in _KIND_WANTED:
+        return f"{_KIND_WANTED[kind]} (got {_kind_of(err.get('input'))})"
     msg = str(err["msg"])
     for prefix in _PREFIXES:
         if msg.startswith(prefix):
@@ -161,3 +189,33 @@ def describe(exc: ValidationError, root: type[BaseModel] | None = None, *, limit
     found = problems(exc, root, **kwargs)
     more = f" (+{len(found) - limit} more)" if len(found) > limit else ""
     return "; ".join(found[:limit]) + more
+
+
+def describe_yaml_error(exc: Exception) -> str:
+    """A PyYAML error as one line: what is wrong, and where (line and column, counted from 1).
+
+    PyYAML's own text spans several lines, points with ``^`` at a copy of the line and names the input
+    ``"<unicode string>"``; the line and column are what a person needs to find the mistake.
+
+    Args:
+        exc: a ``yaml.YAMLError`` (a ``MarkedYAMLError`` carries the marks; any other is shown as it is).
+
+    Returns:
+        For example ``expected ',' or '}', but got the end of the file at line 3, column 1 (while parsing a
+        flow mapping starting at line 2, column 9)``.
+    """
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return " ".join(str(exc).replace('in "<unicode string>", ', "").split())
+    text = f"{problem} at {at(mark)}" if mark is not None else str(problem)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        started = f" starting at {at(context_mark)}" if context_mark is not None else ""
+        text += f" ({context}{started})"
+    for yaml_words, ours in (("'<stream end>'", "the end of the file"), ("end of stream", "end of the file")):
+        text = text.replace(yaml_words, ours)
+    return text

@@ -34,7 +34,7 @@ def headless_flags(profile_dir: Path) -> list[str]:
 class PipeBrowser:
     """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no port, no extra package."""
 
-    def __init__(self, tmp_path: Path, url: str) -> None:
+    def __init__(self, tmp_path: Path, url: str, extra_flags: tuple[str, ...] = ()) -> None:
         if not Path(CHROMIUM).exists():
             pytest.fail("headless Chromium is needed for the browser test: apt-get install -y chromium")
         cmd_r, self._cmd_w = os.pipe()
@@ -44,7 +44,7 @@ class PipeBrowser:
             os.dup2(cmd_r, 3)
             os.dup2(out_w, 4)
 
-        flags = [*headless_flags(tmp_path / "chromium-cdp"), "--remote-debugging-pipe"]
+        flags = [*headless_flags(tmp_path / "chromium-cdp"), "--remote-debugging-pipe", *extra_flags]
         self.proc = subprocess.Popen(
             [CHROMIUM, *flags, "about:blank"],
             pass_fds=(3, 4, cmd_r, out_w),

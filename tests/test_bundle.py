@@ -280,3 +280,24 @@ def test_a_profile_with_tls_null_bundles_without_a_ca(tmp_path: Path, int8_model
     assert not (root / "tls").exists()
     prof = load_profile(root / "profile.yaml")
     assert prof.mqtt is not None and prof.mqtt.tls is None
+
+
+def test_a_file_named_like_the_checksums_in_a_subfolder_is_still_an_unlisted_file(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only the top-level SHA256SUMS and SHA256SUMS.sig are not listed in SHA256SUMS; the check compared base
+    # names, so wheels/SHA256SUMS (a wheel would do as well, under that name) rode along unchecked.
+    assert main(["bundle", "--profile", str(_profile(tmp_path, int8_model)), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    for smuggled in ("wheels/SHA256SUMS", "model/SHA256SUMS.sig"):
+        path = root / smuggled
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"not listed anywhere")
+        installed = _install(root, tmp_path / f"prefix-{path.parent.name}", "--allow-unsigned")
+        assert installed.returncode == 1, installed.stdout + installed.stderr
+        assert f"files not listed in SHA256SUMS: {smuggled}" in installed.stderr
+        assert main(["verify-bundle", str(root)]) == 2
+        assert f"files not listed in SHA256SUMS: {smuggled}" in capsys.readouterr().err
+        path.unlink()
+    assert main(["verify-bundle", str(root)]) == 0  # the top-level ones are, of course, not listed in themselves
+    capsys.readouterr()

@@ -197,3 +197,32 @@ def test_a_device_without_a_trusted_key_installs_only_with_allow_unsigned(
     signed = _gnu_untar(_bundle(tmp_path / "s", int8_model, "--sign-key", str(private)), tmp_path / "s-unpacked")
     unverified = _install(signed, tmp_path / "p4", **no_key)
     assert unverified.returncode == 1 and "holds no trusted key" in unverified.stderr
+
+
+def test_an_archive_that_fails_halfway_through_unpacking_leaves_nothing_behind(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgemed.bundle.tree import extract_bundle
+    from edgemed.errors import ConfigError
+
+    archive = _bundle(tmp_path, int8_model)
+    name = archive.name.removesuffix(".tar.gz")
+    # Every member is a plain file or folder inside the bundle, but a folder is then replaced by a file: the
+    # unpacking fails after the bundle's files are already written.
+    bad = tmp_path / "bad" / archive.name
+    bad.parent.mkdir()
+    with tarfile.open(archive) as src, tarfile.open(bad, "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        clash = tarfile.TarInfo(f"{name}/model")  # model/ is a folder of the bundle
+        clash.size = 4
+        dst.addfile(clash, io.BytesIO(b"evil"))
+    into = tmp_path / "into"
+    into.mkdir()
+    for _ in range(2):  # and the second try says the same, not "exists; remove it"
+        with pytest.raises(ConfigError, match="cannot unpack the bundle"):
+            extract_bundle(bad, into)
+        assert list(into.iterdir()) == []
+    assert main(["verify-bundle", str(bad)]) == 2
+    assert "cannot unpack the bundle" in capsys.readouterr().err
+    assert sorted(p.name for p in bad.parent.iterdir()) == [bad.name]

@@ -200,3 +200,45 @@ def test_classes_renamed_at_training_are_recognised_and_fitting_twice_changes_no
     no_melanoma = {k: (x[y == 0], y[y == 0]) for k, (x, y) in ds.splits.items()}
     with pytest.raises(DataError, match="it has no calibration images of class melanoma; add some"):
         fit_to_model(replace(ds, splits=no_melanoma), exp, "calibration")
+
+
+def _three_outputs() -> Expectation:
+    return Expectation(model="m.keras", labels=["a", "b", "c"], classes=3, shape=(28, 28, 1))
+
+
+def test_every_class_of_the_model_must_be_in_the_calibration_and_the_judged_split() -> None:
+    ds = load_dataset(BREAST)
+    assert ds.stored_labels is None  # integer labels only
+    # Labels {0, 2} for a model of three outputs: the highest label + 1 is 3, but class b has no image at all.
+    skipping = {k: (x, np.where(y == 1, 2, y)) for k, (x, y) in ds.splits.items()}
+    with pytest.raises(DataError, match="it has no calibration images of class b; add some"):
+        fit_to_model(replace(ds, splits=skipping), _three_outputs(), "calibration")
+    # Every class over all splits together, but class c only in the training images: the test split, which the
+    # gate judges on, has none, so its clinical floors could not be checked.
+    x, y = ds.splits["train"]
+    train = (np.concatenate([x, x[:30]]), np.concatenate([y, np.full(30, 2)]))
+    only_in_train = {**ds.splits, "train": train, "val": (x[:60], np.repeat([0, 1, 2], 20))}
+    with pytest.raises(DataError, match=r"its test split, which the gate judges m\.keras on, has no images of class c"):
+        fit_to_model(replace(ds, splits=only_in_train), _three_outputs(), "calibration")
+    # The split the gate is told to judge on is the one that must hold every class.
+    fitted = fit_to_model(replace(ds, splits=only_in_train), _three_outputs(), "calibration", eval_split="val")
+    assert fitted.labels == ["a", "b", "c"]
+    with pytest.raises(DataError, match="its test split"):
+        fit_to_model(replace(ds, splits=only_in_train), _three_outputs(), "evaluation")
+    # Calibration data given beside separate evaluation data is not judged on: only its train split counts.
+    assert fit_to_model(replace(ds, splits=only_in_train), _three_outputs(), "calibration", evaluated=False)
+    # A label beyond the model's outputs is still refused as before.
+    beyond = {k: (x, np.where(y == 1, 3, y)) for k, (x, y) in ds.splits.items()}
+    with pytest.raises(DataError, match=r"its labels are 0\.\.3 \(4 classes\) but m\.keras outputs 3 classes"):
+        fit_to_model(replace(ds, splits=beyond), _three_outputs(), "calibration")
+
+
+def test_named_classes_must_be_in_the_judged_split_too(tmp_path: Path) -> None:
+    ds = load_dataset(_isic_npz(tmp_path / "isic.npz"))
+    exp = Expectation(model="skin.keras", labels=["nevus", "melanoma"], classes=2, shape=(64, 64, 3))
+    x, y = ds.splits["test"]
+    no_melanoma_in_test = {**ds.splits, "test": (x[y == 0], y[y == 0])}
+    with pytest.raises(
+        DataError, match=r"its test split, which the gate judges skin\.keras on, has no images of class melanoma"
+    ):
+        fit_to_model(replace(ds, splits=no_melanoma_in_test), exp, "calibration")

@@ -258,3 +258,28 @@ def test_the_api_encoder_never_writes_non_finite_numbers() -> None:
 
     value = {"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "NaN"}
     assert _strict_json(encode_json(value)) == {"a": [1.0, None], "b": {"c": None}, "d": "NaN"}
+
+
+def test_a_payload_with_a_key_twice_is_a_dead_letter_not_the_last_reading(tmp_path: Path) -> None:
+    # {"triage": {urgent...}, "triage": {routine...}}: Python's parser keeps the last, others the first; the
+    # dashboard filed it as routine and its stored copy lost the urgent member.
+    db = tmp_path / "d.sqlite3"
+    store = DashboardStore(db)
+    ingest = Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)
+    result = make_result(seq=7, level="routine")
+    text = json.dumps(result)
+    urgent = '"triage": {"level": "urgent", "reason": "malignant 0.91"}, '
+    twice = text.replace('"triage": ', urgent + '"triage": ', 1).encode()
+    assert json.loads(twice)["triage"]["level"] == "routine"  # what a plain parser makes of it
+    nested = text.replace('"level": "routine"', '"level": "urgent", "level": "routine"').encode()
+    for payload in (twice, nested):
+        assert ingest.handle(TOPIC, payload) == "rejected: payload has an object with the same key twice"
+    assert ingest.handle("edgemed/clinic-a/us-01/status", b'{"state": "online", "state": "offline"}').startswith(
+        "rejected: payload has an object with the same key twice"
+    )
+    assert store.result_count() == 0 and store.fleet() == []
+    rows = dead_letters(db)
+    assert [bytes(r["payload"]) for r in rows[:2]] == [twice, nested]  # kept as sent
+    assert rows[0]["seq"] is None  # nothing read from a payload that has two readings
+    assert ingest.handle(TOPIC, text.encode()) == "stored"  # the same result without the second key
+    store.close()

@@ -14,7 +14,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from broker_fixtures import Device, Mosquitto
@@ -155,25 +154,71 @@ def test_messages_are_acknowledged_only_after_the_durable_commit_that_holds_them
     store.close()
 
 
-def test_a_message_the_database_refuses_becomes_a_dead_letter_and_the_batch_goes_in(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A defect seam: no validated payload is known to make SQLite refuse it, so the store is made to refuse one.
+def _refuse_in_sqlite(store: DashboardStore, seq: int) -> None:
+    # A defect seam: no validated payload is known to make SQLite refuse it, so SQLite itself is made to refuse
+    # one (a trigger on the store's own connection raises a constraint error, as a real constraint would).
+    store._db.execute(
+        f"CREATE TEMP TRIGGER refuse_{seq} BEFORE INSERT ON results WHEN NEW.seq = {seq} "
+        "BEGIN SELECT RAISE(ABORT, 'CHECK constraint failed'); END"
+    )
+
+
+def test_a_message_the_database_refuses_becomes_a_dead_letter_and_the_batch_goes_in(tmp_path: Path) -> None:
     from edgemed.dashboard.validate import classify
 
     store = DashboardStore(tmp_path / "d.sqlite3")
-    ingest = Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)
-    bad = make_result(seq=2)
-    original = store.file
-
-    def refuse_one(filings: list[Any], received_at: float | None = None) -> list[str]:
-        if any(f.result_id == bad["result_id"] and f.kind == "results" for f in filings):
-            raise sqlite3.IntegrityError("CHECK constraint failed")
-        return original(filings, received_at)
-
-    monkeypatch.setattr(store, "file", refuse_one)
-    batch = [make_result(seq=1), bad, make_result(seq=3)]
+    _refuse_in_sqlite(store, 2)
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    batch = [make_result(seq=1), make_result(seq=2), make_result(seq=3)]
     filings = [classify("edgemed/clinic-a/us-01/results", json.dumps(r).encode()) for r in batch]
-    assert ingest._store(filings, time.time()) == ["stored", "rejected: could not be stored (IntegrityError)", "stored"]
+    assert store.file(filings, time.time()) == [
+        "stored",
+        "rejected: could not be stored (IntegrityError)",
+        "stored",
+    ]
     assert store.result_count() == 2 and store.dead_letter_counts() == {"could not be stored (IntegrityError)": 1}
+    assert len(commits) == 1  # the whole batch, its dead letter included, in one commit
+    store.close()
+
+
+def test_a_database_error_after_a_refused_message_never_keeps_its_dead_letter_twice(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    # Item 12 of the review: the per-message fallback committed message by message; a database error halfway then
+    # made the writer retry the whole batch, and the refused message was kept as a dead letter a second time.
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    _refuse_in_sqlite(store, 2)
+    failures = []
+
+    def fail_once() -> int:  # the database fails once (an I/O error, a full disk), then works again
+        if not failures:
+            failures.append(1)
+            raise OSError("disk I/O error")
+        return 0
+
+    store._db.create_function("fail_once", 0, fail_once)
+    store._db.execute(
+        "CREATE TEMP TRIGGER fail_on_3 BEFORE INSERT ON results WHEN NEW.seq = 3 BEGIN SELECT fail_once(); END"
+    )
+    ingest = Ingest(MqttConfig(url=broker.url), store)
+    ingest.writer.retry_min_s = 0.05
+    ingest.writer.gap_s, ingest.writer.window_s = 0.5, 2.0  # the three messages make one batch
+    ingest.start()
+    device = Device(broker.port)
+    try:
+        assert ingest.wait_subscribed(10)
+        infos = [
+            device.client.publish("edgemed/clinic-a/us-01/results", json.dumps(make_result(seq=i)).encode(), qos=1)
+            for i in (1, 2, 3)
+        ]
+        for info in infos:
+            info.wait_for_publish(5)
+        assert _wait(lambda: store.result_count() == 2 and ingest.snapshot()["held"] == 0, 10), ingest.snapshot()
+    finally:
+        device.close()
+        ingest.stop()
+    assert failures == [1] and ingest.writer.commits >= 1
+    assert store.dead_letter_counts() == {"could not be stored (IntegrityError)": 1}
+    assert store._db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 1
     store.close()

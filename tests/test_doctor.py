@@ -159,3 +159,53 @@ def test_doctor_says_a_clinically_weak_model_is_only_a_faithful_conversion(
     assert code == 0, out
     model_row = next(line for line in out.splitlines() if line.split()[1:2] == ["model"])
     assert "faithful conversion, clinically weak" in model_row and "malignant" in model_row, model_row
+
+
+def test_doctor_creates_the_data_directory_private_as_run_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import os
+    import stat
+
+    data = tmp_path / "home" / ".local" / "share" / "edgemed"
+    old = os.umask(0o022)
+    try:
+        main(["doctor", "--data-dir", str(data)])
+    finally:
+        os.umask(old)
+    assert "ok    data dir" in capsys.readouterr().out
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    # The first `edgemed run` afterwards has nothing to warn about.
+    from edgemed.datadir import private_dir
+
+    caplog.clear()
+    caplog.set_level(logging.WARNING)
+    private_dir(data)
+    assert not [r for r in caplog.records if "open to other users" in r.getMessage()]
+
+
+def test_a_refused_broker_check_stops_its_connection(
+    tmp_path: Path,
+    mosquitto_factory: type[Mosquitto],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+    import time
+
+    broker = mosquitto_factory(users={"dev": "right"}).start()
+    monkeypatch.setenv("EDGEMED_TEST_PW", "wrong")
+    profile = tmp_path / "p.yaml"
+    mqtt = f"{{url: '{broker.url}', username: dev, password_env: EDGEMED_TEST_PW, reconnect_max_s: 0.5}}"
+    profile.write_text(f"profile: t\ndevice: {{id: d1}}\nmqtt: {mqtt}\n")
+    assert main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)]) == 2
+    assert "FAIL  broker            broker " in capsys.readouterr().out
+    assert [t.name for t in threading.enumerate() if t.name == "edgemed-mqtt"] == []
+
+    def attempts() -> int:
+        return sum("New connection from" in x for x in broker.log_path.read_text().splitlines())
+
+    seen = attempts()
+    time.sleep(2.0)  # four reconnect delays
+    assert attempts() == seen, "the doctor's link went on reconnecting after the check"

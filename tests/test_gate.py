@@ -295,3 +295,40 @@ def test_manifests_written_before_the_floors_still_load(int8_model: Path, tmp_pa
     old.write_text(json.dumps(raw))
     art = load_manifest(old).artifacts[0]
     assert art.verdict == "accepted" and art.clinically_weak == []
+
+
+def test_a_gate_file_that_is_not_yaml_says_where_in_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "gate.yaml"
+    f.write_text("min_auc: 0.8\n  min_sensitivity: : 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_gate_config(f)
+    assert (
+        str(info.value)
+        == f"gate config {f} is not valid YAML: mapping values are not allowed here at line 2, column 18"
+    )
+
+
+def test_a_floor_that_cannot_be_checked_is_never_passed_silently() -> None:
+    # Three outputs, evaluated on images of classes a and c only: b has no sensitivity and no one-vs-rest AUC.
+    three = ["a", "b", "c"]
+    y = np.repeat([0, 2], 30)
+    p = np.eye(3)[y] * 0.6 + 0.2
+    cfg = GateConfig(min_eval_per_class=1)
+    res = evaluate_gate(y, p, p, three, cfg)
+    assert res.weak == [
+        "sensitivity of 'b': floor 0.50 cannot be checked (no evaluation images of this class); "
+        "evaluate on images of every class",
+        "ROC AUC of 'b' (one-vs-rest): floor 0.70 cannot be checked (the evaluation images lack this class or "
+        "every other); evaluate on images of every class",
+    ]
+    assert not any(f.startswith("clinical floor") for f in res.failed)  # by default a warning ...
+    strict = evaluate_gate(y, p, p, three, cfg.model_copy(update={"require_floors": True}))
+    assert [f for f in strict.failed if f.startswith("clinical floor")] == [f"clinical floor: {w}" for w in res.weak]
+    assert not strict.passed  # ... and a rejection when the floors are required
+    # Two classes, one absent: the one AUC between them cannot be checked either.
+    y2 = np.zeros(40, dtype=int)
+    p2 = _probs(np.full(40, 0.2))
+    weak2 = evaluate_gate(y2, p2, p2, LABELS, cfg).weak
+    assert f"sensitivity of {LABELS[1]!r}: floor 0.50 cannot be checked" in weak2[0]
+    assert weak2[1].startswith("ROC AUC: floor 0.70 cannot be checked (the evaluation images lack one of the two")
+    assert len(weak2) == 2

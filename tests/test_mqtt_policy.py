@@ -156,3 +156,39 @@ def test_publish_mqtt_is_the_only_module_of_edgemed_that_imports_paho() -> None:
     code = "import sys, edgemed.publish.delivery, edgemed.dashboard.writer; print('paho' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LocalHost", True),
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("localhost.", False),  # fully qualified: resolved through DNS, which can point anywhere
+        ("LOCALHOST.", False),
+        ("localhost.example.org", False),
+        ("127.0.0.1.nip.io", False),
+        ("127.1", False),  # not an IP literal Python reads; the resolver's reading of it is not ours to trust
+        ("10.0.0.1", False),
+        ("broker", False),
+    ],
+)
+def test_only_ip_literals_and_exactly_localhost_count_as_this_machine(host: str, loopback: bool) -> None:
+    from edgemed.config import override_broker
+    from edgemed.publish.config import is_loopback
+    from edgemed.publish.policy import require_safe_transport
+
+    # Judged from the text alone: nothing here connects or looks a name up.
+    assert is_loopback(host) is loopback
+    url = f"mqtt://{'[::1]' if host == '::1' else host}:1883"
+    if loopback:
+        require_safe_transport(MqttConfig(url=url))
+        section, warning = override_broker({"url": "mqtts://broker:8883", "tls": {}}, url)
+        assert "tls" not in section and warning is not None and "this machine" in warning
+    else:
+        with pytest.raises(BrokerRefusedError, match="plaintext"):
+            require_safe_transport(MqttConfig(url=url))  # the plaintext rule
+        with pytest.raises(BrokerRefusedError, match="plaintext to another machine"):
+            override_broker({"url": "mqtts://broker:8883", "tls": {}}, url)  # the TLS-drop rule

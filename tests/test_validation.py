@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from edgemed.config import DeviceProfile, RunConfig
+from edgemed.config import DeviceProfile, RunConfig, load_profile
+from edgemed.errors import ConfigError
 from edgemed.inference import BackendConfig
 from edgemed.manifest import Manifest
 from edgemed.triage import ClassRule, StudyPolicy
@@ -92,3 +95,51 @@ def test_frozen_models_cannot_be_changed_after_validation() -> None:
     with pytest.raises(ValidationError, match="frozen"):
         rule.level = "routine"  # type: ignore[misc]
     assert issubclass(BackendConfig, FrozenModel) and issubclass(Manifest, FrozenModel)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model: {path: [1, 2]}", "model.path: must be a path, written as text (got a list)"),
+        ("model: {path: {a: 1}}", "model.path: must be a path, written as text (got a section of keys)"),
+        ("quality: 5", "quality: must be a section of keys (key: value) (got 5)"),
+        ("triage: [a]", "triage: must be a section of keys (key: value) (got a list)"),
+        ("triage: {rules: [1]}", "triage.rules: must be a mapping (key: value) (got a list)"),
+        ("triage: {rules: {malignant: urgent}}", "triage.rules.malignant: must be a section of keys (key: value)"),
+        ("device: {id: d1, site: [x]}", "device.site: must be text (got a list)"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_named_in_the_files_own_words(tmp_path: Path, text: str, expected: str) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("profile: t\n" + ("" if text.startswith("device:") else "device: {id: d1}\n") + text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_profile(profile)
+    message = str(info.value)
+    assert expected in message, message
+    for boilerplate in ("Input ", "<class", "instance of", "valid dictionary", "pathlib"):
+        assert boilerplate not in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "profile: t\ndevice: {id: d1\n",
+            "expected ',' or '}', but got the end of the file at line 3, column 1 "
+            "(while parsing a flow mapping starting at line 2, column 9)",
+        ),
+        ("profile: t\n  bad: : x\n", "mapping values are not allowed here at line 2, column 6"),
+        (
+            "profile: t\ndevice: {id: 'd1}\n",
+            "found unexpected end of the file at line 3, column 1 "
+            "(while scanning a quoted scalar starting at line 2, column 14)",
+        ),
+    ],
+)
+def test_a_file_that_is_not_yaml_says_where_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_profile(profile)
+    assert str(info.value) == f"profile {profile} is not valid YAML: {expected}"
+    assert "<unicode string>" not in str(info.value) and "\n" not in str(info.value)

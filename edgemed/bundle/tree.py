@@ -10,6 +10,7 @@ folder (:func:`refuse_unsafe_entries`); ``install.sh`` applies the same rule wit
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -58,8 +59,9 @@ def extract_bundle(archive: Path, into: Path) -> Path:
         ``into/NAME``.
 
     Raises:
-        ConfigError: the archive is unreadable, holds a member that is not a plain file or folder, a path that is
-            absolute or climbs out with ``..``, more than one top-level folder, or ``into/NAME`` exists.
+        ConfigError: the archive is unreadable or cannot be unpacked (nothing of it is then left behind), holds a
+            member that is not a plain file or folder, a path that is absolute or climbs out with ``..``, more than
+            one top-level folder, or ``into/NAME`` exists.
     """
     archive = Path(archive)
     try:
@@ -69,15 +71,27 @@ def extract_bundle(archive: Path, into: Path) -> Path:
             dest = Path(into) / top
             if dest.exists() or dest.is_symlink():
                 raise ConfigError(f"{dest} exists; remove it or unpack {archive.name} into another folder")
-            # Every member is checked above; the standard library's own "data" filter is a second line where this
-            # Python has it (3.10.12 and later).
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(Path(into), members=members, filter="data")
-            else:
-                tar.extractall(Path(into), members=members)
+            _extract(tar, members, Path(into), dest)
     except (OSError, tarfile.TarError) as exc:
         raise ConfigError(f"{archive}: cannot unpack the bundle ({exc}); copy it again") from exc
     return dest
+
+
+def _extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path, dest: Path) -> None:
+    """Unpack ``members`` into ``into``; on any failure remove ``dest`` (which did not exist before) again.
+
+    Half a bundle left behind would be refused on the next try as "exists", and could be mistaken for a bundle.
+    """
+    try:
+        # Every member is checked before; the standard library's own "data" filter is a second line where this
+        # Python has it (3.10.12 and later).
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into, members=members, filter="data")
+        else:
+            tar.extractall(into, members=members)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def _check_members(archive: Path, members: list[tarfile.TarInfo]) -> str:

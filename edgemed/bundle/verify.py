@@ -101,7 +101,9 @@ def _check_sums(folder: Path, sums: Path) -> None:
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ConfigError(f"{folder.name}: SHA256SUMS has a malformed line {line!r}; copy the bundle again")
         listed[rel] = digest
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name not in _SUMS_FILES}
+    # Only the top-level SHA256SUMS and its signature are not listed in it: a file of that name in a subfolder
+    # (wheels/SHA256SUMS) is an unlisted file like any other.
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(_SUMS_FILES)
     if present - set(listed):
         raise ConfigError(f"{folder.name}: files not listed in SHA256SUMS: {', '.join(sorted(present - set(listed)))}")
     for rel, digest in listed.items():

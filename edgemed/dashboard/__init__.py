@@ -8,7 +8,8 @@ http://127.0.0.1:8080/ for the fleet table, urgent results waiting for review (w
 counts per triage level. It shows only what devices publish: no images, file names or patient ids.
 
 The page has no login: it binds to 127.0.0.1 unless --host says otherwise; put an authenticating reverse proxy in
-front of it before exposing it.
+front of it before exposing it, and name the proxy's address with --public-origin https://PROXY-HOST so that
+acknowledgements made through it are accepted.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def serve(
     stop: threading.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
     device_expiry_s: float | None = 7 * 86400.0,
+    public_origins: tuple[str, ...] = (),
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -76,19 +78,24 @@ def serve(
             after the web server is bound and the ingest has started.
         device_expiry_s: devices not heard from for this long leave the fleet table (their results stay);
             None keeps every device listed.
+        public_origins: the origins (``https://host[:port]``) of a reverse proxy in front of the page, from
+            which acknowledgements are accepted besides the page's own address.
 
     Returns:
         0 after a clean stop.
 
     Raises:
-        ConfigError: bad broker settings, an unusable database or a port that cannot be bound.
+        ConfigError: bad broker settings, an unusable database, a port that cannot be bound or a malformed
+            public origin.
         BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
     """
     from edgemed.dashboard.ingest import Ingest
+    from edgemed.dashboard.origin import parse_origin
     from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web import make_server
 
     cfg = _merge_config(mqtt_url, mqtt)
+    origins = tuple(parse_origin(o) for o in public_origins)  # a typo is refused before anything starts
     stop_event = stop if stop is not None else threading.Event()
     store = DashboardStore(db)
     ingest: Ingest | None = None
@@ -97,7 +104,12 @@ def serve(
     try:
         ingest = Ingest(cfg, store)
         server = make_server(
-            store, host=host, port=port, ingest_snapshot=ingest.snapshot, device_expiry_s=device_expiry_s
+            store,
+            host=host,
+            port=port,
+            ingest_snapshot=ingest.snapshot,
+            device_expiry_s=device_expiry_s,
+            public_origins=origins,
         )
         if stop is None and threading.current_thread() is threading.main_thread():
 
@@ -153,6 +165,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="interface for the web page (default 127.0.0.1; the page has no login of its own)",
     )
     p.add_argument("--port", type=int, default=8080, help="TCP port for the web page (default 8080)")
+    p.add_argument(
+        "--public-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="address of a reverse proxy in front of the page, e.g. https://dashboard.example.org: acknowledgements "
+        "made through it are accepted (repeat for several)",
+    )
     p.add_argument(
         "--device-expiry-days",
         type=float,
@@ -231,4 +251,5 @@ def run(args: argparse.Namespace) -> int:
         mqtt=cfg,
         on_ready=announce,
         device_expiry_s=expiry,
+        public_origins=tuple(args.public_origin),
     )

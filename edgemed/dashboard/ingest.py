@@ -18,16 +18,21 @@ store's dead-letter table with its raw bytes and reason, counted by reason, logg
 payload) and acknowledged. An unacknowledged message would stay in the broker's in-flight window for this session:
 with mosquitto's default of 20, twenty of them stop all delivery to the dashboard, and a retained one is sent again
 to every new subscriber.
+
+Retained messages (every device's ``status``) come again with each new subscription. The store treats them as old
+news (``Filing.retained``; see ``store.py``): they never make a device look seen just now. On MQTT 5 the
+subscription also asks for them only when it is new (retain handling 1), so a resumed session's reconnections
+do not bring them again; a database that knows no device yet asks for them at every subscription instead, since
+the broker would not send them to a session that already holds the subscription.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgemed.dashboard.store import DashboardStore
@@ -42,9 +47,6 @@ log = logging.getLogger(__name__)
 
 TOPIC_FILTER = "edgemed/+/+/#"
 DEFAULT_CLIENT_ID = "edgemed-dashboard"
-# Errors a write raises because of one message's content (the database itself works): that message becomes a
-# dead letter. Anything else (disk full, locked, I/O error) is the database's fault and is retried.
-_MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
 _WHILE_DOWN = "results wait in the devices' outboxes and in the broker's queue for this session"
 
 __all__ = ["DEFAULT_CLIENT_ID", "TOPIC_FILTER", "Ingest", "IngestStats", "validate_result", "validate_study"]
@@ -115,12 +117,15 @@ class Ingest:
         self.client_id = client_id or cfg.client_id or DEFAULT_CLIENT_ID
         self.stats = IngestStats()
         self._lock = threading.Lock()
-        self.writer = StoreWriter(classify=self._classify, store=self._store, on_outcome=self._count)
+        self.writer = StoreWriter(classify=self._classify, store=self._file, on_outcome=self._count)
+        # A database that knows no device yet wants the retained statuses, also from a session whose
+        # subscription the broker already holds (retain handling 1 would send them only to a new subscription).
+        knows_devices = sum(store.device_counts()) > 0
         self.link = MqttLink(
             cfg,
             status_topic=None,
             client_id=self.client_id,
-            subscriptions=[Subscription(TOPIC_FILTER, qos=1)],
+            subscriptions=[Subscription(TOPIC_FILTER, qos=1, retained_if_new=knows_devices)],
             on_message=self._on_message,
             manual_ack=True,
             describe_refusal=describe_dashboard_refusal,
@@ -170,9 +175,9 @@ class Ingest:
         with self._lock:
             self.stats.received += 1
             self.stats.last_message_at = now
-        self.writer.submit(Held(msg.topic, msg.payload, now, msg.ack))
+        self.writer.submit(Held(msg.topic, msg.payload, now, msg.ack, retain=msg.retain))
 
-    def handle(self, topic: str, payload: bytes) -> str:
+    def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> str:
         """File one message now, in its own transaction (tests and tools call it; the network thread batches).
 
         Whatever the payload, it is either stored or kept as a dead letter: only a failing database raises.
@@ -180,10 +185,12 @@ class Ingest:
         Args:
             topic: the MQTT topic.
             payload: the raw payload.
+            retained: it came as the topic's retained message (``Message.retain``).
 
         Returns:
             ``"stored"``, ``"duplicate"``, ``"updated"`` (status/health), ``"ignored"`` (an empty retained
-            message clearing a topic) or ``"rejected: <reason>"`` (kept in the dead-letter table).
+            message clearing a topic), ``"unchanged"`` (a retained message the store already holds) or
+            ``"rejected: <reason>"`` (kept in the dead-letter table).
 
         Raises:
             sqlite3.Error, OSError: the database could not be written (disk full, locked); nothing was stored.
@@ -192,28 +199,21 @@ class Ingest:
         with self._lock:
             self.stats.received += 1
             self.stats.last_message_at = now
-        outcome = self._store([self._classify(topic, payload)], now)[0]
+        outcome = self._file([self._classify(topic, payload, retained)], now)[0]
         self._count(topic, outcome)
         return outcome
 
-    def _store(self, filings: list[Filing], now: float) -> list[str]:
-        try:
-            return self.store.file(filings, now)
-        except _MESSAGE_ERRORS as exc:
-            if len(filings) > 1:  # find the message at fault: the others go in as they are
-                return [outcome for f in filings for outcome in self._store([f], now)]
-            # The database works but this one message cannot go in: a dead letter, not a stuck message.
-            log.exception("could not store a message on %r; keeping it as a dead letter", filings[0].topic[:200])
-            reason = f"could not be stored ({type(exc).__name__})"
-            return self.store.file([replace(filings[0], kind="dead", body=None, reason=reason)], now)
+    def _file(self, filings: list[Filing], now: float) -> list[str]:
+        return self.store.file(filings, now)
 
     @staticmethod
-    def _classify(topic: str, payload: bytes) -> Filing:
+    def _classify(topic: str, payload: bytes, retained: bool) -> Filing:
         try:
-            return classify(topic, payload)
+            return classify(topic, payload, retained=retained)
         except Exception as exc:  # a bug in a check must not leave a message unacknowledged for ever
             log.exception("could not check a message on %r; keeping it as a dead letter", topic[:200])
-            return Filing("dead", topic, payload, reason=f"could not be checked ({type(exc).__name__})")
+            reason = f"could not be checked ({type(exc).__name__})"
+            return Filing("dead", topic, payload, reason=reason, retained=retained)
 
     def _count(self, topic: str, outcome: str) -> None:
         with self._lock:

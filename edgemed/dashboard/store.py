@@ -9,105 +9,53 @@ Times: ``received_at`` is the dashboard's own clock (seconds since the epoch). D
 synchronised clock, so "last seen" and ordering use the dashboard's clock; ``created_at`` is kept as the device
 reported it and shown beside ``clock_synced``.
 
+Retained messages. The broker sends a topic's retained message again to every new subscription: at each start of
+a dashboard with a new database, under a new client id, on MQTT 3.1.1 at every reconnection. Such a delivery
+(``Filing.retained``) is old news, so it never moves a device's ``last_seen`` (or ``status_at``) forward: a device
+decommissioned a month ago must not look "seen just now" after each restart, and its old offline status must not
+outrank its last heartbeat. A retained status identical to the stored one changes nothing; a different one (it
+changed while nobody listened) is stored with the time the device stamped on it (``at``, never later than now).
+A device first heard of through a retained message is dated the same way. A retained payload that is refused is
+kept as a dead letter once, not once per reconnection (matched by topic and payload hash).
+
 One connection is shared by the ingest thread and the web threads behind a lock: SQLite serialises writers anyway,
 and the dashboard's load (a few hundred messages a second at most) does not need a pool. WAL lets an external
-reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes.
+reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes. The file is private (0600,
+see ``schema.py``): it holds every result and the raw bytes of refused payloads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from edgemed.dashboard.queries import StoreQueries, as_flag, as_int, as_obj, as_text
+from edgemed.dashboard.schema import SCHEMA_SQL, open_private, upgrade
 from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
-__all__ = ["LEVELS", "AckOutcome", "DashboardStore"]
+log = logging.getLogger(__name__)
 
-_SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS results (
-    result_id   TEXT PRIMARY KEY,
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    created_at  TEXT NOT NULL,
-    clock_synced INTEGER,
-    received_at REAL NOT NULL,
-    level       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    label       TEXT,
-    delegate    TEXT,
-    degraded    INTEGER,
-    session_id  TEXT,
-    payload     TEXT NOT NULL,
-    triage_label TEXT
-);
-CREATE INDEX IF NOT EXISTS results_level ON results(level, received_at);
-CREATE INDEX IF NOT EXISTS results_received ON results(received_at);
-CREATE TABLE IF NOT EXISTS studies (
-    result_id   TEXT PRIMARY KEY,
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    created_at  TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    level       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    frames      INTEGER,
-    first_seq   INTEGER,
-    last_seq    INTEGER,
-    session_id  TEXT,
-    payload     TEXT NOT NULL,
-    triage_label TEXT
-);
-CREATE INDEX IF NOT EXISTS studies_level ON studies(level, received_at);
-CREATE TABLE IF NOT EXISTS devices (
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    last_seen   REAL NOT NULL,
-    status      TEXT,
-    status_at   REAL,
-    health      TEXT,
-    health_at   REAL,
-    PRIMARY KEY (site, device_id)
-);
-CREATE INDEX IF NOT EXISTS devices_last_seen ON devices(last_seen);
-CREATE TABLE IF NOT EXISTS acks (
-    result_id   TEXT PRIMARY KEY,
-    acked_at    REAL NOT NULL,
-    acked_by    TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at REAL NOT NULL,
-    topic       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    payload     BLOB NOT NULL,
-    payload_bytes INTEGER NOT NULL,
-    site        TEXT,
-    device_id   TEXT,
-    seq         INTEGER,
-    result_id   TEXT
-);
-CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters(received_at);
-CREATE TABLE IF NOT EXISTS dead_letter_counts (
-    reason      TEXT PRIMARY KEY,
-    n           INTEGER NOT NULL,
-    last_at     REAL NOT NULL
-);
-"""
+__all__ = ["LEVELS", "AckOutcome", "DashboardStore"]
 
 #: Dead letters kept (the newest); their counts by reason are kept for ever in ``dead_letter_counts``.
 DEAD_LETTERS_KEPT = 10_000
 #: Bytes of one dead letter's payload kept (the whole payload up to the ingest's size limit).
 DEAD_LETTER_BYTES_KEPT = 256 * 1024
+# Errors a write raises because of one message's content (the database itself works): that message becomes a
+# dead letter. Anything else (disk full, locked, I/O error) is the database's fault: the batch is retried.
+_MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
 
 
 class AckOutcome(Enum):
@@ -122,6 +70,18 @@ def _dumps(value: Any) -> str:
     # allow_nan=False: NaN and Infinity are not JSON; the ingest refuses them, so this raising is a bug caught
     # there (the message becomes a dead letter), never invalid JSON in the database.
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _published_at(body: dict[str, Any] | None, key: str, now: float) -> float | None:
+    """The time a device stamped on a message (``at``, ``created_at``), never later than ``now``; None if unreadable."""
+    text = body.get(key) if body is not None else None
+    if not isinstance(text, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+    return min(stamp, now) if math.isfinite(stamp) else None
 
 
 def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +111,7 @@ class DashboardStore(StoreQueries):
         self._lock = threading.Lock()
         self._dead_since_prune = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            open_private(self.path)
             # Default isolation: sqlite3 opens a transaction before each write and ``with self._db`` commits it, so
             # a result and its device's last_seen change together.
             self._db = sqlite3.connect(str(self.path), check_same_thread=False)
@@ -162,25 +122,12 @@ class DashboardStore(StoreQueries):
             # per batch, not per message.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            self._db.executescript(_SCHEMA_SQL)
-            self._upgrade()
+            self._db.executescript(SCHEMA_SQL)
+            upgrade(self._db)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
                 f"cannot open the dashboard database {self.path}: {exc}; pass --db with a writable file path"
             ) from exc
-
-    def _upgrade(self) -> None:
-        # Databases made before triage.label was kept: add the column and fill it from the stored payloads (a
-        # result without one, from an older device, shows its top prediction as before).
-        for table in ("results", "studies"):
-            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if "triage_label" not in columns:
-                with self._db:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN triage_label TEXT")
-                    self._db.execute(
-                        f"UPDATE {table} SET triage_label = json_extract(payload, '$.triage.label') "
-                        "WHERE json_type(payload, '$.triage.label') = 'text'"
-                    )
 
     def close(self) -> None:
         """Close the database connection."""
@@ -189,14 +136,27 @@ class DashboardStore(StoreQueries):
 
     # -- writes (ingest) ---------------------------------------------------------------------------------------
 
-    def _touch(self, site: str, device_id: str, received_at: float) -> None:
+    def _touch(self, site: str, device_id: str, seen_at: float, *, retained: bool = False) -> None:
+        if retained:
+            # Old news (see the module docstring): a device never heard of is added, dated ``seen_at``; a known
+            # one keeps its last_seen.
+            self._db.execute(
+                "INSERT INTO devices(site, device_id, last_seen) VALUES (?, ?, ?) "
+                "ON CONFLICT(site, device_id) DO NOTHING",
+                (site, device_id, seen_at),
+            )
+            return
         self._db.execute(
             "INSERT INTO devices(site, device_id, last_seen) VALUES (?, ?, ?) "
             "ON CONFLICT(site, device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
-            (site, device_id, received_at),
+            (site, device_id, seen_at),
         )
 
-    def _insert_result(self, result: dict[str, Any], now: float) -> bool:
+    def _touch_for(self, body: dict[str, Any], now: float, retained: bool) -> None:
+        seen = _published_at(body, "created_at", now) if retained else None
+        self._touch(body["site"], body["device_id"], now if seen is None else seen, retained=retained)
+
+    def _insert_result(self, result: dict[str, Any], now: float, retained: bool = False) -> bool:
         runtime = as_obj(result.get("runtime"))
         prediction = as_obj(result.get("prediction"))
         triage = result["triage"]
@@ -223,10 +183,10 @@ class DashboardStore(StoreQueries):
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
-        self._touch(result["site"], result["device_id"], now)
+        self._touch_for(result, now, retained)
         return cur.rowcount == 1
 
-    def _insert_study(self, study: dict[str, Any], now: float) -> bool:
+    def _insert_study(self, study: dict[str, Any], now: float, retained: bool = False) -> bool:
         triage = study["triage"]
         row = (
             study["result_id"],
@@ -249,21 +209,47 @@ class DashboardStore(StoreQueries):
             "frames, first_seq, last_seq, session_id, payload, triage_label) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
-        self._touch(study["site"], study["device_id"], now)
+        self._touch_for(study, now, retained)
         return cur.rowcount == 1
 
-    def _replace_device_state(self, column: str, site: str, device_id: str, body: dict[str, Any], now: float) -> None:
-        self._touch(site, device_id, now)
+    def _replace_device_state(
+        self, column: str, site: str, device_id: str, body: dict[str, Any], now: float, retained: bool = False
+    ) -> str:
+        text = _dumps(body)
+        if not retained:
+            self._touch(site, device_id, now)
+            self._db.execute(
+                f"UPDATE devices SET {column} = ?, {column}_at = ? WHERE site = ? AND device_id = ?",
+                (text, now, site, device_id),
+            )
+            return "updated"
+        stored = self._db.execute(
+            f"SELECT {column} FROM devices WHERE site = ? AND device_id = ?", (site, device_id)
+        ).fetchone()
+        if stored is not None and stored[0] == text:
+            return "unchanged"  # the broker's copy of what we hold: nothing new, nothing moves
+        stamped = _published_at(body, "at", now)
+        self._touch(site, device_id, now if stamped is None else stamped, retained=True)
+        # Without a stamp, the time it replaces keeps its place (or, first heard of, when the device was).
         self._db.execute(
-            f"UPDATE devices SET {column} = ?, {column}_at = ? WHERE site = ? AND device_id = ?",
-            (_dumps(body), now, site, device_id),
+            f"UPDATE devices SET {column} = ?, {column}_at = coalesce(?, {column}_at, last_seen) "
+            "WHERE site = ? AND device_id = ?",
+            (text, stamped, site, device_id),
         )
+        return "updated"
 
-    def _insert_dead_letter(self, filing: Filing, now: float) -> None:
+    def _insert_dead_letter(self, filing: Filing, now: float) -> bool:
         reason = filing.reason or "unusable payload"
+        digest = hashlib.sha256(filing.payload).hexdigest()
+        if filing.retained:
+            known = self._db.execute(
+                "SELECT 1 FROM dead_letters WHERE payload_sha256 = ? AND topic = ? LIMIT 1", (digest, filing.topic)
+            ).fetchone()
+            if known is not None:
+                return False  # the broker sends a retained message again at each new subscription: kept once
         self._db.execute(
             "INSERT INTO dead_letters(received_at, topic, reason, payload, payload_bytes, site, device_id, seq, "
-            "result_id) VALUES (?,?,?,?,?,?,?,?,?)",
+            "result_id, payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 now,
                 filing.topic,
@@ -274,6 +260,7 @@ class DashboardStore(StoreQueries):
                 filing.device_id,
                 filing.seq,
                 filing.result_id,
+                digest,
             ),
         )
         self._db.execute(
@@ -287,38 +274,58 @@ class DashboardStore(StoreQueries):
             self._db.execute(
                 "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,)
             )
+        return True
 
     def _file_one(self, filing: Filing, now: float) -> str:
-        body = filing.body
+        body, retained = filing.body, filing.retained
         if filing.kind == "results" and body is not None:
-            return "stored" if self._insert_result(body, now) else "duplicate"
+            return "stored" if self._insert_result(body, now, retained) else "duplicate"
         if filing.kind == "studies" and body is not None:
-            return "stored" if self._insert_study(body, now) else "duplicate"
+            return "stored" if self._insert_study(body, now, retained) else "duplicate"
         if filing.kind in ("status", "health") and body is not None and filing.site and filing.device_id:
-            self._replace_device_state(filing.kind, filing.site, filing.device_id, body, now)
-            return "updated"
+            return self._replace_device_state(filing.kind, filing.site, filing.device_id, body, now, retained)
         if filing.kind == "ignored":
             return "ignored"
-        self._insert_dead_letter(filing, now)
+        if not self._insert_dead_letter(filing, now):
+            return "unchanged"
         return f"rejected: {filing.reason}"
+
+    def _file_isolated(self, filing: Filing, now: float) -> str:
+        # A savepoint per message: one the database refuses is undone alone and filed as a dead letter, in the same
+        # transaction as the rest of its batch. Filing it in a commit of its own would leave it behind when a later
+        # message of the batch then hits a database error, and the retried batch would keep it a second time.
+        self._db.execute("SAVEPOINT filing")
+        try:
+            outcome = self._file_one(filing, now)
+        except _MESSAGE_ERRORS as exc:
+            self._db.execute("ROLLBACK TO filing")
+            log.exception("could not store a message on %r; keeping it as a dead letter", filing.topic[:200])
+            reason = f"could not be stored ({type(exc).__name__})"
+            outcome = self._file_one(replace(filing, kind="dead", body=None, reason=reason), now)
+        self._db.execute("RELEASE filing")
+        return outcome
 
     def file(self, filings: Sequence[Filing], received_at: float | None = None) -> list[str]:
         """Store what the ingest classified, all in ONE transaction (one commit, one fsync for the lot).
+
+        A message the database refuses (a constraint, a value SQLite cannot hold) becomes a dead letter in the same
+        transaction; the others go in as they are.
 
         Args:
             filings: from ``validate.classify``; dead letters go to the dead-letter table.
             received_at: dashboard clock; now when None.
 
         Returns:
-            One outcome per filing: ``"stored"``, ``"duplicate"``, ``"updated"``, ``"ignored"`` or
-            ``"rejected: <reason>"``.
+            One outcome per filing: ``"stored"``, ``"duplicate"``, ``"updated"``, ``"ignored"``,
+            ``"unchanged"`` (a retained message the store already holds) or ``"rejected: <reason>"``.
 
         Raises:
             sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:
-            return [self._file_one(f, now) for f in filings]
+            self._db.execute("BEGIN")  # explicit: releasing the first savepoint must not commit on its own
+            return [self._file_isolated(f, now) for f in filings]
 
     def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
         """Store one validated ``edgemed.result/1`` envelope.

@@ -10,7 +10,9 @@ client id too).
 Decoding is bounded: at most ``MAX_PAYLOAD_BYTES``; strict UTF-8; at most ``MAX_DEPTH`` levels of nesting (a
 thousand ``[`` make Python's parser raise ``RecursionError``); no ``NaN``/``Infinity`` and no number that only
 becomes one (``1e999``), because non-finite numbers are not JSON and would reach the web page's JSON; integers of
-at most ``MAX_INT_DIGITS`` digits; no lone surrogate escapes (``"\\ud800"``), which SQLite cannot store as text.
+at most ``MAX_INT_DIGITS`` digits; no lone surrogate escapes (``"\\ud800"``), which SQLite cannot store as text; no
+object with the same key twice (``{"triage": {urgent}, "triage": {routine}}``): JSON parsers disagree on which one
+counts, so the dashboard would file one reading while the stored copy, or another consumer, shows the other.
 
 Length limits. A device (or anyone who can publish on the broker) controls every string of a payload; a 20,000
 character triage reason froze the page for everyone. Each string the dashboard stores or shows has a limit in
@@ -74,7 +76,8 @@ class Filing:
     """What one message becomes: something to store, nothing (``ignored``) or a dead letter (``dead``).
 
     ``site``, ``device_id``, ``seq`` and ``result_id`` are filled in when they could be read, also for a dead
-    letter (a receipt can then say which result of which device was refused).
+    letter (a receipt can then say which result of which device was refused). ``retained`` is True when the broker
+    sent the message as a topic's retained message (again at each new subscription), not as it was published.
     """
 
     kind: FilingKind
@@ -86,6 +89,7 @@ class Filing:
     device_id: str | None = None
     seq: int | None = None
     result_id: str | None = None
+    retained: bool = False
 
 
 def _refuse_constant(name: str) -> Any:
@@ -97,6 +101,13 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise Rejected("payload has a non-finite number (NaN or Infinity)")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise Rejected("payload has an object with the same key twice")
+    return obj
 
 
 def _bounded_int(text: str) -> int:
@@ -115,7 +126,8 @@ def decode(payload: bytes) -> Any:
         The decoded value.
 
     Raises:
-        Rejected: too large, not UTF-8, not JSON, nested too deep, a non-finite or huge number, a lone surrogate.
+        Rejected: too large, not UTF-8, not JSON, nested too deep, a non-finite or huge number, a lone surrogate,
+            an object with a key twice.
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise Rejected(f"payload larger than {MAX_PAYLOAD_BYTES // 1024} KB")
@@ -124,7 +136,13 @@ def decode(payload: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise Rejected("payload is not JSON (not UTF-8 text)") from exc
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+        value = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
     except Rejected:
         raise
     except RecursionError as exc:
@@ -330,12 +348,13 @@ def _identity(body: Any) -> tuple[int | None, str | None]:
     return seq, rid if isinstance(rid, str) and _HEX32.match(rid) else None
 
 
-def classify(topic: str, payload: bytes) -> Filing:
+def classify(topic: str, payload: bytes, *, retained: bool = False) -> Filing:
     """Decide what one message is; never raises on input.
 
     Args:
         topic: the MQTT topic.
         payload: the raw payload.
+        retained: the broker sent it as the topic's retained message (``Message.retain``).
 
     Returns:
         The filing: ``results``/``studies``/``status``/``health`` with the decoded body, ``ignored`` for an empty
@@ -343,16 +362,14 @@ def classify(topic: str, payload: bytes) -> Filing:
     """
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != "edgemed" or parts[3] not in KINDS:
-        return Filing(
-            "dead", topic, payload, reason="topic is not edgemed/{site}/{device_id}/{" + "|".join(KINDS) + "}"
-        )
+        reason = "topic is not edgemed/{site}/{device_id}/{" + "|".join(KINDS) + "}"
+        return Filing("dead", topic, payload, reason=reason, retained=retained)
     _, site, device_id, kind = parts
     if not _ID.match(site) or not _ID.match(device_id):
-        return Filing(
-            "dead", topic, payload, reason="site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
-        )
+        reason = "site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
+        return Filing("dead", topic, payload, reason=reason, retained=retained)
     if not payload:
-        return Filing("ignored", topic, payload, site=site, device_id=device_id)
+        return Filing("ignored", topic, payload, site=site, device_id=device_id, retained=retained)
     body: Any = None
     try:
         body = decode(payload)
@@ -366,6 +383,8 @@ def classify(topic: str, payload: bytes) -> Filing:
         check_strings(body, kind)
     except Rejected as exc:
         seq, rid = _identity(body)
-        return Filing("dead", topic, payload, reason=exc.reason, site=site, device_id=device_id, seq=seq, result_id=rid)
+        return Filing(
+            "dead", topic, payload, None, exc.reason, site, device_id, seq=seq, result_id=rid, retained=retained
+        )
     seq, rid = _identity(body)
-    return Filing(kind, topic, payload, body=body, site=site, device_id=device_id, seq=seq, result_id=rid)  # type: ignore[arg-type]
+    return Filing(kind, topic, payload, body, None, site, device_id, seq=seq, result_id=rid, retained=retained)  # type: ignore[arg-type]

@@ -15,7 +15,11 @@ allows only the page's own inline script and style (by hash), so even a missed s
 The server binds to 127.0.0.1 by default and has no login: put it behind an authenticating reverse proxy before
 binding it to another interface. On a loopback binding the ``Host`` header must name the loopback (a DNS-rebinding
 page cannot read the API), and the acknowledge endpoint needs a JSON content type and a same-origin ``Origin``
-(a cross-site form cannot post one).
+(a cross-site form cannot post one): ``http://`` or ``https://`` and the ``Host`` the request came with, or one of
+the ``public_origins`` (``--public-origin``). Behind a TLS reverse proxy the browser's origin is the proxy's
+(``https://dashboard.example.org``) while the proxy may send its upstream address as ``Host`` (nginx's default,
+``127.0.0.1:8080``): the proxy's public address is then named with ``--public-origin``, and it is also accepted
+as a ``Host``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from edgemed.dashboard.origin import parse_origin
 from edgemed.dashboard.page import PAGE_TEMPLATE, SCRIPT, STYLE
 from edgemed.dashboard.store import AckOutcome, DashboardStore
 from edgemed.errors import ConfigError
@@ -117,6 +122,7 @@ class DashboardServer(ThreadingHTTPServer):
         device_expiry_s: float | None = DEVICE_EXPIRY_S,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        public_origins: tuple[str, ...] = (),
     ) -> None:
         """Bind the socket.
 
@@ -128,9 +134,12 @@ class DashboardServer(ThreadingHTTPServer):
             request_timeout_s: a connection silent for this long (while the server waits for its request) is
                 closed.
             max_connections: connections served at the same time; more are answered 503 and closed.
+            public_origins: origins (``https://host[:port]``, see ``parse_origin``) of a reverse proxy in front of
+                the server: acknowledgements may come from them, and their hosts are accepted as ``Host``.
 
         Raises:
-            ConfigError: the address cannot be bound (port in use, host not on this machine).
+            ConfigError: the address cannot be bound (port in use, host not on this machine), or a public origin
+                is malformed.
         """
         self.store = store
         self.ingest_snapshot = ingest_snapshot
@@ -140,6 +149,8 @@ class DashboardServer(ThreadingHTTPServer):
         self.refused = 0
         self._slots = threading.BoundedSemaphore(max_connections)
         self.loopback_only = is_loopback(address[0])
+        self.public_origins = frozenset(parse_origin(o) for o in public_origins)
+        self.public_hosts = frozenset(urlsplit(o).netloc for o in self.public_origins)
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
@@ -235,8 +246,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _host_ok(self) -> bool:
         if not self.server.loopback_only:
             return True
-        host = urlsplit("//" + (self.headers.get("Host") or "")).hostname or ""
+        host_header = (self.headers.get("Host") or "").lower()
+        if host_header in self.server.public_hosts:
+            return True  # the reverse proxy's public name, passed on by the proxy
+        host = urlsplit("//" + host_header).hostname or ""
         return is_loopback(host)
+
+    def _origin_ok(self) -> bool:
+        origin = self.headers.get("Origin")
+        if origin is None:
+            return True  # not from a browser page (curl, a script): no cross-site form can omit it
+        origin = origin.lower()
+        host = (self.headers.get("Host") or "").lower()
+        return origin in (f"http://{host}", f"https://{host}") or origin in self.server.public_origins
 
     # -- routes ------------------------------------------------------------------------------------------------
 
@@ -306,9 +328,12 @@ class _Handler(BaseHTTPRequestHandler):
         # A cross-site form can send only form content types and cannot set Origin to ours; fetch() from another
         # origin with a JSON body needs a CORS preflight that this server never approves.
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        origin = self.headers.get("Origin")
-        if content_type != "application/json" or (origin is not None and origin != f"http://{self.headers['Host']}"):
-            self._error(HTTPStatus.FORBIDDEN, "acknowledge from the dashboard page (JSON, same origin)")
+        if content_type != "application/json" or not self._origin_ok():
+            self._error(
+                HTTPStatus.FORBIDDEN,
+                "acknowledge from the dashboard page (JSON, same origin); behind a reverse proxy, start the dashboard "
+                "with --public-origin https://PROXY-HOST",
+            )
             return
         length_text = self.headers.get("Content-Length") or "0"
         length = int(length_text) if length_text.isdigit() else -1
@@ -340,6 +365,7 @@ def make_server(
     device_expiry_s: float | None = DEVICE_EXPIRY_S,
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
+    public_origins: tuple[str, ...] = (),
 ) -> DashboardServer:
     """Bind the dashboard's HTTP server (call ``serve_forever()`` on it, and ``shutdown()`` to stop).
 
@@ -351,12 +377,13 @@ def make_server(
         device_expiry_s: devices silent for longer are left out of the fleet table; None shows all.
         request_timeout_s: a connection silent for this long is closed.
         max_connections: connections served at the same time; more are answered 503 and closed.
+        public_origins: a reverse proxy's origins (``https://host[:port]``) acknowledgements may come from.
 
     Returns:
         The bound server.
 
     Raises:
-        ConfigError: the address cannot be bound.
+        ConfigError: the address cannot be bound, or a public origin is malformed.
     """
     if not is_loopback(host):
         log.warning(
@@ -371,4 +398,5 @@ def make_server(
         device_expiry_s=device_expiry_s,
         request_timeout_s=request_timeout_s,
         max_connections=max_connections,
+        public_origins=public_origins,
     )

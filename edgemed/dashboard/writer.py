@@ -36,13 +36,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Held:
-    """One received message on its way to the store; ``ack`` sends its PUBACK (None at QoS 0)."""
+    """One received message on its way to the store; ``ack`` sends its PUBACK (None at QoS 0).
+
+    ``retain``: the broker sent it as the topic's retained message (again at a new subscription).
+    """
 
     topic: str
     payload: bytes
     received_at: float
     ack: Callable[[], None] | None
     filing: Filing | None = None
+    retain: bool = False
 
 
 class StoreWriter:
@@ -51,7 +55,7 @@ class StoreWriter:
     def __init__(
         self,
         *,
-        classify: Callable[[str, bytes], Filing],
+        classify: Callable[[str, bytes, bool], Filing],
         store: Callable[[list[Filing], float], list[str]],
         on_outcome: Callable[[str, str], None],
         retry_min_s: float = 0.5,
@@ -64,7 +68,7 @@ class StoreWriter:
         """Set up; nothing runs until ``start()``.
 
         Args:
-            classify: turns a topic and payload into a ``Filing`` (never raises on input).
+            classify: turns a topic, payload and retain flag into a ``Filing`` (never raises on input).
             store: stores filings in one transaction and returns their outcomes; raises when the database fails.
             on_outcome: called with the topic and outcome of every stored message (counters, log).
             retry_min_s: first delay after a failed commit; doubles up to ``retry_max_s``.
@@ -190,7 +194,7 @@ class StoreWriter:
     def _commit(self, batch: list[Held]) -> bool:
         for held in batch:
             if held.filing is None:
-                held.filing = self._classify(held.topic, held.payload)
+                held.filing = self._classify(held.topic, held.payload, held.retain)
         delay, attempts = self.retry_min_s, 0
         while True:
             try:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import stat
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,13 +18,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from edgemed.errors import ConfigError
+from edgemed.publish.password_file import read_password_file
 from edgemed.validation import StrictModel
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-_warned_readable: set[str] = set()  # each readable password file is warned about once per process
-_warned_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -51,13 +48,17 @@ class BrokerUrl:
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine, judged from its text alone (no DNS lookup).
 
+    Only a loopback IP literal or exactly ``localhost`` counts: the plaintext and TLS-drop rules trust it, so it
+    must not be a name that can point anywhere. glibc answers ``localhost`` from ``/etc/hosts``, but the
+    fully qualified ``localhost.`` (and ``localhost.example.org``, ``127.0.0.1.nip.io``) goes to DNS.
+
     Args:
         host: a host name or an IPv4/IPv6 address.
 
     Returns:
-        True for ``localhost`` and loopback addresses.
+        True for ``localhost`` (any case) and loopback addresses (127.0.0.0/8, ::1).
     """
-    if host.lower() in ("localhost", "localhost."):
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -192,7 +193,8 @@ def read_password(cfg: MqttConfig) -> str | None:
         The password, or None when no password source is configured.
 
     Raises:
-        ConfigError: the variable is unset or empty, or the file is unreadable, empty, or writable by other users.
+        ConfigError: the variable is unset or empty; or the file is unreadable, empty, not a regular file, belongs
+            to another user or can be changed by other users (see ``publish.password_file``).
     """
     if cfg.password_env:
         value = os.environ.get(cfg.password_env)
@@ -202,45 +204,5 @@ def read_password(cfg: MqttConfig) -> str | None:
             )
         return value
     if cfg.password_file:
-        _check_password_file(cfg.password_file)
-        try:
-            text = cfg.password_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read the broker password file {cfg.password_file}: {exc}") from exc
-        lines = text.splitlines()
-        value = lines[0] if lines else ""
-        if not value:
-            raise ConfigError(
-                f"the broker password file {cfg.password_file} is empty; put the password on its first line"
-            )
-        return value
+        return read_password_file(cfg.password_file)
     return None
-
-
-def _check_password_file(path: Path) -> None:
-    """Refuse a password file others can change; warn (once) about one others can read.
-
-    Anyone who can write the file can point the device at a password of their choosing (and, with the broker's
-    ACL, at a topic of theirs); anyone who can read it can publish as the device. ``chmod 600`` and owned by the
-    user the service runs as is the layout ``edgemed bundle`` asks for.
-    """
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        return  # reading it fails next, with the reason
-    if mode & 0o022:
-        raise ConfigError(
-            f"the broker password file {path} can be changed by other users (mode {mode:04o}); "
-            f"run `chmod 600 {path}` (owned by the user edgemed runs as)"
-        )
-    if mode & 0o044:
-        with _warned_lock:
-            first = str(path) not in _warned_readable
-            _warned_readable.add(str(path))
-        if first:
-            log.warning(
-                "the broker password file %s is readable by other users (mode %04o); run `chmod 600 %s`",
-                path,
-                mode,
-                path,
-            )

@@ -487,7 +487,10 @@ class MqttLink:
 
     def _subscribe_list(self) -> list[tuple[str, Any]]:
         if self._v5:
-            return [(s.topic_filter, SubscribeOptions(qos=s.qos, noLocal=s.no_local)) for s in self._subscriptions]
+            return [
+                (s.topic_filter, SubscribeOptions(qos=s.qos, noLocal=s.no_local, retainHandling=int(s.retained_if_new)))
+                for s in self._subscriptions
+            ]
         return [(s.topic_filter, s.qos) for s in self._subscriptions]
 
     def _handle_subscribe(

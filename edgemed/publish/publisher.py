@@ -58,11 +58,15 @@ class Subscription:
         no_local: MQTT 5: the broker does not send this client the messages it publishes itself (for a consumer
             that publishes under the filter it reads). MQTT 3.1.1 has no such option: the handler then sees its
             own messages and must skip them.
+        retained_if_new: MQTT 5 retain handling 1: the broker sends the topics' retained messages only when the
+            subscription is new, not again when a resumed session subscribes once more. Otherwise (and always on
+            MQTT 3.1.1) every SUBSCRIBE brings every retained message again, flagged ``Message.retain``.
     """
 
     topic_filter: str
     qos: int = 1
     no_local: bool = False
+    retained_if_new: bool = False
 
     def __post_init__(self) -> None:
         if not self.topic_filter:
