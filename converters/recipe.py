@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from edgemed.errors import ConfigError
-from edgemed.validation import StrictModel, describe
+from edgemed.validation import StrictModel, describe, describe_yaml_error
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -85,9 +85,13 @@ def load_recipe(name_or_path: str) -> Recipe:
 
 def _read_yaml(path: Path) -> dict[str, object]:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read recipe {path} ({exc})") from exc
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path} ({exc.strerror}); check the path") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {describe_yaml_error(exc)}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a YAML mapping of settings")
     return raw

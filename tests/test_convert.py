@@ -261,6 +261,11 @@ def test_recipes_load_and_best_is_an_alias(tmp_path: Path) -> None:
         load_recipe(str(custom))
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+    custom.write_text("name: mine\narchitecture: {reference\n")
+    with pytest.raises(ConfigError) as broken:
+        load_recipe(str(custom))
+    message = str(broken.value)  # one line with where the mistake is, not PyYAML's multi-line text
+    assert "\n" not in message and "line 2" in message and "<unicode string>" not in message, message
 
 
 def test_augmentation_keeps_range_and_shape() -> None:
