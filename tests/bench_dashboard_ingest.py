@@ -25,7 +25,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 from broker_fixtures import Mosquitto, free_port
-from test_dashboard import make_result
+from dashboard_helpers import make_result
 
 
 def main() -> int:

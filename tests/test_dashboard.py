@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 from broker_fixtures import Amqtt, Device, Mosquitto
-from browser import CHROMIUM, WAIT_FOR_JS, PipeBrowser, headless_flags
+from browser import WAIT_FOR_JS, PipeBrowser
+from dashboard_helpers import HEALTH, chromium, fill_the_disk, free_the_disk, make_result, make_study, wait_until
 
 from edgemed.dashboard import add_arguments, run, serve
 from edgemed.dashboard.ingest import Ingest
@@ -29,84 +28,6 @@ from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig
 
 XSS_REASON = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned2"</script>'
-
-
-def make_result(
-    *,
-    device_id: str = "us-01",
-    site: str = "clinic-a",
-    seq: int = 0,
-    level: str = "routine",
-    reason: str = "ok",
-    label: str = "benign",
-) -> dict[str, Any]:
-    """A result envelope as a device publishes it (checked against the real schema in the tests below)."""
-    return {
-        "schema": "edgemed.result/1",
-        "result_id": uuid.uuid4().hex,
-        "seq": seq,
-        "device_id": device_id,
-        "site": site,
-        "created_at": "2026-11-25T10:00:00Z",
-        "clock_synced": True,
-        "session_id": None,
-        "model": {"name": "breast-cnn", "version": "1", "sha256": "a" * 64, "target": "cpu"},
-        "preprocess_sha256": "b" * 64,
-        "runtime": {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False, "edgemed": "0.1.0"},
-        "source": {"kind": "folder", "index": seq},
-        "quality": None,
-        "prediction": {"label": label, "index": 0, "probabilities": {"benign": 0.7, "malignant": 0.3}},
-        "triage": {"level": level, "reason": reason},
-        "latency_ms": {"preprocess": 0.1, "inference": 0.2, "total": 0.4},
-    }
-
-
-def make_study(*, device_id: str = "us-01", site: str = "clinic-a", level: str = "urgent") -> dict[str, Any]:
-    return {
-        "schema": "edgemed.study/1",
-        "result_id": uuid.uuid4().hex,
-        "seq": 99,
-        "device_id": device_id,
-        "site": site,
-        "created_at": "2026-11-25T10:00:05Z",
-        "clock_synced": True,
-        "session_id": "c" * 32,
-        "model": {"name": "breast-cnn", "version": "1", "sha256": "a" * 64},
-        "source_kind": "video",
-        "first_seq": 90,
-        "last_seq": 98,
-        "triage": {
-            "level": level,
-            "reason": "3 of 9 frames urgent",
-            "frames": 9,
-            "valid_frames": 9,
-            "rule": "any_urgent",
-            "counts": {"urgent": 3, "routine": 6},
-        },
-    }
-
-
-HEALTH = {
-    "schema": "edgemed.health/1",
-    "uptime_s": 12.0,
-    "frames": 40,
-    "errors": 0,
-    "recaptures": 1,
-    "fps": 7.5,
-    "latency_ms": {"p50": 3.2, "p95": 8.9},
-    "delegate": "cpu",
-    "degraded": True,
-    "degraded_reason": "edgetpu absent; CPU fallback allowed",
-    "pending": 17,
-    "oldest_pending_s": 125.0,
-    "outbox_full": False,
-    "disk_free_mb": 900.0,
-    "cpu_temp_c": None,
-    "cpu_percent": 37.5,
-    "peak_rss_mb": 104.2,
-    "source_state": "reading",
-    "connected": True,
-}
 
 
 def test_sample_payloads_follow_the_real_schema() -> None:
@@ -216,15 +137,6 @@ def test_ingest_rejects_malformed_messages_without_crashing(tmp_path: Path) -> N
 # -- ingest against a real broker --------------------------------------------------------------------------------
 
 
-def _wait(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_path: Path, protocol: str) -> None:
     db = tmp_path / "fleet.sqlite3"
@@ -239,7 +151,7 @@ def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_
         device.send("status", json.dumps({"state": "online", "delegate": "cpu", "degraded": False}).encode(), True)
         device.send("results", json.dumps(r1).encode())
         device.send("results", json.dumps(r1).encode())  # at-least-once redelivery of the same result
-        assert _wait(lambda: first.snapshot()["duplicates"] == 1, 10), first.snapshot()
+        assert wait_until(lambda: first.snapshot()["duplicates"] == 1, 10), first.snapshot()
         first.stop()
         store.close()
 
@@ -256,7 +168,7 @@ def test_ingest_gets_results_published_while_it_was_down(broker: Mosquitto, tmp_
         second = Ingest(cfg, store)  # same fixed client id: resumes the session
         second.start()
         try:
-            assert _wait(lambda: store.result_count() == 4 and second.snapshot()["received"] >= 6, 10), (
+            assert wait_until(lambda: store.result_count() == 4 and second.snapshot()["received"] >= 6, 10), (
                 store.result_count(),
                 second.snapshot(),
                 broker.log_tail(),
@@ -285,14 +197,14 @@ def test_ingest_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker: Amqtt
         assert ingest.wait_subscribed(20), ingest.snapshot()
         device = Device(amqtt_broker.port)
         device.send("results", json.dumps(make_result(seq=5)).encode())
-        assert _wait(lambda: store.result_count() == 1, 10), ingest.snapshot()
+        assert wait_until(lambda: store.result_count() == 1, 10), ingest.snapshot()
         assert ingest.snapshot()["connected"] is True
         # A restart probes MQTT 5 again (the broker may have been merely unwell) and falls back again.
         ingest.stop()
         ingest.start()
-        assert ingest.wait_subscribed(20) and _wait(lambda: ingest.snapshot()["connected"], 10)
+        assert ingest.wait_subscribed(20) and wait_until(lambda: ingest.snapshot()["connected"], 10)
         device.send("results", json.dumps(make_result(seq=6)).encode())
-        assert _wait(lambda: store.result_count() == 2, 10), ingest.snapshot()
+        assert wait_until(lambda: store.result_count() == 2, 10), ingest.snapshot()
     finally:
         if device is not None:
             device.close()
@@ -441,15 +353,8 @@ def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
 # -- a real browser --------------------------------------------------------------------------------------------------
 
 
-def _chromium(tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("headless Chromium is needed for the browser test: apt-get install -y chromium")
-    flags = [*headless_flags(tmp_path / "chromium-profile"), "--virtual-time-budget=3000"]
-    return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=60)
-
-
 def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(web: DashboardServer, tmp_path: Path) -> None:
-    proc = _chromium(tmp_path, web.url, "--dump-dom")
+    proc = chromium(tmp_path, web.url, "--dump-dom")
     dom = proc.stdout
     assert proc.returncode == 0 and "<html" in dom, proc.stderr[-2000:]
     # The script ran and filled the fleet table and the urgent list from the API.
@@ -477,7 +382,7 @@ def test_browser_acknowledge_button_records_the_ack_and_hostile_text_never_runs(
             "document.getElementById('ack-by').value = 'AB'; "
             "document.querySelector('button[data-result]').click(); true"
         )
-        assert _wait(lambda: populated.unacknowledged_urgent() == [], 10)
+        assert wait_until(lambda: populated.unacknowledged_urgent() == [], 10)
         assert populated.recent_results("urgent")[0]["acked_by"] == "AB"
         # The page refreshes itself: the urgent list empties and the result shows who reviewed it.
         assert browser.evaluate(WAIT_FOR_JS % "document.querySelector('#attention-body .empty')?.textContent")
@@ -503,7 +408,7 @@ def test_serve_runs_ingest_and_web_until_stopped(broker: Mosquitto, tmp_path: Pa
         daemon=True,
     )
     thread.start()
-    assert _wait(lambda: bool(urls), 10)
+    assert wait_until(lambda: bool(urls), 10)
     device = Device(broker.port)
     try:
 
@@ -514,10 +419,10 @@ def test_serve_runs_ingest_and_web_until_stopped(broker: Mosquitto, tmp_path: Pa
             except OSError:
                 return {}
 
-        assert _wait(lambda: bool(summary().get("ingest", {}).get("subscribed")), 10)
+        assert wait_until(lambda: bool(summary().get("ingest", {}).get("subscribed")), 10)
         result = make_result(level="urgent", reason="malignant 0.93")
         device.send("results", json.dumps(result).encode())
-        assert _wait(lambda: [a["result_id"] for a in summary().get("attention", [])] == [result["result_id"]], 10)
+        assert wait_until(lambda: [a["result_id"] for a in summary().get("attention", [])] == [result["result_id"]], 10)
     finally:
         device.close()
         stop.set()
@@ -543,26 +448,6 @@ def test_cli_arguments_and_bad_settings(tmp_path: Path) -> None:
         run(args)
 
 
-def fill_the_disk(store: DashboardStore) -> int:
-    """Make the store's disk full: the file may not grow and its pages are filled with results; returns their number.
-
-    SQLite reports "database or disk is full" past ``max_page_count``, as it does for a full disk.
-    """
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count = {pages + 4}")
-    for n in range(1000):
-        try:
-            store.add_result(make_result(seq=10_000 + n, device_id="filler"))
-        except sqlite3.OperationalError as exc:
-            assert "full" in str(exc)
-            return n
-    raise AssertionError("the database did not fill up")
-
-
-def free_the_disk(store: DashboardStore) -> None:
-    store._db.execute("PRAGMA max_page_count = 1073741823")
-
-
 def test_a_message_the_store_failed_to_keep_is_redelivered(broker: Mosquitto, tmp_path: Path) -> None:
     store = DashboardStore(tmp_path / "f.sqlite3")
     first = Ingest(MqttConfig(url=broker.url), store)
@@ -573,14 +458,14 @@ def test_a_message_the_store_failed_to_keep_is_redelivered(broker: Mosquitto, tm
         assert first.wait_subscribed(10)
         result = make_result(level="urgent", reason="malignant 0.95")
         device.send("results", json.dumps(result).encode())
-        assert _wait(lambda: first.snapshot()["received"] == 1, 10)
+        assert wait_until(lambda: first.snapshot()["received"] == 1, 10)
         first.stop()  # the message was never acknowledged to the broker
         free_the_disk(store)
         assert store.result_count() == fillers
         second = Ingest(MqttConfig(url=broker.url), store)
         second.start()
         try:
-            assert _wait(lambda: store.result_count() == fillers + 1, 10), (second.snapshot(), broker.log_tail())
+            assert wait_until(lambda: store.result_count() == fillers + 1, 10), (second.snapshot(), broker.log_tail())
         finally:
             second.stop()
     finally:
@@ -606,7 +491,7 @@ def test_ingest_over_tls_with_a_password_and_a_refusal_shown_not_raised(
     refused = Ingest(good.model_copy(update={"client_id": "dash-2"}), store)
     refused.start()
     try:
-        assert _wait(lambda: refused.snapshot()["broker_error"] is not None, 10)
+        assert wait_until(lambda: refused.snapshot()["broker_error"] is not None, 10)
         error = refused.snapshot()["broker_error"]
         assert "refused" in error and "password" in error and refused.snapshot()["connected"] is False
     finally:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import Mosquitto
-from test_dashboard import _wait
+from dashboard_helpers import wait_until
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
@@ -32,7 +32,7 @@ def test_a_wrong_password_is_reported_once_and_not_as_a_lost_connection(
         return broker.log_path.read_text().count("not authorised")
 
     try:
-        assert _wait(lambda: refusals() >= 3, 15), broker.log_tail()  # three attempts, each refused
+        assert wait_until(lambda: refusals() >= 3, 15), broker.log_tail()  # three attempts, each refused
         snapshot = ingest.snapshot()
     finally:
         ingest.stop()
@@ -54,7 +54,7 @@ def test_a_connection_lost_after_it_was_accepted_is_still_reported(
     try:
         assert ingest.wait_subscribed(10)
         broker.kill()
-        assert _wait(lambda: any("lost the connection" in r.getMessage() for r in caplog.records), 10)
+        assert wait_until(lambda: any("lost the connection" in r.getMessage() for r in caplog.records), 10)
     finally:
         ingest.stop()
         store.close()

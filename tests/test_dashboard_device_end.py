@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from broker_fixtures import Mosquitto
-from test_dashboard import HEALTH, _chromium, _wait
-from test_dashboard_ingest import _export_images
+from dashboard_helpers import HEALTH, chromium, export_images, wait_until
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
@@ -51,7 +50,7 @@ def test_a_crashed_run_shows_as_such_with_what_it_left_pending(
     ingest.start()
     try:
         assert ingest.wait_subscribed(10), broker.log_tail()
-        images = _export_images(data_dir, tmp_path / "scans", 12)
+        images = export_images(data_dir, tmp_path / "scans", 12)
         proc = subprocess.run(
             [
                 *(sys.executable, "-c", CRASHING_RUN, "run", "--model", str(int8_model), "--source", str(images)),
@@ -68,7 +67,7 @@ def test_a_crashed_run_shows_as_such_with_what_it_left_pending(
             rows = store.fleet()
             return rows[0] if rows else {}
 
-        assert _wait(lambda: row().get("state") == "offline", 10), (row(), ingest.snapshot())
+        assert wait_until(lambda: row().get("state") == "offline", 10), (row(), ingest.snapshot())
         device = row()
         assert device["ended_abnormally"] is True
         assert device["offline_reason"] == "ended with an error (RuntimeError)"  # the class, never the message
@@ -82,7 +81,7 @@ def test_a_crashed_run_shows_as_such_with_what_it_left_pending(
         web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         web.start()
         try:
-            dom = _chromium(tmp_path, server.url, "--dump-dom").stdout
+            dom = chromium(tmp_path, server.url, "--dump-dom").stdout
         finally:
             server.shutdown()
             server.server_close()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_dashboard import HEALTH, make_result
+from dashboard_helpers import HEALTH, make_result
 
 from edgemed.dashboard.store import DashboardStore
 

@@ -8,7 +8,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from test_dashboard import _chromium, make_result
+from dashboard_helpers import chromium, make_result
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
@@ -47,7 +47,7 @@ def test_an_escalated_result_shows_the_urgent_class_and_the_top_prediction(tmp_p
         summary = json.loads(urllib.request.urlopen(server.url + "api/summary", timeout=5).read())
         labels = [(a["seq"], a["label"], a["top_label"]) for a in summary["attention"]]
         assert labels == [(1, "malignant", "normal_benign"), (2, "malignant", "malignant")]
-        dom = _chromium(tmp_path, server.url, "--dump-dom").stdout
+        dom = chromium(tmp_path, server.url, "--dump-dom").stdout
     finally:
         server.shutdown()
         server.server_close()

@@ -18,11 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import pytest
 from broker_fixtures import Device, Mosquitto
-from test_dashboard import HEALTH, _chromium, _wait, make_result, make_study
+from dashboard_helpers import HEALTH, chromium, dead_letters, export_images, make_result, make_study, wait_until
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
@@ -40,12 +38,6 @@ def default_mosquitto(factory: type[Mosquitto]) -> Mosquitto:
     lines += [f"listener {broker.port} 127.0.0.1", "allow_anonymous true", f"log_dest file {broker.log_path}"]
     broker.conf.write_text("\n".join(lines) + "\n")
     return broker.start()
-
-
-def dead_letters(db: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(db) as con:
-        con.row_factory = sqlite3.Row
-        return [dict(r) for r in con.execute("SELECT * FROM dead_letters ORDER BY id")]
 
 
 def _unusable_payloads() -> dict[str, tuple[str, bytes]]:
@@ -103,13 +95,6 @@ def test_every_unusable_payload_is_acknowledged_into_the_dead_letter_table(tmp_p
     assert sum(counts.values()) == len(cases) and counts[outcomes["too deep for the parser"][10:]] == 2
 
 
-def _export_images(data_dir: Path, folder: Path, n: int) -> Path:
-    folder.mkdir()
-    for i, img in enumerate(np.load(data_dir / "breastmnist_28.npz")["test_images"][:n]):
-        cv2.imwrite(str(folder / f"img{i}.png"), img)
-    return folder
-
-
 def test_poison_messages_never_stop_the_dashboard_on_a_default_mosquitto(
     mosquitto_factory: type[Mosquitto], tmp_path: Path, int8_model: Path, data_dir: Path
 ) -> None:
@@ -128,12 +113,12 @@ def test_poison_messages_never_stop_the_dashboard_on_a_default_mosquitto(
             device.send("results", POISON)
         device.send("status", POISON, retain=True)
         device.send("health", b'{"fps": NaN}')
-        assert _wait(lambda: store.dead_letter_counts().get("payload nests deeper than 32 levels", 0) == 26, 15), (
+        assert wait_until(lambda: store.dead_letter_counts().get("payload nests deeper than 32 levels", 0) == 26, 15), (
             ingest.snapshot(),
             broker.log_tail(),
         )
         # A real run after the poison: every one of its results reaches the dashboard.
-        images = _export_images(data_dir, tmp_path / "scans", 12)
+        images = export_images(data_dir, tmp_path / "scans", 12)
         proc = subprocess.run(
             [
                 *(sys.executable, "-m", "edgemed", "run", "--model", str(int8_model), "--source", str(images)),
@@ -145,7 +130,7 @@ def test_poison_messages_never_stop_the_dashboard_on_a_default_mosquitto(
             timeout=120,
         )
         assert proc.returncode == 0, proc.stderr
-        assert _wait(lambda: store.result_count() == 12, 15), (store.result_count(), ingest.snapshot())
+        assert wait_until(lambda: store.result_count() == 12, 15), (store.result_count(), ingest.snapshot())
         ingest.stop()
         # A restart, and a second dashboard under a new client id: the retained poison comes again and is
         # acknowledged again; both go on receiving.
@@ -156,7 +141,7 @@ def test_poison_messages_never_stop_the_dashboard_on_a_default_mosquitto(
             for dash in (ingest, second):
                 assert dash.wait_subscribed(10)
             device.send("results", json.dumps(make_result(seq=500, level="urgent")).encode())
-            assert _wait(lambda: store.result_count() == 13 and second.store.result_count() == 1, 10), (
+            assert wait_until(lambda: store.result_count() == 13 and second.store.result_count() == 1, 10), (
                 ingest.snapshot(),
                 second.snapshot(),
             )
@@ -196,7 +181,7 @@ def test_the_page_counts_refused_messages_by_reason(tmp_path: Path) -> None:
         listed = json.loads(urllib.request.urlopen(server.url + "api/dead-letters", timeout=5).read())["dead_letters"]
         assert [d["reason"] for d in listed] == ["payload is not JSON"] + ["payload nests deeper than 32 levels"] * 3
         assert "payload" not in listed[0]  # hostile bytes stay in the database
-        proc = _chromium(tmp_path, server.url, "--dump-dom")
+        proc = chromium(tmp_path, server.url, "--dump-dom")
     finally:
         server.shutdown()
         server.server_close()
@@ -244,7 +229,7 @@ def test_a_nan_stored_by_an_older_dashboard_never_reaches_the_page(tmp_path: Pat
     try:
         fleet = _strict_json(urllib.request.urlopen(server.url + "api/fleet", timeout=5).read())
         assert fleet["devices"][0]["fps"] is None and fleet["devices"][0]["pending"] == 17
-        proc = _chromium(tmp_path, server.url, "--dump-dom")
+        proc = chromium(tmp_path, server.url, "--dump-dom")
     finally:
         server.shutdown()
         server.server_close()

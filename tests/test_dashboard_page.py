@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 from browser import WAIT_FOR_JS, PipeBrowser
-from test_dashboard import make_result
-from test_dashboard_ingest import dead_letters
+from dashboard_helpers import dead_letters, make_result
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore

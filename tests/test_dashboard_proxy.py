@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from broker_fixtures import Pki
 from browser import WAIT_FOR_JS, PipeBrowser
-from test_dashboard import _wait, make_result
+from dashboard_helpers import make_result, wait_until
 
 from edgemed.dashboard import add_arguments, run
 from edgemed.dashboard.origin import parse_origin
@@ -113,7 +113,7 @@ def _ack_in_chromium(tmp_path: Path, proxy: TlsProxy, store: DashboardStore) -> 
             "document.getElementById('ack-by').value = 'CD'; "
             "document.querySelector('button[data-result]').click(); true"
         )
-        assert _wait(lambda: store.unacknowledged_urgent() == [], 10), "the acknowledgement was refused"
+        assert wait_until(lambda: store.unacknowledged_urgent() == [], 10), "the acknowledgement was refused"
         assert store.recent_results("urgent")[0]["acked_by"] == "CD"
     finally:
         browser.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import Device, Mosquitto
-from test_dashboard import HEALTH, _wait
+from dashboard_helpers import HEALTH, wait_until
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
@@ -54,7 +54,7 @@ def _run_until_sentinel(cfg: MqttConfig, store: DashboardStore, device: Device, 
             rows = store._query("SELECT health FROM devices WHERE device_id = 'live'")
             return bool(rows) and json.loads(rows[0][0])["frames"] == beat
 
-        assert _wait(sentinel_stored, 10), ingest.snapshot()
+        assert wait_until(sentinel_stored, 10), ingest.snapshot()
     finally:
         ingest.stop()
     return ingest
@@ -75,7 +75,7 @@ def test_a_device_silent_for_a_month_still_ages_out_after_the_dashboard_restarts
         status = {"state": "online", "at": _stamp(time.time()), "delegate": "cpu", "degraded": False}
         _publish(device, OLD_STATUS, json.dumps(status).encode(), retain=True)
         _publish(device, GHOST_STATUS, b"[[[[", retain=True)
-        assert _wait(lambda: store.dead_letter_counts() != {} and store.fleet() != [], 10), first.snapshot()
+        assert wait_until(lambda: store.dead_letter_counts() != {} and store.fleet() != [], 10), first.snapshot()
         first.stop()
         # A month passes: the device was decommissioned and never spoke again; its status stays retained.
         with store._lock, store._db:

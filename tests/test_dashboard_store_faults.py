@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from broker_fixtures import Device, Mosquitto
-from test_dashboard import HEALTH, _chromium, _wait, fill_the_disk, free_the_disk, make_result
+from dashboard_helpers import HEALTH, chromium, fill_the_disk, free_the_disk, make_result, wait_until
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
@@ -48,9 +48,9 @@ def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is
         for result in sent:
             device.send("results", json.dumps(result).encode())
         device.send("health", json.dumps(HEALTH).encode())
-        assert _wait(lambda: ingest.snapshot()["store_error"] is not None and ingest.snapshot()["held"] >= 1, 10)
+        assert wait_until(lambda: ingest.snapshot()["store_error"] is not None and ingest.snapshot()["held"] >= 1, 10)
         assert "full" in ingest.snapshot()["store_error"]
-        dom = _chromium(tmp_path, server.url, "--dump-dom").stdout
+        dom = chromium(tmp_path, server.url, "--dump-dom").stdout
         assert 'id="store-alert" class="alert">Results are not being saved: cannot write' in dom, dom[-3000:]
         assert "held back, not yet acknowledged to the broker" in dom
         time.sleep(1.6)  # a few attempts with back-off (0.5 s, 1 s, ...)
@@ -58,9 +58,9 @@ def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is
         assert 2 <= len(attempts) <= 4, attempts  # one line per back-off step, not one per message
         free_the_disk(store)
         # No restart: the next attempt stores everything held back, and what comes after goes in as usual.
-        assert _wait(lambda: store.result_count() == fillers + 30, 10), (store.result_count(), ingest.snapshot())
+        assert wait_until(lambda: store.result_count() == fillers + 30, 10), (store.result_count(), ingest.snapshot())
         device.send("results", json.dumps(make_result(seq=30)).encode())
-        assert _wait(lambda: store.result_count() == fillers + 31, 10)
+        assert wait_until(lambda: store.result_count() == fillers + 31, 10)
         snap = ingest.snapshot()
         assert snap["store_error"] is None and snap["held"] == 0 and snap["stored"] == 31
         assert len(_log_lines(caplog, "takes writes again")) == 1
@@ -87,11 +87,11 @@ def test_a_database_locked_by_another_process_is_retried_until_the_lock_goes(bro
         other.execute("BEGIN IMMEDIATE")  # e.g. a backup script writing: no other writer until it commits
         for i in range(20):
             device.send("results", json.dumps(make_result(seq=i)).encode())
-        assert _wait(lambda: "locked" in (ingest.snapshot()["store_error"] or ""), 10), ingest.snapshot()
+        assert wait_until(lambda: "locked" in (ingest.snapshot()["store_error"] or ""), 10), ingest.snapshot()
         time.sleep(2.0)
         assert store.result_count() == 0
         other.execute("COMMIT")
-        assert _wait(lambda: store.result_count() == 20, 10), ingest.snapshot()
+        assert wait_until(lambda: store.result_count() == 20, 10), ingest.snapshot()
         assert ingest.snapshot()["store_error"] is None
     finally:
         other.close()
@@ -142,7 +142,7 @@ def test_messages_are_acknowledged_only_after_the_durable_commit_that_holds_them
         ]
         for info in infos:
             info.wait_for_publish(10)
-        assert _wait(lambda: len(acked) == 300, 20), (len(acked), ingest.snapshot())
+        assert wait_until(lambda: len(acked) == 300, 20), (len(acked), ingest.snapshot())
     finally:
         device.close()
         ingest.stop()
@@ -214,7 +214,7 @@ def test_a_database_error_after_a_refused_message_never_keeps_its_dead_letter_tw
         ]
         for info in infos:
             info.wait_for_publish(5)
-        assert _wait(lambda: store.result_count() == 2 and ingest.snapshot()["held"] == 0, 10), ingest.snapshot()
+        assert wait_until(lambda: store.result_count() == 2 and ingest.snapshot()["held"] == 0, 10), ingest.snapshot()
     finally:
         device.close()
         ingest.stop()
