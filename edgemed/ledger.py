@@ -8,6 +8,9 @@ misses one that was kept. Two tables:
   how many of its frames have a committed result, and how many it holds;
 * ``sources``: one row per source (a folder, file or ``watch:`` folder, by absolute path): whether its last pass
   ended (``complete``) or was interrupted.
+* ``passes``: one row per source: the rest of what a resumed pass needs, as JSON (``edgemed.resume`` writes and
+  reads it): the study still open at its last committed frame, and whether the region of interest has fitted a
+  frame. An older outbox file gets this table when it is opened (``CREATE TABLE IF NOT EXISTS``).
 
 What the runtime does with it (``edgemed run``):
 
@@ -47,6 +50,10 @@ CREATE TABLE IF NOT EXISTS sources (
     source TEXT NOT NULL UNIQUE,
     complete INTEGER NOT NULL,
     started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS passes (
+    source TEXT PRIMARY KEY,
+    state TEXT NOT NULL
 );
 """
 
@@ -116,3 +123,22 @@ def write(db: sqlite3.Connection, done: Mapping[tuple[str, str], InputDone], end
 def drop(db: sqlite3.Connection, source: str, paths: Iterable[str]) -> None:
     """Forget the rows of files that are gone from the source."""
     db.executemany("DELETE FROM inputs WHERE source = ? AND path = ?", [(source, p) for p in paths])
+
+
+def pass_state(db: sqlite3.Connection, source: str) -> str | None:
+    """The JSON the last committed result of ``source``'s pass left in ``passes``, or None."""
+    row = db.execute("SELECT state FROM passes WHERE source = ?", (source,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def write_pass_states(db: sqlite3.Connection, states: Mapping[str, str | None]) -> None:
+    """Record each source's pass state (JSON) with the results in this transaction; None removes it."""
+    for source, value in states.items():
+        if value is None:
+            db.execute("DELETE FROM passes WHERE source = ?", (source,))
+        else:
+            db.execute(
+                "INSERT INTO passes(source, state) VALUES (?, ?) "
+                "ON CONFLICT(source) DO UPDATE SET state = excluded.state",
+                (source, value),
+            )

@@ -179,6 +179,7 @@ class Outbox:
         # input file per commit, not one statement per frame), and the sources whose pass ended in it.
         self._ledger_done: dict[tuple[str, str], InputDone] = {}
         self._ledger_ended: set[str] = set()
+        self._ledger_passes: dict[str, str | None] = {}  # each source's pass state (edgemed.resume), the latest
         try:
             private_dir(self.path.parent)
         except OSError as exc:
@@ -354,6 +355,7 @@ class Outbox:
         payload: bytes,
         seq: int | None = None,
         done: tuple[str, InputDone] | None = None,
+        pass_state: tuple[str, str] | None = None,
     ) -> int:
         """Queue one result; it becomes durable (and publishable) at the next batch commit.
 
@@ -366,6 +368,8 @@ class Outbox:
                 sequence (a consumer may read a gap as a lost result).
             done: ``(source, row)``: the ledger row this result brings its input to (see ``edgemed.ledger``);
                 it is written in the same transaction as the result.
+            pass_state: ``(source, JSON)``: the source's pass state after this result (``edgemed.resume``),
+                written in the same transaction.
 
         Returns:
             The row id, increasing in production order.
@@ -400,6 +404,8 @@ class Outbox:
             self._last_row = row_id
             if done is not None:
                 self._ledger_done[(done[0], done[1].path)] = done[1]
+            if pass_state is not None:
+                self._ledger_passes[pass_state[0]] = pass_state[1]
             if seq is not None:
                 self._seq_explicit = True
                 self._seq_durable = max(self._seq_durable, seq + 1)
@@ -597,6 +603,12 @@ class Outbox:
             self._check_open()
             return ledger.state(self._db, source), ledger.inputs(self._db, source)
 
+    def source_pass_state(self, source: str) -> str | None:
+        """The pass state (JSON, ``edgemed.resume``) the last committed result of ``source`` left, or None."""
+        with self._lock:
+            self._check_open()
+            return ledger.pass_state(self._db, source)
+
     def start_source(self, source: str, *, keep: bool, add: Iterable[InputDone] = (), drop: Iterable[str] = ()) -> None:
         """Begin a pass over ``source``, durably: forget its rows unless ``keep``, add and drop the given rows.
 
@@ -608,6 +620,8 @@ class Outbox:
             try:
                 self._begin()
                 ledger.start(self._db, source, keep=keep)
+                if not keep:
+                    ledger.write_pass_states(self._db, {source: None})
                 ledger.drop(self._db, source, drop)
                 ledger.write(self._db, {(source, row.path): row for row in add}, ())
             except sqlite3.Error as exc:
@@ -695,12 +709,14 @@ class Outbox:
                 )
             self._expire_payloads()
             ledger.write(self._db, self._ledger_done, self._ledger_ended)
+            ledger.write_pass_states(self._db, self._ledger_passes)
             self._db.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             raise self._write_error(exc) from exc
         self._in_txn = False
         self._ledger_done.clear()
         self._ledger_ended.clear()
+        self._ledger_passes.clear()
         self._uncommitted = 0
         published = self._last_row > self._committed_max_row
         self._committed_max_row = self._last_row
@@ -801,6 +817,7 @@ class Outbox:
             self._uncommitted = 0
             self._ledger_done.clear()  # rolled back with the results they account for
             self._ledger_ended.clear()
+            self._ledger_passes.clear()
         why = exc.strerror if isinstance(exc, OSError) else exc
         self._failed = OutboxError(
             f"cannot write the outbox {self.path}: {why}; free disk space or fix the permissions of the data "

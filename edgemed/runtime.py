@@ -40,7 +40,7 @@ from edgemed.outbox import Outbox
 from edgemed.preprocess import to_colour_mode
 from edgemed.printer import Printer, shows_names
 from edgemed.quality import check_quality
-from edgemed.resume import attach_ledger, input_done
+from edgemed.resume import Pass, attach_ledger, input_done
 from edgemed.sessions import ClosedStudy, StudyTracker
 from edgemed.summary import RunSummary
 from edgemed.triage import triage, triage_error, triage_recapture, validate_policy
@@ -112,7 +112,7 @@ class Device:
         self.local_copy: LocalCopy | None = None
         self._model, self._backend, self._source, self._publisher = model, backend, source, publisher
         self._closers: list[Any] = []
-        self._ledger_key: str | None = None
+        self._pass: Pass | None = None  # the pass over a source that keeps a ledger (edgemed.resume)
         self._ended_by: BaseException | None = None  # what ended the run, when it was not a clean end
 
     # -- set-up -----------------------------------------------------------------------------------------------
@@ -276,19 +276,26 @@ class Device:
             latency_ms=latency_ms,
         )
         payload = encode(result_envelope(self.ctx, result))
+        # Tracked before it is put: the pass state committed with the result already counts it in its study.
+        self.sessions.add(result)
+        if self._pass is not None:
+            self._pass.advance(frame)
         # Published once committed: the outbox wakes the delivery thread on each commit.
         self.outbox.put(
             result.result_id,
             f"{self.topic_base}/results",
             payload,
             seq=result.seq,
-            done=input_done(self._ledger_key, frame),
+            done=input_done(self._pass, frame),
+            pass_state=self._pass_state(),
         )
         if self.local_copy is not None:
             self.local_copy.append(payload)
         self.health.record(latency_ms["total"], verdict.level)
-        self.sessions.add(result)
         return result
+
+    def _pass_state(self) -> tuple[str, str] | None:
+        return self._pass.state(self.sessions) if self._pass is not None else None
 
     def _assess(
         self, frame: Frame, capture_ms: float
@@ -337,7 +344,10 @@ class Device:
         )
         self.studies.append(study)
         payload = encode(study_envelope(self.ctx, study))
-        self.outbox.put(study.result_id, f"{self.topic_base}/studies", payload, seq=study.seq)
+        # With the pass state that no longer holds the study: a resumed run never decides on it a second time.
+        self.outbox.put(
+            study.result_id, f"{self.topic_base}/studies", payload, seq=study.seq, pass_state=self._pass_state()
+        )
         return study
 
     # -- a whole source ---------------------------------------------------------------------------------------
@@ -362,10 +372,13 @@ class Device:
             OutboxError: the outbox cannot be written.
         """
         source = self._open_source(source_uri)
-        self._ledger_key = attach_ledger(source, self.outbox, loop=self.profile.source.loop, from_start=from_start)
+        self._pass = attach_ledger(
+            source, self.outbox, self.sessions, loop=self.profile.source.loop, from_start=from_start
+        )
         limit = max_frames or self.profile.run.max_frames
         summary = RunSummary()
         frames = read_ahead(source, self.stop)
+        ended = False
         try:
             for frame, capture_ms in frames:
                 self.uplink.check()  # a broker refusal or a failed delivery ends the run (exit 5 or 7)
@@ -379,13 +392,11 @@ class Device:
                 if limit is not None and summary.frames >= limit:
                     break
             else:
-                if self._ledger_key is not None and source.state == "ended":
+                ended = source.state == "ended"
+                if self._pass is not None and ended:
                     # Committed with the last results: the next run processes this source again from its start.
-                    self.outbox.end_source(self._ledger_key)
-            # Only frames of one study form a study (edgemed/sessions.py): a folder of unrelated images gets none.
-            closed = self.sessions.close()
-            if closed is not None:
-                self._commit_study(closed)
+                    self.outbox.end_source(self._pass.key)
+            self._end_study(source, ended)
         finally:
             self.stop.set()
             frames.close()  # joins the capture thread before anything is torn down
@@ -398,6 +409,27 @@ class Device:
             summary.outbox_damage = self.outbox.recovery.describe()
             log.error("%s", summary.outbox_damage)  # said at start too; repeated where the run's outcome is read
         return summary
+
+    def _end_study(self, source: FrameSource, ended: bool) -> None:
+        """Decide on the study open at the end of the run, unless the next run resumes it.
+
+        Only frames of one study form a study (edgemed/sessions.py): a folder of unrelated images gets none. A
+        source that keeps a ledger and stopped before its end (SIGTERM, ``--max-frames``) is resumed by the next
+        run after its last committed frame; a decision now would cover part of the study, and the next run's a
+        second part. The study stays open in the ledger instead, and the run that reaches its end decides over
+        all of it. ``watch:`` never ends: there the study stays open only when the run stopped inside a file.
+        """
+        this_pass = self._pass
+        if this_pass is not None and not ended and (source.finite or this_pass.mid_input):
+            if self.sessions.is_open:
+                log.warning(
+                    "the study is not complete, so no study decision yet: the next run on this data directory "
+                    "resumes it and decides over all its frames (--from-start processes it again)"
+                )
+            return
+        closed = self.sessions.close()
+        if closed is not None:
+            self._commit_study(closed)
 
     def _open_source(self, source_uri: str | None) -> FrameSource:
         source = self._source

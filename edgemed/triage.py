@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -289,6 +290,50 @@ class StudyAggregator:
             self._prob_sums = [s + p for s, p in zip(self._prob_sums, pred.probabilities, strict=True)]
             self._with_probs += 1
 
+    def export(self) -> dict[str, Any]:
+        """What the frames added so far left behind, as plain JSON values (kept with the ledger of processed
+        inputs, so that a resumed run decides over the whole study: ``edgemed.resume``)."""
+        return {
+            "frames": self.frames,
+            "levels": dict(self.levels),
+            "labels": list(self._labels),
+            "prob_sums": list(self._prob_sums),
+            "with_probs": self._with_probs,
+            "quality_reasons": dict(self._quality_reasons),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from what :meth:`export` returned: the decision is then the one over both runs' frames.
+
+        Raises:
+            ValueError: ``state`` is not what :meth:`export` writes (a damaged or foreign ledger row).
+        """
+        frames, levels, labels = state["frames"], state["levels"], state["labels"]
+        sums, with_probs, reasons = state["prob_sums"], state["with_probs"], state["quality_reasons"]
+        known = set(get_args(TriageLevel))
+        if not (
+            _count(frames)
+            and _count(with_probs)
+            and isinstance(levels, dict)
+            and all(lv in known and _count(n) for lv, n in levels.items())
+            and sum(levels.values()) == frames
+            and isinstance(reasons, dict)
+            and all(isinstance(r, str) and _count(n) for r, n in reasons.items())
+            and isinstance(labels, list)
+            and all(isinstance(label, str) for label in labels)
+            and isinstance(sums, list)
+            and len(sums) == len(labels)
+            and all(isinstance(p, float | int) and math.isfinite(p) for p in sums)
+        ):
+            raise ValueError("not a study state this version of edgemed wrote")
+        self.reset()
+        self.frames = frames
+        self.levels = Counter(levels)
+        self._labels = tuple(labels)
+        self._prob_sums = [float(p) for p in sums]
+        self._with_probs = with_probs
+        self._quality_reasons = Counter(reasons)
+
     @property
     def valid_frames(self) -> int:
         """Frames that carry a prediction-based level."""
@@ -336,3 +381,7 @@ class StudyAggregator:
         return TriageResult(
             result.level, f"average of {self._with_probs} frames: {result.reason}", {**extra, **result.extra}
         )
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -156,6 +156,13 @@ class FrameSource(Protocol):
     reconnects: int
     keeps_ledger: bool
     ledger_key: str | None
+    #: False for a live source and for ``watch:`` (it never ends)
+    finite: bool
+    #: the region of interest has fitted a frame (only then may a frame it does not fit be one error result)
+    roi_fitted: bool
+
+    @property
+    def roi(self) -> tuple[int, int, int, int] | None: ...
 
     def __iter__(self) -> Iterator[Frame]: ...
 

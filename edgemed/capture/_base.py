@@ -67,9 +67,16 @@ class BaseSource:
         self.state = "open"
         self._closed = False
         self._iterating = False
-        self._roi_fitted = False  # the region of interest fitted a frame of this source at least once
+        # The region of interest fitted a frame of this source at least once: in this run, or (set by
+        # edgemed.resume) in the interrupted run this one resumes, whose first frames this run does not read.
+        self.roi_fitted = False
         self.ledger = False  # frames carry an InputRef for the ledger (attach_ledger)
         self._done: dict[str, InputDone] = {}
+
+    @property
+    def roi(self) -> tuple[int, int, int, int] | None:
+        """The region of interest every frame is cropped to (``source.roi``), or None for the whole picture."""
+        return self.cfg.roi
 
     def _items(self) -> Iterator[Item]:
         """One pass over the inputs; finite sources are replayed ``cfg.loop`` times by ``__iter__``."""
@@ -155,11 +162,11 @@ class BaseSource:
         x, y, w, h = roi
         height, width = image.shape[:2]
         if x + w <= width and y + h <= height:
-            self._roi_fitted = True
+            self.roi_fitted = True
             # A slice is a view: no copy here; preprocessing makes the one contiguous copy it needs.
             return image[y : y + h, x : x + w], None
         where = f"region of interest x={x} y={y} w={w} h={h} (source.roi) lies outside the {width}x{height}"
-        if not self._roi_fitted:
+        if not self.roi_fitted:
             self.state = "failed"
             raise ConfigError(
                 f"{where} first frame of the source, so it would fail every frame; set source.roi in the device "
