@@ -87,6 +87,30 @@ def test_mqtt5_falls_back_when_refused_or_twice_unanswered_and_only_with_protoco
         assert held.after(silent, refused=True, may_fall_back=True).fall_back is None
 
 
+def test_one_connect_unanswered_at_the_deadline_is_enough_for_an_owner_that_asks_for_it() -> None:
+    unanswered = Attempt(unanswered=True)  # the connection stayed up, no CONNACK within connect_timeout_s
+    closed = Attempt()  # closed without a CONNACK: may be a blip, two are needed either way
+    dashboard = ReconnectPolicy(_cfg(), unanswered_to_fall_back=1)
+    assert dashboard.after(closed, refused=False, may_fall_back=True).fall_back is None
+    assert dashboard.after(closed, refused=False, may_fall_back=True).fall_back == (
+        "the broker closed two MQTT 5 connections without a CONNACK"
+    )
+    assert ReconnectPolicy(_cfg(), unanswered_to_fall_back=1).after(
+        unanswered, refused=False, may_fall_back=True
+    ).fall_back == ("the broker did not answer an MQTT 5 CONNECT within 5 s")
+    assert ReconnectPolicy(_cfg(), unanswered_to_fall_back=1).after(
+        unanswered, refused=False, may_fall_back=False
+    ).fall_back is None
+    assert ReconnectPolicy(_cfg(), unanswered_to_fall_back=1).after(
+        unanswered, refused=True, may_fall_back=True
+    ).fall_back is None
+    device = ReconnectPolicy(_cfg())  # the device waits for a second one, as it always did
+    assert device.after(unanswered, refused=False, may_fall_back=True).fall_back is None
+    assert device.after(unanswered, refused=False, may_fall_back=True).fall_back is not None
+    with pytest.raises(ValueError, match="unanswered_to_fall_back must be 1 or more"):
+        ReconnectPolicy(_cfg(), unanswered_to_fall_back=0)
+
+
 def test_tls_endings_before_the_connack_are_refusals_unless_a_client_certificate_is_set() -> None:
     assert "rejected the connection (SSLV3_ALERT_CERTIFICATE_REQUIRED)" in (
         ReconnectPolicy(_cfg())

@@ -130,6 +130,9 @@ class Ingest:
             manual_ack=True,
             describe_refusal=describe_dashboard_refusal,
             offline_note=_WHILE_DOWN,
+            # A 3.1.1-only broker that ignores MQTT 5 CONNECT would otherwise keep the page empty for two
+            # connect_timeout_s and a back-off: the dashboard has always fallen back after the first.
+            unanswered_to_fall_back=1,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------

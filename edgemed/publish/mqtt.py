@@ -80,6 +80,7 @@ class MqttLink:
         manual_ack: bool = False,
         describe_refusal: RefusalWording = describe_device_refusal,
         offline_note: str = _DEVICE_NOTE,
+        unanswered_to_fall_back: int = 2,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
@@ -98,12 +99,20 @@ class MqttLink:
                 otherwise the link acknowledges each one when ``on_message`` returns.
             describe_refusal: words a CONNACK refusal in the owner's terms (profile keys, command-line options).
             offline_note: what happens to the owner's messages while the broker is away, said in the log.
+            unanswered_to_fall_back: with ``protocol: auto``, MQTT 5 CONNECTs in a row left unanswered for
+                ``connect_timeout_s`` after which the link falls back to 3.1.1. The device waits for two (one can
+                be a slow broker); the dashboard falls back after the first, so that on a 3.1.1-only broker it
+                receives after one ``connect_timeout_s``. Connections closed without a CONNACK take two either way.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
             ConfigError: the password source or a TLS file cannot be read.
-            ValueError: subscriptions or ``manual_ack`` without ``on_message``.
+            ValueError: subscriptions or ``manual_ack`` without ``on_message``, or ``unanswered_to_fall_back``
+                below 1.
         """
+        if unanswered_to_fall_back < 1:
+            raise ValueError(f"unanswered_to_fall_back must be 1 or more, not {unanswered_to_fall_back}")
+        self._unanswered_to_fall_back = unanswered_to_fall_back
         self._subscriptions = tuple(subscriptions)
         if (self._subscriptions or manual_ack) and on_message is None:
             raise ValueError("subscriptions and manual_ack need on_message, the callback that receives messages")
@@ -361,7 +370,7 @@ class MqttLink:
     # -- supervisor thread -----------------------------------------------------------------------------------
 
     def _run(self, stop: threading.Event) -> None:
-        policy = ReconnectPolicy(self.cfg)
+        policy = ReconnectPolicy(self.cfg, unanswered_to_fall_back=self._unanswered_to_fall_back)
         while not stop.is_set():
             attempt = self._connect_once(stop)
             if stop.is_set():
@@ -447,6 +456,7 @@ class MqttLink:
                 # paho bounds only the TCP and TLS handshakes; a broker that swallows an MQTT 5 CONNECT it does
                 # not understand would otherwise hold us until the keepalive runs out.
                 log.warning("broker %s did not answer CONNECT within %.1f s", self.cfg.url, self.cfg.connect_timeout_s)
+                self._attempt.unanswered = True
                 client.disconnect()
                 break
         # Guarantees that paho's loop ends even when no connection was ever established (stop() while waiting for
