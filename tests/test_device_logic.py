@@ -272,17 +272,17 @@ def test_a_backend_without_its_model_is_refused() -> None:
 def test_a_handed_in_backend_and_source_are_closed_when_the_policy_does_not_fit_the_model(tmp_path: Path) -> None:
     backend, source = BrightnessBackend(), ListSource(_cine())
     profile = _profile(tmp_path, triage={"rules": {"melanoma": {"level": "urgent"}}})  # the model has no melanoma
-    with pytest.raises(ConfigError, match="melanoma"):
-        with Device(profile, model=fake_model(), backend=backend, source=source, publisher=AcknowledgingPublisher()):
-            pass
+    device = Device(profile, model=fake_model(), backend=backend, source=source, publisher=AcknowledgingPublisher())
+    with pytest.raises(ConfigError, match="melanoma"), device:
+        pass
     assert backend.closed and source.closed
 
 
 def test_a_handed_in_backend_and_source_are_closed_when_the_data_directory_is_locked(tmp_path: Path) -> None:
     backend, source = BrightnessBackend(), ListSource(_cine())
-    with DataDirLock(tmp_path), pytest.raises(OutboxLockedError):
-        with Device(_profile(tmp_path), model=fake_model(), backend=backend, source=source):
-            pass
+    device = Device(_profile(tmp_path), model=fake_model(), backend=backend, source=source)
+    with DataDirLock(tmp_path), pytest.raises(OutboxLockedError), device:
+        pass
     assert backend.closed and source.closed
 
 

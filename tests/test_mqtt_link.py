@@ -291,7 +291,7 @@ def test_only_two_tls_eofs_in_a_row_count_as_a_refusal(attempts: list[str], refu
     link = MqttLink(cfg, status_topic=None, client_id="edgemed-eof-logic")
     script = list(attempts)
 
-    def fake_connect_once(stop: threading.Event) -> Attempt:  # what the paho callbacks would have recorded for each attempt
+    def fake_connect_once(stop: threading.Event) -> Attempt:  # what the paho callbacks would record for each attempt
         step = script.pop(0) if script else "refused"
         if step == "refused":
             return Attempt(error=ConnectionRefusedError(111, "Connection refused"))

@@ -54,7 +54,7 @@ from edgemed.publish.policy import (
     subscribe_refusal,
 )
 from edgemed.publish.publisher import AckCallback, Message, MessageCallback, StateCallback, Subscription
-from edgemed.publish.tls import make_ssl_context
+from edgemed.publish.tls import DEVICE_TLS_SETTINGS, TlsSettingNames, make_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class MqttLink:
         describe_refusal: RefusalWording = describe_device_refusal,
         offline_note: str = _DEVICE_NOTE,
         unanswered_to_fall_back: int = 2,
+        tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
@@ -98,6 +99,7 @@ class MqttLink:
             manual_ack: QoS 1 messages are acknowledged only by ``Message.ack()`` (after a durable commit);
                 otherwise the link acknowledges each one when ``on_message`` returns.
             describe_refusal: words a CONNACK refusal in the owner's terms (profile keys, command-line options).
+            tls_names: the owner's names of its TLS settings, for the fix a TLS refusal names.
             offline_note: what happens to the owner's messages while the broker is away, said in the log.
             unanswered_to_fall_back: with ``protocol: auto``, MQTT 5 CONNECTs in a row left unanswered for
                 ``connect_timeout_s`` after which the link falls back to 3.1.1. The device waits for two (one can
@@ -113,6 +115,7 @@ class MqttLink:
         if unanswered_to_fall_back < 1:
             raise ValueError(f"unanswered_to_fall_back must be 1 or more, not {unanswered_to_fall_back}")
         self._unanswered_to_fall_back = unanswered_to_fall_back
+        self._tls_names = tls_names
         self._subscriptions = tuple(subscriptions)
         if (self._subscriptions or manual_ack) and on_message is None:
             raise ValueError("subscriptions and manual_ack need on_message, the callback that receives messages")
@@ -370,7 +373,9 @@ class MqttLink:
     # -- supervisor thread -----------------------------------------------------------------------------------
 
     def _run(self, stop: threading.Event) -> None:
-        policy = ReconnectPolicy(self.cfg, unanswered_to_fall_back=self._unanswered_to_fall_back)
+        policy = ReconnectPolicy(
+            self.cfg, unanswered_to_fall_back=self._unanswered_to_fall_back, tls_names=self._tls_names
+        )
         while not stop.is_set():
             attempt = self._connect_once(stop)
             if stop.is_set():

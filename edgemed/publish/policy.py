@@ -21,7 +21,7 @@ from typing import Literal
 
 from edgemed.errors import BrokerRefusedError
 from edgemed.publish.config import MqttConfig
-from edgemed.publish.tls import handshake_refusal, rejected_refusal
+from edgemed.publish.tls import DEVICE_TLS_SETTINGS, TlsSettingNames, handshake_refusal, rejected_refusal
 
 RefusalKind = Literal["credentials", "client_id", "banned", "auth_method"]
 
@@ -263,7 +263,13 @@ class Step:
 class ReconnectPolicy:
     """Back-off, refusal and protocol fall back decisions over a sequence of attempts (one per link run)."""
 
-    def __init__(self, cfg: MqttConfig, *, unanswered_to_fall_back: int = 2) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        unanswered_to_fall_back: int = 2,
+        tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
+    ) -> None:
         """Start with the shortest delay.
 
         Args:
@@ -271,6 +277,7 @@ class ReconnectPolicy:
                 certificate is set.
             unanswered_to_fall_back: MQTT 5 CONNECTs in a row left unanswered until the CONNACK deadline after
                 which to fall back to 3.1.1 (closes without a CONNACK always take two).
+            tls_names: how the owner names its TLS settings in a TLS refusal's fix.
 
         Raises:
             ValueError: ``unanswered_to_fall_back`` is below 1.
@@ -278,6 +285,7 @@ class ReconnectPolicy:
         if unanswered_to_fall_back < 1:
             raise ValueError(f"unanswered_to_fall_back must be 1 or more, not {unanswered_to_fall_back}")
         self._unanswered_to_fall_back = unanswered_to_fall_back
+        self._tls_names = tls_names
         self._connect_timeout_s = cfg.connect_timeout_s
         self._min_s, self._max_s = cfg.reconnect_min_s, cfg.reconnect_max_s
         self._url = cfg.url
@@ -303,7 +311,7 @@ class ReconnectPolicy:
         report: Literal["unreachable", "lost"] | None = None
         eof_streak = False
         if attempt.error is not None:
-            refusal = handshake_refusal(attempt.error, self._url)
+            refusal = handshake_refusal(attempt.error, self._url, self._tls_names)
             if refusal is None and not self._outage_reported:
                 report, self._outage_reported = "unreachable", True
         elif attempt.online:
@@ -312,7 +320,7 @@ class ReconnectPolicy:
         elif attempt.protocol_refused is not None and may_fall_back:
             fall_back = f"the broker refused MQTT 5 ({attempt.protocol_refused})"
         elif attempt.tls_alert is not None:
-            refusal = rejected_refusal(self._url, attempt.tls_alert)
+            refusal = rejected_refusal(self._url, attempt.tls_alert, self._tls_names)
         elif attempt.tls_eof and not self._client_cert:
             # How a broker that wants a client certificate often looks when its alert raced our CONNECT (the
             # reset discards the alert); once can be a network blip, twice in a row right after the handshake
@@ -320,7 +328,7 @@ class ReconnectPolicy:
             self._eofs += 1
             eof_streak = True
             if self._eofs >= 2:
-                refusal = rejected_refusal(self._url, "it closed TLS twice before answering CONNECT")
+                refusal = rejected_refusal(self._url, "it closed TLS twice before answering CONNECT", self._tls_names)
         elif not attempt.connack:
             fall_back = self._silence(attempt.unanswered, allowed=may_fall_back and not refused)
         if not eof_streak:
