@@ -63,7 +63,8 @@ class Device:
 
     Every part it talks to can be handed in instead of built from the profile: a logic test runs a device with
     a fake backend, source and publisher (``tests/device_fakes.py``). What is handed in belongs to the device
-    from then on: it closes it.
+    from then on: it closes it, also when the device cannot be made or set up (a locked data directory, a triage
+    policy the model does not fit) and when it is closed without a run.
     """
 
     def __init__(
@@ -92,15 +93,21 @@ class Device:
             ConfigError: the device id or site is not a valid topic segment, or ``backend`` comes without
                 ``model``.
         """
-        if backend is not None and model is None:
-            raise ConfigError("a backend handed to Device needs the model it runs (model=Deployable(...))")
+        # What is handed in is the device's from the first line: closed by close(), also when set-up fails.
+        self.stop = threading.Event()
+        self._closers: list[Any] = [part.close for part in (backend, source) if part is not None]
+        try:
+            if backend is not None and model is None:
+                raise ConfigError("a backend handed to Device needs the model it runs (model=Deployable(...))")
+            self.device_id = check_id("device id", profile.device.id)
+            self.site = check_id("site", profile.device.site)
+        except BaseException:
+            self.close()
+            raise
         self.profile = profile
         self.study_id = study_id
-        self.device_id = check_id("device id", profile.device.id)
-        self.site = check_id("site", profile.device.site)
         self.data_dir = Path(profile.device.data_dir or default_data_dir())
         self.topic_base = f"edgemed/{self.site}/{self.device_id}"
-        self.stop = threading.Event()
         self.health = HealthMonitor()
         self.clock = clock if clock is not None else Clock()
         out = out if out is not None else sys.stdout
@@ -111,16 +118,15 @@ class Device:
         self.delivery: Delivery | None = None
         self.local_copy: LocalCopy | None = None
         self._model, self._backend, self._source, self._publisher = model, backend, source, publisher
-        self._closers: list[Any] = []
         self._pass: Pass | None = None  # the pass over a source that keeps a ledger (edgemed.resume)
         self._ended_by: BaseException | None = None  # what ended the run, when it was not a clean end
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Device:
-        lock = DataDirLock(self.data_dir)  # creates the data directory, 0700
-        lock.__enter__()
-        self._closers.append(lambda: lock.__exit__(None, None, None))
         try:
+            lock = DataDirLock(self.data_dir)  # creates the data directory, 0700
+            lock.acquire()
+            self._closers.append(lock.release)
             self.classifier = self._load_model()
             self.backend = self.classifier.backend
             self.ctx = EnvelopeContext.of(
@@ -162,8 +168,10 @@ class Device:
         else:
             validate_policy(self.profile.triage, list(model.manifest.labels))
         # A fallback to the CPU is logged once by make_backend; it is stamped on every result and heartbeat.
-        backend = self._backend if self._backend is not None else model.open_backend(self.profile.inference)
-        self._closers.append(backend.close)
+        backend = self._backend
+        if backend is None:
+            backend = model.open_backend(self.profile.inference)
+            self._closers.append(backend.close)  # a handed-in one has its closer from __init__
         return Classifier(backend, model.manifest, model.artifact)
 
     def _start_delivery(self) -> None:
@@ -440,8 +448,8 @@ class Device:
             if uri is None:
                 raise ConfigError("no source given: pass --source PATH or set source.uri in the profile")
             source = open_source(uri, self.profile.source, stop=self.stop)
+            self._closers.append(source.close)  # a handed-in one has its closer from __init__
         self._source = source
-        self._closers.append(source.close)
         return source
 
     def close(self) -> None:

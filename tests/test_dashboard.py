@@ -212,6 +212,25 @@ def test_ingest_falls_back_to_311_for_a_broker_without_mqtt5(amqtt_broker: Amqtt
         store.close()
 
 
+def test_ingest_falls_back_after_one_unanswered_connect_with_the_default_timeout(
+    amqtt_broker: Amqtt, tmp_path: Path
+) -> None:
+    # As the dashboard always did: one MQTT 5 CONNECT left unanswered for connect_timeout_s is enough; waiting for
+    # a second would keep the page empty for twice as long and a back-off on every start.
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    cfg = MqttConfig(url=f"mqtt://127.0.0.1:{amqtt_broker.port}")  # the default connect_timeout_s
+    ingest = Ingest(cfg, store)
+    started = time.monotonic()
+    ingest.start()
+    try:
+        assert ingest.wait_subscribed(cfg.connect_timeout_s + 2.0), ingest.snapshot()
+        assert ingest.link.protocol == "3.1.1" and ingest.link.epoch == 1
+        assert time.monotonic() - started < cfg.connect_timeout_s + 2.0
+    finally:
+        ingest.stop()
+        store.close()
+
+
 def test_a_fall_back_that_arrives_after_stop_starts_nothing(amqtt_broker: Amqtt, tmp_path: Path) -> None:
     # A fall back decided just before stop() must not reconnect a client nobody will stop. Fall backs are decided
     # on the link's supervisor thread, after an attempt ends and only if no stop() came meanwhile; stop() joins it.

@@ -1,4 +1,4 @@
-"""Item 19: a broker that refuses the dashboard is reported once, not twice per attempt for ever."""
+"""A broker that refuses the dashboard: reported once, not twice per attempt for ever (item 19), in its own terms."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from broker_fixtures import Mosquitto
+from broker_fixtures import Mosquitto, Pki
 from dashboard_helpers import wait_until
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
-from edgemed.publish.config import MqttConfig
+from edgemed.publish.config import MqttConfig, TlsConfig
 
 
 def test_a_wrong_password_is_reported_once_and_not_as_a_lost_connection(
@@ -58,3 +58,27 @@ def test_a_connection_lost_after_it_was_accepted_is_still_reported(
     finally:
         ingest.stop()
         store.close()
+
+
+@pytest.mark.parametrize("refusal", ["untrusted CA", "no client certificate"])
+def test_a_tls_refusal_names_the_dashboards_options(
+    refusal: str, mosquitto_factory: type[Mosquitto], pki: Pki, tmp_path: Path
+) -> None:
+    # The dashboard has no profile: a fix that says "set mqtt.tls.ca_file" sends its operator looking for a key
+    # that does not exist.
+    if refusal == "untrusted CA":
+        broker, ca, fix = mosquitto_factory(pki=pki).start(), pki.other_ca_cert, "set --ca-file to the CA"
+    else:
+        broker, ca = mosquitto_factory(pki=pki, require_client_cert=True).start(), pki.ca_cert
+        fix = "set --cert-file and --key-file to one its CA signed"
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    cfg = MqttConfig(url=broker.url, tls=TlsConfig(ca_file=ca), reconnect_min_s=0.1, reconnect_max_s=0.5)
+    ingest = Ingest(cfg, store)
+    ingest.start()
+    try:
+        assert wait_until(lambda: "TLS" in (ingest.snapshot()["broker_error"] or ""), 15), ingest.snapshot()
+        message = ingest.snapshot()["broker_error"]
+    finally:
+        ingest.stop()
+        store.close()
+    assert fix in message and "mqtt.tls" not in message, message

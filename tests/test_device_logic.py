@@ -32,8 +32,9 @@ from edgemed.clock import Clock
 from edgemed.config import DeviceProfile
 from edgemed.deploy import check_deployable
 from edgemed.envelope import result_schema, study_schema
-from edgemed.errors import ConfigError, ModelError
+from edgemed.errors import ConfigError, ModelError, OutboxLockedError
 from edgemed.identity import load_or_create_secret, pseudonym
+from edgemed.lock import DataDirLock
 from edgemed.manifest import find_manifest, load_manifest
 from edgemed.preprocess import Preprocessor
 from edgemed.printer import result_line
@@ -266,6 +267,46 @@ def test_the_heartbeat_of_a_real_run_carries_both_counters(tmp_path: Path, int8_
 def test_a_backend_without_its_model_is_refused() -> None:
     with pytest.raises(ConfigError, match="needs the model it runs"):
         Device(_profile(Path("/nonexistent")), backend=BrightnessBackend())
+
+
+def test_a_handed_in_backend_and_source_are_closed_when_the_policy_does_not_fit_the_model(tmp_path: Path) -> None:
+    backend, source = BrightnessBackend(), ListSource(_cine())
+    profile = _profile(tmp_path, triage={"rules": {"melanoma": {"level": "urgent"}}})  # the model has no melanoma
+    device = Device(profile, model=fake_model(), backend=backend, source=source, publisher=AcknowledgingPublisher())
+    with pytest.raises(ConfigError, match="melanoma"), device:
+        pass
+    assert backend.closed and source.closed
+
+
+def test_a_handed_in_backend_and_source_are_closed_when_the_data_directory_is_locked(tmp_path: Path) -> None:
+    backend, source = BrightnessBackend(), ListSource(_cine())
+    device = Device(_profile(tmp_path), model=fake_model(), backend=backend, source=source)
+    with DataDirLock(tmp_path), pytest.raises(OutboxLockedError), device:
+        pass
+    assert backend.closed and source.closed
+
+
+def test_a_handed_in_source_is_closed_also_by_a_device_that_never_ran(tmp_path: Path) -> None:
+    backend, source = BrightnessBackend(), ListSource(_cine())
+    with Device(_profile(tmp_path), model=fake_model(), backend=backend, source=source):
+        pass
+    assert backend.closed and source.closed
+
+
+def test_a_handed_in_backend_and_source_are_closed_when_the_device_cannot_be_made() -> None:
+    backend, source = BrightnessBackend(), ListSource(_cine())
+    with pytest.raises(ConfigError, match="needs the model it runs"):
+        Device(_profile(Path("/nonexistent")), backend=backend, source=source)
+    assert backend.closed and source.closed
+
+
+def test_a_source_handed_in_is_closed_once_after_a_run(tmp_path: Path) -> None:
+    closes: list[int] = []
+    source = ListSource(_cine())
+    source.close = lambda: closes.append(1)  # type: ignore[method-assign]
+    with Device(_profile(tmp_path), model=fake_model(), backend=BrightnessBackend(), source=source) as device:
+        device.run()
+    assert closes == [1]
 
 
 def test_the_clock_is_checked_at_the_first_result_even_just_after_boot() -> None:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -290,7 +291,7 @@ def test_only_two_tls_eofs_in_a_row_count_as_a_refusal(attempts: list[str], refu
     link = MqttLink(cfg, status_topic=None, client_id="edgemed-eof-logic")
     script = list(attempts)
 
-    def fake_connect_once() -> Attempt:  # what the paho callbacks would have recorded for each attempt
+    def fake_connect_once(stop: threading.Event) -> Attempt:  # what the paho callbacks would record for each attempt
         step = script.pop(0) if script else "refused"
         if step == "refused":
             return Attempt(error=ConnectionRefusedError(111, "Connection refused"))
@@ -311,3 +312,36 @@ def test_only_two_tls_eofs_in_a_row_count_as_a_refusal(attempts: list[str], refu
             link.check()
     else:
         link.check()
+
+
+def _supervisors() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "edgemed-mqtt" and t.is_alive()}
+
+
+def test_a_restart_after_a_stop_that_timed_out_runs_one_supervisor() -> None:
+    # A port that accepts TCP (the kernel's backlog) and never speaks TLS: the supervisor sits in paho's TLS
+    # handshake for connect_timeout_s, longer than stop() waits for it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        before = _supervisors()
+        link = MqttLink(
+            MqttConfig(url=f"mqtts://127.0.0.1:{port}", connect_timeout_s=2.0),
+            status_topic=None,
+            client_id="edgemed-restart",
+        )
+        try:
+            link.start()
+            time.sleep(0.3)  # inside the handshake now
+            link.stop(timeout_s=0.3)
+            assert len(_supervisors() - before) == 1, "the blocked supervisor is still ending"
+            link.start()  # waits for the old supervisor (bounded by its handshake's time limit)
+            assert len(_supervisors() - before) == 1
+            time.sleep(0.5)
+            assert len(_supervisors() - before) == 1
+        finally:
+            link.stop(timeout_s=0.3)
+            for thread in _supervisors() - before:
+                thread.join(10)
+        assert _supervisors() - before == set()

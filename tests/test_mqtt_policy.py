@@ -4,6 +4,7 @@ back policy, a refusal shown exactly once, and the arguments the link rejects at
 from __future__ import annotations
 
 import ast
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from edgemed.publish.policy import (
     describe_device_refusal,
 )
 from edgemed.publish.publisher import Subscription
+from edgemed.publish.tls import TlsSettingNames
 
 URL = "mqtt://127.0.0.1:1883"
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,41 @@ def test_mqtt5_falls_back_when_refused_or_twice_unanswered_and_only_with_protoco
     held = ReconnectPolicy(_cfg())
     for _ in range(3):  # a refused client is not a protocol problem
         assert held.after(silent, refused=True, may_fall_back=True).fall_back is None
+
+
+def test_one_connect_unanswered_at_the_deadline_is_enough_for_an_owner_that_asks_for_it() -> None:
+    unanswered = Attempt(unanswered=True)  # the connection stayed up, no CONNACK within connect_timeout_s
+    closed = Attempt()  # closed without a CONNACK: may be a blip, two are needed either way
+    dashboard = ReconnectPolicy(_cfg(), unanswered_to_fall_back=1)
+    assert dashboard.after(closed, refused=False, may_fall_back=True).fall_back is None
+    assert dashboard.after(closed, refused=False, may_fall_back=True).fall_back == (
+        "the broker closed two MQTT 5 connections without a CONNACK"
+    )
+
+    def first(refused: bool, may_fall_back: bool) -> str | None:
+        policy = ReconnectPolicy(_cfg(), unanswered_to_fall_back=1)
+        return policy.after(unanswered, refused=refused, may_fall_back=may_fall_back).fall_back
+
+    assert first(refused=False, may_fall_back=True) == "the broker did not answer an MQTT 5 CONNECT within 5 s"
+    assert first(refused=False, may_fall_back=False) is None  # protocol 5, or on 3.1.1 already
+    assert first(refused=True, may_fall_back=True) is None  # a refused client is not a protocol problem
+    device = ReconnectPolicy(_cfg())  # the device waits for a second one, as it always did
+    assert device.after(unanswered, refused=False, may_fall_back=True).fall_back is None
+    assert device.after(unanswered, refused=False, may_fall_back=True).fall_back is not None
+    with pytest.raises(ValueError, match="unanswered_to_fall_back must be 1 or more"):
+        ReconnectPolicy(_cfg(), unanswered_to_fall_back=0)
+
+
+def test_tls_refusals_name_the_owners_settings() -> None:
+    options = TlsSettingNames("--ca-file", "--cert-file and --key-file")
+    failed = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    failed.reason = "WRONG_VERSION_NUMBER"  # as the ssl module sets it on a real handshake failure
+    for attempt in (Attempt(error=failed), Attempt(tls_alert="TLSV13_ALERT_CERTIFICATE_REQUIRED")):
+        theirs = ReconnectPolicy(_cfg(), tls_names=options).after(attempt, refused=False, may_fall_back=True)
+        ours = ReconnectPolicy(_cfg()).after(attempt, refused=False, may_fall_back=True)
+        assert theirs.refusal is not None and "set --cert-file and --key-file" in theirs.refusal
+        assert "mqtt.tls" not in theirs.refusal
+        assert ours.refusal is not None and "set mqtt.tls.cert_file and mqtt.tls.key_file" in ours.refusal
 
 
 def test_tls_endings_before_the_connack_are_refusals_unless_a_client_certificate_is_set() -> None:

@@ -42,12 +42,14 @@ from edgemed.publish.config import MqttConfig
 from edgemed.publish.mqtt import MqttLink
 from edgemed.publish.policy import ConnackRefusal
 from edgemed.publish.publisher import Message, Subscription
+from edgemed.publish.tls import TlsSettingNames
 
 log = logging.getLogger(__name__)
 
 TOPIC_FILTER = "edgemed/+/+/#"
 DEFAULT_CLIENT_ID = "edgemed-dashboard"
 _WHILE_DOWN = "results wait in the devices' outboxes and in the broker's queue for this session"
+_TLS_OPTIONS = TlsSettingNames("--ca-file", "--cert-file and --key-file")  # the dashboard's command-line options
 
 __all__ = ["DEFAULT_CLIENT_ID", "TOPIC_FILTER", "Ingest", "IngestStats", "validate_result", "validate_study"]
 
@@ -129,7 +131,11 @@ class Ingest:
             on_message=self._on_message,
             manual_ack=True,
             describe_refusal=describe_dashboard_refusal,
+            tls_names=_TLS_OPTIONS,
             offline_note=_WHILE_DOWN,
+            # A 3.1.1-only broker that ignores MQTT 5 CONNECT would otherwise keep the page empty for two
+            # connect_timeout_s and a back-off: the dashboard has always fallen back after the first.
+            unanswered_to_fall_back=1,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------

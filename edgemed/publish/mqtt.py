@@ -54,7 +54,7 @@ from edgemed.publish.policy import (
     subscribe_refusal,
 )
 from edgemed.publish.publisher import AckCallback, Message, MessageCallback, StateCallback, Subscription
-from edgemed.publish.tls import make_ssl_context
+from edgemed.publish.tls import DEVICE_TLS_SETTINGS, TlsSettingNames, make_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class MqttLink:
         manual_ack: bool = False,
         describe_refusal: RefusalWording = describe_device_refusal,
         offline_note: str = _DEVICE_NOTE,
+        unanswered_to_fall_back: int = 2,
+        tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
@@ -97,13 +99,23 @@ class MqttLink:
             manual_ack: QoS 1 messages are acknowledged only by ``Message.ack()`` (after a durable commit);
                 otherwise the link acknowledges each one when ``on_message`` returns.
             describe_refusal: words a CONNACK refusal in the owner's terms (profile keys, command-line options).
+            tls_names: the owner's names of its TLS settings, for the fix a TLS refusal names.
             offline_note: what happens to the owner's messages while the broker is away, said in the log.
+            unanswered_to_fall_back: with ``protocol: auto``, MQTT 5 CONNECTs in a row left unanswered for
+                ``connect_timeout_s`` after which the link falls back to 3.1.1. The device waits for two (one can
+                be a slow broker); the dashboard falls back after the first, so that on a 3.1.1-only broker it
+                receives after one ``connect_timeout_s``. Connections closed without a CONNACK take two either way.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
             ConfigError: the password source or a TLS file cannot be read.
-            ValueError: subscriptions or ``manual_ack`` without ``on_message``.
+            ValueError: subscriptions or ``manual_ack`` without ``on_message``, or ``unanswered_to_fall_back``
+                below 1.
         """
+        if unanswered_to_fall_back < 1:
+            raise ValueError(f"unanswered_to_fall_back must be 1 or more, not {unanswered_to_fall_back}")
+        self._unanswered_to_fall_back = unanswered_to_fall_back
+        self._tls_names = tls_names
         self._subscriptions = tuple(subscriptions)
         if (self._subscriptions or manual_ack) and on_message is None:
             raise ValueError("subscriptions and manual_ack need on_message, the callback that receives messages")
@@ -199,16 +211,35 @@ class MqttLink:
         return self._refusal.message or (None if self.connected else self._unreachable)
 
     def start(self) -> None:
-        """Start connecting in the background; an unreachable broker is not an error: the link retries."""
-        if self._thread is not None:
-            return
+        """Start connecting in the background; an unreachable broker is not an error: the link retries.
+
+        After a ``stop()`` that timed out (the supervisor was blocked in a TCP or TLS handshake, which paho bounds by
+        ``connect_timeout_s`` each), the previous supervisor is waited for first: two of them must never drive
+        the one paho client.
+
+        Raises:
+            RuntimeError: the previous run's supervisor is still blocked after its handshakes' time limit.
+        """
+        thread = self._thread
+        if thread is not None and not self._stop.is_set():
+            return  # running
+        if thread is not None:
+            # Ended by stop(), which timed out; its own stop event stays set, so it ends at its next check.
+            thread.join(2 * self.cfg.connect_timeout_s + 1.0)
+            if thread.is_alive():
+                raise RuntimeError(
+                    f"the MQTT link to {self.cfg.url} cannot start again yet: its previous connection attempt is "
+                    "still blocked (a DNS lookup that does not answer?); call start() again later"
+                )
+            self._thread = None
         if self.cfg.protocol == "auto" and not self._v5:
             # An earlier run of this link fell back: probe MQTT 5 again (the broker, or a proxy in front of it,
             # may have been merely unwell then).
             self._v5 = True
             self._replace_client()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="edgemed-mqtt", daemon=True)
+        # Each run has its own stop event, captured by its supervisor: a new run never revives an old one's.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="edgemed-mqtt", daemon=True)
         self._thread.start()
 
     def check(self) -> None:
@@ -311,8 +342,8 @@ class MqttLink:
             extra: fields added to the offline status (for example ``pending``: results left on disk).
         """
         deadline = time.monotonic() + timeout_s
-        if self._thread is None:
-            return
+        if self._thread is None or self._stop.is_set():
+            return  # never started, or stopped already (its supervisor may still be ending: start() waits for it)
         if self.connected and self.status_topic:
             ending: dict[str, Any] = (
                 {"reason": "stopped", "clean": True}
@@ -331,28 +362,34 @@ class MqttLink:
         self._stop.set()
         self._client.disconnect()
         self._thread.join(max(0.1, deadline - time.monotonic()))
-        self._thread = None
+        if self._thread.is_alive():
+            # Blocked in a handshake (paho bounds it by connect_timeout_s): kept, so that start() waits for it.
+            log.debug("the MQTT supervisor is still ending (blocked connecting to %s)", self.cfg.url)
+        else:
+            self._thread = None
         self._connected.clear()
         self._subscribed.clear()
 
     # -- supervisor thread -----------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        policy = ReconnectPolicy(self.cfg)
-        while not self._stop.is_set():
-            attempt = self._connect_once()
-            if self._stop.is_set():
+    def _run(self, stop: threading.Event) -> None:
+        policy = ReconnectPolicy(
+            self.cfg, unanswered_to_fall_back=self._unanswered_to_fall_back, tls_names=self._tls_names
+        )
+        while not stop.is_set():
+            attempt = self._connect_once(stop)
+            if stop.is_set():
                 break
             may_fall_back = self._v5 and self.cfg.protocol == "auto"
             step = policy.after(attempt, refused=self._refusal.message is not None, may_fall_back=may_fall_back)
             self._follow(step, attempt)
             if self._refusal.message is not None:
                 # Leave check() its chance to raise the refusal first (see RefusalState), then log it if nobody did.
-                self._stop.wait(self._refusal.due_in(time.monotonic()))
+                stop.wait(self._refusal.due_in(time.monotonic()))
                 self._report_refusal()
-            self._stop.wait(step.delay_s)
+            stop.wait(step.delay_s)
 
-    def _connect_once(self) -> Attempt:
+    def _connect_once(self, stop: threading.Event) -> Attempt:
         """One connection attempt, from CONNECT until the connection ends (the callbacks fill in the record)."""
         attempt = self._attempt = Attempt()
         # Cleared before connecting, not in _pump: paho can lose the connection (and _handle_log report it)
@@ -363,7 +400,7 @@ class MqttLink:
         except OSError as exc:
             attempt.error = exc
             return attempt
-        self._pump(self._client)
+        self._pump(self._client, stop)
         self._connected.clear()
         self._subscribed.clear()
         return attempt
@@ -409,7 +446,7 @@ class MqttLink:
         else:
             self._client.reconnect()
 
-    def _pump(self, client: paho.Client) -> None:
+    def _pump(self, client: paho.Client, stop: threading.Event) -> None:
         # paho's own network thread (loop_start) runs the connection: in that mode publish() from other threads
         # only queues, and paho writes in bulk, which is twice as fast as driving loop() from here. With
         # reconnect_on_failure=False its thread ends when the connection does; we then reconnect ourselves, so
@@ -417,18 +454,19 @@ class MqttLink:
         client.loop_start()
         connack_deadline = time.monotonic() + self.cfg.connect_timeout_s
         while not self._dropped.wait(0.1):
-            if self._stop.is_set():
+            if stop.is_set():
                 break
             self._report_refusal()  # a message or subscription refused while the connection stays up
             if not self._attempt.connack and time.monotonic() > connack_deadline:
                 # paho bounds only the TCP and TLS handshakes; a broker that swallows an MQTT 5 CONNECT it does
                 # not understand would otherwise hold us until the keepalive runs out.
                 log.warning("broker %s did not answer CONNECT within %.1f s", self.cfg.url, self.cfg.connect_timeout_s)
+                self._attempt.unanswered = True
                 client.disconnect()
                 break
         # Guarantees that paho's loop ends even when no connection was ever established (stop() while waiting for
         # a CONNACK); a no-op on an already closed connection.
-        if self._stop.is_set() and not self._dropped.is_set():
+        if stop.is_set() and not self._dropped.is_set():
             client.disconnect()
         client.loop_stop()
 

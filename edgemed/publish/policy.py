@@ -7,7 +7,8 @@
   asks in time.
 * ``ReconnectPolicy``: after each connection attempt, how long to wait, whether the attempt amounts to a refusal
   (a TLS alert, two TLS EOFs in a row), and whether to fall back from MQTT 5 to 3.1.1 (the broker refused
-  version 5, or answered two MQTT 5 CONNECTs with nothing).
+  version 5, closed two MQTT 5 connections without a CONNACK, or left as many MQTT 5 CONNECTs unanswered until
+  the CONNACK deadline as its owner allows: two for the device, one for the dashboard).
 
 ``publish.mqtt`` runs these decisions; the tests drive them directly (``tests/test_mqtt_policy.py``).
 """
@@ -20,7 +21,7 @@ from typing import Literal
 
 from edgemed.errors import BrokerRefusedError
 from edgemed.publish.config import MqttConfig
-from edgemed.publish.tls import handshake_refusal, rejected_refusal
+from edgemed.publish.tls import DEVICE_TLS_SETTINGS, TlsSettingNames, handshake_refusal, rejected_refusal
 
 RefusalKind = Literal["credentials", "client_id", "banned", "auth_method"]
 
@@ -229,6 +230,8 @@ class Attempt:
         protocol_refused: the broker refused MQTT 5 itself (its reason's name).
         tls_alert: a TLS alert the broker sent before its CONNACK.
         tls_eof: TLS ended with an EOF before any CONNACK.
+        unanswered: the connection stayed up without a CONNACK until the deadline (``connect_timeout_s``): how a
+            3.1.1-only broker that ignores an MQTT 5 CONNECT looks (amqtt does).
     """
 
     error: OSError | None = None
@@ -237,6 +240,7 @@ class Attempt:
     protocol_refused: str | None = None
     tls_alert: str | None = None
     tls_eof: bool = False
+    unanswered: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,17 +263,36 @@ class Step:
 class ReconnectPolicy:
     """Back-off, refusal and protocol fall back decisions over a sequence of attempts (one per link run)."""
 
-    def __init__(self, cfg: MqttConfig) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        *,
+        unanswered_to_fall_back: int = 2,
+        tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
+    ) -> None:
         """Start with the shortest delay.
 
         Args:
-            cfg: ``reconnect_min_s``/``reconnect_max_s``, the URL, and whether a client certificate is set.
+            cfg: ``reconnect_min_s``/``reconnect_max_s``, the URL, ``connect_timeout_s``, and whether a client
+                certificate is set.
+            unanswered_to_fall_back: MQTT 5 CONNECTs in a row left unanswered until the CONNACK deadline after
+                which to fall back to 3.1.1 (closes without a CONNACK always take two).
+            tls_names: how the owner names its TLS settings in a TLS refusal's fix.
+
+        Raises:
+            ValueError: ``unanswered_to_fall_back`` is below 1.
         """
+        if unanswered_to_fall_back < 1:
+            raise ValueError(f"unanswered_to_fall_back must be 1 or more, not {unanswered_to_fall_back}")
+        self._unanswered_to_fall_back = unanswered_to_fall_back
+        self._tls_names = tls_names
+        self._connect_timeout_s = cfg.connect_timeout_s
         self._min_s, self._max_s = cfg.reconnect_min_s, cfg.reconnect_max_s
         self._url = cfg.url
         self._client_cert = cfg.tls is not None and cfg.tls.cert_file is not None
         self._delay_s = self._min_s
         self._silent = 0  # MQTT 5 CONNECTs in a row that got no CONNACK at all
+        self._unanswered = 0  # ... of which the connection stayed up until the CONNACK deadline
         self._eofs = 0  # attempts in a row that ended in a TLS EOF before the CONNACK
         self._outage_reported = False
 
@@ -288,16 +311,16 @@ class ReconnectPolicy:
         report: Literal["unreachable", "lost"] | None = None
         eof_streak = False
         if attempt.error is not None:
-            refusal = handshake_refusal(attempt.error, self._url)
+            refusal = handshake_refusal(attempt.error, self._url, self._tls_names)
             if refusal is None and not self._outage_reported:
                 report, self._outage_reported = "unreachable", True
         elif attempt.online:
-            self._delay_s, self._silent, self._eofs = self._min_s, 0, 0
+            self._delay_s, self._silent, self._unanswered, self._eofs = self._min_s, 0, 0, 0
             report, self._outage_reported = "lost", True
         elif attempt.protocol_refused is not None and may_fall_back:
             fall_back = f"the broker refused MQTT 5 ({attempt.protocol_refused})"
         elif attempt.tls_alert is not None:
-            refusal = rejected_refusal(self._url, attempt.tls_alert)
+            refusal = rejected_refusal(self._url, attempt.tls_alert, self._tls_names)
         elif attempt.tls_eof and not self._client_cert:
             # How a broker that wants a client certificate often looks when its alert raced our CONNECT (the
             # reset discards the alert); once can be a network blip, twice in a row right after the handshake
@@ -305,13 +328,27 @@ class ReconnectPolicy:
             self._eofs += 1
             eof_streak = True
             if self._eofs >= 2:
-                refusal = rejected_refusal(self._url, "it closed TLS twice before answering CONNECT")
+                refusal = rejected_refusal(self._url, "it closed TLS twice before answering CONNECT", self._tls_names)
         elif not attempt.connack:
-            self._silent += 1
-            if may_fall_back and self._silent >= 2 and not refused:
-                fall_back, self._silent = "the broker closed two MQTT 5 connections without a CONNACK", 0
+            fall_back = self._silence(attempt.unanswered, allowed=may_fall_back and not refused)
         if not eof_streak:
             self._eofs = 0
         delay = self._max_s if refused or refusal else self._delay_s
         self._delay_s = min(delay * 2, self._max_s)
         return Step(delay, refusal, fall_back, report)
+
+    def _silence(self, unanswered: bool, *, allowed: bool) -> str | None:
+        """Count a CONNECT that got no CONNACK; the fall back's reason once there were enough in a row (and it is
+        ``allowed``: the link speaks MQTT 5 with ``protocol: auto`` and holds no refusal), else None."""
+        self._silent += 1
+        self._unanswered = self._unanswered + 1 if unanswered else 0
+        if not allowed:
+            return None
+        if self._silent >= 2:
+            why = "the broker closed two MQTT 5 connections without a CONNACK"
+        elif self._unanswered >= self._unanswered_to_fall_back:
+            why = f"the broker did not answer an MQTT 5 CONNECT within {self._connect_timeout_s:g} s"
+        else:
+            return None
+        self._silent = self._unanswered = 0
+        return why

@@ -6,9 +6,27 @@ Standard library only. Certificates are always verified: there is no switch to t
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 
 from edgemed.errors import ConfigError
 from edgemed.publish.config import TlsConfig
+
+
+@dataclass(frozen=True)
+class TlsSettingNames:
+    """How the owner of a link names its TLS settings, for the fix a TLS refusal names.
+
+    Attributes:
+        ca_file: the setting of the CA that signs the broker's certificate.
+        client_cert: the settings of the client certificate and its key.
+    """
+
+    ca_file: str
+    client_cert: str
+
+
+#: A device profile's keys (the dashboard passes its command-line options instead).
+DEVICE_TLS_SETTINGS = TlsSettingNames("mqtt.tls.ca_file", "mqtt.tls.cert_file and mqtt.tls.key_file")
 
 
 def make_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
@@ -36,12 +54,13 @@ def make_ssl_context(tls: TlsConfig | None) -> ssl.SSLContext:
     return ctx
 
 
-def handshake_refusal(exc: OSError, url: str) -> str | None:
+def handshake_refusal(exc: OSError, url: str, names: TlsSettingNames = DEVICE_TLS_SETTINGS) -> str | None:
     """A one-line configuration error for a failed connection attempt, or None for a transient network failure.
 
     Args:
         exc: what ``connect()``/``reconnect()`` raised.
         url: the broker URL, for the message.
+        names: how the link's owner names its TLS settings, for the fix.
 
     Returns:
         The refusal with its fix (untrusted certificate, wrong host name, a port that does not speak TLS, a
@@ -50,7 +69,7 @@ def handshake_refusal(exc: OSError, url: str) -> str | None:
     if isinstance(exc, ssl.SSLCertVerificationError):
         what = exc.verify_message or str(exc)
         fix = (
-            "set mqtt.tls.ca_file to the CA that signed the broker's certificate"
+            f"set {names.ca_file} to the CA that signed the broker's certificate"
             if "hostname" not in what.lower()
             else "use the host name the broker's certificate names in the URL"
         )
@@ -60,23 +79,24 @@ def handshake_refusal(exc: OSError, url: str) -> str | None:
     if isinstance(exc, ssl.SSLError):
         return (
             f"TLS handshake with broker {url} failed ({exc.reason or exc}); check that the port speaks "
-            "TLS and, if the broker requires a client certificate, set mqtt.tls.cert_file and key_file"
+            f"TLS and, if the broker requires a client certificate, set {names.client_cert}"
         )
     return None
 
 
-def rejected_refusal(url: str, alert: str) -> str:
+def rejected_refusal(url: str, alert: str, names: TlsSettingNames = DEVICE_TLS_SETTINGS) -> str:
     """The refusal for a broker that ended TLS after the handshake (TLS 1.3 reports a rejected client
     certificate only then, as an alert on the first read, which paho logs and swallows).
 
     Args:
         url: the broker URL.
         alert: what the broker said, or what the link saw instead.
+        names: how the link's owner names its TLS settings, for the fix.
 
     Returns:
         The one-line refusal with its fix.
     """
     return (
         f"TLS: broker {url} rejected the connection ({alert}); if it requires a client certificate, set "
-        "mqtt.tls.cert_file and mqtt.tls.key_file to one its CA signed"
+        f"{names.client_cert} to one its CA signed"
     )
