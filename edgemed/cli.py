@@ -1,13 +1,15 @@
 """The ``edgemed`` command. Thin: it parses arguments and calls library functions.
 
-Exit codes (kept stable; documented in the README):
+Exit codes (kept stable; the README's table is the reference):
     0  done: the source is exhausted and every result was acknowledged by the broker
-    2  usage or configuration error (bad flag, malformed profile, data directory owned by another process)
+    2  usage or configuration error (bad flag, malformed profile, data directory owned by another process,
+       convert extra missing)
     3  model or manifest unusable (missing, altered, or rejected by the acceptance gate)
     4  source unusable (missing path, camera or stream that cannot be opened)
-    5  the broker refused us (wrong password, unknown CA, plaintext to a remote broker)
+    5  the broker refused us (wrong password, unknown CA, missing client certificate, plaintext to a remote broker)
     6  the intended accelerator is absent and the profile refuses CPU fallback
-    7  the durable outbox cannot be written (disk full, permissions)
+    7  the data directory cannot be written (outbox, results.jsonl or device secret: disk full, permissions), or
+       the outbox was found damaged at start (what could be read was recovered)
     10 finished, but results are still pending on disk (sent by the next run or `edgemed flush`)
 """
 

@@ -62,7 +62,8 @@ examples/breast-ultrasound-triage.yaml and docs/triage.md).
 Command-line flags override the profile. Results go to edgemed/{site}/{device_id}/results (QoS 1) and to
 DATA_DIR/results.jsonl; nothing that identifies a patient (file names, study ids, images) is published.
 exit codes: 0 all delivered, 2 usage/config, 3 model, 4 source, 5 broker refused, 6 accelerator refused,
-7 outbox unwritable, 10 finished with results still pending on disk."""
+7 data directory unwritable or outbox found damaged (what could be read was recovered), 10 finished with
+results still pending on disk."""
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,7 +211,12 @@ def add_profile_check(sub: Subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "profile-check",
         help="validate device profile files",
-        description="Validate device profiles; every problem names the field and the fix.",
+        description="Validate device profiles; every problem names the field and the fix. Every file is checked "
+        "and reported; the exit code is 2 when any of them is invalid.",
+        epilog="examples:\n"
+        "  edgemed profile-check firmware_configs/*.yaml\n"
+        "  edgemed profile-check my-probe.yaml      (every key: firmware_configs/README.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("files", nargs="+", type=Path, help="profile YAML files")
     return p
