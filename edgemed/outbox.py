@@ -302,12 +302,11 @@ class Outbox:
             return
         db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (mark,))
         if existed and self.recovery is None:
-            # Also after a crash between the mark and its commit (that batch was never published): one gap in seq
-            # that this line explains, rather than a number published twice.
+            # The mark is written after each commit, so a database behind it lost commits it once held.
             log.warning(
                 "the outbox %s is behind its seq mark (%d, the mark says %d): its last commits were lost (its "
-                "write-ahead log deleted or damaged?), or a crash interrupted the last commit; up to %d results "
-                "may be missing and seq continues at %d, so no number is used twice",
+                "write-ahead log deleted or damaged?); up to %d results may be missing and seq continues at %d, "
+                "so no number is used twice",
                 self.path,
                 seq,
                 mark,
@@ -695,8 +694,6 @@ class Outbox:
         try:
             persisted = self._seq_durable if self._seq_explicit else self._seq
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (persisted,))
-            # Outside the database, before the commit: never behind a published seq (edgemed/recovery.py).
-            self._mark.write(persisted)
             if self.cfg.keep_acked and self._last_row > self.cfg.keep_acked:
                 # Keep the acknowledgements of the last keep_acked results produced. Row ids grow by one per
                 # result, so this is a range delete on the primary key: its cost is what it deletes, not the size
@@ -718,6 +715,14 @@ class Outbox:
         self._ledger_ended.clear()
         self._ledger_passes.clear()
         self._uncommitted = 0
+        try:
+            # Outside the database (edgemed/recovery.py), after the commit and before any of it can be published
+            # (the delivery reads only up to _committed_max_row, moved below): the mark is never behind a published
+            # seq. Written before the commit, a crash between the two left the mark ahead of what was committed,
+            # and the next start skipped a batch of numbers that nobody had ever seen: a gap read as lost results.
+            self._mark.write(persisted)
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         published = self._last_row > self._committed_max_row
         self._committed_max_row = self._last_row
         if published:

@@ -8,16 +8,16 @@ by table and row-id range by row-id range, halving every range that fails until 
 unreadable page costs only the rows on it. Pending results keep their ``row_id`` (their order), ``result_id`` and
 payload; the acknowledgement log and the ledger of processed inputs are copied too.
 
-**Sequence numbers are never reused.** ``DATA_DIR/outbox.seq`` holds the sequence counter as it is about to be
-committed: the outbox writes it (and fsyncs it with ``synchronous=FULL``) before every commit that numbers new
-results, so it is never behind anything published. Every start continues at the higher of the database's counter
-and the mark (a database can lose its last commits without damage to find: its ``-wal`` deleted); a recovered
-outbox continues at the highest of the mark, the damaged file's own counter, and the highest ``seq`` in the
-recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)? Every
-crash would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results: up to
-a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
-results; with ``commit_every=1`` that doubles the fsyncs per result: docs/delivery.md), and it can leave a gap of
-at most one uncommitted batch, only after a crash between mark and commit.
+**Sequence numbers are never reused.** ``DATA_DIR/outbox.seq`` holds the committed sequence counter: the outbox
+writes it (and fsyncs it with ``synchronous=FULL``) after every commit that numbers new results and before any of
+them can be published, so it is never behind anything published. Every start continues at the higher of the
+database's counter and the mark (a database can lose its last commits without damage to find: its ``-wal`` deleted);
+a recovered outbox continues at the highest of the mark, the damaged file's own counter, and the highest ``seq`` in
+the recovered payloads. Why not reserve blocks of numbers ahead (one fsync per block instead of one per commit)?
+Every crash would then skip to the end of the block, and consumers rightly read a gap in ``seq`` as lost results: up
+to a block of false alarms. The mark costs one small fsync per commit (a commit holds up to ``commit_every``
+results; with ``commit_every=1`` that doubles the fsyncs per result: docs/delivery.md), and a crash between a commit
+and its mark leaves the mark behind the database, which the next start ignores: no gap.
 """
 
 from __future__ import annotations

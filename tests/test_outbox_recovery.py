@@ -19,6 +19,7 @@ import pytest
 from broker_fixtures import Mosquitto
 from helpers import Collector, run_edgemed
 
+from edgemed.errors import OutboxError
 from edgemed.outbox import Outbox, OutboxConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -185,6 +186,40 @@ def test_the_seq_mark_follows_every_commit(tmp_path: Path, synchronous: str) -> 
             if seq == 19:
                 assert int((tmp_path / "outbox.seq").read_text()) == 20  # written with the second commit
     assert int((tmp_path / "outbox.seq").read_text()) == 25
+
+
+def test_a_commit_that_never_happened_leaves_no_gap_in_seq(tmp_path: Path) -> None:
+    """A crash between the seq mark and the commit it belongs to must not make the next start skip numbers: that
+    batch was never published, and consumers read a gap in seq as lost results. (Seen as 50 of 3,000 results
+    "missing" in the SIGKILL fault test when the mark was written before the commit.)"""
+    path = tmp_path / "outbox.sqlite3"
+    ob = Outbox(path, OutboxConfig(commit_every=10))
+    for _ in range(10):
+        seq = ob.next_seq()
+        ob.put(f"r{seq}", "t", b"{}", seq=seq)  # the tenth put commits: seq 0-9 are durable, the mark says 10
+    real = ob._db
+
+    class DiesAtCommit:
+        """The connection of a process that is killed as it commits: every statement runs but the COMMIT."""
+
+        def execute(self, sql: str, *args: object) -> object:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("the process died here")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    ob._db = DiesAtCommit()  # type: ignore[assignment]
+    with pytest.raises(OutboxError):
+        for _ in range(10):
+            seq = ob.next_seq()
+            ob.put(f"r{seq}", "t", b"{}", seq=seq)
+    real.close()  # nothing of the second batch was committed, so nothing of it was published
+    ob._mark.close()  # what the dead process held, so that this test leaves no file open
+    assert int((tmp_path / "outbox.seq").read_text()) == 10
+    with Outbox(path) as again:
+        assert again.pending_count() == 10 and again.next_seq() == 10  # no gap, and no published number reused
 
 
 def _wreck_index(path: Path, index: str) -> None:
