@@ -56,7 +56,9 @@ class PipeBrowser:
         os.close(out_w)
         self._buf = b""
         self._next_id = 0
-        targets = self.call("Target.getTargets")["targetInfos"]
+        # The first answer waits for Chromium to start: on a loaded 2-core machine (CI runs the suite beside its own
+        # installs) a cold start took over 10 s once; the browser's behaviour is what the tests time, not its start.
+        targets = self.call("Target.getTargets", timeout_s=60.0)["targetInfos"]
         page = next(t for t in targets if t["type"] == "page")
         self.session = self.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
         # Navigate only once attached, so that no evaluation runs in the blank page being replaced.
