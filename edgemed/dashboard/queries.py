@@ -311,7 +311,3 @@ class StoreQueries:
     def result_count(self) -> int:
         """Number of stored frame results (duplicates are never stored, so this counts unique results)."""
         return self._count("SELECT count(*) FROM results")
-
-    def study_count(self) -> int:
-        """Number of stored study decisions."""
-        return self._count("SELECT count(*) FROM studies")
