@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -56,3 +57,15 @@ class Collector:
 def run_edgemed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m edgemed ARGS`` in a child process, its output captured as text."""
     return subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def edgemed_run_command(profile: Path, *args: str) -> list[str]:
+    """The command line of ``edgemed run --profile PROFILE ARGS`` in a child process of this interpreter."""
+    return [sys.executable, "-m", "edgemed", "run", "--profile", str(profile), *args]
+
+
+def run_offline(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``edgemed run`` without a broker to completion: exit 10, every result pending in the outbox."""
+    proc = subprocess.run(edgemed_run_command(profile, *args), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 10, proc.stderr  # offline: every result stays pending in the outbox
+    return proc

@@ -20,6 +20,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from helpers import edgemed_run_command as _edgemed
+from helpers import run_offline as _run
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 REPO = DATA.parent
@@ -55,16 +57,6 @@ def _profile(tmp_path: Path, model: Path, source: str, **source_keys: object) ->
         f"source: {{uri: '{source}'{extra}}}\nprivacy: {{publish_source_names: true}}\nrun: {{print_results: false}}\n"
     )
     return path
-
-
-def _edgemed(profile: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "edgemed", "run", "--profile", str(profile), *args]
-
-
-def _run(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(_edgemed(profile, *args), capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 10, proc.stderr  # offline: every result stays pending in the outbox
-    return proc
 
 
 def _kill_after(profile: Path, device: Path, n: int, *args: str) -> int:

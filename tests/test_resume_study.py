@@ -15,7 +15,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from helpers import edgemed_run_command as _edgemed
+from helpers import run_offline as _run
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CINE = DATA / "dicom" / "examples_ybr_color.dcm"  # 30 frames, one study
@@ -52,16 +53,6 @@ def _profile(tmp_path: Path, name: str, model: Path, source: Path | str, extra: 
         f"source: {{uri: '{source}'{more}}}\nrun: {{print_results: false}}\n{extra}"
     )
     return path
-
-
-def _edgemed(profile: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "edgemed", "run", "--profile", str(profile), *args]
-
-
-def _run(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(_edgemed(profile, *args), capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 10, proc.stderr  # offline: every result stays pending in the outbox
-    return proc
 
 
 def _kill_after(profile: Path, device: Path, n: int) -> int:
