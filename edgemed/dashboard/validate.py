@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edgemed.dashboard.limits import FIELD_LIMITS, MAX_KEY, MAX_TEXT
+from edgemed.receipts import Lost
 
 LEVELS = ("urgent", "routine", "no_finding", "inconclusive", "recapture", "error")
-KINDS = ("results", "studies", "status", "health")
+KINDS = ("results", "studies", "status", "health", "batches", "lost", "receipts")
+#: Topic kinds whose messages carry a device's ``seq``: what they hold is settled, stored or refused.
+SETTLING_KINDS = ("results", "studies", "batches")
 
 MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
 MAX_DEPTH = 32  # a result nests 3 levels deep
@@ -41,6 +44,7 @@ MAX_INT_DIGITS = 40
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_STREAM = re.compile(r"^[0-9a-f]{16}$")
 
 # Heartbeat fields the page reads, by type; a wrong type there is a dead letter, not a blank or a NaN on the page.
 _HEALTH_NUMBERS = (
@@ -68,7 +72,7 @@ class Rejected(ValueError):
         self.reason = reason
 
 
-FilingKind = Literal["results", "studies", "status", "health", "ignored", "dead"]
+FilingKind = Literal["results", "studies", "status", "health", "batch", "lost", "ignored", "dead"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class Filing:
     ``site``, ``device_id``, ``seq`` and ``result_id`` are filled in when they could be read, also for a dead
     letter (a receipt can then say which result of which device was refused). ``retained`` is True when the broker
     sent the message as a topic's retained message (again at each new subscription), not as it was published.
+    ``stream`` is the device's seq stream (``''`` when it names none or it is unreadable). A ``batch`` holds one
+    filing per element in ``elements`` (each a result or a dead letter of its own); ``lost`` holds the parsed
+    announcement.
     """
 
     kind: FilingKind
@@ -90,6 +97,25 @@ class Filing:
     seq: int | None = None
     result_id: str | None = None
     retained: bool = False
+    stream: str = ""
+    elements: tuple[Filing, ...] = ()
+    lost: Lost | None = None
+
+    @property
+    def stream_key(self) -> tuple[str, str, str] | None:
+        """The ``(site, device_id, stream)`` whose receipt this filing changes, or None when it settles nothing."""
+        if self.kind == "lost" and self.lost is not None:
+            return (self.lost.site, self.lost.device_id, self.lost.stream)
+        if self.site is None or self.device_id is None or self.seq is None:
+            return None
+        if self.kind in ("results", "studies") or (self.kind == "dead" and self.settles_as_dead):
+            return (self.site, self.device_id, self.stream)
+        return None
+
+    @property
+    def settles_as_dead(self) -> bool:
+        """A dead letter with a readable ``seq`` on a topic that carries results: it is receipted as rejected."""
+        return self.seq is not None and self.topic.rsplit("/", 1)[-1] in SETTLING_KINDS
 
 
 def _refuse_constant(name: str) -> Any:
@@ -116,11 +142,12 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def decode(payload: bytes) -> Any:
+def decode(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> Any:
     """Parse a payload as strict, bounded JSON.
 
     Args:
         payload: the raw bytes.
+        max_bytes: the largest payload accepted (a batch may be larger than one result).
 
     Returns:
         The decoded value.
@@ -129,8 +156,8 @@ def decode(payload: bytes) -> Any:
         Rejected: too large, not UTF-8, not JSON, nested too deep, a non-finite or huge number, a lone surrogate,
             an object with a key twice.
     """
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise Rejected(f"payload larger than {MAX_PAYLOAD_BYTES // 1024} KB")
+    if len(payload) > max_bytes:
+        raise Rejected(f"payload larger than {max_bytes // 1024} KB")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -215,6 +242,9 @@ def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) 
         return "site/device_id in the payload differ from the topic"
     if not _is_int(body.get("seq"), 0):
         return "seq is not a non-negative 64-bit integer"
+    stream = body.get("stream")
+    if stream is not None and not (isinstance(stream, str) and _STREAM.match(stream)):
+        return "stream is neither absent nor 16 lowercase hex digits"
     if not isinstance(body.get("created_at"), str):
         return "created_at is not a string"
     triage = body.get("triage")
@@ -340,12 +370,61 @@ _VALIDATORS = {
 }
 
 
-def _identity(body: Any) -> tuple[int | None, str | None]:
+def _identity(body: Any) -> tuple[int | None, str | None, str]:
     if not isinstance(body, dict):
-        return None, None
+        return None, None, ""
     seq = body.get("seq") if _is_int(body.get("seq"), 0) else None
     rid = body.get("result_id")
-    return seq, rid if isinstance(rid, str) and _HEX32.match(rid) else None
+    stream = body.get("stream")
+    stream = stream if isinstance(stream, str) and _STREAM.match(stream) else ""
+    return seq, rid if isinstance(rid, str) and _HEX32.match(rid) else None, stream
+
+
+def check_payload(kind: str, body: Any, site: str, device_id: str) -> None:
+    """Check a decoded result, study decision, status or heartbeat the way ``classify`` does.
+
+    Args:
+        kind: the topic kind (``results``, ``studies``, ``status``, ``health``).
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+
+    Raises:
+        Rejected: the payload is not usable; the reason quotes none of it.
+    """
+    problem = _VALIDATORS[kind](body, site, device_id) if kind in _VALIDATORS else None
+    if problem is None and kind == "status":
+        problem = validate_status(body)
+    elif problem is None and kind == "health":
+        problem = validate_health(body)
+    if problem is not None:
+        raise Rejected(problem)
+    check_strings(body, kind)
+
+
+def filing_of(
+    kind: str, topic: str, payload: bytes, body: Any, site: str, device_id: str, retained: bool = False
+) -> Filing:
+    """The filing of one decoded result, study decision, status or heartbeat: checked, or a dead letter.
+
+    Args:
+        kind: the topic kind.
+        topic: the MQTT topic (a batch's for its elements).
+        payload: the bytes kept with it (the element re-encoded, for a batch).
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+        retained: it came as a retained message.
+
+    Returns:
+        The filing (``dead`` with the reason, and the ``seq`` and stream when readable, if it is not usable).
+    """
+    seq, rid, stream = _identity(body)
+    try:
+        check_payload(kind, body, site, device_id)
+    except Rejected as exc:
+        return Filing("dead", topic, payload, None, exc.reason, site, device_id, seq, rid, retained, stream)
+    return Filing(kind, topic, payload, body, None, site, device_id, seq, rid, retained, stream)  # type: ignore[arg-type]
 
 
 def classify(topic: str, payload: bytes, *, retained: bool = False) -> Filing:
@@ -368,23 +447,16 @@ def classify(topic: str, payload: bytes, *, retained: bool = False) -> Filing:
     if not _ID.match(site) or not _ID.match(device_id):
         reason = "site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
         return Filing("dead", topic, payload, reason=reason, retained=retained)
-    if not payload:
+    if not payload or kind == "receipts":
+        # An empty payload clears a retained topic; receipts are the consumers' own messages to the devices.
         return Filing("ignored", topic, payload, site=site, device_id=device_id, retained=retained)
-    body: Any = None
+    if kind in ("batches", "lost"):
+        from edgemed.dashboard.batch import classify_batch, classify_lost  # it builds on this module
+
+        classify_other = classify_batch if kind == "batches" else classify_lost
+        return classify_other(topic, payload, site, device_id, retained)
     try:
         body = decode(payload)
-        problem = _VALIDATORS[kind](body, site, device_id) if kind in _VALIDATORS else None
-        if problem is None and kind == "status":
-            problem = validate_status(body)
-        elif problem is None and kind == "health":
-            problem = validate_health(body)
-        if problem is not None:
-            raise Rejected(problem)
-        check_strings(body, kind)
     except Rejected as exc:
-        seq, rid = _identity(body)
-        return Filing(
-            "dead", topic, payload, None, exc.reason, site, device_id, seq=seq, result_id=rid, retained=retained
-        )
-    seq, rid = _identity(body)
-    return Filing(kind, topic, payload, body, None, site, device_id, seq=seq, result_id=rid, retained=retained)  # type: ignore[arg-type]
+        return Filing("dead", topic, payload, None, exc.reason, site, device_id, retained=retained)
+    return filing_of(kind, topic, payload, body, site, device_id, retained)
