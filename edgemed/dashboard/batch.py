@@ -97,7 +97,9 @@ def classify_lost(topic: str, payload: bytes, site: str, device_id: str, retaine
     try:
         lost = parse_lost(payload)
     except ValueError as exc:
-        return Filing("dead", topic, payload, None, f"not a lost announcement: {exc}", site, device_id, retained=retained)
+        return Filing(
+            "dead", topic, payload, None, f"not a lost announcement: {exc}", site, device_id, retained=retained
+        )
     if (lost.site, lost.device_id) != (site, device_id):
         reason = "site/device_id in the lost announcement differ from the topic"
         return Filing("dead", topic, payload, None, reason, site, device_id, retained=retained)

@@ -61,7 +61,9 @@ def _open(db: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
-        raise ConfigError(f"cannot read {db} as a dashboard database ({exc}); pass --db with the dashboard's file") from exc
+        raise ConfigError(
+            f"cannot read {db} as a dashboard database ({exc}); pass --db with the dashboard's file"
+        ) from exc
     if not {"results", "studies"} <= tables:
         conn.close()
         raise ConfigError(f"{db} is an SQLite database but not a dashboard's (it has no results table)")

@@ -143,7 +143,8 @@ def stream_progress(db: sqlite3.Connection, key: StreamKey) -> Progress:
         with db:
             db.execute(
                 "INSERT INTO stream_progress(site, device_id, stream, through_seq) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(site, device_id, stream) DO UPDATE SET through_seq = max(through_seq, excluded.through_seq)",
+                "ON CONFLICT(site, device_id, stream) "
+                "DO UPDATE SET through_seq = max(through_seq, excluded.through_seq)",
                 (*key, through),
             )
     return state

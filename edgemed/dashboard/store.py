@@ -104,8 +104,6 @@ def _stream_of(body: dict[str, Any]) -> str:
     return stream if isinstance(stream, str) else ""  # the ingest checked it: 16 hex digits when present
 
 
-
-
 class DashboardStore(StoreQueries):
     """SQLite store of everything the fleet publishes, shared by the ingest thread and the web server."""
 
