@@ -19,6 +19,12 @@ payload) and acknowledged. An unacknowledged message would stay in the broker's 
 with mosquitto's default of 20, twenty of them stop all delivery to the dashboard, and a retained one is sent again
 to every new subscriber.
 
+Receipts and consumer state. After each commit the streams it touched are handed to ``ReceiptSender``
+(``receipt_sender.py``), which publishes their receipts from the store on its own thread. The link says this
+process's retained ``online``/``offline`` on ``edgemed-consumer/{consumer_id}/{client_id}`` (``offline`` also as
+its last will), ``online`` only once the subscription is granted. Receipts arriving on ``.../receipts`` (other
+processes', and our own on MQTT 3.1.1, which has no ``no_local``) are acknowledged and dropped on arrival.
+
 Retained messages (every device's ``status``) come again with each new subscription. The store treats them as old
 news (``Filing.retained``; see ``store.py``): they never make a device look seen just now. On MQTT 5 the
 subscription also asks for them only when it is new (retain handling 1), so a resumed session's reconnections

@@ -18,6 +18,10 @@ changed while nobody listened) is stored with the time the device stamped on it 
 A device first heard of through a retained message is dated the same way. A retained payload that is refused is
 kept as a dead letter once, not once per reconnection (matched by topic and payload hash).
 
+Settled seqs. Each stored result and study decision, each dead letter with a readable ``seq`` and each lost
+announcement also writes ``settled`` rows in the same transaction (``settlement.py``): the receipts are computed
+from them.
+
 One connection is shared by the ingest thread and the web threads behind a lock: SQLite serialises writers anyway,
 and the dashboard's load (a few hundred messages a second at most) does not need a pool. WAL lets an external
 reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes. The file is private (0600,
