@@ -111,7 +111,7 @@ def _upgrade(db: sqlite3.Connection, path: Path) -> None:
             db.execute("ALTER TABLE outbox ADD COLUMN seq INTEGER")
             db.execute("ALTER TABLE outbox ADD COLUMN sent_at REAL")
             filled = _fill_seq(db)
-            log.info("outbox %s upgraded to schema %d (%d rows numbered by their payloads)", path, SCHEMA_VERSION, filled)
+            log.info("outbox %s upgraded to schema %d (%d rows numbered)", path, SCHEMA_VERSION, filled)
         db.execute(_INDEX)
         db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         db.execute("COMMIT")
