@@ -250,7 +250,9 @@ class Device:
         # dashboard does not show "stopped" and no backlog after a crash. Only the exception's class is
         # published: its message may name a file.
         try:
-            extra = {"pending": self.outbox.unsent_count(), "awaiting_receipt": self.outbox.awaiting_count()}
+            extra = {"pending": self.outbox.unsent_count()}
+            if self.consumer is not None:
+                extra["awaiting_receipt"] = self.outbox.awaiting_count()
         except Exception:  # the outbox is what failed (disk full, damaged file): say the rest anyway
             log.warning("could not count the pending results for the offline status", exc_info=True)
             extra = {}
