@@ -145,9 +145,16 @@ class ReceiptSender:
                         self._send(db, key)
                     except sqlite3.Error as exc:
                         log.warning("cannot compute receipts from the dashboard database (%s); retrying", exc)
-                        self.notify(due[i:])
-                        time.sleep(RETRY_S)
-                        break
+                    except Exception:
+                        # Whatever failed (the MQTT client, a bug), this thread must live on: a stream whose
+                        # receipt is never sent again keeps its device's results on disk for good.
+                        log.exception("could not publish a receipt for %s/%s; retrying", key[0], key[1])
+                    else:
+                        continue
+                    self.notify(due[i:])
+                    with self._cond:  # a stop() ends the wait
+                        self._cond.wait_for(lambda: self._stopping, RETRY_S)
+                    break
         finally:
             db.close()
 

@@ -1,0 +1,87 @@
+"""Edges of the dashboard's receipts found in review: liveness of the receipt thread, seqs that must not settle,
+republishing after a reconnection, and export arguments.
+
+Real SQLite store through the ingest's own filing path (``Ingest.handle``); the broker tests use a real mosquitto.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dashboard_helpers import make_result
+
+from edgemed.dashboard.ingest import Ingest
+from edgemed.dashboard.receipt_sender import ReceiptSender
+from edgemed.dashboard.settlement import stream_progress
+from edgemed.dashboard.store import DashboardStore
+from edgemed.envelope import encode
+from edgemed.publish.config import MqttConfig
+from edgemed.receipts import Progress, parse_receipt
+
+SITE, DEVICE = "clinic-a", "us-01"
+STREAM = "0123456789abcdef"
+
+
+def topic(kind: str, device_id: str = DEVICE) -> str:
+    return f"edgemed/{SITE}/{device_id}/{kind}"
+
+
+def wire(seq: int, device_id: str = DEVICE, **kw: Any) -> bytes:
+    return encode({**make_result(seq=seq, device_id=device_id, **kw), "stream": STREAM})
+
+
+@pytest.fixture
+def ingest(tmp_path: Path) -> Iterator[Ingest]:
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    yield Ingest(MqttConfig(url="mqtt://127.0.0.1:1"), store)  # never started: handle() files directly
+    store.close()
+
+
+def progress_of(ingest: Ingest, device_id: str = DEVICE) -> Progress:
+    db = sqlite3.connect(str(ingest.store.path))
+    try:
+        return stream_progress(db, (SITE, device_id, STREAM))
+    finally:
+        db.close()
+
+
+def wait_for(check: Any, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return bool(check())
+
+
+# -- the receipt thread survives a failing publish ---------------------------------------------------------------
+
+
+def test_a_publish_that_raises_does_not_end_the_receipt_thread(ingest: Ingest) -> None:
+    sent: list[bytes] = []
+    lock = threading.Lock()
+    failures = [RuntimeError("the client is gone")]
+
+    def publish(topic_name: str, payload: bytes) -> None:
+        with lock:
+            if failures:
+                raise failures.pop()
+            sent.append(payload)
+
+    sender = ReceiptSender(ingest.store.path, publish, "dashboard", min_interval_s=0.0)
+    ingest.receipts = sender
+    sender.start()
+    try:
+        ingest.handle(topic("results"), wire(0))
+        # The failed receipt is tried again on its own, and later commits still get theirs.
+        assert wait_for(lambda: len(sent) >= 1), "the receipt thread stopped after one failed publish"
+        ingest.handle(topic("results"), wire(1))
+        assert wait_for(lambda: sent and parse_receipt(sent[-1]).state == Progress(1, (), 1))
+    finally:
+        sender.stop()
