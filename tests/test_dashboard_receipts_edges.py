@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_helpers import make_result
+from dashboard_helpers import make_result, make_study
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.receipt_sender import ReceiptSender
@@ -85,3 +85,22 @@ def test_a_publish_that_raises_does_not_end_the_receipt_thread(ingest: Ingest) -
         assert wait_for(lambda: sent and parse_receipt(sent[-1]).state == Progress(1, (), 1))
     finally:
         sender.stop()
+
+
+# -- a result dropped as a duplicate settles only the seq its stored copy holds ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["results", "studies"])
+def test_a_reused_result_id_with_another_seq_does_not_settle_that_seq(ingest: Ingest, kind: str) -> None:
+    make = make_result if kind == "results" else make_study
+    first = {**make(), "seq": 0, "stream": STREAM}
+    assert ingest.handle(topic(kind), encode(first)) == "stored"
+    # The same result_id again, but for seq 5 (a device bug, or anyone who can publish on this topic): the store
+    # keeps the first row, so seq 5 is not stored and must not be receipted as if it were.
+    reused = {**make(), "seq": 5, "stream": STREAM, "result_id": first["result_id"]}
+    outcome = ingest.handle(topic(kind), encode(reused))
+    assert outcome.startswith("rejected: ") and "result_id" in outcome, outcome
+    how = dict(ingest.store._query("SELECT seq, how FROM settled ORDER BY seq"))
+    assert how == {0: "stored", 5: "rejected"}  # refused (counted on the page), never "stored"
+    # The real duplicate (same seq, same stream) still counts as a duplicate and settles nothing new.
+    assert ingest.handle(topic(kind), encode(first)) == "duplicate"
