@@ -104,3 +104,78 @@ def test_a_reused_result_id_with_another_seq_does_not_settle_that_seq(ingest: In
     assert how == {0: "stored", 5: "rejected"}  # refused (counted on the page), never "stored"
     # The real duplicate (same seq, same stream) still counts as a duplicate and settles nothing new.
     assert ingest.handle(topic(kind), encode(first)) == "duplicate"
+
+
+# -- a broker restarted without persistence gets the receipts and the consumer state again ------------------------
+
+
+def test_receipts_and_online_come_back_after_a_broker_restart_without_persistence(
+    mosquitto_factory: Any, tmp_path: Path
+) -> None:
+    from broker_fixtures import Device
+    from dashboard_helpers import wait_until
+    from test_dashboard_receipts_broker import Watcher
+
+    broker = mosquitto_factory(tmp_path / "broker", persistence=False).start()
+    receipts, state = topic("receipts"), "edgemed-consumer/dashboard/dash-1"
+    store = DashboardStore(tmp_path / "d.sqlite3")
+    ingest = Ingest(MqttConfig(url=broker.url), store, client_id="dash-1")
+    device = Device(broker.port)
+    try:
+        ingest.start()
+        assert ingest.wait_subscribed(15)
+        for seq in range(3):
+            device.send("results", wire(seq))
+        watcher = Watcher(broker.port, receipts)
+        try:
+            assert wait_until(lambda: _receipt_body(watcher, receipts, 2) is not None, 15), watcher.messages
+        finally:
+            watcher.close()
+        device.close()
+        broker.kill()  # the retained receipt and the retained "online" were only in the broker's memory
+        broker.start()
+        assert wait_until(lambda: ingest.link.connections >= 2 and ingest.wait_subscribed(0.1), 30)
+        # No new commit: the dashboard itself sends the receipts of what it stored recently, and "online" again.
+        late = Watcher(broker.port, receipts, state)
+        try:
+            assert wait_until(lambda: _receipt_body(late, receipts, 2) is not None, 15), late.messages
+            online = late.last(state)
+            assert online is not None and online["state"] == "online"
+        finally:
+            late.close()
+    finally:
+        device.close()
+        ingest.stop()
+        store.close()
+
+
+def _receipt_body(watcher: Any, name: str, through: int) -> dict[str, Any] | None:
+    body = watcher.last(name)
+    if body is None or body.get("through_seq") != through:
+        return None
+    return dict(body)
+
+
+def test_republish_sends_the_receipts_of_recent_streams_only(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgemed.dashboard import receipt_sender
+    from edgemed.dashboard.validate import classify
+
+    now = time.time()
+    for device_id, at in (("us-old", now - 2 * 86400), ("us-01", now - 60), ("us-02", now - 10)):
+        ingest.store.file([classify(topic("results", device_id), wire(0, device_id))], received_at=at)
+    sent: list[str] = []
+    sender = ReceiptSender(ingest.store.path, lambda name, payload: sent.append(name), "dashboard")
+    monkeypatch.setattr(receipt_sender, "REPUBLISH_MAX_STREAMS", 1)
+    sender.start()
+    try:
+        sender.republish()
+        assert wait_for(lambda: len(sent) >= 1)
+        time.sleep(0.3)  # nothing more comes
+        assert sent == [topic("receipts", "us-02")]  # the most recent; us-01 is beyond the bound, us-old too old
+        monkeypatch.setattr(receipt_sender, "REPUBLISH_MAX_STREAMS", 10)
+        sender.republish()
+        assert wait_for(lambda: len(sent) >= 3)
+        time.sleep(0.3)
+        assert sorted(sent[1:]) == [topic("receipts", "us-01"), topic("receipts", "us-02")]
+    finally:
+        sender.stop()

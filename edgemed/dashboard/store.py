@@ -380,9 +380,18 @@ class DashboardStore(StoreQueries):
             sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
         """
         now = time.time() if received_at is None else received_at
+        touched = {key for key in (f.stream_key for f in filings) if key is not None}
         with self._lock, self._db:
             self._db.execute("BEGIN")  # explicit: releasing the first savepoint must not commit on its own
-            return [self._file_isolated(f, now) for f in filings]
+            outcomes = [self._file_isolated(f, now) for f in filings]
+            # One row per touched stream and commit (not per message): which receipts to send again after a
+            # reconnection (see receipt_sender.py).
+            self._db.executemany(
+                "INSERT INTO stream_seen(site, device_id, stream, seen_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(site, device_id, stream) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)",
+                [(*key, now) for key in touched],
+            )
+            return outcomes
 
     def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
         """Store one validated ``edgemed.result/1`` envelope.
