@@ -179,3 +179,16 @@ def test_republish_sends_the_receipts_of_recent_streams_only(ingest: Ingest, mon
         assert sorted(sent[1:]) == [topic("receipts", "us-01"), topic("receipts", "us-02")]
     finally:
         sender.stop()
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_empty_since_is_an_error_not_everything(ingest: Ingest, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    from edgemed.cli import main
+
+    ingest.handle(topic("results"), wire(0))
+    # `--since "$FROM"` with FROM unset in a script: exporting every result instead would be a silent surprise.
+    code = main(["dashboard", "export", "--db", str(ingest.store.path), "--since", ""])
+    out, err = capsysbinary.readouterr()
+    assert (code, out) == (2, b"") and b"--since '' is not an ISO 8601 time" in err
