@@ -1,0 +1,96 @@
+"""Review of the device side of receipts: defects found after the merge, each shown by a test that failed before
+its fix. The in-memory publisher (``fakes.FakePublisher``) and a real outbox; every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fakes import FakePublisher
+
+from edgemed import receipts
+from edgemed.errors import OutboxError
+from edgemed.outbox import Outbox, OutboxConfig
+from edgemed.publish.consumer import Consumer
+from edgemed.publish.delivery import Delivery
+from edgemed.publish.publisher import AckCallback
+
+SITE, DEV = "site", "dev"
+RESULTS = f"edgemed/{SITE}/{DEV}/results"
+STREAM = receipts.stream_id(b"k" * 32)
+
+
+def _put(ob: Outbox, n: int) -> list[bytes]:
+    payloads = []
+    for _ in range(n):
+        seq, rid = ob.next_seq(), uuid.uuid4().hex
+        payload = json.dumps({"result_id": rid, "seq": seq}, separators=(",", ":")).encode()
+        ob.put(rid, RESULTS, payload, seq=seq)
+        payloads.append(payload)
+    return payloads
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    ob = Outbox(tmp_path / "outbox.sqlite3", OutboxConfig(commit_every=1))
+    yield ob
+    ob.close()
+
+
+def _start(
+    ob: Outbox, *, timeout_s: float = 60.0, pub: FakePublisher | None = None
+) -> tuple[FakePublisher, Consumer, Delivery]:
+    pub = pub or FakePublisher()
+    consumer = Consumer("dashboard", site=SITE, device_id=DEV, stream=STREAM, receipt_timeout_s=timeout_s)
+    pub.listen(consumer.subscriptions, consumer.on_message, consumer.on_state)
+    delivery = Delivery(ob, pub, consumer=consumer)
+    pub.consumer_state("dashboard", "online")
+    delivery.start()
+    return pub, consumer, delivery
+
+
+def _on(pub: FakePublisher, kind: str) -> list[bytes]:
+    return [s.payload for s in list(pub.sent) if s.topic.rsplit("/", 1)[1] == kind]
+
+
+class _BrokenPublisher(FakePublisher):
+    """A publisher whose publish() fails once with an error nobody expected (a bug, a library's own error)."""
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, on_ack: AckCallback | None = None
+    ) -> None:
+        raise RuntimeError("unexpected")
+
+
+def test_a_delivery_thread_ended_by_an_unexpected_error_says_so(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    delivery = Delivery(outbox, _BrokenPublisher())
+    with caplog.at_level(logging.ERROR):
+        delivery.start()
+        try:
+            _put(outbox, 3)
+            assert _wait(lambda: delivery._thread is not None and not delivery._thread.is_alive())
+            with pytest.raises(OutboxError, match="delivery stopped on an unexpected error .RuntimeError"):
+                delivery.check()
+            started = time.monotonic()
+            assert delivery.drain(5.0) == 3  # does not wait out its timeout for a thread that is gone
+            assert time.monotonic() - started < 2.0
+        finally:
+            delivery.stop()
+    assert "delivery stopped" in caplog.text
+    assert outbox.pending_count() == 3  # nothing lost
