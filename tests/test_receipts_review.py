@@ -94,3 +94,40 @@ def test_a_delivery_thread_ended_by_an_unexpected_error_says_so(
             delivery.stop()
     assert "delivery stopped" in caplog.text
     assert outbox.pending_count() == 3  # nothing lost
+
+
+def test_a_late_receipt_with_more_holes_neither_resends_nor_announces_lost_what_a_newer_one_released(
+    outbox: Outbox,
+) -> None:
+    pub, _, delivery = _start(outbox)
+    try:
+        _put(outbox, 6)
+        assert _wait(lambda: len(pub.sent) == 6)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == 6)
+        time.sleep(1.1)
+        # The newer receipt: only seq 1 is missing. It releases 0 and 2-5 and sends 1 again.
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=5)
+        assert _wait(lambda: outbox.pending_count() == 1 and len(pub.sent) == 7)
+        # From a lagging consumer process: the same through_seq and max_seq, but 2 and 3 not yet stored then.
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 3)], max_seq=5)
+        time.sleep(0.3)
+        assert _on(pub, "lost") == []  # 2 and 3 were stored: never announced lost
+        assert len(pub.sent) == 7
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=5)
+        assert delivery.drain(5) == 0
+    finally:
+        delivery.stop()
+
+
+def test_receipts_merge_what_each_settles() -> None:
+    from edgemed.publish.consumer import union
+    from edgemed.receipts import Progress
+
+    newer = Progress(0, ((1, 1),), 5)
+    older = Progress(0, ((1, 3),), 5)
+    assert union(newer, older) == union(older, newer) == newer
+    assert union(Progress(3), Progress(1, ((2, 4),), 9)) == Progress(3, ((4, 4),), 9)
+    assert union(Progress(-1, ((0, 4),), 9), Progress(2)) == Progress(2, ((3, 4),), 9)
+    assert union(Progress(-1), Progress(-1)) == Progress(-1)

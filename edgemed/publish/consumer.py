@@ -40,6 +40,7 @@ from edgemed.receipts import (
     lost_messages,
     merge_ranges,
     parse_receipt,
+    progress,
     stream_id,
 )
 
@@ -140,9 +141,12 @@ class Consumer:
         return min(lowest) if lowest else None
 
     def _newest(self) -> Progress | None:
+        """What every receipt of this stream handed over so far says, together: a newer state, or None when the
+        receipts taken now add nothing to the one applied already."""
         with self._lock:
             raws, self._raw = list(self._raw), deque(maxlen=_HELD_RECEIPTS)
-        best: Progress | None = None
+        merged = self._state
+        seen = False
         for raw in raws:
             try:
                 receipt = parse_receipt(raw)
@@ -159,17 +163,16 @@ class Consumer:
                     self.stream,
                 )
                 continue
-            state = receipt.state
-            if best is None or (state.through_seq, state.max_seq) >= (best.through_seq, best.max_seq):
-                best = state
-        old = self._state
-        if best is None or (old is not None and (best.through_seq, best.max_seq) < (old.through_seq, old.max_seq)):
-            return None  # older than one applied already (several consumer processes publish receipts)
-        return best
+            seen = True
+            # Merged, not compared: what is settled at the consumer stays settled, so a receipt computed earlier
+            # (a lagging consumer process, a retained copy) can only add what it knows. Taken on its own, one
+            # with the same through_seq and max_seq as a newer one but more holes listed rows as missing that the
+            # newer one had released: they were sent again, or announced lost although they were stored.
+            merged = receipt.state if merged is None else union(merged, receipt.state)
+        return merged if seen else None
 
     def _take(self, outbox: Outbox, state: Progress) -> list[int]:
-        old = self._state
-        if old is None or state.through_seq > old.through_seq or state.max_seq > old.max_seq:
+        if state != self._state:  # the consumer settled more (merged receipts only grow)
             self._progress_at = time.monotonic()
         self._state = state
         outbox.release(state)
@@ -318,3 +321,21 @@ def effective_outbox_config(cfg: OutboxConfig | None, consumer: Consumer | None)
         consumer.consumer_id,
     )
     return cfg.model_copy(update={"replay_window_s": 0.0})
+
+
+def _settled_ranges(state: Progress) -> list[SeqRange]:
+    out: list[SeqRange] = [(0, state.through_seq)] if state.through_seq >= 0 else []
+    start = state.through_seq + 1
+    for first, last in state.missing:
+        if first > start:
+            out.append((start, first - 1))
+        start = last + 1
+    if start <= state.max_seq:
+        out.append((start, state.max_seq))
+    return out
+
+
+def union(a: Progress, b: Progress) -> Progress:
+    """What two receipts of one stream say together: a ``seq`` either settles is settled."""
+    ranges = [*_settled_ranges(a), *_settled_ranges(b)]
+    return progress(-1, ranges, max_ranges=len(a.missing) + len(b.missing) + 1)
