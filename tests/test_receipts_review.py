@@ -131,3 +131,44 @@ def test_receipts_merge_what_each_settles() -> None:
     assert union(Progress(3), Progress(1, ((2, 4),), 9)) == Progress(3, ((4, 4),), 9)
     assert union(Progress(-1, ((0, 4),), 9), Progress(2)) == Progress(2, ((3, 4),), 9)
     assert union(Progress(-1), Progress(-1)) == Progress(-1)
+
+
+def test_a_missing_result_sent_again_is_not_sent_again_on_every_receipt(outbox: Outbox) -> None:
+    pub, consumer, delivery = _start(outbox)
+    try:
+        payloads = _put(outbox, 3)
+        assert _wait(lambda: len(pub.sent) == 3)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == 3)
+        time.sleep(1.1)
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        assert _wait(lambda: len(pub.sent) == 4) and pub.sent[3].payload == payloads[1]
+        pub.ack()  # the copy sent again reached the broker; the consumer is behind and has not stored it yet
+        for _ in range(6):  # receipts keep coming (4 a second) while it works through its backlog
+            time.sleep(0.3)
+            pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        time.sleep(0.2)
+        assert len(pub.sent) == 4  # given the receipt timeout to arrive, like a first copy
+        assert consumer.resent_total == 1
+        pub.receipt(SITE, DEV, STREAM, through_seq=2)
+        assert delivery.drain(5) == 0
+    finally:
+        delivery.stop()
+
+
+def test_a_missing_result_is_sent_again_once_its_copy_had_the_receipt_timeout_to_arrive(outbox: Outbox) -> None:
+    pub, consumer, delivery = _start(outbox, timeout_s=1.5)
+    try:
+        _put(outbox, 3)
+        assert _wait(lambda: len(pub.sent) == 3)
+        pub.ack()
+        time.sleep(1.1)
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        assert _wait(lambda: len(pub.sent) == 4)
+        pub.ack()
+        time.sleep(1.6)  # the broker lost the copy too: after the timeout it goes once more
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        assert _wait(lambda: len(pub.sent) == 5)
+        assert consumer.resent_total == 2
+    finally:
+        delivery.stop()

@@ -20,6 +20,7 @@ the retained states arrive again) the delivery publishes nothing from the outbox
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -49,6 +50,7 @@ log = logging.getLogger("edgemed.publish.delivery")
 NOT_HELD_REASON = "not in the outbox"
 _RESEND_AFTER_S = 1.0  # a missing row acknowledged more recently may simply not have reached the consumer yet
 _TIMEOUT_CHECK_S = 1.0  # how often the receipt timeout is checked (it scans the rows awaiting a receipt)
+_RESENT_PRUNE_AT = 4096  # rows remembered as sent again before the map is pruned of those past their hold
 _HELD_RECEIPTS = 64  # receipts handed over and not yet read; they are cumulative, so the latest ones suffice
 
 
@@ -77,6 +79,8 @@ class Consumer:
         self._progress_at = time.monotonic()
         self._timeout_checked_at = 0.0
         self._announced: list[SeqRange] = []
+        self._resent: dict[int, float] = {}  # row id -> when it was last sent again for being missing (monotonic)
+        self._resent_prune_at = _RESENT_PRUNE_AT
         self._warned: set[str] = set()
         self.resent_total = 0
         self.lost_announced_total = 0
@@ -179,7 +183,9 @@ class Consumer:
         if not state.missing:
             return []
         out = []
-        rows = outbox.awaiting_rows(sent_before=time.time() - _RESEND_AFTER_S, within=state.missing)
+        rows = self._not_just_resent(
+            outbox.awaiting_rows(sent_before=time.time() - _RESEND_AFTER_S, within=state.missing)
+        )
         lowest = outbox.unsend(rows)
         if lowest is not None:
             out.append(lowest)
@@ -196,6 +202,26 @@ class Consumer:
                 written,
             )
         return out
+
+    def _not_just_resent(self, rows: list[int]) -> list[int]:
+        """The rows of ``rows`` not sent again for being missing within the last ``receipt_timeout_s``.
+
+        A copy sent again a second ago may sit behind thousands of messages at the broker while the consumer
+        works through them; sending it again on every receipt (up to 4 a second) until it arrives multiplied the
+        load on a consumer that was already behind, and with the broker's queue limit (``max_queued_messages``)
+        made it drop more. A copy sent again gets the receipt timeout to arrive, as a first copy does.
+        """
+        if not rows:
+            return rows
+        now = time.monotonic()
+        hold = self.receipt_timeout_s
+        resent = self._resent
+        due = [r for r in rows if now - resent.get(r, -math.inf) >= hold]
+        resent.update(dict.fromkeys(due, now))
+        if len(resent) > self._resent_prune_at:  # forget what is past its hold: a bounded map
+            self._resent = {r: t for r, t in resent.items() if now - t < hold}
+            self._resent_prune_at = max(_RESENT_PRUNE_AT, 2 * len(self._resent))
+        return due
 
     def _not_yet_announced(self, ranges: list[SeqRange]) -> list[SeqRange]:
         out: list[SeqRange] = []
