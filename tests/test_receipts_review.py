@@ -85,7 +85,7 @@ def test_a_delivery_thread_ended_by_an_unexpected_error_says_so(
         try:
             _put(outbox, 3)
             assert _wait(lambda: delivery._thread is not None and not delivery._thread.is_alive())
-            with pytest.raises(OutboxError, match="delivery stopped on an unexpected error .RuntimeError"):
+            with pytest.raises(OutboxError, match=r"delivery stopped on an unexpected error \(RuntimeError"):
                 delivery.check()
             started = time.monotonic()
             assert delivery.drain(5.0) == 3  # does not wait out its timeout for a thread that is gone
@@ -170,5 +170,36 @@ def test_a_missing_result_is_sent_again_once_its_copy_had_the_receipt_timeout_to
         pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
         assert _wait(lambda: len(pub.sent) == 5)
         assert consumer.resent_total == 2
+    finally:
+        delivery.stop()
+
+
+def test_results_not_receipted_in_time_are_sent_again_a_bounded_round_at_a_time(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgemed.publish import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "_TIMEOUT_ROUND", 3)  # 500 in production
+    pub, consumer, delivery = _start(outbox, timeout_s=1.0)
+    try:
+        payloads = _put(outbox, 8)
+        assert _wait(lambda: len(pub.sent) == 8)
+        pub.ack()
+        assert _wait(lambda: len(pub.sent) == 11, timeout_s=5.0)  # the oldest three, not the whole backlog
+        time.sleep(0.3)
+        assert len(pub.sent) == 11
+        assert [s.payload for s in pub.sent[8:]] == payloads[:3]
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=2)  # the consumer stored the round: the next one goes now
+        assert _wait(lambda: len(pub.sent) == 14, timeout_s=0.9)
+        assert [s.payload for s in pub.sent[11:]] == payloads[3:6]
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=5)
+        assert _wait(lambda: len(pub.sent) == 16, timeout_s=0.9)
+        assert [s.payload for s in pub.sent[14:]] == payloads[6:]
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=7)
+        assert delivery.drain(5) == 0
+        assert consumer.resent_total == 8
     finally:
         delivery.stop()

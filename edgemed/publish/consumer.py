@@ -50,6 +50,8 @@ log = logging.getLogger("edgemed.publish.delivery")
 NOT_HELD_REASON = "not in the outbox"
 _RESEND_AFTER_S = 1.0  # a missing row acknowledged more recently may simply not have reached the consumer yet
 _TIMEOUT_CHECK_S = 1.0  # how often the receipt timeout is checked (it scans the rows awaiting a receipt)
+#: Most rows sent again at once when receipts stop coming (a round; see Consumer._timed_out).
+_TIMEOUT_ROUND = 500
 _RESENT_PRUNE_AT = 4096  # rows remembered as sent again before the map is pruned of those past their hold
 _HELD_RECEIPTS = 64  # receipts handed over and not yet read; they are cumulative, so the latest ones suffice
 
@@ -81,6 +83,7 @@ class Consumer:
         self._announced: list[SeqRange] = []
         self._resent: dict[int, float] = {}  # row id -> when it was last sent again for being missing (monotonic)
         self._resent_prune_at = _RESENT_PRUNE_AT
+        self._round: tuple[float, int] | None = None  # the timeout round under way: (sent before, its top seq)
         self._warned: set[str] = set()
         self.resent_total = 0
         self.lost_announced_total = 0
@@ -139,7 +142,8 @@ class Consumer:
         if receipt is not None:
             lowest += self._take(outbox, receipt)
         now = time.monotonic()
-        if now - self._timeout_checked_at >= _TIMEOUT_CHECK_S:
+        round_done = receipt is not None and self._round_settled()
+        if round_done or now - self._timeout_checked_at >= _TIMEOUT_CHECK_S:
             self._timeout_checked_at = now
             lowest += self._timed_out(outbox, now)
         return min(lowest) if lowest else None
@@ -237,22 +241,46 @@ class Consumer:
                 out.append((start, last))
         return out
 
+    def _round_settled(self) -> bool:
+        """True when the consumer stored the last round of results sent again for want of a receipt."""
+        return self._round is not None and self._state is not None and self._state.settles(self._round[1])
+
     def _timed_out(self, outbox: Outbox, now: float) -> list[int]:
+        """Send again, a bounded round at a time, what waits for its receipt longer than ``receipt_timeout_s``.
+
+        All of it at once (a backlog of thousands, every timeout) would double the load on a consumer that is
+        merely slow and, with the broker's queue limit, make the broker drop more. A round is the oldest
+        ``_TIMEOUT_ROUND`` rows; the next follows as soon as a receipt settles the last one (the consumer is
+        keeping up), or after another timeout without progress.
+        """
         timeout = self.receipt_timeout_s
-        if self.presence.online_for_s() < timeout or now - self._progress_at < timeout:
+        previous = self._round
+        going_on = self._round_settled()
+        if previous is not None and going_on:
+            sent_before = previous[0]  # the rows that were stuck when the first round began
+        elif self.presence.online_for_s() < timeout or now - self._progress_at < timeout:
             return []
-        rows = outbox.awaiting_rows(sent_before=time.time() - timeout)
-        lowest = outbox.unsend(rows)
+        else:
+            sent_before = time.time() - timeout
+        rows = outbox.awaiting_oldest(sent_before=sent_before, limit=_TIMEOUT_ROUND)
+        lowest = outbox.unsend(r for r, _ in rows)
         if lowest is None:
+            self._round = None
             return []
-        self._progress_at = now  # the next round of re-sending waits another timeout
+        self._round = (sent_before, max(seq for _, seq in rows))
+        self._progress_at = now  # without progress, the next round waits another timeout
         self.resent_total += len(rows)
-        log.warning(
-            "no receipt from the consumer %s for %.0f s: sending %d results again that it has not receipted",
-            self.consumer_id,
-            timeout,
-            len(rows),
-        )
+        if going_on:
+            log.info("the consumer %s stored the last round: sending the next %d again", self.consumer_id, len(rows))
+        else:
+            log.warning(
+                "no receipt from the consumer %s for %.0f s: sending %d results again that it has not receipted "
+                "(at most %d at a time, the next round once these are receipted)",
+                self.consumer_id,
+                timeout,
+                len(rows),
+                _TIMEOUT_ROUND,
+            )
         return [lowest]
 
     def _warn_once(self, key: str, fmt: str, *args: object) -> None:
