@@ -5,11 +5,14 @@ With ``delivery.consumer`` in the profile, the device's link subscribes to its r
 QoS 1 (``Consumer.subscriptions``). Messages arrive on the link's network thread: ``on_message`` and
 ``on_state`` only hand them over. The delivery thread calls ``Consumer.apply`` on every step, which
 
-* releases the rows a receipt of this device's own stream settles (``receipts.stream_id``; receipts of another
-  stream, such as the one before a re-flash, and malformed ones are ignored, the latter logged once);
+* releases the rows the receipts of this device's own stream settle (``receipts.stream_id``; receipts of another
+  stream, such as the one before a re-flash, and malformed ones are ignored, the latter logged once). Receipts
+  are merged (a ``seq`` any of them settles is settled), so a late one from a lagging consumer process undoes
+  nothing;
 * sends again (makes unsent, for the delivery cursor to come back to) the rows the receipt lists as missing that
-  were acknowledged more than a second ago, and every row awaiting longer than ``receipt_timeout_s`` while no
-  receipt advanced for as long (and the consumer was online for as long);
+  were acknowledged more than a second ago (a row already sent again for that waits ``receipt_timeout_s`` before
+  the next time), and the rows awaiting longer than ``receipt_timeout_s`` while no receipt advanced for as long
+  (and the consumer was online for as long), in bounded rounds: the next round once the last is receipted;
 * announces lost the missing numbers the outbox no longer holds; evicted rows are announced by the outbox itself
   through ``Consumer.announce``.
 
