@@ -127,6 +127,19 @@ class OutboxReceipts(OutboxQueue):
                 ]
             return sorted(out)
 
+    def awaiting_oldest(self, *, sent_before: float, limit: int) -> list[tuple[int, int]]:
+        """``(row_id, seq)`` of at most ``limit`` rows awaiting a receipt since before ``sent_before`` (wall
+        clock), the oldest first (production order)."""
+        with self._lock:
+            self._check_open()
+            if self._awaiting == 0:
+                return []
+            sql = (
+                "SELECT row_id, seq FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ? AND seq IS NOT NULL "
+                "ORDER BY row_id LIMIT ?"
+            )
+            return [(int(r), int(s)) for r, s in self._db.execute(sql, (sent_before, limit))]
+
     def unsend(self, row_ids: Iterable[int]) -> int | None:
         """Make rows awaiting a receipt unsent again, so that the delivery sends them once more.
 

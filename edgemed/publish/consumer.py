@@ -5,11 +5,14 @@ With ``delivery.consumer`` in the profile, the device's link subscribes to its r
 QoS 1 (``Consumer.subscriptions``). Messages arrive on the link's network thread: ``on_message`` and
 ``on_state`` only hand them over. The delivery thread calls ``Consumer.apply`` on every step, which
 
-* releases the rows a receipt of this device's own stream settles (``receipts.stream_id``; receipts of another
-  stream, such as the one before a re-flash, and malformed ones are ignored, the latter logged once);
+* releases the rows the receipts of this device's own stream settle (``receipts.stream_id``; receipts of another
+  stream, such as the one before a re-flash, and malformed ones are ignored, the latter logged once). Receipts
+  are merged (a ``seq`` any of them settles is settled), so a late one from a lagging consumer process undoes
+  nothing;
 * sends again (makes unsent, for the delivery cursor to come back to) the rows the receipt lists as missing that
-  were acknowledged more than a second ago, and every row awaiting longer than ``receipt_timeout_s`` while no
-  receipt advanced for as long (and the consumer was online for as long);
+  were acknowledged more than a second ago (a row already sent again for that waits ``receipt_timeout_s`` before
+  the next time), and the rows awaiting longer than ``receipt_timeout_s`` while no receipt advanced for as long
+  (and the consumer was online for as long), in bounded rounds: the next round once the last is receipted;
 * announces lost the missing numbers the outbox no longer holds; evicted rows are announced by the outbox itself
   through ``Consumer.announce``.
 
@@ -20,6 +23,7 @@ the retained states arrive again) the delivery publishes nothing from the outbox
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -40,6 +44,7 @@ from edgemed.receipts import (
     lost_messages,
     merge_ranges,
     parse_receipt,
+    progress,
     stream_id,
 )
 
@@ -48,6 +53,9 @@ log = logging.getLogger("edgemed.publish.delivery")
 NOT_HELD_REASON = "not in the outbox"
 _RESEND_AFTER_S = 1.0  # a missing row acknowledged more recently may simply not have reached the consumer yet
 _TIMEOUT_CHECK_S = 1.0  # how often the receipt timeout is checked (it scans the rows awaiting a receipt)
+#: Most rows sent again at once when receipts stop coming (a round; see Consumer._timed_out).
+_TIMEOUT_ROUND = 500
+_RESENT_PRUNE_AT = 4096  # rows remembered as sent again before the map is pruned of those past their hold
 _HELD_RECEIPTS = 64  # receipts handed over and not yet read; they are cumulative, so the latest ones suffice
 
 
@@ -76,6 +84,9 @@ class Consumer:
         self._progress_at = time.monotonic()
         self._timeout_checked_at = 0.0
         self._announced: list[SeqRange] = []
+        self._resent: dict[int, float] = {}  # row id -> when it was last sent again for being missing (monotonic)
+        self._resent_prune_at = _RESENT_PRUNE_AT
+        self._round: tuple[float, int] | None = None  # the timeout round under way: (sent before, its top seq)
         self._warned: set[str] = set()
         self.resent_total = 0
         self.lost_announced_total = 0
@@ -134,15 +145,19 @@ class Consumer:
         if receipt is not None:
             lowest += self._take(outbox, receipt)
         now = time.monotonic()
-        if now - self._timeout_checked_at >= _TIMEOUT_CHECK_S:
+        round_done = receipt is not None and self._round_settled()
+        if round_done or now - self._timeout_checked_at >= _TIMEOUT_CHECK_S:
             self._timeout_checked_at = now
             lowest += self._timed_out(outbox, now)
         return min(lowest) if lowest else None
 
     def _newest(self) -> Progress | None:
+        """What every receipt of this stream handed over so far says, together: a newer state, or None when the
+        receipts taken now add nothing to the one applied already."""
         with self._lock:
             raws, self._raw = list(self._raw), deque(maxlen=_HELD_RECEIPTS)
-        best: Progress | None = None
+        merged = self._state
+        seen = False
         for raw in raws:
             try:
                 receipt = parse_receipt(raw)
@@ -159,24 +174,25 @@ class Consumer:
                     self.stream,
                 )
                 continue
-            state = receipt.state
-            if best is None or (state.through_seq, state.max_seq) >= (best.through_seq, best.max_seq):
-                best = state
-        old = self._state
-        if best is None or (old is not None and (best.through_seq, best.max_seq) < (old.through_seq, old.max_seq)):
-            return None  # older than one applied already (several consumer processes publish receipts)
-        return best
+            seen = True
+            # Merged, not compared: what is settled at the consumer stays settled, so a receipt computed earlier
+            # (a lagging consumer process, a retained copy) can only add what it knows. Taken on its own, one
+            # with the same through_seq and max_seq as a newer one but more holes listed rows as missing that the
+            # newer one had released: they were sent again, or announced lost although they were stored.
+            merged = receipt.state if merged is None else union(merged, receipt.state)
+        return merged if seen else None
 
     def _take(self, outbox: Outbox, state: Progress) -> list[int]:
-        old = self._state
-        if old is None or state.through_seq > old.through_seq or state.max_seq > old.max_seq:
+        if state != self._state:  # the consumer settled more (merged receipts only grow)
             self._progress_at = time.monotonic()
         self._state = state
         outbox.release(state)
         if not state.missing:
             return []
         out = []
-        rows = outbox.awaiting_rows(sent_before=time.time() - _RESEND_AFTER_S, within=state.missing)
+        rows = self._not_just_resent(
+            outbox.awaiting_rows(sent_before=time.time() - _RESEND_AFTER_S, within=state.missing)
+        )
         lowest = outbox.unsend(rows)
         if lowest is not None:
             out.append(lowest)
@@ -194,6 +210,26 @@ class Consumer:
             )
         return out
 
+    def _not_just_resent(self, rows: list[int]) -> list[int]:
+        """The rows of ``rows`` not sent again for being missing within the last ``receipt_timeout_s``.
+
+        A copy sent again a second ago may sit behind thousands of messages at the broker while the consumer
+        works through them; sending it again on every receipt (up to 4 a second) until it arrives multiplied the
+        load on a consumer that was already behind, and with the broker's queue limit (``max_queued_messages``)
+        made it drop more. A copy sent again gets the receipt timeout to arrive, as a first copy does.
+        """
+        if not rows:
+            return rows
+        now = time.monotonic()
+        hold = self.receipt_timeout_s
+        resent = self._resent
+        due = [r for r in rows if now - resent.get(r, -math.inf) >= hold]
+        resent.update(dict.fromkeys(due, now))
+        if len(resent) > self._resent_prune_at:  # forget what is past its hold: a bounded map
+            self._resent = {r: t for r, t in resent.items() if now - t < hold}
+            self._resent_prune_at = max(_RESENT_PRUNE_AT, 2 * len(self._resent))
+        return due
+
     def _not_yet_announced(self, ranges: list[SeqRange]) -> list[SeqRange]:
         out: list[SeqRange] = []
         for first, last in ranges:
@@ -208,22 +244,46 @@ class Consumer:
                 out.append((start, last))
         return out
 
+    def _round_settled(self) -> bool:
+        """True when the consumer stored the last round of results sent again for want of a receipt."""
+        return self._round is not None and self._state is not None and self._state.settles(self._round[1])
+
     def _timed_out(self, outbox: Outbox, now: float) -> list[int]:
+        """Send again, a bounded round at a time, what waits for its receipt longer than ``receipt_timeout_s``.
+
+        All of it at once (a backlog of thousands, every timeout) would double the load on a consumer that is
+        merely slow and, with the broker's queue limit, make the broker drop more. A round is the oldest
+        ``_TIMEOUT_ROUND`` rows; the next follows as soon as a receipt settles the last one (the consumer is
+        keeping up), or after another timeout without progress.
+        """
         timeout = self.receipt_timeout_s
-        if self.presence.online_for_s() < timeout or now - self._progress_at < timeout:
+        previous = self._round
+        going_on = self._round_settled()
+        if previous is not None and going_on:
+            sent_before = previous[0]  # the rows that were stuck when the first round began
+        elif self.presence.online_for_s() < timeout or now - self._progress_at < timeout:
             return []
-        rows = outbox.awaiting_rows(sent_before=time.time() - timeout)
-        lowest = outbox.unsend(rows)
+        else:
+            sent_before = time.time() - timeout
+        rows = outbox.awaiting_oldest(sent_before=sent_before, limit=_TIMEOUT_ROUND)
+        lowest = outbox.unsend(r for r, _ in rows)
         if lowest is None:
+            self._round = None
             return []
-        self._progress_at = now  # the next round of re-sending waits another timeout
+        self._round = (sent_before, max(seq for _, seq in rows))
+        self._progress_at = now  # without progress, the next round waits another timeout
         self.resent_total += len(rows)
-        log.warning(
-            "no receipt from the consumer %s for %.0f s: sending %d results again that it has not receipted",
-            self.consumer_id,
-            timeout,
-            len(rows),
-        )
+        if going_on:
+            log.info("the consumer %s stored the last round: sending the next %d again", self.consumer_id, len(rows))
+        else:
+            log.warning(
+                "no receipt from the consumer %s for %.0f s: sending %d results again that it has not receipted "
+                "(at most %d at a time, the next round once these are receipted)",
+                self.consumer_id,
+                timeout,
+                len(rows),
+                _TIMEOUT_ROUND,
+            )
         return [lowest]
 
     def _warn_once(self, key: str, fmt: str, *args: object) -> None:
@@ -318,3 +378,21 @@ def effective_outbox_config(cfg: OutboxConfig | None, consumer: Consumer | None)
         consumer.consumer_id,
     )
     return cfg.model_copy(update={"replay_window_s": 0.0})
+
+
+def _settled_ranges(state: Progress) -> list[SeqRange]:
+    out: list[SeqRange] = [(0, state.through_seq)] if state.through_seq >= 0 else []
+    start = state.through_seq + 1
+    for first, last in state.missing:
+        if first > start:
+            out.append((start, first - 1))
+        start = last + 1
+    if start <= state.max_seq:
+        out.append((start, state.max_seq))
+    return out
+
+
+def union(a: Progress, b: Progress) -> Progress:
+    """What two receipts of one stream say together: a ``seq`` either settles is settled."""
+    ranges = [*_settled_ranges(a), *_settled_ranges(b)]
+    return progress(-1, ranges, max_ranges=len(a.missing) + len(b.missing) + 1)

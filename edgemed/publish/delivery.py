@@ -191,6 +191,16 @@ class Delivery:
                 self._error = exc
                 log.error("delivery stopped: %s", exc)
                 return
+            except Exception as exc:
+                # Anything else (an SQLite read error, a bug) would end this thread silently: the run would go on
+                # producing, never send again, and wait out its drain for nothing. Reported like an outbox failure,
+                # so check() ends the run and says why; every result stays on disk.
+                self._error = OutboxError(
+                    f"the delivery stopped on an unexpected error ({type(exc).__name__}: {exc}); every result "
+                    "is kept in the outbox and sent by the next run or `edgemed flush`"
+                )
+                log.exception("delivery stopped: %s", self._error)
+                return
             if stopping:
                 return
             self._wake.wait(self._idle_wait())

@@ -1,0 +1,205 @@
+"""Review of the device side of receipts: defects found after the merge, each shown by a test that failed before
+its fix. The in-memory publisher (``fakes.FakePublisher``) and a real outbox; every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fakes import FakePublisher
+
+from edgemed import receipts
+from edgemed.errors import OutboxError
+from edgemed.outbox import Outbox, OutboxConfig
+from edgemed.publish.consumer import Consumer
+from edgemed.publish.delivery import Delivery
+from edgemed.publish.publisher import AckCallback
+
+SITE, DEV = "site", "dev"
+RESULTS = f"edgemed/{SITE}/{DEV}/results"
+STREAM = receipts.stream_id(b"k" * 32)
+
+
+def _put(ob: Outbox, n: int) -> list[bytes]:
+    payloads = []
+    for _ in range(n):
+        seq, rid = ob.next_seq(), uuid.uuid4().hex
+        payload = json.dumps({"result_id": rid, "seq": seq}, separators=(",", ":")).encode()
+        ob.put(rid, RESULTS, payload, seq=seq)
+        payloads.append(payload)
+    return payloads
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    ob = Outbox(tmp_path / "outbox.sqlite3", OutboxConfig(commit_every=1))
+    yield ob
+    ob.close()
+
+
+def _start(
+    ob: Outbox, *, timeout_s: float = 60.0, pub: FakePublisher | None = None
+) -> tuple[FakePublisher, Consumer, Delivery]:
+    pub = pub or FakePublisher()
+    consumer = Consumer("dashboard", site=SITE, device_id=DEV, stream=STREAM, receipt_timeout_s=timeout_s)
+    pub.listen(consumer.subscriptions, consumer.on_message, consumer.on_state)
+    delivery = Delivery(ob, pub, consumer=consumer)
+    pub.consumer_state("dashboard", "online")
+    delivery.start()
+    return pub, consumer, delivery
+
+
+def _on(pub: FakePublisher, kind: str) -> list[bytes]:
+    return [s.payload for s in list(pub.sent) if s.topic.rsplit("/", 1)[1] == kind]
+
+
+class _BrokenPublisher(FakePublisher):
+    """A publisher whose publish() fails once with an error nobody expected (a bug, a library's own error)."""
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, on_ack: AckCallback | None = None
+    ) -> None:
+        raise RuntimeError("unexpected")
+
+
+def test_a_delivery_thread_ended_by_an_unexpected_error_says_so(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    delivery = Delivery(outbox, _BrokenPublisher())
+    with caplog.at_level(logging.ERROR):
+        delivery.start()
+        try:
+            _put(outbox, 3)
+            assert _wait(lambda: delivery._thread is not None and not delivery._thread.is_alive())
+            with pytest.raises(OutboxError, match=r"delivery stopped on an unexpected error \(RuntimeError"):
+                delivery.check()
+            started = time.monotonic()
+            assert delivery.drain(5.0) == 3  # does not wait out its timeout for a thread that is gone
+            assert time.monotonic() - started < 2.0
+        finally:
+            delivery.stop()
+    assert "delivery stopped" in caplog.text
+    assert outbox.pending_count() == 3  # nothing lost
+
+
+def test_a_late_receipt_with_more_holes_neither_resends_nor_announces_lost_what_a_newer_one_released(
+    outbox: Outbox,
+) -> None:
+    pub, _, delivery = _start(outbox)
+    try:
+        _put(outbox, 6)
+        assert _wait(lambda: len(pub.sent) == 6)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == 6)
+        time.sleep(1.1)
+        # The newer receipt: only seq 1 is missing. It releases 0 and 2-5 and sends 1 again.
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=5)
+        assert _wait(lambda: outbox.pending_count() == 1 and len(pub.sent) == 7)
+        # From a lagging consumer process: the same through_seq and max_seq, but 2 and 3 not yet stored then.
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 3)], max_seq=5)
+        time.sleep(0.3)
+        assert _on(pub, "lost") == []  # 2 and 3 were stored: never announced lost
+        assert len(pub.sent) == 7
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=5)
+        assert delivery.drain(5) == 0
+    finally:
+        delivery.stop()
+
+
+def test_receipts_merge_what_each_settles() -> None:
+    from edgemed.publish.consumer import union
+    from edgemed.receipts import Progress
+
+    newer = Progress(0, ((1, 1),), 5)
+    older = Progress(0, ((1, 3),), 5)
+    assert union(newer, older) == union(older, newer) == newer
+    assert union(Progress(3), Progress(1, ((2, 4),), 9)) == Progress(3, ((4, 4),), 9)
+    assert union(Progress(-1, ((0, 4),), 9), Progress(2)) == Progress(2, ((3, 4),), 9)
+    assert union(Progress(-1), Progress(-1)) == Progress(-1)
+
+
+def test_a_missing_result_sent_again_is_not_sent_again_on_every_receipt(outbox: Outbox) -> None:
+    pub, consumer, delivery = _start(outbox)
+    try:
+        payloads = _put(outbox, 3)
+        assert _wait(lambda: len(pub.sent) == 3)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == 3)
+        time.sleep(1.1)
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        assert _wait(lambda: len(pub.sent) == 4) and pub.sent[3].payload == payloads[1]
+        pub.ack()  # the copy sent again reached the broker; the consumer is behind and has not stored it yet
+        for _ in range(6):  # receipts keep coming (4 a second) while it works through its backlog
+            time.sleep(0.3)
+            pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        time.sleep(0.2)
+        assert len(pub.sent) == 4  # given the receipt timeout to arrive, like a first copy
+        assert consumer.resent_total == 1
+        pub.receipt(SITE, DEV, STREAM, through_seq=2)
+        assert delivery.drain(5) == 0
+    finally:
+        delivery.stop()
+
+
+def test_a_missing_result_is_sent_again_once_its_copy_had_the_receipt_timeout_to_arrive(outbox: Outbox) -> None:
+    pub, consumer, delivery = _start(outbox, timeout_s=1.5)
+    try:
+        _put(outbox, 3)
+        assert _wait(lambda: len(pub.sent) == 3)
+        pub.ack()
+        time.sleep(1.1)
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        assert _wait(lambda: len(pub.sent) == 4)
+        pub.ack()
+        time.sleep(1.6)  # the broker lost the copy too: after the timeout it goes once more
+        pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
+        assert _wait(lambda: len(pub.sent) == 5)
+        assert consumer.resent_total == 2
+    finally:
+        delivery.stop()
+
+
+def test_results_not_receipted_in_time_are_sent_again_a_bounded_round_at_a_time(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgemed.publish import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "_TIMEOUT_ROUND", 3)  # 500 in production
+    pub, consumer, delivery = _start(outbox, timeout_s=1.0)
+    try:
+        payloads = _put(outbox, 8)
+        assert _wait(lambda: len(pub.sent) == 8)
+        pub.ack()
+        assert _wait(lambda: len(pub.sent) == 11, timeout_s=5.0)  # the oldest three, not the whole backlog
+        time.sleep(0.3)
+        assert len(pub.sent) == 11
+        assert [s.payload for s in pub.sent[8:]] == payloads[:3]
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=2)  # the consumer stored the round: the next one goes now
+        assert _wait(lambda: len(pub.sent) == 14, timeout_s=0.9)
+        assert [s.payload for s in pub.sent[11:]] == payloads[3:6]
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=5)
+        assert _wait(lambda: len(pub.sent) == 16, timeout_s=0.9)
+        assert [s.payload for s in pub.sent[14:]] == payloads[6:]
+        pub.ack()
+        pub.receipt(SITE, DEV, STREAM, through_seq=7)
+        assert delivery.drain(5) == 0
+        assert consumer.resent_total == 8
+    finally:
+        delivery.stop()
