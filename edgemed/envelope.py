@@ -41,7 +41,7 @@ class EnvelopeContext:
     degraded: bool
     publish_source_names: bool = False
     backend_version: str | None = None
-    #: the data directory's ``seq`` stream (``receipts.stream_id``), right after ``device_id`` in every envelope
+    #: the data directory's ``seq`` stream (``edgemed.outbox.stream``), right after ``device_id`` in every envelope
     stream: str | None = None
 
     @classmethod

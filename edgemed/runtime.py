@@ -38,12 +38,12 @@ from edgemed.inference.classify import Classifier
 from edgemed.local_copy import LocalCopy
 from edgemed.lock import DataDirLock
 from edgemed.outbox import OUTBOX_FILENAME, Outbox
+from edgemed.outbox.stream import sequence_stream
 from edgemed.preprocess import to_colour_mode
 from edgemed.printer import Printer, shows_names
 from edgemed.publish.consumer import Backlog, Consumer, effective_outbox_config
 from edgemed.publish.publisher import Listening
 from edgemed.quality import check_quality
-from edgemed.receipts import stream_id
 from edgemed.resume import Pass, attach_ledger, input_done
 from edgemed.sessions import ClosedStudy, StudyTracker
 from edgemed.summary import RunSummary
@@ -135,7 +135,7 @@ class Device:
             self.classifier = self._load_model()
             self.backend = self.classifier.backend
             secret = load_or_create_secret(self.data_dir)
-            self.stream = stream_id(secret)
+            self.stream = sequence_stream(self.data_dir)  # before the outbox opens: it tells a new sequence
             self.ctx = EnvelopeContext.of(
                 self.device_id,
                 self.site,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from device_fakes import BRIGHT, DARK, AcknowledgingPublisher, BrightnessBackend
 from edgemed import receipts
 from edgemed.config import DeviceProfile
 from edgemed.envelope import result_schema
-from edgemed.identity import load_or_create_secret
 from edgemed.publish.publisher import AckCallback
 from edgemed.runtime import Device
 from edgemed.types import Frame
@@ -92,7 +92,8 @@ def test_a_run_exits_0_once_every_result_was_receipted(tmp_path: Path) -> None:
     assert link.stored == set(range(7))  # six results and the study decision
     with sqlite3.connect(device.data_dir / "outbox.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
-    stream = receipts.stream_id(load_or_create_secret(tmp_path / "data"))
+    stream = (tmp_path / "data" / "outbox.stream").read_text().strip()  # edgemed.outbox.stream
+    assert re.fullmatch("[0-9a-f]{16}", stream)
     for payload in link.on("results"):
         envelope = json.loads(payload)
         jsonschema.validate(envelope, result_schema())

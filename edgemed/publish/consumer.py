@@ -5,7 +5,7 @@ With ``delivery.consumer`` in the profile, the device's link subscribes to its r
 QoS 1 (``Consumer.subscriptions``). Messages arrive on the link's network thread: ``on_message`` and
 ``on_state`` only hand them over. The delivery thread calls ``Consumer.apply`` on every step, which
 
-* releases the rows the receipts of this device's own stream settle (``receipts.stream_id``; receipts of another
+* releases the rows the receipts of this device's own stream settle (``edgemed.outbox.stream``; receipts of another
   stream, such as the one before a re-flash, and malformed ones are ignored, the latter logged once). Receipts
   are merged (a ``seq`` any of them settles is settled), so a late one from a lagging consumer process undoes
   nothing;
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.identity import load_or_create_secret
 from edgemed.outbox import Outbox, OutboxConfig
+from edgemed.outbox.stream import sequence_stream
 from edgemed.publish.config import DeliveryConfig
 from edgemed.publish.publisher import Message, Subscription
 from edgemed.receipts import (
@@ -45,7 +45,6 @@ from edgemed.receipts import (
     merge_ranges,
     parse_receipt,
     progress,
-    stream_id,
 )
 
 log = logging.getLogger("edgemed.publish.delivery")
@@ -67,7 +66,7 @@ class Consumer:
         consumer_id: the profile's ``delivery.consumer``.
         site: the device's site.
         device_id: the device's id.
-        stream: ``receipts.stream_id`` of the data directory's secret.
+        stream: the data directory's ``seq`` stream (``edgemed.outbox.stream``).
         receipt_timeout_s: the profile's ``delivery.receipt_timeout_s``.
         """
         self.consumer_id = consumer_id
@@ -355,7 +354,7 @@ class ConsumerRoute:
             self.delivery.consumer,
             site=self.site,
             device_id=self.device_id,
-            stream=stream_id(load_or_create_secret(data_dir)),
+            stream=sequence_stream(data_dir),
             receipt_timeout_s=self.delivery.receipt_timeout_s,
         )
 
