@@ -55,6 +55,7 @@ _TIMEOUT_CHECK_S = 1.0  # how often the receipt timeout is checked (it scans the
 #: Most rows sent again at once when receipts stop coming (a round; see Consumer._timed_out).
 _TIMEOUT_ROUND = 500
 _RESENT_PRUNE_AT = 4096  # rows remembered as sent again before the map is pruned of those past their hold
+_EARLIER_WAIT_S = 2.0  # online this long without a receipt: the consumer has none to give (see _earlier_rows)
 _HELD_RECEIPTS = 64  # receipts handed over and not yet read; they are cumulative, so the latest ones suffice
 
 
@@ -89,6 +90,10 @@ class Consumer:
         self._warned: set[str] = set()
         self.resent_total = 0
         self.lost_announced_total = 0
+        # Rows an earlier process sent: their PUBACK may predate a broker crash that lost them, and this process
+        # has no receipt timeout running for them yet (edgemed flush would wait out a whole timeout for nothing).
+        self._started_wall = time.time()
+        self._earlier_checked = False
 
     @property
     def subscriptions(self) -> tuple[Subscription, ...]:
@@ -143,6 +148,8 @@ class Consumer:
         receipt = self._newest()
         if receipt is not None:
             lowest += self._take(outbox, receipt)
+        if not self._earlier_checked:
+            lowest += self._earlier_rows(outbox)
         now = time.monotonic()
         round_done = receipt is not None and self._round_settled()
         if round_done or now - self._timeout_checked_at >= _TIMEOUT_CHECK_S:
@@ -208,6 +215,28 @@ class Consumer:
                 written,
             )
         return out
+
+    def _earlier_rows(self, outbox: Outbox) -> list[int]:
+        """Once per process: send again what an earlier process sent and the consumer has not receipted.
+
+        Checked after the first receipt of this stream was applied (it released what the consumer holds), or once
+        the consumer has been online for ``_EARLIER_WAIT_S`` without a retained receipt (a new database, or a
+        broker restarted without persistence). A copy the consumer already has is dropped there by ``result_id``.
+        """
+        if self._state is None and self.presence.online_for_s() < _EARLIER_WAIT_S:
+            return []
+        self._earlier_checked = True
+        rows = outbox.awaiting_rows(sent_before=self._started_wall)
+        lowest = outbox.unsend(rows)
+        if lowest is None:
+            return []
+        self.resent_total += len(rows)
+        log.warning(
+            "sending %d results again that an earlier run sent and the consumer %s has not receipted",
+            len(rows),
+            self.consumer_id,
+        )
+        return [lowest]
 
     def _not_just_resent(self, rows: list[int]) -> list[int]:
         """The rows of ``rows`` not sent again for being missing within the last ``receipt_timeout_s``.
