@@ -18,6 +18,10 @@ changed while nobody listened) is stored with the time the device stamped on it 
 A device first heard of through a retained message is dated the same way. A retained payload that is refused is
 kept as a dead letter once, not once per reconnection (matched by topic and payload hash).
 
+Settled seqs. Each stored result and study decision, each dead letter with a readable ``seq`` and each lost
+announcement also writes ``settled`` rows in the same transaction (``settlement.py``): the receipts are computed
+from them.
+
 One connection is shared by the ingest thread and the web threads behind a lock: SQLite serialises writers anyway,
 and the dashboard's load (a few hundred messages a second at most) does not need a pool. WAL lets an external
 reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes. The file is private (0600,
@@ -40,8 +44,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgemed.dashboard.batch import summarize_batch
 from edgemed.dashboard.queries import StoreQueries, as_flag, as_int, as_obj, as_text
 from edgemed.dashboard.schema import SCHEMA_SQL, open_private, upgrade
+from edgemed.dashboard.settlement import settle, settle_lost
 from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
@@ -84,13 +90,22 @@ def _published_at(body: dict[str, Any] | None, key: str, now: float) -> float | 
     return min(stamp, now) if math.isfinite(stamp) else None
 
 
-def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
-    # A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
-    # dashboard never keeps or shows them, whatever a device sends.
+def _kept_text(payload: dict[str, Any], raw: bytes | None) -> str:
+    """The envelope as the store keeps it: the JSON text the device sent, or re-encoded when that was not given.
+
+    A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
+    dashboard never keeps or shows them, whatever a device sends: such an envelope is kept re-encoded compactly
+    without ``source.name`` (the only case where the stored text differs from what the device sent).
+    """
     source = payload.get("source")
     if isinstance(source, dict) and "name" in source:
-        payload = {**payload, "source": {k: v for k, v in source.items() if k != "name"}}
-    return payload
+        return _dumps({**payload, "source": {k: v for k, v in source.items() if k != "name"}})
+    return raw.decode("utf-8") if raw is not None else _dumps(payload)
+
+
+def _stream_of(body: dict[str, Any]) -> str:
+    stream = body.get("stream")
+    return stream if isinstance(stream, str) else ""  # the ingest checked it: 16 hex digits when present
 
 
 class DashboardStore(StoreQueries):
@@ -156,7 +171,9 @@ class DashboardStore(StoreQueries):
         seen = _published_at(body, "created_at", now) if retained else None
         self._touch(body["site"], body["device_id"], now if seen is None else seen, retained=retained)
 
-    def _insert_result(self, result: dict[str, Any], now: float, retained: bool = False) -> bool:
+    def _insert_result(
+        self, result: dict[str, Any], now: float, retained: bool = False, raw: bytes | None = None
+    ) -> bool:
         runtime = as_obj(result.get("runtime"))
         prediction = as_obj(result.get("prediction"))
         triage = result["triage"]
@@ -174,7 +191,7 @@ class DashboardStore(StoreQueries):
             as_text(runtime.get("delegate")),
             as_flag(runtime.get("degraded")),
             as_text(result.get("session_id")),
-            _dumps(_strip_private(result)),
+            _kept_text(result, raw),
             as_text(triage.get("label")),
         )
         cur = self._db.execute(
@@ -183,10 +200,13 @@ class DashboardStore(StoreQueries):
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
+        settle(self._db, (result["site"], result["device_id"], _stream_of(result)), result["seq"], "stored")
         self._touch_for(result, now, retained)
         return cur.rowcount == 1
 
-    def _insert_study(self, study: dict[str, Any], now: float, retained: bool = False) -> bool:
+    def _insert_study(
+        self, study: dict[str, Any], now: float, retained: bool = False, raw: bytes | None = None
+    ) -> bool:
         triage = study["triage"]
         row = (
             study["result_id"],
@@ -201,7 +221,7 @@ class DashboardStore(StoreQueries):
             as_int(study.get("first_seq")),
             as_int(study.get("last_seq")),
             as_text(study.get("session_id")),
-            _dumps(study),
+            _kept_text(study, raw),
             as_text(triage.get("label")),
         )
         cur = self._db.execute(
@@ -209,6 +229,7 @@ class DashboardStore(StoreQueries):
             "frames, first_seq, last_seq, session_id, payload, triage_label) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
+        settle(self._db, (study["site"], study["device_id"], _stream_of(study)), study["seq"], "stored")
         self._touch_for(study, now, retained)
         return cur.rowcount == 1
 
@@ -241,6 +262,9 @@ class DashboardStore(StoreQueries):
     def _insert_dead_letter(self, filing: Filing, now: float) -> bool:
         reason = filing.reason or "unusable payload"
         digest = hashlib.sha256(filing.payload).hexdigest()
+        key = filing.stream_key
+        if key is not None and filing.seq is not None:
+            settle(self._db, key, filing.seq, "rejected")  # sending it again would not help: receipted
         if filing.retained:
             known = self._db.execute(
                 "SELECT 1 FROM dead_letters WHERE payload_sha256 = ? AND topic = ? LIMIT 1", (digest, filing.topic)
@@ -249,7 +273,7 @@ class DashboardStore(StoreQueries):
                 return False  # the broker sends a retained message again at each new subscription: kept once
         self._db.execute(
             "INSERT INTO dead_letters(received_at, topic, reason, payload, payload_bytes, site, device_id, seq, "
-            "result_id, payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "result_id, payload_sha256, stream) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 now,
                 filing.topic,
@@ -261,6 +285,7 @@ class DashboardStore(StoreQueries):
                 filing.seq,
                 filing.result_id,
                 digest,
+                filing.stream if filing.seq is not None else None,
             ),
         )
         self._db.execute(
@@ -277,11 +302,16 @@ class DashboardStore(StoreQueries):
         return True
 
     def _file_one(self, filing: Filing, now: float) -> str:
-        body, retained = filing.body, filing.retained
+        body, retained, raw = filing.body, filing.retained, filing.payload
         if filing.kind == "results" and body is not None:
-            return "stored" if self._insert_result(body, now, retained) else "duplicate"
+            return "stored" if self._insert_result(body, now, retained, raw) else "duplicate"
         if filing.kind == "studies" and body is not None:
-            return "stored" if self._insert_study(body, now, retained) else "duplicate"
+            return "stored" if self._insert_study(body, now, retained, raw) else "duplicate"
+        if filing.kind == "batch":
+            return summarize_batch([self._file_isolated(element, now) for element in filing.elements])
+        if filing.kind == "lost" and filing.lost is not None:
+            settle_lost(self._db, filing.lost, now)
+            return "recorded"
         if filing.kind in ("status", "health") and body is not None and filing.site and filing.device_id:
             return self._replace_device_state(filing.kind, filing.site, filing.device_id, body, now, retained)
         if filing.kind == "ignored":
@@ -317,7 +347,8 @@ class DashboardStore(StoreQueries):
 
         Returns:
             One outcome per filing: ``"stored"``, ``"duplicate"``, ``"updated"``, ``"ignored"``,
-            ``"unchanged"`` (a retained message the store already holds) or ``"rejected: <reason>"``.
+            ``"unchanged"`` (a retained message the store already holds), ``"recorded"`` (a lost announcement),
+            ``"batch: S stored, D duplicates, R rejected"`` or ``"rejected: <reason>"``.
 
         Raises:
             sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
