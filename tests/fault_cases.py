@@ -31,14 +31,18 @@ def wait_each_stored(rigs: list[Rig], n: int) -> None:
             rig.wait_stored(n, dev)
 
 
-def broker_sigkill(rigs: list[Rig], *, after: int, down_s: float = 3.0, dashboard_late_s: float = 2.0) -> None:
+def broker_sigkill(
+    rigs: list[Rig], *, after: int, down_s: float = 3.0, dashboard_late_s: float = 2.0, hold_s: float = 10.0
+) -> None:
     """SIGKILL each broker once every device has ``after`` results stored; restart it ``down_s`` later on the same
     port and persistence file; the devices reconnect first, the dashboard ``dashboard_late_s`` after the last one.
 
     The dashboard is held back by SIGSTOP from just before the kill until then (its connection dies with the
     broker; on SIGCONT it finds it gone and reconnects with its own back-off), so the devices find the broker
-    without it: with persistence on, the broker restored the dashboard's session and its retained ``online``
-    state from its last save, and queues at most ``max_queued_messages`` (1000) for it.
+    without it. With persistence on, the broker restored the dashboard's session and its retained ``online``
+    state from its last save: the devices take the consumer for online and publish, and the broker queues at most
+    ``max_queued_messages`` (1000) for the absent dashboard and drops the rest. There the dashboard is held until
+    the broker says it drops (at most ``hold_s`` more), so that the case reaches the hole it is about.
     """
     wait_each_stored(rigs, after)
     connects = {}
@@ -57,6 +61,9 @@ def broker_sigkill(rigs: list[Rig], *, after: int, down_s: float = 3.0, dashboar
                 f"{dev.name} to reconnect ({rig.mode})",
             )
     time.sleep(dashboard_late_s)
+    deadline = time.monotonic() + hold_s
+    while time.monotonic() < deadline and not all(r.broker_dropped() for r in rigs if r.persistence):
+        time.sleep(0.1)
     for rig in rigs:
         before = rig.broker.log_count(f"Sending SUBACK to {DASHBOARD_CLIENT}")
         rig.dashboard.signal(signal.SIGCONT)

@@ -214,6 +214,7 @@ class DeviceProcess(_Process):
         results: int,
         consumer: str | None,
         fps_cap: float | None,
+        receipt_timeout_s: float | None = None,
     ) -> None:
         folder.mkdir(parents=True)
         super().__init__(f"device {device_id}", folder / "device.log")
@@ -235,6 +236,8 @@ class DeviceProcess(_Process):
         }
         if consumer is not None:
             body["delivery"] = {"consumer": consumer}
+            if receipt_timeout_s is not None:
+                body["delivery"]["receipt_timeout_s"] = receipt_timeout_s
         self.profile.write_text(json.dumps(body, indent=1))  # JSON is YAML
 
     def start(self) -> None:
@@ -300,9 +303,15 @@ class Rig:
         return "persistence on" if self.persistence else "persistence off"
 
     def device(
-        self, device_id: str, results: int, *, consumer: str | None = "dashboard", fps_cap: float | None = None
+        self,
+        device_id: str,
+        results: int,
+        *,
+        consumer: str | None = "dashboard",
+        fps_cap: float | None = None,
+        receipt_timeout_s: float | None = None,
     ) -> DeviceProcess:
-        """Add (not start) a device that produces about ``results`` results."""
+        """Add (not start) a device that produces about ``results`` results (the profile's defaults unless set)."""
         dev = DeviceProcess(
             self.folder / device_id,
             broker=self.broker,
@@ -312,6 +321,7 @@ class Rig:
             results=results,
             consumer=consumer,
             fps_cap=fps_cap,
+            receipt_timeout_s=receipt_timeout_s,
         )
         self.devices.append(dev)
         return dev
@@ -333,6 +343,10 @@ class Rig:
             wait_until(lambda d=dev: self.broker.log_count(f"as {d.client_id} ") > 0, 60, f"{dev.name} to connect")
         if self.persistence:
             self.broker.save_now()
+
+    def broker_dropped(self) -> bool:
+        """Whether the broker dropped messages for the dashboard (its queue limit, ``max_queued_messages``)."""
+        return self.broker.log_count(f"Outgoing messages are being dropped for client {DASHBOARD_CLIENT}") > 0
 
     def stored(self, device: DeviceProcess | None = None) -> int:
         return stored_count(self.dashboard.db, device.device_id if device else None)
@@ -369,7 +383,7 @@ class Rig:
             stored += sum(counts.values())
             lost += len(set(range(committed)) - set(counts))
             left += dev.on_disk()
-        dropped = self.broker.log_count(f"Outgoing messages are being dropped for client {DASHBOARD_CLIENT}") > 0
+        dropped = self.broker_dropped()
         total_sent = sum(sent[d.device_id] for d in self.devices)
         return Figures(
             case,
