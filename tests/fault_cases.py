@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from broker_fixtures import Mosquitto
-from receipt_faults import DASHBOARD_CLIENT, Rig, holds_write_lock, table, wait_until
+from fault_counts import DASHBOARD_CLIENT, holds_write_lock
+from receipt_faults import Rig, wait_until
 
 
 def wait_each_stored(rigs: list[Rig], n: int) -> None:
@@ -156,6 +157,23 @@ def _baseline_dashboard(made: list[Rig]) -> None:
     for rig in made:
         rig.device("dev-1", 5500, consumer=None).start()
     dashboard_down(made, after=300, down_s=60)
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    """The Markdown table of recorded figures (docs/delivery.md and the README)."""
+    head = "| case | broker persistence | devices | results | stored | duplicates received | lost | left on disk | "
+    head += "broker dropped (queue limit) | time (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---|---:|"
+    lines = [head]
+    for r in rows:
+        mode = "on (autosave 1800 s)" if r["persistence"] else "off"
+        case = str(r["case"]) + ("" if r["consumer"] else " (no consumer: today's PUBACK release)")
+        if r.get("batching_devices"):
+            case += f" ({r['batching_devices']} batching)"
+        lines.append(
+            f"| {case} | {mode} | {r['devices']} | {r['results']:,} | {r['stored']:,} | {r['duplicates']:,} | "
+            f"{r['lost']:,} | {r['left_on_disk']:,} | {'yes' if r['broker_dropped'] else 'no'} | {r['seconds']} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

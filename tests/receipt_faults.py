@@ -9,20 +9,20 @@ its own process, and what the dashboard's store holds at the end, per ``(device_
   record, read-only) against the ``seq`` counter the device committed, and the rows left in its outbox; it
   returns the ``Figures`` of the run (and appends them to ``$EDGEMED_FAULT_FIGURES`` when set).
 * Deliveries to the dashboard are counted in the broker's log (``log_type all``: one line per PUBLISH it sends),
-  so duplicates received = deliveries - stored, over every restart of either.
+  so duplicates received = deliveries - stored, over every restart of either (for devices that send single
+  results: the log does not say how many results a batch held).
 
 Every wait is bounded; every process is started by the rig and killed by ``Rig.close()``. Only 127.0.0.1.
 
-The faults themselves (kill, stop, pause, restart) are steps in ``fault_cases.py``.
+The faults themselves (kill, stop, pause, restart) are steps in ``fault_cases.py``; the counting is in
+``fault_counts.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from broker_fixtures import Mosquitto
+from fault_counts import DASHBOARD_CLIENT, deliveries, read_only, settled_lost, stored_count, stored_seqs
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "faults"
-DASHBOARD_CLIENT = "edgemed-dashboard"  # the dashboard's default --client-id
 IMAGES_PER_PASS = 24  # real BreastMNIST test images exported once per rig
 
 
@@ -46,78 +46,6 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.05)
-
-
-def _read_only(db: Path) -> sqlite3.Connection:
-    # A read-only connection never takes the write lock, so counting cannot slow the writer it watches.
-    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-
-
-def _tables(con: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def stored_seqs(db: Path) -> dict[str, Counter[int]]:
-    """device_id -> how many times each ``seq`` is stored, over the ``results`` and ``studies`` tables."""
-    out: dict[str, Counter[int]] = {}
-    if not db.exists():
-        return out
-    with _read_only(db) as con:
-        names = _tables(con) & {"results", "studies"}
-        for table in sorted(names):
-            for device_id, seq in con.execute(f"SELECT device_id, seq FROM {table}"):  # the two table names above
-                out.setdefault(device_id, Counter())[seq] += 1
-    return out
-
-
-def stored_count(db: Path, device_id: str | None = None) -> int:
-    """How many results the store holds (of one device)."""
-    if not db.exists():
-        return 0
-    try:
-        with _read_only(db) as con:
-            if "results" not in _tables(con):
-                return 0
-            if device_id is None:
-                return int(con.execute("SELECT count(*) FROM results").fetchone()[0])
-            return int(con.execute("SELECT count(*) FROM results WHERE device_id = ?", (device_id,)).fetchone()[0])
-    except sqlite3.OperationalError:  # the file exists but its schema is not written yet
-        return 0
-
-
-def settled_lost(db: Path) -> int:
-    """Rows the store settled as lost at a device (``settled.how = 'lost'``; 0 before that table exists)."""
-    with _read_only(db) as con:
-        if "settled" not in _tables(con):
-            return 0
-        return int(con.execute("SELECT count(*) FROM settled WHERE how = 'lost'").fetchone()[0])
-
-
-def holds_write_lock(db: Path) -> bool:
-    """True while another connection holds the database's write lock (the dashboard is committing)."""
-    con = sqlite3.connect(db, timeout=0, isolation_level=None)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        con.execute("ROLLBACK")
-        return False
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc):
-            raise
-        return True
-    finally:
-        con.close()
-
-
-_SENT = re.compile(r"Sending PUBLISH to (\S+) \(d\d, q\d, r\d, m\d+, 'edgemed/([^/']+)/([^/']+)/(results|studies)'")
-
-
-def deliveries(log: Path, client_id: str = DASHBOARD_CLIENT) -> Counter[str]:
-    """device_id -> results and study decisions the broker sent to ``client_id`` (from its log, every restart)."""
-    out: Counter[str] = Counter()
-    for m in _SENT.finditer(log.read_text(errors="replace")):
-        if m.group(1) == client_id:
-            out[m.group(3)] += 1
-    return out
 
 
 class _Process:
@@ -215,6 +143,7 @@ class DeviceProcess(_Process):
         consumer: str | None,
         fps_cap: float | None,
         receipt_timeout_s: float | None = None,
+        batch: bool = False,
     ) -> None:
         folder.mkdir(parents=True)
         super().__init__(f"device {device_id}", folder / "device.log")
@@ -238,6 +167,9 @@ class DeviceProcess(_Process):
             body["delivery"] = {"consumer": consumer}
             if receipt_timeout_s is not None:
                 body["delivery"]["receipt_timeout_s"] = receipt_timeout_s
+        self.batch = batch
+        if batch:
+            body["publish"] = {"batch": {"enabled": True, "max_results": 100}}
         self.profile.write_text(json.dumps(body, indent=1))  # JSON is YAML
 
     def start(self) -> None:
@@ -251,12 +183,12 @@ class DeviceProcess(_Process):
         """The outbox's committed ``seq`` counter: seqs 0 .. committed-1 were handed to committed results."""
         if not self.outbox.exists():
             return 0
-        with _read_only(self.outbox) as con:
+        with read_only(self.outbox) as con:
             return int(con.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
 
     def on_disk(self) -> int:
         """Results and study decisions still in the outbox (sent or not)."""
-        with _read_only(self.outbox) as con:
+        with read_only(self.outbox) as con:
             return int(con.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
 
@@ -268,10 +200,11 @@ class Figures:
     persistence: bool
     consumer: bool
     devices: int
+    batching_devices: int
     results: int
     stored: int
-    deliveries: int
-    duplicates: int
+    deliveries: int  # of single results, to the dashboard
+    duplicates: int  # of single results, received by the dashboard
     lost: int
     left_on_disk: int
     broker_dropped: bool
@@ -310,6 +243,7 @@ class Rig:
         consumer: str | None = "dashboard",
         fps_cap: float | None = None,
         receipt_timeout_s: float | None = None,
+        batch: bool = False,
     ) -> DeviceProcess:
         """Add (not start) a device that produces about ``results`` results (the profile's defaults unless set)."""
         dev = DeviceProcess(
@@ -322,6 +256,7 @@ class Rig:
             consumer=consumer,
             fps_cap=fps_cap,
             receipt_timeout_s=receipt_timeout_s,
+            batch=batch,
         )
         self.devices.append(dev)
         return dev
@@ -375,7 +310,7 @@ class Rig:
         """Count what the store holds per device against what each device committed."""
         held = stored_seqs(self.dashboard.db)
         sent = deliveries(self.broker.log_path)
-        results = stored = lost = left = 0
+        results = stored = lost = left = singles_stored = singles_sent = 0
         for dev in self.devices:
             counts = held.get(dev.device_id, Counter())
             committed = dev.committed()
@@ -383,20 +318,22 @@ class Rig:
             stored += sum(counts.values())
             lost += len(set(range(committed)) - set(counts))
             left += dev.on_disk()
-        dropped = self.broker_dropped()
-        total_sent = sum(sent[d.device_id] for d in self.devices)
+            if not dev.batch:
+                singles_stored += sum(counts.values())
+                singles_sent += sent[dev.device_id]
         return Figures(
             case,
             self.persistence,
             consumer,
             len(self.devices),
+            sum(d.batch for d in self.devices),
             results,
             stored,
-            total_sent,
-            total_sent - stored,
+            singles_sent,
+            singles_sent - singles_stored,
             lost,
             left,
-            dropped,
+            self.broker_dropped(),
             round(time.monotonic() - self.started, 1),
         )
 
@@ -425,18 +362,3 @@ class Rig:
             dev.kill()
         self.dashboard.kill()
         self.broker.kill()
-
-
-def table(rows: list[dict[str, object]]) -> str:
-    """The Markdown table of recorded figures (docs/delivery.md and the README)."""
-    head = "| case | broker persistence | devices | results | stored | duplicates received | lost | left on disk | "
-    head += "broker dropped (queue limit) | time (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---|---:|"
-    lines = [head]
-    for r in rows:
-        mode = "on (autosave 1800 s)" if r["persistence"] else "off"
-        case = str(r["case"]) + ("" if r["consumer"] else " (no consumer: today's PUBACK release)")
-        lines.append(
-            f"| {case} | {mode} | {r['devices']} | {r['results']:,} | {r['stored']:,} | {r['duplicates']:,} | "
-            f"{r['lost']:,} | {r['left_on_disk']:,} | {'yes' if r['broker_dropped'] else 'no'} | {r['seconds']} |"
-        )
-    return "\n".join(lines)

@@ -98,10 +98,12 @@ def test_device_sigkilled_mid_run_and_restarted(two_rigs: list[Rig]) -> None:
     _finish(two_rigs, "device SIGKILLed mid-run, restarted")
 
 
-def test_three_devices_through_a_broker_sigkill(two_rigs: list[Rig]) -> None:
+def test_three_devices_through_a_broker_sigkill_one_of_them_batching(two_rigs: list[Rig]) -> None:
+    # dev-3 sends edgemed.batch/1 messages of up to 100 results (publish.batch, as the ultrasound cine example
+    # does): one dropped message then holds many results, each receipted and sent again on its own seq.
     for rig in two_rigs:
         for n in (1, 2, 3):
-            rig.device(f"dev-{n}", 2000, fps_cap=150).start()
+            rig.device(f"dev-{n}", 2000, fps_cap=150, batch=n == 3).start()
     for rig in two_rigs:
         rig.save_after_connect()
     broker_sigkill(two_rigs, after=400)
