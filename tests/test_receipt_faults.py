@@ -79,7 +79,7 @@ def test_dashboard_stopped_for_a_minute_while_5000_results_are_published_by_thre
         rig.device("dev-3", 2000, fps_cap=100, receipt_timeout_s=10).start()
     published = dashboard_down(two_rigs, after=100, down_s=60)
     assert published >= 5000, f"only {published} results were published while the dashboard was down"
-    _finish(two_rigs, "dashboard stopped, restarted 60 s later (3 devices)")
+    _finish(two_rigs, "dashboard stopped, restarted 60 s later, 3 devices")
 
 
 def test_dashboard_sigkilled_while_committing(two_rigs: list[Rig]) -> None:
@@ -107,4 +107,4 @@ def test_three_devices_through_a_broker_sigkill_one_of_them_batching(two_rigs: l
     for rig in two_rigs:
         rig.save_after_connect()
     broker_sigkill(two_rigs, after=400)
-    _finish(two_rigs, "broker SIGKILLed mid-run (3 devices)")
+    _finish(two_rigs, "broker SIGKILLed mid-run, 3 devices")
