@@ -132,7 +132,7 @@ def run_export(args: argparse.Namespace, out: BinaryIO | None = None) -> int:
     Raises:
         ConfigError: a bad ``--since`` or database.
     """
-    since = parse_since(args.since) if args.since else None
+    since = parse_since(args.since) if args.since is not None else None
     stream = out if out is not None else sys.stdout.buffer
     try:
         for line in export_lines(args.db, since):

@@ -22,7 +22,9 @@ to every new subscriber.
 Receipts and consumer state. After each commit the streams it touched are handed to ``ReceiptSender``
 (``receipt_sender.py``), which publishes their receipts from the store on its own thread. The link says this
 process's retained ``online``/``offline`` on ``edgemed-consumer/{consumer_id}/{client_id}`` (``offline`` also as
-its last will), ``online`` only once the subscription is granted. Receipts arriving on ``.../receipts`` (other
+its last will), ``online`` only once the subscription is granted; at every (re)connection, once subscribed, it
+says ``online`` again and the receipts of recently settled streams are sent again (a broker restarted without
+persistence has lost both). Receipts arriving on ``.../receipts`` (other
 processes', and our own on MQTT 3.1.1, which has no ``no_local``) are acknowledged and dropped on arrival.
 
 Retained messages (every device's ``status``) come again with each new subscription. The store treats them as old
@@ -170,6 +172,8 @@ class Ingest:
             # A 3.1.1-only broker that ignores MQTT 5 CONNECT would otherwise keep the page empty for two
             # connect_timeout_s and a back-off: the dashboard has always fallen back after the first.
             unanswered_to_fall_back=1,
+            # At every (re)connection: a broker restarted without persistence lost the retained receipts.
+            on_subscribed=lambda: self.receipts.republish(),
         )
         self.receipts = ReceiptSender(store.path, self._publish_receipt, consumer_id, min_interval_s=receipt_interval_s)
 

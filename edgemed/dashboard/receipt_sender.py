@@ -9,6 +9,12 @@ whatever other ingest processes or earlier runs stored, and publishes it retaine
 Rate limit: at most one receipt round per device every ``min_interval_s`` (0.25 s: four a second). A device whose
 commits come during its quiet period is marked and served when the period ends, with the state of the store at
 that moment: the latest state wins, and no commit is left without a receipt.
+
+Again after each (re)connection (``republish``, once the subscription is granted): a broker restarted without
+persistence has lost every retained receipt, and a device that reconnects to it would otherwise wait for the next
+commit of its stream (or its ``receipt_timeout_s``) to hear of what is already stored. The streams that settled
+something in the last ``REPUBLISH_WINDOW_S`` (the ``stream_seen`` table, at most ``REPUBLISH_MAX_STREAMS``, the
+most recent first) are marked and served like any others.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ log = logging.getLogger(__name__)
 MIN_INTERVAL_S = 0.25
 #: Wait after a failed read of the database before trying again (it is locked or failing; the writer says why).
 RETRY_S = 1.0
+
+#: How far back ``republish`` looks for streams, and how many it sends at most.
+REPUBLISH_WINDOW_S = 24 * 3600.0
+REPUBLISH_MAX_STREAMS = 10_000
+_RECENT = "SELECT site, device_id, stream FROM stream_seen WHERE seen_at >= ? ORDER BY seen_at DESC LIMIT ?"
 
 #: Publishes one message: ``(topic, payload)``, QoS 1, retained (``MqttLink.publish`` in the ingest).
 PublishReceipt = Callable[[str, bytes], None]
@@ -64,6 +75,7 @@ class ReceiptSender:
         self._dirty: set[StreamKey] = set()
         self._last_round: dict[tuple[str, str], float] = {}
         self._stopping = False
+        self._republish = False
         self._thread: threading.Thread | None = None
         #: Receipts published since start (tests and the page read it).
         self.sent = 0
@@ -88,6 +100,16 @@ class ReceiptSender:
             self._dirty.update(keys)
             if len(self._dirty) != before:
                 self._cond.notify()
+
+    def republish(self) -> None:
+        """Send again the receipts of the streams that settled something recently (any thread; never blocks on I/O).
+
+        The ingest calls it each time the broker granted its subscription: after a broker restart the retained
+        receipts may be gone.
+        """
+        with self._cond:
+            self._republish = True
+            self._cond.notify()
 
     def pending(self) -> int:
         """Streams waiting for their receipt."""
@@ -118,6 +140,8 @@ class ReceiptSender:
         """Wait for streams whose device's quiet period is over; None when stopping."""
         with self._cond:
             while not self._stopping:
+                if self._republish:
+                    return []  # the thread marks the recent streams first
                 now = time.monotonic()
                 due = [k for k in self._dirty if now - self._last_round.get(k[:2], -1e9) >= self.min_interval_s]
                 if due:
@@ -140,16 +164,39 @@ class ReceiptSender:
                 due = self._take_due()
                 if due is None:
                     return
+                if not due:
+                    self._mark_recent(db)
+                    continue
                 for i, key in enumerate(due):
                     try:
                         self._send(db, key)
                     except sqlite3.Error as exc:
                         log.warning("cannot compute receipts from the dashboard database (%s); retrying", exc)
-                        self.notify(due[i:])
-                        time.sleep(RETRY_S)
-                        break
+                    except Exception:
+                        # Whatever failed (the MQTT client, a bug), this thread must live on: a stream whose
+                        # receipt is never sent again keeps its device's results on disk for good.
+                        log.exception("could not publish a receipt for %s/%s; retrying", key[0], key[1])
+                    else:
+                        continue
+                    self.notify(due[i:])
+                    with self._cond:  # a stop() ends the wait
+                        self._cond.wait_for(lambda: self._stopping, RETRY_S)
+                    break
         finally:
             db.close()
+
+    def _mark_recent(self, db: sqlite3.Connection) -> None:
+        with self._cond:
+            self._republish = False
+        try:
+            rows = db.execute(_RECENT, (time.time() - REPUBLISH_WINDOW_S, REPUBLISH_MAX_STREAMS)).fetchall()
+        except sqlite3.Error as exc:
+            log.warning("cannot read which receipts to send again (%s); retrying", exc)
+            with self._cond:
+                self._republish = True
+                self._cond.wait_for(lambda: self._stopping, RETRY_S)
+            return
+        self.notify((str(site), str(device_id), str(stream)) for site, device_id, stream in rows)
 
     def _send(self, db: sqlite3.Connection, key: StreamKey) -> None:
         site, device_id, stream = key

@@ -113,6 +113,16 @@ CREATE TABLE IF NOT EXISTS lost_ranges (
     received_at REAL NOT NULL,
     PRIMARY KEY (site, device_id, stream, first_seq, last_seq)
 );
+-- When the dashboard last settled something of each seq stream: after a (re)connection it sends again the
+-- receipts of the recent ones (a broker restarted without persistence has lost the retained receipts).
+CREATE TABLE IF NOT EXISTS stream_seen (
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    seen_at     REAL NOT NULL,
+    PRIMARY KEY (site, device_id, stream)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS stream_seen_at ON stream_seen(seen_at);
 -- Per seq stream, a through_seq every seq up to which is settled: a receipt then reads only the rows above it.
 CREATE TABLE IF NOT EXISTS stream_progress (
     site        TEXT NOT NULL,

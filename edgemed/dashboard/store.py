@@ -53,7 +53,7 @@ from edgemed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEVELS", "AckOutcome", "DashboardStore"]
+__all__ = ["LEVELS", "AckOutcome", "DashboardStore", "IdConflict"]
 
 #: Dead letters kept (the newest); their counts by reason are kept for ever in ``dead_letter_counts``.
 DEAD_LETTERS_KEPT = 10_000
@@ -62,6 +62,14 @@ DEAD_LETTER_BYTES_KEPT = 256 * 1024
 # Errors a write raises because of one message's content (the database itself works): that message becomes a
 # dead letter. Anything else (disk full, locked, I/O error) is the database's fault: the batch is retried.
 _MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
+
+
+class IdConflict(ValueError):
+    """A message the store cannot keep because of what it holds already; ``reason`` is its dead letter's reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class AckOutcome(Enum):
@@ -200,7 +208,7 @@ class DashboardStore(StoreQueries):
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
-        settle(self._db, (result["site"], result["device_id"], _stream_of(result)), result["seq"], "stored")
+        self._settle_stored("results", result, inserted=cur.rowcount == 1)
         self._touch_for(result, now, retained)
         return cur.rowcount == 1
 
@@ -229,9 +237,24 @@ class DashboardStore(StoreQueries):
             "frames, first_seq, last_seq, session_id, payload, triage_label) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
-        settle(self._db, (study["site"], study["device_id"], _stream_of(study)), study["seq"], "stored")
+        self._settle_stored("studies", study, inserted=cur.rowcount == 1)
         self._touch_for(study, now, retained)
         return cur.rowcount == 1
+
+    def _settle_stored(self, table: str, body: dict[str, Any], *, inserted: bool) -> None:
+        key = (body["site"], body["device_id"], _stream_of(body))
+        if not inserted:
+            # Dropped as a duplicate of the row already kept under this result_id: that row's seq is what is
+            # stored. A copy naming another device, stream or seq (a device bug, or a forged id) stores nothing,
+            # so its seq must not be receipted as stored: it is refused (a dead letter with its seq) instead.
+            kept = self._db.execute(
+                f"SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq FROM {table} "
+                "WHERE result_id = ?",
+                (body["result_id"],),
+            ).fetchone()
+            if kept is None or tuple(kept) != (*key, body["seq"]):
+                raise IdConflict("result_id is already stored for another result (another device, stream or seq)")
+        settle(self._db, key, body["seq"], "stored")
 
     def _replace_device_state(
         self, column: str, site: str, device_id: str, body: dict[str, Any], now: float, retained: bool = False
@@ -329,8 +352,11 @@ class DashboardStore(StoreQueries):
             outcome = self._file_one(filing, now)
         except _MESSAGE_ERRORS as exc:
             self._db.execute("ROLLBACK TO filing")
-            log.exception("could not store a message on %r; keeping it as a dead letter", filing.topic[:200])
-            reason = f"could not be stored ({type(exc).__name__})"
+            if isinstance(exc, IdConflict):
+                reason = exc.reason  # the ingest logs dead letters by reason (and never their payload)
+            else:
+                log.exception("could not store a message on %r; keeping it as a dead letter", filing.topic[:200])
+                reason = f"could not be stored ({type(exc).__name__})"
             outcome = self._file_one(replace(filing, kind="dead", body=None, reason=reason), now)
         self._db.execute("RELEASE filing")
         return outcome
@@ -354,9 +380,18 @@ class DashboardStore(StoreQueries):
             sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
         """
         now = time.time() if received_at is None else received_at
+        touched = {key for key in (f.stream_key for f in filings) if key is not None}
         with self._lock, self._db:
             self._db.execute("BEGIN")  # explicit: releasing the first savepoint must not commit on its own
-            return [self._file_isolated(f, now) for f in filings]
+            outcomes = [self._file_isolated(f, now) for f in filings]
+            # One row per touched stream and commit (not per message): which receipts to send again after a
+            # reconnection (see receipt_sender.py).
+            self._db.executemany(
+                "INSERT INTO stream_seen(site, device_id, stream, seen_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(site, device_id, stream) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)",
+                [(*key, now) for key in touched],
+            )
+            return outcomes
 
     def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
         """Store one validated ``edgemed.result/1`` envelope.
@@ -367,6 +402,9 @@ class DashboardStore(StoreQueries):
 
         Returns:
             True when stored, False when a result with this ``result_id`` was already there (a duplicate).
+
+        Raises:
+            IdConflict: the ``result_id`` is stored for another device, stream or seq.
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:
@@ -381,6 +419,9 @@ class DashboardStore(StoreQueries):
 
         Returns:
             True when stored, False for a duplicate ``result_id``.
+
+        Raises:
+            IdConflict: the ``result_id`` is stored for another device, stream or seq.
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:

@@ -26,7 +26,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -83,6 +83,7 @@ class MqttLink:
         unanswered_to_fall_back: int = 2,
         tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
         online_when_subscribed: bool = False,
+        on_subscribed: Callable[[], None] | None = None,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
@@ -110,6 +111,8 @@ class MqttLink:
                 (at every connection), not at the CONNACK: for a consumer whose ``online`` tells publishers that
                 what they send now reaches it (on a brand-new session, messages published before the SUBSCRIBE
                 was granted are not queued for it).
+            on_subscribed: called from the network thread each time the broker granted the subscriptions (at
+                every connection, after the ``online`` of ``online_when_subscribed``); it must only hand on.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
@@ -134,6 +137,7 @@ class MqttLink:
         self.persistent = persistent
         self._on_state = on_state
         self._on_message = on_message
+        self._on_subscribed = on_subscribed
         self._manual_ack = manual_ack
         self._describe_refusal = describe_refusal
         self._offline_note = offline_note
@@ -551,6 +555,11 @@ class MqttLink:
             self._subscribed.set()
             if self.status_topic and self._online_when_subscribed:
                 client.publish(self.status_topic, self._status_payload("online", {}), qos=1, retain=True)
+            if self._on_subscribed is not None:
+                try:
+                    self._on_subscribed()
+                except Exception:  # the owner's bug must not kill the network thread
+                    log.exception("on_subscribed callback failed")
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         ack = None
