@@ -4,8 +4,13 @@ Loaded by the suite's conftest (``pytest_plugins = ["broker_fixtures"]``). Every
 talks to anything but the brokers it starts on the loopback interface.
 
 * ``mosquitto_factory`` builds ``Mosquitto`` instances (plain, persistent, password file, TLS) and kills
-  whatever is still running at teardown.
-* ``broker``: a plain listener with persistence and a 1 s autosave, already started.
+  whatever is still running at teardown. ``defaults=True`` leaves every setting that decides what the broker keeps
+  at mosquitto's own default, as users run it: ``max_queued_messages`` 1000, ``max_inflight_messages`` 20,
+  ``autosave_interval`` 1800 s (with ``persistence``), persistent sessions that never expire.
+* ``broker``: a CONFIGURED broker, not a default one: a plain listener with persistence, a 1 s autosave and no
+  queue limit (``max_queued_messages 0``). Tests that need mosquitto as users run it ask for ``defaults=True``
+  (``default_broker``); a test that needs the configured limits to hold says so (see test_delivery_faults.py).
+* ``default_broker``: mosquitto with its defaults and persistence on (``persistence_location`` in the test's folder).
 * ``pki``: a CA, a server certificate for 127.0.0.1/localhost, a client certificate, and an unrelated CA,
   made with the ``openssl`` command.
 * ``Subscriber``: an independent paho client with a persistent session and a fixed client id that counts the
@@ -143,7 +148,17 @@ class Mosquitto:
         pki: Pki | None = None,
         require_client_cert: bool = False,
         acl: str | None = None,
+        defaults: bool = False,
     ) -> None:
+        """Args:
+        folder: config, log and persistence file go here (a restart on the same folder reads the same file).
+        port: a fixed port (a restart keeps it); a free one when omitted.
+        persistence: ``persistence true`` with ``persistence_location`` in ``folder``.
+        autosave_s: ``autosave_interval`` when persistence is on (ignored with ``defaults``: 1800 s).
+        users, pki, require_client_cert, acl: password file, TLS listener, client certificates, ACL file.
+        defaults: mosquitto's own limits (queue 1000, in-flight 20, autosave 1800 s, sessions never expire)
+            instead of the suite's configured ones (no queue limit, 1 s autosave, sessions expire after 1 h).
+        """
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -156,17 +171,14 @@ class Mosquitto:
         lines += [
             f"listener {self.port} 127.0.0.1",
             f"log_dest file {self.log_path}",
-            "log_type all",
-            "max_queued_messages 0",
-            "max_inflight_messages 20",
-            "persistent_client_expiration 1h",
+            "log_type all",  # logging decides nothing about delivery; the fault tests count deliveries in it
         ]
+        if not defaults:
+            lines += ["max_queued_messages 0", "max_inflight_messages 20", "persistent_client_expiration 1h"]
         if persistence:
-            lines += [
-                "persistence true",
-                f"persistence_location {folder}/",
-                f"autosave_interval {autosave_s}",
-            ]
+            lines += ["persistence true", f"persistence_location {folder}/"]
+            if not defaults:
+                lines.append(f"autosave_interval {autosave_s}")
         if users:
             pwfile = folder / "passwd"
             pwfile.write_text("")
@@ -194,6 +206,8 @@ class Mosquitto:
         self.conf = folder / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.tls = pki is not None
+        self.persistence = persistence
+        self.defaults = defaults
 
     @property
     def url(self) -> str:
@@ -240,21 +254,49 @@ class Mosquitto:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(5)
 
+    def restart(self, down_s: float = 0.0, timeout_s: float = 10.0) -> None:
+        """SIGKILL, stay down ``down_s`` seconds, start again on the same port with the same config and
+        persistence file (what it holds is what the last save wrote: with the defaults, nothing of the last
+        30 minutes unless ``save_now`` ran)."""
+        self.kill()
+        time.sleep(down_s)
+        self.start(timeout_s)
+
+    def save_now(self, timeout_s: float = 10.0) -> None:
+        """Make mosquitto write its persistence file now (SIGUSR1) and wait until it says it did.
+
+        Stands for the last periodic autosave before a crash: with the default 1800 s interval a broker that has
+        been up for a while saved its sessions and retained messages at most half an hour ago.
+
+        Raises:
+            RuntimeError: persistence is off, or no save was logged within ``timeout_s``.
+        """
+        if not self.persistence:
+            raise RuntimeError("save_now needs a broker with persistence on")
+        before = self._saves()
+        os.kill(self.pid, signal.SIGUSR1)
+        self._wait_for_save(before, timeout_s)
+
+    def log_count(self, text: str) -> int:
+        """How many times ``text`` occurs in the broker's log (over every start: the log is appended to)."""
+        try:
+            return self.log_path.read_text(errors="replace").count(text)
+        except OSError:
+            return 0
+
+    def _saves(self) -> int:
+        return self.log_count("Saving in-memory database")
+
+    def _wait_for_save(self, before: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._saves() <= before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not save within {timeout_s} s\n{self.log_tail()}")
+            time.sleep(0.05)
+
     def wait_for_autosave(self, timeout_s: float = 10.0) -> None:
         """Wait until mosquitto writes its persistence file once more (sessions then survive a SIGKILL)."""
-
-        def saves() -> int:
-            try:
-                return self.log_path.read_text(errors="replace").count("Saving in-memory database")
-            except OSError:
-                return 0
-
-        before = saves()
-        deadline = time.monotonic() + timeout_s
-        while saves() <= before:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not autosave within {timeout_s} s\n{self.log_tail()}")
-            time.sleep(0.05)
+        self._wait_for_save(self._saves(), timeout_s)
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -280,8 +322,14 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[type[Mosquitto]]:
 
 @pytest.fixture
 def broker(mosquitto_factory: type[Mosquitto]) -> Mosquitto:
-    """A running plain broker with persistence and a 1 s autosave."""
+    """A running plain broker with persistence, a 1 s autosave and no queue limit (configured, not the defaults)."""
     return mosquitto_factory().start()
+
+
+@pytest.fixture
+def default_broker(mosquitto_factory: type[Mosquitto]) -> Mosquitto:
+    """A running plain broker with mosquitto's defaults and persistence on (default autosave, 1800 s)."""
+    return mosquitto_factory(defaults=True).start()
 
 
 @pytest.fixture(scope="session")
