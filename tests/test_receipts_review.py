@@ -203,3 +203,52 @@ def test_results_not_receipted_in_time_are_sent_again_a_bounded_round_at_a_time(
         assert consumer.resent_total == 8
     finally:
         delivery.stop()
+
+
+def test_results_an_earlier_run_sent_and_nobody_receipted_are_sent_again_after_the_first_receipt(
+    tmp_path: Path,
+) -> None:
+    # A run sent three results (PUBACK) and ended; the broker then crashed and lost them. The next process
+    # (edgemed flush, or the next run) must not wait out a whole receipt timeout before sending them again.
+    path = tmp_path / "outbox.sqlite3"
+    first = Outbox(path, OutboxConfig(commit_every=1))
+    payloads = _put(first, 3)
+    first.mark_sent(item.row_id for item in first.pending(10))
+    first.close()
+    time.sleep(0.01)
+    ob = Outbox(path, OutboxConfig(commit_every=1))
+    try:
+        pub, consumer, delivery = _start(ob, timeout_s=600.0)
+        try:
+            assert _wait(lambda: consumer.online)
+            time.sleep(0.2)
+            assert _on(pub, "results") == []  # no receipt yet: nothing to judge by
+            pub.receipt(SITE, DEV, STREAM, 0)  # the consumer holds seq 0 only
+            assert _wait(lambda: len(_on(pub, "results")) == 2)
+            assert _on(pub, "results") == payloads[1:]
+            assert ob.pending_count() == 2
+        finally:
+            delivery.stop()
+    finally:
+        ob.close()
+
+
+def test_without_any_receipt_an_earlier_runs_results_go_again_once_the_consumer_is_up_a_while(
+    tmp_path: Path,
+) -> None:
+    # A new dashboard database (or a broker restarted without persistence) has no retained receipt to give.
+    path = tmp_path / "outbox.sqlite3"
+    first = Outbox(path, OutboxConfig(commit_every=1))
+    payloads = _put(first, 2)
+    first.mark_sent(item.row_id for item in first.pending(10))
+    first.close()
+    time.sleep(0.01)
+    ob = Outbox(path, OutboxConfig(commit_every=1))
+    try:
+        pub, _, delivery = _start(ob, timeout_s=600.0)
+        try:
+            assert _wait(lambda: _on(pub, "results") == payloads, timeout_s=6.0)
+        finally:
+            delivery.stop()
+    finally:
+        ob.close()

@@ -305,8 +305,8 @@ class Consumer:
             log.info("the consumer %s stored the last round: sending the next %d again", self.consumer_id, len(rows))
         else:
             log.warning(
-                "no receipt from the consumer %s for %.0f s: sending %d results again that it has not receipted "
-                "(at most %d at a time, the next round once these are receipted)",
+                "the receipts of the consumer %s settled nothing new for %.0f s: sending %d results again that it "
+                "has not receipted (at most %d at a time, the next round once these are receipted)",
                 self.consumer_id,
                 timeout,
                 len(rows),
