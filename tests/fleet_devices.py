@@ -155,11 +155,18 @@ def _produce(
                 time.sleep(ahead)
         if progress is not None and time.monotonic() - written_at > 0.2:
             written_at = time.monotonic()
-            progress.write_text(str((i + 1) * len(devices)))
+            _write_progress(progress, (i + 1) * len(devices))
     for dev in devices:
         dev.outbox.flush()
     if progress is not None:
-        progress.write_text(str(results * len(devices)))
+        _write_progress(progress, results * len(devices))
+
+
+def _write_progress(path: Path, n: int) -> None:
+    # Whole or not at all: a reader never sees a half-written number.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(n))
+    tmp.replace(path)
 
 
 def _drain(devices: list[SimulatedDevice], timeout_s: float) -> int:

@@ -16,6 +16,7 @@ Every wait is bounded; every process is started here and killed by ``close()``. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -239,10 +240,8 @@ class DeviceFleet(_Process):
         """Results the devices have produced so far (from their progress files)."""
         total = 0
         for _, _, progress in self.parts:
-            try:
-                total += int(progress.read_text() or 0)
-            except (OSError, ValueError):
-                pass  # not written yet, or caught mid-rewrite: counted at the next poll
+            with contextlib.suppress(FileNotFoundError):  # not written yet: nothing produced
+                total += int(progress.read_text())
         return total
 
     def finish(self, timeout_s: float) -> list[DeviceReport]:
