@@ -122,7 +122,9 @@ class Postgres:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown (runuser passes it on)
+            # SIGINT is PostgreSQL's fast shutdown. It goes to the postmaster itself: runuser passes SIGTERM on
+            # but ignores SIGINT, and killing runuser would leave the postmaster running.
+            os.kill(self.postmaster, signal.SIGINT)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
