@@ -77,6 +77,9 @@ REPORT_INTERVAL_S = 5.0
 SETTLE_AGAIN_S = 1.0
 #: Session take-overs within this window that count as two clients fighting over one client id.
 TAKEOVER_WINDOW_S = 60.0
+#: ... of connections that lasted less than this (or that the broker ended saying "Session taken over").
+SHORT_CONNECTION_S = 5.0
+TAKEOVERS_TO_REPORT = 3
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _WHILE_DOWN = "results wait in the devices' outboxes and in the broker's queue for this session"
 _TLS_OPTIONS = TlsSettingNames("--ca-file", "--cert-file and --key-file")  # the dashboard's command-line options
@@ -236,6 +239,7 @@ class Ingest:
         self._fatal: str | None = None
         self._takeover_times: list[float] = []
         self._takeover_logged_at = -1e9
+        self._connected_at = 0.0
         self._settle_again: set[StreamKey] = set()
         self._last_commit_at = 0.0
         self._reporter: threading.Thread | None = None
@@ -393,6 +397,8 @@ class Ingest:
     # -- the link's callbacks ----------------------------------------------------------------------------------
 
     def _on_link_state(self, state: str) -> None:
+        if state == "online":
+            self._connected_at = time.monotonic()
         if state == "online" and self.group is not None and self.link.protocol == "3.1.1":
             self._fatal = (
                 f"broker {self.cfg.url} speaks only MQTT 3.1.1, which has no shared subscriptions: --group "
@@ -401,33 +407,34 @@ class Ingest:
             )  # raised by check(): the worker's process ends with it
 
     def _on_dropped(self, reason: str) -> None:
-        if reason != "Session taken over":
-            return
+        # Two clients with one client id take the session from each other in turn: an MQTT 5 broker may say so
+        # ("Session taken over", EMQX and HiveMQ do); mosquitto 2.0 just closes the older connection. Either way
+        # this worker then sees connections the broker ends soon after accepting them, over and over.
         now = time.monotonic()
+        if reason in ("Success", "Normal disconnection"):
+            return  # we disconnected
+        short = now - self._connected_at < SHORT_CONNECTION_S
+        if reason != "Session taken over" and not short:
+            return
         with self._lock:
             self.stats.takeovers += 1
             self._takeover_times = [t for t in self._takeover_times if now - t < TAKEOVER_WINDOW_S] + [now]
-            looping = len(self._takeover_times) >= 2
-            due = now - self._takeover_logged_at >= TAKEOVER_WINDOW_S
-            if looping and due:
+            looping = len(self._takeover_times) >= TAKEOVERS_TO_REPORT
+            due = looping and now - self._takeover_logged_at >= TAKEOVER_WINDOW_S
+            if due:
                 self._takeover_logged_at = now
-        if looping and due:
+        if due:
             log.error("%s", self._takeover_problem())
-        elif not looping:
-            log.warning(
-                "broker %s disconnected this worker: another client connected with its client id %s; reconnecting",
-                self.cfg.url,
-                self.client_id,
-            )
 
     def _takeover_problem(self) -> str | None:
         with self._lock:
             recent = [t for t in self._takeover_times if time.monotonic() - t < TAKEOVER_WINDOW_S]
-        if len(recent) < 2:
+        if len(recent) < TAKEOVERS_TO_REPORT:
             return None
         return (
-            f"two clients take the broker session of client id {self.client_id} from each other in turn: give each "
-            "ingest worker its own --client-id (a second worker on one host needs one)"
+            f"broker {self.cfg.url} keeps closing this worker's connection soon after accepting it: another client "
+            f"most likely uses its client id {self.client_id}, and the two take the broker session from each other "
+            "in turn; give each ingest worker its own --client-id (a second worker on one host needs one)"
         )
 
     # -- the link's network thread ------------------------------------------------------------------------------
