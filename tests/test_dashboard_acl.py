@@ -69,12 +69,12 @@ def test_the_acl_binds_site_and_device_and_refuses_what_it_cannot_tell_apart(tmp
         merge_devices([AclDevice("a", "dashboard", "dashboard")], "dashboard")
     bad = tmp_path / "bad.csv"
     bad.write_text("site,device_id,username\nclinic-a,us-09,evil\\ntopic readwrite #\n")
-    with pytest.raises(ConfigError, match="username .* must be"):
+    with pytest.raises(ConfigError, match=r"username .* must be"):
         load_devices_file(bad)
     yaml_file = tmp_path / "devices.yaml"
     yaml_file.write_text("devices:\n  - {site: clinic-c, device_id: cam-1}\n")
     assert load_devices_file(yaml_file) == [AclDevice("clinic-c", "cam-1", "cam-1")]
-    with pytest.raises(ConfigError, match="needs --db .* or --devices"):
+    with pytest.raises(ConfigError, match=r"needs --db .* or --devices"):
         run_acl(argparse.Namespace(db=None, devices=None, dashboard_user="dashboard", consumer_id="dashboard"))
     with pytest.raises(ConfigError, match="must be 1-64"):
         acl_text([], consumer_id="a/#")
