@@ -186,3 +186,29 @@ def test_a_payload_naming_another_device_is_a_dead_letter_on_the_page_and_in_met
     assert summary["dead_letters"] == expected
     for reason, n in expected.items():
         assert f'edgemed_dead_letters_total{{reason="{reason}"}} {n}.0' in metrics, metrics
+
+
+def test_the_embedded_dashboard_serves_metrics_with_its_live_counters(broker: Mosquitto, tmp_path: Path) -> None:
+    from edgemed.dashboard import serve
+
+    stop, urls = threading.Event(), []
+    runner = threading.Thread(
+        target=serve,
+        args=(broker.url,),
+        kwargs={"db": tmp_path / "fleet.sqlite3", "port": 0, "stop": stop, "on_ready": urls.append},
+        daemon=True,
+    )
+    runner.start()
+    try:
+        assert wait_until(lambda: bool(urls), 20)
+        assert wait_until(
+            lambda: b'edgemed_ingest_worker_connected{worker="edgemed-dashboard"} 1.0' in get(f"{urls[0]}metrics")[1],
+            20,
+        )
+        status, body, _ = get(f"{urls[0]}metrics")
+        check = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=60)
+        assert status == 200 and check.returncode == 0, check.stdout + check.stderr
+    finally:
+        stop.set()
+        runner.join(20)
+    assert not runner.is_alive()
