@@ -1,17 +1,34 @@
-"""Helpers shared by the benchmark scripts: data location, a loopback mosquitto, medians."""
+"""Helpers shared by the benchmark scripts: data location, a loopback mosquitto, the real dashboard as a child
+process, per-thread profiling, CPU accounting, medians and the results folder.
+
+Every server here listens on 127.0.0.1 only, on a free port, and is stopped by its own process id (the dashboard
+by its own process group) when the ``with`` block ends, also after an error or Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
+import io
+import json
 import os
+import pstats
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def data_root() -> Path:
@@ -19,8 +36,25 @@ def data_root() -> Path:
     return Path(os.environ.get("EDGEMED_DATA", ROOT.parent / "shared" / "data")).resolve()
 
 
+def cine_file() -> Path:
+    """The 30-frame JPEG-baseline ultrasound cine: from the data folder when present, else the repository's copy."""
+    shared = data_root() / "dicom" / "examples_ybr_color.dcm"
+    return shared if shared.exists() else ROOT / "data" / "dicom" / "examples_ybr_color.dcm"
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation between the closest ranks."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def free_port() -> int:
@@ -29,24 +63,52 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Mosquitto:
-    """A real mosquitto on a free 127.0.0.1 port for the duration of a benchmark (stopped by PID)."""
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self) -> None:
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/NAME.json`` (with the command line and the time it ran) and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    meta = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpus": os.cpu_count(),
+    }
+    path.write_text(json.dumps({**meta, **data}, indent=2) + "\n")
+    return path
+
+
+class Mosquitto:
+    """A real mosquitto on a free 127.0.0.1 port for the duration of a benchmark (stopped by PID).
+
+    ``defaults=True`` keeps every mosquitto default that shapes delivery (``max_inflight_messages`` 20,
+    ``max_queued_messages`` 1000, no persistence): only the listener and anonymous access are configured, as a
+    hospital's broker out of the box. ``defaults=False`` lifts the queue and in-flight limits (the older
+    benchmarks' setting, kept for ``bench_runtime.py``'s comparability with its earlier figures).
+    """
+
+    def __init__(self, *, defaults: bool = False) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise SystemExit("mosquitto is not installed: sudo apt-get install -y mosquitto")
         self.exe = exe
+        self.defaults = defaults
         self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-broker-"))
 
     def __enter__(self) -> Mosquitto:
         conf = self.dir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\n"
-            "max_queued_messages 100000\nmax_inflight_messages 0\n"
-        )
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # run as root, mosquitto would switch to a user that may not exist here
+        if not self.defaults:
+            lines += ["max_queued_messages 100000", "max_inflight_messages 0"]
+        conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -55,8 +117,11 @@ class Mosquitto:
                 return self
             except OSError:
                 time.sleep(0.05)
-        self.proc.kill()
+        self.__exit__()
         raise SystemExit("mosquitto did not start within 10 s")
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.proc.pid)
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -64,4 +129,139 @@ class Mosquitto:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# Runs `edgemed dashboard` with every thread under its own cProfile, dumped to one file at exit (SIGINT stops the
+# dashboard cleanly, so the dump happens). Only used with --profile.
+_PROFILED_DASHBOARD = r"""
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+from _common import ThreadProfiler
+out = sys.argv.pop(1)
+from edgemed.cli import main
+with ThreadProfiler() as prof:
+    code = main(sys.argv[1:])
+prof.dump(out)
+sys.exit(code)
+"""
+
+
+class Dashboard:
+    """The real ``edgemed dashboard`` (ingest, store and page) as a child process on a loopback broker.
+
+    Args:
+        broker_url: the broker it subscribes to.
+        db: its SQLite file.
+        consumer_id: ``--consumer-id`` (the consumer of record the devices name); None leaves the option out.
+        profile_to: run it under ``ThreadProfiler`` and write the merged profile there (pstats format).
+    """
+
+    def __init__(
+        self, broker_url: str, db: Path, *, consumer_id: str | None = "dashboard", profile_to: Path | None = None
+    ) -> None:
+        self.broker_url, self.db, self.consumer_id, self.profile_to = broker_url, db, consumer_id, profile_to
+        self.port = free_port()
+        self.log = db.with_suffix(".log")
+
+    def __enter__(self) -> Dashboard:
+        args = ["dashboard", "--broker", self.broker_url, "--db", str(self.db), "--port", str(self.port)]
+        if self.consumer_id is not None:  # None: a dashboard from before receipts (issue 11), for comparisons
+            args += ["--consumer-id", self.consumer_id]
+        if self.profile_to is not None:
+            cmd = [sys.executable, "-c", _PROFILED_DASHBOARD, str(Path(__file__).parent), str(self.profile_to), *args]
+        else:
+            cmd = [sys.executable, "-m", "edgemed", *args]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self._log = self.log.open("wb")
+        # A session of its own: the whole group gets the signal, and Ctrl-C on the benchmark does not reach it
+        # before the benchmark stops it in order.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if self.summary()["ingest"]["subscribed"]:
+                    return self
+            time.sleep(0.1)
+        self.__exit__()
+        raise SystemExit(f"the dashboard did not start within 30 s; its log:\n{self.log.read_text()[-3000:]}")
+
+    def summary(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/summary", timeout=2) as resp:
+            return dict(json.loads(resp.read()))
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.proc.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+class ThreadProfiler:
+    """cProfile for every thread of this process (cProfile alone sees only the thread that enabled it).
+
+    Threads started inside the ``with`` block get a profiler of their own on their first Python call; at the
+    end the profiles are merged. Threads already running are not seen (start the work inside the block).
+    """
+
+    def __init__(self) -> None:
+        self._profiles: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+
+    def _start_in_thread(self, frame: object, event: str, arg: object) -> None:
+        sys.setprofile(None)
+        prof = cProfile.Profile()
+        with self._lock:
+            self._profiles.append(prof)
+        prof.enable()
+
+    def __enter__(self) -> ThreadProfiler:
+        threading.setprofile(self._start_in_thread)
+        main = cProfile.Profile()
+        self._profiles.append(main)
+        main.enable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        threading.setprofile(None)  # type: ignore[arg-type]
+        with self._lock:
+            for prof in self._profiles:
+                prof.disable()
+
+    def stats(self) -> pstats.Stats:
+        with self._lock:
+            profiles = [p for p in self._profiles if p.getstats()]
+        merged = pstats.Stats(profiles[0])
+        for prof in profiles[1:]:
+            merged.add(prof)
+        return merged
+
+    def dump(self, path: Path | str) -> None:
+        self.stats().dump_stats(str(path))
+
+
+def top_functions(stats_file: Path | str, n: int = 25, sort: str = "tottime") -> str:
+    """The ``n`` most expensive functions of a pstats file, as text (paths shortened to the repository)."""
+    buf = io.StringIO()
+    st = pstats.Stats(str(stats_file), stream=buf)
+    st.strip_dirs().sort_stats(sort).print_stats(n)
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
