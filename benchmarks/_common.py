@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,21 +83,51 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def result_payload(site: str, device_id: str, seq: int, stream: str | None = None) -> tuple[str, bytes]:
+    """A valid ``edgemed.result/1`` envelope of about the size of a real one (950 bytes of compact JSON).
+
+    Returns:
+        Its result id and its bytes.
+    """
+    rid = uuid.uuid4().hex
+    head: dict[str, Any] = {"schema": "edgemed.result/1", "result_id": rid, "seq": seq, "device_id": device_id}
+    if stream is not None:
+        head["stream"] = stream
+    body = {
+        **head,
+        "site": site,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "clock_synced": True,
+        "session_id": uuid.uuid4().hex,
+        "model": {"name": "breast_cnn", "version": "1.0.0", "sha256": "a" * 64, "target": "int8"},
+        "preprocess_sha256": "b" * 64,
+        "runtime": {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False, "edgemed": "0.1.0"},
+        "source": {"kind": "folder", "index": seq},
+        "quality": {"passed": True, "blur": 123.456, "brightness": 0.5, "clipped_fraction": 0.001, "reason": None},
+        "prediction": {"label": "malignant", "index": 1, "probabilities": {"benign": 0.2, "malignant": 0.8}},
+        "triage": {"level": "urgent", "reason": "malignant probability 0.80 >= 0.50: refer today"},
+        "latency_ms": {"capture": 1.2, "preprocess": 0.3, "inference": 0.01, "triage": 0.01, "total": 1.6},
+    }
+    return rid, json.dumps(body, separators=(",", ":")).encode()
+
+
 class Mosquitto:
     """A real mosquitto on a free 127.0.0.1 port for the duration of a benchmark (stopped by PID).
 
     ``defaults=True`` keeps every mosquitto default that shapes delivery (``max_inflight_messages`` 20,
     ``max_queued_messages`` 1000, no persistence): only the listener and anonymous access are configured, as a
     hospital's broker out of the box. ``defaults=False`` lifts the queue and in-flight limits (the older
-    benchmarks' setting, kept for ``bench_runtime.py``'s comparability with its earlier figures).
+    benchmarks' setting, kept for ``bench_runtime.py``'s comparability with its earlier figures). ``extra``: more
+    configuration lines, appended.
     """
 
-    def __init__(self, *, defaults: bool = False) -> None:
+    def __init__(self, *, defaults: bool = False, extra: tuple[str, ...] = ()) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise SystemExit("mosquitto is not installed: sudo apt-get install -y mosquitto")
         self.exe = exe
         self.defaults = defaults
+        self.extra = extra
         self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-broker-"))
@@ -108,6 +139,7 @@ class Mosquitto:
             lines.append("user root")  # run as root, mosquitto would switch to a user that may not exist here
         if not self.defaults:
             lines += ["max_queued_messages 100000", "max_inflight_messages 0"]
+        lines += list(self.extra)
         conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -156,12 +188,20 @@ class Dashboard:
         db: its SQLite file.
         consumer_id: ``--consumer-id`` (the consumer of record the devices name); None leaves the option out.
         profile_to: run it under ``ThreadProfiler`` and write the merged profile there (pstats format).
+        wrapper: a command the dashboard runs under (``strace ...``); its CPU is then the wrapper's, not counted.
     """
 
     def __init__(
-        self, broker_url: str, db: Path, *, consumer_id: str | None = "dashboard", profile_to: Path | None = None
+        self,
+        broker_url: str,
+        db: Path,
+        *,
+        consumer_id: str | None = "dashboard",
+        profile_to: Path | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.broker_url, self.db, self.consumer_id, self.profile_to = broker_url, db, consumer_id, profile_to
+        self.wrapper = wrapper
         self.port = free_port()
         self.log = db.with_suffix(".log")
 
@@ -173,6 +213,7 @@ class Dashboard:
             cmd = [sys.executable, "-c", _PROFILED_DASHBOARD, str(Path(__file__).parent), str(self.profile_to), *args]
         else:
             cmd = [sys.executable, "-m", "edgemed", *args]
+        cmd = [*self.wrapper, *cmd]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self._log = self.log.open("wb")
         # A session of its own: the whole group gets the signal, and Ctrl-C on the benchmark does not reach it

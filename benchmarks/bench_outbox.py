@@ -59,6 +59,7 @@ from _common import (
     Mosquitto,
     ThreadProfiler,
     median,
+    result_payload,
     temp_dir,
     top_functions,
     write_results,
@@ -98,31 +99,6 @@ c.disconnect(); c.loop_stop()
 """
 
 
-def result_payload(device_id: str, stream: str, seq: int) -> tuple[str, bytes]:
-    """A result envelope of about the size of a real one (about 950 bytes of compact JSON), valid for the dashboard."""
-    rid = uuid.uuid4().hex
-    body = {
-        "schema": "edgemed.result/1",
-        "result_id": rid,
-        "seq": seq,
-        "device_id": device_id,
-        "stream": stream,
-        "site": SITE,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-        "clock_synced": True,
-        "session_id": uuid.uuid4().hex,
-        "model": {"name": "breast_cnn", "version": "1.0.0", "sha256": "a" * 64, "target": "int8"},
-        "preprocess_sha256": "b" * 64,
-        "runtime": {"backend": "ai_edge_litert", "delegate": "cpu", "degraded": False, "edgemed": "0.1.0"},
-        "source": {"kind": "folder", "index": seq},
-        "quality": {"passed": True, "blur": 123.456, "brightness": 0.5, "clipped_fraction": 0.001, "reason": None},
-        "prediction": {"label": "malignant", "index": 1, "probabilities": {"benign": 0.2, "malignant": 0.8}},
-        "triage": {"level": "urgent", "reason": "malignant probability 0.80 >= 0.50: refer today"},
-        "latency_ms": {"capture": 1.2, "preprocess": 0.3, "inference": 0.01, "triage": 0.01, "total": 1.6},
-    }
-    return rid, json.dumps(body, separators=(",", ":")).encode()
-
-
 @dataclass
 class Round:
     """One measured pass of one path."""
@@ -137,7 +113,7 @@ def bench_paho(broker: Mosquitto, dash: Dashboard, n: int) -> Round:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    payloads = [result_payload("baseline", "0" * 16, i)[1] for i in range(n)]
+    payloads = [result_payload("bench", "baseline", i)[1] for i in range(n)]
     tag = uuid.uuid4().hex[:6]
     sub = subprocess.Popen(
         [sys.executable, "-c", SUBSCRIBER, str(broker.port), BASELINE_TOPIC, str(n), f"bench-sub-{tag}"],
@@ -216,7 +192,7 @@ def bench_edgemed(
             consumer="dashboard" if consumer else None,
             batch=batch,
         )
-        payloads = [result_payload(device_id, side.stream, i) for i in range(n)]
+        payloads = [result_payload(SITE, device_id, i, side.stream) for i in range(n)]
         profiler = ThreadProfiler() if profile is not None else None
         if profiler is not None:
             profiler.__enter__()
