@@ -165,19 +165,53 @@ class Mosquitto:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-# Runs `edgemed dashboard` with every thread under its own cProfile, dumped to one file at exit (SIGINT stops the
-# dashboard cleanly, so the dump happens). Only used with --profile.
-_PROFILED_DASHBOARD = r"""
-import sys
+# Runs an `edgemed` command in this interpreter, instrumented (only for --profile): "cprofile" / "cprofile-cpu" put
+# every thread under its own cProfile (wall clock / thread CPU clock) and write the merged stats at exit (and the
+# main thread's alone beside them); "threads" samples each Python thread's CPU time
+# from /proc every 20 ms (no profiler overhead) and writes {thread name: CPU s} plus the process total as JSON.
+# SIGINT/SIGTERM stop edgemed cleanly, so the file is written also for the dashboard.
+_INSTRUMENTED = r"""
+import json, os, sys, threading, time
 sys.path.insert(0, sys.argv.pop(1))
-from _common import ThreadProfiler
-out = sys.argv.pop(1)
+mode, out = sys.argv.pop(1), sys.argv.pop(1)
+from _common import ThreadProfiler, thread_cpu_s
 from edgemed.cli import main
-with ThreadProfiler() as prof:
+if mode.startswith("cprofile"):
+    with ThreadProfiler(cpu=mode == "cprofile-cpu") as prof:
+        code = main(sys.argv[1:])
+    prof.dump(out)
+else:
+    seen, done = {}, threading.Event()
+    def sample():
+        while not done.wait(0.02):
+            for t in threading.enumerate():
+                cpu = thread_cpu_s(t.native_id)
+                if cpu is not None:
+                    seen[f"{t.name}#{t.native_id}"] = cpu
+    threading.Thread(target=sample, name="bench-sampler", daemon=True).start()
     code = main(sys.argv[1:])
-prof.dump(out)
+    done.set()
+    t = os.times()
+    json.dump({"threads": seen, "process": t.user + t.system}, open(out, "w"))
 sys.exit(code)
 """
+
+
+def instrumented_cmd(mode: str, out: Path, edgemed_args: list[str]) -> list[str]:
+    """The command line that runs ``edgemed EDGEMED_ARGS`` instrumented (``mode``: ``cprofile``, ``cprofile-cpu``
+    or ``threads``)."""
+    return [sys.executable, "-c", _INSTRUMENTED, str(Path(__file__).parent), mode, str(out), *edgemed_args]
+
+
+def thread_cpu_s(native_id: int | None) -> float | None:
+    """CPU seconds one thread of this process has used, from /proc (None once it has ended)."""
+    if native_id is None:
+        return None
+    try:
+        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Dashboard:
@@ -210,7 +244,7 @@ class Dashboard:
         if self.consumer_id is not None:  # None: a dashboard from before receipts (issue 11), for comparisons
             args += ["--consumer-id", self.consumer_id]
         if self.profile_to is not None:
-            cmd = [sys.executable, "-c", _PROFILED_DASHBOARD, str(Path(__file__).parent), str(self.profile_to), *args]
+            cmd = instrumented_cmd("cprofile", self.profile_to, args)
         else:
             cmd = [sys.executable, "-m", "edgemed", *args]
         cmd = [*self.wrapper, *cmd]
@@ -253,42 +287,51 @@ class ThreadProfiler:
 
     Threads started inside the ``with`` block get a profiler of their own on their first Python call; at the
     end the profiles are merged. Threads already running are not seen (start the work inside the block).
+
+    Args:
+        cpu: time with each thread's CPU clock (``time.thread_time``: where the CPU goes) instead of the wall
+            clock (cProfile's default: where a thread waits, too, e.g. for a lock another thread holds).
     """
 
-    def __init__(self) -> None:
-        self._profiles: list[cProfile.Profile] = []
+    def __init__(self, *, cpu: bool = False) -> None:
+        self._timer = time.thread_time if cpu else None
+        self._profiles: list[tuple[str, cProfile.Profile]] = []
         self._lock = threading.Lock()
+
+    def _new(self) -> cProfile.Profile:
+        prof = cProfile.Profile(self._timer) if self._timer is not None else cProfile.Profile()
+        with self._lock:
+            self._profiles.append((threading.current_thread().name, prof))
+        return prof
 
     def _start_in_thread(self, frame: object, event: str, arg: object) -> None:
         sys.setprofile(None)
-        prof = cProfile.Profile()
-        with self._lock:
-            self._profiles.append(prof)
-        prof.enable()
+        self._new().enable()
 
     def __enter__(self) -> ThreadProfiler:
         threading.setprofile(self._start_in_thread)
-        main = cProfile.Profile()
-        self._profiles.append(main)
-        main.enable()
+        self._new().enable()
         return self
 
     def __exit__(self, *exc: object) -> None:
         threading.setprofile(None)  # type: ignore[arg-type]
         with self._lock:
-            for prof in self._profiles:
+            for _, prof in self._profiles:
                 prof.disable()
 
-    def stats(self) -> pstats.Stats:
+    def stats(self, thread: str | None = None) -> pstats.Stats:
+        """The merged profile of every thread, or of the threads named ``thread``."""
         with self._lock:
-            profiles = [p for p in self._profiles if p.getstats()]
+            profiles = [p for name, p in self._profiles if p.getstats() and thread in (None, name)]
         merged = pstats.Stats(profiles[0])
         for prof in profiles[1:]:
             merged.add(prof)
         return merged
 
     def dump(self, path: Path | str) -> None:
+        """Write the merged profile to ``path`` and the main thread's alone beside it (``*-main.pstats``)."""
         self.stats().dump_stats(str(path))
+        self.stats("MainThread").dump_stats(str(path).removesuffix(".pstats") + "-main.pstats")
 
 
 def top_functions(stats_file: Path | str, n: int = 25, sort: str = "tottime") -> str:
