@@ -238,6 +238,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5, help="rounds; medians are reported (default 5)")
     ap.add_argument("--batch-results", type=int, default=100, help="results per batch message (default 100)")
     ap.add_argument("--profile", action="store_true", help="add one profiled round of each edgemed path")
+    ap.add_argument(
+        "--max-queued",
+        type=int,
+        default=None,
+        metavar="N",
+        help="diagnosis only: set mosquitto's max_queued_messages to N (default: mosquitto's own default, 1000)",
+    )
     ap.add_argument("--out", default="outbox", help="name of the results files in benchmarks/results/")
     args = ap.parse_args()
     if not 100 <= args.results <= 200_000 or not 1 <= args.runs <= 50:
@@ -251,7 +258,8 @@ def main() -> int:
     }
     rounds: dict[str, list[Round]] = {name: [] for name in paths}
     profiles: dict[str, str] = {}
-    with temp_dir("edgemed-bench-dash-") as folder, Mosquitto(defaults=True) as broker:
+    extra = (f"max_queued_messages {args.max_queued}",) if args.max_queued is not None else ()
+    with temp_dir("edgemed-bench-dash-") as folder, Mosquitto(defaults=True, extra=extra) as broker:
         dash_profile = RESULTS / f"{args.out}-dashboard.pstats" if args.profile else None
         with Dashboard(broker.url, folder / "fleet.sqlite3", profile_to=dash_profile) as dash:
             for i in range(args.runs):
@@ -301,7 +309,8 @@ def report(args: argparse.Namespace, rounds: dict[str, list[Round]], profiles: d
             }
         )
     lines = [
-        f"{args.results} results of about 950 bytes per round, {args.runs} rounds, medians; mosquitto defaults; "
+        f"{args.results} results of about 950 bytes per round, {args.runs} rounds, medians; mosquitto defaults"
+        f"{f' but max_queued_messages {args.max_queued}' if args.max_queued is not None else ''}; "
         f"{os.cpu_count()} CPUs",
         "",
         "| path | results/s (median) | min | max | vs baseline (paired) | CPU µs/result |",
