@@ -221,7 +221,7 @@ class Dashboard:
         broker_url: the broker it subscribes to.
         db: its SQLite file.
         consumer_id: ``--consumer-id`` (the consumer of record the devices name); None leaves the option out.
-        profile_to: run it under ``ThreadProfiler`` and write the merged profile there (pstats format).
+        profile_to: run it under ``ThreadProfiler(cpu=True)`` and write the merged profile there (pstats format).
         wrapper: a command the dashboard runs under (``strace ...``); its CPU is then the wrapper's, not counted.
     """
 
@@ -244,7 +244,7 @@ class Dashboard:
         if self.consumer_id is not None:  # None: a dashboard from before receipts (issue 11), for comparisons
             args += ["--consumer-id", self.consumer_id]
         if self.profile_to is not None:
-            cmd = instrumented_cmd("cprofile", self.profile_to, args)
+            cmd = instrumented_cmd("cprofile-cpu", self.profile_to, args)
         else:
             cmd = [sys.executable, "-m", "edgemed", *args]
         cmd = [*self.wrapper, *cmd]
