@@ -280,8 +280,10 @@ def main() -> int:
                 f"{s['commit_p50_ms']:.0f} / {s['commit_p95_ms']:.0f} | "
                 f"{c['devices_total']:.1f} / {c['dashboard']:.1f} / {c['broker']:.1f} |"
             )
+    print()
+    for r in results:
         print(
-            f"\nbatch {'on' if r['batch'] else 'off'}: exit codes {r['exit_codes']}; store polled every "
+            f"batch {'on' if r['batch'] else 'off'}: exit codes {r['exit_codes']}; store polled every "
             f"{r['poll_period_ms']['median']:.1f} ms (p95 {r['poll_period_ms']['p95']:.1f}); steady-state p95 "
             f"{r['steady_state']['p95_ms']:.0f} ms (target <= 250: "
             f"{'met' if r['steady_state']['p95_ms'] <= 250 else 'missed'})"
