@@ -180,7 +180,15 @@ def wait_stored(db: Path, device_id: str, n: int, quiet_s: float) -> tuple[int, 
 
 
 def bench_edgemed(
-    broker: Mosquitto, dash: Dashboard, n: int, *, consumer: bool, batch: int, label: str, profile: Path | None
+    broker: Mosquitto,
+    dash: Dashboard,
+    n: int,
+    *,
+    consumer: bool,
+    batch: int,
+    label: str,
+    profile: Path | None,
+    window: int = 0,
 ) -> Round:
     """One device (fresh data directory, fresh device id) putting ``n`` results as fast as it can."""
     device_id = f"{label}-{uuid.uuid4().hex[:8]}"
@@ -204,6 +212,8 @@ def bench_edgemed(
             cpu0, dash0, broker0 = time.process_time(), dash.cpu_s(), broker.cpu_s()
             t0 = time.perf_counter()
             for seq, (rid, body) in enumerate(payloads):
+                while window and side.outbox.pending_count() >= window:
+                    time.sleep(0.001)  # diagnosis: at most `window` results not yet released
                 side.put(rid, body, seq)
             remaining = side.wait_empty(LIMIT_S)
             elapsed = time.perf_counter() - t0
@@ -240,6 +250,14 @@ def main() -> int:
     ap.add_argument("--batch-results", type=int, default=100, help="results per batch message (default 100)")
     ap.add_argument("--profile", action="store_true", help="add one profiled round of each edgemed path")
     ap.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        metavar="N",
+        help="diagnosis only: the producer waits while N results are on the device (not yet released), as a "
+        "delivery window on unreceipted results would (default 0: no limit, as edgemed has it)",
+    )
+    ap.add_argument(
         "--max-queued",
         type=int,
         default=None,
@@ -270,7 +288,14 @@ def main() -> int:
                         consumer, batch = how
                         label = ("b" if batch else "s") if consumer else "n"
                         r = bench_edgemed(
-                            broker, dash, args.results, consumer=consumer, batch=batch, label=label, profile=None
+                            broker,
+                            dash,
+                            args.results,
+                            consumer=consumer,
+                            batch=batch,
+                            label=label,
+                            profile=None,
+                            window=args.window,
                         )
                     rounds[name].append(r)
                     print(f"  round {i + 1}/{args.runs}: {name}: {r.rate:,.0f} results/s", file=sys.stderr)
@@ -314,7 +339,8 @@ def report(args: argparse.Namespace, rounds: dict[str, list[Round]], profiles: d
         )
     lines = [
         f"{args.results} results of about 950 bytes per round, {args.runs} rounds, medians; mosquitto defaults"
-        f"{f' but max_queued_messages {args.max_queued}' if args.max_queued is not None else ''}; "
+        f"{f' but max_queued_messages {args.max_queued}' if args.max_queued is not None else ''}"
+        f"{f'; producer window {args.window} results (diagnosis)' if args.window else ''}; "
         f"{os.cpu_count()} CPUs",
         "",
         "| path | results/s (median) | min | max | vs baseline (paired) | CPU µs/result |",
