@@ -1,7 +1,8 @@
 """The ``edgemed`` command. Thin: it parses arguments and calls library functions.
 
 Exit codes (kept stable; the README's table is the reference):
-    0  done: the source is exhausted and every result was acknowledged by the broker
+    0  done: the source is exhausted and every result was acknowledged by the broker (with delivery.consumer:
+       receipted by the consumer of record)
     2  usage or configuration error (bad flag, malformed profile, data directory owned by another process,
        convert extra missing)
     3  model or manifest unusable (missing, altered, or rejected by the acceptance gate)
@@ -10,7 +11,8 @@ Exit codes (kept stable; the README's table is the reference):
     6  the intended accelerator is absent and the profile refuses CPU fallback
     7  the data directory cannot be written (outbox, results.jsonl or device secret: disk full, permissions), or
        the outbox was found damaged at start (what could be read was recovered)
-    10 finished, but results are still pending on disk (sent by the next run or `edgemed flush`)
+    10 finished, but results are still on disk (not yet acknowledged, or awaiting the consumer's receipt; sent by
+       the next run or `edgemed flush`)
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edgemed: study decision: {study.level.upper()}: {study.reason}", file=sys.stderr)
     if summary.pending:
         print(
-            f"edgemed: {summary.pending} results are still pending in {device.data_dir}; they are sent on the "
-            "next run or with `edgemed flush`",
+            f"edgemed: {summary.pending} results are still pending in {device.data_dir} ({summary.backlog}); "
+            "they are sent on the next run or with `edgemed flush`",
             file=sys.stderr,
         )
     return summary.exit_code
@@ -64,6 +66,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     from edgemed.config import default_data_dir, load_profile, merge_broker
     from edgemed.errors import ConfigError
     from edgemed.outbox import OUTBOX_FILENAME
+    from edgemed.publish.consumer import ConsumerRoute
     from edgemed.publish.delivery import flush_outbox
 
     profile = load_profile(args.profile) if args.profile is not None else None
@@ -87,9 +90,12 @@ def cmd_flush(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         timeout_name="--timeout",
         outbox_cfg=profile.outbox if profile is not None else None,
+        route=ConsumerRoute(profile.delivery, profile.device.site, profile.device.id) if profile is not None else None,
+        batch=profile.publish.batch if profile is not None else None,
     )
+    left = f" ({result.backlog.describe()})" if result.remaining else ""
     print(
-        f"edgemed: sent {result.sent} results; {result.remaining} results still pending in {data_dir}",
+        f"edgemed: sent {result.sent} results; {result.remaining} results still pending in {data_dir}{left}",
         file=sys.stderr,
     )
     return 0 if result.remaining == 0 else 10

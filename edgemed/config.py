@@ -1,11 +1,11 @@
 """Device profiles: one YAML file that says everything about a device, validated before anything runs.
 
 Each part of the runtime owns its own config model (``CaptureConfig``, ``QualityConfig``, ``BackendConfig``,
-``TriagePolicy``, ``MqttConfig``, ``OutboxConfig``); :class:`DeviceProfile` composes them. Unknown keys are
-rejected everywhere, so a typo in a field name is an error that names the field, not a silently ignored setting.
-Relative paths in a profile are taken relative to the profile's own folder. ``merge_overrides`` sets values over
-a profile (the command line over ``--profile``), and ``merge_broker`` points its broker settings elsewhere, both
-validated again as a whole.
+``TriagePolicy``, ``MqttConfig``, ``OutboxConfig``, ``DeliveryConfig``, ``PublishConfig``); :class:`DeviceProfile`
+composes them. Unknown keys are rejected everywhere, so a typo in a field name is an error that names the field,
+not a silently ignored setting. Relative paths in a profile are taken relative to the profile's own folder.
+``merge_overrides`` sets values over a profile (the command line over ``--profile``), and ``merge_broker`` points
+its broker settings elsewhere, both validated again as a whole.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.identity import ID_PATTERN
 from edgemed.inference import BackendConfig
 from edgemed.outbox import OutboxConfig
-from edgemed.publish.config import MqttConfig, parse_broker_url
+from edgemed.publish.config import DeliveryConfig, MqttConfig, PublishConfig, parse_broker_url
 from edgemed.quality import QualityConfig
 from edgemed.triage import TriagePolicy
 from edgemed.validation import StrictModel, describe
@@ -117,6 +117,8 @@ class DeviceProfile(StrictModel):
         None, description="broker connection; absent = offline (results stay in the outbox until `edgemed flush`)"
     )
     outbox: OutboxConfig = OutboxConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    publish: PublishConfig = PublishConfig()
     health: HealthConfig = HealthConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     run: RunConfig = RunConfig()

@@ -41,10 +41,18 @@ class EnvelopeContext:
     degraded: bool
     publish_source_names: bool = False
     backend_version: str | None = None
+    #: the data directory's ``seq`` stream (``receipts.stream_id``), right after ``device_id`` in every envelope
+    stream: str | None = None
 
     @classmethod
     def of(
-        cls, device_id: str, site: str, classifier: Classifier, *, publish_source_names: bool = False
+        cls,
+        device_id: str,
+        site: str,
+        classifier: Classifier,
+        *,
+        publish_source_names: bool = False,
+        stream: str | None = None,
     ) -> EnvelopeContext:
         """The context of a device running ``classifier``: its model's identity and the backend that runs it."""
         from edgemed.inference.probe import runtime_version
@@ -65,6 +73,7 @@ class EnvelopeContext:
             degraded=backend.degraded,
             publish_source_names=publish_source_names,
             backend_version=runtime_version(backend.backend),
+            stream=stream,
         )
 
 
@@ -136,24 +145,32 @@ def result_envelope(ctx: EnvelopeContext, result: FrameResult) -> dict[str, Any]
     if ctx.publish_source_names and frame.name:
         source["name"] = frame.name
     quality, prediction = result.quality, result.prediction
-    return {
-        "schema": RESULT_SCHEMA,
-        "result_id": result.result_id,
-        "seq": result.seq,
-        "device_id": ctx.device_id,
-        "site": ctx.site,
-        "created_at": utc_now_iso(result.created_at),
-        "clock_synced": result.clock_synced,
-        "session_id": result.session_id,
-        "model": ctx.model,
-        "preprocess_sha256": ctx.preprocess_sha256,
-        "runtime": _runtime(ctx),
-        "source": source,
-        "quality": quality.as_dict() if quality is not None else None,
-        "prediction": prediction.as_dict() if prediction is not None else None,
-        "triage": result.triage.as_dict(),
-        "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
-    }
+    envelope = _head(RESULT_SCHEMA, ctx, result.result_id, result.seq)
+    envelope.update(
+        {
+            "site": ctx.site,
+            "created_at": utc_now_iso(result.created_at),
+            "clock_synced": result.clock_synced,
+            "session_id": result.session_id,
+            "model": ctx.model,
+            "preprocess_sha256": ctx.preprocess_sha256,
+            "runtime": _runtime(ctx),
+            "source": source,
+            "quality": quality.as_dict() if quality is not None else None,
+            "prediction": prediction.as_dict() if prediction is not None else None,
+            "triage": result.triage.as_dict(),
+            "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
+        }
+    )
+    return envelope
+
+
+def _head(schema: str, ctx: EnvelopeContext, result_id: str, seq: int) -> dict[str, Any]:
+    """The first keys of every envelope; ``stream`` right after ``device_id`` when the device has one."""
+    head: dict[str, Any] = {"schema": schema, "result_id": result_id, "seq": seq, "device_id": ctx.device_id}
+    if ctx.stream is not None:
+        head["stream"] = ctx.stream
+    return head
 
 
 def build_result(
@@ -201,21 +218,21 @@ def _runtime(ctx: EnvelopeContext) -> dict[str, Any]:
 
 def study_envelope(ctx: EnvelopeContext, study: StudyResult) -> dict[str, Any]:
     """The envelope (``edgemed.study/1``) of one study decision over the frames ``first_seq..last_seq``."""
-    return {
-        "schema": STUDY_SCHEMA,
-        "result_id": study.result_id,
-        "seq": study.seq,
-        "device_id": ctx.device_id,
-        "site": ctx.site,
-        "created_at": utc_now_iso(study.created_at),
-        "clock_synced": study.clock_synced,
-        "session_id": study.session_id,
-        "model": ctx.model,
-        "source_kind": study.source_kind,
-        "first_seq": study.first_seq,
-        "last_seq": study.last_seq,
-        "triage": study.decision.as_dict(),
-    }
+    envelope = _head(STUDY_SCHEMA, ctx, study.result_id, study.seq)
+    envelope.update(
+        {
+            "site": ctx.site,
+            "created_at": utc_now_iso(study.created_at),
+            "clock_synced": study.clock_synced,
+            "session_id": study.session_id,
+            "model": ctx.model,
+            "source_kind": study.source_kind,
+            "first_seq": study.first_seq,
+            "last_seq": study.last_seq,
+            "triage": study.decision.as_dict(),
+        }
+    )
+    return envelope
 
 
 def encode(envelope: dict[str, Any]) -> bytes:

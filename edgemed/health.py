@@ -6,11 +6,13 @@ two consistent. Latency percentiles are over a sliding window so a long-running 
 A heartbeat (schema ``edgemed.health/1``) holds what the monitor measures itself: ``uptime_s``, ``frames``,
 ``errors``, ``recaptures``, ``fps``, ``latency_ms`` (``p50``, ``p95``), ``disk_free_mb``, ``cpu_temp_c``,
 ``cpu_percent`` and ``peak_rss_mb``; and what the runtime adds (``Device.health_payload``): ``device_id``,
-``site``, ``delegate``, ``degraded``, ``degraded_reason``, ``pending`` and ``oldest_pending_s`` (results waiting
-in the outbox), ``outbox_full``, ``source_state`` (``edgemed.capture.FrameSource``; ``idle`` before a source is
-open), ``connected``, ``source_reconnects`` (times a stream or camera lost its connection and began reconnecting) and
-``evicted_total`` (results deleted unsent at the outbox cap by ``on_full: evict_oldest`` since the run
-started).
+``site``, ``delegate``, ``degraded``, ``degraded_reason``, ``pending`` and ``oldest_pending_s`` (results in the
+outbox not yet acknowledged by the broker), ``awaiting_receipt`` and ``oldest_awaiting_s`` (results the broker
+acknowledged that wait for the consumer's receipt; seconds since the oldest was acknowledged; null when none),
+``consumer_online`` (only when the profile names a consumer of record), ``outbox_full``, ``source_state``
+(``edgemed.capture.FrameSource``; ``idle`` before a source is open), ``connected``, ``source_reconnects`` (times a
+stream or camera lost its connection and began reconnecting) and ``evicted_total`` (results deleted at the outbox
+cap by ``on_full: evict_oldest`` since the run started).
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ write-ahead log is damaged in a way SQLite would silently skip: ``edgemed.walche
 damaged files aside, byte for byte, and starts a new file. This module then reads the damaged copy the portable
 way (the ``sqlite3`` shell's ``.recover`` is not on every device, and Python's sqlite3 has no equivalent): table
 by table and row-id range by row-id range, halving every range that fails until single rows, so that an
-unreadable page costs only the rows on it. Pending results keep their ``row_id`` (their order), ``result_id`` and
-payload; the acknowledgement log and the ledger of processed inputs are copied too.
+unreadable page costs only the rows on it. Pending results keep their ``row_id`` (their order), ``result_id``,
+payload and ``seq`` (read from the payload when the damaged file predates that column); they all start unsent
+(``sent_at`` NULL), so a result that was awaiting its consumer's receipt is simply sent again. The acknowledgement
+log and the ledger of processed inputs are copied too.
 
 **Sequence numbers are never reused.** ``DATA_DIR/outbox.seq`` holds the committed sequence counter: the outbox
 writes it (and fsyncs it with ``synchronous=FULL``) after every commit that numbers new results and before any of
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 _WINDOW = 5000  # row ids per query before halving starts
 # table -> (key column, selected columns); all are rowid tables, so ranges of the key are cheap to read.
 TABLES: dict[str, tuple[str, str]] = {
-    "outbox": ("row_id", "row_id, result_id, topic, payload, created_at"),
+    "outbox": ("row_id", "row_id, result_id, topic, payload, created_at, seq"),
     "acked": ("row_id", "row_id, result_id, acked_at, topic, payload"),
     "inputs": ("id", "source, path, size, mtime_ns, sha256, frames_done, frames_total"),
     "sources": ("id", "source, complete, started_at"),
@@ -268,9 +270,10 @@ def _restore(db: sqlite3.Connection, found: Salvaged, mark: int | None) -> int:
     # the checkpoint (on a disk the backlog filled, that may be the difference).
     db.execute("PRAGMA journal_mode=DELETE")
     db.execute("BEGIN IMMEDIATE")
+    # sent_at stays NULL: whatever was awaiting a receipt is sent again (a duplicate the consumer drops).
     db.executemany(
-        "INSERT INTO outbox(row_id, result_id, topic, payload, created_at) VALUES (?, ?, ?, ?, ?)",
-        rows.get("outbox", []),
+        "INSERT INTO outbox(row_id, result_id, topic, payload, created_at, seq) VALUES (?, ?, ?, ?, ?, ?)",
+        [_with_seq(r) for r in rows.get("outbox", [])],
     )
     db.executemany(
         "INSERT OR IGNORE INTO acked(row_id, result_id, acked_at, topic, payload) VALUES (?, ?, ?, ?, ?)",
@@ -350,12 +353,38 @@ def salvage(path: Path) -> Salvaged:
         out.meta = _meta(db)
         out.row_counter = _row_counter(db)
         for table, (key, cols) in TABLES.items():
+            if table == "outbox" and not _has_seq(db):
+                cols = cols.removesuffix(", seq")  # written before receipts: the payloads say their seq
             rows, bad = _table(db, table, key, cols)
             out.rows[table] = rows
             out.unreadable[table] = bad
     finally:
         db.close()
     return out
+
+
+def _has_seq(db: sqlite3.Connection) -> bool:
+    try:
+        return "seq" in {str(r[1]) for r in db.execute("PRAGMA table_info(outbox)")}
+    except sqlite3.DatabaseError:
+        return False  # the schema is unreadable: the payloads still say their seq
+
+
+def _with_seq(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An outbox row as ``(row_id, result_id, topic, payload, created_at, seq)``."""
+    if len(row) >= 6:
+        return row[:6]
+    payload = row[3]
+    return (*row, payload_seq(payload) if isinstance(payload, (bytes, str)) else None)
+
+
+def payload_seq(payload: bytes | str) -> int | None:
+    """The ``seq`` of a JSON envelope, or None when it has none (or is not JSON)."""
+    try:
+        seq = json.loads(payload).get("seq")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else None
 
 
 def _meta(db: sqlite3.Connection) -> dict[str, int]:

@@ -7,6 +7,7 @@
     result     edgemed.types.FrameResult        numbered, stamped, pseudonymised; its study tracked (sessions)
     outbox     edgemed.outbox.Outbox.put        committed to disk before it can be published
     publish    edgemed.publish.delivery         a background thread sends committed results, deletes on PUBACK
+                                                (or, with delivery.consumer, on the consumer's receipt)
 
 :meth:`Device.process` is the first six; :meth:`Device.run` loops over a source and drains at the end. The
 runtime's thread never waits for the network: back-pressure, the final drain and the heartbeat are in
@@ -36,10 +37,13 @@ from edgemed.identity import check_id, load_or_create_secret
 from edgemed.inference.classify import Classifier
 from edgemed.local_copy import LocalCopy
 from edgemed.lock import DataDirLock
-from edgemed.outbox import Outbox
+from edgemed.outbox import OUTBOX_FILENAME, Outbox
 from edgemed.preprocess import to_colour_mode
 from edgemed.printer import Printer, shows_names
+from edgemed.publish.consumer import Backlog, Consumer, effective_outbox_config
+from edgemed.publish.publisher import Listening
 from edgemed.quality import check_quality
+from edgemed.receipts import stream_id
 from edgemed.resume import Pass, attach_ledger, input_done
 from edgemed.sessions import ClosedStudy, StudyTracker
 from edgemed.summary import RunSummary
@@ -117,6 +121,7 @@ class Device:
         self.link: Link | None = None
         self.delivery: Delivery | None = None
         self.local_copy: LocalCopy | None = None
+        self.consumer: Consumer | None = None
         self._model, self._backend, self._source, self._publisher = model, backend, source, publisher
         self._pass: Pass | None = None  # the pass over a source that keeps a ledger (edgemed.resume)
         self._ended_by: BaseException | None = None  # what ended the run, when it was not a clean end
@@ -129,15 +134,23 @@ class Device:
             self._closers.append(lock.release)
             self.classifier = self._load_model()
             self.backend = self.classifier.backend
+            secret = load_or_create_secret(self.data_dir)
+            self.stream = stream_id(secret)
             self.ctx = EnvelopeContext.of(
                 self.device_id,
                 self.site,
                 self.classifier,
                 publish_source_names=self.profile.privacy.publish_source_names,
+                stream=self.stream,
             )
-            self.sessions = StudyTracker(self.profile.triage, load_or_create_secret(self.data_dir), self.study_id)
-            self.outbox = Outbox(self.data_dir / "outbox.sqlite3", self.profile.outbox)
+            self.sessions = StudyTracker(self.profile.triage, secret, self.study_id)
+            self.consumer = self._consumer()
+            self.outbox = Outbox(
+                self.data_dir / OUTBOX_FILENAME, effective_outbox_config(self.profile.outbox, self.consumer)
+            )
             self._closers.append(self.outbox.close)
+            if self.consumer is not None:  # evicted rows are announced lost, also while working offline
+                self.outbox.set_lost_announcer(self.consumer.announce)
             if self.profile.run.results_jsonl:
                 self.local_copy = LocalCopy(self.data_dir)
                 self._closers.append(self.local_copy.close)
@@ -174,20 +187,43 @@ class Device:
             self._closers.append(backend.close)  # a handed-in one has its closer from __init__
         return Classifier(backend, model.manifest, model.artifact)
 
+    def _consumer(self) -> Consumer | None:
+        delivery = self.profile.delivery
+        if delivery.consumer is None:
+            return None
+        return Consumer(
+            delivery.consumer,
+            site=self.site,
+            device_id=self.device_id,
+            stream=self.stream,
+            receipt_timeout_s=delivery.receipt_timeout_s,
+        )
+
     def _start_delivery(self) -> None:
         link = self._publisher if self._publisher is not None else self._mqtt_link()
         if link is None:
             log.warning(
                 "no broker configured: working offline; results stay in %s until `edgemed flush`",
-                self.data_dir / "outbox.sqlite3",
+                self.data_dir / OUTBOX_FILENAME,
             )
             return
+        from edgemed.publish.batching import Batcher
         from edgemed.publish.delivery import Delivery
 
+        consumer = self.consumer
+        if consumer is not None and self._publisher is not None:
+            if not isinstance(link, Listening):
+                raise ConfigError(
+                    "delivery.consumer needs a link that receives (receipts, the consumer's state): the publisher "
+                    "handed to Device has no listen(); use MqttLink or drop delivery.consumer"
+                )
+            link.listen(consumer.subscriptions, consumer.on_message, consumer.on_state)
         self.link = link
         self.link.start()
         self._closers.append(self._stop_link)
-        self.delivery = Delivery(self.outbox, self.link)
+        batch = self.profile.publish.batch
+        batcher = Batcher(batch, site=self.site, device_id=self.device_id) if batch.enabled else None
+        self.delivery = Delivery(self.outbox, self.link, consumer=consumer, batch=batcher)
         self.delivery.start()
         self._closers.append(self.delivery.stop)
         self.uplink.attach(self.link, self.delivery)
@@ -198,11 +234,15 @@ class Device:
             return None
         from edgemed.publish.mqtt import MqttLink  # paho is needed only by a device that has a broker
 
+        consumer = self.consumer
         return MqttLink(
             self.profile.mqtt,
             status_topic=f"{self.topic_base}/status",
             client_id=self.profile.mqtt.client_id or f"edgemed-{self.site}-{self.device_id}",
             status_extra=self._status_extra(),
+            subscriptions=consumer.subscriptions if consumer is not None else (),
+            on_message=consumer.on_message if consumer is not None else None,
+            on_state=consumer.on_state if consumer is not None else None,
         )
 
     def _stop_link(self) -> None:
@@ -210,7 +250,9 @@ class Device:
         # dashboard does not show "stopped" and no backlog after a crash. Only the exception's class is
         # published: its message may name a file.
         try:
-            extra = {"pending": self.outbox.pending_count()}
+            extra = {"pending": self.outbox.unsent_count()}
+            if self.consumer is not None:
+                extra["awaiting_receipt"] = self.outbox.awaiting_count()
         except Exception:  # the outbox is what failed (disk full, damaged file): say the rest anyway
             log.warning("could not count the pending results for the offline status", exc_info=True)
             extra = {}
@@ -231,9 +273,24 @@ class Device:
             "edgemed": __version__,
         }
 
+    def backlog(self) -> Backlog:
+        """What the outbox still holds, by state, and whether the consumer (if any) is online."""
+        if self.delivery is not None:
+            return self.delivery.backlog()
+        consumer = self.consumer
+        return Backlog(
+            unsent=self.outbox.unsent_count(),
+            awaiting=self.outbox.awaiting_count(),
+            consumer=consumer.consumer_id if consumer is not None else None,
+            consumer_online=consumer.online if consumer is not None else None,
+        )
+
     def health_payload(self) -> dict[str, Any]:
         """The current heartbeat (``edgemed.health`` lists its fields)."""
         source = self._source
+        receipts: dict[str, Any] = {}
+        if self.consumer is not None:
+            receipts["consumer_online"] = self.consumer.online
         return self.health.snapshot(
             data_dir=self.data_dir,
             device_id=self.device_id,
@@ -241,8 +298,11 @@ class Device:
             delegate=self.backend.delegate,
             degraded=self.backend.degraded,
             degraded_reason=self.backend.degraded_reason,
-            pending=self.outbox.pending_count(),
-            oldest_pending_s=self.outbox.oldest_pending_s(),
+            pending=self.outbox.unsent_count(),
+            awaiting_receipt=self.outbox.awaiting_count(),
+            oldest_pending_s=self.outbox.oldest_unsent_s(),
+            oldest_awaiting_s=self.outbox.oldest_awaiting_s(),
+            **receipts,
             outbox_full=self.outbox.is_full(),
             source_state=source.state if source is not None else "idle",
             connected=self.uplink.connected,
@@ -413,6 +473,7 @@ class Device:
                 self.local_copy.flush()
         summary.studies = [study.decision for study in self.studies]
         summary.pending = self.uplink.drain(self.profile.run.drain_timeout_s)
+        summary.backlog = self.backlog().describe() if summary.pending else None
         if self.outbox.recovery is not None:
             summary.outbox_damage = self.outbox.recovery.describe()
             log.error("%s", summary.outbox_damage)  # said at start too; repeated where the run's outcome is read

@@ -19,6 +19,8 @@ class RunSummary:
     levels: dict[str, int] = field(default_factory=dict)
     studies: list[TriageResult] = field(default_factory=list)
     stopped_by_signal: bool = False
+    #: what is still on disk, by state ("12 results sent, awaiting the dashboard's receipt"), when anything is
+    backlog: str | None = None
     #: the outbox was found damaged at start: what was recovered and what was not (the run went on)
     outbox_damage: str | None = None
 
@@ -34,7 +36,8 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every result was acknowledged, 10 when some are still pending on disk, 7 when the outbox was
+        """0 when every result was delivered (acknowledged by the broker, or receipted by the consumer of record
+        when the profile names one), 10 when some are still pending on disk, 7 when the outbox was
         found damaged at start (whatever could be read was recovered and sent; the rest may be lost)."""
         if self.outbox_damage is not None:
             return EXIT_OUTBOX

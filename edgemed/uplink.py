@@ -99,7 +99,8 @@ class Uplink:
             self.stop.wait(0.5)
 
     def drain(self, timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` for the broker to acknowledge every pending result, then send a last heartbeat.
+        """Wait up to ``timeout_s`` for every pending result to be delivered (acknowledged by the broker, or with a
+        consumer of record receipted by it), then send a last heartbeat.
 
         Returns:
             How many results are still pending on disk (all of them when offline).
@@ -114,9 +115,17 @@ class Uplink:
         # last frame still ends the run with exit 5 instead of waiting out the whole timeout.
         deadline = time.monotonic() + timeout_s
         pending = self.outbox.pending_count()
+        consumer = self.delivery.consumer
         if pending and timeout_s > 0 and not self.link.connected:
             log.warning(
                 "%d results pending: waiting up to %g s for the broker (run.drain_timeout_s)", pending, timeout_s
+            )
+        elif pending and timeout_s > 0 and consumer is not None and not consumer.online:
+            log.warning(
+                "%d results pending: waiting up to %g s for the consumer %s to come online (run.drain_timeout_s)",
+                pending,
+                timeout_s,
+                consumer.consumer_id,
             )
         while True:
             remaining = self.delivery.drain(min(0.25, max(0.0, deadline - time.monotonic())))

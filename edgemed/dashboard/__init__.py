@@ -1,11 +1,22 @@
 """Central fleet dashboard: ingest the devices' MQTT results into SQLite and serve a page that shows them.
 
     edgemed dashboard --broker mqtt://127.0.0.1:1883 --db fleet.sqlite3 [--port 8080] [--host 127.0.0.1]
+                      [--consumer-id dashboard] [--client-id edgemed-dashboard]
+    edgemed dashboard export --db fleet.sqlite3 [--since 2026-11-25T00:00:00Z] --format jsonl > results.jsonl
 
 The dashboard subscribes to edgemed/+/+/# at QoS 1 with a fixed client id and a persistent session, so results
 published while it is down arrive when it comes back; duplicates are dropped by result id. Open
 http://127.0.0.1:8080/ for the fleet table, urgent results waiting for review (with an acknowledge button) and
 counts per triage level. It shows only what devices publish: no images, file names or patient ids.
+
+The dashboard is the devices' consumer of record. After each commit it publishes, retained at QoS 1 on
+edgemed/{site}/{device_id}/receipts, a receipt (edgemed.receipt/1) saying which seqs of the device it has settled
+(stored, refused as a dead letter, or announced lost by the device), at most four a second per device; a device
+whose profile names this consumer (delivery.consumer, the --consumer-id, default dashboard) keeps each result
+until a receipt covers it. Each dashboard process says online or offline (retained, offline also as its last
+will) on edgemed-consumer/{consumer-id}/{client-id}; online means its subscription is granted. Processes of one
+consumer share --consumer-id and keep their own --client-id. Batches (edgemed.batch/1 on .../batches) are filed
+element by element. `edgemed dashboard export` prints every stored result and study decision as it was sent.
 
 The page has no login: it binds to 127.0.0.1 unless --host says otherwise; put an authenticating reverse proxy in
 front of it before exposing it, and name the proxy's address with --public-origin https://PROXY-HOST so that
@@ -64,6 +75,7 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
     device_expiry_s: float | None = 7 * 86400.0,
     public_origins: tuple[str, ...] = (),
+    consumer_id: str = "dashboard",
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -80,13 +92,15 @@ def serve(
             None keeps every device listed.
         public_origins: the origins (``https://host[:port]``) of a reverse proxy in front of the page, from
             which acknowledgements are accepted besides the page's own address.
+        consumer_id: the consumer of record this process belongs to: its receipts and its online/offline state
+            name it.
 
     Returns:
         0 after a clean stop.
 
     Raises:
-        ConfigError: bad broker settings, an unusable database, a port that cannot be bound or a malformed
-            public origin.
+        ConfigError: bad broker settings, an unusable database, a port that cannot be bound, a malformed
+            public origin, or a consumer or client id that does not fit in a topic.
         BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
     """
     from edgemed.dashboard.ingest import Ingest
@@ -102,7 +116,7 @@ def serve(
     server = None
     restore: list[tuple[signal.Signals, Any]] = []
     try:
-        ingest = Ingest(cfg, store)
+        ingest = Ingest(cfg, store, consumer_id=consumer_id)
         server = make_server(
             store,
             host=host,
@@ -141,23 +155,42 @@ def serve(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``edgemed dashboard`` options to a parser.
+    """Add the ``edgemed dashboard`` options to a parser, and its ``export`` sub-command.
+
+    ``--broker`` and ``--db`` are required to serve; argparse cannot require them of the parent command while
+    ``export`` (which needs only ``--db``) is a sub-command of it, so ``run`` checks them.
 
     Args:
         p: the sub-command's parser.
     """
+    from edgemed.dashboard.export import __doc__ as export_doc
+    from edgemed.dashboard.export import add_export_arguments
+
+    actions = p.add_subparsers(dest="dashboard_action", metavar="export")
+    export = actions.add_parser(
+        "export",
+        help="print every stored result and study decision as the device sent it, one JSON per line",
+        description=export_doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_export_arguments(export)
     p.add_argument(
         "--broker",
-        required=True,
         metavar="URL",
-        help="broker the devices publish to: mqtt://host:1883 or mqtts://host:8883",
+        help="required: broker the devices publish to: mqtt://host:1883 or mqtts://host:8883",
     )
     p.add_argument(
         "--db",
-        required=True,
         type=Path,
         metavar="FILE",
-        help="SQLite file for results and device state (created if missing, kept across restarts)",
+        help="required: SQLite file for results and device state (created if missing, kept across restarts)",
+    )
+    p.add_argument(
+        "--consumer-id",
+        default="dashboard",
+        metavar="ID",
+        help="the consumer of record devices name in delivery.consumer: receipts and this process's online state "
+        "name it; processes of one dashboard share it (default dashboard; letters, digits, _ or -)",
     )
     p.add_argument(
         "--host",
@@ -183,7 +216,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--client-id",
         default=None,
-        help="MQTT client id; keep it fixed so queued results reach this dashboard (default edgemed-dashboard)",
+        help="MQTT client id; keep it fixed so queued results reach this dashboard, and unique per process "
+        "(default edgemed-dashboard)",
     )
     p.add_argument("--username", default=None, help="broker user name")
     secret = p.add_mutually_exclusive_group()
@@ -222,6 +256,16 @@ def run(args: argparse.Namespace) -> int:
         ConfigError: bad options, database or port.
         BrokerRefusedError: plaintext MQTT to a remote broker without --allow-plaintext-remote.
     """
+    if getattr(args, "dashboard_action", None) == "export":
+        from edgemed.dashboard.export import run_export
+
+        return run_export(args)
+    missing = [name for name, value in (("--broker", args.broker), ("--db", args.db)) if value is None]
+    if missing:
+        raise ConfigError(
+            f"edgemed dashboard needs {' and '.join(missing)}: edgemed dashboard --broker mqtt://HOST:1883 --db FILE "
+            "(or `edgemed dashboard export --db FILE` to print what a database holds)"
+        )
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
     if not 0 <= args.device_expiry_days < 100_000:
@@ -252,4 +296,5 @@ def run(args: argparse.Namespace) -> int:
         on_ready=announce,
         device_expiry_s=expiry,
         public_origins=tuple(args.public_origin),
+        consumer_id=args.consumer_id,
     )

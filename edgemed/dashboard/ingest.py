@@ -19,6 +19,14 @@ payload) and acknowledged. An unacknowledged message would stay in the broker's 
 with mosquitto's default of 20, twenty of them stop all delivery to the dashboard, and a retained one is sent again
 to every new subscriber.
 
+Receipts and consumer state. After each commit the streams it touched are handed to ``ReceiptSender``
+(``receipt_sender.py``), which publishes their receipts from the store on its own thread. The link says this
+process's retained ``online``/``offline`` on ``edgemed-consumer/{consumer_id}/{client_id}`` (``offline`` also as
+its last will), ``online`` only once the subscription is granted; at every (re)connection, once subscribed, it
+says ``online`` again and the receipts of recently settled streams are sent again (a broker restarted without
+persistence has lost both). Receipts arriving on ``.../receipts`` (other
+processes', and our own on MQTT 3.1.1, which has no ``no_local``) are acknowledged and dropped on arrival.
+
 Retained messages (every device's ``status``) come again with each new subscription. The store treats them as old
 news (``Filing.retained``; see ``store.py``): they never make a device look seen just now. On MQTT 5 the
 subscription also asks for them only when it is new (retain handling 1), so a resumed session's reconnections
@@ -35,14 +43,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgemed.dashboard.batch import summarize_batch
+from edgemed.dashboard.receipt_sender import ReceiptSender
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.validate import Filing, classify, validate_result, validate_study
 from edgemed.dashboard.writer import Held, StoreWriter
+from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig
 from edgemed.publish.mqtt import MqttLink
 from edgemed.publish.policy import ConnackRefusal
 from edgemed.publish.publisher import Message, Subscription
 from edgemed.publish.tls import TlsSettingNames
+from edgemed.receipts import CONSUMER_SCHEMA, DEFAULT_CONSUMER_ID, consumer_topic
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +113,40 @@ def describe_dashboard_refusal(refusal: ConnackRefusal) -> str:
 class Ingest:
     """The dashboard's MQTT subscriber: fixed client id, persistent session, QoS 1, manual acknowledgements."""
 
-    def __init__(self, cfg: MqttConfig, store: DashboardStore, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        store: DashboardStore,
+        *,
+        client_id: str | None = None,
+        consumer_id: str = DEFAULT_CONSUMER_ID,
+        receipt_interval_s: float = 0.25,
+    ) -> None:
         """Build the link; nothing connects until ``start()``.
 
         Args:
             cfg: broker settings (URL, credentials, TLS, protocol, session expiry).
             store: where messages go.
             client_id: MQTT client id; default ``cfg.client_id`` or ``edgemed-dashboard``. It must stay the same
-                across restarts, or the broker's queued messages go to a session nobody resumes.
+                across restarts, or the broker's queued messages go to a session nobody resumes. It also names
+                this process in its consumer state topic, so it must match ``[A-Za-z0-9_-]{1,64}``.
+            consumer_id: the consumer of record this process is part of (``--consumer-id``): its receipts name
+                it, and devices whose profile names it (``delivery.consumer``) wait for them.
+            receipt_interval_s: shortest time between two receipt rounds for one device.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
-            ConfigError: the password source or a TLS file cannot be read.
+            ConfigError: the password source or a TLS file cannot be read, or the consumer or client id does not
+                fit in a topic.
         """
         self.cfg = cfg
         self.store = store
         self.client_id = client_id or cfg.client_id or DEFAULT_CLIENT_ID
+        self.consumer_id = consumer_id
+        try:
+            state_topic = consumer_topic(consumer_id, self.client_id)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (--consumer-id and --client-id name this dashboard in MQTT topics)") from exc
         self.stats = IngestStats()
         self._lock = threading.Lock()
         self.writer = StoreWriter(classify=self._classify, store=self._file, on_outcome=self._count)
@@ -125,9 +155,15 @@ class Ingest:
         knows_devices = sum(store.device_counts()) > 0
         self.link = MqttLink(
             cfg,
-            status_topic=None,
+            # Retained online/offline (offline also as the last will): devices that name this consumer publish
+            # results only while one of its processes is online, and "online" is said only once the
+            # subscription is granted, so that nothing they send after seeing it can miss a new session.
+            status_topic=state_topic,
+            status_extra={"schema": CONSUMER_SCHEMA, "consumer": consumer_id, "process": self.client_id},
+            online_when_subscribed=True,
             client_id=self.client_id,
-            subscriptions=[Subscription(TOPIC_FILTER, qos=1, retained_if_new=knows_devices)],
+            # no_local (MQTT 5): our own receipts are not sent back to us; other processes' are, and are ignored.
+            subscriptions=[Subscription(TOPIC_FILTER, qos=1, no_local=True, retained_if_new=knows_devices)],
             on_message=self._on_message,
             manual_ack=True,
             describe_refusal=describe_dashboard_refusal,
@@ -136,7 +172,10 @@ class Ingest:
             # A 3.1.1-only broker that ignores MQTT 5 CONNECT would otherwise keep the page empty for two
             # connect_timeout_s and a back-off: the dashboard has always fallen back after the first.
             unanswered_to_fall_back=1,
+            # At every (re)connection: a broker restarted without persistence lost the retained receipts.
+            on_subscribed=lambda: self.receipts.republish(),
         )
+        self.receipts = ReceiptSender(store.path, self._publish_receipt, consumer_id, min_interval_s=receipt_interval_s)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -146,6 +185,7 @@ class Ingest:
         With ``protocol: auto`` every start probes MQTT 5 first, also after an earlier fall back to 3.1.1.
         """
         self.writer.start()
+        self.receipts.start()
         self.link.start()
 
     def wait_subscribed(self, timeout_s: float) -> bool:
@@ -160,8 +200,10 @@ class Ingest:
         return self.link.wait_subscribed(timeout_s)
 
     def stop(self) -> None:
-        """Disconnect cleanly; the broker keeps the session and queues messages until the next ``start()``."""
+        """Say ``offline`` and disconnect cleanly; the broker keeps the session and queues messages until the next
+        ``start()``."""
         self.writer.stop()  # commits and acknowledges what arrived, while the connection is still up
+        self.receipts.stop()  # the receipts of those commits go out before "offline"
         self.link.stop(timeout_s=5.0)
 
     def snapshot(self) -> dict[str, Any]:
@@ -174,9 +216,18 @@ class Ingest:
 
     # -- the link's network thread ------------------------------------------------------------------------------
 
+    def _publish_receipt(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload, qos=1, retain=True)
+
     def _on_message(self, msg: Message) -> None:
         # Only queued here: the writer thread stores messages in batches and acknowledges each one after the
         # commit that holds it (see writer.py). The network thread stays free to read the socket.
+        if _is_receipt(msg.topic):
+            # Receipts are the consumers' messages to the devices (other processes', and on MQTT 3.1.1, which
+            # has no no_local, our own): nothing to store, acknowledged at once.
+            if msg.ack is not None:
+                msg.ack()
+            return
         now = time.time()
         with self._lock:
             self.stats.received += 1
@@ -210,7 +261,23 @@ class Ingest:
         return outcome
 
     def _file(self, filings: list[Filing], now: float) -> list[str]:
-        return self.store.file(filings, now)
+        # A batch's elements are filed one by one (each stored or a dead letter of its own), in the same commit.
+        flat: list[Filing] = []
+        for filing in filings:
+            flat.extend(filing.elements if filing.kind == "batch" else (filing,))
+        outcomes = iter(self.store.file(flat, now))
+        # Committed: the touched streams get their receipts (the hand-off only marks them).
+        self.receipts.notify(key for key in (f.stream_key for f in flat) if key is not None)
+        out = []
+        for filing in filings:
+            if filing.kind != "batch":
+                out.append(next(outcomes))
+                continue
+            parts = [next(outcomes) for _ in filing.elements]
+            for element, outcome in zip(filing.elements, parts, strict=True):
+                self._count(element.topic, outcome)
+            out.append(summarize_batch(parts))
+        return out
 
     @staticmethod
     def _classify(topic: str, payload: bytes, retained: bool) -> Filing:
@@ -222,6 +289,7 @@ class Ingest:
             return Filing("dead", topic, payload, reason=reason, retained=retained)
 
     def _count(self, topic: str, outcome: str) -> None:
+        # A batch's outcome sums up its elements', counted one by one in _file.
         with self._lock:
             if outcome == "stored":
                 self.stats.stored += 1
@@ -238,3 +306,8 @@ class Ingest:
                 log.warning(
                     "dead letter on %r: %s (%d so far; kept in the dead_letters table)", topic[:200], reason, seen
                 )
+
+
+def _is_receipt(topic: str) -> bool:
+    parts = topic.split("/")
+    return len(parts) == 4 and parts[0] == "edgemed" and parts[3] == "receipts"

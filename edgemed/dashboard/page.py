@@ -285,6 +285,9 @@ function renderFleet(data) {
     }
     const pending = el("td", {class: "num"}, d.pending === null || d.pending === undefined ? "—" : d.pending);
     if (d.outbox_full) pending.append(el("span", {class: "badge degraded"}, "FULL"));
+    // Settled without being stored: refused here (dead letters with a seq) or lost at the device for good.
+    if (d.rejected) pending.append(el("span", {class: "note late settled-rejected"}, d.rejected + " refused"));
+    if (d.lost) pending.append(el("span", {class: "note late settled-lost"}, d.lost + " lost at the device"));
     return el("tr", {class: "device-row", "data-device": d.device_id},
       el("td", {}, d.device_id), el("td", {}, d.site), connection, delegate, pending,
       el("td", {class: "num"}, duration(d.oldest_pending_s)),
@@ -369,7 +372,8 @@ PAGE_TEMPLATE = """<!doctype html>
   </section>
   <section>
     <h2>Devices</h2>
-    <p class="hint">"Waiting to send" counts results stored on the device that the broker has not yet received.
+    <p class="hint">"Waiting to send" counts results stored on the device that the broker has not yet received;
+      under it, results this dashboard refused (kept as dead letters) and results the device lost for good.
       DEGRADED means the device runs on a fallback instead of its intended accelerator.</p>
     <table>
       <thead><tr><th>Device</th><th>Site</th><th>Connection</th><th>Accelerator</th><th>Waiting to send</th>

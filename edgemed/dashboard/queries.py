@@ -180,8 +180,10 @@ class StoreQueries:
             Dicts with ``site, device_id, state ("online", "offline", another word sent, or "unknown"), last_seen,
             last_seen_s_ago, delegate, degraded, degraded_reason, pending, oldest_pending_s, outbox_full, fps,
             p95_ms, frames, errors, connected, source_state, cpu_percent, cpu_temp_c, peak_rss_mb, model,
-            offline_reason, ended_abnormally, silent``, sorted by site and device (a figure a device did not send,
-            or sent with the wrong type, is None).
+            offline_reason, ended_abnormally, silent, rejected, lost``, sorted by site and device (a figure a
+            device did not send, or sent with the wrong type, is None). ``rejected`` counts the device's results
+            kept as dead letters with a readable ``seq`` (receipted as refused), ``lost`` the ``seq`` it announced
+            lost for good (evicted, or gone from a damaged outbox).
 
         Raises:
             ConfigError: offset or limit out of range.
@@ -193,7 +195,22 @@ class StoreQueries:
             "SELECT * FROM devices WHERE last_seen >= ? ORDER BY site, device_id LIMIT ? OFFSET ?",
             (since, limit, offset),
         )
-        return [device_row(row, t, silent_after_s) for row in rows]
+        unsettled = self._unstored_counts()
+        out = []
+        for row in rows:
+            device = device_row(row, t, silent_after_s)
+            device["rejected"], device["lost"] = unsettled.get((row["site"], row["device_id"]), (0, 0))
+            out.append(device)
+        return out
+
+    def _unstored_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        # Settled seqs that are not stored are few (the partial index settled_unstored holds only them), so one
+        # query over all devices costs less than one per listed device.
+        rows = self._query(
+            "SELECT site, device_id, sum(how = 'rejected') AS rejected, sum(how = 'lost') AS lost FROM settled "
+            "WHERE how <> 'stored' GROUP BY site, device_id"
+        )
+        return {(r["site"], r["device_id"]): (int(r["rejected"]), int(r["lost"])) for r in rows}
 
     def device_counts(self, now: float | None = None, expire_after_s: float | None = None) -> tuple[int, int]:
         """How many devices ``fleet`` lists, and how many it leaves out as silent for over ``expire_after_s``.

@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     device_id   TEXT,
     seq         INTEGER,
     result_id   TEXT,
-    payload_sha256 TEXT
+    payload_sha256 TEXT,
+    stream      TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters(received_at);
 CREATE TABLE IF NOT EXISTS dead_letter_counts (
@@ -89,7 +90,63 @@ CREATE TABLE IF NOT EXISTS dead_letter_counts (
     n           INTEGER NOT NULL,
     last_at     REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS studies_received ON studies(received_at);
+-- Every seq the dashboard has settled for a device's seq stream (see settlement.py): its result or study decision
+-- is stored, its payload is a dead letter, or the device announced it lost. Receipts are computed from it.
+CREATE TABLE IF NOT EXISTS settled (
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    how         TEXT NOT NULL CHECK (how IN ('stored', 'rejected', 'lost')),
+    PRIMARY KEY (site, device_id, stream, seq)
+) WITHOUT ROWID;
+-- The page counts what is not stored per device: few rows, so a partial index keeps that cheap.
+CREATE INDEX IF NOT EXISTS settled_unstored ON settled(site, device_id, how) WHERE how <> 'stored';
+CREATE TABLE IF NOT EXISTS lost_ranges (
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (site, device_id, stream, first_seq, last_seq)
+);
+-- When the dashboard last settled something of each seq stream: after a (re)connection it sends again the
+-- receipts of the recent ones (a broker restarted without persistence has lost the retained receipts).
+CREATE TABLE IF NOT EXISTS stream_seen (
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    seen_at     REAL NOT NULL,
+    PRIMARY KEY (site, device_id, stream)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS stream_seen_at ON stream_seen(seen_at);
+-- Per seq stream, a through_seq every seq up to which is settled: a receipt then reads only the rows above it.
+CREATE TABLE IF NOT EXISTS stream_progress (
+    site        TEXT NOT NULL,
+    device_id   TEXT NOT NULL,
+    stream      TEXT NOT NULL,
+    through_seq INTEGER NOT NULL,
+    PRIMARY KEY (site, device_id, stream)
+);
 """
+
+#: ``PRAGMA user_version`` of a database whose ``settled`` table holds what its results, studies and dead letters
+#: settle (an older database is filled in once, at its first open by this dashboard).
+SETTLED_VERSION = 1
+# Rows stored by an older dashboard: the seqs their results, studies and dead letters settle. A row without a
+# stream (an older device) belongs to stream ''. A dead letter settles only on a results or studies topic.
+_FILL_SETTLED = (
+    "INSERT OR IGNORE INTO settled SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq, "
+    "'stored' FROM results WHERE json_valid(payload)",
+    "INSERT OR IGNORE INTO settled SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq, "
+    "'stored' FROM studies WHERE json_valid(payload)",
+    "INSERT OR IGNORE INTO settled SELECT site, device_id, coalesce(stream, ''), seq, 'rejected' FROM dead_letters "
+    "WHERE seq IS NOT NULL AND site IS NOT NULL AND device_id IS NOT NULL "
+    "AND (topic LIKE 'edgemed/%/results' OR topic LIKE 'edgemed/%/studies')",
+)
 
 #: What an older dashboard's database lacks, added in place: (table, column, SQL that fills it for old rows).
 _ADDED_COLUMNS = (
@@ -108,6 +165,8 @@ _ADDED_COLUMNS = (
     ),
     # Old dead letters keep no hash: a retained one the broker sends again is then kept once more, and only once.
     ("dead_letters", "payload_sha256", None),
+    # The seq stream a dead letter names, when it was readable (older ones: unknown, stream '').
+    ("dead_letters", "stream", None),
 )
 
 
@@ -144,6 +203,9 @@ def open_private(path: Path) -> None:
 def upgrade(db: sqlite3.Connection) -> None:
     """Add the columns (and index) a database made by an older dashboard lacks, filling them from its rows.
 
+    A database older than ``SETTLED_VERSION`` also gets its ``settled`` table filled from the results, study
+    decisions and dead letters it holds, so that the first receipts after the upgrade already count them.
+
     Args:
         db: the open database, with ``SCHEMA_SQL`` applied.
     """
@@ -156,3 +218,8 @@ def upgrade(db: sqlite3.Connection) -> None:
                     db.execute(fill)
     with db:
         db.execute("CREATE INDEX IF NOT EXISTS dead_letters_sha256 ON dead_letters(payload_sha256)")
+    if db.execute("PRAGMA user_version").fetchone()[0] < SETTLED_VERSION:
+        with db:
+            for sql in _FILL_SETTLED:
+                db.execute(sql)
+            db.execute(f"PRAGMA user_version = {SETTLED_VERSION}")

@@ -18,6 +18,10 @@ changed while nobody listened) is stored with the time the device stamped on it 
 A device first heard of through a retained message is dated the same way. A retained payload that is refused is
 kept as a dead letter once, not once per reconnection (matched by topic and payload hash).
 
+Settled seqs. Each stored result and study decision, each dead letter with a readable ``seq`` and each lost
+announcement also writes ``settled`` rows in the same transaction (``settlement.py``): the receipts are computed
+from them.
+
 One connection is shared by the ingest thread and the web threads behind a lock: SQLite serialises writers anyway,
 and the dashboard's load (a few hundred messages a second at most) does not need a pool. WAL lets an external
 reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes. The file is private (0600,
@@ -40,14 +44,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgemed.dashboard.batch import summarize_batch
 from edgemed.dashboard.queries import StoreQueries, as_flag, as_int, as_obj, as_text
 from edgemed.dashboard.schema import SCHEMA_SQL, open_private, upgrade
+from edgemed.dashboard.settlement import settle, settle_lost
 from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEVELS", "AckOutcome", "DashboardStore"]
+__all__ = ["LEVELS", "AckOutcome", "DashboardStore", "IdConflict"]
 
 #: Dead letters kept (the newest); their counts by reason are kept for ever in ``dead_letter_counts``.
 DEAD_LETTERS_KEPT = 10_000
@@ -56,6 +62,14 @@ DEAD_LETTER_BYTES_KEPT = 256 * 1024
 # Errors a write raises because of one message's content (the database itself works): that message becomes a
 # dead letter. Anything else (disk full, locked, I/O error) is the database's fault: the batch is retried.
 _MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
+
+
+class IdConflict(ValueError):
+    """A message the store cannot keep because of what it holds already; ``reason`` is its dead letter's reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class AckOutcome(Enum):
@@ -84,13 +98,22 @@ def _published_at(body: dict[str, Any] | None, key: str, now: float) -> float | 
     return min(stamp, now) if math.isfinite(stamp) else None
 
 
-def _strip_private(payload: dict[str, Any]) -> dict[str, Any]:
-    # A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
-    # dashboard never keeps or shows them, whatever a device sends.
+def _kept_text(payload: dict[str, Any], raw: bytes | None) -> str:
+    """The envelope as the store keeps it: the JSON text the device sent, or re-encoded when that was not given.
+
+    A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
+    dashboard never keeps or shows them, whatever a device sends: such an envelope is kept re-encoded compactly
+    without ``source.name`` (the only case where the stored text differs from what the device sent).
+    """
     source = payload.get("source")
     if isinstance(source, dict) and "name" in source:
-        payload = {**payload, "source": {k: v for k, v in source.items() if k != "name"}}
-    return payload
+        return _dumps({**payload, "source": {k: v for k, v in source.items() if k != "name"}})
+    return raw.decode("utf-8") if raw is not None else _dumps(payload)
+
+
+def _stream_of(body: dict[str, Any]) -> str:
+    stream = body.get("stream")
+    return stream if isinstance(stream, str) else ""  # the ingest checked it: 16 hex digits when present
 
 
 class DashboardStore(StoreQueries):
@@ -156,7 +179,9 @@ class DashboardStore(StoreQueries):
         seen = _published_at(body, "created_at", now) if retained else None
         self._touch(body["site"], body["device_id"], now if seen is None else seen, retained=retained)
 
-    def _insert_result(self, result: dict[str, Any], now: float, retained: bool = False) -> bool:
+    def _insert_result(
+        self, result: dict[str, Any], now: float, retained: bool = False, raw: bytes | None = None
+    ) -> bool:
         runtime = as_obj(result.get("runtime"))
         prediction = as_obj(result.get("prediction"))
         triage = result["triage"]
@@ -174,7 +199,7 @@ class DashboardStore(StoreQueries):
             as_text(runtime.get("delegate")),
             as_flag(runtime.get("degraded")),
             as_text(result.get("session_id")),
-            _dumps(_strip_private(result)),
+            _kept_text(result, raw),
             as_text(triage.get("label")),
         )
         cur = self._db.execute(
@@ -183,10 +208,13 @@ class DashboardStore(StoreQueries):
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
+        self._settle_stored("results", result, inserted=cur.rowcount == 1)
         self._touch_for(result, now, retained)
         return cur.rowcount == 1
 
-    def _insert_study(self, study: dict[str, Any], now: float, retained: bool = False) -> bool:
+    def _insert_study(
+        self, study: dict[str, Any], now: float, retained: bool = False, raw: bytes | None = None
+    ) -> bool:
         triage = study["triage"]
         row = (
             study["result_id"],
@@ -201,7 +229,7 @@ class DashboardStore(StoreQueries):
             as_int(study.get("first_seq")),
             as_int(study.get("last_seq")),
             as_text(study.get("session_id")),
-            _dumps(study),
+            _kept_text(study, raw),
             as_text(triage.get("label")),
         )
         cur = self._db.execute(
@@ -209,8 +237,24 @@ class DashboardStore(StoreQueries):
             "frames, first_seq, last_seq, session_id, payload, triage_label) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             row,
         )
+        self._settle_stored("studies", study, inserted=cur.rowcount == 1)
         self._touch_for(study, now, retained)
         return cur.rowcount == 1
+
+    def _settle_stored(self, table: str, body: dict[str, Any], *, inserted: bool) -> None:
+        key = (body["site"], body["device_id"], _stream_of(body))
+        if not inserted:
+            # Dropped as a duplicate of the row already kept under this result_id: that row's seq is what is
+            # stored. A copy naming another device, stream or seq (a device bug, or a forged id) stores nothing,
+            # so its seq must not be receipted as stored: it is refused (a dead letter with its seq) instead.
+            kept = self._db.execute(
+                f"SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq FROM {table} "
+                "WHERE result_id = ?",
+                (body["result_id"],),
+            ).fetchone()
+            if kept is None or tuple(kept) != (*key, body["seq"]):
+                raise IdConflict("result_id is already stored for another result (another device, stream or seq)")
+        settle(self._db, key, body["seq"], "stored")
 
     def _replace_device_state(
         self, column: str, site: str, device_id: str, body: dict[str, Any], now: float, retained: bool = False
@@ -241,6 +285,9 @@ class DashboardStore(StoreQueries):
     def _insert_dead_letter(self, filing: Filing, now: float) -> bool:
         reason = filing.reason or "unusable payload"
         digest = hashlib.sha256(filing.payload).hexdigest()
+        key = filing.stream_key
+        if key is not None and filing.seq is not None:
+            settle(self._db, key, filing.seq, "rejected")  # sending it again would not help: receipted
         if filing.retained:
             known = self._db.execute(
                 "SELECT 1 FROM dead_letters WHERE payload_sha256 = ? AND topic = ? LIMIT 1", (digest, filing.topic)
@@ -249,7 +296,7 @@ class DashboardStore(StoreQueries):
                 return False  # the broker sends a retained message again at each new subscription: kept once
         self._db.execute(
             "INSERT INTO dead_letters(received_at, topic, reason, payload, payload_bytes, site, device_id, seq, "
-            "result_id, payload_sha256) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "result_id, payload_sha256, stream) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 now,
                 filing.topic,
@@ -261,6 +308,7 @@ class DashboardStore(StoreQueries):
                 filing.seq,
                 filing.result_id,
                 digest,
+                filing.stream if filing.seq is not None else None,
             ),
         )
         self._db.execute(
@@ -277,11 +325,16 @@ class DashboardStore(StoreQueries):
         return True
 
     def _file_one(self, filing: Filing, now: float) -> str:
-        body, retained = filing.body, filing.retained
+        body, retained, raw = filing.body, filing.retained, filing.payload
         if filing.kind == "results" and body is not None:
-            return "stored" if self._insert_result(body, now, retained) else "duplicate"
+            return "stored" if self._insert_result(body, now, retained, raw) else "duplicate"
         if filing.kind == "studies" and body is not None:
-            return "stored" if self._insert_study(body, now, retained) else "duplicate"
+            return "stored" if self._insert_study(body, now, retained, raw) else "duplicate"
+        if filing.kind == "batch":
+            return summarize_batch([self._file_isolated(element, now) for element in filing.elements])
+        if filing.kind == "lost" and filing.lost is not None:
+            settle_lost(self._db, filing.lost, now)
+            return "recorded"
         if filing.kind in ("status", "health") and body is not None and filing.site and filing.device_id:
             return self._replace_device_state(filing.kind, filing.site, filing.device_id, body, now, retained)
         if filing.kind == "ignored":
@@ -299,8 +352,11 @@ class DashboardStore(StoreQueries):
             outcome = self._file_one(filing, now)
         except _MESSAGE_ERRORS as exc:
             self._db.execute("ROLLBACK TO filing")
-            log.exception("could not store a message on %r; keeping it as a dead letter", filing.topic[:200])
-            reason = f"could not be stored ({type(exc).__name__})"
+            if isinstance(exc, IdConflict):
+                reason = exc.reason  # the ingest logs dead letters by reason (and never their payload)
+            else:
+                log.exception("could not store a message on %r; keeping it as a dead letter", filing.topic[:200])
+                reason = f"could not be stored ({type(exc).__name__})"
             outcome = self._file_one(replace(filing, kind="dead", body=None, reason=reason), now)
         self._db.execute("RELEASE filing")
         return outcome
@@ -317,15 +373,25 @@ class DashboardStore(StoreQueries):
 
         Returns:
             One outcome per filing: ``"stored"``, ``"duplicate"``, ``"updated"``, ``"ignored"``,
-            ``"unchanged"`` (a retained message the store already holds) or ``"rejected: <reason>"``.
+            ``"unchanged"`` (a retained message the store already holds), ``"recorded"`` (a lost announcement),
+            ``"batch: S stored, D duplicates, R rejected"`` or ``"rejected: <reason>"``.
 
         Raises:
             sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
         """
         now = time.time() if received_at is None else received_at
+        touched = {key for key in (f.stream_key for f in filings) if key is not None}
         with self._lock, self._db:
             self._db.execute("BEGIN")  # explicit: releasing the first savepoint must not commit on its own
-            return [self._file_isolated(f, now) for f in filings]
+            outcomes = [self._file_isolated(f, now) for f in filings]
+            # One row per touched stream and commit (not per message): which receipts to send again after a
+            # reconnection (see receipt_sender.py).
+            self._db.executemany(
+                "INSERT INTO stream_seen(site, device_id, stream, seen_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(site, device_id, stream) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)",
+                [(*key, now) for key in touched],
+            )
+            return outcomes
 
     def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
         """Store one validated ``edgemed.result/1`` envelope.
@@ -336,6 +402,9 @@ class DashboardStore(StoreQueries):
 
         Returns:
             True when stored, False when a result with this ``result_id`` was already there (a duplicate).
+
+        Raises:
+            IdConflict: the ``result_id`` is stored for another device, stream or seq.
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:
@@ -350,6 +419,9 @@ class DashboardStore(StoreQueries):
 
         Returns:
             True when stored, False for a duplicate ``result_id``.
+
+        Raises:
+            IdConflict: the ``result_id`` is stored for another device, stream or seq.
         """
         now = time.time() if received_at is None else received_at
         with self._lock, self._db:

@@ -7,40 +7,50 @@ that no message can sit unacknowledged at the broker and fill the session's in-f
 nothing more once 20 messages wait for an acknowledgement, and a retained poison message would block every new
 client id too).
 
-Decoding is bounded: at most ``MAX_PAYLOAD_BYTES``; strict UTF-8; at most ``MAX_DEPTH`` levels of nesting (a
-thousand ``[`` make Python's parser raise ``RecursionError``); no ``NaN``/``Infinity`` and no number that only
-becomes one (``1e999``), because non-finite numbers are not JSON and would reach the web page's JSON; integers of
-at most ``MAX_INT_DIGITS`` digits; no lone surrogate escapes (``"\\ud800"``), which SQLite cannot store as text; no
-object with the same key twice (``{"triage": {urgent}, "triage": {routine}}``): JSON parsers disagree on which one
-counts, so the dashboard would file one reading while the stored copy, or another consumer, shows the other.
-
-Length limits. A device (or anyone who can publish on the broker) controls every string of a payload; a 20,000
-character triage reason froze the page for everyone. Each string the dashboard stores or shows has a limit in
-``FIELD_LIMITS``; every other string has ``MAX_TEXT`` and every object key ``MAX_KEY``. A payload over a limit is
-not shortened (the store never alters a result): it becomes a dead letter with its raw bytes.
+Decoding and length limits: ``strict_json.py``. Batches are filed element by element: each element is checked like
+a single result on ``.../results``, an element that fails becomes a dead letter of its own (with its ``seq``, so it
+is receipted as rejected) and the others are stored, all in the batch's one transaction. A batch that is not one
+(bad JSON, too large, the wrong topic ids, too many elements) is one dead letter and settles nothing: which seqs it
+held cannot be told for sure.
 
 Reasons never quote payload text, so they are safe to log and to count: their number is bounded.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from edgemed.dashboard.limits import FIELD_LIMITS, MAX_KEY, MAX_TEXT
+from edgemed.dashboard.batch import encode_element
+from edgemed.dashboard.settlement import LOST_MAX_SEQS, lost_seq_count
+from edgemed.dashboard.strict_json import MAX_PAYLOAD_BYTES, Rejected, check_strings, decode
+from edgemed.receipts import BATCH_MAX_BYTES, BATCH_MAX_RESULTS, BATCH_SCHEMA, Lost, parse_lost
+
+__all__ = [
+    "KINDS",
+    "LEVELS",
+    "MAX_PAYLOAD_BYTES",
+    "Filing",
+    "Rejected",
+    "check_strings",
+    "classify",
+    "decode",
+    "validate_health",
+    "validate_result",
+    "validate_status",
+    "validate_study",
+]
 
 LEVELS = ("urgent", "routine", "no_finding", "inconclusive", "recapture", "error")
-KINDS = ("results", "studies", "status", "health")
+KINDS = ("results", "studies", "status", "health", "batches", "lost", "receipts")
+#: Topic kinds whose messages carry a device's ``seq``: what they hold is settled, stored or refused.
+SETTLING_KINDS = ("results", "studies", "batches")
 
-MAX_PAYLOAD_BYTES = 256 * 1024  # a result is about 1 KB; anything this big is not from a device of ours
-MAX_DEPTH = 32  # a result nests 3 levels deep
-MAX_INT_DIGITS = 40
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_STREAM = re.compile(r"^[0-9a-f]{16}$")
 
 # Heartbeat fields the page reads, by type; a wrong type there is a dead letter, not a blank or a NaN on the page.
 _HEALTH_NUMBERS = (
@@ -60,15 +70,7 @@ _HEALTH_FLAGS = ("degraded", "outbox_full", "connected")
 _HEALTH_TEXTS = ("delegate", "degraded_reason", "source_state")
 
 
-class Rejected(ValueError):
-    """A payload the dashboard cannot use; ``reason`` says why without quoting it."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-FilingKind = Literal["results", "studies", "status", "health", "ignored", "dead"]
+FilingKind = Literal["results", "studies", "status", "health", "batch", "lost", "ignored", "dead"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class Filing:
     ``site``, ``device_id``, ``seq`` and ``result_id`` are filled in when they could be read, also for a dead
     letter (a receipt can then say which result of which device was refused). ``retained`` is True when the broker
     sent the message as a topic's retained message (again at each new subscription), not as it was published.
+    ``stream`` is the device's seq stream (``''`` when it names none or it is unreadable). A ``batch`` holds one
+    filing per element in ``elements`` (each a result or a dead letter of its own); ``lost`` holds the parsed
+    announcement.
     """
 
     kind: FilingKind
@@ -90,112 +95,25 @@ class Filing:
     seq: int | None = None
     result_id: str | None = None
     retained: bool = False
+    stream: str = ""
+    elements: tuple[Filing, ...] = ()
+    lost: Lost | None = None
 
+    @property
+    def stream_key(self) -> tuple[str, str, str] | None:
+        """The ``(site, device_id, stream)`` whose receipt this filing changes, or None when it settles nothing."""
+        if self.kind == "lost" and self.lost is not None:
+            return (self.lost.site, self.lost.device_id, self.lost.stream)
+        if self.site is None or self.device_id is None or self.seq is None:
+            return None
+        if self.kind in ("results", "studies") or (self.kind == "dead" and self.settles_as_dead):
+            return (self.site, self.device_id, self.stream)
+        return None
 
-def _refuse_constant(name: str) -> Any:
-    raise Rejected("payload has a non-finite number (NaN or Infinity)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise Rejected("payload has a non-finite number (NaN or Infinity)")
-    return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise Rejected("payload has an object with the same key twice")
-    return obj
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise Rejected(f"payload has a number with more than {MAX_INT_DIGITS} digits")
-    return int(text)
-
-
-def decode(payload: bytes) -> Any:
-    """Parse a payload as strict, bounded JSON.
-
-    Args:
-        payload: the raw bytes.
-
-    Returns:
-        The decoded value.
-
-    Raises:
-        Rejected: too large, not UTF-8, not JSON, nested too deep, a non-finite or huge number, a lone surrogate,
-            an object with a key twice.
-    """
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise Rejected(f"payload larger than {MAX_PAYLOAD_BYTES // 1024} KB")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Rejected("payload is not JSON (not UTF-8 text)") from exc
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_keys,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-            parse_int=_bounded_int,
-        )
-    except Rejected:
-        raise
-    except RecursionError as exc:
-        raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels") from exc
-    except ValueError as exc:
-        raise Rejected("payload is not JSON") from exc
-    return value
-
-
-def _text_ok(value: str) -> bool:
-    if value.isascii():
-        return True
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_strings(body: Any, kind: str) -> None:
-    """Walk the decoded payload once: nesting depth, every string's length and every key's length.
-
-    Args:
-        body: the decoded JSON.
-        kind: the topic kind, which selects the ``FIELD_LIMITS`` table.
-
-    Raises:
-        Rejected: nested deeper than ``MAX_DEPTH``, a string over its limit, a key over ``MAX_KEY``, a lone
-            surrogate.
-    """
-    limits = FIELD_LIMITS.get(kind, {})
-    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, str):
-            limit = limits.get(path, MAX_TEXT)
-            if len(value) > limit:
-                where = path if path in limits else "a string in the payload"
-                raise Rejected(f"{where} is longer than {limit} characters")
-            if not _text_ok(value):
-                raise Rejected("payload has text that is not valid Unicode (a lone surrogate escape)")
-        elif isinstance(value, (dict, list)):
-            if depth >= MAX_DEPTH:
-                raise Rejected(f"payload nests deeper than {MAX_DEPTH} levels")
-            if isinstance(value, list):
-                stack.extend((item, path + "[]", depth + 1) for item in value)
-                continue
-            for key, item in value.items():
-                if len(key) > MAX_KEY:
-                    raise Rejected(f"an object key is longer than {MAX_KEY} characters")
-                if not _text_ok(key):
-                    raise Rejected("payload has text that is not valid Unicode (a lone surrogate escape)")
-                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+    @property
+    def settles_as_dead(self) -> bool:
+        """A dead letter with a readable ``seq`` on a topic that carries results: it is receipted as rejected."""
+        return self.seq is not None and self.topic.rsplit("/", 1)[-1] in SETTLING_KINDS
 
 
 def _is_int(value: Any, low: int, high: int = 2**63) -> bool:
@@ -215,6 +133,9 @@ def _check_common(body: dict[str, Any], schema: str, site: str, device_id: str) 
         return "site/device_id in the payload differ from the topic"
     if not _is_int(body.get("seq"), 0):
         return "seq is not a non-negative 64-bit integer"
+    stream = body.get("stream")
+    if stream is not None and not (isinstance(stream, str) and _STREAM.match(stream)):
+        return "stream is neither absent nor 16 lowercase hex digits"
     if not isinstance(body.get("created_at"), str):
         return "created_at is not a string"
     triage = body.get("triage")
@@ -340,12 +261,139 @@ _VALIDATORS = {
 }
 
 
-def _identity(body: Any) -> tuple[int | None, str | None]:
+def _identity(body: Any) -> tuple[int | None, str | None, str]:
     if not isinstance(body, dict):
-        return None, None
+        return None, None, ""
     seq = body.get("seq") if _is_int(body.get("seq"), 0) else None
     rid = body.get("result_id")
-    return seq, rid if isinstance(rid, str) and _HEX32.match(rid) else None
+    stream = body.get("stream")
+    stream = stream if isinstance(stream, str) and _STREAM.match(stream) else ""
+    return seq, rid if isinstance(rid, str) and _HEX32.match(rid) else None, stream
+
+
+def check_payload(kind: str, body: Any, site: str, device_id: str) -> None:
+    """Check a decoded result, study decision, status or heartbeat the way ``classify`` does.
+
+    Args:
+        kind: the topic kind (``results``, ``studies``, ``status``, ``health``).
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+
+    Raises:
+        Rejected: the payload is not usable; the reason quotes none of it.
+    """
+    problem = _VALIDATORS[kind](body, site, device_id) if kind in _VALIDATORS else None
+    if problem is None and kind == "status":
+        problem = validate_status(body)
+    elif problem is None and kind == "health":
+        problem = validate_health(body)
+    if problem is not None:
+        raise Rejected(problem)
+    check_strings(body, kind)
+
+
+def filing_of(
+    kind: str, topic: str, payload: bytes, body: Any, site: str, device_id: str, retained: bool = False
+) -> Filing:
+    """The filing of one decoded result, study decision, status or heartbeat: checked, or a dead letter.
+
+    Args:
+        kind: the topic kind.
+        topic: the MQTT topic (a batch's for its elements).
+        payload: the bytes kept with it (the element re-encoded, for a batch).
+        body: the decoded JSON.
+        site: the topic's site segment.
+        device_id: the topic's device segment.
+        retained: it came as a retained message.
+
+    Returns:
+        The filing (``dead`` with the reason, and the ``seq`` and stream when readable, if it is not usable).
+    """
+    seq, rid, stream = _identity(body)
+    try:
+        check_payload(kind, body, site, device_id)
+    except Rejected as exc:
+        return Filing("dead", topic, payload, None, exc.reason, site, device_id, seq, rid, retained, stream)
+    return Filing(kind, topic, payload, body, None, site, device_id, seq, rid, retained, stream)  # type: ignore[arg-type]
+
+
+def _elements(body: Any, site: str, device_id: str) -> list[Any]:
+    if not isinstance(body, dict) or body.get("schema") != BATCH_SCHEMA:
+        raise Rejected(f"schema is not {BATCH_SCHEMA}")
+    if body.get("site") != site or body.get("device_id") != device_id:
+        raise Rejected("site/device_id in the batch differ from the topic")
+    if set(body) != {"schema", "site", "device_id", "results"}:
+        raise Rejected("a batch has exactly the fields schema, site, device_id and results")
+    results = body["results"]
+    if not isinstance(results, list) or not 1 <= len(results) <= BATCH_MAX_RESULTS:
+        raise Rejected(f"batch results is not a list of 1 to {BATCH_MAX_RESULTS} result envelopes")
+    return results
+
+
+def classify_batch(topic: str, payload: bytes, site: str, device_id: str, retained: bool) -> Filing:
+    """Classify one ``edgemed.batch/1`` message: a ``batch`` filing with one filing per element, or a dead letter.
+
+    Args:
+        topic: ``edgemed/{site}/{device_id}/batches``.
+        payload: the raw bytes (at most ``receipts.BATCH_MAX_BYTES``).
+        site: the topic's site.
+        device_id: the topic's device id.
+        retained: it came as a retained message.
+
+    Returns:
+        The filing; never raises on input.
+    """
+    try:
+        elements = _elements(decode(payload, max_bytes=BATCH_MAX_BYTES), site, device_id)
+    except Rejected as exc:
+        return Filing("dead", topic, payload, None, exc.reason, site, device_id, retained=retained)
+    filed = []
+    for element in elements:
+        one = filing_of("results", topic, encode_element(element), element, site, device_id, retained)
+        if one.kind == "dead":
+            one = Filing(
+                "dead",
+                topic,
+                one.payload,
+                reason=f"batch element: {one.reason}",
+                site=site,
+                device_id=device_id,
+                seq=one.seq,
+                result_id=one.result_id,
+                retained=retained,
+                stream=one.stream,
+            )
+        filed.append(one)
+    return Filing("batch", topic, payload, site=site, device_id=device_id, retained=retained, elements=tuple(filed))
+
+
+def classify_lost(topic: str, payload: bytes, site: str, device_id: str, retained: bool) -> Filing:
+    """Classify one ``edgemed.lost/1`` announcement: a ``lost`` filing, or a dead letter.
+
+    Args:
+        topic: ``edgemed/{site}/{device_id}/lost``.
+        payload: the raw bytes.
+        site: the topic's site.
+        device_id: the topic's device id.
+        retained: it came as a retained message.
+
+    Returns:
+        The filing; never raises on input.
+    """
+    try:
+        lost = parse_lost(payload)
+    except ValueError as exc:
+        return Filing(
+            "dead", topic, payload, None, f"not a lost announcement: {exc}", site, device_id, retained=retained
+        )
+    if (lost.site, lost.device_id) != (site, device_id):
+        reason = "site/device_id in the lost announcement differ from the topic"
+        return Filing("dead", topic, payload, None, reason, site, device_id, retained=retained)
+    if lost_seq_count(lost) > LOST_MAX_SEQS:
+        reason = f"a lost announcement names more than {LOST_MAX_SEQS} seqs"
+        return Filing("dead", topic, payload, None, reason, site, device_id, retained=retained)
+    return Filing("lost", topic, payload, site=site, device_id=device_id, retained=retained, lost=lost)
 
 
 def classify(topic: str, payload: bytes, *, retained: bool = False) -> Filing:
@@ -368,23 +416,14 @@ def classify(topic: str, payload: bytes, *, retained: bool = False) -> Filing:
     if not _ID.match(site) or not _ID.match(device_id):
         reason = "site or device id in the topic has characters other than A-Z a-z 0-9 _ -"
         return Filing("dead", topic, payload, reason=reason, retained=retained)
-    if not payload:
+    if not payload or kind == "receipts":
+        # An empty payload clears a retained topic; receipts are the consumers' own messages to the devices.
         return Filing("ignored", topic, payload, site=site, device_id=device_id, retained=retained)
-    body: Any = None
+    if kind in ("batches", "lost"):
+        classify_other = classify_batch if kind == "batches" else classify_lost
+        return classify_other(topic, payload, site, device_id, retained)
     try:
         body = decode(payload)
-        problem = _VALIDATORS[kind](body, site, device_id) if kind in _VALIDATORS else None
-        if problem is None and kind == "status":
-            problem = validate_status(body)
-        elif problem is None and kind == "health":
-            problem = validate_health(body)
-        if problem is not None:
-            raise Rejected(problem)
-        check_strings(body, kind)
     except Rejected as exc:
-        seq, rid = _identity(body)
-        return Filing(
-            "dead", topic, payload, None, exc.reason, site, device_id, seq=seq, result_id=rid, retained=retained
-        )
-    seq, rid = _identity(body)
-    return Filing(kind, topic, payload, body, None, site, device_id, seq=seq, result_id=rid, retained=retained)  # type: ignore[arg-type]
+        return Filing("dead", topic, payload, None, exc.reason, site, device_id, retained=retained)
+    return filing_of(kind, topic, payload, body, site, device_id, retained)

@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from edgemed.errors import ConfigError
+from edgemed.identity import ID_PATTERN
 from edgemed.publish.password_file import read_password_file
+from edgemed.receipts import BATCH_MAX_BYTES, BATCH_MAX_RESULTS
 from edgemed.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -206,3 +208,47 @@ def read_password(cfg: MqttConfig) -> str | None:
     if cfg.password_file:
         return read_password_file(cfg.password_file)
     return None
+
+
+class DeliveryConfig(StrictModel):
+    """Who releases a result: the broker's PUBACK (no consumer), or the receipt of a consumer of record."""
+
+    consumer: str | None = Field(
+        None,
+        description="the consumer of record (the dashboard's --consumer-id, e.g. dashboard): a result stays on "
+        "the device until that consumer's receipt says it is stored; None = the broker's PUBACK releases it",
+    )
+    receipt_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a result acknowledged by the broker and not receipted this long, while no receipt advanced "
+        "for as long, is sent again (same result_id and seq)",
+    )
+
+    @field_validator("consumer")
+    @classmethod
+    def _topic_safe(cls, value: str | None) -> str | None:
+        if value is not None and not ID_PATTERN.match(value):
+            raise ValueError(f"{value!r} must be 1-64 letters, digits, '_' or '-' (it becomes part of MQTT topics)")
+        return value
+
+
+class BatchConfig(StrictModel):
+    """Several results in one MQTT message (``edgemed.batch/1`` on ``.../batches``), for high frame rates."""
+
+    enabled: bool = Field(
+        False, description="send results as batches on .../batches; off = one result per message on .../results"
+    )
+    max_results: int = Field(100, ge=1, le=BATCH_MAX_RESULTS, description="most results in one batch")
+    max_bytes: int = Field(
+        262_144,
+        ge=4096,
+        lt=BATCH_MAX_BYTES,
+        description="most bytes in one batch message (a single larger result goes on .../results alone)",
+    )
+
+
+class PublishConfig(StrictModel):
+    """How results are shaped on the wire."""
+
+    batch: BatchConfig = BatchConfig()

@@ -1,11 +1,16 @@
-"""Drains the durable outbox through a publisher, in order, and deletes a result only on its PUBACK.
+"""Drains the durable outbox through a publisher, in order; a result leaves on its PUBACK, or on its receipt.
 
 One background thread moves committed results from the outbox to the publisher, keeping at most ``max_inflight``
 unacknowledged; acknowledgements arrive on the publisher's network thread and are handed back to this thread,
-which deletes the rows in batches. Nothing is ever removed from the outbox on a publish alone: a result leaves
-only when the broker has taken responsibility for it. Delivery is therefore at least once: after a crash, a
-reconnect or a protocol fall back a result may be sent again, with the same ``result_id``, and the consumer drops
-the duplicate.
+which records them in batches. Without a consumer of record, a PUBACK deletes the result: the broker has taken
+responsibility for it. With one (``delivery.consumer``, ``edgemed.publish.consumer``), a PUBACK only marks it
+awaiting receipt, and the consumer's receipt deletes it; results the consumer misses are sent again, and nothing
+is published from the outbox while the consumer is offline. Delivery is therefore at least once: after a crash,
+a reconnect or a protocol fall back a result may be sent again, with the same ``result_id`` and ``seq``, and the
+consumer drops the duplicate.
+
+With ``publish.batch`` the results go several to a message (``edgemed.publish.batching``); one PUBACK then
+acknowledges every row of the batch.
 
 ``Delivery`` knows the publisher only through the ``Publisher`` protocol (``publish.publisher``): ``MqttLink`` in
 production, an in-memory publisher in the delivery logic tests (``tests/test_delivery_logic.py``).
@@ -17,37 +22,52 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from edgemed.errors import OutboxError
 from edgemed.lock import DataDirLock
 from edgemed.outbox import OUTBOX_FILENAME, Outbox, OutboxConfig
-from edgemed.publish.config import MqttConfig
+from edgemed.publish.batching import Batcher
+from edgemed.publish.config import BatchConfig, MqttConfig
+from edgemed.publish.consumer import Backlog, Consumer, ConsumerRoute, effective_outbox_config
 from edgemed.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05
-# Acknowledgements are removed from the outbox in batches at most this often (sooner when the in-flight window
-# is full, or when stopping): one DELETE per PUBACK would hold the outbox lock, which the producing thread
-# needs for every result, thousands of times a second. Deletions only become durable at the next commit anyway.
+# Acknowledgements are recorded in the outbox in batches at most this often (sooner when the in-flight window
+# is full, or when stopping): one statement per PUBACK would hold the outbox lock, which the producing thread
+# needs for every result, thousands of times a second. They only become durable at the next commit anyway.
 _ACK_BATCH_S = 0.02
 
 
 class Delivery:
     """The background drain of one outbox through one publisher."""
 
-    def __init__(self, outbox: Outbox, publisher: Publisher, *, max_inflight: int = 500) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        publisher: Publisher,
+        *,
+        max_inflight: int = 500,
+        consumer: Consumer | None = None,
+        batch: Batcher | None = None,
+    ) -> None:
         """Prepare the drain; nothing runs until ``start()``.
 
         Args:
-            outbox: where results wait (``pending()``/``ack_many()`` are called from this object's thread).
+            outbox: where results wait (``pending()``/``ack_many()``/``mark_sent()`` are called from this object's
+                thread).
             publisher: the connection to the broker (``MqttLink``); it need not be connected yet.
             max_inflight: most results published and not yet acknowledged at any time. 500 measured 18% faster
                 than 100 (benchmarks/bench_outbox.py) and no faster at 1,000; after a reconnect at most this many
                 are sent again, each with its result_id.
+            consumer: the consumer of record whose receipts release results (its ``subscriptions``,
+                ``on_message`` and ``on_state`` must be wired to the publisher's link); None = PUBACK releases.
+                The outbox then announces evicted rows lost through it.
+            batch: groups results into ``edgemed.batch/1`` messages; None = one result per message.
 
         Raises:
             ValueError: ``max_inflight`` is smaller than 1.
@@ -57,6 +77,9 @@ class Delivery:
         self.outbox = outbox
         self.publisher = publisher
         self.max_inflight = max_inflight
+        self.consumer = consumer
+        self.batch = batch
+        self.messages_total = 0
         self.published_total = 0
         self.acked_total = 0
         self._lock = threading.Lock()
@@ -74,6 +97,9 @@ class Delivery:
         self.replayed_total = 0
         # Woken by commits, not by every put(): results become publishable only once committed.
         outbox.add_commit_listener(self.wake)
+        if consumer is not None:
+            consumer.wake = self.wake
+            outbox.set_lost_announcer(consumer.announce)
 
     def start(self) -> None:
         """Start the drain thread (idempotent)."""
@@ -98,8 +124,19 @@ class Delivery:
         if self._error is not None:
             raise OutboxError(str(self._error)) from self._error
 
+    def backlog(self) -> Backlog:
+        """What is still on disk, by state, and whether the consumer (if any) is online."""
+        consumer = self.consumer
+        return Backlog(
+            unsent=self.outbox.unsent_count(),
+            awaiting=self.outbox.awaiting_count(),
+            consumer=consumer.consumer_id if consumer is not None else None,
+            consumer_online=consumer.online if consumer is not None else None,
+        )
+
     def drain(self, timeout_s: float) -> int:
-        """Commit what was put, then wait until every result is acknowledged or ``timeout_s`` passed.
+        """Commit what was put, then wait until every result is delivered (acknowledged, or receipted with a
+        consumer) or ``timeout_s`` passed.
 
         Args:
             timeout_s: longest wait.
@@ -132,6 +169,14 @@ class Delivery:
             first = not self._acked
             self._acked.append(row_id)
         if first:  # one wake-up per batch of acknowledgements, not one per PUBACK
+            self._wake.set()
+
+    def _on_batch_ack(self, row_ids: tuple[int, ...]) -> None:
+        # One PUBACK for every row of a batch (network thread: hand over only).
+        with self._lock:
+            first = not self._acked
+            self._acked.extend(row_ids)
+        if first:
             self._wake.set()
 
     def _run(self) -> None:
@@ -172,7 +217,10 @@ class Delivery:
                 acked, self._acked = self._acked, []
             self._acks_flushed_at = now
             if acked:
-                self.outbox.ack_many(acked)
+                if self.consumer is None:
+                    self.outbox.ack_many(acked)
+                else:
+                    self.outbox.mark_sent(acked)  # awaiting the consumer's receipt
                 self._inflight.difference_update(acked)
                 self.acked_total += len(acked)
         if epoch != self._epoch:
@@ -180,20 +228,44 @@ class Delivery:
             self._epoch = epoch
             self._inflight.clear()
             self._cursor = 0
+        if self.consumer is not None:
+            again = self.consumer.apply(self.outbox)
+            if again is not None:  # rows made unsent for sending again: the cursor comes back for them
+                self._cursor = min(self._cursor, again - 1)
         if not publish or not publisher.connected:
             return
+        if self.consumer is not None and not self.consumer.online:
+            return  # kept on disk until the consumer is back (heartbeats and status are not sent from here)
         connections = publisher.connections
         if connections != self._connections_seen:
             self._connections_seen = connections
-            self._replay()  # on every connection, the first of a run included (a power cut may take both down)
+            if self.consumer is None:
+                self._replay()  # on every connection, the first of a run included (a power cut may take both down)
         room = self.max_inflight - len(self._inflight)
         if room <= 0:
             return
-        for item in self.outbox.pending(room, after_row=self._cursor):
-            self._inflight.add(item.row_id)
-            self._cursor = item.row_id
-            publisher.publish(item.topic, item.payload, on_ack=partial(self._on_ack, item.row_id))
-            self.published_total += 1
+        self._publish(room)
+
+    def _publish(self, room: int) -> None:
+        items = self.outbox.pending(room, after_row=self._cursor)
+        if not items:
+            return
+        self._cursor = items[-1].row_id
+        # After the cursor came back, rows still in flight (sent, no PUBACK yet) are not sent a second time.
+        items = [item for item in items if item.row_id not in self._inflight]
+        publisher = self.publisher
+        if self.batch is None:
+            for item in items:
+                self._inflight.add(item.row_id)
+                publisher.publish(item.topic, item.payload, on_ack=partial(self._on_ack, item.row_id))
+            self.published_total += len(items)
+            self.messages_total += len(items)
+            return
+        for message in self.batch.messages(items):
+            self._inflight.update(message.row_ids)
+            publisher.publish(message.topic, message.payload, on_ack=partial(self._on_batch_ack, message.row_ids))
+            self.published_total += len(message.row_ids)
+            self.messages_total += 1
 
     def _replay(self) -> None:
         # The connection is (back) up. If the broker crashed, whatever it acknowledged but had not yet written to
@@ -220,12 +292,14 @@ class FlushResult:
     """What ``flush_outbox`` did.
 
     Attributes:
-        sent: results the broker acknowledged (and that left the outbox).
-        remaining: results still pending in the outbox.
+        sent: results delivered (acknowledged, or receipted with a consumer) that left the outbox.
+        remaining: results still on disk.
+        backlog: the remaining ones by state.
     """
 
     sent: int
     remaining: int
+    backlog: Backlog = field(default_factory=Backlog)
 
 
 # How long flush waits for the first connection before it says that it is waiting (a broker on this machine
@@ -242,6 +316,8 @@ def flush_outbox(
     status_topic: str | None = None,
     timeout_name: str = "--timeout",
     outbox_cfg: OutboxConfig | None = None,
+    route: ConsumerRoute | None = None,
+    batch: BatchConfig | None = None,
 ) -> FlushResult:
     """Send whatever is pending in a data directory's outbox (``edgemed flush``).
 
@@ -251,15 +327,18 @@ def flush_outbox(
     Args:
         data_dir: the device's data directory; it is locked for the duration.
         cfg: broker settings (TLS and credentials included).
-        timeout_s: longest time to wait for the broker and its acknowledgements.
+        timeout_s: longest time to wait for the broker, its acknowledgements and (with a consumer) the receipts.
         client_id: MQTT client id; default ``cfg.client_id`` or one derived from the data directory.
         status_topic: where to publish a retained status; None = none.
         timeout_name: the option that set ``timeout_s``, named in the waiting message.
         outbox_cfg: the profile's outbox settings (acknowledgement log, replay window, commit level); default
             ``OutboxConfig()``.
+        route: the consumer of record and the device's identity, when the profile names a consumer: results
+            then leave only on its receipts.
+        batch: the profile's ``publish.batch`` (used when enabled; needs ``route`` or is ignored without it).
 
     Returns:
-        How many results were sent and how many are still pending.
+        How many results were sent and how many are still on disk.
 
     Raises:
         OutboxLockedError: another process owns the data directory.
@@ -268,7 +347,8 @@ def flush_outbox(
     """
     data_dir = Path(data_dir)
     with DataDirLock(data_dir):
-        outbox = Outbox(data_dir / OUTBOX_FILENAME, outbox_cfg)
+        consumer = route.consumer(data_dir) if route is not None else None
+        outbox = Outbox(data_dir / OUTBOX_FILENAME, effective_outbox_config(outbox_cfg, consumer))
         try:
             pending = outbox.pending_count()
             if pending == 0:
@@ -280,8 +360,14 @@ def flush_outbox(
                 cfg,
                 status_topic=status_topic,
                 client_id=client_id or cfg.client_id or f"edgemed-flush-{digest}",
+                subscriptions=consumer.subscriptions if consumer is not None else (),
+                on_message=consumer.on_message if consumer is not None else None,
+                on_state=consumer.on_state if consumer is not None else None,
             )
-            delivery = Delivery(outbox, link)
+            batcher = None
+            if batch is not None and batch.enabled and route is not None:
+                batcher = Batcher(batch, site=route.site, device_id=route.device_id)
+            delivery = Delivery(outbox, link, consumer=consumer, batch=batcher)
             link.start()
             delivery.start()
             try:
@@ -301,7 +387,7 @@ def flush_outbox(
                     delivery.check()
                     remaining = delivery.drain(min(0.5, max(0.0, deadline - time.monotonic())))
                 link.check()
-                return FlushResult(pending - remaining, remaining)
+                return FlushResult(pending - remaining, remaining, delivery.backlog())
             finally:
                 delivery.stop()
                 link.stop(timeout_s=2.0)

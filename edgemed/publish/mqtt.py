@@ -26,7 +26,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -82,13 +82,15 @@ class MqttLink:
         offline_note: str = _DEVICE_NOTE,
         unanswered_to_fall_back: int = 2,
         tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
+        online_when_subscribed: bool = False,
+        on_subscribed: Callable[[], None] | None = None,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
         Args:
             cfg: broker settings.
             status_topic: where the retained ``online``/``offline`` status and the last will go; None = no
-                status and no will (``edgemed flush``, ``edgemed doctor``, the dashboard).
+                status and no will (``edgemed flush``, ``edgemed doctor``).
             client_id: MQTT client id; keep it the same across restarts for a persistent session.
             on_state: called with ``"online"``, ``"offline"`` or ``"refused"`` from the network thread.
             status_extra: fields added to every status message (for example the device id and model version).
@@ -105,6 +107,12 @@ class MqttLink:
                 ``connect_timeout_s`` after which the link falls back to 3.1.1. The device waits for two (one can
                 be a slow broker); the dashboard falls back after the first, so that on a 3.1.1-only broker it
                 receives after one ``connect_timeout_s``. Connections closed without a CONNACK take two either way.
+            online_when_subscribed: publish the ``online`` status only once the broker granted the subscriptions
+                (at every connection), not at the CONNACK: for a consumer whose ``online`` tells publishers that
+                what they send now reaches it (on a brand-new session, messages published before the SUBSCRIBE
+                was granted are not queued for it).
+            on_subscribed: called from the network thread each time the broker granted the subscriptions (at
+                every connection, after the ``online`` of ``online_when_subscribed``); it must only hand on.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
@@ -117,6 +125,7 @@ class MqttLink:
         self._unanswered_to_fall_back = unanswered_to_fall_back
         self._tls_names = tls_names
         self._subscriptions = tuple(subscriptions)
+        self._online_when_subscribed = online_when_subscribed and bool(self._subscriptions)
         if (self._subscriptions or manual_ack) and on_message is None:
             raise ValueError("subscriptions and manual_ack need on_message, the callback that receives messages")
         require_safe_transport(cfg)
@@ -128,6 +137,7 @@ class MqttLink:
         self.persistent = persistent
         self._on_state = on_state
         self._on_message = on_message
+        self._on_subscribed = on_subscribed
         self._manual_ack = manual_ack
         self._describe_refusal = describe_refusal
         self._offline_note = offline_note
@@ -516,7 +526,7 @@ class MqttLink:
             self.protocol,
             getattr(flags, "session_present", None),
         )
-        if self.status_topic:
+        if self.status_topic and not self._online_when_subscribed:
             client.publish(self.status_topic, self._status_payload("online", {}), qos=1, retain=True)
         if self._subscriptions:
             # Also on a resumed session: harmless there, and it covers a broker that lost the session.
@@ -543,6 +553,13 @@ class MqttLink:
             self._refuse(subscribe_refusal(self.cfg.url, self.client_id, refused), retry=False)
         else:
             self._subscribed.set()
+            if self.status_topic and self._online_when_subscribed:
+                client.publish(self.status_topic, self._status_payload("online", {}), qos=1, retain=True)
+            if self._on_subscribed is not None:
+                try:
+                    self._on_subscribed()
+                except Exception:  # the owner's bug must not kill the network thread
+                    log.exception("on_subscribed callback failed")
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         ack = None

@@ -13,9 +13,9 @@ otherwise: not for QoS 0, not for a refused message, not for one lost with its c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 #: Called once when the broker acknowledged a message (from the network thread; must not block).
 AckCallback = Callable[[], None]
@@ -127,4 +127,18 @@ class Link(Publisher, Protocol):
 
     def stop(self, timeout_s: float = 5.0, *, abnormal: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """Say ``offline`` (why: ``abnormal``; ``extra`` fields) and disconnect cleanly within ``timeout_s``."""
+        ...
+
+
+@runtime_checkable
+class Listening(Protocol):
+    """A ``Link`` handed to the runtime that can also receive (a device with a consumer of record hears its
+    receipts and its consumer's state this way). ``MqttLink`` takes the same three things as constructor
+    arguments instead; the in-memory publisher of the tests (``tests/fakes.py``) implements this."""
+
+    def listen(
+        self, subscriptions: Sequence[Subscription], on_message: MessageCallback, on_state: StateCallback
+    ) -> None:
+        """Subscribe to ``subscriptions`` on every connection from now on; hand every message to ``on_message``
+        and every change of the link's state to ``on_state`` (both from the network thread)."""
         ...
