@@ -343,14 +343,18 @@ def report(args: argparse.Namespace, rounds: dict[str, list[Round]], profiles: d
         f"{f'; producer window {args.window} results (diagnosis)' if args.window else ''}; "
         f"{os.cpu_count()} CPUs",
         "",
-        "| path | results/s (median) | min | max | vs baseline (paired) | CPU µs/result |",
-        "|---|---:|---:|---:|---:|---|",
+        "| path | results/s (median) | min | max | vs baseline (paired) | CPU µs/result | lost (of "
+        f"{args.results}) / sent again, per round |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         cpu = ", ".join(f"{k} {v:.0f}" for k, v in row["cpu_us_per_result"].items())
+        lost = [e.get("lost_by_broker", e.get("lost_at_dashboard", 0)) for e in row["extra"]]
+        again = [e.get("resent", 0) for e in row["extra"]]
         lines.append(
             f"| {row['path']} | {row['median']:,.0f} | {min(row['rates']):,.0f} | {max(row['rates']):,.0f} | "
-            f"{row['ratio_of_medians']:.0%} ({row['paired_ratio']:.0%}) | {cpu} |"
+            f"{row['ratio_of_medians']:.0%} ({row['paired_ratio']:.0%}) | {cpu} | "
+            f"{', '.join(map(str, lost))} / {', '.join(map(str, again))} |"
         )
     lines.append("")
     for row in rows[1:3]:
