@@ -7,21 +7,39 @@ they share one, STACK.md):
   same model (LiteRT, same thread count), and nothing else;
 * **bare invoke**: ``interpreter.invoke()`` alone on one preprocessed frame (the floor);
 * **edgemed run**: the full device pipeline (capture, quality gate, preprocessing, inference, triage, envelope,
-  durable outbox, QoS 1 publishing to a real mosquitto on a loopback port).
+  durable outbox, QoS 1 publishing to a real mosquitto on a loopback port, with its default settings). By default
+  with receipts on: the real dashboard runs beside it (``edgemed dashboard --consumer-id dashboard``, a child
+  process) and the device's profile names it as consumer of record (``delivery.consumer: dashboard``) with
+  ``publish.batch`` on, as the ultrasound cine example profile has it; a run ends once every result is receipted
+  (exit 0). ``--no-consumer`` runs today's delivery (PUBACK releases); ``--batch off`` sends one result per
+  message; ``--offline`` runs without any broker (results stay in the outbox, exit 10): what is left when
+  publishing costs nothing, the bound of what batching can win.
 
-It reports frames per second (median of ``--runs`` runs), the per-stage split of edgemed run, time from process
-start to the first result, and peak RSS of each process. Results go to ``benchmarks/results/runtime.json`` and a
-markdown table on stdout.
+It reports frames per second (median of ``--runs`` runs), the paired ratio to the baseline, steady-state CPU ms
+per frame of edgemed run and of the baseline (each command also run on one pass of the source, to take start-up
+out) and the framework's share beyond the baseline, the per-stage split of edgemed run, time from process start
+to the first result, and peak RSS of each process. Results go to ``benchmarks/results/runtime.json`` (``--out``)
+and a markdown table on stdout.
+
+``--profile`` adds, per workload, one edgemed run with each Python thread's CPU sampled from /proc (no profiler
+overhead: where the CPU per frame goes, by thread) and one under cProfile on every thread (which functions; the
+profiler inflates small Python functions, so read its split as relative). Both are printed and saved beside the
+JSON (``*-threads.json``, ``*.pstats``).
 
     python benchmarks/bench_runtime.py --reference out/reference_int8.tflite --mobile out/mobilenet_int8.tflite
+    python benchmarks/bench_runtime.py --reference out/reference_int8.tflite --workload cine --profile
+    python benchmarks/bench_runtime.py --reference out/reference_int8.tflite --workload cine --offline \
+        --out benchmarks/results/runtime-offline.json
 
 Workloads: the 12 full-resolution ISIC dermoscopy JPEGs looped to >= 1,000 frames, and the 30-frame ultrasound
-cine DICOM (JPEG baseline) looped to >= 1,000 frames.
+cine DICOM (JPEG baseline; ``EDGEMED_DATA``/dicom/examples_ybr_color.dcm, default ../shared/data, else the
+repository's copy) looped to >= 1,000 frames.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -32,12 +50,22 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Mosquitto, median
+from _common import (
+    ROOT,
+    Dashboard,
+    Mosquitto,
+    cine_file,
+    instrumented_cmd,
+    median,
+    temp_dir,
+    top_functions,
+)
 
 BASELINE = r"""
 import sys, time, json, os, resource
@@ -114,12 +142,6 @@ def run_child(code_or_args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[str,
     return "".join(out_chunks), usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a running process has used so far, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -130,40 +152,57 @@ def model_input(model: Path) -> tuple[int, int, int]:
     return spec["height"], spec["width"], spec["channels"]
 
 
-def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: Mosquitto | None) -> dict[str, Any]:
-    """One `edgemed run` process; stage latencies come from the results it wrote to results.jsonl."""
+@dataclass
+class Setup:
+    """What runs beside `edgemed run`: a broker, the dashboard as consumer, and the profile that names it."""
+
+    broker: Mosquitto | None
+    dashboard: Dashboard | None
+    profile: Path | None  # the device profile YAML (delivery.consumer, publish.batch); None = flags only
+
+    def cpu_s(self) -> tuple[float, float]:
+        return (
+            self.broker.cpu_s() if self.broker else 0.0,
+            self.dashboard.cpu_s() if self.dashboard else 0.0,
+        )
+
+
+def write_profile(folder: Path, *, consumer: bool, batch: bool) -> Path:
+    """The device profile of the benchmark's `edgemed run`: receipts from the dashboard, batching on or off."""
+    path = folder / "bench-runtime.yaml"
+    text = "# written by benchmarks/bench_runtime.py\nprofile: bench-runtime\ndevice:\n  id: bench\n"
+    if consumer:
+        text += "delivery:\n  consumer: dashboard\n"
+    text += f"publish:\n  batch:\n    enabled: {'true' if batch else 'false'}\n"
+    path.write_text(text)
+    return path
+
+
+def edgemed_run(
+    model: Path, source: Path, loops: int, threads: int, setup: Setup, instrument: tuple[str, Path] | None = None
+) -> dict[str, Any]:
+    """One `edgemed run` process; stage latencies come from the results it wrote to results.jsonl.
+
+    ``instrument``: (mode, file) to run it under ``_common.instrumented_cmd`` (``--profile``).
+    """
     data_dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-"))
     try:
         start = time.time()
-        broker_cpu0 = process_cpu_s(broker.proc.pid) if broker else 0.0
-        _, rss, cpu_s = run_child(
-            [
-                sys.executable,
-                "-m",
-                "edgemed",
-                "run",
-                "--model",
-                str(model),
-                "--source",
-                str(source),
-                "--loop",
-                str(loops),
-                "--threads",
-                str(threads),
-                "--device-id",
-                "bench",
-                "--data-dir",
-                str(data_dir),
-                "--quiet",
-            ]
-            + (["--broker", broker.url] if broker else []),
-            ok=(0,) if broker else (10,),  # offline: results stay pending, exit 10
-        )
-        broker_cpu_s = process_cpu_s(broker.proc.pid) - broker_cpu0 if broker else 0.0
+        broker_cpu0, dash_cpu0 = setup.cpu_s()
+        args = ["run", "--model", str(model), "--source", str(source), "--loop", str(loops)]
+        args += ["--threads", str(threads), "--device-id", "bench", "--data-dir", str(data_dir), "--quiet"]
+        args += ["--profile", str(setup.profile)] if setup.profile else []
+        args += ["--broker", setup.broker.url] if setup.broker else []
+        cmd = instrumented_cmd(*instrument, args) if instrument else [sys.executable, "-m", "edgemed", *args]
+        # Offline, results stay pending (exit 10); with a broker every one was acknowledged or receipted (0).
+        _, rss, cpu_s = run_child(cmd, ok=(0,) if setup.broker else (10,))
+        broker_cpu1, dash_cpu1 = setup.cpu_s()
         rows = [json.loads(line) for line in (data_dir / "results.jsonl").read_text().splitlines()]
         # Publishing runs off the inference thread, so its latency is not inside the envelope: it is the time from
-        # a result's creation to the broker's PUBACK, which the outbox records for acknowledged results.
-        with sqlite3.connect(data_dir / "outbox.sqlite3") as db:
+        # a result's creation to the broker's PUBACK, which the outbox records for acknowledged results (in its
+        # acknowledgement log, where this version of the outbox keeps one).
+        acked: dict[str, float] = {}
+        with contextlib.suppress(sqlite3.Error), sqlite3.connect(data_dir / "outbox.sqlite3") as db:
             acked = dict(db.execute("SELECT result_id, acked_at FROM acked").fetchall())
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -180,7 +219,8 @@ def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: Mos
         "fps": (len(rows) - 1) / (stamps[-1] - stamps[0]),
         "rss_mb": rss,
         "cpu_s": cpu_s,
-        "broker_cpu_s": broker_cpu_s,
+        "broker_cpu_s": broker_cpu1 - broker_cpu0,
+        "dashboard_cpu_s": dash_cpu1 - dash_cpu0,
         "first_result_s": stamps[0] - start,
         "stages_ms": stages,
         "levels": sorted({r["triage"]["level"] for r in rows}),
@@ -188,12 +228,12 @@ def edgemed_run(model: Path, source: Path, loops: int, threads: int, broker: Mos
 
 
 def bench(
-    name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace, broker: Mosquitto | None
+    name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace, setup: Setup
 ) -> dict[str, Any]:
     loops = math.ceil(args.frames / frames_per_loop)
     h, w, c = model_input(model)
     base_runs, run_runs = [], []
-    cpu_base, cpu_run, cpu_broker = [], [], []
+    cpu_base, cpu_run, cpu_broker, cpu_dash = [], [], [], []
 
     def baseline(n_loops: int) -> dict[str, Any]:
         argv = [str(model), str(source), str(n_loops), str(args.threads), str(h), str(w), str(c)]
@@ -202,18 +242,19 @@ def bench(
 
     for i in range(args.runs):  # interleaved, so drift on a shared machine hits both alike
         base_runs.append(baseline(loops))
-        run_runs.append(edgemed_run(model, source, loops, args.threads, broker))
+        run_runs.append(edgemed_run(model, source, loops, args.threads, setup))
         # CPU per frame in the steady state: the same command on one pass of the source tells start-up apart
         # (imports, model load, broker connect), so (CPU of the long run - CPU of the short) / (frame difference).
         short_base = baseline(1)
-        short_run = edgemed_run(model, source, 1, args.threads, broker)
+        short_run = edgemed_run(model, source, 1, args.threads, setup)
         extra = run_runs[-1]["frames"] - short_run["frames"]
         cpu_base.append((base_runs[-1]["cpu_s"] - short_base["cpu_s"]) / extra * 1e3)
         cpu_run.append((run_runs[-1]["cpu_s"] - short_run["cpu_s"]) / extra * 1e3)
         cpu_broker.append((run_runs[-1]["broker_cpu_s"] - short_run["broker_cpu_s"]) / extra * 1e3)
+        cpu_dash.append((run_runs[-1]["dashboard_cpu_s"] - short_run["dashboard_cpu_s"]) / extra * 1e3)
         print(
             f"  {name} run {i + 1}/{args.runs}: baseline {base_runs[-1]['fps']:.1f} fps, "
-            f"edgemed run {run_runs[-1]['fps']:.1f} fps",
+            f"edgemed run {run_runs[-1]['fps']:.1f} fps, CPU ms/frame {cpu_base[-1]:.2f} / {cpu_run[-1]:.2f}",
             file=sys.stderr,
         )
     out, _, _ = run_child([sys.executable, "-c", BARE, str(model), str(args.threads)])
@@ -231,6 +272,7 @@ def bench(
         # before it is the steadier comparison.
         "paired_ratio": median([r["fps"] / b["fps"] for r, b in zip(run_runs, base_runs, strict=True)]),
         "paired_ratios": [r["fps"] / b["fps"] for r, b in zip(run_runs, base_runs, strict=True)],
+        "per_run_fps": [[b["fps"], r["fps"]] for r, b in zip(run_runs, base_runs, strict=True)],
         "bare_invoke_ms": json.loads(out)["invoke_ms"],
         "run_stages_ms": {k: median([r["stages_ms"][k] for r in run_runs]) for k in run_runs[0]["stages_ms"]},
         "run_first_result_s": median([r["first_result_s"] for r in run_runs]),
@@ -242,8 +284,108 @@ def bench(
             "baseline": median(cpu_base),
             "run": median(cpu_run),
             "broker": median(cpu_broker),
+            "dashboard": median(cpu_dash),
             "framework_share": median([(r - b) / b for r, b in zip(cpu_run, cpu_base, strict=True)]),
+            "framework_ms": median([r - b for r, b in zip(cpu_run, cpu_base, strict=True)]),
         },
+    }
+
+
+# Where the CPU of a run goes, by stage: the inclusive (cumulative) CPU time of each stage's entry points in the
+# thread-CPU cProfile (--profile). The stages do not overlap; what no stage covers is "the rest" (the run loop,
+# start-up, imports). Keys: (path suffix of the file, function name).
+_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("capture thread: read + decode + pacing", (("capture/prefetch.py", "produce"),)),
+    ("quality gate", (("edgemed/quality.py", "check_quality"),)),
+    ("gray conversion for gate + model", (("edgemed/preprocess.py", "to_colour_mode"),)),
+    ("preprocess", (("edgemed/preprocess.py", "__call__"),)),
+    ("inference (invoke)", (("inference/backends.py", "invoke"),)),
+    ("scores + triage", (("inference/classify.py", "scores"), ("edgemed/triage.py", "triage"))),
+    (
+        "envelope + result id + encode",
+        (
+            ("edgemed/envelope.py", "result_envelope"),
+            ("edgemed/envelope.py", "encode"),
+            ("edgemed/envelope.py", "new_result_id"),
+        ),
+    ),
+    ("outbox put (producer side)", (("outbox", "put"), ("outbox", "next_seq"), ("outbox", "is_full"))),
+    ("outbox commit thread", (("outbox", "_commit_loop"),)),
+    ("delivery thread (publish, acks, receipts)", (("publish/delivery.py", "_run"),)),
+    ("MQTT network thread (paho)", (("publish/mqtt.py", "_run"),)),
+    ("heartbeat thread", (("edgemed/uplink.py", "_heartbeat_loop"),)),
+    (
+        "sessions, results.jsonl, health, printer",
+        (
+            ("edgemed/sessions.py", "add"),
+            ("edgemed/sessions.py", "before"),
+            ("edgemed/local_copy.py", "append"),
+            ("edgemed/health.py", "record"),
+            ("edgemed/summary.py", "add"),
+        ),
+    ),
+)
+
+
+def stage_split(stats_file: Path) -> dict[str, float]:
+    """CPU seconds per stage (``_STAGES``) of a thread-CPU profile, plus ``total`` and ``the rest``."""
+    import pstats
+
+    st = pstats.Stats(str(stats_file))
+    entries = st.stats  # type: ignore[attr-defined]
+    out: dict[str, float] = {}
+    for label, keys in _STAGES:
+        out[label] = sum(
+            cum
+            for (filename, _line, func), (_cc, _nc, _tt, cum, _callers) in entries.items()
+            if any(func == name and part in filename.replace("\\", "/") for part, name in keys)
+        )
+    total = float(st.total_tt)  # type: ignore[attr-defined]
+    out["the rest (run loop, start-up, imports)"] = total - sum(out.values())
+    out["total"] = total
+    return out
+
+
+def thread_cpu(model: Path, source: Path, loops: int, args: argparse.Namespace, setup: Setup, out: Path) -> Any:
+    """CPU seconds by thread name of one instrumented run, and its frame count."""
+    run = edgemed_run(model, source, loops, args.threads, setup, ("threads", out))
+    sampled = json.loads(out.read_text())
+    by_thread: dict[str, float] = {}
+    for key, cpu in sampled["threads"].items():
+        label = key.split("#")[0]
+        if label != "bench-sampler":
+            by_thread[label] = by_thread.get(label, 0.0) + cpu
+    by_thread["native threads (LiteRT workers, sqlite, other C)"] = sampled["process"] - sum(by_thread.values())
+    return run["frames"], by_thread
+
+
+def profile_runs(
+    name: str, model: Path, source: Path, frames_per_loop: int, args: argparse.Namespace, setup: Setup
+) -> dict[str, Any]:
+    """Steady-state CPU per frame by thread (sampled, no profiler), and cProfiles of the run (``--profile``):
+    wall clock (the main thread's is the critical path of the frame rate) and thread CPU (where the CPU goes)."""
+    loops = math.ceil(args.frames / frames_per_loop)
+    stem = f"{args.out.with_suffix('')}-{name.split()[0].lower()}"
+    frames_long, long = thread_cpu(model, source, loops, args, setup, Path(f"{stem}-threads.json"))
+    frames_short, short = thread_cpu(model, source, 1, args, setup, Path(f"{stem}-threads-short.json"))
+    per_frame = {
+        k: (v - short.get(k, 0.0)) / (frames_long - frames_short) * 1e3
+        for k, v in sorted(long.items(), key=lambda kv: -kv[1])
+    }
+    Path(f"{stem}-threads.json").write_text(json.dumps({"steady_cpu_ms_per_frame": per_frame}, indent=2) + "\n")
+    Path(f"{stem}-threads-short.json").unlink()
+    wall, cpu = Path(f"{stem}-wall.pstats"), Path(f"{stem}-cpu.pstats")
+    edgemed_run(model, source, loops, args.threads, setup, ("cprofile", wall))
+    edgemed_run(model, source, loops, args.threads, setup, ("cprofile-cpu", cpu))
+    stages = stage_split(cpu)
+    main_wall = Path(str(wall).removesuffix(".pstats") + "-main.pstats")
+    return {
+        "frames": frames_long,
+        "steady_cpu_ms_per_frame_by_thread": per_frame,
+        "cprofile_cpu_ms_per_frame_by_stage": {k: v / frames_long * 1e3 for k, v in stages.items()},
+        "files": [os.path.relpath(p, ROOT) for p in (Path(f"{stem}-threads.json"), wall, main_wall, cpu)],
+        "top_cpu": top_functions(cpu, 30),
+        "top_main_thread_wall": top_functions(main_wall, 30),
     }
 
 
@@ -257,38 +399,70 @@ def main() -> int:
     parser.add_argument(
         "--workload", choices=("all", "isic", "cine"), default="all", help="which workload(s) to run (default all)"
     )
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--offline",
         action="store_true",
         help="run edgemed without a broker (results stay in the outbox): shows what publishing costs",
     )
+    mode.add_argument(
+        "--no-consumer",
+        action="store_true",
+        help="no dashboard and no delivery.consumer: a PUBACK releases a result (the behaviour before receipts)",
+    )
+    parser.add_argument(
+        "--batch", choices=("on", "off"), default="on", help="publish.batch in the device profile (default on)"
+    )
+    parser.add_argument("--profile", action="store_true", help="add a per-thread CPU run and a cProfile run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
     args = parser.parse_args()
+    if not 30 <= args.frames <= 100_000 or not 1 <= args.runs <= 20:
+        parser.error("--frames must be 30-100000 and --runs 1-20")
+    args.out = args.out.resolve()
 
     jpegs = ROOT / "data" / "isic_samples"
-    cine_dir = Path(tempfile.mkdtemp(prefix="edgemed-cine-"))
-    cine = cine_dir / "cine.dcm"
-    shutil.copy(ROOT / "data" / "dicom" / "examples_ybr_color.dcm", cine)
     models = [("reference CNN", args.reference)] + ([("compact mobile", args.mobile)] if args.mobile else [])
-    rows = []
-    with Mosquitto() as broker:
+    rows, profiles = [], []
+    with temp_dir("edgemed-cine-") as folder, contextlib.ExitStack() as stack:
+        cine = folder / "cine.dcm"
+        shutil.copy(cine_file(), cine)
+        consumer = not (args.offline or args.no_consumer)
+        broker = None if args.offline else stack.enter_context(Mosquitto(defaults=True))
+        dash = stack.enter_context(Dashboard(broker.url, folder / "fleet.sqlite3")) if broker and consumer else None
+        profile = None if args.offline else write_profile(folder, consumer=consumer, batch=args.batch == "on")
+        setup = Setup(broker, dash, profile)
         for label, model in models:
             workloads = [("isic", "ISIC JPEG 722-1504 px", jpegs, 12), ("cine", "US cine DICOM 30 fr", cine, 30)]
             for key, wname, source, per_loop in workloads:
                 if args.workload not in ("all", key):
                     continue
                 print(f"benchmarking {label} on {wname} ...", file=sys.stderr)
-                row = bench(wname, model, source, per_loop, args, None if args.offline else broker)
+                row = bench(wname, model, source, per_loop, args, setup)
                 rows.append({"model_kind": label, **row})
-    shutil.rmtree(cine_dir, ignore_errors=True)
+                if args.profile:
+                    profiles.append(
+                        {
+                            "model_kind": label,
+                            "workload": wname,
+                            **profile_runs(f"{key} {label}", model, source, per_loop, args, setup),
+                        }
+                    )
+    delivery = "offline" if args.offline else ("receipts" if consumer else "PUBACK") + f", batch {args.batch}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2) + "\n")
+    meta = {"command": "python benchmarks/bench_runtime.py " + " ".join(sys.argv[1:]), "delivery": delivery}
+    out = {**meta, "threads": args.threads, "rows": rows, "profiles": profiles}
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print_table(rows, profiles, delivery)
+    return 0
 
+
+def print_table(rows: list[dict[str, Any]], profiles: list[dict[str, Any]], delivery: str) -> None:
+    print(f"delivery: {delivery}\n")
     print(
         "| model | workload | frames | baseline fps | edgemed run fps | ratio (paired) | capture / quality / "
         "preprocess / inference / triage / publish (to PUBACK) ms | first result s | peak RSS MB (run / baseline) "
         "| bare invoke ms "
-        "| CPU ms/frame baseline / run (+ broker) | framework CPU share |"
+        "| CPU ms/frame baseline / run (+ broker, + dashboard) | framework CPU share |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -301,9 +475,25 @@ def main() -> int:
             f"{s['triage']:.3f} / {s['publish']:.1f} | "
             f"{r['run_first_result_s']:.2f} | "
             f"{r['run_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} | {r['bare_invoke_ms']:.3f} | "
-            f"{cpu['baseline']:.2f} / {cpu['run']:.2f} (+ {cpu['broker']:.3f}) | {cpu['framework_share']:+.0%} |"
+            f"{cpu['baseline']:.2f} / {cpu['run']:.2f} (+ {cpu['broker']:.3f}, + {cpu['dashboard']:.3f}) | "
+            f"{cpu['framework_share']:+.0%} |"
         )
-    return 0
+    for r in rows:
+        print(
+            f"\n{r['model_kind']}, {r['workload']}: paired ratios " + ", ".join(f"{x:.2f}" for x in r["paired_ratios"])
+        )
+    for p in profiles:
+        print(f"\nprofile of {p['model_kind']} on {p['workload']} ({', '.join(p['files'])}):")
+        print("steady-state CPU ms per frame by thread (sampled from /proc, no profiler):")
+        for k, v in p["steady_cpu_ms_per_frame_by_thread"].items():
+            print(f"  {k:50s} {v:6.3f}")
+        print("cProfile (thread CPU clock; the profiler inflates Python-heavy stages), CPU ms per frame by stage:")
+        for k, v in p["cprofile_cpu_ms_per_frame_by_stage"].items():
+            print(f"  {k:50s} {v:6.3f}")
+        print("cProfile, thread CPU clock, all threads:")
+        print(p["top_cpu"])
+        print("cProfile, wall clock, main (inference) thread: where a frame waits")
+        print(p["top_main_thread_wall"])
 
 
 if __name__ == "__main__":

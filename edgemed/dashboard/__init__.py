@@ -4,6 +4,12 @@
                       [--consumer-id dashboard] [--client-id edgemed-dashboard]
     edgemed dashboard export --db fleet.sqlite3 [--since 2026-11-25T00:00:00Z] --format jsonl > results.jsonl
 
+At fleet scale the two halves run apart against one database (see `edgemed dashboard ingest --help`, `serve --help`):
+    edgemed dashboard ingest --db fleet.sqlite3 --broker mqtt://127.0.0.1:1883 [--group central --client-id ID]
+    edgemed dashboard serve --db fleet.sqlite3 [--port 8080] [--metrics-allow 10.20.0.0/16]
+    edgemed dashboard acl --db fleet.sqlite3 [--devices devices.csv] > edgemed.acl     (a mosquitto acl_file)
+/metrics (Prometheus) is served beside the page, without a login, to --metrics-allow (default the loopback).
+
 The dashboard subscribes to edgemed/+/+/# at QoS 1 with a fixed client id and a persistent session, so results
 published while it is down arrive when it comes back; duplicates are dropped by result id. Open
 http://127.0.0.1:8080/ for the fleet table, urgent results waiting for review (with an acknowledge button) and
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
+    from edgemed.dashboard.metrics import Network
     from edgemed.publish.config import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -46,22 +53,11 @@ __all__ = ["add_arguments", "run", "serve"]
 
 
 def _merge_config(mqtt_url: str, mqtt: MqttConfig | None) -> MqttConfig:
+    from edgemed.dashboard.cli_args import validate_config
+
     fields: dict[str, Any] = mqtt.model_dump() if mqtt is not None else {}
     fields["url"] = mqtt_url
-    return _validate_config(fields)
-
-
-def _validate_config(fields: dict[str, Any]) -> MqttConfig:
-    from pydantic import ValidationError
-
-    from edgemed.publish.config import MqttConfig
-
-    try:
-        return MqttConfig.model_validate(fields)
-    except ValidationError as exc:
-        from edgemed.validation import describe
-
-        raise ConfigError(f"dashboard broker settings: {describe(exc, MqttConfig)}") from exc
+    return validate_config(fields)
 
 
 def serve(
@@ -76,6 +72,7 @@ def serve(
     device_expiry_s: float | None = 7 * 86400.0,
     public_origins: tuple[str, ...] = (),
     consumer_id: str = "dashboard",
+    metrics_allow: tuple[Network, ...] | None = None,
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -94,6 +91,7 @@ def serve(
             which acknowledgements are accepted besides the page's own address.
         consumer_id: the consumer of record this process belongs to: its receipts and its online/offline state
             name it.
+        metrics_allow: networks whose clients may read ``/metrics`` (served beside the page); None: loopback.
 
     Returns:
         0 after a clean stop.
@@ -104,6 +102,7 @@ def serve(
         BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
     """
     from edgemed.dashboard.ingest import Ingest
+    from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
     from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web import make_server
@@ -117,6 +116,7 @@ def serve(
     restore: list[tuple[signal.Signals, Any]] = []
     try:
         ingest = Ingest(cfg, store, consumer_id=consumer_id)
+        live = ingest
         server = make_server(
             store,
             host=host,
@@ -124,6 +124,8 @@ def serve(
             ingest_snapshot=ingest.snapshot,
             device_expiry_s=device_expiry_s,
             public_origins=origins,
+            metrics=store_collector(store, device_expiry_s=device_expiry_s, live_workers=lambda: [live.live_row()]),
+            metrics_allow=metrics_allow,
         )
         if stop is None and threading.current_thread() is threading.main_thread():
 
@@ -155,30 +157,54 @@ def serve(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the ``edgemed dashboard`` options to a parser, and its ``export`` sub-command.
+    """Add the ``edgemed dashboard`` options to a parser, and its sub-commands (export, ingest, serve, acl).
 
-    ``--broker`` and ``--db`` are required to serve; argparse cannot require them of the parent command while
-    ``export`` (which needs only ``--db``) is a sub-command of it, so ``run`` checks them.
+    ``--broker`` and ``--db`` are required to run the embedded dashboard; argparse cannot require them of the
+    parent command while its sub-commands have options of their own, so ``run`` checks them.
 
     Args:
         p: the sub-command's parser.
     """
+    from edgemed.dashboard.acl import ACL_DESCRIPTION, add_acl_arguments
+    from edgemed.dashboard.cli_args import add_broker_arguments, add_metrics_allow
     from edgemed.dashboard.export import __doc__ as export_doc
     from edgemed.dashboard.export import add_export_arguments
+    from edgemed.dashboard.processes import (
+        INGEST_DESCRIPTION,
+        SERVE_DESCRIPTION,
+        add_ingest_arguments,
+        add_serve_arguments,
+    )
 
-    actions = p.add_subparsers(dest="dashboard_action", metavar="export")
-    export = actions.add_parser(
-        "export",
-        help="print every stored result and study decision as the device sent it, one JSON per line",
-        description=export_doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_export_arguments(export)
-    p.add_argument(
-        "--broker",
-        metavar="URL",
-        help="required: broker the devices publish to: mqtt://host:1883 or mqtts://host:8883",
-    )
+    raw = argparse.RawDescriptionHelpFormatter
+    actions = p.add_subparsers(dest="dashboard_action", metavar="{ingest,serve,acl,export}")
+    for name, helptext, description, add in (
+        (
+            "ingest",
+            "run an ingest worker only (no page); several share the load with --group",
+            INGEST_DESCRIPTION,
+            add_ingest_arguments,
+        ),
+        (
+            "serve",
+            "serve the page and /metrics from the database only (no ingest)",
+            SERVE_DESCRIPTION,
+            add_serve_arguments,
+        ),
+        (
+            "acl",
+            "print a mosquitto acl_file binding each device to its own site and device id",
+            ACL_DESCRIPTION,
+            add_acl_arguments,
+        ),
+        (
+            "export",
+            "print every stored result and study decision as the device sent it, one JSON per line",
+            export_doc,
+            add_export_arguments,
+        ),
+    ):
+        add(actions.add_parser(name, help=helptext, description=description, formatter_class=raw))
     p.add_argument(
         "--db",
         type=Path,
@@ -186,18 +212,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="required: SQLite file for results and device state (created if missing, kept across restarts)",
     )
     p.add_argument(
-        "--consumer-id",
-        default="dashboard",
-        metavar="ID",
-        help="the consumer of record devices name in delivery.consumer: receipts and this process's online state "
-        "name it; processes of one dashboard share it (default dashboard; letters, digits, _ or -)",
-    )
-    p.add_argument(
         "--host",
         default="127.0.0.1",
         help="interface for the web page (default 127.0.0.1; the page has no login of its own)",
     )
-    p.add_argument("--port", type=int, default=8080, help="TCP port for the web page (default 8080)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port for the web page and /metrics (default 8080)")
     p.add_argument(
         "--public-origin",
         action="append",
@@ -213,38 +232,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help="leave devices silent for this long out of the fleet table; their results stay (default 7; 0 = never)",
     )
-    p.add_argument(
-        "--client-id",
-        default=None,
-        help="MQTT client id; keep it fixed so queued results reach this dashboard, and unique per process "
+    add_broker_arguments(
+        p,
+        client_id_help="MQTT client id; keep it fixed so queued results reach this dashboard, and unique per process "
         "(default edgemed-dashboard)",
     )
-    p.add_argument("--username", default=None, help="broker user name")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument(
-        "--password-env", default=None, metavar="VAR", help="environment variable holding the broker password"
-    )
-    secret.add_argument(
-        "--password-file", type=Path, default=None, metavar="FILE", help="file whose first line is the broker password"
-    )
-    p.add_argument("--ca-file", type=Path, default=None, help="PEM CA of the broker's certificate (mqtts://)")
-    p.add_argument("--cert-file", type=Path, default=None, help="PEM client certificate, if the broker wants one")
-    p.add_argument("--key-file", type=Path, default=None, help="PEM key of --cert-file")
-    p.add_argument(
-        "--mqtt-protocol",
-        choices=["auto", "5", "3.1.1"],
-        default="auto",
-        help="MQTT version (default auto: 5, falling back to 3.1.1 when the broker refuses 5 or leaves it unanswered)",
-    )
-    p.add_argument(
-        "--allow-plaintext-remote",
-        action="store_true",
-        help="allow mqtt:// to a broker on another machine (results then cross the network in clear)",
-    )
+    add_metrics_allow(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``edgemed dashboard`` from parsed arguments (see ``add_arguments``).
+    """Run ``edgemed dashboard`` (or one of its sub-commands) from parsed arguments (see ``add_arguments``).
 
     Args:
         args: the parsed command line.
@@ -256,33 +253,29 @@ def run(args: argparse.Namespace) -> int:
         ConfigError: bad options, database or port.
         BrokerRefusedError: plaintext MQTT to a remote broker without --allow-plaintext-remote.
     """
-    if getattr(args, "dashboard_action", None) == "export":
+    action = getattr(args, "dashboard_action", None)
+    if action == "export":
         from edgemed.dashboard.export import run_export
 
         return run_export(args)
+    if action in ("ingest", "serve", "acl"):
+        from edgemed.dashboard.acl import run_acl
+        from edgemed.dashboard.processes import run_ingest, run_serve
+
+        return {"ingest": run_ingest, "serve": run_serve, "acl": run_acl}[action](args)
+    from edgemed.dashboard.cli_args import broker_config, check_port, metrics_networks
+    from edgemed.dashboard.processes import device_expiry
+
     missing = [name for name, value in (("--broker", args.broker), ("--db", args.db)) if value is None]
     if missing:
         raise ConfigError(
             f"edgemed dashboard needs {' and '.join(missing)}: edgemed dashboard --broker mqtt://HOST:1883 --db FILE "
             "(or `edgemed dashboard export --db FILE` to print what a database holds)"
         )
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
-    if not 0 <= args.device_expiry_days < 100_000:
-        raise ConfigError(f"--device-expiry-days must be 0 (never) or a positive number, not {args.device_expiry_days}")
-    expiry = args.device_expiry_days * 86400.0 or None
-    fields: dict[str, Any] = {
-        "url": args.broker,
-        "client_id": args.client_id,
-        "username": args.username,
-        "password_env": args.password_env,
-        "password_file": args.password_file,
-        "allow_plaintext_remote": args.allow_plaintext_remote,
-        "protocol": args.mqtt_protocol,
-    }
-    if args.ca_file or args.cert_file or args.key_file:
-        fields["tls"] = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
-    cfg = _validate_config(fields)
+    check_port("--port", args.port)
+    expiry = device_expiry(args.device_expiry_days)
+    cfg = broker_config(args)
+    allow = metrics_networks(args)
 
     def announce(url: str) -> None:
         print(f"edgemed: dashboard at {url} (receiving from {cfg.url}; Ctrl-C stops)", file=sys.stderr)
@@ -297,4 +290,5 @@ def run(args: argparse.Namespace) -> int:
         device_expiry_s=expiry,
         public_origins=tuple(args.public_origin),
         consumer_id=args.consumer_id,
+        metrics_allow=allow,
     )

@@ -214,7 +214,12 @@ function renderSummary(data) {
   document.getElementById("attention").className = waiting ? "" : "clear";
   document.getElementById("attention-count").textContent = waiting ? "(" + waiting + ")" : "";
   const ing = data.ingest;
-  if (ing === null) {
+  const workers = data.workers || [];
+  if (ing === null && workers.length) {
+    // A web process of its own (edgemed dashboard serve): the ingest workers report through the database.
+    const live = workers.filter((w) => w.stats.connected && data.now - w.last_at < 30);
+    setStatus(live.length + " of " + workers.length + " ingest workers receiving from the broker", live.length > 0);
+  } else if (ing === null) {
     setStatus("No broker connection configured", false);
   } else if (ing.connected) {
     setStatus("Receiving from broker", true);
@@ -222,7 +227,14 @@ function renderSummary(data) {
     setStatus(ing.broker_error || "Not connected to the broker", false);
   }
   const alert = document.getElementById("store-alert");
-  alert.hidden = !(ing && ing.store_error);
+  const failing = ing === null ? workers.filter((w) => w.stats.store_failing && data.now - w.last_at < 30) : [];
+  alert.hidden = !(ing && ing.store_error) && !failing.length;
+  if (failing.length) {
+    alert.textContent = "Results are not being saved by ingest worker " +
+      failing.map((w) => clip(w.worker_id, 80) + " (" + w.stats.held + " messages held back)").join(", ") +
+      ": the database does not take its writes; see that worker's log. Nothing is acknowledged to the broker " +
+      "before it is saved.";
+  }
   if (ing && ing.store_error) {
     alert.textContent = "Results are not being saved: " + clip(ing.store_error, 300) + ". " + ing.held +
       " messages are held back, not yet acknowledged to the broker, and saved as soon as the database takes " +
@@ -232,6 +244,14 @@ function renderSummary(data) {
     document.getElementById("ingest").textContent = "Since start: messages received: " + ing.received +
       " · results stored: " + ing.stored + " · duplicates dropped: " + ing.duplicates +
       " · messages refused: " + ing.rejected;
+  } else {
+    document.getElementById("ingest").textContent = workers.map((w) => "Worker " + clip(w.worker_id, 80) +
+      (w.group ? " (group " + clip(w.group, 80) + ")" : "") + ": " +
+      (w.stats.connected && data.now - w.last_at < 30 ? "receiving" : "not receiving") +
+      (w.stats.store_failing ? ", NOT SAVING (" + w.stats.held + " held back)" : "") +
+      ", since its start: messages received: " + w.stats.received + " · results stored: " + w.stats.stored +
+      " · duplicates dropped: " + w.stats.duplicates + " · messages refused: " + w.stats.rejected +
+      " · last report " + duration(Math.max(0, data.now - w.last_at)) + " ago").join(" — ");
   }
   renderDeadLetters(data.dead_letters);
 }

@@ -64,6 +64,16 @@ DEAD_LETTER_BYTES_KEPT = 256 * 1024
 _MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
 
 
+# STUB (processes helper, issue 12): the ingest workers' reports, until the engine helper's store (SQLAlchemy,
+# migrations) lands with its own ``ingest_workers`` table; the lead merges that version over this one.
+_WORKERS_SQL = """
+CREATE TABLE IF NOT EXISTS ingest_workers (
+    worker_id TEXT PRIMARY KEY, consumer_id TEXT NOT NULL, group_name TEXT, started_at REAL NOT NULL,
+    last_at REAL NOT NULL, stats TEXT NOT NULL
+);
+"""
+
+
 class IdConflict(ValueError):
     """A message the store cannot keep because of what it holds already; ``reason`` is its dead letter's reason."""
 
@@ -147,6 +157,7 @@ class DashboardStore(StoreQueries):
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._db.executescript(SCHEMA_SQL)
             upgrade(self._db)
+            self._db.executescript(_WORKERS_SQL)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
                 f"cannot open the dashboard database {self.path}: {exc}; pass --db with a writable file path"
@@ -474,3 +485,44 @@ class DashboardStore(StoreQueries):
                 return AckOutcome.NOT_FOUND
             cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (result_id, now, by.strip()[:64]))
             return AckOutcome.ACKNOWLEDGED if cur.rowcount == 1 else AckOutcome.ALREADY
+
+    # -- ingest workers (STUB until the engine helper's store lands) -------------------------------------------
+
+    def report_worker(
+        self, worker_id: str, *, consumer_id: str, group: str | None, stats: dict[str, float | int]
+    ) -> None:
+        """Record an ingest worker's latest counters (its first report sets ``started_at``).
+
+        Args:
+            worker_id: the worker's MQTT client id.
+            consumer_id: the consumer of record it belongs to.
+            group: its shared-subscription group, None without one.
+            stats: its counters (numbers only).
+        """
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT INTO ingest_workers VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(worker_id) DO UPDATE SET "
+                "consumer_id = excluded.consumer_id, group_name = excluded.group_name, last_at = excluded.last_at, "
+                "stats = excluded.stats",
+                (worker_id, consumer_id, group, now, now, _dumps(stats)),
+            )
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every ingest worker that reported, with its last report, by worker id.
+
+        Returns:
+            Dicts with ``worker_id, consumer_id, group, started_at, last_at, stats``.
+        """
+        rows = self._query("SELECT * FROM ingest_workers ORDER BY worker_id")
+        return [
+            {
+                "worker_id": r["worker_id"],
+                "consumer_id": r["consumer_id"],
+                "group": r["group_name"],
+                "started_at": r["started_at"],
+                "last_at": r["last_at"],
+                "stats": json.loads(r["stats"]),
+            }
+            for r in rows
+        ]

@@ -7,6 +7,7 @@ Routes:
     GET  /api/summary           level counts, urgent results nobody acknowledged yet, refused messages by reason,
                                 ingest counters
     GET  /api/dead-letters      the newest refused messages (topic, reason, size, device; never the payload)
+    GET  /metrics               Prometheus text format (``metrics.py``), only to clients in ``metrics_allow``
     POST /api/ack/{result_id}   a person acknowledges an urgent result (JSON body ``{"by": "initials"}``)
 
 Security. Everything shown comes from devices, and a device id, a model name or a triage reason may be hostile
@@ -36,14 +37,26 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from edgemed.dashboard.metrics import (
+    CONTENT_TYPE,
+    DEFAULT_ALLOW,
+    Network,
+    address_allowed,
+    parse_allow,
+    proxied,
+    render,
+)
 from edgemed.dashboard.origin import parse_origin
 from edgemed.dashboard.page import PAGE_TEMPLATE, SCRIPT, STYLE
 from edgemed.dashboard.store import AckOutcome, DashboardStore
 from edgemed.errors import ConfigError
 from edgemed.publish.config import is_loopback
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +136,8 @@ class DashboardServer(ThreadingHTTPServer):
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
         public_origins: tuple[str, ...] = (),
+        metrics: Collector | None = None,
+        metrics_allow: tuple[Network, ...] | None = None,
     ) -> None:
         """Bind the socket.
 
@@ -136,6 +151,8 @@ class DashboardServer(ThreadingHTTPServer):
             max_connections: connections served at the same time; more are answered 503 and closed.
             public_origins: origins (``https://host[:port]``, see ``parse_origin``) of a reverse proxy in front of
                 the server: acknowledgements may come from them, and their hosts are accepted as ``Host``.
+            metrics: what ``/metrics`` exports; None: ``/metrics`` is not served (404).
+            metrics_allow: the networks whose clients may read ``/metrics``; None: the loopback only.
 
         Raises:
             ConfigError: the address cannot be bound (port in use, host not on this machine), or a public origin
@@ -151,6 +168,8 @@ class DashboardServer(ThreadingHTTPServer):
         self.loopback_only = is_loopback(address[0])
         self.public_origins = frozenset(parse_origin(o) for o in public_origins)
         self.public_hosts = frozenset(urlsplit(o).netloc for o in self.public_origins)
+        self.metrics = metrics
+        self.metrics_allow = metrics_allow if metrics_allow is not None else parse_allow(DEFAULT_ALLOW)
         try:
             super().__init__(address, _Handler)
         except OSError as exc:
@@ -262,7 +281,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes ------------------------------------------------------------------------------------------------
 
+    def _metrics(self) -> None:
+        # Checked before the Host check: a scraper names the server by whatever address it scrapes.
+        allowed = address_allowed(str(self.client_address[0]), self.server.metrics_allow)
+        if self.server.metrics is None or not allowed or proxied(self.headers):
+            status = HTTPStatus.NOT_FOUND if self.server.metrics is None and allowed else HTTPStatus.FORBIDDEN
+            self._send(status, b"", "text/plain; charset=utf-8")  # no detail for a client that may not read it
+            return
+        self._send(HTTPStatus.OK, render(self.server.metrics), CONTENT_TYPE)
+
     def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/metrics":
+            self._metrics()
+            return
         if not self._host_ok():
             self._error(HTTPStatus.FORBIDDEN, "this dashboard answers only to 127.0.0.1 or localhost")
             return
@@ -312,6 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
             "attention_total": store.unacknowledged_urgent_count(),
             "dead_letters": store.dead_letter_counts(),
             "ingest": snapshot() if snapshot is not None else None,
+            # Every ingest worker's last report (a separate ``edgemed dashboard ingest`` among them).
+            "workers": store.workers(),
         }
 
     def do_HEAD(self) -> None:
@@ -366,6 +399,8 @@ def make_server(
     request_timeout_s: float = REQUEST_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
     public_origins: tuple[str, ...] = (),
+    metrics: Collector | None = None,
+    metrics_allow: tuple[Network, ...] | None = None,
 ) -> DashboardServer:
     """Bind the dashboard's HTTP server (call ``serve_forever()`` on it, and ``shutdown()`` to stop).
 
@@ -378,6 +413,8 @@ def make_server(
         request_timeout_s: a connection silent for this long is closed.
         max_connections: connections served at the same time; more are answered 503 and closed.
         public_origins: a reverse proxy's origins (``https://host[:port]``) acknowledgements may come from.
+        metrics: what ``/metrics`` exports (``metrics.store_collector``); None: not served.
+        metrics_allow: networks whose clients may read ``/metrics``; None: the loopback only.
 
     Returns:
         The bound server.
@@ -399,4 +436,6 @@ def make_server(
         request_timeout_s=request_timeout_s,
         max_connections=max_connections,
         public_origins=public_origins,
+        metrics=metrics,
+        metrics_allow=metrics_allow,
     )

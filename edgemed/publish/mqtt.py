@@ -84,6 +84,7 @@ class MqttLink:
         tls_names: TlsSettingNames = DEVICE_TLS_SETTINGS,
         online_when_subscribed: bool = False,
         on_subscribed: Callable[[], None] | None = None,
+        on_dropped: Callable[[str], None] | None = None,
     ) -> None:
         """Build the client; no socket is opened until ``start()``.
 
@@ -113,6 +114,8 @@ class MqttLink:
                 was granted are not queued for it).
             on_subscribed: called from the network thread each time the broker granted the subscriptions (at
                 every connection, after the ``online`` of ``online_when_subscribed``); it must only hand on.
+            on_dropped: called from the network thread with the broker's reason (MQTT 5 DISCONNECT reason name,
+                such as ``Session taken over``) each time an accepted connection ends; it must only hand on.
 
         Raises:
             BrokerRefusedError: plaintext to a non-loopback broker without ``allow_plaintext_remote``.
@@ -138,6 +141,7 @@ class MqttLink:
         self._on_state = on_state
         self._on_message = on_message
         self._on_subscribed = on_subscribed
+        self._on_dropped = on_dropped
         self._manual_ack = manual_ack
         self._describe_refusal = describe_refusal
         self._offline_note = offline_note
@@ -590,6 +594,11 @@ class MqttLink:
         self._dropped.set()
         if was:
             self._notify("offline")
+            if self._on_dropped is not None:
+                try:
+                    self._on_dropped(reason.getName())
+                except Exception:  # the owner's bug must not kill the network thread
+                    log.exception("on_dropped callback failed")
 
     def _handle_log(self, client: paho.Client, userdata: Any, level: int, message: str) -> None:
         # paho swallows socket errors after the handshake and only logs them; a TLS alert from the broker is
