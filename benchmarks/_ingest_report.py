@@ -55,6 +55,17 @@ class StoreReader:
             time.sleep(poll_s)
         return stored, time.monotonic()
 
+    def disk_bytes(self) -> int:
+        """What the database holds on disk: its tables with their indexes and TOAST (PostgreSQL), its pages (SQLite)."""
+        if self.db.startswith("postgresql://"):
+            sql = (
+                "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = "
+                "c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'"
+            )
+            return int(self.rows(sql)[0][0] or 0)
+        page_count = int(self.rows("PRAGMA page_count")[0][0])
+        return page_count * int(self.rows("PRAGMA page_size")[0][0])
+
     def watch_last(
         self, batch: int, since: list[float], seen: dict[tuple[str, int], float], stop: threading.Event
     ) -> None:
@@ -91,8 +102,9 @@ def table(configs: list[str], runs: dict[str, list[dict[str, Any]]], lat: dict[s
     bare = median([r["rate"] for r in runs.get("bare", [])]) if runs.get("bare") else 0.0
     lines = [
         f"| configuration (batches of {batch}) | results/s (median) | min | max | of bare subscriber "
-        "| CPU µs per result: ingest / PostgreSQL / mosquitto | publish -> stored p50 / p95 (at half rate) |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| CPU µs per result: ingest / PostgreSQL / mosquitto | publish -> stored p50 / p95 (at half rate) "
+        "| on disk per result |",
+        "|---|---:|---:|---:|---:|---|---|---:|",
     ]
     for config in configs:
         rs = runs[config]
@@ -104,7 +116,8 @@ def table(configs: list[str], runs: dict[str, list[dict[str, Any]]], lat: dict[s
         latency = f"{got['p50_s'] * 1e3:.0f} / {got['p95_s'] * 1e3:.0f} ms ({got['rate']:,.0f}/s)" if got else "-"
         share = f"{median(rates) / bare:.0%}" if bare > 0 else "-"
         row = f"| {config} | {median(rates):,.0f} | {min(rates):,.0f} | {max(rates):,.0f} | {share} | {cpu} "
-        lines.append(row + f"| {latency} |")
+        disk = median([r.get("disk_bytes_per_result", 0.0) for r in rs])
+        lines.append(row + f"| {latency} | {f'{disk / 1024:.1f} KB' if disk else '-'} |")
     return "\n".join(lines)
 
 

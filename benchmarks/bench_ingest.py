@@ -155,10 +155,12 @@ class Bench:
                 stored, t_end = count.wait_for(self.total, t0 + RUN_DEADLINE_S, poll_s=0.05)
                 cpu = sum(w.cpu_s() for w in workers) - sum(cpu0[0]), self.pg.cpu_s() - cpu0[1]
                 broker_cpu = self.broker.cpu_s() - cpu0[2]
+                disk = count.disk_bytes()
         finally:
             self.end(workers, db)
         seconds = t_end - t0
         out = {"stored": stored, "seconds": seconds, "rate": stored / seconds, "published_s": published_s}
+        out["disk_bytes_per_result"] = disk / max(stored, 1)
         out["cpu_us_per_result"] = {
             "workers": cpu[0] / stored * 1e6,
             "postgresql": cpu[1] / stored * 1e6 if config.startswith("postgresql") else 0.0,
