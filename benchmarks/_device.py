@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgemed.publish.batching import Batcher
-from edgemed.publish.consumer import Consumer, effective_outbox_config
-
 from edgemed import receipts
-from edgemed.identity import load_or_create_secret
 from edgemed.outbox import Outbox, OutboxConfig
+from edgemed.outbox.stream import sequence_stream
+from edgemed.publish.batching import Batcher
 from edgemed.publish.config import BatchConfig, MqttConfig
+from edgemed.publish.consumer import Consumer, effective_outbox_config
 from edgemed.publish.delivery import Delivery
 from edgemed.publish.mqtt import MqttLink
 
@@ -49,7 +48,8 @@ class DeviceSide:
     ) -> None:
         self.site, self.device_id = site, device_id
         self.topic = receipts.device_topic(site, device_id, "results")
-        self.stream = receipts.stream_id(load_or_create_secret(data_dir))
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.stream = sequence_stream(data_dir)  # as edgemed run does (edgemed.outbox.stream)
         self.consumer = (
             Consumer(consumer, site=site, device_id=device_id, stream=self.stream, receipt_timeout_s=receipt_timeout_s)
             if consumer is not None

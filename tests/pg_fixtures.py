@@ -15,6 +15,7 @@ Every wait is bounded; the server is stopped (fast shutdown, then SIGKILL) at th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -126,15 +127,30 @@ def _start(folder: Path) -> PgServer:
         time.sleep(0.2)
 
 
+def _postmaster_pid(server: PgServer) -> int | None:
+    try:
+        return int((server.folder / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _stop(server: PgServer) -> None:
-    if server.process.poll() is None:
-        # runuser passes the signal on to postgres: SIGINT is its fast shutdown.
-        server.process.send_signal(signal.SIGINT)
+    if server.process.poll() is not None:
+        return
+    # The postmaster itself, not runuser (which does not pass SIGINT on): SIGINT is PostgreSQL's fast shutdown;
+    # runuser exits when its child does.
+    pid = _postmaster_pid(server)
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        target = pid if pid is not None else server.process.pid
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+            os.kill(target, sig)
         try:
             server.process.wait(timeout=20)
+            return
         except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=10)
+            continue
+    server.process.kill()
+    server.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

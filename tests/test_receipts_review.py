@@ -252,3 +252,42 @@ def test_without_any_receipt_an_earlier_runs_results_go_again_once_the_consumer_
             delivery.stop()
     finally:
         ob.close()
+
+
+def test_no_more_than_the_receipt_window_goes_out_while_the_consumer_has_not_receipted(outbox: Outbox) -> None:
+    # Beyond it the broker would drop what exceeds its queue for the consumer (mosquitto: 1000 messages).
+    from edgemed.publish import delivery as delivery_module
+
+    window = delivery_module._UNRECEIPTED_MESSAGES
+    payloads = _put(outbox, window + 200)
+    pub, _, delivery = _start(outbox, timeout_s=600.0)
+    try:
+        assert _wait(lambda: len(_on(pub, "results")) >= window)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == window)
+        time.sleep(0.3)
+        assert len(_on(pub, "results")) == window  # the rest waits on disk, unsent: the broker took them all
+        assert outbox.unsent_count() == 200
+        pub.receipt(SITE, DEV, STREAM, 299)  # the consumer stored the first 300
+        assert _wait(lambda: len(_on(pub, "results")) == window + 200)
+        assert _on(pub, "results") == payloads
+    finally:
+        delivery.stop()
+
+
+def test_a_tail_nobody_stored_goes_again_after_seconds_not_after_the_receipt_timeout(outbox: Outbox) -> None:
+    # The broker dropped the last three (nothing above them was stored, so no receipt lists them as missing).
+    payloads = _put(outbox, 5)
+    pub, _, delivery = _start(outbox, timeout_s=600.0)
+    try:
+        assert _wait(lambda: len(_on(pub, "results")) == 5)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == 5)
+        pub.receipt(SITE, DEV, STREAM, 1)
+        assert _wait(lambda: outbox.pending_count() == 3)
+        assert _wait(lambda: len(_on(pub, "results")) == 8, timeout_s=6.0)
+        assert _on(pub, "results")[5:] == payloads[2:]
+        time.sleep(2.5)  # no progress since: the next round waits twice as long (4 s), not 2 s again
+        assert len(_on(pub, "results")) == 8
+    finally:
+        delivery.stop()

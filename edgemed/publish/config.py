@@ -221,8 +221,8 @@ class DeliveryConfig(StrictModel):
     receipt_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="a result acknowledged by the broker and not receipted this long, while no receipt advanced "
-        "for as long, is sent again (same result_id and seq)",
+        description="the longest wait before results acknowledged by the broker and not receipted are sent again "
+        "(same result_id and seq) while receipts settle nothing new: the first wait is 2 s, doubling up to this",
     )
 
     @field_validator("consumer")

@@ -11,8 +11,8 @@ QoS 1 (``Consumer.subscriptions``). Messages arrive on the link's network thread
   nothing;
 * sends again (makes unsent, for the delivery cursor to come back to) the rows the receipt lists as missing that
   were acknowledged more than a second ago (a row already sent again for that waits ``receipt_timeout_s`` before
-  the next time), and the rows awaiting longer than ``receipt_timeout_s`` while no receipt advanced for as long
-  (and the consumer was online for as long), in bounded rounds: the next round once the last is receipted;
+  the next time), and the rows awaiting while receipts settle nothing new (after 2 s, then 4, 8, ... s up to
+  ``receipt_timeout_s``; the consumer online for as long), in bounded rounds: the next once the last is receipted;
 * announces lost the missing numbers the outbox no longer holds; evicted rows are announced by the outbox itself
   through ``Consumer.announce``.
 
@@ -54,6 +54,9 @@ _RESEND_AFTER_S = 1.0  # a missing row acknowledged more recently may simply not
 _TIMEOUT_CHECK_S = 1.0  # how often the receipt timeout is checked (it scans the rows awaiting a receipt)
 #: Most rows sent again at once when receipts stop coming (a round; see Consumer._timed_out).
 _TIMEOUT_ROUND = 500
+#: The first wait, without receipt progress, before a round is sent again; it doubles with each round that brings
+#: none, up to ``receipt_timeout_s``, and starts again at this when a receipt settles more (see _timed_out).
+_FIRST_WAIT_S = 2.0
 _RESENT_PRUNE_AT = 4096  # rows remembered as sent again before the map is pruned of those past their hold
 _EARLIER_WAIT_S = 2.0  # online this long without a receipt: the consumer has none to give (see _earlier_rows)
 _HELD_RECEIPTS = 64  # receipts handed over and not yet read; they are cumulative, so the latest ones suffice
@@ -82,6 +85,7 @@ class Consumer:
         self._raw: deque[bytes] = deque(maxlen=_HELD_RECEIPTS)
         self._state: Progress | None = None
         self._progress_at = time.monotonic()
+        self._wait_s = min(_FIRST_WAIT_S, receipt_timeout_s)
         self._timeout_checked_at = 0.0
         self._announced: list[SeqRange] = []
         self._resent: dict[int, float] = {}  # row id -> when it was last sent again for being missing (monotonic)
@@ -191,6 +195,7 @@ class Consumer:
     def _take(self, outbox: Outbox, state: Progress) -> list[int]:
         if state != self._state:  # the consumer settled more (merged receipts only grow)
             self._progress_at = time.monotonic()
+            self._wait_s = min(_FIRST_WAIT_S, self.receipt_timeout_s)
         self._state = state
         outbox.release(state)
         if not state.missing:
@@ -277,14 +282,17 @@ class Consumer:
         return self._round is not None and self._state is not None and self._state.settles(self._round[1])
 
     def _timed_out(self, outbox: Outbox, now: float) -> list[int]:
-        """Send again, a bounded round at a time, what waits for its receipt longer than ``receipt_timeout_s``.
+        """Send again, a bounded round at a time, what waits for its receipt while receipts settle nothing new.
 
-        All of it at once (a backlog of thousands, every timeout) would double the load on a consumer that is
-        merely slow and, with the broker's queue limit, make the broker drop more. A round is the oldest
-        ``_TIMEOUT_ROUND`` rows; the next follows as soon as a receipt settles the last one (the consumer is
-        keeping up), or after another timeout without progress.
+        The wait starts at ``_FIRST_WAIT_S`` and doubles with every round that brings no progress, up to
+        ``receipt_timeout_s``: a tail the broker dropped (nothing above it stored, so no receipt lists it as
+        missing) goes again after seconds, not after a whole timeout, while a consumer that is down or stuck
+        gets a round at 2, 4, 8, ... s, at most one per ``receipt_timeout_s`` after that. All of it at once (a
+        backlog of thousands) would double the load on a consumer that is merely slow and, with the broker's
+        queue limit, make the broker drop more. A round is the oldest ``_TIMEOUT_ROUND`` rows; the next follows
+        as soon as a receipt settles the last one (the consumer is keeping up), or after the next wait.
         """
-        timeout = self.receipt_timeout_s
+        timeout = self._wait_s
         previous = self._round
         going_on = self._round_settled()
         if previous is not None and going_on:
@@ -299,7 +307,9 @@ class Consumer:
             self._round = None
             return []
         self._round = (sent_before, max(seq for _, seq in rows))
-        self._progress_at = now  # without progress, the next round waits another timeout
+        self._progress_at = now  # without progress, the next round waits longer
+        if not going_on:
+            self._wait_s = min(self._wait_s * 2, self.receipt_timeout_s)
         self.resent_total += len(rows)
         if going_on:
             log.info("the consumer %s stored the last round: sending the next %d again", self.consumer_id, len(rows))

@@ -37,6 +37,9 @@ from edgemed.publish.publisher import Publisher
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05
+# With a consumer of record: most messages published and not yet receipted (see Delivery._receipt_room). Half of
+# mosquitto's default queue per client, so one device alone never overflows the consumer's queue.
+_UNRECEIPTED_MESSAGES = 500
 # Acknowledgements are recorded in the outbox in batches at most this often (sooner when the in-flight window
 # is full, or when stopping): one statement per PUBACK would hold the outbox lock, which the producing thread
 # needs for every result, thousands of times a second. They only become durable at the next commit anyway.
@@ -252,9 +255,23 @@ class Delivery:
             if self.consumer is None:
                 self._replay()  # on every connection, the first of a run included (a power cut may take both down)
         room = self.max_inflight - len(self._inflight)
+        if self.consumer is not None:
+            room = min(room, self._receipt_room())
         if room <= 0:
             return
         self._publish(room)
+
+    def _receipt_room(self) -> int:
+        """How many more rows may go out before the consumer's receipts catch up.
+
+        Without this bound a device publishes as fast as the broker acknowledges, faster than a consumer stores:
+        the broker then drops what exceeds its queue for the consumer (mosquitto's ``max_queued_messages``, 1000
+        by default), and a dropped tail is sent again only after a receipt timeout (measured: one result per
+        message fell from thousands a second to 41, benchmarks/results/outbox.md). The bound counts messages,
+        not results: ``_UNRECEIPTED_MESSAGES`` messages of up to ``publish.batch.max_results`` results each.
+        """
+        per_message = self.batch.cfg.max_results if self.batch is not None else 1
+        return _UNRECEIPTED_MESSAGES * per_message - self.outbox.awaiting_count() - len(self._inflight)
 
     def _publish(self, room: int) -> None:
         items = self.outbox.pending(room, after_row=self._cursor)
