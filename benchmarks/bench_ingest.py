@@ -318,6 +318,8 @@ def _write(
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
+        # Other work on the machine takes CPU from every configuration alike (runs alternate): say how much.
+        "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
         "results": args.results,
         "batch": args.batch,
         "devices": args.devices,
@@ -328,7 +330,9 @@ def _write(
     data = {**meta, "configs": configs, "runs": runs, "median_rate": medians, "latency": lat}
     data["incomplete"] = incomplete
     (RESULTS_DIR / "ingest.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS_DIR / "ingest.md").write_text(f"`{meta['command']}` ({meta['when']}, {meta['cpus']} CPUs)\n\n{text}\n")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    head = f"`{meta['command']}` ({meta['when']}, {meta['cpus']} CPUs, load average at the end {load})"
+    (RESULTS_DIR / "ingest.md").write_text(f"{head}\n\n{text}\n")
 
 
 if __name__ == "__main__":
