@@ -152,7 +152,7 @@ class Bench:
                 cpu0 = [w.cpu_s() for w in workers], self.pg.cpu_s(), self.broker.cpu_s()
                 t0 = time.monotonic()
                 published_s, _ = self.publish()
-                stored, t_end = count.wait_for(self.total, t0 + RUN_DEADLINE_S, poll_s=0.05)
+                stored, t_end = count.wait_for(self.total, t0 + RUN_DEADLINE_S, poll_s=0.02)
                 cpu = sum(w.cpu_s() for w in workers) - sum(cpu0[0]), self.pg.cpu_s() - cpu0[1]
                 broker_cpu = self.broker.cpu_s() - cpu0[2]
                 disk = count.disk_bytes()
