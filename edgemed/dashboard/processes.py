@@ -91,7 +91,7 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 or :: with --metrics-allow for a scraper "
         "on another machine)",
     )
-    add_metrics_allow(p)
+    add_metrics_allow(p, sub_command=True)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -210,7 +210,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help="leave devices silent for this long out of the fleet table and /metrics (default 7; 0 = never)",
     )
-    add_metrics_allow(p)
+    add_metrics_allow(p, sub_command=True)
 
 
 def device_expiry(days: float) -> float | None:
