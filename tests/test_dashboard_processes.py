@@ -210,3 +210,33 @@ def test_two_workers_of_a_group_store_every_result_once_with_right_receipts(
     finally:
         watcher.close()
         publisher.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["dashboard", "ingest", "--broker", "mqtt://127.0.0.1:1"],
+        ["dashboard", "serve"],
+        ["dashboard", "acl"],
+        ["dashboard", "--broker", "mqtt://127.0.0.1:1"],
+    ],
+)
+def test_a_database_url_reaches_the_store_as_given(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("postgresql://u@h:5432/fleet") is "postgresql:/u@h:5432/fleet": the host is gone. Every command must
+    # hand --db to the store untouched (the seam: a store that records what it was given and stops there).
+    import edgemed.dashboard.store as store_module
+    from edgemed.cli import make_parser
+
+    url = "postgresql://edgemed@127.0.0.1:5432/fleet"
+    given: list[object] = []
+
+    def opened(db: object, **kwargs: object) -> None:
+        given.append(db)
+        raise ConfigError("stop here: the store was opened")
+
+    monkeypatch.setattr(store_module, "DashboardStore", opened)
+    argv = [*command, "--db", url]
+    args = make_parser(argv).parse_args(argv)
+    with pytest.raises(ConfigError, match="stop here"):
+        args.func(args)
+    assert given == [url]

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
+    from edgemed.dashboard.store import DashboardStore
     from edgemed.publish.config import MqttConfig
 
 
@@ -159,6 +160,22 @@ def shown_db(db: str | Path) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def open_store(db: str | Path) -> DashboardStore:
+    """Open ``--db`` as given: a file path, or a URL handed on as text.
+
+    Never ``Path(db)``: it folds the ``//`` of ``postgresql://user@host/db`` into one slash, and the URL is lost
+    (the store would take it for a file path, or refuse it).
+
+    Raises:
+        ConfigError: the database cannot be opened.
+    """
+    from edgemed.dashboard.store import DashboardStore
+
+    # The store takes ``str | Path`` (issue 12 contract); typed through Callable so that either signature checks.
+    opener = cast("Callable[[str | Path], DashboardStore]", DashboardStore)
+    return opener(db if isinstance(db, Path) or "://" in db else Path(db))
 
 
 @contextmanager
