@@ -63,7 +63,7 @@ def _merge_config(mqtt_url: str, mqtt: MqttConfig | None) -> MqttConfig:
 def serve(
     mqtt_url: str,
     *,
-    db: Path,
+    db: str | Path,
     host: str = "127.0.0.1",
     port: int = 8080,
     mqtt: MqttConfig | None = None,
@@ -78,7 +78,7 @@ def serve(
 
     Args:
         mqtt_url: ``mqtt://host:port`` or ``mqtts://host:port`` of the broker the devices publish to.
-        db: SQLite file of the dashboard (created if missing; kept across restarts).
+        db: SQLite file of the dashboard (created if missing; kept across restarts), or a database URL.
         host: interface of the web server; 127.0.0.1 by default.
         port: TCP port of the web server; 0 picks a free one (logged).
         mqtt: credentials, TLS, client id and session expiry; its ``url`` is replaced by ``mqtt_url``.
@@ -101,16 +101,16 @@ def serve(
             public origin, or a consumer or client id that does not fit in a topic.
         BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
     """
+    from edgemed.dashboard.cli_args import open_store, shown_db
     from edgemed.dashboard.ingest import Ingest
     from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
-    from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web import make_server
 
     cfg = _merge_config(mqtt_url, mqtt)
     origins = tuple(parse_origin(o) for o in public_origins)  # a typo is refused before anything starts
     stop_event = stop if stop is not None else threading.Event()
-    store = DashboardStore(db)
+    store = open_store(db)
     ingest: Ingest | None = None
     server = None
     restore: list[tuple[signal.Signals, Any]] = []
@@ -139,7 +139,7 @@ def serve(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgemed-web", daemon=True
         )
         web.start()
-        log.info("dashboard at %s (database %s, broker %s)", server.url, db, cfg.url)
+        log.info("dashboard at %s (database %s, broker %s)", server.url, shown_db(db), cfg.url)
         if on_ready is not None:
             on_ready(server.url)
         while not stop_event.wait(0.5):
@@ -207,9 +207,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add(actions.add_parser(name, help=helptext, description=description, formatter_class=raw))
     p.add_argument(
         "--db",
-        type=Path,
-        metavar="FILE",
-        help="required: SQLite file for results and device state (created if missing, kept across restarts)",
+        metavar="DB",
+        help="required: SQLite file for results and device state (created if missing, kept across restarts), or a "
+        "database URL (sqlite:///PATH, postgresql://USER@HOST:PORT/NAME)",
     )
     p.add_argument(
         "--host",

@@ -23,6 +23,7 @@ from edgemed.dashboard.cli_args import (
     broker_config,
     check_port,
     metrics_networks,
+    open_store,
     shown_db,
     stop_on_signals,
 )
@@ -91,7 +92,7 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 or :: with --metrics-allow for a scraper "
         "on another machine)",
     )
-    add_metrics_allow(p)
+    add_metrics_allow(p, sub_command=True)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -146,10 +147,9 @@ def ingest_worker(
     """
     from edgemed.dashboard.ingest import Ingest
     from edgemed.dashboard.metrics import DEFAULT_ALLOW, MetricsCollector, MetricsServer, parse_allow
-    from edgemed.dashboard.store import DashboardStore
 
     stop_event = stop if stop is not None else threading.Event()
-    store = DashboardStore(Path(db))
+    store = open_store(db)
     ingest: Ingest | None = None
     server: MetricsServer | None = None
     try:
@@ -210,7 +210,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help="leave devices silent for this long out of the fleet table and /metrics (default 7; 0 = never)",
     )
-    add_metrics_allow(p)
+    add_metrics_allow(p, sub_command=True)
 
 
 def device_expiry(days: float) -> float | None:
@@ -277,12 +277,11 @@ def serve_web(
     """
     from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
-    from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web import make_server
 
     origins = tuple(parse_origin(o) for o in public_origins)
     stop_event = stop if stop is not None else threading.Event()
-    store = DashboardStore(Path(db))
+    store = open_store(db)
     server: Any = None
     try:
         server = make_server(
