@@ -6,7 +6,6 @@ Real SQLite store through the ingest's own filing path (``Ingest.handle``); the 
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator

@@ -21,9 +21,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from edgemed.dashboard.rows import result_row, row_key, study_row
 from edgemed.dashboard.queries import driver_sql
-from edgemed.dashboard.tables import devices, results, studies
+from edgemed.dashboard.rows import result_row, row_key, study_row
+from edgemed.dashboard.tables import results, studies
 from edgemed.dashboard.validate import Filing
 
 #: A ``result_id`` already stored for another device, stream or seq: the message is a dead letter with this reason.
@@ -114,7 +114,9 @@ def _file_table(
     first: dict[str, dict[str, Any]] = {}
     for _, row in items:
         first.setdefault(row["result_id"], row)
-    inserted, kept = _insert_new(conn, table, list(first.values()))
+    # In result_id order: two workers inserting overlapping ids (a redelivery) then lock them in the same order
+    # and wait for each other instead of deadlocking.
+    inserted, kept = _insert_new(conn, table, sorted(first.values(), key=lambda row: str(row["result_id"])))
     for rid in inserted:
         kept[rid] = row_key(first[rid])
     out: dict[int, Outcome] = {}

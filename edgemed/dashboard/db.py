@@ -129,10 +129,7 @@ def _sqlite_events(engine: Engine, busy_timeout_s: float, read_only: bool) -> No
 def _sqlite(path: Path, busy_timeout_s: float, *, read_only: bool) -> Database:
     from sqlalchemy import create_engine
 
-    if read_only:
-        url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
-    else:
-        url = f"sqlite:///{path}"
+    url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true" if read_only else f"sqlite:///{path}"
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": busy_timeout_s},

@@ -139,7 +139,8 @@ def hourly_history(conn: Connection, site: str, device_id: str, since: float) ->
     first_hour = int(since // _HOUR) * _HOUR
     hh = health_hourly
     mine = (hh.c.site == site) & (hh.c.device_id == device_id)
-    stored = [dict(r) for r in conn.execute(sa.select(hh).where(mine, hh.c.hour >= first_hour).order_by(hh.c.hour))]
+    query = sa.select(hh).where(mine, hh.c.hour >= first_hour).order_by(hh.c.hour)
+    stored = [dict(r) for r in conn.execute(query).mappings()]
     last = conn.execute(sa.select(sa.func.max(hh.c.hour)).where(mine)).scalar()
     live_from = max(first_hour, -1 if last is None else int(last) + _HOUR)
     h = health_history
@@ -177,7 +178,8 @@ def maintain(conn: Connection, now: float, retention_s: float) -> None:
         cutoff = min(now - retention_s, float(done_through + _HOUR))  # only what is downsampled
         for _ in range(DELETE_BATCHES):
             batch = sa.select(h.c.id).where(h.c.at < cutoff).order_by(h.c.id).limit(DELETE_BATCH)
-            if conn.execute(sa.delete(h).where(h.c.id.in_(batch.scalar_subquery()))).rowcount < DELETE_BATCH:
+            deleted = conn.execute(sa.delete(h).where(h.c.id.in_(batch.scalar_subquery())).returning(h.c.id)).all()
+            if len(deleted) < DELETE_BATCH:
                 break
     oldest = int((now - HOURLY_KEPT_S) // _HOUR) * _HOUR
     conn.execute(sa.delete(hh).where(hh.c.hour < oldest))

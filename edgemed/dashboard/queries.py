@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from edgemed.dashboard.validate import LEVELS
 from edgemed.errors import ConfigError
@@ -49,7 +49,7 @@ class Record(tuple[Any, ...]):
         return list(self._names)
 
 
-Row = Union[sqlite3.Row, Record]
+Row = sqlite3.Row | Record
 """A row of ``StoreQueries._query``: SQLite's own row on SQLite, a ``Record`` on PostgreSQL; both read alike."""
 
 

@@ -166,7 +166,9 @@ class ReceiptSender:
             return None
 
     def _run(self) -> None:
-        database = self.db if isinstance(self.db, Database) else open_database(self.db, busy_timeout_s=self._busy_timeout_s)
+        database = self.db
+        if not isinstance(database, Database):  # a path or URL: an engine of the thread's own
+            database = open_database(database, busy_timeout_s=self._busy_timeout_s)
         try:
             while True:
                 due = self._take_due()

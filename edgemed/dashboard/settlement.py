@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.dialects import postgresql, sqlite
 
-from edgemed.dashboard.tables import lost_ranges, settled, stream_progress as progress_table
+from edgemed.dashboard.tables import lost_ranges, settled
+from edgemed.dashboard.tables import stream_progress as progress_table
 from edgemed.receipts import MAX_RANGES, Lost, Progress, SeqRange, progress
 
 #: Most ``settled`` rows above ``through_seq`` one receipt reads (about 10 ms of SQLite here).

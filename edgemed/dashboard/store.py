@@ -1,4 +1,4 @@
-"""The dashboard's store (SQLite or PostgreSQL): results, study decisions, the latest status and heartbeat per device, and acks.
+"""The dashboard's store (SQLite or PostgreSQL): results, study decisions, the latest state per device, acks.
 
 Delivery from the devices is at least once, so the same result can arrive twice (a device that restarts replays
 its outbox; a broker redelivers an unacknowledged QoS 1 message). ``result_id`` is the primary key and rows go in
@@ -33,6 +33,7 @@ refused payloads. On PostgreSQL each write and each read takes a connection from
 writes of one process still go one at a time, behind the lock. Errors reach callers as the driver's own
 (``sqlite3.Error``, ``psycopg.Error``), without SQLAlchemy's rendering of the statement.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,6 +76,9 @@ DEAD_LETTER_BYTES_KEPT = 256 * 1024
 # dead letter. Anything else (disk full, locked, I/O error, a lost server) is the database's fault: the batch is
 # retried.
 _MESSAGE_ERRORS = (IntegrityError, DataError, ValueError, TypeError, OverflowError)
+#: PostgreSQL's SQLSTATEs for a transaction it rolled back to break a deadlock or a serialization conflict.
+_ROLLED_BACK = ("40P01", "40001")
+_DEADLOCK_ATTEMPTS = 3
 
 
 class IdConflict(ValueError):
@@ -136,8 +140,9 @@ class DashboardStore(StoreQueries):
                 raise
         except OSError as exc:
             self.database.dispose()
+            where = self.database.display
             raise ConfigError(
-                f"cannot open the dashboard database {self.database.display}: {exc}; pass --db with a writable file path"
+                f"cannot open the dashboard database {where}: {exc}; pass --db with a writable file path"
             ) from exc
         except (SQLAlchemyError, sqlite3.Error) as exc:
             self.database.dispose()
@@ -147,7 +152,7 @@ class DashboardStore(StoreQueries):
             raise
         if self.database.dialect == "sqlite":
             self._conn = conn  # the store's one connection (see the module docstring)
-            self._db = conn.connection.driver_connection  # type: ignore[assignment]
+            self._db = conn.connection.driver_connection
         else:
             conn.close()
 
@@ -192,9 +197,12 @@ class DashboardStore(StoreQueries):
     def _insert_kind(
         self, conn: Connection, kind: str, body: dict[str, Any], now: float, retained: bool, raw: bytes | None
     ) -> bool:
-        table, row = (results, result_row(body, now, raw)) if kind == "results" else (studies, study_row(body, now, raw))
+        table, row = (
+            (results, result_row(body, now, raw)) if kind == "results" else (studies, study_row(body, now, raw))
+        )
+        # RETURNING says whether the row went in (psycopg reports no rowcount for it through SQLAlchemy).
         stmt = dialect_insert(conn, table).on_conflict_do_nothing(index_elements=[table.c.result_id])
-        inserted = conn.execute(stmt, row).rowcount == 1
+        inserted = conn.execute(stmt.returning(table.c.result_id), row).first() is not None
         if not inserted:
             # Dropped as a duplicate of the row already kept under this result_id: that row's seq is what is
             # stored. A copy naming another device, stream or seq (a device bug, or a forged id) stores nothing,
@@ -362,6 +370,19 @@ class DashboardStore(StoreQueries):
             sqlite3.Error, psycopg.Error, OSError: the write failed and nothing of the batch was stored.
         """
         now = time.time() if received_at is None else received_at
+        attempt = 1
+        while True:
+            try:
+                return self._file_once(filings, now)
+            except Exception as exc:
+                # PostgreSQL: two workers' transactions waited for each other (their batches touched the same
+                # devices in another order) and one was rolled back: nothing of it is kept, so file it again now.
+                if attempt >= _DEADLOCK_ATTEMPTS or getattr(exc, "sqlstate", None) not in _ROLLED_BACK:
+                    raise
+                attempt += 1
+                log.info("the dashboard database rolled a batch back (%s); filing it again", type(exc).__name__)
+
+    def _file_once(self, filings: Sequence[Filing], now: float) -> list[str]:
         touched = {key for key in (f.stream_key for f in filings) if key is not None}
         with self._transaction() as conn:
             outcomes = self._file_all(conn, filings, now)
@@ -465,7 +486,8 @@ class DashboardStore(StoreQueries):
             if known is None:
                 return AckOutcome.NOT_FOUND
             row = {"result_id": result_id, "acked_at": now, "acked_by": by.strip()[:64]}
-            inserted = conn.execute(dialect_insert(conn, acks).on_conflict_do_nothing(), row).rowcount == 1
+            stmt = dialect_insert(conn, acks).on_conflict_do_nothing().returning(acks.c.result_id)
+            inserted = conn.execute(stmt, row).first() is not None
             return AckOutcome.ACKNOWLEDGED if inserted else AckOutcome.ALREADY
 
     # -- ingest workers and heartbeat history ---------------------------------------------------------------------
