@@ -21,9 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from edgemed.dashboard.queries import driver_sql
 from edgemed.dashboard.rows import result_row, row_key, study_row
-from edgemed.dashboard.tables import results, studies
+from edgemed.dashboard.tables import devices, results, settled, studies
 from edgemed.dashboard.validate import Filing
 
 #: A ``result_id`` already stored for another device, stream or seq: the message is a dead letter with this reason.
@@ -55,14 +54,41 @@ _SETTLE = (
     "ON CONFLICT (site, device_id, stream, seq) DO UPDATE SET how = excluded.how "
     "WHERE excluded.how = 'stored' AND settled.how <> 'stored'"
 )
-#: Rows per multi-row INSERT (SQLite allows 32,766 parameters in one statement, PostgreSQL 65,535).
+#: Rows per multi-row INSERT on SQLite (it allows 32,766 parameters in one statement).
 CHUNK_ROWS = 1000
+_PG_ARRAY = {sa.Text: "text[]", sa.BigInteger: "bigint[]", sa.Integer: "integer[]", sa.Float: "float8[]"}
 
 
-def run_many(conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Run one statement (``?`` placeholders) for each row, as the driver's executemany."""
-    if rows:
-        conn.exec_driver_sql(driver_sql(conn.dialect.name, sql, True), list(rows))
+def _pg_types(table: sa.Table, names: Sequence[str]) -> list[str]:
+    return [next(t for kind, t in _PG_ARRAY.items() if isinstance(table.c[n].type, kind)) for n in names]
+
+
+def _unnest(table: sa.Table, names: Sequence[str], tail: str) -> str:
+    """PostgreSQL: one INSERT of any number of rows, passed as one array per column.
+
+    A statement of fixed shape, so psycopg prepares it once; a multi-row VALUES list of 8,000 placeholders cost
+    more to parse in the client than the insert took in the server.
+    """
+    arrays = ", ".join(f"%s::{t}" for t in _pg_types(table, names))
+    return f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM unnest({arrays}) {tail}"
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> tuple[list[Any], ...]:
+    return tuple([row[i] for row in rows] for i in range(width))
+
+
+def run_many(
+    conn: Connection, table: sa.Table, names: Sequence[str], sql: str, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert rows with one statement: executemany of ``INSERT ... VALUES (?, ...) <tail>`` on SQLite, one
+    ``unnest`` INSERT on PostgreSQL (the rows' keys must then be distinct: one statement touches a row once)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        tail = sql[sql.index(" ON CONFLICT") :]
+        conn.exec_driver_sql(_unnest(table, names, tail), _columns(rows, len(names)))
+    else:
+        conn.exec_driver_sql(sql, list(rows))
 
 
 def touch_devices(conn: Connection, seen: dict[tuple[str, str], float]) -> None:
@@ -72,27 +98,31 @@ def touch_devices(conn: Connection, seen: dict[tuple[str, str], float]) -> None:
         conn: in the store's transaction.
         seen: ``(site, device_id) -> when``.
     """
-    run_many(conn, _TOUCH, [(s, d, at) for (s, d), at in sorted(seen.items())])
+    run_many(
+        conn, devices, ("site", "device_id", "last_seen"), _TOUCH, [(s, d, at) for (s, d), at in sorted(seen.items())]
+    )
 
 
 def settle_stored(conn: Connection, keys: Sequence[tuple[str, str, str, int]]) -> None:
     """``settlement.settle(..., "stored")`` for each key, in one executemany (keys may repeat)."""
-    run_many(conn, _SETTLE, [(*key, "stored") for key in sorted(set(keys))])
+    names = ("site", "device_id", "stream", "seq", "how")
+    run_many(conn, settled, names, _SETTLE, [(*key, "stored") for key in sorted(set(keys))])
 
 
 def _insert_returning(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> set[str]:
     """Insert the rows (``ON CONFLICT (result_id) DO NOTHING``); the ids actually inserted."""
     names = [c.name for c in table.columns]
+    tail = "ON CONFLICT (result_id) DO NOTHING RETURNING result_id"
+    if conn.dialect.name == "postgresql":
+        params = _columns([tuple(row[n] for n in names) for row in rows], len(names))
+        return {r[0] for r in conn.exec_driver_sql(_unnest(table, names, tail), params)}
     inserted: set[str] = set()
     for start in range(0, len(rows), CHUNK_ROWS):
         chunk = rows[start : start + CHUNK_ROWS]
         values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(chunk))
-        sql = (
-            f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {values} "
-            "ON CONFLICT (result_id) DO NOTHING RETURNING result_id"
-        )
+        sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {values} {tail}"
         params = tuple(row[name] for row in chunk for name in names)
-        inserted.update(r[0] for r in conn.exec_driver_sql(driver_sql(conn.dialect.name, sql, True), params))
+        inserted.update(r[0] for r in conn.exec_driver_sql(sql, params))
     return inserted
 
 
@@ -120,7 +150,7 @@ def _file_table(
     for rid in inserted:
         kept[rid] = row_key(first[rid])
     out: dict[int, Outcome] = {}
-    settled: list[tuple[str, str, str, int]] = []
+    stored_keys: list[tuple[str, str, str, int]] = []
     seen: dict[tuple[str, str], float] = {}
     for index, row in items:
         rid, key = row["result_id"], row_key(row)
@@ -129,9 +159,9 @@ def _file_table(
             continue
         fresh = rid in inserted and first[rid] is row
         out[index] = "stored" if fresh else "duplicate"
-        settled.append(key)  # a duplicate settles again, harmlessly
+        stored_keys.append(key)  # a duplicate settles again, harmlessly
         seen[(key[0], key[1])] = now
-    settle_stored(conn, settled)
+    settle_stored(conn, stored_keys)
     touch_devices(conn, seen)
     return out
 

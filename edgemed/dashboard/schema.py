@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from edgemed.datadir import DIR_MODE, private_file, tighten
+from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -130,11 +131,13 @@ def migrate(conn: Connection) -> None:
             in one ``BEGIN IMMEDIATE`` transaction on it).
 
     Raises:
+        ConfigError: the database is at a revision this version does not know (a newer one made it).
         sqlalchemy.exc.SQLAlchemyError: the database cannot be read or written (or another process holds the
             SQLite write lock for longer than the busy timeout).
     """
     from alembic import command
     from alembic.migration import MigrationContext
+    from alembic.util import CommandError
 
     sqlite = conn.dialect.name == "sqlite"
     if sqlite:
@@ -146,14 +149,21 @@ def migrate(conn: Connection) -> None:
             tables = set(sa.inspect(conn).get_table_names()) if sqlite else set()
             if sqlite:
                 _add_missing_columns(conn, tables)
-            if MigrationContext.configure(conn).get_current_revision() == HEAD:
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == HEAD:
                 return
             cfg = _alembic(conn)
             legacy = _legacy_revision(conn, tables) if sqlite else None
             if legacy is not None:
                 log.info("the dashboard database predates schema revisions; recognised as revision %s", legacy)
                 command.stamp(cfg, legacy)
-            command.upgrade(cfg, "head")
+            try:
+                command.upgrade(cfg, "head")
+            except CommandError as exc:
+                raise ConfigError(
+                    f"the dashboard database is at schema revision {current}, which this edgemed does not know "
+                    f"(a newer edgemed made it: {exc}); run that version, or restore a backup"
+                ) from exc
     finally:
         if sqlite:
             conn.execution_options(edgemed_begin="BEGIN")
