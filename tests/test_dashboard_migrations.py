@@ -61,7 +61,9 @@ def _fill(db: Path, schema: str, *, receipts: bool) -> dict[str, int]:
         con.execute("INSERT INTO stream_seen VALUES (?, ?, ?, 9.0)", (SITE, DEVICE, STREAM))
         con.execute("INSERT INTO lost_ranges VALUES (?, ?, ?, 8, 9, 'evicted', 9.0)", (SITE, DEVICE, STREAM))
     con.commit()
-    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'") if r[0] != "sqlite_sequence"]
+    tables = [
+        r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'") if r[0] != "sqlite_sequence"
+    ]
     counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
     con.close()
     return counts

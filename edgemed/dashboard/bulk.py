@@ -144,9 +144,12 @@ def _file_table(
     first: dict[str, dict[str, Any]] = {}
     for _, row in items:
         first.setdefault(row["result_id"], row)
-    # In result_id order: two workers inserting overlapping ids (a redelivery) then lock them in the same order
-    # and wait for each other instead of deadlocking.
-    inserted, kept = _insert_new(conn, table, sorted(first.values(), key=lambda row: str(row["result_id"])))
+    rows = list(first.values())  # in the batch's order: SQLite's rowid then orders the export within a commit
+    if conn.dialect.name == "postgresql":
+        # In result_id order: two workers inserting overlapping ids (a redelivery) then lock them in the same
+        # order and wait for each other instead of deadlocking (SQLite has one writer at a time anyway).
+        rows.sort(key=lambda row: str(row["result_id"]))
+    inserted, kept = _insert_new(conn, table, rows)
     for rid in inserted:
         kept[rid] = row_key(first[rid])
     out: dict[int, Outcome] = {}
