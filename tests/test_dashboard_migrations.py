@@ -20,7 +20,6 @@ from edgemed.dashboard.settlement import stream_progress
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.tables import metadata
 from edgemed.errors import ConfigError
-from edgemed.receipts import Progress
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SITE, DEVICE, STREAM = "clinic-a", "us-01", "0123456789abcdef"
