@@ -142,7 +142,7 @@ def test_workers_report_and_heartbeats_are_kept_downsampled_and_aged_out(db: str
         store.report_worker("w1", consumer_id="dashboard", group="g", stats={"received": 5, "stored": 4})
         store.report_worker("w2", consumer_id="dashboard", group=None, stats={"received": 0})
         workers = store.workers()
-        assert [(w["worker_id"], w["group_name"], w["stats"]) for w in workers] == [
+        assert [(w["worker_id"], w["group"], w["stats"]) for w in workers] == [
             ("w1", "g", {"received": 5, "stored": 4}),
             ("w2", None, {"received": 0}),
         ]

@@ -93,7 +93,10 @@ def workers(conn: Connection) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         stats = row["stats"]
-        out.append({**row, "stats": json.loads(stats) if isinstance(stats, str) else dict(stats)})
+        item = {key: value for key, value in row.items() if key != "group_name"}
+        # "group", as the ingest's live row names it (Ingest.worker_row): the page and /metrics read both alike.
+        item.update(group=row["group_name"], stats=json.loads(stats) if isinstance(stats, str) else dict(stats))
+        out.append(item)
     return out
 
 

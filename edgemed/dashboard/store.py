@@ -523,7 +523,7 @@ class DashboardStore(StoreQueries):
         return _Reading(self)
 
     def workers(self) -> list[dict[str, Any]]:
-        """Every ingest worker's last report: ``worker_id, consumer_id, group_name, started_at, last_at, stats``."""
+        """Every ingest worker's last report: ``worker_id, consumer_id, group, started_at, last_at, stats``."""
         with self._read() as conn:
             return history.workers(conn)
 
