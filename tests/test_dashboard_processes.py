@@ -309,3 +309,29 @@ def test_a_worker_killed_mid_stream_loses_nothing_on_sqlite(
             store.close()
         watcher.close()
         publisher.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "days"),
+    [
+        (["dashboard", "--broker", "mqtt://127.0.0.1:1", "--db", "x.sqlite3"], 7.0),
+        (["dashboard", "--broker", "mqtt://127.0.0.1:1", "--db", "x.sqlite3", "--health-retention-days", "2"], 2.0),
+        (["dashboard", "ingest", "--broker", "mqtt://127.0.0.1:1", "--db", "x", "--health-retention-days", "3"], 3.0),
+        (["dashboard", "--health-retention-days", "4", "ingest", "--broker", "mqtt://127.0.0.1:1", "--db", "x"], 4.0),
+    ],
+)
+def test_health_retention_days_reaches_the_store_setting(argv: list[str], days: float) -> None:
+    from edgemed.cli import make_parser
+    from edgemed.dashboard.cli_args import retention_days
+
+    assert retention_days(make_parser(argv).parse_args(argv)) == days
+
+
+def test_a_retention_that_is_not_positive_is_refused() -> None:
+    from edgemed.cli import make_parser
+    from edgemed.dashboard.cli_args import retention_days
+
+    argv = ["dashboard", "--db", "x", "--health-retention-days", "0"]
+    args = make_parser(argv).parse_args(argv)
+    with pytest.raises(ConfigError, match="--health-retention-days must be a positive number"):
+        retention_days(args)

@@ -73,6 +73,7 @@ def serve(
     public_origins: tuple[str, ...] = (),
     consumer_id: str = "dashboard",
     metrics_allow: tuple[Network, ...] | None = None,
+    health_retention_days: float = 7.0,
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -92,6 +93,7 @@ def serve(
         consumer_id: the consumer of record this process belongs to: its receipts and its online/offline state
             name it.
         metrics_allow: networks whose clients may read ``/metrics`` (served beside the page); None: loopback.
+        health_retention_days: how long raw heartbeats are kept (hourly summaries: a year).
 
     Returns:
         0 after a clean stop.
@@ -110,7 +112,7 @@ def serve(
     cfg = _merge_config(mqtt_url, mqtt)
     origins = tuple(parse_origin(o) for o in public_origins)  # a typo is refused before anything starts
     stop_event = stop if stop is not None else threading.Event()
-    store = open_store(db)
+    store = open_store(db, health_retention_days=health_retention_days)
     ingest: Ingest | None = None
     server = None
     restore: list[tuple[signal.Signals, Any]] = []
@@ -166,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p: the sub-command's parser.
     """
     from edgemed.dashboard.acl import ACL_DESCRIPTION, add_acl_arguments
-    from edgemed.dashboard.cli_args import add_broker_arguments, add_metrics_allow
+    from edgemed.dashboard.cli_args import add_broker_arguments, add_metrics_allow, add_retention_argument
     from edgemed.dashboard.export import __doc__ as export_doc
     from edgemed.dashboard.export import add_export_arguments
     from edgemed.dashboard.processes import (
@@ -238,6 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default edgemed-dashboard)",
     )
     add_metrics_allow(p)
+    add_retention_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         from edgemed.dashboard.processes import run_ingest, run_serve
 
         return {"ingest": run_ingest, "serve": run_serve, "acl": run_acl}[action](args)
-    from edgemed.dashboard.cli_args import broker_config, check_port, metrics_networks
+    from edgemed.dashboard.cli_args import broker_config, check_port, metrics_networks, retention_days
     from edgemed.dashboard.processes import device_expiry
 
     missing = [name for name, value in (("--broker", args.broker), ("--db", args.db)) if value is None]
@@ -291,4 +294,5 @@ def run(args: argparse.Namespace) -> int:
         public_origins=tuple(args.public_origin),
         consumer_id=args.consumer_id,
         metrics_allow=allow,
+        health_retention_days=retention_days(args),
     )

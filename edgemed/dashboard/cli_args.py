@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from edgemed.errors import ConfigError
@@ -162,7 +162,34 @@ def shown_db(db: str | Path) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def open_store(db: str | Path) -> DashboardStore:
+def add_retention_argument(p: argparse.ArgumentParser, *, sub_command: bool = False) -> None:
+    """``--health-retention-days``: for the processes that file heartbeats (ingest, the embedded dashboard).
+
+    On a sub-command the default is left to the parent parser, so that a value given before the sub-command's
+    name is not replaced by the sub-command's default (as with ``add_metrics_allow``).
+    """
+    p.add_argument(
+        "--health-retention-days",
+        type=float,
+        default=argparse.SUPPRESS if sub_command else 7.0,
+        metavar="DAYS",
+        help="keep each heartbeat this long (default 7); an hourly summary per device is kept for a year",
+    )
+
+
+def retention_days(args: argparse.Namespace) -> float:
+    """``--health-retention-days``, checked.
+
+    Raises:
+        ConfigError: not a positive number.
+    """
+    days = float(getattr(args, "health_retention_days", 7.0))
+    if not 0 < days < 100_000:
+        raise ConfigError(f"--health-retention-days must be a positive number of days, not {days:g}")
+    return days
+
+
+def open_store(db: str | Path, *, health_retention_days: float = 7.0) -> DashboardStore:
     """Open ``--db`` as given: a file path, or a URL handed on as text.
 
     Never ``Path(db)``: it folds the ``//`` of ``postgresql://user@host/db`` into one slash, and the URL is lost
@@ -173,9 +200,9 @@ def open_store(db: str | Path) -> DashboardStore:
     """
     from edgemed.dashboard.store import DashboardStore
 
-    # The store takes ``str | Path`` (issue 12 contract); typed through Callable so that either signature checks.
-    opener = cast("Callable[[str | Path], DashboardStore]", DashboardStore)
-    return opener(db if isinstance(db, Path) or "://" in db else Path(db))
+    return DashboardStore(
+        db if isinstance(db, Path) or "://" in db else Path(db), health_retention_days=health_retention_days
+    )
 
 
 @contextmanager

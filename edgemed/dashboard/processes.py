@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 from edgemed.dashboard.cli_args import (
     add_broker_arguments,
     add_metrics_allow,
+    add_retention_argument,
     broker_config,
     check_port,
     metrics_networks,
     open_store,
+    retention_days,
     shown_db,
     stop_on_signals,
 )
@@ -93,6 +95,7 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         "on another machine)",
     )
     add_metrics_allow(p, sub_command=True)
+    add_retention_argument(p, sub_command=True)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -111,7 +114,13 @@ def run_ingest(args: argparse.Namespace) -> int:
         check_port("--metrics-port", args.metrics_port)
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
     return ingest_worker(
-        cfg, db=args.db, group=args.group, consumer_id=args.consumer_id, metrics=metrics, metrics_allow=allow
+        cfg,
+        db=args.db,
+        group=args.group,
+        consumer_id=args.consumer_id,
+        metrics=metrics,
+        metrics_allow=allow,
+        health_retention_days=retention_days(args),
     )
 
 
@@ -125,6 +134,7 @@ def ingest_worker(
     metrics_allow: tuple[Network, ...] | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    health_retention_days: float = 7.0,
 ) -> int:
     """Run one ingest worker until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -137,6 +147,7 @@ def ingest_worker(
         metrics_allow: networks that may read it; None: the loopback.
         stop: set it to stop; when None, SIGINT and SIGTERM stop (only from the main thread).
         on_ready: called with the worker's client id once it started.
+        health_retention_days: how long raw heartbeats are kept (hourly summaries: a year).
 
     Returns:
         0 after a clean stop.
@@ -149,7 +160,7 @@ def ingest_worker(
     from edgemed.dashboard.metrics import DEFAULT_ALLOW, MetricsCollector, MetricsServer, parse_allow
 
     stop_event = stop if stop is not None else threading.Event()
-    store = open_store(db)
+    store = open_store(db, health_retention_days=health_retention_days)
     ingest: Ingest | None = None
     server: MetricsServer | None = None
     try:
