@@ -212,3 +212,39 @@ def test_the_embedded_dashboard_serves_metrics_with_its_live_counters(broker: Mo
         stop.set()
         runner.join(20)
     assert not runner.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("argv", "action"),
+    [
+        (["dashboard", "--metrics-allow", "10.0.0.0/8", "serve", "--db", "x"], "serve"),
+        (["dashboard", "serve", "--db", "x", "--metrics-allow", "10.0.0.0/8"], "serve"),
+        (
+            ["dashboard", "--metrics-allow", "10.0.0.0/8", "ingest", "--db", "x", "--broker", "mqtt://127.0.0.1"],
+            "ingest",
+        ),
+        (["dashboard", "--broker", "mqtt://127.0.0.1", "--db", "x", "--metrics-allow", "10.0.0.0/8"], None),
+    ],
+)
+def test_metrics_allow_takes_one_network_and_never_the_sub_command(argv: list[str], action: str | None) -> None:
+    from edgemed.cli import make_parser
+    from edgemed.dashboard.cli_args import metrics_networks
+
+    args = make_parser(argv).parse_args(argv)
+    assert getattr(args, "dashboard_action", None) == action
+    # the parent's value is kept when the sub-command is named after it, not replaced by the loopback default
+    assert metrics_networks(args) == parse_allow(["10.0.0.0/8"])
+
+
+def test_metrics_allow_repeats_or_takes_a_comma_list() -> None:
+    from edgemed.cli import make_parser
+    from edgemed.dashboard.cli_args import metrics_networks
+
+    base = ["dashboard", "serve", "--db", "x"]
+    nets = parse_allow(["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"])
+    for extra in (
+        ["--metrics-allow", "10.0.0.0/8", "--metrics-allow", "fd00::/8", "--metrics-allow", "192.0.2.7"],
+        ["--metrics-allow", "10.0.0.0/8,fd00::/8", "--metrics-allow", "192.0.2.7"],
+    ):
+        assert metrics_networks(make_parser(base + extra).parse_args(base + extra)) == nets
+    assert metrics_networks(make_parser(base).parse_args(base)) == parse_allow(DEFAULT_ALLOW)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,127 @@ def test_two_workers_of_a_group_store_every_result_once_with_right_receipts(
     finally:
         watcher.close()
         publisher.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["dashboard", "ingest", "--broker", "mqtt://127.0.0.1:1"],
+        ["dashboard", "serve"],
+        ["dashboard", "acl"],
+        ["dashboard", "--broker", "mqtt://127.0.0.1:1"],
+    ],
+)
+def test_a_database_url_reaches_the_store_as_given(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("postgresql://u@h:5432/fleet") is "postgresql:/u@h:5432/fleet": the host is gone. Every command must
+    # hand --db to the store untouched (the seam: a store that records what it was given and stops there).
+    import edgemed.dashboard.store as store_module
+    from edgemed.cli import make_parser
+
+    url = "postgresql://edgemed@127.0.0.1:5432/fleet"
+    given: list[object] = []
+
+    def opened(db: object, **kwargs: object) -> None:
+        given.append(db)
+        raise ConfigError("stop here: the store was opened")
+
+    monkeypatch.setattr(store_module, "DashboardStore", opened)
+    argv = [*command, "--db", url]
+    args = make_parser(argv).parse_args(argv)
+    with pytest.raises(ConfigError, match="stop here"):
+        args.func(args)
+    assert given == [url]
+
+
+def test_a_worker_killed_mid_stream_loses_nothing_on_sqlite(
+    default_broker: Mosquitto, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    # The dead worker's session keeps what the broker dealt it (mosquitto 2.0.11 goes on dealing the group's
+    # messages to it while it is away). Recovery is the devices' part: re-send every seq no receipt settles. Here
+    # the devices are a loop doing just that on the retained receipts (the real outbox: tests/test_fleet_scale.py).
+    db, log = tmp_path / "fleet.sqlite3", tmp_path / "workers.log"
+    devices, per_device = [f"us-{i:02d}" for i in range(4)], 150
+    total = len(devices) * per_device
+    watcher = Client(default_broker.port, "edgemed-consumer/#", "edgemed/+/+/receipts")
+    publisher = Client(default_broker.port)
+    base = ["dashboard", "ingest", "--db", str(db), "--broker", default_broker.url, "--group", "central"]
+    # One payload per seq, sent again as it was (its result_id too), as the outbox does.
+    payloads = {(d, seq): result(d, seq) for d in devices for seq in range(per_device)}
+    store: DashboardStore | None = None
+    try:
+        for name in ("w1", "w2"):
+            procs.append(edgemed(*base, "--client-id", name, log=log))
+        assert wait_until(lambda: online(watcher, "dashboard", "w1") and online(watcher, "dashboard", "w2"), 30), (
+            log.read_text()
+        )
+        store = DashboardStore(db)
+        for seq in range(per_device):
+            for device in devices:
+                publisher.publish(f"edgemed/clinic-a/{device}/results", payloads[device, seq])
+            if seq == per_device // 4:
+                assert wait_until(lambda: store.result_count() > 0, 10)
+                procs[1].kill()  # SIGKILL mid-stream: what it held uncommitted was never acknowledged
+                procs[1].wait(10)
+
+        def settled(device: str) -> set[int]:
+            state = watcher.receipt(f"edgemed/clinic-a/{device}/receipts")
+            return {s for s in range(per_device) if state is not None and state.settles(s)}
+
+        resent = 0
+        for _ in range(40):  # re-send rounds, as a device does after its receipt timeout
+            time.sleep(1.0)
+            unsettled = {d: set(range(per_device)) - settled(d) for d in devices}
+            if not any(unsettled.values()):
+                break
+            for device, seqs in unsettled.items():
+                for seq in sorted(seqs):
+                    publisher.publish(f"edgemed/clinic-a/{device}/results", payloads[device, seq])
+                    resent += 1
+        assert resent > 0, "nothing needed sending again: the killed worker held nothing?"
+        assert store.result_count() == total, (store.result_count(), log.read_text()[-2000:])
+        for device in devices:
+            assert watcher.receipt(f"edgemed/clinic-a/{device}/receipts") == Progress(
+                per_device - 1, (), per_device - 1
+            )
+        # Back on its session, the killed worker gets what the broker kept for it: copies, dropped by result id.
+        procs.append(edgemed(*base, "--client-id", "w2", log=log))
+        assert wait_until(lambda: online(watcher, "dashboard", "w2"), 30), log.read_text()
+
+        def w2_duplicates() -> int:
+            return sum(int(w["stats"]["duplicates"]) for w in store.workers() if w["worker_id"] == "w2")  # type: ignore[union-attr]
+
+        assert wait_until(lambda: w2_duplicates() > 0, 20), store.workers()
+        assert store.result_count() == total
+        for proc in (procs[0], procs[2]):
+            _stop(proc, log)
+    finally:
+        if store is not None:
+            store.close()
+        watcher.close()
+        publisher.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "days"),
+    [
+        (["dashboard", "--broker", "mqtt://127.0.0.1:1", "--db", "x.sqlite3"], 7.0),
+        (["dashboard", "--broker", "mqtt://127.0.0.1:1", "--db", "x.sqlite3", "--health-retention-days", "2"], 2.0),
+        (["dashboard", "ingest", "--broker", "mqtt://127.0.0.1:1", "--db", "x", "--health-retention-days", "3"], 3.0),
+        (["dashboard", "--health-retention-days", "4", "ingest", "--broker", "mqtt://127.0.0.1:1", "--db", "x"], 4.0),
+    ],
+)
+def test_health_retention_days_reaches_the_store_setting(argv: list[str], days: float) -> None:
+    from edgemed.cli import make_parser
+    from edgemed.dashboard.cli_args import retention_days
+
+    assert retention_days(make_parser(argv).parse_args(argv)) == days
+
+
+def test_a_retention_that_is_not_positive_is_refused() -> None:
+    from edgemed.cli import make_parser
+    from edgemed.dashboard.cli_args import retention_days
+
+    argv = ["dashboard", "--db", "x", "--health-retention-days", "0"]
+    args = make_parser(argv).parse_args(argv)
+    with pytest.raises(ConfigError, match="--health-retention-days must be a positive number"):
+        retention_days(args)

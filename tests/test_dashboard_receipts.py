@@ -55,11 +55,9 @@ def ingest(tmp_path: Path) -> Iterator[Ingest]:
 
 
 def progress_of(ingest: Ingest, stream: str = STREAM_A, device_id: str = DEVICE) -> Progress:
-    db = sqlite3.connect(str(ingest.store.path))
-    try:
+    # A connection of its own, as the receipt thread's: from the store's engine (stream_progress takes SQLAlchemy's).
+    with ingest.store.database.connect() as db:
         return stream_progress(db, (SITE, device_id, stream))
-    finally:
-        db.close()
 
 
 def settled(ingest: Ingest) -> dict[int, str]:
@@ -164,14 +162,13 @@ def test_missing_ranges_stop_at_the_limit(ingest: Ingest) -> None:
 
 def test_a_receipt_reads_a_bounded_number_of_rows(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settlement, "SCAN_ROWS", 10)
-    db = ingest.store._db
-    with ingest.store._lock, db:
+    with ingest.store._transaction() as db:  # the store's own write transaction (SQLAlchemy's connection)
         for seq in [*range(0, 35), *range(36, 80)]:
             settlement.settle(db, (SITE, DEVICE, STREAM_A), seq, "stored")
     # 0..34 are contiguous: through_seq advances chunk by chunk. Above the hole at 35, one chunk is read: what
     # lies beyond it is not known yet (max_seq stops at the last row read).
     assert progress_of(ingest) == Progress(34, ((35, 35),), 40)  # rows 30-34 and 36-40 make the last chunk
-    with ingest.store._lock, db:
+    with ingest.store._transaction() as db:
         settlement.settle(db, (SITE, DEVICE, STREAM_A), 35, "stored")
     assert progress_of(ingest) == Progress(79, (), 79)
 

@@ -6,7 +6,6 @@ Real SQLite store through the ingest's own filing path (``Ingest.handle``); the 
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -44,11 +43,9 @@ def ingest(tmp_path: Path) -> Iterator[Ingest]:
 
 
 def progress_of(ingest: Ingest, device_id: str = DEVICE) -> Progress:
-    db = sqlite3.connect(str(ingest.store.path))
-    try:
+    # A connection of its own, as the receipt thread's: from the store's engine (stream_progress takes SQLAlchemy's).
+    with ingest.store.database.connect() as db:
         return stream_progress(db, (SITE, device_id, STREAM))
-    finally:
-        db.close()
 
 
 def wait_for(check: Any, timeout_s: float = 10.0) -> bool:

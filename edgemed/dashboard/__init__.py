@@ -63,7 +63,7 @@ def _merge_config(mqtt_url: str, mqtt: MqttConfig | None) -> MqttConfig:
 def serve(
     mqtt_url: str,
     *,
-    db: Path,
+    db: str | Path,
     host: str = "127.0.0.1",
     port: int = 8080,
     mqtt: MqttConfig | None = None,
@@ -73,12 +73,13 @@ def serve(
     public_origins: tuple[str, ...] = (),
     consumer_id: str = "dashboard",
     metrics_allow: tuple[Network, ...] | None = None,
+    health_retention_days: float = 7.0,
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
     Args:
         mqtt_url: ``mqtt://host:port`` or ``mqtts://host:port`` of the broker the devices publish to.
-        db: SQLite file of the dashboard (created if missing; kept across restarts).
+        db: SQLite file of the dashboard (created if missing; kept across restarts), or a database URL.
         host: interface of the web server; 127.0.0.1 by default.
         port: TCP port of the web server; 0 picks a free one (logged).
         mqtt: credentials, TLS, client id and session expiry; its ``url`` is replaced by ``mqtt_url``.
@@ -92,6 +93,7 @@ def serve(
         consumer_id: the consumer of record this process belongs to: its receipts and its online/offline state
             name it.
         metrics_allow: networks whose clients may read ``/metrics`` (served beside the page); None: loopback.
+        health_retention_days: how long raw heartbeats are kept (hourly summaries: a year).
 
     Returns:
         0 after a clean stop.
@@ -101,16 +103,16 @@ def serve(
             public origin, or a consumer or client id that does not fit in a topic.
         BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
     """
+    from edgemed.dashboard.cli_args import open_store, shown_db
     from edgemed.dashboard.ingest import Ingest
     from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
-    from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web import make_server
 
     cfg = _merge_config(mqtt_url, mqtt)
     origins = tuple(parse_origin(o) for o in public_origins)  # a typo is refused before anything starts
     stop_event = stop if stop is not None else threading.Event()
-    store = DashboardStore(db)
+    store = open_store(db, health_retention_days=health_retention_days)
     ingest: Ingest | None = None
     server = None
     restore: list[tuple[signal.Signals, Any]] = []
@@ -139,7 +141,7 @@ def serve(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgemed-web", daemon=True
         )
         web.start()
-        log.info("dashboard at %s (database %s, broker %s)", server.url, db, cfg.url)
+        log.info("dashboard at %s (database %s, broker %s)", server.url, shown_db(db), cfg.url)
         if on_ready is not None:
             on_ready(server.url)
         while not stop_event.wait(0.5):
@@ -166,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p: the sub-command's parser.
     """
     from edgemed.dashboard.acl import ACL_DESCRIPTION, add_acl_arguments
-    from edgemed.dashboard.cli_args import add_broker_arguments, add_metrics_allow
+    from edgemed.dashboard.cli_args import add_broker_arguments, add_metrics_allow, add_retention_argument
     from edgemed.dashboard.export import __doc__ as export_doc
     from edgemed.dashboard.export import add_export_arguments
     from edgemed.dashboard.processes import (
@@ -207,9 +209,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add(actions.add_parser(name, help=helptext, description=description, formatter_class=raw))
     p.add_argument(
         "--db",
-        type=Path,
-        metavar="FILE",
-        help="required: SQLite file for results and device state (created if missing, kept across restarts)",
+        metavar="DB",
+        help="required: SQLite file for results and device state (created if missing, kept across restarts), or a "
+        "database URL (sqlite:///PATH, postgresql://USER@HOST:PORT/NAME)",
     )
     p.add_argument(
         "--host",
@@ -238,6 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default edgemed-dashboard)",
     )
     add_metrics_allow(p)
+    add_retention_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         from edgemed.dashboard.processes import run_ingest, run_serve
 
         return {"ingest": run_ingest, "serve": run_serve, "acl": run_acl}[action](args)
-    from edgemed.dashboard.cli_args import broker_config, check_port, metrics_networks
+    from edgemed.dashboard.cli_args import broker_config, check_port, metrics_networks, retention_days
     from edgemed.dashboard.processes import device_expiry
 
     missing = [name for name, value in (("--broker", args.broker), ("--db", args.db)) if value is None]
@@ -291,4 +294,5 @@ def run(args: argparse.Namespace) -> int:
         public_origins=tuple(args.public_origin),
         consumer_id=args.consumer_id,
         metrics_allow=allow,
+        health_retention_days=retention_days(args),
     )

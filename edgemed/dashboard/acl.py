@@ -151,11 +151,11 @@ def _yaml_devices(path: Path, text: str) -> Iterator[AclDevice]:
 
 
 def _db_devices(db: str) -> Iterator[AclDevice]:
-    from edgemed.dashboard.store import DashboardStore
+    from edgemed.dashboard.cli_args import open_store
 
     if "://" not in db and not Path(db).exists():
         raise ConfigError(f"no dashboard database at {db}: pass the dashboard's --db, or list devices with --devices")
-    store = DashboardStore(Path(db))
+    store = open_store(db)
     try:
         offset = 0
         while True:

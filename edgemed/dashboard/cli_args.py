@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
+    from edgemed.dashboard.store import DashboardStore
     from edgemed.publish.config import MqttConfig
 
 
@@ -102,28 +103,40 @@ def broker_config(args: argparse.Namespace) -> MqttConfig:
     return validate_config(fields)
 
 
-def add_metrics_allow(p: argparse.ArgumentParser) -> None:
-    """``--metrics-allow CIDR ...``: who may read ``/metrics``."""
+def add_metrics_allow(p: argparse.ArgumentParser, *, sub_command: bool = False) -> None:
+    """``--metrics-allow CIDR`` (repeatable): who may read ``/metrics``.
+
+    One network per option (``action="append"``), never ``nargs``: a list option would also swallow what follows it,
+    so ``edgemed dashboard --metrics-allow 10.0.0.0/8 serve ...`` took ``serve`` for a network.
+
+    Args:
+        p: the command's parser.
+        sub_command: ``p`` is a sub-command of ``edgemed dashboard``: when not given here, the value given to the
+            parent before the sub-command's name is kept (an argparse default would replace it with the loopback).
+    """
     p.add_argument(
         "--metrics-allow",
-        nargs="+",
-        action="extend",
-        default=None,
+        action="append",
+        default=argparse.SUPPRESS if sub_command else None,
         metavar="CIDR",
-        help="networks whose clients may read /metrics without a login, e.g. 10.20.0.0/16 fd00::/8 (default "
-        "127.0.0.0/8 ::1: the loopback only); any other client gets 403",
+        help="a network whose clients may read /metrics without a login, e.g. 10.20.0.0/16; repeat the option (or "
+        "separate with commas) for several: --metrics-allow 10.20.0.0/16 --metrics-allow fd00::/8 (default "
+        "127.0.0.0/8 and ::1: the loopback only); any other client gets 403",
     )
 
 
 def metrics_networks(args: argparse.Namespace) -> tuple[Any, ...]:
-    """The parsed ``--metrics-allow`` (the loopback when not given).
+    """The parsed ``--metrics-allow`` values, each possibly a comma-separated list (the loopback when not given).
 
     Raises:
         ConfigError: a value that is not a network.
     """
     from edgemed.dashboard.metrics import DEFAULT_ALLOW, parse_allow
 
-    return parse_allow(args.metrics_allow or DEFAULT_ALLOW)
+    given: list[str] | None = getattr(args, "metrics_allow", None)
+    if not given:
+        return parse_allow(DEFAULT_ALLOW)
+    return parse_allow(part for value in given for part in value.split(","))
 
 
 def check_port(option: str, port: int) -> None:
@@ -147,6 +160,49 @@ def shown_db(db: str | Path) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def add_retention_argument(p: argparse.ArgumentParser, *, sub_command: bool = False) -> None:
+    """``--health-retention-days``: for the processes that file heartbeats (ingest, the embedded dashboard).
+
+    On a sub-command the default is left to the parent parser, so that a value given before the sub-command's
+    name is not replaced by the sub-command's default (as with ``add_metrics_allow``).
+    """
+    p.add_argument(
+        "--health-retention-days",
+        type=float,
+        default=argparse.SUPPRESS if sub_command else 7.0,
+        metavar="DAYS",
+        help="keep each heartbeat this long (default 7); an hourly summary per device is kept for a year",
+    )
+
+
+def retention_days(args: argparse.Namespace) -> float:
+    """``--health-retention-days``, checked.
+
+    Raises:
+        ConfigError: not a positive number.
+    """
+    days = float(getattr(args, "health_retention_days", 7.0))
+    if not 0 < days < 100_000:
+        raise ConfigError(f"--health-retention-days must be a positive number of days, not {days:g}")
+    return days
+
+
+def open_store(db: str | Path, *, health_retention_days: float = 7.0) -> DashboardStore:
+    """Open ``--db`` as given: a file path, or a URL handed on as text.
+
+    Never ``Path(db)``: it folds the ``//`` of ``postgresql://user@host/db`` into one slash, and the URL is lost
+    (the store would take it for a file path, or refuse it).
+
+    Raises:
+        ConfigError: the database cannot be opened.
+    """
+    from edgemed.dashboard.store import DashboardStore
+
+    return DashboardStore(
+        db if isinstance(db, Path) or "://" in db else Path(db), health_retention_days=health_retention_days
+    )
 
 
 @contextmanager

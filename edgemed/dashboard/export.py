@@ -10,8 +10,9 @@ without it: the dashboard never stores file names), and an envelope sent with li
 (one line per envelope is what JSON Lines means). Lines come oldest first by the dashboard's reception time;
 --since keeps those received at or after the given time (ISO 8601; a time without a zone is UTC).
 
-The database is opened read-only, so a dashboard may keep running while its store is exported; the rows are read
-one at a time, so an export of millions of results needs no more memory than one.
+An SQLite database is opened read-only, so a dashboard may keep running while its store is exported; on
+PostgreSQL (``--db postgresql://...``) the export reads in one snapshot through a server-side cursor. Either way
+the rows are streamed, so an export of millions of results needs no more memory than a few hundred.
 """
 
 from __future__ import annotations
@@ -19,22 +20,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from edgemed.errors import ConfigError
 
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from edgemed.dashboard.db import Database
+
 __all__ = ["add_export_arguments", "export_lines", "parse_since", "run_export"]
 
-_ROWS = (
-    "SELECT received_at, 0 AS k, rowid AS r, payload FROM results WHERE received_at >= ? "
-    "UNION ALL SELECT received_at, 1, rowid, payload FROM studies WHERE received_at >= ? "
-    "ORDER BY received_at, k, r"
-)
+# Oldest first by reception; within one commit (one reception time) in the order filed: SQLite's rowid, and on
+# PostgreSQL (no rowid) by device and seq.
+_ROWS = {
+    "sqlite": (
+        "SELECT received_at, 0 AS k, rowid AS r, payload FROM results WHERE received_at >= :since "
+        "UNION ALL SELECT received_at, 1, rowid, payload FROM studies WHERE received_at >= :since "
+        "ORDER BY received_at, k, r"
+    ),
+    "postgresql": (
+        "SELECT received_at, 0 AS k, site, device_id, seq, result_id, payload FROM results "
+        "WHERE received_at >= :since UNION ALL SELECT received_at, 1, site, device_id, seq, result_id, payload "
+        "FROM studies WHERE received_at >= :since ORDER BY received_at, k, site, device_id, seq, result_id"
+    ),
+}
+#: Rows fetched from the server at a time on PostgreSQL.
+FETCH_ROWS = 500
 
 
 def parse_since(text: str) -> float:
@@ -54,20 +70,35 @@ def parse_since(text: str) -> float:
     return when.timestamp()
 
 
-def _open(db: Path) -> sqlite3.Connection:
-    if not db.is_file():
+def _open(db: str | Path) -> tuple[Database, Connection]:
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from edgemed.dashboard.db import describe_error, open_database
+
+    database = open_database(db, read_only=True)
+    if database.path is not None and not database.path.is_file():
         raise ConfigError(f"no dashboard database at {db}: pass --db with the file `edgemed dashboard --db` writes")
+    conn = None
     try:
-        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.Error as exc:
+        conn = database.engine.connect()
+        tables = set(inspect(conn).get_table_names())
+    except SQLAlchemyError as exc:
+        if conn is not None:
+            conn.close()
+        database.dispose()
+        if database.dialect == "postgresql":  # the server is unreachable, refuses the login, has no such database
+            raise ConfigError(describe_error(database.display, exc)) from exc
+        orig = getattr(exc, "orig", None) or exc
         raise ConfigError(
-            f"cannot read {db} as a dashboard database ({exc}); pass --db with the dashboard's file"
+            f"cannot read {database.display} as a dashboard database ({orig}); pass --db with the dashboard's file"
         ) from exc
     if not {"results", "studies"} <= tables:
         conn.close()
-        raise ConfigError(f"{db} is an SQLite database but not a dashboard's (it has no results table)")
-    return conn
+        database.dispose()
+        kind = "an SQLite" if database.dialect == "sqlite" else "a PostgreSQL"
+        raise ConfigError(f"{database.display} is {kind} database but not a dashboard's (it has no results table)")
+    return database, conn
 
 
 def _line(payload: str) -> bytes:
@@ -77,28 +108,37 @@ def _line(payload: str) -> bytes:
     return payload.encode("utf-8") + b"\n"
 
 
-def export_lines(db: Path, since: float | None = None) -> Iterator[bytes]:
+def export_lines(db: str | Path, since: float | None = None) -> Iterator[bytes]:
     """Every stored result and study decision, oldest first, one JSON Lines line each.
 
     Args:
-        db: the dashboard database.
+        db: the dashboard database (``--db``: a file path or a URL).
         since: only those received at or after this time (seconds since the epoch); None for all.
 
     Yields:
         One line (ending in ``\\n``) per envelope.
 
     Raises:
-        ConfigError: the file is missing, not a database, or not a dashboard's.
+        ConfigError: the file is missing, not a database, or not a dashboard's; the server cannot be reached.
     """
-    conn = _open(db)
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    database, conn = _open(db)
     floor = float("-inf") if since is None else since
     try:
-        for _at, _kind, _row, payload in conn.execute(_ROWS, (floor, floor)):
-            yield _line(payload)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"cannot read {db} ({exc})") from exc
+        # stream_results: a server-side cursor on PostgreSQL (psycopg's named cursor); SQLite steps row by row.
+        rows = conn.execution_options(stream_results=True, yield_per=FETCH_ROWS).execute(
+            text(_ROWS[database.dialect]), {"since": floor}
+        )
+        for row in rows:
+            yield _line(row[-1])
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        raise ConfigError(f"cannot read {database.display} ({' '.join(str(orig).split())[:300]})") from exc
     finally:
         conn.close()
+        database.dispose()
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,7 +147,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     Args:
         p: the sub-command's parser.
     """
-    p.add_argument("--db", required=True, type=Path, metavar="FILE", help="the dashboard's SQLite file (--db)")
+    p.add_argument(
+        "--db",
+        required=True,
+        metavar="DB",
+        help="the dashboard's database (--db): its SQLite file, or postgresql://user@host:port/dbname",
+    )
     p.add_argument(
         "--since",
         default=None,

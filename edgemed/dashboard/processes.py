@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 from edgemed.dashboard.cli_args import (
     add_broker_arguments,
     add_metrics_allow,
+    add_retention_argument,
     broker_config,
     check_port,
     metrics_networks,
+    open_store,
+    retention_days,
     shown_db,
     stop_on_signals,
 )
@@ -91,7 +94,8 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         help="interface of --metrics-port (default 127.0.0.1; 0.0.0.0 or :: with --metrics-allow for a scraper "
         "on another machine)",
     )
-    add_metrics_allow(p)
+    add_metrics_allow(p, sub_command=True)
+    add_retention_argument(p, sub_command=True)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -110,7 +114,13 @@ def run_ingest(args: argparse.Namespace) -> int:
         check_port("--metrics-port", args.metrics_port)
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
     return ingest_worker(
-        cfg, db=args.db, group=args.group, consumer_id=args.consumer_id, metrics=metrics, metrics_allow=allow
+        cfg,
+        db=args.db,
+        group=args.group,
+        consumer_id=args.consumer_id,
+        metrics=metrics,
+        metrics_allow=allow,
+        health_retention_days=retention_days(args),
     )
 
 
@@ -124,6 +134,7 @@ def ingest_worker(
     metrics_allow: tuple[Network, ...] | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    health_retention_days: float = 7.0,
 ) -> int:
     """Run one ingest worker until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -136,6 +147,7 @@ def ingest_worker(
         metrics_allow: networks that may read it; None: the loopback.
         stop: set it to stop; when None, SIGINT and SIGTERM stop (only from the main thread).
         on_ready: called with the worker's client id once it started.
+        health_retention_days: how long raw heartbeats are kept (hourly summaries: a year).
 
     Returns:
         0 after a clean stop.
@@ -146,10 +158,9 @@ def ingest_worker(
     """
     from edgemed.dashboard.ingest import Ingest
     from edgemed.dashboard.metrics import DEFAULT_ALLOW, MetricsCollector, MetricsServer, parse_allow
-    from edgemed.dashboard.store import DashboardStore
 
     stop_event = stop if stop is not None else threading.Event()
-    store = DashboardStore(Path(db))
+    store = open_store(db, health_retention_days=health_retention_days)
     ingest: Ingest | None = None
     server: MetricsServer | None = None
     try:
@@ -210,7 +221,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DAYS",
         help="leave devices silent for this long out of the fleet table and /metrics (default 7; 0 = never)",
     )
-    add_metrics_allow(p)
+    add_metrics_allow(p, sub_command=True)
 
 
 def device_expiry(days: float) -> float | None:
@@ -277,12 +288,11 @@ def serve_web(
     """
     from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
-    from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web import make_server
 
     origins = tuple(parse_origin(o) for o in public_origins)
     stop_event = stop if stop is not None else threading.Event()
-    store = DashboardStore(Path(db))
+    store = open_store(db)
     server: Any = None
     try:
         server = make_server(

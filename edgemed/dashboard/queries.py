@@ -16,12 +16,54 @@ import math
 import sqlite3
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from edgemed.dashboard.validate import LEVELS
 from edgemed.errors import ConfigError
 
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from edgemed.dashboard.db import Database
+
 MAX_PAGE = 1000
+
+
+class Record(tuple[Any, ...]):
+    """A row read from PostgreSQL that reads like ``sqlite3.Row``: by position, by column name, and ``dict(row)``."""
+
+    _names: dict[str, int]
+
+    def __new__(cls, names: dict[str, int], values: Sequence[Any]) -> Record:
+        row = super().__new__(cls, values)
+        row._names = names
+        return row
+
+    def __getitem__(self, key: Any) -> Any:
+        return super().__getitem__(self._names[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        """The column names, in order."""
+        return list(self._names)
+
+
+Row = sqlite3.Row | Record
+"""A row of ``StoreQueries._query``: SQLite's own row on SQLite, a ``Record`` on PostgreSQL; both read alike."""
+
+
+def driver_sql(dialect: str, sql: str, with_params: bool) -> str:
+    """``sql`` written with ``?`` placeholders (SQLite's) in the driver's own style (psycopg's ``%s``).
+
+    Args:
+        dialect: ``sqlite`` or ``postgresql``.
+        sql: the statement; no ``?`` inside its string literals.
+        with_params: parameters are passed (psycopg reads ``%`` as a placeholder only then).
+    """
+    if dialect == "sqlite" or not with_params:
+        return sql
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 def as_text(value: Any) -> str | None:
@@ -82,7 +124,7 @@ def _pending(status: dict[str, Any], health: dict[str, Any], status_at: float, h
     return as_number((status if newer_status else health).get("pending"))
 
 
-def device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str, Any]:
+def device_row(row: Row, now: float, silent_after_s: float) -> dict[str, Any]:
     """One fleet row from a ``devices`` row (see ``StoreQueries.fleet``)."""
     status = _loads(row["status"])
     health = _loads(row["health"])
@@ -121,7 +163,7 @@ def device_row(row: sqlite3.Row, now: float, silent_after_s: float) -> dict[str,
     }
 
 
-def _result_row(row: sqlite3.Row) -> dict[str, Any]:
+def _result_row(row: Row) -> dict[str, Any]:
     return {
         "kind": "frame",
         "result_id": row["result_id"],
@@ -143,16 +185,43 @@ def _result_row(row: sqlite3.Row) -> dict[str, Any]:
 
 
 class StoreQueries:
-    """The reads of ``DashboardStore``; it provides the connection and the lock."""
+    """The reads of ``DashboardStore``; it provides the database, and on SQLite its one connection and the lock.
 
-    _db: sqlite3.Connection
+    On SQLite the reads share the store's connection, behind its lock, outside any transaction (each statement
+    reads a consistent snapshot on its own; the writer's batches are never held up by a reader's transaction). On
+    PostgreSQL each read takes a connection from the pool, so the page never waits for the writer.
+    """
+
+    database: Database
+    _db: sqlite3.Connection | None
     _lock: threading.Lock
 
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cur = self._db.cursor()
-            cur.row_factory = sqlite3.Row
-            return list(cur.execute(sql, params).fetchall())
+    @contextmanager
+    def _reader(self) -> Iterator[Connection]:
+        """A pooled connection for a read on PostgreSQL (its read-only transaction ends with it)."""
+        with self.database.engine.connect() as conn:
+            yield conn
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
+        """Rows of one read, ``sql`` written with ``?`` placeholders on either engine.
+
+        Raises:
+            sqlite3.Error, psycopg.Error: the database could not be read.
+        """
+        if self._db is not None:
+            with self._lock:
+                cur = self._db.cursor()
+                cur.row_factory = sqlite3.Row
+                return list(cur.execute(sql, params).fetchall())
+        from sqlalchemy.exc import DBAPIError
+
+        try:
+            with self._reader() as conn:
+                result = conn.exec_driver_sql(driver_sql("postgresql", sql, bool(params)), params or None)
+                names = {name: i for i, name in enumerate(result.keys())}
+                return [Record(names, row) for row in result.all()]
+        except DBAPIError as exc:
+            raise (exc.orig or exc) from None  # the driver's error, without SQLAlchemy's SQL text
 
     def _count(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         return int(self._query(sql, params)[0][0])
@@ -208,7 +277,8 @@ class StoreQueries:
         # Settled seqs that are not stored are few (the partial index settled_unstored holds only them), so one
         # query over all devices costs less than one per listed device.
         rows = self._query(
-            "SELECT site, device_id, sum(how = 'rejected') AS rejected, sum(how = 'lost') AS lost FROM settled "
+            "SELECT site, device_id, sum(CASE WHEN how = 'rejected' THEN 1 ELSE 0 END) AS rejected, "
+            "sum(CASE WHEN how = 'lost' THEN 1 ELSE 0 END) AS lost FROM settled "
             "WHERE how <> 'stored' GROUP BY site, device_id"
         )
         return {(r["site"], r["device_id"]): (int(r["rejected"]), int(r["lost"])) for r in rows}
@@ -264,7 +334,7 @@ class StoreQueries:
         for table in ("results", "studies"):
             counts = dict.fromkeys(LEVELS, 0)
             for row in self._query(f"SELECT level, count(*) AS n FROM {table} GROUP BY level"):
-                counts[row["level"]] = row["n"]
+                counts[row["level"]] = int(row["n"])
             out[table] = counts
         return out
 
@@ -303,7 +373,7 @@ class StoreQueries:
 
     def unacknowledged_urgent_count(self) -> int:
         """How many urgent results and study decisions wait for a person (all of them, not one page)."""
-        return self._count(f"SELECT count(*) FROM ({self._URGENT_WAITING})")
+        return self._count(f"SELECT count(*) FROM ({self._URGENT_WAITING}) AS waiting")
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many payloads were refused, by reason, since the database was created (pruning keeps counts)."""

@@ -2,7 +2,8 @@
 
 The writer thread only hands over the streams its commit touched (``notify``: a set insertion under a lock), so
 computing and publishing never delay a commit. This thread computes each receipt from the database
-(``settlement.stream_progress``, on a connection of its own: WAL lets it read beside the writer), so it is right
+(``settlement.stream_progress``, on a connection of its own from the engine: on SQLite WAL lets it read beside the
+writer, on PostgreSQL it is one of the pool's), so it is right
 whatever other ingest processes or earlier runs stored, and publishes it retained at QoS 1 on
 ``edgemed/{site}/{device_id}/receipts``: a device that reconnects gets the latest at once.
 
@@ -20,12 +21,16 @@ most recent first) are marked and served like any others.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from edgemed.dashboard.db import Database, open_database
 from edgemed.dashboard.settlement import StreamKey, stream_progress
 from edgemed.receipts import Receipt, device_topic
 
@@ -39,7 +44,9 @@ RETRY_S = 1.0
 #: How far back ``republish`` looks for streams, and how many it sends at most.
 REPUBLISH_WINDOW_S = 24 * 3600.0
 REPUBLISH_MAX_STREAMS = 10_000
-_RECENT = "SELECT site, device_id, stream FROM stream_seen WHERE seen_at >= ? ORDER BY seen_at DESC LIMIT ?"
+_RECENT = sa.text(
+    "SELECT site, device_id, stream FROM stream_seen WHERE seen_at >= :since ORDER BY seen_at DESC LIMIT :n"
+)
 
 #: Publishes one message: ``(topic, payload)``, QoS 1, retained (``MqttLink.publish`` in the ingest).
 PublishReceipt = Callable[[str, bytes], None]
@@ -50,7 +57,7 @@ class ReceiptSender:
 
     def __init__(
         self,
-        db_path: Path,
+        db: Path | str | Database,
         publish: PublishReceipt,
         consumer_id: str,
         *,
@@ -60,13 +67,14 @@ class ReceiptSender:
         """Set up; nothing runs until ``start()``.
 
         Args:
-            db_path: the dashboard database (opened again by the thread, read and ``stream_progress`` writes).
+            db: the dashboard database: the store's ``Database`` (``store.path`` on PostgreSQL; the thread takes
+                its connections from that engine), or an SQLite file path or ``--db`` URL (opened again here).
             publish: sends one receipt (retained, QoS 1).
             consumer_id: the consumer the receipts name (``--consumer-id``).
             min_interval_s: shortest time between two receipt rounds for one device.
             busy_timeout_s: how long a read or write waits for another connection's lock.
         """
-        self.db_path = db_path
+        self.db = db
         self.consumer_id = consumer_id
         self.min_interval_s = min_interval_s
         self._publish = publish
@@ -158,48 +166,70 @@ class ReceiptSender:
             return None
 
     def _run(self) -> None:
-        db = sqlite3.connect(str(self.db_path), timeout=self._busy_timeout_s)
+        database = self.db
+        if not isinstance(database, Database):  # a path or URL: an engine of the thread's own
+            database = open_database(database, busy_timeout_s=self._busy_timeout_s)
         try:
             while True:
                 due = self._take_due()
                 if due is None:
                     return
-                if not due:
-                    self._mark_recent(db)
+                try:
+                    db = database.engine.connect()  # one pooled connection per round; a broken one is replaced
+                except SQLAlchemyError as exc:
+                    log.warning("cannot reach the dashboard database for receipts (%s); retrying", _one_line(exc))
+                    self._retry(due, republish=not due)
                     continue
-                for i, key in enumerate(due):
-                    try:
-                        self._send(db, key)
-                    except sqlite3.Error as exc:
-                        log.warning("cannot compute receipts from the dashboard database (%s); retrying", exc)
-                    except Exception:
-                        # Whatever failed (the MQTT client, a bug), this thread must live on: a stream whose
-                        # receipt is never sent again keeps its device's results on disk for good.
-                        log.exception("could not publish a receipt for %s/%s; retrying", key[0], key[1])
+                with db:
+                    if due:
+                        self._send_all(db, due)
                     else:
-                        continue
-                    self.notify(due[i:])
-                    with self._cond:  # a stop() ends the wait
-                        self._cond.wait_for(lambda: self._stopping, RETRY_S)
-                    break
+                        self._mark_recent(db)
         finally:
-            db.close()
+            if database is not self.db:
+                database.dispose()
 
-    def _mark_recent(self, db: sqlite3.Connection) -> None:
+    def _send_all(self, db: Connection, due: list[StreamKey]) -> None:
+        for i, key in enumerate(due):
+            try:
+                self._send(db, key)
+            except SQLAlchemyError as exc:
+                log.warning("cannot compute receipts from the dashboard database (%s); retrying", _one_line(exc))
+            except Exception:
+                # Whatever failed (the MQTT client, a bug), this thread must live on: a stream whose receipt is
+                # never sent again keeps its device's results on disk for good.
+                log.exception("could not publish a receipt for %s/%s; retrying", key[0], key[1])
+            else:
+                continue
+            self._retry(due[i:])
+            return
+
+    def _retry(self, keys: list[StreamKey], *, republish: bool = False) -> None:
+        self.notify(keys)
+        with self._cond:  # a stop() ends the wait
+            self._republish = self._republish or republish
+            self._cond.wait_for(lambda: self._stopping, RETRY_S)
+
+    def _mark_recent(self, db: Connection) -> None:
         with self._cond:
             self._republish = False
         try:
-            rows = db.execute(_RECENT, (time.time() - REPUBLISH_WINDOW_S, REPUBLISH_MAX_STREAMS)).fetchall()
-        except sqlite3.Error as exc:
-            log.warning("cannot read which receipts to send again (%s); retrying", exc)
-            with self._cond:
-                self._republish = True
-                self._cond.wait_for(lambda: self._stopping, RETRY_S)
+            rows = db.execute(_RECENT, {"since": time.time() - REPUBLISH_WINDOW_S, "n": REPUBLISH_MAX_STREAMS}).all()
+            db.rollback()
+        except SQLAlchemyError as exc:
+            log.warning("cannot read which receipts to send again (%s); retrying", _one_line(exc))
+            self._retry([], republish=True)
             return
         self.notify((str(site), str(device_id), str(stream)) for site, device_id, stream in rows)
 
-    def _send(self, db: sqlite3.Connection, key: StreamKey) -> None:
+    def _send(self, db: Connection, key: StreamKey) -> None:
         site, device_id, stream = key
         receipt = Receipt(self.consumer_id, site, device_id, stream, stream_progress(db, key))
         self._publish(device_topic(site, device_id, "receipts"), receipt.encode())
         self.sent += 1
+
+
+def _one_line(exc: SQLAlchemyError) -> str:
+    """The driver's message on one line (SQLAlchemy's own adds the statement, which says nothing to an operator)."""
+    orig = getattr(exc, "orig", None)
+    return " ".join(str(orig if orig is not None else exc).split())[:300]

@@ -1,154 +1,49 @@
-"""The dashboard database's file and tables: created private (0600), upgraded in place when older.
+"""The dashboard database's schema: created private (0600) on SQLite, upgraded to the newest revision at open.
 
-The database holds every result the fleet sent and the raw bytes of every refused payload, so it is created
-0600 from the start, in a folder created 0700 when it is missing (``edgemed.datadir``'s helpers, which the device
-uses for its outbox). SQLite gives its ``-wal`` and ``-shm`` files the mode of the database file, so creating that
-one private covers them; files left open to others by an older dashboard are made private when it opens them,
-with one warning line each (a backup job that relied on reading them needs to run as this user instead).
+The tables are in ``tables.py``; the Alembic migrations in ``migrations/`` create and upgrade them on either
+engine. ``migrate`` runs at every open of a store, under a lock, so that several processes starting at once
+(ingest workers, the web process) upgrade a database once: PostgreSQL's ``pg_advisory_xact_lock``, SQLite's
+``BEGIN IMMEDIATE`` (the write lock, for the whole upgrade; SQLite's DDL is transactional, so an upgrade
+interrupted half way leaves the database as it was). A database made before Alembic (an SQLite file of an older
+dashboard, with no ``alembic_version`` table) is recognised by its tables and ``PRAGMA user_version`` (1 from
+the receipts upgrade, 0 before it), stamped at the revision it matches and upgraded in place, every row kept.
+
+The database holds every result the fleet sent and the raw bytes of every refused payload, so an SQLite file is
+created 0600 from the start, in a folder created 0700 when it is missing (``edgemed.datadir``'s helpers, which the
+device uses for its outbox). SQLite gives its ``-wal`` and ``-shm`` files the mode of the database file, so
+creating that one private covers them; files left open to others by an older dashboard are made private when it
+opens them, with one warning line each (a backup job that relied on reading them needs to run as this user
+instead).
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
 
 from edgemed.datadir import DIR_MODE, private_file, tighten
+from edgemed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy import Connection
 
 log = logging.getLogger(__name__)
 
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS results (
-    result_id   TEXT PRIMARY KEY,
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    created_at  TEXT NOT NULL,
-    clock_synced INTEGER,
-    received_at REAL NOT NULL,
-    level       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    label       TEXT,
-    delegate    TEXT,
-    degraded    INTEGER,
-    session_id  TEXT,
-    payload     TEXT NOT NULL,
-    triage_label TEXT
-);
-CREATE INDEX IF NOT EXISTS results_level ON results(level, received_at);
-CREATE INDEX IF NOT EXISTS results_received ON results(received_at);
-CREATE TABLE IF NOT EXISTS studies (
-    result_id   TEXT PRIMARY KEY,
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    created_at  TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    level       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    frames      INTEGER,
-    first_seq   INTEGER,
-    last_seq    INTEGER,
-    session_id  TEXT,
-    payload     TEXT NOT NULL,
-    triage_label TEXT
-);
-CREATE INDEX IF NOT EXISTS studies_level ON studies(level, received_at);
-CREATE TABLE IF NOT EXISTS devices (
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    last_seen   REAL NOT NULL,
-    status      TEXT,
-    status_at   REAL,
-    health      TEXT,
-    health_at   REAL,
-    PRIMARY KEY (site, device_id)
-);
-CREATE INDEX IF NOT EXISTS devices_last_seen ON devices(last_seen);
-CREATE TABLE IF NOT EXISTS acks (
-    result_id   TEXT PRIMARY KEY,
-    acked_at    REAL NOT NULL,
-    acked_by    TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at REAL NOT NULL,
-    topic       TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    payload     BLOB NOT NULL,
-    payload_bytes INTEGER NOT NULL,
-    site        TEXT,
-    device_id   TEXT,
-    seq         INTEGER,
-    result_id   TEXT,
-    payload_sha256 TEXT,
-    stream      TEXT
-);
-CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters(received_at);
-CREATE TABLE IF NOT EXISTS dead_letter_counts (
-    reason      TEXT PRIMARY KEY,
-    n           INTEGER NOT NULL,
-    last_at     REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS studies_received ON studies(received_at);
--- Every seq the dashboard has settled for a device's seq stream (see settlement.py): its result or study decision
--- is stored, its payload is a dead letter, or the device announced it lost. Receipts are computed from it.
-CREATE TABLE IF NOT EXISTS settled (
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    stream      TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    how         TEXT NOT NULL CHECK (how IN ('stored', 'rejected', 'lost')),
-    PRIMARY KEY (site, device_id, stream, seq)
-) WITHOUT ROWID;
--- The page counts what is not stored per device: few rows, so a partial index keeps that cheap.
-CREATE INDEX IF NOT EXISTS settled_unstored ON settled(site, device_id, how) WHERE how <> 'stored';
-CREATE TABLE IF NOT EXISTS lost_ranges (
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    stream      TEXT NOT NULL,
-    first_seq   INTEGER NOT NULL,
-    last_seq    INTEGER NOT NULL,
-    reason      TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    PRIMARY KEY (site, device_id, stream, first_seq, last_seq)
-);
--- When the dashboard last settled something of each seq stream: after a (re)connection it sends again the
--- receipts of the recent ones (a broker restarted without persistence has lost the retained receipts).
-CREATE TABLE IF NOT EXISTS stream_seen (
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    stream      TEXT NOT NULL,
-    seen_at     REAL NOT NULL,
-    PRIMARY KEY (site, device_id, stream)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS stream_seen_at ON stream_seen(seen_at);
--- Per seq stream, a through_seq every seq up to which is settled: a receipt then reads only the rows above it.
-CREATE TABLE IF NOT EXISTS stream_progress (
-    site        TEXT NOT NULL,
-    device_id   TEXT NOT NULL,
-    stream      TEXT NOT NULL,
-    through_seq INTEGER NOT NULL,
-    PRIMARY KEY (site, device_id, stream)
-);
-"""
-
-#: ``PRAGMA user_version`` of a database whose ``settled`` table holds what its results, studies and dead letters
-#: settle (an older database is filled in once, at its first open by this dashboard).
+#: ``PRAGMA user_version`` of an SQLite database whose ``settled`` table holds what its results, studies and dead
+#: letters settle (written by the receipts upgrade: revision 0002).
 SETTLED_VERSION = 1
-# Rows stored by an older dashboard: the seqs their results, studies and dead letters settle. A row without a
-# stream (an older device) belongs to stream ''. A dead letter settles only on a results or studies topic.
-_FILL_SETTLED = (
-    "INSERT OR IGNORE INTO settled SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq, "
-    "'stored' FROM results WHERE json_valid(payload)",
-    "INSERT OR IGNORE INTO settled SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq, "
-    "'stored' FROM studies WHERE json_valid(payload)",
-    "INSERT OR IGNORE INTO settled SELECT site, device_id, coalesce(stream, ''), seq, 'rejected' FROM dead_letters "
-    "WHERE seq IS NOT NULL AND site IS NOT NULL AND device_id IS NOT NULL "
-    "AND (topic LIKE 'edgemed/%/results' OR topic LIKE 'edgemed/%/studies')",
-)
+#: The revision an SQLite database made before Alembic matches: by its ``user_version``.
+_LEGACY_REVISION = {0: "0001", SETTLED_VERSION: "0002"}
+HEAD = "0003"
+_LOCK_KEY = 0x6564676D65640001  # "edgmed" + 1: the schema upgrade (2 is the heartbeat maintenance)
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
-#: What an older dashboard's database lacks, added in place: (table, column, SQL that fills it for old rows).
+#: What an even older dashboard's database lacks for revision 0001, added in place: (table, column, SQL that
+#: fills it for old rows).
 _ADDED_COLUMNS = (
     # A result without a triage label (from an older device) shows its top prediction as before.
     (
@@ -165,8 +60,6 @@ _ADDED_COLUMNS = (
     ),
     # Old dead letters keep no hash: a retained one the broker sends again is then kept once more, and only once.
     ("dead_letters", "payload_sha256", None),
-    # The seq stream a dead letter names, when it was readable (older ones: unknown, stream '').
-    ("dead_letters", "stream", None),
 )
 
 
@@ -200,26 +93,77 @@ def open_private(path: Path) -> None:
     private_file(path)  # creates it 0600 when missing; SQLite then gives its -wal and -shm the same mode
 
 
-def upgrade(db: sqlite3.Connection) -> None:
-    """Add the columns (and index) a database made by an older dashboard lacks, filling them from its rows.
+def _alembic(conn: Connection) -> Config:
+    from alembic.config import Config
 
-    A database older than ``SETTLED_VERSION`` also gets its ``settled`` table filled from the results, study
-    decisions and dead letters it holds, so that the first receipts after the upgrade already count them.
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def _add_missing_columns(conn: Connection, tables: set[str]) -> None:
+    """Add (and fill) the columns revision 0001 has and an even older SQLite database lacks (checked at every open,
+    as the dashboard always did: cheap, and a file someone altered by hand is repaired the same way)."""
+    for table, column, fill in _ADDED_COLUMNS:
+        if table in tables and column not in {c["name"] for c in sa.inspect(conn).get_columns(table)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+            if fill is not None:
+                conn.exec_driver_sql(fill)
+    if "dead_letters" in tables:
+        conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS dead_letters_sha256 ON dead_letters(payload_sha256)")
+
+
+def _legacy_revision(conn: Connection, tables: set[str]) -> str | None:
+    """The revision an SQLite database made before Alembic matches, or None when it is not one (new, or managed
+    by Alembic already): ``PRAGMA user_version`` 1 (receipts) or 0 (before them)."""
+    if "alembic_version" in tables or "results" not in tables:
+        return None
+    version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+    return _LEGACY_REVISION[min(version, SETTLED_VERSION)]
+
+
+def migrate(conn: Connection) -> None:
+    """Bring the database to the newest revision (a no-op when it is there), under the upgrade lock.
 
     Args:
-        db: the open database, with ``SCHEMA_SQL`` applied.
+        conn: a connection of the store, not in a transaction; on SQLite it is the store's own (the upgrade runs
+            in one ``BEGIN IMMEDIATE`` transaction on it).
+
+    Raises:
+        ConfigError: the database is at a revision this version does not know (a newer one made it).
+        sqlalchemy.exc.SQLAlchemyError: the database cannot be read or written (or another process holds the
+            SQLite write lock for longer than the busy timeout).
     """
-    for table, column, fill in _ADDED_COLUMNS:
-        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        if column not in columns:
-            with db:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
-                if fill is not None:
-                    db.execute(fill)
-    with db:
-        db.execute("CREATE INDEX IF NOT EXISTS dead_letters_sha256 ON dead_letters(payload_sha256)")
-    if db.execute("PRAGMA user_version").fetchone()[0] < SETTLED_VERSION:
-        with db:
-            for sql in _FILL_SETTLED:
-                db.execute(sql)
-            db.execute(f"PRAGMA user_version = {SETTLED_VERSION}")
+    from alembic import command
+    from alembic.migration import MigrationContext
+    from alembic.util import CommandError
+
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        conn.execution_options(edgemed_begin="BEGIN IMMEDIATE")
+    try:
+        with conn.begin():
+            if not sqlite:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
+            tables = set(sa.inspect(conn).get_table_names()) if sqlite else set()
+            if sqlite:
+                _add_missing_columns(conn, tables)
+            current = MigrationContext.configure(conn).get_current_revision()
+            if current == HEAD:
+                return
+            cfg = _alembic(conn)
+            legacy = _legacy_revision(conn, tables) if sqlite else None
+            if legacy is not None:
+                log.info("the dashboard database predates schema revisions; recognised as revision %s", legacy)
+                command.stamp(cfg, legacy)
+            try:
+                command.upgrade(cfg, "head")
+            except CommandError as exc:
+                raise ConfigError(
+                    f"the dashboard database is at schema revision {current}, which this edgemed does not know "
+                    f"(a newer edgemed made it: {exc}); run that version, or restore a backup"
+                ) from exc
+    finally:
+        if sqlite:
+            conn.execution_options(edgemed_begin="BEGIN")

@@ -15,8 +15,15 @@ learns of the rest from later receipts), and contiguous rows right above ``throu
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Iterable
+from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
+
+from edgemed.dashboard.tables import lost_ranges, settled
+from edgemed.dashboard.tables import stream_progress as progress_table
 from edgemed.receipts import MAX_RANGES, Lost, Progress, SeqRange, progress
 
 #: Most ``settled`` rows above ``through_seq`` one receipt reads (about 10 ms of SQLite here).
@@ -33,17 +40,59 @@ StreamKey = tuple[str, str, str]
 
 # The islands of contiguous settled seqs among the next SCAN_ROWS rows above through_seq: each row says whether it
 # starts an island, ends one, or both. The inner LIMIT is read from the primary key in order, so the window
-# function never sees more than SCAN_ROWS rows.
-_ISLANDS = """
-SELECT seq, prev IS NOT seq - 1 AS starts, next IS NOT seq + 1 AS ends, n FROM (
-    SELECT seq, lag(seq) OVER w AS prev, lead(seq) OVER w AS next, count(*) OVER () AS n FROM (
-        SELECT seq FROM settled WHERE site = ? AND device_id = ? AND stream = ? AND seq > ? ORDER BY seq LIMIT ?
-    ) WINDOW w AS (ORDER BY seq)
-) WHERE starts OR ends
+# function never sees more than SCAN_ROWS rows. Written for both engines (no IS NOT between values, aliased
+# subqueries).
+_ISLANDS = sa.text(
+    """
+SELECT seq, (prev IS NULL OR prev <> seq - 1) AS starts, (nxt IS NULL OR nxt <> seq + 1) AS ends, n FROM (
+    SELECT seq, lag(seq) OVER w AS prev, lead(seq) OVER w AS nxt, count(*) OVER () AS n FROM (
+        SELECT seq FROM settled WHERE site = :site AND device_id = :device_id AND stream = :stream AND seq > :above
+        ORDER BY seq LIMIT :n
+    ) AS rows_above WINDOW w AS (ORDER BY seq)
+) AS edges WHERE prev IS NULL OR prev <> seq - 1 OR nxt IS NULL OR nxt <> seq + 1
 """
+)
+_THROUGH = sa.text(
+    "SELECT through_seq FROM stream_progress WHERE site = :site AND device_id = :device_id AND stream = :stream"
+)
+# The seqs of a lost range not settled yet, one row each: generate_series on PostgreSQL, a recursive CTE on SQLite.
+_LOST_ROWS = {
+    "postgresql": sa.text(
+        "INSERT INTO settled(site, device_id, stream, seq, how) SELECT :site, :device_id, :stream, s, 'lost' "
+        "FROM generate_series(CAST(:first AS BIGINT), CAST(:last AS BIGINT)) AS s ON CONFLICT DO NOTHING"
+    ),
+    "sqlite": sa.text(
+        "WITH RECURSIVE n(s) AS (SELECT :first UNION ALL SELECT s + 1 FROM n WHERE s < :last) "
+        "INSERT INTO settled(site, device_id, stream, seq, how) SELECT :site, :device_id, :stream, s, 'lost' "
+        "FROM n WHERE true ON CONFLICT DO NOTHING"
+    ),
+}
 
 
-def settle(db: sqlite3.Connection, key: StreamKey, seq: int, how: str) -> None:
+def dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    """The dialect's INSERT construct (both have ``on_conflict_do_nothing``/``on_conflict_do_update``)."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def greatest(a: Any, b: Any) -> Any:
+    """The larger of two non-null values, in SQL both engines read (SQLite's max(a, b) is PostgreSQL's greatest)."""
+    return sa.case((a >= b, a), else_=b)
+
+
+def _settle_statement(conn: Connection) -> Any:
+    stmt = dialect_insert(conn, settled)
+    return stmt.on_conflict_do_update(
+        index_elements=[settled.c.site, settled.c.device_id, settled.c.stream, settled.c.seq],
+        set_={"how": stmt.excluded.how},
+        where=(stmt.excluded.how == "stored") & (settled.c.how != "stored"),
+    )
+
+
+def _key(key: StreamKey) -> dict[str, str]:
+    return {"site": key[0], "device_id": key[1], "stream": key[2]}
+
+
+def settle(db: Connection, key: StreamKey, seq: int, how: str) -> None:
     """Record one settled ``seq`` (inside the caller's transaction).
 
     A ``seq`` settled twice keeps its first reason, except that ``stored`` wins: a result that arrives after the
@@ -55,19 +104,30 @@ def settle(db: sqlite3.Connection, key: StreamKey, seq: int, how: str) -> None:
         seq: the settled ``seq``.
         how: ``stored``, ``rejected`` or ``lost``.
     """
-    db.execute(
-        "INSERT INTO settled(site, device_id, stream, seq, how) VALUES (?, ?, ?, ?, ?) "
-        "ON CONFLICT(site, device_id, stream, seq) DO UPDATE SET how = excluded.how "
-        "WHERE excluded.how = 'stored' AND how <> 'stored'",
-        (*key, seq, how),
-    )
+    settle_many(db, [(*key, seq, how)])
 
 
-def through_seq(db: sqlite3.Connection, key: StreamKey) -> int:
+def settle_many(db: Connection, rows: Iterable[tuple[str, str, str, int, str]]) -> None:
+    """Record many settled seqs in one statement per batch (``settle`` for each, set-based).
+
+    Args:
+        db: the store's connection, in a transaction.
+        rows: ``(site, device_id, stream, seq, how)``; a key repeated keeps the ``stored`` one if any.
+    """
+    unique: dict[tuple[str, str, str, int], str] = {}
+    for site, device_id, stream, seq, how in rows:
+        if unique.get((site, device_id, stream, seq)) != "stored":
+            unique[(site, device_id, stream, seq)] = how
+    if unique:
+        params = [
+            {"site": s, "device_id": d, "stream": st, "seq": q, "how": how} for (s, d, st, q), how in unique.items()
+        ]
+        db.execute(_settle_statement(db), params)
+
+
+def through_seq(db: Connection, key: StreamKey) -> int:
     """The stream's recorded ``through_seq`` (-1 when none)."""
-    row = db.execute(
-        "SELECT through_seq FROM stream_progress WHERE site = ? AND device_id = ? AND stream = ?", key
-    ).fetchone()
+    row = db.execute(_THROUGH, _key(key)).first()
     return -1 if row is None else int(row[0])
 
 
@@ -76,7 +136,7 @@ def lost_seq_count(lost: Lost) -> int:
     return sum(last - first + 1 for first, last in lost.ranges)
 
 
-def settle_lost(db: sqlite3.Connection, lost: Lost, received_at: float) -> None:
+def settle_lost(db: Connection, lost: Lost, received_at: float) -> None:
     """Record a device's lost announcement: its ranges, and a ``lost`` row for each ``seq`` not settled yet.
 
     Seqs at or below the stream's ``through_seq`` are settled already and get no row.
@@ -90,22 +150,17 @@ def settle_lost(db: sqlite3.Connection, lost: Lost, received_at: float) -> None:
     floor = through_seq(db, key) + 1
     for first, last in lost.ranges:
         db.execute(
-            "INSERT OR IGNORE INTO lost_ranges(site, device_id, stream, first_seq, last_seq, reason, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*key, first, last, lost.reason, received_at),
+            dialect_insert(db, lost_ranges).on_conflict_do_nothing(),
+            {**_key(key), "first_seq": first, "last_seq": last, "reason": lost.reason, "received_at": received_at},
         )
         if last < floor:
             continue
-        db.execute(
-            "WITH RECURSIVE n(s) AS (SELECT ? UNION ALL SELECT s + 1 FROM n WHERE s < ?) "
-            "INSERT OR IGNORE INTO settled(site, device_id, stream, seq, how) SELECT ?, ?, ?, s, 'lost' FROM n",
-            (max(first, floor), last, *key),
-        )
+        db.execute(_LOST_ROWS[db.dialect.name], {**_key(key), "first": max(first, floor), "last": last})
 
 
-def _islands(db: sqlite3.Connection, key: StreamKey, above: int) -> tuple[list[SeqRange], bool]:
+def _islands(db: Connection, key: StreamKey, above: int) -> tuple[list[SeqRange], bool]:
     """The runs of settled seqs among the next ``SCAN_ROWS`` above ``above``, and whether more rows may follow."""
-    rows = db.execute(_ISLANDS, (*key, above, SCAN_ROWS)).fetchall()
+    rows = db.execute(_ISLANDS, {**_key(key), "above": above, "n": SCAN_ROWS}).all()
     runs: list[SeqRange] = []
     start = 0
     for seq, starts, ends, _n in rows:
@@ -116,35 +171,42 @@ def _islands(db: sqlite3.Connection, key: StreamKey, above: int) -> tuple[list[S
     return runs, bool(rows) and rows[0][3] >= SCAN_ROWS
 
 
-def stream_progress(db: sqlite3.Connection, key: StreamKey) -> Progress:
+def stream_progress(db: Connection, key: StreamKey) -> Progress:
     """Compute a stream's receipt from the store, and record how far its ``through_seq`` got.
 
     Args:
-        db: a connection of its own (a reader: WAL lets it run beside the ingest's writes); it commits the new
-            ``through_seq``, which only ever grows.
+        db: a connection of its own, not in a transaction (the receipt thread's; WAL lets it read beside the
+            ingest's writes on SQLite). The reads end before the new ``through_seq`` (which only ever grows) is
+            written in a short transaction of its own: on SQLite a read transaction that then writes fails when
+            the ingest committed meanwhile.
         key: the stream.
 
     Returns:
         ``through_seq``, the ``missing`` ranges above it (at most ``MAX_RANGES``) and ``max_seq``.
 
     Raises:
-        sqlite3.Error: the database could not be read or written.
+        sqlalchemy.exc.SQLAlchemyError: the database could not be read or written.
     """
-    start = through_seq(db, key)
-    through, state = start, Progress(start)
-    for _ in range(ADVANCE_CHUNKS):
-        runs, full = _islands(db, key, through)
-        state = progress(through, runs, max_ranges=MAX_RANGES)
-        advanced_to_end = full and not state.missing and state.through_seq == runs[-1][1]
-        through = state.through_seq
-        if not advanced_to_end:
-            break
+    try:
+        start = through_seq(db, key)
+        through, state = start, Progress(start)
+        for _ in range(ADVANCE_CHUNKS):
+            runs, full = _islands(db, key, through)
+            state = progress(through, runs, max_ranges=MAX_RANGES)
+            advanced_to_end = full and not state.missing and state.through_seq == runs[-1][1]
+            through = state.through_seq
+            if not advanced_to_end:
+                break
+    finally:
+        db.rollback()  # the read transaction ends here (nothing was written in it)
     if through > start:
-        with db:
+        stmt = dialect_insert(db, progress_table)
+        with db.begin():
             db.execute(
-                "INSERT INTO stream_progress(site, device_id, stream, through_seq) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(site, device_id, stream) "
-                "DO UPDATE SET through_seq = max(through_seq, excluded.through_seq)",
-                (*key, through),
+                stmt.on_conflict_do_update(
+                    index_elements=[progress_table.c.site, progress_table.c.device_id, progress_table.c.stream],
+                    set_={"through_seq": greatest(progress_table.c.through_seq, stmt.excluded.through_seq)},
+                ),
+                {**_key(key), "through_seq": through},
             )
     return state

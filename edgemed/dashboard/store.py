@@ -1,9 +1,9 @@
-"""The dashboard's SQLite store: results, study decisions, the latest status and heartbeat per device, and acks.
+"""The dashboard's store (SQLite or PostgreSQL): results, study decisions, the latest state per device, acks.
 
 Delivery from the devices is at least once, so the same result can arrive twice (a device that restarts replays
 its outbox; a broker redelivers an unacknowledged QoS 1 message). ``result_id`` is the primary key and rows go in
-with ``INSERT OR IGNORE``: a duplicate is dropped by the database itself, in one statement, so two ingest threads
-racing on the same id still keep exactly one row.
+with ``INSERT ... ON CONFLICT (result_id) DO NOTHING``: a duplicate is dropped by the database itself, in one
+statement, so two ingest processes racing on the same id still keep exactly one row.
 
 Times: ``received_at`` is the dashboard's own clock (seconds since the epoch). Devices may run without a
 synchronised clock, so "last seen" and ordering use the dashboard's clock; ``created_at`` is kept as the device
@@ -22,32 +22,45 @@ Settled seqs. Each stored result and study decision, each dead letter with a rea
 announcement also writes ``settled`` rows in the same transaction (``settlement.py``): the receipts are computed
 from them.
 
-One connection is shared by the ingest thread and the web threads behind a lock: SQLite serialises writers anyway,
-and the dashboard's load (a few hundred messages a second at most) does not need a pool. WAL lets an external
-reader (a backup, ``sqlite3`` on the command line) read while the dashboard writes. The file is private (0600,
-see ``schema.py``): it holds every result and the raw bytes of refused payloads.
+A batch is filed in one transaction: its results and study decisions set-based (``bulk.py``), everything else
+message by message, each in a savepoint of its own, so that a message the database refuses becomes a dead letter
+in the same transaction (PostgreSQL aborts the whole transaction on an error unless a savepoint was taken).
+
+Connections. On SQLite one connection is shared by the ingest thread and the web threads behind a lock: SQLite
+serialises writers anyway; WAL lets an external reader (a backup, ``sqlite3`` on the command line) read while the
+dashboard writes. The file is private (0600, see ``schema.py``): it holds every result and the raw bytes of
+refused payloads. On PostgreSQL each write and each read takes a connection from the engine's pool (``db.py``);
+writes of one process still go one at a time, behind the lock. Errors reach callers as the driver's own
+(``sqlite3.Error``, ``psycopg.Error``), without SQLAlchemy's rendering of the statement.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+
+from edgemed.dashboard import history
 from edgemed.dashboard.batch import summarize_batch
-from edgemed.dashboard.queries import StoreQueries, as_flag, as_int, as_obj, as_text
-from edgemed.dashboard.schema import SCHEMA_SQL, open_private, upgrade
-from edgemed.dashboard.settlement import settle, settle_lost
+from edgemed.dashboard.bulk import Conflict, Refused, file_set, touch_devices
+from edgemed.dashboard.db import Database, describe_error, open_database
+from edgemed.dashboard.queries import StoreQueries
+from edgemed.dashboard.rows import dumps, published_at, result_row, row_key, study_row
+from edgemed.dashboard.schema import migrate, open_private
+from edgemed.dashboard.settlement import dialect_insert, greatest, settle, settle_lost
+from edgemed.dashboard.tables import acks, dead_letter_counts, dead_letters, devices, results, stream_seen, studies
 from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
@@ -60,18 +73,12 @@ DEAD_LETTERS_KEPT = 10_000
 #: Bytes of one dead letter's payload kept (the whole payload up to the ingest's size limit).
 DEAD_LETTER_BYTES_KEPT = 256 * 1024
 # Errors a write raises because of one message's content (the database itself works): that message becomes a
-# dead letter. Anything else (disk full, locked, I/O error) is the database's fault: the batch is retried.
-_MESSAGE_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, ValueError, TypeError, OverflowError)
-
-
-# STUB (processes helper, issue 12): the ingest workers' reports, until the engine helper's store (SQLAlchemy,
-# migrations) lands with its own ``ingest_workers`` table; the lead merges that version over this one.
-_WORKERS_SQL = """
-CREATE TABLE IF NOT EXISTS ingest_workers (
-    worker_id TEXT PRIMARY KEY, consumer_id TEXT NOT NULL, group_name TEXT, started_at REAL NOT NULL,
-    last_at REAL NOT NULL, stats TEXT NOT NULL
-);
-"""
+# dead letter. Anything else (disk full, locked, I/O error, a lost server) is the database's fault: the batch is
+# retried.
+_MESSAGE_ERRORS = (IntegrityError, DataError, ValueError, TypeError, OverflowError)
+#: PostgreSQL's SQLSTATEs for a transaction it rolled back to break a deadlock or a serialization conflict.
+_ROLLED_BACK = ("40P01", "40001")
+_DEADLOCK_ATTEMPTS = 3
 
 
 class IdConflict(ValueError):
@@ -90,293 +97,265 @@ class AckOutcome(Enum):
     NOT_FOUND = "not found"
 
 
-def _dumps(value: Any) -> str:
-    # allow_nan=False: NaN and Infinity are not JSON; the ingest refuses them, so this raising is a bug caught
-    # there (the message becomes a dead letter), never invalid JSON in the database.
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def _published_at(body: dict[str, Any] | None, key: str, now: float) -> float | None:
-    """The time a device stamped on a message (``at``, ``created_at``), never later than ``now``; None if unreadable."""
-    text = body.get(key) if body is not None else None
-    if not isinstance(text, str):
-        return None
-    try:
-        stamp = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except (ValueError, OverflowError, OSError):
-        return None
-    return min(stamp, now) if math.isfinite(stamp) else None
-
-
-def _kept_text(payload: dict[str, Any], raw: bytes | None) -> str:
-    """The envelope as the store keeps it: the JSON text the device sent, or re-encoded when that was not given.
-
-    A device profile may opt in to publishing local file names (privacy.publish_source_names); the central
-    dashboard never keeps or shows them, whatever a device sends: such an envelope is kept re-encoded compactly
-    without ``source.name`` (the only case where the stored text differs from what the device sent).
-    """
-    source = payload.get("source")
-    if isinstance(source, dict) and "name" in source:
-        return _dumps({**payload, "source": {k: v for k, v in source.items() if k != "name"}})
-    return raw.decode("utf-8") if raw is not None else _dumps(payload)
-
-
-def _stream_of(body: dict[str, Any]) -> str:
-    stream = body.get("stream")
-    return stream if isinstance(stream, str) else ""  # the ingest checked it: 16 hex digits when present
-
-
 class DashboardStore(StoreQueries):
-    """SQLite store of everything the fleet publishes, shared by the ingest thread and the web server."""
+    """The store of everything the fleet publishes (SQLite or PostgreSQL), shared by the ingest and the web server."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
-        """Open (and create if needed) the database.
+    def __init__(
+        self,
+        db: str | Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        health_retention_days: float = history.DEFAULT_RETENTION_DAYS,
+    ) -> None:
+        """Open the database (an SQLite file is created if needed) and upgrade it to the newest schema.
 
         Args:
-            path: the SQLite file; its folder is created if missing.
-            busy_timeout_s: how long a write waits for another process's lock (a backup, ``sqlite3``) before it
-                fails; the ingest then retries it (see ``writer.py``).
+            db: an SQLite file path, ``sqlite:///path`` or ``postgresql://user@host:port/dbname`` (``--db``).
+            busy_timeout_s: SQLite: how long a write waits for another process's lock (a backup, ``sqlite3``)
+                before it fails; the ingest then retries it (see ``writer.py``).
+            health_retention_days: raw heartbeats older than this are deleted (hourly rows stay a year).
 
         Raises:
-            ConfigError: the file cannot be created or is not a database.
+            ConfigError: the file cannot be created or is not a database; the server cannot be reached, refuses
+                the login, or has no such database (one line naming the fix, the password masked).
         """
-        self.path = Path(path)
+        self.database: Database = open_database(db, busy_timeout_s=busy_timeout_s)
+        #: The SQLite file; on PostgreSQL the ``Database`` itself (what ``ReceiptSender`` takes either way).
+        self.path: Path | Database = self.database.path or self.database
+        self.health_retention_s = health_retention_days * 86400.0
         self._lock = threading.Lock()
         self._dead_since_prune = 0
+        self._next_maintenance = 0.0
+        self._started: dict[str, float] = {}
+        self._conn: Connection | None = None
+        self._db: sqlite3.Connection | None = None
         try:
-            open_private(self.path)
-            # Default isolation: sqlite3 opens a transaction before each write and ``with self._db`` commits it, so
-            # a result and its device's last_seen change together.
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: the write-ahead log is fsynced at every commit. The ingest acknowledges a message to the
-            # broker only after the commit that holds it, and the broker then forgets it: with NORMAL a power cut
-            # could lose what was already acknowledged. The ingest commits in batches, so the cost is one fsync
-            # per batch, not per message.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            self._db.executescript(SCHEMA_SQL)
-            upgrade(self._db)
-            self._db.executescript(_WORKERS_SQL)
-        except (OSError, sqlite3.Error) as exc:
+            if self.database.path is not None:
+                open_private(self.database.path)
+            conn = self.database.connect()
+            try:
+                migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except OSError as exc:
+            self.database.dispose()
+            where = self.database.display
             raise ConfigError(
-                f"cannot open the dashboard database {self.path}: {exc}; pass --db with a writable file path"
+                f"cannot open the dashboard database {where}: {exc}; pass --db with a writable file path"
             ) from exc
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            self.database.dispose()
+            raise ConfigError(describe_error(self.database.display, exc)) from exc
+        except ConfigError:
+            self.database.dispose()
+            raise
+        if self.database.dialect == "sqlite":
+            self._conn = conn  # the store's one connection (see the module docstring)
+            self._db = conn.connection.driver_connection
+        else:
+            conn.close()
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connections."""
         with self._lock:
-            self._db.close()
+            if self._conn is not None:
+                self._conn.close()
+            self.database.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """One write transaction, behind the lock; the driver's own error when it fails (nothing is kept)."""
+        with self._lock:
+            try:
+                if self._conn is not None:
+                    with self._conn.begin():
+                        yield self._conn
+                else:
+                    with self.database.engine.begin() as conn:
+                        yield conn
+            except DBAPIError as exc:
+                raise (exc.orig or exc) from None  # the driver's message, without the statement's text
 
     # -- writes (ingest) ---------------------------------------------------------------------------------------
 
-    def _touch(self, site: str, device_id: str, seen_at: float, *, retained: bool = False) -> None:
+    def _touch(self, conn: Connection, site: str, device_id: str, seen_at: float, *, retained: bool = False) -> None:
         if retained:
             # Old news (see the module docstring): a device never heard of is added, dated ``seen_at``; a known
             # one keeps its last_seen.
-            self._db.execute(
-                "INSERT INTO devices(site, device_id, last_seen) VALUES (?, ?, ?) "
-                "ON CONFLICT(site, device_id) DO NOTHING",
-                (site, device_id, seen_at),
+            conn.execute(
+                dialect_insert(conn, devices).on_conflict_do_nothing(),
+                {"site": site, "device_id": device_id, "last_seen": seen_at},
             )
             return
-        self._db.execute(
-            "INSERT INTO devices(site, device_id, last_seen) VALUES (?, ?, ?) "
-            "ON CONFLICT(site, device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
-            (site, device_id, seen_at),
-        )
+        touch_devices(conn, {(site, device_id): seen_at})
 
-    def _touch_for(self, body: dict[str, Any], now: float, retained: bool) -> None:
-        seen = _published_at(body, "created_at", now) if retained else None
-        self._touch(body["site"], body["device_id"], now if seen is None else seen, retained=retained)
+    def _touch_for(self, conn: Connection, body: dict[str, Any], now: float, retained: bool) -> None:
+        seen = published_at(body, "created_at", now) if retained else None
+        self._touch(conn, body["site"], body["device_id"], now if seen is None else seen, retained=retained)
 
-    def _insert_result(
-        self, result: dict[str, Any], now: float, retained: bool = False, raw: bytes | None = None
+    def _insert_kind(
+        self, conn: Connection, kind: str, body: dict[str, Any], now: float, retained: bool, raw: bytes | None
     ) -> bool:
-        runtime = as_obj(result.get("runtime"))
-        prediction = as_obj(result.get("prediction"))
-        triage = result["triage"]
-        row = (
-            result["result_id"],
-            result["site"],
-            result["device_id"],
-            result["seq"],
-            result["created_at"],
-            as_flag(result.get("clock_synced")),
-            now,
-            triage["level"],
-            triage["reason"],
-            as_text(prediction.get("label")),
-            as_text(runtime.get("delegate")),
-            as_flag(runtime.get("degraded")),
-            as_text(result.get("session_id")),
-            _kept_text(result, raw),
-            as_text(triage.get("label")),
+        table, row = (
+            (results, result_row(body, now, raw)) if kind == "results" else (studies, study_row(body, now, raw))
         )
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO results(result_id, site, device_id, seq, created_at, clock_synced, received_at, "
-            "level, reason, label, delegate, degraded, session_id, payload, triage_label) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            row,
-        )
-        self._settle_stored("results", result, inserted=cur.rowcount == 1)
-        self._touch_for(result, now, retained)
-        return cur.rowcount == 1
-
-    def _insert_study(
-        self, study: dict[str, Any], now: float, retained: bool = False, raw: bytes | None = None
-    ) -> bool:
-        triage = study["triage"]
-        row = (
-            study["result_id"],
-            study["site"],
-            study["device_id"],
-            study["seq"],
-            study["created_at"],
-            now,
-            triage["level"],
-            triage["reason"],
-            as_int(triage.get("frames")),
-            as_int(study.get("first_seq")),
-            as_int(study.get("last_seq")),
-            as_text(study.get("session_id")),
-            _kept_text(study, raw),
-            as_text(triage.get("label")),
-        )
-        cur = self._db.execute(
-            "INSERT OR IGNORE INTO studies(result_id, site, device_id, seq, created_at, received_at, level, reason, "
-            "frames, first_seq, last_seq, session_id, payload, triage_label) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            row,
-        )
-        self._settle_stored("studies", study, inserted=cur.rowcount == 1)
-        self._touch_for(study, now, retained)
-        return cur.rowcount == 1
-
-    def _settle_stored(self, table: str, body: dict[str, Any], *, inserted: bool) -> None:
-        key = (body["site"], body["device_id"], _stream_of(body))
+        # RETURNING says whether the row went in (psycopg reports no rowcount for it through SQLAlchemy).
+        stmt = dialect_insert(conn, table).on_conflict_do_nothing(index_elements=[table.c.result_id])
+        inserted = conn.execute(stmt.returning(table.c.result_id), row).first() is not None
         if not inserted:
             # Dropped as a duplicate of the row already kept under this result_id: that row's seq is what is
             # stored. A copy naming another device, stream or seq (a device bug, or a forged id) stores nothing,
             # so its seq must not be receipted as stored: it is refused (a dead letter with its seq) instead.
-            kept = self._db.execute(
-                f"SELECT site, device_id, coalesce(json_extract(payload, '$.stream'), ''), seq FROM {table} "
-                "WHERE result_id = ?",
-                (body["result_id"],),
-            ).fetchone()
-            if kept is None or tuple(kept) != (*key, body["seq"]):
-                raise IdConflict("result_id is already stored for another result (another device, stream or seq)")
-        settle(self._db, key, body["seq"], "stored")
+            cols = (table.c.site, table.c.device_id, table.c.stream, table.c.seq)
+            kept = conn.execute(sa.select(*cols).where(table.c.result_id == row["result_id"])).first()
+            if kept is None or tuple(kept) != row_key(row):
+                raise IdConflict(Conflict().reason)
+        key = row_key(row)
+        settle(conn, key[:3], key[3], "stored")
+        self._touch_for(conn, body, now, retained)
+        return inserted
 
     def _replace_device_state(
-        self, column: str, site: str, device_id: str, body: dict[str, Any], now: float, retained: bool = False
+        self,
+        conn: Connection,
+        column: str,
+        site: str,
+        device_id: str,
+        body: dict[str, Any],
+        now: float,
+        retained: bool = False,
     ) -> str:
-        text = _dumps(body)
+        text = dumps(body)
+        mine = (devices.c.site == site) & (devices.c.device_id == device_id)
         if not retained:
-            self._touch(site, device_id, now)
-            self._db.execute(
-                f"UPDATE devices SET {column} = ?, {column}_at = ? WHERE site = ? AND device_id = ?",
-                (text, now, site, device_id),
-            )
+            self._touch(conn, site, device_id, now)
+            conn.execute(sa.update(devices).where(mine).values({column: text, f"{column}_at": now}))
+            if column == "health":
+                history.add_heartbeat(conn, site, device_id, body, now)
             return "updated"
-        stored = self._db.execute(
-            f"SELECT {column} FROM devices WHERE site = ? AND device_id = ?", (site, device_id)
-        ).fetchone()
+        stored = conn.execute(sa.select(devices.c[column]).where(mine)).first()
         if stored is not None and stored[0] == text:
             return "unchanged"  # the broker's copy of what we hold: nothing new, nothing moves
-        stamped = _published_at(body, "at", now)
-        self._touch(site, device_id, now if stamped is None else stamped, retained=True)
+        stamped = published_at(body, "at", now)
+        self._touch(conn, site, device_id, now if stamped is None else stamped, retained=True)
         # Without a stamp, the time it replaces keeps its place (or, first heard of, when the device was).
-        self._db.execute(
-            f"UPDATE devices SET {column} = ?, {column}_at = coalesce(?, {column}_at, last_seen) "
-            "WHERE site = ? AND device_id = ?",
-            (text, stamped, site, device_id),
-        )
+        at = devices.c[f"{column}_at"]
+        when = sa.func.coalesce(sa.literal(stamped, sa.Float), at, devices.c.last_seen)
+        conn.execute(sa.update(devices).where(mine).values({column: text, f"{column}_at": when}))
         return "updated"
 
-    def _insert_dead_letter(self, filing: Filing, now: float) -> bool:
+    def _insert_dead_letter(self, conn: Connection, filing: Filing, now: float) -> bool:
         reason = filing.reason or "unusable payload"
         digest = hashlib.sha256(filing.payload).hexdigest()
         key = filing.stream_key
         if key is not None and filing.seq is not None:
-            settle(self._db, key, filing.seq, "rejected")  # sending it again would not help: receipted
+            settle(conn, key, filing.seq, "rejected")  # sending it again would not help: receipted
         if filing.retained:
-            known = self._db.execute(
-                "SELECT 1 FROM dead_letters WHERE payload_sha256 = ? AND topic = ? LIMIT 1", (digest, filing.topic)
-            ).fetchone()
+            known = conn.execute(
+                sa.select(1)
+                .where(dead_letters.c.payload_sha256 == digest, dead_letters.c.topic == filing.topic)
+                .limit(1)
+            ).first()
             if known is not None:
                 return False  # the broker sends a retained message again at each new subscription: kept once
-        self._db.execute(
-            "INSERT INTO dead_letters(received_at, topic, reason, payload, payload_bytes, site, device_id, seq, "
-            "result_id, payload_sha256, stream) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                now,
-                filing.topic,
-                reason,
-                filing.payload[:DEAD_LETTER_BYTES_KEPT],
-                len(filing.payload),
-                filing.site,
-                filing.device_id,
-                filing.seq,
-                filing.result_id,
-                digest,
-                filing.stream if filing.seq is not None else None,
-            ),
+        conn.execute(
+            sa.insert(dead_letters),
+            {
+                "received_at": now,
+                "topic": filing.topic,
+                "reason": reason,
+                "payload": filing.payload[:DEAD_LETTER_BYTES_KEPT],
+                "payload_bytes": len(filing.payload),
+                "site": filing.site,
+                "device_id": filing.device_id,
+                "seq": filing.seq,
+                "result_id": filing.result_id,
+                "payload_sha256": digest,
+                "stream": filing.stream if filing.seq is not None else None,
+            },
         )
-        self._db.execute(
-            "INSERT INTO dead_letter_counts VALUES (?, 1, ?) "
-            "ON CONFLICT(reason) DO UPDATE SET n = n + 1, last_at = excluded.last_at",
-            (reason, now),
+        stmt = dialect_insert(conn, dead_letter_counts)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[dead_letter_counts.c.reason],
+                set_={"n": dead_letter_counts.c.n + 1, "last_at": stmt.excluded.last_at},
+            ),
+            {"reason": reason, "n": 1, "last_at": now},
         )
         self._dead_since_prune += 1
         if self._dead_since_prune >= 100:  # a flood of junk must not fill the disk: keep the newest only
             self._dead_since_prune = 0
-            self._db.execute(
-                "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?", (DEAD_LETTERS_KEPT,)
-            )
+            newest = sa.select(sa.func.max(dead_letters.c.id)).scalar_subquery()
+            conn.execute(sa.delete(dead_letters).where(dead_letters.c.id <= newest - DEAD_LETTERS_KEPT))
         return True
 
-    def _file_one(self, filing: Filing, now: float) -> str:
+    def _file_one(self, conn: Connection, filing: Filing, now: float) -> str:
         body, retained, raw = filing.body, filing.retained, filing.payload
-        if filing.kind == "results" and body is not None:
-            return "stored" if self._insert_result(body, now, retained, raw) else "duplicate"
-        if filing.kind == "studies" and body is not None:
-            return "stored" if self._insert_study(body, now, retained, raw) else "duplicate"
+        if filing.kind in ("results", "studies") and body is not None:
+            return "stored" if self._insert_kind(conn, filing.kind, body, now, retained, raw) else "duplicate"
         if filing.kind == "batch":
-            return summarize_batch([self._file_isolated(element, now) for element in filing.elements])
+            return summarize_batch([self._file_isolated(conn, element, now) for element in filing.elements])
         if filing.kind == "lost" and filing.lost is not None:
-            settle_lost(self._db, filing.lost, now)
+            settle_lost(conn, filing.lost, now)
             return "recorded"
         if filing.kind in ("status", "health") and body is not None and filing.site and filing.device_id:
-            return self._replace_device_state(filing.kind, filing.site, filing.device_id, body, now, retained)
+            return self._replace_device_state(conn, filing.kind, filing.site, filing.device_id, body, now, retained)
         if filing.kind == "ignored":
             return "ignored"
-        if not self._insert_dead_letter(filing, now):
+        if not self._insert_dead_letter(conn, filing, now):
             return "unchanged"
         return f"rejected: {filing.reason}"
 
-    def _file_isolated(self, filing: Filing, now: float) -> str:
+    def _file_isolated(self, conn: Connection, filing: Filing, now: float) -> str:
         # A savepoint per message: one the database refuses is undone alone and filed as a dead letter, in the same
         # transaction as the rest of its batch. Filing it in a commit of its own would leave it behind when a later
-        # message of the batch then hits a database error, and the retried batch would keep it a second time.
-        self._db.execute("SAVEPOINT filing")
+        # message of the batch then hits a database error, and the retried batch would keep it a second time. On
+        # PostgreSQL the savepoint is also what lets the transaction go on after the error at all.
+        savepoint = conn.begin_nested()
         try:
-            outcome = self._file_one(filing, now)
+            outcome = self._file_one(conn, filing, now)
         except _MESSAGE_ERRORS as exc:
-            self._db.execute("ROLLBACK TO filing")
+            savepoint.rollback()
             if isinstance(exc, IdConflict):
                 reason = exc.reason  # the ingest logs dead letters by reason (and never their payload)
             else:
-                log.exception("could not store a message on %r; keeping it as a dead letter", filing.topic[:200])
+                log.warning("could not store a message on %r (%s); keeping it as a dead letter", filing.topic[:200],
+                            type(exc).__name__)  # fmt: skip
                 reason = f"could not be stored ({type(exc).__name__})"
-            outcome = self._file_one(replace(filing, kind="dead", body=None, reason=reason), now)
-        self._db.execute("RELEASE filing")
+            # Filed outside any savepoint: if the database refuses the dead letter too, the batch fails (retried).
+            return self._file_one(conn, replace(filing, kind="dead", body=None, reason=reason), now)
+        except BaseException:
+            savepoint.rollback()
+            raise
+        savepoint.commit()
         return outcome
+
+    def _file_all(self, conn: Connection, filings: Sequence[Filing], now: float) -> list[str]:
+        # Results and study decisions set-based (the bulk of a batch); when the database refuses anything in that
+        # set, the same messages one by one (each its own savepoint), as everything else.
+        bulk = [(i, f) for i, f in enumerate(filings) if f.kind in ("results", "studies") and f.body is not None]
+        bulk = [(i, f) for i, f in bulk if not f.retained]
+        done: dict[int, str | Conflict] = {}
+        if bulk:
+            try:
+                done = file_set(conn, bulk, now)
+            except Refused:
+                done = {}
+        outcomes = []
+        for i, filing in enumerate(filings):
+            outcome = done.get(i)
+            if isinstance(outcome, Conflict):
+                outcome = self._file_isolated(conn, replace(filing, kind="dead", body=None, reason=outcome.reason), now)
+            outcomes.append(outcome if outcome is not None else self._file_isolated(conn, filing, now))
+        return outcomes
 
     def file(self, filings: Sequence[Filing], received_at: float | None = None) -> list[str]:
         """Store what the ingest classified, all in ONE transaction (one commit, one fsync for the lot).
 
-        A message the database refuses (a constraint, a value SQLite cannot hold) becomes a dead letter in the same
-        transaction; the others go in as they are.
+        A message the database refuses (a constraint, a value it cannot hold) becomes a dead letter in the same
+        transaction; the others go in as they are. Every few minutes the same transaction also downsamples and
+        ages out heartbeats (``history.maintain``: bounded work).
 
         Args:
             filings: from ``validate.classify``; dead letters go to the dead-letter table.
@@ -388,20 +367,39 @@ class DashboardStore(StoreQueries):
             ``"batch: S stored, D duplicates, R rejected"`` or ``"rejected: <reason>"``.
 
         Raises:
-            sqlite3.Error, OSError: the write failed and nothing of the batch was stored.
+            sqlite3.Error, psycopg.Error, OSError: the write failed and nothing of the batch was stored.
         """
         now = time.time() if received_at is None else received_at
+        attempt = 1
+        while True:
+            try:
+                return self._file_once(filings, now)
+            except Exception as exc:
+                # PostgreSQL: two workers' transactions waited for each other (their batches touched the same
+                # devices in another order) and one was rolled back: nothing of it is kept, so file it again now.
+                if attempt >= _DEADLOCK_ATTEMPTS or getattr(exc, "sqlstate", None) not in _ROLLED_BACK:
+                    raise
+                attempt += 1
+                log.info("the dashboard database rolled a batch back (%s); filing it again", type(exc).__name__)
+
+    def _file_once(self, filings: Sequence[Filing], now: float) -> list[str]:
         touched = {key for key in (f.stream_key for f in filings) if key is not None}
-        with self._lock, self._db:
-            self._db.execute("BEGIN")  # explicit: releasing the first savepoint must not commit on its own
-            outcomes = [self._file_isolated(f, now) for f in filings]
-            # One row per touched stream and commit (not per message): which receipts to send again after a
-            # reconnection (see receipt_sender.py).
-            self._db.executemany(
-                "INSERT INTO stream_seen(site, device_id, stream, seen_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(site, device_id, stream) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)",
-                [(*key, now) for key in touched],
-            )
+        with self._transaction() as conn:
+            outcomes = self._file_all(conn, filings, now)
+            if touched:
+                # One row per touched stream and commit (not per message): which receipts to send again after a
+                # reconnection (see receipt_sender.py).
+                stmt = dialect_insert(conn, stream_seen)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[stream_seen.c.site, stream_seen.c.device_id, stream_seen.c.stream],
+                        set_={"seen_at": greatest(stream_seen.c.seen_at, stmt.excluded.seen_at)},
+                    ),
+                    [{"site": s, "device_id": d, "stream": st, "seen_at": now} for s, d, st in sorted(touched)],
+                )
+            if time.monotonic() >= self._next_maintenance:
+                self._next_maintenance = time.monotonic() + history.MAINTENANCE_INTERVAL_S
+                history.maintain(conn, now, self.health_retention_s)
             return outcomes
 
     def add_result(self, result: dict[str, Any], received_at: float | None = None) -> bool:
@@ -416,10 +414,11 @@ class DashboardStore(StoreQueries):
 
         Raises:
             IdConflict: the ``result_id`` is stored for another device, stream or seq.
+            sqlite3.Error, psycopg.Error: the database failed.
         """
         now = time.time() if received_at is None else received_at
-        with self._lock, self._db:
-            return self._insert_result(result, now)
+        with self._transaction() as conn:
+            return self._insert_kind(conn, "results", result, now, False, None)
 
     def add_study(self, study: dict[str, Any], received_at: float | None = None) -> bool:
         """Store one validated ``edgemed.study/1`` decision.
@@ -433,10 +432,11 @@ class DashboardStore(StoreQueries):
 
         Raises:
             IdConflict: the ``result_id`` is stored for another device, stream or seq.
+            sqlite3.Error, psycopg.Error: the database failed.
         """
         now = time.time() if received_at is None else received_at
-        with self._lock, self._db:
-            return self._insert_study(study, now)
+        with self._transaction() as conn:
+            return self._insert_kind(conn, "studies", study, now, False, None)
 
     def set_status(self, site: str, device_id: str, status: dict[str, Any], received_at: float | None = None) -> None:
         """Replace the device's latest status (``online``/``offline``, retained on the broker).
@@ -448,11 +448,11 @@ class DashboardStore(StoreQueries):
             received_at: dashboard clock; now when None.
         """
         now = time.time() if received_at is None else received_at
-        with self._lock, self._db:
-            self._replace_device_state("status", site, device_id, status, now)
+        with self._transaction() as conn:
+            self._replace_device_state(conn, "status", site, device_id, status, now)
 
     def set_health(self, site: str, device_id: str, health: dict[str, Any], received_at: float | None = None) -> None:
-        """Replace the device's latest heartbeat.
+        """Replace the device's latest heartbeat (and keep its figures in the heartbeat history).
 
         Args:
             site: from the topic.
@@ -461,8 +461,8 @@ class DashboardStore(StoreQueries):
             received_at: dashboard clock; now when None.
         """
         now = time.time() if received_at is None else received_at
-        with self._lock, self._db:
-            self._replace_device_state("health", site, device_id, health, now)
+        with self._transaction() as conn:
+            self._replace_device_state(conn, "health", site, device_id, health, now)
 
     def acknowledge(self, result_id: str, by: str = "", at: float | None = None) -> AckOutcome:
         """Record that a person has seen an (urgent) result or study decision.
@@ -476,53 +476,109 @@ class DashboardStore(StoreQueries):
             Whether it was acknowledged now, had been before, or no such result exists.
         """
         now = time.time() if at is None else at
-        with self._lock, self._db:
-            known = self._db.execute(
-                "SELECT 1 FROM results WHERE result_id = ? UNION ALL SELECT 1 FROM studies WHERE result_id = ?",
-                (result_id, result_id),
-            ).fetchone()
+        with self._transaction() as conn:
+            known = conn.execute(
+                sa.union_all(
+                    sa.select(sa.literal(1)).where(results.c.result_id == result_id),
+                    sa.select(sa.literal(1)).where(studies.c.result_id == result_id),
+                )
+            ).first()
             if known is None:
                 return AckOutcome.NOT_FOUND
-            cur = self._db.execute("INSERT OR IGNORE INTO acks VALUES (?, ?, ?)", (result_id, now, by.strip()[:64]))
-            return AckOutcome.ACKNOWLEDGED if cur.rowcount == 1 else AckOutcome.ALREADY
+            row = {"result_id": result_id, "acked_at": now, "acked_by": by.strip()[:64]}
+            stmt = dialect_insert(conn, acks).on_conflict_do_nothing().returning(acks.c.result_id)
+            inserted = conn.execute(stmt, row).first() is not None
+            return AckOutcome.ACKNOWLEDGED if inserted else AckOutcome.ALREADY
 
-    # -- ingest workers (STUB until the engine helper's store lands) -------------------------------------------
+    # -- ingest workers and heartbeat history ---------------------------------------------------------------------
 
     def report_worker(
         self, worker_id: str, *, consumer_id: str, group: str | None, stats: dict[str, float | int]
     ) -> None:
-        """Record an ingest worker's latest counters (its first report sets ``started_at``).
+        """Record an ingest worker's latest counters (its row in ``ingest_workers``, replaced at each report).
+
+        ``started_at`` is the time of this store's first report for the worker: a worker restarted under the same
+        id starts again.
 
         Args:
-            worker_id: the worker's MQTT client id.
+            worker_id: the worker (its MQTT client id).
             consumer_id: the consumer of record it belongs to.
-            group: its shared-subscription group, None without one.
-            stats: its counters (numbers only).
+            group: its ``--group`` (None without one).
+            stats: its counters (finite numbers), e.g. ``{"received": 10, "stored": 9}``.
+
+        Raises:
+            ValueError: a figure in ``stats`` is not a finite number.
+            sqlite3.Error, psycopg.Error: the database failed.
         """
         now = time.time()
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT INTO ingest_workers VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(worker_id) DO UPDATE SET "
-                "consumer_id = excluded.consumer_id, group_name = excluded.group_name, last_at = excluded.last_at, "
-                "stats = excluded.stats",
-                (worker_id, consumer_id, group, now, now, _dumps(stats)),
+        started = self._started.setdefault(worker_id, now)
+        with self._transaction() as conn:
+            history.report_worker(
+                conn, worker_id, consumer_id=consumer_id, group=group, started_at=started, stats=stats, now=now
             )
 
+    def _read(self) -> Any:
+        # The history reads use SQLAlchemy constructs: on SQLite the store's connection (behind the lock, its
+        # read transaction ended at once), on PostgreSQL a pooled one.
+        return _Reading(self)
+
     def workers(self) -> list[dict[str, Any]]:
-        """Every ingest worker that reported, with its last report, by worker id.
+        """Every ingest worker's last report: ``worker_id, consumer_id, group, started_at, last_at, stats``."""
+        with self._read() as conn:
+            return history.workers(conn)
+
+    def health_history(self, site: str, device_id: str, since: float) -> list[dict[str, Any]]:
+        """A device's raw heartbeats (kept ``health_retention_days``) received at or after ``since``, oldest first.
+
+        Args:
+            site: the device's site.
+            device_id: the device.
+            since: dashboard clock, seconds since the epoch.
 
         Returns:
-            Dicts with ``worker_id, consumer_id, group, started_at, last_at, stats``.
+            Dicts with ``at`` and each of ``tables.HEALTH_FIELDS`` (None where the heartbeat had no number).
         """
-        rows = self._query("SELECT * FROM ingest_workers ORDER BY worker_id")
-        return [
-            {
-                "worker_id": r["worker_id"],
-                "consumer_id": r["consumer_id"],
-                "group": r["group_name"],
-                "started_at": r["started_at"],
-                "last_at": r["last_at"],
-                "stats": json.loads(r["stats"]),
-            }
-            for r in rows
-        ]
+        with self._read() as conn:
+            return history.raw_history(conn, site, device_id, since)
+
+    def health_hourly(self, site: str, device_id: str, since: float) -> list[dict[str, Any]]:
+        """A device's heartbeats per hour (kept a year) from the hour holding ``since``, oldest first.
+
+        Args:
+            site: the device's site.
+            device_id: the device.
+            since: dashboard clock, seconds since the epoch.
+
+        Returns:
+            Dicts with ``site, device_id, hour`` (its start), ``n`` and ``<field>_min``, ``_max``, ``_last`` for
+            each of ``tables.HEALTH_FIELDS``; the current hour is aggregated from the raw rows.
+        """
+        with self._read() as conn:
+            return history.hourly_history(conn, site, device_id, since)
+
+
+class _Reading:
+    """A read with SQLAlchemy constructs: the store's connection on SQLite (lock held), a pooled one otherwise."""
+
+    def __init__(self, store: DashboardStore) -> None:
+        self._store = store
+        self._pooled: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        store = self._store
+        if store._conn is None:
+            self._pooled = store.database.engine.connect()
+            return self._pooled
+        store._lock.acquire()
+        return store._conn
+
+    def __exit__(self, *exc: object) -> None:
+        store = self._store
+        if self._pooled is not None:
+            self._pooled.close()
+            return
+        try:
+            if store._conn is not None and store._conn.in_transaction():
+                store._conn.rollback()
+        finally:
+            store._lock.release()
