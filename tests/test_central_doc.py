@@ -67,6 +67,7 @@ def test_the_units_command_lines_are_what_edgemed_accepts() -> None:
     web = _exec_argv("edgemed-web.service")
     args = make_parser(web[1:]).parse_args(web[1:])
     assert (args.dashboard_action, args.host, args.port) == ("serve", "127.0.0.1", 8080)
+    assert args.metrics_allow == ["127.0.0.0/8", "10.20.0.0/16"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
