@@ -17,10 +17,11 @@ that same stream, the same broker and a fresh database:
 A throughput run starts the workers, waits until each says ``online`` (its subscriptions granted), publishes the
 whole stream at QoS 1 as fast as the broker takes it (the publisher finishes long before the store: its time is
 reported) and counts the stored results (every 0.25 s, every 20 ms for the last 5%) until every one is there.
-Results/s = results / (last stored - first publish). Runs alternate between configurations, ``--runs`` times; the medians are reported, with each process's
-CPU per result. Then, for every store configuration, a latency run publishes the stream paced at half that
-configuration's median rate for ``--latency-s`` seconds and measures, per message, publish -> its last result
-stored (polled every 20 ms: up to 20 ms of the figure is the poll), p50 and p95.
+Results/s = results / (last stored - first publish). Runs alternate between configurations, ``--runs`` times; the
+medians are reported, with each process's CPU per result. Then, for every store configuration, a latency run
+publishes the stream paced at half that configuration's median rate for ``--latency-s`` seconds and measures, per
+message, publish -> its last result stored (polled every 20 ms: up to 20 ms of the figure is the poll), p50 and
+p95.
 
 Workers run with the consumer's defaults (receipts published after every commit, at most four a second per
 device). Between configurations every worker's session is removed from the broker, so a stopped worker never
