@@ -26,7 +26,9 @@ p95.
 Workers run with the consumer's defaults (receipts published after every commit, at most four a second per
 device). Between configurations every worker's session is removed from the broker, so a stopped worker never
 takes a share of the next stream. ``--profile CONFIG`` adds one run of CONFIG with every worker under a per-thread
-CPU profiler (benchmarks/_profiled.py) and prints where their CPU goes.
+CPU profiler (benchmarks/_profiled.py) and prints where their CPU goes. A profiler charges every call, so it
+inflates functions made of many small calls (strict_json.check_strings looks three times dearer under it than it
+is): time a suspect stage alone before acting on the ranking.
 
 Writes benchmarks/results/ingest.json (every run, the medians, the settings and the command) and ingest.md (the
 table), and prints the table. Bounded: every wait has a deadline, and every process and the database are removed
