@@ -72,3 +72,33 @@ def test_a_failed_commit_leaves_nothing_behind_and_the_retried_batch_is_stored_o
         assert sum(store.dead_letter_counts().values()) == 1
     finally:
         store.close()
+
+
+def test_an_acknowledgement_beside_another_process_committing_is_not_refused_as_locked(tmp_path: Path) -> None:
+    # serve (acknowledge: a read, then a write) and ingest (commits all the time) on one SQLite file. A transaction
+    # begun with a plain BEGIN reads a snapshot first; when the other process commits before its first write,
+    # SQLite refuses that write at once ("database is locked", without waiting for the busy timeout): the
+    # clinician's acknowledgement fails. A write transaction must take the write lock at BEGIN (IMMEDIATE).
+    import threading
+
+    import sqlalchemy as sa
+
+    db = tmp_path / "fleet.sqlite3"
+    serve, ingest = DashboardStore(db), DashboardStore(db)
+    try:
+        urgent = result(0, level="urgent", reason="malignant 0.91")
+        assert ingest.file([filing("results", urgent)], 1.0) == ["stored"]
+        other = threading.Thread(target=ingest.file, args=([filing("results", result(1))], 2.0))
+
+        def commit_meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if statement.startswith("INSERT INTO acks") and not other.is_alive() and other.ident is None:
+                other.start()
+                other.join(1.0)  # it commits now (plain BEGIN), or waits for our write lock (IMMEDIATE)
+
+        sa.event.listen(serve.database.engine, "before_cursor_execute", commit_meanwhile)
+        assert serve.acknowledge(urgent["result_id"], "AB", 3.0).value == "acknowledged"
+        other.join(10.0)
+        assert not other.is_alive() and serve.result_count() == 2
+    finally:
+        serve.close()
+        ingest.close()

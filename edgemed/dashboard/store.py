@@ -169,10 +169,15 @@ class DashboardStore(StoreQueries):
         with self._lock:
             try:
                 if self._conn is not None:
+                    # IMMEDIATE: the write lock from the start (waiting up to the busy timeout for it). A plain
+                    # BEGIN reads a snapshot first, and when another process (ingest, serve, the receipt thread)
+                    # commits before this transaction's first write, SQLite refuses that write at once.
+                    self._conn.execution_options(edgemed_begin="BEGIN IMMEDIATE")
                     try:
                         with self._conn.begin():
                             yield self._conn
                     finally:
+                        self._conn.execution_options(edgemed_begin="BEGIN")  # the reads (see _Reading)
                         self._end_failed_commit()
                 else:
                     with self.database.engine.begin() as conn:
