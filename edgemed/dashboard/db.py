@@ -8,7 +8,8 @@ SQLite. Every connection runs in WAL mode with ``synchronous=FULL`` (the ingest 
 the commit that holds it, so that commit must survive a power cut) and a busy timeout. Python's ``sqlite3``
 module opens transactions on its own, which breaks savepoints, so the driver is put in autocommit mode and the
 engine says ``BEGIN`` itself at the start of each transaction (``BEGIN IMMEDIATE`` when a connection asks for it
-with the ``edgemed_begin`` execution option: the schema upgrade, which must hold the write lock from the start).
+with the ``edgemed_begin`` execution option: the schema upgrade and the store's write transactions, which must
+hold the write lock from the start).
 
 PostgreSQL. Server defaults (``synchronous_commit`` on: a commit is durable when it returns). A pool sized for the
 writer thread, the receipt thread and the web threads; connections are checked before use, so a restarted server
