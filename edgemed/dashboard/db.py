@@ -44,8 +44,18 @@ Dialect = Literal["sqlite", "postgresql"]
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``: for messages and logs."""
-    return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """``url`` with its password (if any) replaced by ``***``: for messages and logs.
+
+    Everything before the last ``@`` but the user name is hidden, so a password holding an unencoded ``@``, ``:``
+    or ``/`` does not leak its tail.
+    """
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return url
+    userinfo = rest[:at]
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{rest[at + 1 :]}"
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,7 @@ def _postgresql(url: str) -> Database:
 
     try:
         parsed = make_url(url).set(drivername="postgresql+psycopg")
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         raise ConfigError(
             f"--db {mask_url(url)!r} is not a database URL; write it like postgresql://user@host:5432/dbname"
         ) from exc
