@@ -53,6 +53,8 @@ DEFAULT_CONSUMER_ID = "dashboard"
 #: Most ``missing`` ranges one receipt lists (and ranges one lost announcement carries); beyond them the receipt's
 #: ``max_seq`` stops before the first range left out, so the device learns of the rest from a later receipt.
 MAX_RANGES = 64
+#: Most ``seq`` numbers one lost announcement may name (a consumer refuses more); ``lost_messages`` splits.
+MAX_LOST_SEQS = 50_000
 #: Most results and bytes one batch may hold: what a consumer accepts. A device's ``publish.batch`` stays below.
 BATCH_MAX_RESULTS = 1000
 BATCH_MAX_BYTES = 1024 * 1024
@@ -287,12 +289,27 @@ class Lost:
 
 
 def lost_messages(site: str, device_id: str, stream: str, ranges: Iterable[SeqRange], reason: str) -> list[Lost]:
-    """Announcements for lost ``seq`` ranges (``to_ranges`` turns numbers into ranges), ``MAX_RANGES`` per message."""
-    ranges = merge_ranges(ranges)
-    return [
-        Lost(site, device_id, stream, tuple(ranges[i : i + MAX_RANGES]), reason)
-        for i in range(0, len(ranges), MAX_RANGES)
-    ]
+    """Announcements for lost ``seq`` ranges (``to_ranges`` turns numbers into ranges).
+
+    Each message holds at most ``MAX_RANGES`` ranges and ``MAX_LOST_SEQS`` numbers (a longer range is split): the
+    consumer settles every number of an announcement in the transaction that stores it, so one message must stay
+    a bounded amount of work (a million numbers took 11 s on PostgreSQL, stalling every other message).
+    """
+    out: list[Lost] = []
+    group: list[SeqRange] = []
+    count = 0
+    for first, last in merge_ranges(ranges):
+        while first <= last:
+            if len(group) == MAX_RANGES or count == MAX_LOST_SEQS:
+                out.append(Lost(site, device_id, stream, tuple(group), reason))
+                group, count = [], 0
+            end = min(last, first + (MAX_LOST_SEQS - count) - 1)
+            group.append((first, end))
+            count += end - first + 1
+            first = end + 1
+    if group:
+        out.append(Lost(site, device_id, stream, tuple(group), reason))
+    return out
 
 
 def parse_lost(payload: bytes) -> Lost:

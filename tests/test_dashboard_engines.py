@@ -285,3 +285,25 @@ def test_postgresql_keeps_its_durable_defaults_and_a_sized_pool(pg_url: str) -> 
         assert "edgemed-test-only" not in store.database.display
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u:p@ss/w:rd@h/db", "postgresql://u:***@h/db"),  # unencoded @ / : in the password
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("/var/lib/edgemed/fleet.sqlite3", "/var/lib/edgemed/fleet.sqlite3"),
+    ],
+)
+def test_a_password_never_shows_in_a_database_name(url: str, shown: str) -> None:
+    from edgemed.dashboard.cli_args import shown_db
+    from edgemed.dashboard.db import mask_url
+
+    assert mask_url(url) == shown == shown_db(url)
+
+
+def test_a_port_that_is_not_a_number_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError, match="is not a database URL") as info:
+        DashboardStore("postgresql://u:secret@127.0.0.1:abc/db")
+    assert "secret" not in str(info.value)

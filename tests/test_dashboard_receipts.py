@@ -106,7 +106,10 @@ def test_a_lost_announcement_settles_its_seqs_and_the_page_counts_them(ingest: I
     [
         (b'{"schema": "edgemed.lost/1"}', "not a lost announcement: site must match"),
         (Lost(SITE, "other", STREAM_A, ((0, 1),), "x").encode(), "differ from the topic"),
-        (Lost(SITE, DEVICE, STREAM_A, ((0, settlement.LOST_MAX_SEQS),), "x").encode(), "more than 1000000 seqs"),
+        (
+            Lost(SITE, DEVICE, STREAM_A, ((0, settlement.LOST_MAX_SEQS),), "x").encode(),
+            f"more than {settlement.LOST_MAX_SEQS} seqs",
+        ),
     ],
 )
 def test_an_unusable_lost_announcement_is_a_dead_letter(ingest: Ingest, payload: bytes, reason: str) -> None:

@@ -136,3 +136,13 @@ def test_consumer_topic_is_outside_every_device_topic() -> None:
 def test_stream_id_is_stable_and_hides_the_secret() -> None:
     a = receipts.stream_id(b"s" * 32)
     assert a == receipts.stream_id(b"s" * 32) and len(a) == 16 and a != receipts.stream_id(b"t" * 32)
+
+
+def test_lost_messages_split_long_ranges_so_each_message_stays_bounded() -> None:
+    # A device that evicted 120,000 results: one range, announced in messages of at most MAX_LOST_SEQS numbers.
+    messages = receipts.lost_messages("s", "d", "", [(10, 120_009)], "evicted")
+    counts = [sum(b - a + 1 for a, b in m.ranges) for m in messages]
+    assert counts == [receipts.MAX_LOST_SEQS, receipts.MAX_LOST_SEQS, 120_000 - 2 * receipts.MAX_LOST_SEQS]
+    assert receipts.merge_ranges([r for m in messages for r in m.ranges]) == [(10, 120_009)]
+    for m in messages:
+        assert receipts.parse_lost(m.encode()).ranges == m.ranges

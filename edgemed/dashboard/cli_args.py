@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from edgemed.errors import ConfigError
 
@@ -150,16 +149,10 @@ def check_port(option: str, port: int) -> None:
 
 
 def shown_db(db: str | Path) -> str:
-    """The database as the log shows it: a URL's password masked."""
-    text = str(db)
-    if "://" not in text:
-        return text
-    parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The database as the log shows it: a URL's password masked (``db.mask_url``)."""
+    from edgemed.dashboard.db import mask_url
+
+    return mask_url(str(db))
 
 
 def add_retention_argument(p: argparse.ArgumentParser, *, sub_command: bool = False) -> None:

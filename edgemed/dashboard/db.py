@@ -8,7 +8,8 @@ SQLite. Every connection runs in WAL mode with ``synchronous=FULL`` (the ingest 
 the commit that holds it, so that commit must survive a power cut) and a busy timeout. Python's ``sqlite3``
 module opens transactions on its own, which breaks savepoints, so the driver is put in autocommit mode and the
 engine says ``BEGIN`` itself at the start of each transaction (``BEGIN IMMEDIATE`` when a connection asks for it
-with the ``edgemed_begin`` execution option: the schema upgrade, which must hold the write lock from the start).
+with the ``edgemed_begin`` execution option: the schema upgrade and the store's write transactions, which must
+hold the write lock from the start).
 
 PostgreSQL. Server defaults (``synchronous_commit`` on: a commit is durable when it returns). A pool sized for the
 writer thread, the receipt thread and the web threads; connections are checked before use, so a restarted server
@@ -43,8 +44,18 @@ Dialect = Literal["sqlite", "postgresql"]
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``: for messages and logs."""
-    return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """``url`` with its password (if any) replaced by ``***``: for messages and logs.
+
+    Everything before the last ``@`` but the user name is hidden, so a password holding an unencoded ``@``, ``:``
+    or ``/`` does not leak its tail.
+    """
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return url
+    userinfo = rest[:at]
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{rest[at + 1 :]}"
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ def _postgresql(url: str) -> Database:
 
     try:
         parsed = make_url(url).set(drivername="postgresql+psycopg")
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         raise ConfigError(
             f"--db {mask_url(url)!r} is not a database URL; write it like postgresql://user@host:5432/dbname"
         ) from exc

@@ -24,16 +24,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from edgemed.dashboard.tables import lost_ranges, settled
 from edgemed.dashboard.tables import stream_progress as progress_table
-from edgemed.receipts import MAX_RANGES, Lost, Progress, SeqRange, progress
+from edgemed.receipts import MAX_LOST_SEQS, MAX_RANGES, Lost, Progress, SeqRange, progress
 
 #: Most ``settled`` rows above ``through_seq`` one receipt reads (about 10 ms of SQLite here).
 SCAN_ROWS = 20_000
 #: Chunks of ``SCAN_ROWS`` one receipt may read while each of them only advances ``through_seq`` (the catch-up
 #: after an upgrade or a long hole filled at last).
 ADVANCE_CHUNKS = 50
-#: Most ``seq`` one lost announcement may settle: each becomes a row. A device announces what it evicted or could
-#: not find, a few thousand at most; more is refused (dead letter) rather than filling the disk.
-LOST_MAX_SEQS = 1_000_000
+#: Most ``seq`` one lost announcement may settle: each becomes a row, written inside the ingest's batch transaction
+#: (a million took 11 s on PostgreSQL, stalling every message of the batch). Devices split longer announcements
+#: (``receipts.lost_messages``); more in one message is refused (a dead letter) rather than stalling or filling the
+#: disk.
+LOST_MAX_SEQS = MAX_LOST_SEQS
 
 StreamKey = tuple[str, str, str]
 """``(site, device_id, stream)``: one device's ``seq`` stream (stream ``''`` for a device that names none)."""

@@ -169,13 +169,32 @@ class DashboardStore(StoreQueries):
         with self._lock:
             try:
                 if self._conn is not None:
-                    with self._conn.begin():
-                        yield self._conn
+                    # IMMEDIATE: the write lock from the start (waiting up to the busy timeout for it). A plain
+                    # BEGIN reads a snapshot first, and when another process (ingest, serve, the receipt thread)
+                    # commits before this transaction's first write, SQLite refuses that write at once.
+                    self._conn.execution_options(edgemed_begin="BEGIN IMMEDIATE")
+                    try:
+                        with self._conn.begin():
+                            yield self._conn
+                    finally:
+                        self._conn.execution_options(edgemed_begin="BEGIN")  # the reads (see _Reading)
+                        self._end_failed_commit()
                 else:
                     with self.database.engine.begin() as conn:
                         yield conn
             except DBAPIError as exc:
                 raise (exc.orig or exc) from None  # the driver's message, without the statement's text
+
+    def _end_failed_commit(self) -> None:
+        # A COMMIT that failed (busy, I/O error, disk full) may leave SQLite's transaction open while SQLAlchemy
+        # counts it as ended: the next BEGIN would then fail for good ("cannot start a transaction within a
+        # transaction") and the next commit would carry the failed batch's rows, which the writer files again.
+        # (A pooled PostgreSQL connection is rolled back when it returns to the pool.)
+        if self._db is not None and self._db.in_transaction:
+            try:
+                self._db.rollback()
+            except sqlite3.Error as exc:
+                log.warning("could not roll back a failed commit of the dashboard database (%s)", exc)
 
     # -- writes (ingest) ---------------------------------------------------------------------------------------
 
