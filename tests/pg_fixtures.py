@@ -21,6 +21,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -154,9 +155,11 @@ def _stop(server: PgServer) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def postgres_server() -> Iterator[PgServer]:
     """One PostgreSQL 15 cluster for the whole session (started on first use)."""
-    folder = tmp_path_factory.mktemp("postgres")
+    # A folder of its own, not pytest's basetemp: pytest keeps only its three newest session folders, and another
+    # session on the machine (a second checkout's tests) would delete this one's data directory under the server.
+    folder = Path(tempfile.mkdtemp(prefix="edgemed-test-pg-"))
     server = _start(folder / "cluster")
     try:
         yield server

@@ -20,6 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from edgemed.dashboard.rows import result_row, row_key, study_row
 from edgemed.dashboard.tables import devices, results, settled, studies
@@ -114,8 +115,7 @@ def _insert_returning(conn: Connection, table: sa.Table, rows: list[dict[str, An
     names = [c.name for c in table.columns]
     tail = "ON CONFLICT (result_id) DO NOTHING RETURNING result_id"
     if conn.dialect.name == "postgresql":
-        params = _columns([tuple(row[n] for n in names) for row in rows], len(names))
-        return {r[0] for r in conn.exec_driver_sql(_unnest(table, names, tail), params)}
+        return _copy_returning(conn, table, names, [tuple(row[n] for n in names) for row in rows], tail)
     inserted: set[str] = set()
     for start in range(0, len(rows), CHUNK_ROWS):
         chunk = rows[start : start + CHUNK_ROWS]
@@ -124,6 +124,45 @@ def _insert_returning(conn: Connection, table: sa.Table, rows: list[dict[str, An
         params = tuple(row[name] for row in chunk for name in names)
         inserted.update(r[0] for r in conn.exec_driver_sql(sql, params))
     return inserted
+
+
+def _copy_returning(
+    conn: Connection, table: sa.Table, names: Sequence[str], rows: Sequence[tuple[Any, ...]], tail: str
+) -> set[str]:
+    """PostgreSQL: COPY the rows into a session-private staging table, then one INSERT ... SELECT into ``table``.
+
+    COPY sends the rows as one stream the server parses; the ``unnest`` arrays it replaces were converted in
+    Python one element at a time by the driver, about half of an ingest worker's CPU (bench_ingest: 2 workers
+    4,900 -> 10,000 results/s). The staging table is created on first use in each database session (``IF NOT
+    EXISTS``: cheap, and right even after a rolled-back transaction took an earlier creation with it) and emptied
+    before each use; ``ON COMMIT DELETE ROWS`` leaves nothing behind between transactions. Rows go into ``table``
+    in ``result_id`` order, so two workers lock overlapping ids in the same order.
+    """
+    import psycopg
+
+    raw = conn.connection.dbapi_connection
+    if not isinstance(raw, psycopg.Connection):  # the engine is built on psycopg 3 (db.py)
+        raise TypeError(f"expected a psycopg connection, not {type(raw).__name__}")
+    staging = f"edgemed_staging_{table.name}"
+    cols = ", ".join(names)
+    try:
+        with raw.cursor() as cur:
+            cur.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table.name} INCLUDING DEFAULTS) "
+                "ON COMMIT DELETE ROWS"
+            )
+            cur.execute(f"DELETE FROM {staging}")
+            with cur.copy(f"COPY {staging} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {staging} ORDER BY result_id {tail}")
+            return {str(r[0]) for r in cur.fetchall()}
+    except psycopg.Error as exc:
+        # As SQLAlchemy would have raised it through exec_driver_sql: the store tells a message the database
+        # refuses (DataError: a NUL in a text, IntegrityError) from a database that fails by these classes.
+        raise DBAPIError.instance(
+            f"COPY {staging}", None, exc, psycopg.Error, hide_parameters=True, dialect=conn.dialect
+        ) from exc
 
 
 def _insert_new(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> tuple[set[str], dict[str, Any]]:
