@@ -335,3 +335,13 @@ def test_a_retention_that_is_not_positive_is_refused() -> None:
     args = make_parser(argv).parse_args(argv)
     with pytest.raises(ConfigError, match="--health-retention-days must be a positive number"):
         retention_days(args)
+
+
+def test_a_group_worker_asks_for_a_short_session_so_a_dead_member_leaves_the_group() -> None:
+    from edgemed.dashboard.processes import GROUP_SESSION_EXPIRY_S, session_expiry
+
+    assert session_expiry(None, "fleet") == GROUP_SESSION_EXPIRY_S
+    assert session_expiry(None, None) is None  # a single consumer: the broker keeps its queue for a day
+    assert session_expiry(600, "fleet") == 600
+    with pytest.raises(ConfigError, match="--session-expiry must be between"):
+        session_expiry(-1, None)

@@ -29,6 +29,7 @@ from edgemed.dashboard.cli_args import (
     shown_db,
     stop_on_signals,
 )
+from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
     from edgemed.dashboard.metrics import Network
@@ -64,6 +65,12 @@ example:
 
 # -- edgemed dashboard ingest ---------------------------------------------------------------------------------
 
+#: A group worker's session expiry unless --session-expiry says otherwise. mosquitto keeps handing a shared
+#: subscription's share to a member whose persistent session is still there: a worker that stays down for a day
+#: strands half the stream for a day (the devices' re-sends recover it, slowly). Long enough for systemd's restart
+#: (RestartSec=2, docs/central.md) to find the session and its queue again.
+GROUP_SESSION_EXPIRY_S = 60
+
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``edgemed dashboard ingest``.
@@ -86,6 +93,15 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         help="share the devices' results with the other workers of this group (MQTT 5 shared subscriptions "
         "$share/NAME/...); without it one worker takes everything (also on MQTT 3.1.1)",
     )
+    p.add_argument(
+        "--session-expiry",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="how long the broker keeps this worker's session while it is down (default 86400; with --group "
+        f"{GROUP_SESSION_EXPIRY_S}: a shared-subscription member that stays down is dropped from the group then, "
+        "instead of being handed its share of the fleet's results for a day; the devices send again what it held)",
+    )
     p.add_argument("--metrics-port", type=int, default=None, metavar="N", help="serve this worker's /metrics on port N")
     p.add_argument(
         "--metrics-host",
@@ -96,6 +112,20 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_metrics_allow(p, sub_command=True)
     add_retention_argument(p, sub_command=True)
+
+
+def session_expiry(given: int | None, group: str | None) -> int | None:
+    """The session expiry an ingest worker asks for: ``--session-expiry``, else ``GROUP_SESSION_EXPIRY_S`` for a
+    group worker, else None (the broker settings' default, a day).
+
+    Raises:
+        ConfigError: outside MQTT 5's range.
+    """
+    if given is None:
+        return GROUP_SESSION_EXPIRY_S if group is not None else None
+    if not 0 <= given <= 0xFFFFFFFF:
+        raise ConfigError(f"--session-expiry must be between 0 and 4294967295 seconds, not {given}")
+    return given
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -109,6 +139,9 @@ def run_ingest(args: argparse.Namespace) -> int:
         BrokerRefusedError: plaintext MQTT to a remote broker without --allow-plaintext-remote.
     """
     cfg = broker_config(args)
+    expiry = session_expiry(args.session_expiry, args.group)
+    if expiry is not None:
+        cfg = cfg.model_copy(update={"session_expiry_s": expiry})
     allow = metrics_networks(args)
     if args.metrics_port is not None:
         check_port("--metrics-port", args.metrics_port)
