@@ -238,6 +238,23 @@ def _object(payload: bytes, schema: str) -> dict[str, Any]:
     return body
 
 
+def _ids(body: dict[str, Any], keys: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for key in keys:
+        value = body.get(key)
+        if not isinstance(value, str) or not _ID.match(value):
+            raise ValueError(f"{key} must match [A-Za-z0-9_-]{{1,64}}")
+        out[key] = value
+    return out
+
+
+def _stream(body: dict[str, Any]) -> str:
+    stream = body.get("stream")
+    if not isinstance(stream, str) or not (stream == "" or _STREAM.match(stream)):
+        raise ValueError("stream must be 16 lower-case hex digits (or empty for a device without one)")
+    return stream
+
+
 def parse_receipt(payload: bytes) -> Receipt:
     """Read an ``edgemed.receipt/1`` message.
 
@@ -245,15 +262,8 @@ def parse_receipt(payload: bytes) -> Receipt:
         ValueError: it is not one, or its fields are inconsistent (the device then ignores it).
     """
     body = _object(payload, RECEIPT_SCHEMA)
-    texts = {}
-    for key in ("consumer", "site", "device_id"):
-        value = body.get(key)
-        if not isinstance(value, str) or not _ID.match(value):
-            raise ValueError(f"{key} must match [A-Za-z0-9_-]{{1,64}}")
-        texts[key] = value
-    stream = body.get("stream")
-    if not isinstance(stream, str) or not (stream == "" or _STREAM.match(stream)):
-        raise ValueError("stream must be 16 lower-case hex digits (or empty for a device without one)")
+    texts = _ids(body, ("consumer", "site", "device_id"))
+    stream = _stream(body)
     through = _int(body, "through_seq", -1)
     max_seq = _int(body, "max_seq", through)
     missing = _ranges(body.get("missing"), through + 1, max_seq)
@@ -319,15 +329,8 @@ def parse_lost(payload: bytes) -> Lost:
         ValueError: it is not one.
     """
     body = _object(payload, LOST_SCHEMA)
-    texts = {}
-    for key in ("site", "device_id"):
-        value = body.get(key)
-        if not isinstance(value, str) or not _ID.match(value):
-            raise ValueError(f"{key} must match [A-Za-z0-9_-]{{1,64}}")
-        texts[key] = value
-    stream = body.get("stream")
-    if not isinstance(stream, str) or not (stream == "" or _STREAM.match(stream)):
-        raise ValueError("stream must be 16 lower-case hex digits (or empty)")
+    texts = _ids(body, ("site", "device_id"))
+    stream = _stream(body)
     reason = body.get("reason")
     if not isinstance(reason, str) or not 0 < len(reason) <= 200:
         raise ValueError("reason must be a text of 1-200 characters")
