@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import Mosquitto
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN = Path(os.environ.get("EDGEMED_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER, PG_PASSWORD = "edgemed", "edgemed-bench-only"
@@ -243,47 +245,8 @@ def batch_stream(devices: int, results: int, batch: int) -> list[tuple[str, byte
     return out
 
 
-class Broker:
+class Broker(Mosquitto):
     """mosquitto with its defaults (in-flight 20, queue 1,000 messages per client, no persistence) on 127.0.0.1."""
 
     def __init__(self) -> None:
-        from _common import free_port
-
-        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(self.exe).exists():
-            raise SystemExit("mosquitto is not installed: sudo apt-get install -y mosquitto")
-        self.port = free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
-        self.folder = Path(tempfile.mkdtemp(prefix="edgemed-bench-broker-"))
-
-    def __enter__(self) -> Broker:
-        import socket
-
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
-        if os.geteuid() == 0:
-            lines.append("user root")  # as root, mosquitto would switch to a user that may not exist here
-        conf = self.folder / "mosquitto.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        self.proc = subprocess.Popen([self.exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.__exit__()
-        raise SystemExit("mosquitto did not start within 10 s")
-
-    def cpu_s(self) -> float:
-        return cpu_s(self.proc.pid)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        super().__init__(defaults=True)
