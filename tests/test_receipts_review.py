@@ -291,3 +291,24 @@ def test_a_tail_nobody_stored_goes_again_after_seconds_not_after_the_receipt_tim
         assert len(_on(pub, "results")) == 8
     finally:
         delivery.stop()
+
+
+def test_a_receipt_that_settles_more_than_the_device_committed_is_ignored(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A data directory restored from a backup counts from where the backup stopped, under the same stream: the
+    # consumer's receipt of the later numbering must not release these results.
+    _put(outbox, 3)
+    pub, _, delivery = _start(outbox, timeout_s=600.0)
+    try:
+        assert _wait(lambda: len(_on(pub, "results")) == 3)
+        pub.ack()
+        assert _wait(lambda: outbox.awaiting_count() == 3)
+        with caplog.at_level(logging.WARNING, logger="edgemed.publish.delivery"):
+            pub.receipt(SITE, DEV, STREAM, 5000)
+            assert _wait(lambda: "has committed only up to 2" in caplog.text)
+        assert outbox.pending_count() == 3
+        pub.receipt(SITE, DEV, STREAM, 1)  # a receipt of this numbering still works
+        assert _wait(lambda: outbox.pending_count() == 1)
+    finally:
+        delivery.stop()

@@ -14,7 +14,8 @@ them. So the stream lives beside the counter, in ``DATA_DIR/outbox.stream`` (060
 
 Restoring a data directory from a backup rewinds ``seq`` without changing the stream: do not; start the device
 with an empty data directory instead (a new stream), and let the backup's outbox be sent with ``edgemed flush``
-from a machine of its own.
+from a machine of its own. (A device ignores receipts that settle a ``seq`` it has not committed yet, which
+covers the time until the restored counter catches up, not after.)
 """
 
 from __future__ import annotations

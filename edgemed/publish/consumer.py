@@ -149,7 +149,7 @@ class Consumer:
             OutboxError: the outbox could not be written.
         """
         lowest: list[int] = []
-        receipt = self._newest()
+        receipt = self._newest(outbox.committed_seq)
         if receipt is not None:
             lowest += self._take(outbox, receipt)
         if not self._earlier_checked:
@@ -161,9 +161,14 @@ class Consumer:
             lowest += self._timed_out(outbox, now)
         return min(lowest) if lowest else None
 
-    def _newest(self) -> Progress | None:
+    def _newest(self, committed: int) -> Progress | None:
         """What every receipt of this stream handed over so far says, together: a newer state, or None when the
-        receipts taken now add nothing to the one applied already."""
+        receipts taken now add nothing to the one applied already.
+
+        A receipt that speaks of a ``seq`` this outbox has not committed yet (``max_seq >= committed``) is not about
+        this numbering: a data directory restored from a backup counts again from where the backup stopped, under
+        the same stream. It is ignored (logged once); it would release results the consumer never stored.
+        """
         with self._lock:
             raws, self._raw = list(self._raw), deque(maxlen=_HELD_RECEIPTS)
         merged = self._state
@@ -182,6 +187,16 @@ class Consumer:
                     receipt.stream or "(none)",
                     self.consumer_id,
                     self.stream,
+                )
+                continue
+            if receipt.state.max_seq >= committed:
+                self._warn_once(
+                    "ahead",
+                    "ignoring a receipt of the consumer %s that settles seq up to %d: this device has committed only "
+                    "up to %d (its data directory restored from a backup?)",
+                    receipt.consumer,
+                    receipt.state.max_seq,
+                    committed - 1,
                 )
                 continue
             seen = True
