@@ -18,7 +18,7 @@ DATA = ROOT / "data"
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="edgemed-keras-"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-pytest_plugins = ["broker_fixtures", "pg_fixtures"]
+pytest_plugins = ["broker_fixtures", "pg_fixtures", "receipt_helpers"]  # receipt_helpers: the `outbox` fixture
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fakes import FakePublisher
+from receipt_helpers import DEV, RESULTS, SITE, put_numbered, wait_for
 
 from edgemed import receipts
 from edgemed.outbox import Outbox, OutboxConfig
@@ -26,37 +25,9 @@ from edgemed.publish.config import BatchConfig
 from edgemed.publish.consumer import Consumer
 from edgemed.publish.delivery import Delivery
 
-SITE, DEV = "site", "dev"
-RESULTS = f"edgemed/{SITE}/{DEV}/results"
 STUDIES = f"edgemed/{SITE}/{DEV}/studies"
 STREAM = receipts.stream_id(b"k" * 32)
 OTHER_STREAM = receipts.stream_id(b"j" * 32)
-
-
-def _put(ob: Outbox, n: int, topic: str = RESULTS, pad: int = 0) -> list[bytes]:
-    payloads = []
-    for _ in range(n):
-        seq, rid = ob.next_seq(), uuid.uuid4().hex
-        payload = json.dumps({"result_id": rid, "seq": seq, "pad": "x" * pad}, separators=(",", ":")).encode()
-        ob.put(rid, topic, payload, seq=seq)
-        payloads.append(payload)
-    return payloads
-
-
-def _wait(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    ob = Outbox(tmp_path / "outbox.sqlite3", OutboxConfig(commit_every=1))
-    yield ob
-    ob.close()
 
 
 def _consumer(timeout_s: float = 60.0) -> Consumer:
@@ -88,15 +59,15 @@ def test_the_link_subscribes_to_its_receipts_and_its_consumers_state_at_qos_1() 
 def test_a_puback_marks_results_awaiting_and_only_a_receipt_releases_them(outbox: Outbox) -> None:
     pub, _, delivery = _start(outbox)
     try:
-        _put(outbox, 10)
-        assert _wait(lambda: len(pub.sent) == 10)
+        put_numbered(outbox, 10)
+        assert wait_for(lambda: len(pub.sent) == 10)
         pub.ack()
-        assert _wait(lambda: outbox.awaiting_count() == 10)
+        assert wait_for(lambda: outbox.awaiting_count() == 10)
         time.sleep(0.1)
         assert outbox.pending_count() == 10 and outbox.unsent_count() == 0  # acknowledged is not stored
         assert outbox.oldest_awaiting_s() is not None and outbox.pending(100) == []
         pub.receipt(SITE, DEV, STREAM, through_seq=5)
-        assert _wait(lambda: outbox.pending_count() == 4)
+        assert wait_for(lambda: outbox.pending_count() == 4)
         assert outbox.awaiting_count() == 4
         pub.receipt(SITE, DEV, STREAM, through_seq=9)
         assert delivery.drain(5) == 0
@@ -109,10 +80,10 @@ def test_a_puback_marks_results_awaiting_and_only_a_receipt_releases_them(outbox
 def test_a_receipt_releases_results_not_yet_acknowledged_too(outbox: Outbox) -> None:
     pub, _, delivery = _start(outbox)
     try:
-        _put(outbox, 3)
-        assert _wait(lambda: len(pub.sent) == 3)
+        put_numbered(outbox, 3)
+        assert wait_for(lambda: len(pub.sent) == 3)
         pub.receipt(SITE, DEV, STREAM, through_seq=2)  # the consumer stored them before the PUBACK came
-        assert _wait(lambda: outbox.pending_count() == 0)
+        assert wait_for(lambda: outbox.pending_count() == 0)
         pub.ack()  # a late PUBACK of a released row changes nothing
         assert delivery.drain(2) == 0 and outbox.awaiting_count() == 0
     finally:
@@ -122,13 +93,13 @@ def test_a_receipt_releases_results_not_yet_acknowledged_too(outbox: Outbox) -> 
 def test_missing_results_are_sent_again_with_the_same_bytes_and_nothing_in_flight_twice(outbox: Outbox) -> None:
     pub, consumer, delivery = _start(outbox)
     try:
-        payloads = _put(outbox, 5)
-        assert _wait(lambda: len(pub.sent) == 5)
+        payloads = put_numbered(outbox, 5)
+        assert wait_for(lambda: len(pub.sent) == 5)
         pub.ack(3)  # seq 0-2 acknowledged; 3 and 4 stay in flight
-        assert _wait(lambda: outbox.awaiting_count() == 3)
+        assert wait_for(lambda: outbox.awaiting_count() == 3)
         time.sleep(1.1)  # a missing result acknowledged less than a second ago may still be on its way
         pub.receipt(SITE, DEV, STREAM, through_seq=0, missing=[(1, 1)], max_seq=2)
-        assert _wait(lambda: len(pub.sent) == 6)
+        assert wait_for(lambda: len(pub.sent) == 6)
         time.sleep(0.2)
         assert len(pub.sent) == 6  # seq 3 and 4, in flight, were not sent a second time
         assert pub.sent[5].payload == payloads[1] and pub.sent[5].topic == RESULTS
@@ -144,10 +115,10 @@ def test_missing_results_are_sent_again_with_the_same_bytes_and_nothing_in_fligh
 def test_results_not_receipted_in_time_are_sent_again(outbox: Outbox) -> None:
     pub, _, delivery = _start(outbox, timeout_s=0.5)
     try:
-        payloads = _put(outbox, 4)
-        assert _wait(lambda: len(pub.sent) == 4)
+        payloads = put_numbered(outbox, 4)
+        assert wait_for(lambda: len(pub.sent) == 4)
         pub.ack()
-        assert _wait(lambda: len(pub.sent) == 8, timeout_s=5.0)  # no receipt at all: all four again
+        assert wait_for(lambda: len(pub.sent) == 8, timeout_s=5.0)  # no receipt at all: all four again
         assert [s.payload for s in pub.sent[4:]] == payloads
         pub.receipt(SITE, DEV, STREAM, through_seq=3)
         assert delivery.drain(5) == 0
@@ -158,25 +129,25 @@ def test_results_not_receipted_in_time_are_sent_again(outbox: Outbox) -> None:
 def test_nothing_is_published_while_the_consumer_is_offline_or_unknown(outbox: Outbox) -> None:
     pub, consumer, delivery = _start(outbox, online=False)
     try:
-        _put(outbox, 5)
+        put_numbered(outbox, 5)
         time.sleep(0.3)
         assert pub.sent == [] and not consumer.online  # unknown counts as offline
         pub.consumer_state("dashboard", "online")
-        assert _wait(lambda: len(pub.sent) == 5)
+        assert wait_for(lambda: len(pub.sent) == 5)
         pub.consumer_state("dashboard", "offline")
-        _put(outbox, 2)
+        put_numbered(outbox, 2)
         time.sleep(0.3)
         assert len(pub.sent) == 5
         pub.consumer_state("dashboard", "online", process="dashboard-2")  # another process of the consumer
-        assert _wait(lambda: len(pub.sent) == 7)
+        assert wait_for(lambda: len(pub.sent) == 7)
         pub.drop()
         pub.reconnect()  # a new connection forgets the states until the retained ones come again
         assert not consumer.online
-        _put(outbox, 1)
+        put_numbered(outbox, 1)
         time.sleep(0.3)
         assert len(pub.sent) == 7
         pub.consumer_state("dashboard", "online")
-        assert _wait(lambda: len(pub.sent) == 8)
+        assert wait_for(lambda: len(pub.sent) == 8)
         assert delivery.backlog().consumer_online is True
     finally:
         delivery.stop()
@@ -187,10 +158,10 @@ def test_receipts_of_another_stream_or_consumer_release_nothing(
 ) -> None:
     pub, _, delivery = _start(outbox)
     try:
-        _put(outbox, 4)
-        assert _wait(lambda: len(pub.sent) == 4)
+        put_numbered(outbox, 4)
+        assert wait_for(lambda: len(pub.sent) == 4)
         pub.ack()
-        assert _wait(lambda: outbox.awaiting_count() == 4)
+        assert wait_for(lambda: outbox.awaiting_count() == 4)
         with caplog.at_level(logging.WARNING):
             pub.receipt(SITE, DEV, OTHER_STREAM, through_seq=10)  # the data directory before a re-flash
             pub.receipt(SITE, DEV, STREAM, through_seq=10, consumer="audit")  # not the consumer of record
@@ -206,8 +177,8 @@ def test_a_malformed_receipt_is_ignored_and_logged_once(outbox: Outbox, caplog: 
     pub, _, delivery = _start(outbox)
     topic = f"edgemed/{SITE}/{DEV}/receipts"
     try:
-        _put(outbox, 2)
-        assert _wait(lambda: len(pub.sent) == 2)
+        put_numbered(outbox, 2)
+        assert wait_for(lambda: len(pub.sent) == 2)
         pub.ack()
         with caplog.at_level(logging.WARNING):
             for payload in (b"not json", b'{"schema": "edgemed.receipt/1", "through_seq": "x"}', b"\xff\xfe"):
@@ -224,11 +195,11 @@ def test_a_malformed_receipt_is_ignored_and_logged_once(outbox: Outbox, caplog: 
 def test_an_older_receipt_arriving_late_changes_nothing(outbox: Outbox) -> None:
     pub, _, delivery = _start(outbox)
     try:
-        _put(outbox, 6)
-        assert _wait(lambda: len(pub.sent) == 6)
+        put_numbered(outbox, 6)
+        assert wait_for(lambda: len(pub.sent) == 6)
         pub.ack()
         pub.receipt(SITE, DEV, STREAM, through_seq=3)
-        assert _wait(lambda: outbox.pending_count() == 2)
+        assert wait_for(lambda: outbox.pending_count() == 2)
         time.sleep(1.1)
         # From a lagging consumer process: it lists seq 2 as missing, which the newer receipt settled.
         pub.receipt(SITE, DEV, STREAM, through_seq=1, missing=[(2, 2)], max_seq=3)
@@ -239,21 +210,21 @@ def test_an_older_receipt_arriving_late_changes_nothing(outbox: Outbox) -> None:
 
 
 def test_missing_numbers_the_outbox_no_longer_holds_are_announced_lost_once(outbox: Outbox) -> None:
-    _put(outbox, 10)
+    put_numbered(outbox, 10)
     gone = [i.row_id for i in outbox.pending(100) if i.seq in (5, 6, 7)]
     outbox.ack_many(gone)  # e.g. released by a PUBACK before the profile named a consumer
     outbox.flush()
     pub, consumer, delivery = _start(outbox)
     try:
-        assert _wait(lambda: len(pub.sent) == 7)
+        assert wait_for(lambda: len(pub.sent) == 7)
         pub.ack()
         pub.receipt(SITE, DEV, STREAM, through_seq=4, missing=[(5, 7)], max_seq=9)
-        assert _wait(lambda: len(_on(pub, "lost")) == 1)
+        assert wait_for(lambda: len(_on(pub, "lost")) == 1)
         lost = receipts.parse_lost(_on(pub, "lost")[0])
         assert (lost.ranges, lost.reason, lost.stream) == (((5, 7),), "not in the outbox", STREAM)
         assert (lost.site, lost.device_id) == (SITE, DEV)
         pub.ack()  # the announcement leaves on its PUBACK
-        assert _wait(lambda: outbox.pending_count() == 0)
+        assert wait_for(lambda: outbox.pending_count() == 0)
         pub.receipt(SITE, DEV, STREAM, through_seq=4, missing=[(5, 7)], max_seq=9)  # before it was processed
         time.sleep(0.3)
         assert len(_on(pub, "lost")) == 1  # announced once
@@ -267,7 +238,7 @@ def test_evicted_rows_are_announced_lost_and_the_announcements_are_never_evicted
     with Outbox(tmp_path / "outbox.sqlite3", cfg) as ob:
         consumer = _consumer()
         ob.set_lost_announcer(consumer.announce)
-        _put(ob, 8)
+        put_numbered(ob, 8)
         rows = ob.pending(100)
         lost = [receipts.parse_lost(i.payload) for i in rows if i.seq is None]
         assert lost and all(x.reason == "evicted (outbox.on_full: evict_oldest)" for x in lost)
@@ -282,10 +253,10 @@ def test_batches_are_bounded_in_count_and_one_puback_acknowledges_every_row(tmp_
     outbox = Outbox(tmp_path / "outbox.sqlite3", OutboxConfig(commit_every=1000, commit_interval_s=60))
     pub, _, delivery = _start(outbox, batch=BatchConfig(enabled=True, max_results=4))
     try:
-        payloads = _put(outbox, 2, topic=STUDIES)  # not batched
-        payloads += _put(outbox, 10)
+        payloads = put_numbered(outbox, 2, topic=STUDIES)  # not batched
+        payloads += put_numbered(outbox, 10)
         outbox.flush()
-        assert _wait(lambda: delivery.published_total == 12)
+        assert wait_for(lambda: delivery.published_total == 12)
         assert _on(pub, "results") == []
         batches = [json.loads(p) for p in _on(pub, "batches")]
         assert [len(b["results"]) for b in batches] == [4, 4, 2]
@@ -296,7 +267,7 @@ def test_batches_are_bounded_in_count_and_one_puback_acknowledges_every_row(tmp_
         assert len(_on(pub, "studies")) == 2
         pub.ack(2)  # the two studies
         pub.ack(1)  # one PUBACK, the first batch
-        assert _wait(lambda: outbox.awaiting_count() == 6)
+        assert wait_for(lambda: outbox.awaiting_count() == 6)
         pub.ack()
         pub.receipt(SITE, DEV, STREAM, through_seq=11)
         assert delivery.drain(5) == 0
@@ -311,9 +282,9 @@ def test_batches_without_a_consumer_leave_on_their_puback(tmp_path: Path) -> Non
     delivery = Delivery(outbox, pub, batch=Batcher(BatchConfig(enabled=True), site=SITE, device_id=DEV))
     delivery.start()
     try:
-        _put(outbox, 7)
+        put_numbered(outbox, 7)
         outbox.flush()
-        assert _wait(lambda: delivery.published_total == 7)
+        assert wait_for(lambda: delivery.published_total == 7)
         assert len(pub.sent) == 1 and pub.sent[0].topic == f"edgemed/{SITE}/{DEV}/batches"
         pub.ack()
         assert delivery.drain(5) == 0
@@ -323,8 +294,8 @@ def test_batches_without_a_consumer_leave_on_their_puback(tmp_path: Path) -> Non
 
 
 def test_a_batch_stays_under_its_byte_bound_and_an_oversized_result_goes_alone(outbox: Outbox) -> None:
-    _put(outbox, 9, pad=1000)
-    _put(outbox, 1, pad=5000)  # larger than max_bytes on its own
+    put_numbered(outbox, 9, pad=1000)
+    put_numbered(outbox, 1, pad=5000)  # larger than max_bytes on its own
     outbox.flush()
     cfg = BatchConfig(enabled=True, max_results=100, max_bytes=4096)
     messages = Batcher(cfg, site=SITE, device_id=DEV).messages(outbox.pending(100))
