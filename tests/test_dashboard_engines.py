@@ -21,6 +21,7 @@ from dashboard_helpers import make_result, make_study
 
 from edgemed.dashboard import history
 from edgemed.dashboard.export import export_lines
+from edgemed.dashboard.schema import HEAD
 from edgemed.dashboard.settlement import stream_progress
 from edgemed.dashboard.store import AckOutcome, DashboardStore
 from edgemed.dashboard.validate import Filing, classify
@@ -249,7 +250,7 @@ def test_several_processes_opening_a_new_database_at_once_upgrade_it_once(db: st
     assert [p.exitcode for p in procs] == [0, 0, 0]
     store = DashboardStore(db)
     try:
-        assert store._query("SELECT version_num FROM alembic_version")[0][0] == "0003"
+        assert store._query("SELECT version_num FROM alembic_version")[0][0] == HEAD
     finally:
         store.close()
 

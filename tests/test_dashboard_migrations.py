@@ -16,6 +16,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from dashboard_helpers import make_result, make_study
 
+from edgemed.dashboard.schema import HEAD
 from edgemed.dashboard.settlement import stream_progress
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.tables import metadata
@@ -73,8 +74,11 @@ def _check_upgraded(db: Path, before: dict[str, int], through_seq: int) -> None:
     try:
         after = {t: store._count(f"SELECT count(*) FROM {t}") for t in before}
         assert after == before | ({"settled": 7} if before.get("settled", 0) == 0 else {})
-        assert store._query("SELECT version_num FROM alembic_version")[0][0] == "0003"
+        assert store._query("SELECT version_num FROM alembic_version")[0][0] == HEAD
         assert store._count("PRAGMA user_version") == 1
+        # The old page's typed initials become an acknowledged review, marked as initials (never a login).
+        reviews = [tuple(r) for r in store._query("SELECT state, acked_by FROM reviews")]
+        assert reviews == [("acknowledged", "initials:AB")]
         # The new stream column comes from each row's JSON: a duplicate is checked against it, receipts count it.
         assert {r[0] for r in store._query("SELECT stream FROM results UNION SELECT stream FROM studies")} == {STREAM}
         with store.database.connect() as conn:

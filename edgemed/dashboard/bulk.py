@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
+from edgemed.dashboard.rollup import count_results
 from edgemed.dashboard.rows import result_row, row_key, study_row
 from edgemed.dashboard.tables import devices, results, settled, studies
 from edgemed.dashboard.validate import Filing
@@ -205,6 +206,8 @@ def _file_table(
         seen[(key[0], key[1])] = now
     settle_stored(conn, stored_keys)
     touch_devices(conn, seen)
+    if table is results:
+        count_results(conn, (first[rid] for rid in inserted))
     return out
 
 

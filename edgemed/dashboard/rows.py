@@ -58,6 +58,8 @@ def result_row(result: dict[str, Any], now: float, raw: bytes | None) -> dict[st
     """The ``results`` row of a validated ``edgemed.result/1`` envelope."""
     runtime = as_obj(result.get("runtime"))
     prediction = as_obj(result.get("prediction"))
+    probabilities = as_obj(prediction.get("probabilities"))
+    scores = [p for p in probabilities.values() if isinstance(p, (int, float)) and not isinstance(p, bool)]
     triage = result["triage"]
     return {
         "result_id": result["result_id"],
@@ -76,6 +78,8 @@ def result_row(result: dict[str, Any], now: float, raw: bytes | None) -> dict[st
         "payload": kept_text(result, raw),
         "triage_label": as_text(triage.get("label")),
         "stream": stream_of(result),
+        "model": as_text(as_obj(result.get("model")).get("name")),
+        "confidence": float(max(scores)) if scores else None,
     }
 
 

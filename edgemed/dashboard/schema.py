@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SETTLED_VERSION = 1
 #: The revision an SQLite database made before Alembic matches: by its ``user_version``.
 _LEGACY_REVISION = {0: "0001", SETTLED_VERSION: "0002"}
-HEAD = "0003"
+HEAD = "0004"
 _LOCK_KEY = 0x6564676D65640001  # "edgmed" + 1: the schema upgrade (2 is the heartbeat maintenance)
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 

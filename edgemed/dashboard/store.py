@@ -57,6 +57,7 @@ from edgemed.dashboard.batch import summarize_batch
 from edgemed.dashboard.bulk import Conflict, Refused, file_set, touch_devices
 from edgemed.dashboard.db import Database, describe_error, open_database
 from edgemed.dashboard.queries import StoreQueries
+from edgemed.dashboard.rollup import count_results
 from edgemed.dashboard.rows import dumps, published_at, result_row, row_key, study_row
 from edgemed.dashboard.schema import migrate, open_private
 from edgemed.dashboard.settlement import dialect_insert, greatest, settle, settle_lost
@@ -230,6 +231,8 @@ class DashboardStore(StoreQueries):
             kept = conn.execute(sa.select(*cols).where(table.c.result_id == row["result_id"])).first()
             if kept is None or tuple(kept) != row_key(row):
                 raise IdConflict(Conflict().reason)
+        if inserted and table is results:
+            count_results(conn, [row])
         key = row_key(row)
         settle(conn, key[:3], key[3], "stored")
         self._touch_for(conn, body, now, retained)

@@ -62,8 +62,13 @@ results = sa.Table(
     _text("payload", False),
     _text("triage_label"),
     sa.Column("stream", sa.Text, nullable=False, server_default=""),
+    _text("model"),  # the model's name (``model.name``)
+    sa.Column("confidence", sa.Float),  # the top class's probability; NULL without a prediction
 )
 sa.Index("results_level", results.c.level, results.c.received_at)
+# A user limited to some sites: their recent results and their review queue.
+sa.Index("results_site_recent", results.c.site, results.c.received_at)
+sa.Index("results_site_level", results.c.site, results.c.level, results.c.received_at)
 # Recent results, newest first (the page's last table and its pages), and the export's order.
 sa.Index("results_recent", results.c.received_at, results.c.seq)
 
@@ -88,6 +93,7 @@ studies = sa.Table(
 )
 sa.Index("studies_level", studies.c.level, studies.c.received_at)
 sa.Index("studies_received", studies.c.received_at)
+sa.Index("studies_site_level", studies.c.site, studies.c.level, studies.c.received_at)
 
 devices = sa.Table(
     "devices",
@@ -227,3 +233,124 @@ health_hourly = sa.Table(
     *(sa.Column(f"{name}_{agg}", sa.Float) for name in HEALTH_FIELDS for agg in ("min", "max", "last")),
 )
 sa.Index("health_hourly_hour", health_hourly.c.hour)
+
+# -- the clinical dashboard (issue 13): people, sessions, the review workflow, the audit trail -------------------
+
+ROLES = ("viewer", "reviewer", "admin")
+OUTCOMES = ("referred", "seen", "false_alarm", "other")
+
+# A person who may log in. ``sites`` is a JSON list of the sites they may see, NULL for every site.
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    _text("password_hash"),  # argon2id (argon2-cffi's encoded form); NULL: single sign-on only
+    _text("role", False),
+    _text("sites"),
+    sa.Column("disabled", sa.Integer, nullable=False, server_default="0"),
+    _time("created_at"),
+    _time("updated_at"),
+    sa.CheckConstraint("role IN ('viewer', 'reviewer', 'admin')", name="users_role"),
+)
+
+# A logged-in browser: the cookie holds the token, the database only its sha256 (a copy of the database logs no
+# one in). Kept here, not in the process, so any web process behind a load balancer serves any session.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("token_sha256", sa.Text, primary_key=True),
+    _text("user_name", False),
+    _text("csrf", False),
+    _time("created_at"),
+    _time("last_at"),
+    _text("address"),
+)
+sa.Index("web_sessions_user", web_sessions.c.user_name)
+sa.Index("web_sessions_last", web_sessions.c.last_at)
+
+# Failed logins, per user name and per address (``key`` is ``user:NAME`` or ``addr:ADDRESS``): the slow-down.
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    _text("key", False),
+    _time("at"),
+    sqlite_autoincrement=True,
+)
+sa.Index("login_failures_key", login_failures.c.key, login_failures.c.at)
+
+# The audit trail: append-only, each row's ``hmac`` chained to the previous row's (``audit.py``).
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    _time("at"),
+    _text("actor", False),
+    _text("address"),
+    _text("action", False),
+    _text("target"),
+    _text("site"),
+    _text("detail", False),
+    _text("hmac", False),
+    sqlite_autoincrement=True,
+)
+sa.Index("audit_at", audit.c.at)
+
+# The review of an urgent or inconclusive result or study decision: no row = new.
+reviews = sa.Table(
+    "reviews",
+    metadata,
+    sa.Column("result_id", sa.Text, primary_key=True),
+    _text("site", False),
+    _text("state", False),
+    _text("acked_by"),
+    _time("acked_at", True),
+    _text("closed_by"),
+    _time("closed_at", True),
+    _text("outcome"),
+    _text("note"),
+    sa.CheckConstraint("state IN ('acknowledged', 'closed')", name="reviews_state"),
+    sa.CheckConstraint(
+        "outcome IS NULL OR outcome IN ('referred', 'seen', 'false_alarm', 'other')", name="reviews_outcome"
+    ),
+)
+sa.Index("reviews_site_state", reviews.c.site, reviews.c.state)
+
+# Urgent results nobody acknowledged in time: claimed here once (by whichever web process saw it first), then
+# posted to the webhook until it answers.
+escalations = sa.Table(
+    "escalations",
+    metadata,
+    sa.Column("result_id", sa.Text, primary_key=True),
+    _text("site", False),
+    _time("escalated_at"),
+    _text("webhook_status"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    _time("next_attempt_at", True),
+)
+sa.Index("escalations_next", escalations.c.next_attempt_at)
+
+# Settings an admin changes from the page (JSON values), e.g. ``escalate_after_min``, ``webhook_url``.
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    _text("value", False),
+    _time("updated_at"),
+    _text("updated_by"),
+)
+
+# Results per site, hour, model, level and label, kept in the transaction that stores them: charts and drift
+# read these few rows instead of scanning a million results.
+result_hourly = sa.Table(
+    "result_hourly",
+    metadata,
+    sa.Column("site", sa.Text, primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),
+    sa.Column("model", sa.Text, primary_key=True),
+    sa.Column("level", sa.Text, primary_key=True),
+    sa.Column("label", sa.Text, primary_key=True),  # '' for a result without a prediction
+    _int("n", False),
+    sa.Column("confidence_sum", sa.Float, nullable=False, server_default="0"),
+)
+sa.Index("result_hourly_hour", result_hourly.c.hour)
