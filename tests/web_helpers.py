@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx._client import ClientState
 
 from edgemed.dashboard import users
 from edgemed.dashboard.secrets import Secrets, default_secret_path, load_secrets
@@ -83,10 +84,22 @@ def make_user(
     return password
 
 
-def client(base_url: str, **kwargs: Any) -> httpx.Client:
+class WebClient(httpx.Client):
+    """An httpx client that may be used in a ``with`` block after its first request (``login`` makes some)."""
+
+    #: The session's CSRF token ("" until logged in); ``login`` adds it to unsafe requests by itself.
+    csrf: str = ""
+
+    def __enter__(self) -> WebClient:
+        if self._state is ClientState.UNOPENED:  # a request opens it too; httpx refuses to open it twice
+            super().__enter__()
+        return self
+
+
+def client(base_url: str, **kwargs: Any) -> WebClient:
     """An httpx client of ``base_url`` that follows no redirects (a test sees each 303)."""
     kwargs.setdefault("timeout", 10.0)
-    return httpx.Client(base_url=base_url, follow_redirects=False, **kwargs)
+    return WebClient(base_url=base_url, follow_redirects=False, **kwargs)
 
 
 def login_csrf(http: httpx.Client) -> str:
@@ -97,7 +110,7 @@ def login_csrf(http: httpx.Client) -> str:
     return found.group(1)
 
 
-def login(base_url: str, name: str, password: str = PASSWORD, **kwargs: Any) -> httpx.Client:
+def login(base_url: str, name: str, password: str = PASSWORD, **kwargs: Any) -> WebClient:
     """Log in through the login form; the client's unsafe requests then carry ``X-CSRF-Token`` by themselves.
 
     Returns:
@@ -119,5 +132,5 @@ def login(base_url: str, name: str, password: str = PASSWORD, **kwargs: Any) -> 
             request.headers["X-CSRF-Token"] = csrf
 
     http.event_hooks["request"].append(add_token)
-    http.csrf = csrf  # type: ignore[attr-defined]
+    http.csrf = csrf
     return http

@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import time
+from collections.abc import MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -199,7 +200,7 @@ class SecurityMiddleware:
                 sessions.lookup,
                 self.store,
                 token,
-                _now(),
+                time.time(),
                 idle_s=self.config.idle_timeout_s,
                 absolute_s=self.config.absolute_timeout_s,
             )
@@ -211,12 +212,6 @@ class SecurityMiddleware:
         if given is None or not hmac.compare_digest(session.csrf, given):
             return "missing or wrong CSRF token: send the page's form (field csrf) or the X-CSRF-Token header"
         return None
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
 
 
 async def _refuse(send: Send, status: int, message: str) -> None:
@@ -231,6 +226,3 @@ async def _refuse(send: Send, status: int, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
