@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -105,4 +106,5 @@ def create_app(store: DashboardStore, config: WebConfig) -> Starlette:
     )
     app.state.store = store
     app.state.config = config
+    app.state.sso_warned = threading.Event()  # the ignored sign-on header is logged once per process
     return app

@@ -178,7 +178,6 @@ def client_address(request: Request) -> str:
 # -- who is asking -------------------------------------------------------------------------------------------------
 
 _NOBODY = object()
-_untrusted_logged = threading.Event()
 
 
 def current_session(request: Request, now: float | None = None) -> sessions.Session | None:
@@ -212,8 +211,9 @@ def _proxy_user(request: Request) -> str | None:
         return None
     peer = request.client.host if request.client is not None else ""
     if not address_allowed(peer, cfg.trusted_proxies):
-        if not _untrusted_logged.is_set():
-            _untrusted_logged.set()
+        warned: threading.Event = request.app.state.sso_warned
+        if not warned.is_set():
+            warned.set()
             log.warning(
                 "a request from %s carries the single sign-on header %s but %s is not a --trusted-proxy: the header "
                 "is ignored (logged once)",
@@ -225,35 +225,41 @@ def _proxy_user(request: Request) -> str | None:
     return name.strip()
 
 
+def _sign_on(request: Request, name: str, session: sessions.Session | None, now: float) -> Principal | None:
+    """The principal a trusted proxy names: that user or nobody (never the browser's other session)."""
+    from edgemed.dashboard import users
+
+    cfg, db = config(request), store(request)
+    user = users.get_user(db, name)
+    if user is None or user.disabled:
+        return None
+    if session is not None and session.user_name == user.name:
+        sessions.touch(db, session, now)
+        return Principal(user.name, user.role, user.sites, session.csrf, "proxy")
+    if request.method not in _SAFE_METHODS:
+        return None  # the CSRF token was checked against another user's session, not this one's
+    # A session of its own, so that its forms carry a CSRF token like everyone's; audited once per session.
+    token, session = sessions.create(
+        db, user.name, client_address(request), now, idle_s=cfg.idle_timeout_s, absolute_s=cfg.absolute_timeout_s
+    )
+    state = request.scope["state"]
+    state["edgemed_session"] = session
+    state.setdefault("edgemed_cookies", []).append(
+        sessions.cookie_header(sessions.sign(cfg.secrets.session_key, token), cfg)
+    )
+    principal = Principal(user.name, user.role, user.sites, session.csrf, "proxy")
+    audit_event(request, principal, "login", detail={"via": "proxy"})
+    return principal
+
+
 def _resolve(request: Request) -> Principal | None:
     from edgemed.dashboard import users
 
-    cfg, db, now = config(request), store(request), time.time()
+    db, now = store(request), time.time()
     session = current_session(request, now)
-    via = "password"
     proxied = _proxy_user(request)
     if proxied is not None:
-        user = users.get_user(db, proxied)
-        if user is not None and not user.disabled:
-            via = "proxy"
-            if session is None or session.user_name != user.name:
-                if request.method not in _SAFE_METHODS:
-                    return None  # the CSRF token was checked against another user's session: not this one's
-                token, session = sessions.create(
-                    db,
-                    user.name,
-                    client_address(request),
-                    now,
-                    idle_s=cfg.idle_timeout_s,
-                    absolute_s=cfg.absolute_timeout_s,
-                )
-                request.scope["state"]["edgemed_session"] = session
-                request.scope["state"].setdefault("edgemed_cookies", []).append(
-                    sessions.cookie_header(sessions.sign(cfg.secrets.session_key, token), cfg)
-                )
-                principal = Principal(user.name, user.role, user.sites, session.csrf, via)
-                audit_event(request, principal, "login", detail={"via": "proxy"})
-                return principal
+        return _sign_on(request, proxied, session, now)
     if session is None:
         return None
     user = users.get_user(db, session.user_name)
@@ -261,7 +267,7 @@ def _resolve(request: Request) -> Principal | None:
         sessions.revoke(db, session.token_sha256)
         return None
     sessions.touch(db, session, now)
-    return Principal(user.name, user.role, user.sites, session.csrf, via)
+    return Principal(user.name, user.role, user.sites, session.csrf, "password")
 
 
 def optional_principal(request: Request) -> Principal | None:
