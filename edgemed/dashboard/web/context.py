@@ -24,17 +24,15 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from edgemed.dashboard.metrics import address_allowed
-from edgemed.dashboard.web import sessions
+from edgemed.dashboard.web import sessions, templating
 from edgemed.dashboard.web.config import WebConfig
+from edgemed.dashboard.web.errors import BadRequest, Conflict, Forbidden, HttpError, NotFound, Unauthenticated
 
 if TYPE_CHECKING:
     from edgemed.dashboard.secrets import Secrets
@@ -67,48 +65,7 @@ __all__ = [
 
 #: Each role can do what the roles before it can.
 ROLES = ("viewer", "reviewer", "admin")
-TEMPLATES = Path(__file__).parent / "templates"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-class HttpError(Exception):
-    """An error the app answers with its status and message (JSON under ``/api/``, ``error.html`` elsewhere)."""
-
-    status = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class BadRequest(HttpError):
-    """400: a malformed parameter or body; the message names it and what is expected."""
-
-    status = 400
-
-
-class Unauthenticated(HttpError):
-    """401: nobody is logged in (or the session ended); pages redirect to ``/login?next=PATH``."""
-
-    status = 401
-
-
-class Forbidden(HttpError):
-    """403: logged in, but this role or site is not allowed."""
-
-    status = 403
-
-
-class NotFound(HttpError):
-    """404: no such thing (also for another site's thing, so its existence does not leak)."""
-
-    status = 404
-
-
-class Conflict(HttpError):
-    """409: the action does not fit the current state (closing before acknowledging, twice)."""
-
-    status = 409
 
 
 @dataclass(frozen=True)
@@ -377,54 +334,6 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(encode_json(value), status_code=status, media_type="application/json")
 
 
-def _utc(value: Any) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return ""
-    return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _ago(value: Any) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return ""
-    seconds = max(0.0, time.time() - value)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
-
-
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATES),
-    autoescape=True,  # device strings are hostile until shown otherwise: everything is escaped
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_env.filters["utc"] = _utc
-_env.filters["ago"] = _ago
-
-_NAV = (
-    ("Queue", "/queue", "viewer"),
-    ("Fleet", "/fleet", "viewer"),
-    ("Charts", "/charts", "viewer"),
-    ("Export", "/export", "reviewer"),
-    ("Users", "/admin/users", "admin"),
-    ("Audit", "/admin/audit", "admin"),
-    ("Settings", "/admin/settings", "admin"),
-)
-
-
-def nav(principal: Principal | None, path: str) -> list[dict[str, Any]]:
-    """The navigation links a principal may follow (none when nobody is logged in)."""
-    if principal is None:
-        return []
-    return [
-        {"label": label, "href": href, "active": path == href or path.startswith(href + "/")}
-        for label, href, role in _NAV
-        if principal.can(role)
-    ]
-
-
 def render(request: Request, template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
     """Render a template of ``web/templates/`` (autoescaped) into an HTML response.
 
@@ -443,10 +352,11 @@ def render(request: Request, template: str, context: dict[str, Any], status: int
         "principal": principal,
         "csrf_token": principal.csrf if principal is not None else "",
         "now": time.time(),
-        "nav": nav(principal, request.url.path),
+        "nav": templating.nav(principal, request.url.path),
+        "alerts": templating.system_alerts(config(request), store(request)) if principal is not None else [],
     }
     common.update(context)
-    return HTMLResponse(_env.get_template(template).render(common), status_code=status)
+    return HTMLResponse(templating.ENV.get_template(template).render(common), status_code=status)
 
 
 def audit_event(
