@@ -61,6 +61,7 @@ _NAV = (
     ("Users", "/admin/users", "admin"),
     ("Audit", "/admin/audit", "admin"),
     ("Settings", "/admin/settings", "admin"),
+    ("Refused", "/admin/dead-letters", "admin"),
 )
 
 
