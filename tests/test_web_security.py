@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_every_response_carries_the_csp_and_the_security_headers(base: str) -> N
             assert answer.headers["content-security-policy"] == CONTRACT_CSP, path
             assert answer.headers["x-content-type-options"] == "nosniff", path
             assert answer.headers["x-frame-options"] == "DENY", path
-            assert answer.headers["referrer-policy"] == "no-referrer", path
+            assert answer.headers["referrer-policy"] == "same-origin", path  # no-referrer: Origin null
             assert "cache-control" in answer.headers, path
             assert "server" not in answer.headers, path  # no version banner
             assert "strict-transport-security" not in answer.headers  # plain http: HSTS would be meaningless
@@ -175,8 +176,11 @@ def test_silent_and_stalled_clients_are_closed(base: str) -> None:
 
 
 def test_beyond_the_connection_limit_new_requests_get_503_until_slots_free(base: str) -> None:
-    socks = [_connect(base) for _ in range(8)]  # limit_concurrency is 8: these hold every slot, silently
+    before = threading.active_count()
+    socks = [_connect(base) for _ in range(40)]  # limit_concurrency is 8: these hold every slot, silently
     try:
+        # Connections cost no thread of their own (uvicorn's event loop holds them): a flood adds none.
+        assert threading.active_count() <= before
         deadline = time.monotonic() + 5
         status = 0
         while time.monotonic() < deadline:
@@ -197,3 +201,11 @@ def test_beyond_the_connection_limit_new_requests_get_503_until_slots_free(base:
         time.sleep(0.05)
     else:
         pytest.fail("the server did not serve again after the connections closed")
+
+
+def test_the_defaults_bound_slow_clients() -> None:
+    from edgemed.dashboard.web.server import KEEP_ALIVE_S
+
+    fields = WebConfig.__dataclass_fields__
+    assert fields["request_timeout_s"].default == 10.0 and fields["limit_concurrency"].default == 200
+    assert KEEP_ALIVE_S == 5

@@ -1,7 +1,8 @@
 """The middleware in front of every route: security headers, the ``Host`` check, the body limit, CSRF and ``Origin``.
 
 - Every response carries the Content-Security-Policy ``CSP`` (no inline script or style anywhere: templates load
-  ``/static`` files only), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``,
+  ``/static`` files only), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin`` (no URL leaves
+  the site; ``no-referrer`` would make the browser send ``Origin: null`` with its own form posts),
   ``X-Frame-Options: DENY``, ``Cache-Control: no-store`` (unless the route set its own) and, under TLS,
   ``Strict-Transport-Security``.
 - On a loopback binding the ``Host`` header must name the loopback or a ``--public-origin``'s host: a DNS-rebinding
@@ -126,7 +127,7 @@ class SecurityMiddleware:
                 out = MutableHeaders(scope=message)
                 out["Content-Security-Policy"] = CSP
                 out["X-Content-Type-Options"] = "nosniff"
-                out["Referrer-Policy"] = "no-referrer"
+                out["Referrer-Policy"] = "same-origin"
                 out["X-Frame-Options"] = "DENY"
                 if "cache-control" not in out:
                     out["Cache-Control"] = "no-store"
