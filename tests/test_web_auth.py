@@ -218,3 +218,27 @@ def test_tls_needs_both_files_and_a_busy_port_is_named(store: DashboardStore, pk
         taken = WebConfig(secrets=keys, port=busy.getsockname()[1])
         with pytest.raises(ConfigError, match="choose another --port"):
             WebServer(create_app(store, taken), taken).start()
+
+
+def test_a_database_that_refuses_writes_does_not_stop_a_logged_in_user_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    from edgemed.dashboard.web import sessions
+
+    db = tmp_path / "locked.sqlite3"
+    store = DashboardStore(db, busy_timeout_s=0.2)
+    make_user(store, "rita", "viewer")
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        with running_web(store) as base, login(base, "rita") as http:
+            monkeypatch.setattr(sessions, "TOUCH_EVERY_S", 0.0)  # every request records the session's use
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock (a backup, say)
+            with caplog.at_level("WARNING"):
+                assert http.get("/api/me").status_code == 200
+            other.execute("COMMIT")
+        assert any("could not record a session's use" in r.getMessage() for r in caplog.records)
+    finally:
+        other.close()
+        store.close()
