@@ -34,8 +34,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 import sqlalchemy as sa
 
 from edgemed.dashboard.tables import audit
+from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sqlalchemy import Connection
 
     from edgemed.dashboard.secrets import Secrets
@@ -48,6 +51,7 @@ __all__ = [
     "append",
     "count",
     "iso_time",
+    "open_secrets",
     "record",
     "rows",
     "verify",
@@ -196,6 +200,35 @@ def record(
             conn, secrets.audit_key, at=when, actor=actor, address=address, action=action, target=target,
             site=site, detail=detail,
         )  # fmt: skip
+
+
+def open_secrets(store: DashboardStore, path: Path) -> Secrets:
+    """Load the secret file for this store, creating it only while the audit trail is empty.
+
+    A missing key file beside a trail that has rows was lost (or this is the wrong ``--secret-file``): a new key
+    would make every old row fail ``verify``, so it is refused instead of created.
+
+    Args:
+        store: the dashboard's store.
+        path: the secret file (``secrets.resolve_secret_path``).
+
+    Returns:
+        The keys.
+
+    Raises:
+        ConfigError: the file is missing while the trail has rows, or cannot be used (see ``load_secrets``).
+    """
+    from edgemed.dashboard.secrets import load_secrets
+
+    if not path.exists():
+        n = count(store)
+        if n:
+            raise ConfigError(
+                f"the secret file {path} is missing, but the audit trail holds {n} rows chained with its key: "
+                "restore the file from a backup or pass the --secret-file the dashboard uses (a new key would "
+                "make the whole trail fail `audit verify`)"
+            )
+    return load_secrets(path, create=True)
 
 
 def _chunks(store: DashboardStore, where: list[Any]) -> Any:
