@@ -262,7 +262,7 @@ def verify(store: DashboardStore, key: bytes) -> VerifyResult:
         reason = None
         if row_id != expected:
             missing = f"row {expected} is" if row_id == expected + 1 else f"rows {expected} to {row_id - 1} are"
-            reason = f"{missing} missing before it (deleted)"
+            reason = f"{missing} missing before it (deleted, or this row renumbered)"
         elif not hmac.compare_digest(_mac(key, previous, row), str(row["hmac"])):
             reason = (
                 "its HMAC does not match: the row was edited, or the chain was written with another key "
