@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,7 +68,10 @@ def test_only_admins_reach_the_admin_pages(base: str) -> None:
         assert 'href="/admin/users"' in page.text
 
 
-def test_an_admin_adds_a_user_who_can_then_log_in(base: str, store: DashboardStore) -> None:
+def test_an_admin_adds_a_user_who_can_then_log_in(
+    base: str, store: DashboardStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the server runs in this process: its log lines are captured too
     with login(base, "boss") as http:
         added = http.post(
             "/admin/users",
@@ -92,6 +96,7 @@ def test_an_admin_adds_a_user_who_can_then_log_in(base: str, store: DashboardSto
     with login(base, "nurse.k", NEW) as nurse:
         me = nurse.get("/api/me").json()
         assert (me["role"], me["sites"]) == ("reviewer", ["clinic-a", "clinic-b"])
+    assert "/admin/users" in caplog.text and NEW not in caplog.text and PASSWORD not in caplog.text
 
 
 @pytest.mark.parametrize(
