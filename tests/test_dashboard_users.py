@@ -150,6 +150,8 @@ def test_roles_and_sites_are_checked(tmp_path: Path, secrets: Secrets) -> None:
             add(store, secrets, "a.b", sites=[" ", ""])
         with pytest.raises(users.UserError, match="is not a site id"):
             add(store, secrets, "a.b", sites=["clinic a"])
+        with pytest.raises(TypeError, match="not one string"):
+            add(store, secrets, "a.b", sites="clinic-a")
         add(store, secrets, "a.b")
         with pytest.raises(users.UserError, match="exists already"):
             add(store, secrets, "a.b")

@@ -117,6 +117,8 @@ def _check_role(role: str) -> str:
 def _check_sites(sites: Iterable[str] | None) -> str | None:
     if sites is None:
         return None
+    if isinstance(sites, str):  # a str is an iterable of one-letter "sites": never what the caller meant
+        raise TypeError("sites must be a collection of site ids (or None), not one string")
     chosen = sorted({s.strip() for s in sites if s.strip()})
     if not chosen:
         raise UserError("a user limited to no site would see nothing: name sites (--sites A,B) or leave them out")
@@ -340,7 +342,7 @@ def verify_password(store: DashboardStore, name: str, password: str) -> UserReco
 
     An unknown name, a user without a password or a disabled user still costs one argon2 verification (against a
     dummy hash), so the answer's timing does not tell which names exist. A hash made with older parameters is
-    replaced by one with the current parameters after a successful check.
+    replaced by one with the current parameters after a successful check (not audited: the password is the same).
 
     Args:
         store: the dashboard's store.
