@@ -100,7 +100,7 @@ def _add(request: Request, form: dict[str, str]) -> Response:
     principal = context.require(request, "admin")
     name = form.get("name", "").strip()
     sites_text = form.get("sites", "").strip()
-    sites = [s for s in sites_text.split(",")] if sites_text else None
+    sites = sites_text.split(",") if sites_text else None
     try:
         password = None if form.get("sso") == "1" else _new_password(form)
         users.add_user(context.store(request), name, form.get("role", ""), sites, password, **_who(request, principal))
