@@ -103,12 +103,12 @@ def test_an_absolute_time_out_ends_even_a_busy_session(store: DashboardStore) ->
 
 
 def test_repeated_wrong_passwords_are_slowed_even_for_the_right_one(store: DashboardStore) -> None:
-    from edgemed.dashboard import users
+    from edgemed.dashboard import slowdown
 
     make_user(store, "rita", "viewer")
     with running_web(store) as base, client(base) as http:
         token = login_csrf(http)
-        for _ in range(users.FREE_FAILURES + 1):
+        for _ in range(slowdown.FREE_FAILURES + 1):
             wrong = http.post("/login", data={"name": "rita", "password": "not the password", "csrf": token})
             assert wrong.status_code == 401
         # The next attempt is not even checked: the right password is refused too, with how long to wait.
