@@ -11,8 +11,9 @@ state-changing endpoint runs: a form only needs ``<input type="hidden" name="csr
 and a script the header ``X-CSRF-Token``.
 
 Templates get ``principal`` (None when nobody is logged in), ``csrf_token``, ``now`` (epoch seconds), ``nav``
-(the links this principal may follow: dicts ``label``, ``href``, ``active``) and the filters ``utc`` (epoch ->
-``2026-12-01 21:14:05 UTC``) and ``ago`` (epoch -> ``5 min ago``).
+(the links this principal may follow: dicts ``label``, ``href``, ``active``), ``alerts`` (the system's own
+trouble: results not saved, nothing received) and the filters ``utc`` (epoch -> ``2026-12-01 21:14:05 UTC``),
+``ago`` (epoch -> ``5 min ago``) and ``clip(n=300)`` (a long device string cut for a cell, saying so).
 """
 
 from __future__ import annotations

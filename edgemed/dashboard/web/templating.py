@@ -1,6 +1,7 @@
 """The Jinja2 environment of the pages: autoescaped templates, the filters, the navigation, the system alerts.
 
-Filters: ``utc`` (epoch seconds -> ``2026-12-01 21:14:05 UTC``), ``ago`` (epoch seconds -> ``5 min ago``).
+Filters: ``utc`` (epoch seconds -> ``2026-12-01 21:14:05 UTC``), ``ago`` (epoch seconds -> ``5 min ago``),
+``clip(n=300)`` (a device string cut for a table cell: ``text… (shortened: 20,000 characters)``).
 Every page of a logged-in user shows ``alerts``: results not being saved (the database refuses writes) or no
 ingest receiving from the broker, from the embedded ingest's counters or the workers' reports in the database.
 """
@@ -43,6 +44,17 @@ def _ago(value: Any) -> str:
     return f"{int(seconds)} s ago"
 
 
+def clip(value: Any, n: int = 300) -> str:
+    """A device string cut to ``n`` characters for a table cell, saying that and how long it was.
+
+    Twenty thousand combining accents in one cell took a browser seconds to lay out: the page never cut them.
+    """
+    text = "" if value is None else str(value)
+    if len(text) <= n:
+        return text
+    return f"{text[:n]}… (shortened: {len(text):,} characters)"
+
+
 ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATES),
     autoescape=True,  # device strings are hostile until shown otherwise: everything is escaped
@@ -52,6 +64,7 @@ ENV = jinja2.Environment(
 )
 ENV.filters["utc"] = _utc
 ENV.filters["ago"] = _ago
+ENV.filters["clip"] = clip
 
 _NAV = (
     ("Queue", "/queue", "viewer"),
