@@ -242,3 +242,63 @@ def test_a_database_that_refuses_writes_does_not_stop_a_logged_in_user_reading(
     finally:
         other.close()
         store.close()
+
+
+def test_the_web_flags_are_checked_and_kept_before_the_sub_command(tmp_path: Path) -> None:
+    import argparse
+
+    from edgemed.dashboard import add_arguments
+    from edgemed.dashboard.web.launch import web_options
+    from edgemed.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    db = str(tmp_path / "d.sqlite3")
+    for argv, message in (
+        (["serve", "--db", db, "--proxy-user-header", "X-User"], "needs --trusted-proxy"),
+        (["serve", "--db", db, "--idle-timeout-min", "0"], "--idle-timeout-min"),
+        (["serve", "--db", db, "--session-hours", "1000"], "--session-hours"),
+        (["serve", "--db", db, "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["serve", "--db", db, "--trusted-proxy", "10.0.0.1/8"], "--trusted-proxy '10.0.0.1/8'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            web_options(parser.parse_args(argv))
+    before = web_options(parser.parse_args(["--trusted-proxy", "10.0.0.0/8", "--no-escalation", "serve", "--db", db]))
+    assert [str(n) for n in before.trusted_proxies] == ["10.0.0.0/8"] and before.escalation is False
+    after = web_options(
+        parser.parse_args(
+            ["serve", "--db", db, "--idle-timeout-min", "5", "--session-hours", "2", "--secret-file", "k"]
+        )
+    )
+    assert (after.idle_timeout_s, after.absolute_timeout_s, after.secret_file) == (300.0, 7200.0, Path("k"))
+    assert after.escalation is True and after.proxy_user_header is None
+
+
+def test_serve_runs_over_tls_with_its_key_file_beside_the_database(tmp_path: Path, pki: Pki) -> None:
+    import threading
+
+    from dashboard_helpers import wait_until
+
+    from edgemed.dashboard.processes import serve_web
+    from edgemed.dashboard.web.launch import WebOptions
+
+    db = tmp_path / "fleet.sqlite3"
+    stop, urls, outcome = threading.Event(), [], []
+    options = WebOptions(tls_cert=pki.server_cert, tls_key=pki.server_key, escalation=False)
+    runner = threading.Thread(
+        target=lambda: outcome.append(serve_web(db=db, port=0, web=options, stop=stop, on_ready=urls.append)),
+        daemon=True,
+    )
+    runner.start()
+    try:
+        assert wait_until(lambda: bool(urls), 20)
+        assert urls[0].startswith("https://127.0.0.1:")
+        trusting = ssl.create_default_context(cafile=str(pki.ca_cert))
+        with client(urls[0].rstrip("/"), verify=trusting) as http:
+            assert "users add NAME --db" in http.get("/login").text
+        key = tmp_path / "fleet.sqlite3.key"
+        assert key.is_file() and key.stat().st_mode & 0o777 == 0o600
+    finally:
+        stop.set()
+        runner.join(20)
+    assert outcome == [0]
