@@ -302,3 +302,27 @@ def test_serve_runs_over_tls_with_its_key_file_beside_the_database(tmp_path: Pat
         stop.set()
         runner.join(20)
     assert outcome == [0]
+
+
+def test_a_page_sends_a_stranger_to_the_login_and_the_login_back_to_the_page(store: DashboardStore) -> None:
+    make_user(store, "ada", "admin")
+    make_user(store, "vera", "viewer")
+    with running_web(store) as base, client(base) as http:
+        answer = http.get("/admin/users?offset=0")
+        assert answer.status_code == 303 and answer.headers["location"] == "/login?next=%2Fadmin%2Fusers%3Foffset%3D0"
+        form = http.get(answer.headers["location"]).text
+        assert 'name="next" value="/admin/users?offset=0"' in form
+        token = login_csrf(http)
+        data = {"name": "ada", "password": PASSWORD, "csrf": token, "next": "/admin/users?offset=0"}
+        done = http.post("/login", data=data)
+        assert done.status_code == 303 and done.headers["location"] == "/admin/users?offset=0"
+        # Off-site targets are never followed after a login.
+        for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            with client(base) as other:
+                again = other.post("/login", data={**data, "csrf": login_csrf(other), "next": target})
+                assert again.headers["location"] == "/queue", target
+        viewer = login(base, "vera")
+        denied = viewer.get("/admin/users")
+        assert denied.status_code == 403 and "text/html" in denied.headers["content-type"]
+        assert "admin role" in denied.text and 'href="/admin/users"' not in denied.text  # nor offered in the nav
+        viewer.close()

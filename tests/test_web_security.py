@@ -101,6 +101,8 @@ def test_a_state_changing_request_needs_the_session_csrf_token(base: str) -> Non
         assert refused.status_code == 403 and "CSRF" in refused.json()["error"]
         assert bare.post("/logout", headers={"X-CSRF-Token": "x" * 43}).status_code == 403
         assert bare.post("/logout", data={"csrf": "wrong"}).status_code == 403
+        assert bare.post("/logout", data={"csrf": "é" * 43}).status_code == 403  # not ASCII: refused, not a 500
+        assert bare.post("/logout", headers={"X-CSRF-Token": "é".encode("latin-1") * 43}).status_code == 403
         for method in ("PUT", "PATCH", "DELETE"):
             assert bare.request(method, "/api/me").status_code == 403, method
         assert http.get("/api/me").status_code == 200  # none of them logged the user out
@@ -130,6 +132,15 @@ def test_the_login_form_has_its_own_csrf_token(base: str) -> None:
         assert forged.status_code == 403
         ok = http.post("/login", data={"name": "vera", "password": "correct horse battery staple", "csrf": token})
         assert ok.status_code == 303
+
+
+def test_a_forged_or_garbled_session_cookie_is_nobody(base: str) -> None:
+    with login(base, "vera") as http:
+        value = str(http.cookies["edgemed_session"])
+        token, _, mac = value.rpartition(".")
+        for forged in (f"{token}.{'0' * 64}", f"{token[:-1]}A.{mac}", "é" * 50, "no-dot", "." * 3, "x" * 500):
+            with client(base, headers={"Cookie": f"edgemed_session={forged}".encode("latin-1")}) as other:
+                assert other.get("/api/me").status_code == 401, forged
 
 
 def test_hostile_text_renders_as_text(base: str) -> None:

@@ -54,6 +54,11 @@ def login_csrf(key: bytes, cookie_token: str) -> str:
     return hmac.new(key, b"login-csrf:" + cookie_token.encode(), hashlib.sha256).hexdigest()
 
 
+def _same(expected: str, given: str) -> bool:
+    # Bytes: compare_digest refuses a str that is not ASCII, and a header or field may hold anything.
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+
+
 def _replay(body: bytes) -> Receive:
     sent = False
 
@@ -190,7 +195,7 @@ class SecurityMiddleware:
         if scope["path"] == "/login":
             cookie = request.cookies.get(LOGIN_COOKIE)
             expected = login_csrf(key, cookie) if cookie else None
-            if expected is None or given is None or not hmac.compare_digest(expected, given):
+            if expected is None or given is None or not _same(expected, given):
                 return "the login form expired or came from another site: reload the login page and try again"
             return None
         value = request.cookies.get(sessions.COOKIE)
@@ -210,7 +215,7 @@ class SecurityMiddleware:
             if scope["path"] == "/logout":
                 return None  # logging out of a session that already ended: nothing to protect
             return "no session: log in on the dashboard page first"
-        if given is None or not hmac.compare_digest(session.csrf, given):
+        if given is None or not _same(session.csrf, given):
             return "missing or wrong CSRF token: send the page's form (field csrf) or the X-CSRF-Token header"
         return None
 

@@ -85,7 +85,7 @@ def unsign(key: bytes, value: str) -> str | None:
     if not dot or not token or len(value) > 200:
         return None
     good = hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
-    return token if hmac.compare_digest(good, mac) else None
+    return token if hmac.compare_digest(good.encode(), mac.encode("utf-8", "replace")) else None
 
 
 def create(
