@@ -142,3 +142,21 @@ def test_metrics_need_no_login_and_are_absent_when_nothing_is_exported(base: str
         assert answer.status_code == 200 and b"edgemed_results_stored" in answer.content
     with running_web(store) as bare, client(bare) as http:
         assert http.get("/metrics").status_code == 404  # nothing to export here
+
+
+def test_sessions_and_the_site_filter_on_postgresql(pg_url: str) -> None:
+    store = DashboardStore(pg_url)
+    try:
+        for site in ("clinic-a", "clinic-b"):
+            store.set_status(site, f"{site}-us-01", {"state": "online"})
+            store.add_result(make_result(site=site, device_id=f"{site}-us-01", level="urgent", reason=site))
+        make_user(store, "alice", "viewer", sites={"clinic-a"})
+        with running_web(store, device_expiry_s=None) as base, login(base, "alice") as http:
+            assert [d["site"] for d in http.get("/api/fleet").json()["devices"]] == ["clinic-a"]
+            assert {r["site"] for r in http.get("/api/results").json()["results"]} == {"clinic-a"}
+            summary = http.get("/api/summary").json()
+            assert summary["attention_total"] == 1 and summary["counts"]["results"]["urgent"] == 1
+            assert http.post("/logout").status_code == 303
+            assert http.get("/api/me").status_code == 401
+    finally:
+        store.close()

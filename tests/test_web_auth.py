@@ -274,7 +274,9 @@ def test_the_web_flags_are_checked_and_kept_before_the_sub_command(tmp_path: Pat
     assert after.escalation is True and after.proxy_user_header is None
 
 
-def test_serve_runs_over_tls_with_its_key_file_beside_the_database(tmp_path: Path, pki: Pki) -> None:
+def test_serve_runs_over_tls_with_its_key_file_beside_the_database(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     import threading
 
     from dashboard_helpers import wait_until
@@ -289,10 +291,14 @@ def test_serve_runs_over_tls_with_its_key_file_beside_the_database(tmp_path: Pat
         target=lambda: outcome.append(serve_web(db=db, port=0, web=options, stop=stop, on_ready=urls.append)),
         daemon=True,
     )
+    caplog.set_level("WARNING")
     runner.start()
     try:
         assert wait_until(lambda: bool(urls), 20)
         assert urls[0].startswith("https://127.0.0.1:")
+        # No users yet: the log names the one command that creates the first admin.
+        hint = f"edgemed dashboard users add NAME --db {db} --role admin"
+        assert any(hint in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
         trusting = ssl.create_default_context(cafile=str(pki.ca_cert))
         with client(urls[0].rstrip("/"), verify=trusting) as http:
             assert "users add NAME --db" in http.get("/login").text
