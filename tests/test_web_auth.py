@@ -51,7 +51,9 @@ def test_a_user_logs_in_reads_the_api_and_logs_out(store: DashboardStore) -> Non
         assert out.status_code == 303 and out.headers["location"] == "/login"
         # The old cookie is worth nothing once revoked, even replayed by hand.
         with client(base, cookies={"edgemed_session": str(cookie.value)}) as replay:
-            assert replay.get("/api/me").status_code == 401
+            refused = replay.get("/api/me")
+            assert refused.status_code == 401
+            assert "edgemed_session=; Path=/; Max-Age=0" in refused.headers["set-cookie"]  # the browser drops it
         http.close()
 
 

@@ -156,6 +156,9 @@ def current_session(request: Request, now: float | None = None) -> sessions.Sess
             idle_s=cfg.idle_timeout_s,
             absolute_s=cfg.absolute_timeout_s,
         )
+    if value and found is None:
+        # Ended, revoked or forged: tell the browser to drop it instead of sending it with every request.
+        state.setdefault("edgemed_cookies", []).append(sessions.clear_cookie_header(cfg))
     state["edgemed_session"] = found
     return found
 
