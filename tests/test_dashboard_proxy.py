@@ -123,6 +123,10 @@ def _login_in_chromium(tmp_path: Path, proxy: TlsProxy, store: DashboardStore) -
     try:
         assert browser.evaluate(WAIT_FOR_JS % "document.querySelector('form[action=\"/login\"]') !== null")
         assert browser.evaluate("location.origin") == proxy.origin
+        # The stylesheet loads under the CSP (style-src 'self'): the page is styled, not bare.
+        assert browser.evaluate(
+            WAIT_FOR_JS % "document.styleSheets.length === 1 && document.styleSheets[0].cssRules.length > 20"
+        )
         browser.evaluate(
             "document.querySelector('input[name=name]').value = 'cd'; "
             f"document.querySelector('input[name=password]').value = {json.dumps(PASSWORD)}; "
