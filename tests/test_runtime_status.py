@@ -11,6 +11,9 @@ from broker_fixtures import Mosquitto, Subscriber
 from device_fakes import BrightnessBackend, fake_model
 
 from edgemed.config import DeviceProfile
+from edgemed.dashboard.drift import drift_report
+from edgemed.dashboard.store import DashboardStore
+from edgemed.dashboard.validate import classify
 from edgemed.manifest import find_manifest, load_manifest
 from edgemed.runtime import Device
 
@@ -53,6 +56,17 @@ def test_the_online_status_names_the_model_version_and_its_reference(
     assert status["model_version"] == manifest.version
     assert status["reference"] == manifest.reference.model_dump(mode="json")
     assert status["model_sha256"] == manifest.artifact(int8_model.name).sha256
+    # The dashboard's ingest accepts that status as it is, and its drift view reads the reference from it.
+    filing = classify(STATUS, json.dumps(status).encode(), retained=True)
+    assert filing.kind == "status", filing.reason
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    try:
+        assert store.file([filing]) == ["updated"]
+        (row,) = drift_report(store, None)
+        assert (row.site, row.model, row.status) == ("ward", manifest.name, "too_few")
+        assert row.reference == manifest.reference
+    finally:
+        store.close()
 
 
 def test_a_manifest_without_a_reference_publishes_none(broker: Mosquitto, tmp_path: Path) -> None:
