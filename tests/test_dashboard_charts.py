@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from edgemed.dashboard.charts import Series, Stack, line_chart, nice_ticks, stacked_bars
+from edgemed.dashboard.charts import Series, Stack, line_chart, nice_ticks, stacked_bars, time_ticks
 
 SVG = "{http://www.w3.org/2000/svg}"
 HOSTILE = '<script>alert("x")</script>&amp; "quoted" \' onload=alert(1)'
@@ -83,3 +83,11 @@ def test_ticks_are_round_and_cover_the_range() -> None:
     assert nice_ticks(0, 97) == [0, 20, 40, 60, 80, 100]
     assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(5, 5)[0] <= 5 <= nice_ticks(5, 5)[-1]
+
+
+def test_time_ticks_fall_on_round_times() -> None:
+    day = 1_800_000_000.0  # 2027-01-15 08:00 UTC, on the hour
+    ticks = time_ticks(day + 600, day + 86400 + 600)  # a day, starting ten minutes past
+    assert all(t % (6 * 3600) == 0 for t in ticks) and 4 <= len(ticks) <= 8  # every six hours
+    assert day + 600 <= ticks[0] and ticks[-1] <= day + 86400 + 600
+    assert time_ticks(day, day + 1800)[1] - time_ticks(day, day + 1800)[0] == 300

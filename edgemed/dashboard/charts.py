@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LEVEL_COLOURS", "PALETTE", "Series", "Stack", "line_chart", "stacked_bars"]
+__all__ = ["LEVEL_COLOURS", "PALETTE", "Series", "Stack", "line_chart", "nice_ticks", "stacked_bars", "time_ticks"]
 
 #: Colours of successive series (Okabe-Ito: distinguishable with the common colour-vision deficiencies).
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000000")
@@ -85,6 +85,19 @@ def _tick_label(value: float) -> str:
     return f"{value:g}"
 
 
+#: Steps between two time ticks (seconds): whole minutes, hours and days, so a label reads as a round time.
+_TIME_STEPS = (60, 300, 900, 1800, 3600, 2 * 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400,
+               14 * 86400, 30 * 86400, 91 * 86400)  # fmt: skip
+
+
+def time_ticks(start: float, end: float, count: int = 6) -> list[float]:
+    """Round times (UTC) between ``start`` and ``end``, at most ``count + 1`` of them."""
+    span = max(end - start, 1.0)
+    step = next((st for st in _TIME_STEPS if span / st <= count), _TIME_STEPS[-1])
+    first = math.ceil(start / step) * step
+    return [float(t) for t in range(int(first), int(end) + 1, step)]
+
+
 def _time_label(at: float, span_s: float) -> str:
     fmt = "%H:%M" if span_s <= 86400 else "%m-%d %H:%M" if span_s <= 7 * 86400 else "%Y-%m-%d"
     return time.strftime(fmt, time.gmtime(at))
@@ -142,15 +155,14 @@ def _y_axis(frame: _Frame, y_label: str) -> list[str]:
     return out
 
 
-def _x_time_axis(frame: _Frame, count: int = 6) -> list[str]:
+def _x_time_axis(frame: _Frame, count: int = 7) -> list[str]:
     span = frame.x1 - frame.x0
     out = [
         '<g class="axis x-axis" font-size="11" fill="#333333">',
         f'<line x1="{frame.left}" x2="{_num(frame.left + frame.plot_w)}" y1="{_num(frame.bottom)}" '
         f'y2="{_num(frame.bottom)}" stroke="#333333" stroke-width="1"/>',
     ]
-    for i in range(count + 1):
-        at = frame.x0 + span * i / count
+    for at in time_ticks(frame.x0, frame.x1, count):
         x = _num(frame.px(at))
         out.append(
             f'<text x="{x}" y="{_num(frame.bottom + 16)}" text-anchor="middle">{_esc(_time_label(at, span))}</text>'

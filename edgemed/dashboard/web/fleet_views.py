@@ -108,7 +108,7 @@ def triage_charts(levels: list[dict[str, Any]], since: float, now: float) -> lis
         stacks = [Stack(lv, per_site[site][lv], LEVEL_COLOURS.get(lv)) for lv in LEVELS if any(per_site[site][lv])]
         per = "hour" if size == _HOUR else "day"
         svg = stacked_bars(starts, stacks, title=f"Triage mix at {site}, per {per}", y_label=f"results per {per}",
-                           ident=f"mix-{n}", bar_s=float(size))  # fmt: skip
+                           ident=f"mix-{n}", bar_s=float(size), width=560)  # fmt: skip
         out.append({"site": site, "svg": Markup(svg)})  # charts.py escaped every string in it
     return out
 
@@ -127,11 +127,15 @@ def results_per_hour_chart(levels: list[dict[str, Any]], since: float, now: floa
 
 def device_charts(
     series: dict[str, list[tuple[float, float]]], device_id: str, since: float, now: float
-) -> list[Markup]:
-    """The device page's four line charts (frame rate, latency p95, CPU, backlog) over ``since``..``now``."""
+) -> list[dict[str, Any]]:
+    """The device page's four line charts (frame rate, latency p95, CPU, backlog) over ``since``..``now``.
+
+    Returns:
+        Dicts with ``title`` and ``svg`` (``Markup``).
+    """
     out = []
     for name, (title, unit) in _SERIES_TITLES.items():
         svg = line_chart([Series(f"{device_id} {unit}", series.get(name, []))], title=title, y_label=unit,
-                         ident=f"dev-{name}", x_range=(since, now), height=220)  # fmt: skip
-        out.append(Markup(svg))  # charts.py escaped every string in it
+                         ident=f"dev-{name}", x_range=(since, now), width=480, height=220)  # fmt: skip
+        out.append({"title": title, "svg": Markup(svg)})  # charts.py escaped every string in it
     return out
