@@ -93,6 +93,7 @@ class Drift:
         versions_differ: devices of the site run this model with different references.
         psi: the index (None without a reference or with too few results).
         status: ``drift`` (psi above the threshold), ``ok``, ``too_few`` or ``no_reference``.
+        labels: every label of the recent mix and the reference, sorted (the rows of a table of both).
     """
 
     site: str

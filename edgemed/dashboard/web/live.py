@@ -50,7 +50,7 @@ from edgemed.dashboard.web import context, sessions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KEEPALIVE_S", "MAX_STREAMS", "MAX_STREAM_S", "POLL_S", "RECHECK_S", "open_streams", "routes"]
+__all__ = ["KEEPALIVE_S", "MAX_STREAMS", "MAX_STREAM_S", "POLL_S", "RECHECK_S", "routes"]
 
 #: Seconds between two polls of the database.
 POLL_S = 0.5
@@ -100,10 +100,6 @@ class _Hub:
         self._starting = asyncio.Lock()
         #: Set when the server stops: every stream says ``end``.
         self.stopping = threading.Event()
-
-    @property
-    def open(self) -> int:
-        return self._slots
 
     def take(self, limit: int) -> Callable[[], None] | None:
         """A slot for one more stream (None when ``limit`` are open); the returned function gives it back once."""
@@ -163,11 +159,6 @@ def _hub(request: Request) -> _Hub:
             state.end_streams = hub.stopping.set  # WebServer.stop() calls it
     result: _Hub = hub
     return result
-
-
-def open_streams(request: Request) -> int:
-    """How many event streams this process serves now."""
-    return _hub(request).open
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
