@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from edgemed.errors import ModelError
@@ -60,3 +62,29 @@ def test_a_manifest_without_a_reference_still_loads(int8_model: Path, tmp_path: 
     path = tmp_path / "older.manifest.json"
     path.write_text(json.dumps(raw))
     assert load_manifest(path).reference is None
+
+
+def _outcome(target: str, probs: list[list[float]]) -> Any:
+    from converters.outcome import Footprint, TargetOutcome
+    from edgemed.manifest import QuantSpec
+
+    spec = QuantSpec(shape=[1, 2], dtype="int8")
+    # The gate's result is not read for the reference: only the target and its probabilities are.
+    return TargetOutcome(target, Path(f"m_{target}.tflite"), spec, spec, "logits", Footprint(1, 1.0),
+                         np.array(probs), None, "accepted")  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_the_reference_is_the_int8_models_else_the_first_targets() -> None:
+    from converters.record import drift_reference
+    from converters.samples import HeldOut
+
+    held = HeldOut("val", np.zeros((4, 2, 2, 1), np.uint8), np.array([0, 1, 1, 0]))
+    f16 = _outcome("float16", [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    int8 = _outcome("int8", [[0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    ref = drift_reference([f16, int8], held, ["benign", "malignant"])
+    assert ref is not None and ref.target == "int8" and ref.split == "val" and ref.n == 4
+    assert ref.class_mix == {"benign": 0.25, "malignant": 0.75}
+    assert ref.mean_confidence == pytest.approx((0.6 + 0.8 + 0.7 + 0.6) / 4)
+    only = drift_reference([f16], held, ["benign", "malignant"])
+    assert only is not None and only.target == "float16" and only.class_mix == {"benign": 0.75, "malignant": 0.25}
+    assert drift_reference([], held, ["benign", "malignant"]) is None
