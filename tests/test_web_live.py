@@ -206,3 +206,39 @@ def test_live_js_is_csp_clean_and_refreshes_fragments() -> None:
         assert forbidden not in script
     assert 'new EventSource("/api/stream")' in script and "[data-fragment]" in script
     assert "MIN_INTERVAL_MS = 500" in script  # at most 2 fetches a second
+
+
+def test_live_js_refreshes_the_page_in_chromium_and_goes_to_the_login_when_the_session_ends(
+    sqlite_store: DashboardStore, tmp_path: Path
+) -> None:
+    from browser import CHROMIUM, headless_flags
+    from playwright.sync_api import sync_playwright
+
+    from edgemed.dashboard.web import sessions
+
+    store = sqlite_store
+    store.set_status("clinic-a", "us-01", {"state": "online", "model": "breast-cnn"})
+    make_user(store, "rita", "reviewer")
+    flags = [f for f in headless_flags(tmp_path) if not f.startswith(("--headless", "--user-data-dir"))]
+    with running_web(store) as base, login(base, "rita") as http, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=flags)
+        try:
+            context = browser.new_context()
+            context.add_cookies([{"name": k, "value": v, "url": base} for k, v in http.cookies.items()])
+            page = context.new_page()
+            console: list[str] = []
+            page.on("console", lambda message: console.append(message.text))
+            page.goto(f"{base}/fleet")
+            page.wait_for_selector("[data-live-indicator].live", timeout=5000)
+            assert page.inner_text("[data-live-indicator]") == "live"
+            store.set_status("clinic-a", "us-77", {"state": "online", "model": "new-model"})
+            stored_at = time.monotonic()
+            while "us-77" not in page.inner_text("section[data-fragment]"):
+                assert time.monotonic() - stored_at < 2.0, "the fleet table did not refresh within 2 s"
+                time.sleep(0.05)
+            assert page.url == f"{base}/fleet"  # refreshed in place, not reloaded
+            assert not [line for line in console if "Content Security Policy" in line], console
+            sessions.revoke_user(store, "rita")  # logged out elsewhere (or disabled)
+            page.wait_for_url(f"{base}/login?next=%2Ffleet", timeout=15000)
+        finally:
+            browser.close()
