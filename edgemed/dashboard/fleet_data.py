@@ -129,7 +129,7 @@ def device_references(store: DashboardStore, sites: Sites) -> list[dict[str, Any
     query = (
         sa.select(devices.c.site, devices.c.device_id, devices.c.status, devices.c.status_at)
         .where(_site_filter(devices.c.site, sites), devices.c.status.is_not(None))
-        .order_by(devices.c.status_at.desc(), devices.c.site, devices.c.device_id)
+        .order_by(devices.c.status_at.desc().nulls_last(), devices.c.site, devices.c.device_id)
     )
     with store._read() as conn:
         rows = conn.execute(query).all()
