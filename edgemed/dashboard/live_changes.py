@@ -9,9 +9,10 @@ Results and study decisions are read past a keyset cursor ``(received_at, result
 rows with one time, so a time alone would skip the rest of a batch bigger than one poll. A transaction stamps its
 rows when it starts and commits a little later, so with several ingest workers a row can become visible with a
 time just below the cursor: each poll also counts the rows of the last ``LAG_S`` seconds below the cursor, and
-only when there are more than it reported does it read them to report the late ones. Devices (a few hundred rows)
-and reviews (a person's clicks) are simply read over the last ``LAG_S`` seconds and compared with what was
-reported. Only small facts leave here (ids, site, level, state), never a payload.
+only when there are more than it reported does it read them to report the late ones (in a flood of more than
+``WINDOW_ROWS`` rows within ``LAG_S`` late rows are not looked for: the flood's own events refresh the page).
+Devices (a few hundred rows) and reviews (a person's clicks) are simply read over the last ``LAG_S`` seconds and
+compared with what was reported. Only small facts leave here (ids, site, level, state), never a payload.
 """
 
 from __future__ import annotations

@@ -129,6 +129,14 @@ class _Hub:
     def leave(self, stream: _Stream) -> None:
         self._streams.discard(stream)
 
+    def _end_all(self) -> None:
+        for stream in list(self._streams):
+            if stream.queue.full():
+                stream.behind = True
+            else:
+                stream.queue.put_nowait(_ENDED)
+        self._streams.clear()
+
     async def _run(self) -> None:
         while self._streams and not self.stopping.is_set():
             await asyncio.sleep(POLL_S)
@@ -136,12 +144,12 @@ class _Hub:
                 changes = await run_in_threadpool(self._feed.poll, self._store)
             except SQLAlchemyError as exc:
                 log.warning("the live stream cannot read the dashboard database (%s); the pages will reconnect", exc)
-                for stream in list(self._streams):
-                    if stream.queue.full():
-                        stream.behind = True
-                    else:
-                        stream.queue.put_nowait(_ENDED)
-                self._streams.clear()
+                self._end_all()
+                return
+            except Exception:
+                # A bug must not leave every page waiting on a poller that is gone: end the streams, say why.
+                log.error("the live stream's poller failed; the pages will reconnect", exc_info=True)
+                self._end_all()
                 return
             for stream in list(self._streams):
                 stream.offer(changes)
