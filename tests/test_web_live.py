@@ -242,3 +242,31 @@ def test_live_js_refreshes_the_page_in_chromium_and_goes_to_the_login_when_the_s
             page.wait_for_url(f"{base}/login?next=%2Ffleet", timeout=15000)
         finally:
             browser.close()
+
+
+def test_a_database_that_cannot_be_read_ends_the_stream_with_a_reason(
+    sqlite_store: DashboardStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from edgemed.dashboard.live_changes import ChangeFeed
+
+    store = sqlite_store
+    make_user(store, "rita", "reviewer")
+    with running_web(store) as base, login(base, "rita") as http:
+        events = Events(http)
+        assert events.wait_for(lambda name, _: name == "hello", 5) is not None
+
+        def broken(self: ChangeFeed, store: DashboardStore) -> list[Any]:
+            raise OperationalError("SELECT", {}, Exception("disk I/O error"))
+
+        monkeypatch.setattr(ChangeFeed, "poll", broken)
+        ended = events.wait_for(lambda name, _: name == "end", 5)
+        assert ended is not None and "database is unavailable" in ended[1]["reason"]
+        assert events.ended(5)
+        monkeypatch.undo()
+        again = Events(http)  # the poller starts again with the next stream
+        assert again.wait_for(lambda name, _: name == "hello", 5) is not None
+        urgent = make_result(level="urgent")
+        store.add_result(urgent)
+        assert again.wait_for(lambda name, data: data.get("result_id") == urgent["result_id"], 5) is not None
