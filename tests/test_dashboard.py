@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from broker_fixtures import Amqtt, Device, Mosquitto
 from dashboard_helpers import HEALTH, fill_the_disk, free_the_disk, make_result, make_study, wait_until
-from web_helpers import client, login, make_user, running_web
+from web_helpers import browser_logged_in, client, login, make_user, running_web
 
 from edgemed.dashboard import add_arguments, run, serve
 from edgemed.dashboard.ingest import Ingest
@@ -301,6 +301,24 @@ def test_web_api(web: str, populated: DashboardStore) -> None:
         assert http.post("/logout", headers={"Origin": "http://evil.example"}).status_code == 403
         assert http.get("/nope").status_code == 404
         assert http.get("/api/nope").json()["error"].startswith("no such page")
+
+
+def test_browser_renders_the_fleet_and_hostile_device_text_as_text(
+    web: str, populated: DashboardStore, tmp_path: Path
+) -> None:
+    populated.set_status("clinic-a", "us-01", {"state": "online", "degraded": True, "model": XSS_REASON})
+    browser = browser_logged_in(tmp_path, web, "ada", "/fleet")
+    try:
+        text = browser.evaluate("document.querySelector('table.fleet').innerText")
+        assert "us-01" in text and "xr-02" in text and "rpi-03" in text
+        assert "degraded" in text and "silent" in text
+        # The hostile model name is shown as text: no element made of it, nothing of it ran.
+        assert '<img src=x onerror="document.title' in text
+        assert browser.evaluate("document.title") == "Fleet · edgemed dashboard"
+        assert browser.evaluate("document.querySelectorAll('img').length") == 0
+        assert browser.evaluate("[...document.scripts].every((s) => new URL(s.src).pathname.startsWith('/static/'))")
+    finally:
+        browser.close()
 
 
 def test_serve_runs_ingest_and_web_until_stopped_and_ingests_before_anyone_logs_in(

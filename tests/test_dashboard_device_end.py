@@ -79,11 +79,16 @@ def test_a_crashed_run_shows_as_such_with_what_it_left_pending(
         make_user(store, "ada", "admin")
         with running_web(store, ingest_snapshot=ingest.snapshot) as base, login(base, "ada") as http:
             [shown] = http.get("/api/fleet").json()["devices"]
+            page = http.get("/fleet").text
     finally:
         ingest.stop()
         store.close()
     assert shown["offline_reason"] == "ended with an error (RuntimeError)" and shown["ended_abnormally"] is True
     assert shown["pending"] == device["pending"] and shown["state"] == "offline"
+    # The fleet view says so on the device's row, with what it left pending.
+    row = page.split(">us-07</a>")[1].split("</tr>")[0]
+    assert 'title="ended with an error (RuntimeError)">ended abnormally</span>' in row, row
+    assert f'<td class="num">{device["pending"]}</td>' in row and ">stopped<" not in row
 
 
 def test_pending_comes_from_the_newest_report_and_a_lost_connection_is_not_a_clean_stop(tmp_path: Path) -> None:

@@ -222,9 +222,11 @@ def test_a_nan_stored_by_an_older_dashboard_never_reaches_the_page(tmp_path: Pat
     try:
         with running_web(store) as base, login(base, "ada") as http:
             fleet = _strict_json(http.get("/api/fleet").content)
+            page = http.get("/fleet")
     finally:
         store.close()
     assert fleet["devices"][0]["fps"] is None and fleet["devices"][0]["pending"] == 17
+    assert page.status_code == 200 and ">us-01</a>" in page.text and not re.search(r"\bnan\b", page.text, re.I)
 
 
 def test_the_api_encoder_never_writes_non_finite_numbers() -> None:
