@@ -208,4 +208,6 @@ def test_the_readme_first_run_works_line_by_line(
         fleet = http.get("/api/fleet").json()["devices"]
         # doctor's broker check left a retained "doctor" device there before (issue 9 item 17): only the device shows
         assert [d["device_id"] for d in fleet] == ["first-run-01"]
-        assert http.get("/", follow_redirects=True).status_code == 200
+        home = http.get("/")
+        assert home.status_code == 303 and home.headers["location"] == "/queue"
+        assert ">first-run-01</a>" in http.get("/fleet").text
