@@ -144,9 +144,9 @@ def _lease(store: DashboardStore, now: float) -> list[tuple[Any, int]]:
             mine = (escalations.c.result_id == result_id) & (escalations.c.next_attempt_at == next_at)
             if reviewed is not None:
                 conn.execute(
-                    sa.update(escalations).where(mine).values(
-                        next_attempt_at=None, webhook_status="acknowledged before it was posted"
-                    )
+                    sa.update(escalations)
+                    .where(mine)
+                    .values(next_attempt_at=None, webhook_status="acknowledged before it was posted")
                 )
                 continue
             won = conn.execute(
@@ -292,7 +292,7 @@ class Escalator:
         while not self._stop.wait(self.interval_s):
             try:
                 self.run_once()
-            except Exception as exc:  # the database is down or busy: the next round tries again
+            except Exception as exc:  # noqa: BLE001 - the database is down or busy: the next round tries again
                 log.warning("escalation round failed (%s: %s); trying again in %g s", type(exc).__name__,
                             str(exc)[:200], self.interval_s)  # fmt: skip
 

@@ -318,7 +318,7 @@ class StoreQueries:
         _page(offset, limit)
         where, params = ("WHERE r.level = ?", (level,)) if level else ("", ())
         rows = self._query(
-            "SELECT r.*, a.acked_at, a.acked_by FROM results r LEFT JOIN acks a USING (result_id) "
+            "SELECT r.*, a.acked_at, a.acked_by FROM results r LEFT JOIN reviews a USING (result_id) "
             f"{where} ORDER BY r.received_at DESC, r.seq DESC LIMIT ? OFFSET ?",
             (*params, limit, offset),
         )
@@ -341,18 +341,19 @@ class StoreQueries:
     _URGENT_WAITING = (
         "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
         "r.reason, coalesce(r.triage_label, r.label) AS label, r.label AS top_label, NULL AS frames "
-        "FROM results r LEFT JOIN acks a USING (result_id) "
+        "FROM results r LEFT JOIN reviews a USING (result_id) "
         "WHERE r.level = 'urgent' AND a.result_id IS NULL "
         "UNION ALL "
         "SELECT 'study', s.result_id, s.site, s.device_id, s.seq, s.created_at, s.received_at, "
-        "s.reason, s.triage_label, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
+        "s.reason, s.triage_label, NULL, s.frames FROM studies s LEFT JOIN reviews a USING (result_id) "
         "WHERE s.level = 'urgent' AND a.result_id IS NULL"
     )
 
     def unacknowledged_urgent(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
         """Urgent frame results and urgent study decisions no person has acknowledged yet, oldest first.
 
-        Oldest first because the one waiting longest is the one to look at first.
+        Oldest first because the one waiting longest is the one to look at first. Acknowledged means a ``reviews``
+        row exists (``review.py``: acknowledged or closed).
 
         Args:
             limit: most rows returned (1-1000).

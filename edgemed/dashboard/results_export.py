@@ -233,14 +233,12 @@ def _chunks(
     writer = csv.writer(buffer, lineterminator="\r\n")
     if fmt == "csv":
         writer.writerow(COLUMNS)
-    n = 0
-    for row in rows(store, since=since, until=until, sites=sites):
+    for n, row in enumerate(rows(store, since=since, until=until, sites=sites), 1):
         shown = _shown(row)
         if fmt == "csv":
             writer.writerow([_cell(shown[name]) for name in COLUMNS])
         else:
             buffer.write(json.dumps(shown, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n")
-        n += 1
         if n % PAGE_ROWS == 0:
             yield buffer.getvalue().encode("utf-8")
             buffer.seek(0)

@@ -132,7 +132,9 @@ def _queue_row(row: Any) -> dict[str, Any]:
     return out
 
 
-def queue(store: DashboardStore, sites: Collection[str] | None, *, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+def queue(
+    store: DashboardStore, sites: Collection[str] | None, *, limit: int = 50, offset: int = 0
+) -> list[dict[str, Any]]:
     """The results and study decisions waiting for a person: every urgent one (oldest first), then inconclusive.
 
     Args:

@@ -32,7 +32,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ESCALATE_AFTER_MIN", "ReviewSettings", "check_minutes", "check_webhook_url", "load", "origin", "save"]
+__all__ = [
+    "DEFAULT_ESCALATE_AFTER_MIN",
+    "ReviewSettings",
+    "check_minutes",
+    "check_webhook_url",
+    "load",
+    "origin",
+    "save",
+]
 
 DEFAULT_ESCALATE_AFTER_MIN = 15
 MAX_ESCALATE_AFTER_MIN = 24 * 60

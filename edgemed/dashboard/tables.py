@@ -108,14 +108,6 @@ devices = sa.Table(
 )
 sa.Index("devices_last_seen", devices.c.last_seen)
 
-acks = sa.Table(
-    "acks",
-    metadata,
-    sa.Column("result_id", sa.Text, primary_key=True),
-    _time("acked_at"),
-    _text("acked_by", False),
-)
-
 dead_letters = sa.Table(
     "dead_letters",
     metadata,

@@ -154,6 +154,7 @@ def upgrade() -> None:
         "FROM acks a LEFT JOIN results r ON r.result_id = a.result_id LEFT JOIN studies s ON s.result_id = a.result_id "
         "WHERE coalesce(r.site, s.site) IS NOT NULL"
     )
+    op.drop_table("acks")  # its rows are reviews now; the review workflow (review.py) writes only those
 
 
 def downgrade() -> None:
