@@ -19,9 +19,8 @@ from broker_fixtures import Amqtt, Device, Mosquitto
 from browser import WAIT_FOR_JS, PipeBrowser
 from dashboard_helpers import HEALTH, chromium, fill_the_disk, free_the_disk, make_result, make_study, wait_until
 
-from edgemed.dashboard import add_arguments, run, serve
+from edgemed.dashboard import add_arguments, review, run, serve
 from edgemed.dashboard.ingest import Ingest
-from edgemed.dashboard import review
 from edgemed.dashboard.secrets import load_secrets
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.web import DashboardServer, make_server
