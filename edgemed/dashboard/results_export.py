@@ -33,7 +33,7 @@ from edgemed.errors import ConfigError
 if TYPE_CHECKING:
     from edgemed.dashboard.store import DashboardStore
 
-__all__ = ["COLUMNS", "FORMATS", "PAGE_ROWS", "count_rows", "export_results", "parse_time", "rows"]
+__all__ = ["COLUMNS", "FORMATS", "PAGE_ROWS", "count_rows", "export_results", "iso", "parse_time", "rows"]
 
 FORMATS = ("csv", "jsonl")
 PAGE_ROWS = 500
@@ -84,7 +84,8 @@ def parse_time(text: str, name: str) -> float:
     return when.timestamp()
 
 
-def _iso(at: Any) -> str | None:
+def iso(at: Any) -> str | None:
+    """An epoch time as ISO 8601 UTC with milliseconds (``1970-01-01T00:01:40.000Z``); None when not a number."""
     if not isinstance(at, (int, float)) or not math.isfinite(at):
         return None
     return datetime.fromtimestamp(float(at), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -194,7 +195,7 @@ def _cell(value: Any) -> Any:
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
     out = {name: row.get(name) for name in COLUMNS}
     for name in _TIMES:
-        out[name] = _iso(out[name])
+        out[name] = iso(out[name])
     out["review_state"] = out["review_state"] or "new"
     confidence = out["confidence"]
     out["confidence"] = confidence if isinstance(confidence, float) and math.isfinite(confidence) else None
