@@ -172,9 +172,9 @@ def test_the_export_is_streamed_in_both_formats_and_audited(site: dict[str, Any]
         params = {"since": "1970-01-01", "until": "1970-01-01", "site": A, "format": "jsonl"}
         answer = rob.get("/export/results", params=params)
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/x-ndjson")
-        assert 'filename="edgemed-results-clinic-a-1970-01-01-1970-01-02.jsonl"' in answer.headers[
-            "content-disposition"
-        ]
+        assert (
+            'filename="edgemed-results-clinic-a-1970-01-01-1970-01-02.jsonl"' in answer.headers["content-disposition"]
+        )
         lines = [json.loads(line) for line in answer.text.splitlines()]
         assert len(lines) == 4 and {r["site"] for r in lines} == {A}
         everything = rob.get("/export/results", params={"since": "1970-01-01", "until": "1970-01-01"})
