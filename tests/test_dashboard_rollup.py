@@ -72,10 +72,13 @@ def test_an_upgraded_database_is_counted_from_its_results(tmp_path: Path) -> Non
     for table in ("users", "web_sessions", "login_failures", "audit", "reviews", "escalations", "settings",
                   "result_hourly"):  # fmt: skip
         con.execute(f"DROP TABLE {table}")
-    for index in ("results_site_recent", "results_site_level", "studies_site_level"):
+    for index in ("results_site_recent", "results_site_level", "studies_site_level", "results_waiting",
+                  "studies_waiting"):  # fmt: skip
         con.execute(f"DROP INDEX {index}")
     con.execute("ALTER TABLE results DROP COLUMN model")
     con.execute("ALTER TABLE results DROP COLUMN confidence")
+    con.execute("ALTER TABLE results DROP COLUMN closed_at")
+    con.execute("ALTER TABLE studies DROP COLUMN closed_at")
     con.commit()
     con.close()
     store = DashboardStore(path)

@@ -9,10 +9,11 @@ Sites: a person limited to some sites (``sites``, a set) sees and acts on their 
 site is answered as if it did not exist (``ReviewNotFound``), so its id is not even confirmed. ``sites=None`` is
 every site.
 
-Speed at a million results. The queue is read per (table, level, site) with ``results_site_level`` /
-``studies_site_level`` (site, level, received_at): an index range in time order that stops after the page, never a
-sort of every waiting result. The counts of a million-row fleet come from ``result_hourly`` (totals per site and
-level, a few thousand rows) minus the closed reviews, instead of a scan of every urgent and inconclusive result.
+Speed at a million results. Closing a review also stamps the result's ``closed_at``, which takes it out of the
+partial indexes ``results_waiting`` / ``studies_waiting`` (site, level, received_at; only rows not closed). The
+queue is read per (table, level, site) from them: an index range in time order that stops after the page and never
+steps over the closed ones, which a year of reviewing makes the great majority. The counts are index-only counts
+of the same few rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 
 from edgemed.dashboard import audit
 from edgemed.dashboard.settlement import dialect_insert
-from edgemed.dashboard.tables import OUTCOMES, escalations, result_hourly, results, reviews, studies
+from edgemed.dashboard.tables import OUTCOMES, escalations, results, reviews, studies
 from edgemed.errors import EdgemedError
 
 if TYPE_CHECKING:
@@ -89,11 +90,17 @@ def _site_list(sites: Collection[str] | None) -> list[str] | None:
     return None if sites is None else sorted(sites)
 
 
+def _still_waiting(table: sa.Table) -> list[Any]:
+    """The predicate of the ``*_waiting`` partial indexes, word for word (SQLite uses a partial index only when
+    the query repeats its terms)."""
+    return [table.c.closed_at.is_(None), table.c.level.in_(QUEUE_LEVELS)]
+
+
 def _waiting(kind: str, table: sa.Table, level: str, site: str | None, n: int) -> sa.Subquery:
     """One (table, level, site) slice of the queue: not closed, oldest first, at most ``n`` rows."""
     label = sa.func.coalesce(table.c.triage_label, table.c.label) if kind == "frame" else table.c.triage_label
     confidence = table.c.confidence if kind == "frame" else sa.null()
-    where = [table.c.level == level, sa.or_(reviews.c.state.is_(None), reviews.c.state != "closed")]
+    where = [table.c.level == level, *_still_waiting(table)]
     if site is not None:
         where.append(table.c.site == site)
     stmt = (
@@ -194,30 +201,13 @@ def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[st
     def add(site: str, key: str, n: int) -> None:
         counts.setdefault(site, {"urgent": 0, "inconclusive": 0, "escalated": 0})[key] += n
 
-    levels = list(QUEUE_LEVELS)
-    # Frame results: stored totals (result_hourly is kept in the storing commit) minus the closed ones.
-    totals = (
-        sa.select(result_hourly.c.site, result_hourly.c.level, sa.func.sum(result_hourly.c.n))
-        .where(result_hourly.c.level.in_(levels), *_sites_filter(result_hourly.c.site, wanted))
-        .group_by(result_hourly.c.site, result_hourly.c.level)
-    )
-    closed = (
-        sa.select(results.c.site, results.c.level, sa.func.count())
-        .select_from(reviews.join(results, results.c.result_id == reviews.c.result_id))
-        .where(reviews.c.state == "closed", results.c.level.in_(levels), *_sites_filter(reviews.c.site, wanted))
-        .group_by(results.c.site, results.c.level)
-    )
-    # Study decisions are few (one per video or series): counted directly.
-    open_studies = (
-        sa.select(studies.c.site, studies.c.level, sa.func.count())
-        .select_from(studies.outerjoin(reviews, reviews.c.result_id == studies.c.result_id))
-        .where(
-            studies.c.level.in_(levels),
-            sa.or_(reviews.c.state.is_(None), reviews.c.state != "closed"),
-            *_sites_filter(studies.c.site, wanted),
-        )
-        .group_by(studies.c.site, studies.c.level)
-    )
+    # The waiting rows only (the partial indexes results_waiting, studies_waiting): an index-only count.
+    waiting = [
+        sa.select(table.c.site, table.c.level, sa.func.count())
+        .where(*_still_waiting(table), *_sites_filter(table.c.site, wanted))
+        .group_by(table.c.site, table.c.level)
+        for _, table in _TABLES
+    ]
     escalated = (
         sa.select(escalations.c.site, sa.func.count())
         .select_from(escalations.outerjoin(reviews, reviews.c.result_id == escalations.c.result_id))
@@ -225,12 +215,9 @@ def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[st
         .group_by(escalations.c.site)
     )
     with store._read() as conn:
-        for site, level, n in conn.execute(totals):
-            add(site, level, int(n))
-        for site, level, n in conn.execute(closed):
-            add(site, level, -int(n))
-        for site, level, n in conn.execute(open_studies):
-            add(site, level, int(n))
+        for stmt in waiting:
+            for site, level, n in conn.execute(stmt):
+                add(site, level, int(n))
         for site, n in conn.execute(escalated):
             add(site, "escalated", int(n))
     return {site: c for site, c in sorted(counts.items()) if any(c.values())}
@@ -244,11 +231,16 @@ def _find(conn: Connection, result_id: str) -> tuple[str, sa.Table, Any] | None:
     return None
 
 
-def _visible(conn: Connection, result_id: str, sites: Collection[str] | None) -> tuple[str, Any]:
+def _visible_in(conn: Connection, result_id: str, sites: Collection[str] | None) -> tuple[str, sa.Table, Any]:
     found = _find(conn, result_id) if isinstance(result_id, str) and 0 < len(result_id) <= 200 else None
     if found is None or (sites is not None and found[2].site not in sites):
         raise ReviewNotFound(f"no result {result_id[:80]!r} (or not one of your sites)")
-    return found[0], found[2]
+    return found
+
+
+def _visible(conn: Connection, result_id: str, sites: Collection[str] | None) -> tuple[str, Any]:
+    kind, _, row = _visible_in(conn, result_id, sites)
+    return kind, row
 
 
 def _review(conn: Connection, result_id: str) -> dict[str, Any] | None:
@@ -399,14 +391,17 @@ def close(
     text = _check_note(outcome, note)
     now = time.time() if at is None else at
     with store._transaction() as conn:
-        kind, row = _visible(conn, result_id, sites)
+        kind, table, row = _visible_in(conn, result_id, sites)
         done = conn.execute(
             sa.update(reviews)
             .where(reviews.c.result_id == result_id, reviews.c.state == "acknowledged")
             .values(state="closed", closed_by=actor, closed_at=now, outcome=outcome, note=text)
             .returning(reviews.c.result_id)
         ).first()
-        if done is None:
+        if done is not None:
+            # Leaves the queue's partial index (results_waiting / studies_waiting) in the same transaction.
+            conn.execute(sa.update(table).where(table.c.result_id == result_id).values(closed_at=now))
+        else:
             before = _review(conn, result_id)
             if before is None:
                 raise ReviewConflict(f"result {result_id} is not acknowledged yet: acknowledge it, then close it")
