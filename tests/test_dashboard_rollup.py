@@ -76,6 +76,8 @@ def test_an_upgraded_database_is_counted_from_its_results(tmp_path: Path) -> Non
         con.execute(f"DROP INDEX {index}")
     con.execute("ALTER TABLE results DROP COLUMN model")
     con.execute("ALTER TABLE results DROP COLUMN confidence")
+    # Revision 0003's acks table (0004 turns its rows into reviews and drops it).
+    con.execute("CREATE TABLE acks (result_id TEXT PRIMARY KEY, acked_at FLOAT NOT NULL, acked_by TEXT NOT NULL)")
     con.commit()
     con.close()
     store = DashboardStore(path)
