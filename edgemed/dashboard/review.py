@@ -90,17 +90,26 @@ def _site_list(sites: Collection[str] | None) -> list[str] | None:
     return None if sites is None else sorted(sites)
 
 
-def _still_waiting(table: sa.Table) -> list[Any]:
-    """The predicate of the ``*_waiting`` partial indexes, word for word (SQLite uses a partial index only when
-    the query repeats its terms)."""
-    return [table.c.closed_at.is_(None), table.c.level.in_(QUEUE_LEVELS)]
+def _still_waiting(table: sa.Table, dialect: str, level: str | None = None) -> list[Any]:
+    """The terms that select the rows of the ``*_waiting`` partial indexes (of one level when given).
+
+    SQLite uses a partial index only when the query repeats each term of its predicate; PostgreSQL proves
+    ``level IN (...)`` from ``level = 'urgent'`` by itself, and with the redundant term it misjudges the rows and
+    reads ``results_site_level`` instead (68 ms for a page of a million results, against 1 ms).
+    """
+    terms: list[Any] = [table.c.closed_at.is_(None)]
+    if level is not None:
+        terms.append(table.c.level == level)
+    if level is None or dialect == "sqlite":
+        terms.append(table.c.level.in_(QUEUE_LEVELS))
+    return terms
 
 
-def _waiting(kind: str, table: sa.Table, level: str, site: str | None, n: int) -> sa.Subquery:
+def _waiting(kind: str, table: sa.Table, level: str, site: str | None, n: int, dialect: str) -> sa.Subquery:
     """One (table, level, site) slice of the queue: not closed, oldest first, at most ``n`` rows."""
     label = sa.func.coalesce(table.c.triage_label, table.c.label) if kind == "frame" else table.c.triage_label
     confidence = table.c.confidence if kind == "frame" else sa.null()
-    where = [table.c.level == level, *_still_waiting(table)]
+    where = _still_waiting(table, dialect, level)
     if site is not None:
         where.append(table.c.site == site)
     stmt = (
@@ -163,18 +172,36 @@ def queue(
     if wanted == []:
         return []
     n = offset + limit
-    # One slice per table, level and site, each an index range that stops after n rows; merged here.
-    slices = [
-        _waiting(kind, table, level, site, n)
-        for level in QUEUE_LEVELS
-        for kind, table in _TABLES
-        for site in (wanted if wanted is not None else [None])
-    ]
-    union = sa.union_all(*(sa.select(*s.c) for s in slices)).subquery()
-    rank = sa.case((union.c.level == QUEUE_LEVELS[0], 0), else_=1)
-    stmt = sa.select(union).order_by(rank, union.c.received_at, union.c.result_id).limit(limit).offset(offset)
     with store._read() as conn:
+        per_table = {kind: wanted if wanted is not None else _waiting_sites(conn, table) for kind, table in _TABLES}
+        # One slice per table, level and site, each an index range that stops after n rows; merged here.
+        slices = [
+            _waiting(kind, table, level, site, n, conn.dialect.name)
+            for level in QUEUE_LEVELS
+            for kind, table in _TABLES
+            for site in per_table[kind]
+        ]
+        if not slices:
+            return []
+        union = sa.union_all(*(sa.select(*s.c) for s in slices)).subquery()
+        rank = sa.case((union.c.level == QUEUE_LEVELS[0], 0), else_=1)
+        stmt = sa.select(union).order_by(rank, union.c.received_at, union.c.result_id).limit(limit).offset(offset)
         return [_queue_row(row) for row in conn.execute(stmt)]
+
+
+def _waiting_sites(conn: Connection, table: sa.Table) -> list[str]:
+    """The sites with waiting rows in ``table``: one index probe per site (a loose scan of ``*_waiting``).
+
+    Without a site the queue would read ``results_level`` in time order and step over every closed result; per
+    site it reads the partial index, which holds the waiting ones only.
+    """
+    where = f"closed_at IS NULL AND level IN ('{QUEUE_LEVELS[0]}', '{QUEUE_LEVELS[1]}')"
+    sql = (
+        f"WITH RECURSIVE s(site) AS (SELECT min(site) FROM {table.name} WHERE {where} UNION ALL "
+        f"SELECT (SELECT min(site) FROM {table.name} WHERE {where} AND site > s.site) FROM s WHERE s.site IS NOT NULL) "
+        "SELECT site FROM s WHERE site IS NOT NULL"
+    )
+    return [str(row[0]) for row in conn.execute(sa.text(sql))]
 
 
 def _sites_filter(column: Any, sites: list[str] | None) -> list[Any]:
@@ -204,7 +231,7 @@ def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[st
     # The waiting rows only (the partial indexes results_waiting, studies_waiting): an index-only count.
     waiting = [
         sa.select(table.c.site, table.c.level, sa.func.count())
-        .where(*_still_waiting(table), *_sites_filter(table.c.site, wanted))
+        .where(*_still_waiting(table, "any"), *_sites_filter(table.c.site, wanted))
         .group_by(table.c.site, table.c.level)
         for _, table in _TABLES
     ]
