@@ -247,3 +247,33 @@ def test_the_thread_posts_on_its_own_and_stops(tmp_path: Path, secrets: Secrets,
         assert esc._thread is not None and not esc._thread.is_alive()
     finally:
         store.close()
+
+
+def test_the_web_process_runs_the_escalation_thread_unless_told_not_to(tmp_path: Path) -> None:
+    from edgemed.dashboard.web.launch import WebOptions, start_web
+
+    db = tmp_path / "fleet.sqlite3"
+    store = DashboardStore(db)
+    try:
+        for escalate in (True, False):
+            server = start_web(
+                store,
+                db=db,
+                host="127.0.0.1",
+                port=0,
+                options=WebOptions(escalation=escalate),
+                public_origins=("https://dashboard.example.org",),
+                device_expiry_s=None,
+                metrics=None,
+                metrics_allow=None,
+            )
+            threads = [t for t in threading.enumerate() if t.name == "edgemed-escalation"]
+            escalators = [c for c in server._companions if isinstance(c, Escalator)]
+            server.stop()
+            assert len(threads) == len(escalators) == (1 if escalate else 0)
+            if escalate:
+                assert escalators[0].base_url == "https://dashboard.example.org"  # the links name the proxy
+                threads[0].join(10)
+                assert not threads[0].is_alive(), "the escalation thread outlived its server"
+    finally:
+        store.close()

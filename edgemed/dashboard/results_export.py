@@ -6,9 +6,11 @@ times, triage level and reason, labels, model, confidence, delegate) and the rev
 closed it, when, outcome, note, when it was escalated). Never the payload: no probabilities, no source details.
 Times are ISO 8601 in UTC.
 
-Streamed: rows are read in pages of ``PAGE_ROWS`` with a keyset (``received_at``, ``result_id``) per table and
-site, each page a short read (on SQLite the store's lock is held for one page only, so the ingest keeps filing
-during a long export), and merged in time order; a year of a fleet's results needs the memory of a few pages.
+Streamed: rows are read in pages of ``PAGE_ROWS`` (sent in chunks of ``CHUNK_ROWS``) with a keyset
+(``received_at``, ``result_id``) per table and site, each page a short read (on SQLite the store's lock is held
+for one page only, so the ingest keeps filing during a long export), and merged in time order; a year of a fleet's
+results needs the memory of a few pages. At a million stored results on PostgreSQL a day of ~9,500 rows takes
+about 0.25 s, mostly in Python (about 25 us a row).
 
 A spreadsheet runs a cell that starts with ``=``, ``+``, ``-`` or ``@`` as a formula: such a CSV cell (a device
 controls its reason and labels) is written with a leading ``'``, which spreadsheets show as text.
@@ -36,7 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["COLUMNS", "FORMATS", "PAGE_ROWS", "count_rows", "export_results", "iso", "parse_time", "rows"]
 
 FORMATS = ("csv", "jsonl")
-PAGE_ROWS = 500
+#: Rows per read (one short query each; at a million results a day's 2,000-row page takes a few ms).
+PAGE_ROWS = 2000
+#: Rows per chunk sent.
+CHUNK_ROWS = 500
 COLUMNS = (
     "kind",
     "result_id",
@@ -195,7 +200,8 @@ def _cell(value: Any) -> Any:
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
     out = {name: row.get(name) for name in COLUMNS}
     for name in _TIMES:
-        out[name] = iso(out[name])
+        if out[name] is not None:
+            out[name] = iso(out[name])
     out["review_state"] = out["review_state"] or "new"
     confidence = out["confidence"]
     out["confidence"] = confidence if isinstance(confidence, float) and math.isfinite(confidence) else None
@@ -240,7 +246,7 @@ def _chunks(
             writer.writerow([_cell(shown[name]) for name in COLUMNS])
         else:
             buffer.write(json.dumps(shown, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n")
-        if n % PAGE_ROWS == 0:
+        if n % CHUNK_ROWS == 0:
             yield buffer.getvalue().encode("utf-8")
             buffer.seek(0)
             buffer.truncate()

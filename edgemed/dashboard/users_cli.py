@@ -176,7 +176,7 @@ def read_password(
 
 
 def _sites(text: str | None) -> list[str] | None:
-    return None if text is None else [part for part in text.split(",")]
+    return None if text is None else text.split(",")
 
 
 def _list(store: DashboardStore, out: TextIO) -> None:

@@ -316,5 +316,5 @@ def routes() -> list[BaseRoute]:
         Route("/admin/settings", settings_form, methods=["GET", "HEAD"]),
         Route("/admin/settings", settings_submit, methods=["POST"]),
         Route("/export", export_form, methods=["GET", "HEAD"]),
-        Route("/export/results", export_results, methods=["GET", "HEAD"]),
+        Route("/export/results", export_results, methods=["GET"]),  # HEAD too would audit an export never sent
     ]
