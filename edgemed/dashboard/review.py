@@ -9,10 +9,7 @@ Sites: a person limited to some sites (``sites``, a set) sees and acts on their 
 site is answered as if it did not exist (``ReviewNotFound``), so its id is not even confirmed. ``sites=None`` is
 every site.
 
-Speed at a million results. The queue is read per (table, level, site) with ``results_site_level`` /
-``studies_site_level`` (site, level, received_at): an index range in time order that stops after the page, never a
-sort of every waiting result. The counts of a million-row fleet come from ``result_hourly`` (totals per site and
-level, a few thousand rows) minus the closed reviews, instead of a scan of every urgent and inconclusive result.
+The queue's statements, and what makes them fast at a million results, are in ``review_queue.py``.
 """
 
 from __future__ import annotations
@@ -24,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from edgemed.dashboard import audit
+from edgemed.dashboard import audit, review_queue
+from edgemed.dashboard.review_queue import QUEUE_LEVELS, TABLES
 from edgemed.dashboard.settlement import dialect_insert
-from edgemed.dashboard.tables import OUTCOMES, escalations, result_hourly, results, reviews, studies
+from edgemed.dashboard.tables import OUTCOMES, escalations, reviews
 from edgemed.errors import EdgemedError
 
 if TYPE_CHECKING:
@@ -49,11 +47,8 @@ __all__ = [
     "queue_count",
 ]
 
-#: The triage levels a person reviews, in the queue's order: every urgent one before any inconclusive one.
-QUEUE_LEVELS = ("urgent", "inconclusive")
 MAX_NOTE_CHARS = 2000
 MAX_PAGE = 1000
-_TABLES = (("frame", results), ("study", studies))
 
 
 class ReviewError(EdgemedError):
@@ -85,53 +80,6 @@ def _page(limit: int, offset: int) -> None:
         raise ReviewInvalid(f"offset must be 0 or more, not {offset}")
 
 
-def _site_list(sites: Collection[str] | None) -> list[str] | None:
-    return None if sites is None else sorted(sites)
-
-
-def _waiting(kind: str, table: sa.Table, level: str, site: str | None, n: int) -> sa.Subquery:
-    """One (table, level, site) slice of the queue: not closed, oldest first, at most ``n`` rows."""
-    label = sa.func.coalesce(table.c.triage_label, table.c.label) if kind == "frame" else table.c.triage_label
-    confidence = table.c.confidence if kind == "frame" else sa.null()
-    where = [table.c.level == level, sa.or_(reviews.c.state.is_(None), reviews.c.state != "closed")]
-    if site is not None:
-        where.append(table.c.site == site)
-    stmt = (
-        sa.select(
-            sa.literal(kind).label("kind"),
-            table.c.result_id,
-            table.c.site,
-            table.c.device_id,
-            table.c.level,
-            table.c.reason,
-            label.label("label"),
-            sa.cast(confidence, sa.Float).label("confidence"),
-            table.c.received_at,
-            table.c.created_at,
-            reviews.c.state,
-            reviews.c.acked_by,
-            reviews.c.acked_at,
-            escalations.c.escalated_at,
-        )
-        .select_from(
-            table.outerjoin(reviews, reviews.c.result_id == table.c.result_id).outerjoin(
-                escalations, escalations.c.result_id == table.c.result_id
-            )
-        )
-        .where(*where)
-        .order_by(table.c.received_at, table.c.result_id)
-        .limit(n)
-    )
-    return stmt.subquery()
-
-
-def _queue_row(row: Any) -> dict[str, Any]:
-    out = dict(row._mapping)
-    out["state"] = out["state"] or "new"
-    out["escalated"] = out.pop("escalated_at") is not None
-    return out
-
-
 def queue(
     store: DashboardStore, sites: Collection[str] | None, *, limit: int = 50, offset: int = 0
 ) -> list[dict[str, Any]]:
@@ -152,26 +100,11 @@ def queue(
         sqlite3.Error, psycopg.Error: the database could not be read.
     """
     _page(limit, offset)
-    wanted = _site_list(sites)
-    if wanted == []:
+    if sites is not None and not sites:
         return []
-    n = offset + limit
-    # One slice per table, level and site, each an index range that stops after n rows; merged here.
-    slices = [
-        _waiting(kind, table, level, site, n)
-        for level in QUEUE_LEVELS
-        for kind, table in _TABLES
-        for site in (wanted if wanted is not None else [None])
-    ]
-    union = sa.union_all(*(sa.select(*s.c) for s in slices)).subquery()
-    rank = sa.case((union.c.level == QUEUE_LEVELS[0], 0), else_=1)
-    stmt = sa.select(union).order_by(rank, union.c.received_at, union.c.result_id).limit(limit).offset(offset)
     with store._read() as conn:
-        return [_queue_row(row) for row in conn.execute(stmt)]
-
-
-def _sites_filter(column: Any, sites: list[str] | None) -> list[Any]:
-    return [] if sites is None else [column.in_(sites)]
+        stmt = review_queue.page_statement(None if sites is None else sorted(sites), limit, offset)
+        return [] if stmt is None else [review_queue.queue_row(row) for row in conn.execute(stmt)]
 
 
 def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[str, dict[str, int]]:
@@ -186,58 +119,19 @@ def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[st
     Raises:
         sqlite3.Error, psycopg.Error: the database could not be read.
     """
-    wanted = _site_list(sites)
-    if wanted == []:
+    if sites is not None and not sites:
         return {}
     counts: dict[str, dict[str, int]] = {}
-
-    def add(site: str, key: str, n: int) -> None:
-        counts.setdefault(site, {"urgent": 0, "inconclusive": 0, "escalated": 0})[key] += n
-
-    levels = list(QUEUE_LEVELS)
-    # Frame results: stored totals (result_hourly is kept in the storing commit) minus the closed ones.
-    totals = (
-        sa.select(result_hourly.c.site, result_hourly.c.level, sa.func.sum(result_hourly.c.n))
-        .where(result_hourly.c.level.in_(levels), *_sites_filter(result_hourly.c.site, wanted))
-        .group_by(result_hourly.c.site, result_hourly.c.level)
-    )
-    closed = (
-        sa.select(results.c.site, results.c.level, sa.func.count())
-        .select_from(reviews.join(results, results.c.result_id == reviews.c.result_id))
-        .where(reviews.c.state == "closed", results.c.level.in_(levels), *_sites_filter(reviews.c.site, wanted))
-        .group_by(results.c.site, results.c.level)
-    )
-    # Study decisions are few (one per video or series): counted directly.
-    open_studies = (
-        sa.select(studies.c.site, studies.c.level, sa.func.count())
-        .select_from(studies.outerjoin(reviews, reviews.c.result_id == studies.c.result_id))
-        .where(
-            studies.c.level.in_(levels),
-            sa.or_(reviews.c.state.is_(None), reviews.c.state != "closed"),
-            *_sites_filter(studies.c.site, wanted),
-        )
-        .group_by(studies.c.site, studies.c.level)
-    )
-    escalated = (
-        sa.select(escalations.c.site, sa.func.count())
-        .select_from(escalations.outerjoin(reviews, reviews.c.result_id == escalations.c.result_id))
-        .where(reviews.c.result_id.is_(None), *_sites_filter(escalations.c.site, wanted))
-        .group_by(escalations.c.site)
-    )
     with store._read() as conn:
-        for site, level, n in conn.execute(totals):
-            add(site, level, int(n))
-        for site, level, n in conn.execute(closed):
-            add(site, level, -int(n))
-        for site, level, n in conn.execute(open_studies):
-            add(site, level, int(n))
-        for site, n in conn.execute(escalated):
-            add(site, "escalated", int(n))
+        for key, sign, stmt in review_queue.count_statements(None if sites is None else sorted(sites)):
+            for site, *level, n in conn.execute(stmt):
+                per_site = counts.setdefault(site, {"urgent": 0, "inconclusive": 0, "escalated": 0})
+                per_site[level[0] if key == "level" else key] += sign * int(n)
     return {site: c for site, c in sorted(counts.items()) if any(c.values())}
 
 
 def _find(conn: Connection, result_id: str) -> tuple[str, sa.Table, Any] | None:
-    for kind, table in _TABLES:
+    for kind, table in TABLES:
         row = conn.execute(sa.select(table).where(table.c.result_id == result_id)).first()
         if row is not None:
             return kind, table, row
