@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from dashboard_helpers import make_result, make_study
 
-from edgemed.dashboard import audit, results_export, review, review_settings
+from edgemed.dashboard import audit, results_export, review, review_queue, review_settings
 from edgemed.dashboard.secrets import Secrets, load_secrets
 from edgemed.dashboard.store import DashboardStore
 from edgemed.errors import ConfigError
@@ -295,9 +295,8 @@ def test_closing_takes_a_result_out_of_the_waiting_index_which_the_queue_reads(
     if store.database.dialect != "sqlite":
         return  # PostgreSQL's choice of index depends on its statistics: checked at scale (see the report)
     with store._read() as conn:
-        for table, name in ((review.results, "results_waiting"), (review.studies, "studies_waiting")):
-            kind = "frame" if table is review.results else "study"
-            stmt = sa.select(*review._waiting(kind, table, "urgent", A, 50, "sqlite").c)
+        for (kind, table), name in zip(review_queue.TABLES, ("results_waiting", "studies_waiting"), strict=True):
+            stmt = sa.select(*review_queue._slice(kind, table, "urgent", A, 50, "sqlite").c)
             sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
             plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
             assert f"USING INDEX {name}" in plan, plan

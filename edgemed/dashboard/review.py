@@ -9,11 +9,7 @@ Sites: a person limited to some sites (``sites``, a set) sees and acts on their 
 site is answered as if it did not exist (``ReviewNotFound``), so its id is not even confirmed. ``sites=None`` is
 every site.
 
-Speed at a million results. Closing a review also stamps the result's ``closed_at``, which takes it out of the
-partial indexes ``results_waiting`` / ``studies_waiting`` (site, level, received_at; only rows not closed). The
-queue is read per (table, level, site) from them: an index range in time order that stops after the page and never
-steps over the closed ones, which a year of reviewing makes the great majority. The counts are index-only counts
-of the same few rows.
+The queue's statements, and what makes them fast at a million results, are in ``review_queue.py``.
 """
 
 from __future__ import annotations
@@ -25,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from edgemed.dashboard import audit
+from edgemed.dashboard import audit, review_queue
+from edgemed.dashboard.review_queue import QUEUE_LEVELS, TABLES
 from edgemed.dashboard.settlement import dialect_insert
-from edgemed.dashboard.tables import OUTCOMES, escalations, results, reviews, studies
+from edgemed.dashboard.tables import OUTCOMES, escalations, reviews
 from edgemed.errors import EdgemedError
 
 if TYPE_CHECKING:
@@ -50,11 +47,8 @@ __all__ = [
     "queue_count",
 ]
 
-#: The triage levels a person reviews, in the queue's order: every urgent one before any inconclusive one.
-QUEUE_LEVELS = ("urgent", "inconclusive")
 MAX_NOTE_CHARS = 2000
 MAX_PAGE = 1000
-_TABLES = (("frame", results), ("study", studies))
 
 
 class ReviewError(EdgemedError):
@@ -86,68 +80,6 @@ def _page(limit: int, offset: int) -> None:
         raise ReviewInvalid(f"offset must be 0 or more, not {offset}")
 
 
-def _site_list(sites: Collection[str] | None) -> list[str] | None:
-    return None if sites is None else sorted(sites)
-
-
-def _still_waiting(table: sa.Table, dialect: str, level: str | None = None) -> list[Any]:
-    """The terms that select the rows of the ``*_waiting`` partial indexes (of one level when given).
-
-    SQLite uses a partial index only when the query repeats each term of its predicate; PostgreSQL proves
-    ``level IN (...)`` from ``level = 'urgent'`` by itself, and with the redundant term it misjudges the rows and
-    reads ``results_site_level`` instead (68 ms for a page of a million results, against 1 ms).
-    """
-    terms: list[Any] = [table.c.closed_at.is_(None)]
-    if level is not None:
-        terms.append(table.c.level == level)
-    if level is None or dialect == "sqlite":
-        terms.append(table.c.level.in_(QUEUE_LEVELS))
-    return terms
-
-
-def _waiting(kind: str, table: sa.Table, level: str, site: str | None, n: int, dialect: str) -> sa.Subquery:
-    """One (table, level, site) slice of the queue: not closed, oldest first, at most ``n`` rows."""
-    label = sa.func.coalesce(table.c.triage_label, table.c.label) if kind == "frame" else table.c.triage_label
-    confidence = table.c.confidence if kind == "frame" else sa.null()
-    where = _still_waiting(table, dialect, level)
-    if site is not None:
-        where.append(table.c.site == site)
-    stmt = (
-        sa.select(
-            sa.literal(kind).label("kind"),
-            table.c.result_id,
-            table.c.site,
-            table.c.device_id,
-            table.c.level,
-            table.c.reason,
-            label.label("label"),
-            sa.cast(confidence, sa.Float).label("confidence"),
-            table.c.received_at,
-            table.c.created_at,
-            reviews.c.state,
-            reviews.c.acked_by,
-            reviews.c.acked_at,
-            escalations.c.escalated_at,
-        )
-        .select_from(
-            table.outerjoin(reviews, reviews.c.result_id == table.c.result_id).outerjoin(
-                escalations, escalations.c.result_id == table.c.result_id
-            )
-        )
-        .where(*where)
-        .order_by(table.c.received_at, table.c.result_id)
-        .limit(n)
-    )
-    return stmt.subquery()
-
-
-def _queue_row(row: Any) -> dict[str, Any]:
-    out = dict(row._mapping)
-    out["state"] = out["state"] or "new"
-    out["escalated"] = out.pop("escalated_at") is not None
-    return out
-
-
 def queue(
     store: DashboardStore, sites: Collection[str] | None, *, limit: int = 50, offset: int = 0
 ) -> list[dict[str, Any]]:
@@ -168,44 +100,11 @@ def queue(
         sqlite3.Error, psycopg.Error: the database could not be read.
     """
     _page(limit, offset)
-    wanted = _site_list(sites)
-    if wanted == []:
+    if sites is not None and not sites:
         return []
-    n = offset + limit
     with store._read() as conn:
-        per_table = {kind: wanted if wanted is not None else _waiting_sites(conn, table) for kind, table in _TABLES}
-        # One slice per table, level and site, each an index range that stops after n rows; merged here.
-        slices = [
-            _waiting(kind, table, level, site, n, conn.dialect.name)
-            for level in QUEUE_LEVELS
-            for kind, table in _TABLES
-            for site in per_table[kind]
-        ]
-        if not slices:
-            return []
-        union = sa.union_all(*(sa.select(*s.c) for s in slices)).subquery()
-        rank = sa.case((union.c.level == QUEUE_LEVELS[0], 0), else_=1)
-        stmt = sa.select(union).order_by(rank, union.c.received_at, union.c.result_id).limit(limit).offset(offset)
-        return [_queue_row(row) for row in conn.execute(stmt)]
-
-
-def _waiting_sites(conn: Connection, table: sa.Table) -> list[str]:
-    """The sites with waiting rows in ``table``: one index probe per site (a loose scan of ``*_waiting``).
-
-    Without a site the queue would read ``results_level`` in time order and step over every closed result; per
-    site it reads the partial index, which holds the waiting ones only.
-    """
-    where = f"closed_at IS NULL AND level IN ('{QUEUE_LEVELS[0]}', '{QUEUE_LEVELS[1]}')"
-    sql = (
-        f"WITH RECURSIVE s(site) AS (SELECT min(site) FROM {table.name} WHERE {where} UNION ALL "
-        f"SELECT (SELECT min(site) FROM {table.name} WHERE {where} AND site > s.site) FROM s WHERE s.site IS NOT NULL) "
-        "SELECT site FROM s WHERE site IS NOT NULL"
-    )
-    return [str(row[0]) for row in conn.execute(sa.text(sql))]
-
-
-def _sites_filter(column: Any, sites: list[str] | None) -> list[Any]:
-    return [] if sites is None else [column.in_(sites)]
+        stmt = review_queue.page_statement(conn, None if sites is None else sorted(sites), limit, offset)
+        return [] if stmt is None else [review_queue.queue_row(row) for row in conn.execute(stmt)]
 
 
 def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[str, dict[str, int]]:
@@ -220,38 +119,19 @@ def queue_count(store: DashboardStore, sites: Collection[str] | None) -> dict[st
     Raises:
         sqlite3.Error, psycopg.Error: the database could not be read.
     """
-    wanted = _site_list(sites)
-    if wanted == []:
+    if sites is not None and not sites:
         return {}
     counts: dict[str, dict[str, int]] = {}
-
-    def add(site: str, key: str, n: int) -> None:
-        counts.setdefault(site, {"urgent": 0, "inconclusive": 0, "escalated": 0})[key] += n
-
-    # The waiting rows only (the partial indexes results_waiting, studies_waiting): an index-only count.
-    waiting = [
-        sa.select(table.c.site, table.c.level, sa.func.count())
-        .where(*_still_waiting(table, "any"), *_sites_filter(table.c.site, wanted))
-        .group_by(table.c.site, table.c.level)
-        for _, table in _TABLES
-    ]
-    escalated = (
-        sa.select(escalations.c.site, sa.func.count())
-        .select_from(escalations.outerjoin(reviews, reviews.c.result_id == escalations.c.result_id))
-        .where(reviews.c.result_id.is_(None), *_sites_filter(escalations.c.site, wanted))
-        .group_by(escalations.c.site)
-    )
     with store._read() as conn:
-        for stmt in waiting:
-            for site, level, n in conn.execute(stmt):
-                add(site, level, int(n))
-        for site, n in conn.execute(escalated):
-            add(site, "escalated", int(n))
+        for key, sign, stmt in review_queue.count_statements(None if sites is None else sorted(sites)):
+            for site, *level, n in conn.execute(stmt):
+                per_site = counts.setdefault(site, {"urgent": 0, "inconclusive": 0, "escalated": 0})
+                per_site[level[0] if key == "level" else key] += sign * int(n)
     return {site: c for site, c in sorted(counts.items()) if any(c.values())}
 
 
 def _find(conn: Connection, result_id: str) -> tuple[str, sa.Table, Any] | None:
-    for kind, table in _TABLES:
+    for kind, table in TABLES:
         row = conn.execute(sa.select(table).where(table.c.result_id == result_id)).first()
         if row is not None:
             return kind, table, row
