@@ -17,9 +17,10 @@ from broker_fixtures import Amqtt, Device, Mosquitto
 from dashboard_helpers import HEALTH, fill_the_disk, free_the_disk, make_result, make_study, wait_until
 from web_helpers import browser_logged_in, client, login, make_user, running_web
 
-from edgemed.dashboard import add_arguments, run, serve
+from edgemed.dashboard import add_arguments, review, run, serve
 from edgemed.dashboard.ingest import Ingest
-from edgemed.dashboard.store import AckOutcome, DashboardStore
+from edgemed.dashboard.secrets import load_secrets
+from edgemed.dashboard.store import DashboardStore
 from edgemed.envelope import result_schema
 from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig
@@ -89,11 +90,14 @@ def test_store_fleet_counts_and_acknowledgement(tmp_path: Path) -> None:
         ("frame", urgent["result_id"]),
         ("study", study["result_id"]),
     ]
-    assert store.acknowledge(urgent["result_id"], by="AB") is AckOutcome.ACKNOWLEDGED
-    assert store.acknowledge(urgent["result_id"], by="CD") is AckOutcome.ALREADY
-    assert store.acknowledge(uuid.uuid4().hex) is AckOutcome.NOT_FOUND
+    secrets = load_secrets(tmp_path / "d.key", create=True)
+    review.acknowledge(store, urgent["result_id"], "ab", "127.0.0.1", secrets, 116.0)
+    with pytest.raises(review.ReviewConflict, match="already acknowledged by ab"):
+        review.acknowledge(store, urgent["result_id"], "cd", "127.0.0.1", secrets)
+    with pytest.raises(review.ReviewNotFound):
+        review.acknowledge(store, uuid.uuid4().hex, "ab", "127.0.0.1", secrets)
     assert [w["result_id"] for w in store.unacknowledged_urgent()] == [study["result_id"]]
-    assert store.recent_results("urgent")[0]["acked_by"] == "AB"
+    assert store.recent_results("urgent")[0]["acked_by"] == "ab"
     # File names never reach the dashboard's database.
     assert b"patient-smith" not in (tmp_path / "d.sqlite3").read_bytes() + (tmp_path / "d.sqlite3-wal").read_bytes()
 

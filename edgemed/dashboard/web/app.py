@@ -35,6 +35,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "edgemed.dashboard.web.admin_routes",
     "edgemed.dashboard.web.live",
     "edgemed.dashboard.web.fleet_routes",
+    "edgemed.dashboard.web.review_routes",
 )
 STATIC = Path(__file__).parent / "static"
 
