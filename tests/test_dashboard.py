@@ -325,6 +325,27 @@ def test_browser_renders_the_fleet_and_hostile_device_text_as_text(
         browser.close()
 
 
+def test_browser_acknowledge_button_records_the_review_and_hostile_text_never_runs(
+    web: str, populated: DashboardStore, tmp_path: Path
+) -> None:
+    browser = browser_logged_in(tmp_path, web, "ada", "/queue")
+    try:
+        row = browser.evaluate("document.querySelector('tr.urgent[data-result-id]')?.innerText")
+        assert XSS_REASON in row and "<b>malignant</b>" in row  # as text, markup and all
+        assert browser.evaluate("document.title") == "Review queue · edgemed dashboard"
+        assert browser.evaluate("document.querySelectorAll('img, b').length") == 0
+        assert browser.evaluate("[...document.scripts].every((s) => new URL(s.src).pathname.startsWith('/static/'))")
+        browser.evaluate("document.querySelector('tr.urgent button[type=submit]').click(); true")
+
+        def state() -> tuple[str, str | None]:
+            [waiting] = [r for r in review.queue(populated, None) if r["level"] == "urgent"]
+            return waiting["state"], waiting["acked_by"]
+
+        assert wait_until(lambda: state() == ("acknowledged", "ada"), 10), state()
+    finally:
+        browser.close()
+
+
 def test_serve_runs_ingest_and_web_until_stopped_and_ingests_before_anyone_logs_in(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
