@@ -159,6 +159,20 @@ def test_roles_and_sites_are_checked(tmp_path: Path, secrets: Secrets) -> None:
         store.close()
 
 
+def test_an_admin_is_never_limited_to_sites(store: DashboardStore, secrets: Secrets) -> None:
+    # A site-limited admin could add an unlimited user and log in as them: the limit would protect nothing.
+    with pytest.raises(users.UserError, match="cannot be an admin limited to sites"):
+        add(store, secrets, "boss.a", role="admin", sites=["clinic-a"])
+    assert users.get_user(store, "boss.a") is None
+    add(store, secrets, "nurse.a", role="reviewer", sites=["clinic-a"])
+    with pytest.raises(users.UserError, match="cannot be an admin limited to sites"):
+        users.set_role(store, "nurse.a", "admin", secrets=secrets, actor="admin1", address=None)
+    record = users.get_user(store, "nurse.a")
+    assert record is not None and record.role == "reviewer" and record.sites == frozenset({"clinic-a"})
+    assert ("role_changed", "nurse.a") not in actions(store)
+    assert add(store, secrets, "boss.b", role="admin").sites is None
+
+
 def test_an_old_hash_is_replaced_after_a_successful_login(store: DashboardStore, secrets: Secrets) -> None:
     add(store, secrets, "old.hash")
     weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
