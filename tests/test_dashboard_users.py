@@ -288,6 +288,20 @@ def test_a_change_and_its_audit_row_commit_together(store: DashboardStore, secre
 # -- the slow-down ------------------------------------------------------------------------------------------------
 
 
+def test_a_failed_login_names_only_an_existing_user(store: DashboardStore, secrets: Secrets) -> None:
+    add(store, secrets, "nurse.k")
+    key = secrets.audit_key
+    assert users.failed_login_subject(store, "nurse.k", key) == ("nurse.k", {})
+    # A password typed into the name field must not reach the trail: no target, a keyed fingerprint only.
+    target, detail = users.failed_login_subject(store, PASSWORD, key)
+    assert target is None and set(detail) == {"unknown_name"}
+    mark = detail["unknown_name"]
+    assert len(mark) == 16 and PASSWORD not in mark and "correct" not in mark
+    assert users.failed_login_subject(store, PASSWORD, key) == (None, {"unknown_name": mark})  # repeats show
+    assert users.failed_login_subject(store, "nurse.x", key)[1]["unknown_name"] != mark
+    assert users.failed_login_subject(store, PASSWORD, b"k" * 32)[1]["unknown_name"] != mark  # keyed
+
+
 def test_repeated_failures_are_slowed_per_user_and_per_address(store: DashboardStore) -> None:
     delay = users.login_delay
     for i in range(3):

@@ -18,6 +18,8 @@ The login slow-down (``login_delay``, ``record_failure``, ``clear_failures``) is
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -50,6 +52,7 @@ __all__ = [
     "check_name",
     "check_password",
     "clear_failures",
+    "failed_login_subject",
     "get_user",
     "list_users",
     "login_delay",
@@ -343,6 +346,29 @@ def user_count(store: DashboardStore) -> int:
     """How many users exist (disabled ones included): 0 means nobody can log in yet."""
     with store._read() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+
+
+def failed_login_subject(store: DashboardStore, name: str, key: bytes) -> tuple[str | None, dict[str, Any]]:
+    """What a ``login_failed`` audit row may say about the name typed: ``(target, detail)``.
+
+    The name is the target only when such a user exists. Anything else may be a password typed into the name
+    field, and the trail is read by every admin and exported: it gets no target, only a fingerprint (HMAC with the
+    audit key, 16 hex digits) in ``detail["unknown_name"]``, so an admin still sees one unknown name tried again
+    and again, without the name itself (nor a plain hash of it, which a weak password would be found from).
+
+    Args:
+        store: the dashboard's store.
+        name: the login name as typed.
+        key: the audit key (``Secrets.audit_key``).
+
+    Returns:
+        ``(name, {})`` for an existing user, else ``(None, {"unknown_name": fingerprint})``.
+    """
+    text = name if isinstance(name, str) else ""
+    if _NAME.match(text) and get_user(store, text) is not None:
+        return text, {}
+    mark = hmac.new(key, b"login name\n" + text.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:16]
+    return None, {"unknown_name": mark}
 
 
 @lru_cache(maxsize=1)
