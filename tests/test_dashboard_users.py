@@ -302,6 +302,41 @@ def test_a_failed_login_names_only_an_existing_user(store: DashboardStore, secre
     assert users.failed_login_subject(store, PASSWORD, b"k" * 32)[1]["unknown_name"] != mark  # keyed
 
 
+def test_attempts_sent_at_once_pass_the_slow_down_no_more_than_the_free_ones(db: str, store: DashboardStore) -> None:
+    import threading
+
+    from edgemed.dashboard import slowdown
+
+    # One store each, as several serve processes behind a load balancer have.
+    stores = [DashboardStore(db) for _ in range(12)]
+    start = threading.Barrier(len(stores))
+    waits: list[float] = []
+
+    def attempt(mine: DashboardStore) -> None:
+        start.wait(10)
+        waits.append(slowdown.claim_attempt(mine, "nurse.k", "10.0.0.9", T0)[0])
+
+    threads = [threading.Thread(target=attempt, args=(s,)) for s in stores]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for s in stores:
+            s.close()
+    assert len(waits) == 12 and waits.count(0.0) == slowdown.FREE_FAILURES + 1
+    assert users.login_delay(store, "nurse.k", "10.0.0.9", T0) == pytest.approx(1.0)
+    # A right password takes its attempt back: colleagues behind one address never slow each other down.
+    for i in range(10):
+        wait, ids = slowdown.claim_attempt(store, f"colleague{i}", "10.0.0.7", T0 + i)
+        assert wait == 0.0 and len(ids) == 2
+        slowdown.attempt_succeeded(store, f"colleague{i}", ids, T0 + i)
+    assert users.login_delay(store, "someone", "10.0.0.7", T0 + 10) == 0.0
+    with store._read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(login_failures)).scalar_one() == 8  # nurse.k's
+
+
 def test_repeated_failures_are_slowed_per_user_and_per_address(store: DashboardStore) -> None:
     delay = users.login_delay
     for i in range(3):
