@@ -337,6 +337,19 @@ def test_attempts_sent_at_once_pass_the_slow_down_no_more_than_the_free_ones(db:
         assert conn.execute(sa.select(sa.func.count()).select_from(login_failures)).scalar_one() == 8  # nurse.k's
 
 
+def test_a_password_typed_as_the_name_is_not_kept_by_the_slow_down(store: DashboardStore) -> None:
+    users.record_failure(store, PASSWORD, "10.0.0.9", T0)
+    with store._read() as conn:
+        keys = [str(k) for k in conn.execute(sa.select(login_failures.c.key)).scalars()]
+    assert len(keys) == 2 and not any("horse" in k for k in keys), keys
+    assert users.login_delay(store, PASSWORD, None, T0) == 0.0  # still counted under its digest
+    for i in range(4):
+        users.record_failure(store, PASSWORD, None, T0 + i)
+    assert users.login_delay(store, PASSWORD, None, T0 + 3) > 0
+    users.clear_failures(store, PASSWORD, T0 + 4)
+    assert users.login_delay(store, PASSWORD, None, T0 + 4) == 0.0
+
+
 def test_repeated_failures_are_slowed_per_user_and_per_address(store: DashboardStore) -> None:
     delay = users.login_delay
     for i in range(3):

@@ -1,10 +1,11 @@
 """The login slow-down: failed logins counted per user name and per client address, in the database.
 
-Each failed login adds two rows to ``login_failures``: one for the user name, one for the client
-address. ``login_delay`` looks at the failures of the last 15 minutes under either key (the larger count wins): the
-first 3 cost nothing, then each further one doubles the wait from 1 s up to 300 s, counted from the last failure.
-Per user name, a password is not guessed from many addresses; per address, many names are not tried from one. The
-rows live in the database, so every ``serve`` process behind a load balancer counts the same failures.
+Each failed login adds two rows to ``login_failures``: one for the user name (a SHA-256 digest of it, never the name
+as typed), one for the client address. ``login_delay`` looks at the failures of the last 15 minutes under either key
+(the larger count wins): the first 3 cost nothing, then each further one doubles the wait from 1 s up to 300 s,
+counted from the last failure. Per user name, a password is not guessed from many addresses; per address, many names
+are not tried from one. The rows live in the database, so every ``serve`` process behind a load balancer counts the
+same failures.
 
 Checking the wait and counting the failure in two steps (``login_delay``, then ``record_failure`` after the
 password was checked) lets attempts sent at once all find no wait: each checks before any has failed. A login
@@ -15,6 +16,7 @@ back out (so a clinic's staff logging in through one address never slow each oth
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -47,8 +49,14 @@ MAX_DELAY_S = 300.0
 _LOCK_KEY = 0x6564676D65640004
 
 
+def _name_key(name: str) -> str:
+    # A digest, not the name: what was typed may be a password typed into the name field, and the rows stay in the
+    # database (and its backups) for the window.
+    return "user:" + hashlib.sha256(b"edgemed login name\n" + name[:200].encode("utf-8", "replace")).hexdigest()
+
+
 def _keys(name: str, address: str | None) -> list[str]:
-    keys = [f"user:{name[:200]}"]
+    keys = [_name_key(name)]
     if address:
         keys.append(f"addr:{address[:200]}")
     return keys
@@ -118,7 +126,7 @@ def claim_attempt(store: DashboardStore, name: str, address: str | None, now: fl
 def attempt_succeeded(store: DashboardStore, name: str, ids: list[int], now: float) -> None:
     """Take a successful attempt's rows (``claim_attempt``) back out, and forget the user name's failures."""
     with store._transaction() as conn:
-        mine = login_failures.c.id.in_(ids) | (login_failures.c.key == f"user:{name[:200]}")
+        mine = login_failures.c.id.in_(ids) | (login_failures.c.key == _name_key(name))
         conn.execute(sa.delete(login_failures).where(mine | (login_failures.c.at < now - FAILURE_WINDOW_S)))
 
 
@@ -133,5 +141,5 @@ def clear_failures(store: DashboardStore, name: str, now: float) -> None:
     """Forget the user name's failures after a successful login (the address's stay: one account's owner must not
     wipe the count of names guessed from their address)."""
     with store._transaction() as conn:
-        conn.execute(sa.delete(login_failures).where(login_failures.c.key == f"user:{name[:200]}"))
+        conn.execute(sa.delete(login_failures).where(login_failures.c.key == _name_key(name)))
         conn.execute(sa.delete(login_failures).where(login_failures.c.at < now - FAILURE_WINDOW_S))
