@@ -33,7 +33,15 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from edgemed.dashboard import audit
-from edgemed.dashboard.slowdown import FAILURE_WINDOW_S, MAX_DELAY_S, clear_failures, login_delay, record_failure
+from edgemed.dashboard.slowdown import (
+    FAILURE_WINDOW_S,
+    MAX_DELAY_S,
+    attempt_succeeded,
+    claim_attempt,
+    clear_failures,
+    login_delay,
+    record_failure,
+)
 from edgemed.dashboard.tables import ROLES, users, web_sessions
 
 if TYPE_CHECKING:
@@ -49,8 +57,10 @@ __all__ = [
     "UserError",
     "UserRecord",
     "add_user",
+    "attempt_succeeded",
     "check_name",
     "check_password",
+    "claim_attempt",
     "clear_failures",
     "failed_login_subject",
     "get_user",
