@@ -334,3 +334,21 @@ def test_a_page_sends_a_stranger_to_the_login_and_the_login_back_to_the_page(sto
         assert denied.status_code == 403 and "text/html" in denied.headers["content-type"]
         assert "admin role" in denied.text and 'href="/admin/users"' not in denied.text  # nor offered in the nav
         viewer.close()
+
+
+def test_a_lost_key_file_is_refused_not_replaced_once_the_audit_trail_has_rows(tmp_path: Path) -> None:
+    from edgemed.dashboard.web.launch import WebOptions, start_web
+    from edgemed.errors import ConfigError
+
+    db = tmp_path / "fleet.sqlite3"
+    store = DashboardStore(db)
+    try:
+        make_user(store, "ada", "admin")  # its audit row is chained with the key beside the database
+        key = tmp_path / "fleet.sqlite3.key"
+        key.unlink()  # lost (a restore without it, say)
+        start = {"db": db, "host": "127.0.0.1", "port": 0, "public_origins": (), "device_expiry_s": None}
+        with pytest.raises(ConfigError, match="secret file .* is missing, but the audit trail holds 1 rows"):
+            start_web(store, options=WebOptions(escalation=False), metrics=None, metrics_allow=None, **start)
+        assert not key.exists()  # no new key that would make the whole trail fail `audit verify`
+    finally:
+        store.close()
