@@ -352,3 +352,18 @@ def test_a_lost_key_file_is_refused_not_replaced_once_the_audit_trail_has_rows(t
         assert not key.exists()  # no new key that would make the whole trail fail `audit verify`
     finally:
         store.close()
+
+
+def test_a_failed_login_audits_the_name_only_when_it_names_a_user(store: DashboardStore) -> None:
+    from edgemed.dashboard import audit
+
+    make_user(store, "rita", "viewer")
+    with running_web(store) as base, client(base) as http:
+        token = login_csrf(http)
+        for name in ("rita", "my secret passphrase"):  # the password typed into the name field
+            answer = http.post("/login", data={"name": name, "password": "not the password", "csrf": token})
+            assert answer.status_code == 401
+    failed = [r for r in audit.rows(store, limit=10) if r["action"] == "login_failed"]
+    assert sorted((r["target"], json.loads(r["detail"])) for r in failed if r["target"]) == [("rita", {})]
+    assert [json.loads(r["detail"]) for r in failed if r["target"] is None] == [{"user": "unknown"}]
+    assert not any("secret" in json.dumps(dict(r)) for r in audit.rows(store, limit=50))

@@ -97,7 +97,10 @@ def _login(request: Request, name: str, password: str, target: str) -> Response:
         user = users.verify_password(db, name, password)
     if user is None or user.disabled:
         users.record_failure(db, name, address, now)
-        context.audit_event(request, None, "login_failed", target=name[:_MAX_NAME])
+        # The typed name only when it names a user: what people type there is sometimes their password.
+        known = users.get_user(db, name) is not None
+        detail = {} if known else {"user": "unknown"}
+        context.audit_event(request, None, "login_failed", target=name if known else None, detail=detail)
         return _login_page(request, error="wrong user name or password", status=401, name=name)
     users.clear_failures(db, name, now)
     token, session = sessions.create(
