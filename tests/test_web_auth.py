@@ -367,3 +367,19 @@ def test_a_failed_login_audits_the_name_only_when_it_names_a_user(store: Dashboa
     assert sorted((r["target"], json.loads(r["detail"])) for r in failed if r["target"]) == [("rita", {})]
     assert [json.loads(r["detail"]) for r in failed if r["target"] is None] == [{"user": "unknown"}]
     assert not any("secret" in json.dumps(dict(r)) for r in audit.rows(store, limit=50))
+
+
+def test_behind_a_trusted_proxy_the_client_address_is_the_one_the_proxy_added_last(store: DashboardStore) -> None:
+    from edgemed.dashboard import audit
+    from edgemed.dashboard.metrics import parse_allow
+
+    make_user(store, "rita", "viewer")
+    with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"])) as base, client(base) as http:
+        token = login_csrf(http)
+        data = {"name": "rita", "password": "not the password", "csrf": token}
+        # The client's own forged line first, the proxy's line after it (a proxy that adds rather than appends).
+        two_lines = [("X-Forwarded-For", "203.0.113.66"), ("X-Forwarded-For", "198.51.100.1, 192.0.2.7")]
+        assert http.post("/login", data=data, headers=two_lines).status_code == 401
+        assert http.post("/login", data=data, headers={"X-Forwarded-For": "203.0.113.66, 192.0.2.8"}).status_code == 401
+    failed = [r["address"] for r in audit.rows(store, limit=10) if r["action"] == "login_failed"]
+    assert sorted(failed) == ["192.0.2.7", "192.0.2.8"]

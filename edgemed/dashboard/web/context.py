@@ -120,12 +120,14 @@ def client_address(request: Request) -> str:
     """The client's address: the peer, or the ``X-Forwarded-For`` client when the peer is a trusted proxy.
 
     Only the last ``X-Forwarded-For`` entry is believed (the one the trusted proxy appended); anything the client
-    itself wrote before it could be invented.
+    itself wrote before it could be invented. The last entry of the last header line: a proxy may add a line of
+    its own after the client's (HAProxy's ``option forwardfor``) instead of extending the client's line.
     """
     peer = request.client.host if request.client is not None else ""
     trusted = config(request).trusted_proxies
     if trusted and address_allowed(peer, trusted):
-        forwarded = request.headers.get("x-forwarded-for", "").rsplit(",", 1)[-1].strip()
+        lines = request.headers.getlist("x-forwarded-for")
+        forwarded = lines[-1].rsplit(",", 1)[-1].strip() if lines else ""
         try:
             return str(ipaddress.ip_address(forwarded))
         except ValueError:
