@@ -383,3 +383,17 @@ def test_behind_a_trusted_proxy_the_client_address_is_the_one_the_proxy_added_la
         assert http.post("/login", data=data, headers={"X-Forwarded-For": "203.0.113.66, 192.0.2.8"}).status_code == 401
     failed = [r["address"] for r in audit.rows(store, limit=10) if r["action"] == "login_failed"]
     assert sorted(failed) == ["192.0.2.7", "192.0.2.8"]
+
+
+def test_a_sign_on_header_given_twice_signs_nobody_on(store: DashboardStore, caplog: pytest.LogCaptureFixture) -> None:
+    from edgemed.dashboard.metrics import parse_allow
+
+    make_user(store, "rita", "viewer")
+    make_user(store, "ada", "admin")
+    with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"]), **SSO) as base, client(base) as http:
+        # The client's own line, then the proxy's (a proxy that adds the header instead of replacing it).
+        twice = [("X-Remote-User", "ada"), ("X-Remote-User", "rita")]
+        with caplog.at_level("WARNING"):
+            assert http.get("/api/me", headers=twice).status_code == 401
+        assert any("header X-Remote-User 2 times" in r.getMessage() for r in caplog.records)
+        assert http.get("/api/me", headers={"X-Remote-User": "rita"}).json()["name"] == "rita"

@@ -166,12 +166,14 @@ def current_session(request: Request, now: float | None = None) -> sessions.Sess
 
 
 def _proxy_user(request: Request) -> str | None:
+    """The name a trusted proxy signs on; None: no sign-on here; "": nobody (the header is there but not usable)."""
     cfg = config(request)
     if cfg.proxy_user_header is None:
         return None
-    name = request.headers.get(cfg.proxy_user_header)
-    if not name:
+    given = request.headers.getlist(cfg.proxy_user_header)
+    if not any(given):
         return None
+    name = given[0]
     peer = request.client.host if request.client is not None else ""
     if not address_allowed(peer, cfg.trusted_proxies):
         warned: threading.Event = request.app.state.sso_warned
@@ -185,6 +187,20 @@ def _proxy_user(request: Request) -> str | None:
                 peer,
             )
         return None
+    if len(given) > 1:
+        # A proxy that adds its line beside the client's instead of replacing it: which is the proxy's cannot be
+        # told, and the first may be the client's own choice of user.
+        repeated: threading.Event = request.app.state.sso_repeated_warned
+        if not repeated.is_set():
+            repeated.set()
+            log.warning(
+                "a request from the trusted proxy %s carries the single sign-on header %s %d times: nobody is "
+                "signed on; make the proxy replace the header, not add one (logged once)",
+                peer,
+                cfg.proxy_user_header,
+                len(given),
+            )
+        return ""
     return name.strip()
 
 
