@@ -122,6 +122,17 @@ def test_a_cross_origin_request_is_refused_even_with_the_token(base: str) -> Non
         assert http.post("/logout", headers={"Origin": base}).status_code == 303
 
 
+def test_a_form_body_that_cannot_be_parsed_is_a_400_not_a_server_error(
+    base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with client(base) as http, caplog.at_level("ERROR"):
+        login_csrf(http)  # the pre-login cookie: the body is what is wrong
+        for path in ("/login", "/logout"):
+            answer = http.post(path, content=b"csrf=x", headers={"Content-Type": "multipart/form-data"})
+            assert answer.status_code == 400 and "boundary" in answer.json()["error"], path
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no stack trace in the log per request
+
+
 def test_the_login_form_has_its_own_csrf_token(base: str) -> None:
     with client(base) as http:
         # No pre-login cookie (a cross-site page posting the form): refused before the password is checked.

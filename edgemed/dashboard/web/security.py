@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -117,7 +118,11 @@ class SecurityMiddleware:
                     "--public-origin https://PROXY-HOST",
                 )
                 return
-            problem = await self._csrf_problem(scope, headers, body, state)
+            try:
+                problem = await self._csrf_problem(scope, headers, body, state)
+            except HTTPException as exc:  # a form body that cannot be parsed (a multipart without its boundary)
+                await _refuse(send, 400, f"the form body cannot be read: {exc.detail}")
+                return
             if problem is not None:
                 await _refuse(send, 403, problem)
                 return
