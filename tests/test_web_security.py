@@ -199,6 +199,23 @@ def test_silent_and_stalled_clients_are_closed(base: str) -> None:
         assert http.get("/login").status_code == 200
 
 
+def test_a_body_that_stalls_is_refused_and_its_connection_closed(base: str) -> None:
+    heads = (
+        b"Content-Length: 100\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nname=",  # 95 bytes never come
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nname=\r\n",  # nor the last chunk
+    )
+    for head in heads:
+        stalled = _connect(base)
+        try:
+            stalled.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head)
+            started = time.monotonic()
+            answer = _read_to_close(stalled)  # TimeoutError (5 s) if the server waits for the body for ever
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in answer, head
+            assert time.monotonic() - started < 3.0  # request_timeout_s is 1 s
+        finally:
+            stalled.close()
+
+
 def test_beyond_the_connection_limit_new_requests_get_503_until_slots_free(base: str) -> None:
     before = threading.active_count()
     socks = [_connect(base) for _ in range(40)]  # limit_concurrency is 8: these hold every slot, silently

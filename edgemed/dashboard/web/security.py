@@ -8,7 +8,8 @@
 - On a loopback binding the ``Host`` header must name the loopback or a ``--public-origin``'s host: a DNS-rebinding
   page (``evil.example`` resolving to 127.0.0.1) cannot read the API. ``/metrics`` is exempt (a scraper names the
   server by whatever address it scrapes; it has its own allow-list).
-- A body longer than ``max_body_bytes`` is refused (413) before it is read.
+- A body longer than ``max_body_bytes`` is refused (413) before it is read; one that has not all arrived within
+  ``request_timeout_s`` is refused (408) and its connection closed.
 - A POST, PUT, PATCH or DELETE must carry the session's CSRF token (form field ``csrf`` or header
   ``X-CSRF-Token``) and, when the browser sends ``Origin``, come from the page's own origin or a
   ``--public-origin``; else 403 before any route runs. The login form, which has no session yet, carries a token
@@ -17,6 +18,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -106,7 +108,12 @@ class SecurityMiddleware:
             await _refuse(send, 413, f"a request body may be at most {self.config.max_body_bytes} bytes")
             return
         if scope["method"] in UNSAFE_METHODS:
-            body = await self._read_body(receive)
+            try:
+                body = await self._read_body(receive)
+            except TimeoutError:
+                timeout = self.config.request_timeout_s
+                await _refuse(send, 408, f"the request body did not arrive within {timeout:g} s", close=True)
+                return
             if body is None:
                 await _refuse(send, 413, f"a request body may be at most {self.config.max_body_bytes} bytes")
                 return
@@ -170,6 +177,15 @@ class SecurityMiddleware:
         return origin in (f"http://{host}", f"https://{host}") or origin in self.public_origins
 
     async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; None when it is over the limit. TimeoutError: not all there within ``request_timeout_s``.
+
+        The server's own timer stops at the end of the request head: without this deadline a client sending a body
+        a byte at a time would hold its connection (and one of ``limit_concurrency``'s slots) for ever.
+        """
+        async with asyncio.timeout(self.config.request_timeout_s):
+            return await self._read_chunks(receive)
+
+    async def _read_chunks(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -225,15 +241,12 @@ class SecurityMiddleware:
         return None
 
 
-async def _refuse(send: Send, status: int, message: str) -> None:
+async def _refuse(send: Send, status: int, message: str, *, close: bool = False) -> None:
     from edgemed.dashboard.web.context import encode_json
 
     body = encode_json({"error": message})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))  # the rest of the request never came: the connection is done
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
