@@ -113,6 +113,33 @@ def test_a_state_changing_request_needs_the_session_csrf_token(base: str) -> Non
         bare.close()
 
 
+def test_a_route_of_any_other_method_gets_the_csrf_check_too(store: DashboardStore) -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from edgemed.dashboard.web.app import create_app
+    from edgemed.dashboard.web.server import WebServer
+
+    ran: list[str] = []
+
+    def purge(request: object) -> PlainTextResponse:
+        ran.append("purge")
+        return PlainTextResponse("purged")
+
+    cfg = WebConfig(secrets=secrets_for(store), port=0)
+    app = create_app(store, cfg)
+    app.router.routes.insert(0, Route("/purge", purge, methods=["PURGE"]))  # as another module might register
+    server = WebServer(app, cfg)
+    server.start()
+    try:
+        with login(server.url.rstrip("/"), "vera") as http:
+            bare = http.request("PURGE", "/purge", headers={"X-CSRF-Token": "x" * 43})
+            assert bare.status_code == 403 and "CSRF" in bare.json()["error"] and ran == []
+            assert http.request("PURGE", "/purge", headers={"X-CSRF-Token": http.csrf}).text == "purged"
+    finally:
+        server.stop()
+
+
 def test_a_cross_origin_request_is_refused_even_with_the_token(base: str) -> None:
     with login(base, "vera") as http:
         for origin in ("https://evil.example", "null", "http://127.0.0.1:1"):

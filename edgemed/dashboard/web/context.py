@@ -34,6 +34,7 @@ from edgemed.dashboard.metrics import address_allowed
 from edgemed.dashboard.web import sessions, templating
 from edgemed.dashboard.web.config import WebConfig
 from edgemed.dashboard.web.errors import BadRequest, Conflict, Forbidden, HttpError, NotFound, Unauthenticated
+from edgemed.dashboard.web.security import SAFE_METHODS
 
 if TYPE_CHECKING:
     from edgemed.dashboard.secrets import Secrets
@@ -66,7 +67,6 @@ __all__ = [
 
 #: Each role can do what the roles before it can.
 ROLES = ("viewer", "reviewer", "admin")
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def _sign_on(request: Request, name: str, session: sessions.Session | None, now:
     if session is not None and session.user_name == user.name:
         sessions.touch(db, session, now)
         return Principal(user.name, user.role, user.sites, session.csrf, "proxy")
-    if request.method not in _SAFE_METHODS:
+    if request.method not in SAFE_METHODS:
         return None  # the CSRF token was checked against another user's session, not this one's
     # A session of its own, so that its forms carry a CSRF token like everyone's; audited once per session.
     token, session = sessions.create(

@@ -10,9 +10,9 @@
   server by whatever address it scrapes; it has its own allow-list).
 - A body longer than ``max_body_bytes`` is refused (413) before it is read; one that has not all arrived within
   ``request_timeout_s`` is refused (408) and its connection closed.
-- A POST, PUT, PATCH or DELETE must carry the session's CSRF token (form field ``csrf`` or header
-  ``X-CSRF-Token``) and, when the browser sends ``Origin``, come from the page's own origin or a
-  ``--public-origin``; else 403 before any route runs. The login form, which has no session yet, carries a token
+- A request of any method but GET, HEAD and OPTIONS (POST, PUT, PATCH, DELETE, or whatever a route accepts) must
+  carry the session's CSRF token (form field ``csrf`` or header ``X-CSRF-Token``) and, when the browser sends
+  ``Origin``, come from the page's own origin or a ``--public-origin``; else 403 before any route runs. The login form, which has no session yet, carries a token
   derived from a pre-login cookie (``LOGIN_COOKIE``), so a cross-site page cannot log a victim into its account.
 """
 
@@ -40,7 +40,7 @@ from edgemed.publish.config import is_loopback
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSP", "LOGIN_COOKIE", "SecurityMiddleware", "login_csrf"]
+__all__ = ["CSP", "LOGIN_COOKIE", "SAFE_METHODS", "SecurityMiddleware", "login_csrf"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -48,7 +48,9 @@ CSP = (
 )
 #: The pre-login cookie: a random token; the login form's CSRF token is its HMAC (``login_csrf``).
 LOGIN_COOKIE = "edgemed_login"
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Every other method changes state as far as the checks go: a route some module registers for PURGE or PROPFIND
+#: gets the CSRF and Origin checks too, without anyone remembering to add its method here.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -107,7 +109,7 @@ class SecurityMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
             await _refuse(send, 413, f"a request body may be at most {self.config.max_body_bytes} bytes")
             return
-        if scope["method"] in UNSAFE_METHODS:
+        if scope["method"] not in SAFE_METHODS:
             try:
                 body = await self._read_body(receive)
             except TimeoutError:
