@@ -347,7 +347,7 @@ def test_a_lost_key_file_is_refused_not_replaced_once_the_audit_trail_has_rows(t
         key = tmp_path / "fleet.sqlite3.key"
         key.unlink()  # lost (a restore without it, say)
         start = {"db": db, "host": "127.0.0.1", "port": 0, "public_origins": (), "device_expiry_s": None}
-        with pytest.raises(ConfigError, match="secret file .* is missing, but the audit trail holds 1 rows"):
+        with pytest.raises(ConfigError, match=r"secret file .* is missing, but the audit trail holds 1 rows"):
             start_web(store, options=WebOptions(escalation=False), metrics=None, metrics_allow=None, **start)
         assert not key.exists()  # no new key that would make the whole trail fail `audit verify`
     finally:
@@ -397,3 +397,34 @@ def test_a_sign_on_header_given_twice_signs_nobody_on(store: DashboardStore, cap
             assert http.get("/api/me", headers=twice).status_code == 401
         assert any("header X-Remote-User 2 times" in r.getMessage() for r in caplog.records)
         assert http.get("/api/me", headers={"X-Remote-User": "rita"}).json()["name"] == "rita"
+
+
+def test_a_guesser_cannot_keep_a_user_out_of_a_browser_they_logged_in_from_before(store: DashboardStore) -> None:
+    from edgemed.dashboard import slowdown
+    from edgemed.dashboard.metrics import parse_allow
+
+    make_user(store, "rita", "reviewer")
+    with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"])) as base:
+        ritas, stranger = {"X-Forwarded-For": "192.0.2.10"}, {"X-Forwarded-For": "192.0.2.99"}
+        with client(base, headers=ritas) as browser:  # rita's own browser logs in once and out again
+            data = {"name": "rita", "password": PASSWORD, "csrf": login_csrf(browser)}
+            assert browser.post("/login", data=data).status_code == 303
+            assert "edgemed_known" in browser.cookies
+            assert browser.post("/logout", headers={"X-CSRF-Token": browser.get("/api/me").json()["csrf"]}).is_redirect
+            with client(base, headers={"X-Forwarded-For": "203.0.113.5"}) as guesser:
+                token = login_csrf(guesser)
+                for _ in range(slowdown.FREE_FAILURES + 2):
+                    guesser.post("/login", data={"name": "rita", "password": "a wrong guess!", "csrf": token})
+            # A new browser is slowed at the name (the guesser's many addresses must not multiply its tries) ...
+            with client(base, headers=stranger) as elsewhere:
+                token = login_csrf(elsewhere)
+                slowed = elsewhere.post("/login", data={"name": "rita", "password": PASSWORD, "csrf": token})
+                assert slowed.status_code == 429
+            # ... but the browser rita used before is not: the guesser's failures are not counted against it.
+            again = browser.post("/login", data={**data, "csrf": login_csrf(browser)})
+            assert again.status_code == 303, again.text[:300]
+            forged = {"edgemed_known": str(browser.cookies["edgemed_known"]).replace("rita", "ritb")}
+            with client(base, headers=stranger, cookies=forged) as other:
+                token = login_csrf(other)
+                failed = other.post("/login", data={"name": "rita", "password": PASSWORD, "csrf": token})
+                assert failed.status_code == 429  # a forged or edited cookie is not a known browser

@@ -182,8 +182,8 @@ def start_web(
             that cannot be bound.
     """
     from edgemed.dashboard import users
-    from edgemed.dashboard.cli_args import shown_db
     from edgemed.dashboard.audit import open_secrets
+    from edgemed.dashboard.cli_args import shown_db
     from edgemed.dashboard.secrets import resolve_secret_path
     from edgemed.dashboard.web.app import create_app
     from edgemed.dashboard.web.auth_routes import first_admin_command

@@ -12,8 +12,9 @@
   ``request_timeout_s`` is refused (408) and its connection closed.
 - A request of any method but GET, HEAD and OPTIONS (POST, PUT, PATCH, DELETE, or whatever a route accepts) must
   carry the session's CSRF token (form field ``csrf`` or header ``X-CSRF-Token``) and, when the browser sends
-  ``Origin``, come from the page's own origin or a ``--public-origin``; else 403 before any route runs. The login form, which has no session yet, carries a token
-  derived from a pre-login cookie (``LOGIN_COOKIE``), so a cross-site page cannot log a victim into its account.
+  ``Origin``, come from the page's own origin or a ``--public-origin``; else 403 before any route runs. The login
+  form, which has no session yet, carries a token derived from a pre-login cookie (``LOGIN_COOKIE``), so a
+  cross-site page cannot log a victim into its account.
 """
 
 from __future__ import annotations
