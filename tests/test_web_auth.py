@@ -199,7 +199,9 @@ def test_under_tls_the_session_cookie_is_secure_and_hsts_is_sent(store: Dashboar
             plain.get("/login")  # no plaintext beside TLS
 
 
-def test_tls_needs_both_files_and_a_busy_port_is_named(store: DashboardStore, pki: Pki, tmp_path: Path) -> None:
+def test_tls_needs_both_files_and_a_private_key_and_a_busy_port_is_named(
+    store: DashboardStore, pki: Pki, tmp_path: Path
+) -> None:
     from web_helpers import secrets_for
 
     from edgemed.dashboard.web.app import create_app
@@ -214,6 +216,14 @@ def test_tls_needs_both_files_and_a_busy_port_is_named(store: DashboardStore, pk
     missing = WebConfig(secrets=keys, port=0, tls_cert=tmp_path / "nope.pem", tls_key=pki.server_key)
     with pytest.raises(ConfigError, match=r"--tls-cert .*nope\.pem: no such file"):
         WebServer(create_app(store, missing), missing)
+    shared = tmp_path / "shared.key"
+    shared.write_bytes(pki.server_key.read_bytes())
+    shared.chmod(0o644)
+    readable = WebConfig(secrets=keys, port=0, tls_cert=pki.server_cert, tls_key=shared)
+    with pytest.raises(ConfigError, match=r"--tls-key .*shared\.key is open to every user .*chmod 600"):
+        WebServer(create_app(store, readable), readable)
+    shared.chmod(0o640)  # a group of its own (Debian's ssl-cert) may read it
+    WebServer(create_app(store, readable), readable)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
