@@ -364,8 +364,11 @@ def test_a_lost_key_file_is_refused_not_replaced_once_the_audit_trail_has_rows(t
         store.close()
 
 
-def test_a_failed_login_audits_the_name_only_when_it_names_a_user(store: DashboardStore) -> None:
+def test_a_failed_login_keeps_the_typed_name_only_when_it_names_a_user(store: DashboardStore) -> None:
+    import sqlalchemy as sa
+
     from edgemed.dashboard import audit
+    from edgemed.dashboard.tables import login_failures
 
     make_user(store, "rita", "viewer")
     with running_web(store) as base, client(base) as http:
@@ -377,6 +380,9 @@ def test_a_failed_login_audits_the_name_only_when_it_names_a_user(store: Dashboa
     assert sorted((r["target"], json.loads(r["detail"])) for r in failed if r["target"]) == [("rita", {})]
     assert [json.loads(r["detail"]) for r in failed if r["target"] is None] == [{"user": "unknown"}]
     assert not any("secret" in json.dumps(dict(r)) for r in audit.rows(store, limit=50))
+    with store._read() as conn:  # nor in the slow-down's counts
+        keys = [row.key for row in conn.execute(sa.select(login_failures.c.key))]
+    assert len(keys) == 4 and not any("secret" in k or "rita" in k for k in keys)
 
 
 def test_behind_a_trusted_proxy_the_client_address_is_the_one_the_proxy_added_last(store: DashboardStore) -> None:

@@ -10,6 +10,8 @@ fill. A stolen one buys only its own slowed count.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets as random
 import time
@@ -99,13 +101,16 @@ def _known_cookie(key: bytes, name: str, cfg: WebConfig) -> str:
 
 
 def _slowdown_name(request: Request, key: bytes, name: str) -> str:
-    """The name the slow-down counts this attempt under: ``name``, or ``name~NONCE`` from a browser known as it."""
+    """The name the slow-down counts this attempt under: a keyed digest of the typed name (what people type there
+    is sometimes their password: ``login_failures`` must not keep it), and ``~NONCE`` from a browser known as it."""
+    digest = hmac.new(key, b"login-name:" + name.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
+    counted = f"#{digest}"  # "#" and "~" are in no user name: no collision with a count kept under a plain name
     value = request.cookies.get(KNOWN_COOKIE)
     token = sessions.unsign(key, value) if value else None
     if token is None or not token.startswith(_KNOWN_LABEL):
-        return name
+        return counted
     who, _, nonce = token[len(_KNOWN_LABEL) :].rpartition("~")
-    return f"{name}~{nonce}" if who == name and nonce else name  # "~" is in no user name: no real name's count
+    return f"{counted}~{nonce}" if who == name and nonce else counted
 
 
 def _login(request: Request, name: str, password: str, target: str) -> Response:
