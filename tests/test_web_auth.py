@@ -181,7 +181,9 @@ def test_the_sign_on_header_from_an_untrusted_address_is_ignored_and_logged_once
         assert len(warned) == 1
 
 
-def test_under_tls_the_session_cookie_is_secure_and_hsts_is_sent(store: DashboardStore, pki: Pki) -> None:
+def test_under_tls_the_cookie_is_secure_hsts_is_sent_and_an_http_page_is_another_origin(
+    store: DashboardStore, pki: Pki
+) -> None:
     make_user(store, "rita", "viewer")
     trusting = ssl.create_default_context(cafile=str(pki.ca_cert))
     with running_web(store, tls_cert=pki.server_cert, tls_key=pki.server_key) as base:
@@ -195,6 +197,9 @@ def test_under_tls_the_session_cookie_is_secure_and_hsts_is_sent(store: Dashboar
             assert answer.headers["strict-transport-security"].startswith("max-age=")
         with login(base, "rita", verify=trusting) as http:
             assert http.get("/api/me").status_code == 200  # the Secure cookie comes back over https
+            plain_page = base.replace("https://", "http://")  # another origin: a plain-text page of this host
+            assert http.post("/logout", headers={"Origin": plain_page}).status_code == 403
+            assert http.post("/logout", headers={"Origin": base}).status_code == 303
         with client(base.replace("https://", "http://")) as plain, pytest.raises(httpx.HTTPError):
             plain.get("/login")  # no plaintext beside TLS
 

@@ -177,7 +177,10 @@ class SecurityMiddleware:
             return True  # not from a browser page (curl, a script): the CSRF token still has to be right
         origin = origin.lower()
         host = (headers.get("host") or "").lower()
-        return origin in (f"http://{host}", f"https://{host}") or origin in self.public_origins
+        # Under TLS the page is https: an http page of the same host is another origin (port 80, plain text). Without
+        # TLS an https origin naming this Host is a TLS proxy in front that passes the Host on.
+        own = (f"https://{host}",) if self.config.tls else (f"http://{host}", f"https://{host}")
+        return origin in own or origin in self.public_origins
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body; None when it is over the limit. TimeoutError: not all there within ``request_timeout_s``.
