@@ -55,6 +55,13 @@ def test_hourly_counts_match_the_results_on_both_paths(db: str) -> None:
         assert got == want
         assert sum(n for n, _ in got.values()) == 30
         assert (("clinic-a", hour_of(20000.0), "breast-cnn", "urgent", "benign")) in got
+        # The API's level counts read these rows: they equal counting the results, for everyone and per site.
+        from edgemed.dashboard.web import api_queries
+
+        assert api_queries.level_counts(store, None) == store.level_counts()
+        only_a = api_queries.level_counts(store, frozenset({"clinic-a"}))["results"]
+        assert only_a == {lv: sum(1 for b in bodies if b["site"] == "clinic-a" and b["triage"]["level"] == lv)
+                          for lv in only_a}  # fmt: skip
     finally:
         store.close()
 

@@ -87,20 +87,30 @@ def recent_results(
 
 
 def level_counts(store: DashboardStore, sites: Sites) -> dict[str, dict[str, int]]:
-    """``store.level_counts`` limited to ``sites``."""
+    """``store.level_counts`` limited to ``sites``.
+
+    Frame results are counted from ``result_hourly`` (kept in the commit that stores them, equal to a GROUP BY
+    over ``results``: ``tests/test_dashboard_rollup.py``): at a million results the GROUP BY itself took 0.4 s.
+    """
     where, params = _where(sites)
     out: dict[str, dict[str, int]] = {}
-    for table in ("results", "studies"):
+    for table, count in (("result_hourly", "sum(n)"), ("studies", "count(*)")):
         counts = dict.fromkeys(LEVELS, 0)
-        for row in store._query(f"SELECT level, count(*) AS n FROM {table} WHERE 1 = 1{where} GROUP BY level", params):
+        sql = f"SELECT level, {count} AS n FROM {table} WHERE 1 = 1{where} GROUP BY level"
+        for row in store._query(sql, params):
             counts[row["level"]] = int(row["n"])
-        out[table] = counts
+        out["results" if table == "result_hourly" else "studies"] = counts
     return out
 
 
-def _urgent_sql(sites: Sites) -> tuple[str, tuple[Any, ...]]:
+def _urgent_sql(store: DashboardStore, sites: Sites) -> tuple[str, tuple[Any, ...]]:
     rwhere, rparams = _where(sites, "r.site")
     swhere, sparams = _where(sites, "s.site")
+    # Not closed, so in the partial indexes results_waiting/studies_waiting (as queries._urgent_waiting): without
+    # the term every urgent result ever stored was read. SQLite uses the index only with its level term repeated.
+    sqlite = store.database.dialect == "sqlite"
+    waiting = " AND {t}.closed_at IS NULL" + (" AND {t}.level IN ('urgent', 'inconclusive')" if sqlite else "")
+    rwhere, swhere = waiting.format(t="r") + rwhere, waiting.format(t="s") + swhere
     sql = (
         "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
         "r.reason, coalesce(r.triage_label, r.label) AS label, r.label AS top_label, NULL AS frames "
@@ -117,7 +127,7 @@ def _urgent_sql(sites: Sites) -> tuple[str, tuple[Any, ...]]:
 def urgent_waiting(store: DashboardStore, sites: Sites, limit: int) -> tuple[list[dict[str, Any]], int]:
     """Urgent results and study decisions nobody acknowledged yet, oldest first (a page, and the total)."""
     _page(0, limit)
-    sql, params = _urgent_sql(sites)
+    sql, params = _urgent_sql(store, sites)
     rows = store._query(f"{sql} ORDER BY received_at ASC, seq ASC LIMIT ?", (*params, limit))
     total = store._count(f"SELECT count(*) FROM ({sql}) AS waiting", params)
     return [dict(r) for r in rows], total
