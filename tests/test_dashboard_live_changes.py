@@ -4,6 +4,7 @@ batch bigger than one poll in full, a row that commits late with an earlier time
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.tables import reviews
 from edgemed.dashboard.validate import classify
 
-NOW = 1_800_000_000.0
+NOW = time.time() - 3600.0  # an hour ago: a time in the future is a clock fault (see the last test)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,3 +94,22 @@ def test_a_big_batch_and_a_late_commit_are_reported_in_full_once(
     # Older than the look-back: not news any more.
     _file(store, [make_result(seq=60)], NOW - 60)
     assert _ids(feed.poll(store)) == []
+
+
+def test_a_row_stamped_in_the_future_does_not_hide_the_rows_stored_after_it(store: DashboardStore) -> None:
+    # A host whose clock was a day ahead stored one row; the rows stored after it by right clocks are still news.
+    feed = ChangeFeed(None)
+    feed.start(store)
+    ahead = make_result(seq=0, level="urgent")
+    _file(store, [ahead], time.time() + 86400)
+    assert _ids(feed.poll(store)) == [ahead["result_id"]]
+    later = [make_result(seq=1 + i, level="urgent") for i in range(3)]
+    for i, body in enumerate(later):
+        _file(store, [body], time.time() + i * 0.001)
+        assert _ids(feed.poll(store)) == [body["result_id"]]  # each once, at the next poll
+    assert feed.poll(store) == []
+    restarted = ChangeFeed(None)  # a feed started after the future row: what comes next is still news
+    restarted.start(store)
+    newest = make_result(seq=9, level="urgent")
+    _file(store, [newest], time.time())
+    assert _ids(restarted.poll(store)) == [newest["result_id"]]

@@ -13,10 +13,15 @@ only when there are more than it reported does it read them to report the late o
 ``WINDOW_ROWS`` rows within ``LAG_S`` late rows are not looked for: the flood's own events refresh the page).
 Devices (a few hundred rows) and reviews (a person's clicks) are simply read over the last ``LAG_S`` seconds and
 compared with what was reported. Only small facts leave here (ids, site, level, state), never a payload.
+
+A row stamped more than ``AHEAD_S`` after this process's clock (the storing host's clock was wrong, or stepped
+back since) is reported once but does not move the cursor: followed, it would hide every row stored after it until
+the clock caught up.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +43,10 @@ PER_POLL = 200
 #: Most rows a poll reads to find late ones, or to compare devices and reviews with what it reported.
 WINDOW_ROWS = 2000
 _START = -1e18  # before any time a row can carry (the cursor of an empty table)
+#: A row stamped this far after this process's clock is reported without moving the cursor (see above).
+AHEAD_S = 60.0
+#: Most such rows remembered per kind (so each is reported once).
+AHEAD_KEPT = 10_000
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class _Keyset:
     at: float = _START
     rid: str = ""
     seen: dict[str, float] = field(default_factory=dict)
+    ahead: dict[str, float] = field(default_factory=dict)  # reported rows stamped in the future
 
 
 @dataclass
@@ -82,10 +92,14 @@ class ChangeFeed:
         Raises:
             sqlite3.Error, psycopg.Error: the database could not be read.
         """
+        limit = time.time() + AHEAD_S
         with store._read() as conn:
             for name, table in (("results", results), ("studies", studies)):
-                newest = conn.execute(sa.select(sa.func.max(table.c.received_at))).scalar()
+                present = table.c.received_at <= limit
+                newest = conn.execute(sa.select(sa.func.max(table.c.received_at)).where(present)).scalar()
                 keyset = _Keyset()
+                future = sa.select(table.c.result_id, table.c.received_at).where(~present).limit(AHEAD_KEPT)
+                keyset.ahead = {row[0]: float(row[1]) for row in conn.execute(future).all()}
                 if newest is not None:
                     keyset.at = float(newest)
                     last = sa.select(sa.func.max(table.c.result_id)).where(table.c.received_at == newest)
@@ -133,12 +147,15 @@ class ChangeFeed:
         kind = "frame" if name == "results" else "study"
         key = sa.tuple_(table.c.received_at, table.c.result_id)
         cursor = sa.tuple_(sa.literal(keyset.at, sa.Float), sa.literal(keyset.rid, sa.Text))
+        reported_ahead = table.c.result_id.notin_(sorted(keyset.ahead)) if keyset.ahead else sa.true()
         fresh = conn.execute(
             sa.select(*self._columns(table))
-            .where(key > cursor, _sites(table.c.site, self.sites))
+            .where(key > cursor, reported_ahead, _sites(table.c.site, self.sites))
             .order_by(table.c.received_at, table.c.result_id)
             .limit(PER_POLL)
         ).all()
+        limit = time.time() + AHEAD_S
+        present = [row for row in fresh if float(row[4]) <= limit]
         late: list[Any] = []
         below = key <= cursor
         counted = conn.execute(
@@ -148,12 +165,18 @@ class ChangeFeed:
             late = [r for r in conn.execute(self._late_query(table, keyset, below)).all() if r[0] not in keyset.seen]
         out = []
         for row in [*late, *fresh]:
-            keyset.seen[row[0]] = float(row[4])
+            if float(row[4]) > limit:
+                keyset.ahead[row[0]] = float(row[4])
+            else:
+                keyset.seen[row[0]] = float(row[4])
             data = {"kind": kind, "result_id": row[0], "site": row[1], "device_id": row[2], "level": row[3]}
             out.append(Change("result", data))
-        if fresh:
-            keyset.at, keyset.rid = float(fresh[-1][4]), fresh[-1][0]
+        if present:
+            keyset.at, keyset.rid = float(present[-1][4]), present[-1][0]
         keyset.seen = {rid: at for rid, at in keyset.seen.items() if at >= keyset.at - LAG_S}
+        # Once the cursor has passed them they are below it for good; beyond AHEAD_KEPT the oldest are forgotten.
+        ahead = sorted((at, rid) for rid, at in keyset.ahead.items() if at > keyset.at)[-AHEAD_KEPT:]
+        keyset.ahead = {rid: at for at, rid in ahead}
         return out
 
     # -- devices and reviews: the last few seconds, compared ------------------------------------------------------
