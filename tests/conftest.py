@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -67,15 +68,22 @@ def int8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     name = f"edgemed-model-{_model_key()}"
     cache = Path(store.mkdir(name)) if store is not None else tmp_path_factory.mktemp(name)
     done = cache / "DONE"
-    if not done.exists():
-        code = (
-            "import sys; from pathlib import Path; from converters.testing import build_reference_model; "
-            "print(build_reference_model(Path(sys.argv[1])))"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=600, cwd=ROOT
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"building the test model failed:\n{proc.stdout}\n{proc.stderr}")
-        done.write_text(proc.stdout.strip().splitlines()[-1])
+    # pytest-xdist workers share the cache: the first builds the model while the others wait for it.
+    with open(cache / "LOCK", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _build_model(cache, done)
     return Path(done.read_text().strip())
+
+
+def _build_model(cache: Path, done: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from converters.testing import build_reference_model; "
+        "print(build_reference_model(Path(sys.argv[1])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the test model failed:\n{proc.stdout}\n{proc.stderr}")
+    done.write_text(proc.stdout.strip().splitlines()[-1])

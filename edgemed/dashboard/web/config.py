@@ -11,6 +11,10 @@ from urllib.parse import urlsplit
 from edgemed.dashboard.metrics import DEFAULT_ALLOW, Network, parse_allow
 from edgemed.publish.config import is_loopback
 
+#: Every other method changes state as far as the checks go: a route some module registers for PURGE or PROPFIND
+#: gets the CSRF and Origin checks too, without anyone remembering to add its method here.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 

@@ -32,9 +32,8 @@ from starlette.responses import HTMLResponse, Response
 
 from edgemed.dashboard.metrics import address_allowed
 from edgemed.dashboard.web import sessions, templating
-from edgemed.dashboard.web.config import WebConfig
+from edgemed.dashboard.web.config import SAFE_METHODS, WebConfig
 from edgemed.dashboard.web.errors import BadRequest, Conflict, Forbidden, HttpError, NotFound, Unauthenticated
-from edgemed.dashboard.web.security import SAFE_METHODS
 
 if TYPE_CHECKING:
     from edgemed.dashboard.secrets import Secrets

@@ -36,12 +36,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.web import sessions
-from edgemed.dashboard.web.config import WebConfig
+from edgemed.dashboard.web.config import SAFE_METHODS, WebConfig
 from edgemed.publish.config import is_loopback
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSP", "LOGIN_COOKIE", "SAFE_METHODS", "SecurityMiddleware", "login_csrf"]
+__all__ = ["CSP", "LOGIN_COOKIE", "SecurityMiddleware", "login_csrf"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -49,9 +49,6 @@ CSP = (
 )
 #: The pre-login cookie: a random token; the login form's CSRF token is its HMAC (``login_csrf``).
 LOGIN_COOKIE = "edgemed_login"
-#: Every other method changes state as far as the checks go: a route some module registers for PURGE or PROPFIND
-#: gets the CSRF and Origin checks too, without anyone remembering to add its method here.
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 

@@ -27,6 +27,7 @@ class _Viewer(Protocol):
     # What ``nav`` needs of ``context.Principal`` (a Protocol: context imports this module, not the other way).
     def can(self, role: str) -> bool: ...
 
+
 TEMPLATES = Path(__file__).parent / "templates"
 #: A worker whose last report is older than this is not counted as receiving.
 WORKER_FRESH_S = 30.0
