@@ -45,6 +45,7 @@ from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
     from edgemed.dashboard.metrics import Network
+    from edgemed.dashboard.web.launch import WebOptions
     from edgemed.publish.config import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def serve(
     consumer_id: str = "dashboard",
     metrics_allow: tuple[Network, ...] | None = None,
     health_retention_days: float = 7.0,
+    web: WebOptions | None = None,
 ) -> int:
     """Run the ingest and the web server until ``stop`` is set or the process gets SIGINT/SIGTERM.
 
@@ -94,40 +96,44 @@ def serve(
             name it.
         metrics_allow: networks whose clients may read ``/metrics`` (served beside the page); None: loopback.
         health_retention_days: how long raw heartbeats are kept (hourly summaries: a year).
+        web: TLS, single sign-on, session time-outs, the key file (``web.launch.WebOptions``); None: defaults.
 
     Returns:
         0 after a clean stop.
 
     Raises:
-        ConfigError: bad broker settings, an unusable database, a port that cannot be bound, a malformed
-            public origin, or a consumer or client id that does not fit in a topic.
+        ConfigError: bad broker settings, an unusable database or key file, a port that cannot be bound, a
+            malformed public origin, or a consumer or client id that does not fit in a topic.
         BrokerRefusedError: plaintext MQTT to a remote broker without ``allow_plaintext_remote``.
     """
     from edgemed.dashboard.cli_args import open_store, shown_db
     from edgemed.dashboard.ingest import Ingest
     from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
-    from edgemed.dashboard.web import make_server
+    from edgemed.dashboard.web.launch import WebOptions, start_web
+    from edgemed.dashboard.web.server import WebServer
 
     cfg = _merge_config(mqtt_url, mqtt)
     origins = tuple(parse_origin(o) for o in public_origins)  # a typo is refused before anything starts
     stop_event = stop if stop is not None else threading.Event()
     store = open_store(db, health_retention_days=health_retention_days)
     ingest: Ingest | None = None
-    server = None
+    server: WebServer | None = None
     restore: list[tuple[signal.Signals, Any]] = []
     try:
         ingest = Ingest(cfg, store, consumer_id=consumer_id)
         live = ingest
-        server = make_server(
+        server = start_web(
             store,
+            db=db,
             host=host,
             port=port,
-            ingest_snapshot=ingest.snapshot,
-            device_expiry_s=device_expiry_s,
+            options=web if web is not None else WebOptions(),
             public_origins=origins,
+            device_expiry_s=device_expiry_s,
             metrics=store_collector(store, device_expiry_s=device_expiry_s, live_workers=lambda: [live.live_row()]),
             metrics_allow=metrics_allow,
+            ingest_snapshot=ingest.snapshot,
         )
         if stop is None and threading.current_thread() is threading.main_thread():
 
@@ -137,10 +143,6 @@ def serve(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 restore.append((sig, signal.signal(sig, _on_signal)))
         ingest.start()
-        web = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="edgemed-web", daemon=True
-        )
-        web.start()
         log.info("dashboard at %s (database %s, broker %s)", server.url, shown_db(db), cfg.url)
         if on_ready is not None:
             on_ready(server.url)
@@ -151,8 +153,7 @@ def serve(
         for sig, handler in restore:
             signal.signal(sig, handler)
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.stop()
         if ingest is not None:
             ingest.stop()
         store.close()
@@ -177,6 +178,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add_ingest_arguments,
         add_serve_arguments,
     )
+    from edgemed.dashboard.web.launch import add_web_arguments
 
     raw = argparse.RawDescriptionHelpFormatter
     actions = p.add_subparsers(dest="dashboard_action", metavar="{ingest,serve,acl,export}")
@@ -241,6 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_metrics_allow(p)
     add_retention_argument(p)
+    add_web_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         return {"ingest": run_ingest, "serve": run_serve, "acl": run_acl}[action](args)
     from edgemed.dashboard.cli_args import broker_config, check_port, metrics_networks, retention_days
     from edgemed.dashboard.processes import device_expiry
+    from edgemed.dashboard.web.launch import web_options
 
     missing = [name for name, value in (("--broker", args.broker), ("--db", args.db)) if value is None]
     if missing:
@@ -279,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
     expiry = device_expiry(args.device_expiry_days)
     cfg = broker_config(args)
     allow = metrics_networks(args)
+    web = web_options(args)
 
     def announce(url: str) -> None:
         print(f"edgemed: dashboard at {url} (receiving from {cfg.url}; Ctrl-C stops)", file=sys.stderr)
@@ -295,4 +300,5 @@ def run(args: argparse.Namespace) -> int:
         consumer_id=args.consumer_id,
         metrics_allow=allow,
         health_retention_days=retention_days(args),
+        web=web,
     )

@@ -33,6 +33,7 @@ from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
     from edgemed.dashboard.metrics import Network
+    from edgemed.dashboard.web.launch import WebOptions
     from edgemed.publish.config import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="leave devices silent for this long out of the fleet table and /metrics (default 7; 0 = never)",
     )
     add_metrics_allow(p, sub_command=True)
+    from edgemed.dashboard.web.launch import add_web_arguments
+
+    add_web_arguments(p, sub_command=True)
 
 
 def device_expiry(days: float) -> float | None:
@@ -279,9 +283,12 @@ def run_serve(args: argparse.Namespace) -> int:
     Raises:
         ConfigError: bad options, database or port.
     """
+    from edgemed.dashboard.web.launch import web_options
+
     check_port("--port", args.port)
     return serve_web(
         db=args.db,
+        web=web_options(args),
         host=args.host,
         port=args.port,
         device_expiry_s=device_expiry(args.device_expiry_days),
@@ -300,6 +307,7 @@ def serve_web(
     metrics_allow: tuple[Network, ...] | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    web: WebOptions | None = None,
 ) -> int:
     """Serve the page, the API and ``/metrics`` from the database until ``stop`` is set or SIGINT/SIGTERM.
 
@@ -312,33 +320,35 @@ def serve_web(
         metrics_allow: networks that may read ``/metrics``; None: the loopback.
         stop: set it to stop; when None, SIGINT and SIGTERM stop (only from the main thread).
         on_ready: called with the page's URL once bound.
+        web: TLS, single sign-on, session time-outs, the key file; None: defaults.
 
     Returns:
         0 after a clean stop.
 
     Raises:
-        ConfigError: an unusable database, a port that cannot be bound, a malformed public origin.
+        ConfigError: an unusable database or key file, a port that cannot be bound, a malformed public origin.
     """
     from edgemed.dashboard.metrics import store_collector
     from edgemed.dashboard.origin import parse_origin
-    from edgemed.dashboard.web import make_server
+    from edgemed.dashboard.web.launch import WebOptions, start_web
 
     origins = tuple(parse_origin(o) for o in public_origins)
     stop_event = stop if stop is not None else threading.Event()
     store = open_store(db)
     server: Any = None
     try:
-        server = make_server(
+        server = start_web(
             store,
+            db=db,
             host=host,
             port=port,
-            device_expiry_s=device_expiry_s,
+            options=web if web is not None else WebOptions(),
             public_origins=origins,
+            device_expiry_s=device_expiry_s,
             metrics=store_collector(store, device_expiry_s=device_expiry_s),
             metrics_allow=metrics_allow,
         )
         with stop_on_signals(stop_event, install=stop is None):
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
             print(
                 f"edgemed: dashboard page at {server.url} and {server.url}metrics (database {shown_db(db)}; the "
                 "ingest runs apart: edgemed dashboard ingest); SIGTERM or Ctrl-C stops",
@@ -351,6 +361,5 @@ def serve_web(
         return 0
     finally:
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.stop()
         store.close()

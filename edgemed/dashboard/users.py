@@ -1,0 +1,435 @@
+"""The people who may log in to the dashboard: argon2id password hashes, roles, sites, and the login slow-down.
+
+Passwords are hashed with argon2id (argon2-cffi's ``PasswordHasher`` defaults: RFC 9106's low-memory profile,
+64 MiB, 3 passes); the database holds only the encoded hash. There is no default password anywhere: a user has
+the password an admin typed for them, or none (single sign-on through a trusted proxy only). A password is at
+least 12 characters and not the user's name; it never reaches a log line, an audit row or an error message.
+
+Every change (add, password, disable, enable, role) appends its audit row in the same transaction as the change
+(``audit.append``), so the trail cannot miss a change that committed. Disabling a user or changing their password
+also ends their open sessions (``web_sessions``) in that transaction; a disabled user's next request is refused
+anyway, since the web layer re-reads the user on every request. The last enabled admin can be neither disabled
+nor demoted: nobody could then manage users from the page.
+
+Login slow-down. Each failed login adds two rows to ``login_failures``: one for the user name, one for the client
+address. ``login_delay`` looks at the failures of the last 15 minutes under either key (the larger count wins): the
+first 3 cost nothing, then each further one doubles the wait from 1 s up to 300 s, counted from the last failure.
+Per user name, a password is not guessed from many addresses; per address, many names are not tried from one. The
+rows live in the database, so every ``serve`` process behind a load balancer counts the same failures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from edgemed.dashboard import audit
+from edgemed.dashboard.tables import ROLES, login_failures, users, web_sessions
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from edgemed.dashboard.secrets import Secrets
+    from edgemed.dashboard.store import DashboardStore
+
+__all__ = [
+    "FAILURE_WINDOW_S",
+    "MAX_DELAY_S",
+    "MIN_PASSWORD_CHARS",
+    "UserError",
+    "UserRecord",
+    "add_user",
+    "check_name",
+    "check_password",
+    "clear_failures",
+    "get_user",
+    "list_users",
+    "login_delay",
+    "record_failure",
+    "set_disabled",
+    "set_password",
+    "set_role",
+    "user_count",
+    "verify_password",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_SITE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # as a device's site in its topic
+MIN_PASSWORD_CHARS = 12
+_MAX_PASSWORD_CHARS = 1024  # argon2 takes any length; a megabyte "password" is only a way to burn CPU
+#: Failed logins count for this long.
+FAILURE_WINDOW_S = 15 * 60.0
+#: Failures (per user name, per address) that cost no wait.
+FREE_FAILURES = 3
+#: The longest wait.
+MAX_DELAY_S = 300.0
+
+_hasher = PasswordHasher()
+
+
+class UserError(ValueError):
+    """A user change that cannot be made: the message names the problem and what to do."""
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user as the web layer needs them: ``sites`` None means every site."""
+
+    name: str
+    role: str
+    sites: frozenset[str] | None
+    disabled: bool
+    has_password: bool
+
+
+def check_name(name: str) -> str:
+    """Refuse a user name outside 1-64 characters of letters, digits, ``.``, ``_``, ``@`` or ``-``.
+
+    Raises:
+        UserError: a bad name.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UserError(
+            f"user name {name!r:.80} is not allowed: use 1-64 letters, digits, '.', '_', '@' or '-' (e.g. a.smith)"
+        )
+    return name
+
+
+def check_password(name: str, password: str) -> None:
+    """Refuse a password shorter than 12 characters, longer than 1024, or equal to the user name.
+
+    Raises:
+        UserError: a bad password (the message never repeats it).
+    """
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD_CHARS:
+        raise UserError(f"the password is too short: use at least {MIN_PASSWORD_CHARS} characters (a passphrase)")
+    if len(password) > _MAX_PASSWORD_CHARS:
+        raise UserError(f"the password is too long: use at most {_MAX_PASSWORD_CHARS} characters")
+    if password.strip().casefold() == name.casefold():
+        raise UserError("the password must not be the user name")
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise UserError(f"role {role!r:.40} is not one of {', '.join(ROLES)}")
+    return role
+
+
+def _check_sites(sites: Iterable[str] | None) -> str | None:
+    if sites is None:
+        return None
+    chosen = sorted({s.strip() for s in sites if s.strip()})
+    if not chosen:
+        raise UserError("a user limited to no site would see nothing: name sites (--sites A,B) or leave them out")
+    for site in chosen:
+        if not _SITE.match(site):
+            raise UserError(f"site {site!r:.80} is not a site id: 1-64 letters, digits, '_' or '-'")
+    return json.dumps(chosen)
+
+
+def _record(row: Any) -> UserRecord:
+    sites = None if row.sites is None else frozenset(json.loads(row.sites))
+    return UserRecord(row.name, row.role, sites, bool(row.disabled), row.password_hash is not None)
+
+
+def _row(conn: Connection, name: str) -> Any:
+    return conn.execute(sa.select(users).where(users.c.name == name)).first()
+
+
+def _existing(conn: Connection, name: str) -> Any:
+    row = _row(conn, name)
+    if row is None:
+        raise UserError(f"no user {name!r:.80}; `edgemed dashboard users list --db DB` shows who there is")
+    return row
+
+
+def _other_enabled_admins(conn: Connection, name: str) -> int:
+    stmt = sa.select(sa.func.count()).where(users.c.role == "admin", users.c.disabled == 0, users.c.name != name)
+    return int(conn.execute(stmt).scalar_one())
+
+
+def _end_sessions(conn: Connection, name: str) -> None:
+    conn.execute(sa.delete(web_sessions).where(web_sessions.c.user_name == name))
+
+
+def add_user(
+    store: DashboardStore,
+    name: str,
+    role: str,
+    sites: Iterable[str] | None,
+    password: str | None,
+    *,
+    secrets: Secrets,
+    actor: str,
+    address: str | None,
+    at: float | None = None,
+) -> UserRecord:
+    """Add a user (audited ``user_added``, with role and sites; never the password).
+
+    Args:
+        store: the dashboard's store.
+        name: the login name (see ``check_name``).
+        role: ``viewer``, ``reviewer`` or ``admin``.
+        sites: the sites they may see; None for every site.
+        password: their password (see ``check_password``); None for a single-sign-on-only user.
+        secrets: the audit key's holder.
+        actor: who adds them (a user name or ``cli:<os user>``).
+        address: from where.
+        at: dashboard clock; now when None.
+
+    Returns:
+        The new user.
+
+    Raises:
+        UserError: a bad name, role, site or password, or the name is taken.
+    """
+    check_name(name)
+    _check_role(role)
+    sites_json = _check_sites(sites)
+    hashed = None
+    if password is not None:
+        check_password(name, password)
+        hashed = _hasher.hash(password)
+    now = time.time() if at is None else at
+    with store._transaction() as conn:
+        if _row(conn, name) is not None:
+            raise UserError(f"user {name!r} exists already; change them with `users passwd`, `role` or `enable`")
+        row = {"name": name, "password_hash": hashed, "role": role, "sites": sites_json, "disabled": 0}
+        conn.execute(sa.insert(users), {**row, "created_at": now, "updated_at": now})
+        detail = {"role": role, "sites": None if sites_json is None else json.loads(sites_json)}
+        audit.append(
+            conn, secrets.audit_key, at=now, actor=actor, address=address, action="user_added", target=name,
+            detail={**detail, "password": hashed is not None},
+        )  # fmt: skip
+        return _record(_row(conn, name))
+
+
+def set_password(
+    store: DashboardStore,
+    name: str,
+    password: str,
+    *,
+    secrets: Secrets,
+    actor: str,
+    address: str | None,
+    at: float | None = None,
+) -> None:
+    """Replace a user's password and end their sessions (audited ``password_changed``).
+
+    Raises:
+        UserError: no such user, or a bad password.
+    """
+    check_password(name, password)
+    hashed = _hasher.hash(password)
+    now = time.time() if at is None else at
+    with store._transaction() as conn:
+        _existing(conn, name)
+        conn.execute(sa.update(users).where(users.c.name == name).values(password_hash=hashed, updated_at=now))
+        _end_sessions(conn, name)
+        audit.append(
+            conn, secrets.audit_key, at=now, actor=actor, address=address, action="password_changed", target=name
+        )
+
+
+def set_disabled(
+    store: DashboardStore,
+    name: str,
+    disabled: bool,
+    *,
+    secrets: Secrets,
+    actor: str,
+    address: str | None,
+    at: float | None = None,
+) -> bool:
+    """Disable (ending their sessions) or enable a user (audited ``user_disabled`` / ``user_enabled``).
+
+    Returns:
+        True when it changed something, False when the user was in that state already (nothing audited).
+
+    Raises:
+        UserError: no such user, or it is the last enabled admin.
+    """
+    now = time.time() if at is None else at
+    with store._transaction() as conn:
+        row = _existing(conn, name)
+        if bool(row.disabled) == disabled:
+            return False
+        if disabled and row.role == "admin" and _other_enabled_admins(conn, name) == 0:
+            raise UserError(f"{name!r} is the last enabled admin: add or enable another admin first")
+        conn.execute(sa.update(users).where(users.c.name == name).values(disabled=int(disabled), updated_at=now))
+        if disabled:
+            _end_sessions(conn, name)
+        action = "user_disabled" if disabled else "user_enabled"
+        audit.append(conn, secrets.audit_key, at=now, actor=actor, address=address, action=action, target=name)
+        return True
+
+
+def set_role(
+    store: DashboardStore,
+    name: str,
+    role: str,
+    *,
+    secrets: Secrets,
+    actor: str,
+    address: str | None,
+    at: float | None = None,
+) -> bool:
+    """Change a user's role (audited ``role_changed`` with the old and new role).
+
+    Returns:
+        True when it changed, False when they had that role already.
+
+    Raises:
+        UserError: no such user, an unknown role, or it would demote the last enabled admin.
+    """
+    _check_role(role)
+    now = time.time() if at is None else at
+    with store._transaction() as conn:
+        row = _existing(conn, name)
+        if row.role == role:
+            return False
+        if row.role == "admin" and not row.disabled and _other_enabled_admins(conn, name) == 0:
+            raise UserError(f"{name!r} is the last enabled admin: make another user admin first")
+        conn.execute(sa.update(users).where(users.c.name == name).values(role=role, updated_at=now))
+        audit.append(
+            conn, secrets.audit_key, at=now, actor=actor, address=address, action="role_changed", target=name,
+            detail={"from": row.role, "to": role},
+        )  # fmt: skip
+        return True
+
+
+def get_user(store: DashboardStore, name: str) -> UserRecord | None:
+    """The user called ``name``, or None."""
+    with store._read() as conn:
+        row = _row(conn, name)
+    return None if row is None else _record(row)
+
+
+def list_users(store: DashboardStore) -> list[dict[str, Any]]:
+    """Every user by name: ``name, role, sites`` (sorted list or None), ``disabled, has_password, created_at,
+    updated_at`` (never the hash)."""
+    cols = [users.c.name, users.c.role, users.c.sites, users.c.disabled, users.c.created_at, users.c.updated_at]
+    with store._read() as conn:
+        found = conn.execute(sa.select(*cols, users.c.password_hash.is_not(None)).order_by(users.c.name)).all()
+    return [
+        {
+            "name": r[0],
+            "role": r[1],
+            "sites": None if r[2] is None else json.loads(r[2]),
+            "disabled": bool(r[3]),
+            "has_password": bool(r[6]),
+            "created_at": r[4],
+            "updated_at": r[5],
+        }
+        for r in found
+    ]
+
+
+def user_count(store: DashboardStore) -> int:
+    """How many users exist (disabled ones included): 0 means nobody can log in yet."""
+    with store._read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+
+
+@lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return _hasher.hash("not a password: compared against when the user is unknown")
+
+
+def verify_password(store: DashboardStore, name: str, password: str) -> UserRecord | None:
+    """The user when ``password`` is theirs and they are enabled; None otherwise, in the same time either way.
+
+    An unknown name, a user without a password or a disabled user still costs one argon2 verification (against a
+    dummy hash), so the answer's timing does not tell which names exist. A hash made with older parameters is
+    replaced by one with the current parameters after a successful check.
+
+    Args:
+        store: the dashboard's store.
+        name: the login name as typed.
+        password: the password as typed.
+
+    Returns:
+        The user, or None.
+    """
+    row = None
+    if isinstance(name, str) and _NAME.match(name):
+        with store._read() as conn:
+            row = _row(conn, name)
+    hashed = row.password_hash if row is not None and row.password_hash is not None else None
+    try:
+        _hasher.verify(hashed or _dummy_hash(), password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return None
+    if hashed is None or row is None or row.disabled:
+        return None
+    if _hasher.check_needs_rehash(hashed):
+        with store._transaction() as conn:
+            update = sa.update(users).where(users.c.name == name, users.c.password_hash == hashed)
+            conn.execute(update.values(password_hash=_hasher.hash(password)))
+    return _record(row)
+
+
+# -- the login slow-down ---------------------------------------------------------------------------------------
+
+
+def _keys(name: str, address: str | None) -> list[str]:
+    keys = [f"user:{name[:200]}"]
+    if address:
+        keys.append(f"addr:{address[:200]}")
+    return keys
+
+
+def _backoff(failures: int) -> float:
+    if failures <= FREE_FAILURES:
+        return 0.0
+    return float(min(MAX_DELAY_S, 2.0 ** (failures - FREE_FAILURES - 1)))
+
+
+def login_delay(store: DashboardStore, name: str, address: str | None, now: float) -> float:
+    """Seconds to wait before another login attempt for ``name`` from ``address`` is even checked.
+
+    Args:
+        store: the dashboard's store.
+        name: the login name as typed.
+        address: the client's address (``context.client_address``), or None.
+        now: dashboard clock.
+
+    Returns:
+        0 when an attempt may be checked now; else the seconds left (for ``Retry-After``).
+    """
+    since = now - FAILURE_WINDOW_S
+    stmt = (
+        sa.select(login_failures.c.key, sa.func.count(), sa.func.max(login_failures.c.at))
+        .where(login_failures.c.key.in_(_keys(name, address)), login_failures.c.at >= since)
+        .group_by(login_failures.c.key)
+    )
+    with store._read() as conn:
+        found = conn.execute(stmt).all()
+    wait = 0.0
+    for _key, n, last in found:
+        wait = max(wait, float(last) + _backoff(int(n)) - now)
+    return max(0.0, wait)
+
+
+def record_failure(store: DashboardStore, name: str, address: str | None, now: float) -> None:
+    """Count a failed login against the user name and the address (and forget failures older than the window)."""
+    with store._transaction() as conn:
+        conn.execute(sa.delete(login_failures).where(login_failures.c.at < now - FAILURE_WINDOW_S))
+        conn.execute(sa.insert(login_failures), [{"key": key, "at": now} for key in _keys(name, address)])
+
+
+def clear_failures(store: DashboardStore, name: str, now: float) -> None:
+    """Forget the user name's failures after a successful login (the address's stay: one account's owner must not
+    wipe the count of names guessed from their address)."""
+    with store._transaction() as conn:
+        conn.execute(sa.delete(login_failures).where(login_failures.c.key == f"user:{name[:200]}"))
+        conn.execute(sa.delete(login_failures).where(login_failures.c.at < now - FAILURE_WINDOW_S))
