@@ -46,7 +46,7 @@ def test_every_response_carries_the_csp_and_the_security_headers(base: str) -> N
             assert answer.headers["content-security-policy"] == CONTRACT_CSP, path
             assert answer.headers["x-content-type-options"] == "nosniff", path
             assert answer.headers["x-frame-options"] == "DENY", path
-            assert answer.headers["referrer-policy"] == "no-referrer", path
+            assert answer.headers["referrer-policy"] == "same-origin", path
             assert "cache-control" in answer.headers, path
             assert "server" not in answer.headers, path  # no version banner
             assert "strict-transport-security" not in answer.headers  # plain http: HSTS would be meaningless

@@ -1,7 +1,7 @@
 """The middleware in front of every route: security headers, the ``Host`` check, the body limit, CSRF and ``Origin``.
 
 - Every response carries the Content-Security-Policy ``CSP`` (no inline script or style anywhere: templates load
-  ``/static`` files only), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``,
+  ``/static`` files only), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin``,
   ``X-Frame-Options: DENY``, ``Cache-Control: no-store`` (unless the route set its own) and, under TLS,
   ``Strict-Transport-Security``.
 - On a loopback binding the ``Host`` header must name the loopback or a ``--public-origin``'s host: a DNS-rebinding
@@ -126,7 +126,9 @@ class SecurityMiddleware:
                 out = MutableHeaders(scope=message)
                 out["Content-Security-Policy"] = CSP
                 out["X-Content-Type-Options"] = "nosniff"
-                out["Referrer-Policy"] = "no-referrer"
+                # same-origin, not no-referrer: under no-referrer Chromium sends "Origin: null" with the page's own
+                # form posts (the login form included), which the Origin check must refuse.
+                out["Referrer-Policy"] = "same-origin"
                 out["X-Frame-Options"] = "DENY"
                 if "cache-control" not in out:
                     out["Cache-Control"] = "no-store"
