@@ -169,6 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p: the sub-command's parser.
     """
     from edgemed.dashboard.acl import ACL_DESCRIPTION, add_acl_arguments
+    from edgemed.dashboard.audit_cli import AUDIT_DESCRIPTION, add_audit_arguments
     from edgemed.dashboard.cli_args import add_broker_arguments, add_metrics_allow, add_retention_argument
     from edgemed.dashboard.export import __doc__ as export_doc
     from edgemed.dashboard.export import add_export_arguments
@@ -178,10 +179,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add_ingest_arguments,
         add_serve_arguments,
     )
+    from edgemed.dashboard.users_cli import USERS_DESCRIPTION, add_users_arguments
     from edgemed.dashboard.web.launch import add_web_arguments
 
     raw = argparse.RawDescriptionHelpFormatter
-    actions = p.add_subparsers(dest="dashboard_action", metavar="{ingest,serve,acl,export}")
+    actions = p.add_subparsers(dest="dashboard_action", metavar="{ingest,serve,acl,export,users,audit}")
     for name, helptext, description, add in (
         (
             "ingest",
@@ -206,6 +208,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             "print every stored result and study decision as the device sent it, one JSON per line",
             export_doc,
             add_export_arguments,
+        ),
+        (
+            "users",
+            "add, disable, enable, re-password and list the people who may log in",
+            USERS_DESCRIPTION,
+            add_users_arguments,
+        ),
+        (
+            "audit",
+            "check the audit trail's HMAC chain (verify) or export it as CSV",
+            AUDIT_DESCRIPTION,
+            add_audit_arguments,
         ),
     ):
         add(actions.add_parser(name, help=helptext, description=description, formatter_class=raw))
@@ -264,6 +278,11 @@ def run(args: argparse.Namespace) -> int:
         from edgemed.dashboard.export import run_export
 
         return run_export(args)
+    if action in ("users", "audit"):
+        from edgemed.dashboard.audit_cli import run_audit
+        from edgemed.dashboard.users_cli import run_users
+
+        return run_users(args) if action == "users" else run_audit(args)
     if action in ("ingest", "serve", "acl"):
         from edgemed.dashboard.acl import run_acl
         from edgemed.dashboard.processes import run_ingest, run_serve

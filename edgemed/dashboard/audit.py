@@ -24,9 +24,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
+import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TextIO
@@ -34,8 +35,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 import sqlalchemy as sa
 
 from edgemed.dashboard.tables import audit
+from edgemed.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sqlalchemy import Connection
 
     from edgemed.dashboard.secrets import Secrets
@@ -47,7 +51,9 @@ __all__ = [
     "VerifyResult",
     "append",
     "count",
+    "csv_chunks",
     "iso_time",
+    "open_secrets",
     "record",
     "rows",
     "verify",
@@ -198,7 +204,36 @@ def record(
         )  # fmt: skip
 
 
-def _chunks(store: DashboardStore, where: list[Any]) -> Any:
+def open_secrets(store: DashboardStore, path: Path) -> Secrets:
+    """Load the secret file for this store, creating it only while the audit trail is empty.
+
+    A missing key file beside a trail that has rows was lost (or this is the wrong ``--secret-file``): a new key
+    would make every old row fail ``verify``, so it is refused instead of created.
+
+    Args:
+        store: the dashboard's store.
+        path: the secret file (``secrets.resolve_secret_path``).
+
+    Returns:
+        The keys.
+
+    Raises:
+        ConfigError: the file is missing while the trail has rows, or cannot be used (see ``load_secrets``).
+    """
+    from edgemed.dashboard.secrets import load_secrets
+
+    if not path.exists():
+        n = count(store)
+        if n:
+            raise ConfigError(
+                f"the secret file {path} is missing, but the audit trail holds {n} rows chained with its key: "
+                "restore the file from a backup or pass the --secret-file the dashboard uses (a new key would "
+                "make the whole trail fail `audit verify`)"
+            )
+    return load_secrets(path, create=True)
+
+
+def _chunks(store: DashboardStore, where: list[Any]) -> Iterator[Any]:
     """Every row matching ``where``, oldest first, read ``_CHUNK`` at a time (keyset on ``id``)."""
     after = 0
     while True:
@@ -229,7 +264,7 @@ def verify(store: DashboardStore, key: bytes) -> VerifyResult:
         reason = None
         if row_id != expected:
             missing = f"row {expected} is" if row_id == expected + 1 else f"rows {expected} to {row_id - 1} are"
-            reason = f"{missing} missing before it (deleted)"
+            reason = f"{missing} missing before it (deleted, or this row renumbered)"
         elif not hmac.compare_digest(_mac(key, previous, row), str(row["hmac"])):
             reason = (
                 "its HMAC does not match: the row was edited, or the chain was written with another key "
@@ -312,6 +347,34 @@ def _cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
+def _csv_rows(store: DashboardStore, since: float | None, until: float | None) -> Iterator[list[Any]]:
+    for row in _chunks(store, _filters(since, until)):
+        yield [row["id"], iso_time(float(row["at"]))] + [_cell(row[name]) for name in CSV_COLUMNS[2:]]
+
+
+def csv_chunks(store: DashboardStore, since: float | None = None, until: float | None = None) -> Iterator[str]:
+    """The CSV of ``write_csv`` as text chunks (the header, then about a thousand rows each), for streaming.
+
+    Args:
+        store: the dashboard's store.
+        since: only rows at or after this time.
+        until: only rows before this time.
+
+    Yields:
+        CSV text.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    for n, cells in enumerate(_csv_rows(store, since, until), 1):
+        writer.writerow(cells)
+        if n % _CHUNK == 0:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue()
+
+
 def write_csv(store: DashboardStore, out: TextIO, since: float | None = None, until: float | None = None) -> int:
     """Write the audit rows of a period as CSV (header ``CSV_COLUMNS``), oldest first, streamed.
 
@@ -330,7 +393,7 @@ def write_csv(store: DashboardStore, out: TextIO, since: float | None = None, un
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     n = 0
-    for row in _chunks(store, _filters(since, until)):
-        writer.writerow([row["id"], iso_time(float(row["at"]))] + [_cell(row[name]) for name in CSV_COLUMNS[2:]])
+    for cells in _csv_rows(store, since, until):
+        writer.writerow(cells)
         n += 1
     return n

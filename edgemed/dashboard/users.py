@@ -11,11 +11,7 @@ also ends their open sessions (``web_sessions``) in that transaction; a disabled
 anyway, since the web layer re-reads the user on every request. The last enabled admin can be neither disabled
 nor demoted: nobody could then manage users from the page.
 
-Login slow-down. Each failed login adds two rows to ``login_failures``: one for the user name, one for the client
-address. ``login_delay`` looks at the failures of the last 15 minutes under either key (the larger count wins): the
-first 3 cost nothing, then each further one doubles the wait from 1 s up to 300 s, counted from the last failure.
-Per user name, a password is not guessed from many addresses; per address, many names are not tried from one. The
-rows live in the database, so every ``serve`` process behind a load balancer counts the same failures.
+The login slow-down (``login_delay``, ``record_failure``, ``clear_failures``) is in ``slowdown.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +29,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from edgemed.dashboard import audit
-from edgemed.dashboard.tables import ROLES, login_failures, users, web_sessions
+from edgemed.dashboard.slowdown import FAILURE_WINDOW_S, MAX_DELAY_S, clear_failures, login_delay, record_failure
+from edgemed.dashboard.tables import ROLES, users, web_sessions
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -66,13 +63,6 @@ _NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 _SITE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # as a device's site in its topic
 MIN_PASSWORD_CHARS = 12
 _MAX_PASSWORD_CHARS = 1024  # argon2 takes any length; a megabyte "password" is only a way to burn CPU
-#: Failed logins count for this long.
-FAILURE_WINDOW_S = 15 * 60.0
-#: Failures (per user name, per address) that cost no wait.
-FREE_FAILURES = 3
-#: The longest wait.
-MAX_DELAY_S = 300.0
-
 _hasher = PasswordHasher()
 
 
@@ -127,6 +117,8 @@ def _check_role(role: str) -> str:
 def _check_sites(sites: Iterable[str] | None) -> str | None:
     if sites is None:
         return None
+    if isinstance(sites, str):  # a str is an iterable of one-letter "sites": never what the caller meant
+        raise TypeError("sites must be a collection of site ids (or None), not one string")
     chosen = sorted({s.strip() for s in sites if s.strip()})
     if not chosen:
         raise UserError("a user limited to no site would see nothing: name sites (--sites A,B) or leave them out")
@@ -350,7 +342,7 @@ def verify_password(store: DashboardStore, name: str, password: str) -> UserReco
 
     An unknown name, a user without a password or a disabled user still costs one argon2 verification (against a
     dummy hash), so the answer's timing does not tell which names exist. A hash made with older parameters is
-    replaced by one with the current parameters after a successful check.
+    replaced by one with the current parameters after a successful check (not audited: the password is the same).
 
     Args:
         store: the dashboard's store.
@@ -376,60 +368,3 @@ def verify_password(store: DashboardStore, name: str, password: str) -> UserReco
             update = sa.update(users).where(users.c.name == name, users.c.password_hash == hashed)
             conn.execute(update.values(password_hash=_hasher.hash(password)))
     return _record(row)
-
-
-# -- the login slow-down ---------------------------------------------------------------------------------------
-
-
-def _keys(name: str, address: str | None) -> list[str]:
-    keys = [f"user:{name[:200]}"]
-    if address:
-        keys.append(f"addr:{address[:200]}")
-    return keys
-
-
-def _backoff(failures: int) -> float:
-    if failures <= FREE_FAILURES:
-        return 0.0
-    return float(min(MAX_DELAY_S, 2.0 ** (failures - FREE_FAILURES - 1)))
-
-
-def login_delay(store: DashboardStore, name: str, address: str | None, now: float) -> float:
-    """Seconds to wait before another login attempt for ``name`` from ``address`` is even checked.
-
-    Args:
-        store: the dashboard's store.
-        name: the login name as typed.
-        address: the client's address (``context.client_address``), or None.
-        now: dashboard clock.
-
-    Returns:
-        0 when an attempt may be checked now; else the seconds left (for ``Retry-After``).
-    """
-    since = now - FAILURE_WINDOW_S
-    stmt = (
-        sa.select(login_failures.c.key, sa.func.count(), sa.func.max(login_failures.c.at))
-        .where(login_failures.c.key.in_(_keys(name, address)), login_failures.c.at >= since)
-        .group_by(login_failures.c.key)
-    )
-    with store._read() as conn:
-        found = conn.execute(stmt).all()
-    wait = 0.0
-    for _key, n, last in found:
-        wait = max(wait, float(last) + _backoff(int(n)) - now)
-    return max(0.0, wait)
-
-
-def record_failure(store: DashboardStore, name: str, address: str | None, now: float) -> None:
-    """Count a failed login against the user name and the address (and forget failures older than the window)."""
-    with store._transaction() as conn:
-        conn.execute(sa.delete(login_failures).where(login_failures.c.at < now - FAILURE_WINDOW_S))
-        conn.execute(sa.insert(login_failures), [{"key": key, "at": now} for key in _keys(name, address)])
-
-
-def clear_failures(store: DashboardStore, name: str, now: float) -> None:
-    """Forget the user name's failures after a successful login (the address's stay: one account's owner must not
-    wipe the count of names guessed from their address)."""
-    with store._transaction() as conn:
-        conn.execute(sa.delete(login_failures).where(login_failures.c.key == f"user:{name[:200]}"))
-        conn.execute(sa.delete(login_failures).where(login_failures.c.at < now - FAILURE_WINDOW_S))

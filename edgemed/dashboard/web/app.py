@@ -30,6 +30,7 @@ __all__ = ["ROUTE_MODULES", "STATIC", "create_app", "error_response", "wants_jso
 ROUTE_MODULES: tuple[str, ...] = (
     "edgemed.dashboard.web.auth_routes",
     "edgemed.dashboard.web.api_routes",
+    "edgemed.dashboard.web.admin_routes",
 )
 STATIC = Path(__file__).parent / "static"
 
