@@ -129,8 +129,8 @@ def _hidden(html: str, name: str) -> str | None:
 def routes(now: float) -> list[tuple[str, str]]:
     """``(what, path)`` of every route measured."""
     device = fleet()[0]
-    day = (int(now // 86400) - 1) * 86400  # yesterday, a whole day
-    export = f"/export/results?site={SITES[0]}&since={day}&until={day + 86400}&format=csv"
+    day = time.strftime("%Y-%m-%d", time.gmtime(now - 86400))  # yesterday: until a date alone is its whole day
+    export = f"/export/results?site={SITES[0]}&since={day}&until={day}&format=csv"
     return [
         ("queue page", "/queue"),
         ("queue fragment", "/fragments/queue"),

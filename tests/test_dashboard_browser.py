@@ -1,217 +1,55 @@
 """The clinical dashboard end to end in a real browser: Playwright driving Debian's Chromium (no browser download).
 
-One mosquitto (its defaults), one embedded ``edgemed dashboard`` (ingest + web, a child process on an SQLite file)
-and one Chromium serve the whole module. A real ``edgemed run`` (the test's int8 model, real BreastMNIST images)
-publishes through the broker into the dashboard's ingest while a reviewer watches the queue; the rest of the
-issue's list follows: acknowledge and close audited with the reviewer's name, a viewer without buttons and with a
-403, a user of site A who never sees site B (page, API, stream, export), a cross-origin POST refused, the session
-cookie's flags (Secure under TLS), device-controlled markup rendered as text, repeated wrong passwords slowed, and
-``audit verify`` naming an edited row. The test saves screenshots of the queue, the fleet view and the charts to
-``docs/images/`` (the README shows them) and a copy under its temporary folder.
+The rig (``dashboard_browser_rig.py``: one mosquitto with its defaults, one embedded ``edgemed dashboard`` as a child
+process, two days of history, users, one Chromium) serves the whole module. A real ``edgemed run`` (the test's int8
+model, real BreastMNIST images) publishes through the broker into the dashboard's ingest while a reviewer watches
+the queue; then the rest of the issue's list: acknowledge and close audited with the reviewer's name, a viewer
+without buttons and with a 403, a user of site A who never sees site B (page, API, stream, export), a cross-origin
+POST refused, the session cookie's flags (Secure under TLS), markup a device publishes rendered as text, ``audit
+verify`` naming an edited row, repeated wrong passwords slowed. The test saves screenshots of the queue, the fleet
+view and the charts to ``docs/images/`` (the README shows them) and a copy under its temporary folder.
 
-Order matters in one place: the slow-down test runs last, because failed logins also count against the address
-(127.0.0.1) and would slow every later login of the module.
+The slow-down test runs last: failed logins also count against the address (127.0.0.1) and would slow every later
+login of the module.
 """
 
 from __future__ import annotations
 
 import http.server
-import os
-import shutil
-import signal
+import json
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import httpx
-import numpy as np
-import pytest
-from broker_fixtures import Mosquitto, Pki, free_port
-from dashboard_helpers import HEALTH, make_result, wait_until
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
-from web_helpers import PASSWORD, login, make_user, running_web
+import paho.mqtt.client as paho
+from broker_fixtures import Pki
+from dashboard_browser_rig import (
+    DEVICE_ID,
+    PROFILE,
+    SITE_A,
+    SITE_B,
+    Rig,
+    images,
+    review_of,
+    rig_fixture,  # noqa: F401  # the rig fixture
+    row_of,
+    screenshot,
+    urgent_rows,
+)
+from dashboard_helpers import make_result, wait_until
+from web_helpers import PASSWORD, login, running_web
 
-from edgemed.dashboard.store import DashboardStore
+from edgemed.envelope import EnvelopeContext, build_result, encode
+from edgemed.types import Frame, Prediction, TriageResult
 
-ROOT = Path(__file__).resolve().parent.parent
-IMAGES = ROOT / "docs" / "images"
-CHROMIUM = "/usr/bin/chromium"
-SITE_A, SITE_B = "clinic-a", "clinic-b"
-# A device-controlled string: the profile's reason for an urgent finding, published in every urgent result.
-HOSTILE = '<img src=x onerror="window.__xss=1"><b>suspicious</b> - refer for biopsy today'
-PROFILE = f"""
-profile: browser-test
-description: the browser test's device
-validated: false
-device:
-  id: us-01
-  site: clinic-a
-inference:
-  accelerator: cpu
-  threads: 1
-triage:
-  min_confidence: 0.6
-  min_margin: 0.1
-  rules:
-    malignant:
-      level: urgent
-      min_probability: 0.4
-      reason: '{HOSTILE}'
-    benign:
-      level: no_finding
-      min_probability: 0.75
-health:
-  interval_s: 1
-"""
-USERS = {  # name: (role, sites)
-    "ada": ("admin", None),
-    "rita": ("reviewer", None),
-    "victor": ("viewer", None),
-    "sam": ("reviewer", {SITE_A}),
-    "wanda": ("viewer", None),  # the slow-down test's target
-}
-
-
-@dataclass
-class Rig:
-    """What the module's tests share."""
-
-    url: str
-    db: Path
-    store: DashboardStore
-    broker: Mosquitto
-    folder: Path
-    browser: Browser
-    contexts: list[BrowserContext] = field(default_factory=list)
-
-    def page_as(self, name: str, path: str = "/queue") -> Page:
-        """A new browser context logged in as ``name`` through the login form, at ``path``."""
-        context = self.browser.new_context(viewport={"width": 1280, "height": 860})
-        self.contexts.append(context)
-        page = context.new_page()
-        page.goto(f"{self.url}/login?next={path}")
-        page.fill("input[name=name]", name)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_url(f"{self.url}{path}")
-        return page
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def _seed_history(store: DashboardStore, now: float) -> None:
-    """Two days of two sites' other devices (results, status, heartbeats): the charts have something to draw."""
-    rng = np.random.default_rng(13)
-    for site, device in ((SITE_A, "us-02"), (SITE_B, "us-11"), (SITE_B, "us-12")):
-        store.set_status(site, device, {"state": "online", "model": "breast", "delegate": "cpu", "edgemed": "0.1.0"})
-        for k, hour in enumerate(range(int(now // 3600) * 3600 - 47 * 3600, int(now), 3600)):
-            for j in range(int(rng.integers(2, 8))):
-                # Clear-cut benign frames, and one urgent and one inconclusive a device: the queue stays short.
-                p = {(40, 0): 0.7, (44, 0): 0.3}.get((k, j), float(rng.choice([0.03, 0.08, 0.15])))
-                level = "urgent" if p >= 0.4 else "inconclusive" if p > 0.25 else "no_finding"
-                body = make_result(device_id=device, site=site, seq=k * 10 + j, level=level, label="benign")
-                body["model"] = {"name": "breast", "version": "1", "sha256": "a" * 64, "target": "int8"}
-                label = "malignant" if p >= 0.5 else "benign"
-                body["prediction"] = {"label": label, "index": 0, "probabilities": {"malignant": p, "benign": 1 - p}}
-                store.add_result(body, received_at=hour + 300.0 * j)
-            health = {**HEALTH, "degraded": False, "degraded_reason": None, "pending": int(rng.integers(0, 5))}
-            health.update(fps=round(float(rng.uniform(3, 8)), 2), cpu_percent=round(float(rng.uniform(20, 70)), 1))
-            store.set_health(site, device, health, received_at=hour + 1800.0)
-
-
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("the browser tests need Debian's Chromium: apt-get install -y chromium")
-    folder = tmp_path_factory.mktemp("browser")
-    broker = Mosquitto(folder / "broker", persistence=False, defaults=True).start()
-    db = folder / "fleet.sqlite3"
-    store = DashboardStore(db)
-    _seed_history(store, time.time())
-    for name, (role, sites) in USERS.items():
-        make_user(store, name, role, sites)
-    port = free_port()
-    cmd = [sys.executable, "-m", "edgemed", "dashboard", "--broker", broker.url, "--db", str(db)]
-    cmd += ["--port", str(port), "--client-id", "browser-test-dashboard"]
-    log = (folder / "dashboard.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-        )
-        rig = Rig(url, db, store, broker, folder, browser)
-        try:
-            up = wait_until(lambda: _answers(url + "/login"), 60)
-            assert up, (folder / "dashboard.log").read_text(errors="replace")[-3000:]
-            with login(url, "ada") as admin:
-                subscribed = wait_until(lambda: admin.get("/api/summary").json()["ingest"]["subscribed"], 30)
-            assert subscribed, (folder / "dashboard.log").read_text(errors="replace")[-3000:]
-            yield rig
-        finally:
-            for context in rig.contexts:
-                context.close()
-            browser.close()
-            _stop(proc)
-            log.close()
-            broker.stop()
-            store.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _images(data_dir: Path, folder: Path) -> Path:
-    """Six malignant and six benign BreastMNIST test images (label 0 is malignant), as PNG files."""
-    data = np.load(data_dir / "breastmnist_28.npz")
-    labels = data["test_labels"].ravel()
-    chosen = [*np.flatnonzero(labels == 0)[:6], *np.flatnonzero(labels == 1)[:6]]
-    folder.mkdir()
-    for i in chosen:
-        cv2.imwrite(str(folder / f"scan{i:03d}.png"), data["test_images"][i])
-    return folder
-
-
-def _screenshot(page: Page, name: str, folder: Path) -> None:
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    shot = folder / f"dashboard-{name}.png"
-    page.screenshot(path=str(shot), full_page=True)
-    shutil.copyfile(shot, IMAGES / shot.name)
-    assert shot.stat().st_size > 10_000  # a real rendering, not a blank page
-
-
-def _urgent_rows(store: DashboardStore) -> list[dict[str, Any]]:
-    return [r for r in store.recent_results(level="urgent", limit=100) if r["device_id"] == "us-01"]
-
-
-def _review(rig: Rig, result_id: str) -> dict[str, Any] | None:
-    with sqlite3.connect(f"file:{rig.db}?mode=ro", uri=True, timeout=10) as con:
-        con.row_factory = sqlite3.Row
-        row = con.execute("SELECT * FROM reviews WHERE result_id = ?", (result_id,)).fetchone()
-    return dict(row) if row is not None else None
-
-
-def _row(page: Page, result_id: str) -> Any:
-    return page.locator(f'[data-result-id="{result_id}"]')
+# Device-controlled strings: a reason for a finding (a profile's text) and the name of the model it runs.
+HOSTILE = '<img src=x onerror="window.__xss=1"><b>suspicious</b> - refer today'
+HOSTILE_MODEL = "<script>window.__xss=2</script>breast"
 
 
 def test_a_reviewer_sees_the_urgent_result_arrive_live_then_acknowledges_and_closes_it(
@@ -224,7 +62,7 @@ def test_a_reviewer_sees_the_urgent_result_arrive_live_then_acknowledges_and_clo
     device = subprocess.Popen(
         [
             *(sys.executable, "-m", "edgemed", "run", "--profile", str(profile), "--model", str(int8_model)),
-            *("--source", str(_images(data_dir, tmp_path / "scans")), "--broker", rig.broker.url),
+            *("--source", str(images(data_dir, tmp_path / "scans")), "--broker", rig.broker.url),
             *("--device-id", "us-01", "--site", SITE_A, "--data-dir", str(tmp_path / "device"), "--quiet"),
         ],
         stdout=subprocess.PIPE,
@@ -235,10 +73,10 @@ def test_a_reviewer_sees_the_urgent_result_arrive_live_then_acknowledges_and_clo
         # Poll the database and the page side by side: the first urgent result's time on screen after being stored.
         deadline, seen_at, urgent = time.monotonic() + 60, None, None
         while seen_at is None and time.monotonic() < deadline and device.poll() in (None, 0):
-            rows = _urgent_rows(rig.store)
+            rows = urgent_rows(rig.store)
             if rows:
                 urgent = min(rows, key=lambda r: r["received_at"])
-                if _row(page, urgent["result_id"]).count():
+                if row_of(page, urgent["result_id"]).count():
                     seen_at = time.time()
             time.sleep(0.05)
         _, err = device.communicate(timeout=120)
@@ -247,25 +85,29 @@ def test_a_reviewer_sees_the_urgent_result_arrive_live_then_acknowledges_and_clo
             device.kill()
             device.wait(10)
     assert device.returncode == 0, err
-    assert urgent is not None and seen_at is not None, (urgent, page.content()[:3000])
+    assert urgent is not None and seen_at is not None, (urgent, page.inner_text("main"))
     assert seen_at - urgent["received_at"] <= 2.0, f"on screen {seen_at - urgent['received_at']:.2f} s after stored"
     assert page.evaluate("window.__sameDocument") is True  # it arrived without a reload
-    _screenshot(page, "queue", tmp_path)
+    screenshot(page, "queue", tmp_path)
 
     rid = urgent["result_id"]
-    _row(page, rid).get_by_role("button", name="Acknowledge").click()
+    row_of(page, rid).get_by_role("button", name="Acknowledge").click()
     page.wait_for_load_state()
-    assert wait_until(lambda: (_review(rig, rid) or {}).get("state") == "acknowledged", 5)
-    row = _row(page, rid)
-    row.locator("select[name=outcome]").select_option("referred")
-    row.locator("[name=note]").fill("seen by the breast team today")
-    row.get_by_role("button", name="Close").click()
+    assert wait_until(lambda: (review_of(rig, rid) or {}).get("state") == "acknowledged", 5)
+    assert "acknowledged by rita" in row_of(page, rid).inner_text()
+    row_of(page, rid).locator("a").first.click()  # the result's own page: close it there, with a note
+    page.wait_for_url(f"{rig.url}/results/{rid}")
+    page.locator("select[name=outcome]").select_option("referred")
+    page.locator("textarea[name=note]").fill("seen by the breast team today")
+    page.get_by_role("button", name="Close").click()
     page.wait_for_load_state()
-    assert wait_until(lambda: (_review(rig, rid) or {}).get("state") == "closed", 5)
-    review = _review(rig, rid)
+    assert wait_until(lambda: (review_of(rig, rid) or {}).get("state") == "closed", 5)
+    assert "Closed by rita" in page.inner_text("main") and "seen by the breast team today" in page.inner_text("main")
+    page.goto(f"{rig.url}/queue")
+    review = review_of(rig, rid)
     assert review is not None
     assert (review["acked_by"], review["closed_by"], review["outcome"]) == ("rita", "rita", "referred")
-    assert _row(page, rid).count() == 0  # closed: out of the queue
+    assert row_of(page, rid).count() == 0  # closed: out of the queue
 
     audit = rig.page_as("ada", "/admin/audit")
     for action in ("acknowledged", "closed"):
@@ -276,26 +118,72 @@ def test_a_reviewer_sees_the_urgent_result_arrive_live_then_acknowledges_and_clo
 
 def test_the_fleet_view_and_the_charts_show_what_runs_where(rig: Rig, tmp_path: Path) -> None:
     page = rig.page_as("rita", "/fleet")
-    assert page.locator("text=us-01").count() >= 1 and page.locator("text=us-11").count() >= 1
     text = page.inner_text("main")
-    assert "breast" in text  # the model the device runs
-    _screenshot(page, "fleet", tmp_path)
+    for device in (DEVICE_ID, "us-02", "us-11", "us-12"):
+        assert device in text
+    manifest = json.loads(next(rig.model.parent.glob("*.manifest.json")).read_text())
+    assert manifest["name"] in text and manifest["artifacts"][0]["sha256"][:12] in text  # what runs there
+    screenshot(page, "fleet", tmp_path)
     page.goto(f"{rig.url}/charts")
     assert page.locator("svg").count() >= 2  # triage mix per site over time, results per hour
-    _screenshot(page, "charts", tmp_path)
+    screenshot(page, "charts", tmp_path)
     page.goto(f"{rig.url}/devices/{SITE_A}/us-02")
     assert page.locator("svg").count() >= 1  # fps, latency, CPU, pending over time
+    assert not [m for m in rig.console if "Content Security Policy" in m], rig.console  # scripts and styles obey
 
 
-def test_device_controlled_markup_renders_as_text(rig: Rig) -> None:
+def _publish_as_a_device(rig: Rig, device_id: str) -> dict[str, Any]:
+    """A device at SITE_A whose status names HOSTILE_MODEL and whose urgent result's reason is HOSTILE, published
+    through the broker (QoS 1, the status retained) as its runtime would."""
+    ctx = EnvelopeContext(
+        device_id=device_id,
+        site=SITE_A,
+        model={"name": HOSTILE_MODEL, "version": "1", "sha256": "c" * 64, "target": "int8"},
+        preprocess_sha256="b" * 64,
+        backend="ai_edge_litert",
+        delegate="cpu",
+        degraded=False,
+        stream="0123456789abcdef",
+    )
+    body = build_result(
+        ctx,
+        frame=Frame(index=0, source_kind="folder"),
+        seq=0,
+        created_at=time.time(),
+        clock_synced=True,
+        session_id=None,
+        quality=None,
+        prediction=Prediction(("malignant", "benign"), (0.8, 0.2)),
+        triage=TriageResult("urgent", HOSTILE, {"label": "malignant", "basis": "urgent_threshold"}),
+        latency_ms={"total": 1.0},
+    )
+    status = {"state": "online", "device_id": device_id, "site": SITE_A, "model": HOSTILE_MODEL, "delegate": "cpu"}
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"browser-test-{device_id}")
+    client.connect("127.0.0.1", rig.broker.port)
+    client.loop_start()
+    try:
+        topic = f"edgemed/{SITE_A}/{device_id}"
+        client.publish(f"{topic}/status", json.dumps(status), qos=1, retain=True).wait_for_publish(10)
+        client.publish(f"{topic}/results", encode(body), qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert wait_until(lambda: bool(urgent_rows(rig.store, device_id)), 10)
+    return body
+
+
+def test_markup_a_device_publishes_renders_as_text(rig: Rig) -> None:
+    body = _publish_as_a_device(rig, "us-09")
     page = rig.page_as("rita", "/queue")
-    rows = [r for r in _urgent_rows(rig.store) if (_review(rig, r["result_id"]) or {}).get("state") != "closed"]
-    assert rows, "the device run left urgent results in the queue"
-    row = _row(page, rows[0]["result_id"])
+    row = row_of(page, body["result_id"])
     assert HOSTILE in row.inner_text()  # the reason, characters and all
     assert row.locator("img").count() == 0 and row.locator("b").count() == 0
-    page.goto(f"{rig.url}/results/{rows[0]['result_id']}")
+    page.goto(f"{rig.url}/results/{body['result_id']}")
     assert HOSTILE in page.inner_text("main")
+    assert wait_until(lambda: "us-09" in str(rig.store.fleet()), 10)
+    page.goto(rig.url + "/fleet")
+    assert HOSTILE_MODEL in page.inner_text("main")  # the model it says it runs
+    assert page.locator("main script").count() == 0
     assert page.evaluate("typeof window.__xss") == "undefined"
 
 
@@ -303,13 +191,13 @@ def test_a_viewer_gets_no_button_and_a_403_from_the_api(rig: Rig) -> None:
     body = make_result(site=SITE_A, device_id="us-02", seq=9001, level="urgent", reason="for the viewer")
     rig.store.add_result(body)
     page = rig.page_as("victor", "/queue")
-    row = _row(page, body["result_id"])
+    row = row_of(page, body["result_id"])
     row.wait_for(timeout=5000)
     assert row.locator("button").count() == 0 and row.locator("form").count() == 0
     with login(rig.url, "victor") as viewer:
         assert viewer.post(f"/api/results/{body['result_id']}/ack").status_code == 403
         assert viewer.post(f"/api/results/{body['result_id']}/close", json={"outcome": "seen"}).status_code == 403
-    assert _review(rig, body["result_id"]) is None
+    assert review_of(rig, body["result_id"]) is None
 
 
 def _stream_until(client: httpx.Client, wanted: str, after: Any, timeout_s: float = 10.0) -> str:
@@ -326,6 +214,10 @@ def _stream_until(client: httpx.Client, wanted: str, after: Any, timeout_s: floa
     text = "\n".join(seen)
     assert wanted in text, f"the stream did not carry {wanted} within {timeout_s} s:\n{text[-2000:]}"
     return text
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 def test_a_user_of_site_a_never_sees_site_b(rig: Rig) -> None:
@@ -346,18 +238,18 @@ def test_a_user_of_site_a_never_sees_site_b(rig: Rig) -> None:
         assert mine["result_id"] in sam.get("/api/queue").text
         assert sam.get(f"/results/{theirs['result_id']}").status_code == 404
         assert sam.post(f"/api/results/{theirs['result_id']}/ack").status_code == 404
-        assert sam.get("/api/results", params={"site": SITE_B}).status_code == 403
-        until = time.time() + 60
-        assert sam.get("/export/results", params={"site": SITE_B, "until": until, "format": "csv"}).status_code == 403
-        export = sam.get("/export/results", params={"since": 0, "until": until, "format": "csv"})
+        assert sam.get("/api/queue", params={"site": SITE_B}).status_code == 403
+        period = {"since": _iso(time.time() - 7 * 86400), "until": _iso(time.time() + 60), "format": "csv"}
+        assert sam.get("/export/results", params={**period, "site": SITE_B}).status_code == 403
+        export = sam.get("/export/results", params=period)
         assert export.status_code == 200 and mine["result_id"] in export.text
         assert theirs["result_id"] not in export.text and SITE_B not in export.text
     page = rig.page_as("sam", "/queue")
-    _row(page, mine["result_id"]).wait_for(timeout=5000)
+    row_of(page, mine["result_id"]).wait_for(timeout=5000)
     for path in ("/queue", "/fleet", "/charts"):
         page.goto(rig.url + path)
         assert SITE_B not in page.content() and "site B only" not in page.content(), path
-    assert _review(rig, theirs["result_id"]) is None
+    assert review_of(rig, theirs["result_id"]) is None
 
 
 class _Evil(http.server.BaseHTTPRequestHandler):
@@ -401,7 +293,7 @@ def test_a_cross_origin_post_without_the_csrf_token_is_refused(rig: Rig) -> None
         assert without.post(ack, headers={"Origin": "http://127.0.0.1:9"}).status_code == 403
         assert rita.post(ack, headers={"Origin": "http://127.0.0.1:9"}).status_code == 403  # a foreign origin
         without.close()
-    assert _review(rig, body["result_id"]) is None
+    assert review_of(rig, body["result_id"]) is None
 
 
 def test_the_session_cookie_carries_its_flags_and_secure_under_tls(rig: Rig, pki: Pki) -> None:
@@ -423,7 +315,7 @@ def test_the_session_cookie_carries_its_flags_and_secure_under_tls(rig: Rig, pki
         assert (secure["httpOnly"], secure["sameSite"], secure["secure"]) == (True, "Strict", True)
 
 
-def test_audit_verify_names_an_edited_row(rig: Rig) -> None:
+def test_audit_verify_names_an_editedrow_of(rig: Rig) -> None:
     verify = [sys.executable, "-m", "edgemed", "dashboard", "audit", "verify", "--db", str(rig.db)]
     held = subprocess.run(verify, capture_output=True, text=True, timeout=60)
     assert held.returncode == 0 and "audit chain holds" in held.stdout, held.stdout + held.stderr
