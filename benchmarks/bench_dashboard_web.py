@@ -14,10 +14,11 @@ What it does:
    real ``edgemed dashboard serve --db postgresql://...`` as a child process (no ingest, no escalation checker:
    only the web server is measured) and logs in with httpx, as a browser would.
 3. Per round, every route is asked ``--requests`` times in turn (after 2 warm-up requests) by one logged-in
-   client: the pages (queue, queue fragment, fleet, charts, a device), the JSON API (results, summary, queue,
-   fleet), a CSV export of one day of one site, and the first event of the live stream after an urgent result is
-   stored (the time from storing it to its event arriving). Each request's time is measured from sending it to
-   the last byte of the body; every answer must be 200.
+   client: the pages (queue, queue fragment, fleet, fleet fragment, charts over 2 and 30 days, a device over 24 h
+   and 30 days, a result, the audit trail), the JSON API (results, summary, queue, fleet, drift), a CSV export of
+   one day of one site, and the live stream: how soon its answer starts, and the time from storing an urgent
+   result to its event arriving (the stream polls the database about every 0.5 s; the issue's bound is 2 s).
+   Each request's time is measured from sending it to the last byte of the body; every answer must be 200.
 4. Reports p50 and p95 per route as the median over ``--rounds`` rounds, writes
    ``benchmarks/results/dashboard_web.json`` and prints a markdown table. The target is p95 < 200 ms.
 
@@ -91,9 +92,8 @@ class Server:
 def add_admin(url: str, secret_file: Path) -> None:
     """The benchmark's admin, through the users API (audited like any other)."""
     from edgemed.dashboard.secrets import load_secrets
-    from edgemed.dashboard.users import add_user
-
     from edgemed.dashboard.store import DashboardStore
+    from edgemed.dashboard.users import add_user
 
     store = DashboardStore(url)
     try:
@@ -126,8 +126,8 @@ def _hidden(html: str, name: str) -> str | None:
     return html[at + len(marker) : html.index('"', at + len(marker))] if at >= 0 else None
 
 
-def routes(now: float) -> list[tuple[str, str]]:
-    """``(what, path)`` of every route measured."""
+def routes(now: float, result_id: str) -> list[tuple[str, str]]:
+    """``(what, path)`` of every route measured; ``result_id`` is one in the review queue."""
     device = fleet()[0]
     day = time.strftime("%Y-%m-%d", time.gmtime(now - 86400))  # yesterday: until a date alone is its whole day
     export = f"/export/results?site={SITES[0]}&since={day}&until={day}&format=csv"
@@ -136,8 +136,12 @@ def routes(now: float) -> list[tuple[str, str]]:
         ("queue fragment", "/fragments/queue"),
         ("fleet page", "/fleet"),
         ("fleet fragment", "/fragments/fleet"),
-        ("charts page", "/charts"),
-        ("device page", f"/devices/{device.site}/{device.device_id}"),
+        ("charts page (2 days)", "/charts"),
+        ("charts page (30 days)", "/charts?days=30"),
+        ("device page (24 h)", f"/devices/{device.site}/{device.device_id}"),
+        ("device page (30 days)", f"/devices/{device.site}/{device.device_id}?hours=720"),
+        ("result page", f"/results/{result_id}"),
+        ("audit page (admin)", "/admin/audit"),
         ("/api/results", "/api/results"),
         ("/api/summary", "/api/summary"),
         ("/api/queue", "/api/queue"),
@@ -196,7 +200,8 @@ def stream_samples(client: Any, db: str, n: int) -> tuple[list[float], list[floa
 
 def one_round(client: Any, db: str, requests: int, now: float) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for what, path in routes(now):
+    first = client.get("/api/queue", params={"limit": 1}).json()["rows"][0]["result_id"]
+    for what, path in routes(now, first):
         for _ in range(2):
             timed_get(client, path)  # warm-up: the server's and PostgreSQL's caches
         samples = [timed_get(client, path) for _ in range(requests)]
