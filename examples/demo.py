@@ -221,7 +221,7 @@ def main() -> int:
                 ("runtime", f"{rt.get('backend')} on {rt.get('delegate')}, degraded={rt.get('degraded')}"),
                 ("heartbeats", f"{len(collector.health)} received"),
                 ("edgemed run", f"exit {code} in {elapsed:.1f} s"),
-                ("dashboard", f"{stored}/{len(results)} stored in {store.db}"),
+                ("dashboard", f"{stored}/{len(results)} stored in {shown_path(store.db)}"),
                 ("artifacts", str(model_dir)),
             ]
         )
@@ -235,11 +235,14 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it (scripts/demo runs from the repository)."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def dashboard_lines(db: Path) -> str:
     """How to look at the demo's results in the dashboard: the first admin (once), then the one command."""
-    edgemed = Path(sys.executable).with_name("edgemed")
-    shown = os.path.relpath(db) if db.is_relative_to(Path.cwd()) else str(db)
-    tool = os.path.relpath(edgemed) if edgemed.is_relative_to(Path.cwd()) else str(edgemed)
+    shown, tool = shown_path(db), shown_path(Path(sys.executable).with_name("edgemed"))
     return (
         f"\nthe dashboard: the results are in {shown}. Create its first admin once (asks for a password of 12 or"
         f" more characters):\n  {tool} dashboard users add admin --db {shown} --role admin\n"
