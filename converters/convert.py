@@ -55,7 +55,7 @@ from converters.outcome import (
     Footprint,
     TargetOutcome,
 )
-from converters.record import build_manifest, edgetpu_artifact, now, target_artifact
+from converters.record import build_manifest, drift_reference, edgetpu_artifact, now, target_artifact
 from converters.report import write_reports
 from converters.runner import DeviceModel, quant_spec
 from converters.samples import (
@@ -196,8 +196,9 @@ def convert(
         if tpu.compiled is not None:
             artifacts.append(edgetpu_artifact(out, tpu.compiled, twin))
     notes = tpu.notes if tpu is not None else []
+    drift = drift_reference(outcomes, inputs.held, inputs.labels)  # the gate's own predictions, not a new run
     manifest = build_manifest(
-        out, name, inputs.labels, inputs.spec, artifacts, inputs.calib, inputs.held, reference, baseline, tpu
+        out, name, inputs.labels, inputs.spec, artifacts, inputs.calib, inputs.held, reference, baseline, tpu, drift
     )
     manifest_path = out / f"{name}.manifest.json"
     save_manifest(manifest, manifest_path)

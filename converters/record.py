@@ -19,7 +19,7 @@ from converters.gate import GateResult
 from converters.metrics import ModelSummary
 from converters.outcome import EdgeTpuOutcome, FloatReference, Footprint, TargetOutcome, jsonable
 from converters.samples import Calibration, HeldOut
-from edgemed.manifest import Artifact, InputSpec, Manifest, Waiver, sha256_file
+from edgemed.manifest import Artifact, InputSpec, Manifest, Reference, Waiver, sha256_file
 
 
 def now() -> str:
@@ -101,6 +101,36 @@ def headline(summary: ModelSummary) -> dict[str, Any]:
     }
 
 
+def drift_reference(outcomes: list[TargetOutcome], held: HeldOut, labels: list[str]) -> Reference | None:
+    """The manifest's ``reference``: the class mix and mean confidence of the shipped model's top-1 predictions
+    on the held-out split, from the probabilities the gate already computed (the model is not run again).
+
+    The int8 file is the one a CPU device runs and the Edge TPU build's twin, so its predictions are the
+    reference when it was converted; otherwise the first converted target's.
+
+    Args:
+        outcomes: the gated targets, in the order converted.
+        held: the held-out split they were evaluated on.
+        labels: class names, in output order.
+
+    Returns:
+        The reference, or None when nothing was converted or the split is empty.
+    """
+    chosen = next((o for o in outcomes if o.target == "int8"), outcomes[0] if outcomes else None)
+    if chosen is None or len(chosen.probs) == 0:
+        return None
+    probs = np.asarray(chosen.probs, dtype=np.float64)
+    counts = np.bincount(probs.argmax(axis=1), minlength=len(labels))
+    n = int(counts.sum())
+    return Reference(
+        n=n,
+        class_mix={label: int(c) / n for label, c in zip(labels, counts, strict=True)},
+        mean_confidence=float(np.clip(probs.max(axis=1).mean(), 0.0, 1.0)),
+        split=held.split,
+        target=chosen.target,
+    )
+
+
 def build_manifest(
     out: Path,
     name: str,
@@ -112,8 +142,10 @@ def build_manifest(
     reference: FloatReference,
     baseline: Footprint,
     edgetpu: EdgeTpuOutcome | None,
+    drift: Reference | None = None,
 ) -> Manifest:
-    """The manifest: labels, input, every artifact, versions, calibration and evaluation fingerprints, metrics."""
+    """The manifest: labels, input, every artifact, versions, calibration and evaluation fingerprints, metrics,
+    and the drift ``reference`` (see :func:`drift_reference`)."""
     quiet_tensorflow()
     import keras
     import tensorflow as tf
@@ -143,4 +175,5 @@ def build_manifest(
         calibration={"split": "train", "count_per_class": calib.count_per_class, "sha256": calib.sha256},
         evaluation={"split": held.split, "count_per_class": counts, "sha256": held.sha256},
         metrics=jsonable(metrics),
+        reference=drift,
     )

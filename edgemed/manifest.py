@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from edgemed import MANIFEST_SCHEMA
 from edgemed.errors import ModelError, ModelRejectedError
@@ -102,6 +102,34 @@ class Artifact(FrozenModel):
         return [str(w) for w in weak] if isinstance(weak, list) else []
 
 
+class Reference(FrozenModel):
+    """What the shipped model predicted on its held-out evaluation split: the mix the dashboard's drift view
+    compares a site's recent results with (the device publishes it with its status).
+
+    Attributes:
+        n: evaluation images.
+        class_mix: label -> fraction of the images whose top-1 prediction it was (the fractions sum to 1).
+        mean_confidence: mean of the top class's probability.
+        split: the split (``test`` or ``val``).
+        target: the converted file whose predictions these are (``int8`` when it was converted).
+    """
+
+    n: int = Field(gt=0)
+    class_mix: dict[str, float]
+    mean_confidence: float = Field(ge=0.0, le=1.0)
+    split: str = Field(min_length=1, max_length=32)
+    target: str | None = Field(None, max_length=32)
+
+    @model_validator(mode="after")
+    def _mix_is_a_distribution(self) -> Reference:
+        if not self.class_mix or any(not 0.0 <= f <= 1.0 for f in self.class_mix.values()):
+            raise ValueError("reference.class_mix must map each label to a fraction between 0 and 1")
+        total = sum(self.class_mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"reference.class_mix fractions sum to {total:.6g}, not 1")
+        return self
+
+
 class Manifest(FrozenModel):
     """Everything the device needs to know about a converted model."""
 
@@ -118,6 +146,15 @@ class Manifest(FrozenModel):
     calibration: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
+    reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _reference_names_labels(self) -> Manifest:
+        if self.reference is not None:
+            unknown = sorted(set(self.reference.class_mix) - set(self.labels))
+            if unknown:
+                raise ValueError(f"reference.class_mix names {unknown}, which are not among the labels")
+        return self
 
     def artifact(self, file_name: str) -> Artifact:
         """The artifact whose file name (last path component) is ``file_name``.

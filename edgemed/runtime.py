@@ -263,15 +263,22 @@ class Device:
     def _status_extra(self) -> dict[str, Any]:
         from edgemed import __version__
 
-        return {
+        manifest = self.classifier.manifest
+        extra: dict[str, Any] = {
             "device_id": self.device_id,
             "site": self.site,
             "delegate": self.backend.delegate,
             "degraded": self.backend.degraded,
             "model": self.ctx.model["name"],
+            "model_version": manifest.version,
             "model_sha256": self.classifier.artifact.sha256,
             "edgemed": __version__,
         }
+        # What the model predicted on its held-out data (the converter's): the dashboard's drift view compares the
+        # site's recent results with it. Older manifests have none.
+        if manifest.reference is not None:
+            extra["reference"] = manifest.reference.model_dump(mode="json")
+        return extra
 
     def backlog(self) -> Backlog:
         """What the outbox still holds, by state, and whether the consumer (if any) is online."""

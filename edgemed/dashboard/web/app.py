@@ -31,6 +31,8 @@ ROUTE_MODULES: tuple[str, ...] = (
     "edgemed.dashboard.web.auth_routes",
     "edgemed.dashboard.web.api_routes",
     "edgemed.dashboard.web.admin_routes",
+    "edgemed.dashboard.web.live",
+    "edgemed.dashboard.web.fleet_routes",
 )
 STATIC = Path(__file__).parent / "static"
 

@@ -169,6 +169,9 @@ class WebServer:
 
     def stop(self) -> None:
         """Stop serving (open event streams get ``timeout_graceful_shutdown``) and close the socket."""
+        end_streams = getattr(getattr(self.app, "state", None), "end_streams", None)
+        if callable(end_streams):
+            end_streams()  # web/live.py: open event streams end at their next poll
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
