@@ -113,10 +113,15 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_every_template_ships_as_package_data() -> None:
-    # tomllib is Python 3.11+ and edgemed supports 3.10: read the one line of pyproject.toml by hand.
+    # tomllib is Python 3.11+ and edgemed supports 3.10: read the list of pyproject.toml by hand.
     section = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]\n", 1)[1]
-    line = next(line for line in section.splitlines() if line.startswith("edgemed = "))
-    patterns = ast.literal_eval(line.removeprefix("edgemed = "))
+    listed = section.split("edgemed = ", 1)[1]
+    patterns = ast.literal_eval(listed[: listed.index("]") + 1])
     templates = sorted(p.relative_to(ROOT / "edgemed").as_posix() for p in TEMPLATES.iterdir())
     assert templates == ["bundle/templates/edgemed.service.in", "bundle/templates/install.sh.in"]
-    assert all(any(fnmatch.fnmatch(t, pattern) for pattern in patterns) for t in templates), (templates, patterns)
+    web = ROOT / "edgemed" / "dashboard" / "web"
+    found = [p for d in ("templates", "static") for p in (web / d).iterdir()]
+    pages = sorted(p.relative_to(ROOT / "edgemed").as_posix() for p in found)
+    assert any(p.endswith(".html") for p in pages) and any(p.endswith(".js") for p in pages)
+    shipped = templates + pages
+    assert all(any(fnmatch.fnmatch(t, pattern) for pattern in patterns) for t in shipped), (shipped, patterns)

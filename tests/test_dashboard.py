@@ -6,8 +6,6 @@ import argparse
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +14,13 @@ from typing import Any
 import jsonschema
 import pytest
 from broker_fixtures import Amqtt, Device, Mosquitto
-from browser import WAIT_FOR_JS, PipeBrowser
-from dashboard_helpers import HEALTH, chromium, fill_the_disk, free_the_disk, make_result, make_study, wait_until
+from dashboard_helpers import HEALTH, fill_the_disk, free_the_disk, make_result, make_study, wait_until
+from web_helpers import browser_logged_in, client, login, make_user, running_web
 
-from edgemed.dashboard import add_arguments, run, serve
+from edgemed.dashboard import add_arguments, review, run, serve
 from edgemed.dashboard.ingest import Ingest
-from edgemed.dashboard.store import AckOutcome, DashboardStore
-from edgemed.dashboard.web import DashboardServer, make_server
+from edgemed.dashboard.secrets import load_secrets
+from edgemed.dashboard.store import DashboardStore
 from edgemed.envelope import result_schema
 from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig
@@ -92,11 +90,14 @@ def test_store_fleet_counts_and_acknowledgement(tmp_path: Path) -> None:
         ("frame", urgent["result_id"]),
         ("study", study["result_id"]),
     ]
-    assert store.acknowledge(urgent["result_id"], by="AB") is AckOutcome.ACKNOWLEDGED
-    assert store.acknowledge(urgent["result_id"], by="CD") is AckOutcome.ALREADY
-    assert store.acknowledge(uuid.uuid4().hex) is AckOutcome.NOT_FOUND
+    secrets = load_secrets(tmp_path / "d.key", create=True)
+    review.acknowledge(store, urgent["result_id"], "ab", "127.0.0.1", secrets, 116.0)
+    with pytest.raises(review.ReviewConflict, match="already acknowledged by ab"):
+        review.acknowledge(store, urgent["result_id"], "cd", "127.0.0.1", secrets)
+    with pytest.raises(review.ReviewNotFound):
+        review.acknowledge(store, uuid.uuid4().hex, "ab", "127.0.0.1", secrets)
     assert [w["result_id"] for w in store.unacknowledged_urgent()] == [study["result_id"]]
-    assert store.recent_results("urgent")[0]["acked_by"] == "AB"
+    assert store.recent_results("urgent")[0]["acked_by"] == "ab"
     # File names never reach the dashboard's database.
     assert b"patient-smith" not in (tmp_path / "d.sqlite3").read_bytes() + (tmp_path / "d.sqlite3-wal").read_bytes()
 
@@ -275,174 +276,106 @@ def populated(tmp_path: Path) -> DashboardStore:
     return store
 
 
+INGEST = {"connected": True, "broker_error": None, "received": 3, "stored": 3, "duplicates": 0, "rejected": 0}
+
+
 @pytest.fixture
-def web(populated: DashboardStore) -> Iterator[DashboardServer]:
-    server = make_server(
-        populated,
-        port=0,
-        ingest_snapshot=lambda: {
-            "connected": True,
-            "broker_error": None,
-            "received": 3,
-            "stored": 3,
-            "duplicates": 0,
-            "rejected": 0,
-        },
-    )
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def web(populated: DashboardStore) -> Iterator[str]:
+    make_user(populated, "ada", "admin")
+    with running_web(populated, ingest_snapshot=lambda: INGEST) as base:
+        yield base
+    populated.close()
 
 
-def _request(
-    server: DashboardServer,
-    path: str,
-    *,
-    method: str = "GET",
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(server.url.rstrip("/") + path, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+def test_web_api(web: str, populated: DashboardStore) -> None:
+    with login(web, "ada") as http:
+        devices = http.get("/api/fleet").json()["devices"]
+        assert [d["device_id"] for d in devices] == ["us-01", "xr-02", "rpi-03"]
+        assert devices[0]["degraded"] is True and devices[0]["pending"] == 17
+        urgent = http.get("/api/results?level=urgent").json()["results"]
+        assert len(urgent) == 1 and urgent[0]["reason"] == XSS_REASON  # the API hands text on unchanged
+        assert http.get("/api/results?level=bogus").status_code == 400
+        assert http.get("/api/results?limit=abc").status_code == 400
+        summary = http.get("/api/summary").json()
+        assert summary["counts"]["results"]["urgent"] == 1 and summary["counts"]["results"]["recapture"] == 1
+        assert [a["result_id"] for a in summary["attention"]] == [urgent[0]["result_id"]]
+        assert summary["ingest"]["connected"] is True
+        # A DNS-rebinding Host and a cross-site POST are refused (the CSRF and Origin rules: test_web_security).
+        assert http.get("/api/summary", headers={"Host": "evil.example"}).status_code == 403
+        assert http.post("/logout", headers={"Origin": "http://evil.example"}).status_code == 403
+        assert http.get("/nope").status_code == 404
+        assert http.get("/api/nope").json()["error"].startswith("no such page")
 
 
-def test_web_api(web: DashboardServer, populated: DashboardStore) -> None:
-    status, headers, body = _request(web, "/")
-    assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert "script-src 'sha256-" in headers["Content-Security-Policy"] and "unsafe-inline" not in body.decode()
-    assert b"http://" not in body and b"https://" not in body  # self-contained: no CDN
-
-    status, _, body = _request(web, "/api/fleet")
-    devices = json.loads(body)["devices"]
-    assert status == 200 and [d["device_id"] for d in devices] == ["us-01", "xr-02", "rpi-03"]
-    assert devices[0]["degraded"] is True and devices[0]["pending"] == 17
-
-    status, _, body = _request(web, "/api/results?level=urgent")
-    urgent = json.loads(body)["results"]
-    assert status == 200 and len(urgent) == 1 and urgent[0]["reason"] == XSS_REASON
-    assert _request(web, "/api/results?level=bogus")[0] == 400
-    assert _request(web, "/api/results?limit=abc")[0] == 400
-
-    summary = json.loads(_request(web, "/api/summary")[2])
-    assert summary["counts"]["results"]["urgent"] == 1 and summary["counts"]["results"]["recapture"] == 1
-    assert [a["result_id"] for a in summary["attention"]] == [urgent[0]["result_id"]]
-    assert summary["ingest"]["connected"] is True
-
-    rid = urgent[0]["result_id"]
-    # Cross-site attempts: a form post (no JSON type), a foreign Origin, a DNS-rebinding Host.
-    assert (
-        _request(
-            web,
-            f"/api/ack/{rid}",
-            method="POST",
-            body=b"by=x",
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-        )[0]
-        == 403
-    )
-    assert (
-        _request(
-            web,
-            f"/api/ack/{rid}",
-            method="POST",
-            body=b"{}",
-            headers={"Content-Type": "application/json", "Origin": "http://evil.example"},
-        )[0]
-        == 403
-    )
-    assert _request(web, "/api/summary", headers={"Host": "evil.example"})[0] == 403
-    json_headers = {"Content-Type": "application/json"}
-    status, _, body = _request(web, f"/api/ack/{rid}", method="POST", body=b'{"by": "AB"}', headers=json_headers)
-    assert status == 200 and json.loads(body)["outcome"] == "acknowledged"
-    status, _, body = _request(web, f"/api/ack/{rid}", method="POST", body=b"{}", headers=json_headers)
-    assert status == 200 and json.loads(body)["outcome"] == "already acknowledged"
-    assert _request(web, f"/api/ack/{uuid.uuid4().hex}", method="POST", body=b"{}", headers=json_headers)[0] == 404
-    assert _request(web, "/api/ack/../../etc", method="POST", body=b"{}", headers=json_headers)[0] == 404
-    assert json.loads(_request(web, "/api/summary")[2])["attention"] == []
-    assert _request(web, "/nope")[0] == 404
-
-
-# -- a real browser --------------------------------------------------------------------------------------------------
-
-
-def test_browser_renders_fleet_and_urgent_result_and_escapes_payload_text(web: DashboardServer, tmp_path: Path) -> None:
-    proc = chromium(tmp_path, web.url, "--dump-dom")
-    dom = proc.stdout
-    assert proc.returncode == 0 and "<html" in dom, proc.stderr[-2000:]
-    # The script ran and filled the fleet table and the urgent list from the API.
-    assert 'class="device-row" data-device="us-01"' in dom, dom[-3000:]
-    assert 'data-device="xr-02"' in dom
-    assert ">DEGRADED</span>" in dom and ">Online</span>" in dom and ">Offline</span>" in dom
-    assert dom.count(">SILENT</span>") == 1 and "connection lost" in dom
-    assert "CPU 38% · 104 MB" in dom  # the device's load from its heartbeat (no temperature sensor on it)
-    assert 'class="urgent-row"' in dom and ">Acknowledge</button>" in dom
-    assert "Receiving from broker" in dom
-    # The hostile reason and label are shown as text: escaped in the DOM, no element created, nothing ran.
-    assert "&lt;img src=x onerror=" in dom and "&lt;b&gt;malignant&lt;/b&gt;" in dom
-    assert "<img" not in dom and "<b>malignant" not in dom
-    assert "<title>edgemed fleet dashboard</title>" in dom and "pwned" not in dom.split("</title>")[0]
-
-
-def test_browser_acknowledge_button_records_the_ack_and_hostile_text_never_runs(
-    web: DashboardServer, populated: DashboardStore, tmp_path: Path
+def test_browser_renders_the_fleet_and_hostile_device_text_as_text(
+    web: str, populated: DashboardStore, tmp_path: Path
 ) -> None:
-    browser = PipeBrowser(tmp_path, web.url)
+    populated.set_status("clinic-a", "us-01", {"state": "online", "degraded": True, "model": XSS_REASON})
+    browser = browser_logged_in(tmp_path, web, "ada", "/fleet")
     try:
-        rid = browser.evaluate(WAIT_FOR_JS % "document.querySelector('button[data-result]')?.dataset.result")
-        assert rid == populated.unacknowledged_urgent()[0]["result_id"]
-        browser.evaluate(
-            "document.getElementById('ack-by').value = 'AB'; "
-            "document.querySelector('button[data-result]').click(); true"
-        )
-        assert wait_until(lambda: populated.unacknowledged_urgent() == [], 10)
-        assert populated.recent_results("urgent")[0]["acked_by"] == "AB"
-        # The page refreshes itself: the urgent list empties and the result shows who reviewed it.
-        assert browser.evaluate(WAIT_FOR_JS % "document.querySelector('#attention-body .empty')?.textContent")
-        assert browser.evaluate(
-            WAIT_FOR_JS % "[...document.querySelectorAll('.result-row')]"
-            ".some((r) => r.textContent.includes('Seen by AB'))"
-        )
-        # The hostile reason rendered as text: the title is untouched and no <img> or extra <script> exists.
-        assert browser.evaluate("document.title") == "edgemed fleet dashboard"
-        assert browser.evaluate("document.querySelectorAll('img').length + document.scripts.length") == 1
+        text = browser.evaluate("document.querySelector('table.fleet').innerText")
+        assert "us-01" in text and "xr-02" in text and "rpi-03" in text
+        assert "degraded" in text and "silent" in text
+        # The hostile model name is shown as text: no element made of it, nothing of it ran.
+        assert '<img src=x onerror="document.title' in text
+        assert browser.evaluate("document.title") == "Fleet · edgemed dashboard"
+        assert browser.evaluate("document.querySelectorAll('img').length") == 0
+        assert browser.evaluate("[...document.scripts].every((s) => new URL(s.src).pathname.startsWith('/static/'))")
     finally:
         browser.close()
 
 
-def test_serve_runs_ingest_and_web_until_stopped(broker: Mosquitto, tmp_path: Path) -> None:
+def test_browser_acknowledge_button_records_the_review_and_hostile_text_never_runs(
+    web: str, populated: DashboardStore, tmp_path: Path
+) -> None:
+    browser = browser_logged_in(tmp_path, web, "ada", "/queue")
+    try:
+        row = browser.evaluate("document.querySelector('tr.urgent[data-result-id]')?.innerText")
+        assert XSS_REASON in row and "<b>malignant</b>" in row  # as text, markup and all
+        assert browser.evaluate("document.title") == "Review queue · edgemed dashboard"
+        assert browser.evaluate("document.querySelectorAll('img, b').length") == 0
+        assert browser.evaluate("[...document.scripts].every((s) => new URL(s.src).pathname.startsWith('/static/'))")
+        browser.evaluate("document.querySelector('tr.urgent button[type=submit]').click(); true")
+
+        def state() -> tuple[str, str | None]:
+            [waiting] = [r for r in review.queue(populated, None) if r["level"] == "urgent"]
+            return waiting["state"], waiting["acked_by"]
+
+        assert wait_until(lambda: state() == ("acknowledged", "ada"), 10), state()
+    finally:
+        browser.close()
+
+
+def test_serve_runs_ingest_and_web_until_stopped_and_ingests_before_anyone_logs_in(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    db = tmp_path / "s.sqlite3"
     stop = threading.Event()
     urls: list[str] = []
     outcome: list[int] = []
     thread = threading.Thread(
-        target=lambda: outcome.append(
-            serve(broker.url, db=tmp_path / "s.sqlite3", port=0, stop=stop, on_ready=urls.append)
-        ),
+        target=lambda: outcome.append(serve(broker.url, db=db, port=0, stop=stop, on_ready=urls.append)),
         daemon=True,
     )
     thread.start()
     assert wait_until(lambda: bool(urls), 10)
+    base = urls[0].rstrip("/")
     device = Device(broker.port)
+    store = DashboardStore(db)
     try:
-
-        def summary() -> dict[str, Any]:
-            try:
-                with urllib.request.urlopen(urls[0] + "api/summary", timeout=2) as resp:
-                    return dict(json.loads(resp.read()))
-            except OSError:
-                return {}
-
-        assert wait_until(lambda: bool(summary().get("ingest", {}).get("subscribed")), 10)
+        with client(base) as anonymous:
+            assert anonymous.get("/api/summary").status_code == 401  # no users yet: the API answers 401...
+            assert "users add NAME --db" in anonymous.get("/login").text
         result = make_result(level="urgent", reason="malignant 0.93")
         device.send("results", json.dumps(result).encode())
-        assert wait_until(lambda: [a["result_id"] for a in summary().get("attention", [])] == [result["result_id"]], 10)
+        assert wait_until(lambda: store.result_count() == 1, 10)  # ...and the ingest stores all the same
+        make_user(store, "ada", "admin")  # the first admin, created while it runs
+        with login(base, "ada") as http:
+            summary = http.get("/api/summary").json()
+            assert summary["ingest"]["subscribed"] and summary["ingest"]["stored"] == 1
+            assert [a["result_id"] for a in summary["attention"]] == [result["result_id"]]
     finally:
+        store.close()
         device.close()
         stop.set()
         thread.join(10)

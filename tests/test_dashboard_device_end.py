@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from broker_fixtures import Mosquitto
-from dashboard_helpers import HEALTH, chromium, export_images, wait_until
+from dashboard_helpers import HEALTH, export_images, wait_until
+from web_helpers import login, make_user, running_web
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
-from edgemed.dashboard.web import make_server
 from edgemed.outbox import Outbox
 from edgemed.publish.config import MqttConfig
 
@@ -77,20 +76,19 @@ def test_a_crashed_run_shows_as_such_with_what_it_left_pending(
         # interval (the first heartbeat goes out once connected).
         assert isinstance(device["pending"], int) and device["pending"] >= left
         assert isinstance(device["frames"], int)
-        server = make_server(store, port=0, ingest_snapshot=ingest.snapshot)
-        web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        web.start()
-        try:
-            dom = chromium(tmp_path, server.url, "--dump-dom").stdout
-        finally:
-            server.shutdown()
-            server.server_close()
+        make_user(store, "ada", "admin")
+        with running_web(store, ingest_snapshot=ingest.snapshot) as base, login(base, "ada") as http:
+            [shown] = http.get("/api/fleet").json()["devices"]
+            page = http.get("/fleet").text
     finally:
         ingest.stop()
         store.close()
-    device_row = dom.split('data-device="us-07">')[1].split("</tr>")[0]
-    assert '<span class="note late">ended with an error (RuntimeError)</span>' in device_row, device_row
-    assert f'<td class="num">{device["pending"]}</td>' in device_row and ">stopped<" not in device_row
+    assert shown["offline_reason"] == "ended with an error (RuntimeError)" and shown["ended_abnormally"] is True
+    assert shown["pending"] == device["pending"] and shown["state"] == "offline"
+    # The fleet view says so on the device's row, with what it left pending.
+    row = page.split(">us-07</a>")[1].split("</tr>")[0]
+    assert 'title="ended with an error (RuntimeError)">ended abnormally</span>' in row, row
+    assert f'<td class="num">{device["pending"]}</td>' in row and ">stopped<" not in row
 
 
 def test_pending_comes_from_the_newest_report_and_a_lost_connection_is_not_a_clean_stop(tmp_path: Path) -> None:

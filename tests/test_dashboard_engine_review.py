@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from dashboard_helpers import make_result
 
+from edgemed.dashboard import review
+from edgemed.dashboard.secrets import load_secrets
 from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.validate import Filing, classify
 
@@ -91,12 +93,13 @@ def test_an_acknowledgement_beside_another_process_committing_is_not_refused_as_
         other = threading.Thread(target=ingest.file, args=([filing("results", result(1))], 2.0))
 
         def commit_meanwhile(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-            if statement.startswith("INSERT INTO acks") and not other.is_alive() and other.ident is None:
+            if statement.startswith("INSERT INTO reviews") and not other.is_alive() and other.ident is None:
                 other.start()
                 other.join(1.0)  # it commits now (plain BEGIN), or waits for our write lock (IMMEDIATE)
 
         sa.event.listen(serve.database.engine, "before_cursor_execute", commit_meanwhile)
-        assert serve.acknowledge(urgent["result_id"], "AB", 3.0).value == "acknowledged"
+        secrets = load_secrets(tmp_path / "fleet.key", create=True)
+        assert review.acknowledge(serve, urgent["result_id"], "ab", None, secrets, 3.0)["state"] == "acknowledged"
         other.join(10.0)
         assert not other.is_alive() and serve.result_count() == 2
     finally:

@@ -19,11 +19,12 @@ import pytest
 from broker_fixtures import free_port
 from dashboard_helpers import make_result, make_study
 
-from edgemed.dashboard import history
+from edgemed.dashboard import history, review
 from edgemed.dashboard.export import export_lines
 from edgemed.dashboard.schema import HEAD
+from edgemed.dashboard.secrets import load_secrets
 from edgemed.dashboard.settlement import stream_progress
-from edgemed.dashboard.store import AckOutcome, DashboardStore
+from edgemed.dashboard.store import DashboardStore
 from edgemed.dashboard.validate import Filing, classify
 from edgemed.errors import ConfigError
 from edgemed.receipts import Lost, Progress
@@ -52,7 +53,7 @@ def progress(store: DashboardStore, device_id: str = DEVICE) -> Progress:
         return stream_progress(conn, (SITE, device_id, STREAM))
 
 
-def test_a_batch_is_stored_once_with_duplicates_conflicts_and_dead_letters(db: str) -> None:
+def test_a_batch_is_stored_once_with_duplicates_conflicts_and_dead_letters(db: str, tmp_path: Path) -> None:
     store = DashboardStore(db)
     try:
         first = result(0, level="urgent", reason="malignant 0.91")
@@ -79,13 +80,16 @@ def test_a_batch_is_stored_once_with_duplicates_conflicts_and_dead_letters(db: s
         urgent = store.unacknowledged_urgent()
         assert [u["kind"] for u in urgent] == ["frame", "study"] and urgent[0]["result_id"] == first["result_id"]
         assert store.unacknowledged_urgent_count() == 2
-        assert store.acknowledge(first["result_id"], "AB") is AckOutcome.ACKNOWLEDGED
-        assert store.acknowledge(first["result_id"], "AB") is AckOutcome.ALREADY
-        assert store.acknowledge("f" * 32) is AckOutcome.NOT_FOUND
+        secrets = load_secrets(tmp_path / "fleet.key", create=True)
+        review.acknowledge(store, first["result_id"], "ab", None, secrets, 1003.0)
+        with pytest.raises(review.ReviewConflict):
+            review.acknowledge(store, first["result_id"], "ab", None, secrets, 1004.0)
+        with pytest.raises(review.ReviewNotFound):
+            review.acknowledge(store, "f" * 32, "ab", None, secrets)
         assert store.unacknowledged_urgent_count() == 1
         assert store.level_counts()["results"]["urgent"] == 1 and store.level_counts()["studies"]["urgent"] == 1
         assert [r["seq"] for r in store.recent_results()] == [1, 0]
-        assert store.recent_results()[1]["acked_by"] == "AB"
+        assert store.recent_results()[1]["acked_by"] == "ab"
         dead = store.recent_dead_letters()
         assert len(dead) == 2 and sum(store.dead_letter_counts().values()) == 2
     finally:

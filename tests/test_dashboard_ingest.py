@@ -13,18 +13,16 @@ import re
 import sqlite3
 import subprocess
 import sys
-import threading
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from broker_fixtures import Device, Mosquitto
-from dashboard_helpers import HEALTH, chromium, dead_letters, export_images, make_result, make_study, wait_until
+from dashboard_helpers import HEALTH, dead_letters, export_images, make_result, make_study, wait_until
+from web_helpers import login, make_user, running_web
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
-from edgemed.dashboard.web import make_server
 from edgemed.publish.config import MqttConfig
 
 TOPIC = "edgemed/clinic-a/us-01/results"
@@ -174,22 +172,19 @@ def test_the_page_counts_refused_messages_by_reason(tmp_path: Path) -> None:
     for _ in range(3):
         ingest.handle(TOPIC, POISON)
     ingest.handle(TOPIC, b"{truncated")
-    server = make_server(store, port=0, ingest_snapshot=ingest.snapshot)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
+    make_user(store, "ada", "admin")
     try:
-        listed = json.loads(urllib.request.urlopen(server.url + "api/dead-letters", timeout=5).read())["dead_letters"]
-        assert [d["reason"] for d in listed] == ["payload is not JSON"] + ["payload nests deeper than 32 levels"] * 3
-        assert "payload" not in listed[0]  # hostile bytes stay in the database
-        proc = chromium(tmp_path, server.url, "--dump-dom")
+        with running_web(store, ingest_snapshot=ingest.snapshot) as base, login(base, "ada") as http:
+            listed = http.get("/api/dead-letters").json()["dead_letters"]
+            assert [d["reason"] for d in listed] == ["payload is not JSON"] + [
+                "payload nests deeper than 32 levels"
+            ] * 3
+            assert "payload" not in listed[0]  # hostile bytes stay in the database
+            page = http.get("/admin/dead-letters").text
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
         store.close()
-    dom = proc.stdout
-    assert 'id="dead-count">(4)</span>' in dom, dom[-3000:]
-    rows = re.findall(r'<tr class="dead-row"><td class="num">(\d+)</td><td class="reason">([^<]+)</td>', dom)
+    assert 'id="dead-count">(4)</span>' in page, page[-3000:]
+    rows = re.findall(r'<tr class="dead-row"><td class="num">(\d+)</td><td class="reason">([^<]+)</td>', page)
     assert rows == [("3", "payload nests deeper than 32 levels"), ("1", "payload is not JSON")]
 
 
@@ -223,23 +218,19 @@ def test_a_nan_stored_by_an_older_dashboard_never_reaches_the_page(tmp_path: Pat
         con.execute("UPDATE devices SET health = ?", (json.dumps({**HEALTH, "fps": float("nan")}),))
     with pytest.raises(ValueError):
         store.set_health("clinic-a", "us-01", {**HEALTH, "fps": float("inf")})  # the store writes no NaN itself
-    server = make_server(store, port=0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
+    make_user(store, "ada", "admin")
     try:
-        fleet = _strict_json(urllib.request.urlopen(server.url + "api/fleet", timeout=5).read())
-        assert fleet["devices"][0]["fps"] is None and fleet["devices"][0]["pending"] == 17
-        proc = chromium(tmp_path, server.url, "--dump-dom")
+        with running_web(store) as base, login(base, "ada") as http:
+            fleet = _strict_json(http.get("/api/fleet").content)
+            page = http.get("/fleet")
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
         store.close()
-    assert 'class="device-row" data-device="us-01"' in proc.stdout, proc.stdout[-3000:]
+    assert fleet["devices"][0]["fps"] is None and fleet["devices"][0]["pending"] == 17
+    assert page.status_code == 200 and ">us-01</a>" in page.text and not re.search(r"\bnan\b", page.text, re.I)
 
 
 def test_the_api_encoder_never_writes_non_finite_numbers() -> None:
-    from edgemed.dashboard.web import encode_json
+    from edgemed.dashboard.web.context import encode_json
 
     value = {"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "NaN"}
     assert _strict_json(encode_json(value)) == {"a": [1.0, None], "b": {"c": None}, "d": "NaN"}

@@ -13,6 +13,7 @@ import pytest
 from broker_fixtures import Mosquitto, free_port
 from dashboard_helpers import make_result, make_study
 from process_helpers import answers, edgemed, get, procs, wait_until
+from web_helpers import login, make_user, running_web
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.metrics import (
@@ -24,7 +25,6 @@ from edgemed.dashboard.metrics import (
     store_collector,
 )
 from edgemed.dashboard.store import DashboardStore
-from edgemed.dashboard.web import make_server
 from edgemed.envelope import encode
 from edgemed.errors import ConfigError
 from edgemed.publish.config import MqttConfig
@@ -97,25 +97,22 @@ def test_promtool_accepts_the_real_output(tmp_path: Path) -> None:
 
 def test_metrics_are_served_on_127_0_0_1_and_refused_elsewhere(tmp_path: Path) -> None:
     store = _fleet(tmp_path)
+    make_user(store, "ada", "admin")
     collector = store_collector(store, device_expiry_s=None)
-    server = make_server(store, port=0, metrics=collector)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    other = make_server(store, port=0, metrics=collector, metrics_allow=parse_allow(["10.0.0.0/8"]))
-    thread2 = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread2.start()
     try:
-        status, body, kind = get(f"{server.url}metrics")
-        assert status == 200 and kind.startswith("text/plain; version=0.0.4") and b"edgemed_results_stored" in body
-        # From an address outside the list (the loopback is not in 10.0.0.0/8 here): 403 and nothing else.
-        status, body, _ = get(f"{other.url}metrics")
-        assert (status, body) == (403, b"")
-        # The page's other routes are unaffected by the metrics allow-list.
-        assert get(f"{other.url}api/summary")[0] == 200
+        with (
+            running_web(store, metrics=collector) as base,
+            running_web(store, metrics=collector, metrics_allow=parse_allow(["10.0.0.0/8"])) as other,
+        ):
+            status, body, kind = get(f"{base}/metrics")  # no login: a scraper has none
+            assert status == 200 and kind.startswith("text/plain; version=0.0.4") and b"edgemed_results_stored" in body
+            # From an address outside the list (the loopback is not in 10.0.0.0/8 here): 403 and nothing else.
+            status, body, _ = get(f"{other}/metrics")
+            assert (status, body) == (403, b"")
+            # The page's other routes are unaffected by the metrics allow-list.
+            with login(other, "ada") as http:
+                assert http.get("/api/summary").status_code == 200
     finally:
-        for s in (server, other):
-            s.shutdown()
-            s.server_close()
         store.close()
 
 
@@ -123,16 +120,13 @@ def test_a_request_through_a_proxy_is_refused(tmp_path: Path) -> None:
     import urllib.request
 
     store = _fleet(tmp_path)
-    server = make_server(store, port=0, metrics=store_collector(store, device_expiry_s=None))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     try:
-        request = urllib.request.Request(f"{server.url}metrics", headers={"X-Forwarded-For": "203.0.113.9"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=10)
-        assert refused.value.code == 403 and refused.value.read() == b""
+        with running_web(store, metrics=store_collector(store, device_expiry_s=None)) as base:
+            request = urllib.request.Request(f"{base}/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 403 and refused.value.read() == b""
     finally:
-        server.shutdown()
-        server.server_close()
         store.close()
 
 
@@ -168,14 +162,13 @@ def test_a_payload_naming_another_device_is_a_dead_letter_on_the_page_and_in_met
     ]
     assert all("rejected" in o for o in outcomes), outcomes
     assert store.result_count() == 0 and store.fleet(expire_after_s=None) == []  # nothing filed as us-01 or us-09
-    server = make_server(store, port=0, metrics=store_collector(store, device_expiry_s=None))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    make_user(store, "ada", "admin")
     try:
-        summary = json.loads(get(f"{server.url}api/summary")[1])
-        metrics = get(f"{server.url}metrics")[1].decode()
+        with running_web(store, metrics=store_collector(store, device_expiry_s=None)) as base:
+            with login(base, "ada") as http:
+                summary = http.get("/api/summary").json()
+            metrics = get(f"{base}/metrics")[1].decode()
     finally:
-        server.shutdown()
-        server.server_close()
         store.close()
     expected = {
         "site/device_id in the payload differ from the topic": 3,

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 from broker_fixtures import Amqtt, Mosquitto, free_port
-from process_helpers import Client, answers, edgemed, get_json, online, procs, result, stream_of, wait_until
+from process_helpers import Client, answers, edgemed, online, procs, result, stream_of, wait_until
+from web_helpers import login, make_user
 
 from edgemed.dashboard.ingest import Ingest, default_client_id, subscriptions
 from edgemed.dashboard.store import DashboardStore
@@ -116,6 +117,9 @@ def test_ingest_and_serve_run_apart_on_one_database(
     default_broker: Mosquitto, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
     db, log, port = tmp_path / "fleet.sqlite3", tmp_path / "processes.log", free_port()
+    store = DashboardStore(db)  # the first admin, before anything runs (the CLI does the same: users add)
+    make_user(store, "ada", "admin")
+    store.close()
     watcher = Client(default_broker.port, "edgemed-consumer/#", "edgemed/+/+/receipts")
     device = Client(default_broker.port)
     try:
@@ -123,19 +127,25 @@ def test_ingest_and_serve_run_apart_on_one_database(
         procs.append(edgemed("dashboard", "serve", "--db", str(db), "--port", str(port), log=log))
         assert wait_until(lambda: online(watcher, "dashboard", "edgemed-dashboard"), 30), log.read_text()
         base = f"http://127.0.0.1:{port}"
-        assert wait_until(lambda: answers(f"{base}/api/summary"), 30), log.read_text()
+        assert wait_until(lambda: answers(f"{base}/login"), 30), log.read_text()
+        http = login(base, "ada")
+
+        def get_json(path: str) -> dict[str, Any]:
+            answer: dict[str, Any] = http.get(path).json()
+            return answer
+
         for seq in range(5):
             device.publish(
                 "edgemed/clinic-a/us-01/results", result("us-01", seq, level="urgent" if seq == 2 else "routine")
             )
-        assert wait_until(lambda: len(get_json(f"{base}/api/results")["results"]) == 5, 20), log.read_text()
-        summary = get_json(f"{base}/api/summary")
+        assert wait_until(lambda: len(get_json("/api/results")["results"]) == 5, 20), log.read_text()
+        summary = get_json("/api/summary")
         assert summary["ingest"] is None  # no ingest in the web process...
         assert summary["attention_total"] == 1
         # ...its page shows the worker from its reports in the database.
 
         def worker() -> dict[str, Any]:
-            workers = get_json(f"{base}/api/summary")["workers"]
+            workers = get_json("/api/summary")["workers"]
             return workers[0] if workers else {"stats": {}}
 
         assert wait_until(lambda: worker()["stats"].get("stored") == 5, 20), worker()
@@ -148,6 +158,7 @@ def test_ingest_and_serve_run_apart_on_one_database(
         state = watcher.last("edgemed-consumer/dashboard/edgemed-dashboard")
         assert state is not None and (state["state"], state["clean"]) == ("offline", True)
         assert worker()["stats"]["connected"] == 0  # its last report, written as it stopped
+        http.close()
         _stop(procs[1], log)
     finally:
         watcher.close()

@@ -1,14 +1,17 @@
-"""Acknowledging through the documented HTTPS reverse proxy works; a foreign origin is still refused.
+"""Logging in and out (state-changing, CSRF- and Origin-checked forms) through the documented HTTPS reverse proxy
+works; a foreign origin is still refused.
 
 The proxy here is a real TLS-terminating reverse proxy on 127.0.0.1 (the standard library's HTTP server behind
-``ssl``, forwarding to the dashboard) and the browser is headless Chromium clicking *Acknowledge* on the page it
-loaded through it. Like nginx by default (``proxy_set_header Host $proxy_host``) it sends the dashboard's own
+``ssl``, forwarding to the dashboard) and the browser is headless Chromium submitting the login form of the page
+it loaded through it. Like nginx by default (``proxy_set_header Host $proxy_host``) it sends the dashboard's own
 address as ``Host``, while the browser's ``Origin`` is the proxy's ``https://`` address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import ssl
 import threading
 import urllib.error
@@ -21,11 +24,11 @@ import pytest
 from broker_fixtures import Pki
 from browser import WAIT_FOR_JS, PipeBrowser
 from dashboard_helpers import make_result, wait_until
+from web_helpers import PASSWORD, login, make_user, running_web
 
-from edgemed.dashboard import add_arguments, run
+from edgemed.dashboard import add_arguments, audit, run
 from edgemed.dashboard.origin import parse_origin
 from edgemed.dashboard.store import DashboardStore
-from edgemed.dashboard.web import DashboardServer, make_server
 from edgemed.errors import ConfigError
 
 _HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length"}
@@ -91,58 +94,71 @@ def _serve(server: ThreadingHTTPServer) -> threading.Thread:
 def store(tmp_path: Path) -> Iterator[DashboardStore]:
     db = DashboardStore(tmp_path / "d.sqlite3")
     db.add_result(make_result(level="urgent", reason="malignant 0.93", seq=1))
+    make_user(db, "cd", "reviewer")
     yield db
     db.close()
 
 
-def _proxied(store: DashboardStore, pki: Pki, *, pass_host: bool, public: bool) -> tuple[TlsProxy, DashboardServer]:
+@contextlib.contextmanager
+def _proxied(store: DashboardStore, pki: Pki, *, pass_host: bool, public: bool) -> Iterator[tuple[TlsProxy, str]]:
     proxy = TlsProxy(pki, pass_host=pass_host)
-    dashboard = make_server(store, port=0, public_origins=(proxy.origin,) if public else ())
-    proxy.upstream = ("127.0.0.1", dashboard.server_address[1])
-    return proxy, dashboard
-
-
-def _ack_in_chromium(tmp_path: Path, proxy: TlsProxy, store: DashboardStore) -> None:
-    # The test CA is not in Chromium's store; the certificate is checked by the proxy's own clients elsewhere.
-    browser = PipeBrowser(tmp_path, proxy.origin + "/", extra_flags=("--ignore-certificate-errors",))
+    thread = _serve(proxy)
     try:
-        rid = browser.evaluate(WAIT_FOR_JS % "document.querySelector('button[data-result]')?.dataset.result")
-        assert rid == store.unacknowledged_urgent()[0]["result_id"]
+        with running_web(store, public_origins=(proxy.origin,) if public else ()) as dashboard:
+            proxy.upstream = ("127.0.0.1", int(dashboard.rsplit(":", 1)[1]))
+            yield proxy, dashboard
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(5)
+
+
+def _actions(store: DashboardStore) -> list[str]:
+    return [row["action"] for row in audit.rows(store, limit=20)]
+
+
+def _login_in_chromium(tmp_path: Path, proxy: TlsProxy, store: DashboardStore) -> None:
+    # The test CA is not in Chromium's store; the certificate is checked by the proxy's own clients elsewhere.
+    browser = PipeBrowser(tmp_path, proxy.origin + "/login", extra_flags=("--ignore-certificate-errors",))
+    try:
+        assert browser.evaluate(WAIT_FOR_JS % "document.querySelector('form[action=\"/login\"]') !== null")
         assert browser.evaluate("location.origin") == proxy.origin
-        browser.evaluate(
-            "document.getElementById('ack-by').value = 'CD'; "
-            "document.querySelector('button[data-result]').click(); true"
+        # The stylesheet loads under the CSP (style-src 'self'): the page is styled, not bare.
+        assert browser.evaluate(
+            WAIT_FOR_JS % "document.styleSheets.length === 1 && document.styleSheets[0].cssRules.length > 20"
         )
-        assert wait_until(lambda: store.unacknowledged_urgent() == [], 10), "the acknowledgement was refused"
-        assert store.recent_results("urgent")[0]["acked_by"] == "CD"
+        browser.evaluate(
+            "document.querySelector('input[name=name]').value = 'cd'; "
+            f"document.querySelector('input[name=password]').value = {json.dumps(PASSWORD)}; "
+            "document.querySelector('form[action=\"/login\"]').submit(); true"
+        )
+        ok = wait_until(lambda: "login" in _actions(store), 10)
+        assert ok, f"the login was refused: {_actions(store)} {browser.evaluate('document.body.innerText')}"
+        me = browser.evaluate(WAIT_FOR_JS % "location.pathname !== '/login' && fetch('/api/me').then(r => r.json())")
+        assert me["name"] == "cd" and me["via"] == "password"
+        # Logging out is a POST of the page's own form, with its CSRF token, from the proxy's origin.
+        browser.evaluate("document.querySelector('form[action=\"/logout\"]').submit(); true")
+        assert wait_until(lambda: "logout" in _actions(store), 10), f"the logout was refused: {_actions(store)}"
     finally:
         browser.close()
 
 
 @pytest.mark.parametrize("pass_host", [False, True], ids=["nginx-default-host", "host-passed-through"])
-def test_an_acknowledgement_through_an_https_reverse_proxy_is_accepted(
+def test_a_login_through_an_https_reverse_proxy_is_accepted(
     store: DashboardStore, pki: Pki, tmp_path: Path, pass_host: bool
 ) -> None:
     # nginx's default Host is the dashboard's address: --public-origin names the proxy. With `proxy_set_header
     # Host $host` the https:// origin matches the Host it passes on, and that needs no option at all.
-    proxy, dashboard = _proxied(store, pki, pass_host=pass_host, public=not pass_host)
-    threads = [_serve(proxy), _serve(dashboard)]
-    try:
-        _ack_in_chromium(tmp_path, proxy, store)
-    finally:
-        for server in (proxy, dashboard):
-            server.shutdown()
-            server.server_close()
-        for thread in threads:
-            thread.join(5)
+    with _proxied(store, pki, pass_host=pass_host, public=not pass_host) as (proxy, _dashboard):
+        _login_in_chromium(tmp_path, proxy, store)
 
 
-def _post_ack(url: str, rid: str, origin: str, *, context: ssl.SSLContext | None = None) -> int:
+def _post_logout(url: str, origin: str, session: str, csrf: str, *, context: ssl.SSLContext | None = None) -> int:
     request = urllib.request.Request(
-        f"{url}api/ack/{rid}",
-        data=b'{"by": "x"}',
+        f"{url}/logout",
+        data=b"",
         method="POST",
-        headers={"Content-Type": "application/json", "Origin": origin},
+        headers={"Origin": origin, "Cookie": f"edgemed_session={session}", "X-CSRF-Token": csrf},
     )
     try:
         with urllib.request.urlopen(request, timeout=5, context=context) as answer:
@@ -160,25 +176,23 @@ def _get_status(url: str, host: str) -> int:
 
 
 def test_a_foreign_origin_is_still_refused_directly_and_through_the_proxy(store: DashboardStore, pki: Pki) -> None:
-    proxy, dashboard = _proxied(store, pki, pass_host=False, public=True)
-    threads = [_serve(proxy), _serve(dashboard)]
     trusting = ssl.create_default_context(cafile=str(pki.ca_cert))
-    rid = store.unacknowledged_urgent()[0]["result_id"]
-    try:
+    with _proxied(store, pki, pass_host=False, public=True) as (proxy, dashboard):
+        http = login(proxy.origin, "cd", verify=trusting)
+        session = http.cookies["edgemed_session"]
         for origin in ("https://evil.example", "http://127.0.0.1:1", proxy.origin.replace("https", "http")):
-            assert _post_ack(dashboard.url, rid, origin) == 403, origin
-            assert _post_ack(proxy.origin + "/", rid, origin, context=trusting) == 403, origin
-        assert store.unacknowledged_urgent() != []
+            assert _post_logout(dashboard, origin, session, http.csrf) == 403, origin
+            assert _post_logout(proxy.origin, origin, session, http.csrf, context=trusting) == 403, origin
+        assert http.get("/api/me").status_code == 200  # still logged in
         # The proxy's name is also accepted as Host (a proxy passing $host); a foreign Host still is not.
-        assert _get_status(dashboard.url + "api/summary", f"127.0.0.1:{proxy.server_address[1]}") == 200
-        assert _get_status(dashboard.url + "api/summary", "evil.example") == 403
-        assert _post_ack(proxy.origin + "/", rid, proxy.origin, context=trusting) == 200
-    finally:
-        for server in (proxy, dashboard):
-            server.shutdown()
-            server.server_close()
-        for thread in threads:
-            thread.join(5)
+        assert _get_status(dashboard + "/login", f"127.0.0.1:{proxy.server_address[1]}") == 200
+        assert _get_status(dashboard + "/login", "evil.example") == 403
+        # Through a proxy named by --public-origin the cookie is Secure: the browser sends it to the proxy only.
+        assert any(c.name == "edgemed_session" and c.secure for c in http.cookies.jar)
+        # urllib follows the 303 to /login, through the proxy: 200.
+        assert _post_logout(proxy.origin, proxy.origin, session, http.csrf, context=trusting) == 200
+        assert http.get("/api/me").status_code == 401
+        http.close()
 
 
 def test_public_origins_are_written_as_a_browser_sends_them_and_bad_ones_refused(tmp_path: Path) -> None:

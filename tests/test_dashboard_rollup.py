@@ -72,10 +72,15 @@ def test_an_upgraded_database_is_counted_from_its_results(tmp_path: Path) -> Non
     for table in ("users", "web_sessions", "login_failures", "audit", "reviews", "escalations", "settings",
                   "result_hourly"):  # fmt: skip
         con.execute(f"DROP TABLE {table}")
-    for index in ("results_site_recent", "results_site_level", "studies_site_level"):
+    for index in ("results_site_recent", "results_site_level", "studies_site_level", "results_waiting",
+                  "studies_waiting"):  # fmt: skip
         con.execute(f"DROP INDEX {index}")
     con.execute("ALTER TABLE results DROP COLUMN model")
     con.execute("ALTER TABLE results DROP COLUMN confidence")
+    con.execute("ALTER TABLE results DROP COLUMN closed_at")
+    con.execute("ALTER TABLE studies DROP COLUMN closed_at")
+    # Revision 0003's acks table (0004 turns its rows into reviews and drops it).
+    con.execute("CREATE TABLE acks (result_id TEXT PRIMARY KEY, acked_at FLOAT NOT NULL, acked_by TEXT NOT NULL)")
     con.commit()
     con.close()
     store = DashboardStore(path)

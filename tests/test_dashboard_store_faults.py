@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from broker_fixtures import Device, Mosquitto
-from dashboard_helpers import HEALTH, chromium, fill_the_disk, free_the_disk, make_result, wait_until
+from dashboard_helpers import HEALTH, fill_the_disk, free_the_disk, make_result, wait_until
+from web_helpers import login, make_user, running_web
 
 from edgemed.dashboard.ingest import Ingest
 from edgemed.dashboard.store import DashboardStore
-from edgemed.dashboard.web import make_server
 from edgemed.dashboard.writer import Held
 from edgemed.publish.config import MqttConfig
 
@@ -35,11 +34,12 @@ def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is
 ) -> None:
     caplog.set_level(logging.WARNING)
     store = DashboardStore(tmp_path / "full.sqlite3")
-    fillers = fill_the_disk(store)
     ingest = Ingest(MqttConfig(url=broker.url), store)
-    server = make_server(store, port=0, ingest_snapshot=ingest.snapshot)
-    web = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    web.start()
+    make_user(store, "ada", "admin")  # logged in before the disk fills: a login writes its session
+    server = running_web(store, ingest_snapshot=ingest.snapshot)
+    base = server.__enter__()
+    http = login(base, "ada")
+    fillers = fill_the_disk(store)
     ingest.start()
     device = Device(broker.port)
     try:
@@ -50,9 +50,10 @@ def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is
         device.send("health", json.dumps(HEALTH).encode())
         assert wait_until(lambda: ingest.snapshot()["store_error"] is not None and ingest.snapshot()["held"] >= 1, 10)
         assert "full" in ingest.snapshot()["store_error"]
-        dom = chromium(tmp_path, server.url, "--dump-dom").stdout
-        assert 'id="store-alert" class="alert">Results are not being saved: cannot write' in dom, dom[-3000:]
-        assert "held back, not yet acknowledged to the broker" in dom
+        # Every page says so (base.html's system alerts), here the refused-messages page.
+        page = http.get("/admin/dead-letters").text
+        assert '<p class="alert" role="alert" data-system-alert>Results are not being saved: cannot write' in page, page
+        assert "held back, not yet acknowledged to the broker" in page
         time.sleep(1.6)  # a few attempts with back-off (0.5 s, 1 s, ...)
         attempts = _log_lines(caplog, "cannot write to the dashboard database")
         assert 2 <= len(attempts) <= 4, attempts  # one line per back-off step, not one per message
@@ -70,8 +71,8 @@ def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is
     finally:
         device.close()
         ingest.stop()
-        server.shutdown()
-        server.server_close()
+        http.close()
+        server.__exit__(None, None, None)
         store.close()
 
 

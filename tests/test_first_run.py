@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from broker_fixtures import free_port
 from demo_model import demo_model_fixture  # noqa: F401  # the demo_model fixture
+from web_helpers import PASSWORD, login
 
 from edgemed.identity import clock_synced
 
@@ -70,10 +71,16 @@ def _copy_repository(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def _get_json(url: str) -> dict[str, object]:
+def _get_status(url: str) -> int:
     with urllib.request.urlopen(url, timeout=5) as response:  # a 127.0.0.1 URL the test built
-        body: dict[str, object] = json.loads(response.read())
-        return body
+        return int(response.status)
+
+
+def _db_of(command: str, home: Path) -> str:
+    """The ``--db`` of an ``edgemed dashboard`` command line, as the shell expands it with ``HOME=home``."""
+    words = shlex.split(command)
+    db = words[words.index("--db") + 1]
+    return str(home / db[2:]) if db.startswith("~/") else db
 
 
 def _wait(what: str, check: object, timeout_s: float = 30.0) -> None:
@@ -93,8 +100,8 @@ def _wait_until_ready(command: str, broker_port: str, http_port: str) -> None:
     if command.startswith("mosquitto "):
         _wait("mosquitto", lambda: socket.create_connection(("127.0.0.1", int(broker_port)), 1).close() is None)
     elif command.startswith("edgemed dashboard"):
-        summary = f"http://127.0.0.1:{http_port}/api/summary"
-        _wait("the dashboard's subscription", lambda: _get_json(summary)["ingest"]["subscribed"])  # type: ignore[index]
+        # Serving; its subscription is checked once someone is logged in (the API answers 401 before).
+        _wait("the dashboard", lambda: _get_status(f"http://127.0.0.1:{http_port}/login") == 200)
 
 
 @pytest.fixture
@@ -132,6 +139,8 @@ def test_the_readme_first_run_works_line_by_line(
     assert shutil.which("edgemed", path=env["PATH"]) is not None
 
     outputs: dict[str, subprocess.CompletedProcess[str]] = {}
+    admin = ""
+    dashboard_db = next(_db_of(line, home) for line in steps if line.startswith("edgemed dashboard --broker"))
     sub_out = tmp_path / "mosquitto_sub.out"
     for line in steps[1:]:
         command = _without_comment(line).replace(BROKER_PORT, broker_port).replace(HTTP_PORT, http_port)
@@ -143,7 +152,16 @@ def test_the_readme_first_run_works_line_by_line(
                 )
             _wait_until_ready(command, broker_port, http_port)
             continue
-        proc = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+        stdin = None
+        if command.startswith("edgemed dashboard users add"):
+            # The first admin, as the dashboard's login page says; the password typed twice at its prompt.
+            if "--password-stdin" not in command:
+                command += " --password-stdin"
+            stdin = PASSWORD + "\n"
+            admin = shlex.split(command)[4]
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=clone, env=env, input=stdin, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
         outputs[shlex.split(command)[1] if command.startswith("edgemed ") else command] = proc
 
@@ -173,9 +191,23 @@ def test_the_readme_first_run_works_line_by_line(
     assert len(seqs) == RESULTS
 
     base = f"http://127.0.0.1:{http_port}"
-    _wait("the dashboard", lambda: sum(_get_json(f"{base}/api/summary")["counts"]["results"].values()) == RESULTS)  # type: ignore[index]
-    fleet = _get_json(f"{base}/api/fleet")["devices"]
-    # doctor's broker check left a retained "doctor" device there before (issue 9 item 17): only the device shows
-    assert [d["device_id"] for d in fleet] == ["first-run-01"]  # type: ignore[union-attr,index]
-    with urllib.request.urlopen(base + "/", timeout=5) as page:
-        assert page.status == 200
+    if not admin:  # the README leaves creating the first admin to the login page's hint: do as it says
+        admin = "first-admin"
+        add = ["edgemed", "dashboard", "users", "add", admin, "--db", dashboard_db, "--role", "admin"]
+        proc = subprocess.run(
+            [*add, "--password-stdin"], env=env, input=PASSWORD + "\n", capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+    with login(base, admin, PASSWORD) as http:
+        assert http.get("/api/summary").json()["ingest"]["subscribed"]
+
+        def stored() -> int:
+            return sum(http.get("/api/summary").json()["counts"]["results"].values())
+
+        _wait("the dashboard", lambda: stored() == RESULTS)
+        fleet = http.get("/api/fleet").json()["devices"]
+        # doctor's broker check left a retained "doctor" device there before (issue 9 item 17): only the device shows
+        assert [d["device_id"] for d in fleet] == ["first-run-01"]
+        home = http.get("/")
+        assert home.status_code == 303 and home.headers["location"] == "/queue"
+        assert ">first-run-01</a>" in http.get("/fleet").text

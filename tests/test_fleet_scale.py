@@ -204,9 +204,13 @@ def test_an_old_sqlite_dashboard_database_keeps_its_rows_through_the_upgrade(
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "alembic_version" in tables
         assert con.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
-        for table in ("acks", "dead_letters", "dead_letter_counts", "studies"):
+        for table in ("dead_letters", "dead_letter_counts", "studies"):
             (n,) = con.execute(f"SELECT count(*) FROM {table}").fetchone()  # the table names above
             assert n == old_counts[table], f"{table}: {n} rows after the upgrade, {old_counts[table]} before"
+        # The old page's acknowledgements are acknowledged reviews now (revision 0004 drops the acks table).
+        assert "acks" not in tables
+        (n,) = con.execute("SELECT count(*) FROM reviews WHERE state = 'acknowledged'").fetchone()
+        assert n == old_counts["acks"], f"reviews: {n} after the upgrade, {old_counts['acks']} acks before"
         assert con.execute("SELECT count(*) FROM results").fetchone() == (old_counts["results"] + 20,)
         assert con.execute("SELECT count(*) FROM devices").fetchone() == (old_counts["devices"] + 1,)
         # What the old dashboard settled still counts for receipts: 120 results and 12 study decisions.

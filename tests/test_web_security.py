@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_every_response_carries_the_csp_and_the_security_headers(base: str) -> N
             assert answer.headers["content-security-policy"] == CONTRACT_CSP, path
             assert answer.headers["x-content-type-options"] == "nosniff", path
             assert answer.headers["x-frame-options"] == "DENY", path
-            assert answer.headers["referrer-policy"] == "same-origin", path
+            assert answer.headers["referrer-policy"] == "same-origin", path  # no-referrer: Origin null
             assert "cache-control" in answer.headers, path
             assert "server" not in answer.headers, path  # no version banner
             assert "strict-transport-security" not in answer.headers  # plain http: HSTS would be meaningless
@@ -100,6 +101,8 @@ def test_a_state_changing_request_needs_the_session_csrf_token(base: str) -> Non
         assert refused.status_code == 403 and "CSRF" in refused.json()["error"]
         assert bare.post("/logout", headers={"X-CSRF-Token": "x" * 43}).status_code == 403
         assert bare.post("/logout", data={"csrf": "wrong"}).status_code == 403
+        assert bare.post("/logout", data={"csrf": "é" * 43}).status_code == 403  # not ASCII: refused, not a 500
+        assert bare.post("/logout", headers={"X-CSRF-Token": "é".encode("latin-1") * 43}).status_code == 403
         for method in ("PUT", "PATCH", "DELETE"):
             assert bare.request(method, "/api/me").status_code == 403, method
         assert http.get("/api/me").status_code == 200  # none of them logged the user out
@@ -125,10 +128,21 @@ def test_the_login_form_has_its_own_csrf_token(base: str) -> None:
         answer = http.post("/login", data={"name": "vera", "password": "correct horse battery staple"})
         assert answer.status_code == 403 and "login form" in answer.json()["error"]
         token = login_csrf(http)
-        forged = http.post("/login", data={"name": "vera", "password": "x", "csrf": token[:-1] + "0"})
+        other = token[:-1] + ("1" if token[-1] == "0" else "0")  # one digit off
+        forged = http.post("/login", data={"name": "vera", "password": "x", "csrf": other})
         assert forged.status_code == 403
         ok = http.post("/login", data={"name": "vera", "password": "correct horse battery staple", "csrf": token})
         assert ok.status_code == 303
+
+
+def test_a_forged_or_garbled_session_cookie_is_nobody(base: str) -> None:
+    with login(base, "vera") as http:
+        value = str(http.cookies["edgemed_session"])
+        token, _, mac = value.rpartition(".")
+        changed = token[:-1] + ("B" if token[-1] == "A" else "A")  # one character off, the old signature
+        for forged in (f"{token}.{'0' * 64}", f"{changed}.{mac}", "é" * 50, "no-dot", "." * 3, "x" * 500):
+            with client(base, headers={"Cookie": f"edgemed_session={forged}".encode("latin-1")}) as other:
+                assert other.get("/api/me").status_code == 401, forged
 
 
 def test_hostile_text_renders_as_text(base: str) -> None:
@@ -175,8 +189,11 @@ def test_silent_and_stalled_clients_are_closed(base: str) -> None:
 
 
 def test_beyond_the_connection_limit_new_requests_get_503_until_slots_free(base: str) -> None:
-    socks = [_connect(base) for _ in range(8)]  # limit_concurrency is 8: these hold every slot, silently
+    before = threading.active_count()
+    socks = [_connect(base) for _ in range(40)]  # limit_concurrency is 8: these hold every slot, silently
     try:
+        # Connections cost no thread of their own (uvicorn's event loop holds them): a flood adds none.
+        assert threading.active_count() <= before
         deadline = time.monotonic() + 5
         status = 0
         while time.monotonic() < deadline:
@@ -197,3 +214,11 @@ def test_beyond_the_connection_limit_new_requests_get_503_until_slots_free(base:
         time.sleep(0.05)
     else:
         pytest.fail("the server did not serve again after the connections closed")
+
+
+def test_the_defaults_bound_slow_clients() -> None:
+    from edgemed.dashboard.web.server import KEEP_ALIVE_S
+
+    fields = WebConfig.__dataclass_fields__
+    assert fields["request_timeout_s"].default == 10.0 and fields["limit_concurrency"].default == 200
+    assert KEEP_ALIVE_S == 5

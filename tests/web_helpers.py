@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,40 @@ def login(base_url: str, name: str, password: str = PASSWORD, **kwargs: Any) -> 
     http.event_hooks["request"].append(add_token)
     http.csrf = csrf
     return http
+
+
+def browser_logged_in(tmp_path: Path, base_url: str, name: str, path: str, password: str = PASSWORD) -> Any:
+    """Headless Chromium (``browser.PipeBrowser``) that logged in through the login form and shows ``path``.
+
+    Returns:
+        The browser (``close()`` it).
+    """
+    import json
+    from urllib.parse import quote
+
+    from browser import WAIT_FOR_JS, PipeBrowser
+
+    browser = PipeBrowser(tmp_path, f"{base_url}/login?next={quote(path, safe='')}")
+    try:
+        assert browser.evaluate(WAIT_FOR_JS % "document.querySelector('input[name=password]') !== null")
+        browser.evaluate(
+            f"document.querySelector('input[name=name]').value = {json.dumps(name)}; "
+            f"document.querySelector('input[name=password]').value = {json.dumps(password)}; "
+            "document.querySelector('form[action=\"/login\"]').submit(); true"
+        )
+        target = json.dumps(path.split("?")[0])
+        ready = f"location.pathname === {target} && document.readyState === 'complete'"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if browser.evaluate(ready):
+                    break
+            except AssertionError as exc:  # the page navigated while being asked: ask the next one
+                if "navigated" not in str(exc) and "context" not in str(exc).lower():
+                    raise
+            assert time.monotonic() < deadline, "the login did not lead to " + path
+            time.sleep(0.05)
+    except BaseException:
+        browser.close()
+        raise
+    return browser

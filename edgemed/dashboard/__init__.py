@@ -12,8 +12,9 @@ At fleet scale the two halves run apart against one database (see `edgemed dashb
 
 The dashboard subscribes to edgemed/+/+/# at QoS 1 with a fixed client id and a persistent session, so results
 published while it is down arrive when it comes back; duplicates are dropped by result id. Open
-http://127.0.0.1:8080/ for the fleet table, urgent results waiting for review (with an acknowledge button) and
-counts per triage level. It shows only what devices publish: no images, file names or patient ids.
+http://127.0.0.1:8080/ and log in: the review queue (urgent and inconclusive results per site), the fleet view,
+charts, and for admins users, the audit trail and settings. It shows only what devices publish: no images, file
+names or patient ids.
 
 The dashboard is the devices' consumer of record. After each commit it publishes, retained at QoS 1 on
 edgemed/{site}/{device_id}/receipts, a receipt (edgemed.receipt/1) saying which seqs of the device it has settled
@@ -24,9 +25,11 @@ will) on edgemed-consumer/{consumer-id}/{client-id}; online means its subscripti
 consumer share --consumer-id and keep their own --client-id. Batches (edgemed.batch/1 on .../batches) are filed
 element by element. `edgemed dashboard export` prints every stored result and study decision as it was sent.
 
-The page has no login: it binds to 127.0.0.1 unless --host says otherwise; put an authenticating reverse proxy in
-front of it before exposing it, and name the proxy's address with --public-origin https://PROXY-HOST so that
-acknowledgements made through it are accepted.
+Logins: users live in the database (`edgemed dashboard users add NAME --db DB --role admin` creates the first
+admin; until then the page shows that command and the API answers 401, and the ingest stores as usual). Sessions
+are signed with a key kept beside an SQLite database (DB.key, 0600) or in --secret-file. Serve HTTPS with
+--tls-cert/--tls-key, or behind a TLS reverse proxy named with --public-origin https://PROXY-HOST (its forms are
+then accepted); single sign-on from such a proxy with --proxy-user-header NAME --trusted-proxy CIDR.
 """
 
 from __future__ import annotations
@@ -232,7 +235,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="interface for the web page (default 127.0.0.1; the page has no login of its own)",
+        help="interface for the web page (default 127.0.0.1; elsewhere use --tls-cert/--tls-key or a TLS proxy)",
     )
     p.add_argument("--port", type=int, default=8080, help="TCP port for the web page and /metrics (default 8080)")
     p.add_argument(
@@ -240,7 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="URL",
-        help="address of a reverse proxy in front of the page, e.g. https://dashboard.example.org: acknowledgements "
+        help="address of a reverse proxy in front of the page, e.g. https://dashboard.example.org: logins and reviews "
         "made through it are accepted (repeat for several)",
     )
     p.add_argument(

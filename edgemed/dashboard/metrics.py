@@ -9,8 +9,9 @@ What is exported (names fixed by the issue 12 contract):
   ``edgemed_ingest_worker_last_report_timestamp_seconds{worker}`` (a worker that stopped reporting is stale);
 * for the fleet, from the store: ``edgemed_dead_letters_total{reason}`` (kept for ever, so a true counter),
   ``edgemed_device_last_seen_timestamp_seconds{site,device}``, ``edgemed_device_pending_results{site,device}``
-  and ``edgemed_device_awaiting_receipt_results{site,device}`` (from the device's newest report), and
-  ``edgemed_urgent_unacknowledged``.
+  and ``edgemed_device_awaiting_receipt_results{site,device}`` (from the device's newest report),
+  ``edgemed_urgent_unacknowledged`` and ``edgemed_dashboard_escalated{site}`` (urgent results escalated for
+  waiting too long and still unacknowledged, ``escalation.py``).
 
 Access: no login, but only clients whose address is in ``--metrics-allow`` (CIDRs; default the loopback,
 ``127.0.0.0/8`` and ``::1``). Any other client gets a bare ``403`` with no detail. A request relayed by a reverse
@@ -162,6 +163,7 @@ class MetricsCollector(Collector):
         fleet: Callable[[], Iterator[dict[str, Any]]] | None = None,
         dead_letters: Callable[[], dict[str, int]] | None = None,
         urgent_unacknowledged: Callable[[], int] | None = None,
+        escalated: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         """Args:
         workers: every worker as ``{"worker_id", "last_at", "stats"}`` (``store.workers()``, live rows first).
@@ -169,11 +171,13 @@ class MetricsCollector(Collector):
             gauges (an ingest worker's own ``/metrics``).
         dead_letters: counts by reason; None: not exported.
         urgent_unacknowledged: how many urgent results nobody acknowledged; None: not exported.
+        escalated: escalated results still unacknowledged, per site; None: not exported.
         """
         self._workers = workers
         self._fleet = fleet
         self._dead_letters = dead_letters
         self._urgent = urgent_unacknowledged
+        self._escalated = escalated
 
     def collect(self) -> Iterator[Metric]:
         """Every metric family (prometheus-client calls this at each scrape)."""
@@ -189,6 +193,15 @@ class MetricsCollector(Collector):
             yield GaugeMetricFamily(
                 "edgemed_urgent_unacknowledged", "Urgent results nobody has acknowledged yet", value=self._urgent()
             )
+        if self._escalated is not None:
+            escalated = GaugeMetricFamily(
+                "edgemed_dashboard_escalated",
+                "Urgent results escalated for waiting too long and still unacknowledged, per site",
+                labels=["site"],
+            )
+            for site, n in sorted(self._escalated().items()):
+                escalated.add_metric([site], n)
+            yield escalated
         if self._fleet is not None:
             yield from self._device_metrics(self._fleet())
 
@@ -292,8 +305,14 @@ def store_collector(
                 return
             offset += page
 
+    from edgemed.dashboard.escalation import escalated_waiting  # the web side only (it brings httpx)
+
     return MetricsCollector(
-        workers, fleet, dead_letters=store.dead_letter_counts, urgent_unacknowledged=store.unacknowledged_urgent_count
+        workers,
+        fleet,
+        dead_letters=store.dead_letter_counts,
+        urgent_unacknowledged=store.unacknowledged_urgent_count,
+        escalated=lambda: escalated_waiting(store),
     )
 
 

@@ -55,9 +55,11 @@ example:
 """
 
 SERVE_DESCRIPTION = """\
-Serve the dashboard page, its JSON API and /metrics from the database, without an ingest of its own: the page's
-ingest panel and /metrics show every ingest worker from its reports in the database (`edgemed dashboard ingest`).
-/metrics needs no login but answers only to --metrics-allow (default the loopback).
+Serve the dashboard pages, its JSON API and /metrics from the database, without an ingest of its own: the pages'
+alerts and /metrics show every ingest worker from its reports in the database (`edgemed dashboard ingest`).
+The pages and the API need a login (`edgemed dashboard users add NAME --db DB --role admin` creates the first
+admin); sessions live in the database, so several serve processes behind a load balancer behave as one (give them
+the same --secret-file). /metrics needs no login but answers only to --metrics-allow (default the loopback).
 
 example:
   edgemed dashboard serve --db /var/lib/edgemed/fleet.sqlite3 --port 8080 --metrics-allow 10.20.0.0/16
@@ -238,7 +240,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """
     p.add_argument("--db", required=True, metavar="DB", help="the dashboard database: a SQLite file (or its URL)")
     p.add_argument(
-        "--host", default="127.0.0.1", help="interface for the page (default 127.0.0.1; it has no login of its own)"
+        "--host",
+        default="127.0.0.1",
+        help="interface for the page (default 127.0.0.1; elsewhere use --tls-cert/--tls-key or a TLS proxy)",
     )
     p.add_argument("--port", type=int, default=8080, help="TCP port for the page and /metrics (default 8080)")
     p.add_argument(

@@ -318,7 +318,7 @@ class StoreQueries:
         _page(offset, limit)
         where, params = ("WHERE r.level = ?", (level,)) if level else ("", ())
         rows = self._query(
-            "SELECT r.*, a.acked_at, a.acked_by FROM results r LEFT JOIN acks a USING (result_id) "
+            "SELECT r.*, a.acked_at, a.acked_by FROM results r LEFT JOIN reviews a USING (result_id) "
             f"{where} ORDER BY r.received_at DESC, r.seq DESC LIMIT ? OFFSET ?",
             (*params, limit, offset),
         )
@@ -338,21 +338,29 @@ class StoreQueries:
             out[table] = counts
         return out
 
-    _URGENT_WAITING = (
-        "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
-        "r.reason, coalesce(r.triage_label, r.label) AS label, r.label AS top_label, NULL AS frames "
-        "FROM results r LEFT JOIN acks a USING (result_id) "
-        "WHERE r.level = 'urgent' AND a.result_id IS NULL "
-        "UNION ALL "
-        "SELECT 'study', s.result_id, s.site, s.device_id, s.seq, s.created_at, s.received_at, "
-        "s.reason, s.triage_label, NULL, s.frames FROM studies s LEFT JOIN acks a USING (result_id) "
-        "WHERE s.level = 'urgent' AND a.result_id IS NULL"
-    )
+    def _urgent_waiting(self) -> str:
+        # Unacknowledged rows are not closed, so they are in the partial indexes results_waiting/studies_waiting
+        # (tables.py). SQLite uses one only when its predicate's terms are repeated; PostgreSQL proves them itself
+        # and misjudges the rows when they are repeated.
+        waiting = "IS NULL" + (
+            " AND {t}.level IN ('urgent', 'inconclusive')" if self.database.dialect == "sqlite" else ""
+        )
+        return (
+            "SELECT 'frame' AS kind, r.result_id, r.site, r.device_id, r.seq, r.created_at, r.received_at, "
+            "r.reason, coalesce(r.triage_label, r.label) AS label, r.label AS top_label, NULL AS frames "
+            "FROM results r LEFT JOIN reviews a USING (result_id) "
+            f"WHERE r.level = 'urgent' AND r.closed_at {waiting.format(t='r')} AND a.result_id IS NULL "
+            "UNION ALL "
+            "SELECT 'study', s.result_id, s.site, s.device_id, s.seq, s.created_at, s.received_at, "
+            "s.reason, s.triage_label, NULL, s.frames FROM studies s LEFT JOIN reviews a USING (result_id) "
+            f"WHERE s.level = 'urgent' AND s.closed_at {waiting.format(t='s')} AND a.result_id IS NULL"
+        )
 
     def unacknowledged_urgent(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
         """Urgent frame results and urgent study decisions no person has acknowledged yet, oldest first.
 
-        Oldest first because the one waiting longest is the one to look at first.
+        Oldest first because the one waiting longest is the one to look at first. Acknowledged means a ``reviews``
+        row exists (``review.py``: acknowledged or closed).
 
         Args:
             limit: most rows returned (1-1000).
@@ -366,14 +374,14 @@ class StoreQueries:
         """
         _page(offset, limit)
         rows = self._query(
-            f"{self._URGENT_WAITING} ORDER BY received_at ASC, seq ASC LIMIT ? OFFSET ?",
+            f"{self._urgent_waiting()} ORDER BY received_at ASC, seq ASC LIMIT ? OFFSET ?",
             (limit, offset),
         )
         return [dict(r) for r in rows]
 
     def unacknowledged_urgent_count(self) -> int:
         """How many urgent results and study decisions wait for a person (all of them, not one page)."""
-        return self._count(f"SELECT count(*) FROM ({self._URGENT_WAITING}) AS waiting")
+        return self._count(f"SELECT count(*) FROM ({self._urgent_waiting()}) AS waiting")
 
     def dead_letter_counts(self) -> dict[str, int]:
         """How many payloads were refused, by reason, since the database was created (pruning keeps counts)."""

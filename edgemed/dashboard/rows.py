@@ -80,6 +80,7 @@ def result_row(result: dict[str, Any], now: float, raw: bytes | None) -> dict[st
         "stream": stream_of(result),
         "model": as_text(as_obj(result.get("model")).get("name")),
         "confidence": float(max(scores)) if scores else None,
+        "closed_at": None,  # set by review.close
     }
 
 
@@ -102,6 +103,7 @@ def study_row(study: dict[str, Any], now: float, raw: bytes | None) -> dict[str,
         "payload": kept_text(study, raw),
         "triage_label": as_text(triage.get("label")),
         "stream": stream_of(study),
+        "closed_at": None,  # set by review.close
     }
 
 

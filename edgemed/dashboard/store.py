@@ -1,4 +1,4 @@
-"""The dashboard's store (SQLite or PostgreSQL): results, study decisions, the latest state per device, acks.
+"""The dashboard's store (SQLite or PostgreSQL): results, study decisions, the latest state per device.
 
 Delivery from the devices is at least once, so the same result can arrive twice (a device that restarts replays
 its outbox; a broker redelivers an unacknowledged QoS 1 message). ``result_id`` is the primary key and rows go in
@@ -44,7 +44,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,13 @@ from edgemed.dashboard.rollup import count_results
 from edgemed.dashboard.rows import dumps, published_at, result_row, row_key, study_row
 from edgemed.dashboard.schema import migrate, open_private
 from edgemed.dashboard.settlement import dialect_insert, greatest, settle, settle_lost
-from edgemed.dashboard.tables import acks, dead_letter_counts, dead_letters, devices, results, stream_seen, studies
+from edgemed.dashboard.tables import dead_letter_counts, dead_letters, devices, results, stream_seen, studies
 from edgemed.dashboard.validate import LEVELS, Filing
 from edgemed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEVELS", "AckOutcome", "DashboardStore", "IdConflict"]
+__all__ = ["LEVELS", "DashboardStore", "IdConflict"]
 
 #: Dead letters kept (the newest); their counts by reason are kept for ever in ``dead_letter_counts``.
 DEAD_LETTERS_KEPT = 10_000
@@ -88,14 +87,6 @@ class IdConflict(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class AckOutcome(Enum):
-    """What ``DashboardStore.acknowledge`` did."""
-
-    ACKNOWLEDGED = "acknowledged"
-    ALREADY = "already acknowledged"
-    NOT_FOUND = "not found"
 
 
 class DashboardStore(StoreQueries):
@@ -485,32 +476,6 @@ class DashboardStore(StoreQueries):
         now = time.time() if received_at is None else received_at
         with self._transaction() as conn:
             self._replace_device_state(conn, "health", site, device_id, health, now)
-
-    def acknowledge(self, result_id: str, by: str = "", at: float | None = None) -> AckOutcome:
-        """Record that a person has seen an (urgent) result or study decision.
-
-        Args:
-            result_id: the result's or study decision's id.
-            by: free text (initials) typed by the person; may be empty.
-            at: dashboard clock; now when None.
-
-        Returns:
-            Whether it was acknowledged now, had been before, or no such result exists.
-        """
-        now = time.time() if at is None else at
-        with self._transaction() as conn:
-            known = conn.execute(
-                sa.union_all(
-                    sa.select(sa.literal(1)).where(results.c.result_id == result_id),
-                    sa.select(sa.literal(1)).where(studies.c.result_id == result_id),
-                )
-            ).first()
-            if known is None:
-                return AckOutcome.NOT_FOUND
-            row = {"result_id": result_id, "acked_at": now, "acked_by": by.strip()[:64]}
-            stmt = dialect_insert(conn, acks).on_conflict_do_nothing().returning(acks.c.result_id)
-            inserted = conn.execute(stmt, row).first() is not None
-            return AckOutcome.ACKNOWLEDGED if inserted else AckOutcome.ALREADY
 
     # -- ingest workers and heartbeat history ---------------------------------------------------------------------
 

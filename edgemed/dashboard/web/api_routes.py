@@ -76,6 +76,19 @@ def dead_letters(request: Request) -> Response:
     return context.json_response({"now": time.time(), "dead_letters": rows})
 
 
+def dead_letters_page(request: Request) -> Response:
+    """``GET /admin/dead-letters`` (admin): refused messages counted by reason, and the newest (no payload)."""
+    principal = context.require(request, "admin")
+    db = context.store(request)
+    counts = api_queries.dead_letter_counts(db, principal.sites)
+    values = {
+        "counts": sorted(counts.items(), key=lambda item: (-item[1], item[0])),
+        "total": sum(counts.values()),
+        "newest": api_queries.dead_letters(db, principal.sites, 50),
+    }
+    return context.render(request, "dead_letters.html", values)
+
+
 def metrics(request: Request) -> Response:
     """``GET /metrics``: Prometheus text to ``metrics_allow`` clients that did not come through a proxy."""
     cfg = context.config(request)
@@ -94,5 +107,6 @@ def routes() -> list[BaseRoute]:
         Route("/api/results", results, methods=["GET", "HEAD"]),
         Route("/api/summary", summary, methods=["GET", "HEAD"]),
         Route("/api/dead-letters", dead_letters, methods=["GET", "HEAD"]),
+        Route("/admin/dead-letters", dead_letters_page, methods=["GET", "HEAD"]),
         Route("/metrics", metrics, methods=["GET", "HEAD"]),
     ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -12,12 +14,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from edgemed.dashboard.store import DashboardStore
-from edgemed.dashboard.web import context
+from edgemed.dashboard.web import context, templating
 from edgemed.dashboard.web.config import WebConfig
 from edgemed.dashboard.web.security import SecurityMiddleware
 from edgemed.errors import ConfigError
@@ -33,6 +35,7 @@ ROUTE_MODULES: tuple[str, ...] = (
     "edgemed.dashboard.web.admin_routes",
     "edgemed.dashboard.web.live",
     "edgemed.dashboard.web.fleet_routes",
+    "edgemed.dashboard.web.review_routes",
 )
 STATIC = Path(__file__).parent / "static"
 
@@ -71,7 +74,14 @@ def _config_error(request: Request, exc: Exception) -> Response:
 
 def _server_error(request: Request, exc: Exception) -> Response:
     log.error("error while answering %s %s", request.method, request.url.path, exc_info=exc)
-    return context.json_response({"error": "internal error; the server log has the details"}, 500)
+    message = "internal error; the server log has the details"
+    if wants_json(request):
+        return context.json_response({"error": message}, 500)
+    # Rendered without asking the database who is logged in: it may be what failed.
+    values: dict[str, Any] = {"request": request, "principal": None, "csrf_token": "", "now": time.time()}
+    values.update(nav=[], alerts=[])
+    page = templating.ENV.get_template("error.html").render(status=500, message=message, **values)
+    return HTMLResponse(page, status_code=500)
 
 
 def _home(request: Request) -> Response:
@@ -108,4 +118,5 @@ def create_app(store: DashboardStore, config: WebConfig) -> Starlette:
     )
     app.state.store = store
     app.state.config = config
+    app.state.sso_warned = threading.Event()  # the ignored sign-on header is logged once per process
     return app

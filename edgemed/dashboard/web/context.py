@@ -11,8 +11,9 @@ state-changing endpoint runs: a form only needs ``<input type="hidden" name="csr
 and a script the header ``X-CSRF-Token``.
 
 Templates get ``principal`` (None when nobody is logged in), ``csrf_token``, ``now`` (epoch seconds), ``nav``
-(the links this principal may follow: dicts ``label``, ``href``, ``active``) and the filters ``utc`` (epoch ->
-``2026-12-01 21:14:05 UTC``) and ``ago`` (epoch -> ``5 min ago``).
+(the links this principal may follow: dicts ``label``, ``href``, ``active``), ``alerts`` (the system's own
+trouble: results not saved, nothing received) and the filters ``utc`` (epoch -> ``2026-12-01 21:14:05 UTC``),
+``ago`` (epoch -> ``5 min ago``) and ``clip(n=300)`` (a long device string cut for a cell, saying so).
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from edgemed.dashboard.metrics import address_allowed
-from edgemed.dashboard.web import sessions
+from edgemed.dashboard.web import sessions, templating
 from edgemed.dashboard.web.config import WebConfig
+from edgemed.dashboard.web.errors import BadRequest, Conflict, Forbidden, HttpError, NotFound, Unauthenticated
 
 if TYPE_CHECKING:
     from edgemed.dashboard.secrets import Secrets
@@ -67,48 +66,7 @@ __all__ = [
 
 #: Each role can do what the roles before it can.
 ROLES = ("viewer", "reviewer", "admin")
-TEMPLATES = Path(__file__).parent / "templates"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-class HttpError(Exception):
-    """An error the app answers with its status and message (JSON under ``/api/``, ``error.html`` elsewhere)."""
-
-    status = 500
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class BadRequest(HttpError):
-    """400: a malformed parameter or body; the message names it and what is expected."""
-
-    status = 400
-
-
-class Unauthenticated(HttpError):
-    """401: nobody is logged in (or the session ended); pages redirect to ``/login?next=PATH``."""
-
-    status = 401
-
-
-class Forbidden(HttpError):
-    """403: logged in, but this role or site is not allowed."""
-
-    status = 403
-
-
-class NotFound(HttpError):
-    """404: no such thing (also for another site's thing, so its existence does not leak)."""
-
-    status = 404
-
-
-class Conflict(HttpError):
-    """409: the action does not fit the current state (closing before acknowledging, twice)."""
-
-    status = 409
 
 
 @dataclass(frozen=True)
@@ -178,7 +136,6 @@ def client_address(request: Request) -> str:
 # -- who is asking -------------------------------------------------------------------------------------------------
 
 _NOBODY = object()
-_untrusted_logged = threading.Event()
 
 
 def current_session(request: Request, now: float | None = None) -> sessions.Session | None:
@@ -199,6 +156,9 @@ def current_session(request: Request, now: float | None = None) -> sessions.Sess
             idle_s=cfg.idle_timeout_s,
             absolute_s=cfg.absolute_timeout_s,
         )
+    if value and found is None:
+        # Ended, revoked or forged: tell the browser to drop it instead of sending it with every request.
+        state.setdefault("edgemed_cookies", []).append(sessions.clear_cookie_header(cfg))
     state["edgemed_session"] = found
     return found
 
@@ -212,8 +172,9 @@ def _proxy_user(request: Request) -> str | None:
         return None
     peer = request.client.host if request.client is not None else ""
     if not address_allowed(peer, cfg.trusted_proxies):
-        if not _untrusted_logged.is_set():
-            _untrusted_logged.set()
+        warned: threading.Event = request.app.state.sso_warned
+        if not warned.is_set():
+            warned.set()
             log.warning(
                 "a request from %s carries the single sign-on header %s but %s is not a --trusted-proxy: the header "
                 "is ignored (logged once)",
@@ -225,35 +186,41 @@ def _proxy_user(request: Request) -> str | None:
     return name.strip()
 
 
+def _sign_on(request: Request, name: str, session: sessions.Session | None, now: float) -> Principal | None:
+    """The principal a trusted proxy names: that user or nobody (never the browser's other session)."""
+    from edgemed.dashboard import users
+
+    cfg, db = config(request), store(request)
+    user = users.get_user(db, name)
+    if user is None or user.disabled:
+        return None
+    if session is not None and session.user_name == user.name:
+        sessions.touch(db, session, now)
+        return Principal(user.name, user.role, user.sites, session.csrf, "proxy")
+    if request.method not in _SAFE_METHODS:
+        return None  # the CSRF token was checked against another user's session, not this one's
+    # A session of its own, so that its forms carry a CSRF token like everyone's; audited once per session.
+    token, session = sessions.create(
+        db, user.name, client_address(request), now, idle_s=cfg.idle_timeout_s, absolute_s=cfg.absolute_timeout_s
+    )
+    state = request.scope["state"]
+    state["edgemed_session"] = session
+    state.setdefault("edgemed_cookies", []).append(
+        sessions.cookie_header(sessions.sign(cfg.secrets.session_key, token), cfg)
+    )
+    principal = Principal(user.name, user.role, user.sites, session.csrf, "proxy")
+    audit_event(request, principal, "login", detail={"via": "proxy"})
+    return principal
+
+
 def _resolve(request: Request) -> Principal | None:
     from edgemed.dashboard import users
 
-    cfg, db, now = config(request), store(request), time.time()
+    db, now = store(request), time.time()
     session = current_session(request, now)
-    via = "password"
     proxied = _proxy_user(request)
     if proxied is not None:
-        user = users.get_user(db, proxied)
-        if user is not None and not user.disabled:
-            via = "proxy"
-            if session is None or session.user_name != user.name:
-                if request.method not in _SAFE_METHODS:
-                    return None  # the CSRF token was checked against another user's session: not this one's
-                token, session = sessions.create(
-                    db,
-                    user.name,
-                    client_address(request),
-                    now,
-                    idle_s=cfg.idle_timeout_s,
-                    absolute_s=cfg.absolute_timeout_s,
-                )
-                request.scope["state"]["edgemed_session"] = session
-                request.scope["state"].setdefault("edgemed_cookies", []).append(
-                    sessions.cookie_header(sessions.sign(cfg.secrets.session_key, token), cfg)
-                )
-                principal = Principal(user.name, user.role, user.sites, session.csrf, via)
-                audit_event(request, principal, "login", detail={"via": "proxy"})
-                return principal
+        return _sign_on(request, proxied, session, now)
     if session is None:
         return None
     user = users.get_user(db, session.user_name)
@@ -261,7 +228,7 @@ def _resolve(request: Request) -> Principal | None:
         sessions.revoke(db, session.token_sha256)
         return None
     sessions.touch(db, session, now)
-    return Principal(user.name, user.role, user.sites, session.csrf, via)
+    return Principal(user.name, user.role, user.sites, session.csrf, "password")
 
 
 def optional_principal(request: Request) -> Principal | None:
@@ -371,54 +338,6 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(encode_json(value), status_code=status, media_type="application/json")
 
 
-def _utc(value: Any) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return ""
-    return datetime.fromtimestamp(value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _ago(value: Any) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return ""
-    seconds = max(0.0, time.time() - value)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
-
-
-_env = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(TEMPLATES),
-    autoescape=True,  # device strings are hostile until shown otherwise: everything is escaped
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_env.filters["utc"] = _utc
-_env.filters["ago"] = _ago
-
-_NAV = (
-    ("Queue", "/queue", "viewer"),
-    ("Fleet", "/fleet", "viewer"),
-    ("Charts", "/charts", "viewer"),
-    ("Export", "/export", "reviewer"),
-    ("Users", "/admin/users", "admin"),
-    ("Audit", "/admin/audit", "admin"),
-    ("Settings", "/admin/settings", "admin"),
-)
-
-
-def nav(principal: Principal | None, path: str) -> list[dict[str, Any]]:
-    """The navigation links a principal may follow (none when nobody is logged in)."""
-    if principal is None:
-        return []
-    return [
-        {"label": label, "href": href, "active": path == href or path.startswith(href + "/")}
-        for label, href, role in _NAV
-        if principal.can(role)
-    ]
-
-
 def render(request: Request, template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
     """Render a template of ``web/templates/`` (autoescaped) into an HTML response.
 
@@ -437,10 +356,11 @@ def render(request: Request, template: str, context: dict[str, Any], status: int
         "principal": principal,
         "csrf_token": principal.csrf if principal is not None else "",
         "now": time.time(),
-        "nav": nav(principal, request.url.path),
+        "nav": templating.nav(principal, request.url.path),
+        "alerts": templating.system_alerts(config(request), store(request)) if principal is not None else [],
     }
     common.update(context)
-    return HTMLResponse(_env.get_template(template).render(common), status_code=status)
+    return HTMLResponse(templating.ENV.get_template(template).render(common), status_code=status)
 
 
 def audit_event(

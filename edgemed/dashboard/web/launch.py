@@ -218,6 +218,13 @@ def start_web(
         )
     server = WebServer(create_app(store, config), config)
     server.start()
+    if config.escalation:
+        from edgemed.dashboard.escalation import Escalator
+
+        # The links in the webhook's posts: the address people open (the proxy's, behind one).
+        escalator = Escalator(store, secrets, public_origins[0] if public_origins else server.url)
+        escalator.start()
+        server.attach(escalator)
     if users.user_count(store) == 0:
         log.warning(
             "the dashboard has no users yet: create the first admin with `%s`, then log in at %s",

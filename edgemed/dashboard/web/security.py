@@ -1,7 +1,8 @@
 """The middleware in front of every route: security headers, the ``Host`` check, the body limit, CSRF and ``Origin``.
 
 - Every response carries the Content-Security-Policy ``CSP`` (no inline script or style anywhere: templates load
-  ``/static`` files only), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin``,
+  ``/static`` files only), ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: same-origin`` (no URL leaves
+  the site; ``no-referrer`` would make the browser send ``Origin: null`` with its own form posts),
   ``X-Frame-Options: DENY``, ``Cache-Control: no-store`` (unless the route set its own) and, under TLS,
   ``Strict-Transport-Security``.
 - On a loopback binding the ``Host`` header must name the loopback or a ``--public-origin``'s host: a DNS-rebinding
@@ -51,6 +52,11 @@ _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 def login_csrf(key: bytes, cookie_token: str) -> str:
     """The login form's CSRF token for a pre-login cookie token."""
     return hmac.new(key, b"login-csrf:" + cookie_token.encode(), hashlib.sha256).hexdigest()
+
+
+def _same(expected: str, given: str) -> bool:
+    # Bytes: compare_digest refuses a str that is not ASCII, and a header or field may hold anything.
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
 def _replay(body: bytes) -> Receive:
@@ -126,8 +132,6 @@ class SecurityMiddleware:
                 out = MutableHeaders(scope=message)
                 out["Content-Security-Policy"] = CSP
                 out["X-Content-Type-Options"] = "nosniff"
-                # same-origin, not no-referrer: under no-referrer Chromium sends "Origin: null" with the page's own
-                # form posts (the login form included), which the Origin check must refuse.
                 out["Referrer-Policy"] = "same-origin"
                 out["X-Frame-Options"] = "DENY"
                 if "cache-control" not in out:
@@ -191,7 +195,7 @@ class SecurityMiddleware:
         if scope["path"] == "/login":
             cookie = request.cookies.get(LOGIN_COOKIE)
             expected = login_csrf(key, cookie) if cookie else None
-            if expected is None or given is None or not hmac.compare_digest(expected, given):
+            if expected is None or given is None or not _same(expected, given):
                 return "the login form expired or came from another site: reload the login page and try again"
             return None
         value = request.cookies.get(sessions.COOKIE)
@@ -211,7 +215,7 @@ class SecurityMiddleware:
             if scope["path"] == "/logout":
                 return None  # logging out of a session that already ended: nothing to protect
             return "no session: log in on the dashboard page first"
-        if given is None or not hmac.compare_digest(session.csrf, given):
+        if given is None or not _same(session.csrf, given):
             return "missing or wrong CSRF token: send the page's form (field csrf) or the X-CSRF-Token header"
         return None
 

@@ -114,7 +114,12 @@ class WebServer:
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._companions: list[Any] = []
         self.port = config.port
+
+    def attach(self, companion: Any) -> None:
+        """Stop ``companion`` (anything with ``stop()``: the escalation thread) when the server stops."""
+        self._companions.append(companion)
 
     def start(self) -> None:
         """Bind and serve; returns once uvicorn accepts connections.
@@ -172,6 +177,8 @@ class WebServer:
         end_streams = getattr(getattr(self.app, "state", None), "end_streams", None)
         if callable(end_streams):
             end_streams()  # web/live.py: open event streams end at their next poll
+        while self._companions:
+            self._companions.pop().stop()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

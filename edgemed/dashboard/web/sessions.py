@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets as random
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
 from edgemed.dashboard import tables
 
@@ -36,6 +39,8 @@ __all__ = [
     "touch",
     "unsign",
 ]
+
+log = logging.getLogger(__name__)
 
 COOKIE = "edgemed_session"
 #: ``last_at`` is written at most this often per session: the idle time-out is that much coarser, and a page
@@ -80,7 +85,7 @@ def unsign(key: bytes, value: str) -> str | None:
     if not dot or not token or len(value) > 200:
         return None
     good = hmac.new(key, token.encode(), hashlib.sha256).hexdigest()
-    return token if hmac.compare_digest(good, mac) else None
+    return token if hmac.compare_digest(good.encode(), mac.encode("utf-8", "replace")) else None
 
 
 def create(
@@ -141,12 +146,28 @@ def lookup(store: DashboardStore, token: str, now: float, *, idle_s: float, abso
     return session
 
 
+def _write_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [sqlite3.Error, SQLAlchemyError, OSError]
+    try:
+        import psycopg
+    except ImportError:  # an SQLite-only install: no PostgreSQL driver to fail
+        return tuple(errors)
+    return (*errors, psycopg.Error)
+
+
 def touch(store: DashboardStore, session: Session, now: float) -> None:
-    """Record that a session was used (at most every ``TOUCH_EVERY_S``): the idle time-out starts again."""
+    """Record that a session was used (at most every ``TOUCH_EVERY_S``): the idle time-out starts again.
+
+    A database that refuses writes (a full disk) must not stop anyone reading the page that says so: the failure is
+    logged and the request goes on (the idle time-out then counts from the last write that worked).
+    """
     if now - session.last_at < TOUCH_EVERY_S:
         return
-    with store._transaction() as conn:
-        conn.execute(sa.update(_t).where(_t.c.token_sha256 == session.token_sha256).values(last_at=now))
+    try:
+        with store._transaction() as conn:
+            conn.execute(sa.update(_t).where(_t.c.token_sha256 == session.token_sha256).values(last_at=now))
+    except _write_errors() as exc:
+        log.warning("could not record a session's use in the dashboard database (%s); the page is served anyway", exc)
 
 
 def revoke(store: DashboardStore, token_sha256: str) -> None:

@@ -58,6 +58,17 @@ def upgrade() -> None:
     op.create_index("results_site_recent", "results", ["site", "received_at"])
     op.create_index("results_site_level", "results", ["site", "level", "received_at"])
     op.create_index("studies_site_level", "studies", ["site", "level", "received_at"])
+    # The review queue's partial indexes (see tables.py): nothing is closed yet, so every column starts NULL.
+    waiting = sa.text("closed_at IS NULL AND level IN ('urgent', 'inconclusive')")
+    for table in ("results", "studies"):
+        op.add_column(table, sa.Column("closed_at", sa.Float))
+        op.create_index(
+            f"{table}_waiting",
+            table,
+            ["site", "level", "received_at"],
+            sqlite_where=waiting,
+            postgresql_where=waiting,
+        )
     op.create_table(
         "users",
         sa.Column("name", sa.Text, primary_key=True),
@@ -154,6 +165,7 @@ def upgrade() -> None:
         "FROM acks a LEFT JOIN results r ON r.result_id = a.result_id LEFT JOIN studies s ON s.result_id = a.result_id "
         "WHERE coalesce(r.site, s.site) IS NOT NULL"
     )
+    op.drop_table("acks")  # its rows are reviews now; the review workflow (review.py) writes only those
 
 
 def downgrade() -> None:
