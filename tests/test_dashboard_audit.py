@@ -237,6 +237,36 @@ def test_csv_export_is_streamed_escaped_and_itself_audited(
         store.close()
 
 
+def test_a_cli_export_is_audited_before_its_first_row_leaves(db: str, key_file: Path) -> None:
+    import argparse
+    import errno
+
+    from edgemed.dashboard.audit_cli import run_audit
+
+    class DiskFull(io.StringIO):
+        def write(self, text: str) -> int:
+            if self.tell() > 0:  # the header went out, then the disk filled up
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(text)
+
+    secrets = load_secrets(key_file, create=True)
+    store = DashboardStore(db)
+    try:
+        fill(store, secrets, 3)
+    finally:
+        store.close()
+    args = argparse.Namespace(audit_action="export", db=db, secret_file=key_file, since=None, until=None)
+    with pytest.raises(OSError, match="No space left"):
+        run_audit(args, out=DiskFull())
+    store = DashboardStore(db)
+    try:
+        last = audit.rows(store, limit=1)[0]
+        assert last["action"] == "export_audit" and last["actor"].startswith("cli:")
+        assert '"rows":3' in last["detail"] and audit.verify(store, secrets.audit_key).ok
+    finally:
+        store.close()
+
+
 def test_verify_without_the_key_file_says_which_flag(
     tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

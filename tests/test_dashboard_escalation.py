@@ -37,6 +37,7 @@ class Receiver(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.posts: list[dict[str, Any]] = []
         self.answers: list[int] = []
+        self.trickle_s = 0.0  # > 0: answer 200 with a body that keeps coming for this long
         self.lock = threading.Lock()
 
     @property
@@ -57,9 +58,28 @@ class _Handler(BaseHTTPRequestHandler):
                 {"path": self.path, "type": self.headers["Content-Type"], "body": json.loads(body)}
             )
             status = self.server.answers.pop(0) if self.server.answers else 200
+        if self.server.trickle_s > 0:
+            self._trickle(self.server.trickle_s)
+            return
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def _trickle(self, seconds: float) -> None:
+        # A webhook (or whatever the address points at) that never stops sending its answer's body.
+        import time
+
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**9))
+        self.end_headers()
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                self.wfile.write(b"x" * 65536)
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            return  # the dashboard hung up: what it should do
 
 
 @pytest.fixture
@@ -226,6 +246,26 @@ def test_gives_up_after_max_attempts(tmp_path: Path, secrets: Secrets, receiver:
         assert len(receiver.posts) == escalation.MAX_ATTEMPTS
         row = store._query("SELECT webhook_status, attempts, next_attempt_at FROM escalations")[0]
         assert tuple(row) == (f"gave up after {escalation.MAX_ATTEMPTS} attempts: HTTP 500", 8, None)
+    finally:
+        store.close()
+
+
+def test_a_webhook_answer_is_never_read_beyond_its_status(tmp_path: Path, secrets: Secrets, receiver: Receiver) -> None:
+    import time
+
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    try:
+        _setup(store, secrets, receiver.url, minutes=1)
+        _urgent(store, 100.0)
+        receiver.trickle_s = 4.0  # each piece well inside the 5 s read time-out: only ignoring the body ends it
+        esc = Escalator(store, secrets, BASE)
+        try:
+            started = time.monotonic()
+            assert esc.run_once(200.0) == (1, 1)
+            assert time.monotonic() - started < 2.0, "the escalation thread read the webhook's endless answer"
+        finally:
+            esc.stop()
+        assert store._query("SELECT webhook_status FROM escalations")[0][0] == "delivered (HTTP 200)"
     finally:
         store.close()
 

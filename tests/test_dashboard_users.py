@@ -159,6 +159,20 @@ def test_roles_and_sites_are_checked(tmp_path: Path, secrets: Secrets) -> None:
         store.close()
 
 
+def test_an_admin_is_never_limited_to_sites(store: DashboardStore, secrets: Secrets) -> None:
+    # A site-limited admin could add an unlimited user and log in as them: the limit would protect nothing.
+    with pytest.raises(users.UserError, match="cannot be an admin limited to sites"):
+        add(store, secrets, "boss.a", role="admin", sites=["clinic-a"])
+    assert users.get_user(store, "boss.a") is None
+    add(store, secrets, "nurse.a", role="reviewer", sites=["clinic-a"])
+    with pytest.raises(users.UserError, match="cannot be an admin limited to sites"):
+        users.set_role(store, "nurse.a", "admin", secrets=secrets, actor="admin1", address=None)
+    record = users.get_user(store, "nurse.a")
+    assert record is not None and record.role == "reviewer" and record.sites == frozenset({"clinic-a"})
+    assert ("role_changed", "nurse.a") not in actions(store)
+    assert add(store, secrets, "boss.b", role="admin").sites is None
+
+
 def test_an_old_hash_is_replaced_after_a_successful_login(store: DashboardStore, secrets: Secrets) -> None:
     add(store, secrets, "old.hash")
     weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
@@ -272,6 +286,68 @@ def test_a_change_and_its_audit_row_commit_together(store: DashboardStore, secre
 
 
 # -- the slow-down ------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_login_names_only_an_existing_user(store: DashboardStore, secrets: Secrets) -> None:
+    add(store, secrets, "nurse.k")
+    key = secrets.audit_key
+    assert users.failed_login_subject(store, "nurse.k", key) == ("nurse.k", {})
+    # A password typed into the name field must not reach the trail: no target, a keyed fingerprint only.
+    target, detail = users.failed_login_subject(store, PASSWORD, key)
+    assert target is None and set(detail) == {"unknown_name"}
+    mark = detail["unknown_name"]
+    assert len(mark) == 16 and PASSWORD not in mark and "correct" not in mark
+    assert users.failed_login_subject(store, PASSWORD, key) == (None, {"unknown_name": mark})  # repeats show
+    assert users.failed_login_subject(store, "nurse.x", key)[1]["unknown_name"] != mark
+    assert users.failed_login_subject(store, PASSWORD, b"k" * 32)[1]["unknown_name"] != mark  # keyed
+
+
+def test_attempts_sent_at_once_pass_the_slow_down_no_more_than_the_free_ones(db: str, store: DashboardStore) -> None:
+    import threading
+
+    from edgemed.dashboard import slowdown
+
+    # One store each, as several serve processes behind a load balancer have.
+    stores = [DashboardStore(db) for _ in range(12)]
+    start = threading.Barrier(len(stores))
+    waits: list[float] = []
+
+    def attempt(mine: DashboardStore) -> None:
+        start.wait(10)
+        waits.append(slowdown.claim_attempt(mine, "nurse.k", "10.0.0.9", T0)[0])
+
+    threads = [threading.Thread(target=attempt, args=(s,)) for s in stores]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for s in stores:
+            s.close()
+    assert len(waits) == 12 and waits.count(0.0) == slowdown.FREE_FAILURES + 1
+    assert users.login_delay(store, "nurse.k", "10.0.0.9", T0) == pytest.approx(1.0)
+    # A right password takes its attempt back: colleagues behind one address never slow each other down.
+    for i in range(10):
+        wait, ids = slowdown.claim_attempt(store, f"colleague{i}", "10.0.0.7", T0 + i)
+        assert wait == 0.0 and len(ids) == 2
+        slowdown.attempt_succeeded(store, f"colleague{i}", ids, T0 + i)
+    assert users.login_delay(store, "someone", "10.0.0.7", T0 + 10) == 0.0
+    with store._read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(login_failures)).scalar_one() == 8  # nurse.k's
+
+
+def test_a_password_typed_as_the_name_is_not_kept_by_the_slow_down(store: DashboardStore) -> None:
+    users.record_failure(store, PASSWORD, "10.0.0.9", T0)
+    with store._read() as conn:
+        keys = [str(k) for k in conn.execute(sa.select(login_failures.c.key)).scalars()]
+    assert len(keys) == 2 and not any("horse" in k for k in keys), keys
+    assert users.login_delay(store, PASSWORD, None, T0) == 0.0  # still counted under its digest
+    for i in range(4):
+        users.record_failure(store, PASSWORD, None, T0 + i)
+    assert users.login_delay(store, PASSWORD, None, T0 + 3) > 0
+    users.clear_failures(store, PASSWORD, T0 + 4)
+    assert users.login_delay(store, PASSWORD, None, T0 + 4) == 0.0
 
 
 def test_repeated_failures_are_slowed_per_user_and_per_address(store: DashboardStore) -> None:

@@ -181,7 +181,9 @@ def test_the_sign_on_header_from_an_untrusted_address_is_ignored_and_logged_once
         assert len(warned) == 1
 
 
-def test_under_tls_the_session_cookie_is_secure_and_hsts_is_sent(store: DashboardStore, pki: Pki) -> None:
+def test_under_tls_the_cookie_is_secure_hsts_is_sent_and_an_http_page_is_another_origin(
+    store: DashboardStore, pki: Pki
+) -> None:
     make_user(store, "rita", "viewer")
     trusting = ssl.create_default_context(cafile=str(pki.ca_cert))
     with running_web(store, tls_cert=pki.server_cert, tls_key=pki.server_key) as base:
@@ -195,11 +197,16 @@ def test_under_tls_the_session_cookie_is_secure_and_hsts_is_sent(store: Dashboar
             assert answer.headers["strict-transport-security"].startswith("max-age=")
         with login(base, "rita", verify=trusting) as http:
             assert http.get("/api/me").status_code == 200  # the Secure cookie comes back over https
+            plain_page = base.replace("https://", "http://")  # another origin: a plain-text page of this host
+            assert http.post("/logout", headers={"Origin": plain_page}).status_code == 403
+            assert http.post("/logout", headers={"Origin": base}).status_code == 303
         with client(base.replace("https://", "http://")) as plain, pytest.raises(httpx.HTTPError):
             plain.get("/login")  # no plaintext beside TLS
 
 
-def test_tls_needs_both_files_and_a_busy_port_is_named(store: DashboardStore, pki: Pki, tmp_path: Path) -> None:
+def test_tls_needs_both_files_and_a_private_key_and_a_busy_port_is_named(
+    store: DashboardStore, pki: Pki, tmp_path: Path
+) -> None:
     from web_helpers import secrets_for
 
     from edgemed.dashboard.web.app import create_app
@@ -214,6 +221,14 @@ def test_tls_needs_both_files_and_a_busy_port_is_named(store: DashboardStore, pk
     missing = WebConfig(secrets=keys, port=0, tls_cert=tmp_path / "nope.pem", tls_key=pki.server_key)
     with pytest.raises(ConfigError, match=r"--tls-cert .*nope\.pem: no such file"):
         WebServer(create_app(store, missing), missing)
+    shared = tmp_path / "shared.key"
+    shared.write_bytes(pki.server_key.read_bytes())
+    shared.chmod(0o644)
+    readable = WebConfig(secrets=keys, port=0, tls_cert=pki.server_cert, tls_key=shared)
+    with pytest.raises(ConfigError, match=r"--tls-key .*shared\.key is open to every user .*chmod 600"):
+        WebServer(create_app(store, readable), readable)
+    shared.chmod(0o640)  # a group of its own (Debian's ssl-cert) may read it
+    WebServer(create_app(store, readable), readable)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -334,3 +349,103 @@ def test_a_page_sends_a_stranger_to_the_login_and_the_login_back_to_the_page(sto
         assert denied.status_code == 403 and "text/html" in denied.headers["content-type"]
         assert "admin role" in denied.text and 'href="/admin/users"' not in denied.text  # nor offered in the nav
         viewer.close()
+
+
+def test_a_lost_key_file_is_refused_not_replaced_once_the_audit_trail_has_rows(tmp_path: Path) -> None:
+    from edgemed.dashboard.web.launch import WebOptions, start_web
+    from edgemed.errors import ConfigError
+
+    db = tmp_path / "fleet.sqlite3"
+    store = DashboardStore(db)
+    try:
+        make_user(store, "ada", "admin")  # its audit row is chained with the key beside the database
+        key = tmp_path / "fleet.sqlite3.key"
+        key.unlink()  # lost (a restore without it, say)
+        start = {"db": db, "host": "127.0.0.1", "port": 0, "public_origins": (), "device_expiry_s": None}
+        with pytest.raises(ConfigError, match=r"secret file .* is missing, but the audit trail holds 1 rows"):
+            start_web(store, options=WebOptions(escalation=False), metrics=None, metrics_allow=None, **start)
+        assert not key.exists()  # no new key that would make the whole trail fail `audit verify`
+    finally:
+        store.close()
+
+
+def test_a_failed_login_keeps_the_typed_name_only_when_it_names_a_user(store: DashboardStore) -> None:
+    import sqlalchemy as sa
+
+    from edgemed.dashboard import audit
+    from edgemed.dashboard.tables import login_failures
+
+    make_user(store, "rita", "viewer")
+    with running_web(store) as base, client(base) as http:
+        token = login_csrf(http)
+        for name in ("rita", "my secret passphrase"):  # the password typed into the name field
+            answer = http.post("/login", data={"name": name, "password": "not the password", "csrf": token})
+            assert answer.status_code == 401
+    failed = [r for r in audit.rows(store, limit=10) if r["action"] == "login_failed"]
+    assert sorted((r["target"], json.loads(r["detail"])) for r in failed if r["target"]) == [("rita", {})]
+    assert [json.loads(r["detail"]) for r in failed if r["target"] is None] == [{"user": "unknown"}]
+    assert not any("secret" in json.dumps(dict(r)) for r in audit.rows(store, limit=50))
+    with store._read() as conn:  # nor in the slow-down's counts
+        keys = [row.key for row in conn.execute(sa.select(login_failures.c.key))]
+    assert len(keys) == 4 and not any("secret" in k or "rita" in k for k in keys)
+
+
+def test_behind_a_trusted_proxy_the_client_address_is_the_one_the_proxy_added_last(store: DashboardStore) -> None:
+    from edgemed.dashboard import audit
+    from edgemed.dashboard.metrics import parse_allow
+
+    make_user(store, "rita", "viewer")
+    with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"])) as base, client(base) as http:
+        token = login_csrf(http)
+        data = {"name": "rita", "password": "not the password", "csrf": token}
+        # The client's own forged line first, the proxy's line after it (a proxy that adds rather than appends).
+        two_lines = [("X-Forwarded-For", "203.0.113.66"), ("X-Forwarded-For", "198.51.100.1, 192.0.2.7")]
+        assert http.post("/login", data=data, headers=two_lines).status_code == 401
+        assert http.post("/login", data=data, headers={"X-Forwarded-For": "203.0.113.66, 192.0.2.8"}).status_code == 401
+    failed = [r["address"] for r in audit.rows(store, limit=10) if r["action"] == "login_failed"]
+    assert sorted(failed) == ["192.0.2.7", "192.0.2.8"]
+
+
+def test_a_sign_on_header_given_twice_signs_nobody_on(store: DashboardStore, caplog: pytest.LogCaptureFixture) -> None:
+    from edgemed.dashboard.metrics import parse_allow
+
+    make_user(store, "rita", "viewer")
+    make_user(store, "ada", "admin")
+    with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"]), **SSO) as base, client(base) as http:
+        # The client's own line, then the proxy's (a proxy that adds the header instead of replacing it).
+        twice = [("X-Remote-User", "ada"), ("X-Remote-User", "rita")]
+        with caplog.at_level("WARNING"):
+            assert http.get("/api/me", headers=twice).status_code == 401
+        assert any("header X-Remote-User 2 times" in r.getMessage() for r in caplog.records)
+        assert http.get("/api/me", headers={"X-Remote-User": "rita"}).json()["name"] == "rita"
+
+
+def test_a_guesser_cannot_keep_a_user_out_of_a_browser_they_logged_in_from_before(store: DashboardStore) -> None:
+    from edgemed.dashboard import slowdown
+    from edgemed.dashboard.metrics import parse_allow
+
+    make_user(store, "rita", "reviewer")
+    with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"])) as base:
+        ritas, stranger = {"X-Forwarded-For": "192.0.2.10"}, {"X-Forwarded-For": "192.0.2.99"}
+        with client(base, headers=ritas) as browser:  # rita's own browser logs in once and out again
+            data = {"name": "rita", "password": PASSWORD, "csrf": login_csrf(browser)}
+            assert browser.post("/login", data=data).status_code == 303
+            assert "edgemed_known" in browser.cookies
+            assert browser.post("/logout", headers={"X-CSRF-Token": browser.get("/api/me").json()["csrf"]}).is_redirect
+            with client(base, headers={"X-Forwarded-For": "203.0.113.5"}) as guesser:
+                token = login_csrf(guesser)
+                for _ in range(slowdown.FREE_FAILURES + 2):
+                    guesser.post("/login", data={"name": "rita", "password": "a wrong guess!", "csrf": token})
+            # A new browser is slowed at the name (the guesser's many addresses must not multiply its tries) ...
+            with client(base, headers=stranger) as elsewhere:
+                token = login_csrf(elsewhere)
+                slowed = elsewhere.post("/login", data={"name": "rita", "password": PASSWORD, "csrf": token})
+                assert slowed.status_code == 429
+            # ... but the browser rita used before is not: the guesser's failures are not counted against it.
+            again = browser.post("/login", data={**data, "csrf": login_csrf(browser)})
+            assert again.status_code == 303, again.text[:300]
+            forged = {"edgemed_known": str(browser.cookies["edgemed_known"]).replace("rita", "ritb")}
+            with client(base, headers=stranger, cookies=forged) as other:
+                token = login_csrf(other)
+                failed = other.post("/login", data={"name": "rita", "password": PASSWORD, "csrf": token})
+                assert failed.status_code == 429  # a forged or edited cookie is not a known browser

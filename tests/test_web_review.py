@@ -194,6 +194,14 @@ def test_the_export_is_streamed_in_both_formats_and_audited(site: dict[str, Any]
     assert details[1]["rows"] == 6 and details[1]["sites"] is None and details[1]["format"] == "csv"
 
 
+def test_an_export_period_beyond_the_calendar_is_a_clear_400(site: dict[str, Any]) -> None:
+    with login(site["base"], "rob") as rob:
+        for params in ({"until": "9999-12-31"}, {"since": "0001-01-01T00:00:00+05:00", "until": "1970-01-01"}):
+            answer = rob.get("/export/results", params=params)
+            assert answer.status_code == 400, (params, answer.status_code, answer.text[:200])
+            assert "0001-01-01" in answer.text and "9999-12-30" in answer.text
+
+
 def test_settings_are_admin_only_checked_and_audited(site: dict[str, Any]) -> None:
     store = site["store"]
     with login(site["base"], "rob") as rob:

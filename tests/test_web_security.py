@@ -113,6 +113,33 @@ def test_a_state_changing_request_needs_the_session_csrf_token(base: str) -> Non
         bare.close()
 
 
+def test_a_route_of_any_other_method_gets_the_csrf_check_too(store: DashboardStore) -> None:
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from edgemed.dashboard.web.app import create_app
+    from edgemed.dashboard.web.server import WebServer
+
+    ran: list[str] = []
+
+    def purge(request: object) -> PlainTextResponse:
+        ran.append("purge")
+        return PlainTextResponse("purged")
+
+    cfg = WebConfig(secrets=secrets_for(store), port=0)
+    app = create_app(store, cfg)
+    app.router.routes.insert(0, Route("/purge", purge, methods=["PURGE"]))  # as another module might register
+    server = WebServer(app, cfg)
+    server.start()
+    try:
+        with login(server.url.rstrip("/"), "vera") as http:
+            bare = http.request("PURGE", "/purge", headers={"X-CSRF-Token": "x" * 43})
+            assert bare.status_code == 403 and "CSRF" in bare.json()["error"] and ran == []
+            assert http.request("PURGE", "/purge", headers={"X-CSRF-Token": http.csrf}).text == "purged"
+    finally:
+        server.stop()
+
+
 def test_a_cross_origin_request_is_refused_even_with_the_token(base: str) -> None:
     with login(base, "vera") as http:
         for origin in ("https://evil.example", "null", "http://127.0.0.1:1"):
@@ -120,6 +147,17 @@ def test_a_cross_origin_request_is_refused_even_with_the_token(base: str) -> Non
             assert answer.status_code == 403 and "--public-origin" in answer.json()["error"], origin
         assert http.get("/api/me").status_code == 200
         assert http.post("/logout", headers={"Origin": base}).status_code == 303
+
+
+def test_a_form_body_that_cannot_be_parsed_is_a_400_not_a_server_error(
+    base: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with client(base) as http, caplog.at_level("ERROR"):
+        login_csrf(http)  # the pre-login cookie: the body is what is wrong
+        for path in ("/login", "/logout"):
+            answer = http.post(path, content=b"csrf=x", headers={"Content-Type": "multipart/form-data"})
+            assert answer.status_code == 400 and "boundary" in answer.json()["error"], path
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no stack trace in the log per request
 
 
 def test_the_login_form_has_its_own_csrf_token(base: str) -> None:
@@ -186,6 +224,23 @@ def test_silent_and_stalled_clients_are_closed(base: str) -> None:
         stalled.close()
     with client(base) as http:
         assert http.get("/login").status_code == 200
+
+
+def test_a_body_that_stalls_is_refused_and_its_connection_closed(base: str) -> None:
+    heads = (
+        b"Content-Length: 100\r\nContent-Type: application/x-www-form-urlencoded\r\n\r\nname=",  # 95 bytes never come
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nname=\r\n",  # nor the last chunk
+    )
+    for head in heads:
+        stalled = _connect(base)
+        try:
+            stalled.sendall(b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head)
+            started = time.monotonic()
+            answer = _read_to_close(stalled)  # TimeoutError (5 s) if the server waits for the body for ever
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in answer, head
+            assert time.monotonic() - started < 3.0  # request_timeout_s is 1 s
+        finally:
+            stalled.close()
 
 
 def test_beyond_the_connection_limit_new_requests_get_503_until_slots_free(base: str) -> None:

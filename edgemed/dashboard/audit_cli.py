@@ -112,6 +112,13 @@ def _export(db: str, secret_file: Path | None, args: argparse.Namespace, out: Te
     store = open_store(db)
     try:
         secrets = audit.open_secrets(store, resolve_secret_path(db, secret_file))
+        # Audited before the first row leaves (as the page does): an export cut short by a full disk, an error or
+        # Ctrl-C still shows in the trail.
+        audit.record(
+            store, secrets, actor=cli_actor(), address=socket.gethostname()[:200] or None, action="export_audit",
+            detail={"since": args.since, "until": args.until, "rows": audit.count(store, since=since, until=until),
+                    "via": "cli"},
+        )  # fmt: skip
         try:
             n = audit.write_csv(store, out, since, until)
             out.flush()
@@ -119,10 +126,6 @@ def _export(db: str, secret_file: Path | None, args: argparse.Namespace, out: Te
             if out is sys.stdout:  # the reader stopped early (head): no second complaint at exit
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             n = -1
-        audit.record(
-            store, secrets, actor=cli_actor(), address=socket.gethostname()[:200] or None, action="export_audit",
-            detail={"since": args.since, "until": args.until, "rows": n, "via": "cli"},
-        )  # fmt: skip
     finally:
         store.close()
     print(f"edgemed: exported {max(n, 0)} audit rows", file=sys.stderr)

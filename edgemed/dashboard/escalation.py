@@ -197,8 +197,10 @@ def deliver_due(
     delivered = 0
     for row, attempt in _lease(store, now):
         try:
-            answer = client.post(url, json=payload(row, now, base_url))
-            ok, status = answer.is_success, f"HTTP {answer.status_code}"
+            # The status is the answer: its body is never read (closed unread), so a webhook that sends an endless
+            # or huge body cannot hold this thread or fill its memory, nor turn a delivered post into a retry.
+            with client.stream("POST", url, json=payload(row, now, base_url)) as answer:
+                ok, status = answer.is_success, f"HTTP {answer.status_code}"
         except httpx.HTTPError as exc:
             ok, status = False, f"error: {type(exc).__name__}"
         if ok:

@@ -68,6 +68,9 @@ COLUMNS = (
 )
 _TIMES = ("received_at", "acked_at", "closed_at", "escalated_at")
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
+# The times an export period may span: each has an ISO 8601 form (Python's years 1 to 9999).
+_EARLIEST = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
+_LATEST = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
 
 
 def parse_time(text: str, name: str) -> float:
@@ -224,12 +227,15 @@ def export_results(
         UTF-8 chunks: for CSV the header first.
 
     Raises:
-        ConfigError: an unknown format, or a period that ends before it starts.
+        ConfigError: an unknown format, a period that ends before it starts, or one outside years 1 to 9999.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt[:20]!r} is not one of {', '.join(FORMATS)}")
     if not (math.isfinite(since) and math.isfinite(until)) or until <= since:
         raise ConfigError("the period must end after it starts: give since before until")
+    if since < _EARLIEST or until > _LATEST:
+        # A time outside the calendar has no ISO form for the file name and the audit row (it was a 500).
+        raise ConfigError("the period must lie between 0001-01-01 and 9999-12-30 (UTC)")
     return _chunks(store, fmt, since, until, sites)
 
 

@@ -9,13 +9,17 @@ Every change (add, password, disable, enable, role) appends its audit row in the
 (``audit.append``), so the trail cannot miss a change that committed. Disabling a user or changing their password
 also ends their open sessions (``web_sessions``) in that transaction; a disabled user's next request is refused
 anyway, since the web layer re-reads the user on every request. The last enabled admin can be neither disabled
-nor demoted: nobody could then manage users from the page.
+nor demoted: nobody could then manage users from the page. An admin sees every site: an admin limited to sites
+could add an unlimited user (or admin) and log in as them, so the limit would protect nothing; ``add_user`` and
+``set_role`` refuse an admin with sites instead of pretending.
 
 The login slow-down (``login_delay``, ``record_failure``, ``clear_failures``) is in ``slowdown.py``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -29,7 +33,15 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from edgemed.dashboard import audit
-from edgemed.dashboard.slowdown import FAILURE_WINDOW_S, MAX_DELAY_S, clear_failures, login_delay, record_failure
+from edgemed.dashboard.slowdown import (
+    FAILURE_WINDOW_S,
+    MAX_DELAY_S,
+    attempt_succeeded,
+    claim_attempt,
+    clear_failures,
+    login_delay,
+    record_failure,
+)
 from edgemed.dashboard.tables import ROLES, users, web_sessions
 
 if TYPE_CHECKING:
@@ -45,9 +57,12 @@ __all__ = [
     "UserError",
     "UserRecord",
     "add_user",
+    "attempt_succeeded",
     "check_name",
     "check_password",
+    "claim_attempt",
     "clear_failures",
+    "failed_login_subject",
     "get_user",
     "list_users",
     "login_delay",
@@ -128,6 +143,14 @@ def _check_sites(sites: Iterable[str] | None) -> str | None:
     return json.dumps(chosen)
 
 
+def _admin_sites(role: str, sites_json: str | None, name: str) -> None:
+    if role == "admin" and sites_json is not None:
+        raise UserError(
+            f"{name!r:.80} cannot be an admin limited to sites: an admin manages every user, so could lift the "
+            "limit; make them a reviewer with --sites, or an admin of every site"
+        )
+
+
 def _record(row: Any) -> UserRecord:
     sites = None if row.sites is None else frozenset(json.loads(row.sites))
     return UserRecord(row.name, row.role, sites, bool(row.disabled), row.password_hash is not None)
@@ -182,11 +205,12 @@ def add_user(
         The new user.
 
     Raises:
-        UserError: a bad name, role, site or password, or the name is taken.
+        UserError: a bad name, role, site or password, an admin limited to sites, or the name is taken.
     """
     check_name(name)
     _check_role(role)
     sites_json = _check_sites(sites)
+    _admin_sites(role, sites_json, name)
     hashed = None
     if password is not None:
         check_password(name, password)
@@ -281,7 +305,8 @@ def set_role(
         True when it changed, False when they had that role already.
 
     Raises:
-        UserError: no such user, an unknown role, or it would demote the last enabled admin.
+        UserError: no such user, an unknown role, it would demote the last enabled admin, or it would make a user
+            limited to sites an admin.
     """
     _check_role(role)
     now = time.time() if at is None else at
@@ -289,6 +314,7 @@ def set_role(
         row = _existing(conn, name)
         if row.role == role:
             return False
+        _admin_sites(role, row.sites, name)
         if row.role == "admin" and not row.disabled and _other_enabled_admins(conn, name) == 0:
             raise UserError(f"{name!r} is the last enabled admin: make another user admin first")
         conn.execute(sa.update(users).where(users.c.name == name).values(role=role, updated_at=now))
@@ -330,6 +356,29 @@ def user_count(store: DashboardStore) -> int:
     """How many users exist (disabled ones included): 0 means nobody can log in yet."""
     with store._read() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+
+
+def failed_login_subject(store: DashboardStore, name: str, key: bytes) -> tuple[str | None, dict[str, Any]]:
+    """What a ``login_failed`` audit row may say about the name typed: ``(target, detail)``.
+
+    The name is the target only when such a user exists. Anything else may be a password typed into the name
+    field, and the trail is read by every admin and exported: it gets no target, only a fingerprint (HMAC with the
+    audit key, 16 hex digits) in ``detail["unknown_name"]``, so an admin still sees one unknown name tried again
+    and again, without the name itself (nor a plain hash of it, which a weak password would be found from).
+
+    Args:
+        store: the dashboard's store.
+        name: the login name as typed.
+        key: the audit key (``Secrets.audit_key``).
+
+    Returns:
+        ``(name, {})`` for an existing user, else ``(None, {"unknown_name": fingerprint})``.
+    """
+    text = name if isinstance(name, str) else ""
+    if _NAME.match(text) and get_user(store, text) is not None:
+        return text, {}
+    mark = hmac.new(key, b"login name\n" + text.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:16]
+    return None, {"unknown_name": mark}
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ Security model. Everything shown comes from devices and may be hostile text: tem
 Content-Security-Policy (``security.CSP``) allows no inline script or style, so a missed spot could not run
 injected code. Every route but ``/login``, ``/static`` and ``/metrics`` needs a logged-in user
 (``context.require``), re-read from the database on each request; sessions live in the database
-(``sessions.py``) so several processes behind a load balancer behave as one. Every POST/PUT/PATCH/DELETE carries
+(``sessions.py``) so several processes behind a load balancer behave as one. Every request but GET/HEAD/OPTIONS carries
 its session's CSRF token and, from a browser, a same-origin ``Origin`` (``security.py``). On a loopback binding the
 ``Host`` header must name the loopback (DNS rebinding). ``/metrics`` needs no login and answers only to
 ``--metrics-allow``. Single sign-on from a reverse proxy's header is believed only from ``--trusted-proxy``.

@@ -119,4 +119,5 @@ def create_app(store: DashboardStore, config: WebConfig) -> Starlette:
     app.state.store = store
     app.state.config = config
     app.state.sso_warned = threading.Event()  # the ignored sign-on header is logged once per process
+    app.state.sso_repeated_warned = threading.Event()  # so is a sign-on header given more than once
     return app

@@ -1,11 +1,21 @@
-"""``GET/POST /login``, ``POST /logout``, ``GET /api/me``: password logins, rate-limited and audited."""
+"""``GET/POST /login``, ``POST /logout``, ``GET /api/me``: password logins, rate-limited and audited.
+
+The slow-down (``users.login_delay``) counts failures per user name and per address, so a guesser with many
+addresses still gets about one try per 5 minutes at a name. Counted per name alone, that same guesser could keep a
+real user out for ever with one wrong password every 5 minutes. So a browser that has logged in as a user before
+carries ``KNOWN_COOKIE`` (signed, naming the user; it logs no one in): its attempts at that name are counted under
+a key of their own (the name and the cookie's nonce) and its address, not under the name everyone else's failures
+fill. A stolen one buys only its own slowed count.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets as random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -14,12 +24,19 @@ from starlette.routing import BaseRoute, Route
 from edgemed.dashboard.web import context, sessions
 from edgemed.dashboard.web.security import LOGIN_COOKIE, login_csrf
 
+if TYPE_CHECKING:
+    from edgemed.dashboard.web.config import WebConfig
+
 log = logging.getLogger(__name__)
 
-__all__ = ["first_admin_command", "routes"]
+__all__ = ["KNOWN_COOKIE", "first_admin_command", "routes"]
 
 _MAX_NAME = 64
 _MAX_PASSWORD = 1024
+#: Set at each successful login: "this browser has logged in as NAME" (see the module docstring).
+KNOWN_COOKIE = "edgemed_known"
+_KNOWN_MAX_AGE_S = 90 * 86400
+_KNOWN_LABEL = "known-browser:"
 
 
 def first_admin_command(db: str) -> str:
@@ -77,12 +94,32 @@ async def login_submit(request: Request) -> Response:
     return await run_in_threadpool(_login, request, name.strip()[: _MAX_NAME + 1], password, target_path)
 
 
+def _known_cookie(key: bytes, name: str, cfg: WebConfig) -> str:
+    value = sessions.sign(key, f"{_KNOWN_LABEL}{name}~{random.token_urlsafe(12)}")
+    secure = "; Secure" if cfg.secure_cookies else ""
+    return f"{KNOWN_COOKIE}={value}; Path=/login; Max-Age={_KNOWN_MAX_AGE_S}; HttpOnly; SameSite=Strict{secure}"
+
+
+def _slowdown_name(request: Request, key: bytes, name: str) -> str:
+    """The name the slow-down counts this attempt under: a keyed digest of the typed name (what people type there
+    is sometimes their password: ``login_failures`` must not keep it), and ``~NONCE`` from a browser known as it."""
+    digest = hmac.new(key, b"login-name:" + name.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:32]
+    counted = f"#{digest}"  # "#" and "~" are in no user name: no collision with a count kept under a plain name
+    value = request.cookies.get(KNOWN_COOKIE)
+    token = sessions.unsign(key, value) if value else None
+    if token is None or not token.startswith(_KNOWN_LABEL):
+        return counted
+    who, _, nonce = token[len(_KNOWN_LABEL) :].rpartition("~")
+    return f"{counted}~{nonce}" if who == name and nonce else counted
+
+
 def _login(request: Request, name: str, password: str, target: str) -> Response:
     from edgemed.dashboard import users
 
     db, cfg, now = context.store(request), context.config(request), time.time()
     address = context.client_address(request)
-    wait = users.login_delay(db, name, address, now)
+    counted_as = _slowdown_name(request, cfg.secrets.session_key, name)
+    wait = users.login_delay(db, counted_as, address, now)
     if wait > 0:
         response = _login_page(
             request,
@@ -96,10 +133,14 @@ def _login(request: Request, name: str, password: str, target: str) -> Response:
     if len(name) <= _MAX_NAME and len(password) <= _MAX_PASSWORD:
         user = users.verify_password(db, name, password)
     if user is None or user.disabled:
-        users.record_failure(db, name, address, now)
-        context.audit_event(request, None, "login_failed", target=name[:_MAX_NAME])
+        users.record_failure(db, counted_as, address, now)
+        # The typed name only when it names a user: what people type there is sometimes their password.
+        known = users.get_user(db, name) is not None
+        detail = {} if known else {"user": "unknown"}
+        context.audit_event(request, None, "login_failed", target=name if known else None, detail=detail)
         return _login_page(request, error="wrong user name or password", status=401, name=name)
-    users.clear_failures(db, name, now)
+    # Only the count this attempt was under: a login from a known browser leaves the guesser's count at the name.
+    users.clear_failures(db, counted_as, now)
     token, session = sessions.create(
         db, user.name, address, now, idle_s=cfg.idle_timeout_s, absolute_s=cfg.absolute_timeout_s
     )
@@ -108,6 +149,7 @@ def _login(request: Request, name: str, password: str, target: str) -> Response:
     response = RedirectResponse(target, status_code=303)
     response.headers.append("Set-Cookie", sessions.cookie_header(sessions.sign(cfg.secrets.session_key, token), cfg))
     response.headers.append("Set-Cookie", sessions.clear_cookie_header(cfg, LOGIN_COOKIE, "/login"))
+    response.headers.append("Set-Cookie", _known_cookie(cfg.secrets.session_key, user.name, cfg))
     return response
 
 

@@ -48,7 +48,8 @@ class WebConfig:
         ingest_snapshot: the embedded ingest's counters for ``/api/summary``; None when no ingest runs here.
         escalation: this process runs the escalation checker (``--no-escalation`` turns it off).
         max_body_bytes: a request body larger than this is refused (413).
-        request_timeout_s: a connection that has not sent a whole request head within this long is closed.
+        request_timeout_s: a connection that has not sent a whole request head within this long is closed; a
+            state-changing request whose body has not all arrived within this long is refused (408).
         limit_concurrency: connections served at once; beyond it uvicorn answers 503.
         db_display: the database as the first-admin hint names it (``--db``'s value, password masked).
     """

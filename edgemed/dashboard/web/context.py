@@ -34,6 +34,7 @@ from edgemed.dashboard.metrics import address_allowed
 from edgemed.dashboard.web import sessions, templating
 from edgemed.dashboard.web.config import WebConfig
 from edgemed.dashboard.web.errors import BadRequest, Conflict, Forbidden, HttpError, NotFound, Unauthenticated
+from edgemed.dashboard.web.security import SAFE_METHODS
 
 if TYPE_CHECKING:
     from edgemed.dashboard.secrets import Secrets
@@ -66,7 +67,6 @@ __all__ = [
 
 #: Each role can do what the roles before it can.
 ROLES = ("viewer", "reviewer", "admin")
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,14 @@ def client_address(request: Request) -> str:
     """The client's address: the peer, or the ``X-Forwarded-For`` client when the peer is a trusted proxy.
 
     Only the last ``X-Forwarded-For`` entry is believed (the one the trusted proxy appended); anything the client
-    itself wrote before it could be invented.
+    itself wrote before it could be invented. The last entry of the last header line: a proxy may add a line of
+    its own after the client's (HAProxy's ``option forwardfor``) instead of extending the client's line.
     """
     peer = request.client.host if request.client is not None else ""
     trusted = config(request).trusted_proxies
     if trusted and address_allowed(peer, trusted):
-        forwarded = request.headers.get("x-forwarded-for", "").rsplit(",", 1)[-1].strip()
+        lines = request.headers.getlist("x-forwarded-for")
+        forwarded = lines[-1].rsplit(",", 1)[-1].strip() if lines else ""
         try:
             return str(ipaddress.ip_address(forwarded))
         except ValueError:
@@ -164,12 +166,14 @@ def current_session(request: Request, now: float | None = None) -> sessions.Sess
 
 
 def _proxy_user(request: Request) -> str | None:
+    """The name a trusted proxy signs on; None: no sign-on here; "": nobody (the header is there but not usable)."""
     cfg = config(request)
     if cfg.proxy_user_header is None:
         return None
-    name = request.headers.get(cfg.proxy_user_header)
-    if not name:
+    given = request.headers.getlist(cfg.proxy_user_header)
+    if not any(given):
         return None
+    name = given[0]
     peer = request.client.host if request.client is not None else ""
     if not address_allowed(peer, cfg.trusted_proxies):
         warned: threading.Event = request.app.state.sso_warned
@@ -183,6 +187,20 @@ def _proxy_user(request: Request) -> str | None:
                 peer,
             )
         return None
+    if len(given) > 1:
+        # A proxy that adds its line beside the client's instead of replacing it: which is the proxy's cannot be
+        # told, and the first may be the client's own choice of user.
+        repeated: threading.Event = request.app.state.sso_repeated_warned
+        if not repeated.is_set():
+            repeated.set()
+            log.warning(
+                "a request from the trusted proxy %s carries the single sign-on header %s %d times: nobody is "
+                "signed on; make the proxy replace the header, not add one (logged once)",
+                peer,
+                cfg.proxy_user_header,
+                len(given),
+            )
+        return ""
     return name.strip()
 
 
@@ -197,7 +215,7 @@ def _sign_on(request: Request, name: str, session: sessions.Session | None, now:
     if session is not None and session.user_name == user.name:
         sessions.touch(db, session, now)
         return Principal(user.name, user.role, user.sites, session.csrf, "proxy")
-    if request.method not in _SAFE_METHODS:
+    if request.method not in SAFE_METHODS:
         return None  # the CSRF token was checked against another user's session, not this one's
     # A session of its own, so that its forms carry a CSRF token like everyone's; audited once per session.
     token, session = sessions.create(

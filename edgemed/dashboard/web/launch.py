@@ -93,8 +93,9 @@ def add_web_arguments(p: argparse.ArgumentParser, *, sub_command: bool = False) 
         type=Path,
         default=default(None),
         metavar="FILE",
-        help="the key file signing sessions and the audit trail (0600; created if missing; default DB.key beside an "
-        "SQLite database, required for PostgreSQL; give every process of one dashboard the same file)",
+        help="the key file signing sessions and the audit trail (0600; created while the audit trail is empty, "
+        "refused as missing once it has rows; default DB.key beside an SQLite database, required for PostgreSQL; "
+        "give every process of one dashboard the same file)",
     )
     p.add_argument(
         "--no-escalation",
@@ -177,18 +178,22 @@ def start_web(
         The running server (``stop()`` it).
 
     Raises:
-        ConfigError: no usable key file, unusable TLS files, or an address that cannot be bound.
+        ConfigError: no usable key file (or none while the audit trail has rows), unusable TLS files, or an address
+            that cannot be bound.
     """
     from edgemed.dashboard import users
+    from edgemed.dashboard.audit import open_secrets
     from edgemed.dashboard.cli_args import shown_db
-    from edgemed.dashboard.secrets import load_secrets, resolve_secret_path
+    from edgemed.dashboard.secrets import resolve_secret_path
     from edgemed.dashboard.web.app import create_app
     from edgemed.dashboard.web.auth_routes import first_admin_command
     from edgemed.dashboard.web.config import WebConfig
     from edgemed.dashboard.web.server import WebServer
     from edgemed.publish.config import is_loopback
 
-    secrets = load_secrets(resolve_secret_path(db, options.secret_file), create=True)
+    # Created only while the audit trail is empty: a new key beside a trail that has rows (the file lost, or the
+    # wrong --secret-file) would silently make every old row fail `audit verify`.
+    secrets = open_secrets(store, resolve_secret_path(db, options.secret_file))
     fields: dict[str, Any] = {}
     if metrics_allow is not None:
         fields["metrics_allow"] = metrics_allow

@@ -8,15 +8,18 @@
 - On a loopback binding the ``Host`` header must name the loopback or a ``--public-origin``'s host: a DNS-rebinding
   page (``evil.example`` resolving to 127.0.0.1) cannot read the API. ``/metrics`` is exempt (a scraper names the
   server by whatever address it scrapes; it has its own allow-list).
-- A body longer than ``max_body_bytes`` is refused (413) before it is read.
-- A POST, PUT, PATCH or DELETE must carry the session's CSRF token (form field ``csrf`` or header
-  ``X-CSRF-Token``) and, when the browser sends ``Origin``, come from the page's own origin or a
-  ``--public-origin``; else 403 before any route runs. The login form, which has no session yet, carries a token
-  derived from a pre-login cookie (``LOGIN_COOKIE``), so a cross-site page cannot log a victim into its account.
+- A body longer than ``max_body_bytes`` is refused (413) before it is read; one that has not all arrived within
+  ``request_timeout_s`` is refused (408) and its connection closed.
+- A request of any method but GET, HEAD and OPTIONS (POST, PUT, PATCH, DELETE, or whatever a route accepts) must
+  carry the session's CSRF token (form field ``csrf`` or header ``X-CSRF-Token``) and, when the browser sends
+  ``Origin``, come from the page's own origin or a ``--public-origin``; else 403 before any route runs. The login
+  form, which has no session yet, carries a token derived from a pre-login cookie (``LOGIN_COOKIE``), so a
+  cross-site page cannot log a victim into its account.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -27,6 +30,7 @@ from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,7 +41,7 @@ from edgemed.publish.config import is_loopback
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSP", "LOGIN_COOKIE", "SecurityMiddleware", "login_csrf"]
+__all__ = ["CSP", "LOGIN_COOKIE", "SAFE_METHODS", "SecurityMiddleware", "login_csrf"]
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -45,7 +49,9 @@ CSP = (
 )
 #: The pre-login cookie: a random token; the login form's CSRF token is its HMAC (``login_csrf``).
 LOGIN_COOKIE = "edgemed_login"
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Every other method changes state as far as the checks go: a route some module registers for PURGE or PROPFIND
+#: gets the CSRF and Origin checks too, without anyone remembering to add its method here.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
@@ -104,8 +110,13 @@ class SecurityMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
             await _refuse(send, 413, f"a request body may be at most {self.config.max_body_bytes} bytes")
             return
-        if scope["method"] in UNSAFE_METHODS:
-            body = await self._read_body(receive)
+        if scope["method"] not in SAFE_METHODS:
+            try:
+                body = await self._read_body(receive)
+            except TimeoutError:
+                timeout = self.config.request_timeout_s
+                await _refuse(send, 408, f"the request body did not arrive within {timeout:g} s", close=True)
+                return
             if body is None:
                 await _refuse(send, 413, f"a request body may be at most {self.config.max_body_bytes} bytes")
                 return
@@ -117,7 +128,11 @@ class SecurityMiddleware:
                     "--public-origin https://PROXY-HOST",
                 )
                 return
-            problem = await self._csrf_problem(scope, headers, body, state)
+            try:
+                problem = await self._csrf_problem(scope, headers, body, state)
+            except HTTPException as exc:  # a form body that cannot be parsed (a multipart without its boundary)
+                await _refuse(send, 400, f"the form body cannot be read: {exc.detail}")
+                return
             if problem is not None:
                 await _refuse(send, 403, problem)
                 return
@@ -162,9 +177,21 @@ class SecurityMiddleware:
             return True  # not from a browser page (curl, a script): the CSRF token still has to be right
         origin = origin.lower()
         host = (headers.get("host") or "").lower()
-        return origin in (f"http://{host}", f"https://{host}") or origin in self.public_origins
+        # Under TLS the page is https: an http page of the same host is another origin (port 80, plain text). Without
+        # TLS an https origin naming this Host is a TLS proxy in front that passes the Host on.
+        own = (f"https://{host}",) if self.config.tls else (f"http://{host}", f"https://{host}")
+        return origin in own or origin in self.public_origins
 
     async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; None when it is over the limit. TimeoutError: not all there within ``request_timeout_s``.
+
+        The server's own timer stops at the end of the request head: without this deadline a client sending a body
+        a byte at a time would hold its connection (and one of ``limit_concurrency``'s slots) for ever.
+        """
+        async with asyncio.timeout(self.config.request_timeout_s):
+            return await self._read_chunks(receive)
+
+    async def _read_chunks(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -220,15 +247,12 @@ class SecurityMiddleware:
         return None
 
 
-async def _refuse(send: Send, status: int, message: str) -> None:
+async def _refuse(send: Send, status: int, message: str, *, close: bool = False) -> None:
     from edgemed.dashboard.web.context import encode_json
 
     body = encode_json({"error": message})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))  # the rest of the request never came: the connection is done
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

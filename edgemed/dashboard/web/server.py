@@ -102,13 +102,20 @@ class WebServer:
             config: host, port, TLS and the slow-client limits.
 
         Raises:
-            ConfigError: only one of the TLS certificate and key, or one that cannot be read.
+            ConfigError: only one of the TLS certificate and key, one that is missing, or a key every user may read.
         """
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both (PEM files) or neither")
         for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{flag} {path}: no such file; give the PEM file's path")
+        if config.tls_key is not None and config.tls_key.stat().st_mode & 0o007:
+            # Group access is left alone (Debian's ssl-cert group reads /etc/ssl/private); everyone is not.
+            mode = config.tls_key.stat().st_mode & 0o777
+            raise ConfigError(
+                f"--tls-key {config.tls_key} is open to every user on this machine (mode {mode:04o}): whoever reads "
+                f"it can pose as this dashboard; run chmod 600 {config.tls_key} (as its owner)"
+            )
         self.app = app
         self.config = config
         self._sock: socket.socket | None = None

@@ -12,16 +12,20 @@ import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 
 if TYPE_CHECKING:
     from edgemed.dashboard.store import DashboardStore
     from edgemed.dashboard.web.config import WebConfig
-    from edgemed.dashboard.web.context import Principal
 
 __all__ = ["ENV", "TEMPLATES", "nav", "system_alerts"]
+
+
+class _Viewer(Protocol):
+    # What ``nav`` needs of ``context.Principal`` (a Protocol: context imports this module, not the other way).
+    def can(self, role: str) -> bool: ...
 
 TEMPLATES = Path(__file__).parent / "templates"
 #: A worker whose last report is older than this is not counted as receiving.
@@ -78,7 +82,7 @@ _NAV = (
 )
 
 
-def nav(principal: Principal | None, path: str) -> list[dict[str, Any]]:
+def nav(principal: _Viewer | None, path: str) -> list[dict[str, Any]]:
     """The navigation links a principal may follow (none when nobody is logged in)."""
     if principal is None:
         return []
