@@ -122,6 +122,26 @@ def test_repeated_wrong_passwords_are_slowed_even_for_the_right_one(store: Dashb
         assert http.post("/login", data={"name": "rita", "password": PASSWORD, "csrf": token}).status_code == 303
 
 
+def test_wrong_passwords_sent_at_once_are_counted_one_after_the_other(store: DashboardStore) -> None:
+    # Checked and counted in one transaction: sent in parallel, the attempts cannot all find "no wait yet".
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgemed.dashboard import slowdown
+
+    make_user(store, "rita", "viewer")
+    with running_web(store) as base, client(base) as http:
+        token = login_csrf(http)
+
+        def attempt(_: int) -> int:
+            form = {"name": "rita", "password": "not the password", "csrf": token}
+            return http.post("/login", data=form).status_code
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            codes = list(pool.map(attempt, range(12)))
+    assert sorted(set(codes)) == [401, 429]
+    assert codes.count(401) <= slowdown.FREE_FAILURES + 1, codes
+
+
 def test_a_disabled_user_or_a_changed_role_takes_effect_at_once(store: DashboardStore) -> None:
     from web_helpers import secrets_for
 

@@ -1,6 +1,6 @@
 """``GET/POST /login``, ``POST /logout``, ``GET /api/me``: password logins, rate-limited and audited.
 
-The slow-down (``users.login_delay``) counts failures per user name and per address, so a guesser with many
+The slow-down (``users.claim_attempt``) counts failures per user name and per address, so a guesser with many
 addresses still gets about one try per 5 minutes at a name. Counted per name alone, that same guesser could keep a
 real user out for ever with one wrong password every 5 minutes. So a browser that has logged in as a user before
 carries ``KNOWN_COOKIE`` (signed, naming the user; it logs no one in): its attempts at that name are counted under
@@ -119,7 +119,9 @@ def _login(request: Request, name: str, password: str, target: str) -> Response:
     db, cfg, now = context.store(request), context.config(request), time.time()
     address = context.client_address(request)
     counted_as = _slowdown_name(request, cfg.secrets.session_key, name)
-    wait = users.login_delay(db, counted_as, address, now)
+    # The wait is checked and this attempt counted in one transaction (under a lock on PostgreSQL): wrong passwords
+    # sent at once, to one process or to several, are counted one after the other instead of all finding no wait.
+    wait, attempt = users.claim_attempt(db, counted_as, address, now)
     if wait > 0:
         response = _login_page(
             request,
@@ -132,15 +134,14 @@ def _login(request: Request, name: str, password: str, target: str) -> Response:
     user = None
     if len(name) <= _MAX_NAME and len(password) <= _MAX_PASSWORD:
         user = users.verify_password(db, name, password)
-    if user is None or user.disabled:
-        users.record_failure(db, counted_as, address, now)
+    if user is None or user.disabled:  # already counted by claim_attempt
         # The typed name only when it names a user: what people type there is sometimes their password.
         known = users.get_user(db, name) is not None
         detail = {} if known else {"user": "unknown"}
         context.audit_event(request, None, "login_failed", target=name if known else None, detail=detail)
         return _login_page(request, error="wrong user name or password", status=401, name=name)
     # Only the count this attempt was under: a login from a known browser leaves the guesser's count at the name.
-    users.clear_failures(db, counted_as, now)
+    users.attempt_succeeded(db, counted_as, attempt, now)
     token, session = sessions.create(
         db, user.name, address, now, idle_s=cfg.idle_timeout_s, absolute_s=cfg.absolute_timeout_s
     )
