@@ -5,6 +5,8 @@
 3. start an MQTT broker on a free loopback port (embedded amqtt, or --broker)
 4. run the device runtime over the held-out test images                        edgemed run
 5. print what the broker received: count, on-device accuracy against the labels, triage levels, latency
+6. the dashboard's own ingest stores every result in demo-out/dashboard.sqlite3; the last lines print how to
+   create the first admin and the one command that opens the dashboard on those results
 
 Run it with ``scripts/demo`` (creates a virtual environment first) or ``python examples/demo.py`` in one.
 """
@@ -93,6 +95,36 @@ class Collector:
         self.client.disconnect()
 
 
+class Dashboard:
+    """The dashboard's own ingest (``edgemed.dashboard.ingest``) storing what the broker delivers into ``db``."""
+
+    def __init__(self, url: str, db: Path) -> None:
+        from edgemed.dashboard.ingest import Ingest
+        from edgemed.dashboard.store import DashboardStore
+        from edgemed.publish.config import MqttConfig
+
+        self.db = db
+        self.store = DashboardStore(db)
+        self.ingest = Ingest(MqttConfig(url=url, client_id="edgemed-demo-ingest"), self.store)
+        self.ingest.start()
+        if not self.ingest.wait_subscribed(20):
+            raise SystemExit(f"demo: the dashboard's ingest did not subscribe at {url} within 20 s")
+
+    def wait_for(self, result_ids: set[str], timeout_s: float = 20.0) -> int:
+        """How many of ``result_ids`` are stored, waiting up to ``timeout_s`` for all of them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            newest = self.store.recent_results(limit=min(max(len(result_ids), 1), 1000))
+            stored = sum(1 for row in newest if row["result_id"] in result_ids)
+            if stored == len(result_ids) or time.monotonic() > deadline:
+                return stored
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.ingest.stop()
+        self.store.close()
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -132,6 +164,8 @@ def main() -> int:
             print(f"\nembedded MQTT broker (amqtt) listening on {url}")
         collector = Collector(url)
         stack.callback(collector.close)
+        store = Dashboard(url, out / "dashboard.sqlite3")
+        stack.callback(store.close)
         t0 = time.monotonic()
         code = run_device(
             [
@@ -156,6 +190,7 @@ def main() -> int:
         while len(collector.results) < len(labels) and time.monotonic() < deadline:
             time.sleep(0.1)
         results = list(collector.results.values())
+        stored = store.wait_for({r["result_id"] for r in results})
 
     correct = sum(1 for r in results if r["prediction"] and r["prediction"]["index"] == labels[r["source"]["index"]])
     predicted = sum(1 for r in results if r["prediction"])
@@ -186,15 +221,34 @@ def main() -> int:
                 ("runtime", f"{rt.get('backend')} on {rt.get('delegate')}, degraded={rt.get('degraded')}"),
                 ("heartbeats", f"{len(collector.health)} received"),
                 ("edgemed run", f"exit {code} in {elapsed:.1f} s"),
+                ("dashboard", f"{stored}/{len(results)} stored in {shown_path(store.db)}"),
                 ("artifacts", str(model_dir)),
             ]
         )
     )
-    ok = code == 0 and len(results) == len(labels)
+    ok = code == 0 and len(results) == len(labels) and stored == len(results)
     print("\ndemo " + ("finished: every frame produced exactly one delivered result" if ok else "FAILED"))
     if ok and out == ROOT / "demo-out":
         print("next: README.md, 'First run against your own broker' (firmware_configs/first-run.yaml runs this model)")
+    if ok:
+        print(dashboard_lines(store.db))
     return 0 if ok else 1
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it (scripts/demo runs from the repository)."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def dashboard_lines(db: Path) -> str:
+    """How to look at the demo's results in the dashboard: the first admin (once), then the one command."""
+    shown, tool = shown_path(db), shown_path(Path(sys.executable).with_name("edgemed"))
+    return (
+        f"\nthe dashboard: the results are in {shown}. Create its first admin once (asks for a password of 12 or"
+        f" more characters):\n  {tool} dashboard users add admin --db {shown} --role admin\n"
+        f"then open the dashboard on them and log in as admin at http://127.0.0.1:8080 :\n"
+        f"  {tool} dashboard serve --db {shown}"
+    )
 
 
 if __name__ == "__main__":
