@@ -268,11 +268,13 @@ def images(data_dir: Path, folder: Path) -> Path:
 
 
 def screenshot(page: Page, name: str, folder: Path) -> None:
-    """``dashboard-NAME.png`` of the whole page under ``folder`` and, for the README, in ``docs/images/``."""
-    IMAGES.mkdir(parents=True, exist_ok=True)
+    """``dashboard-NAME.png`` of the whole page under ``folder`` and, with ``EDGEMED_UPDATE_SCREENSHOTS=1``, for the
+    README in ``docs/images/`` (not on every run: a run would leave three tracked files changed)."""
     shot = folder / f"dashboard-{name}.png"
     page.screenshot(path=str(shot), full_page=True)
-    shutil.copyfile(shot, IMAGES / shot.name)
+    if os.environ.get("EDGEMED_UPDATE_SCREENSHOTS") == "1":
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, IMAGES / shot.name)
     assert shot.stat().st_size > 10_000  # a real rendering, not a blank page
 
 
