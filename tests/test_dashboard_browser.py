@@ -7,8 +7,8 @@ the queue; then the rest of the issue's list: acknowledge and close audited with
 without buttons and with a 403, a user of site A who never sees site B (page, API, stream, export), a cross-origin
 POST refused, the session cookie's flags (Secure under TLS), markup a device publishes rendered as text, ``audit
 verify`` naming an edited row, repeated wrong passwords slowed. The test saves screenshots of the queue, the fleet
-view and the charts under its temporary folder, and with ``EDGEMED_UPDATE_SCREENSHOTS=1`` to ``docs/images/`` (the README
-shows them).
+view and the charts under its temporary folder, and with ``EDGEMED_UPDATE_SCREENSHOTS=1`` to ``docs/images/``
+(the README shows them).
 
 The slow-down test runs last: failed logins also count against the address (127.0.0.1) and would slow every later
 login of the module.

@@ -228,3 +228,16 @@ def test_every_review_template_is_free_of_inline_script_and_style() -> None:
         text = (folder / name).read_text()
         assert "<script" not in text and "<style" not in text and "style=" not in text, name
         assert re.search(r"\bon[a-z]+=", text) is None, name
+
+
+def test_a_huge_device_reason_is_shortened_in_the_queue(tmp_path: Path) -> None:
+    # Twenty thousand characters in one cell took a browser seconds to lay out (the old page's test, kept).
+    store = DashboardStore(tmp_path / "fleet.sqlite3")
+    try:
+        make_user(store, "rita", "reviewer")
+        store.add_result(make_result(level="urgent", reason="x" * 20_000))
+        with running_web(store) as base, login(base, "rita") as http:
+            html = http.get("/fragments/queue").text
+        assert "x" * 300 + "… (shortened: 20,000 characters)" in html and "x" * 301 not in html
+    finally:
+        store.close()
