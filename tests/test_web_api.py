@@ -83,6 +83,20 @@ def test_a_user_limited_to_a_site_sees_only_that_site(base: str) -> None:
         assert "clinic-b" not in alice.get("/api/fleet?offset=0&limit=1000").text
 
 
+def test_the_waiting_count_stops_at_its_cap_and_says_so(base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server runs in this process: a cap of 5 stands for the real 1,000 (8 urgent items wait for ada).
+    from edgemed.dashboard.web import api_queries
+
+    with login(base, "ada") as ada:
+        assert ada.get("/api/summary").json()["attention_total_capped"] is False
+        monkeypatch.setattr(api_queries, "TOTAL_CAP", 5)
+        capped = ada.get("/api/summary").json()
+        assert capped["attention_total"] == 5 and capped["attention_total_capped"] is True
+        monkeypatch.setattr(api_queries, "TOTAL_CAP", 8)
+        exact = ada.get("/api/summary").json()
+        assert exact["attention_total"] == 8 and exact["attention_total_capped"] is False
+
+
 def test_a_user_of_a_site_with_no_data_sees_nothing(base: str) -> None:
     with login(base, "carl") as http:
         assert http.get("/api/fleet").json()["devices"] == []

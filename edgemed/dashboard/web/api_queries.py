@@ -19,6 +19,8 @@ from edgemed.errors import ConfigError
 __all__ = ["dead_letters", "device_counts", "fleet", "level_counts", "recent_results", "urgent_waiting"]
 
 Sites = frozenset[str] | None
+#: ``urgent_waiting`` counts this many at most; a larger total is reported as TOTAL_CAP + 1 ("more than").
+TOTAL_CAP = 1000
 
 
 def _where(sites: Sites, column: str = "site") -> tuple[str, tuple[Any, ...]]:
@@ -125,11 +127,14 @@ def _urgent_sql(store: DashboardStore, sites: Sites) -> tuple[str, tuple[Any, ..
 
 
 def urgent_waiting(store: DashboardStore, sites: Sites, limit: int) -> tuple[list[dict[str, Any]], int]:
-    """Urgent results and study decisions nobody acknowledged yet, oldest first (a page, and the total)."""
+    """Urgent results and study decisions nobody acknowledged yet, oldest first (a page, and the total, counted up
+    to ``TOTAL_CAP + 1``: beyond ``TOTAL_CAP`` it means "more than TOTAL_CAP")."""
     _page(0, limit)
     sql, params = _urgent_sql(store, sites)
     rows = store._query(f"{sql} ORDER BY received_at ASC, seq ASC LIMIT ?", (*params, limit))
-    total = store._count(f"SELECT count(*) FROM ({sql}) AS waiting", params)
+    # Counted up to TOTAL_CAP (the API says "at least" beyond it): an exact count read every unreviewed urgent
+    # result's row, 190 ms of /api/summary at a million results with 25,000 of them waiting.
+    total = store._count(f"SELECT count(*) FROM ({sql} LIMIT ?) AS waiting", (*params, TOTAL_CAP + 1))
     return [dict(r) for r in rows], total
 
 

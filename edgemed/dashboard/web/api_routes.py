@@ -59,7 +59,9 @@ def summary(request: Request) -> Response:
         "now": time.time(),
         "counts": api_queries.level_counts(db, principal.sites),
         "attention": waiting[:limit],
-        "attention_total": total,
+        "attention_total": min(total, api_queries.TOTAL_CAP),
+        # True when more than attention_total wait (the count stops there: see api_queries.urgent_waiting).
+        "attention_total_capped": total > api_queries.TOTAL_CAP,
         "dead_letters": api_queries.dead_letter_counts(db, principal.sites),
         # The ingest's counters span every site: only for a principal who sees every site.
         "ingest": cfg.ingest_snapshot() if cfg.ingest_snapshot is not None and principal.sites is None else None,
