@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from edgemed.dashboard.users_cli import add_db_arguments
 from edgemed.errors import ConfigError
 
 __all__ = ["AUDIT_DESCRIPTION", "add_audit_arguments", "run_audit"]
@@ -30,19 +31,6 @@ examples:
 """
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--db", default=argparse.SUPPRESS, metavar="DB", help="required: the dashboard database (file or URL)"
-    )
-    p.add_argument(
-        "--secret-file",
-        type=Path,
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="the key file the dashboard uses (default: DB.key beside an SQLite file; required with PostgreSQL)",
-    )
-
-
 def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     """The sub-commands and options of ``edgemed dashboard audit``.
 
@@ -58,7 +46,7 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
         "  edgemed dashboard audit verify --db postgresql://edgemed@db/fleet --secret-file /etc/edgemed/dash.key",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_common(verify)
+    add_db_arguments(verify)
     export = sub.add_parser(
         "export",
         help="print the audit rows of a period as CSV (itself audited)",
@@ -68,7 +56,7 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
         "> audit.csv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_common(export)
+    add_db_arguments(export)
     for flag, what in (("--since", "at or after"), ("--until", "before")):
         export.add_argument(
             flag, default=None, metavar="ISO-8601", help=f"only rows {what} this time, e.g. 2026-11-01 (no zone = UTC)"

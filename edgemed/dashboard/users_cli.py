@@ -66,8 +66,11 @@ _EXAMPLES = {
 }
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    # SUPPRESS: a --db given to `edgemed dashboard` before the sub-command is kept.
+def add_db_arguments(p: argparse.ArgumentParser) -> None:
+    """``--db`` and ``--secret-file`` of the ``users`` and ``audit`` sub-commands.
+
+    SUPPRESS: a ``--db`` given to ``edgemed dashboard`` before the sub-command is kept.
+    """
     p.add_argument(
         "--db", default=argparse.SUPPRESS, metavar="DB", help="required: the dashboard database (file or URL)"
     )
@@ -100,7 +103,7 @@ def add_users_arguments(p: argparse.ArgumentParser) -> None:
     for name, q in parsers.items():
         if name != "list":
             q.add_argument("name", metavar="NAME", help="the login name: 1-64 letters, digits, '.', '_', '@' or '-'")
-        _add_common(q)
+        add_db_arguments(q)
     for name in ("add", "role"):
         parsers[name].add_argument(
             "--role", required=True, choices=["viewer", "reviewer", "admin"], help="what the user may do"
