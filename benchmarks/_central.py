@@ -161,15 +161,20 @@ class Worker:
 
     def stop(self) -> None:
         """SIGTERM (a clean stop: commits what it holds, says offline), SIGKILL after 30 s; then its session goes."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc)
         self._log.close()
         forget_session(self.broker_url, self.client_id)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to a child's process group (a clean stop), SIGKILL when it is still there after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def forget_session(broker_url: str, client_id: str) -> None:
