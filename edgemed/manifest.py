@@ -28,6 +28,8 @@ ColourMode = Literal["gray", "rgb"]
 ResizeMethod = Literal["area", "linear", "nearest"]
 OutputKind = Literal["probabilities", "logits"]
 WeightKind = Literal["float32", "float16", "int8"]
+OutputRole = Literal["scores", "features"]
+OodMethod = Literal["energy", "features"]
 
 # The dtype of the input and output tensors a converted file of each target has (float16 keeps float32 I/O).
 _TARGET_IO: dict[str, tuple[str, ...]] = {
@@ -70,6 +72,116 @@ class QuantSpec(FrozenModel):
     zero_point: int = 0
 
 
+class OutputSpec(QuantSpec):
+    """One output tensor of a converted model and what it holds.
+
+    TFLite may order a model's outputs differently from the Keras model it was converted from, so the device finds
+    each output by its tensor ``name`` and reads its meaning from ``role``, never from its position.
+
+    Attributes:
+        role: ``scores`` (the classifier's logits or probabilities, the one ``Artifact.output`` also describes) or
+            ``features`` (a layer's activations averaged over height and width, read by the feature OOD score).
+        layer: for ``features``, the Keras layer whose activations are pooled (for reports and error messages).
+    """
+
+    role: OutputRole
+    layer: str | None = None
+
+
+class FeatureLayerStats(FrozenModel):
+    """The statistics of one pooled feature output, fitted on the training split.
+
+    A vector ``f`` (the dequantized output, ``dims`` values) is whitened, ``z = (f - center) @ whiten`` (``whiten``
+    is ``dims x components``: the shared, shrunk class covariance's inverse square root, truncated to its
+    ``components`` largest principal directions when ``dims`` is large), its distance to the nearest class is
+    ``d = min_k |z - class_means[k]|^2`` (the Mahalanobis distance with class-conditional means and a shared
+    covariance), and the layer's score is ``(d - median) / spread`` (``median`` and ``spread`` of ``d`` over the
+    training split, so layers of different sizes weigh alike).
+    """
+
+    output: str = Field(min_length=1, description="tensor name of the OutputSpec (role features) this layer reads")
+    layer: str | None = None
+    dims: int = Field(gt=0)
+    components: int = Field(gt=0)
+    center: list[float]
+    whiten: list[list[float]]
+    class_means: list[list[float]]
+    median: float
+    spread: float = Field(gt=0.0)
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> FeatureLayerStats:
+        if self.components > self.dims:
+            raise ValueError(f"components {self.components} > dims {self.dims}")
+        if len(self.center) != self.dims or len(self.whiten) != self.dims:
+            raise ValueError(f"center and whiten must have {self.dims} rows (dims)")
+        if any(len(row) != self.components for row in self.whiten):
+            raise ValueError(f"every row of whiten must have {self.components} values (components)")
+        if not self.class_means or any(len(row) != self.components for row in self.class_means):
+            raise ValueError(f"class_means must hold one row of {self.components} values per class")
+        return self
+
+
+class OodScoreSpec(FrozenModel):
+    """One out-of-distribution score's threshold: a frame whose score is above it is flagged.
+
+    Attributes:
+        threshold: chosen on ``OodSpec.threshold_split`` so that ``flagged_fraction`` of its images score above it.
+        flagged_fraction: the fraction of that split's images above the threshold (close to ``target_fraction``).
+    """
+
+    threshold: float
+    flagged_fraction: float = Field(ge=0.0, le=1.0)
+
+
+class EnergySpec(OodScoreSpec):
+    """The energy score, ``-T * logsumexp(logits / T)`` (higher: less like the training images)."""
+
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class FeatureSpec(OodScoreSpec):
+    """The feature score: the mean of the per-layer scores of ``layers`` (see :class:`FeatureLayerStats`)."""
+
+    layers: list[FeatureLayerStats] = Field(min_length=1)
+    shrinkage: float = Field(ge=0.0, description="covariance shrinkage towards a scaled identity, 0..1")
+
+
+class OodSpec(FrozenModel):
+    """How the device tells an image unlike the training images, fitted and thresholded at conversion.
+
+    Attributes:
+        default: the method the device uses unless its profile says otherwise.
+        energy: the energy score (absent when the model outputs probabilities: it needs logits).
+        features: the feature score (absent when the converter found no layer to read).
+        target_fraction: the share of in-distribution validation images the thresholds flag (default 0.03).
+        fit_split, fit_n: the split (``train``) the feature statistics were fitted on, and its size.
+        threshold_split, threshold_n: the split (``val``, never the test split) the thresholds were chosen on.
+        feature_rank_agreement: Spearman correlation, on the threshold split, between this file's feature scores
+            and the float Keras model's (None when there is no feature score).
+    """
+
+    default: OodMethod
+    energy: EnergySpec | None = None
+    features: FeatureSpec | None = None
+    target_fraction: float = Field(gt=0.0, lt=1.0)
+    fit_split: str = Field(min_length=1, max_length=32)
+    fit_n: int = Field(gt=0)
+    threshold_split: str = Field(min_length=1, max_length=32)
+    threshold_n: int = Field(gt=0)
+    feature_rank_agreement: float | None = Field(None, ge=-1.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> OodSpec:
+        if getattr(self, self.default) is None:
+            raise ValueError(f"default is {self.default} but the {self.default} section is missing")
+        return self
+
+    def method(self, name: OodMethod) -> EnergySpec | FeatureSpec | None:
+        """The section of one method, or None when the model lacks it."""
+        return self.energy if name == "energy" else self.features
+
+
 class Waiver(FrozenModel):
     """A named person's decision to ship a model the gate rejected."""
 
@@ -93,6 +205,36 @@ class Artifact(FrozenModel):
     waiver: Waiver | None = None
     gate: dict[str, Any] | None = None
     twin: str | None = Field(None, description="for edgetpu: the CPU int8 file to fall back to")
+    outputs: list[OutputSpec] = Field(
+        default_factory=list,
+        description="every output tensor by name and role; empty in manifests from before multi-output models "
+        "(the first output is then the scores)",
+    )
+    ood: OodSpec | None = Field(None, description="out-of-distribution scores and thresholds; None: not fitted")
+
+    @model_validator(mode="after")
+    def _outputs_agree(self) -> Artifact:
+        if not self.outputs:
+            if self.ood is not None and self.ood.features is not None:
+                raise ValueError("ood.features needs the feature outputs listed in outputs")
+            return self
+        names = [o.name for o in self.outputs]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError("outputs must name each tensor once")
+        scores = [o for o in self.outputs if o.role == "scores"]
+        if len(scores) != 1:
+            raise ValueError(f"outputs must list exactly one tensor with role scores, not {len(scores)}")
+        if self.ood is not None and self.ood.features is not None:
+            features = {o.name for o in self.outputs if o.role == "features"}
+            missing = [layer.output for layer in self.ood.features.layers if layer.output not in features]
+            if missing:
+                raise ValueError(f"ood.features reads {missing}, which outputs does not list with role features")
+        return self
+
+    @property
+    def scores_output(self) -> OutputSpec | None:
+        """The classifier's output tensor (None in a manifest that lists no outputs: the first is the scores)."""
+        return next((o for o in self.outputs if o.role == "scores"), None)
 
     @property
     def clinically_weak(self) -> list[str]:

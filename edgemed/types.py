@@ -166,6 +166,35 @@ class QualityReport:
 
 
 @dataclass(frozen=True)
+class OodCheck:
+    """Whether one classified frame looked like the images the model was trained on.
+
+    Attributes:
+        method: ``energy`` or ``features`` (``edgemed.ood``); ``none`` when the profile turned the check off.
+        score: the frame's score (higher: less like the training images); None when the check is off.
+        threshold: the score above which a frame is flagged; None when the check is off.
+        flagged: True when ``score > threshold``.
+        source: where the threshold came from: ``manifest`` (fitted at conversion) or ``profile`` (an override).
+    """
+
+    method: Literal["energy", "features", "none"]
+    score: float | None
+    threshold: float | None
+    flagged: bool
+    source: Literal["manifest", "profile"]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``ood`` object of the result envelope."""
+        return {
+            "method": self.method,
+            "score": None if self.score is None else round(self.score, 6),
+            "threshold": None if self.threshold is None else round(self.threshold, 6),
+            "flagged": self.flagged,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
 class TriageResult:
     """A clinical decision a nurse can act on, with the reason in plain words."""
 
