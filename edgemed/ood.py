@@ -14,8 +14,7 @@ from pydantic import Field
 from edgemed.validation import FrozenModel
 
 OOD_REASON = (
-    "this image does not look like the images the model was trained on: check the probe, body part and preset, "
-    "or refer"
+    "this image does not look like the images the model was trained on: check the probe, body part and preset, or refer"
 )
 """What a nurse reads for a flagged frame."""
 
