@@ -277,7 +277,7 @@ def _with_taps(clone: Any, taps: list[Tap]) -> Any:
     for i, tap in enumerate(taps):
         pool = keras.layers.GlobalAveragePooling2D(name=_POOL_NAME.format(i))
         outputs.append(pool(tap.tensor) if tap.pooled else tap.tensor)
-    return keras.Model(clone.inputs, outputs, name=f"{clone.name}_device")
+    return keras.Model(clone.inputs[0], outputs, name=f"{clone.name}_device")
 
 
 def _image_shape(path: Path, input_shape: Any) -> tuple[int, int, int]:
