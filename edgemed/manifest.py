@@ -20,6 +20,8 @@ from edgemed.errors import ModelError, ModelRejectedError
 from edgemed.validation import FrozenModel, describe
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from edgemed.types import TensorSpec
 
 Target = Literal["keras", "int8", "uint8", "float16", "dynamic", "edgetpu"]
@@ -444,6 +446,7 @@ def check_loaded_model(
     output_tensor: TensorSpec,
     output_kind: OutputKind | None,
     weights: WeightKind | None = None,
+    outputs: Sequence[TensorSpec] = (),
 ) -> None:
     """Refuse a loaded model whose real tensors are not the ones its manifest describes.
 
@@ -456,11 +459,14 @@ def check_loaded_model(
         manifest: the model's manifest.
         model_path: the file the interpreter loaded (its name selects the artifact).
         input_tensor: the interpreter's input tensor.
-        output_tensor: the interpreter's first output tensor.
+        output_tensor: the interpreter's scores tensor (the one the artifact's ``scores_output`` names; the first
+            output for a manifest that lists no outputs).
         output_kind: what the graph's output op computes, or ``None`` where the graph cannot tell (an Edge TPU
             custom op); then that field is not checked.
         weights: how the model stores its weights (``float16``, ``int8``, ``float32``), or ``None`` when not
             known; checked for the ``float16`` and ``dynamic`` targets, whose tensors in and out are float32.
+        outputs: every output tensor of the interpreter (``backend.output_specs``); each tensor the artifact
+            lists in ``outputs`` must be among them by name, with its dtype, shape, scale and zero point.
 
     Raises:
         ModelError: a field differs; the message names each field (``artifacts[i].target``, ...) and the fix.
@@ -473,6 +479,7 @@ def check_loaded_model(
         *_tensor_problems(f"{where}.input", art.input, input_tensor),
         *_tensor_problems(f"{where}.output", art.output, output_tensor),
         *_shape_problems(manifest, input_tensor, output_tensor),
+        *_output_problems(where, art, outputs, output_tensor),
     ]
     if output_kind is not None and output_kind != art.output_kind:
         consequence = (
@@ -528,6 +535,27 @@ def _tensor_problems(where: str, listed: QuantSpec | None, real: TensorSpec) -> 
     if listed.zero_point != real.zero_point:
         differ.append(("zero_point", listed.zero_point, real.zero_point))
     return [f"{where}.{field} is {mine} but the model's is {theirs}" for field, mine, theirs in differ]
+
+
+def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec], scores: TensorSpec) -> list[str]:
+    listed = art.scores_output
+    if listed is not None and scores.name != listed.name:  # the device would read another tensor as the scores
+        j = art.outputs.index(listed)
+        return [
+            f"{where}.outputs[{j}] names {listed.name!r} as the scores but the model's scores tensor is {scores.name!r}"
+        ]
+    if not real:  # the caller did not pass the interpreter's outputs
+        return []
+    by_name = {t.name: t for t in real}
+    problems = []
+    for j, listed in enumerate(art.outputs):
+        tensor = by_name.get(listed.name)
+        if tensor is None:
+            names = ", ".join(repr(t.name) for t in real)
+            problems.append(f"{where}.outputs[{j}] names {listed.name!r} but the model's outputs are {names}")
+        else:
+            problems.extend(_tensor_problems(f"{where}.outputs[{j}]", listed, tensor))
+    return problems
 
 
 def _shape_problems(manifest: Manifest, inp: TensorSpec, out: TensorSpec) -> list[str]:
