@@ -108,6 +108,26 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
+def _ood_of(payload: Any) -> dict[str, Any] | None:
+    """The out-of-distribution check a result carries, as the page shows it; None for a result without one (a
+    study decision, an unclassified frame, a device or model from before the check) or with the check off."""
+    ood = payload.get("ood") if isinstance(payload, dict) else None
+    if not isinstance(ood, dict) or ood.get("method") == "none":
+        return None
+    score, threshold = (ood.get(k) for k in ("score", "threshold"))
+    shown = [f"{v:.2f}" if isinstance(v, int | float) and not isinstance(v, bool) else None for v in (score, threshold)]
+    if shown[1] is None:
+        return None  # no threshold to compare with: the table below shows what was sent
+    return {
+        "flagged": ood.get("flagged") is True,
+        "method": ood.get("method"),
+        # A device records a score that is not a finite number (a float model's overflow) as null, and flags it.
+        "score": shown[0] or "not a finite number",
+        "threshold": shown[1],
+        "source": "the device profile" if ood.get("source") == "profile" else "the conversion",
+    }
+
+
 def result_page(request: Request) -> Response:
     """``GET /results/{id}``: what the device published (as text), the review and the escalation."""
     import json
@@ -119,11 +139,13 @@ def result_page(request: Request) -> Response:
     except review.ReviewNotFound as exc:
         raise context.NotFound(str(exc)) from exc
     try:
-        published = _flatten(json.loads(found["payload"]))
+        payload = json.loads(found["payload"])
+        published = _flatten(payload)
     except ValueError:
-        published = []  # kept by an older dashboard as something that is not JSON: the columns still show
+        payload, published = None, []  # kept by an older dashboard as something that is not JSON: the columns show
     values = {
         "item": found,
+        "ood": _ood_of(payload),
         "row": found["row"],
         "published": published,
         "review": found["review"],
