@@ -221,7 +221,12 @@ def test_device_refuses_a_hand_edited_output(
     from edgemed.inference import BackendConfig
 
     def edit(art: dict[str, Any]) -> None:
+        old = art["outputs"][2][field]
         art["outputs"][2][field] = value
+        # A consistent edit: the OOD statistics (when fitted) follow the renamed output, so the manifest stays valid.
+        for layer in ((art.get("ood") or {}).get("features") or {}).get("layers", []):
+            if field == "name" and layer["output"] == old:
+                layer["output"] = value
 
     model, manifest = _edited_copy(reference[1], tmp_path, edit)
     deployable = check_deployable(model, manifest)  # the file's sha256 is still right: only loading can tell
