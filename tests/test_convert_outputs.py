@@ -22,7 +22,6 @@ from edgemed.manifest import Artifact, load_manifest
 ROOT = Path(__file__).resolve().parent.parent
 BREAST = ROOT / "data" / "breastmnist_28.npz"
 LABELS = ["malignant", "benign"]
-REFERENCE_TAPS = ["conv2d", "conv2d_1", "conv2d_2", "dense"]
 BN_GAP_TAPS = ["relu0_1", "relu1_1", "relu2_1"]
 
 pytestmark = pytest.mark.slow
@@ -106,10 +105,22 @@ def _check_mapping(model_path: Path, result: ConvertResult, target: str, taps: l
         np.testing.assert_allclose(mine, keras[listed.layer], atol=0.15 * float(np.abs(keras[listed.layer]).max()))
 
 
+def _reference_taps(model_path: Path) -> list[str]:
+    """The reference CNN's three convolutions and its penultimate Dense (Keras numbers names per process)."""
+    import keras
+
+    layers = keras.models.load_model(model_path, compile=False).layers
+    convs = [layer.name for layer in layers if type(layer).__name__ == "Conv2D"]
+    dense = [layer.name for layer in layers if type(layer).__name__ == "Dense"]
+    return [*convs, dense[0]]
+
+
 def test_reference_cnn_outputs_are_named_and_mapped(reference: tuple[Path, ConvertResult], breast: Dataset) -> None:
     model_path, result = reference
+    taps = _reference_taps(model_path)
+    assert len(taps) == 4
     for target in ("int8", "float16"):
-        _check_mapping(model_path, result, target, REFERENCE_TAPS, breast)
+        _check_mapping(model_path, result, target, taps, breast)
     # The test means something only because TFLite does reorder (measured with TensorFlow 2.21).
     order, _ = _interpreter_outputs(result.artifacts["int8"], breast.splits["val"][0][:1])
     listed = [o.name for o in _artifact(result, "int8").outputs]
@@ -264,3 +275,26 @@ def test_the_device_reads_the_listed_scores_and_refuses_another(reference: tuple
     feature = art.outputs[1].name
     with pytest.raises(ModelError, match=r"outputs\[0\] names .* as the scores but the model's scores tensor is"):
         make_backend(result.artifacts["int8"], cfg, manifest=manifest, scores_output=feature)
+
+
+def test_strided_convolutions_are_taps_and_an_averaged_tap_is_not_repeated() -> None:
+    import keras
+
+    from converters.source import find_taps
+
+    inputs = keras.Input(shape=(32, 32, 1))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="from_input")(inputs)  # reads the image itself: not a tap
+    x = keras.layers.Conv2D(8, 3, name="c1")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="c2")(x)
+    x = keras.layers.ReLU(name="r2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(0.2, name="drop")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="head")(x)
+    taps = find_taps(keras.Model(inputs, outputs))
+    assert [(t.layer, t.pooled) for t in taps] == [("c1", True), ("r2", True)]
+
+    flat = keras.Sequential(
+        [keras.Input(shape=(16, 16, 1)), keras.layers.Conv2D(4, 3, name="c"), keras.layers.Flatten(name="f"),
+         keras.layers.Dense(8, name="hidden"), keras.layers.Dense(2, name="logits")]
+    )  # fmt: skip
+    assert [(t.layer, t.pooled) for t in find_taps(flat)] == [("c", True), ("hidden", False)]
