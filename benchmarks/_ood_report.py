@@ -16,6 +16,8 @@ NAMES = {"max_softmax": "max-softmax", "energy": "energy", "features": "features
 AUROC_TARGET = 0.99
 FLAGGED_TARGET = 0.95
 ID_FLAGGED_MAX = 0.05
+ENERGY_COST_MAX = 0.05  # of the frame's invoke time
+FEATURES_COST_MAX = 0.25
 
 
 def val_threshold(val_scores: np.ndarray, target_fraction: float) -> float:
@@ -76,8 +78,8 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def targets(med: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 14's targets on the medians, one entry per (dataset, recipe, check)."""
+def targets(med: dict[str, dict[str, Any]], cost: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's targets on the medians and the per-frame cost, one entry per (dataset, recipe, check)."""
     checks: list[dict[str, Any]] = []
 
     def add(dataset: str, recipe: str, what: str, value: float, passed: bool) -> None:
@@ -113,6 +115,11 @@ def targets(med: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     dataset, recipe, f"{name}: {default} AUROC > max-softmax AUROC ({base['auroc']:.3f})", d["auroc"],
                     d["auroc"] > base["auroc"],
                 )  # fmt: skip
+    for dataset, c in cost.items():
+        for method, limit in (("energy", ENERGY_COST_MAX), ("features", FEATURES_COST_MAX)):
+            ratio = c.get(f"{method}_ratio")
+            if ratio is not None:
+                add(dataset, "reference", f"{method} cost <= {limit:.0%} of invoke", ratio, ratio <= limit)
     return checks
 
 

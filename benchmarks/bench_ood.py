@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgemed-bench-ood-") as work:
         results = run(args, Path(work))
-    checks = report.targets(results["medians"])
+    checks = report.targets(results["medians"], results["cost"])
     meta = {
         "datasets": args.datasets,
         "recipes": args.recipes,
