@@ -20,11 +20,6 @@ ENERGY_COST_MAX = 0.05  # of the frame's invoke time
 FEATURES_COST_MAX = 0.25
 
 
-def val_threshold(val_scores: np.ndarray, target_fraction: float) -> float:
-    """The converter's rule: the ``1 - target_fraction`` quantile (numpy "higher") of the validation scores."""
-    return float(np.quantile(val_scores, 1.0 - target_fraction, method="higher"))
-
-
 def thresholds(ood: Any, val_scores: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, float]]:
     """Each method's threshold, and for the shipped ones how far the manifest's is from the recomputed one.
 
@@ -32,13 +27,15 @@ def thresholds(ood: Any, val_scores: dict[str, np.ndarray]) -> tuple[dict[str, f
     gets one by the same rule, on the same validation split, so that its "flagged" column is comparable.
     The second mapping should be all zeros: the device's scores reproduce the converter's.
     """
-    chosen = {"max_softmax": val_threshold(val_scores["max_softmax"], ood.target_fraction)}
+    from converters.ood import threshold_at
+
+    chosen = {"max_softmax": threshold_at(val_scores["max_softmax"], ood.target_fraction)[0]}
     recheck = {}
     for method in ("energy", "features"):
         spec = ood.method(method)
         if spec is not None and method in val_scores:
             chosen[method] = float(spec.threshold)
-            recheck[method] = float(spec.threshold) - val_threshold(val_scores[method], ood.target_fraction)
+            recheck[method] = float(spec.threshold) - threshold_at(val_scores[method], ood.target_fraction)[0]
     return chosen, recheck
 
 

@@ -70,17 +70,15 @@ class Scored:
 
 
 def score_frames(model: Any, artifact: Any, images: Any) -> Scored:
-    """Run frames through the device's backend and preprocessing; every method's score for every frame."""
-    from edgemed.ood import energy_scores, feature_scores, max_softmax_scores
+    """Run frames through the device's backend and preprocessing; every method's score for every frame.
+
+    The scores are the report's (``converters.ood.method_scores``: ``edgemed.ood``'s arithmetic on the dequantized
+    outputs); :func:`parity` checks them against the device's per-frame ``OodDetector.check``.
+    """
+    from converters.ood import method_scores
 
     out = model.run(images, artifact.output_kind)
-    scores = {"max_softmax": max_softmax_scores(out.probs)}
-    ood = artifact.ood
-    if ood.energy is not None and out.logits is not None:
-        scores["energy"] = energy_scores(out.logits, ood.energy.temperature)
-    if ood.features is not None:
-        scores["features"] = feature_scores(ood.features, [out.features[layer.output] for layer in ood.features.layers])
-    return Scored(scores, out.probs)
+    return Scored(method_scores(artifact.ood, out), out.probs)
 
 
 def detectors(model: Any, artifact: Any) -> dict[str, Any]:
