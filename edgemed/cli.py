@@ -48,8 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with filtered_stderr(RUN_NOTICES), Device(profile, study_id=args.study_id) as device:
         install_signal_handlers(device)
         summary = device.run(from_start=args.from_start)
-    levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
-    print(f"edgemed: {summary.frames} frames ({levels}); pending {summary.pending}", file=sys.stderr)
+    print(summary.line(), file=sys.stderr)
     for study in summary.studies:
         print(f"edgemed: study decision: {study.level.upper()}: {study.reason}", file=sys.stderr)
     if summary.pending:

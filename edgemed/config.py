@@ -1,9 +1,10 @@
 """Device profiles: one YAML file that says everything about a device, validated before anything runs.
 
 Each part of the runtime owns its own config model (``CaptureConfig``, ``QualityConfig``, ``BackendConfig``,
-``TriagePolicy``, ``MqttConfig``, ``OutboxConfig``, ``DeliveryConfig``, ``PublishConfig``); :class:`DeviceProfile`
-composes them. Unknown keys are rejected everywhere, so a typo in a field name is an error that names the field,
-not a silently ignored setting. Relative paths in a profile are taken relative to the profile's own folder.
+``TriagePolicy``, ``OodSetting``, ``MqttConfig``, ``OutboxConfig``, ``DeliveryConfig``, ``PublishConfig``);
+:class:`DeviceProfile` composes them. Unknown keys are rejected everywhere, so a typo in a field name is an error
+that names the field, not a silently ignored setting. Relative paths in a profile are taken relative to the
+profile's own folder.
 ``merge_overrides`` sets values over a profile (the command line over ``--profile``), and ``merge_broker`` points
 its broker settings elsewhere, both validated again as a whole.
 """
@@ -22,6 +23,7 @@ from edgemed.capture import CaptureConfig
 from edgemed.errors import BrokerRefusedError, ConfigError
 from edgemed.identity import ID_PATTERN
 from edgemed.inference import BackendConfig
+from edgemed.ood import OodSetting
 from edgemed.outbox import OutboxConfig
 from edgemed.publish.config import DeliveryConfig, MqttConfig, PublishConfig, parse_broker_url
 from edgemed.quality import QualityConfig
@@ -113,6 +115,7 @@ class DeviceProfile(StrictModel):
     quality: QualityConfig = QualityConfig()
     inference: BackendConfig = BackendConfig()
     triage: TriagePolicy = TriagePolicy()
+    ood: OodSetting = OodSetting()
     mqtt: MqttConfig | None = Field(
         None, description="broker connection; absent = offline (results stay in the outbox until `edgemed flush`)"
     )

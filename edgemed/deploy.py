@@ -59,7 +59,14 @@ class Deployable:
         """
         from edgemed.inference import make_backend
 
-        return make_backend(self.model, cfg, fallback_model=self.twin, manifest=self.manifest)
+        scores = self.artifact.scores_output
+        return make_backend(
+            self.model,
+            cfg,
+            fallback_model=self.twin,
+            manifest=self.manifest,
+            scores_output=scores.name if scores is not None else None,
+        )
 
 
 def check_deployable(
@@ -123,4 +130,6 @@ def check_models_load(files: list[Path], manifest: Manifest) -> None:
 
     for path in files:
         if not is_edgetpu_compiled(path):
-            make_backend(path, BackendConfig(threads=1), manifest=manifest).close()
+            scores = manifest.artifact(path.name).scores_output
+            name = scores.name if scores is not None else None
+            make_backend(path, BackendConfig(threads=1), manifest=manifest, scores_output=name).close()

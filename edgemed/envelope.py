@@ -20,7 +20,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from edgemed import RESULT_SCHEMA, __version__
-from edgemed.types import Frame, FrameResult, Prediction, QualityReport, StudyResult, TriageResult
+from edgemed.types import Frame, FrameResult, OodCheck, Prediction, QualityReport, StudyResult, TriageResult
 
 if TYPE_CHECKING:
     from edgemed.inference.classify import Classifier
@@ -138,7 +138,9 @@ def result_envelope(ctx: EnvelopeContext, result: FrameResult) -> dict[str, Any]
     """Assemble the envelope (``edgemed.result/1``) of one frame result.
 
     The frame's local name and study id are deliberately not copied in: only the pseudonymous ``session_id`` is
-    (and the name only where the profile sets ``privacy.publish_source_names``).
+    (and the name only where the profile sets ``privacy.publish_source_names``). ``ood`` follows ``prediction``
+    only when the frame was checked (a classified frame of a model with out-of-distribution statistics), so a
+    device without them publishes exactly the envelope it published before.
     """
     frame = result.frame
     source: dict[str, Any] = {"kind": frame.source_kind, "index": frame.index}
@@ -158,10 +160,12 @@ def result_envelope(ctx: EnvelopeContext, result: FrameResult) -> dict[str, Any]
             "source": source,
             "quality": quality.as_dict() if quality is not None else None,
             "prediction": prediction.as_dict() if prediction is not None else None,
-            "triage": result.triage.as_dict(),
-            "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
         }
     )
+    if result.ood is not None:
+        envelope["ood"] = result.ood.as_dict()
+    envelope["triage"] = result.triage.as_dict()
+    envelope["latency_ms"] = {k: round(v, 3) for k, v in result.latency_ms.items()}
     return envelope
 
 
@@ -186,6 +190,7 @@ def build_result(
     triage: TriageResult,
     latency_ms: dict[str, float],
     result_id: str | None = None,
+    ood: OodCheck | None = None,
 ) -> dict[str, Any]:
     """The envelope of a result given field by field (a fresh ``result_id`` when none is given); see
     :func:`result_envelope`."""
@@ -200,6 +205,7 @@ def build_result(
         prediction=prediction,
         triage=triage,
         latency_ms=latency_ms,
+        ood=ood,
     )
     return result_envelope(ctx, result)
 

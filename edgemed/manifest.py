@@ -20,6 +20,8 @@ from edgemed.errors import ModelError, ModelRejectedError
 from edgemed.validation import FrozenModel, describe
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from edgemed.types import TensorSpec
 
 Target = Literal["keras", "int8", "uint8", "float16", "dynamic", "edgetpu"]
@@ -444,6 +446,7 @@ def check_loaded_model(
     output_tensor: TensorSpec,
     output_kind: OutputKind | None,
     weights: WeightKind | None = None,
+    outputs: Sequence[TensorSpec] = (),
 ) -> None:
     """Refuse a loaded model whose real tensors are not the ones its manifest describes.
 
@@ -461,6 +464,8 @@ def check_loaded_model(
             custom op); then that field is not checked.
         weights: how the model stores its weights (``float16``, ``int8``, ``float32``), or ``None`` when not
             known; checked for the ``float16`` and ``dynamic`` targets, whose tensors in and out are float32.
+        outputs: every output tensor of the interpreter (``backend.output_specs``); each tensor the artifact
+            lists in ``outputs`` must be among them by name, with its dtype, shape, scale and zero point.
 
     Raises:
         ModelError: a field differs; the message names each field (``artifacts[i].target``, ...) and the fix.
@@ -473,6 +478,7 @@ def check_loaded_model(
         *_tensor_problems(f"{where}.input", art.input, input_tensor),
         *_tensor_problems(f"{where}.output", art.output, output_tensor),
         *_shape_problems(manifest, input_tensor, output_tensor),
+        *_output_problems(where, art, outputs),
     ]
     if output_kind is not None and output_kind != art.output_kind:
         consequence = (
@@ -528,6 +534,21 @@ def _tensor_problems(where: str, listed: QuantSpec | None, real: TensorSpec) -> 
     if listed.zero_point != real.zero_point:
         differ.append(("zero_point", listed.zero_point, real.zero_point))
     return [f"{where}.{field} is {mine} but the model's is {theirs}" for field, mine, theirs in differ]
+
+
+def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec]) -> list[str]:
+    if not real:  # the caller did not pass the interpreter's outputs
+        return []
+    by_name = {t.name: t for t in real}
+    problems = []
+    for j, listed in enumerate(art.outputs):
+        tensor = by_name.get(listed.name)
+        if tensor is None:
+            names = ", ".join(repr(t.name) for t in real)
+            problems.append(f"{where}.outputs[{j}] names {listed.name!r} but the model's outputs are {names}")
+        else:
+            problems.extend(_tensor_problems(f"{where}.outputs[{j}]", listed, tensor))
+    return problems
 
 
 def _shape_problems(manifest: Manifest, inp: TensorSpec, out: TensorSpec) -> list[str]:

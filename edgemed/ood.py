@@ -11,17 +11,16 @@ from typing import Literal
 
 from pydantic import Field
 
+from edgemed.triage import OOD_REASON as OOD_REASON  # re-exported: the wording lives with the other reasons
 from edgemed.validation import FrozenModel
-
-OOD_REASON = (
-    "this image does not look like the images the model was trained on: check the probe, body part and preset, "
-    "or refer"
-)
-"""What a nurse reads for a flagged frame."""
 
 
 class OodSetting(FrozenModel):
-    """The profile's ``ood:`` section."""
+    """Whether a frame looks like the model's training images; one that does not is ``inconclusive``.
+
+    The profile's ``ood:`` section. A method or threshold the model cannot use (it was converted without
+    out-of-distribution statistics, or without that method) stops the device at start with the fix.
+    """
 
     method: Literal["auto", "energy", "features", "none"] = Field(
         "auto",

@@ -2,6 +2,10 @@
 
     #12    malignant (91%)  -> URGENT: malignant 0.91 (urgent at 0.50): refer now
 
+A frame the out-of-distribution check flagged says so before its level, with the score that did it::
+
+    #13    benign (97%)  [unlike the training images: features 9.41 > 2.13]  -> INCONCLUSIVE: this image does ...
+
 A headless device (under systemd) writes the same lines to its journal, so file names, which can carry a
 medical record number, appear only where ``privacy.print_source_names`` allows (see :func:`shows_names`).
 """
@@ -37,10 +41,14 @@ def shows_names(setting: str, out: IO[str]) -> bool:
 
 
 def result_line(result: FrameResult, *, show_name: bool) -> str:
-    """The line for one result: frame number, (file name), top class and its probability, level and reason."""
-    frame, pred, tri = result.frame, result.prediction, result.triage
+    """The line for one result: frame number, (file name), top class and its probability, the out-of-distribution
+    flag when raised, level and reason."""
+    frame, pred, tri, ood = result.frame, result.prediction, result.triage, result.ood
     # Rounded as the envelope rounds it, so the line and the published result never disagree by a percent.
     what = f"{pred.label} ({round(pred.confidence, 6):.0%})" if pred is not None else "-"
+    if ood is not None and ood.flagged and ood.score is not None and ood.threshold is not None:
+        # The model's label stays on the line (it is recorded), but never without the warning beside it.
+        what += f"  [unlike the training images: {ood.method} {ood.score:.2f} > {ood.threshold:.2f}]"
     name = f" {frame.name}" if frame.name and show_name else ""
     return f"#{frame.index:<5}{name}  {what}  -> {tri.level.upper()}: {tri.reason}\n"
 

@@ -3,7 +3,8 @@
     capture    edgemed.capture.prefetch         read and decoded on the capture thread, a few frames ahead
     quality    edgemed.quality.check_quality    too blurred, dark or clipped: a ``recapture`` result
     classify   edgemed.inference.classify       preprocess, invoke the backend, dequantize to probabilities
-    triage     edgemed.triage.triage            the decision for the person at the device
+    ood        Classifier.check_ood             does it look like the training images (edgemed.ood)?
+    triage     edgemed.triage.triage            the decision for the person at the device (triage_ood: flagged)
     result     edgemed.types.FrameResult        numbered, stamped, pseudonymised; its study tracked (sessions)
     outbox     edgemed.outbox.Outbox.put        committed to disk before it can be published
     publish    edgemed.publish.delivery         a background thread sends committed results, deletes on PUBACK
@@ -47,8 +48,8 @@ from edgemed.quality import check_quality
 from edgemed.resume import Pass, attach_ledger, input_done
 from edgemed.sessions import ClosedStudy, StudyTracker
 from edgemed.summary import RunSummary
-from edgemed.triage import triage, triage_error, triage_recapture, validate_policy
-from edgemed.types import Frame, FrameResult, Prediction, QualityReport, StudyResult, TriageResult
+from edgemed.triage import triage, triage_error, triage_ood, triage_recapture, validate_policy
+from edgemed.types import Frame, FrameResult, OodCheck, Prediction, QualityReport, StudyResult, TriageResult
 from edgemed.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -185,7 +186,9 @@ class Device:
         if backend is None:
             backend = model.open_backend(self.profile.inference)
             self._closers.append(backend.close)  # a handed-in one has its closer from __init__
-        return Classifier(backend, model.manifest, model.artifact)
+        classifier = Classifier(backend, model.manifest, model.artifact, ood=self.profile.ood)
+        _check_ood_setting(classifier, self.profile)
+        return classifier
 
     def _consumer(self) -> Consumer | None:
         delivery = self.profile.delivery
@@ -334,7 +337,7 @@ class Device:
             OutboxError: the outbox (or results.jsonl) cannot be written: exit 7.
             OutboxFullError: the outbox is at its cap with ``on_full: block`` (the run loop waits for room first).
         """
-        quality, prediction, verdict, latency_ms = self._assess(frame, capture_ms)
+        quality, prediction, ood, verdict, latency_ms = self._assess(frame, capture_ms)
         closed = self.sessions.before(frame)
         if closed is not None:
             self._commit_study(closed)  # a new study began within the source (e.g. the next DICOM in a folder)
@@ -349,6 +352,7 @@ class Device:
             prediction=prediction,
             triage=verdict,
             latency_ms=latency_ms,
+            ood=ood,
         )
         payload = encode(result_envelope(self.ctx, result))
         # Tracked before it is put: the pass state committed with the result already counts it in its study.
@@ -374,13 +378,13 @@ class Device:
 
     def _assess(
         self, frame: Frame, capture_ms: float
-    ) -> tuple[QualityReport | None, Prediction | None, TriageResult, dict[str, float]]:
-        """Quality gate, classification and triage of one frame, each stage timed."""
+    ) -> tuple[QualityReport | None, Prediction | None, OodCheck | None, TriageResult, dict[str, float]]:
+        """Quality gate, classification, out-of-distribution check and triage of one frame, each stage timed."""
         if frame.image is None:
             msg = frame.error or "input could not be read"
             if frame.name:  # the local name can carry patient identifiers: never publish it
                 msg = msg.replace(frame.name, "input")
-            return None, None, triage_error(msg), _latency_ms(capture_ms)
+            return None, None, None, triage_error(msg), _latency_ms(capture_ms)
         t0 = time.perf_counter()
         image = frame.image
         if self.classifier.gray and image.ndim == 3:
@@ -389,16 +393,22 @@ class Device:
         quality = check_quality(image, self.profile.quality) if self.profile.quality.enabled else None
         t1 = time.perf_counter()
         if quality is not None and not quality.passed:
-            return quality, None, triage_recapture(quality), _latency_ms(capture_ms, (t1 - t0) * 1e3)
+            return quality, None, None, triage_recapture(quality), _latency_ms(capture_ms, (t1 - t0) * 1e3)
         x = self.classifier.preprocess(image)
         t2 = time.perf_counter()
         raw = self.backend.invoke(x)
         t3 = time.perf_counter()
+        # Read right after the invoke: the feature outputs are the backend's buffers of this frame.
+        ood = self.classifier.check_ood(raw)
+        t4 = time.perf_counter()
         prediction = self.classifier.scores(raw)
         verdict = triage(prediction, self.profile.triage)
-        t4 = time.perf_counter()
-        stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3)
-        return quality, prediction, verdict, _latency_ms(capture_ms, *stages)
+        if ood is not None and ood.flagged:
+            verdict = triage_ood(verdict, prediction)  # the prediction is still recorded, for audit
+        t5 = time.perf_counter()
+        ood_ms = (t4 - t3) * 1e3 if ood is not None else None
+        stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t5 - t4) * 1e3)
+        return quality, prediction, ood, verdict, _latency_ms(capture_ms, *stages, ood=ood_ms)
 
     def _commit_study(self, closed: ClosedStudy) -> StudyResult:
         """Commit the decision over a study's frames to the outbox.
@@ -533,15 +543,43 @@ class Device:
                 log.debug("shutdown error", exc_info=True)
 
 
+def _check_ood_setting(classifier: Classifier, profile: DeviceProfile) -> None:
+    """Say at start what the profile's ``ood:`` section cannot get from this model.
+
+    A method the model lacks is refused by ``OodDetector.build`` (through the Classifier); here: a model converted
+    before the check existed (or with ``--ood none``) runs without it, with one warning, unless the profile sets
+    a threshold, which would then silently do nothing.
+
+    Raises:
+        ConfigError: ``ood.threshold`` is set for a model without out-of-distribution statistics.
+    """
+    if classifier.ood is not None:
+        return
+    if profile.ood.threshold is not None:
+        raise ConfigError(
+            "ood.threshold is set but this model has no out-of-distribution statistics to compare it with; "
+            "convert the model again with `edgemed convert` (--ood auto) or remove ood.threshold from the profile"
+        )
+    log.warning(
+        "this model has no out-of-distribution statistics: images unlike its training images are not flagged; "
+        "convert it again with `edgemed convert` (--ood auto, the default) to turn the check on, or set "
+        "`ood: {method: none}` in the profile to silence this warning"
+    )
+
+
 def _latency_ms(
     capture: float,
     quality: float = 0.0,
     preprocess: float = 0.0,
     inference: float = 0.0,
     triage: float | None = None,
+    *,
+    ood: float | None = None,
 ) -> dict[str, float]:
-    # The envelope keeps this order; ``triage`` only for a classified frame.
+    # The envelope keeps this order; ``ood`` only for a checked frame, ``triage`` only for a classified frame.
     stages = {"capture": capture, "quality": quality, "preprocess": preprocess, "inference": inference}
+    if ood is not None:
+        stages["ood"] = ood
     if triage is not None:
         stages["triage"] = triage
     stages["total"] = sum(stages.values())

@@ -15,6 +15,8 @@ class RunSummary:
     frames: int = 0
     errors: int = 0
     recaptures: int = 0
+    #: classified frames the out-of-distribution check flagged as unlike the training images (level inconclusive)
+    ood_flagged: int = 0
     pending: int = 0
     levels: dict[str, int] = field(default_factory=dict)
     studies: list[TriageResult] = field(default_factory=list)
@@ -33,6 +35,14 @@ class RunSummary:
             self.errors += 1
         elif level == "recapture":
             self.recaptures += 1
+        if result.ood is not None and result.ood.flagged:
+            self.ood_flagged += 1
+
+    def line(self) -> str:
+        """The closing line: frames by level, how many were unlike the training images, and what is pending."""
+        levels = ", ".join(f"{k} {v}" for k, v in sorted(self.levels.items())) or "none"
+        ood = f"; {self.ood_flagged} unlike the training images (inconclusive)" if self.ood_flagged else ""
+        return f"edgemed: {self.frames} frames ({levels}){ood}; pending {self.pending}"
 
     @property
     def exit_code(self) -> int:

@@ -23,6 +23,10 @@ How ``triage`` decides, in this order:
    this finding in the device profile: refer for review"): a device whose policy was never configured (``edgemed
    run`` without ``--profile``) refers everything for review and never says ``no_finding``.
 
+A frame the out-of-distribution check flags (``edgemed.ood``) is ``inconclusive`` whatever the model said
+(:func:`triage_ood`): its probabilities describe an image unlike any the model learned from. Its prediction is still
+recorded for audit, and the study decision counts it like a frame that failed the quality gate.
+
 Reasons print two decimals, more where two would make a comparison read false ("0.7996 < 0.8000", never
 "0.80 < 0.80").
 """
@@ -48,6 +52,11 @@ ranked: they mean there is no prediction to rank."""
 
 NO_RULE_REASON = "no triage rule for this finding in the device profile: refer for review"
 """What a nurse reads for a label the profile gives no rule (every label, when the device runs without a profile)."""
+
+OOD_REASON = (
+    "this image does not look like the images the model was trained on: check the probe, body part and preset, or refer"
+)
+"""What a nurse reads for a frame the out-of-distribution check flagged (:func:`triage_ood`)."""
 
 _ACTION: dict[str, str] = {
     "urgent": "refer now",
@@ -237,6 +246,30 @@ def triage(pred: Prediction, policy: TriagePolicy) -> TriageResult:
     return TriageResult(level, reason, {"label": label, "basis": "top_class" if rule else "no_rule"})
 
 
+def triage_ood(verdict: TriageResult, pred: Prediction) -> TriageResult:
+    """The result for a classified frame the out-of-distribution check flagged.
+
+    The level is ``inconclusive`` (basis ``ood``) whatever the model's own verdict: its probabilities describe an
+    image unlike the ones it learned from, so they are not evidence either way. When that verdict was ``urgent``
+    the reason says so, with the label and probability the model gave, because a nurse who sees a suspicious
+    lesion on a wrongly set probe should still refer.
+
+    Args:
+        verdict: what :func:`triage` made of the prediction.
+        pred: the prediction (kept on the result for audit; quoted here only when it was urgent).
+
+    Returns:
+        The ``inconclusive`` result, with the model's verdict level kept in ``model_level``.
+    """
+    # An escalated verdict names the urgent class, which need not be the most probable one.
+    label = verdict.extra.get("label", pred.label)
+    reason = OOD_REASON
+    if verdict.level == "urgent":
+        p = pred.probabilities[pred.labels.index(label)] if label in pred.labels else pred.confidence
+        reason = f"{OOD_REASON}; the model read it as urgent ({label} {p:.2f}): refer if in doubt"
+    return TriageResult("inconclusive", reason, {"label": label, "basis": "ood", "model_level": verdict.level})
+
+
 def triage_recapture(report: QualityReport) -> TriageResult:
     """The result for a frame that failed the image-quality gate (it was not classified)."""
     why = report.reason or "the image quality check failed"
@@ -255,9 +288,10 @@ def triage_error(message: str) -> TriageResult:
 class StudyAggregator:
     """Combines the frame results of one session into one study decision (see ``StudyPolicy``).
 
-    Frames with level ``recapture`` or ``error`` are counted but are not evidence. With fewer than
-    ``min_valid_frames`` usable frames the decision is ``recapture`` (or ``error`` when no frame was
-    readable).
+    Frames with level ``recapture`` or ``error``, and frames the out-of-distribution check flagged (basis
+    ``ood``, level ``inconclusive``: :func:`triage_ood`), are counted but are not evidence. With fewer than
+    ``min_valid_frames`` usable frames the decision is ``recapture`` (or ``error`` when no frame was readable),
+    and its reason says when flagged frames were among the unusable ones.
     """
 
     def __init__(self, policy: TriagePolicy) -> None:
@@ -273,6 +307,7 @@ class StudyAggregator:
         self._labels: tuple[str, ...] = ()
         self._with_probs = 0
         self._quality_reasons: Counter[str] = Counter()
+        self.ood_frames = 0  # flagged frames: counted under "inconclusive" in levels, but not evidence
 
     def add(self, result: TriageResult, pred: Prediction | None) -> None:
         """Record one frame's result and, when it was classified, its prediction."""
@@ -280,6 +315,10 @@ class StudyAggregator:
         self.levels[result.level] += 1
         if result.level == "recapture":
             self._quality_reasons[result.reason] += 1
+        if result.level == "inconclusive" and result.extra.get("basis") == "ood":
+            # Its probabilities describe an image unlike the training images: not evidence, not averaged.
+            self.ood_frames += 1
+            return
         if pred is None or result.level in ("recapture", "error"):
             return
         if not self._labels:
@@ -300,16 +339,21 @@ class StudyAggregator:
             "prob_sums": list(self._prob_sums),
             "with_probs": self._with_probs,
             "quality_reasons": dict(self._quality_reasons),
+            "ood_frames": self.ood_frames,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from what :meth:`export` returned: the decision is then the one over both runs' frames.
+
+        A state written before the out-of-distribution check existed has no ``ood_frames``: it restores as 0 (no
+        frame was flagged then).
 
         Raises:
             ValueError: ``state`` is not what :meth:`export` writes (a damaged or foreign ledger row).
         """
         frames, levels, labels = state["frames"], state["levels"], state["labels"]
         sums, with_probs, reasons = state["prob_sums"], state["with_probs"], state["quality_reasons"]
+        ood_frames = state.get("ood_frames", 0)
         known = set(get_args(TriageLevel))
         if not (
             _count(frames)
@@ -324,6 +368,8 @@ class StudyAggregator:
             and isinstance(sums, list)
             and len(sums) == len(labels)
             and all(isinstance(p, float | int) and math.isfinite(p) for p in sums)
+            and _count(ood_frames)
+            and ood_frames <= levels.get("inconclusive", 0)
         ):
             raise ValueError("not a study state this version of edgemed wrote")
         self.reset()
@@ -333,32 +379,71 @@ class StudyAggregator:
         self._prob_sums = [float(p) for p in sums]
         self._with_probs = with_probs
         self._quality_reasons = Counter(reasons)
+        self.ood_frames = ood_frames
 
     @property
     def valid_frames(self) -> int:
-        """Frames that carry a prediction-based level."""
-        return sum(n for level, n in self.levels.items() if level in SEVERITY)
+        """Frames that carry a prediction-based level and were not flagged as unlike the training images."""
+        return sum(n for level, n in self.levels.items() if level in SEVERITY) - self.ood_frames
+
+    def _evidence(self) -> Counter[str]:
+        """The levels of the usable frames (``levels`` without the flagged frames' ``inconclusive``)."""
+        evidence = Counter(self.levels)
+        evidence["inconclusive"] -= self.ood_frames
+        return evidence
+
+    def _unusable_why(self) -> str:
+        """Why frames were not usable, for a ``recapture`` decision: flagged frames and the commonest quality
+        failure, the more frequent first; empty when neither applies."""
+        notes: list[tuple[int, str]] = []
+        if self.ood_frames:
+            notes.append(
+                (
+                    self.ood_frames,
+                    f"{self.ood_frames} did not look like the images the model was trained on: check the probe, "
+                    "body part and preset",
+                )
+            )
+        worst = self._quality_reasons.most_common(1)
+        if worst:
+            notes.append((self.levels["recapture"], f"most often: {worst[0][0].rsplit(': recapture', 1)[0]}"))
+        notes.sort(key=lambda note: -note[0])  # stable: flagged frames first on a tie
+        return f" ({'; '.join(text for _, text in notes)})" if notes else ""
 
     def decision(self) -> TriageResult:
         """The study-level result for the frames added so far."""
-        valid, st = self.valid_frames, self.study
-        extra = {"frames": self.frames, "valid_frames": valid, "rule": st.rule, "counts": dict(self.levels)}
-        if self.frames == 0 or (valid == 0 and self.levels["error"] == self.frames):
+        result = self._decide()
+        if self.ood_frames and result.level not in ("recapture", "error"):
+            # The decision stands on the other frames; the nurse learns that some were set aside, and why.
+            n = self.ood_frames
+            reason = f"{result.reason} ({n} {'frame' if n == 1 else 'frames'} unlike the training images left out)"
+            return TriageResult(result.level, reason, result.extra)
+        return result
+
+    def _decide(self) -> TriageResult:
+        valid, st, levels = self.valid_frames, self.study, self._evidence()
+        extra: dict[str, Any] = {
+            "frames": self.frames,
+            "valid_frames": valid,
+            "rule": st.rule,
+            "counts": dict(self.levels),
+        }
+        if self.ood_frames:  # only then: decisions without flagged frames read as before
+            extra["ood_frames"] = self.ood_frames
+        if self.frames == 0 or (valid == 0 and levels["error"] == self.frames):
             return TriageResult("error", "no readable frame in this session: check the probe and record again", extra)
         if valid < st.min_valid_frames:
-            worst = self._quality_reasons.most_common(1)
-            why = f" (most often: {worst[0][0].rsplit(': recapture', 1)[0]})" if worst else ""
             return TriageResult(
                 "recapture",
                 f"only {valid} of {self.frames} frames were usable, "
-                f"{st.min_valid_frames} are needed{why}: record the study again",
+                f"{st.min_valid_frames} are needed{self._unusable_why()}: record the study again",
                 extra,
             )
-        urgent_n = self.levels["urgent"]
+        urgent_n = levels["urgent"]
         if st.rule != "worst_case" and st.urgent_overrides and urgent_n >= st.min_frames_per_level:
             return TriageResult("urgent", f"{urgent_n} of {valid} usable frames are urgent: refer now", extra)
         if st.rule == "worst_case":
-            eligible = [lv for lv in SEVERITY if self.levels[lv] >= st.min_frames_per_level]
+            eligible = [lv for lv in SEVERITY if levels[lv] >= st.min_frames_per_level]
             if not eligible:
                 return TriageResult(
                     "inconclusive",
@@ -368,13 +453,12 @@ class StudyAggregator:
                 )
             level = max(eligible, key=SEVERITY.__getitem__)
             reason = (
-                f"worst case over {valid} usable frames: {self.levels[level]} "
-                f"{level.replace('_', ' ')}: {_ACTION[level]}"
+                f"worst case over {valid} usable frames: {levels[level]} {level.replace('_', ' ')}: {_ACTION[level]}"
             )
             return TriageResult(level, reason, extra)
         if st.rule == "majority" or self._with_probs == 0:
-            level = max(SEVERITY, key=lambda lv: (self.levels[lv], SEVERITY[lv]))
-            reason = f"{self.levels[level]} of {valid} usable frames {level.replace('_', ' ')}: {_ACTION[level]}"
+            level = max(SEVERITY, key=lambda lv: (levels[lv], SEVERITY[lv]))
+            reason = f"{levels[level]} of {valid} usable frames {level.replace('_', ' ')}: {_ACTION[level]}"
             return TriageResult(level, reason, extra)
         mean = Prediction(self._labels, tuple(s / self._with_probs for s in self._prob_sums))
         result = triage(mean, self.policy)

@@ -223,8 +223,11 @@ class FrameResult:
         quality: the quality gate's report, or None when the gate is off or the frame was unreadable.
         prediction: the class probabilities, or None when the frame was not classified (unreadable, recapture).
         triage: the decision for the person at the device.
-        latency_ms: milliseconds per stage (``capture``, ``quality``, ``preprocess``, ``inference``, ``triage``
-            when classified, ``total``), in that order: the envelope keeps it.
+        latency_ms: milliseconds per stage (``capture``, ``quality``, ``preprocess``, ``inference``, ``ood`` when
+            the model has an out-of-distribution check, ``triage`` when classified, ``total``), in that order: the
+            envelope keeps it.
+        ood: the out-of-distribution check of a classified frame; None when the frame was not classified or the
+            model has no check (no statistics in its manifest).
     """
 
     frame: Frame
@@ -237,6 +240,7 @@ class FrameResult:
     prediction: Prediction | None
     triage: TriageResult
     latency_ms: dict[str, float]
+    ood: OodCheck | None = None
 
     @property
     def level(self) -> TriageLevel:

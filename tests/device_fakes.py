@@ -15,6 +15,7 @@ from fakes import FakePublisher
 
 from edgemed.capture._base import LedgerChanges
 from edgemed.deploy import Deployable
+from edgemed.errors import ModelError
 from edgemed.manifest import Artifact, InputSpec, Manifest
 from edgemed.publish.publisher import AckCallback
 from edgemed.types import CaptureState, Frame, InputDone, SourceKind, TensorSpec
@@ -57,6 +58,7 @@ class BrightnessBackend:
 
     input_spec = INPUT
     output_spec = OUTPUT
+    output_specs = (OUTPUT,)
     backend = "ai_edge_litert"  # the result schema names only real interpreter packages: the one it stands in for
     delegate = "cpu"
     degraded = False
@@ -66,6 +68,7 @@ class BrightnessBackend:
     def __init__(self) -> None:
         self.inputs: list[np.ndarray] = []
         self.closed = False
+        self._last: np.ndarray | None = None
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         if x.shape != INPUT.shape or x.dtype != np.int8:
@@ -73,10 +76,20 @@ class BrightnessBackend:
         self.inputs.append(x)
         mean = float(x.mean())  # pixel - 128
         if mean > 40:
-            return np.array([-30, 30], np.int8)  # malignant: softmax(-3, 3) = 0.9975
-        if mean < -40:
-            return np.array([30, -30], np.int8)  # benign
-        return np.array([1, 0], np.int8)  # 0.525 / 0.475: inconclusive
+            self._last = np.array([-30, 30], np.int8)  # malignant: softmax(-3, 3) = 0.9975
+        elif mean < -40:
+            self._last = np.array([30, -30], np.int8)  # benign
+        else:
+            self._last = np.array([1, 0], np.int8)  # 0.525 / 0.475: inconclusive
+        return self._last.copy()
+
+    def output(self, name: str) -> np.ndarray:
+        """The scores row of the last invoke (the only output), as the real backends give it."""
+        if name != OUTPUT.name:
+            raise ModelError(f"the model has no output named {name!r}; its outputs are {OUTPUT.name!r}")
+        if self._last is None:
+            raise ModelError(f"output {name!r} is read after invoke()")
+        return self._last.copy()
 
     def close(self) -> None:
         self.closed = True

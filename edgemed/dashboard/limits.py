@@ -38,6 +38,9 @@ FIELD_LIMITS: dict[str, dict[str, int]] = {
         "triage.reason": 1000,
         "triage.label": 128,
         "triage.basis": 32,
+        "triage.model_level": 16,
+        "ood.method": 16,
+        "ood.source": 16,
     },
     "studies": {
         "schema": 32,

@@ -176,6 +176,26 @@ def validate_result(body: Any, site: str, device_id: str) -> str | None:
     prediction = body.get("prediction")
     if prediction is not None and not (isinstance(prediction, dict) and isinstance(prediction.get("label"), str)):
         return "prediction is neither null nor an object with a label"
+    return _check_ood(body.get("ood"))
+
+
+_OOD_METHODS = ("energy", "features", "none")
+_OOD_SOURCES = ("manifest", "profile")
+
+
+def _check_ood(ood: Any) -> str | None:
+    """The optional ``ood`` object (devices before issue 14 send none): the result page reads every field."""
+    if ood is None:
+        return None
+    if not isinstance(ood, dict):
+        return "ood is neither absent nor an object"
+    if ood.get("method") not in _OOD_METHODS or ood.get("source") not in _OOD_SOURCES:
+        return "ood.method or ood.source is not a known value"
+    if not isinstance(ood.get("flagged"), bool):
+        return "ood.flagged is not true or false"
+    for name in ("score", "threshold"):
+        if ood.get(name) is not None and not _is_number(ood[name]):
+            return f"ood.{name} is neither null nor a number"
     return None
 
 

@@ -75,7 +75,9 @@ class Backend(Protocol):
 
     Attributes:
         input_spec: the model's input tensor (shape with batch axis, dtype, quantization).
-        output_spec: the model's output tensor.
+        output_spec: the scores tensor (the output ``make_backend``'s ``scores_output`` names, else the first).
+        output_specs: every output tensor, in the interpreter's order (TFLite may reorder a model's outputs, so
+            callers find one by name, never by position).
         backend: interpreter package that runs it: ``ai_edge_litert``, ``tflite_runtime`` or ``tensorflow``.
         delegate: where it actually runs: ``cpu``, ``edgetpu`` or ``gpu``.
         degraded: True when ``delegate`` is not the accelerator the profile asked for.
@@ -86,6 +88,7 @@ class Backend(Protocol):
 
     input_spec: TensorSpec
     output_spec: TensorSpec
+    output_specs: tuple[TensorSpec, ...]
     backend: str
     delegate: Delegate
     degraded: bool
@@ -93,7 +96,12 @@ class Backend(Protocol):
     output_kind: OutputKind | None
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
-        """Run one quantized input; return the raw output row, shape ``(classes,)``."""
+        """Run one quantized input; return the raw scores row, shape ``(classes,)``."""
+        ...
+
+    def output(self, name: str) -> np.ndarray:
+        """The flattened raw row of output ``name`` from the last ``invoke`` (``ModelError`` naming the model's
+        outputs for an unknown name)."""
         ...
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ Both look up their tensors once at construction, so ``invoke`` is one copy in, o
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -56,15 +57,45 @@ def _spec(detail: dict[str, Any]) -> TensorSpec:
     )
 
 
+def scores_position(specs: tuple[TensorSpec, ...], scores_output: str | None) -> int:
+    """Where the scores tensor is among a model's outputs: the one named ``scores_output``, else the first.
+
+    Raises:
+        ModelError: no output has that name (the message lists the model's outputs and the fix).
+    """
+    if scores_output is None:
+        return 0
+    for i, spec in enumerate(specs):
+        if spec.name == scores_output:
+            return i
+    raise ModelError(
+        f"the manifest names {scores_output!r} as the model's scores output, but the model's outputs are "
+        f"{_names(specs)}; the model or its manifest was changed after `edgemed convert`: copy both from the "
+        "same conversion, or convert again"
+    )
+
+
+def _names(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(repr(s.name) for s in specs) or "none"
+
+
+def _unknown_output(name: str, specs: tuple[TensorSpec, ...]) -> ModelError:
+    return ModelError(
+        f"the model has no output named {name!r}; its outputs are {_names(specs)} (backend.output_specs); "
+        "read an output the manifest lists for this file"
+    )
+
+
 def _check_file(model: Path) -> None:
     check_model_file(model)
 
 
-def graph_output_kind(interpreter: Any) -> OutputKind | None:
-    """What the model's first output holds, read from the graph op that computes it.
+def graph_output_kind(interpreter: Any, tensor: int | None = None) -> OutputKind | None:
+    """What a model's output holds, read from the graph op that computes it.
 
     Args:
         interpreter: an ``Interpreter`` of any of the three packages (tensors allocated or not).
+        tensor: the tensor index of the output to read (the scores tensor); ``None`` reads the first output.
 
     Returns:
         ``probabilities`` when the output comes from a SOFTMAX or LOGISTIC op, ``logits`` when it comes from a
@@ -75,7 +106,8 @@ def graph_output_kind(interpreter: Any) -> OutputKind | None:
         # The public API has no graph introspection; this private call exists in ai_edge_litert, tflite_runtime
         # and tensorflow.lite alike.
         ops = interpreter._get_ops_details()
-        tensor = int(interpreter.get_output_details()[0]["index"])
+        if tensor is None:
+            tensor = int(interpreter.get_output_details()[0]["index"])
     except (AttributeError, TypeError, ValueError, RuntimeError, IndexError, KeyError):
         return None
     producer: dict[int, tuple[str, list[int]]] = {}
@@ -155,7 +187,9 @@ class InterpreterBackend:
     """A model running in a TensorFlow Lite ``Interpreter``.
 
     Attributes:
-        input_spec, output_spec: the single input and first output tensor.
+        input_spec: the single input tensor.
+        output_spec: the scores tensor (the output named ``scores_output``, else the first output).
+        output_specs: every output tensor, in the interpreter's order.
         backend: interpreter package that runs it.
         delegate: where it actually runs.
         degraded: True when ``delegate`` is not the intended accelerator.
@@ -173,7 +207,21 @@ class InterpreterBackend:
         intended: Delegate,
         degraded_reason: str | None = None,
         keep_alive: list[Any] | None = None,
+        scores_output: str | None = None,
     ) -> None:
+        """Args:
+            interpreter: an allocated ``Interpreter``.
+            backend: the interpreter package's name.
+            delegate: where the model actually runs.
+            intended: where the profile asked it to run (``degraded`` when they differ).
+            degraded_reason: why it does not run where intended.
+            keep_alive: delegate objects the interpreter uses (released after it).
+            scores_output: tensor name of the classifier's scores output (the manifest's ``scores_output``);
+                ``None`` takes the first output (manifests written before outputs were listed).
+
+        Raises:
+            ModelError: the model does not have exactly one input, or has no output named ``scores_output``.
+        """
         self._interp = interpreter
         # The delegate objects must outlive the interpreter that uses their native pointers.
         self._keep_alive = keep_alive or []
@@ -182,12 +230,19 @@ class InterpreterBackend:
         if len(inputs) != 1:
             raise ModelError(f"the model has {len(inputs)} inputs; edgemed runs single-input image classifiers")
         self.input_spec = _spec(inputs[0])
-        self.output_spec = _spec(outputs[0])
+        self.output_specs = tuple(_spec(d) for d in outputs)
+        scores = scores_position(self.output_specs, scores_output)
+        self.output_spec = self.output_specs[scores]
         self._in_index = int(inputs[0]["index"])
-        self._out_index = int(outputs[0]["index"])
+        self._out_index = int(outputs[scores]["index"])
+        # Names to tensor indices for output(); a name listed twice (never written by TFLite) keeps the first.
+        self._out_indices: dict[str, int] = {}
+        for spec, detail in zip(self.output_specs, outputs, strict=True):
+            self._out_indices.setdefault(spec.name, int(detail["index"]))
+        self._invoked = False
         self._in_shape = self.input_spec.shape
         self._in_dtype = np.dtype(inputs[0]["dtype"])
-        self.output_kind = graph_output_kind(interpreter)
+        self.output_kind = graph_output_kind(interpreter, self._out_index)
         self.weights = graph_weights(interpreter)
         self.backend = backend
         self.delegate: Delegate = delegate
@@ -202,7 +257,8 @@ class InterpreterBackend:
                 of dtype ``input_spec.dtype``.
 
         Returns:
-            The raw output row, shape ``(classes,)``, in the output tensor's dtype (see ``output_spec``).
+            The raw scores row, shape ``(classes,)``, in the scores tensor's dtype (see ``output_spec``). The
+            other outputs of the same run are read with ``output(name)``.
 
         Raises:
             ModelError: the input has the wrong dtype or size, or the backend has been closed.
@@ -219,7 +275,25 @@ class InterpreterBackend:
         except ValueError as exc:
             raise ModelError(f"model input must have shape {self._in_shape}, got {x.shape}") from exc
         self._interp.invoke()
+        self._invoked = True
         out: np.ndarray = self._interp.get_tensor(self._out_index)
+        return out.reshape(-1)
+
+    def output(self, name: str) -> np.ndarray:
+        """The flattened raw row of the output tensor ``name`` from the last ``invoke``.
+
+        Raises:
+            ModelError: the model has no output of that name (the message lists its outputs), nothing has been
+                invoked yet, or the backend has been closed.
+        """
+        index = self._out_indices.get(name)
+        if index is None:
+            raise _unknown_output(name, self.output_specs)
+        if self._interp is None:
+            raise ModelError("the inference backend is closed; build a new one with make_backend")
+        if not self._invoked:
+            raise ModelError(f"output {name!r} is read after invoke(); run the model on a frame first")
+        out: np.ndarray = self._interp.get_tensor(index)
         return out.reshape(-1)
 
     def close(self) -> None:
@@ -229,9 +303,21 @@ class InterpreterBackend:
 
 
 class CompiledModelBackend:
-    """A model running in LiteRT's ``CompiledModel`` on a hardware accelerator (used for the GPU)."""
+    """A model running in LiteRT's ``CompiledModel`` on a hardware accelerator (used for the GPU).
 
-    def __init__(self, module: ModuleType, model: Path, threads: int, *, accelerator: str = "gpu") -> None:
+    Attributes are those of ``InterpreterBackend`` (``output_specs`` in the interpreter's order, whatever order
+    ``CompiledModel`` keeps its output buffers in), plus ``fully_accelerated``.
+    """
+
+    def __init__(
+        self,
+        module: ModuleType,
+        model: Path,
+        threads: int,
+        *,
+        accelerator: str = "gpu",
+        scores_output: str | None = None,
+    ) -> None:
         """Compile the model for the accelerator.
 
         Args:
@@ -239,9 +325,11 @@ class CompiledModelBackend:
             model: path of the model (float16 or float32 for the GPU).
             threads: CPU threads, for ops the accelerator leaves to the CPU.
             accelerator: ``gpu``, or ``cpu`` (to exercise this backend where no GPU exists).
+            scores_output: tensor name of the scores output; ``None`` takes the interpreter's first output.
 
         Raises:
-            ModelError: the model cannot be loaded at all.
+            ModelError: the model cannot be loaded at all, has no output named ``scores_output``, or its
+                compiled output buffers cannot be matched to the interpreter's outputs.
             DelegateUnavailableError: the accelerator is absent or cannot run this model.
         """
         from ai_edge_litert.compiled_model import CompiledModel
@@ -252,10 +340,11 @@ class CompiledModelBackend:
         # interpreter; this also tells a broken model (ModelError) apart from an absent accelerator.
         probe = open_interpreter(module, model, threads)
         self.input_spec = _spec(probe.get_input_details()[0])
-        self.output_spec = _spec(probe.get_output_details()[0])
-        self.output_kind = graph_output_kind(probe)
+        self.output_specs = tuple(_spec(d) for d in probe.get_output_details())
+        scores = scores_position(self.output_specs, scores_output)
+        self.output_spec = self.output_specs[scores]
+        self.output_kind = graph_output_kind(probe, int(probe.get_output_details()[scores]["index"]))
         self.weights = graph_weights(probe)
-        del probe
         # GPU|CPU lets ops the GPU cannot run stay on the CPU (as the Edge TPU compiler does); with no GPU adapter
         # at all LiteRT still raises RuntimeError (measured with 2.3), so an absent GPU is never silent.
         flag = HardwareAccelerator.CPU
@@ -278,13 +367,26 @@ class CompiledModelBackend:
                 f"(LiteRT said: {detail})",
             ) from exc
         self._compiled: Any = compiled
+        self._in_shape = self.input_spec.shape
+        self._in_dtype = np.dtype(self.input_spec.dtype)
+        try:
+            # buffer k holds interpreter output order[k]; the interpreter's order is the one output_specs keeps.
+            order = _buffer_order(compiled, probe, self.output_specs, self._in_dtype, self._in_shape)
+        except ModelError:
+            compiled.close()
+            raise
+        del probe
+        # (buffer position, element count, dtype) per interpreter output position.
+        self._reads: list[tuple[int, int, np.dtype[Any]]] = [(0, 0, np.dtype("int8"))] * len(self.output_specs)
+        for k, position in enumerate(order):
+            spec = self.output_specs[position]
+            self._reads[position] = (k, int(np.prod(spec.shape)), np.dtype(spec.dtype))
+        self._scores = scores
+        self._positions = {spec.name: i for i, spec in reversed(list(enumerate(self.output_specs)))}
+        self._invoked = False
         self.fully_accelerated = bool(compiled.is_fully_accelerated())
         if accelerator == "gpu" and not self.fully_accelerated:
             log.info("some ops of the model run on the CPU: the GPU accelerator does not support them")
-        self._in_shape = self.input_spec.shape
-        self._in_dtype = np.dtype(self.input_spec.dtype)
-        self._out_count = int(np.prod(self.output_spec.shape))
-        self._out_dtype = np.dtype(self.output_spec.dtype)
         self.backend = "ai_edge_litert"
         self.delegate: Delegate = "gpu" if accelerator == "gpu" else "cpu"
         self.degraded = False
@@ -300,7 +402,24 @@ class CompiledModelBackend:
             )
         self._inputs[0].write(np.ascontiguousarray(x.reshape(self._in_shape)))
         self._compiled.run_by_index(0, self._inputs, self._outputs)
-        out: np.ndarray = np.asarray(self._outputs[0].read(self._out_count, self._out_dtype))
+        self._invoked = True
+        return self._read(self._scores)
+
+    def output(self, name: str) -> np.ndarray:
+        """The flattened raw row of the output tensor ``name`` from the last ``invoke``; see
+        ``InterpreterBackend.output``."""
+        position = self._positions.get(name)
+        if position is None:
+            raise _unknown_output(name, self.output_specs)
+        if self._compiled is None:
+            raise ModelError("the inference backend is closed; build a new one with make_backend")
+        if not self._invoked:
+            raise ModelError(f"output {name!r} is read after invoke(); run the model on a frame first")
+        return self._read(position)
+
+    def _read(self, position: int) -> np.ndarray:
+        k, count, dtype = self._reads[position]
+        out: np.ndarray = np.asarray(self._outputs[k].read(count, dtype))
         return out.reshape(-1)
 
     def close(self) -> None:
@@ -310,3 +429,89 @@ class CompiledModelBackend:
         if self._compiled is not None:
             self._compiled.close()
         self._compiled = None
+
+
+def _buffer_order(
+    compiled: Any, probe: Any, specs: tuple[TensorSpec, ...], in_dtype: np.dtype[Any], in_shape: tuple[int, ...]
+) -> list[int]:
+    """Which interpreter output each of ``CompiledModel``'s output buffers holds (``order[k]`` for buffer k).
+
+    ``CompiledModel`` keeps its buffers in its signature's order, which need not be the interpreter's (TFLite
+    reorders a multi-output model's outputs). Nothing in its API ties a buffer to a tensor name for certain, so
+    the order is verified: each buffer's size matches outputs of that size and dtype; outputs that share a size
+    are told apart by running one probe input through both the compiled model and the interpreter and taking
+    the assignment whose values agree best (the accelerator's float16 arithmetic is close, not identical).
+
+    Raises:
+        ModelError: the buffer count or sizes do not match the interpreter's outputs.
+    """
+    sizes = [int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs]
+    try:
+        buffer_sizes = [int(compiled.get_output_buffer_requirements(k, 0)["buffer_size"]) for k in range(len(specs))]
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelError(
+            f"LiteRT's CompiledModel does not describe the model's {len(specs)} outputs ({exc}); run it on the "
+            "CPU (accelerator: cpu) or update ai-edge-litert"
+        ) from exc
+    groups: dict[int, list[int]] = {}
+    for position, size in enumerate(sizes):
+        groups.setdefault(size, []).append(position)
+    buffers: dict[int, list[int]] = {}
+    for k, size in enumerate(buffer_sizes):
+        buffers.setdefault(size, []).append(k)
+    if {s: len(v) for s, v in groups.items()} != {s: len(v) for s, v in buffers.items()}:
+        raise ModelError(
+            f"LiteRT's CompiledModel holds outputs of {sorted(buffer_sizes)} bytes but the interpreter's are "
+            f"{sorted(sizes)}; run the model on the CPU (accelerator: cpu) or update ai-edge-litert"
+        )
+    order = [0] * len(specs)
+    ambiguous = {size: members for size, members in groups.items() if len(members) > 1}
+    for size, members in groups.items():
+        if size not in ambiguous:
+            order[buffers[size][0]] = members[0]
+    if ambiguous:
+        compiled_rows, interp_rows = _probe_outputs(compiled, probe, specs, in_dtype, in_shape)
+        for size, members in ambiguous.items():
+            slots = buffers[size]
+            best = min(
+                itertools.permutations(members),
+                key=lambda perm: sum(
+                    _distance(compiled_rows[k], interp_rows[p]) for k, p in zip(slots, perm, strict=True)
+                ),
+            )
+            for k, p in zip(slots, best, strict=True):
+                order[k] = p
+    return order
+
+
+def _probe_outputs(
+    compiled: Any, probe: Any, specs: tuple[TensorSpec, ...], in_dtype: np.dtype[Any], in_shape: tuple[int, ...]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every output row of the compiled model (buffer order) and of the interpreter (its order), for one
+    fixed pseudo-random input (a constant input can give outputs that coincide)."""
+    rng = np.random.default_rng(0)
+    if np.issubdtype(in_dtype, np.integer):
+        info = np.iinfo(in_dtype)
+        x = rng.integers(info.min, info.max, in_shape, endpoint=True).astype(in_dtype)
+    else:
+        x = rng.random(in_shape).astype(in_dtype)
+    inputs = compiled.create_input_buffers(0)
+    outputs = compiled.create_output_buffers(0)
+    inputs[0].write(np.ascontiguousarray(x))
+    compiled.run_by_index(0, inputs, outputs)
+    probe.set_tensor(int(probe.get_input_details()[0]["index"]), x)
+    probe.invoke()
+    interp_rows = [probe.get_tensor(int(d["index"])).reshape(-1).astype(np.float64) for d in probe.get_output_details()]
+    compiled_rows = []
+    for k in range(len(specs)):
+        size = int(compiled.get_output_buffer_requirements(k, 0)["buffer_size"])
+        # A buffer's dtype is that of an output of its size (the groups matched above share size and dtype).
+        dtype = next(np.dtype(s.dtype) for s in specs if int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize == size)
+        compiled_rows.append(np.asarray(outputs[k].read(size // dtype.itemsize, dtype)).astype(np.float64))
+    return compiled_rows, interp_rows
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference, relative to the values' range (0 for identical rows)."""
+    scale = max(float(np.abs(b).max(initial=0.0)), 1e-12)
+    return float(np.abs(a - b).mean()) / scale

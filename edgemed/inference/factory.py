@@ -32,7 +32,12 @@ NOT_COMPILED = (
 
 
 def make_backend(
-    model: Path, cfg: BackendConfig, *, fallback_model: Path | None = None, manifest: Manifest | None = None
+    model: Path,
+    cfg: BackendConfig,
+    *,
+    fallback_model: Path | None = None,
+    manifest: Manifest | None = None,
+    scores_output: str | None = None,
 ) -> Backend:
     """Load a model on the intended accelerator, falling back to the CPU only if the profile allows it.
 
@@ -44,6 +49,10 @@ def make_backend(
             twin of an Edge TPU model); defaults to ``model``.
         manifest: the models' manifest; when given, the tensors and output op of the file that actually loaded
             are checked against its artifact entry (``check_loaded_model``) before the backend is returned.
+        scores_output: tensor name of the classifier's scores output (``Artifact.scores_output.name``), which
+            ``output_spec``, ``invoke()`` and ``output_kind`` are about; ``None`` takes the first output
+            (manifests written before outputs were listed). The other outputs are read with
+            ``backend.output(name)``. An Edge TPU model and its CPU twin share their output names.
 
     Returns:
         A backend whose ``delegate`` says where it runs; ``degraded`` and ``degraded_reason`` are set when
@@ -54,14 +63,20 @@ def make_backend(
             (exit 6).
         ModelError: a model cannot be loaded at all, or a model not compiled for the Edge TPU is sent to it
             with fallback refused, or the CPU fallback model is itself Edge TPU-only, or the loaded model's
-            tensors differ from its manifest (exit 3).
+            tensors differ from its manifest, or it has no output named ``scores_output`` (exit 3).
         ConfigError: no interpreter package is installed.
     """
-    backend, loaded = _load(Path(model), cfg, fallback_model)
+    backend, loaded = _load(Path(model), cfg, fallback_model, scores_output)
     if manifest is not None:
         try:
             check_loaded_model(
-                manifest, loaded, backend.input_spec, backend.output_spec, backend.output_kind, backend.weights
+                manifest,
+                loaded,
+                backend.input_spec,
+                backend.output_spec,
+                backend.output_kind,
+                backend.weights,
+                outputs=backend.output_specs,
             )
         except ModelError:
             backend.close()
@@ -69,23 +84,23 @@ def make_backend(
     return backend
 
 
-def _load(model: Path, cfg: BackendConfig, fallback_model: Path | None) -> tuple[_Concrete, Path]:
+def _load(model: Path, cfg: BackendConfig, fallback_model: Path | None, scores: str | None) -> tuple[_Concrete, Path]:
     """The backend, and the file it loaded (``fallback_model`` after a fallback)."""
     name, module = interpreter_module(cfg.runtime)
     if cfg.accelerator == "cpu":
-        return _cpu(module, name, model, cfg, intended="cpu"), model
+        return _cpu(module, name, model, cfg, scores, intended="cpu"), model
     # LiteRT prints INFO lines also when a failed GPU attempt is freed, at the end of the except block below.
     with filtered_stderr(LITERT_NOTICES):
         try:
             if cfg.accelerator == "edgetpu":
-                return _edgetpu(module, name, model, cfg), model
-            return _gpu(module, name, model, cfg), model
+                return _edgetpu(module, name, model, cfg, scores), model
+            return _gpu(module, name, model, cfg, scores), model
         except DelegateUnavailableError as exc:
             if not cfg.allow_cpu_fallback:
                 raise
             reason = f"{exc.reason}; running on the CPU instead"
             cpu_model = Path(fallback_model) if fallback_model is not None else model
-            backend = _cpu(module, name, cpu_model, cfg, intended=cfg.accelerator, reason=reason)
+            backend = _cpu(module, name, cpu_model, cfg, scores, intended=cfg.accelerator, reason=reason)
     log.warning("%s delegate unavailable: %s", cfg.accelerator, reason)
     return backend, cpu_model
 
@@ -95,6 +110,7 @@ def _cpu(
     name: str,
     model: Path,
     cfg: BackendConfig,
+    scores: str | None,
     *,
     intended: Delegate,
     reason: str | None = None,
@@ -108,10 +124,12 @@ def _cpu(
             f"(first failure: {reason})"
         )
     interp = open_interpreter(module, model, cfg.threads)
-    return InterpreterBackend(interp, backend=name, delegate="cpu", intended=intended, degraded_reason=reason)
+    return InterpreterBackend(
+        interp, backend=name, delegate="cpu", intended=intended, degraded_reason=reason, scores_output=scores
+    )
 
 
-def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> InterpreterBackend:
+def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig, scores: str | None) -> InterpreterBackend:
     from edgemed.inference.backends import InterpreterBackend, is_edgetpu_compiled, open_interpreter
 
     if not model.exists():
@@ -141,10 +159,12 @@ def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> 
             "edgetpu",
             f"{exc.reason}; check that libedgetpu is at least as new as the edgetpu_compiler that built the model",
         ) from exc
-    return InterpreterBackend(interp, backend=name, delegate="edgetpu", intended="edgetpu", keep_alive=[delegate])
+    return InterpreterBackend(
+        interp, backend=name, delegate="edgetpu", intended="edgetpu", keep_alive=[delegate], scores_output=scores
+    )
 
 
-def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> _Concrete:
+def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig, scores: str | None) -> _Concrete:
     from edgemed.inference.backends import CompiledModelBackend, InterpreterBackend, open_interpreter
 
     if cfg.gpu_library is not None:
@@ -153,10 +173,12 @@ def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig) -> _Con
             interp = open_interpreter(module, model, cfg.threads, [delegate])
         except DelegateUnavailableError as exc:
             raise DelegateUnavailableError("gpu", exc.reason) from exc
-        return InterpreterBackend(interp, backend=name, delegate="gpu", intended="gpu", keep_alive=[delegate])
+        return InterpreterBackend(
+            interp, backend=name, delegate="gpu", intended="gpu", keep_alive=[delegate], scores_output=scores
+        )
     if name != "ai_edge_litert":
         raise DelegateUnavailableError(
             "gpu",
             f"LiteRT's GPU accelerator needs ai-edge-litert, but {name} is the interpreter in use; {GPU_INSTALL}",
         )
-    return CompiledModelBackend(module, model, cfg.threads, accelerator="gpu")
+    return CompiledModelBackend(module, model, cfg.threads, accelerator="gpu", scores_output=scores)

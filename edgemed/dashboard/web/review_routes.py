@@ -108,6 +108,24 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
+def _ood_of(payload: Any) -> dict[str, Any] | None:
+    """The out-of-distribution check a result carries, as the page shows it; None for a result without one (a
+    study decision, an unclassified frame, a device or model from before the check) or with the check off."""
+    ood = payload.get("ood") if isinstance(payload, dict) else None
+    if not isinstance(ood, dict) or ood.get("method") == "none":
+        return None
+    score, threshold = ood.get("score"), ood.get("threshold")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (score, threshold)):
+        return None  # stored before validation checked ood: show it only in the table below
+    return {
+        "flagged": ood.get("flagged") is True,
+        "method": ood.get("method"),
+        "score": f"{score:.2f}",
+        "threshold": f"{threshold:.2f}",
+        "source": "the device profile" if ood.get("source") == "profile" else "the conversion",
+    }
+
+
 def result_page(request: Request) -> Response:
     """``GET /results/{id}``: what the device published (as text), the review and the escalation."""
     import json
@@ -119,11 +137,13 @@ def result_page(request: Request) -> Response:
     except review.ReviewNotFound as exc:
         raise context.NotFound(str(exc)) from exc
     try:
-        published = _flatten(json.loads(found["payload"]))
+        payload = json.loads(found["payload"])
+        published = _flatten(payload)
     except ValueError:
-        published = []  # kept by an older dashboard as something that is not JSON: the columns still show
+        payload, published = None, []  # kept by an older dashboard as something that is not JSON: the columns show
     values = {
         "item": found,
+        "ood": _ood_of(payload),
         "row": found["row"],
         "published": published,
         "review": found["review"],
