@@ -47,6 +47,7 @@ from converters.data import Dataset
 from converters.fit import Expectation, expectation, fit_to_model, read_training_record
 from converters.gate import GateConfig, GateResult, evaluate_gate
 from converters.metrics import ModelSummary, summarise
+from converters.outputs import name_outputs
 from converters.outcome import (
     CompilerRun,
     Conversion,
@@ -68,9 +69,11 @@ from converters.samples import (
 )
 from converters.source import SourceModel, load_source
 from edgemed.errors import ConfigError, ModelError
-from edgemed.manifest import Artifact, InputSpec, OutputKind, Verdict, Waiver, save_manifest
+from edgemed.manifest import Artifact, InputSpec, OutputKind, OutputSpec, Verdict, Waiver, save_manifest
 
 TARGETS = ("int8", "uint8", "float16", "dynamic", "edgetpu")
+OOD_METHODS = ("auto", "energy", "features", "none")
+PROBE_IMAGES = 32  # calibration images that tell the converted file's outputs apart (converters.outputs)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = [
@@ -149,6 +152,7 @@ def convert(
     min_calibration_per_class: int = MIN_CALIBRATION_PER_CLASS,
     seed: int = 0,
     progress: bool = True,
+    ood: str = "auto",
 ) -> ConvertResult:
     """Convert, gate, and record a model.
 
@@ -167,6 +171,8 @@ def convert(
         min_calibration_per_class: below this many training images of any class, refuse.
         seed: seeds the calibration draw and the bootstrap.
         progress: show tqdm progress bars.
+        ood: ``auto`` or ``features`` give the device graph one pooled-feature output per tapped layer
+            (``converters.source.find_taps``); ``energy`` and ``none`` keep the scores output alone.
 
     Returns:
         Paths, verdicts and numbers; ``result.rejected`` tells whether to exit 3.
@@ -180,7 +186,7 @@ def convert(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or Path(model_path).stem
-    source = load_source(model_path, strip_softmax=output == "logits")
+    source = load_source(model_path, strip_softmax=output == "logits", taps=_wants_taps(ood))
     sampling = (calibration_per_class, min_calibration_per_class, seed)
     inputs = _inputs(model_path, source, calibration, evaluation, eval_split, sampling, gate, progress)
     reference = _float_reference(inputs)
@@ -236,6 +242,13 @@ def _targets_to_gate(targets: tuple[str, ...] | list[str], output: str) -> list[
     if "edgetpu" in targets and "int8" not in wanted:
         wanted.insert(0, "int8")  # the Edge TPU model's CPU twin, and what the compiler compiles
     return wanted
+
+
+def _wants_taps(ood: str) -> bool:
+    """Whether the device graph gets feature outputs: only a method that may read them needs them."""
+    if ood not in OOD_METHODS:
+        raise ConfigError(f"ood {ood!r}: use one of {', '.join(OOD_METHODS)}, e.g. --ood auto")
+    return ood in ("auto", "features")
 
 
 def _inputs(
@@ -343,7 +356,8 @@ def _convert_target(
     content = to_tflite(inputs.source, target, inputs.calib, inputs.progress)
     path.write_bytes(content)
     images = inputs.held.images
-    with DeviceModel(path, inputs.spec) as model:
+    outputs = _name_outputs(inputs, path)
+    with DeviceModel(path, inputs.spec, outputs) as model:
         kind = _output_kind(model.backend.output_kind, inputs.source.output_kind)
         with tqdm(total=len(images), desc=f"evaluate {target}", disable=not inputs.progress, unit="img") as bar:
             probs = model.probabilities(images, kind, bar)
@@ -352,7 +366,17 @@ def _convert_target(
     held, size, latency = inputs.held, footprint.size_bytes, footprint.latency_ms
     result = evaluate_gate(held.labels, reference.probs, probs, inputs.labels, inputs.gate, size, latency)
     verdict: Verdict = "accepted" if result.passed else ("waived" if waiver else "rejected")
-    return TargetOutcome(target, path, *tensors, kind, footprint, probs, result, verdict)
+    return TargetOutcome(target, path, *tensors, kind, footprint, probs, result, verdict, outputs)
+
+
+def _name_outputs(inputs: _Inputs, path: Path) -> list[OutputSpec]:
+    """The file's outputs by tensor name and role, matched to the Keras graph's on calibration images."""
+    source = inputs.source
+    calib = inputs.calib.images
+    spread = np.linspace(0, len(calib) - 1, min(PROBE_IMAGES, len(calib))).astype(int)  # every class
+    probe = calib[spread].astype(np.float32) / np.float32(255.0)
+    reference = source.device_model if source.device_model is not None else source.predict_float
+    return name_outputs(path, reference, probe, source.feature_layers)
 
 
 def _output_kind(graph: OutputKind | None, source: str) -> OutputKind:

@@ -13,7 +13,7 @@ as ``report.json`` and the manifest have always held).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from converters.gate import GateResult
 from converters.metrics import ModelSummary
-from edgemed.manifest import OutputKind, QuantSpec, Verdict
+from edgemed.manifest import OutputKind, OutputSpec, QuantSpec, Verdict
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,14 @@ class TargetOutcome:
     Attributes:
         target: ``int8``, ``uint8``, ``float16`` or ``dynamic``.
         path: the file; inside ``rejected/`` once a rejected file has been moved away.
-        input, output: its tensors, as the manifest records them.
+        input, output: its tensors, as the manifest records them (``output``: the scores tensor).
         output_kind: what its output holds, read from the graph (the device reads the same at load).
         footprint: its size and latency.
         probs: its probabilities on the evaluation images, computed the way the device computes them.
         gate: the gate's result.
         verdict: ``accepted``, ``waived`` (rejected, shipped under a waiver) or ``rejected``.
+        outputs: every output by tensor name and role (``converters.outputs.name_outputs``): the scores, then
+            one feature output per tapped layer.
     """
 
     target: str
@@ -64,6 +66,7 @@ class TargetOutcome:
     probs: np.ndarray
     gate: GateResult
     verdict: Verdict
+    outputs: list[OutputSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

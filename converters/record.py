@@ -42,6 +42,7 @@ def target_artifact(out: Path, outcome: TargetOutcome, waiver: Waiver | None) ->
         failed_criteria=outcome.gate.failed,
         waiver=waiver if outcome.verdict == "waived" else None,
         gate=gate_summary(outcome.gate),
+        outputs=list(outcome.outputs),
     )
 
 
@@ -49,7 +50,9 @@ def edgetpu_artifact(out: Path, compiled: Path, twin: Artifact) -> Artifact:
     """The manifest entry of the compiled Edge TPU file.
 
     It runs only with libedgetpu, so it cannot be gated on this host: it inherits the verdict of the int8 model it
-    was compiled from (the TPU executes the same quantized arithmetic), and names that model as its CPU twin.
+    was compiled from (the TPU executes the same quantized arithmetic), and names that model as its CPU twin. It
+    inherits its twin's ``outputs`` and ``ood`` too: the compiler keeps the output tensors' names and
+    quantization, and the device may fall back to the twin, which must then be read by the same names.
     """
     return Artifact(
         file=str(compiled.relative_to(out)),
@@ -64,6 +67,8 @@ def edgetpu_artifact(out: Path, compiled: Path, twin: Artifact) -> Artifact:
         waiver=twin.waiver,
         gate=twin.gate,
         twin=twin.file,
+        outputs=list(twin.outputs),
+        ood=twin.ood,
     )
 
 

@@ -1,0 +1,248 @@
+"""The device graph's feature outputs: tapped, converted, named by tensor name and role, and checked on the device.
+
+Real conversions of the reference CNN and a bn_gap model trained briefly on BreastMNIST; TFLite lists their
+outputs in an order of its own, and the manifest must still say which tensor is which.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from converters.convert import ConvertResult
+from converters.data import Dataset, load_dataset
+from edgemed.errors import ModelError
+from edgemed.manifest import Artifact, load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+BREAST = ROOT / "data" / "breastmnist_28.npz"
+LABELS = ["malignant", "benign"]
+REFERENCE_TAPS = ["conv2d", "conv2d_1", "conv2d_2", "dense"]
+BN_GAP_TAPS = ["relu0_1", "relu1_1", "relu2_1"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def breast() -> Dataset:
+    return load_dataset(BREAST, labels=LABELS)
+
+
+def _train_and_convert(out: Path, breast: Dataset, recipe: str, **kwargs: Any) -> tuple[Path, ConvertResult]:
+    from converters.convert import convert
+    from converters.train import train
+
+    trained = train(breast, out / "keras", recipe=recipe, seed=0, epochs=3, progress=False, name=recipe)
+    result = convert(trained.model_path, breast, out, name=recipe, progress=False, **kwargs)
+    return trained.model_path, result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, breast: Dataset) -> tuple[Path, ConvertResult]:
+    return _train_and_convert(tmp_path_factory.mktemp("ref"), breast, "reference", targets=("int8", "float16"))
+
+
+@pytest.fixture(scope="module")
+def bn_gap(tmp_path_factory: pytest.TempPathFactory, breast: Dataset) -> tuple[Path, ConvertResult]:
+    return _train_and_convert(tmp_path_factory.mktemp("gap"), breast, "bn_gap", targets=("int8",))
+
+
+def _artifact(result: ConvertResult, target: str) -> Artifact:
+    return load_manifest(result.manifest_path).artifact(result.artifacts[target].name)
+
+
+def _interpreter_outputs(path: Path, images: np.ndarray) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Every output of the file for uint8 images, dequantized, read independently of edgemed's code."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    (inp,) = it.get_input_details()
+    outs = it.get_output_details()
+    rows: dict[str, list[np.ndarray]] = {o["name"]: [] for o in outs}
+    scale, zero = inp["quantization"]
+    for image in images:
+        x = image[None].astype(np.float32) / 255.0
+        if scale:
+            x = np.clip(np.round(x / scale) + zero, -128, 127).astype(inp["dtype"])
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        for o in outs:
+            q = it.get_tensor(o["index"]).reshape(-1).astype(np.float64)
+            s, z = o["quantization"]
+            rows[o["name"]].append((q - z) * s if s else q)
+    return [str(o["name"]) for o in outs], {k: np.asarray(v) for k, v in rows.items()}
+
+
+def _check_mapping(model_path: Path, result: ConvertResult, target: str, taps: list[str], breast: Dataset) -> None:
+    """Each listed output holds what its role and layer say: it follows that Keras output best of all outputs."""
+    from converters.source import load_source
+
+    art = _artifact(result, target)
+    assert [o.role for o in art.outputs] == ["scores"] + ["features"] * len(taps)
+    assert [o.layer for o in art.outputs] == [None, *taps]
+    assert art.output is not None and art.scores_output is not None
+    assert art.output.name == art.scores_output.name  # the gate's scores tensor is the listed one
+    images = breast.splits["val"][0][:40]
+    order, tflite = _interpreter_outputs(result.artifacts[target], images)
+    assert sorted(order) == sorted(o.name for o in art.outputs)
+    scores, features = load_source(model_path).predict_outputs(images.astype(np.float32) / 255.0)
+    keras = {None: scores, **features}
+    for listed in art.outputs:
+        mine = tflite[listed.name]
+        assert [int(d) for d in listed.shape] == [1, mine.shape[1]]
+        corr = {
+            layer: float(np.corrcoef(mine.ravel(), ref.ravel())[0, 1])
+            for layer, ref in keras.items()
+            if ref.shape == mine.shape
+        }
+        assert max(corr, key=corr.__getitem__) == listed.layer, (listed.name, corr)
+        assert corr[listed.layer] > 0.95, (listed.name, corr)
+        np.testing.assert_allclose(mine, keras[listed.layer], atol=0.15 * float(np.abs(keras[listed.layer]).max()))
+
+
+def test_reference_cnn_outputs_are_named_and_mapped(reference: tuple[Path, ConvertResult], breast: Dataset) -> None:
+    model_path, result = reference
+    for target in ("int8", "float16"):
+        _check_mapping(model_path, result, target, REFERENCE_TAPS, breast)
+    # The test means something only because TFLite does reorder (measured with TensorFlow 2.21).
+    order, _ = _interpreter_outputs(result.artifacts["int8"], breast.splits["val"][0][:1])
+    listed = [o.name for o in _artifact(result, "int8").outputs]
+    assert order != listed, "TFLite kept the Keras order: this test no longer shows the outputs are matched"
+
+
+def test_bn_gap_outputs_are_named_and_mapped(bn_gap: tuple[Path, ConvertResult], breast: Dataset) -> None:
+    model_path, result = bn_gap
+    _check_mapping(model_path, result, "int8", BN_GAP_TAPS, breast)
+
+
+def test_name_outputs_follows_the_reference_not_positions(reference: tuple[Path, ConvertResult]) -> None:
+    """Permute the Keras side's tap outputs (and their names): the names follow the tensors, not positions."""
+    from converters.outputs import name_outputs
+    from converters.source import load_source
+
+    model_path, result = reference
+    source = load_source(model_path)
+    probe = load_dataset(BREAST, labels=LABELS).splits["train"][0][:24].astype(np.float32) / 255.0
+    straight = name_outputs(result.artifacts["int8"], source.device_model, probe, source.feature_layers)
+    assert straight == _artifact(result, "int8").outputs
+    perm = [3, 1, 0, 2]
+
+    def permuted(x: np.ndarray) -> list[Any]:
+        outs = source.device_model(x)
+        return [outs[0], *(outs[1 + p] for p in perm)]
+
+    layers = [source.feature_layers[p] for p in perm]
+    swapped = name_outputs(result.artifacts["int8"], permuted, probe, layers)
+    by_layer = {o.layer: o.name for o in straight}
+    assert [(o.layer, o.name) for o in swapped[1:]] == [(layer, by_layer[layer]) for layer in layers]
+
+
+def test_name_outputs_refuses_another_models_file(
+    reference: tuple[Path, ConvertResult], bn_gap: tuple[Path, ConvertResult]
+) -> None:
+    from converters.outputs import name_outputs
+    from converters.source import load_source
+
+    other = load_source(bn_gap[0])
+    probe = load_dataset(BREAST, labels=LABELS).splits["train"][0][:16].astype(np.float32) / 255.0
+    with pytest.raises(ModelError, match="not this model's conversion|follows the Keras output"):
+        name_outputs(reference[1].artifacts["int8"], other.device_model, probe, other.feature_layers)
+
+
+def test_device_model_run_reads_every_feature(reference: tuple[Path, ConvertResult], breast: Dataset) -> None:
+    from converters.runner import DeviceModel
+
+    _, result = reference
+    art = _artifact(result, "int8")
+    images = breast.splits["val"][0][:30]
+    _, tflite = _interpreter_outputs(result.artifacts["int8"], images)
+    with DeviceModel(result.artifacts["int8"], load_manifest(result.manifest_path).input, art.outputs) as model:
+        run = model.run(images, "logits")
+        probs = model.probabilities(images, "logits")
+    np.testing.assert_array_equal(run.probs, probs)
+    assert run.logits is not None
+    np.testing.assert_allclose(run.logits, tflite[art.outputs[0].name], atol=1e-12)
+    features = [o for o in art.outputs if o.role == "features"]
+    assert list(run.features) == [o.name for o in features]
+    assert run.layers == {o.name: o.layer for o in features}
+    for o in features:
+        np.testing.assert_allclose(run.features[o.name], tflite[o.name], atol=1e-12)
+
+
+def test_ood_none_graph_has_one_output(tmp_path: Path, reference: tuple[Path, ConvertResult], breast: Dataset) -> None:
+    from converters.convert import convert
+
+    result = convert(reference[0], breast, tmp_path, targets=("int8",), name="plain", progress=False, ood="none")
+    art = _artifact(result, "int8")
+    assert [(o.role, o.layer) for o in art.outputs] == [("scores", None)]
+    order, _ = _interpreter_outputs(result.artifacts["int8"], breast.splits["val"][0][:1])
+    assert order == [art.outputs[0].name]
+
+
+def _edited_copy(result: ConvertResult, tmp_path: Path, edit: Any) -> tuple[Path, Path]:
+    model = result.artifacts["int8"]
+    shutil.copy(model, tmp_path / model.name)
+    raw = json.loads(result.manifest_path.read_text())
+    index = next(i for i, a in enumerate(raw["artifacts"]) if a["file"] == model.name)
+    edit(raw["artifacts"][index])
+    manifest = tmp_path / result.manifest_path.name
+    manifest.write_text(json.dumps(raw))
+    return tmp_path / model.name, manifest
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", "StatefulPartitionedCall_1:99", r"outputs\[2\] names 'StatefulPartitionedCall_1:99'"),
+        ("scale", 0.5, r"outputs\[2\]\.scale is 0\.5"),
+    ],
+)
+def test_device_refuses_a_hand_edited_output(
+    tmp_path: Path, reference: tuple[Path, ConvertResult], field: str, value: object, message: str
+) -> None:
+    from edgemed.deploy import check_deployable
+    from edgemed.inference import BackendConfig
+
+    def edit(art: dict[str, Any]) -> None:
+        art["outputs"][2][field] = value
+
+    model, manifest = _edited_copy(reference[1], tmp_path, edit)
+    deployable = check_deployable(model, manifest)  # the file's sha256 is still right: only loading can tell
+    with pytest.raises(ModelError, match=message) as err:
+        deployable.open_backend(BackendConfig(accelerator="cpu", threads=1, allow_cpu_fallback=False))
+    assert "convert again" in str(err.value)
+
+
+def test_device_refuses_a_scores_output_it_does_not_have(tmp_path: Path, reference: tuple[Path, ConvertResult]) -> None:
+    from edgemed.deploy import check_deployable
+    from edgemed.inference import BackendConfig
+
+    def edit(art: dict[str, Any]) -> None:
+        art["outputs"][0]["name"] = "logits_that_are_not_there"
+
+    model, manifest = _edited_copy(reference[1], tmp_path, edit)
+    with pytest.raises(ModelError, match="logits_that_are_not_there"):
+        check_deployable(model, manifest).open_backend(BackendConfig(accelerator="cpu", threads=1))
+
+
+def test_mobilenetv2_taps_its_pooled_backbone_only(tmp_path: Path) -> None:
+    """A nested backbone is one top-level layer: its pooled output is the only tap (no recursion)."""
+    from converters.models import build_model
+    from converters.recipe import load_recipe
+    from converters.source import load_source
+
+    model = build_model(load_recipe("mobilenetv2"), (32, 32, 3), 2)
+    model.save(tmp_path / "m.keras")
+    source = load_source(tmp_path / "m.keras")
+    backbone = next(layer.name for layer in model.layers if layer.name.startswith("mobilenetv2"))
+    assert source.feature_layers == [backbone]
+    scores, features = source.predict_outputs(np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32))
+    assert scores.shape == (3, 2) and features[backbone].shape == (3, int(model.layers[-1].input.shape[-1]))
+    assert load_source(tmp_path / "m.keras", taps=False).feature_layers == []
+
