@@ -47,7 +47,6 @@ from converters.data import Dataset
 from converters.fit import Expectation, expectation, fit_to_model, read_training_record
 from converters.gate import GateConfig, GateResult, evaluate_gate
 from converters.metrics import ModelSummary, summarise
-from converters.outputs import name_outputs
 from converters.outcome import (
     CompilerRun,
     Conversion,
@@ -56,6 +55,7 @@ from converters.outcome import (
     Footprint,
     TargetOutcome,
 )
+from converters.outputs import name_outputs
 from converters.record import build_manifest, drift_reference, edgetpu_artifact, now, target_artifact
 from converters.report import write_reports
 from converters.runner import DeviceModel, quant_spec

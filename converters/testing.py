@@ -43,7 +43,8 @@ def build_float_model(model_dir: Path, out: Path) -> Path:
     """Convert the reference model kept by :func:`build_reference_model` to a float32 TFLite file with its softmax.
 
     A genuine converter output that differs from the int8 artifact in every way the manifest records (float32
-    tensors, no quantization, probabilities out), for tests of what the device does with a mislabelled file.
+    tensors, no quantization, probabilities out, a single output), for tests of what the device does with a
+    mislabelled file.
 
     Args:
         model_dir: the ``out_dir`` given to :func:`build_reference_model`.
@@ -56,7 +57,8 @@ def build_float_model(model_dir: Path, out: Path) -> Path:
     from converters.data import load_dataset
     from converters.source import load_source
 
-    source = load_source(Path(model_dir) / "keras" / "breast.keras", strip_softmax=False)
+    # No feature outputs: one output, as every converted file had before the OOD feature score.
+    source = load_source(Path(model_dir) / "keras" / "breast.keras", strip_softmax=False, taps=False)
     calib = calibration_sample(load_dataset(BREASTMNIST, labels=BREAST_LABELS))  # unused by float32; required
     Path(out).write_bytes(to_tflite(source, "float32", calib))
     return Path(out)

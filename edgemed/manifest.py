@@ -459,7 +459,8 @@ def check_loaded_model(
         manifest: the model's manifest.
         model_path: the file the interpreter loaded (its name selects the artifact).
         input_tensor: the interpreter's input tensor.
-        output_tensor: the interpreter's first output tensor.
+        output_tensor: the interpreter's scores tensor (the one the artifact's ``scores_output`` names; the first
+            output for a manifest that lists no outputs).
         output_kind: what the graph's output op computes, or ``None`` where the graph cannot tell (an Edge TPU
             custom op); then that field is not checked.
         weights: how the model stores its weights (``float16``, ``int8``, ``float32``), or ``None`` when not
@@ -478,7 +479,7 @@ def check_loaded_model(
         *_tensor_problems(f"{where}.input", art.input, input_tensor),
         *_tensor_problems(f"{where}.output", art.output, output_tensor),
         *_shape_problems(manifest, input_tensor, output_tensor),
-        *_output_problems(where, art, outputs),
+        *_output_problems(where, art, outputs, output_tensor),
     ]
     if output_kind is not None and output_kind != art.output_kind:
         consequence = (
@@ -536,7 +537,13 @@ def _tensor_problems(where: str, listed: QuantSpec | None, real: TensorSpec) -> 
     return [f"{where}.{field} is {mine} but the model's is {theirs}" for field, mine, theirs in differ]
 
 
-def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec]) -> list[str]:
+def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec], scores: TensorSpec) -> list[str]:
+    listed = art.scores_output
+    if listed is not None and scores.name != listed.name:  # the device would read another tensor as the scores
+        j = art.outputs.index(listed)
+        return [
+            f"{where}.outputs[{j}] names {listed.name!r} as the scores but the model's scores tensor is {scores.name!r}"
+        ]
     if not real:  # the caller did not pass the interpreter's outputs
         return []
     by_name = {t.name: t for t in real}

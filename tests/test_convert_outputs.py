@@ -151,7 +151,7 @@ def test_name_outputs_refuses_another_models_file(
 
     other = load_source(bn_gap[0])
     probe = load_dataset(BREAST, labels=LABELS).splits["train"][0][:16].astype(np.float32) / 255.0
-    with pytest.raises(ModelError, match="not this model's conversion|follows the Keras output"):
+    with pytest.raises(ModelError, match=r"output\(s\) of 16 values .* not this model's conversion"):
         name_outputs(reference[1].artifacts["int8"], other.device_model, probe, other.feature_layers)
 
 
@@ -246,3 +246,21 @@ def test_mobilenetv2_taps_its_pooled_backbone_only(tmp_path: Path) -> None:
     assert scores.shape == (3, 2) and features[backbone].shape == (3, int(model.layers[-1].input.shape[-1]))
     assert load_source(tmp_path / "m.keras", taps=False).feature_layers == []
 
+
+def test_the_device_reads_the_listed_scores_and_refuses_another(reference: tuple[Path, ConvertResult]) -> None:
+    from edgemed.inference import BackendConfig, make_backend
+
+    _, result = reference
+    manifest = load_manifest(result.manifest_path)
+    art = _artifact(result, "int8")
+    assert art.scores_output is not None
+    cfg = BackendConfig(accelerator="cpu", threads=1)
+    backend = make_backend(result.artifacts["int8"], cfg, manifest=manifest)  # the scores name from the manifest
+    try:
+        assert backend.output_spec.name == art.scores_output.name
+        assert {s.name for s in backend.output_specs} == {o.name for o in art.outputs}
+    finally:
+        backend.close()
+    feature = art.outputs[1].name
+    with pytest.raises(ModelError, match=r"outputs\[0\] names .* as the scores but the model's scores tensor is"):
+        make_backend(result.artifacts["int8"], cfg, manifest=manifest, scores_output=feature)

@@ -23,10 +23,12 @@ def test_the_gate_gets_the_devices_probabilities_image_for_image(int8_model: Pat
 
     manifest, art = verify_model(int8_model)
     images, _ = load_dataset(data_dir / "breastmnist_28.npz", labels=list(manifest.labels)).splits["test"]
-    with DeviceModel(int8_model, manifest.input) as gate:
+    assert [o.role for o in art.outputs][:2] == ["scores", "features"]  # multi-output: found by name
+    with DeviceModel(int8_model, manifest.input, art.outputs) as gate:
         assert gate.backend.output_kind == art.output_kind == "logits"  # read from the graph, as the device does
         assert gate.backend.delegate == "cpu" and not gate.backend.degraded
         gated = gate.probabilities(images, art.output_kind)
+        assert np.array_equal(gate.run(images, art.output_kind).probs, gated)
         assert gate.median_latency_ms(images[0], runs=5) > 0.0
 
     # The device, as `edgemed run` builds it from a profile with default inference settings.

@@ -53,7 +53,7 @@ from converters.convert import calibration_sample, to_tflite
 from converters.data import load_dataset
 from converters.source import load_source
 from converters.testing import BREASTMNIST, BREAST_LABELS
-source = load_source(Path(sys.argv[1]) / "keras" / "breast.keras", strip_softmax=False)
+source = load_source(Path(sys.argv[1]) / "keras" / "breast.keras", strip_softmax=False, taps=False)
 calib = calibration_sample(load_dataset(BREASTMNIST, labels=BREAST_LABELS))
 for target in sys.argv[3:]:
     (Path(sys.argv[2]) / f"breast_{target}.tflite").write_bytes(to_tflite(source, target, calib))
@@ -98,7 +98,9 @@ def _float_specs(model: Path) -> dict[str, Any]:
         return {"name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
                 "scale": float(scale), "zero_point": int(zero)}  # fmt: skip
 
-    return {"input": spec(interp.get_input_details()[0]), "output": spec(interp.get_output_details()[0])}
+    (output,) = interp.get_output_details()  # the float files here have a single output: their scores
+    return {"input": spec(interp.get_input_details()[0]), "output": spec(output),
+            "outputs": [{**spec(output), "role": "scores"}]}  # fmt: skip
 
 
 def test_the_graph_tells_logits_from_probabilities(int8_model: Path, tmp_path: Path) -> None:

@@ -50,8 +50,9 @@ def make_backend(
         manifest: the models' manifest; when given, the tensors and output op of the file that actually loaded
             are checked against its artifact entry (``check_loaded_model``) before the backend is returned.
         scores_output: tensor name of the classifier's scores output (``Artifact.scores_output.name``), which
-            ``output_spec``, ``invoke()`` and ``output_kind`` are about; ``None`` takes the first output
-            (manifests written before outputs were listed). The other outputs are read with
+            ``output_spec``, ``invoke()`` and ``output_kind`` are about; ``None`` takes the one ``manifest``
+            lists for ``model`` when a manifest is given, else the first output (as for manifests written before
+            outputs were listed). The other outputs are read with
             ``backend.output(name)``. An Edge TPU model and its CPU twin share their output names.
 
     Returns:
@@ -66,6 +67,8 @@ def make_backend(
             tensors differ from its manifest, or it has no output named ``scores_output`` (exit 3).
         ConfigError: no interpreter package is installed.
     """
+    if scores_output is None and manifest is not None:
+        scores_output = _listed_scores(manifest, Path(model))
     backend, loaded = _load(Path(model), cfg, fallback_model, scores_output)
     if manifest is not None:
         try:
@@ -82,6 +85,13 @@ def make_backend(
             backend.close()
             raise
     return backend
+
+
+def _listed_scores(manifest: Manifest, model: Path) -> str | None:
+    """The scores tensor the manifest lists for ``model`` (None: not listed, or a manifest without outputs)."""
+    listed = next((a for a in manifest.artifacts if Path(a.file).name == model.name), None)
+    scores = listed.scores_output if listed is not None else None
+    return scores.name if scores is not None else None
 
 
 def _load(model: Path, cfg: BackendConfig, fallback_model: Path | None, scores: str | None) -> tuple[_Concrete, Path]:
