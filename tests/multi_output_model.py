@@ -11,19 +11,124 @@ real training images as the representative set and writes, in OUT_DIR:
 - ``truth.npz``: ``images`` (uint8 validation images, N x 28 x 28) and the float Keras outputs on them, one array
   per Keras output name.
 
-The test process never imports TensorFlow; only this script does.
+The test process never imports TensorFlow (only ``build`` does, in the subprocess); the helpers below read the
+model through the device's backends.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "breastmnist_28.npz"
+if TYPE_CHECKING:
+    from edgemed.inference import Backend
+    from edgemed.types import TensorSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "breastmnist_28.npz"
 OUTPUTS = ("probs", "pool_a", "pool_b")
+LABELS = ("benign", "malignant")
+_BUILT: dict[str, Path] = {}  # one build per test process, shared by the modules that use the model
+
+
+def built_model(folder: Path) -> Path:
+    """The model, built once per process into ``folder`` (a fresh temporary folder) by a TensorFlow subprocess."""
+    if "model" not in _BUILT:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__)), str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+            env={**os.environ, "KERAS_HOME": str(folder / "keras_home"), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the multi-output model failed:\n{proc.stdout}\n{proc.stderr}")
+        _BUILT["model"] = folder / "multi_int8.tflite"
+    return _BUILT["model"]
+
+
+def truth(model: Path) -> tuple[dict[str, str], np.ndarray, dict[str, np.ndarray]]:
+    """Keras output name -> tensor name, the probe images, and the float Keras outputs on them."""
+    names = json.loads((model.parent / "truth.json").read_text())
+    data = np.load(model.parent / "truth.npz")
+    return names, data["images"], {key: data[key] for key in names}
+
+
+def model_input(image: np.ndarray, backend: Backend) -> np.ndarray:
+    """A uint8 28 x 28 image as the model's quantized input."""
+    from edgemed.preprocess import quantize
+
+    return quantize(image[..., None].astype(np.float32) / 255.0, backend.input_spec)
+
+
+def output_rows(backend: Backend, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of every image, dequantized, by tensor name (one invoke per image)."""
+    from edgemed.inference.classify import dequantize
+
+    rows: dict[str, list[np.ndarray]] = {spec.name: [] for spec in backend.output_specs}
+    for image in images:
+        scores = backend.invoke(model_input(image, backend))
+        assert np.array_equal(scores, backend.output(backend.output_spec.name))  # invoke() is that output's row
+        for spec in backend.output_specs:
+            rows[spec.name].append(dequantize(backend.output(spec.name), spec))
+    return {name: np.stack(r) for name, r in rows.items()}
+
+
+def write_manifest(model: Path, folder: Path, backend: Backend) -> Path:
+    """A copy of the model in ``folder`` with the manifest a conversion writes: every output by name and role."""
+    from edgemed.manifest import Manifest, OutputSpec, QuantSpec, save_manifest, sha256_file
+
+    def quant(spec: TensorSpec) -> QuantSpec:
+        return QuantSpec(
+            name=spec.name, shape=list(spec.shape), dtype=spec.dtype, scale=spec.scale, zero_point=spec.zero_point
+        )
+
+    names, _, _ = truth(model)
+    layers = {tensor: key for key, tensor in names.items()}
+    outputs = [
+        OutputSpec(
+            **quant(spec).model_dump(),
+            role="scores" if spec.name == names["probs"] else "features",
+            layer=None if spec.name == names["probs"] else layers[spec.name],
+        )
+        for spec in backend.output_specs
+    ]
+    scores = next(o for o in outputs if o.role == "scores")
+    copy = folder / model.name
+    shutil.copyfile(model, copy)
+    manifest = Manifest.model_validate(
+        {
+            "name": "multi",
+            "version": "1",
+            "created_at": "2026-12-02T00:00:00Z",
+            "labels": list(LABELS),
+            "input": {"height": 28, "width": 28, "channels": 1, "colour_mode": "gray"},
+            "artifacts": [
+                {
+                    "file": copy.name,
+                    "target": "int8",
+                    "sha256": sha256_file(copy),
+                    "size_bytes": copy.stat().st_size,
+                    "input": quant(backend.input_spec).model_dump(),
+                    "output": QuantSpec(**scores.model_dump(exclude={"role", "layer"})).model_dump(),
+                    "output_kind": "probabilities",
+                    "verdict": "accepted",
+                    "outputs": [o.model_dump() for o in outputs],
+                }
+            ],
+        }
+    )
+    path = folder / "multi.manifest.json"
+    save_manifest(manifest, path)
+    return path
 
 
 def build(out: Path) -> None:

@@ -9,15 +9,13 @@ Keras output comes from the flatbuffer's signature, and the values are compared 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from delegate_fakes import CtypesDelegate
+from multi_output_model import built_model, model_input, output_rows, truth, write_manifest
 
 import edgemed.inference.backends as backends_mod
 import edgemed.inference.factory as factory_mod
@@ -25,55 +23,18 @@ from edgemed.deploy import check_deployable
 from edgemed.errors import ModelError
 from edgemed.inference import Backend, BackendConfig, interpreter_module, make_backend
 from edgemed.inference.backends import CompiledModelBackend
-from edgemed.inference.classify import dequantize
-from edgemed.manifest import Manifest, OutputSpec, QuantSpec, load_manifest, save_manifest, sha256_file
-from edgemed.preprocess import quantize
-from edgemed.types import TensorSpec
-
-ROOT = Path(__file__).resolve().parent.parent
-LABELS = ("benign", "malignant")
+from edgemed.manifest import load_manifest
 
 
 @pytest.fixture(scope="session")
 def multi_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real multi-output int8 model (see the module docstring); ``truth.json``/``truth.npz`` beside it."""
-    out = tmp_path_factory.mktemp("multi")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multi_output_model.py"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env={**os.environ, "KERAS_HOME": str(out / "keras_home"), "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out / "multi_int8.tflite"
-
-
-def _truth(model: Path) -> tuple[dict[str, str], np.ndarray, dict[str, np.ndarray]]:
-    names = json.loads((model.parent / "truth.json").read_text())
-    data = np.load(model.parent / "truth.npz")
-    return names, data["images"], {key: data[key] for key in names}
-
-
-def _x(image: np.ndarray, backend: Backend) -> np.ndarray:
-    return quantize(image[..., None].astype(np.float32) / 255.0, backend.input_spec)
-
-
-def _rows(backend: Backend, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Every output of every image, dequantized, by tensor name."""
-    rows: dict[str, list[np.ndarray]] = {spec.name: [] for spec in backend.output_specs}
-    for image in images:
-        scores = backend.invoke(_x(image, backend))
-        assert np.array_equal(scores, backend.output(backend.output_spec.name))  # invoke() is that output's row
-        for spec in backend.output_specs:
-            rows[spec.name].append(dequantize(backend.output(spec.name), spec))
-    return {name: np.stack(r) for name, r in rows.items()}
+    """The real multi-output int8 model (``tests/multi_output_model.py``); ``truth.json``/``truth.npz`` beside it."""
+    return built_model(tmp_path_factory.mktemp("multi"))
 
 
 def _assert_matches_keras(backend: Backend, model: Path) -> None:
-    names, images, floats = _truth(model)
-    rows = _rows(backend, images)
+    names, images, floats = truth(model)
+    rows = output_rows(backend, images)
     for key, tensor in names.items():
         spec = next(s for s in backend.output_specs if s.name == tensor)
         got, want = rows[tensor], floats[key]
@@ -87,7 +48,7 @@ def _assert_matches_keras(backend: Backend, model: Path) -> None:
 def test_interpreter_lists_outputs_in_another_order_than_keras(multi_model: Path) -> None:
     # The premise of this file: position cannot be trusted. If a TensorFlow release stops reordering, the
     # tests below still hold, but this one says the fixture no longer exercises the reorder.
-    names, _, _ = _truth(multi_model)
+    names, _, _ = truth(multi_model)
     backend = make_backend(multi_model, BackendConfig())
     order = [spec.name for spec in backend.output_specs]
     assert sorted(order) == sorted(names.values())
@@ -96,7 +57,7 @@ def test_interpreter_lists_outputs_in_another_order_than_keras(multi_model: Path
 
 
 def test_scores_output_chooses_the_scores_tensor_and_its_output_kind(multi_model: Path) -> None:
-    names, _, _ = _truth(multi_model)
+    names, _, _ = truth(multi_model)
     first = make_backend(multi_model, BackendConfig())
     scores = make_backend(multi_model, BackendConfig(), scores_output=names["probs"])
     assert scores.output_spec.name == names["probs"] and scores.output_spec.shape == (1, 2)
@@ -109,13 +70,13 @@ def test_scores_output_chooses_the_scores_tensor_and_its_output_kind(multi_model
 
 
 def test_unknown_names_are_model_errors_naming_the_outputs(multi_model: Path) -> None:
-    names, images, _ = _truth(multi_model)
+    names, images, _ = truth(multi_model)
     with pytest.raises(ModelError, match=r"'pool_z' as the model's scores output.*StatefulPartitionedCall"):
         make_backend(multi_model, BackendConfig(), scores_output="pool_z")
     backend = make_backend(multi_model, BackendConfig(), scores_output=names["probs"])
     with pytest.raises(ModelError, match="after invoke"):
         backend.output(names["pool_a"])
-    backend.invoke(_x(images[0], backend))
+    backend.invoke(model_input(images[0], backend))
     with pytest.raises(ModelError, match=r"no output named 'pool_z'; its outputs are 'Stateful.*output_specs"):
         backend.output("pool_z")
     backend.close()
@@ -125,13 +86,13 @@ def test_unknown_names_are_model_errors_naming_the_outputs(multi_model: Path) ->
 
 def test_compiled_model_backend_gives_the_interpreters_outputs_by_name(multi_model: Path) -> None:
     # The GPU path minus the GPU: CompiledModel on its CPU accelerator, bit-identical to the interpreter.
-    names, images, _ = _truth(multi_model)
+    names, images, _ = truth(multi_model)
     _, module = interpreter_module()
     compiled = CompiledModelBackend(module, multi_model, 1, accelerator="cpu", scores_output=names["probs"])
     plain = make_backend(multi_model, BackendConfig(), scores_output=names["probs"])
     assert compiled.output_specs == plain.output_specs and compiled.output_spec == plain.output_spec
     assert compiled.output_kind == "probabilities"
-    got, want = _rows(compiled, images), _rows(plain, images)
+    got, want = output_rows(compiled, images), output_rows(plain, images)
     assert all(np.array_equal(got[name], want[name]) for name in want)
     compiled.close()
     with pytest.raises(ModelError, match="closed"):
@@ -163,7 +124,7 @@ def test_compiled_model_buffer_order_is_verified_not_assumed(
 ) -> None:
     from ai_edge_litert import compiled_model
 
-    names, images, _ = _truth(multi_model)
+    names, images, _ = truth(multi_model)
     real_from_file = compiled_model.CompiledModel.from_file
     monkeypatch.setattr(
         compiled_model.CompiledModel,
@@ -173,9 +134,9 @@ def test_compiled_model_buffer_order_is_verified_not_assumed(
     _, module = interpreter_module()
     compiled = CompiledModelBackend(module, multi_model, 1, accelerator="cpu", scores_output=names["probs"])
     # The two 8-value feature outputs share a size: only the probe run tells their buffers apart.
-    assert compiled.invoke(_x(images[0], compiled)).shape == (2,)
+    assert compiled.invoke(model_input(images[0], compiled)).shape == (2,)
     plain = make_backend(multi_model, BackendConfig(), scores_output=names["probs"])
-    got, want = _rows(compiled, images), _rows(plain, images)
+    got, want = output_rows(compiled, images), output_rows(plain, images)
     assert all(np.array_equal(got[name], want[name]) for name in want)
 
 
@@ -193,7 +154,7 @@ def test_edgetpu_delegate_path_reads_outputs_by_name(
 ) -> None:
     # A real native delegate (claiming no nodes) at the load_delegate seam: the Edge TPU backend's own code path.
     monkeypatch.setattr(factory_mod, "load_external_delegate", lambda *a, **k: CtypesDelegate())
-    names, _, _ = _truth(multi_model)
+    names, _, _ = truth(multi_model)
     cfg = BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False)
     backend = make_backend(edgetpu_copy, cfg, scores_output=names["probs"])
     assert (backend.delegate, backend.degraded) == ("edgetpu", False)
@@ -203,7 +164,7 @@ def test_edgetpu_delegate_path_reads_outputs_by_name(
 
 def test_edgetpu_fallback_to_the_cpu_twin_keeps_the_scores_output(multi_model: Path, edgetpu_copy: Path) -> None:
     # libedgetpu is really absent here: the twin runs on the CPU, with the same output names.
-    names, _, _ = _truth(multi_model)
+    names, _, _ = truth(multi_model)
     backend = make_backend(
         edgetpu_copy, BackendConfig(accelerator="edgetpu"), fallback_model=multi_model, scores_output=names["probs"]
     )
@@ -212,54 +173,10 @@ def test_edgetpu_fallback_to_the_cpu_twin_keeps_the_scores_output(multi_model: P
     _assert_matches_keras(backend, multi_model)
 
 
-def _quant(spec: TensorSpec) -> QuantSpec:
-    return QuantSpec(
-        name=spec.name, shape=list(spec.shape), dtype=spec.dtype, scale=spec.scale, zero_point=spec.zero_point
-    )
-
-
-def _manifest(model: Path, backend: Backend, names: dict[str, str]) -> Path:
-    """The manifest a conversion writes for the model: every output by name and role."""
-    outputs = [
-        OutputSpec(
-            **_quant(spec).model_dump(),
-            role="scores" if spec.name == names["probs"] else "features",
-            layer=None if spec.name == names["probs"] else next(k for k, v in names.items() if v == spec.name),
-        )
-        for spec in backend.output_specs
-    ]
-    scores = next(o for o in outputs if o.role == "scores")
-    manifest = Manifest.model_validate(
-        {
-            "name": "multi",
-            "version": "1",
-            "created_at": "2026-12-02T00:00:00Z",
-            "labels": list(LABELS),
-            "input": {"height": 28, "width": 28, "channels": 1, "colour_mode": "gray"},
-            "artifacts": [
-                {
-                    "file": model.name,
-                    "target": "int8",
-                    "sha256": sha256_file(model),
-                    "size_bytes": model.stat().st_size,
-                    "input": _quant(backend.input_spec).model_dump(),
-                    "output": QuantSpec(**scores.model_dump(exclude={"role", "layer"})).model_dump(),
-                    "output_kind": "probabilities",
-                    "verdict": "accepted",
-                    "outputs": [o.model_dump() for o in outputs],
-                }
-            ],
-        }
-    )
-    path = model.parent / "multi.manifest.json"
-    save_manifest(manifest, path)
-    return path
-
-
-def test_deployable_opens_the_artifacts_scores_output(multi_model: Path) -> None:
-    names, _, _ = _truth(multi_model)
-    manifest_path = _manifest(multi_model, make_backend(multi_model, BackendConfig()), names)
-    model = check_deployable(multi_model, manifest_path, load=True)
+def test_deployable_opens_the_artifacts_scores_output(multi_model: Path, tmp_path: Path) -> None:
+    names, _, _ = truth(multi_model)
+    manifest_path = write_manifest(multi_model, tmp_path, make_backend(multi_model, BackendConfig()))
+    model = check_deployable(tmp_path / multi_model.name, manifest_path, load=True)
     backend = model.open_backend(BackendConfig())
     assert backend.output_spec.name == names["probs"] != backend.output_specs[0].name
     _assert_matches_keras(backend, multi_model)
@@ -272,35 +189,32 @@ def _edited(manifest_path: Path, change: Any) -> None:
     load_manifest(manifest_path)  # still a valid manifest: only the device's load check can catch it
 
 
-def test_a_listed_output_the_model_lacks_is_refused_at_load(multi_model: Path) -> None:
-    names, _, _ = _truth(multi_model)
-    manifest_path = _manifest(multi_model, make_backend(multi_model, BackendConfig()), names)
+def test_a_listed_output_the_model_lacks_is_refused_at_load(multi_model: Path, tmp_path: Path) -> None:
+    manifest_path = write_manifest(multi_model, tmp_path, make_backend(multi_model, BackendConfig()))
     feature = next(
         j
         for j, o in enumerate(json.loads(manifest_path.read_text())["artifacts"][0]["outputs"])
         if o["role"] != "scores"
     )
     _edited(manifest_path, lambda art: art["outputs"][feature].update(name="renamed:0"))
-    model = check_deployable(multi_model, manifest_path)
+    model = check_deployable(tmp_path / multi_model.name, manifest_path)
     with pytest.raises(ModelError, match=rf"artifacts\[0\]\.outputs\[{feature}\] names 'renamed:0'.*convert again"):
         model.open_backend(BackendConfig())
     with pytest.raises(ModelError, match=rf"artifacts\[0\]\.outputs\[{feature}\]"):
-        check_deployable(multi_model, manifest_path, load=True)  # edgemed bundle's check
+        check_deployable(tmp_path / multi_model.name, manifest_path, load=True)  # edgemed bundle's check
 
 
-def test_a_listed_output_with_other_quantization_is_refused_at_load(multi_model: Path) -> None:
-    names, _, _ = _truth(multi_model)
-    manifest_path = _manifest(multi_model, make_backend(multi_model, BackendConfig()), names)
+def test_a_listed_output_with_other_quantization_is_refused_at_load(multi_model: Path, tmp_path: Path) -> None:
+    manifest_path = write_manifest(multi_model, tmp_path, make_backend(multi_model, BackendConfig()))
     _edited(
         manifest_path, lambda art: [o.update(scale=o["scale"] * 2) for o in art["outputs"] if o["role"] != "scores"]
     )
     with pytest.raises(ModelError, match=r"artifacts\[0\]\.outputs\[\d\]\.scale is"):
-        check_deployable(multi_model, manifest_path).open_backend(BackendConfig())
+        check_deployable(tmp_path / multi_model.name, manifest_path).open_backend(BackendConfig())
 
 
-def test_a_scores_output_the_model_lacks_is_refused_at_load(multi_model: Path) -> None:
-    names, _, _ = _truth(multi_model)
-    manifest_path = _manifest(multi_model, make_backend(multi_model, BackendConfig()), names)
+def test_a_scores_output_the_model_lacks_is_refused_at_load(multi_model: Path, tmp_path: Path) -> None:
+    manifest_path = write_manifest(multi_model, tmp_path, make_backend(multi_model, BackendConfig()))
 
     def rename_scores(art: dict[str, Any]) -> None:
         for o in art["outputs"]:
@@ -309,4 +223,4 @@ def test_a_scores_output_the_model_lacks_is_refused_at_load(multi_model: Path) -
 
     _edited(manifest_path, rename_scores)
     with pytest.raises(ModelError, match=r"names 'probs:0' as the model's scores output.*convert again"):
-        check_deployable(multi_model, manifest_path).open_backend(BackendConfig())
+        check_deployable(tmp_path / multi_model.name, manifest_path).open_backend(BackendConfig())
