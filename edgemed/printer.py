@@ -46,9 +46,12 @@ def result_line(result: FrameResult, *, show_name: bool) -> str:
     frame, pred, tri, ood = result.frame, result.prediction, result.triage, result.ood
     # Rounded as the envelope rounds it, so the line and the published result never disagree by a percent.
     what = f"{pred.label} ({round(pred.confidence, 6):.0%})" if pred is not None else "-"
-    if ood is not None and ood.flagged and ood.score is not None and ood.threshold is not None:
-        # The model's label stays on the line (it is recorded), but never without the warning beside it.
-        what += f"  [unlike the training images: {ood.method} {ood.score:.2f} > {ood.threshold:.2f}]"
+    if ood is not None and ood.flagged:
+        # The model's label stays on the line (it is recorded), but never without the warning beside it. A score
+        # that is not a finite number (a float model's overflow) is flagged and recorded as null.
+        score = f"{ood.score:.2f}" if ood.score is not None else "not a finite number"
+        above = f" > {ood.threshold:.2f}" if ood.threshold is not None and ood.score is not None else ""
+        what += f"  [unlike the training images: {ood.method} {score}{above}]"
     name = f" {frame.name}" if frame.name and show_name else ""
     return f"#{frame.index:<5}{name}  {what}  -> {tri.level.upper()}: {tri.reason}\n"
 

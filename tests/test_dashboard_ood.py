@@ -39,11 +39,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     passed["ood"] = {"method": "energy", "score": -7.5, "threshold": -3.25, "flagged": False, "source": "profile"}
     bad = _flagged(4)
     bad["ood"]["flagged"] = "yes"
-    bodies = {"flagged": flagged, "passed": passed, "old": old, "bad": bad}
-    for body in (flagged, passed, old):
+    overflow = _flagged(5)
+    overflow["ood"].update({"method": "energy", "score": None})  # a float model's overflow: flagged, score null
+    bodies = {"flagged": flagged, "passed": passed, "old": old, "bad": bad, "overflow": overflow}
+    for body in (flagged, passed, old, overflow):
         jsonschema.validate(body, result_schema())
     filings = [classify(TOPIC, json.dumps(b).encode()) for b in bodies.values()]
-    assert [f.kind for f in filings] == ["results", "results", "results", "dead"]
+    assert [f.kind for f in filings] == ["results", "results", "results", "dead", "results"]
     assert filings[3].reason == "ood.flagged is not true or false"
     store.file(filings, 1000.0)
     make_user(store, "rob", "reviewer")
@@ -69,6 +71,8 @@ def test_the_result_page_says_unlike_the_training_images_with_score_and_threshol
     passed = rob.get(f"/results/{site['ids']['passed']}").text
     assert "Like the training images: energy score -7.50, threshold -3.25 (set by the device profile)" in passed
     assert "Unlike the training images" not in passed
+    overflow = rob.get(f"/results/{site['ids']['overflow']}").text
+    assert "energy score not a finite number is above the threshold 2.13" in overflow
 
 
 def test_a_result_from_an_older_device_shows_as_before(site: dict[str, Any]) -> None:

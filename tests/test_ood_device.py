@@ -237,9 +237,9 @@ def test_an_unchecked_frame_has_no_ood_key_and_an_off_check_records_nulls() -> N
     env = _envelope(error)
     assert "ood" not in env
     jsonschema.validate(env, result_schema())
-    off = _envelope(_result(OodCheck("none", None, None, False, "manifest"), triage(_pred(0.02), POLICY)))
+    off = _envelope(_result(OodCheck("none", None, None, False, "profile"), triage(_pred(0.02), POLICY)))
     jsonschema.validate(off, result_schema())
-    assert off["ood"] == {"method": "none", "score": None, "threshold": None, "flagged": False, "source": "manifest"}
+    assert off["ood"] == {"method": "none", "score": None, "threshold": None, "flagged": False, "source": "profile"}
 
 
 @pytest.mark.parametrize(
@@ -299,6 +299,8 @@ def test_the_nurses_line_makes_a_flagged_frame_plain() -> None:
         "#4      benign (98%)  [unlike the training images: features 9.41 > 2.10]  -> INCONCLUSIVE: "
     )
     assert OOD_REASON in line and "DOE_JANE" not in line
+    overflow = result_line(_result(OodCheck("energy", None, -3.0, True, "manifest")), show_name=False)
+    assert "[unlike the training images: energy not a finite number]  -> INCONCLUSIVE" in overflow
     plain = result_line(_result(PASSED, triage(_pred(0.02), POLICY)), show_name=False)
     assert "unlike" not in plain and "-> NO_FINDING" in plain
 

@@ -114,14 +114,16 @@ def _ood_of(payload: Any) -> dict[str, Any] | None:
     ood = payload.get("ood") if isinstance(payload, dict) else None
     if not isinstance(ood, dict) or ood.get("method") == "none":
         return None
-    score, threshold = ood.get("score"), ood.get("threshold")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (score, threshold)):
-        return None  # stored before validation checked ood: show it only in the table below
+    score, threshold = (ood.get(k) for k in ("score", "threshold"))
+    shown = [f"{v:.2f}" if isinstance(v, int | float) and not isinstance(v, bool) else None for v in (score, threshold)]
+    if shown[1] is None:
+        return None  # no threshold to compare with: the table below shows what was sent
     return {
         "flagged": ood.get("flagged") is True,
         "method": ood.get("method"),
-        "score": f"{score:.2f}",
-        "threshold": f"{threshold:.2f}",
+        # A device records a score that is not a finite number (a float model's overflow) as null, and flags it.
+        "score": shown[0] or "not a finite number",
+        "threshold": shown[1],
         "source": "the device profile" if ood.get("source") == "profile" else "the conversion",
     }
 
