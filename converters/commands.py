@@ -71,6 +71,14 @@ the data must be the model's (else exit 2, before any work): the classes it was 
 as many classes as it has outputs, its image size and colour mode (a .npz stored otherwise is refused unless
 converted on purpose with --image-size/--colour-mode), and colour images for a model trained on colour
 
+out-of-distribution check (on by default, --ood auto): the device flags a frame unlike the training images
+(another modality, the wrong body part or preset) as inconclusive instead of answering. Its statistics are
+fitted on the train split and each threshold on the val split (the data needs one; never the test split) so
+that --ood-fraction (3%) of in-distribution validation images are flagged. Try it on images of other kinds:
+  edgemed convert models/breast.keras --calibration data/breastmnist_28.npz --out dist \
+      --ood-eval data/isic_samples other.npz
+The report's "Out-of-distribution" section shows histograms, AUROC and FPR at 95% TPR per score and set.
+
 exit codes: 0 every model accepted (or waived), 2 usage or data error, 3 the gate rejected a model
 """
 
@@ -247,6 +255,35 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--waiver-reason", metavar="TEXT", help='why, e.g. --waiver-reason "validated on the site study, report 12"'
     )
+    o = p.add_argument_group(
+        "out-of-distribution abstention (the device flags frames unlike the training images as inconclusive)"
+    )
+    o.add_argument(
+        "--ood",
+        choices=["auto", "energy", "features", "none"],
+        default="auto",
+        help="auto (default): the feature score (distance of several layers' pooled activations to the training "
+        "classes; the model gets one extra output per layer) when the model has layers to read, else energy; "
+        "energy: from the logits only, no extra outputs; features: the feature score or an error; none: no check, "
+        "no extra outputs. Fitted on the train split, thresholded on the val split (needs one), e.g. --ood energy",
+    )
+    o.add_argument(
+        "--ood-eval",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="images of other kinds to test the check on, in the report only (AUROC, FPR at 95%% TPR, fraction "
+        "flagged): a .npz (its test split) or anything `edgemed run` reads, e.g. --ood-eval data/isic_samples",
+    )
+    o.add_argument(
+        "--ood-fraction",
+        type=float,
+        default=0.03,
+        metavar="X",
+        help="share of in-distribution validation images each threshold flags, e.g. 0.05 (default 0.03); "
+        "a profile can override the threshold on the device",
+    )
     c = p.add_argument_group("calibration")
     c.add_argument(
         "--calibration-per-class",
@@ -329,9 +366,15 @@ def run_convert(args: argparse.Namespace) -> int:
         min_calibration_per_class=args.min_calibration_per_class,
         seed=args.seed,
         progress=not args.no_progress,
+        ood=args.ood,
+        ood_eval=args.ood_eval,
+        ood_fraction=args.ood_fraction,
     )
     manifest = load_manifest(result.manifest_path)
     print("\n".join(summary_lines(manifest, result.float_summary, result.gates)))
+    main_ood = next((o for o in result.ood if o.target == "int8"), result.ood[0] if result.ood else None)
+    if main_ood is not None:
+        print(main_ood.summary_line())
     for note in result.notes:
         print(f"note: {note}")
     weak = [t for t, w in result.weak.items() if w and result.verdicts.get(t) != "rejected"]

@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from converters.data import Dataset
 from converters.fit import Expectation, expectation, fit_to_model, read_training_record
 from converters.gate import GateConfig, GateResult, evaluate_gate
 from converters.metrics import ModelSummary, summarise
+from converters.ood import DEFAULT_FRACTION, check_option
+from converters.ood_step import OodOutcome, OodPlan, plan, run_target
 from converters.outcome import (
     CompilerRun,
     Conversion,
@@ -69,7 +72,7 @@ from converters.samples import (
 )
 from converters.source import SourceModel, load_source
 from edgemed.errors import ConfigError, ModelError
-from edgemed.manifest import Artifact, InputSpec, OutputKind, OutputSpec, Verdict, Waiver, save_manifest
+from edgemed.manifest import Artifact, InputSpec, OodSpec, OutputKind, OutputSpec, Verdict, Waiver, save_manifest
 
 TARGETS = ("int8", "uint8", "float16", "dynamic", "edgetpu")
 OOD_METHODS = ("auto", "energy", "features", "none")
@@ -105,6 +108,7 @@ class ConvertResult:
         notes: things the user must know (e.g. the Edge TPU compiler was not found).
         weak: target -> clinical floors the model is under, in words (accepted anyway unless floors are
             required: "faithful conversion, clinically weak").
+        ood: per converted target, its out-of-distribution fit and report numbers (empty for ``--ood none``).
     """
 
     manifest_path: Path
@@ -117,6 +121,7 @@ class ConvertResult:
     gates: dict[str, GateResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     weak: dict[str, list[str]] = field(default_factory=dict)
+    ood: list[OodOutcome] = field(default_factory=list)
 
     @property
     def rejected(self) -> bool:
@@ -129,6 +134,7 @@ class _Inputs:
     """What every step of one conversion works from."""
 
     source: SourceModel
+    data: Dataset  # the calibration data fitted to the model: its train and val splits fit the OOD statistics
     labels: list[str]
     spec: InputSpec
     calib: Calibration
@@ -153,6 +159,8 @@ def convert(
     seed: int = 0,
     progress: bool = True,
     ood: str = "auto",
+    ood_eval: Sequence[str | Path] = (),
+    ood_fraction: float = DEFAULT_FRACTION,
 ) -> ConvertResult:
     """Convert, gate, and record a model.
 
@@ -172,7 +180,13 @@ def convert(
         seed: seeds the calibration draw and the bootstrap.
         progress: show tqdm progress bars.
         ood: ``auto`` or ``features`` give the device graph one pooled-feature output per tapped layer
-            (``converters.source.find_taps``); ``energy`` and ``none`` keep the scores output alone.
+            (``converters.source.find_taps``); ``energy`` and ``none`` keep the scores output alone. Every
+            converted file except with ``none`` gets an ``ood`` section fitted on the train split and thresholded
+            on the val split (``converters.ood_step``); ``auto`` makes the feature score the default when the
+            model has taps, else the energy score.
+        ood_eval: images of other kinds (``.npz``, image, folder, DICOM, video) the report scores against the
+            held-out split (AUROC, FPR at 95% TPR, fraction flagged).
+        ood_fraction: the share of in-distribution validation images each OOD threshold flags.
 
     Returns:
         Paths, verdicts and numbers; ``result.rejected`` tells whether to exit 3.
@@ -183,25 +197,29 @@ def convert(
         ModelError: the model cannot be loaded or converted.
     """
     gated = _targets_to_gate(targets, output)
+    method = check_option(ood, output, ood_fraction)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or Path(model_path).stem
     source = load_source(model_path, strip_softmax=output == "logits", taps=_wants_taps(ood))
     sampling = (calibration_per_class, min_calibration_per_class, seed)
     inputs = _inputs(model_path, source, calibration, evaluation, eval_split, sampling, gate, progress)
+    ood_plan = plan(method, ood_fraction, source, inputs.data, inputs.held, ood_eval, seed)
     reference = _float_reference(inputs)
     baseline = _float_baseline(inputs)
     waiver_record = Waiver(by=waiver[0], reason=waiver[1], at=now()) if waiver else None
     outcomes = [_convert_target(inputs, reference, t, out / f"{name}_{t}.tflite", waiver_record) for t in gated]
     tpu = _build_for_edgetpu(out, name, _int8(outcomes)) if "edgetpu" in targets else None
+    ood_outcomes = [_fit_ood(inputs, ood_plan, o) for o in outcomes] if ood_plan is not None else []
     outcomes = [replace(o, path=_set_aside(out, o.path)) if o.verdict == "rejected" else o for o in outcomes]
-    artifacts = [target_artifact(out, o, waiver_record) for o in outcomes]
+    fitted = {r.target: r.spec for r in ood_outcomes}
+    artifacts = [_with_ood(target_artifact(out, o, waiver_record), fitted.get(o.target)) for o in outcomes]
     if tpu is not None:
         twin = next(a for a in artifacts if a.target == "int8")
         tpu = _follow_twin(out, tpu, twin)
         if tpu.compiled is not None:
             artifacts.append(edgetpu_artifact(out, tpu.compiled, twin))
-    notes = tpu.notes if tpu is not None else []
+    notes = (tpu.notes if tpu is not None else []) + [n for r in ood_outcomes for n in r.notes]
     drift = drift_reference(outcomes, inputs.held, inputs.labels)  # the gate's own predictions, not a new run
     manifest = build_manifest(
         out, name, inputs.labels, inputs.spec, artifacts, inputs.calib, inputs.held, reference, baseline, tpu, drift
@@ -209,7 +227,7 @@ def convert(
     manifest_path = out / f"{name}.manifest.json"
     save_manifest(manifest, manifest_path)
     conversion = Conversion(out, inputs.labels, inputs.held.labels, reference, baseline, outcomes, tpu, notes)
-    report_json, report_html = write_reports(manifest, conversion)
+    report_json, report_html = write_reports(manifest, conversion, ood_outcomes)
     return ConvertResult(
         manifest_path=manifest_path,
         report_json=report_json,
@@ -221,6 +239,7 @@ def convert(
         gates={o.target: o.gate for o in outcomes},
         notes=notes,
         weak={a.target: a.clinically_weak for a in artifacts},
+        ood=ood_outcomes,
     )
 
 
@@ -276,7 +295,7 @@ def _inputs(
     held = held_out(evaluation, eval_split)
     calib = calibration_sample(calibration, *sampling)  # per class, minimum per class, seed
     labels, spec = list(calibration.labels), calibration.input_spec()
-    return _Inputs(source, labels, spec, calib, held, gate or GateConfig(), progress)
+    return _Inputs(source, calibration, labels, spec, calib, held, gate or GateConfig(), progress)
 
 
 def _float_reference(inputs: _Inputs) -> FloatReference:
@@ -377,6 +396,19 @@ def _name_outputs(inputs: _Inputs, path: Path) -> list[OutputSpec]:
     probe = calib[spread].astype(np.float32) / np.float32(255.0)
     reference = source.device_model if source.device_model is not None else source.predict_float
     return name_outputs(path, reference, probe, source.feature_layers)
+
+
+def _fit_ood(inputs: _Inputs, ood_plan: OodPlan, outcome: TargetOutcome) -> OodOutcome:
+    """One file's OOD statistics and thresholds, fitted on its own outputs as the device computes them."""
+    path, kind = outcome.path, outcome.output_kind
+    return run_target(ood_plan, outcome.target, path, inputs.spec, outcome.outputs, kind, inputs.progress)
+
+
+def _with_ood(artifact: Artifact, spec: OodSpec | None) -> Artifact:
+    # Validated again, not copied: the artifact's checks hold its ood to the outputs it lists.
+    if spec is None:
+        return artifact
+    return Artifact.model_validate({**artifact.model_dump(), "ood": spec.model_dump()})
 
 
 def _output_kind(graph: OutputKind | None, source: str) -> OutputKind:

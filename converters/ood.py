@@ -38,6 +38,9 @@ OOD_OPTIONS: tuple[OodOption, ...] = ("auto", "energy", "features", "none")
 DEFAULT_FRACTION = 0.03
 DEFAULT_SHRINKAGE = 0.01
 MAX_COMPONENTS = 128
+#: How far above the validation quantile a threshold sits (relative): far beyond the device's rounding differences
+#: from the converter (~1e-12), far below the gap between two validation scores.
+THRESHOLD_MARGIN = 1e-7
 #: The score names of the report: the max-softmax baseline (never shipped), then the two shipped methods.
 SCORE_NAMES = ("max_softmax", "energy", "features")
 
@@ -151,13 +154,21 @@ def threshold_at(scores: np.ndarray, target_fraction: float) -> tuple[float, flo
     """The ``1 - target_fraction`` quantile of ``scores`` (numpy "higher": an actual score) and the fraction of
     ``scores`` strictly above it (what the device flags).
 
+    The quantile is one validation image's own score; the device computes that image's score frame by frame in
+    another order of operations (``edgemed.ood.OodDetector``), a rounding (~1e-12) away, which would flag it or
+    not by chance. So the threshold is nudged up by ``THRESHOLD_MARGIN`` (relative), never past the next score:
+    the image at the quantile stays unflagged on the device too, as ``flagged_fraction`` says.
+
     Raises:
         ConfigError: no scores, or scores that are not all finite.
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0 or not np.isfinite(s).all():
         raise ConfigError("cannot choose an OOD threshold: the validation scores are empty or not all finite")
-    threshold = float(np.quantile(s, 1.0 - target_fraction, method="higher"))
+    quantile = float(np.quantile(s, 1.0 - target_fraction, method="higher"))
+    above = s[s > quantile]
+    nudged = quantile + THRESHOLD_MARGIN * max(1.0, abs(quantile))
+    threshold = min(nudged, (quantile + float(above.min())) / 2) if above.size else nudged
     return threshold, float((s > threshold).mean())
 
 

@@ -2,7 +2,8 @@
 
 The HTML embeds its plots as base64 PNG (matplotlib, Agg backend), so it opens from a USB stick or an e-mail
 attachment with no network and no other files: confusion matrices (float vs each converted model), ROC curves,
-a reliability diagram, and size and latency bars.
+a reliability diagram, and size and latency bars; and, when the conversion fitted out-of-distribution scores,
+their section (``converters.report_ood``): histograms, AUROC / FPR at 95% TPR / fraction flagged, thresholds.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,9 +24,16 @@ from converters.metrics import ModelSummary
 from converters.outcome import Conversion, EdgeTpuOutcome, TargetOutcome, jsonable
 from edgemed.manifest import Manifest
 
+if TYPE_CHECKING:
+    from converters.ood_step import OodOutcome
 
-def write_reports(manifest: Manifest, conversion: Conversion) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.html`` into the conversion's output folder; returns their paths."""
+
+def write_reports(manifest: Manifest, conversion: Conversion, ood: Sequence[OodOutcome] = ()) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into the conversion's output folder; returns their paths.
+
+    ``ood``: each converted target's out-of-distribution outcome (``report.json``'s ``ood``, by target; the
+    HTML's "Out-of-distribution" section).
+    """
     out = conversion.out
     data = {
         "manifest": manifest.model_dump(mode="json", by_alias=True),
@@ -41,11 +50,12 @@ def write_reports(manifest: Manifest, conversion: Conversion) -> tuple[Path, Pat
         },
         "edgetpu": conversion.edgetpu.record(out) if conversion.edgetpu is not None else None,
         "notes": conversion.notes,
+        "ood": {o.target: o.record() for o in ood} or None,
     }
     json_path = out / "report.json"
     json_path.write_text(json.dumps(jsonable(data), indent=2) + "\n", encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(_html(manifest, conversion), encoding="utf-8")
+    html_path.write_text(_html(manifest, conversion, ood), encoding="utf-8")
     return json_path, html_path
 
 
@@ -162,7 +172,9 @@ def _plots(conversion: Conversion) -> dict[str, str]:
     return plots
 
 
-def _html(manifest: Manifest, conversion: Conversion) -> str:
+def _html(manifest: Manifest, conversion: Conversion, ood: Sequence[OodOutcome] = ()) -> str:
+    from converters.report_ood import ood_section
+
     esc = html.escape
     labels, targets, reference = manifest.labels, conversion.targets, conversion.reference.summary
     plots = _plots(conversion)
@@ -221,6 +233,7 @@ Intervals are 95% (Wilson for proportions, bootstrap for AUC).</p>
 <h2>Reliability diagram</h2><img alt="reliability diagram" src="{plots["reliability"]}">
 <h2>Size and latency</h2><img alt="size and latency" src="{plots["size_latency"]}">
 {tpu}
+{ood_section(ood, _png)}
 <h2>Versions</h2><p>{esc(", ".join(f"{k} {v}" for k, v in manifest.versions.items()))}</p>
 </body></html>
 """
