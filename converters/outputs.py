@@ -135,14 +135,16 @@ def _assign(
     groups: dict[int, list[int]] = {}
     for k, out in enumerate(keras_outs):
         groups.setdefault(out.shape[1], []).append(k)
-    for size, ks in groups.items():
-        js = [j for j, out in enumerate(tflite) if out.shape[1] == size]
-        if len(js) < len(ks):
+    candidates = {size: [j for j, out in enumerate(tflite) if out.shape[1] == size] for size in groups}
+    for size, ks in groups.items():  # every shape first: a missing output is named as such
+        if len(candidates[size]) < len(ks):
             names = ", ".join(roles[k] for k in ks)
             raise ModelError(
-                f"{file} has {len(js)} output(s) of {size} values but the Keras graph has {len(ks)} ({names}); "
-                "the file is not this model's conversion: convert again"
+                f"{file} has {len(candidates[size])} output(s) of {size} values but the Keras graph has {len(ks)} "
+                f"({names}); the file is not this model's conversion: convert again"
             )
+    for size, ks in groups.items():
+        js = candidates[size]
         corr = np.array([[_correlation(tflite[j], keras_outs[k]) for j in js] for k in ks])
         for row, col in zip(range(len(ks)), _best_assignment(corr), strict=True):
             if corr[row, col] < floor:

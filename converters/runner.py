@@ -88,6 +88,8 @@ class DeviceModel:
                 "name the outputs of this very file with converters.outputs.name_outputs"
             )
         self.features = [(real[o.name], o.layer) for o in outputs if o.role == "features"]
+        # Without names, a file with several outputs has no known scores tensor (TFLite orders outputs freely).
+        self._unnamed = not outputs and len(real) > 1
 
     def __enter__(self) -> DeviceModel:
         return self
@@ -106,6 +108,7 @@ class DeviceModel:
         Returns:
             ``(N, K)`` float64 probabilities.
         """
+        self._check_named()
         logits = output_kind == "logits"
         spec = self.backend.output_spec
         rows = []
@@ -127,6 +130,7 @@ class DeviceModel:
             The probabilities (the same numbers :meth:`probabilities` gives), the dequantized logits when
             ``output_kind`` is ``logits``, and each feature output dequantized to float64.
         """
+        self._check_named()
         logits = output_kind == "logits"
         spec = self.backend.output_spec
         width = int(np.prod(spec.shape))
@@ -143,6 +147,14 @@ class DeviceModel:
                 progress.update(1)
         layers = {f.name: layer for f, layer in self.features}
         return ModelOutputs(probs=probs, logits=scores if logits else None, features=features, layers=layers)
+
+    def _check_named(self) -> None:
+        if self._unnamed:
+            names = ", ".join(s.name for s in self.backend.output_specs)
+            raise ModelError(
+                f"the model has {len(self.backend.output_specs)} outputs ({names}) and none was named the scores; "
+                "open it with DeviceModel(path, spec, outputs) (the artifact's outputs, or name_outputs)"
+            )
 
     def median_latency_ms(self, image: np.ndarray, runs: int = 50) -> float:
         """Median wall time of one ``Backend.invoke`` on one image after a warm-up run, in milliseconds."""

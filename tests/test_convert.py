@@ -96,7 +96,8 @@ def test_float16_runs_and_matches_float(converted: ConvertResult, breast: Datase
     from converters.runner import DeviceModel
 
     x, _ = breast.splits["test"]
-    with DeviceModel(converted.artifacts["float16"], breast.input_spec()) as model:  # the device's own code path
+    outputs = load_manifest(converted.manifest_path).artifact(converted.artifacts["float16"].name).outputs
+    with DeviceModel(converted.artifacts["float16"], breast.input_spec(), outputs) as model:  # the device's code
         assert model.backend.input_spec.dtype == "float32"
         probs16 = model.probabilities(x[:40], "logits")
     ref = keras.models.load_model(trained).predict(x[:40].astype(np.float32) / 255.0, verbose=0)
@@ -138,7 +139,8 @@ def test_probabilities_output_keeps_softmax(tmp_path: Path, trained: Path, breas
     art = load_manifest(res.manifest_path).artifacts[0]
     assert art.output_kind == "probabilities"
     it = _interp(res.artifacts["int8"])
-    detail = it.get_output_details()[0]
+    assert art.scores_output is not None
+    detail = next(d for d in it.get_output_details() if d["name"] == art.scores_output.name)
     # An int8 softmax output has scale 1/256, zero point -128: probabilities in steps of 1/256.
     assert detail["quantization"][0] == pytest.approx(1 / 256) and detail["quantization"][1] == -128
 

@@ -23,6 +23,7 @@ import edgemed.inference.factory as factory_mod
 from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.inference import BackendConfig, interpreter_module, make_backend
 from edgemed.inference.delegates import check_library, load_external_delegate
+from edgemed.manifest import find_manifest, load_manifest, verify_model
 
 ROOT = Path(__file__).resolve().parent.parent
 NOISE = "Exception ignored"
@@ -51,15 +52,24 @@ def compiled(monkeypatch: pytest.MonkeyPatch, int8_model: Path, tmp_path: Path) 
     return copy
 
 
+@pytest.fixture()
+def scores(int8_model: Path) -> str | None:
+    """The scores tensor the int8 model's manifest lists (its other outputs feed the OOD check)."""
+    listed = verify_model(int8_model)[1].scores_output
+    return listed.name if listed is not None else None
+
+
 def _zeros(backend: Any) -> np.ndarray:
     return np.zeros(backend.input_spec.shape, np.dtype(backend.input_spec.dtype))
 
 
 def test_absent_libedgetpu_with_fallback_runs_on_cpu_degraded(
-    int8_model: Path, caplog: pytest.LogCaptureFixture
+    scores: str | None, int8_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="edgemed.inference"):
-        backend = make_backend(int8_model, BackendConfig(accelerator="edgetpu", edgetpu_device="usb"))
+        backend = make_backend(
+            int8_model, BackendConfig(accelerator="edgetpu", edgetpu_device="usb"), scores_output=scores
+        )
     assert (backend.delegate, backend.degraded, backend.backend) == ("cpu", True, "ai_edge_litert")
     assert backend.degraded_reason is not None
     assert "libedgetpu.so.1 cannot be loaded" in backend.degraded_reason
@@ -70,17 +80,19 @@ def test_absent_libedgetpu_with_fallback_runs_on_cpu_degraded(
     assert len(warnings) == 1 and "edgetpu" in warnings[0].getMessage()
 
 
-def test_absent_libedgetpu_with_fallback_refused_is_exit_6(int8_model: Path) -> None:
+def test_absent_libedgetpu_with_fallback_refused_is_exit_6(scores: str | None, int8_model: Path) -> None:
     with pytest.raises(DelegateUnavailableError) as info:
-        make_backend(int8_model, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
+        make_backend(int8_model, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False), scores_output=scores)
     assert info.value.exit_code == 6 and info.value.delegate == "edgetpu"
     assert "libedgetpu.so.1" in str(info.value) and "apt-get install libedgetpu1-std" in str(info.value)
 
 
-def test_compiled_model_falls_back_to_its_cpu_twin(tmp_path: Path, int8_model: Path) -> None:
+def test_compiled_model_falls_back_to_its_cpu_twin(scores: str | None, tmp_path: Path, int8_model: Path) -> None:
     edgetpu_model = tmp_path / "m_edgetpu.tflite"  # not loadable on the CPU: it must never be opened there
     edgetpu_model.write_bytes(b"TFL3" + b"\0" * 60 + b"edgetpu-custom-op")
-    backend = make_backend(edgetpu_model, BackendConfig(accelerator="edgetpu"), fallback_model=int8_model)
+    backend = make_backend(
+        edgetpu_model, BackendConfig(accelerator="edgetpu"), fallback_model=int8_model, scores_output=scores
+    )
     assert (backend.delegate, backend.degraded) == ("cpu", True)
     assert backend.degraded_reason is not None and "compiled" not in backend.degraded_reason
     assert backend.invoke(_zeros(backend)).shape == (2,)
@@ -93,70 +105,85 @@ def test_compiled_model_without_twin_cannot_fall_back(tmp_path: Path) -> None:
         make_backend(edgetpu_model, BackendConfig(accelerator="edgetpu"))
 
 
-def test_edgetpu_delegate_that_loads_runs_undegraded(fake_delegate: dict[str, Any], compiled: Path) -> None:
+def test_edgetpu_delegate_that_loads_runs_undegraded(
+    scores: str | None, fake_delegate: dict[str, Any], compiled: Path
+) -> None:
     cfg = BackendConfig(accelerator="edgetpu", edgetpu_device="usb:0", allow_cpu_fallback=False)
-    backend = make_backend(compiled, cfg)
+    backend = make_backend(compiled, cfg, scores_output=scores)
     assert (backend.delegate, backend.degraded, backend.degraded_reason) == ("edgetpu", False, None)
     assert fake_delegate["library"] == "libedgetpu.so.1" and fake_delegate["options"] == {"device": "usb:0"}
     assert fake_delegate["object"].prepared == 1  # LiteRT really applied the delegate
-    cpu = make_backend(compiled, BackendConfig())
+    cpu = make_backend(compiled, BackendConfig(), scores_output=scores)
     x = np.arange(784, dtype=np.int16).reshape(1, 28, 28, 1).astype(np.int8)
     assert backend.invoke(x).tolist() == cpu.invoke(x).tolist()
 
 
-def test_edgetpu_without_device_option_passes_no_options(fake_delegate: dict[str, Any], compiled: Path) -> None:
-    make_backend(compiled, BackendConfig(accelerator="edgetpu"))
+def test_edgetpu_without_device_option_passes_no_options(
+    scores: str | None, fake_delegate: dict[str, Any], compiled: Path
+) -> None:
+    make_backend(compiled, BackendConfig(accelerator="edgetpu"), scores_output=scores)
     assert fake_delegate["options"] == {}
 
 
 def test_delegate_that_fails_to_prepare_falls_back_or_stops(
-    fake_delegate: dict[str, Any], compiled: Path, int8_model: Path
+    scores: str | None, fake_delegate: dict[str, Any], compiled: Path, int8_model: Path
 ) -> None:
     fake_delegate["status"] = 1  # kTfLiteError from Prepare, as a runtime/compiler version mismatch gives
-    backend = make_backend(compiled, BackendConfig(accelerator="edgetpu"), fallback_model=int8_model)
+    backend = make_backend(
+        compiled, BackendConfig(accelerator="edgetpu"), fallback_model=int8_model, scores_output=scores
+    )
     assert (backend.delegate, backend.degraded) == ("cpu", True)
     assert backend.degraded_reason is not None and "could not be prepared" in backend.degraded_reason
     with pytest.raises(DelegateUnavailableError, match=r"edgetpu delegate unavailable.*prepared"):
-        make_backend(compiled, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
+        make_backend(compiled, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False), scores_output=scores)
 
 
-def test_uncompiled_model_on_a_working_edgetpu(fake_delegate: dict[str, Any], int8_model: Path) -> None:
-    backend = make_backend(int8_model, BackendConfig(accelerator="edgetpu"))
+def test_uncompiled_model_on_a_working_edgetpu(
+    scores: str | None, fake_delegate: dict[str, Any], int8_model: Path
+) -> None:
+    backend = make_backend(int8_model, BackendConfig(accelerator="edgetpu"), scores_output=scores)
     assert (backend.delegate, backend.degraded) == ("cpu", True)
     assert backend.degraded_reason is not None and "edgemed convert --target edgetpu" in backend.degraded_reason
     with pytest.raises(ModelError, match="edgemed convert --target edgetpu"):
-        make_backend(int8_model, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
+        make_backend(int8_model, BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False), scores_output=scores)
 
 
-def test_gpu_delegate_library_that_loads_runs_on_gpu(fake_delegate: dict[str, Any], int8_model: Path) -> None:
+def test_gpu_delegate_library_that_loads_runs_on_gpu(
+    scores: str | None, fake_delegate: dict[str, Any], int8_model: Path
+) -> None:
     cfg = BackendConfig(accelerator="gpu", gpu_library="libtensorflowlite_gpu_delegate.so", allow_cpu_fallback=False)
-    backend = make_backend(int8_model, cfg)
+    backend = make_backend(int8_model, cfg, scores_output=scores)
     assert (backend.delegate, backend.degraded) == ("gpu", False)
     assert fake_delegate["library"] == "libtensorflowlite_gpu_delegate.so" and fake_delegate["delegate"] == "gpu"
 
 
-def test_absent_gpu_delegate_library(int8_model: Path) -> None:
+def test_absent_gpu_delegate_library(scores: str | None, int8_model: Path) -> None:
     cfg = BackendConfig(accelerator="gpu", gpu_library="libtensorflowlite_gpu_delegate.so")
-    backend = make_backend(int8_model, cfg)
+    backend = make_backend(int8_model, cfg, scores_output=scores)
     assert (backend.delegate, backend.degraded) == ("cpu", True)
     assert backend.degraded_reason is not None and "libtensorflowlite_gpu_delegate.so" in backend.degraded_reason
     with pytest.raises(DelegateUnavailableError, match="gpu delegate unavailable"):
-        make_backend(int8_model, cfg.model_copy(update={"allow_cpu_fallback": False}))
+        make_backend(int8_model, cfg.model_copy(update={"allow_cpu_fallback": False}), scores_output=scores)
 
 
-def test_litert_gpu_accelerator_without_a_gpu(int8_model: Path) -> None:
-    backend = make_backend(int8_model, BackendConfig(accelerator="gpu"))
+def test_litert_gpu_accelerator_without_a_gpu(scores: str | None, int8_model: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig(accelerator="gpu"), scores_output=scores)
     assert (backend.delegate, backend.degraded) == ("cpu", True)
     assert backend.degraded_reason is not None and "GPU accelerator could not compile" in backend.degraded_reason
     assert backend.invoke(_zeros(backend)).shape == (2,)
     with pytest.raises(DelegateUnavailableError) as info:
-        make_backend(int8_model, BackendConfig(accelerator="gpu", allow_cpu_fallback=False))
+        make_backend(int8_model, BackendConfig(accelerator="gpu", allow_cpu_fallback=False), scores_output=scores)
     assert info.value.delegate == "gpu" and info.value.exit_code == 6
 
 
-def test_fallback_model_that_cannot_load_is_a_model_error(tmp_path: Path, int8_model: Path) -> None:
+def test_fallback_model_that_cannot_load_is_a_model_error(scores: str | None, tmp_path: Path, int8_model: Path) -> None:
     with pytest.raises(ModelError, match="not found"):
-        make_backend(int8_model, BackendConfig(accelerator="edgetpu"), fallback_model=tmp_path / "twin.tflite")
+        make_backend(
+            int8_model,
+            BackendConfig(accelerator="edgetpu"),
+            fallback_model=tmp_path / "twin.tflite",
+            scores_output=scores,
+        )
 
 
 def test_check_library_tells_absent_from_not_a_delegate() -> None:
@@ -229,14 +256,17 @@ def test_real_edgetpu_runs_the_compiled_model() -> None:
     model = os.environ.get("EDGEMED_EDGETPU_MODEL")
     if not model:
         pytest.fail("set EDGEMED_EDGETPU_MODEL to a model compiled with `edgemed convert --target edgetpu`")
-    backend = make_backend(Path(model), BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False))
+    manifest = load_manifest(find_manifest(Path(model)))  # names its scores output among the feature outputs
+    backend = make_backend(
+        Path(model), BackendConfig(accelerator="edgetpu", allow_cpu_fallback=False), manifest=manifest
+    )
     assert (backend.delegate, backend.degraded) == ("edgetpu", False)
     assert backend.invoke(_zeros(backend)).ndim == 1
 
 
 @pytest.mark.hardware
-def test_real_gpu_runs_the_model(int8_model: Path) -> None:
+def test_real_gpu_runs_the_model(scores: str | None, int8_model: Path) -> None:
     """On a device with a GPU driver (OpenCL, Vulkan or WebGPU) that LiteRT can use."""
-    backend = make_backend(int8_model, BackendConfig(accelerator="gpu", allow_cpu_fallback=False))
+    backend = make_backend(int8_model, BackendConfig(accelerator="gpu", allow_cpu_fallback=False), scores_output=scores)
     assert (backend.delegate, backend.degraded) == ("gpu", False)
     assert backend.invoke(_zeros(backend)).shape == (2,)

@@ -18,9 +18,17 @@ from edgemed.inference import BackendConfig, interpreter_module, make_backend
 from edgemed.inference.backends import CompiledModelBackend, is_edgetpu_compiled
 from edgemed.inference.classify import dequantize, softmax
 from edgemed.inference.probe import coral_usb_devices, probe_delegates, runtime_version
+from edgemed.manifest import verify_model
 from edgemed.preprocess import quantize
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def scores(int8_model: Path) -> str | None:
+    """The scores tensor the int8 model's manifest lists (its other outputs feed the OOD check)."""
+    listed = verify_model(int8_model)[1].scores_output
+    return listed.name if listed is not None else None
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -58,20 +66,22 @@ def test_auto_runtime_is_litert_and_never_loads_tensorflow() -> None:
     assert proc.stdout.split() == ["ai_edge_litert", "ai_edge_litert.interpreter", "False"]
 
 
-def test_auto_runtime_falls_back_to_tensorflow_lite_when_litert_is_missing(int8_model: Path) -> None:
+def test_auto_runtime_falls_back_to_tensorflow_lite_when_litert_is_missing(
+    scores: str | None, int8_model: Path
+) -> None:
     # tflite_runtime is not installed here, so with LiteRT blocked the third choice must run the same model.
     proc = _run_python(f"""
         import sys
         sys.modules["ai_edge_litert"] = None
         import numpy as np
         from edgemed.inference import BackendConfig, make_backend
-        b = make_backend({str(int8_model)!r}, BackendConfig())
+        b = make_backend({str(int8_model)!r}, BackendConfig(), scores_output={scores!r})
         print(b.backend, b.invoke(np.zeros(b.input_spec.shape, np.int8)).tolist())
     """)
     assert proc.returncode == 0, proc.stderr
     name, out = proc.stdout.strip().splitlines()[-1].split(" ", 1)
     assert name == "tensorflow"
-    litert = make_backend(int8_model, BackendConfig())
+    litert = make_backend(int8_model, BackendConfig(), scores_output=scores)
     assert json.loads(out) == litert.invoke(np.zeros(litert.input_spec.shape, np.int8)).tolist()  # bit-identical
 
 
@@ -98,8 +108,10 @@ def test_explicit_runtime_that_is_not_installed_says_how_to_install_it() -> None
         interpreter_module("tflite_runtime")
 
 
-def test_cpu_backend_reports_specs_and_classifies_real_images(int8_model: Path, data_dir: Path) -> None:
-    backend = make_backend(int8_model, BackendConfig(threads=2))
+def test_cpu_backend_reports_specs_and_classifies_real_images(
+    scores: str | None, int8_model: Path, data_dir: Path
+) -> None:
+    backend = make_backend(int8_model, BackendConfig(threads=2), scores_output=scores)
     assert (backend.backend, backend.delegate, backend.degraded, backend.degraded_reason) == (
         "ai_edge_litert",
         "cpu",
@@ -122,23 +134,25 @@ def test_cpu_backend_reports_specs_and_classifies_real_images(int8_model: Path, 
     assert len(set(predicted)) == 2
 
 
-def test_invoke_accepts_the_input_with_or_without_its_batch_axis(int8_model: Path, data_dir: Path) -> None:
-    backend = make_backend(int8_model, BackendConfig())
+def test_invoke_accepts_the_input_with_or_without_its_batch_axis(
+    scores: str | None, int8_model: Path, data_dir: Path
+) -> None:
+    backend = make_backend(int8_model, BackendConfig(), scores_output=scores)
     img = _breast_test_set(data_dir)[0][3]
     x = quantize(img[..., None].astype(np.float32) / 255.0, backend.input_spec)
     assert backend.invoke(x).tolist() == backend.invoke(x[None]).tolist()
 
 
-def test_thread_count_does_not_change_the_result(int8_model: Path, data_dir: Path) -> None:
-    one = make_backend(int8_model, BackendConfig(threads=1))
-    two = make_backend(int8_model, BackendConfig(threads=2))
+def test_thread_count_does_not_change_the_result(scores: str | None, int8_model: Path, data_dir: Path) -> None:
+    one = make_backend(int8_model, BackendConfig(threads=1), scores_output=scores)
+    two = make_backend(int8_model, BackendConfig(threads=2), scores_output=scores)
     for img in _breast_test_set(data_dir)[0][:20]:
         x = quantize(img[..., None].astype(np.float32) / 255.0, one.input_spec)
         assert one.invoke(x).tolist() == two.invoke(x).tolist()
 
 
-def test_wrong_input_and_closed_backend_are_model_errors(int8_model: Path) -> None:
-    backend = make_backend(int8_model, BackendConfig())
+def test_wrong_input_and_closed_backend_are_model_errors(scores: str | None, int8_model: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig(), scores_output=scores)
     with pytest.raises(ModelError, match="must be int8, got float32"):
         backend.invoke(np.zeros((1, 28, 28, 1), np.float32))
     with pytest.raises(ModelError, match=r"shape \(1, 28, 28, 1\)"):
@@ -148,8 +162,8 @@ def test_wrong_input_and_closed_backend_are_model_errors(int8_model: Path) -> No
         backend.invoke(np.zeros((1, 28, 28, 1), np.int8))
 
 
-def test_invoke_is_cheap(int8_model: Path) -> None:
-    backend = make_backend(int8_model, BackendConfig(threads=1))
+def test_invoke_is_cheap(scores: str | None, int8_model: Path) -> None:
+    backend = make_backend(int8_model, BackendConfig(threads=1), scores_output=scores)
     x = np.zeros(backend.input_spec.shape, np.int8)
     times = []
     for _ in range(300):
@@ -170,16 +184,18 @@ def test_missing_and_corrupt_models_are_model_errors(tmp_path: Path) -> None:
     assert ModelError("x").exit_code == 3
 
 
-def test_compiled_model_backend_matches_the_interpreter(int8_model: Path, data_dir: Path) -> None:
+def test_compiled_model_backend_matches_the_interpreter(scores: str | None, int8_model: Path, data_dir: Path) -> None:
     # The GPU path minus the GPU: LiteRT's CompiledModel on its CPU accelerator must match the Interpreter.
     _, module = interpreter_module()
-    compiled = CompiledModelBackend(module, int8_model, 2, accelerator="cpu")
-    plain = make_backend(int8_model, BackendConfig())
+    compiled = CompiledModelBackend(module, int8_model, 2, accelerator="cpu", scores_output=scores)
+    plain = make_backend(int8_model, BackendConfig(), scores_output=scores)
     assert compiled.input_spec == plain.input_spec and compiled.output_spec == plain.output_spec
     assert (compiled.delegate, compiled.backend, compiled.degraded) == ("cpu", "ai_edge_litert", False)
     for img in _breast_test_set(data_dir)[0][:10]:
         x = quantize(img[..., None].astype(np.float32) / 255.0, plain.input_spec)
         assert compiled.invoke(x).tolist() == plain.invoke(x).tolist()
+        # The reference CNN's feature outputs too, each found by name in CompiledModel's own buffer order.
+        assert all(compiled.output(o.name).tolist() == plain.output(o.name).tolist() for o in plain.output_specs)
     compiled.close()
     with pytest.raises(ModelError, match="closed"):
         compiled.invoke(np.zeros((1, 28, 28, 1), np.int8))

@@ -83,7 +83,7 @@ def test_every_frame_gives_exactly_one_valid_result(
 
     # Index i is the i-th file in natural order: compare with an in-process classification of that file.
     manifest, art = verify_model(int8_model)
-    classifier = Classifier(make_backend(int8_model, BackendConfig()), manifest, art)
+    classifier = Classifier(make_backend(int8_model, BackendConfig(), manifest=manifest), manifest, art)
     by_index = {r["source"]["index"]: r for r in results}
     for i in range(N_IMAGES):
         img = cv2.imread(str(ultrasound_folder / f"img{i}.png"), cv2.IMREAD_GRAYSCALE)

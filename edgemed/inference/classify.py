@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgemed.errors import ModelError
+from edgemed.ood import OodDetector, OodSetting
 from edgemed.preprocess import Preprocessor
-from edgemed.types import Prediction, TensorSpec
+from edgemed.types import OodCheck, Prediction, TensorSpec
 
 if TYPE_CHECKING:
     from edgemed.inference import Backend
@@ -57,7 +58,8 @@ def probabilities(raw: np.ndarray, spec: TensorSpec, *, logits: bool) -> tuple[f
 
 
 class Classifier:
-    """A backend plus its manifest's pre- and post-processing: uint8 frame in, class probabilities out.
+    """A backend plus its manifest's pre- and post-processing: uint8 frame in, class probabilities out, and
+    whether the frame looks like the images the model was trained on.
 
     Attributes:
         backend: the loaded model.
@@ -66,16 +68,22 @@ class Classifier:
         labels: the class names, in output order.
         preprocess: frame to input tensor (resize, colour, quantize), shape ``(1, H, W, C)``.
         gray: True when the model reads grayscale frames (the quality gate then measures the gray frame).
+        ood: the out-of-distribution detector (``edgemed.ood.OodDetector``), or ``None`` when the model has no
+            out-of-distribution statistics and the setting is ``auto``.
     """
 
-    def __init__(self, backend: Backend, manifest: Manifest, artifact: Artifact) -> None:
+    def __init__(self, backend: Backend, manifest: Manifest, artifact: Artifact, ood: OodSetting | None = None) -> None:
         """Args:
-            backend: the loaded model.
+            backend: the loaded model (opened with the artifact's scores output, ``Deployable.open_backend``).
             manifest: the manifest that describes it.
             artifact: the manifest's entry for the file the backend loaded.
+            ood: the profile's ``ood:`` section; ``None`` is the default setting (``auto``: the manifest's
+                method and threshold).
 
         Raises:
             ModelError: the backend's input or output tensor does not fit the manifest.
+            ConfigError: ``ood`` asks for a method the model has no statistics for, or sets a threshold that is
+                not a finite number.
         """
         self.backend = backend
         self.manifest = manifest
@@ -95,6 +103,22 @@ class Classifier:
                 f"model has {backend.output_spec.shape[-1]} outputs but the manifest lists "
                 f"{len(self.labels)} labels; re-run `edgemed convert`"
             )
+        specs = {spec.name: spec for spec in backend.output_specs}
+        self.ood = OodDetector.build(artifact, backend.output_spec, specs, ood if ood is not None else OodSetting())
+
+    def check_ood(self, raw: np.ndarray) -> OodCheck | None:
+        """Score the last invoked frame for being out of distribution.
+
+        Args:
+            raw: the raw scores row ``backend.invoke`` returned for the frame; the feature outputs of the same
+                run are read from the backend by name.
+
+        Returns:
+            The check (method, score, threshold, flagged, source), or ``None`` when there is no detector.
+        """
+        if self.ood is None:
+            return None
+        return self.ood.check(raw, self.backend.output)
 
     def scores(self, raw: np.ndarray) -> Prediction:
         """Dequantize the raw output (and apply softmax when the model emits logits)."""
