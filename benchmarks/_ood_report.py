@@ -70,6 +70,12 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "test_acc": statistics.median(r["test_acc"] for r in rows),
             "n_test": rows[0]["n_test"],
             "id_test_flagged": flagged,
+            "feature_rank_agreement": statistics.median(
+                r["feature_rank_agreement"] for r in rows if r["feature_rank_agreement"] is not None
+            )
+            if any(r["feature_rank_agreement"] is not None for r in rows)
+            else None,
+            "parity_max_abs": max(max(r["parity_max_abs"].values(), default=0.0) for r in rows),
             "sets": sets,
         }
     return out
@@ -181,8 +187,13 @@ def markdown(doc: dict[str, Any]) -> str:
         for recipe, m in recipes.items():
             default = m["default"]
             head = [f"**{NAMES[x]}**" if x == default else NAMES[x] for x in METHODS]
+            agree = m["feature_rank_agreement"]
             lines += [
                 f"### {dataset}, {recipe} ({m['resolved_recipe']}); test accuracy {m['test_acc']:.3f}",
+                "",
+                "Feature score rank agreement int8 vs float on val (Spearman, median): "
+                + ("-" if agree is None else f"{agree:.3f}")
+                + f"; the device's per-frame check agrees with the batch scores within {m['parity_max_abs']:.1e}.",
                 "",
                 f"| set | kind | n | {' | '.join(head)} |",
                 "|---|---|---|---|---|---|",
