@@ -167,8 +167,8 @@ def find_taps(model: Any) -> list[Tap]:
     for layer in model.layers:
         kind = type(layer).__name__
         strided = kind in _STRIDED and max(getattr(layer, "strides", (1,))) > 1
-        if kind in _POOLING or strided:
-            add(layer.input)
+        if (kind in _POOLING or strided) and len(getattr(layer, "_inbound_nodes", ())) == 1:
+            add(layer.input)  # a layer shared between several calls has no single input: it is not a tap
     vector = _penultimate(model)
     if vector is not None:
         producer = _producer(vector)

@@ -221,7 +221,12 @@ def test_device_refuses_a_hand_edited_output(
     from edgemed.inference import BackendConfig
 
     def edit(art: dict[str, Any]) -> None:
+        old = art["outputs"][2][field]
         art["outputs"][2][field] = value
+        # A consistent edit: the OOD statistics (when fitted) follow the renamed output, so the manifest stays valid.
+        for layer in ((art.get("ood") or {}).get("features") or {}).get("layers", []):
+            if field == "name" and layer["output"] == old:
+                layer["output"] = value
 
     model, manifest = _edited_copy(reference[1], tmp_path, edit)
     deployable = check_deployable(model, manifest)  # the file's sha256 is still right: only loading can tell
@@ -275,3 +280,26 @@ def test_the_device_reads_the_listed_scores_and_refuses_another(reference: tuple
     feature = art.outputs[1].name
     with pytest.raises(ModelError, match=r"outputs\[0\] names .* as the scores but the model's scores tensor is"):
         make_backend(result.artifacts["int8"], cfg, manifest=manifest, scores_output=feature)
+
+
+def test_strided_convolutions_are_taps_and_an_averaged_tap_is_not_repeated() -> None:
+    import keras
+
+    from converters.source import find_taps
+
+    inputs = keras.Input(shape=(32, 32, 1))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="from_input")(inputs)  # reads the image itself: not a tap
+    x = keras.layers.Conv2D(8, 3, name="c1")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="c2")(x)
+    x = keras.layers.ReLU(name="r2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(0.2, name="drop")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="head")(x)
+    taps = find_taps(keras.Model(inputs, outputs))
+    assert [(t.layer, t.pooled) for t in taps] == [("c1", True), ("r2", True)]
+
+    flat = keras.Sequential(
+        [keras.Input(shape=(16, 16, 1)), keras.layers.Conv2D(4, 3, name="c"), keras.layers.Flatten(name="f"),
+         keras.layers.Dense(8, name="hidden"), keras.layers.Dense(2, name="logits")]
+    )  # fmt: skip
+    assert [(t.layer, t.pooled) for t in find_taps(flat)] == [("c", True), ("hidden", False)]
