@@ -137,6 +137,9 @@ class _FoldedLayer:
 class OodDetector:
     """The per-frame out-of-distribution check of one loaded model, built once from its manifest and profile.
 
+    :meth:`check` writes into buffers allocated at build time (no per-frame allocation on the inference thread),
+    so one detector serves one thread at a time, as one backend does.
+
     Attributes:
         method: ``energy``, ``features`` or ``none`` (the profile turned the check off).
         threshold: a score above it flags the frame (None when the method is ``none``).

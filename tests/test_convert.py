@@ -107,8 +107,8 @@ def test_float16_runs_and_matches_float(converted: ConvertResult, breast: Datase
 @pytest.mark.slow
 def test_report_files_are_complete(converted: ConvertResult) -> None:
     html = converted.report_html.read_text()
-    assert html.count("data:image/png;base64,") == 4
-    assert "Confusion matrices" in html and "Reliability diagram" in html
+    assert html.count("data:image/png;base64,") == 5  # four plots and the OOD score histograms
+    assert "Confusion matrices" in html and "Reliability diagram" in html and "<h2>Out-of-distribution</h2>" in html
     report = json.loads(converted.report_json.read_text())
     assert set(report["targets"]) == {"int8", "uint8", "float16"}
     assert report["targets"]["int8"]["numbers"]["quantized"]["per_class"][0]["label"] == "malignant"
@@ -127,7 +127,7 @@ def test_report_opens_in_a_browser_and_shows_every_plot(converted: ConvertResult
         text = browser.evaluate("document.body.innerText")
     finally:
         browser.close()
-    assert len(sizes) == 4 and all(w > 100 and h > 100 and shown > 0 for w, h, shown in sizes), sizes
+    assert len(sizes) == 5 and all(w > 100 and h > 100 and shown > 0 for w, h, shown in sizes), sizes
     assert "Confusion matrices" in text and "Reliability diagram" in text and "int8" in text
 
 

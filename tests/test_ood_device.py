@@ -319,3 +319,16 @@ def test_the_run_summary_counts_flagged_frames() -> None:
     quiet = RunSummary()
     quiet.add(_result(PASSED, triage(_pred(0.02), POLICY)))
     assert quiet.line() == "edgemed: 1 frames (no_finding 1); pending 0"  # as before this issue
+
+
+def test_the_ood_example_in_the_triage_docs_is_a_valid_profile_section() -> None:
+    import re
+
+    import yaml
+
+    from edgemed.ood import OodSetting
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "triage.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    (section,) = [b["ood"] for b in blocks if "ood" in b]
+    assert OodSetting.model_validate(section) == OodSetting()  # the example shows the defaults

@@ -258,7 +258,7 @@ def test_a_bad_ood_section_is_a_profile_error_naming_the_key(tmp_path: Path) -> 
 
 
 def test_a_real_run_checks_every_classified_frame(tmp_path: Path, int8_model: Path) -> None:
-    """The converted reference CNN (BreastMNIST) over a folder of dermoscopy photographs and blank frames."""
+    """The converted reference CNN (BreastMNIST ultrasound) over dermoscopy photographs and a blank frame."""
     images = tmp_path / "images"
     images.mkdir()
     for photo in sorted((DATA / "isic_samples").glob("*.jpg"))[:4]:
@@ -285,9 +285,13 @@ def test_a_real_run_checks_every_classified_frame(tmp_path: Path, int8_model: Pa
     assert len(classified) == 4 and len(blank) == 1 and "ood" not in blank[0]  # the blank frame fails the gate
     for env in classified:
         ood = env["ood"]
-        assert ood["method"] in ("energy", "features") and ood["source"] == "manifest"
+        # The reference CNN has taps: the default is the feature score, with the threshold fitted on val.
+        assert ood["method"] == "features" and ood["source"] == "manifest"
         assert ood["flagged"] == (ood["score"] > ood["threshold"])
         assert "ood" in env["latency_ms"]
-        if ood["flagged"]:
-            assert env["triage"]["level"] == "inconclusive" and env["triage"]["basis"] == "ood"
-    assert summary.ood_flagged == sum(r["ood"]["flagged"] for r in classified)
+        # Dermoscopy photographs are another modality: this model scored every one of the 12 in data/isic_samples
+        # above its threshold by a factor of 1.8 or more when this test was written.
+        assert ood["flagged"], ood
+        assert env["triage"]["level"] == "inconclusive" and env["triage"]["basis"] == "ood"
+        assert env["prediction"] is not None  # still recorded
+    assert summary.ood_flagged == 4 and summary.levels == {"inconclusive": 4, "recapture": 1}

@@ -326,3 +326,33 @@ def test_load_ood_eval_reads_npz_test_split_folders_and_names_bad_input(tmp_path
     assert all(im.dtype == np.uint8 and im.ndim in (2, 3) for im in folder.images)
     dicom = load_ood_eval("data/dicom")
     assert len(dicom.images) >= 1
+
+
+def test_outcome_table_summary_and_report_section(fitted) -> None:  # type: ignore[no-untyped-def]
+    from converters.ood_step import OodOutcome
+    from converters.report_ood import ood_section
+
+    ood, val, _, far, _ = fitted
+    weak = ood.model_copy(update={"feature_rank_agreement": 0.9})
+    scores = {"val": method_scores(weak, val), "test": method_scores(weak, val), "far": method_scores(weak, far)}
+    outcome = OodOutcome(
+        "int8", weak, scores, {"train": 600, "val": 300, "test": 300, "far": 100}, -0.6, "test", ["far"]
+    )
+    rows = {(r["set"], r["score"]): r for r in outcome.table()}
+    assert math.isnan(rows[("val", "features")]["auroc"])  # in-distribution sets are the reference, not rated
+    far_row = rows[("far", "features")]
+    assert (
+        far_row["shipped"] and far_row["auroc"] == auroc_fpr95(scores["test"]["features"], scores["far"]["features"])[0]
+    )
+    assert far_row["flagged"] == float((scores["far"]["features"] > ood.features.threshold).mean())
+    assert set(outcome.thresholds()) == {"max_softmax", "energy", "features"}
+    line = outcome.summary_line()
+    assert line.startswith("  ood int8: features threshold") and "of 300 val images" in line
+    assert f"far AUROC {far_row['auroc']:.3f}, 100% flagged" in line and "rank agreement with float 0.900" in line
+    page = ood_section([outcome], lambda fig: "data:image/png;base64,AAAA")
+    assert "<h2>Out-of-distribution</h2>" in page and "(below 0.95)" in page and ">far<" in page
+    assert "<b>test</b> split" in page and "baseline only" in page
+    assert "--ood none" in ood_section([], lambda fig: "")
+    record = outcome.record()
+    assert record["default"] == "features" and record["feature_rank_agreement"] == 0.9
+    json.dumps(record["thresholds"])  # plain numbers
