@@ -138,7 +138,8 @@ def set_metrics(id_test: Scored, ood: Scored, thresholds: dict[str, float]) -> d
 
 def convert_model(cached: models.CachedModel, ds: Any, work: Path, ood: str) -> tuple[Path, Any, Any, str]:
     """``edgemed convert`` to int8 with ``--ood OOD`` (once per model and method in a run); the gate judges on
-    val, so the test split stays unread."""
+    val, so the test split stays unread. A file the gate rejects is measured all the same (its verdict is
+    recorded): the OOD statistics are fitted the same way, and the question here is what they catch."""
     from converters.convert import convert
     from edgemed.manifest import load_manifest
 
@@ -152,7 +153,8 @@ def convert_model(cached: models.CachedModel, ds: Any, work: Path, ood: str) -> 
     )  # fmt: skip
     manifest = load_manifest(res.manifest_path)
     artifact = next(a for a in manifest.artifacts if a.target == "int8")
-    _converted[key] = res.artifacts["int8"], manifest, artifact, res.verdicts["int8"]
+    verdict = res.verdicts["int8"] + (f" ({'; '.join(res.failed['int8'])})" if res.failed["int8"] else "")
+    _converted[key] = res.artifacts["int8"], manifest, artifact, verdict
     return _converted[key]
 
 
