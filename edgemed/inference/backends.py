@@ -286,18 +286,25 @@ class InterpreterBackend:
             ModelError: the model has no output of that name (the message lists its outputs), nothing has been
                 invoked yet, or the backend has been closed.
         """
+        # Once per feature output per frame: one lookup and one test on the common path (close() clears
+        # _invoked, so a closed backend takes the slow path too). get_tensor copies, so the row stays valid
+        # after the next invoke; a view (interpreter.tensor) measured no cheaper and would not.
         index = self._out_indices.get(name)
-        if index is None:
-            raise _unknown_output(name, self.output_specs)
-        if self._interp is None:
-            raise ModelError("the inference backend is closed; build a new one with make_backend")
-        if not self._invoked:
-            raise ModelError(f"output {name!r} is read after invoke(); run the model on a frame first")
+        if index is None or not self._invoked:
+            raise self._read_error(name, index)
         out: np.ndarray = self._interp.get_tensor(index)
         return out.reshape(-1)
 
+    def _read_error(self, name: str, index: int | None) -> ModelError:
+        if index is None:
+            return _unknown_output(name, self.output_specs)
+        if self._interp is None:
+            return ModelError("the inference backend is closed; build a new one with make_backend")
+        return ModelError(f"output {name!r} is read after invoke(); run the model on a frame first")
+
     def close(self) -> None:
         """Release the interpreter, then its delegates (in that order: the interpreter uses them)."""
+        self._invoked = False
         self._interp = None
         self._keep_alive = []
 

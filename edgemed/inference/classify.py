@@ -42,19 +42,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def probabilities(raw: np.ndarray, spec: TensorSpec, *, logits: bool) -> tuple[float, ...]:
     """Class probabilities from a raw output tensor: dequantized, then softmax (logits) or clipped to [0, 1]."""
+    return probabilities_and_logsumexp(raw, spec, logits=logits)[0]
+
+
+def probabilities_and_logsumexp(raw: np.ndarray, spec: TensorSpec, *, logits: bool) -> tuple[tuple[float, ...], float]:
+    """:func:`probabilities`, and the log-sum-exp of the dequantized logits the softmax computed on the way.
+
+    The log-sum-exp is the energy score at T = 1 with its sign flipped (``edgemed.ood.energy_scores``), so the
+    out-of-distribution check gets it for free; NaN when ``logits`` is False (probabilities have none).
+    """
     if spec.quantized and raw.size <= 64:
         # A classifier has a handful of outputs: plain floats cost a fifth of numpy's per-call overhead, once
         # per frame on the inference thread. Same arithmetic as dequantize() and softmax() above.
         values = [spec.scale * (q - spec.zero_point) for q in np.asarray(raw).reshape(-1).tolist()]
         if not logits:
-            return tuple(min(max(v, 0.0), 1.0) for v in values)
+            return tuple(min(max(v, 0.0), 1.0) for v in values), math.nan
         top = max(values)
         exps = [math.exp(v - top) for v in values]
         total = sum(exps)
-        return tuple(e / total for e in exps)
+        return tuple(e / total for e in exps), top + math.log(total)
     real = dequantize(np.asarray(raw).reshape(-1), spec)
-    probs = softmax(real) if logits else np.clip(real, 0.0, 1.0)
-    return tuple(float(p) for p in probs)
+    if not logits:
+        return tuple(float(p) for p in np.clip(real, 0.0, 1.0)), math.nan
+    peak = float(real.max())
+    e = np.exp(real - peak)
+    mass = float(e.sum())
+    return tuple(float(p) for p in e / mass), peak + math.log(mass)
 
 
 class Classifier:
@@ -105,6 +118,11 @@ class Classifier:
             )
         specs = {spec.name: spec for spec in backend.output_specs}
         self.ood = OodDetector.build(artifact, backend.output_spec, specs, ood if ood is not None else OodSetting())
+        # The energy at T = 1 is minus the log-sum-exp the softmax computes: check_ood and scores share one pass
+        # over the frame's logits (the last row's values, its prediction and log-sum-exp are kept for the other).
+        self._shared_pass = self._logits and self.ood is not None and self.ood.energy_is_minus_logsumexp
+        self._last_row: list[float] | None = None
+        self._last_pass: tuple[Prediction, float] | None = None
 
     def check_ood(self, raw: np.ndarray) -> OodCheck | None:
         """Score the last invoked frame for being out of distribution.
@@ -118,8 +136,21 @@ class Classifier:
         """
         if self.ood is None:
             return None
+        if self._shared_pass:
+            return self.ood.check_score(-self._pass(raw)[1])
         return self.ood.check(raw, self.backend.output)
 
     def scores(self, raw: np.ndarray) -> Prediction:
         """Dequantize the raw output (and apply softmax when the model emits logits)."""
+        if self._shared_pass:
+            return self._pass(raw)[0]
         return Prediction(self.labels, probabilities(raw, self.backend.output_spec, logits=self._logits))
+
+    def _pass(self, raw: np.ndarray) -> tuple[Prediction, float]:
+        """The prediction and log-sum-exp of ``raw``, computed once per row: keyed by the row's values, not the
+        array, so a row changed in place is computed again, and an equal row has the same answer anyway."""
+        row = np.asarray(raw).reshape(-1).tolist()
+        if row != self._last_row or self._last_pass is None:
+            probs, lse = probabilities_and_logsumexp(raw, self.backend.output_spec, logits=True)
+            self._last_row, self._last_pass = row, (Prediction(self.labels, probs), lse)
+        return self._last_pass
