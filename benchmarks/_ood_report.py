@@ -210,13 +210,16 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"Int8 models through the device's code; medians over seeds {seeds}"
         + (f" (quick run: {meta['max_epochs']} epochs)" if meta["quick"] else "")
-        + ". Each cell: AUROC / FPR at 95% TPR / fraction flagged at the shipped threshold (OOD = positive, "
-        "against the in-distribution test split). Max-softmax ships no threshold: its own is chosen like the "
-        "others, flagging 3% of the validation split. **bold**: the manifest's default method. Thresholds and "
-        "the gate use the validation split only; the test split is read once per model, for these tables. The "
-        "ultrasound DICOM frames (whole scanner screens, with text and colour overlays) are *near* for the "
-        "BreastMNIST model (same modality, other scanners) and *other* for the X-ray model. Synthetic frames go "
-        "straight to the model here; on the device the quality gate refuses most blank frames first.",
+        + ". Each cell: AUROC / FPR at 95% TPR / fraction flagged at the shipped threshold, against the in-"
+        "distribution test split. AUROC counts the OOD frames as positives; FPR at 95% TPR is the usual one of "
+        "the OOD literature (in-distribution positive): the share of OOD frames still accepted at the score that "
+        "accepts 95% of the in-distribution test frames (lower is better). Max-softmax ships no threshold: its "
+        "own is chosen like the others, flagging 3% of the validation split. **bold**: the manifest's default "
+        "method. Thresholds and the gate use the validation split only; the test split is read once per model, "
+        "for these tables. The ultrasound DICOM frames (whole scanner screens, with text and colour overlays) are"
+        " *near* for the BreastMNIST model (same modality, other scanners) and *other* for the X-ray model. "
+        "Synthetic frames go straight to the model here; on the device the quality gate refuses most blank frames"
+        " first.",
         "",
     ]
     for dataset, recipes in doc["medians"].items():
