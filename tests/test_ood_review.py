@@ -1,0 +1,97 @@
+"""Review of the converter's OOD step (issue 14): bad ``--ood-eval`` files, set names that would replace a split,
+rank agreement that cannot be measured, and options refused before any conversion work. Logic tests: no
+TensorFlow, fakes only at the seams (a SourceModel with no Keras graph, hand-made ModelOutputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from converters.data import Dataset
+from converters.ood import fit_ood, load_ood_eval
+from converters.ood_step import plan
+from converters.runner import ModelOutputs
+from converters.samples import HeldOut
+from converters.source import SourceModel
+from edgemed.errors import ConfigError, DataError
+
+
+def _outputs(features: np.ndarray) -> ModelOutputs:
+    n = len(features)
+    rng = np.random.default_rng(n)
+    logits = rng.normal(size=(n, 2))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return ModelOutputs(probs=probs, logits=logits, features={"t0": features}, layers={"t0": "conv"})
+
+
+def _source(output_kind: str = "logits", layers: tuple[str, ...] = ()) -> SourceModel:
+    def unused(*_: Any) -> Any:
+        raise AssertionError("the plan must not run the model for this check")
+
+    return SourceModel(
+        path=Path("m"),
+        kind="saved_model",
+        input_shape=(8, 8, 1),
+        num_outputs=2,
+        predict_float=unused,
+        make_converter=unused,
+        output_kind=output_kind,
+        feature_layers=list(layers),
+    )
+
+
+def _data(tmp_path: Path) -> tuple[Dataset, HeldOut]:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.integers(0, 255, (n, 8, 8, 1), dtype=np.uint8), np.arange(n) % 2
+
+    splits = {"train": split(20), "val": split(10), "test": split(10)}
+    data = Dataset(splits=splits, labels=["a", "b"], colour_mode="gray", source=str(tmp_path / "d.npz"))
+    return data, HeldOut("test", *splits["test"])
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not a zip", b"\x93NUMPY truncated"])
+def test_a_corrupt_or_empty_npz_is_a_data_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    bad = tmp_path / "other.npz"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match="other.npz"):
+        load_ood_eval(bad)
+
+
+def test_a_truncated_npz_is_a_data_error(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.npz"
+    np.savez_compressed(whole, test_images=np.random.default_rng(1).integers(0, 255, (50, 16, 16), dtype=np.uint8))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(whole.read_bytes()[:-200])
+    with pytest.raises(DataError, match="cut.npz"):
+        load_ood_eval(cut)
+
+
+@pytest.mark.parametrize("stem", ["train", "val", "test"])
+def test_an_eval_set_named_like_a_split_is_refused_with_the_fix(tmp_path: Path, stem: str) -> None:
+    data, held = _data(tmp_path)
+    path = tmp_path / f"{stem}.npz"
+    np.savez(path, test_images=np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="rename"):
+        plan("energy", 0.03, _source(), data, held, [path])
+
+
+def test_energy_of_a_model_that_outputs_probabilities_is_refused_before_conversion(tmp_path: Path) -> None:
+    data, held = _data(tmp_path)
+    with pytest.raises(ConfigError, match="--ood auto"):
+        plan("energy", 0.03, _source(output_kind="probabilities"), data, held, [])
+
+
+def test_rank_agreement_that_cannot_be_measured_does_not_lose_the_fit() -> None:
+    rng = np.random.default_rng(2)
+    train, y = rng.normal(size=(40, 3)), np.arange(40) % 2
+    val = rng.normal(size=(12, 3))
+    constant_reference = np.zeros(12)  # Spearman is undefined against a constant
+    spec = fit_ood(_outputs(train), y, _outputs(val), "auto", reference_val_scores=constant_reference)
+    assert spec is not None and spec.features is not None and spec.feature_rank_agreement is None
+    one = fit_ood(_outputs(train), y, _outputs(val[:1]), "auto", reference_val_scores=np.zeros(1))
+    assert one is not None and one.features is not None and one.feature_rank_agreement is None
