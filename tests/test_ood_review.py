@@ -95,3 +95,47 @@ def test_rank_agreement_that_cannot_be_measured_does_not_lose_the_fit() -> None:
     assert spec is not None and spec.features is not None and spec.feature_rank_agreement is None
     one = fit_ood(_outputs(train), y, _outputs(val[:1]), "auto", reference_val_scores=np.zeros(1))
     assert one is not None and one.features is not None and one.feature_rank_agreement is None
+
+
+class _FakeDeviceModel:
+    """Stands in for the converted file at the DeviceModel seam: features are the first pixels of each image."""
+
+    def __init__(self, *_: Any) -> None:
+        pass
+
+    def __enter__(self) -> _FakeDeviceModel:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def run(self, images: Any, kind: str, progress: Any = None) -> ModelOutputs:
+        flat = np.stack([np.asarray(im, dtype=np.float64).reshape(-1)[:4] for im in images])
+        return _outputs(flat)
+
+
+def _plan_without_float(tmp_path: Path, held: HeldOut) -> Any:
+    from converters.ood_step import OodPlan
+
+    data, _ = _data(tmp_path)
+    train, y = data.splits["train"]
+    return OodPlan("features", 0.1, train, y, data.splits["val"][0], held, [], None)
+
+
+def test_run_target_thresholds_on_the_plans_val_not_the_held_out_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import converters.ood_step as ood_step
+    from converters.ood import feature_scores, layer_inputs, threshold_at
+
+    monkeypatch.setattr(ood_step, "DeviceModel", _FakeDeviceModel)
+    other_val = HeldOut("val", np.random.default_rng(9).integers(0, 255, (7, 8, 8, 1), np.uint8), np.arange(7) % 2)
+    the_plan = _plan_without_float(tmp_path, other_val)
+    outcome = ood_step.run_target(the_plan, "int8", Path("x.tflite"), None, [], "logits")  # type: ignore[arg-type]
+    assert outcome.spec is not None and outcome.spec.features is not None
+    assert outcome.spec.threshold_n == len(the_plan.val_images) == 10
+    val = _FakeDeviceModel().run(the_plan.val_images, "logits")
+    expected, _ = threshold_at(feature_scores(outcome.spec.features, layer_inputs(val, outcome.spec.features)), 0.1)
+    assert outcome.spec.features.threshold == pytest.approx(expected)
+    assert outcome.sizes["val"] == 10
+    assert outcome.held_split in outcome.scores and len(outcome.scores[outcome.held_split]["features"]) == 7
