@@ -18,6 +18,8 @@ Also here: AUROC and FPR at 95% TPR of a score against an OOD set, Spearman rank
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,8 +221,11 @@ def fit_ood(
         val_scores = feature_scores(fitted, layer_inputs(val, fitted))
         threshold, flagged = threshold_at(val_scores, target_fraction)
         features = fitted.model_copy(update={"threshold": threshold, "flagged_fraction": flagged})
-        if reference_val_scores is not None:
+        if reference_val_scores is not None and len(val_scores) >= 2:
             agreement = rank_agreement(val_scores, reference_val_scores)
+            # Undefined when either side is constant (a tiny or degenerate val split): not measured, not a crash
+            # that would lose the conversion.
+            agreement = agreement if math.isfinite(agreement) else None
     elif method == "features":
         raise ConfigError(
             "--ood features needs layers to read, and this model has none the converter can tap (a SavedModel "
@@ -343,8 +348,8 @@ def _npz_images(path: Path) -> list[np.ndarray]:
             if not keys:
                 raise DataError(path, f"has no test_images or *_images array (keys: {', '.join(data.files)})")
             arrays = [np.asarray(data[k]) for k in keys]
-    except (OSError, ValueError) as exc:
-        raise DataError(path, f"is not a readable .npz ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # empty, corrupt, truncated
+        raise DataError(path, f"is not a readable .npz ({exc}); save it again with numpy.savez") from exc
     images: list[np.ndarray] = []
     for key, arr in zip(keys, arrays, strict=True):
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3)):
