@@ -139,3 +139,11 @@ def test_run_target_thresholds_on_the_plans_val_not_the_held_out_images(
     assert outcome.spec.features.threshold == pytest.approx(expected)
     assert outcome.sizes["val"] == 10
     assert outcome.held_split in outcome.scores and len(outcome.scores[outcome.held_split]["features"]) == 7
+
+
+def test_the_ood_example_in_convert_help_is_two_lines_a_shell_can_paste() -> None:
+    from converters.commands import CONVERT_EPILOG
+
+    lines = CONVERT_EPILOG.splitlines()
+    first = next(i for i, line in enumerate(lines) if "--ood-eval" in line or "--out dist   " in line)
+    assert lines[first].endswith("--out dist \\") and lines[first + 1].lstrip().startswith("--ood-eval ")
