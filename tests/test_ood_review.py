@@ -147,3 +147,22 @@ def test_the_ood_example_in_convert_help_is_two_lines_a_shell_can_paste() -> Non
     lines = CONVERT_EPILOG.splitlines()
     at = next(i for i, line in enumerate(lines) if "--ood-eval data/isic_samples" in line)
     assert lines[at].lstrip().startswith("--ood-eval ") and lines[at - 1].endswith("--out dist \\")
+
+
+class _ProbabilitiesOnly(_FakeDeviceModel):
+    def run(self, images: Any, kind: str, progress: Any = None) -> ModelOutputs:
+        out = super().run(images, kind, progress)
+        return ModelOutputs(probs=out.probs, logits=None, features={}, layers={})
+
+
+def test_no_ood_score_note_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import converters.ood_step as ood_step
+
+    monkeypatch.setattr(ood_step, "DeviceModel", _ProbabilitiesOnly)
+    held = HeldOut("test", np.zeros((3, 8, 8, 1), np.uint8), np.arange(3) % 2)
+    the_plan = _plan_without_float(tmp_path, held)
+    the_plan = ood_step.OodPlan("auto", 0.1, the_plan.train_images, the_plan.y_train, the_plan.val_images, held, [], None)
+    outcome = ood_step.run_target(the_plan, "int8", Path("x.tflite"), None, [], "probabilities")  # type: ignore[arg-type]
+    assert outcome.spec is None
+    (note,) = outcome.notes
+    assert "without its softmax" in note and ".keras" in note
