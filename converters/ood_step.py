@@ -267,7 +267,11 @@ def run_target(
     )
     notes: list[str] = []
     if fitted is None:
-        notes.append("no OOD score: the model outputs probabilities and has no layer to read (--ood auto)")
+        notes.append(
+            f"no OOD score for {target}: the model outputs probabilities and has no layer to read, so the device "
+            "cannot flag images unlike the training images; convert the .keras model (its layers are read), or "
+            "export the model without its softmax so that it outputs logits (energy score)"
+        )
     elif fitted.feature_rank_agreement is not None and fitted.feature_rank_agreement < MIN_RANK_AGREEMENT:
         notes.append(
             f"WARNING: the {target} feature scores rank the validation images unlike the float model's "
