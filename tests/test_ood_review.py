@@ -166,3 +166,23 @@ def test_no_ood_score_note_names_the_fix(tmp_path: Path, monkeypatch: pytest.Mon
     assert outcome.spec is None
     (note,) = outcome.notes
     assert "without its softmax" in note and ".keras" in note
+
+
+def test_a_long_eval_source_is_sampled_evenly_not_held_whole_in_memory(tmp_path: Path) -> None:
+    """A video or a big folder would be held frame by frame at full size; a bounded, even sample of it is kept."""
+    from PIL import Image
+
+    from converters.ood import MAX_EVAL_IMAGES
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    total = MAX_EVAL_IMAGES * 2 + 37
+    for i in range(total):
+        Image.fromarray(np.full((4, 4), i % 251, np.uint8)).save(folder / f"{i:05d}.png")
+    images = load_ood_eval(folder).images
+    assert MAX_EVAL_IMAGES // 2 <= len(images) <= MAX_EVAL_IMAGES
+    seen = sorted({int(im.reshape(-1)[0]) for im in images})
+    assert len(seen) > 200  # spread over the whole source, not its first frames only
+    many = tmp_path / "many.npz"
+    np.savez(many, test_images=np.zeros((total, 4, 4), np.uint8))
+    assert MAX_EVAL_IMAGES // 2 <= len(load_ood_eval(many).images) <= MAX_EVAL_IMAGES
