@@ -43,6 +43,9 @@ MAX_COMPONENTS = 128
 #: How far above the validation quantile a threshold sits (relative): far beyond the device's rounding differences
 #: from the converter (~1e-12), far below the gap between two validation scores.
 THRESHOLD_MARGIN = 1e-7
+#: Images kept of one --ood-eval set at most (an even sample beyond): a video is held frame by frame at its full
+#: size until the model runs, so a minute of 1080p would need gigabytes; a few hundred images pin an AUROC down.
+MAX_EVAL_IMAGES = 500
 #: The score names of the report: the max-softmax baseline (never shipped), then the two shipped methods.
 SCORE_NAMES = ("max_softmax", "energy", "features")
 
@@ -308,7 +311,8 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
 
     A ``.npz`` gives its ``test_images`` (the split never used to choose anything), else every array whose key
     ends in ``images``; anything else is read as ``edgemed run`` reads it (an image, a folder of images and DICOM
-    files, a DICOM file with every frame, a video), through ``edgemed.capture.open_source``.
+    files, a DICOM file with every frame, a video), through ``edgemed.capture.open_source``. Beyond
+    ``MAX_EVAL_IMAGES`` readable images, an even sample of them is kept (every k-th).
 
     Raises:
         DataError: the path does not exist, holds no readable image, or a ``.npz`` holds no image array.
@@ -317,19 +321,24 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
     if not p.exists():
         raise DataError(p, "no such file or folder; give an existing --ood-eval file or folder")
     if p.suffix.lower() == ".npz":
-        return OodEvalSet(p.stem, _npz_images(p))
+        stored = _npz_images(p)
+        return OodEvalSet(p.stem, stored[:: -(-len(stored) // MAX_EVAL_IMAGES)])  # an even sample, if many
     from edgemed.capture import open_source
 
     images: list[np.ndarray] = []
-    unreadable = 0
+    unreadable, stride, index = 0, 1, 0
     try:
         source = open_source(str(p))
         try:
             for frame in source:
                 if frame.image is None:
                     unreadable += 1
-                else:
+                    continue
+                if index % stride == 0:
                     images.append(np.asarray(frame.image, dtype=np.uint8))
+                    if len(images) > MAX_EVAL_IMAGES:  # keep every other one, then take every 2*stride-th frame
+                        images, stride = images[::2], stride * 2
+                index += 1
         finally:
             source.close()
     except CaptureError as exc:
