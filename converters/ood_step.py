@@ -303,4 +303,3 @@ def _held_key(ood_plan: OodPlan) -> str:
         held.images.shape == ood_plan.val_images.shape and np.array_equal(held.images, ood_plan.val_images)
     )
     return "val" if same else "val (evaluation data)"
-

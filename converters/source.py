@@ -146,9 +146,10 @@ def find_taps(model: Any) -> list[Tap]:
     Walking the top-level layers: the input of every layer that reduces the spatial size (max or average
     pooling, a convolution with a stride above 1) or ends the maps (global pooling, Flatten); then the
     penultimate vector (the input of the final classifier Dense, looking through Dropout) unless it is only the
-    global average, or the Flatten, of a map already tapped. Early maps are kept on purpose: on the reference CNN the penultimate
-    vector alone separated BreastMNIST from chest X-rays with AUROC 0.40, the early blocks' channel means with
-    1.00 (validation splits, measured by the project lead). Tensors straight from the model input are not taps.
+    global average, or the Flatten, of a map already tapped. Early maps are kept on purpose: on the reference CNN
+    the penultimate vector alone separated BreastMNIST from chest X-rays with AUROC 0.40, the early blocks' channel
+    means with 1.00 (validation splits, measured by the project lead). Tensors straight from the model input are
+    not taps.
     """
     taps: list[Tap] = []
     seen: set[int] = set()

@@ -58,7 +58,7 @@ def _data(tmp_path: Path) -> tuple[Dataset, HeldOut]:
 def test_a_corrupt_or_empty_npz_is_a_data_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
     bad = tmp_path / "other.npz"
     bad.write_bytes(content)
-    with pytest.raises(DataError, match="other.npz"):
+    with pytest.raises(DataError, match=r"other\.npz"):
         load_ood_eval(bad)
 
 
@@ -67,7 +67,7 @@ def test_a_truncated_npz_is_a_data_error(tmp_path: Path) -> None:
     np.savez_compressed(whole, test_images=np.random.default_rng(1).integers(0, 255, (50, 16, 16), dtype=np.uint8))
     cut = tmp_path / "cut.npz"
     cut.write_bytes(whole.read_bytes()[:-200])
-    with pytest.raises(DataError, match="cut.npz"):
+    with pytest.raises(DataError, match=r"cut\.npz"):
         load_ood_eval(cut)
 
 
@@ -160,8 +160,8 @@ def test_no_ood_score_note_names_the_fix(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(ood_step, "DeviceModel", _ProbabilitiesOnly)
     held = HeldOut("test", np.zeros((3, 8, 8, 1), np.uint8), np.arange(3) % 2)
-    the_plan = _plan_without_float(tmp_path, held)
-    the_plan = ood_step.OodPlan("auto", 0.1, the_plan.train_images, the_plan.y_train, the_plan.val_images, held, [], None)
+    base = _plan_without_float(tmp_path, held)
+    the_plan = ood_step.OodPlan("auto", 0.1, base.train_images, base.y_train, base.val_images, held, [], None)
     outcome = ood_step.run_target(the_plan, "int8", Path("x.tflite"), None, [], "probabilities")  # type: ignore[arg-type]
     assert outcome.spec is None
     (note,) = outcome.notes
