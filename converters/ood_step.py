@@ -298,7 +298,7 @@ def _held_key(ood_plan: OodPlan) -> str:
     thresholds are chosen on (``--evaluation`` data held out on val), which must not take that one's place."""
     held = ood_plan.held
     if held.split != "val":
-        return held.split
+        return str(held.split)
     same = held.images is ood_plan.val_images or (
         held.images.shape == ood_plan.val_images.shape and np.array_equal(held.images, ood_plan.val_images)
     )
