@@ -186,3 +186,22 @@ def test_a_long_eval_source_is_sampled_evenly_not_held_whole_in_memory(tmp_path:
     many = tmp_path / "many.npz"
     np.savez(many, test_images=np.zeros((total, 4, 4), np.uint8))
     assert MAX_EVAL_IMAGES // 2 <= len(load_ood_eval(many).images) <= MAX_EVAL_IMAGES
+
+
+def test_an_unmeasured_rank_agreement_is_said_not_passed_off_as_no_feature_score(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import converters.ood_step as ood_step
+    from converters.report_ood import ood_section
+
+    monkeypatch.setattr(ood_step, "DeviceModel", _FakeDeviceModel)
+    held = HeldOut("test", np.random.default_rng(3).integers(0, 255, (5, 8, 8, 1), np.uint8), np.arange(5) % 2)
+    base = _plan_without_float(tmp_path, held)
+    constant_float = np.zeros(len(base.val_images))
+    the_plan = ood_step.OodPlan("auto", 0.1, base.train_images, base.y_train, base.val_images, held, [], constant_float)
+    outcome = ood_step.run_target(the_plan, "int8", Path("x.tflite"), None, [], "logits")  # type: ignore[arg-type]
+    assert outcome.spec is not None and outcome.spec.features is not None
+    assert outcome.spec.feature_rank_agreement is None
+    assert any("could not be measured" in n for n in outcome.notes)
+    html = ood_section([outcome], lambda fig: "data:,")
+    assert "no feature score" not in html and "not measured" in html
