@@ -272,6 +272,13 @@ def run_target(
             "cannot flag images unlike the training images; convert the .keras model (its layers are read), or "
             "export the model without its softmax so that it outputs logits (energy score)"
         )
+    elif (
+        fitted.features is not None and ood_plan.float_val_scores is not None and fitted.feature_rank_agreement is None
+    ):
+        notes.append(
+            f"WARNING: the {target} feature scores' rank agreement with the float model could not be measured (fewer "
+            "than 2 val images, or constant scores); give the data a larger val split"
+        )
     elif fitted.feature_rank_agreement is not None and fitted.feature_rank_agreement < MIN_RANK_AGREEMENT:
         notes.append(
             f"WARNING: the {target} feature scores rank the validation images unlike the float model's "
