@@ -169,7 +169,12 @@ def threshold_at(scores: np.ndarray, target_fraction: float) -> tuple[float, flo
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0 or not np.isfinite(s).all():
-        raise ConfigError("cannot choose an OOD threshold: the validation scores are empty or not all finite")
+        bad = int(s.size - np.isfinite(s).sum())
+        raise ConfigError(
+            f"cannot choose an OOD threshold: the validation scores are empty or not all finite ({bad} of {s.size}); "
+            "the model's outputs overflow on the val split (check a float16 target's logits and features), or convert "
+            "with --ood energy (logits only) or --ood none"
+        )
     quantile = float(np.quantile(s, 1.0 - target_fraction, method="higher"))
     above = s[s > quantile]
     nudged = quantile + THRESHOLD_MARGIN * max(1.0, abs(quantile))
