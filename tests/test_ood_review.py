@@ -212,3 +212,13 @@ def test_non_finite_val_scores_error_names_the_fix() -> None:
 
     with pytest.raises(ConfigError, match="--ood energy|--ood none"):
         threshold_at(np.array([0.1, np.inf, 0.3]), 0.03)
+
+
+def test_an_eval_folder_given_as_dot_is_named_after_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "echo_frames"
+    folder.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "a.png")
+    monkeypatch.chdir(folder)
+    assert load_ood_eval(".").name == "echo_frames"
