@@ -352,7 +352,7 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
         ) from exc
     if not images:
         raise DataError(p, f"holds no readable image ({unreadable} unreadable); give images edgemed run can read")
-    return OodEvalSet(p.name, images)
+    return OodEvalSet(p.resolve().name or str(p), images)  # "." has no name of its own
 
 
 def _npz_images(path: Path) -> list[np.ndarray]:

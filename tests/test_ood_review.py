@@ -210,7 +210,7 @@ def test_an_unmeasured_rank_agreement_is_said_not_passed_off_as_no_feature_score
 def test_non_finite_val_scores_error_names_the_fix() -> None:
     from converters.ood import threshold_at
 
-    with pytest.raises(ConfigError, match="--ood energy|--ood none"):
+    with pytest.raises(ConfigError, match=r"--ood energy|--ood none"):
         threshold_at(np.array([0.1, np.inf, 0.3]), 0.03)
 
 
