@@ -43,8 +43,9 @@ MAX_COMPONENTS = 128
 #: How far above the validation quantile a threshold sits (relative): far beyond the device's rounding differences
 #: from the converter (~1e-12), far below the gap between two validation scores.
 THRESHOLD_MARGIN = 1e-7
-#: Images kept of one --ood-eval set at most (an even sample beyond): a video is held frame by frame at its full
-#: size until the model runs, so a minute of 1080p would need gigabytes; a few hundred images pin an AUROC down.
+#: Frames kept of one --ood-eval video, DICOM or folder at most (an even sample beyond): they are held at their
+#: full size until the model runs, so a minute of 1080p would need gigabytes; a few hundred pin an AUROC down.
+#: A .npz is already whole in memory and is scored whole.
 MAX_EVAL_IMAGES = 500
 #: The score names of the report: the max-softmax baseline (never shipped), then the two shipped methods.
 SCORE_NAMES = ("max_softmax", "energy", "features")
@@ -317,7 +318,7 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
     A ``.npz`` gives its ``test_images`` (the split never used to choose anything), else every array whose key
     ends in ``images``; anything else is read as ``edgemed run`` reads it (an image, a folder of images and DICOM
     files, a DICOM file with every frame, a video), through ``edgemed.capture.open_source``. Beyond
-    ``MAX_EVAL_IMAGES`` readable images, an even sample of them is kept (every k-th).
+    ``MAX_EVAL_IMAGES`` readable frames of such a source, an even sample of them is kept (every k-th).
 
     Raises:
         DataError: the path does not exist, holds no readable image, or a ``.npz`` holds no image array.
@@ -326,8 +327,7 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
     if not p.exists():
         raise DataError(p, "no such file or folder; give an existing --ood-eval file or folder")
     if p.suffix.lower() == ".npz":
-        stored = _npz_images(p)
-        return OodEvalSet(p.stem, stored[:: -(-len(stored) // MAX_EVAL_IMAGES)])  # an even sample, if many
+        return OodEvalSet(p.stem, _npz_images(p))  # already whole in memory: every image is scored
     from edgemed.capture import open_source
 
     images: list[np.ndarray] = []

@@ -183,9 +183,9 @@ def test_a_long_eval_source_is_sampled_evenly_not_held_whole_in_memory(tmp_path:
     assert MAX_EVAL_IMAGES // 2 <= len(images) <= MAX_EVAL_IMAGES
     seen = sorted({int(im.reshape(-1)[0]) for im in images})
     assert len(seen) > 200  # spread over the whole source, not its first frames only
-    many = tmp_path / "many.npz"
+    many = tmp_path / "many.npz"  # a test split held in memory already: scored whole (the benchmark's sets)
     np.savez(many, test_images=np.zeros((total, 4, 4), np.uint8))
-    assert MAX_EVAL_IMAGES // 2 <= len(load_ood_eval(many).images) <= MAX_EVAL_IMAGES
+    assert len(load_ood_eval(many).images) == total
 
 
 def test_an_unmeasured_rank_agreement_is_said_not_passed_off_as_no_feature_score(
