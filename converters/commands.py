@@ -75,7 +75,7 @@ out-of-distribution check (on by default, --ood auto): the device flags a frame 
 (another modality, the wrong body part or preset) as inconclusive instead of answering. Its statistics are
 fitted on the train split and each threshold on the val split (the data needs one; never the test split) so
 that --ood-fraction (3%) of in-distribution validation images are flagged. Try it on images of other kinds:
-  edgemed convert models/breast.keras --calibration data/breastmnist_28.npz --out dist \
+  edgemed convert models/breast.keras --calibration data/breastmnist_28.npz --out dist \\
       --ood-eval data/isic_samples other.npz
 The report's "Out-of-distribution" section shows histograms, AUROC and FPR at 95% TPR per score and set.
 

@@ -18,6 +18,8 @@ Also here: AUROC and FPR at 95% TPR of a score against an OOD set, Spearman rank
 from __future__ import annotations
 
 import math
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,10 @@ MAX_COMPONENTS = 128
 #: How far above the validation quantile a threshold sits (relative): far beyond the device's rounding differences
 #: from the converter (~1e-12), far below the gap between two validation scores.
 THRESHOLD_MARGIN = 1e-7
+#: Frames kept of one --ood-eval video, DICOM or folder at most (an even sample beyond): they are held at their
+#: full size until the model runs, so a minute of 1080p would need gigabytes; a few hundred pin an AUROC down.
+#: A .npz is already whole in memory and is scored whole.
+MAX_EVAL_IMAGES = 500
 #: The score names of the report: the max-softmax baseline (never shipped), then the two shipped methods.
 SCORE_NAMES = ("max_softmax", "energy", "features")
 
@@ -164,7 +170,12 @@ def threshold_at(scores: np.ndarray, target_fraction: float) -> tuple[float, flo
     """
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0 or not np.isfinite(s).all():
-        raise ConfigError("cannot choose an OOD threshold: the validation scores are empty or not all finite")
+        bad = int(s.size - np.isfinite(s).sum())
+        raise ConfigError(
+            f"cannot choose an OOD threshold: the validation scores are empty or not all finite ({bad} of {s.size}); "
+            "the model's outputs overflow on the val split (check a float16 target's logits and features), or convert "
+            "with --ood energy (logits only) or --ood none"
+        )
     quantile = float(np.quantile(s, 1.0 - target_fraction, method="higher"))
     above = s[s > quantile]
     nudged = quantile + THRESHOLD_MARGIN * max(1.0, abs(quantile))
@@ -219,8 +230,11 @@ def fit_ood(
         val_scores = feature_scores(fitted, layer_inputs(val, fitted))
         threshold, flagged = threshold_at(val_scores, target_fraction)
         features = fitted.model_copy(update={"threshold": threshold, "flagged_fraction": flagged})
-        if reference_val_scores is not None:
+        if reference_val_scores is not None and len(val_scores) >= 2:
             agreement = rank_agreement(val_scores, reference_val_scores)
+            # Undefined when either side is constant (a tiny or degenerate val split): not measured, not a crash
+            # that would lose the conversion.
+            agreement = agreement if math.isfinite(agreement) else None
     elif method == "features":
         raise ConfigError(
             "--ood features needs layers to read, and this model has none the converter can tap (a SavedModel "
@@ -303,7 +317,8 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
 
     A ``.npz`` gives its ``test_images`` (the split never used to choose anything), else every array whose key
     ends in ``images``; anything else is read as ``edgemed run`` reads it (an image, a folder of images and DICOM
-    files, a DICOM file with every frame, a video), through ``edgemed.capture.open_source``.
+    files, a DICOM file with every frame, a video), through ``edgemed.capture.open_source``. Beyond
+    ``MAX_EVAL_IMAGES`` readable frames of such a source, an even sample of them is kept (every k-th).
 
     Raises:
         DataError: the path does not exist, holds no readable image, or a ``.npz`` holds no image array.
@@ -312,19 +327,23 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
     if not p.exists():
         raise DataError(p, "no such file or folder; give an existing --ood-eval file or folder")
     if p.suffix.lower() == ".npz":
-        return OodEvalSet(p.stem, _npz_images(p))
+        return OodEvalSet(p.stem, _npz_images(p))  # already whole in memory: every image is scored
     from edgemed.capture import open_source
 
     images: list[np.ndarray] = []
-    unreadable = 0
+    unreadable, stride, index = 0, 1, 0
     try:
         source = open_source(str(p))
         try:
             for frame in source:
                 if frame.image is None:
                     unreadable += 1
-                else:
+                    continue
+                if index % stride == 0:
                     images.append(np.asarray(frame.image, dtype=np.uint8))
+                    if len(images) > MAX_EVAL_IMAGES:  # keep every other one, then take every 2*stride-th frame
+                        images, stride = images[::2], stride * 2
+                index += 1
         finally:
             source.close()
     except CaptureError as exc:
@@ -333,7 +352,7 @@ def load_ood_eval(path: str | Path) -> OodEvalSet:
         ) from exc
     if not images:
         raise DataError(p, f"holds no readable image ({unreadable} unreadable); give images edgemed run can read")
-    return OodEvalSet(p.name, images)
+    return OodEvalSet(p.resolve().name or str(p), images)  # "." has no name of its own
 
 
 def _npz_images(path: Path) -> list[np.ndarray]:
@@ -343,8 +362,8 @@ def _npz_images(path: Path) -> list[np.ndarray]:
             if not keys:
                 raise DataError(path, f"has no test_images or *_images array (keys: {', '.join(data.files)})")
             arrays = [np.asarray(data[k]) for k in keys]
-    except (OSError, ValueError) as exc:
-        raise DataError(path, f"is not a readable .npz ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # empty, corrupt, truncated
+        raise DataError(path, f"is not a readable .npz ({exc}); save it again with numpy.savez") from exc
     images: list[np.ndarray] = []
     for key, arr in zip(keys, arrays, strict=True):
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3)):

@@ -184,6 +184,11 @@ def plan(
     """
     if method == "none":
         return None
+    if method == "energy" and source.output_kind == "probabilities":
+        raise ConfigError(
+            "--ood energy reads logits, but this model's graph ends in a softmax the converter cannot remove (a "
+            "SavedModel input is converted as it is); use --ood auto, or export the model without its softmax"
+        )
     if method == "features" and not source.feature_layers:
         raise ConfigError(
             "--ood features needs layers to read, and the converter found none to tap in this model (a "
@@ -197,9 +202,13 @@ def plan(
         )
     eval_sets = [load_ood_eval(p) for p in eval_paths]  # before any model runs: a bad path fails fast
     names = [s.name for s in eval_sets]
-    taken = {"val", held.split}
+    taken = {"train", "val", held.split}  # a set under a split's name would replace that split's images
     if len(set(names)) != len(names) or taken & set(names):
-        raise DataError(", ".join(map(str, eval_paths)), "the --ood-eval sets need distinct names other than val/test")
+        raise DataError(
+            ", ".join(map(str, eval_paths)),
+            f"the --ood-eval sets are named by their file or folder names ({', '.join(names)}), which must differ "
+            f"from each other and from {', '.join(sorted(taken))}; rename or copy the clashing ones",
+        )
     train_images, y_train = data.splits["train"]
     if len(train_images) > MAX_FIT_IMAGES:
         pick = np.sort(np.random.default_rng(seed).choice(len(train_images), MAX_FIT_IMAGES, replace=False))
@@ -238,7 +247,9 @@ def run_target(
     from tqdm import tqdm
 
     sets: dict[str, Any] = {"train": ood_plan.train_images, "val": ood_plan.val_images}
-    sets[ood_plan.held.split] = ood_plan.held.images
+    held_key = _held_key(ood_plan)
+    if held_key != "val":  # never replace the val images the thresholds are chosen on
+        sets[held_key] = ood_plan.held.images
     for eval_set in ood_plan.eval_sets:
         sets[eval_set.name] = eval_set.images
     results: dict[str, ModelOutputs] = {}
@@ -256,7 +267,18 @@ def run_target(
     )
     notes: list[str] = []
     if fitted is None:
-        notes.append("no OOD score: the model outputs probabilities and has no layer to read (--ood auto)")
+        notes.append(
+            f"no OOD score for {target}: the model outputs probabilities and has no layer to read, so the device "
+            "cannot flag images unlike the training images; convert the .keras model (its layers are read), or "
+            "export the model without its softmax so that it outputs logits (energy score)"
+        )
+    elif (
+        fitted.features is not None and ood_plan.float_val_scores is not None and fitted.feature_rank_agreement is None
+    ):
+        notes.append(
+            f"WARNING: the {target} feature scores' rank agreement with the float model could not be measured (fewer "
+            "than 2 val images, or constant scores); give the data a larger val split"
+        )
     elif fitted.feature_rank_agreement is not None and fitted.feature_rank_agreement < MIN_RANK_AGREEMENT:
         notes.append(
             f"WARNING: the {target} feature scores rank the validation images unlike the float model's "
@@ -272,7 +294,19 @@ def run_target(
         scores=scores,
         sizes={n: len(sets[n]) for n in sets},
         baseline_threshold=baseline,
-        held_split=ood_plan.held.split,
+        held_split=held_key,
         eval_names=[s.name for s in ood_plan.eval_sets],
         notes=notes,
     )
+
+
+def _held_key(ood_plan: OodPlan) -> str:
+    """The report's name for the gate's held-out split: its own, unless it is a val split other than the one the
+    thresholds are chosen on (``--evaluation`` data held out on val), which must not take that one's place."""
+    held = ood_plan.held
+    if held.split != "val":
+        return str(held.split)
+    same = held.images is ood_plan.val_images or (
+        held.images.shape == ood_plan.val_images.shape and np.array_equal(held.images, ood_plan.val_images)
+    )
+    return "val" if same else "val (evaluation data)"

@@ -109,7 +109,8 @@ def _target_tables(outcome: OodOutcome) -> str:
         )
     agreement = spec.feature_rank_agreement
     if agreement is None:
-        rank = "<p>Feature rank agreement with the float model: n/a (no feature score).</p>"
+        why = "no feature score" if spec.features is None else "not measured, see the notes below"
+        rank = f"<p>Feature rank agreement with the float model: n/a ({why}).</p>"
     else:
         css = ' class="weak"' if agreement < 0.95 else ""
         rank = (

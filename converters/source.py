@@ -146,9 +146,10 @@ def find_taps(model: Any) -> list[Tap]:
     Walking the top-level layers: the input of every layer that reduces the spatial size (max or average
     pooling, a convolution with a stride above 1) or ends the maps (global pooling, Flatten); then the
     penultimate vector (the input of the final classifier Dense, looking through Dropout) unless it is only the
-    global average of a map already tapped. Early maps are kept on purpose: on the reference CNN the penultimate
-    vector alone separated BreastMNIST from chest X-rays with AUROC 0.40, the early blocks' channel means with
-    1.00 (validation splits, measured by the project lead). Tensors straight from the model input are not taps.
+    global average, or the Flatten, of a map already tapped. Early maps are kept on purpose: on the reference CNN
+    the penultimate vector alone separated BreastMNIST from chest X-rays with AUROC 0.40, the early blocks' channel
+    means with 1.00 (validation splits, measured by the project lead). Tensors straight from the model input are
+    not taps.
     """
     taps: list[Tap] = []
     seen: set[int] = set()
@@ -172,8 +173,10 @@ def find_taps(model: Any) -> list[Tap]:
     vector = _penultimate(model)
     if vector is not None:
         producer = _producer(vector)
-        averaged_tap = type(producer).__name__ == "GlobalAveragePooling2D" and id(producer.input) in seen
-        if not averaged_tap:
+        # Its pooled map already read: a global average of it adds nothing, and a Flatten of it is H*W*C wide
+        # (a D x D covariance to fit, D values out per frame: 12544 for a 64x64 input's 14x14x64 map).
+        reshaped_tap = type(producer).__name__ in ("GlobalAveragePooling2D", "Flatten") and id(producer.input) in seen
+        if not reshaped_tap:
             add(vector)
     return taps
 

@@ -312,3 +312,19 @@ def test_strided_convolutions_are_taps_and_an_averaged_tap_is_not_repeated() -> 
          keras.layers.Dense(8, name="hidden"), keras.layers.Dense(2, name="logits")]
     )  # fmt: skip
     assert [(t.layer, t.pooled) for t in find_taps(flat)] == [("c", True), ("hidden", False)]
+
+
+def test_a_flattened_tapped_map_feeding_the_classifier_is_not_a_second_tap() -> None:
+    """Flatten -> Dense(classes): the penultimate vector is the tapped map itself, H*W*C wide (12544 here, a
+    12544 x 12544 covariance to fit and a 12544-value output per frame); its channel means are already read."""
+    import keras
+
+    from converters.source import find_taps
+
+    model = keras.Sequential(
+        [keras.Input(shape=(64, 64, 1)), keras.layers.Conv2D(16, 3, name="c1"), keras.layers.MaxPooling2D(2),
+         keras.layers.Conv2D(64, 3, name="c2"), keras.layers.MaxPooling2D(2, name="p2"),
+         keras.layers.Flatten(name="f"), keras.layers.Dropout(0.1), keras.layers.Dense(2, name="logits")]
+    )  # fmt: skip
+    taps = find_taps(model)
+    assert [(t.layer, t.pooled) for t in taps] == [("c1", True), ("c2", True), ("p2", True)]
