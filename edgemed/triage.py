@@ -412,7 +412,7 @@ class StudyAggregator:
                 (
                     self.ood_frames,
                     f"{self.ood_frames} did not look like the images the model was trained on: check the probe, "
-                    "body part and preset",
+                    f"body part and preset{self._urgent_note()}",
                 )
             )
         worst = self._quality_reasons.most_common(1)
@@ -432,8 +432,6 @@ class StudyAggregator:
             n = self.ood_frames
             reason = f"{result.reason} ({n} {'frame' if n == 1 else 'frames'} unlike the training images left out{urgent})"
             return TriageResult(result.level, reason, result.extra)
-        if urgent and result.level == "recapture":
-            return TriageResult(result.level, f"{result.reason} ({urgent.lstrip('; ')})", result.extra)
         return result
 
     def _urgent_note(self) -> str:
