@@ -546,6 +546,14 @@ def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec], scor
         ]
     if not real:  # the caller did not pass the interpreter's outputs
         return []
+    if not art.outputs and len(real) > 1:
+        # A manifest from before outputs were listed has one-output models; with several, the first is a guess
+        # (TFLite orders a model's outputs as it likes), and a feature vector could be read as the scores.
+        names = ", ".join(repr(t.name) for t in real)
+        return [
+            f"{where}.outputs lists no tensors but the model has {len(real)} outputs ({names}), so the device "
+            "cannot tell which holds the scores"
+        ]
     by_name = {t.name: t for t in real}
     problems = []
     for j, listed in enumerate(art.outputs):
