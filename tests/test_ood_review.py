@@ -143,3 +143,32 @@ def test_a_multi_output_file_whose_manifest_lists_no_outputs_is_refused() -> Non
     with pytest.raises(ModelError, match=r"artifacts\[0\]\.outputs.*2 outputs.*convert again"):
         check_loaded_model(_manifest([]), Path("m.tflite"), inp, feat, "logits", outputs=(feat, scores))
     check_loaded_model(_manifest([]), Path("m.tflite"), inp, scores, "logits", outputs=(scores,))  # old: fine
+
+
+def _ood(threshold: float, whiten: float) -> dict[str, object]:
+    layer = {"output": "f", "dims": 1, "components": 1, "center": [0.0], "whiten": [[whiten]],
+             "class_means": [[0.0], [1.0]], "median": 0.0, "spread": 1.0}  # fmt: skip
+    return {"default": "features", "target_fraction": 0.03, "fit_split": "train", "fit_n": 10,
+            "threshold_split": "val", "threshold_n": 10,
+            "features": {"threshold": threshold, "flagged_fraction": 0.03, "shrinkage": 0.01, "layers": [layer]}}  # fmt: skip
+
+
+@pytest.mark.parametrize(("threshold", "whiten"), [(float("nan"), 1.0), (float("inf"), 1.0), (1.0, float("nan"))])
+def test_a_manifest_with_non_finite_ood_statistics_is_refused_when_read(
+    threshold: float, whiten: float, tmp_path: Path
+) -> None:
+    # json.loads reads NaN and Infinity; a NaN in the statistics would flag every frame (a non-finite score is
+    # flagged), and a NaN threshold would be blamed on the profile ("remove the override").
+    from edgemed.manifest import load_manifest as read_manifest
+
+    outputs = [{"name": "s", "shape": [1, 2], "dtype": "int8", "scale": 0.1, "zero_point": 0, "role": "scores"},
+               {"name": "f", "shape": [1, 1], "dtype": "int8", "scale": 0.1, "zero_point": 0, "role": "features"}]  # fmt: skip
+    raw = _manifest(outputs).model_dump(by_alias=True)
+    raw["artifacts"][0]["ood"] = _ood(1.0, 1.0)
+    path = tmp_path / "m.manifest.json"
+    path.write_text(json.dumps(raw))
+    read_manifest(path)  # finite: fine
+    raw["artifacts"][0]["ood"] = _ood(threshold, whiten)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"ood\.features\.(threshold|layers\.0\.whiten)"):
+        read_manifest(path)
