@@ -101,6 +101,9 @@ class FeatureLayerStats(FrozenModel):
     training split, so layers of different sizes weigh alike).
     """
 
+    # json.loads reads NaN and Infinity: one in the statistics would flag every frame (a non-finite score flags).
+    model_config = ConfigDict(allow_inf_nan=False)
+
     output: str = Field(min_length=1, description="tensor name of the OutputSpec (role features) this layer reads")
     layer: str | None = None
     dims: int = Field(gt=0)
@@ -131,6 +134,8 @@ class OodScoreSpec(FrozenModel):
         threshold: chosen on ``OodSpec.threshold_split`` so that ``flagged_fraction`` of its images score above it.
         flagged_fraction: the fraction of that split's images above the threshold (close to ``target_fraction``).
     """
+
+    model_config = ConfigDict(allow_inf_nan=False)  # a threshold of NaN flags nothing, of -Infinity everything
 
     threshold: float
     flagged_fraction: float = Field(ge=0.0, le=1.0)
