@@ -172,3 +172,21 @@ def test_a_manifest_with_non_finite_ood_statistics_is_refused_when_read(
     path.write_text(json.dumps(raw))
     with pytest.raises(ModelError, match=r"ood\.features\.(threshold|layers\.0\.whiten)"):
         read_manifest(path)
+
+
+class _PaddedBuffers:
+    """A CompiledModel seam whose one output buffer is larger than the tensor (an accelerator's aligned layout)."""
+
+    def get_output_buffer_requirements(self, k: int, signature: int) -> dict[str, int]:
+        return {"buffer_size": 16}
+
+
+def test_a_single_output_model_needs_no_buffer_matching() -> None:
+    # Before outputs were listed, buffer 0 was read whatever its size; a one-output model has nothing to match,
+    # so a padded buffer must not turn into a ModelError (which, unlike an unusable accelerator, never falls back).
+    import numpy as np
+
+    from edgemed.inference.backends import _buffer_order
+
+    spec = TensorSpec(name="Identity", shape=(1, 2), dtype="float32", scale=0.0, zero_point=0)
+    assert _buffer_order(_PaddedBuffers(), None, (spec,), np.dtype("float32"), (1, 28, 28, 1)) == [0]
