@@ -430,7 +430,8 @@ class StudyAggregator:
         if self.ood_frames and result.level not in ("recapture", "error"):
             # The decision stands on the other frames; the nurse learns that some were set aside, and why.
             n = self.ood_frames
-            reason = f"{result.reason} ({n} {'frame' if n == 1 else 'frames'} unlike the training images left out{urgent})"
+            left_out = f"{n} {'frame' if n == 1 else 'frames'} unlike the training images left out"
+            reason = f"{result.reason} ({left_out}{urgent})"
             return TriageResult(result.level, reason, result.extra)
         return result
 

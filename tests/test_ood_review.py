@@ -10,9 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from edgemed.errors import ConfigError, ModelError
 from edgemed.config import parse_profile
 from edgemed.envelope import study_schema
+from edgemed.errors import ConfigError, ModelError
 from edgemed.manifest import Manifest, check_loaded_model
 from edgemed.triage import StudyAggregator, StudyPolicy, TriagePolicy, triage, triage_error, triage_ood
 from edgemed.types import Prediction, TensorSpec
@@ -148,9 +148,9 @@ def test_a_multi_output_file_whose_manifest_lists_no_outputs_is_refused() -> Non
 def _ood(threshold: float, whiten: float) -> dict[str, object]:
     layer = {"output": "f", "dims": 1, "components": 1, "center": [0.0], "whiten": [[whiten]],
              "class_means": [[0.0], [1.0]], "median": 0.0, "spread": 1.0}  # fmt: skip
+    features = {"threshold": threshold, "flagged_fraction": 0.03, "shrinkage": 0.01, "layers": [layer]}
     return {"default": "features", "target_fraction": 0.03, "fit_split": "train", "fit_n": 10,
-            "threshold_split": "val", "threshold_n": 10,
-            "features": {"threshold": threshold, "flagged_fraction": 0.03, "shrinkage": 0.01, "layers": [layer]}}  # fmt: skip
+            "threshold_split": "val", "threshold_n": 10, "features": features}  # fmt: skip
 
 
 @pytest.mark.parametrize(("threshold", "whiten"), [(float("nan"), 1.0), (float("inf"), 1.0), (1.0, float("nan"))])
@@ -161,8 +161,9 @@ def test_a_manifest_with_non_finite_ood_statistics_is_refused_when_read(
     # flagged), and a NaN threshold would be blamed on the profile ("remove the override").
     from edgemed.manifest import load_manifest as read_manifest
 
-    outputs = [{"name": "s", "shape": [1, 2], "dtype": "int8", "scale": 0.1, "zero_point": 0, "role": "scores"},
-               {"name": "f", "shape": [1, 1], "dtype": "int8", "scale": 0.1, "zero_point": 0, "role": "features"}]  # fmt: skip
+    q = {"dtype": "int8", "scale": 0.1, "zero_point": 0}
+    outputs = [{"name": "s", "shape": [1, 2], **q, "role": "scores"},
+               {"name": "f", "shape": [1, 1], **q, "role": "features"}]  # fmt: skip
     raw = _manifest(outputs).model_dump(by_alias=True)
     raw["artifacts"][0]["ood"] = _ood(1.0, 1.0)
     path = tmp_path / "m.manifest.json"
