@@ -135,8 +135,6 @@ class OodScoreSpec(FrozenModel):
         flagged_fraction: the fraction of that split's images above the threshold (close to ``target_fraction``).
     """
 
-    model_config = ConfigDict(allow_inf_nan=False)  # a threshold of NaN flags nothing, of -Infinity everything
-
     threshold: float
     flagged_fraction: float = Field(ge=0.0, le=1.0)
 
@@ -186,6 +184,12 @@ class OodSpec(FrozenModel):
     def _default_exists(self) -> OodSpec:
         if getattr(self, self.default) is None:
             raise ValueError(f"default is {self.default} but the {self.default} section is missing")
+        # Checked here, not on the sections: the converter fits a feature section before it has its threshold.
+        # A threshold of NaN flags nothing and one of -Infinity everything, without a word on the device.
+        for name in ("energy", "features"):
+            section = getattr(self, name)
+            if section is not None and not math.isfinite(section.threshold):
+                raise ValueError(f"{name}.threshold is {section.threshold}, not a finite number")
         return self
 
     def method(self, name: OodMethod) -> EnergySpec | FeatureSpec | None:
