@@ -144,6 +144,25 @@ def test_a_damaged_bundle_refuses_to_install(tmp_path: Path, int8_model: Path) -
     assert not (tmp_path / "p" / "current").exists()
 
 
+def test_an_edited_ood_threshold_in_the_bundled_manifest_refuses_to_install(tmp_path: Path, int8_model: Path) -> None:
+    # The out-of-distribution statistics and thresholds live in the manifest, not in the model file: the bundle's
+    # checksums over every file (the manifest included) are what keep a raised threshold from being slipped in.
+    assert main(["bundle", "--profile", str(_profile(tmp_path, int8_model)), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    (manifest,) = (root / "model").glob("*.manifest.json")
+    raw = json.loads(manifest.read_text())
+    ood = raw["artifacts"][0]["ood"]
+    ood["features"]["threshold"] = ood["features"]["threshold"] * 100  # would let every unfamiliar image through
+    manifest.write_text(json.dumps(raw))
+    env = {**os.environ, "EDGEMED_PREFIX": str(tmp_path / "p"), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
+    proc = subprocess.run(
+        ["sh", str(root / "install.sh"), "--allow-unsigned"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1
+    assert "the bundle is damaged or was edited; copy it again" in proc.stderr
+    assert not (tmp_path / "p" / "current").exists()
+
+
 def test_no_bundle_for_a_rejected_model_or_a_policy_the_model_cannot_meet(
     tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
