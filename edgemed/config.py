@@ -126,6 +126,21 @@ class DeviceProfile(StrictModel):
     privacy: PrivacyConfig = PrivacyConfig()
     run: RunConfig = RunConfig()
 
+    @field_validator("ood")
+    @classmethod
+    def _threshold_names_its_score(cls, ood: OodSetting) -> OodSetting:
+        # A threshold is on one score's scale (energy is negative, the feature score about 0..10): under auto it
+        # would follow whichever method the next converted model names as default, and could flag every frame or
+        # none without a word.
+        if ood.threshold is not None and ood.method == "auto":
+            raise ValueError(
+                "ood.threshold is on the scale of one score: set ood.method to energy or features with it (auto "
+                "follows the model's default method, which a model converted again may change)"
+            )
+        if ood.threshold is not None and ood.method == "none":
+            raise ValueError("ood.threshold has no effect with ood.method none: remove ood.threshold, or set a method")
+        return ood
+
 
 REFERENCE = "firmware_configs/README.md"
 """Where every profile key is documented (generated from these models by ``scripts/profile-reference``)."""

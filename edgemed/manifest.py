@@ -101,6 +101,9 @@ class FeatureLayerStats(FrozenModel):
     training split, so layers of different sizes weigh alike).
     """
 
+    # json.loads reads NaN and Infinity: one in the statistics would flag every frame (a non-finite score flags).
+    model_config = ConfigDict(allow_inf_nan=False)
+
     output: str = Field(min_length=1, description="tensor name of the OutputSpec (role features) this layer reads")
     layer: str | None = None
     dims: int = Field(gt=0)
@@ -181,6 +184,12 @@ class OodSpec(FrozenModel):
     def _default_exists(self) -> OodSpec:
         if getattr(self, self.default) is None:
             raise ValueError(f"default is {self.default} but the {self.default} section is missing")
+        # Checked here, not on the sections: the converter fits a feature section before it has its threshold.
+        # A threshold of NaN flags nothing and one of -Infinity everything, without a word on the device.
+        for name in ("energy", "features"):
+            section = getattr(self, name)
+            if section is not None and not math.isfinite(section.threshold):
+                raise ValueError(f"{name}.threshold is {section.threshold}, not a finite number")
         return self
 
     def method(self, name: OodMethod) -> EnergySpec | FeatureSpec | None:
@@ -546,6 +555,14 @@ def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec], scor
         ]
     if not real:  # the caller did not pass the interpreter's outputs
         return []
+    if not art.outputs and len(real) > 1:
+        # A manifest from before outputs were listed has one-output models; with several, the first is a guess
+        # (TFLite orders a model's outputs as it likes), and a feature vector could be read as the scores.
+        names = ", ".join(repr(t.name) for t in real)
+        return [
+            f"{where}.outputs lists no tensors but the model has {len(real)} outputs ({names}), so the device "
+            "cannot tell which holds the scores"
+        ]
     by_name = {t.name: t for t in real}
     problems = []
     for j, listed in enumerate(art.outputs):

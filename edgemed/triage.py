@@ -259,8 +259,12 @@ def triage_ood(verdict: TriageResult, pred: Prediction) -> TriageResult:
         pred: the prediction (kept on the result for audit; quoted here only when it was urgent).
 
     Returns:
-        The ``inconclusive`` result, with the model's verdict level kept in ``model_level``.
+        The ``inconclusive`` result, with the model's verdict level kept in ``model_level``; an ``error`` verdict
+        (probabilities that are not finite numbers, which also make the score non-finite and flagged) unchanged:
+        its fix is the model, not the probe.
     """
+    if verdict.level == "error":
+        return verdict
     # An escalated verdict names the urgent class, which need not be the most probable one.
     label = verdict.extra.get("label", pred.label)
     reason = OOD_REASON
@@ -308,6 +312,7 @@ class StudyAggregator:
         self._with_probs = 0
         self._quality_reasons: Counter[str] = Counter()
         self.ood_frames = 0  # flagged frames: counted under "inconclusive" in levels, but not evidence
+        self.ood_urgent_frames = 0  # ...of which the model's own verdict was urgent (the study reason says so)
 
     def add(self, result: TriageResult, pred: Prediction | None) -> None:
         """Record one frame's result and, when it was classified, its prediction."""
@@ -318,6 +323,7 @@ class StudyAggregator:
         if result.level == "inconclusive" and result.extra.get("basis") == "ood":
             # Its probabilities describe an image unlike the training images: not evidence, not averaged.
             self.ood_frames += 1
+            self.ood_urgent_frames += result.extra.get("model_level") == "urgent"
             return
         if pred is None or result.level in ("recapture", "error"):
             return
@@ -340,6 +346,7 @@ class StudyAggregator:
             "with_probs": self._with_probs,
             "quality_reasons": dict(self._quality_reasons),
             "ood_frames": self.ood_frames,
+            "ood_urgent_frames": self.ood_urgent_frames,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -354,6 +361,7 @@ class StudyAggregator:
         frames, levels, labels = state["frames"], state["levels"], state["labels"]
         sums, with_probs, reasons = state["prob_sums"], state["with_probs"], state["quality_reasons"]
         ood_frames = state.get("ood_frames", 0)
+        ood_urgent = state.get("ood_urgent_frames", 0)  # absent in states written before it was counted
         known = set(get_args(TriageLevel))
         if not (
             _count(frames)
@@ -370,6 +378,8 @@ class StudyAggregator:
             and all(isinstance(p, float | int) and math.isfinite(p) for p in sums)
             and _count(ood_frames)
             and ood_frames <= levels.get("inconclusive", 0)
+            and _count(ood_urgent)
+            and ood_urgent <= ood_frames
         ):
             raise ValueError("not a study state this version of edgemed wrote")
         self.reset()
@@ -380,6 +390,7 @@ class StudyAggregator:
         self._with_probs = with_probs
         self._quality_reasons = Counter(reasons)
         self.ood_frames = ood_frames
+        self.ood_urgent_frames = ood_urgent
 
     @property
     def valid_frames(self) -> int:
@@ -401,7 +412,7 @@ class StudyAggregator:
                 (
                     self.ood_frames,
                     f"{self.ood_frames} did not look like the images the model was trained on: check the probe, "
-                    "body part and preset",
+                    f"body part and preset{self._urgent_note()}",
                 )
             )
         worst = self._quality_reasons.most_common(1)
@@ -413,12 +424,20 @@ class StudyAggregator:
     def decision(self) -> TriageResult:
         """The study-level result for the frames added so far."""
         result = self._decide()
+        # A flagged frame the model read as urgent is not evidence, but a study decision that says only "continue
+        # the usual care pathway" would lose what the frame's own reason told the nurse.
+        urgent = self._urgent_note()
         if self.ood_frames and result.level not in ("recapture", "error"):
             # The decision stands on the other frames; the nurse learns that some were set aside, and why.
             n = self.ood_frames
-            reason = f"{result.reason} ({n} {'frame' if n == 1 else 'frames'} unlike the training images left out)"
+            left_out = f"{n} {'frame' if n == 1 else 'frames'} unlike the training images left out"
+            reason = f"{result.reason} ({left_out}{urgent})"
             return TriageResult(result.level, reason, result.extra)
         return result
+
+    def _urgent_note(self) -> str:
+        n = self.ood_urgent_frames
+        return f"; the model read {n} of them as urgent: refer if in doubt" if n else ""
 
     def _decide(self) -> TriageResult:
         valid, st, levels = self.valid_frames, self.study, self._evidence()
@@ -430,6 +449,8 @@ class StudyAggregator:
         }
         if self.ood_frames:  # only then: decisions without flagged frames read as before
             extra["ood_frames"] = self.ood_frames
+        if self.ood_urgent_frames:
+            extra["ood_urgent_frames"] = self.ood_urgent_frames
         if self.frames == 0 or (valid == 0 and levels["error"] == self.frames):
             return TriageResult("error", "no readable frame in this session: check the probe and record again", extra)
         if valid < st.min_valid_frames:

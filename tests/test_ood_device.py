@@ -90,7 +90,8 @@ def test_flagged_frames_are_not_evidence_and_the_recapture_reason_names_them() -
     assert decision.level == "recapture"
     assert decision.reason == (
         "only 1 of 5 frames were usable, 3 are needed (3 did not look like the images the model was trained on: "
-        "check the probe, body part and preset; most often: too blurred): record the study again"
+        "check the probe, body part and preset; the model read 3 of them as urgent: refer if in doubt; most often: "
+        "too blurred): record the study again"
     )
     assert decision.extra["ood_frames"] == 3 and decision.extra["valid_frames"] == 1
     assert decision.extra["counts"] == {"no_finding": 1, "inconclusive": 3, "recapture": 1}
@@ -127,7 +128,9 @@ def test_flagged_urgent_frames_neither_decide_nor_enter_the_average(rule: str) -
     # Counted as urgent evidence, two flagged frames would make worst_case (and the urgent override) urgent, and
     # would pull the average up to 0.41 malignant, over its 0.3 urgent threshold.
     assert decision.level == "no_finding", decision.reason
-    assert decision.reason.endswith("(2 frames unlike the training images left out)")
+    assert decision.reason.endswith(
+        "(2 frames unlike the training images left out; the model read 2 of them as urgent: refer if in doubt)"
+    )
     assert decision.extra["valid_frames"] == 3
 
 
@@ -151,7 +154,7 @@ def test_ood_frames_survive_export_and_restore_and_an_old_state_restores_as_zero
     assert resumed.ood_frames == 1 and resumed.valid_frames == 2
 
     old = dict(state)
-    del old["ood_frames"]  # a ledger row written before the check existed
+    del old["ood_frames"], old["ood_urgent_frames"]  # a ledger row written before the check existed
     old["levels"] = {"no_finding": 1, "urgent": 1}
     older = _study()
     older.restore(old)

@@ -179,7 +179,10 @@ def test_frames_unlike_the_training_images_are_inconclusive_and_left_out_of_the_
     (study,) = studies
     assert study["triage"]["level"] == "inconclusive"  # the one unsure frame like the training images is the worst
     assert study["triage"]["valid_frames"] == 5 and study["triage"]["ood_frames"] == 2
-    assert study["triage"]["reason"].endswith("(2 frames unlike the training images left out)")
+    assert study["triage"]["reason"].endswith(
+        "(2 frames unlike the training images left out; the model read 2 of them as urgent: refer if in doubt)"
+    )
+    assert study["triage"]["ood_urgent_frames"] == 2
 
     assert summary.ood_flagged == 2 and "2 unlike the training images" in summary.line()
     lines = printed.splitlines()
@@ -230,7 +233,8 @@ def test_a_model_without_statistics_runs_as_before_with_one_warning(
     [
         (None, {"method": "features"}, ("features", "edgemed convert")),
         ({"features": FEATURE_SPEC}, {"method": "energy"}, ("energy",)),
-        (None, {"threshold": 3.0}, ("ood.threshold", "edgemed convert")),
+        # (a threshold without a method is refused with the profile: tests/test_ood_review.py)
+        (None, {"method": "energy", "threshold": 3.0}, ("energy", "edgemed convert")),
     ],
 )
 def test_what_the_model_cannot_give_stops_the_device_at_start(

@@ -452,6 +452,8 @@ def _buffer_order(
     Raises:
         ModelError: the buffer count or sizes do not match the interpreter's outputs.
     """
+    if len(specs) == 1:  # nothing to match (and buffer 0 was read whatever its size before outputs were listed)
+        return [0]
     sizes = [int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs]
     try:
         buffer_sizes = [int(compiled.get_output_buffer_requirements(k, 0)["buffer_size"]) for k in range(len(specs))]
