@@ -257,16 +257,29 @@ def run_target(
         for name, images in sets.items():
             with tqdm(total=len(images), desc=f"ood {target} {name}", disable=not progress, unit="img") as bar:
                 results[name] = model.run(images, kind, bar)
-    fitted = fit_ood(
-        results["train"],
-        ood_plan.y_train,
-        results["val"],
-        ood_plan.method,
-        ood_plan.fraction,
-        reference_val_scores=ood_plan.float_val_scores,
-    )
     notes: list[str] = []
-    if fitted is None:
+    failure: str | None = None
+    try:
+        fitted = fit_ood(
+            results["train"],
+            ood_plan.y_train,
+            results["val"],
+            ood_plan.method,
+            ood_plan.fraction,
+            reference_val_scores=ood_plan.float_val_scores,
+        )
+    except ConfigError as exc:  # DataError included: the scores, not the options, failed
+        if ood_plan.method != "auto":
+            raise  # asked for by name: say it failed rather than ship without it
+        # By default, one file whose scores cannot be fitted (a float16 overflow, say) ships without the check,
+        # said plainly, instead of the whole conversion being lost after every file was written.
+        fitted, failure = None, str(exc)
+    if failure is not None:
+        notes.append(
+            f"WARNING: no OOD statistics for {target} ({failure}); the device runs this file without the check and "
+            "warns at start; convert it with --ood energy, or use another target"
+        )
+    elif fitted is None:
         notes.append(
             f"no OOD score for {target}: the model outputs probabilities and has no layer to read, so the device "
             "cannot flag images unlike the training images; convert the .keras model (its layers are read), or "

@@ -17,6 +17,7 @@ from edgemed.errors import EdgemedError
 
 if TYPE_CHECKING:
     from edgemed.config import DeviceProfile
+    from edgemed.ood import OodDetector
     from edgemed.publish.config import MqttConfig
 
 
@@ -72,6 +73,11 @@ def _model(path: Path, profile: DeviceProfile | None, *, from_profile: bool = Tr
         manifest, art = checked.manifest, checked.artifact
         backend = checked.open_backend(profile.inference if profile is not None else BackendConfig())
         try:
+            from edgemed.inference.classify import Classifier
+
+            # The profile's ood: section against this model, as `edgemed run` builds it: a method the model lacks
+            # fails here, not at the first run.
+            detector = Classifier(backend, manifest, art, ood=profile.ood if profile is not None else None).ood
             x = np.zeros(backend.input_spec.shape, dtype=backend.input_spec.dtype)
             times = []
             for _ in range(23):
@@ -96,8 +102,17 @@ def _model(path: Path, profile: DeviceProfile | None, *, from_profile: bool = Tr
         True,
         f"{path.name}: {manifest.name} {manifest.version}, {art.target} {spec.height}x{spec.width} "
         f"{spec.colour_mode}, labels {', '.join(manifest.labels)}; sha256 matches, gate {verdict}; "
-        f"invoke {invoke_ms:.2f} ms on {where}",
+        f"invoke {invoke_ms:.2f} ms on {where}; {_ood_words(detector)}",
     )
+
+
+def _ood_words(detector: OodDetector | None) -> str:
+    """The out-of-distribution check the device will run, in a few words."""
+    if detector is None:
+        return "no out-of-distribution check (the model has no statistics: convert it again)"
+    if detector.method == "none":
+        return "out-of-distribution check off (profile)"
+    return f"out-of-distribution check {detector.method}, threshold {detector.threshold:.4g} ({detector.source})"
 
 
 def _source(uri: str) -> Check:

@@ -266,9 +266,14 @@ class OodDetector:
         section = ood.method(method)
         if section is None:
             have = [m for m in ("energy", "features") if ood.method(m) is not None]
+            again = (
+                "convert again with `--output logits` (the energy score needs logits)"
+                if method == "energy" and artifact.output_kind != "logits"
+                else f"convert again with `--ood {method}`"
+            )
             raise ConfigError(
                 f"the profile's ood.method is {method} but model {artifact.file} has only {', '.join(have)}; "
-                f"set ood.method to auto or {' or '.join(have)}, or convert again with `--ood {method}`"
+                f"set ood.method to auto or {' or '.join(have)}, or {again}"
             )
         source: Literal["manifest", "profile"] = "manifest" if setting.threshold is None else "profile"
         threshold = section.threshold if setting.threshold is None else setting.threshold

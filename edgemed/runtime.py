@@ -398,16 +398,18 @@ class Device:
         t2 = time.perf_counter()
         raw = self.backend.invoke(x)
         t3 = time.perf_counter()
-        # Read right after the invoke: the feature outputs are the backend's buffers of this frame.
-        ood = self.classifier.check_ood(raw)
-        t4 = time.perf_counter()
         prediction = self.classifier.scores(raw)
+        t4 = time.perf_counter()
+        # Before any other invoke: the feature outputs are the backend's buffers of this frame. After the scores, so
+        # that the softmax pass the energy score shares is counted where it was always counted (triage).
+        ood = self.classifier.check_ood(raw)
+        t5 = time.perf_counter()
         verdict = triage(prediction, self.profile.triage)
         if ood is not None and ood.flagged:
             verdict = triage_ood(verdict, prediction)  # the prediction is still recorded, for audit
-        t5 = time.perf_counter()
-        ood_ms = (t4 - t3) * 1e3 if ood is not None else None
-        stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t5 - t4) * 1e3)
+        t6 = time.perf_counter()
+        ood_ms = (t5 - t4) * 1e3 if ood is not None else None
+        stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, ((t4 - t3) + (t6 - t5)) * 1e3)
         return quality, prediction, ood, verdict, _latency_ms(capture_ms, *stages, ood=ood_ms)
 
     def _commit_study(self, closed: ClosedStudy) -> StudyResult:

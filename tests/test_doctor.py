@@ -52,6 +52,28 @@ def test_doctor_checks_the_model_and_times_one_invoke(
     assert code == 0, out
     line = next(x for x in out.splitlines() if x.startswith("ok    model"))
     assert "int8 28x28 gray" in line and "sha256 matches, gate accepted" in line and "ms on cpu" in line
+    assert "out-of-distribution check features, threshold" in line and "(manifest)" in line
+
+
+def test_doctor_refuses_a_profile_ood_method_the_model_lacks(
+    tmp_path: Path, int8_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(int8_model.parent, copy)
+    (manifest,) = copy.glob("*.manifest.json")
+    raw = json.loads(manifest.read_text())
+    raw["artifacts"][0]["ood"]["energy"] = None  # a model converted with the feature score only
+    manifest.write_text(json.dumps(raw))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        f"profile: t\ndevice: {{id: d1}}\nmodel: {{path: {copy / int8_model.name}}}\nood: {{method: energy}}\n"
+    )
+    assert main(["doctor", "--profile", str(profile), "--data-dir", str(tmp_path)]) == 2
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("FAIL  model"))
+    assert "ood.method is energy" in line and "features" in line
 
 
 def test_doctor_fails_an_altered_model_and_a_policy_for_labels_it_lacks(

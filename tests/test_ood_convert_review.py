@@ -222,3 +222,28 @@ def test_an_eval_folder_given_as_dot_is_named_after_the_folder(tmp_path: Path, m
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "a.png")
     monkeypatch.chdir(folder)
     assert load_ood_eval(".").name == "echo_frames"
+
+
+def test_a_file_whose_scores_cannot_be_fitted_ships_without_them_under_auto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every file is converted before the OOD step runs: under the default, one file's failed fit must not lose the
+    # conversion; asked for by name, the failure is the answer.
+    import converters.ood_step as ood_step
+
+    def overflowing(*_: Any, **__: Any) -> Any:
+        raise DataError("val split", "the float16 feature scores are not finite")
+
+    monkeypatch.setattr(ood_step, "DeviceModel", _FakeDeviceModel)
+    monkeypatch.setattr(ood_step, "fit_ood", overflowing)
+    held = HeldOut("test", np.zeros((3, 8, 8, 1), np.uint8), np.arange(3) % 2)
+    base = _plan_without_float(tmp_path, held)
+    auto = ood_step.OodPlan("auto", 0.1, base.train_images, base.y_train, base.val_images, held, [], None)
+    outcome = ood_step.run_target(auto, "float16", Path("x.tflite"), None, [], "logits")  # type: ignore[arg-type]
+    assert outcome.spec is None
+    (note,) = outcome.notes
+    assert "no OOD statistics for float16" in note and "not finite" in note and "--ood energy" in note
+    assert "max_softmax" in outcome.scores["val"]  # the report still shows the baseline for this file
+    named = ood_step.OodPlan("features", 0.1, base.train_images, base.y_train, base.val_images, held, [], None)
+    with pytest.raises(DataError, match="not finite"):
+        ood_step.run_target(named, "float16", Path("x.tflite"), None, [], "logits")  # type: ignore[arg-type]
