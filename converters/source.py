@@ -29,6 +29,10 @@ from edgemed.errors import ModelError
 _POOLING = ("MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
 _STRIDED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")  # ... when a stride is above 1
 _POOL_NAME = "ood_pool_{}"
+# The widest vector read as a tap. A feature layer of D values costs a D x D covariance to fit (cubic in D) and D
+# values out of the model per frame; MobileNetV2's pooled 1280 fits, a Flatten of the raw pixels (12288 for a
+# 64x64 colour input) does not, and says nothing about the image that the pixels' statistics would not.
+MAX_VECTOR_TAP = 2048
 
 FeatureOutputs = dict[str, np.ndarray]
 
@@ -157,6 +161,8 @@ def find_taps(model: Any) -> list[Tap]:
     def add(tensor: Any) -> None:
         producer = _producer(tensor)
         if producer is None or id(tensor) in seen or len(tensor.shape) not in (2, 4):
+            return
+        if len(tensor.shape) == 2 and (tensor.shape[-1] or 0) > MAX_VECTOR_TAP:
             return
         seen.add(id(tensor))
         name = producer.name

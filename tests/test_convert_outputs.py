@@ -272,6 +272,21 @@ def test_mobilenetv2_taps_its_pooled_backbone_only(tmp_path: Path) -> None:
     assert load_source(tmp_path / "m.keras", taps=False).feature_layers == []
 
 
+def test_a_vector_too_wide_to_fit_is_not_a_tap() -> None:
+    """A Flatten of the raw input feeding the classifier would be a 12288-wide tap (a 12288 x 12288 covariance)."""
+    import keras
+
+    from converters.source import MAX_VECTOR_TAP, find_taps
+
+    inputs = keras.Input(shape=(64, 64, 3))
+    flat = keras.layers.Flatten()(inputs)
+    assert flat.shape[-1] > MAX_VECTOR_TAP
+    wide = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(flat))
+    assert find_taps(wide) == []
+    narrow = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(16)(flat)))
+    assert [t.tensor.shape[-1] for t in find_taps(narrow)] == [16]
+
+
 def test_the_device_reads_the_listed_scores_and_refuses_another(reference: tuple[Path, ConvertResult]) -> None:
     from edgemed.inference import BackendConfig, make_backend
 
