@@ -365,6 +365,30 @@ def test_receipts_are_rate_limited_per_device_and_the_latest_state_wins(ingest: 
     assert [r.state for r in others] == [Progress(0, (), 0)] and others[0].consumer == "dashboard"
 
 
+def test_a_round_slow_to_send_is_not_followed_at_once_by_the_next(ingest: Ingest) -> None:
+    # A busy database or broker makes one round slow; the next round was already due when it ended, and went out
+    # milliseconds after it (seen on a loaded machine). The quiet period counts from the end of a round.
+    sent: list[float] = []
+
+    def publish(topic_name: str, payload: bytes) -> None:
+        if not sent:
+            time.sleep(0.6)  # the first round is slow to send
+        sent.append(time.monotonic())
+
+    sender = ReceiptSender(ingest.store.path, publish, "dashboard", min_interval_s=0.25)
+    ingest.receipts = sender
+    sender.start()
+    try:
+        for seq in range(30):  # commits all through the slow round and after it
+            ingest.handle(topic("results"), wire(result(seq)))
+            time.sleep(0.03)
+        sender.stop(drain_s=2.0)
+    finally:
+        sender.stop()
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert len(sent) >= 3 and all(gap >= 0.24 for gap in gaps), gaps
+
+
 def test_a_consumer_or_client_id_that_does_not_fit_a_topic_is_refused(tmp_path: Path) -> None:
     store = DashboardStore(tmp_path / "d.sqlite3")
     try:

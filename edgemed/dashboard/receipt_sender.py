@@ -183,11 +183,21 @@ class ReceiptSender:
                 with db:
                     if due:
                         self._send_all(db, due)
+                        self._sent(due)
                     else:
                         self._mark_recent(db)
         finally:
             if database is not self.db:
                 database.dispose()
+
+    def _sent(self, due: list[StreamKey]) -> None:
+        """Start each device's quiet period again from the end of its round. Counted from when the round was taken
+        only, a round that took long to send (a busy database) was followed at once by the next, already due: two
+        receipts milliseconds apart on the wire."""
+        now = time.monotonic()
+        with self._cond:
+            for key in due:
+                self._last_round[key[:2]] = now
 
     def _send_all(self, db: Connection, due: list[StreamKey]) -> None:
         for i, key in enumerate(due):
