@@ -54,6 +54,21 @@ class Collector:
         self.client.loop_stop()
 
 
+def envelope_context() -> Any:
+    """An ``EnvelopeContext`` of a device ``us-01`` at ``clinic_a`` running an int8 model on the CPU."""
+    from edgemed.envelope import EnvelopeContext
+
+    return EnvelopeContext(
+        device_id="us-01",
+        site="clinic_a",
+        model={"name": "m", "version": "1", "sha256": "0" * 64, "target": "int8"},
+        preprocess_sha256="1" * 64,
+        backend="ai_edge_litert",
+        delegate="cpu",
+        degraded=False,
+    )
+
+
 def run_edgemed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m edgemed ARGS`` in a child process, its output captured as text."""
     return subprocess.run([sys.executable, "-m", "edgemed", *args], capture_output=True, text=True, timeout=timeout)

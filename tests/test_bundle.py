@@ -130,11 +130,7 @@ def test_installed_bundle_runs_on_real_images_and_delivers_to_a_real_broker(
         sub.close()
 
 
-def test_a_damaged_bundle_refuses_to_install(tmp_path: Path, int8_model: Path) -> None:
-    assert main(["bundle", "--profile", str(_profile(tmp_path, int8_model)), "--out", str(tmp_path / "out")]) == 0
-    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
-    model = root / "model" / int8_model.name
-    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+def _refused_as_edited(root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "EDGEMED_PREFIX": str(tmp_path / "p"), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
     proc = subprocess.run(
         ["sh", str(root / "install.sh"), "--allow-unsigned"], env=env, capture_output=True, text=True, timeout=60
@@ -142,6 +138,14 @@ def test_a_damaged_bundle_refuses_to_install(tmp_path: Path, int8_model: Path) -
     assert proc.returncode == 1
     assert "the bundle is damaged or was edited; copy it again" in proc.stderr
     assert not (tmp_path / "p" / "current").exists()
+
+
+def test_a_damaged_bundle_refuses_to_install(tmp_path: Path, int8_model: Path) -> None:
+    assert main(["bundle", "--profile", str(_profile(tmp_path, int8_model)), "--out", str(tmp_path / "out")]) == 0
+    root = _unpack(next((tmp_path / "out").glob("*.tar.gz")), tmp_path / "unpacked")
+    model = root / "model" / int8_model.name
+    model.write_bytes(model.read_bytes()[:-1] + b"\0")
+    _refused_as_edited(root, tmp_path)
 
 
 def test_an_edited_ood_threshold_in_the_bundled_manifest_refuses_to_install(tmp_path: Path, int8_model: Path) -> None:
@@ -154,13 +158,7 @@ def test_an_edited_ood_threshold_in_the_bundled_manifest_refuses_to_install(tmp_
     ood = raw["artifacts"][0]["ood"]
     ood["features"]["threshold"] = ood["features"]["threshold"] * 100  # would let every unfamiliar image through
     manifest.write_text(json.dumps(raw))
-    env = {**os.environ, "EDGEMED_PREFIX": str(tmp_path / "p"), "EDGEMED_SKIP_VENV": "1", "EDGEMED_SKIP_SYSTEMD": "1"}
-    proc = subprocess.run(
-        ["sh", str(root / "install.sh"), "--allow-unsigned"], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 1
-    assert "the bundle is damaged or was edited; copy it again" in proc.stderr
-    assert not (tmp_path / "p" / "current").exists()
+    _refused_as_edited(root, tmp_path)
 
 
 def test_no_bundle_for_a_rejected_model_or_a_policy_the_model_cannot_meet(

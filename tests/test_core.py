@@ -13,10 +13,11 @@ from pathlib import Path
 import jsonschema
 import numpy as np
 import pytest
+from helpers import envelope_context
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgemed.envelope import EnvelopeContext, build_result, encode, new_result_id, result_schema, utc_now_iso
+from edgemed.envelope import build_result, encode, new_result_id, result_schema, utc_now_iso
 from edgemed.errors import ConfigError, ModelError, ModelRejectedError
 from edgemed.health import HealthMonitor
 from edgemed.identity import check_id, load_or_create_secret, pseudonym
@@ -121,18 +122,6 @@ def test_softmax_is_stable() -> None:
     assert p[0] == pytest.approx(1.0) and np.isfinite(p).all()
 
 
-def _ctx() -> EnvelopeContext:
-    return EnvelopeContext(
-        device_id="us-01",
-        site="clinic_a",
-        model={"name": "m", "version": "1", "sha256": "0" * 64, "target": "int8"},
-        preprocess_sha256="1" * 64,
-        backend="ai_edge_litert",
-        delegate="cpu",
-        degraded=False,
-    )
-
-
 def test_envelope_validates_and_hides_file_names() -> None:
     frame = Frame(
         index=3,
@@ -142,7 +131,7 @@ def test_envelope_validates_and_hides_file_names() -> None:
         study_uid="1.2.840.99999",
     )
     env = build_result(
-        _ctx(),
+        envelope_context(),
         frame=frame,
         seq=7,
         created_at=1.7e9,
@@ -161,7 +150,7 @@ def test_envelope_validates_and_hides_file_names() -> None:
 
 def test_envelope_schema_rejects_missing_field() -> None:
     env = build_result(
-        _ctx(),
+        envelope_context(),
         frame=Frame(index=0, source_kind="video"),
         seq=0,
         created_at=1.7e9,

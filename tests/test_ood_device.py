@@ -13,34 +13,28 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from helpers import envelope_context
+from ood_helpers import POLICY
+from ood_helpers import add_frame as _add
+from ood_helpers import pred as _pred
+from ood_helpers import study as _study
 
 from edgemed.dashboard.validate import validate_result
-from edgemed.envelope import EnvelopeContext, build_result, result_schema
+from edgemed.envelope import build_result, result_schema
 from edgemed.printer import result_line
 from edgemed.summary import RunSummary
 from edgemed.triage import (
     OOD_REASON,
-    StudyAggregator,
-    StudyPolicy,
-    TriagePolicy,
     triage,
     triage_error,
     triage_ood,
     triage_recapture,
 )
-from edgemed.types import Frame, FrameResult, OodCheck, Prediction, QualityReport, TriageResult
+from edgemed.types import Frame, FrameResult, OodCheck, QualityReport, TriageResult
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-LABELS = ("benign", "malignant")
-POLICY = TriagePolicy.model_validate(
-    {"rules": {"malignant": {"level": "urgent", "min_probability": 0.3}, "benign": {"level": "no_finding"}}}
-)
 FLAGGED = OodCheck("features", 9.4123, 2.1, True, "manifest")
 PASSED = OodCheck("energy", -7.5, -3.25, False, "profile")
-
-
-def _pred(p_malignant: float) -> Prediction:
-    return Prediction(LABELS, (1.0 - p_malignant, p_malignant))
 
 
 # -- triage_ood -------------------------------------------------------------------------------------------------
@@ -67,16 +61,6 @@ def test_a_flagged_frame_the_model_read_as_urgent_says_so_with_label_and_probabi
 
 
 # -- the study decision -----------------------------------------------------------------------------------------
-def _study(rule: str = "worst_case", min_valid: int = 3) -> StudyAggregator:
-    return StudyAggregator(
-        TriagePolicy(rules=POLICY.rules, study=StudyPolicy(rule=rule, min_valid_frames=min_valid))  # type: ignore[arg-type]
-    )
-
-
-def _add(agg: StudyAggregator, p: float, *, ood: bool) -> None:
-    pred = _pred(p)
-    verdict = triage(pred, POLICY)
-    agg.add(triage_ood(verdict, pred) if ood else verdict, pred)
 
 
 def test_flagged_frames_are_not_evidence_and_the_recapture_reason_names_them() -> None:
@@ -172,18 +156,6 @@ def test_a_damaged_ood_count_is_refused(bad: object) -> None:
 
 
 # -- envelope and schema ----------------------------------------------------------------------------------------
-def _ctx() -> EnvelopeContext:
-    return EnvelopeContext(
-        device_id="us-01",
-        site="clinic_a",
-        model={"name": "m", "version": "1", "sha256": "0" * 64, "target": "int8"},
-        preprocess_sha256="1" * 64,
-        backend="ai_edge_litert",
-        delegate="cpu",
-        degraded=False,
-    )
-
-
 def _result(ood: OodCheck | None, verdict: TriageResult | None = None, **kw: Any) -> FrameResult:
     pred = kw.pop("prediction", _pred(0.02))
     latency = {"capture": 1.0, "preprocess": 0.1, "inference": 0.2, "ood": 0.01, "triage": 0.01, "total": 1.32}
@@ -205,7 +177,7 @@ def _result(ood: OodCheck | None, verdict: TriageResult | None = None, **kw: Any
 def _envelope(result: FrameResult) -> dict[str, Any]:
     r = result
     return build_result(
-        _ctx(),
+        envelope_context(),
         frame=r.frame,
         seq=r.seq,
         created_at=r.created_at,

@@ -9,34 +9,17 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from ood_helpers import LABELS, POLICY
+from ood_helpers import add_frame as _add
+from ood_helpers import pred as _pred
+from ood_helpers import study as _study
 
 from edgemed.config import parse_profile
 from edgemed.envelope import study_schema
 from edgemed.errors import ConfigError, ModelError
 from edgemed.manifest import Manifest, check_loaded_model
-from edgemed.triage import StudyAggregator, StudyPolicy, TriagePolicy, triage, triage_error, triage_ood
+from edgemed.triage import triage, triage_error, triage_ood
 from edgemed.types import Prediction, TensorSpec
-
-LABELS = ("benign", "malignant")
-POLICY = TriagePolicy.model_validate(
-    {"rules": {"malignant": {"level": "urgent", "min_probability": 0.3}, "benign": {"level": "no_finding"}}}
-)
-
-
-def _pred(p_malignant: float) -> Prediction:
-    return Prediction(LABELS, (1.0 - p_malignant, p_malignant))
-
-
-def _study(rule: str = "worst_case", min_valid: int = 3) -> StudyAggregator:
-    return StudyAggregator(
-        TriagePolicy(rules=POLICY.rules, study=StudyPolicy(rule=rule, min_valid_frames=min_valid))  # type: ignore[arg-type]
-    )
-
-
-def _add(agg: StudyAggregator, p: float, *, ood: bool) -> None:
-    pred = _pred(p)
-    verdict = triage(pred, POLICY)
-    agg.add(triage_ood(verdict, pred) if ood else verdict, pred)
 
 
 @pytest.mark.parametrize("rule", ["worst_case", "majority", "mean_probability"])
