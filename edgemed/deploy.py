@@ -7,7 +7,7 @@ A model is deployable when, in this order:
 2. the CPU int8 twin an Edge TPU model names passes the same check (it is what the device falls back to);
 3. the profile's triage policy names only labels the model has (``edgemed.triage.validate_policy``);
 4. each file, once loaded, holds the tensors and output op its manifest describes
-   (``edgemed.manifest.check_loaded_model``). The device and doctor check that when they open the backend
+   (``edgemed.model_contract.check_loaded_model``). The device and doctor check that when they open the backend
    (:meth:`Deployable.open_backend`); a host that only ships the model asks for it with ``load=True``, which
    loads every file that runs on a CPU (an Edge TPU-compiled file needs libedgetpu; its twin stands in for it).
 """

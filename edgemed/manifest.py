@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,12 +16,16 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from edgemed import MANIFEST_SCHEMA
 from edgemed.errors import ModelError, ModelRejectedError
+from edgemed.manifest_ood import EnergySpec as EnergySpec
+from edgemed.manifest_ood import FeatureLayerStats as FeatureLayerStats
+from edgemed.manifest_ood import FeatureSpec as FeatureSpec
+from edgemed.manifest_ood import OodMethod as OodMethod
+from edgemed.manifest_ood import OodScoreSpec as OodScoreSpec
+from edgemed.manifest_ood import OodSpec
 from edgemed.validation import FrozenModel, describe
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from edgemed.types import TensorSpec
+    pass
 
 Target = Literal["keras", "int8", "uint8", "float16", "dynamic", "edgetpu"]
 Verdict = Literal["accepted", "rejected", "waived", "not_evaluated"]
@@ -31,19 +34,6 @@ ResizeMethod = Literal["area", "linear", "nearest"]
 OutputKind = Literal["probabilities", "logits"]
 WeightKind = Literal["float32", "float16", "int8"]
 OutputRole = Literal["scores", "features"]
-OodMethod = Literal["energy", "features"]
-
-# The dtype of the input and output tensors a converted file of each target has (float16 keeps float32 I/O).
-_TARGET_IO: dict[str, tuple[str, ...]] = {
-    "int8": ("int8",),
-    "uint8": ("uint8",),
-    "edgetpu": ("int8", "uint8"),
-    "float16": ("float32",),
-    "dynamic": ("float32",),
-}
-# ...and the weights of the targets whose I/O is float32 like a plain float32 model's (edgemed.inference.backends
-# .graph_weights): only the weights tell them apart.
-_TARGET_WEIGHTS: dict[str, WeightKind] = {"float16": "float16", "dynamic": "int8"}
 
 
 class Normalisation(FrozenModel):
@@ -88,113 +78,6 @@ class OutputSpec(QuantSpec):
 
     role: OutputRole
     layer: str | None = None
-
-
-class FeatureLayerStats(FrozenModel):
-    """The statistics of one pooled feature output, fitted on the training split.
-
-    A vector ``f`` (the dequantized output, ``dims`` values) is whitened, ``z = (f - center) @ whiten`` (``whiten``
-    is ``dims x components``: the shared, shrunk class covariance's inverse square root, truncated to its
-    ``components`` largest principal directions when ``dims`` is large), its distance to the nearest class is
-    ``d = min_k |z - class_means[k]|^2`` (the Mahalanobis distance with class-conditional means and a shared
-    covariance), and the layer's score is ``(d - median) / spread`` (``median`` and ``spread`` of ``d`` over the
-    training split, so layers of different sizes weigh alike).
-    """
-
-    # json.loads reads NaN and Infinity: one in the statistics would flag every frame (a non-finite score flags).
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    output: str = Field(min_length=1, description="tensor name of the OutputSpec (role features) this layer reads")
-    layer: str | None = None
-    dims: int = Field(gt=0)
-    components: int = Field(gt=0)
-    center: list[float]
-    whiten: list[list[float]]
-    class_means: list[list[float]]
-    median: float
-    spread: float = Field(gt=0.0)
-
-    @model_validator(mode="after")
-    def _shapes_agree(self) -> FeatureLayerStats:
-        if self.components > self.dims:
-            raise ValueError(f"components {self.components} > dims {self.dims}")
-        if len(self.center) != self.dims or len(self.whiten) != self.dims:
-            raise ValueError(f"center and whiten must have {self.dims} rows (dims)")
-        if any(len(row) != self.components for row in self.whiten):
-            raise ValueError(f"every row of whiten must have {self.components} values (components)")
-        if not self.class_means or any(len(row) != self.components for row in self.class_means):
-            raise ValueError(f"class_means must hold one row of {self.components} values per class")
-        return self
-
-
-class OodScoreSpec(FrozenModel):
-    """One out-of-distribution score's threshold: a frame whose score is above it is flagged.
-
-    Attributes:
-        threshold: chosen on ``OodSpec.threshold_split`` so that ``flagged_fraction`` of its images score above it.
-        flagged_fraction: the fraction of that split's images above the threshold (close to ``target_fraction``).
-    """
-
-    threshold: float
-    flagged_fraction: float = Field(ge=0.0, le=1.0)
-
-
-class EnergySpec(OodScoreSpec):
-    """The energy score, ``-T * logsumexp(logits / T)`` (higher: less like the training images)."""
-
-    temperature: float = Field(1.0, gt=0.0)
-
-
-class FeatureSpec(OodScoreSpec):
-    """The feature score: the largest of the per-layer scores of ``layers`` (see :class:`FeatureLayerStats`).
-
-    The largest, not the mean: an image of another modality is often unusual in one layer only (measured on the
-    validation splits of other sets, the maximum separated them at least as well as the mean on every model tried).
-    """
-
-    layers: list[FeatureLayerStats] = Field(min_length=1)
-    shrinkage: float = Field(ge=0.0, description="covariance shrinkage towards a scaled identity, 0..1")
-
-
-class OodSpec(FrozenModel):
-    """How the device tells an image unlike the training images, fitted and thresholded at conversion.
-
-    Attributes:
-        default: the method the device uses unless its profile says otherwise.
-        energy: the energy score (absent when the model outputs probabilities: it needs logits).
-        features: the feature score (absent when the converter found no layer to read).
-        target_fraction: the share of in-distribution validation images the thresholds flag (default 0.03).
-        fit_split, fit_n: the split (``train``) the feature statistics were fitted on, and its size.
-        threshold_split, threshold_n: the split (``val``, never the test split) the thresholds were chosen on.
-        feature_rank_agreement: Spearman correlation, on the threshold split, between this file's feature scores
-            and the float Keras model's (None when there is no feature score).
-    """
-
-    default: OodMethod
-    energy: EnergySpec | None = None
-    features: FeatureSpec | None = None
-    target_fraction: float = Field(gt=0.0, lt=1.0)
-    fit_split: str = Field(min_length=1, max_length=32)
-    fit_n: int = Field(gt=0)
-    threshold_split: str = Field(min_length=1, max_length=32)
-    threshold_n: int = Field(gt=0)
-    feature_rank_agreement: float | None = Field(None, ge=-1.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _default_exists(self) -> OodSpec:
-        if getattr(self, self.default) is None:
-            raise ValueError(f"default is {self.default} but the {self.default} section is missing")
-        # Checked here, not on the sections: the converter fits a feature section before it has its threshold.
-        # A threshold of NaN flags nothing and one of -Infinity everything, without a word on the device.
-        for name in ("energy", "features"):
-            section = getattr(self, name)
-            if section is not None and not math.isfinite(section.threshold):
-                raise ValueError(f"{name}.threshold is {section.threshold}, not a finite number")
-        return self
-
-    def method(self, name: OodMethod) -> EnergySpec | FeatureSpec | None:
-        """The section of one method, or None when the model lacks it."""
-        return self.energy if name == "energy" else self.features
 
 
 class Waiver(FrozenModel):
@@ -446,144 +329,3 @@ def check_model_file(model_path: Path) -> None:
         )
     if not model_path.is_file():
         raise ModelError(f"model file {model_path} not found; pass the .tflite written by `edgemed convert`")
-
-
-def check_loaded_model(
-    manifest: Manifest,
-    model_path: Path,
-    input_tensor: TensorSpec,
-    output_tensor: TensorSpec,
-    output_kind: OutputKind | None,
-    weights: WeightKind | None = None,
-    outputs: Sequence[TensorSpec] = (),
-) -> None:
-    """Refuse a loaded model whose real tensors are not the ones its manifest describes.
-
-    The sha256 proves only that the file is the one the manifest lists; a hand-edited manifest can list any file.
-    The device publishes the manifest's ``target`` and post-processes by its ``output_kind``, so both must be
-    what the interpreter actually holds: a float model listed as int8, or a softmax output listed as logits (a
-    second softmax squeezes a certain 1.00 into 0.73), is refused here.
-
-    Args:
-        manifest: the model's manifest.
-        model_path: the file the interpreter loaded (its name selects the artifact).
-        input_tensor: the interpreter's input tensor.
-        output_tensor: the interpreter's scores tensor (the one the artifact's ``scores_output`` names; the first
-            output for a manifest that lists no outputs).
-        output_kind: what the graph's output op computes, or ``None`` where the graph cannot tell (an Edge TPU
-            custom op); then that field is not checked.
-        weights: how the model stores its weights (``float16``, ``int8``, ``float32``), or ``None`` when not
-            known; checked for the ``float16`` and ``dynamic`` targets, whose tensors in and out are float32.
-        outputs: every output tensor of the interpreter (``backend.output_specs``); each tensor the artifact
-            lists in ``outputs`` must be among them by name, with its dtype, shape, scale and zero point.
-
-    Raises:
-        ModelError: a field differs; the message names each field (``artifacts[i].target``, ...) and the fix.
-    """
-    name = Path(model_path).name
-    art = manifest.artifact(name)
-    where = f"artifacts[{manifest.artifacts.index(art)}]"
-    problems = [
-        *_target_problems(where, art, input_tensor, output_tensor, weights),
-        *_tensor_problems(f"{where}.input", art.input, input_tensor),
-        *_tensor_problems(f"{where}.output", art.output, output_tensor),
-        *_shape_problems(manifest, input_tensor, output_tensor),
-        *_output_problems(where, art, outputs, output_tensor),
-    ]
-    if output_kind is not None and output_kind != art.output_kind:
-        consequence = (
-            "the device would apply a softmax to probabilities"
-            if output_kind == "probabilities"
-            else "the device would read logits as probabilities"
-        )
-        problems.append(
-            f"{where}.output_kind is {art.output_kind} but the model's output op computes {output_kind} ({consequence})"
-        )
-    if problems:
-        raise ModelError(
-            f"{name} does not match its manifest: {'; '.join(problems)}. The model or its manifest was changed "
-            "after `edgemed convert`: copy both from the same conversion, or convert again"
-        )
-
-
-def _target_problems(
-    where: str, art: Artifact, inp: TensorSpec, out: TensorSpec, weights: WeightKind | None
-) -> list[str]:
-    wanted = _TARGET_IO.get(art.target)
-    if wanted is None:
-        return [f"{where}.target is {art.target}, which is not a TFLite model the device can run"]
-    quantized = wanted[0] != "float32"
-    if inp.dtype in wanted and out.dtype in wanted and (not quantized or (inp.quantized and out.quantized)):
-        stored = _TARGET_WEIGHTS.get(art.target)
-        if stored is None or weights is None or weights == stored:
-            return []
-        what = {"float32": "a float32 model", "float16": "a float16 model", "int8": "a dynamic-range model"}
-        return [
-            f"{where}.target is {art.target} but the model's weights are {weights} ({what[weights]}; a "
-            f"{art.target} model stores its weights as {stored})"
-        ]
-    tensors = inp.dtype if inp.dtype == out.dtype else f"{inp.dtype} in, {out.dtype} out"
-    return [
-        f"{where}.target is {art.target} but the model's tensors are {tensors} (a {art.target} model has "
-        f"{' or '.join(wanted)}{' quantized' if quantized else ''} input and output)"
-    ]
-
-
-def _tensor_problems(where: str, listed: QuantSpec | None, real: TensorSpec) -> list[str]:
-    if listed is None:  # manifests may omit the tensor specs; the target and output kind are still checked
-        return []
-    differ: list[tuple[str, object, object]] = []
-    if listed.dtype != real.dtype:
-        differ.append(("dtype", listed.dtype, real.dtype))
-    if tuple(listed.shape) != tuple(real.shape):
-        differ.append(("shape", list(listed.shape), list(real.shape)))
-    # The manifest stores the interpreter's float32 scale as JSON; it round-trips exactly, so a small relative
-    # tolerance only absorbs a hand-typed value with fewer digits.
-    if not math.isclose(listed.scale, real.scale, rel_tol=1e-6, abs_tol=1e-12):
-        differ.append(("scale", f"{listed.scale:.9g}", f"{real.scale:.9g}"))
-    if listed.zero_point != real.zero_point:
-        differ.append(("zero_point", listed.zero_point, real.zero_point))
-    return [f"{where}.{field} is {mine} but the model's is {theirs}" for field, mine, theirs in differ]
-
-
-def _output_problems(where: str, art: Artifact, real: Sequence[TensorSpec], scores: TensorSpec) -> list[str]:
-    listed = art.scores_output
-    if listed is not None and scores.name != listed.name:  # the device would read another tensor as the scores
-        j = art.outputs.index(listed)
-        return [
-            f"{where}.outputs[{j}] names {listed.name!r} as the scores but the model's scores tensor is {scores.name!r}"
-        ]
-    if not real:  # the caller did not pass the interpreter's outputs
-        return []
-    if not art.outputs and len(real) > 1:
-        # A manifest from before outputs were listed has one-output models; with several, the first is a guess
-        # (TFLite orders a model's outputs as it likes), and a feature vector could be read as the scores.
-        names = ", ".join(repr(t.name) for t in real)
-        return [
-            f"{where}.outputs lists no tensors but the model has {len(real)} outputs ({names}), so the device "
-            "cannot tell which holds the scores"
-        ]
-    by_name = {t.name: t for t in real}
-    problems = []
-    for j, listed in enumerate(art.outputs):
-        tensor = by_name.get(listed.name)
-        if tensor is None:
-            names = ", ".join(repr(t.name) for t in real)
-            problems.append(f"{where}.outputs[{j}] names {listed.name!r} but the model's outputs are {names}")
-        else:
-            problems.extend(_tensor_problems(f"{where}.outputs[{j}]", listed, tensor))
-    return problems
-
-
-def _shape_problems(manifest: Manifest, inp: TensorSpec, out: TensorSpec) -> list[str]:
-    spec = manifest.input
-    problems = []
-    expected = (1, spec.height, spec.width, spec.channels)
-    if tuple(inp.shape) != expected:
-        problems.append(
-            f"input (height {spec.height}, width {spec.width}, channels {spec.channels}) does not fit the model's "
-            f"input tensor {list(inp.shape)}"
-        )
-    if not out.shape or out.shape[-1] != len(manifest.labels):
-        problems.append(f"labels lists {len(manifest.labels)} classes but the model outputs {list(out.shape)}")
-    return problems

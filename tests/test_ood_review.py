@@ -17,7 +17,8 @@ from ood_helpers import study as _study
 from edgemed.config import parse_profile
 from edgemed.envelope import study_schema
 from edgemed.errors import ConfigError, ModelError
-from edgemed.manifest import Manifest, check_loaded_model
+from edgemed.manifest import Manifest
+from edgemed.model_contract import check_loaded_model
 from edgemed.triage import triage, triage_error, triage_ood
 from edgemed.types import Prediction, TensorSpec
 

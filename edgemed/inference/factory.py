@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from edgemed.errors import DelegateUnavailableError, ModelError
 from edgemed.inference.delegates import EDGETPU_INSTALL, GPU_INSTALL, load_external_delegate
 from edgemed.inference.interpreters import interpreter_module
-from edgemed.manifest import check_loaded_model, check_model_file
+from edgemed.manifest import check_model_file
+from edgemed.model_contract import check_loaded_model
 from edgemed.stderr_filter import LITERT_NOTICES, filtered_stderr
 
 if TYPE_CHECKING:
