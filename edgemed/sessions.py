@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgemed.identity import pseudonym
-from edgemed.triage import StudyAggregator, TriagePolicy
+from edgemed.study import StudyAggregator
+from edgemed.triage import TriagePolicy
 from edgemed.types import Frame, FrameResult, TriageResult
 
 # Every frame of one of these is one session, with or without a study id.

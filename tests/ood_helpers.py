@@ -3,7 +3,8 @@ flagged or not (``tests/test_ood_device.py``, ``tests/test_ood_review.py``)."""
 
 from __future__ import annotations
 
-from edgemed.triage import StudyAggregator, StudyPolicy, TriagePolicy, triage, triage_ood
+from edgemed.study import StudyAggregator
+from edgemed.triage import StudyPolicy, TriagePolicy, triage, triage_ood
 from edgemed.types import Prediction
 
 LABELS = ("benign", "malignant")

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from edgemed.errors import ConfigError
+from edgemed.study import StudyAggregator
 from edgemed.triage import (
     SEVERITY,
     ClassRule,
-    StudyAggregator,
     StudyPolicy,
     TriagePolicy,
     triage,
