@@ -15,8 +15,9 @@ from pydantic import ValidationError
 
 from edgemed.errors import ConfigError, ModelError
 from edgemed.inference import BackendConfig, interpreter_module, make_backend
-from edgemed.inference.backends import CompiledModelBackend, is_edgetpu_compiled
+from edgemed.inference.backends import is_edgetpu_compiled
 from edgemed.inference.classify import dequantize, softmax
+from edgemed.inference.compiled import CompiledModelBackend
 from edgemed.inference.probe import coral_usb_devices, probe_delegates, runtime_version
 from edgemed.manifest import verify_model
 from edgemed.preprocess import quantize

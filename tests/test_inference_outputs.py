@@ -22,7 +22,7 @@ import edgemed.inference.factory as factory_mod
 from edgemed.deploy import check_deployable
 from edgemed.errors import ModelError
 from edgemed.inference import Backend, BackendConfig, interpreter_module, make_backend
-from edgemed.inference.backends import CompiledModelBackend
+from edgemed.inference.compiled import CompiledModelBackend
 from edgemed.manifest import load_manifest
 
 

@@ -8,7 +8,7 @@ to install.
 No interpreter package is imported by this module, so configuration can be validated on a machine without LiteRT.
 ``interpreter_module`` in ``interpreters.py`` is the one place that picks and imports the ``Interpreter`` package
 (ai_edge_litert, tflite_runtime or tensorflow.lite), when a backend is built. The one other LiteRT import is
-``CompiledModelBackend`` in ``backends.py``: LiteRT's GPU accelerator exists only as its ``CompiledModel`` API,
+``CompiledModelBackend`` in ``compiled.py``: LiteRT's GPU accelerator exists only as its ``CompiledModel`` API,
 which only ai_edge_litert has, and it is imported there, on first use of the GPU path.
 """
 

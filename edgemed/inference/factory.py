@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from edgemed.inference import Backend, BackendConfig
-    from edgemed.inference.backends import CompiledModelBackend, InterpreterBackend
+    from edgemed.inference.backends import InterpreterBackend
+    from edgemed.inference.compiled import CompiledModelBackend
     from edgemed.manifest import Manifest
     from edgemed.types import Delegate
 
@@ -176,7 +177,8 @@ def _edgetpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig, sco
 
 
 def _gpu(module: ModuleType, name: str, model: Path, cfg: BackendConfig, scores: str | None) -> _Concrete:
-    from edgemed.inference.backends import CompiledModelBackend, InterpreterBackend, open_interpreter
+    from edgemed.inference.backends import InterpreterBackend, open_interpreter
+    from edgemed.inference.compiled import CompiledModelBackend
 
     if cfg.gpu_library is not None:
         delegate = load_external_delegate(module, cfg.gpu_library, {}, delegate="gpu", install_hint=GPU_INSTALL)
