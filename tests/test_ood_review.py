@@ -171,7 +171,7 @@ def test_a_single_output_model_needs_no_buffer_matching() -> None:
     # so a padded buffer must not turn into a ModelError (which, unlike an unusable accelerator, never falls back).
     import numpy as np
 
-    from edgemed.inference.backends import _buffer_order
+    from edgemed.inference.compiled import _buffer_order
 
     spec = TensorSpec(name="Identity", shape=(1, 2), dtype="float32", scale=0.0, zero_point=0)
     assert _buffer_order(_PaddedBuffers(), None, (spec,), np.dtype("float32"), (1, 28, 28, 1)) == [0]
