@@ -440,10 +440,16 @@ def test_a_sign_on_header_given_twice_signs_nobody_on(store: DashboardStore, cap
         assert http.get("/api/me", headers={"X-Remote-User": "rita"}).json()["name"] == "rita"
 
 
-def test_a_guesser_cannot_keep_a_user_out_of_a_browser_they_logged_in_from_before(store: DashboardStore) -> None:
+def test_a_guesser_cannot_keep_a_user_out_of_a_browser_they_logged_in_from_before(
+    store: DashboardStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from edgemed.dashboard import slowdown
     from edgemed.dashboard.metrics import parse_allow
 
+    # What is tested here is whose failures count against whom, not how long the wait is (that has its own tests):
+    # with the default 1-2 s wait, a busy machine's slow password hashing let the wait run out before the last
+    # check, and the forged cookie's login then passed (seen once in a full run).
+    monkeypatch.setattr(slowdown, "_backoff", lambda failures: 0.0 if failures <= slowdown.FREE_FAILURES else 60.0)
     make_user(store, "rita", "reviewer")
     with running_web(store, trusted_proxies=parse_allow(["127.0.0.1/32"])) as base:
         ritas, stranger = {"X-Forwarded-For": "192.0.2.10"}, {"X-Forwarded-For": "192.0.2.99"}
