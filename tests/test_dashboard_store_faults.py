@@ -62,6 +62,9 @@ def test_a_full_disk_is_retried_and_everything_held_back_is_stored_once_space_is
         assert wait_until(lambda: store.result_count() == fillers + 30, 10), (store.result_count(), ingest.snapshot())
         device.send("results", json.dumps(make_result(seq=30)).encode())
         assert wait_until(lambda: store.result_count() == fillers + 31, 10)
+        # The row is visible once committed; the message stays "held" until the writer has acknowledged it to the
+        # broker a moment later, so the counters are awaited rather than read at once.
+        assert wait_until(lambda: ingest.snapshot()["held"] == 0, 5), ingest.snapshot()
         snap = ingest.snapshot()
         assert snap["store_error"] is None and snap["held"] == 0 and snap["stored"] == 31
         assert len(_log_lines(caplog, "takes writes again")) == 1
