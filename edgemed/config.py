@@ -103,6 +103,27 @@ class RunConfig(StrictModel):
     print_results: bool = Field(True, description="print one line per result for the person at the device")
 
 
+class ScreenConfig(StrictModel):
+    """The nurse's screen: a page on the device's own display (``edgemed run --screen``, ``edgemed.screen``).
+
+    It is served on 127.0.0.1 only, for a kiosk browser on the device itself: frames and maps are shown there and
+    are never published or written to disk.
+    """
+
+    enabled: bool = Field(False, description="serve the screen while running (also: edgemed run --screen)")
+    port: int = Field(
+        8780, ge=0, le=65535, description="TCP port on 127.0.0.1 (0: any free port; the URL is logged at start)"
+    )
+    max_fps: float = Field(
+        15.0, gt=0, le=30, description="most frames per second pushed to the page, whatever the source's rate"
+    )
+    class_map: Literal["cam", "off"] = Field(
+        "cam",
+        description="'cam': compute the class activation map of every frame for models that have one (the "
+        "converter records it for models ending in global average pooling); 'off': never compute maps",
+    )
+
+
 class DeviceProfile(StrictModel):
     """A complete device profile (see ``firmware_configs/`` for real ones)."""
 
@@ -125,6 +146,7 @@ class DeviceProfile(StrictModel):
     health: HealthConfig = HealthConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     run: RunConfig = RunConfig()
+    screen: ScreenConfig = ScreenConfig()
 
     @field_validator("ood")
     @classmethod

@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from edgemed import MANIFEST_SCHEMA
 from edgemed.errors import ModelError, ModelRejectedError
+from edgemed.manifest_cam import CamSpec as CamSpec
 from edgemed.manifest_ood import EnergySpec as EnergySpec
 from edgemed.manifest_ood import FeatureLayerStats as FeatureLayerStats
 from edgemed.manifest_ood import FeatureSpec as FeatureSpec
@@ -33,7 +34,7 @@ ColourMode = Literal["gray", "rgb"]
 ResizeMethod = Literal["area", "linear", "nearest"]
 OutputKind = Literal["probabilities", "logits"]
 WeightKind = Literal["float32", "float16", "int8"]
-OutputRole = Literal["scores", "features"]
+OutputRole = Literal["scores", "features", "feature_map"]
 
 
 class Normalisation(FrozenModel):
@@ -72,8 +73,11 @@ class OutputSpec(QuantSpec):
 
     Attributes:
         role: ``scores`` (the classifier's logits or probabilities, the one ``Artifact.output`` also describes) or
-            ``features`` (a layer's activations averaged over height and width, read by the feature OOD score).
-        layer: for ``features``, the Keras layer whose activations are pooled (for reports and error messages).
+            ``features`` (a layer's activations averaged over height and width, read by the feature OOD score) or
+            ``feature_map`` (the last feature map before global average pooling, read by the class activation map,
+            ``Artifact.cam``).
+        layer: for ``features`` and ``feature_map``, the Keras layer whose activations these are (for reports and
+            error messages).
     """
 
     role: OutputRole
@@ -109,12 +113,17 @@ class Artifact(FrozenModel):
         "(the first output is then the scores)",
     )
     ood: OodSpec | None = Field(None, description="out-of-distribution scores and thresholds; None: not fitted")
+    cam: CamSpec | None = Field(
+        None, description="class activation map weights for a model ending in global average pooling; None: none"
+    )
 
     @model_validator(mode="after")
     def _outputs_agree(self) -> Artifact:
         if not self.outputs:
             if self.ood is not None and self.ood.features is not None:
                 raise ValueError("ood.features needs the feature outputs listed in outputs")
+            if self.cam is not None:
+                raise ValueError("cam needs its feature map listed in outputs")
             return self
         names = [o.name for o in self.outputs]
         if len(set(names)) != len(names) or not all(names):
@@ -127,6 +136,15 @@ class Artifact(FrozenModel):
             missing = [layer.output for layer in self.ood.features.layers if layer.output not in features]
             if missing:
                 raise ValueError(f"ood.features reads {missing}, which outputs does not list with role features")
+        if self.cam is not None:
+            maps = {o.name: o for o in self.outputs if o.role == "feature_map"}
+            spec = maps.get(self.cam.output)
+            if spec is None:
+                raise ValueError(f"cam reads {self.cam.output!r}, which outputs does not list with role feature_map")
+            if len(spec.shape) != 4 or spec.shape[-1] != self.cam.channels:
+                raise ValueError(
+                    f"cam.weights has {self.cam.channels} rows but its feature map {spec.name!r} has shape {spec.shape}"
+                )
         return self
 
     @property

@@ -273,3 +273,26 @@ class StudyResult:
     first_seq: int
     last_seq: int
     decision: TriageResult
+
+
+ClassMapKind = Literal["cam", "occlusion"]
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """Where the model looked for one class in one frame: shown on the device's screen, never published or stored.
+
+    Attributes:
+        values: float32 array ``(h, w)`` on the model input's grid (the feature map's for a CAM, coarser than the
+            input; the occlusion grid's for an occlusion map), not normalised: positive where the region raised the
+            class's score. The screen scales it over the frame it came from (the whole frame the model saw).
+        label: the class it is for (the top class of the frame's prediction).
+        kind: ``cam`` (class activation map, computed with every frame) or ``occlusion`` (the drop in the class's
+            probability when a patch is covered, computed on request for one frame).
+        seq: the ``seq`` of the frame result it belongs to.
+    """
+
+    values: np.ndarray
+    label: str
+    kind: ClassMapKind
+    seq: int
