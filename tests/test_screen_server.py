@@ -339,7 +339,8 @@ def test_the_push_rate_stays_at_most_max_fps_with_a_producer_at_200_fps() -> Non
         stop.set()
         stream.close()
         s.close()
-    assert produced > 150, f"the producer made only {produced} results in {seconds} s"
+    # ~200 a second when the machine is idle; what matters is that it outruns the cap many times over.
+    assert produced > 5 * max_fps * seconds, f"the producer made only {produced} results in {seconds} s"
     # One frame may be in flight when the window opens: at most max_fps * seconds + 1 pushed.
     assert 5 <= len(seqs) <= max_fps * seconds + 1, (len(seqs), produced)
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # only newer frames, each once
