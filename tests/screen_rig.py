@@ -69,7 +69,7 @@ VIEWPORT = (800, 480)
 TABLET = (1280, 800)
 
 
-@dataclass
+@dataclass(repr=False)  # a failing test prints no pixel arrays
 class Picks:
     """The inputs the tests drop, chosen by the device's own classifier."""
 
@@ -226,6 +226,7 @@ class ScreenRun:
 
 #: The page's state by the DOM contract's ids (hidden = the element or an ancestor has the hidden attribute).
 STATE_JS = """(() => {
+  if (!document.body || document.readyState === 'loading') return null;
   const q = (id) => document.getElementById(id);
   const shown = (id) => { const e = q(id); return !!e && !e.closest('[hidden]'); };
   const text = (id) => { const e = q(id); return e ? e.textContent.trim().replace(/\\s+/g, ' ') : null; };
@@ -239,6 +240,7 @@ STATE_JS = """(() => {
   s.level.data = data('level', 'level'); s['study-level'].data = data('study-level', 'level');
   s.quality.passed = data('quality', 'passed'); s.connection.state = data('connection', 'state');
   s.delegate.degraded = data('delegate', 'degraded'); s.frame.src = src('frame'); s.map.src = src('map');
+  s.note = text('control-note');  // not in the DOM contract: what the page says about a button press, for diagnosis
   return s;
 })()"""
 
@@ -248,7 +250,9 @@ FIT_JS = """(() => {
   const w = window.innerWidth, h = window.innerHeight, out = [];
   if (document.documentElement.scrollWidth > w) out.push('horizontal scroll: ' + document.documentElement.scrollWidth);
   for (const id of ['level', 'action']) {
-    const r = document.getElementById(id).getBoundingClientRect();
+    const e = document.getElementById(id);
+    if (e.closest('[hidden]')) continue;  // the action is hidden while waiting for the first image
+    const r = e.getBoundingClientRect();
     if (r.top < 0 || r.left < 0 || r.bottom > h || r.right > w || r.height === 0) out.push(id + ' outside: ' +
       JSON.stringify([r.left, r.top, r.right, r.bottom]));
   }
@@ -270,9 +274,9 @@ class Page:
         self.browser = PipeBrowser(tmp_path, run.url, viewport=viewport, record=True)
 
     def state(self) -> dict[str, Any]:
+        """The page's state (``{"seq": None}`` while the page is still loading)."""
         value = self.browser.evaluate(STATE_JS)
-        assert isinstance(value, dict)
-        return value
+        return value if isinstance(value, dict) else {"seq": None}
 
     def wait(self, what: str, check: Any, timeout_s: float = 30.0) -> dict[str, Any]:
         """Poll the page's state until ``check(state)`` holds (bounded); the last state on failure."""
@@ -280,7 +284,7 @@ class Page:
         while True:
             state = self.state()
             self.browser.drain()
-            if check(state):
+            if state["seq"] is not None and check(state):
                 return state
             assert self.run.proc.poll() is None, f"edgemed run exited:\n{self.run.stderr()}"
             assert time.monotonic() < deadline, f"the page never showed {what} in {timeout_s} s: {state}"
@@ -320,7 +324,12 @@ class Page:
             elif method == "Runtime.exceptionThrown":
                 found.append(f"exception: {params.get('exceptionDetails', {}).get('text')}")
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-                found.append(f"log: {params['entry'].get('text')}")
+                entry = params["entry"]
+                # Chromium asks every origin for /favicon.ico by itself (not the page's doing); a 404 there is
+                # logged as an error by the browser but breaks nothing the nurse sees.
+                if entry.get("source") == "network" and str(entry.get("url", "")).endswith("/favicon.ico"):
+                    continue
+                found.append(f"log: {entry.get('text')} ({entry.get('url', '')})")
             elif method == "Network.requestWillBeSent":
                 url = params.get("request", {}).get("url", "")
                 if not (url.startswith(self.run.origin + "/") or url.startswith("data:")):
