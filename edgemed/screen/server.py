@@ -63,6 +63,11 @@ class _Server(ThreadingHTTPServer):
     page: bytes
     static: dict[str, bytes]
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr for every dropped connection (a page reloaded mid-request);
+        # that is routine for a kiosk browser, not an error of the run.
+        log.debug("screen: a connection ended abruptly", exc_info=True)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -147,6 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if length < 0 or length > _MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read: the connection cannot carry another request
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"The body must be at most 1 KB of JSON.\n")
             return False
         raw = self.rfile.read(length) if length else b""
