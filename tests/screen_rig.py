@@ -15,7 +15,6 @@ Every wait is bounded; the run is stopped by its pid; everything listens on 127.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -197,21 +196,6 @@ class ScreenRun:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def results(self) -> list[dict[str, Any]]:
-        """The results the device appended to DATA_DIR/results.jsonl so far."""
-        path = self.data_dir / "results.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def wait_results(self, n: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        while len(found := self.results()) < n:
-            assert self.proc.poll() is None, f"edgemed run exited ({self.proc.returncode}):\n{self.stderr()}"
-            assert time.monotonic() < deadline, f"{len(found)} of {n} results within {timeout_s} s"
-            time.sleep(0.05)
-        return found
-
     def stop(self, timeout_s: float = 40.0) -> int:
         """SIGTERM (the run drains and exits), then SIGKILL if it does not within ``timeout_s``."""
         if self.proc.poll() is None:
@@ -265,6 +249,11 @@ FIT_JS = """(() => {
 })()"""
 
 
+def _count(text: str | None) -> int:
+    found = re.search(r"\d+", text or "")
+    return int(found.group()) if found else -1
+
+
 class Page:
     """The screen's page in headless Chromium at 800x480, with every DevTools event recorded."""
 
@@ -295,6 +284,11 @@ class Page:
             "a new frame", lambda s: s["seq"] not in (None, "", seq_before) and s["frame"]["src"], timeout_s
         )
 
+    def wait_pending(self, n: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Wait until the status bar counts ``n`` results waiting to be sent: with no broker every result the device
+        committed stays pending, so this is how many it has triaged (``results.jsonl`` is flushed only at the end)."""
+        return self.wait(f"{n} results pending", lambda s: _count(s["pending"]["text"]) >= n, timeout_s)
+
     def click(self, element_id: str) -> None:
         self.browser.evaluate(f"document.getElementById('{element_id}').click(), true")
 
@@ -303,12 +297,13 @@ class Page:
         assert isinstance(value, list)
         return value
 
-    def screenshot(self, name: str) -> Path:
-        """``screen-NAME.png`` of the viewport in tmp_path and, with EDGEMED_SCREENSHOTS=DIR, copied into DIR."""
+    def screenshot(self, name: str, *, export: bool = True) -> Path:
+        """``screen-NAME.png`` of the viewport in tmp_path and, with EDGEMED_SCREENSHOTS=DIR and ``export``, copied
+        into DIR (the README's images: 800x480 ones only, which stay well under 200 KB)."""
         shot = self.browser.screenshot(self.tmp_path / f"screen-{name}.png")
         assert shot.stat().st_size > 5_000, "a blank page"  # a real rendering has text and an image
         folder = os.environ.get("EDGEMED_SCREENSHOTS")
-        if folder:
+        if folder and export:
             Path(folder).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shot, Path(folder) / shot.name)
         return shot
