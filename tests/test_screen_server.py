@@ -27,6 +27,7 @@ from edgemed.screen import Screen, host_allowed
 from edgemed.screen.events import frame_payload, sse
 from edgemed.screen.render import frame_data_url, map_data_url, map_rgba
 from edgemed.screen.security import SECURITY_HEADERS, origin_allowed
+from edgemed.triage import ACTION, OOD_REASON, TriagePolicy, triage, triage_ood, triage_recapture
 from edgemed.types import ClassMap, Frame, FrameResult, OodCheck, Prediction, QualityReport, TriageResult
 
 CSP = (
@@ -358,31 +359,49 @@ def test_it_listens_on_the_loopback_only(screen: Screen) -> None:
 
 
 # -- what the page is told -------------------------------------------------------------------------------------------
-def test_recapture_ood_and_error_results_say_what_to_do() -> None:
-    blurred = QualityReport(False, 3.0, 0.5, 0.0, reason="too blurred (Laplacian variance 3.0 < 12): hold still")
-    recapture = frame_payload(
-        result(1, "recapture", probs=None, quality=blurred, reason="too blurred: recapture the image"),
+def _with(verdict: TriageResult, **kwargs: Any) -> FrameResult:
+    return result(7, verdict.level, reason=verdict.reason, extra=verdict.extra, **kwargs)
+
+
+def test_recapture_ood_and_error_results_say_what_to_do_once() -> None:
+    why = "too blurred (Laplacian variance 3.0 < 12): hold the probe or camera still, focus, and recapture"
+    blurred = QualityReport(False, 3.0, 0.5, 0.0, reason=why)
+    recapture = frame_payload(_with(triage_recapture(blurred), probs=None, quality=blurred), None, show_name=False)
+    assert recapture["recapture"] == f"Recapture the image: {why}" and recapture["level_text"] == "RECAPTURE"
+    assert recapture["action"] == "do not use this image: take it again"
+    assert recapture["quality"] == {"passed": False, "text": "Image quality: failed"}
+    assert recapture["confidence"] is None and recapture["reason_repeats"] is True  # the prompt says it all
+
+    pred = Prediction(("benign", "malignant"), (0.97, 0.03))
+    policy = TriagePolicy.model_validate({"rules": {"malignant": {"level": "urgent", "min_probability": 0.5}}})
+    flagged = OodCheck("energy", 9.0, 2.0, True, "manifest")
+    ood = frame_payload(
+        _with(triage_ood(triage(pred, policy), pred), probs=(0.97, 0.03), ood=flagged), None, show_name=True
+    )
+    assert ood["ood_warning"] == OOD_REASON[0].upper() + OOD_REASON[1:] and "probe" in ood["ood_warning"]
+    assert ood["action"] == "recapture, or refer if in doubt" and ood["reason_repeats"] is True
+    assert ood["name"] == "MRN-7.png"  # only with show_name (privacy.print_source_names: always)
+    # Flagged, but the model read it as urgent: the reason says so, and is shown beside the warning.
+    urgent_pred = Prediction(("benign", "malignant"), (0.1, 0.9))
+    urgent = frame_payload(
+        _with(triage_ood(triage(urgent_pred, policy), urgent_pred), probs=(0.1, 0.9), ood=flagged),
         None,
         show_name=False,
     )
-    assert recapture["recapture"] == "Recapture the image: too blurred (Laplacian variance 3.0 < 12): hold still"
-    assert recapture["action"] == "recapture the image" and recapture["quality"]["passed"] is False
-    assert recapture["confidence"] is None
-    flagged = OodCheck("energy", 9.0, 2.0, True, "manifest")
-    ood = frame_payload(
-        result(2, "inconclusive", ood=flagged, reason="this image does not look like ...", extra={"basis": "ood"}),
-        None,
-        show_name=True,
-    )
-    assert ood["ood_warning"] == "this image does not look like ..." and "probe" in ood["action"]
-    assert ood["name"] == "MRN-2.png"  # only with show_name (privacy.print_source_names: always)
+    assert urgent["ood_warning"] is not None and urgent["reason_repeats"] is False
+    assert "the model read it as urgent (malignant 0.90)" in urgent["reason"]
+
     error = frame_payload(
         result(3, "error", probs=None, quality=None, reason="the input cannot be decoded"), None, show_name=False
     )
     assert error["level_text"] == "ERROR" and error["quality"] is None and error["action"].startswith("check")
+    assert error["reason_repeats"] is False
     study = TriageResult("urgent", "2 of 12 frames urgent: refer now", {"frames": 12, "valid_frames": 9})
     with_study = frame_payload(result(4), study, show_name=False)
     assert with_study["study"]["text"] == "12 frames, 9 usable" and with_study["study"]["level_text"] == "URGENT"
+    for level, action in ACTION.items():
+        shown = frame_payload(result(5, level, reason="r"), None, show_name=False)
+        assert shown["action"] == action and shown["level_text"] == level.upper().replace("_", " ")
 
 
 def test_a_map_is_drawn_where_it_is_positive_and_transparent_elsewhere() -> None:
@@ -429,6 +448,10 @@ def test_a_cam_map_goes_with_its_frame_and_legend() -> None:
         s.show(result(11), image(6, (28, 28)), None, cmap)
         frame = stream.until("frame")
         status = stream.until("status")
+        time.sleep(0.1)  # past the push period
+        flagged = OodCheck("energy", 9.0, 2.0, True, "manifest")
+        s.show(result(12, "inconclusive", ood=flagged, extra={"basis": "ood"}), image(6, (28, 28)), None, cmap)
+        unlike = stream.until("frame", lambda d: d["seq"] == 12)
     finally:
         stream.close()
         s.close()
@@ -437,4 +460,6 @@ def test_a_cam_map_goes_with_its_frame_and_legend() -> None:
         "Class activation map: regions that raised the score for malignant. Not an explanation of the decision."
     )
     assert status["class_map"] == "cam"
+    # A frame unlike the training images gets no map: its scores are not evidence.
+    assert unlike["map"] is None and unlike["map_legend"] is None and unlike["ood_warning"] is not None
     assert json.dumps(frame).count("MRN") == 0

@@ -199,7 +199,11 @@ class Screen:
         payload.update(frame=frame_url, width=width, height=height)
         payload.update(map=None, map_kind=None, map_label=None, map_legend=None)
         cmap = shown.class_map
-        if cmap is not None and shown.image is not None and self.config.class_map != "off":
+        ood = shown.result.ood
+        # No map over a frame unlike the training images: its scores are not evidence, and a heat map would read
+        # as if they were.
+        flagged = ood is not None and ood.flagged
+        if cmap is not None and shown.image is not None and self.config.class_map != "off" and not flagged:
             payload.update(
                 map=render.map_data_url(cmap.values, height, width),
                 map_kind=cmap.kind,
