@@ -228,8 +228,8 @@ STATE_JS = """(() => {
   return s;
 })()"""
 
-#: Whether the page fits its viewport: no horizontal scroll, the level and the action inside the viewport, and
-#: every visible button at least 48 px both ways (touch targets).
+#: Whether the page fits its viewport: no horizontal scroll, the level and the action inside the viewport, nothing in
+#: the main panel that scrolls, and every visible button at least 48 px both ways (touch targets).
 FIT_JS = """(() => {
   const w = window.innerWidth, h = window.innerHeight, out = [];
   if (document.documentElement.scrollWidth > w) out.push('horizontal scroll: ' + document.documentElement.scrollWidth);
@@ -239,6 +239,11 @@ FIT_JS = """(() => {
     const r = e.getBoundingClientRect();
     if (r.top < 0 || r.left < 0 || r.bottom > h || r.right > w || r.height === 0) out.push(id + ' outside: ' +
       JSON.stringify([r.left, r.top, r.right, r.bottom]));
+  }
+  // The nurse reads the whole result without scrolling it (the contract: no scrolling of the main panel).
+  for (const e of [document.documentElement, ...document.querySelectorAll('main, main > *')]) {
+    if (e.scrollHeight > e.clientHeight + 1 && getComputedStyle(e).overflowY !== 'visible' || e === document.documentElement
+        && e.scrollHeight > h) out.push('scrolls: ' + (e.id || e.tagName) + ' ' + e.scrollHeight + ' > ' + e.clientHeight);
   }
   for (const b of document.querySelectorAll('button')) {
     if (b.closest('[hidden]')) continue;

@@ -114,6 +114,7 @@ def test_the_page_shows_each_case_a_nurse_meets(tmp_path: Path, gap_model: Path,
         assert state["study-level"]["data"] in LEVELS, state
         assert re.fullmatch(r"\d+ frames?, \d+ usable", state["study-frames"]["text"]), state["study-frames"]
         assert state["study-reason"]["text"]
+        assert _in_view(page, "study")
         _fits(page, "study")
         page.screenshot("study")
         # The device numbers the three images 0-2 and the cine's 30 frames 3-32; the page ends on the last frame,
