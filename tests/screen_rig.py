@@ -241,9 +241,10 @@ FIT_JS = """(() => {
       JSON.stringify([r.left, r.top, r.right, r.bottom]));
   }
   // The nurse reads the whole result without scrolling it (the contract: no scrolling of the main panel).
-  for (const e of [document.documentElement, ...document.querySelectorAll('main, main > *')]) {
-    if (e.scrollHeight > e.clientHeight + 1 && getComputedStyle(e).overflowY !== 'visible' || e === document.documentElement
-        && e.scrollHeight > h) out.push('scrolls: ' + (e.id || e.tagName) + ' ' + e.scrollHeight + ' > ' + e.clientHeight);
+  if (document.documentElement.scrollHeight > h) out.push('page scrolls: ' + document.documentElement.scrollHeight);
+  for (const e of document.querySelectorAll('main, main > *')) {
+    const scrollable = getComputedStyle(e).overflowY !== 'visible';
+    if (scrollable && e.scrollHeight > e.clientHeight + 1) out.push('scrolls: #' + e.id + ' ' + e.scrollHeight);
   }
   for (const b of document.querySelectorAll('button')) {
     if (b.closest('[hidden]')) continue;
