@@ -115,6 +115,56 @@ def test_a_model_without_a_gap_head_gets_no_cam_and_a_note(int8_model: Path, tmp
     assert "class activation map" in json.dumps(report)
 
 
+# Runs in a subprocess (no TensorFlow in the test process): an untrained MobileNetV2 (the mobilenetv2 recipe's
+# architecture, GAP inside the nested backbone) loaded for conversion; prints what the device graph became.
+_MOBILENET = """
+import json, sys
+import numpy as np
+from converters.models import build_model
+from converters.recipe import load_recipe
+from converters.source import load_source
+
+side = int(sys.argv[2])
+model = build_model(load_recipe("mobilenetv2"), (side, side, 3), 2)
+model.save(sys.argv[1])
+source = load_source(sys.argv[1])
+x = np.random.default_rng(0).random((1, side, side, 3), dtype=np.float32)
+out = {"cam": None, "taps": source.feature_layers}
+if source.cam is not None:
+    scores, *taps, fmap = [np.asarray(o, dtype=np.float64) for o in source.device_model(x)]
+    dense = model.get_layer("classifier")
+    kernel, bias = (np.asarray(w, dtype=np.float64) for w in dense.get_weights())
+    # GAP + Dense: the map's mean weighed by the recorded kernel, plus the bias, is the logit.
+    cam_logits = (fmap[0] @ np.asarray(source.cam.weights)).mean(axis=(0, 1)) + bias
+    logits = np.log(np.asarray(model(x), dtype=np.float64)[0])
+    out.update(
+        cam=source.cam.layer, map=list(fmap.shape), kernel_equal=bool(np.array_equal(kernel, source.cam.weights)),
+        scores_vs_model=float(np.abs((scores[0] - scores[0].max()) - (logits - logits.max())).max()),
+        cam_vs_scores=float(np.abs(cam_logits - scores[0]).max()),
+    )
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("side", [64, 32])
+def test_mobilenetv2_gap_inside_its_backbone_gets_a_cam(tmp_path: Path, side: int) -> None:
+    """The GAP of Keras's MobileNetV2 (pooling="avg") is inside the nested backbone: the device graph is rebuilt
+    around a view of the backbone that also outputs its last map, with the same scores; at 32 x 32 the map is
+    1 x 1 and there is no CAM."""
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", _MOBILENET, str(tmp_path / "m.keras"), str(side)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    backbone = f"mobilenetv2_0.35_{side}"
+    assert got["taps"] == [backbone]  # the OOD tap keeps its name through the rebuild
+    if side == 32:
+        assert got["cam"] is None
+        return
+    assert got["cam"] == f"{backbone}/out_relu" and got["map"] == [1, 2, 2, 1280] and got["kernel_equal"]
+    assert got["scores_vs_model"] < 1e-4 and got["cam_vs_scores"] < 1e-4, got
+
+
 def test_cam_option_is_checked(tmp_path: Path) -> None:
     proc = subprocess.run(
         [

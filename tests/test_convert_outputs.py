@@ -275,7 +275,8 @@ def test_mobilenetv2_taps_its_pooled_backbone_only(tmp_path: Path) -> None:
     source = load_source(tmp_path / "m.keras")
     backbone = next(layer.name for layer in model.layers if layer.name.startswith("mobilenetv2"))
     assert source.feature_layers == [backbone]
-    # Its GAP is inside the nested backbone (pooling="avg"): no class activation map (see converters.cam).
+    # At 32 x 32 the backbone's last map is 1 x 1: nothing for a class activation map to show (converters.cam;
+    # a 64 x 64 MobileNetV2 gets one, tests/test_cam_convert.py).
     assert source.cam is None
     scores, features = source.predict_outputs(np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32))
     assert scores.shape == (3, 2) and features[backbone].shape == (3, int(model.layers[-1].input.shape[-1]))

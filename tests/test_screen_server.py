@@ -195,6 +195,7 @@ def test_every_route_and_status_carries_the_security_headers(screen: Screen) -> 
         request(port, "GET", "/", host="evil.example"),
         request(port, "POST", "/occlusion"),
         request(port, "POST", "/occlusion", headers={"X-Edgemed-Screen": token}),
+        request(port, "PUT", "/"),  # the base class's own 501
     ]
     stream = EventStream(port)
     try:
@@ -202,13 +203,18 @@ def test_every_route_and_status_carries_the_security_headers(screen: Screen) -> 
         assert stream.response.getheader("Content-Type", "").startswith("text/event-stream")
     finally:
         stream.close()
-    assert [r.status for r in cases] == [200, 200, 200, 404, 421, 403, 409, 200]
+    assert [r.status for r in cases] == [200, 200, 200, 404, 421, 403, 409, 501, 200]
     for response in cases:
         assert response.getheader("Content-Security-Policy") == CSP
         for name, value in SECURITY_HEADERS:
             assert response.getheader(name) == value, (response.status, name)
         assert response.getheader("Cache-Control") == "no-store"
         assert "Python" not in (response.getheader("Server") or "")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:  # the base class's own 431
+        raw.sendall(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n")
+        answer = raw.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 431"), answer[:80]
+    assert f"Content-Security-Policy: {CSP}\r\n" in answer and "Cache-Control: no-store\r\n" in answer
 
 
 def test_the_page_has_no_inline_script_or_style_and_no_external_resource(screen: Screen) -> None:
@@ -268,6 +274,23 @@ def test_events_are_sse_blocks_with_one_json_data_line(screen: Screen) -> None:
     jpeg = base64.b64decode(frame["frame"].removeprefix("data:image/jpeg;base64,"))
     assert jpeg[:3] == b"\xff\xd8\xff"
     assert sse("x", {"a": "line\nbreak"}) == b'event: x\ndata: {"a":"line\\nbreak"}\n\n'
+
+
+def test_a_status_change_is_pushed_within_a_fraction_of_a_second() -> None:
+    state = dict(STATUS)
+    s = Screen(ScreenConfig(port=0), status=lambda: dict(state))
+    s.start()
+    stream = EventStream(s.port)
+    try:
+        assert stream.until("status")["pending"] == 3
+        state["pending"], state["connection"] = 4, "offline"
+        t0 = time.monotonic()
+        changed = stream.until("status", lambda d: d["pending"] == 4, timeout_s=5)
+        took = time.monotonic() - t0
+    finally:
+        stream.close()
+        s.close()
+    assert changed["connection"] == "offline" and took < 0.8, took
 
 
 def test_a_new_page_gets_the_current_frame_at_once(screen: Screen) -> None:
