@@ -14,6 +14,7 @@ Screenshots go to tmp_path, and with ``EDGEMED_SCREENSHOTS=DIR`` also to DIR (th
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -26,7 +27,6 @@ from screen_rig import CINE, TABLET, URGENT_REASON, Page, Picks, ScreenRun, drop
 __all__ = ["gap_model_fixture"]
 
 CAM_LEGEND = "Class activation map: regions that raised the score for malignant. Not an explanation of the decision."
-OCCLUSION_LEGEND = re.compile(r"^Occlusion map: .*malignant|^Occlusion map: .*benign")
 LEVELS = {"urgent", "routine", "no_finding", "inconclusive", "recapture", "error"}
 
 
@@ -69,7 +69,8 @@ def test_the_page_shows_each_case_a_nurse_meets(tmp_path: Path, gap_model: Path,
         assert state["level"]["data"] == "urgent" and state["level"]["text"] == "URGENT", state
         assert state["reason"]["text"] == URGENT_REASON
         assert state["action"]["shown"] and state["action"]["text"].lower() == "refer now"
-        assert state["confidence"]["text"] == f"malignant {round(picks.urgent_p * 100)}%"
+        percent = picks.urgent_p * 100  # rounded by the page: either neighbour of the device's probability
+        assert state["confidence"]["text"] in (f"malignant {math.floor(percent)}%", f"malignant {math.ceil(percent)}%")
         assert state["quality"]["passed"] == "true"
         assert not state["recapture"]["shown"] and not state["ood-warning"]["shown"] and not state["study"]["shown"]
         assert state["frame"]["src"].startswith("data:image/jpeg;base64,")
@@ -155,8 +156,9 @@ def test_occlusion_map_and_hold_on_a_model_without_cam(tmp_path: Path, int8_mode
         page.click("occlusion-button")
         state = _wait_map(page, state["seq"])
         assert state["map"]["src"].startswith("data:image/png;base64,")
-        assert state["map-legend"]["shown"] and OCCLUSION_LEGEND.match(state["map-legend"]["text"]), state
-        assert "Not an explanation of the decision." in state["map-legend"]["text"]
+        legend = state["map-legend"]["text"]
+        assert state["map-legend"]["shown"] and legend.startswith("Occlusion map: "), state
+        assert "for malignant" in legend and legend.endswith("Not an explanation of the decision."), legend
         _fits(page, "occlusion")
         page.screenshot("occlusion")
 
