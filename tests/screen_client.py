@@ -1,4 +1,5 @@
-"""A small Server-Sent Events client for the screen's tests: http.client on the loopback, bounded reads."""
+"""Helpers for the screen's tests: a Server-Sent Events client (http.client on the loopback, bounded reads) and
+typed results as the runtime makes them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
+
+from edgemed.types import Frame, FrameResult, OodCheck, Prediction, QualityReport, TriageResult
+
+GOOD = QualityReport(True, 50.0, 0.5, 0.0)
 
 
 class EventStream:
@@ -60,3 +67,33 @@ class EventStream:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def result(
+    seq: int,
+    level: str = "urgent",
+    *,
+    probs: tuple[float, float] | None = (0.07, 0.93),
+    quality: QualityReport | None = GOOD,
+    ood: OodCheck | None = None,
+    reason: str = "malignant (0.93): refer now",
+    extra: dict[str, Any] | None = None,
+) -> FrameResult:
+    """A typed result as the runtime makes it."""
+    return FrameResult(
+        frame=Frame(index=seq, source_kind="folder", image=None, name=f"MRN-{seq}.png"),
+        seq=seq,
+        result_id=f"r{seq}",
+        created_at=0.0,
+        clock_synced=True,
+        session_id=None,
+        quality=quality,
+        prediction=Prediction(("benign", "malignant"), probs) if probs is not None else None,
+        triage=TriageResult(level, reason, extra or {}),  # type: ignore[arg-type]
+        latency_ms={"total": 1.0},
+        ood=ood,
+    )
+
+
+def image(seed: int = 0, shape: tuple[int, ...] = (96, 128, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)

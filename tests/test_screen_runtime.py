@@ -166,6 +166,31 @@ def test_an_offline_device_says_none_and_the_page_gets_each_frame_live(tmp_path:
     assert b"MRN-123" not in b"".join(stream.raw)
 
 
+def test_frames_and_maps_go_to_the_page_only(tmp_path: Path, gap_model: Path) -> None:
+    link = AcknowledgingPublisher()
+    profile = _profile(tmp_path / "d", model={"path": str(gap_model)}, triage={}, run={"results_jsonl": True})
+    with Device(profile, publisher=link) as device:
+        assert device.screen is not None and device.screen.screen is not None
+        stream = EventStream(device.screen.screen.port)
+        try:
+            stream.until("status")
+            for i, pixels in enumerate(_breast_test_images(3)):
+                result = device.process(Frame(index=i, source_kind="folder", image=pixels, name=f"MRN-{i}.png"))
+                event = stream.until("frame", lambda d, seq=result.seq: d["seq"] == seq)
+                assert event["frame"] and event["map"]  # the page did get both (so the checks below can fail)
+        finally:
+            stream.close()
+        device.uplink.drain(10)
+    sent = b"".join(m.payload for m in link.sent)
+    assert sent.count(b'"schema"') >= 3  # the results were published
+    for marker in (b"\xff\xd8\xff", b"\x89PNG", b"/9j/", b"iVBOR", b"data:image", b"MRN-"):
+        assert marker not in sent, marker
+    for path in (tmp_path / "d").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"\xff\xd8\xff" not in data and b"\x89PNG" not in data and b"/9j/" not in data, path.name
+
+
 def test_a_failing_screen_is_logged_once_and_the_run_goes_on(
     fake_device: Device, caplog: pytest.LogCaptureFixture
 ) -> None:

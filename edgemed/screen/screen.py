@@ -271,7 +271,9 @@ class Screen:
                 seq = next(reversed(self._recent))
             target = self._recent.get(seq) if seq is not None else None
         if target is None:
-            return 409, "no classified frame on the screen yet" if seq is None else f"frame {seq} is no longer held"
+            if seq is None:
+                return 409, "no classified frame on the screen yet"
+            return 409, f"image {seq} was not classified, or is no longer kept for a map: show a classified image"
         if not self._occluding.acquire(blocking=False):
             return 429, "an occlusion map is already being computed: wait for it"
         worker = threading.Thread(target=self._occlude, args=(target,), name="edgemed-screen-occlusion", daemon=True)
