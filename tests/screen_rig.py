@@ -326,10 +326,6 @@ class Page:
                 found.append(f"exception: {params.get('exceptionDetails', {}).get('text')}")
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 entry = params["entry"]
-                # Chromium asks every origin for /favicon.ico by itself (not the page's doing); a 404 there is
-                # logged as an error by the browser but breaks nothing the nurse sees.
-                if entry.get("source") == "network" and str(entry.get("url", "")).endswith("/favicon.ico"):
-                    continue
                 found.append(f"log: {entry.get('text')} ({entry.get('url', '')})")
             elif method == "Network.requestWillBeSent":
                 url = params.get("request", {}).get("url", "")
