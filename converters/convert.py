@@ -224,7 +224,7 @@ def convert(
         twin = next(a for a in artifacts if a.target == "int8")
         tpu = _follow_twin(out, tpu, twin)
         if tpu.compiled is not None:
-            artifacts.append(with_cam(edgetpu_artifact(out, tpu.compiled, twin), source.cam))  # the twin's outputs
+            artifacts.append(edgetpu_artifact(out, tpu.compiled, twin))  # the twin's outputs, ood and cam
     cam_note = missing_note(wants_cam, source.cam, name, source.kind == "saved_model")
     notes = (tpu.notes if tpu is not None else []) + [n for r in ood_outcomes for n in r.notes] + cam_note
     drift = drift_reference(outcomes, inputs.held, inputs.labels)  # the gate's own predictions, not a new run

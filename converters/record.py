@@ -51,7 +51,7 @@ def edgetpu_artifact(out: Path, compiled: Path, twin: Artifact) -> Artifact:
 
     It runs only with libedgetpu, so it cannot be gated on this host: it inherits the verdict of the int8 model it
     was compiled from (the TPU executes the same quantized arithmetic), and names that model as its CPU twin. It
-    inherits its twin's ``outputs`` and ``ood`` too: the compiler keeps the output tensors' names and
+    inherits its twin's ``outputs``, ``ood`` and ``cam`` too: the compiler keeps the output tensors' names and
     quantization, and the device may fall back to the twin, which must then be read by the same names.
     """
     return Artifact(
@@ -69,6 +69,7 @@ def edgetpu_artifact(out: Path, compiled: Path, twin: Artifact) -> Artifact:
         twin=twin.file,
         outputs=list(twin.outputs),
         ood=twin.ood,
+        cam=twin.cam,
     )
 
 

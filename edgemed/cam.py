@@ -46,8 +46,14 @@ class CamComputer:
         self._labels = classifier.labels
         self._spec = spec
         self._height, self._width, self._channels = (int(d) for d in spec.shape[1:])
-        # One contiguous float32 column per class: compute() is a single (H'W' x C) @ (C,) product.
-        self._weights = np.ascontiguousarray(np.asarray(weights, dtype=np.float32).T)
+        # Dequantization folded into the weights, once: scale * (q - z) @ w == q @ (scale * w) - z * sum(scale * w),
+        # so compute() is one (H'W' x C) @ (C,) product on the raw map and one subtraction of a per-class constant,
+        # with no per-value dequantized copy of the map. One contiguous float32 row per class.
+        scale = float(spec.scale) if spec.quantized else 1.0
+        zero = float(spec.zero_point) if spec.quantized else 0.0
+        scaled = np.asarray(weights, dtype=np.float64).T * scale
+        self._weights = np.ascontiguousarray(scaled, dtype=np.float32)
+        self._offsets = (zero * scaled.sum(axis=1)).astype(np.float32)
         self.layer = layer
 
     @classmethod
@@ -106,15 +112,9 @@ class CamComputer:
         if not 0 <= class_index < len(self._labels):
             raise ValueError(f"class_index {class_index} is not one of the model's {len(self._labels)} classes")
         raw = self._backend.output(self._spec.name).reshape(self._height * self._width, self._channels)
-        column = self._weights[class_index]
-        if self._spec.quantized:
-            # scale * (q - z) @ w == scale * (q @ w - z * sum(w)): the zero point is taken out once, not per value.
-            values = (raw.astype(np.float32) @ column - np.float32(self._spec.zero_point) * column.sum()) * np.float32(
-                self._spec.scale
-            )
-        else:
-            values = raw.astype(np.float32) @ column
-        grid = np.asarray(values, dtype=np.float32).reshape(self._height, self._width)
+        values = raw.astype(np.float32, copy=False) @ self._weights[class_index]
+        values -= self._offsets[class_index]
+        grid = values.reshape(self._height, self._width)
         return ClassMap(values=grid, label=self._labels[class_index], kind="cam", seq=seq)
 
 
@@ -130,9 +130,9 @@ def occlusion_map(
     """The drop in ``p(class_index)`` when each region of the model input is covered.
 
     A square patch of about a seventh of the input's side slides over the model input, half a patch at a time
-    (further apart when that would take more than ``max_invokes`` invokes), and is filled with the frame's own
-    mean value: a neutral cover that hides the region's content without adding a dark or bright shape of its
-    own. One invoke per position, plus one of the whole frame for the reference probability.
+    (further apart, and as wide as the spacing, when that would take more than ``max_invokes`` invokes), and is
+    filled with the frame's own mean value: a neutral cover that hides the region's content without adding a dark
+    or bright shape of its own. One invoke per position, plus one of the whole frame for the reference probability.
 
     Args:
         classifier: the loaded model (shared with the runtime thread: see ``lock``).
@@ -164,7 +164,9 @@ def occlusion_map(
         if stride >= max(height, width):  # too few invokes for any grid: one patch covering everything
             patch, rows, cols = max(height, width), [0], [0]
             break
-        stride += 1
+        stride += max(1, stride // 8)  # a few dozen steps even on a large input, not one per pixel
+        # Patches at least as wide as their spacing: a sparser grid still covers every pixel, no strip unseen.
+        patch = max(patch, stride)
         rows, cols = _positions(height, patch, stride), _positions(width, patch, stride)
     fill = _neutral(x)
     spec = classifier.backend.output_spec

@@ -145,6 +145,8 @@ class Artifact(FrozenModel):
                 raise ValueError(
                     f"cam.weights has {self.cam.channels} rows but its feature map {spec.name!r} has shape {spec.shape}"
                 )
+            if spec.shape[0] != 1 or min(spec.shape) < 1:
+                raise ValueError(f"cam's feature map {spec.name!r} has shape {spec.shape}, not (1, H', W', channels)")
         return self
 
     @property
@@ -207,11 +209,17 @@ class Manifest(FrozenModel):
     reference: Reference | None = None
 
     @model_validator(mode="after")
-    def _reference_names_labels(self) -> Manifest:
+    def _sections_name_labels(self) -> Manifest:
         if self.reference is not None:
             unknown = sorted(set(self.reference.class_mix) - set(self.labels))
             if unknown:
                 raise ValueError(f"reference.class_mix names {unknown}, which are not among the labels")
+        for art in self.artifacts:
+            # The device weighs the map of label k with column k: a kernel of another width is not this model's.
+            if art.cam is not None and art.cam.classes != len(self.labels):
+                raise ValueError(
+                    f"{art.file}: cam.weights scores {art.cam.classes} classes but there are {len(self.labels)} labels"
+                )
         return self
 
     def artifact(self, file_name: str) -> Artifact:

@@ -16,6 +16,12 @@ from pydantic import ConfigDict, Field, model_validator
 
 from edgemed.validation import FrozenModel
 
+# Bounds on a manifest's kernel: the widest last map of a common backbone has 2560 channels (EfficientNet-B7) and a
+# triage model scores a handful of classes. A hand-edited manifest with millions of weights is refused by the
+# validator instead of being kept (and multiplied per frame) on a small device.
+MAX_CAM_CHANNELS = 8192
+MAX_CAM_CLASSES = 1024
+
 
 class CamSpec(FrozenModel):
     """The class activation map of a model that ends in global average pooling and one dense layer.
@@ -33,13 +39,19 @@ class CamSpec(FrozenModel):
 
     output: str = Field(min_length=1, description="tensor name of the OutputSpec (role feature_map)")
     layer: str | None = None
-    weights: list[list[float]] = Field(min_length=1, description="channels x classes: the dense layer's kernel")
+    weights: list[list[float]] = Field(
+        min_length=1, max_length=MAX_CAM_CHANNELS, description="channels x classes: the dense layer's kernel"
+    )
 
     @model_validator(mode="after")
     def _rectangular(self) -> CamSpec:
         width = len(self.weights[0])
         if width < 1 or any(len(row) != width for row in self.weights):
             raise ValueError("cam.weights must have one weight per class in every row")
+        if width > MAX_CAM_CLASSES:
+            raise ValueError(
+                f"cam.weights has {width} classes per row, more than {MAX_CAM_CLASSES}; re-run `edgemed convert`"
+            )
         if not all(math.isfinite(v) for row in self.weights for v in row):
             raise ValueError("cam.weights must be finite numbers")
         return self

@@ -308,3 +308,79 @@ def test_occlusion_map_refuses_bad_arguments(int8_model: Path) -> None:
         occlusion_map(classifier, image, 2, 0)
     with pytest.raises(ValueError, match="max_invokes must be at least 2"):
         occlusion_map(classifier, image, 0, 0, max_invokes=1)
+
+
+def test_a_hostile_cam_in_a_manifest_is_refused(gap_model: Path) -> None:
+    """(c) Checks a manifest read from disk gets: a kernel for other labels, a huge kernel, a batched map."""
+    from pydantic import ValidationError
+
+    from edgemed.manifest import Manifest
+
+    classifier = _classifier(gap_model)
+    manifest = classifier.manifest.model_dump(by_alias=True)
+    index = next(i for i, a in enumerate(manifest["artifacts"]) if a["cam"] is not None)
+    art = manifest["artifacts"][index]
+    rows = art["cam"]["weights"]
+
+    def with_artifact(**change: Any) -> dict[str, Any]:
+        changed = {**art, **change}
+        return {**manifest, "artifacts": [changed if i == index else a for i, a in enumerate(manifest["artifacts"])]}
+
+    three = with_artifact(cam={**art["cam"], "weights": [[*row, 0.0] for row in rows]})
+    with pytest.raises(ValidationError, match=r"cam\.weights scores 3 classes but there are 2 labels"):
+        Manifest.model_validate(three)
+    # Refused by the length bound, before any row is checked against the map.
+    huge = with_artifact(cam={**art["cam"], "weights": [[0.0, 0.0]] * 8193})
+    with pytest.raises(ValidationError, match="at most 8192"):
+        Manifest.model_validate(huge)
+    wide = with_artifact(cam={**art["cam"], "weights": [[0.0] * 1025] * 64})
+    with pytest.raises(ValidationError, match="more than 1024"):
+        Manifest.model_validate(wide)
+    outputs = [{**o, "shape": [2, *o["shape"][1:]]} if o["role"] == "feature_map" else o for o in art["outputs"]]
+    with pytest.raises(ValidationError, match=r"not \(1, H', W', channels\)"):
+        Manifest.model_validate(with_artifact(outputs=outputs))
+    Manifest.model_validate(manifest)  # the untouched manifest still passes
+
+
+def test_the_edgetpu_twin_carries_the_int8_cam(gap_model: Path, tmp_path: Path) -> None:
+    """The compiled file is read by its twin's output names, so it gets the twin's cam (and sha256 of its own)."""
+    from converters.record import edgetpu_artifact
+
+    twin = _classifier(gap_model).artifact
+    compiled = tmp_path / "breast_gap_edgetpu.tflite"
+    compiled.write_bytes(b"compiled by the edge tpu compiler")
+    tpu = edgetpu_artifact(tmp_path, compiled, twin)
+    assert tpu.cam == twin.cam and tpu.cam is not None and tpu.outputs == twin.outputs
+    assert tpu.sha256 != twin.sha256 and tpu.twin == twin.file
+
+
+def test_a_sparse_occlusion_grid_still_covers_every_pixel(int8_model: Path) -> None:
+    """With few invokes allowed the patches move further apart and grow with their spacing: no strip is never
+    covered (a checkerboard: no pixel equals the neutral fill, so each covered pixel shows in the input)."""
+    classifier = _classifier(int8_model)
+    image = (np.indices((28, 28)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    x = classifier.preprocess(image)
+
+    class Recording(_ReorderedOutputs):
+        def __init__(self, inner: Any) -> None:
+            super().__init__(inner)
+            self.output_specs = inner.output_specs
+            self.covered = np.zeros(x.shape[1:3], bool)
+            self.invokes = 0
+
+        def invoke(self, tensor: np.ndarray) -> np.ndarray:
+            self.invokes += 1
+            self.covered |= (np.asarray(tensor) != x)[0].any(axis=-1)
+            return super().invoke(tensor)
+
+    for budget in (5, 10, 40, 400):
+        recording = Recording(classifier.backend)
+        result = occlusion_map(
+            Classifier(recording, classifier.manifest, classifier.artifact),
+            image,
+            0,
+            0,  # type: ignore[arg-type]
+            max_invokes=budget,
+        )
+        assert recording.invokes == result.values.size + 1 <= budget
+        assert recording.covered.all(), (budget, np.argwhere(~recording.covered)[:5])
