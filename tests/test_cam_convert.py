@@ -189,3 +189,66 @@ def test_cam_option_is_checked(tmp_path: Path) -> None:
         [sys.executable, "-m", "edgemed", "convert", "--help"], capture_output=True, text=True, timeout=120
     ).stdout
     assert "--cam {auto,none}" in help_text and "occlusion" in help_text
+
+
+# Runs in a subprocess: small untrained Keras heads, each given to find_cam_head; prints what it found.
+_HEADS = """
+import json
+import keras
+import numpy as np
+from converters.cam import find_cam_head
+
+L = keras.layers
+
+def build(name, head, classes=2):
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(6, 3, padding="same", activation="relu", name="conv")(inputs)
+    return keras.Model(inputs, head(x, classes), name=name)
+
+heads = {
+    "dropout_chain": lambda x, k: L.Dense(k, activation="softmax", name="fc")(
+        L.Dropout(0.2)(L.Dropout(0.3)(L.GlobalAveragePooling2D()(x)))),
+    "softmax_layer_3_classes": lambda x, k: L.Softmax()(L.Dense(k, name="fc")(L.GlobalAveragePooling2D()(x))),
+    "keepdims": lambda x, k: L.Dense(k, name="fc")(L.Flatten()(L.GlobalAveragePooling2D(keepdims=True)(x))),
+    "batchnorm_between": lambda x, k: L.Dense(k, name="fc")(L.BatchNormalization()(L.GlobalAveragePooling2D()(x))),
+    "two_dense": lambda x, k: L.Dense(k, name="fc")(L.Dense(4, activation="relu")(L.GlobalAveragePooling2D()(x))),
+    "flatten": lambda x, k: L.Dense(k, name="fc")(L.Flatten()(x)),
+}
+out = {}
+rng = np.random.default_rng(0)
+for name, head in heads.items():
+    classes = 3 if "3_classes" in name else 2
+    model = build(name, head, classes)
+    found = find_cam_head(model)
+    if found is None:
+        out[name] = None
+        continue
+    bias = model.get_layer("fc").get_weights()[1]
+    x = rng.random((1, 8, 8, 1), dtype=np.float32)
+    fmap = np.asarray(keras.Model(model.inputs, found.tensor)(x), dtype=np.float64)[0]
+    # The class's map averaged over the grid, plus the bias, is that class's logit, column by column: its
+    # softmax is the model's output (both heads end in a softmax; Dropout is the identity at inference).
+    logits = (fmap @ np.asarray(found.weights)).mean(axis=(0, 1)) + bias
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    error = float(np.abs(probs - np.asarray(model(x), dtype=np.float64)[0]).max())
+    out[name] = {"layer": found.layer, "shape": [len(found.weights), len(found.weights[0])], "error": error}
+print(json.dumps(out))
+"""
+
+
+def test_find_cam_head_takes_gap_dense_heads_only(tmp_path: Path) -> None:
+    """Dropout chains and a separate Softmax are looked through, the kernel's columns are the classes in output
+    order (3 classes); a keepdims GAP, a BatchNormalization or a second Dense between GAP and Dense, and a Flatten
+    head give no CAM (their logits are not a weighted channel mean of the map)."""
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras_home"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _HEADS], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, classes in (("dropout_chain", 2), ("softmax_layer_3_classes", 3)):
+        assert got[name] is not None, name
+        assert got[name]["layer"] == "conv" and got[name]["shape"] == [6, classes]
+        assert got[name]["error"] < 1e-5, got[name]
+    for name in ("keepdims", "batchnorm_between", "two_dense", "flatten"):
+        assert got[name] is None, (name, got[name])
