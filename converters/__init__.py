@@ -9,6 +9,8 @@ help and validate a dataset without paying two seconds and 500 MB for TensorFlow
 
     samples.py    the calibration sample and the held-out split
     source.py     the Keras model and its device graph
+    cam.py        the GAP + Dense head: its feature map as an extra output, the artifact's ``cam`` section
+    outputs.py    the converted file's outputs named by tensor and role (TFLite reorders them)
     runner.py     a converted file run through the device's own inference code
     gate.py       the acceptance gate (thresholds, floors, GateResult); metrics.py: the numbers behind it
     edgetpu.py    the Edge TPU compatibility check and compiler
