@@ -251,6 +251,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# A MobileNetV2 manifest with its OOD statistics and CAM kernel is about 5 MB; a file many times that is not one
+# `edgemed convert` wrote, and json.loads would hold all of it (as Python objects, several times its size) in memory
+# before any field is validated.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 def load_manifest(path: Path) -> Manifest:
     """Read and validate a manifest file.
 
@@ -264,6 +270,12 @@ def load_manifest(path: Path) -> Manifest:
             + (f", e.g. {Path(path) / found[0]}" if found else " that `edgemed convert` wrote")
         )
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ModelError(
+                f"manifest {path} is {size} bytes, more than the {MAX_MANIFEST_BYTES >> 20} MiB a manifest written "
+                "by `edgemed convert` can be; use the .manifest.json it wrote beside the model"
+            )
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ModelError(
@@ -296,6 +308,8 @@ def find_manifest(model_path: Path) -> Path:
     for folder in (model_path.parent, model_path.parent.parent):
         for candidate in sorted(folder.glob("*.manifest.json")):
             try:
+                if candidate.stat().st_size > MAX_MANIFEST_BYTES:
+                    continue  # not a converter's manifest (load_manifest says why if it is passed by name)
                 raw = json.loads(candidate.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue

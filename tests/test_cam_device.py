@@ -384,3 +384,15 @@ def test_a_sparse_occlusion_grid_still_covers_every_pixel(int8_model: Path) -> N
         )
         assert recording.invokes == result.values.size + 1 <= budget
         assert recording.covered.all(), (budget, np.argwhere(~recording.covered)[:5])
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest far beyond what the converter writes (a hostile kernel of millions of weights) is refused by
+    size, naming the file and the fix, without json.loads holding it all in memory."""
+    import edgemed.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 1000)
+    path = tmp_path / "big.manifest.json"
+    path.write_text('{"cam": {"weights": [' + ",".join(["[0.0, 0.0]"] * 200) + "]}}", encoding="utf-8")
+    with pytest.raises(ModelError, match=r"big\.manifest\.json is \d+ bytes, more than .*beside the model"):
+        manifest_module.load_manifest(path)
