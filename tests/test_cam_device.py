@@ -396,3 +396,30 @@ def test_an_oversized_manifest_is_refused_before_it_is_read(tmp_path: Path, monk
     path.write_text('{"cam": {"weights": [' + ",".join(["[0.0, 0.0]"] * 200) + "]}}", encoding="utf-8")
     with pytest.raises(ModelError, match=r"big\.manifest\.json is \d+ bytes, more than .*beside the model"):
         manifest_module.load_manifest(path)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale", "zero_point"), [("int8", 0.05, -7), ("uint8", 0.02, 131), ("float32", 0.0, 0)]
+)
+def test_cam_dequantizes_with_the_maps_own_zero_point(dtype: str, scale: float, zero_point: int) -> None:
+    """The map is sum_c w[c][k] * scale * (q - z) for int8 and uint8 maps (any zero point) and w @ F for a float
+    one, at the seam: a backend that returns a known raw map."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    spec = TensorSpec("fmap", (1, 3, 4, 5), dtype, scale, zero_point)
+    if dtype == "float32":
+        raw = rng.normal(size=60).astype(np.float32)
+        real = raw.astype(np.float64).reshape(3, 4, 5)
+    else:
+        info = np.iinfo(np.dtype(dtype))
+        raw = rng.integers(info.min, info.max + 1, size=60).astype(dtype)
+        real = scale * (raw.astype(np.float64) - zero_point).reshape(3, 4, 5)
+    weights = rng.normal(size=(5, 3))
+    backend = SimpleNamespace(output=lambda name: raw if name == "fmap" else None)
+    classifier = SimpleNamespace(backend=backend, labels=("a", "b", "c"))
+    cam = CamComputer(classifier, spec, weights, "conv")  # type: ignore[arg-type]
+    for k in range(3):
+        got = cam.compute(k, 0)
+        assert got.label == "abc"[k] and got.values.shape == (3, 4)
+        np.testing.assert_allclose(got.values, real @ weights[:, k], rtol=1e-4, atol=1e-4)
