@@ -15,6 +15,7 @@ Every wait is bounded; the run is stopped by its pid; everything listens on 127.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -179,7 +180,11 @@ class ScreenRun:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemed", *args], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT
             )
-        self.url, self.port = self._wait_for_url(60.0)
+        try:
+            self.url, self.port = self._wait_for_url(60.0)
+        except BaseException:  # no run is left behind watching a folder when its screen never came up
+            self.stop(timeout_s=10.0)
+            raise
         self.origin = self.url.rstrip("/")
 
     def _wait_for_url(self, timeout_s: float) -> tuple[str, int]:
@@ -266,7 +271,12 @@ class Page:
     def __init__(self, tmp_path: Path, run: ScreenRun, viewport: tuple[int, int] = VIEWPORT) -> None:
         self.run = run
         self.tmp_path = tmp_path
+        self.viewport = viewport
         self.browser = PipeBrowser(tmp_path, run.url, viewport=viewport, record=True)
+
+    def set_viewport(self, width: int, height: int) -> None:
+        self.browser.set_viewport(width, height)
+        self.viewport = (width, height)
 
     def state(self) -> dict[str, Any]:
         """The page's state (``{"seq": None}`` while the page is still loading)."""
@@ -299,15 +309,39 @@ class Page:
         self.browser.evaluate(f"document.getElementById('{element_id}').click(), true")
 
     def fit_problems(self) -> list[str]:
+        """What does not fit the viewport (FIT_JS), and whether the page really is laid out at ``viewport``."""
         value = self.browser.evaluate(FIT_JS)
         assert isinstance(value, list)
+        size = self.browser.evaluate("[window.innerWidth, window.innerHeight]")
+        if tuple(size) != self.viewport:
+            value.append(f"laid out at {size}, not {list(self.viewport)}")
         return value
+
+    def frames_received(self) -> list[int]:
+        """The seq of every ``frame`` event the page's own event stream received (DevTools Network events), in
+        order: what reached the page, whether or not it drew it."""
+        seqs = []
+        for event in self.browser.drain():
+            params = event.get("params", {})
+            if event.get("method") == "Network.eventSourceMessageReceived" and params.get("eventName") == "frame":
+                seqs.append(int(json.loads(params["data"])["seq"]))
+        return seqs
+
+    def wait_frame_received(self, seq: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while seq not in self.frames_received():
+            assert self.run.proc.poll() is None, f"edgemed run exited:\n{self.run.stderr()}"
+            assert time.monotonic() < deadline, f"the page's stream never carried frame {seq} in {timeout_s} s"
+            time.sleep(0.1)
 
     def screenshot(self, name: str, *, export: bool = True) -> Path:
         """``screen-NAME.png`` of the viewport in tmp_path and, with EDGEMED_SCREENSHOTS=DIR and ``export``, copied
         into DIR (the README's images: 800x480 ones only, which stay well under 200 KB)."""
         shot = self.browser.screenshot(self.tmp_path / f"screen-{name}.png")
         assert shot.stat().st_size > 5_000, "a blank page"  # a real rendering has text and an image
+        header = shot.read_bytes()[:24]  # PNG signature, IHDR: width and height big-endian at bytes 16-23
+        size = (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big"))
+        assert size == self.viewport, f"screenshot {name} is {size}, not the viewport {self.viewport}"
         folder = os.environ.get("EDGEMED_SCREENSHOTS")
         if folder and export:
             Path(folder).mkdir(parents=True, exist_ok=True)
