@@ -136,6 +136,11 @@ def test_the_page_shows_each_case_a_nurse_meets(tmp_path: Path, gap_model: Path,
 
         assert not page.problems()
     assert "Traceback" not in run.stderr(), run.stderr()
+    # The running decision the page showed at the cine's last frame is the study decision the device printed at the
+    # end (its summary line; the study envelope itself waits in the outbox: no broker here).
+    printed = re.search(r"^edgemed: study decision: ([A-Z ]+):", run.stderr(), re.MULTILINE)
+    assert printed, run.stderr()
+    assert printed.group(1).lower().replace(" ", "_") == final["study-level"]["data"], (printed.group(0), final)
 
 
 def _wait_map(page: Page, seq: str) -> dict[str, Any]:
