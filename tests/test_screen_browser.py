@@ -183,3 +183,18 @@ def test_occlusion_map_and_hold_on_a_model_without_cam(tmp_path: Path, int8_mode
         page.wait_new_frame(state["seq"], 10)
         assert not page.problems()
     assert "Traceback" not in run.stderr(), run.stderr()
+
+
+def test_the_readme_shows_the_screen_at_800x480() -> None:
+    """Every screenshot of the screen the README shows exists, is a PNG and is 800x480 (the panel it is laid out for),
+    and the urgent, recapture, out-of-distribution and study cases are all among them."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## The nurse's screen") :]
+    section = section[: section.index("\n## ", 1)]
+    shown = re.findall(r"!\[[^\]]+\]\((docs/images/screen-[a-z-]+\.png)\)", section)
+    assert {f"docs/images/screen-{case}.png" for case in ("urgent", "recapture", "ood", "study")} <= set(shown), shown
+    for link in shown:
+        header = (Path(__file__).resolve().parent.parent / link).read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n", link
+        size = (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big"))
+        assert size == (800, 480), (link, size)
