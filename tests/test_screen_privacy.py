@@ -197,6 +197,11 @@ def test_frames_and_maps_stay_on_the_screen(tmp_path: Path, gap_model: Path, bro
         time.sleep(1.5)  # a heartbeat and a status message or two as well
         stream.close()
         code = run.stop()  # the run drains and exits: what it writes at the end is searched below too
+        # Its last message (the offline status) is in the subscriber's hands before the subscriber closes.
+        deadline = time.monotonic() + 10
+        while not [1 for t, m, _ in list(everything.messages) if t.endswith("/status") and b'"offline"' in m]:
+            assert time.monotonic() < deadline, f"no offline status after the run: {everything.topics()}"
+            time.sleep(0.05)
     assert code == 0, run.stderr()
     with everything._lock:
         messages = list(everything.messages)
