@@ -29,6 +29,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import yaml
 from browser import PipeBrowser
 
 from edgemed.capture.files import decode_image
@@ -38,7 +39,7 @@ from edgemed.inference.classify import Classifier
 from edgemed.ood import OodSetting
 from edgemed.preprocess import to_colour_mode
 from edgemed.quality import QualityConfig, check_quality
-from edgemed.triage import ClassRule, TriagePolicy, triage, triage_ood
+from edgemed.triage import TriagePolicy, triage, triage_ood
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -46,14 +47,6 @@ CINE = DATA / "dicom" / "examples_ybr_color.dcm"
 URGENT_REASON = "suspicious for malignancy - refer for biopsy assessment today"
 #: The demo's policy (examples/breast-ultrasound-triage.yaml) on the test models' labels. Without a profile
 #: `edgemed run` has no rule for any label and never says urgent (edgemed.triage's docstring).
-POLICY = TriagePolicy(
-    min_confidence=0.6,
-    min_margin=0.1,
-    rules={
-        "malignant": ClassRule(level="urgent", min_probability=0.4, reason=URGENT_REASON),
-        "benign": ClassRule(level="no_finding", min_probability=0.75),
-    },
-)
 TRIAGE_YAML = f"""triage:
   min_confidence: 0.6
   min_margin: 0.1
@@ -61,6 +54,9 @@ TRIAGE_YAML = f"""triage:
     malignant: {{level: urgent, min_probability: 0.4, reason: {URGENT_REASON}}}
     benign: {{level: no_finding, min_probability: 0.75}}
 """
+#: The same policy as the run reads it from its profile (one text for both: the images picked in this process are
+#: triaged by the very rules the run applies).
+POLICY = TriagePolicy.model_validate(yaml.safe_load(TRIAGE_YAML)["triage"])
 #: The blur applied to a 28x28 BreastMNIST image: at sigma 3 every test image's Laplacian variance falls below the
 #: gate's default min_blur (12), at sigma 2 about a third still pass; so no upscaling is needed (measured here).
 BLUR_SIGMA = 3.0
