@@ -6,12 +6,12 @@ names that carry a record number. A subscriber on ``#`` keeps every message the 
 reads the page's event stream. The stream must carry the frames (JPEG) and the map (PNG), which is what makes the
 rest mean something. Then no MQTT payload, no file in the data directory (``results.jsonl``, the outbox database
 read as raw bytes, free pages included) and no line of the log holds: JPEG or PNG magic or their base64 prefixes;
-any 48-byte piece of the exact JPEG and PNG bytes the page received, of the frames' pixels as the device holds
-them, or of the class activation map's values as the device computes them, raw or in base64 at any of the three
-alignments (so an image embedded at any offset of a larger base64 blob is found); a list of 16 or more numbers
-(a map or a frame written out as JSON); or the file names (on disk the outbox's ledger of processed inputs keeps
-file paths on the device, as it always did, for resuming). ``test_the_leak_check_finds_what_it_looks_for`` shows
-the detector finds each of these where it is hidden.
+any piece (40 bytes or base64 characters) of the exact JPEG and PNG bytes the page received, of the frames' pixels
+as the device holds them, or of the class activation map's values as the device computes them, raw or in base64 at
+any of the three alignments (so an image embedded at any offset of a larger base64 blob is found); a list of 16 or
+more numbers (a map or a frame written out as JSON); or the file names (on disk the outbox's ledger of processed
+inputs keeps file paths on the device, as it always did, for resuming).
+``test_the_leak_check_finds_what_it_looks_for`` shows the detector finds each of these where it is hidden.
 """
 
 from __future__ import annotations
@@ -46,7 +46,12 @@ DATA_URL = re.compile(r"data:image/(jpeg|png);base64,([A-Za-z0-9+/=]+)")
 #: a frame written out as numbers. No message of ours has one (probabilities are one per class, latencies a dict).
 _NUMBER = rb"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 NUMBER_LIST = re.compile(rb"\[\s*(?:" + _NUMBER + rb"\s*(?:\]\s*)*,\s*(?:\[\s*)*){15,}")
-WINDOW = 48  # bytes of an image compared at a time: 48 bytes of pixels or compressed data never occur by chance
+#: Raw bytes and base64 characters compared at a time: 32 of either (24 to 32 bytes of pixels or compressed data)
+#: never occur by chance. Pieces are indexed every STRIDE positions, so any copy of WINDOW + STRIDE - 1 or more
+#: contiguous bytes (or base64 characters), wherever it starts, holds an indexed piece.
+WINDOW, STRIDE = 32, 8
+#: The most of a raw frame indexed (its start and its middle): a frame of a camera is megabytes.
+RAW_INDEXED = 1 << 16
 
 
 class EventStream:
@@ -89,18 +94,22 @@ class EventStream:
         self._thread.join(10)
 
 
-def _needles(blob: bytes) -> list[bytes]:
-    """Pieces of ``blob`` as they would appear inside anything that embeds it: raw, and base64 (standard and
-    URL-safe) at each of the three alignments a base64 encoding of a larger buffer can give it, taken from its
-    start, middle and end. So a frame or map is found wherever it sits in a payload, not only at offset 0."""
-    found = []
-    starts = sorted({0, max(0, len(blob) // 2 - WINDOW), max(0, len(blob) - WINDOW - 3)})
-    for at in starts:
-        found.append(blob[at : at + WINDOW])
-        for shift in range(3):
-            piece = blob[at + shift : at + shift + WINDOW]  # WINDOW is a multiple of 3: no padding
-            found += [base64.b64encode(piece), base64.urlsafe_b64encode(piece)]
+def _pieces(blob: bytes) -> set[bytes]:
+    """Every STRIDE-th WINDOW-long piece of ``blob`` raw, and of its base64 at each of the three alignments a base64
+    encoding of a larger buffer can give it: an image embedded at any offset, whole or in part, is found."""
+    found = {blob[i : i + WINDOW] for i in range(0, len(blob) - WINDOW + 1, STRIDE)}
+    for shift in range(3):
+        text = base64.b64encode(blob[shift:])[:-4]  # the last group may hold padding that no embedding shares
+        found |= {text[i : i + WINDOW] for i in range(0, len(text) - WINDOW + 1, STRIDE)}
     return found
+
+
+def _sample(raw: bytes) -> bytes:
+    """The start and the middle of a large buffer (a copy of any part of a frame is as bad; these stand for it)."""
+    if len(raw) <= 2 * RAW_INDEXED:
+        return raw
+    mid = len(raw) // 2
+    return raw[:RAW_INDEXED] + raw[mid : mid + RAW_INDEXED]
 
 
 class Leaks:
@@ -108,25 +117,39 @@ class Leaks:
     device holds them, the class activation map's values as the device computed them, and the file names."""
 
     def __init__(self, shown: list[bytes], frames: list[np.ndarray], cam: np.ndarray) -> None:
-        self.pieces: list[tuple[str, bytes]] = []
-        for k, blob in enumerate(shown):
-            self.pieces += [(f"screen image {k}", n) for n in _needles(blob)]
-        for k, frame in enumerate(frames):
-            self.pieces += [(f"frame {k} pixels", n) for n in _needles(frame.tobytes())]
-            # Single rows too: a crop or a downscaled copy still holds rows of the frame.
-            rows = [frame[i].tobytes() for i in range(0, frame.shape[0], max(1, frame.shape[0] // 32))]
-            self.pieces += [(f"frame {k} pixel row", r) for r in rows if len(r) >= 28 and len(set(r)) >= 8]
+        self.index: dict[bytes, str] = {}
+        self.rows: list[tuple[bytes, str]] = []
         for dtype in (np.float32, np.float64):  # the map as the device holds it, or widened
-            self.pieces += [("class map values", n) for n in _needles(cam.astype(dtype).tobytes())]
+            self.index.update(dict.fromkeys(_pieces(cam.astype(dtype).tobytes()), "class map values"))
+        for k, frame in enumerate(frames):
+            raw = frame.tobytes()
+            self.index.update(dict.fromkeys(_pieces(_sample(raw)), f"frame {k} pixels"))
+            # Single rows too (a crop or a row-by-row copy), for rows that could not occur by chance.
+            for i in range(0, frame.shape[0], max(1, frame.shape[0] // 32)):
+                row = frame[i].tobytes()
+                if len(set(row)) < 8 or len(row) < 24:
+                    continue
+                if len(row) >= WINDOW:
+                    self.index.update(dict.fromkeys(_pieces(row), f"frame {k} pixels"))
+                else:  # a row shorter than a piece (a 28-pixel BreastMNIST row) is searched whole
+                    self.rows.append((row, f"frame {k} pixels"))
+        for k, blob in enumerate(shown):
+            self.index.update(dict.fromkeys(_pieces(blob), f"screen image {k}"))
 
     def __call__(self, blob: bytes, *, names: bool = True) -> list[str]:
-        found = [f"mark {mark!r}" for mark in IMAGE_MARKS if mark in blob]
+        found = {f"mark {mark!r}" for mark in IMAGE_MARKS if mark in blob}
         if names:
-            found += [name for name in NAMES if name.encode() in blob]
-        found += sorted({what for what, piece in self.pieces if piece in blob})
+            found |= {name for name in NAMES if name.encode() in blob}
+        # URL-safe base64 differs from the standard alphabet in two characters: search both spellings.
+        for text in {blob, blob.translate(bytes.maketrans(b"-_", b"+/"))}:
+            index = self.index
+            found |= {
+                index[text[i : i + WINDOW]] for i in range(len(text) - WINDOW + 1) if text[i : i + WINDOW] in index
+            }
+        found |= {what for row, what in self.rows if row in blob}
         if NUMBER_LIST.search(blob):
-            found.append("a list of numbers")
-        return found
+            found.add("a list of numbers")
+        return sorted(found)
 
 
 def _shown_images(sse: str) -> dict[str, list[bytes]]:
@@ -165,8 +188,11 @@ def test_the_leak_check_finds_what_it_looks_for() -> None:
         hidden = json.dumps({"blob": base64.b64encode(b"\0" * (shift + 1) + jpeg[10:]).decode()}).encode()
         assert "screen image 0" in leaks(hidden), shift
         pixels = base64.urlsafe_b64encode(b"\0" * shift + frame.tobytes()[100:400])
-        assert "frame 0 pixel row" in leaks(pixels) or "frame 0 pixels" in leaks(pixels), shift
-    assert "frame 0 pixel row" in leaks(b"x" + frame[14].tobytes() + b"y")
+        assert "frame 0 pixels" in leaks(pixels), shift
+        # A fragment of the screen's base64 from anywhere in it, cut anywhere (as a log line would quote it).
+        text = base64.b64encode(jpeg).decode()
+        assert "screen image 0" in leaks(f"oops {text[1001 + shift : 1001 + shift + 41]}".encode()), shift
+    assert "frame 0 pixels" in leaks(b"x" + frame[14].tobytes() + b"y")
     assert "class map values" in leaks(b"\1\2" + cam.tobytes())
     assert "class map values" in leaks(base64.b64encode(b"\1" + cam.astype(np.float64).tobytes()))
     assert "a list of numbers" in leaks(json.dumps({"map": cam.round(3).tolist()}).encode())
