@@ -70,9 +70,17 @@ class PipeBrowser:
         os.close(cmd_r)
         os.close(out_w)
         self._buf = b""
+        self._closed = False
         self._next_id = 0
         self._record = record
         self.events: list[dict[str, Any]] = []
+        try:
+            self._open(url, viewport, record)
+        except BaseException:  # a browser that failed to start or to open the page is not left running
+            self.close()
+            raise
+
+    def _open(self, url: str, viewport: tuple[int, int] | None, record: bool) -> None:
         # The first answer waits for Chromium to start: on a loaded 2-core machine (CI runs the suite beside its own
         # installs) a cold start took over 10 s once; the browser's behaviour is what the tests time, not its start.
         targets = self.call("Target.getTargets", timeout_s=60.0)["targetInfos"]
@@ -155,6 +163,10 @@ class PipeBrowser:
         return result["result"].get("value")
 
     def close(self) -> None:
+        """Kill Chromium and close the pipe (again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         self.proc.kill()
         self.proc.wait(10)
         os.close(self._cmd_w)

@@ -15,6 +15,7 @@ Every wait is bounded; the run is stopped by its pid; everything listens on 127.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import yaml
 from browser import PipeBrowser
 
 from edgemed.capture.files import decode_image
@@ -37,7 +39,7 @@ from edgemed.inference.classify import Classifier
 from edgemed.ood import OodSetting
 from edgemed.preprocess import to_colour_mode
 from edgemed.quality import QualityConfig, check_quality
-from edgemed.triage import ClassRule, TriagePolicy, triage, triage_ood
+from edgemed.triage import TriagePolicy, triage, triage_ood
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -45,14 +47,6 @@ CINE = DATA / "dicom" / "examples_ybr_color.dcm"
 URGENT_REASON = "suspicious for malignancy - refer for biopsy assessment today"
 #: The demo's policy (examples/breast-ultrasound-triage.yaml) on the test models' labels. Without a profile
 #: `edgemed run` has no rule for any label and never says urgent (edgemed.triage's docstring).
-POLICY = TriagePolicy(
-    min_confidence=0.6,
-    min_margin=0.1,
-    rules={
-        "malignant": ClassRule(level="urgent", min_probability=0.4, reason=URGENT_REASON),
-        "benign": ClassRule(level="no_finding", min_probability=0.75),
-    },
-)
 TRIAGE_YAML = f"""triage:
   min_confidence: 0.6
   min_margin: 0.1
@@ -60,6 +54,9 @@ TRIAGE_YAML = f"""triage:
     malignant: {{level: urgent, min_probability: 0.4, reason: {URGENT_REASON}}}
     benign: {{level: no_finding, min_probability: 0.75}}
 """
+#: The same policy as the run reads it from its profile (one text for both: the images picked in this process are
+#: triaged by the very rules the run applies).
+POLICY = TriagePolicy.model_validate(yaml.safe_load(TRIAGE_YAML)["triage"])
 #: The blur applied to a 28x28 BreastMNIST image: at sigma 3 every test image's Laplacian variance falls below the
 #: gate's default min_blur (12), at sigma 2 about a third still pass; so no upscaling is needed (measured here).
 BLUR_SIGMA = 3.0
@@ -179,7 +176,11 @@ class ScreenRun:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgemed", *args], env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT
             )
-        self.url, self.port = self._wait_for_url(60.0)
+        try:
+            self.url, self.port = self._wait_for_url(60.0)
+        except BaseException:  # no run is left behind watching a folder when its screen never came up
+            self.stop(timeout_s=10.0)
+            raise
         self.origin = self.url.rstrip("/")
 
     def _wait_for_url(self, timeout_s: float) -> tuple[str, int]:
@@ -266,7 +267,12 @@ class Page:
     def __init__(self, tmp_path: Path, run: ScreenRun, viewport: tuple[int, int] = VIEWPORT) -> None:
         self.run = run
         self.tmp_path = tmp_path
+        self.viewport = viewport
         self.browser = PipeBrowser(tmp_path, run.url, viewport=viewport, record=True)
+
+    def set_viewport(self, width: int, height: int) -> None:
+        self.browser.set_viewport(width, height)
+        self.viewport = (width, height)
 
     def state(self) -> dict[str, Any]:
         """The page's state (``{"seq": None}`` while the page is still loading)."""
@@ -299,15 +305,39 @@ class Page:
         self.browser.evaluate(f"document.getElementById('{element_id}').click(), true")
 
     def fit_problems(self) -> list[str]:
+        """What does not fit the viewport (FIT_JS), and whether the page really is laid out at ``viewport``."""
         value = self.browser.evaluate(FIT_JS)
         assert isinstance(value, list)
+        size = self.browser.evaluate("[window.innerWidth, window.innerHeight]")
+        if tuple(size) != self.viewport:
+            value.append(f"laid out at {size}, not {list(self.viewport)}")
         return value
+
+    def frames_received(self) -> list[int]:
+        """The seq of every ``frame`` event the page's own event stream received (DevTools Network events), in
+        order: what reached the page, whether or not it drew it."""
+        seqs = []
+        for event in self.browser.drain():
+            params = event.get("params", {})
+            if event.get("method") == "Network.eventSourceMessageReceived" and params.get("eventName") == "frame":
+                seqs.append(int(json.loads(params["data"])["seq"]))
+        return seqs
+
+    def wait_frame_received(self, seq: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while seq not in self.frames_received():
+            assert self.run.proc.poll() is None, f"edgemed run exited:\n{self.run.stderr()}"
+            assert time.monotonic() < deadline, f"the page's stream never carried frame {seq} in {timeout_s} s"
+            time.sleep(0.1)
 
     def screenshot(self, name: str, *, export: bool = True) -> Path:
         """``screen-NAME.png`` of the viewport in tmp_path and, with EDGEMED_SCREENSHOTS=DIR and ``export``, copied
         into DIR (the README's images: 800x480 ones only, which stay well under 200 KB)."""
         shot = self.browser.screenshot(self.tmp_path / f"screen-{name}.png")
         assert shot.stat().st_size > 5_000, "a blank page"  # a real rendering has text and an image
+        header = shot.read_bytes()[:24]  # PNG signature, IHDR: width and height big-endian at bytes 16-23
+        size = (int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big"))
+        assert size == self.viewport, f"screenshot {name} is {size}, not the viewport {self.viewport}"
         folder = os.environ.get("EDGEMED_SCREENSHOTS")
         if folder and export:
             Path(folder).mkdir(parents=True, exist_ok=True)
