@@ -20,7 +20,7 @@ from test_screen_runtime import _breast_test_images, _post, _profile
 from edgemed.config import ScreenConfig
 from edgemed.runtime import Device
 from edgemed.screen import Screen, server
-from edgemed.types import ClassMap, Frame
+from edgemed.types import ClassMap, Frame, TriageResult
 
 STATUS = {"connection": "none", "pending": 0, "delegate": "cpu", "degraded": False, "source_state": "open"}
 
@@ -190,3 +190,52 @@ def test_an_occlusion_map_stops_before_its_next_invoke_when_the_screen_closes(tm
         assert calls == []  # the worker never invoked the model once the screen was closing
         assert screen._occluder is None and not screen._recent
         backend.invoke = real_invoke  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("viewport", [(800, 480), (700, 480), (660, 400)])
+def test_the_longest_level_word_never_clips(tmp_path: Path, viewport: tuple[int, int]) -> None:
+    from browser import PipeBrowser  # headless Chromium: only this test of the file needs it
+
+    s = Screen(ScreenConfig(port=0), status=lambda: dict(STATUS))
+    s.start()
+    browser = None
+    try:
+        browser = PipeBrowser(tmp_path, s.url, viewport=viewport, record=True)
+        deadline = time.monotonic() + 20
+        fit = None
+        while time.monotonic() < deadline:
+            s.show(result(1, "inconclusive", reason="recapture or refer"), image(2, (28, 28)))
+            fit = browser.evaluate(
+                "(() => { const t = document.getElementById('level-text'), l = document.getElementById('level');"
+                " if (!t || t.textContent !== 'INCONCLUSIVE') return null;"
+                " const r = t.getBoundingClientRect(), b = l.getBoundingClientRect();"
+                " return {scroll: t.scrollWidth, client: t.clientWidth, right: r.right, box: b.right,"
+                " size: parseFloat(getComputedStyle(l).fontSize)}; })()"
+            )
+            if fit is not None:
+                break
+            time.sleep(0.2)
+        assert fit is not None, "the page never showed the inconclusive frame"
+        assert fit["scroll"] <= fit["client"] + 1 and fit["right"] <= fit["box"], fit  # the whole word shows
+        assert fit["size"] >= 18, fit  # still large type, not shrunk to nothing
+        # No broker configured: the chip's words alone, no mark before them that reads as a stray dash.
+        mark = browser.evaluate("getComputedStyle(document.getElementById('connection'), '::before').content")
+        assert mark in ("none", "normal", ""), mark
+        # A study whose reason is cut still says what to do, in full and in view.
+        long_reason = "only 0 of 30 frames were usable, 3 are needed (" + "30 did not look right, " * 8 + ")"
+        study = TriageResult("recapture", long_reason + ": record the study again", {"frames": 30, "valid_frames": 0})
+        s.show(result(2, "inconclusive", reason="recapture or refer"), image(2, (28, 28)), study)
+        deadline = time.monotonic() + 10
+        action = None
+        while time.monotonic() < deadline and not action:
+            action = browser.evaluate(
+                "(() => { const e = document.getElementById('study-action'); if (!e || e.closest('[hidden]'))"
+                " return null; const r = e.getBoundingClientRect();"
+                " return r.bottom <= window.innerHeight && r.height > 0 ? e.textContent : null; })()"
+            )
+            time.sleep(0.1)
+        assert action == "record the study again", action
+    finally:
+        if browser is not None:
+            browser.close()
+        s.close()
