@@ -89,6 +89,17 @@ def test_a_body_the_server_does_not_read_ends_the_connection(screen: Screen) -> 
     assert _statuses(_raw(port, chunked)) == [411]
 
 
+def test_another_site_cannot_take_a_page_slot(screen: Screen) -> None:
+    port = screen.port
+    base = f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n".encode()
+    for header in (b"Origin: http://evil.example\r\n", b"Sec-Fetch-Site: cross-site\r\n", b"Origin: null\r\n"):
+        assert _statuses(_raw(port, base + header + b"\r\n")) == [403], header
+    assert screen.hub.count() == 0
+    own = f"GET /screen.js HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n".encode()
+    assert _statuses(_raw(port, own + b"Sec-Fetch-Site: same-origin\r\n\r\n")) == [200]
+    assert _statuses(_raw(port, own + f"Origin: http://localhost:{port}\r\n\r\n".encode())) == [200]
+
+
 def test_head_of_the_event_stream_takes_no_page_slot(screen: Screen) -> None:
     head = f"HEAD /events HTTP/1.1\r\nHost: 127.0.0.1:{screen.port}\r\nConnection: close\r\n\r\n".encode()
     assert _statuses(_raw(screen.port, head)) == [405]

@@ -8,8 +8,10 @@ Routes::
     GET  /events      Server-Sent Events: frame, status, map (edgemed.screen.events); at most MAX_CLIENTS (503)
     POST /occlusion   ask for an occlusion map of a shown frame: 202, 409 (no classified frame), 429 (one running)
 
-Every request first needs a loopback ``Host`` (else 421); a POST also needs a same-origin (or absent) ``Origin``
-and the token header (else 403). Every response carries ``SECURITY_HEADERS``. Requests are logged at DEBUG only,
+Every request first needs one loopback ``Host`` and an origin-form path (else 421); a GET from another site
+(``Origin``, ``Sec-Fetch-Site``) and a POST without a same-origin (or absent) ``Origin`` and the token header get
+403. At most MAX_CONNECTIONS connections at once, each closed after SOCKET_TIMEOUT_S without progress; a request
+body the server does not read ends its connection (it would otherwise be read as the next request). Every response carries ``SECURITY_HEADERS``. Requests are logged at DEBUG only,
 by method, route and status: never a query string or a body.
 """
 
@@ -185,8 +187,22 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return False
 
+    def _same_site(self) -> bool:
+        """Whether a GET comes from the screen's own page (or a browser's address bar), not from another site.
+
+        Another page the kiosk browser opens cannot read the screen (the Host check and the same-origin policy), but
+        an ``<img src=.../events>`` or an ``EventSource`` of its own would still hold one of the few page slots.
+        Browsers say where a request comes from: ``Origin`` on a cross-origin EventSource or fetch, and
+        ``Sec-Fetch-Site`` on everything (absent: not a browser, e.g. a test client or curl on the device).
+        """
+        site = self.headers.get("Sec-Fetch-Site")
+        if origin_allowed(self.headers.get("Origin"), self._port()) and site in (None, "same-origin", "none"):
+            return True
+        self._send(HTTPStatus.FORBIDDEN, b"Refused: this screen is for its own page only.\n")
+        return False
+
     def do_GET(self) -> None:
-        if not self._host_ok():
+        if not self._host_ok() or not self._same_site():
             return
         route = self._route()
         if route in ("/", "/index.html"):
