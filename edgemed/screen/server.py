@@ -11,7 +11,8 @@ Routes::
 Every request first needs one loopback ``Host`` and an origin-form path (else 421); a GET from another site
 (``Origin``, ``Sec-Fetch-Site``) and a POST without a same-origin (or absent) ``Origin`` and the token header get
 403. At most MAX_CONNECTIONS connections at once, each closed after SOCKET_TIMEOUT_S without progress; a request
-body the server does not read ends its connection (it would otherwise be read as the next request). Every response carries ``SECURITY_HEADERS``. Requests are logged at DEBUG only,
+body the server does not read ends its connection (it would otherwise be read as the next request).
+Every response carries ``SECURITY_HEADERS``. Requests are logged at DEBUG only,
 by method, route and status: never a query string or a body.
 """
 
