@@ -166,6 +166,8 @@ def test_close_ends_every_connection_and_keeps_no_frame() -> None:
             pass
         assert srv.open_connections() == 0
         assert s._last_frame is None and s._latest is None and not s._recent
+        s.show(result(4), image(1, (28, 28)))
+        assert s._latest is None  # a result handed over after close is not kept either
     finally:
         keep_alive.close()
         stream.close()

@@ -194,6 +194,8 @@ class Screen:
             study: the running study decision, when the frame belongs to a study.
             class_map: the frame's class activation map, when the runtime computed one.
         """
+        if self._stopping.is_set():
+            return  # closed: hold no frame past the screen's end
         self._latest = _Shown(result, image, study, class_map)  # one reference store: atomic under the GIL
         self._wake.set()
 
