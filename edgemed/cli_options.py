@@ -133,10 +133,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--screen-port",
-        type=int,
+        type=_screen_port,
         metavar="PORT",
         help="port of the screen on 127.0.0.1 (default 8780; 0: any free port, logged at start); needs --screen",
     )
+
+
+def _screen_port(value: str) -> int:
+    """``--screen-port``'s value: a whole number (its range is the profile's, checked with the other values)."""
+    try:
+        return int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a port: give a whole number from 1024 to 65535 (0: any free port)"
+        ) from None
 
 
 def add_run(sub: Subparsers) -> argparse.ArgumentParser:

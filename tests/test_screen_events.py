@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from screen_client import image, result
 
-from edgemed.screen.events import frame_payload
-from edgemed.screen.render import frame_data_url, map_data_url, map_rgba
+from edgemed.screen.events import frame_payload, study_payload
+from edgemed.screen.render import MAP_ALPHA, MAP_FLOOR, frame_data_url, map_data_url, map_rgba
 from edgemed.triage import ACTION, OOD_REASON, TriagePolicy, triage, triage_ood, triage_recapture
 from edgemed.types import FrameResult, OodCheck, Prediction, QualityReport, TriageResult
 
@@ -97,3 +97,30 @@ def test_a_large_frame_is_downscaled_to_800_pixels_and_a_gray_one_kept_gray() ->
     assert decoded[8, 8, 2] > 200 and decoded[8, 8, 0] < 50
     with pytest.raises(ValueError, match="uint8"):
         frame_data_url(np.zeros((4, 4), np.float32))
+
+
+def test_the_low_part_of_a_map_is_transparent_so_the_anatomy_shows() -> None:
+    # A ramp from 0 to the peak along the width: the overlay starts only at MAP_FLOOR of the peak and is most
+    # opaque (MAP_ALPHA) at it, so a diffuse CAM does not paint the whole frame.
+    ramp = np.tile(np.linspace(0.0, 1.0, 101, dtype=np.float32), (5, 1))
+    alpha = map_rgba(ramp, 5, 101)[2, :, 3].astype(int)
+    assert alpha[: round(MAP_FLOOR * 100)].max() == 0
+    assert alpha[round(MAP_FLOOR * 100) + 5] > 0
+    assert alpha[-1] == int(MAP_ALPHA * 255) and np.all(np.diff(alpha) >= 0)
+    # A map that is positive everywhere (a typical CAM) leaves most of the frame clear.
+    diffuse = np.random.default_rng(0).uniform(0.0, 0.15, (7, 7)).astype(np.float32)
+    diffuse[3, 3] = 1.0
+    assert (map_rgba(diffuse, 224, 224)[:, :, 3] == 0).mean() > 0.8
+
+
+def test_the_study_says_what_to_do_in_a_few_words_whatever_its_reason() -> None:
+    long_reason = (
+        "only 0 of 30 frames were usable, 3 are needed (30 did not look like the images the model was trained on: "
+        "check the probe, body part and preset): record the study again"
+    )
+    study = TriageResult("recapture", long_reason, {"frames": 30, "valid_frames": 0})
+    shown = frame_payload(result(6), study, show_name=False)["study"]
+    assert shown["action"] == "record the study again" and shown["reason"] == long_reason
+    assert study_payload(TriageResult("error", "no readable frame", {}))["action"] == "check the probe and record again"
+    for level, action in ACTION.items():
+        assert study_payload(TriageResult(level, "r", {}))["action"] == action  # type: ignore[arg-type]

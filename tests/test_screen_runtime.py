@@ -7,6 +7,7 @@ models (gap_model: BreastMNIST, ends in global average pooling; int8_model: the 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -372,6 +373,16 @@ def test_screen_port_without_screen_is_a_usage_error(tmp_path: Path, capsys: pyt
     assert (
         code == 2 and "--screen-port sets the port of the screen, which is off: add --screen" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(("port", "says"), [("abc", "'abc' is not a port"), ("70000", "less than or equal to 65535")])
+def test_a_bad_screen_port_says_what_a_port_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], port: str, says: str
+) -> None:
+    with pytest.raises(SystemExit) if port == "abc" else contextlib.nullcontext():
+        assert main(["run", "--device-id", "d1", "--source", str(tmp_path), "--screen", "--screen-port", port]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "--screen-port" in err, err
 
 
 def test_edgemed_run_screen_logs_its_url_at_warning(tmp_path: Path, int8_model: Path) -> None:

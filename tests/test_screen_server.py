@@ -109,6 +109,16 @@ def test_loopback_hosts_of_the_port_are_allowed(host: str) -> None:
         "[::1]",
         "127.0.0.1:8780@evil.example",
         "user@127.0.0.1:8780",
+        # Forms a resolver or a lenient parser would read as the loopback: only the three exact names count.
+        "localhost.:8780",
+        "LOCALHOST.:8780",
+        "127.0.0.1:08780",
+        "127.0.0.1:8780.",
+        "127.1:8780",
+        "2130706433:8780",
+        "[::ffff:127.0.0.1]:8780",
+        "localhost:8780, evil.example:8780",
+        "localhost:+8780",
     ],
 )
 def test_any_other_host_is_refused(host: str | None) -> None:

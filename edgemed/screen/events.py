@@ -13,7 +13,8 @@ carry, with the level as a word and a colour, and what to do next. Nothing here 
     quality               {"passed": bool, "text": str} or null (gate off, unreadable frame)
     recapture             "Recapture the image: <why>" for level recapture, else null
     ood_warning           the nurse-actionable out-of-distribution reason when flagged, else null
-    study                 {"level", "level_text", "reason", "frames", "valid_frames", "text"} while a study runs
+    study                 {"level", "level_text", "reason", "action", "frames", "valid_frames", "text"} while a
+                          study runs (``action``: what to do about the study, short, always shown)
     frame, width, height  the JPEG data URL and its size (null frame for an unreadable input)
     map, map_kind, map_label, map_legend   the class map PNG data URL and its legend, or nulls
     name                  the input's file name, only when the profile allows it (else null)
@@ -74,6 +75,15 @@ def action_for(verdict: TriageResult, ood_flagged: bool) -> str:
     return ACTION.get(level, ERROR_ACTION)
 
 
+#: What to do about a study, short: the study's reason ends with it, but a long reason is cut on the 7-inch panel and
+#: the what-to-do must always be read (edgemed.study's wording).
+STUDY_ACTION: dict[str, str] = {
+    **ACTION,
+    "recapture": "record the study again",
+    "error": "check the probe and record again",
+}
+
+
 def study_payload(decision: TriageResult) -> dict[str, Any]:
     """The running study decision as the page's ``#study`` panel shows it."""
     frames = int(decision.extra.get("frames", 0))
@@ -82,6 +92,7 @@ def study_payload(decision: TriageResult) -> dict[str, Any]:
         "level": decision.level,
         "level_text": LEVEL_TEXT.get(decision.level, decision.level.upper()),
         "reason": decision.reason,
+        "action": STUDY_ACTION.get(decision.level, ERROR_ACTION),
         "frames": frames,
         "valid_frames": valid,
         "text": f"{frames} {'frame' if frames == 1 else 'frames'}, {valid} usable",

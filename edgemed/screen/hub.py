@@ -37,9 +37,10 @@ class Client:
             return self._events.popleft() if self._events and not self.closed else None
 
     def close(self) -> None:
-        """Wake the handler so that it ends the response."""
+        """Wake the handler so that it ends the response, and drop what is queued (frames among it)."""
         with self._ready:
             self.closed = True
+            self._events.clear()
             self._ready.notify_all()
 
 

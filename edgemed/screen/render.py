@@ -18,6 +18,10 @@ MIN_MAP_SIDE_PX = 224
 JPEG_QUALITY = 85
 #: The most opaque a map gets (at its peak): the frame under it stays readable.
 MAP_ALPHA = 0.6
+#: Below this fraction of the map's peak the overlay is fully transparent, and its opacity rises from there to
+#: MAP_ALPHA at the peak: the low, diffuse part of a CAM covers most of a frame, and drawn in colour it hides the
+#: anatomy the nurse has to see (an ultrasound is mostly dark gray).
+MAP_FLOOR = 0.2
 
 
 def _cv2() -> Any:
@@ -73,7 +77,7 @@ def map_size(height: int, width: int) -> tuple[int, int]:
 
 def map_rgba(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """A class map as an RGBA overlay of ``(height, width)``: its positive part, scaled to its peak, colour-mapped,
-    transparent where the map is zero.
+    fully transparent below :data:`MAP_FLOOR` of the peak and more opaque towards it (at most :data:`MAP_ALPHA`).
 
     Only the positive part is drawn: it is where the region raised the class's score (``ClassMap.values``). A map
     with no positive value (or not finite) is fully transparent rather than an arbitrary colour.
@@ -92,7 +96,7 @@ def map_rgba(values: np.ndarray, height: int, width: int) -> np.ndarray:
     norm = np.clip(norm, 0.0, 1.0)
     # Turbo: a rainbow with even lightness steps, readable on gray ultrasound and on colour dermoscopy alike.
     bgr = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
-    alpha = (norm * (MAP_ALPHA * 255)).astype(np.uint8)
+    alpha = (np.clip((norm - MAP_FLOOR) / (1.0 - MAP_FLOOR), 0.0, 1.0) * (MAP_ALPHA * 255)).astype(np.uint8)
     return np.dstack([bgr, alpha])  # BGRA, as OpenCV's PNG encoder takes it
 
 

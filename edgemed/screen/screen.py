@@ -39,6 +39,30 @@ _KEPT_FRAMES = 16
 StatusFn = Callable[[], dict[str, Any]]
 
 
+class ScreenClosed(Exception):
+    """The screen was closed while an occlusion map was being computed: the map stops at its next invoke."""
+
+
+class _StopAwareLock:
+    """The invoke lock as the occlusion worker takes it: refused once the screen is closing, so that the worker
+    never invokes a model the device is about to close (it stops between two invokes, not in the middle of one)."""
+
+    def __init__(self, lock: threading.Lock, stopping: threading.Event) -> None:
+        self._lock = lock
+        self._stopping = stopping
+
+    def __enter__(self) -> None:
+        if self._stopping.is_set():
+            raise ScreenClosed("the screen is closing")
+        self._lock.acquire()
+        if self._stopping.is_set():
+            self._lock.release()
+            raise ScreenClosed("the screen is closing")
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 @dataclass(frozen=True)
 class _Shown:
     result: FrameResult
@@ -98,6 +122,7 @@ class Screen:
         self._last_frame: bytes | None = None
         self._last_status: bytes | None = None
         self._occluding = threading.Lock()
+        self._occluder: threading.Thread | None = None
         self._failed = False
         self.pushed_frames = 0  # frames encoded and sent (tests and benchmarks read it)
 
@@ -127,12 +152,23 @@ class Screen:
         return f"http://127.0.0.1:{self.port}/"
 
     def close(self) -> None:
-        """Stop the push thread, end the pages' streams and release the port; safe to call twice."""
+        """Stop the push thread and any occlusion map, end the pages' streams, release the port, drop every frame.
+
+        Safe to call twice. After it returns no thread of the screen invokes the model (the device closes it next)
+        and the screen holds no frame, map or encoded image.
+        """
         self._stopping.set()
         self._wake.set()
         if self._pusher is not None:
             self._pusher.join(timeout=5.0)
             self._pusher = None
+        occluder = self._occluder
+        if occluder is not None:
+            # It stops before its next invoke (_StopAwareLock); one invoke of a small model is milliseconds.
+            occluder.join(timeout=10.0)
+            if occluder.is_alive():
+                log.warning("screen: the occlusion map did not stop within 10 s of shutdown")
+            self._occluder = None
         self.hub.close()
         if self._server is not None:
             self._server.close()
@@ -140,6 +176,7 @@ class Screen:
         with self._recent_lock:
             self._recent.clear()  # no frame outlives the run in memory longer than needed
         self._latest = None
+        self._last_frame = None  # the encoded JPEG of the last frame: a frame too
 
     # -- the runtime thread's side ----------------------------------------------------------------------------
     def show(
@@ -157,6 +194,8 @@ class Screen:
             study: the running study decision, when the frame belongs to a study.
             class_map: the frame's class activation map, when the runtime computed one.
         """
+        if self._stopping.is_set():
+            return  # closed: hold no frame past the screen's end
         self._latest = _Shown(result, image, study, class_map)  # one reference store: atomic under the GIL
         self._wake.set()
 
@@ -218,13 +257,17 @@ class Screen:
             )
         event = events.sse("frame", payload)
         self._last_frame = event
-        if shown.result.prediction is not None:
+        if shown.result.prediction is not None and self._offers_occlusion():
+            # Kept (references) only when an occlusion map can be asked for: else no frame is held past its push.
             with self._recent_lock:
                 self._recent[shown.result.seq] = _Pushed(shown, height, width)
                 while len(self._recent) > _KEPT_FRAMES:
                     self._recent.popitem(last=False)
         self.hub.broadcast(event)
         self.pushed_frames += 1
+
+    def _offers_occlusion(self) -> bool:
+        return self._classifier is not None and not self._has_cam and self.config.class_map != "off"
 
     def status_payload(self) -> dict[str, Any]:
         """The ``status`` event: the device's state and what the screen offers."""
@@ -264,8 +307,12 @@ class Screen:
             ``(202, ...)`` when started, ``(409, why)`` when there is no such classified frame or maps are off,
             ``(429, ...)`` when one is already running.
         """
-        if self._classifier is None or self.config.class_map == "off":
+        if not self._offers_occlusion():
+            if self._has_cam and self.config.class_map != "off":
+                return 409, "this model's class activation map goes with every frame: no occlusion map is needed"
             return 409, "maps are off for this run (screen.class_map: off)"
+        if self._stopping.is_set():
+            return 409, "the screen is closing"
         with self._recent_lock:
             if seq is None and self._recent:
                 seq = next(reversed(self._recent))
@@ -277,6 +324,7 @@ class Screen:
         if not self._occluding.acquire(blocking=False):
             return 429, "an occlusion map is already being computed: wait for it"
         worker = threading.Thread(target=self._occlude, args=(target,), name="edgemed-screen-occlusion", daemon=True)
+        self._occluder = worker
         worker.start()
         return 202, f"computing the occlusion map of frame {target.shown.result.seq}"
 
@@ -290,7 +338,8 @@ class Screen:
             classifier = self._classifier
             if pred is None or shown.image is None or classifier is None:
                 raise ValueError("the frame was not classified")
-            cmap = occlusion_map(classifier, shown.image, pred.index, seq, lock=self._lock)
+            guard = _StopAwareLock(self._lock, self._stopping)
+            cmap = occlusion_map(classifier, shown.image, pred.index, seq, lock=guard)  # type: ignore[arg-type]
             payload: dict[str, Any] = {
                 "seq": seq,
                 "map": render.map_data_url(cmap.values, target.height, target.width),
@@ -298,6 +347,9 @@ class Screen:
                 "map_label": cmap.label,
                 "map_legend": events.map_legend(cmap.kind, cmap.label),
             }
+        except ScreenClosed:
+            log.debug("screen: the occlusion map stopped: the screen is closing")
+            return  # (the finally clause frees the slot) no event: the pages are being closed
         except Exception as exc:  # noqa: BLE001 - the page is told it failed; the run is not concerned
             log.error("screen: the occlusion map failed (%s: %s)", type(exc).__name__, exc)
             payload = {"seq": seq, "error": "the occlusion map could not be computed; see the device's log"}

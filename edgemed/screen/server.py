@@ -8,8 +8,11 @@ Routes::
     GET  /events      Server-Sent Events: frame, status, map (edgemed.screen.events); at most MAX_CLIENTS (503)
     POST /occlusion   ask for an occlusion map of a shown frame: 202, 409 (no classified frame), 429 (one running)
 
-Every request first needs a loopback ``Host`` (else 421); a POST also needs a same-origin (or absent) ``Origin``
-and the token header (else 403). Every response carries ``SECURITY_HEADERS``. Requests are logged at DEBUG only,
+Every request first needs one loopback ``Host`` and an origin-form path (else 421); a GET from another site
+(``Origin``, ``Sec-Fetch-Site``) and a POST without a same-origin (or absent) ``Origin`` and the token header get
+403. At most MAX_CONNECTIONS connections at once, each closed after SOCKET_TIMEOUT_S without progress; a request
+body the server does not read ends its connection (it would otherwise be read as the next request).
+Every response carries ``SECURITY_HEADERS``. Requests are logged at DEBUG only,
 by method, route and status: never a query string or a body.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +37,12 @@ log = logging.getLogger("edgemed.screen")
 #: An SSE comment this often keeps the connection open through idle periods and tells a gone client.
 KEEPALIVE_S = 10.0
 _MAX_BODY_BYTES = 1024
+#: Open connections at once (pages, their event streams, stray probes): beyond it a new one is closed at once, so
+#: a flood of idle connections cannot take a thread each without bound.
+MAX_CONNECTIONS = 16
+#: A connection that sends nothing (or reads nothing of an event stream) for this long is closed: a stuck or slow
+#: client frees its thread and its slot instead of holding them for the rest of the run.
+SOCKET_TIMEOUT_S = 15.0
 _STATIC = {"/screen.css": "text/css; charset=utf-8", "/screen.js": "text/javascript; charset=utf-8"}
 _TOKEN_MARK = "{{token}}"
 
@@ -63,6 +73,54 @@ class _Server(ThreadingHTTPServer):
     page: bytes
     static: dict[str, bytes]
 
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._live: dict[socket.socket, threading.Thread] = {}
+        self._live_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn starts a thread per connection without bound; a slot per connection bounds them.
+        if not self._slots.acquire(blocking=False):
+            log.debug("screen: %d connections already open: one more closed", MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        thread = threading.Thread(
+            target=self._serve_one, args=(request, client_address), name="edgemed-screen-conn", daemon=True
+        )
+        with self._live_lock:
+            self._live[request] = thread
+        thread.start()
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)  # handles, then shuts the socket down
+        finally:
+            with self._live_lock:
+                self._live.pop(request, None)
+            self._slots.release()
+
+    def open_connections(self) -> int:
+        """How many connections are being served."""
+        with self._live_lock:
+            return len(self._live)
+
+    def end_connections(self, timeout_s: float) -> None:
+        """Shut every open connection down (an idle keep-alive, a stuck event stream) and join their threads."""
+        with self._live_lock:
+            live = list(self._live.items())
+        for sock, _ in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked on a read or a write
+            except OSError:
+                log.debug("screen: a connection was already gone at shutdown")
+        deadline = threading.Event()
+        for _, thread in live:
+            thread.join(timeout=timeout_s)
+            if thread.is_alive() and not deadline.is_set():
+                deadline.set()
+                log.warning("screen: a connection did not end within %.0f s of shutdown", timeout_s)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver prints a traceback to stderr for every dropped connection (a page reloaded mid-request);
         # that is routine for a kiosk browser, not an error of the run.
@@ -72,6 +130,12 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S  # socketserver sets it on the connection: reads and writes both time out
+    _body_read = False
+
+    def parse_request(self) -> bool:
+        self._body_read = False  # per request: one handler serves every request of a keep-alive connection
+        return super().parse_request()
 
     def version_string(self) -> str:
         return "edgemed-screen"  # not the Python version: nothing the page needs, something a probe would like
@@ -91,7 +155,14 @@ class _Handler(BaseHTTPRequestHandler):
         return int(self.server.server_address[1])
 
     def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        if not self._body_read and (
+            self.headers.get("Transfer-Encoding") is not None or (self.headers.get("Content-Length") or "0") != "0"
+        ):
+            # A body this server did not read would be parsed as the next request on the connection.
+            self.close_connection = True
         self.send_response(status)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -103,7 +174,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self.path.split("?", 1)[0]
 
     def _host_ok(self) -> bool:
-        if host_allowed(self.headers.get("Host"), self._port()):
+        hosts = self.headers.get_all("Host") or []
+        # One Host only, and a path in origin form ("/..."): an absolute-form request line names its own host,
+        # which a proxy would obey over the header.
+        if len(hosts) == 1 and host_allowed(hosts[0], self._port()) and self.path.startswith("/"):
             return True
         port = self._port()
         self._send(
@@ -114,8 +188,22 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return False
 
+    def _same_site(self) -> bool:
+        """Whether a GET comes from the screen's own page (or a browser's address bar), not from another site.
+
+        Another page the kiosk browser opens cannot read the screen (the Host check and the same-origin policy), but
+        an ``<img src=.../events>`` or an ``EventSource`` of its own would still hold one of the few page slots.
+        Browsers say where a request comes from: ``Origin`` on a cross-origin EventSource or fetch, and
+        ``Sec-Fetch-Site`` on everything (absent: not a browser, e.g. a test client or curl on the device).
+        """
+        site = self.headers.get("Sec-Fetch-Site")
+        if origin_allowed(self.headers.get("Origin"), self._port()) and site in (None, "same-origin", "none"):
+            return True
+        self._send(HTTPStatus.FORBIDDEN, b"Refused: this screen is for its own page only.\n")
+        return False
+
     def do_GET(self) -> None:
-        if not self._host_ok():
+        if not self._host_ok() or not self._same_site():
             return
         route = self._route()
         if route in ("/", "/index.html"):
@@ -128,6 +216,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, b"Not found: this screen serves /, /screen.css, /screen.js, /events.\n")
 
     def do_HEAD(self) -> None:
+        if self._route() == "/events":  # an event stream has no head: it would hold a client slot for nothing
+            if self._host_ok():
+                self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"GET /events only.\n")
+            return
         self.do_GET()
 
     def do_POST(self) -> None:
@@ -143,6 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._route() != "/occlusion":
             self._send(HTTPStatus.NOT_FOUND, b"Not found: POST /occlusion is the only action.\n")
+            return
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._send(HTTPStatus.LENGTH_REQUIRED, b"Send the body with a Content-Length (at most 1 KB).\n")
             return
         seq = self._seq_from_body()
         if seq is False:
@@ -161,6 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"The body must be at most 1 KB of JSON.\n")
             return False
         raw = self.rfile.read(length) if length else b""
+        self._body_read = True
         if not raw.strip():
             return None
         try:
@@ -240,9 +336,19 @@ class ScreenServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="edgemed-screen-http", daemon=True)
         self._thread.start()
 
+    def open_connections(self) -> int:
+        """How many connections are being served (tests read it)."""
+        return self._server.open_connections()
+
     def close(self) -> None:
-        """Stop serving and release the port (open event streams are ended by ``Hub.close`` first)."""
+        """Stop serving, end every open connection and release the port (``Hub.close`` ends event streams first).
+
+        No socket outlives it: a keep-alive connection idle in its read or an event stream blocked on a browser
+        that stopped reading is shut down, and its thread joined (bounded).
+        """
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5.0)
+            self._thread = None
+        self._server.end_connections(timeout_s=5.0)
         self._server.server_close()

@@ -68,12 +68,27 @@
     button.disabled = !offered || !classified || running;
   }
 
+  // The level word must never clip: "INCONCLUSIVE" at the panel's full size nearly fills its box at 800 px, and a
+  // narrower window (portrait, a browser with its bars) would cut it. Shrink the type until the word fits.
+  function fitLevel() {
+    const level = $("level");
+    const text = $("level-text");
+    level.style.removeProperty("font-size");
+    let size = parseFloat(getComputedStyle(level).fontSize);
+    const least = 14;
+    while (size > least && text.scrollWidth > text.clientWidth + 0.5) {
+      size -= 1;
+      level.style.setProperty("font-size", size + "px");
+    }
+  }
+
   function renderFrame(d) {
     shown = d;
     document.body.setAttribute("data-seq", String(d.seq));
     const level = $("level");
     level.setAttribute("data-level", d.level);
     setText($("level-text"), d.level_text || LEVEL_TEXT[d.level] || d.level);
+    fitLevel();
     showIf($("action"), d.action);
     showIf($("reason"), d.reason_repeats ? "" : d.reason);
     showIf($("recapture"), d.recapture);
@@ -94,6 +109,7 @@
       sl.setAttribute("data-level", d.study.level);
       setText(sl, d.study.level_text);
       setText($("study-frames"), d.study.text);
+      showIf($("study-action"), d.study.action);
       setText($("study-reason"), d.study.reason);
       study.hidden = false;
     } else {
@@ -195,5 +211,6 @@
     }).finally(renderOcclusionButton);
   });
 
+  window.addEventListener("resize", fitLevel);
   connect();
 })();
