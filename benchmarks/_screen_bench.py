@@ -1,0 +1,421 @@
+"""``bench_runtime.py --screen``: what the nurse's screen (issue 15) and the class activation map cost a run.
+
+Every measured configuration is a real ``edgemed run`` process on the same frames, delivery set-up and model as
+``bench_runtime.py``'s own rows; the configurations of one comparison run interleaved (and in alternating order,
+so drift on the shared machine hits both alike), and the summary is the median over ``--runs`` runs plus the
+median of the per-run paired ratios:
+
+* **screen off vs on**: the reference CNN; off is today's run, on is ``--screen`` with a real headless Chromium
+  (``/usr/bin/chromium``, loopback only) showing the page, as the device's kiosk browser would. One Chromium
+  serves all runs (started before them, so its start-up is not timed); it sits on ``about:blank`` during the off
+  runs and its CPU is reported separately from edgemed's.
+* **CAM off vs on**: the GAP model (the ``best`` recipe, converted with its feature-map output), both with the
+  screen and the browser on, ``screen.class_map`` ``off`` vs ``cam``: the ``cam`` stage of each result (median over
+  frames) against the frame's total, and the fps of both.
+* **occlusion**: ``edgemed.cam.occlusion_map`` timed in a process of its own on real frames (``_screen_occlusion.py``),
+  and the request-to-map time of ``POST /occlusion`` on a live run.
+
+The rate is measured over a steady window, the same rule for every configuration: results created from
+``WARMUP_S`` after the first one (and, with a browser, not before the page showed its first frame) to the last.
+CPU comes from /proc, sampled every ``SAMPLE_S`` and interpolated at the window's ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT, median, process_cpu_s
+
+sys.path.insert(0, str(ROOT / "tests"))
+from browser import CHROMIUM, PipeBrowser  # the tests' DevTools-over-a-pipe driver
+
+#: Results in the first second of a run are start-up (imports are done, caches and the page are not warm).
+WARMUP_S = 1.0
+#: How often the CPU of edgemed and of Chromium is read from /proc.
+SAMPLE_S = 0.1
+URL_LINE = re.compile(r"screen: (http://127\.0\.0\.1:\d+/)")
+STAGES = ("capture", "quality", "preprocess", "inference", "ood", "cam", "triage", "total")
+
+# Counts the frames the page shows (body[data-seq] changes) with the page's own clock; installed by DevTools.
+COUNTER_JS = """(() => { window.__bench = {n: 0, first: null, last: null};
+  new MutationObserver(() => { const t = performance.now(); const b = window.__bench; b.n += 1;
+    if (b.first === null) b.first = t; b.last = t; })
+    .observe(document.body, {attributes: true, attributeFilter: ["data-seq"]}); return true; })()"""
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while we looked
+            kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (Chromium's zygote, renderers and GPU process are its descendants)."""
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, []))
+    return out
+
+
+class Browser:
+    """One headless Chromium for the whole benchmark: the kiosk browser of the device's screen."""
+
+    def __init__(self, folder: Path) -> None:
+        if not Path(CHROMIUM).exists():
+            raise SystemExit("--screen needs headless Chromium: apt-get install -y chromium")
+        self.page = PipeBrowser(folder, "about:blank", ("--window-size=800,480",))
+        self.pids = process_tree(self.page.proc.pid)
+        self._last_scan = time.monotonic()
+
+    def open(self, url: str) -> None:
+        self.page.call("Page.navigate", {"url": url}, self.page.session)
+
+    def blank(self) -> None:
+        self.page.call("Page.navigate", {"url": "about:blank"}, self.page.session)
+
+    def shown_seq(self) -> str:
+        return str(self.page.evaluate("document.body ? (document.body.dataset.seq || '') : ''"))
+
+    def count_frames(self) -> None:
+        self.page.evaluate(COUNTER_JS)
+
+    def counted(self) -> dict[str, Any]:
+        return dict(self.page.evaluate("window.__bench || {n: 0, first: null, last: null}"))
+
+    def cpu_s(self) -> float:
+        """CPU seconds of the browser's processes (the list of processes is refreshed about once a second)."""
+        if time.monotonic() - self._last_scan > 1.0:
+            self.pids, self._last_scan = process_tree(self.page.proc.pid), time.monotonic()
+        total = 0.0
+        for pid in self.pids:
+            try:
+                total += process_cpu_s(pid)
+            except (OSError, IndexError):
+                continue  # a renderer of the previous page went away
+        return total
+
+    def close(self) -> None:
+        self.page.close()
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration of ``edgemed run``."""
+
+    name: str
+    screen: bool
+    class_map: str = "cam"  # screen.class_map; only matters for a model with a CAM
+
+
+def write_profile(folder: Path, base: str, cfg: Config) -> Path:
+    """The run's device profile: ``bench_runtime.py``'s (delivery, batching) plus the screen section."""
+    path = folder / f"bench-screen-{cfg.name.replace(' ', '-')}.yaml"
+    text = base
+    if cfg.screen:
+        text += f"screen:\n  enabled: true\n  port: 0\n  class_map: {cfg.class_map}\n"
+    path.write_text(text)
+    return path
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _at(samples: list[tuple[float, float, float]], t: float, col: int) -> float:
+    """Column ``col`` of the samples, linearly interpolated at time ``t``."""
+    for (t0, *a), (t1, *b) in itertools.pairwise(samples):
+        if t0 <= t <= t1:
+            return a[col - 1] + (b[col - 1] - a[col - 1]) * (t - t0) / max(t1 - t0, 1e-9)
+    return (samples[0] if t < samples[0][0] else samples[-1])[col]
+
+
+def one_run(
+    model: Path,
+    source: Path,
+    loops: int,
+    args: argparse.Namespace,
+    setup: Any,
+    profile: Path,
+    cfg: Config,
+    browser: Browser | None,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One ``edgemed run``; the browser (if any) is pointed at its screen as soon as the URL is logged."""
+    data_dir = Path(tempfile.mkdtemp(prefix="edgemed-bench-screen-"))
+    cmd = [sys.executable, "-m", "edgemed", "run", "--model", str(model), "--source", str(source)]
+    cmd += ["--loop", str(loops), "--threads", str(args.threads), "--device-id", "bench"]
+    cmd += ["--data-dir", str(data_dir), "--quiet", "--profile", str(profile), *extra]
+    cmd += ["--broker", setup.broker.url] if setup.broker else []
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err: list[str] = []
+        url: list[str] = []
+        got_url = threading.Event()
+
+        def read_stderr() -> None:
+            for line in proc.stderr:  # type: ignore[union-attr]
+                err.append(line)
+                if not url and (m := URL_LINE.search(line)):
+                    url.append(m.group(1))
+                    got_url.set()
+
+        samples: list[tuple[float, float, float]] = []
+
+        def sample() -> None:
+            while proc.poll() is None:
+                try:
+                    samples.append((time.time(), process_cpu_s(proc.pid), browser.cpu_s() if browser else 0.0))
+                except (OSError, IndexError):
+                    break  # edgemed exited between poll() and the read
+                time.sleep(SAMPLE_S)
+
+        threads = [threading.Thread(target=read_stderr, daemon=True), threading.Thread(target=sample, daemon=True)]
+        for t in threads:
+            t.start()
+        shown_at = None
+        if cfg.screen and browser is not None:
+            if not got_url.wait(60):
+                proc.kill()
+                raise RuntimeError(f"no screen URL on edgemed's stderr within 60 s: {''.join(err)[-2000:]}")
+            browser.open(url[0])
+            deadline = time.monotonic() + 60
+            while not browser.shown_seq():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the page showed no frame within 60 s (or the run ended first)")
+                time.sleep(0.02)
+            shown_at = time.time()
+            browser.count_frames()
+        code = proc.wait(args.run_timeout)
+        for t in threads:
+            t.join(10)
+        page = browser.counted() if shown_at is not None and browser is not None else None
+        if browser is not None and cfg.screen:
+            browser.blank()
+        if code not in ((0,) if setup.broker else (10,)):
+            raise RuntimeError(f"edgemed run exited {code}: {''.join(err)[-2000:]}")
+        rows = [json.loads(line) for line in (data_dir / "results.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return {**summarise_run(rows, samples, shown_at, page), "loadavg_1m": os.getloadavg()[0]}
+
+
+def summarise_run(
+    rows: list[dict[str, Any]],
+    samples: list[tuple[float, float, float]],
+    shown_at: float | None,
+    page: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Rate, stage medians and CPU of one run over its steady window (see the module docstring)."""
+    stamps = [_epoch(r["created_at"]) for r in rows]
+    start = max(stamps[0] + WARMUP_S, shown_at or 0.0)
+    window = [(t, r) for t, r in zip(stamps, rows, strict=True) if t >= start]
+    if len(window) < 30:
+        raise RuntimeError(f"only {len(window)} results in the steady window: raise --frames")
+    t_a, t_b = window[0][0], window[-1][0]
+    frames = len(window) - 1  # frames completed between the window's first and last result
+    stages = {k: median([r["latency_ms"][k] for _, r in window if k in r["latency_ms"]]) for k in STAGES}
+    cam = [r["latency_ms"]["cam"] / r["latency_ms"]["total"] for _, r in window if "cam" in r["latency_ms"]]
+    out: dict[str, Any] = {
+        "frames": len(rows),
+        "window_frames": len(window),
+        "window_s": t_b - t_a,
+        "fps": frames / (t_b - t_a),
+        "stages_ms": stages,
+        "cam_frames": len(cam),
+        "cam_share": median(cam) if cam else None,
+        "levels": sorted({r["triage"]["level"] for r in rows}),
+        "run_cpu_ms_per_frame": (_at(samples, t_b, 1) - _at(samples, t_a, 1)) / frames * 1e3,
+        "browser_cpu_pct_of_core": (_at(samples, t_b, 2) - _at(samples, t_a, 2)) / (t_b - t_a) * 100,
+        "browser_cpu_ms_per_frame": (_at(samples, t_b, 2) - _at(samples, t_a, 2)) / frames * 1e3,
+        "page_connected_after_first_result_s": None if shown_at is None else shown_at - stamps[0],
+    }
+    if page is not None and page.get("n", 0) > 1:
+        out["page_frames"] = page["n"]
+        out["page_fps"] = (page["n"] - 1) / ((page["last"] - page["first"]) / 1e3)
+    return out
+
+
+def compare(
+    label: str,
+    workload: str,
+    model: Path,
+    source: Path,
+    per_loop: int,
+    configs: tuple[Config, Config],
+    args: argparse.Namespace,
+    setup: Any,
+    base_profile: str,
+    folder: Path,
+    browser: Browser,
+) -> dict[str, Any]:
+    """``configs[0]`` (the baseline) against ``configs[1]``, interleaved over ``--runs`` runs."""
+    loops = math.ceil(args.frames / per_loop)
+    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    for i in range(args.runs):
+        for cfg in configs if i % 2 == 0 else configs[::-1]:  # alternate the order: drift hits both alike
+            profile = write_profile(folder, base_profile, cfg)
+            runs[cfg.name].append(one_run(model, source, loops, args, setup, profile, cfg, browser))
+        a, b = (runs[c.name][-1] for c in configs)
+        print(
+            f"  {label} run {i + 1}/{args.runs}: {configs[0].name} {a['fps']:.1f} fps, {configs[1].name} "
+            f"{b['fps']:.1f} fps, browser {b['browser_cpu_pct_of_core']:.0f}% of a core"
+            + (f", cam {b['stages_ms']['cam']:.3f} ms of {b['stages_ms']['total']:.3f}" if b["cam_frames"] else ""),
+            file=sys.stderr,
+        )
+    base, other = (runs[c.name] for c in configs)
+    paired = [o["fps"] / b["fps"] for o, b in zip(other, base, strict=True)]
+
+    def med(rs: list[dict[str, Any]], key: str) -> float | None:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return median(vals) if vals else None
+
+    summary = {
+        c.name: {
+            "fps": med(rs, "fps"),
+            "run_cpu_ms_per_frame": med(rs, "run_cpu_ms_per_frame"),
+            "browser_cpu_pct_of_core": med(rs, "browser_cpu_pct_of_core"),
+            "browser_cpu_ms_per_frame": med(rs, "browser_cpu_ms_per_frame"),
+            "page_fps": med(rs, "page_fps"),
+            "cam_share": med(rs, "cam_share"),
+            "stages_ms": {k: median([r["stages_ms"][k] for r in rs]) for k in STAGES},
+        }
+        for c, rs in zip(configs, (base, other), strict=True)
+    }
+    return {
+        "comparison": label,
+        "model": model.name,
+        "workload": workload,
+        "runs": args.runs,
+        "configs": [c.__dict__ for c in configs],
+        "summary": summary,
+        "ratio": summary[configs[1].name]["fps"] / summary[configs[0].name]["fps"],  # type: ignore[operator]
+        "paired_ratio": median(paired),
+        "paired_ratios": paired,
+        "per_run": runs,
+    }
+
+
+def gap_model(args: argparse.Namespace) -> Path:
+    """The GAP model's int8 file: ``--gap``, else built once (``converters.testing.build_gap_model``, TensorFlow
+    in a child process) into ``--gap-cache`` and reused; delete that folder to build it again."""
+    if args.gap is not None:
+        return Path(args.gap).resolve()
+    marker = args.gap_cache / "gap_model.json"
+    if marker.is_file() and Path(json.loads(marker.read_text())["tflite"]).is_file():
+        return Path(json.loads(marker.read_text())["tflite"])
+    print(f"building the GAP model into {args.gap_cache} (once; TensorFlow in a child process) ...", file=sys.stderr)
+    code = (
+        "import sys; from pathlib import Path; from converters.testing import build_gap_model; "
+        "print(build_gap_model(Path(sys.argv[1])))"
+    )
+    env = {**os.environ, "KERAS_HOME": str(args.gap_cache / "keras-home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(args.gap_cache)], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"building the GAP model failed:\n{proc.stderr[-3000:]}")
+    tflite = Path(proc.stdout.strip().splitlines()[-1]).resolve()
+    marker.write_text(json.dumps({"tflite": str(tflite)}) + "\n")
+    return tflite
+
+
+def machine_load() -> dict[str, Any]:
+    """How busy the machine was: load averages and the CPU count (other work on it shows up here)."""
+    one, five, fifteen = os.getloadavg()
+    return {"cpus": os.cpu_count(), "loadavg_1_5_15": [one, five, fifteen]}
+
+
+def run_screen_bench(
+    args: argparse.Namespace, setup: Any, base_profile: str, folder: Path, workloads: list[tuple[str, Path, int]]
+) -> dict[str, Any]:
+    """All of ``--screen``: screen off vs on, CAM off vs on, occlusion; returns what goes to the JSON file."""
+    from _screen_occlusion import live_occlusion, occlusion_alone
+
+    reference = args.reference.resolve()
+    gap = gap_model(args)
+    load_before = machine_load()
+    browser = Browser(folder)
+    comparisons = []
+    try:
+        off, on = Config("screen off", screen=False), Config("screen on", screen=True)
+        map_off, map_cam = Config("map off", screen=True, class_map="off"), Config("cam", screen=True)
+        for name, source, per_loop in workloads:
+            print(f"screen off vs on, reference CNN, {name} ...", file=sys.stderr)
+            comparisons.append(
+                compare(
+                    f"screen, {name}",
+                    name,
+                    reference,
+                    source,
+                    per_loop,
+                    (off, on),
+                    args,
+                    setup,
+                    base_profile,
+                    folder,
+                    browser,
+                )
+            )
+            print(f"CAM off vs on (screen and browser on), GAP model, {name} ...", file=sys.stderr)
+            comparisons.append(
+                compare(
+                    f"CAM, {name}",
+                    name,
+                    gap,
+                    source,
+                    per_loop,
+                    (map_off, map_cam),
+                    args,
+                    setup,
+                    base_profile,
+                    folder,
+                    browser,
+                )
+            )
+    finally:
+        browser.close()
+    images = sorted(workloads[0][1].glob("*.jpg"))[:3] if workloads[0][1].is_dir() else []
+    occlusion: dict[str, Any] = {}
+    occ_profile = folder / "bench-occlusion.yaml"
+    occ_profile.write_text("profile: bench-occlusion\ndevice:\n  id: bench\nscreen:\n  enabled: true\n  port: 0\n")
+    for label, model in (("reference CNN", reference), ("GAP model", gap)):
+        print(f"occlusion, {label} ...", file=sys.stderr)
+        occlusion[label] = {
+            "model": model.name,
+            "alone": occlusion_alone(model, images, args.threads) if images else None,
+            "live": live_occlusion(model, workloads[0][1], args, occ_profile),
+        }
+    return {
+        "frames": args.frames,
+        "runs": args.runs,
+        "threads": args.threads,
+        "warmup_s": WARMUP_S,
+        "machine_before": load_before,
+        "machine_after": machine_load(),
+        "comparisons": comparisons,
+        "occlusion": occlusion,
+    }
