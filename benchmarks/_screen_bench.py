@@ -89,6 +89,16 @@ class Browser:
         self.page = PipeBrowser(folder, "about:blank", ("--window-size=800,480",))
         self.pids = process_tree(self.page.proc.pid)
         self._last_scan = time.monotonic()
+        self.settle()
+
+    def settle(self, timeout_s: float = 20.0) -> None:
+        """Wait (bounded) until the browser is idle: a fresh Chromium keeps starting up for a second or two."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            c0 = self.cpu_s()
+            time.sleep(0.5)
+            if self.cpu_s() - c0 < 0.025:  # under 5% of a core
+                return
 
     def open(self, url: str) -> None:
         self.page.call("Page.navigate", {"url": url}, self.page.session)
