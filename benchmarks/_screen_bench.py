@@ -23,6 +23,7 @@ CPU comes from /proc, sampled every ``SAMPLE_S`` and interpolated at the window'
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -40,9 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import ROOT, median, process_cpu_s
-
-sys.path.insert(0, str(ROOT / "tests"))
-from browser import CHROMIUM, PipeBrowser  # the tests' DevTools-over-a-pipe driver
+from _screen_browser import Browser
 
 #: Results in the first second of a run are start-up (imports are done, caches and the page are not warm).
 WARMUP_S = 1.0
@@ -50,85 +49,6 @@ WARMUP_S = 1.0
 SAMPLE_S = 0.1
 URL_LINE = re.compile(r"screen: (http://127\.0\.0\.1:\d+/)")
 STAGES = ("capture", "quality", "preprocess", "inference", "ood", "cam", "triage", "total")
-
-# Counts the frames the page shows (body[data-seq] changes) with the page's own clock; installed by DevTools.
-COUNTER_JS = """(() => { window.__bench = {n: 0, first: null, last: null};
-  new MutationObserver(() => { const t = performance.now(); const b = window.__bench; b.n += 1;
-    if (b.first === null) b.first = t; b.last = t; })
-    .observe(document.body, {attributes: true, attributeFilter: ["data-seq"]}); return true; })()"""
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # the process ended while we looked
-            kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process below it (Chromium's zygote, renderers and GPU process are its descendants)."""
-    kids, out, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(kids.get(pid, []))
-    return out
-
-
-class Browser:
-    """One headless Chromium for the whole benchmark: the kiosk browser of the device's screen."""
-
-    def __init__(self, folder: Path) -> None:
-        if not Path(CHROMIUM).exists():
-            raise SystemExit("--screen needs headless Chromium: apt-get install -y chromium")
-        self.page = PipeBrowser(folder, "about:blank", ("--window-size=800,480",))
-        self.pids = process_tree(self.page.proc.pid)
-        self._last_scan = time.monotonic()
-        self.settle()
-
-    def settle(self, timeout_s: float = 20.0) -> None:
-        """Wait (bounded) until the browser is idle: a fresh Chromium keeps starting up for a second or two."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            c0 = self.cpu_s()
-            time.sleep(0.5)
-            if self.cpu_s() - c0 < 0.025:  # under 5% of a core
-                return
-
-    def open(self, url: str) -> None:
-        self.page.call("Page.navigate", {"url": url}, self.page.session)
-
-    def blank(self) -> None:
-        self.page.call("Page.navigate", {"url": "about:blank"}, self.page.session)
-
-    def shown_seq(self) -> str:
-        return str(self.page.evaluate("document.body ? (document.body.dataset.seq || '') : ''"))
-
-    def count_frames(self) -> None:
-        self.page.evaluate(COUNTER_JS)
-
-    def counted(self) -> dict[str, Any]:
-        return dict(self.page.evaluate("window.__bench || {n: 0, first: null, last: null}"))
-
-    def cpu_s(self) -> float:
-        """CPU seconds of the browser's processes (the list of processes is refreshed about once a second)."""
-        if time.monotonic() - self._last_scan > 1.0:
-            self.pids, self._last_scan = process_tree(self.page.proc.pid), time.monotonic()
-        total = 0.0
-        for pid in self.pids:
-            try:
-                total += process_cpu_s(pid)
-            except (OSError, IndexError):
-                continue  # a renderer of the previous page went away
-        return total
-
-    def close(self) -> None:
-        self.page.close()
 
 
 @dataclass(frozen=True)
@@ -328,23 +248,34 @@ def compare(
     }
 
 
+def _code_key() -> str:
+    """A digest of what the GAP model is built from (converter, manifest code, training data), for its cache."""
+    digest = hashlib.sha256()
+    files = sorted((ROOT / "converters").glob("*.py")) + sorted((ROOT / "edgemed").glob("manifest*.py"))
+    for path in [*files, ROOT / "data" / "breastmnist_28.npz"]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def gap_model(args: argparse.Namespace) -> Path:
     """The GAP model's int8 file: ``--gap``, else built once (``converters.testing.build_gap_model``, TensorFlow
-    in a child process) into ``--gap-cache`` and reused; delete that folder to build it again."""
+    in a child process) into ``--gap-cache``, keyed on the converter's code and the data, and reused."""
     if args.gap is not None:
         return Path(args.gap).resolve()
-    marker = args.gap_cache / "gap_model.json"
+    folder = args.gap_cache / f"gap-{_code_key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / "gap_model.json"
     if marker.is_file() and Path(json.loads(marker.read_text())["tflite"]).is_file():
         return Path(json.loads(marker.read_text())["tflite"])
-    print(f"building the GAP model into {args.gap_cache} (once; TensorFlow in a child process) ...", file=sys.stderr)
+    print(f"building the GAP model into {folder} (once; TensorFlow in a child process) ...", file=sys.stderr)
     code = (
         "import sys; from pathlib import Path; from converters.testing import build_gap_model; "
         "print(build_gap_model(Path(sys.argv[1])))"
     )
-    env = {**os.environ, "KERAS_HOME": str(args.gap_cache / "keras-home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "KERAS_HOME": str(folder / "keras-home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(args.gap_cache)], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, check=False
     )
     if proc.returncode != 0:
         raise SystemExit(f"building the GAP model failed:\n{proc.stderr[-3000:]}")

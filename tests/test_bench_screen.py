@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from _screen_bench import WARMUP_S, _at, process_tree, summarise_run
+from _screen_bench import WARMUP_S, _at, summarise_run
+from _screen_browser import process_tree
 from _screen_report import markdown
 
 
