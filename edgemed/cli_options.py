@@ -52,6 +52,8 @@ examples:
   edgemed run --model out/breast_int8.tflite --source scans/ --broker mqtt://127.0.0.1:1883 --device-id us-01
   edgemed run --profile firmware_configs/x86_64-cpu.yaml --source watch:/var/lib/probe/export
   edgemed run --model m_int8.tflite --source cine.dcm --device-id us-01      (offline: results stay on disk)
+  edgemed run --profile firmware_configs/ultrasound-probe-example.yaml --screen
+      then on the device's display: chromium --kiosk http://127.0.0.1:8780/
 
 sources: a folder of images (natural order: img2 before img10), an image, a video file, a DICOM file or folder,
 camera:N, rtsp://..., http(s)://..., watch:DIR (new files as a device writes them).
@@ -63,7 +65,10 @@ Command-line flags override the profile. Results go to edgemed/{site}/{device_id
 DATA_DIR/results.jsonl; nothing that identifies a patient (file names, study ids, images) is published.
 exit codes: 0 all delivered, 2 usage/config, 3 model, 4 source, 5 broker refused, 6 accelerator refused,
 7 data directory unwritable or outbox found damaged (what could be read was recovered), 10 finished with
-results still pending on disk."""
+results still pending on disk.
+the screen (--screen): a page on 127.0.0.1 only, at most screen.max_fps frames a second (default 15) whatever
+the source's rate, with the class activation map of models that end in global average pooling (an occlusion
+map on request for others). Frames and maps never leave the device: not published, not written to disk."""
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +123,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "interrupted (by default that run is resumed after its last committed result)",
     )
     p.add_argument("--quiet", action="store_true", help="do not print one line per result")
+    p.add_argument(
+        "--screen",
+        action="store_true",
+        default=None,
+        help="serve the nurse's screen on http://127.0.0.1:PORT/ for the device's own display (kiosk browser): "
+        "each image, its triage in large type, what to do next, and where the model looked; loopback only, "
+        "nothing shown there is published or stored (also: screen.enabled in the profile)",
+    )
+    p.add_argument(
+        "--screen-port",
+        type=int,
+        metavar="PORT",
+        help="port of the screen on 127.0.0.1 (default 8780; 0: any free port, logged at start); needs --screen",
+    )
 
 
 def add_run(sub: Subparsers) -> argparse.ArgumentParser:
@@ -300,6 +319,8 @@ RUN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("password_env", "mqtt.password_env", "--password-env"),
     ("password_file", "mqtt.password_file", "--password-file"),
     ("ca_file", "mqtt.tls.ca_file", "--ca-file"),
+    ("screen", "screen.enabled", "--screen"),
+    ("screen_port", "screen.port", "--screen-port"),
 )
 FLAG_NAMES: dict[str, str] = {key: flag for _attr, key, flag in RUN_FLAGS} | {
     "mqtt.url": "--broker",
@@ -329,6 +350,11 @@ def build_profile(args: argparse.Namespace) -> DeviceProfile:
     overrides = {key: getattr(args, attr) for attr, key, _flag in RUN_FLAGS}
     overrides["run.print_results"] = False if args.quiet else None
     merged = merge_overrides(profile, overrides, broker=args.broker, names=FLAG_NAMES, origin=args.profile)
+    if args.screen_port is not None and not merged.screen.enabled:
+        raise ConfigError(
+            "--screen-port sets the port of the screen, which is off: add --screen (or screen.enabled: true in the "
+            "profile)"
+        )
     if merged.source.uri is None:
         # Checked before anything is opened: a run without a source is a usage error (exit 2), not a model one.
         raise ConfigError("no source given: pass --source PATH or set source.uri in the profile")

@@ -6,6 +6,8 @@
     ood        Classifier.check_ood             does it look like the training images (edgemed.ood)?
     triage     edgemed.triage.triage            the decision for the person at the device (triage_ood: flagged)
     result     edgemed.types.FrameResult        numbered, stamped, pseudonymised; its study tracked (sessions)
+    screen     edgemed.screen.feed              with --screen: the class activation map, then the result handed
+                                                to the local page (references only: edgemed.screen)
     outbox     edgemed.outbox.Outbox.put        committed to disk before it can be published
     publish    edgemed.publish.delivery         a background thread sends committed results, deletes on PUBACK
                                                 (or, with delivery.consumer, on the consumer's receipt)
@@ -49,7 +51,16 @@ from edgemed.resume import Pass, attach_ledger, input_done
 from edgemed.sessions import ClosedStudy, StudyTracker
 from edgemed.summary import RunSummary
 from edgemed.triage import triage, triage_error, triage_ood, triage_recapture, validate_policy
-from edgemed.types import Frame, FrameResult, OodCheck, Prediction, QualityReport, StudyResult, TriageResult
+from edgemed.types import (
+    ClassMap,
+    Frame,
+    FrameResult,
+    OodCheck,
+    Prediction,
+    QualityReport,
+    StudyResult,
+    TriageResult,
+)
 from edgemed.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -57,6 +68,7 @@ if TYPE_CHECKING:
     from edgemed.publish.delivery import Delivery
     from edgemed.publish.mqtt import MqttLink
     from edgemed.publish.publisher import Link
+    from edgemed.screen.feed import ScreenFeed
 
 log = logging.getLogger("edgemed.runtime")
 
@@ -126,6 +138,10 @@ class Device:
         self._model, self._backend, self._source, self._publisher = model, backend, source, publisher
         self._pass: Pass | None = None  # the pass over a source that keeps a ledger (edgemed.resume)
         self._ended_by: BaseException | None = None  # what ended the run, when it was not a clean end
+        self.screen: ScreenFeed | None = None
+        # Held around each invoke and every read of its outputs: an occlusion map (the screen's worker thread)
+        # invokes the same interpreter, whose output buffers belong to the last invoke. Uncontended without it.
+        self.invoke_lock = threading.Lock()
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def __enter__(self) -> Device:
@@ -163,6 +179,7 @@ class Device:
                 interval_s=self.profile.health.interval_s,
             )
             self._start_delivery()
+            self._start_screen()
         except BaseException as exc:
             self._ended_by = exc
             self.close()
@@ -189,6 +206,14 @@ class Device:
         classifier = Classifier(backend, model.manifest, model.artifact, ood=self.profile.ood)
         _check_ood_setting(classifier, self.profile)
         return classifier
+
+    def _start_screen(self) -> None:
+        if not self.profile.screen.enabled:
+            return
+        from edgemed.screen.feed import ScreenFeed  # only a device with a screen loads the server
+
+        self.screen = ScreenFeed.start(self.profile, self.classifier, self.invoke_lock, self.screen_status)
+        self._closers.append(self.screen.close)
 
     def _consumer(self) -> Consumer | None:
         delivery = self.profile.delivery
@@ -295,6 +320,25 @@ class Device:
             consumer_online=consumer.online if consumer is not None else None,
         )
 
+    def screen_status(self) -> dict[str, Any]:
+        """The screen's status bar: the heartbeat's device state without its measurements.
+
+        Not ``health_payload``: that one measures disk space and the CPU used since the previous heartbeat (a
+        reading the screen, asking every second, would steal from the published one).
+        """
+        source = self._source
+        return {
+            "connection": "none" if self.link is None else ("connected" if self.uplink.connected else "offline"),
+            "pending": self.outbox.unsent_count(),
+            "awaiting_receipt": self.outbox.awaiting_count() if self.consumer is not None else None,
+            "delegate": self.backend.delegate,
+            "degraded": self.backend.degraded,
+            "degraded_reason": self.backend.degraded_reason,
+            "source_state": source.state if source is not None else "idle",
+            "model": self.ctx.model["name"],
+            "model_version": self.classifier.manifest.version,
+        }
+
     def health_payload(self) -> dict[str, Any]:
         """The current heartbeat (``edgemed.health`` lists its fields)."""
         source = self._source
@@ -337,7 +381,7 @@ class Device:
             OutboxError: the outbox (or results.jsonl) cannot be written: exit 7.
             OutboxFullError: the outbox is at its cap with ``on_full: block`` (the run loop waits for room first).
         """
-        quality, prediction, ood, verdict, latency_ms = self._assess(frame, capture_ms)
+        quality, prediction, ood, verdict, latency_ms, class_map = self._assess(frame, capture_ms)
         closed = self.sessions.before(frame)
         if closed is not None:
             self._commit_study(closed)  # a new study began within the source (e.g. the next DICOM in a folder)
@@ -371,6 +415,11 @@ class Device:
         if self.local_copy is not None:
             self.local_copy.append(payload)
         self.health.record(latency_ms["total"], verdict.level)
+        if self.screen is not None:
+            # Open only while this frame's study is (a cine, a video, a DICOM series; never a folder of single
+            # images): its running decision is a few counters, no I/O.
+            study = self.sessions.aggregator.decision() if self.sessions.is_open else None
+            self.screen.show(result, frame.image, study, class_map)
         return result
 
     def _pass_state(self) -> tuple[str, str] | None:
@@ -378,13 +427,16 @@ class Device:
 
     def _assess(
         self, frame: Frame, capture_ms: float
-    ) -> tuple[QualityReport | None, Prediction | None, OodCheck | None, TriageResult, dict[str, float]]:
-        """Quality gate, classification, out-of-distribution check and triage of one frame, each stage timed."""
+    ) -> tuple[
+        QualityReport | None, Prediction | None, OodCheck | None, TriageResult, dict[str, float], ClassMap | None
+    ]:
+        """Quality gate, classification, out-of-distribution check, class map (screen) and triage of one frame,
+        each stage timed."""
         if frame.image is None:
             msg = frame.error or "input could not be read"
             if frame.name:  # the local name can carry patient identifiers: never publish it
                 msg = msg.replace(frame.name, "input")
-            return None, None, None, triage_error(msg), _latency_ms(capture_ms)
+            return None, None, None, triage_error(msg), _latency_ms(capture_ms), None
         t0 = time.perf_counter()
         image = frame.image
         if self.classifier.gray and image.ndim == 3:
@@ -393,24 +445,30 @@ class Device:
         quality = check_quality(image, self.profile.quality) if self.profile.quality.enabled else None
         t1 = time.perf_counter()
         if quality is not None and not quality.passed:
-            return quality, None, None, triage_recapture(quality), _latency_ms(capture_ms, (t1 - t0) * 1e3)
+            recapture = triage_recapture(quality)
+            return quality, None, None, recapture, _latency_ms(capture_ms, (t1 - t0) * 1e3), None
         x = self.classifier.preprocess(image)
         t2 = time.perf_counter()
-        raw = self.backend.invoke(x)
-        t3 = time.perf_counter()
-        prediction = self.classifier.scores(raw)
-        t4 = time.perf_counter()
-        # Before any other invoke: the feature outputs are the backend's buffers of this frame. After the scores, so
-        # that the softmax pass the energy score shares is counted where it was always counted (triage).
-        ood = self.classifier.check_ood(raw)
-        t5 = time.perf_counter()
+        with self.invoke_lock:  # the invoke and every read of its outputs (an occlusion map invokes too)
+            raw = self.backend.invoke(x)
+            t3 = time.perf_counter()
+            prediction = self.classifier.scores(raw)
+            t4 = time.perf_counter()
+            # Before any other invoke: the feature outputs are the backend's buffers of this frame. After the
+            # scores, so that the softmax pass the energy score shares is counted where it was always (triage).
+            ood = self.classifier.check_ood(raw)
+            t5 = time.perf_counter()
+            # The feature map is one of this invoke's buffers too; the map is of the top class (what is shown).
+            class_map = self.screen.class_map(prediction.index) if self.screen is not None else None
+            t6 = time.perf_counter()
         verdict = triage(prediction, self.profile.triage)
         if ood is not None and ood.flagged:
             verdict = triage_ood(verdict, prediction)  # the prediction is still recorded, for audit
-        t6 = time.perf_counter()
+        t7 = time.perf_counter()
         ood_ms = (t5 - t4) * 1e3 if ood is not None else None
-        stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, ((t4 - t3) + (t6 - t5)) * 1e3)
-        return quality, prediction, ood, verdict, _latency_ms(capture_ms, *stages, ood=ood_ms)
+        cam_ms = (t6 - t5) * 1e3 if class_map is not None else None
+        stages = ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, ((t4 - t3) + (t7 - t6)) * 1e3)
+        return quality, prediction, ood, verdict, _latency_ms(capture_ms, *stages, ood=ood_ms, cam=cam_ms), class_map
 
     def _commit_study(self, closed: ClosedStudy) -> StudyResult:
         """Commit the decision over a study's frames to the outbox.
@@ -577,11 +635,15 @@ def _latency_ms(
     triage: float | None = None,
     *,
     ood: float | None = None,
+    cam: float | None = None,
 ) -> dict[str, float]:
-    # The envelope keeps this order; ``ood`` only for a checked frame, ``triage`` only for a classified frame.
+    # The envelope keeps this order; ``ood`` only for a checked frame, ``cam`` only for a frame whose class
+    # activation map the screen computed, ``triage`` only for a classified frame.
     stages = {"capture": capture, "quality": quality, "preprocess": preprocess, "inference": inference}
     if ood is not None:
         stages["ood"] = ood
+    if cam is not None:
+        stages["cam"] = cam
     if triage is not None:
         stages["triage"] = triage
     stages["total"] = sum(stages.values())
