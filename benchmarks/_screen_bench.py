@@ -60,6 +60,11 @@ class Config:
     class_map: str = "cam"  # screen.class_map; only matters for a model with a CAM
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the measured processes: this checkout's edgemed, whatever the working directory."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def write_profile(folder: Path, base: str, cfg: Config) -> Path:
     """The run's device profile: ``bench_runtime.py``'s (delivery, batching) plus the screen section."""
     path = folder / f"bench-screen-{cfg.name.replace(' ', '-')}.yaml"
@@ -100,7 +105,7 @@ def one_run(
     cmd += ["--data-dir", str(data_dir), "--quiet", "--profile", str(profile), *extra]
     cmd += ["--broker", setup.broker.url] if setup.broker else []
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
         err: list[str] = []
         url: list[str] = []
         got_url = threading.Event()
@@ -272,8 +277,7 @@ def gap_model(args: argparse.Namespace) -> Path:
         "import sys; from pathlib import Path; from converters.testing import build_gap_model; "
         "print(build_gap_model(Path(sys.argv[1])))"
     )
-    env = {**os.environ, "KERAS_HOME": str(folder / "keras-home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = {**child_env(), "KERAS_HOME": str(folder / "keras-home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(
         [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env, check=False
     )

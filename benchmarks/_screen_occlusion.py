@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import median
+from _screen_bench import child_env
 
 ALONE = r"""
 import json, sys, time
@@ -60,7 +61,7 @@ print(json.dumps({"occlusion_ms": occ_ms[len(occ_ms) // 2], "occlusion_ms_max": 
 def occlusion_alone(model: Path, images: list[Path], threads: int, repeats: int = 5) -> dict[str, Any]:
     """``occlusion_map`` (and ``CamComputer.compute``) timed in a child process: medians in ms."""
     cmd = [sys.executable, "-c", ALONE, str(model), str(threads), str(repeats), *map(str, images)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=child_env())
     if proc.returncode != 0:
         raise RuntimeError(f"timing occlusion on {model.name} failed: {proc.stderr[-2000:]}")
     return dict(json.loads(proc.stdout.splitlines()[-1]))
@@ -131,7 +132,7 @@ def live_occlusion(
     cmd = [sys.executable, "-m", "edgemed", "run", "--model", str(model), "--source", str(source)]
     cmd += ["--loop", "1000", "--fps-cap", str(fps_cap), "--threads", str(args.threads), "--device-id", "bench"]
     cmd += ["--data-dir", str(data_dir), "--quiet", "--profile", str(profile)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         url = None
         deadline = time.monotonic() + 60

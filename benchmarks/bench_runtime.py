@@ -134,7 +134,9 @@ print(json.dumps({"invoke_ms": statistics.median(ts)}))
 
 def run_child(code_or_args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[str, float, float]:
     """Run a child process to completion; return its stdout, its peak RSS (MB) and its CPU seconds (wait4)."""
-    proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # This checkout's edgemed, also when the benchmark is started from another directory (the venv may hold another).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out_chunks: list[str] = []
     err_chunks: list[str] = []
     t_out = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()))  # type: ignore[union-attr]
