@@ -284,6 +284,14 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
         help="share of in-distribution validation images each threshold flags, e.g. 0.05 (default 0.03); "
         "a profile can override the threshold on the device",
     )
+    p.add_argument(
+        "--cam",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto (default): a model ending in GlobalAveragePooling2D + Dense also outputs its last feature map, "
+        "and the manifest gets the Dense weights, so the device's screen can show a class activation map (a model "
+        "without that head gets a note: the screen offers occlusion instead); none: no extra output, e.g. --cam none",
+    )
     c = p.add_argument_group("calibration")
     c.add_argument(
         "--calibration-per-class",
@@ -369,6 +377,7 @@ def run_convert(args: argparse.Namespace) -> int:
         ood=args.ood,
         ood_eval=args.ood_eval,
         ood_fraction=args.ood_fraction,
+        cam=args.cam,
     )
     manifest = load_manifest(result.manifest_path)
     print("\n".join(summary_lines(manifest, result.float_summary, result.gates)))

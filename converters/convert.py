@@ -44,6 +44,7 @@ import numpy as np
 
 from converters import edgetpu
 from converters._tf import quiet_tensorflow, tensorflow_quiet
+from converters.cam import check_cam_option, missing_note, with_cam
 from converters.data import Dataset
 from converters.fit import Expectation, expectation, fit_to_model, read_training_record
 from converters.gate import GateConfig, GateResult, evaluate_gate
@@ -161,6 +162,7 @@ def convert(
     ood: str = "auto",
     ood_eval: Sequence[str | Path] = (),
     ood_fraction: float = DEFAULT_FRACTION,
+    cam: str = "auto",
 ) -> ConvertResult:
     """Convert, gate, and record a model.
 
@@ -187,6 +189,8 @@ def convert(
         ood_eval: images of other kinds (``.npz``, image, folder, DICOM, video) the report scores against the
             held-out split (AUROC, FPR at 95% TPR, fraction flagged).
         ood_fraction: the share of in-distribution validation images each OOD threshold flags.
+        cam: ``auto`` gives a model ending in GAP + Dense a ``feature_map`` output and every artifact with it a
+            ``cam`` section (``converters.cam``); ``none`` leaves both out.
 
     Returns:
         Paths, verdicts and numbers; ``result.rejected`` tells whether to exit 3.
@@ -201,7 +205,8 @@ def convert(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or Path(model_path).stem
-    source = load_source(model_path, strip_softmax=output == "logits", taps=_wants_taps(ood))
+    wants_cam = check_cam_option(cam)
+    source = load_source(model_path, strip_softmax=output == "logits", taps=_wants_taps(ood), cam=wants_cam)
     sampling = (calibration_per_class, min_calibration_per_class, seed)
     inputs = _inputs(model_path, source, calibration, evaluation, eval_split, sampling, gate, progress)
     ood_plan = plan(method, ood_fraction, source, inputs.data, inputs.held, ood_eval, seed)
@@ -213,13 +218,16 @@ def convert(
     ood_outcomes = [_fit_ood(inputs, ood_plan, o) for o in outcomes] if ood_plan is not None else []
     outcomes = [replace(o, path=_set_aside(out, o.path)) if o.verdict == "rejected" else o for o in outcomes]
     fitted = {r.target: r.spec for r in ood_outcomes}
-    artifacts = [_with_ood(target_artifact(out, o, waiver_record), fitted.get(o.target)) for o in outcomes]
+    artifacts = [
+        with_cam(_with_ood(target_artifact(out, o, waiver_record), fitted.get(o.target)), source.cam) for o in outcomes
+    ]
     if tpu is not None:
         twin = next(a for a in artifacts if a.target == "int8")
         tpu = _follow_twin(out, tpu, twin)
         if tpu.compiled is not None:
-            artifacts.append(edgetpu_artifact(out, tpu.compiled, twin))
-    notes = (tpu.notes if tpu is not None else []) + [n for r in ood_outcomes for n in r.notes]
+            artifacts.append(with_cam(edgetpu_artifact(out, tpu.compiled, twin), source.cam))  # the twin's outputs
+    cam_note = missing_note(wants_cam, source.cam, name, source.kind == "saved_model")
+    notes = (tpu.notes if tpu is not None else []) + [n for r in ood_outcomes for n in r.notes] + cam_note
     drift = drift_reference(outcomes, inputs.held, inputs.labels)  # the gate's own predictions, not a new run
     manifest = build_manifest(
         out, name, inputs.labels, inputs.spec, artifacts, inputs.calib, inputs.held, reference, baseline, tpu, drift
@@ -395,7 +403,8 @@ def _name_outputs(inputs: _Inputs, path: Path) -> list[OutputSpec]:
     spread = np.linspace(0, len(calib) - 1, min(PROBE_IMAGES, len(calib))).astype(int)  # every class
     probe = calib[spread].astype(np.float32) / np.float32(255.0)
     reference = source.device_model if source.device_model is not None else source.predict_float
-    return name_outputs(path, reference, probe, source.feature_layers)
+    feature_map = source.cam.layer if source.cam is not None else None
+    return name_outputs(path, reference, probe, source.feature_layers, feature_map=feature_map)
 
 
 def _fit_ood(inputs: _Inputs, ood_plan: OodPlan, outcome: TargetOutcome) -> OodOutcome:

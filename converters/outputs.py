@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgemed.errors import ModelError
-from edgemed.manifest import OutputSpec
+from edgemed.manifest import OutputRole, OutputSpec
 
 # Pearson correlation, over every value of every probe image, that a matched pair must reach. An int8 output of
 # the right tensor follows its float original at 0.99 or better on the models tried; an unrelated tensor of
@@ -34,21 +34,25 @@ def name_outputs(
     probe_images: np.ndarray,
     feature_layers: Sequence[str],
     min_correlation: float = MIN_CORRELATION,
+    feature_map: str | None = None,
 ) -> list[OutputSpec]:
     """The converted file's outputs, each by tensor name and role, in the Keras graph's order.
 
     Args:
         tflite_path: the converted model.
         reference: the Keras device graph (or any callable) mapping a float batch ``(1, H, W, C)`` to its
-            outputs ``[scores, tap_0, ...]`` (one array is taken as the scores alone).
+            outputs ``[scores, tap_0, ..., feature_map]`` (one array is taken as the scores alone).
         probe_images: float images ``(N, H, W, C)`` as the Keras model takes them (uint8 / 255), N >= 2; real
             images (the calibration sample), so that every tap varies as it does in use.
         feature_layers: the tapped Keras layers, in the order of the reference's extra outputs.
         min_correlation: the correlation below which a match is refused.
+        feature_map: the layer whose map the reference outputs last, for the class activation map
+            (``converters.cam``); None when it has no such output.
 
     Returns:
-        ``[scores, features of feature_layers[0], ...]`` as :class:`OutputSpec` (the tensor's name, shape, dtype
-        and quantization as the interpreter reports them). TFLite outputs with no Keras counterpart are left out.
+        ``[scores, features of feature_layers[0], ..., feature_map]`` as :class:`OutputSpec` (the tensor's name,
+        shape, dtype and quantization as the interpreter reports them). TFLite outputs with no Keras counterpart
+        are left out.
 
     Raises:
         ModelError: an output cannot be matched (no TFLite output of its shape, or none follows it closely
@@ -59,12 +63,15 @@ def name_outputs(
         raise ValueError(f"probe_images must be a batch (N, H, W, C) of at least 2 images, not {x.shape}")
     tflite, details = _run_tflite(Path(tflite_path), x)
     keras_outs = _run_reference(reference, x)
-    if len(keras_outs) != 1 + len(feature_layers):
+    maps = [] if feature_map is None else [feature_map]
+    if len(keras_outs) != 1 + len(feature_layers) + len(maps):
         raise ModelError(
-            f"the Keras device graph has {len(keras_outs)} outputs but {len(feature_layers)} tapped layers were "
-            "named; rebuild it with converters.source.load_source"
+            f"the Keras device graph has {len(keras_outs)} outputs but {len(feature_layers)} tapped layers "
+            f"{'and a feature map ' if maps else ''}were named; rebuild it with converters.source.load_source"
         )
-    match = _assign(tflite, keras_outs, min_correlation, Path(tflite_path).name, ["scores", *feature_layers])
+    layers = [*feature_layers, *maps]
+    roles: list[OutputRole] = ["scores", *(["features"] * len(feature_layers)), *(["feature_map"] * len(maps))]
+    match = _assign(tflite, keras_outs, min_correlation, Path(tflite_path).name, ["scores", *layers])
     specs = []
     for k, j in enumerate(match):
         detail = details[j]
@@ -76,8 +83,8 @@ def name_outputs(
                 dtype=np.dtype(detail["dtype"]).name,
                 scale=float(scale),
                 zero_point=int(zero_point),
-                role="scores" if k == 0 else "features",
-                layer=None if k == 0 else feature_layers[k - 1],
+                role=roles[k],
+                layer=None if k == 0 else layers[k - 1],
             )
         )
     return specs

@@ -7,8 +7,10 @@ The device graph differs from the trained model in three ways, all for the devic
 * the final softmax removed, so the quantized output is logits (see ``converters.convert`` for why);
 * one extra output per **tap** (see :func:`find_taps`): the per-channel spatial mean of a feature map
   (a ``GlobalAveragePooling2D`` named ``ood_pool_<i>``, one MEAN op), or the 2-D penultimate vector itself, read
-  by the out-of-distribution feature score. The graph's outputs are ``[scores, tap_0, tap_1, ...]`` in Keras;
-  TFLite may list them in another order, so ``converters.outputs`` names them by matching, never by position.
+  by the out-of-distribution feature score;
+* for a model ending in GAP + Dense, the last feature map itself (``converters.cam``), read by the device's class
+  activation map. The graph's outputs are ``[scores, tap_0, tap_1, ..., feature_map]`` in Keras; TFLite may
+  list them in another order, so ``converters.outputs`` names them by matching, never by position.
 
 Keras 3 cannot load a SavedModel as a model: it is converted with ``from_saved_model`` and its serving
 signature is the float reference; its output is kept as it is (no softmax stripping)."""
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from converters._tf import quiet_tensorflow
+from converters.cam import CamHead, find_cam_head
 from edgemed.errors import ModelError
 
 # Layers whose input is a tap: they reduce the spatial size, or end the feature maps.
@@ -51,8 +54,10 @@ class SourceModel:
         output_kind: what the device graph outputs: ``logits`` or ``probabilities``.
         feature_layers: the tapped Keras layers' names, in the order of the device graph's extra outputs (empty
             when taps were not asked for, none were found, or the model is a SavedModel).
-        device_model: the batch-1 Keras device graph, outputs ``[scores, tap_0, ...]`` (None for a SavedModel,
-            whose serving signature is converted as it is).
+        device_model: the batch-1 Keras device graph, outputs ``[scores, tap_0, ..., feature_map]`` (None for a
+            SavedModel, whose serving signature is converted as it is).
+        cam: the GAP + Dense head whose feature map is the device graph's last output (None: no such head, the
+            map was not asked for, or a SavedModel).
     """
 
     path: Path
@@ -64,6 +69,7 @@ class SourceModel:
     output_kind: str
     feature_layers: list[str] = field(default_factory=list)
     device_model: Any = None
+    cam: CamHead | None = None
     _predict_outputs: Callable[[np.ndarray], tuple[np.ndarray, FeatureOutputs]] | None = None
 
     def predict_outputs(self, x: np.ndarray) -> tuple[np.ndarray, FeatureOutputs]:
@@ -79,7 +85,7 @@ class SourceModel:
         return self._predict_outputs(x)
 
 
-def load_source(model_path: str | Path, strip_softmax: bool = True, taps: bool = True) -> SourceModel:
+def load_source(model_path: str | Path, strip_softmax: bool = True, taps: bool = True, cam: bool = True) -> SourceModel:
     """Load a model for conversion.
 
     Args:
@@ -87,6 +93,8 @@ def load_source(model_path: str | Path, strip_softmax: bool = True, taps: bool =
         strip_softmax: give the device graph logits output when the model ends in a softmax.
         taps: give the device graph one pooled-feature output per tap (:func:`find_taps`); False keeps the
             single scores output (``--ood none`` and ``--ood energy``). A SavedModel never gets taps.
+        cam: give the device graph the last feature map as an output when the model ends in GAP + Dense
+            (``--cam auto``); False (``--cam none``) leaves it out. A SavedModel never gets it.
 
     Raises:
         ModelError: missing, unreadable, or not an image classifier with one 4-D input.
@@ -111,7 +119,7 @@ def load_source(model_path: str | Path, strip_softmax: bool = True, taps: bool =
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelError(f"{path}: not a loadable Keras model ({exc}); re-save it with model.save('x.keras')") from exc
     shape = _image_shape(path, model.input_shape)
-    device = _device_model(model, shape, strip_softmax, taps)
+    device = _device_model(model, shape, strip_softmax, taps, cam)
     return SourceModel(
         path=path,
         kind="h5" if path.suffix == ".h5" else "keras",
@@ -122,6 +130,7 @@ def load_source(model_path: str | Path, strip_softmax: bool = True, taps: bool =
         output_kind=device.output_kind,
         feature_layers=device.layers,
         device_model=device.model,
+        cam=device.cam,
         _predict_outputs=device.predict,
     )
 
@@ -213,11 +222,13 @@ class _Device:
     output_kind: str
     layers: list[str]
     predict: Callable[[np.ndarray], tuple[np.ndarray, FeatureOutputs]] | None
+    cam: CamHead | None = None
 
 
-def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool, taps: bool) -> _Device:
+def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool, taps: bool, cam: bool) -> _Device:
     """The batch-1 device graph (a linear final layer with the same weights when asked and possible, plus the
-    tap outputs) and, for ``predict_outputs``, the same graph with a free batch size."""
+    tap outputs and the CAM feature map) and, for ``predict_outputs``, the graph with the taps and a free batch
+    size."""
     import keras
 
     last = model.layers[-1]
@@ -236,9 +247,10 @@ def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool, 
         )
     kind = "logits" if strip else ("probabilities" if activation == "softmax" else "unknown")
     found = find_taps(clone) if taps else []
+    head = find_cam_head(clone) if cam else None
+    device = _with_taps(clone, found, head) if found or head is not None else clone
     if not found:
-        return _Device(model=clone, output_kind=kind, layers=[], predict=None)
-    device = _with_taps(clone, found)
+        return _Device(model=device, output_kind=kind, layers=[], predict=None, cam=head)
     # The float reference of the features: the same graph rebuilt for any batch size (the batch-1 graph would
     # need one call per image).
     floating_clone = _rebuild(model, keras.Input(shape=shape), strip)
@@ -250,7 +262,7 @@ def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool, 
         arrays = [np.asarray(o, dtype=np.float64) for o in outs]
         return arrays[0], dict(zip(names, arrays[1:], strict=True))
 
-    return _Device(model=device, output_kind=kind, layers=names, predict=predict)
+    return _Device(model=device, output_kind=kind, layers=names, predict=predict, cam=head)
 
 
 def _rebuild(model: Any, inputs: Any, strip: bool) -> Any:
@@ -278,14 +290,17 @@ def _rebuild(model: Any, inputs: Any, strip: bool) -> Any:
     return clone
 
 
-def _with_taps(clone: Any, taps: list[Tap]) -> Any:
-    """A model with the clone's scores output followed by one output per tap (4-D maps pooled)."""
+def _with_taps(clone: Any, taps: list[Tap], head: CamHead | None = None) -> Any:
+    """A model with the clone's scores output followed by one output per tap (4-D maps pooled), then the CAM
+    head's feature map as it is (last, so the scores and taps keep their places)."""
     import keras
 
     outputs = [clone.outputs[0]]
     for i, tap in enumerate(taps):
         pool = keras.layers.GlobalAveragePooling2D(name=_POOL_NAME.format(i))
         outputs.append(pool(tap.tensor) if tap.pooled else tap.tensor)
+    if head is not None:
+        outputs.append(head.tensor)
     return keras.Model(clone.inputs[0], outputs, name=f"{clone.name}_device")
 
 

@@ -87,13 +87,18 @@ def _interpreter_outputs(path: Path, images: np.ndarray) -> tuple[list[str], dic
     return [str(o["name"]) for o in outs], {k: np.asarray(v) for k, v in rows.items()}
 
 
-def _check_mapping(model_path: Path, result: ConvertResult, target: str, taps: list[str], breast: Dataset) -> None:
-    """Each listed output holds what its role and layer say: it follows that Keras output best of all outputs."""
+def _check_mapping(
+    model_path: Path, result: ConvertResult, target: str, taps: list[str], breast: Dataset, maps: tuple[str, ...] = ()
+) -> None:
+    """Each listed output holds what its role and layer say: it follows that Keras output best of all outputs.
+
+    ``maps``: the layer of the CAM feature map listed last (its values are checked in tests/test_cam_convert.py).
+    """
     from converters.source import load_source
 
     art = _artifact(result, target)
-    assert [o.role for o in art.outputs] == ["scores"] + ["features"] * len(taps)
-    assert [o.layer for o in art.outputs] == [None, *taps]
+    assert [o.role for o in art.outputs] == ["scores"] + ["features"] * len(taps) + ["feature_map"] * len(maps)
+    assert [o.layer for o in art.outputs] == [None, *taps, *maps]
     assert art.output is not None and art.scores_output is not None
     assert art.output.name == art.scores_output.name  # the gate's scores tensor is the listed one
     images = breast.splits["val"][0][:40]
@@ -101,7 +106,7 @@ def _check_mapping(model_path: Path, result: ConvertResult, target: str, taps: l
     assert sorted(order) == sorted(o.name for o in art.outputs)
     scores, features = load_source(model_path).predict_outputs(images.astype(np.float32) / 255.0)
     keras = {None: scores, **features}
-    for listed in art.outputs:
+    for listed in (o for o in art.outputs if o.role != "feature_map"):
         mine = tflite[listed.name]
         assert [int(d) for d in listed.shape] == [1, mine.shape[1]]
         corr = {
@@ -138,7 +143,7 @@ def test_reference_cnn_outputs_are_named_and_mapped(reference: tuple[Path, Conve
 
 def test_bn_gap_outputs_are_named_and_mapped(bn_gap: tuple[Path, ConvertResult], breast: Dataset) -> None:
     model_path, result = bn_gap
-    _check_mapping(model_path, result, "int8", BN_GAP_TAPS, breast)
+    _check_mapping(model_path, result, "int8", BN_GAP_TAPS, breast, maps=("relu2_1",))
 
 
 def test_name_outputs_follows_the_reference_not_positions(reference: tuple[Path, ConvertResult]) -> None:
@@ -172,7 +177,9 @@ def test_name_outputs_refuses_another_models_file(
     other = load_source(bn_gap[0])
     probe = load_dataset(BREAST, labels=LABELS).splits["train"][0][:16].astype(np.float32) / 255.0
     with pytest.raises(ModelError, match=r"output\(s\) of 16 values .* not this model's conversion"):
-        name_outputs(reference[1].artifacts["int8"], other.device_model, probe, other.feature_layers)
+        name_outputs(
+            reference[1].artifacts["int8"], other.device_model, probe, other.feature_layers, feature_map="relu2_1"
+        )
 
 
 def test_device_model_run_reads_every_feature(reference: tuple[Path, ConvertResult], breast: Dataset) -> None:
