@@ -70,7 +70,8 @@ def write_profile(folder: Path, base: str, cfg: Config) -> Path:
     path = folder / f"bench-screen-{cfg.name.replace(' ', '-')}.yaml"
     text = base
     if cfg.screen:
-        text += f"screen:\n  enabled: true\n  port: 0\n  class_map: {cfg.class_map}\n"
+        # Quoted: YAML 1.1 reads a bare off as false.
+        text += f'screen:\n  enabled: true\n  port: 0\n  class_map: "{cfg.class_map}"\n'
     path.write_text(text)
     return path
 
@@ -132,9 +133,11 @@ def one_run(
             t.start()
         shown_at = None
         if cfg.screen and browser is not None:
-            if not got_url.wait(60):
-                proc.kill()
-                raise RuntimeError(f"no screen URL on edgemed's stderr within 60 s: {''.join(err)[-2000:]}")
+            deadline = time.monotonic() + 60
+            while not got_url.wait(0.05):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise RuntimeError(f"no screen URL on edgemed's stderr: {''.join(err)[-2000:]}")
             browser.open(url[0])
             deadline = time.monotonic() + 60
             while not browser.shown_seq():
@@ -295,9 +298,15 @@ def machine_load() -> dict[str, Any]:
 
 
 def run_screen_bench(
-    args: argparse.Namespace, setup: Any, base_profile: str, folder: Path, workloads: list[tuple[str, Path, int]]
+    args: argparse.Namespace,
+    setup: Any,
+    base_profile: str,
+    folder: Path,
+    workloads: list[tuple[str, Path, int]],
+    images: list[Path],
 ) -> dict[str, Any]:
-    """All of ``--screen``: screen off vs on, CAM off vs on, occlusion; returns what goes to the JSON file."""
+    """All of ``--screen``: screen off vs on, CAM off vs on, occlusion (timed alone on ``images``); returns what
+    goes to the JSON file."""
     from _screen_occlusion import live_occlusion, occlusion_alone
 
     reference = args.reference.resolve()
@@ -343,7 +352,6 @@ def run_screen_bench(
             )
     finally:
         browser.close()
-    images = sorted(workloads[0][1].glob("*.jpg"))[:3] if workloads[0][1].is_dir() else []
     occlusion: dict[str, Any] = {}
     occ_profile = folder / "bench-occlusion.yaml"
     occ_profile.write_text("profile: bench-occlusion\ndevice:\n  id: bench\nscreen:\n  enabled: true\n  port: 0\n")
@@ -351,7 +359,7 @@ def run_screen_bench(
         print(f"occlusion, {label} ...", file=sys.stderr)
         occlusion[label] = {
             "model": model.name,
-            "alone": occlusion_alone(model, images, args.threads) if images else None,
+            "alone": occlusion_alone(model, images, args.threads),
             "live": live_occlusion(model, workloads[0][1], args, occ_profile),
         }
     return {

@@ -84,7 +84,10 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["", "## Targets", ""]
     for c in data["comparisons"]:
         if c["comparison"].startswith("screen"):
-            met = "met" if c["paired_ratio"] >= SCREEN_TARGET else "missed"
+            if "ISIC" in c["workload"]:
+                met = "met" if c["paired_ratio"] >= SCREEN_TARGET else "missed"
+            else:
+                met = "for reference (the target is the dermoscopy workload's)"
             lines.append(f"* screen on {c['workload']}: on/off {c['paired_ratio']:.2f} paired (>= 0.90): {met}")
         else:
             share = c["summary"]["cam"]["cam_share"]
@@ -92,14 +95,18 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"* CAM on {c['workload']}: {_f(share and share * 100, '.1f')}% of the frame (< 20%): {met}")
     before, after = data["machine_before"], data["machine_after"]
     loads = [r["loadavg_1m"] for c in data["comparisons"] for rs in c["per_run"].values() for r in rs]
+    sharing = {"offline": "edgemed and Chromium", "PUBACK": "edgemed, mosquitto and Chromium"}.get(
+        data["delivery"].split(",")[0], "edgemed, mosquitto, the dashboard and Chromium"
+    )
     lines += [
         "",
         "## The machine",
         "",
         f"{before['cpus']} CPUs, shared: load average (1 min) {before['loadavg_1_5_15'][0]:.2f} before, "
         f"{min(loads):.2f}-{max(loads):.2f} after each run, {after['loadavg_1_5_15'][0]:.2f} at the end. "
-        "edgemed, mosquitto, the dashboard and Chromium share these cores, so the fps is what is left for the "
-        "device beside its own kiosk browser; read the ratios, not the rates.",
+        f"{sharing} share these cores (and other work, when the load is above what the benchmark itself puts on "
+        "them), so the fps is what is left for the device beside its own kiosk browser; read the ratios, not the "
+        "rates.",
         "",
     ]
     return "\n".join(lines)

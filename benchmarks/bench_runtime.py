@@ -498,7 +498,7 @@ def screen_main(args: argparse.Namespace, setup: Setup, base_profile: str, folde
     keys = {"ISIC dermoscopy JPEGs": "isic", "US cine DICOM 30 fr": "cine"}
     chosen = [w for w in workloads if args.workload in ("all", keys[w[0]])]
     delivery = "offline" if args.offline else ("receipts" if setup.dashboard else "PUBACK") + f", batch {args.batch}"
-    data = run_screen_bench(args, setup, base_profile, folder, chosen)
+    data = run_screen_bench(args, setup, base_profile, folder, chosen, sorted(isic_dir().glob("*.jpg"))[:3])
     data = {"command": "python benchmarks/bench_runtime.py " + " ".join(sys.argv[1:]), "delivery": delivery, **data}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")

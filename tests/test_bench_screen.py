@@ -127,3 +127,4 @@ def test_report_states_the_command_and_whether_each_target_was_met() -> None:
     assert text.splitlines()[2] == f"Command: `{data['command']}`"
     assert "on/off 0.75 paired (>= 0.90): missed" in text
     assert "10.0% of the frame (< 20%): met" in text
+    assert "load average (1 min) 0.50 before, 1.50-1.50 after each run, 1.00 at the end. edgemed and Chromium" in text
