@@ -58,6 +58,9 @@ class Config:
     name: str
     screen: bool
     class_map: str = "cam"  # screen.class_map; only matters for a model with a CAM
+    # Who reads the page: "browser" (Chromium shows it) or "stream" (the bench reads /events and throws it away:
+    # the device's own cost of encoding and sending frames, without a browser on the same cores).
+    page: str = "browser"
 
 
 def child_env() -> dict[str, str]:
@@ -131,26 +134,40 @@ def one_run(
         threads = [threading.Thread(target=read_stderr, daemon=True), threading.Thread(target=sample, daemon=True)]
         for t in threads:
             t.start()
-        shown_at = None
-        if cfg.screen and browser is not None:
+        shown_at, stream, page, stream_from = None, None, None, 0
+        if cfg.screen:
             deadline = time.monotonic() + 60
             while not got_url.wait(0.05):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     proc.kill()
                     raise RuntimeError(f"no screen URL on edgemed's stderr: {''.join(err)[-2000:]}")
-            browser.open(url[0])
+            if cfg.page == "browser" and browser is not None:
+                browser.open(url[0])
+                shown: Any = browser.shown_seq
+            else:
+                from _screen_occlusion import PageClient  # it imports this module
+
+                stream = PageClient(url[0])
+                shown = stream.frames
             deadline = time.monotonic() + 60
-            while not browser.shown_seq():
+            while not shown():
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the page showed no frame within 60 s (or the run ended first)")
                 time.sleep(0.02)
             shown_at = time.time()
-            browser.count_frames()
+            if stream is not None:
+                stream_from = len(stream.frames())
+            elif browser is not None:
+                browser.count_frames()
         code = proc.wait(args.run_timeout)
         for t in threads:
             t.join(10)
-        page = browser.counted() if shown_at is not None and browser is not None else None
-        if browser is not None and cfg.screen:
+        if stream is not None:
+            times = stream.frames()[stream_from:]
+            page = {"n": len(times), "first": times[0] * 1e3, "last": times[-1] * 1e3} if times else None
+            stream.close()
+        elif shown_at is not None and browser is not None:
+            page = browser.counted()
             browser.blank()
         if code not in ((0,) if setup.broker else (10,)):
             raise RuntimeError(f"edgemed run exited {code}: {''.join(err)[-2000:]}")
@@ -202,29 +219,32 @@ def compare(
     model: Path,
     source: Path,
     per_loop: int,
-    configs: tuple[Config, Config],
+    configs: tuple[Config, ...],
     args: argparse.Namespace,
     setup: Any,
     base_profile: str,
     folder: Path,
     browser: Browser,
 ) -> dict[str, Any]:
-    """``configs[0]`` (the baseline) against ``configs[1]``, interleaved over ``--runs`` runs."""
+    """``configs[0]`` (the baseline) against the others (``configs[1]`` the one the summary's ratio is of),
+    interleaved over ``--runs`` runs."""
     loops = math.ceil(args.frames / per_loop)
     runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
     for i in range(args.runs):
         for cfg in configs if i % 2 == 0 else configs[::-1]:  # alternate the order: drift hits both alike
             profile = write_profile(folder, base_profile, cfg)
             runs[cfg.name].append(one_run(model, source, loops, args, setup, profile, cfg, browser))
-        a, b = (runs[c.name][-1] for c in configs)
+        b = runs[configs[1].name][-1]
         print(
-            f"  {label} run {i + 1}/{args.runs}: {configs[0].name} {a['fps']:.1f} fps, {configs[1].name} "
-            f"{b['fps']:.1f} fps, browser {b['browser_cpu_pct_of_core']:.0f}% of a core"
+            f"  {label} run {i + 1}/{args.runs}: "
+            + ", ".join(f"{c.name} {runs[c.name][-1]['fps']:.1f} fps" for c in configs)
+            + f"; browser {b['browser_cpu_pct_of_core']:.0f}% of a core"
             + (f", cam {b['stages_ms']['cam']:.3f} ms of {b['stages_ms']['total']:.3f}" if b["cam_frames"] else ""),
             file=sys.stderr,
         )
-    base, other = (runs[c.name] for c in configs)
-    paired = [o["fps"] / b["fps"] for o, b in zip(other, base, strict=True)]
+    base = runs[configs[0].name]
+    paired_by = {c.name: [o["fps"] / b["fps"] for o, b in zip(runs[c.name], base, strict=True)] for c in configs[1:]}
+    paired = paired_by[configs[1].name]
 
     def med(rs: list[dict[str, Any]], key: str) -> float | None:
         vals = [r[key] for r in rs if r.get(key) is not None]
@@ -240,7 +260,8 @@ def compare(
             "cam_share": med(rs, "cam_share"),
             "stages_ms": {k: median([r["stages_ms"][k] for r in rs]) for k in STAGES},
         }
-        for c, rs in zip(configs, (base, other), strict=True)
+        for c in configs
+        for rs in (runs[c.name],)
     }
     return {
         "comparison": label,
@@ -252,6 +273,7 @@ def compare(
         "ratio": summary[configs[1].name]["fps"] / summary[configs[0].name]["fps"],  # type: ignore[operator]
         "paired_ratio": median(paired),
         "paired_ratios": paired,
+        "paired_ratio_by_config": {name: median(rs) for name, rs in paired_by.items()},
         "per_run": runs,
     }
 
@@ -316,6 +338,7 @@ def run_screen_bench(
     comparisons = []
     try:
         off, on = Config("screen off", screen=False), Config("screen on", screen=True)
+        stream = Config("screen on, stream only", screen=True, page="stream")
         map_off, map_cam = Config("map off", screen=True, class_map="off"), Config("cam", screen=True)
         for name, source, per_loop in workloads:
             print(f"screen off vs on, reference CNN, {name} ...", file=sys.stderr)
@@ -326,7 +349,7 @@ def run_screen_bench(
                     reference,
                     source,
                     per_loop,
-                    (off, on),
+                    (off, on, stream),
                     args,
                     setup,
                     base_profile,

@@ -100,6 +100,11 @@ class PageClient:
         except OSError:
             return  # the run ended and closed the stream
 
+    def frames(self) -> list[float]:
+        """When each ``frame`` event arrived (``time.perf_counter`` seconds)."""
+        with self._changed:
+            return [t for t, name in self.events if name == "frame"]
+
     def occlusion_ms(self, timeout_s: float = 60.0) -> float:
         """POST /occlusion, then wait (bounded) for the next ``map`` event: milliseconds from request to map."""
         with self._changed:
