@@ -7,9 +7,11 @@ in the device graph (:func:`find_cam_head`), and turns it into the artifact's ``
 file's outputs are named (:func:`with_cam`). The map output is added to the device graph by
 ``converters.source``, after the scores and the OOD taps; ``converters.outputs`` names it (role ``feature_map``).
 
-A model without such a head (the reference CNN's Flatten + Dense + Dense, or a GAP inside a nested backbone such
-as Keras's MobileNetV2 with ``pooling="avg"``, whose inner tensor the outer graph cannot output) gets no map: the
-screen falls back to occlusion, and :func:`missing_note` says so in the report and on the console.
+A GAP inside a nested backbone (Keras's MobileNetV2 with ``pooling="avg"``) is reached too: the outer graph cannot
+output a nested model's inner tensor, so :func:`split_nested_gap` rebuilds the chain around a copy of the backbone
+that also outputs its map (same layers, same weights, same scores). A model without such a head (the reference
+CNN's Flatten + Dense + Dense) gets no map: the screen falls back to occlusion, and :func:`missing_note` says so in
+the report and on the console.
 """
 
 from __future__ import annotations
@@ -77,16 +79,91 @@ def find_cam_head(model: Any) -> CamHead | None:
         before = _producer(before.input)
     if before is None or type(before).__name__ != "GlobalAveragePooling2D":
         return None
-    if getattr(before, "keepdims", False) or getattr(before, "data_format", "channels_last") != "channels_last":
-        return None  # the device reads channels-last (1, H', W', C) maps only
-    tensor = before.input
+    tensor = pooled_map(before.output)
+    if tensor is None:
+        return None  # keepdims, channels first (the device reads (1, H', W', C) maps), or a GAP of the input image
     source = _producer(tensor)
-    if source is None or len(tensor.shape) != 4:
-        return None  # a GAP straight on the input image: no learned map to show
     kernel = np.asarray(dense.get_weights()[0], dtype=np.float64)
     if kernel.ndim != 2 or kernel.shape[0] != tensor.shape[-1]:
         return None
     return CamHead(layer=source.name, tensor=tensor, weights=kernel.tolist())
+
+
+def split_nested_gap(model: Any) -> tuple[Any, CamHead] | None:
+    """For a chain ``input -> ... -> backbone -> Dropout* -> Dense [-> Activation]`` whose nested ``backbone`` ends
+    in ``GlobalAveragePooling2D``: the same chain around a copy of the backbone that outputs ``[pooled, map]``, and
+    the head reading that map. None for any other model.
+
+    The copy shares the backbone's layers and weights (a second functional view, not a clone), and keeps its name,
+    so the OOD tap on its pooled output is named as before. Only a linear chain of single-input layers is rebuilt:
+    anything that branches is left alone (no map) rather than guessed at.
+    """
+    import keras
+
+    chain = _chain(model)
+    if chain is None:
+        return None
+    layers = [layer for layer in chain if type(layer).__name__ not in ("Activation", "Softmax")]
+    at = len(layers) - 1
+    if at < 1 or type(layers[at]).__name__ != "Dense":
+        return None
+    dense, at = layers[at], at - 1
+    while at >= 0 and type(layers[at]).__name__ == "Dropout":
+        at -= 1
+    backbone = layers[at] if at >= 0 else None
+    if backbone is None or not isinstance(backbone, keras.Model) or len(backbone.outputs) != 1:
+        return None
+    inner = pooled_map(backbone.outputs[0])
+    if inner is None:
+        return None
+    viewed = keras.Model(backbone.inputs, [backbone.outputs[0], inner], name=backbone.name)
+    inputs = keras.Input(batch_shape=tuple(model.inputs[0].shape))
+    x, fmap = inputs, None
+    for layer in chain:
+        if layer is backbone:
+            x, fmap = viewed(x)
+        else:
+            # A fresh copy with the same weights: a layer called twice has two inputs, and find_taps reads the
+            # classifier's one input.
+            twin = layer.__class__.from_config(layer.get_config())
+            x = twin(x)
+            twin.set_weights(layer.get_weights())
+    rebuilt = keras.Model(inputs, x, name=model.name)
+    kernel = np.asarray(dense.get_weights()[0], dtype=np.float64)
+    if kernel.ndim != 2 or kernel.shape[0] != inner.shape[-1]:
+        return None
+    head = CamHead(layer=f"{backbone.name}/{_producer(inner).name}", tensor=fmap, weights=kernel.tolist())
+    return rebuilt, head
+
+
+def pooled_map(pooled: Any) -> Any:
+    """The 4-D map that a ``GlobalAveragePooling2D`` (channels last, no keepdims) averaged into ``pooled``, or None."""
+    gap = _producer(pooled)
+    if gap is None or type(gap).__name__ != "GlobalAveragePooling2D":
+        return None
+    if getattr(gap, "keepdims", False) or getattr(gap, "data_format", "channels_last") != "channels_last":
+        return None
+    tensor = gap.input
+    if _producer(tensor) is None or len(tensor.shape) != 4:
+        return None
+    # A 1 x 1 map (MobileNetV2 on 32 x 32 images) has nothing to show: every region is the whole image.
+    return tensor if min(tensor.shape[1] or 0, tensor.shape[2] or 0) >= 2 else None
+
+
+def _chain(model: Any) -> list[Any] | None:
+    """The model's layers from input to output when each takes the one before it (None when anything branches)."""
+    chain: list[Any] = []
+    tensor = model.outputs[0] if len(model.outputs) == 1 else None
+    while tensor is not None and (layer := _producer(tensor)) is not None:
+        nodes = getattr(layer, "_inbound_nodes", ())
+        if len(nodes) != 1 or len(nodes[0].input_tensors) != 1:
+            return None
+        chain.append(layer)
+        # The node's input, not layer.input: a nested model's .input is its own inner Input.
+        tensor = nodes[0].input_tensors[0]
+    if tensor is None or tensor is not model.inputs[0]:
+        return None
+    return chain[::-1]
 
 
 def with_cam(artifact: Artifact, head: CamHead | None) -> Artifact:
@@ -111,7 +188,7 @@ def missing_note(wanted: bool, head: CamHead | None, model_name: str, saved_mode
     why = (
         "is a SavedModel (its serving graph is converted as it is)"
         if saved_model
-        else "does not end in GlobalAveragePooling2D + Dense (through Dropout only)"
+        else "does not end in GlobalAveragePooling2D + Dense (through Dropout only) over a map of 2 x 2 or more"
     )
     return [
         f"class activation map: {model_name} {why}, so its files have no feature_map output and no cam section; "

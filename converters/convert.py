@@ -50,7 +50,7 @@ from converters.fit import Expectation, expectation, fit_to_model, read_training
 from converters.gate import GateConfig, GateResult, evaluate_gate
 from converters.metrics import ModelSummary, summarise
 from converters.ood import DEFAULT_FRACTION, check_option
-from converters.ood_step import OodOutcome, OodPlan, plan, run_target
+from converters.ood_step import OodOutcome, OodPlan, plan, run_target, with_ood
 from converters.outcome import (
     CompilerRun,
     Conversion,
@@ -59,7 +59,7 @@ from converters.outcome import (
     Footprint,
     TargetOutcome,
 )
-from converters.outputs import name_outputs
+from converters.outputs import name_source_outputs
 from converters.record import build_manifest, drift_reference, edgetpu_artifact, now, target_artifact
 from converters.report import write_reports
 from converters.runner import DeviceModel, quant_spec
@@ -73,11 +73,10 @@ from converters.samples import (
 )
 from converters.source import SourceModel, load_source
 from edgemed.errors import ConfigError, ModelError
-from edgemed.manifest import Artifact, InputSpec, OodSpec, OutputKind, OutputSpec, Verdict, Waiver, save_manifest
+from edgemed.manifest import Artifact, InputSpec, OutputKind, Verdict, Waiver, save_manifest
 
 TARGETS = ("int8", "uint8", "float16", "dynamic", "edgetpu")
 OOD_METHODS = ("auto", "energy", "features", "none")
-PROBE_IMAGES = 32  # calibration images that tell the converted file's outputs apart (converters.outputs)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = [
@@ -219,7 +218,7 @@ def convert(
     outcomes = [replace(o, path=_set_aside(out, o.path)) if o.verdict == "rejected" else o for o in outcomes]
     fitted = {r.target: r.spec for r in ood_outcomes}
     artifacts = [
-        with_cam(_with_ood(target_artifact(out, o, waiver_record), fitted.get(o.target)), source.cam) for o in outcomes
+        with_cam(with_ood(target_artifact(out, o, waiver_record), fitted.get(o.target)), source.cam) for o in outcomes
     ]
     if tpu is not None:
         twin = next(a for a in artifacts if a.target == "int8")
@@ -383,7 +382,7 @@ def _convert_target(
     content = to_tflite(inputs.source, target, inputs.calib, inputs.progress)
     path.write_bytes(content)
     images = inputs.held.images
-    outputs = _name_outputs(inputs, path)
+    outputs = name_source_outputs(path, inputs.source, inputs.calib.images)
     with DeviceModel(path, inputs.spec, outputs) as model:
         kind = _output_kind(model.backend.output_kind, inputs.source.output_kind)
         with tqdm(total=len(images), desc=f"evaluate {target}", disable=not inputs.progress, unit="img") as bar:
@@ -396,28 +395,10 @@ def _convert_target(
     return TargetOutcome(target, path, *tensors, kind, footprint, probs, result, verdict, outputs)
 
 
-def _name_outputs(inputs: _Inputs, path: Path) -> list[OutputSpec]:
-    """The file's outputs by tensor name and role, matched to the Keras graph's on calibration images."""
-    source = inputs.source
-    calib = inputs.calib.images
-    spread = np.linspace(0, len(calib) - 1, min(PROBE_IMAGES, len(calib))).astype(int)  # every class
-    probe = calib[spread].astype(np.float32) / np.float32(255.0)
-    reference = source.device_model if source.device_model is not None else source.predict_float
-    feature_map = source.cam.layer if source.cam is not None else None
-    return name_outputs(path, reference, probe, source.feature_layers, feature_map=feature_map)
-
-
 def _fit_ood(inputs: _Inputs, ood_plan: OodPlan, outcome: TargetOutcome) -> OodOutcome:
     """One file's OOD statistics and thresholds, fitted on its own outputs as the device computes them."""
     path, kind = outcome.path, outcome.output_kind
     return run_target(ood_plan, outcome.target, path, inputs.spec, outcome.outputs, kind, inputs.progress)
-
-
-def _with_ood(artifact: Artifact, spec: OodSpec | None) -> Artifact:
-    # Validated again, not copied: the artifact's checks hold its ood to the outputs it lists.
-    if spec is None:
-        return artifact
-    return Artifact.model_validate({**artifact.model_dump(), "ood": spec.model_dump()})
 
 
 def _output_kind(graph: OutputKind | None, source: str) -> OutputKind:

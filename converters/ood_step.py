@@ -36,7 +36,7 @@ from converters.runner import DeviceModel, ModelOutputs
 from converters.samples import HeldOut
 from converters.source import SourceModel
 from edgemed.errors import ConfigError, DataError
-from edgemed.manifest import InputSpec, OodSpec, OutputKind, OutputSpec
+from edgemed.manifest import Artifact, InputSpec, OodSpec, OutputKind, OutputSpec
 
 #: Training images the statistics are fitted on, at most (a seeded draw beyond that: the fit needs means and one
 #: covariance per layer, which a few thousand images pin down; more only costs conversion time).
@@ -323,3 +323,11 @@ def _held_key(ood_plan: OodPlan) -> str:
         held.images.shape == ood_plan.val_images.shape and np.array_equal(held.images, ood_plan.val_images)
     )
     return "val" if same else "val (evaluation data)"
+
+
+def with_ood(artifact: Artifact, spec: OodSpec | None) -> Artifact:
+    """The artifact with its ``ood`` section (unchanged for None). Validated again, not copied: the artifact's
+    checks hold its ood to the outputs it lists."""
+    if spec is None:
+        return artifact
+    return Artifact.model_validate({**artifact.model_dump(), "ood": spec.model_dump()})

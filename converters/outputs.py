@@ -14,17 +14,21 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgemed.errors import ModelError
 from edgemed.manifest import OutputRole, OutputSpec
 
+if TYPE_CHECKING:
+    from converters.source import SourceModel
+
 # Pearson correlation, over every value of every probe image, that a matched pair must reach. An int8 output of
 # the right tensor follows its float original at 0.99 or better on the models tried; an unrelated tensor of
 # the same shape falls far below (its channels mean other things).
 MIN_CORRELATION = 0.9
+PROBE_IMAGES = 32  # calibration images that tell the converted file's outputs apart
 _MAX_BRUTE_FORCE = 7  # outputs of one shape matched by trying every assignment (7! = 5040); greedy beyond
 
 
@@ -88,6 +92,16 @@ def name_outputs(
             )
         )
     return specs
+
+
+def name_source_outputs(tflite_path: Path, source: SourceModel, calibration_images: np.ndarray) -> list[OutputSpec]:
+    """:func:`name_outputs` for the conversion of ``source``, probed on up to ``PROBE_IMAGES`` uint8 calibration
+    images spread over the sample (which is ordered by class, so every class is among them)."""
+    spread = np.linspace(0, len(calibration_images) - 1, min(PROBE_IMAGES, len(calibration_images))).astype(int)
+    probe = calibration_images[spread].astype(np.float32) / np.float32(255.0)
+    reference = source.device_model if source.device_model is not None else source.predict_float
+    feature_map = source.cam.layer if source.cam is not None else None
+    return name_outputs(tflite_path, reference, probe, source.feature_layers, feature_map=feature_map)
 
 
 def _run_tflite(path: Path, x: np.ndarray) -> tuple[list[np.ndarray], list[dict[str, Any]]]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from converters._tf import quiet_tensorflow
-from converters.cam import CamHead, find_cam_head
+from converters.cam import CamHead, find_cam_head, split_nested_gap
 from edgemed.errors import ModelError
 
 # Layers whose input is a tap: they reduce the spatial size, or end the feature maps.
@@ -246,8 +246,12 @@ def _device_model(model: Any, shape: tuple[int, int, int], strip_softmax: bool, 
             "the rebuilt device graph does not reproduce the model's output; convert with --output probabilities"
         )
     kind = "logits" if strip else ("probabilities" if activation == "softmax" else "unknown")
-    found = find_taps(clone) if taps else []
     head = find_cam_head(clone) if cam else None
+    if cam and head is None and (split := split_nested_gap(clone)) is not None:
+        plain, (clone, head) = clone, split  # the GAP of a nested backbone (MobileNetV2), its map made reachable
+        if not np.allclose(np.asarray(clone(probe)), np.asarray(plain(probe)), atol=1e-5):
+            raise ModelError("exposing the backbone's feature map changed the model's output; convert with --cam none")
+    found = find_taps(clone) if taps else []
     device = _with_taps(clone, found, head) if found or head is not None else clone
     if not found:
         return _Device(model=device, output_kind=kind, layers=[], predict=None, cam=head)

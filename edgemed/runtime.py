@@ -82,6 +82,9 @@ class Device:
     a fake backend, source and publisher (``tests/device_fakes.py``). What is handed in belongs to the device
     from then on: it closes it, also when the device cannot be made or set up (a locked data directory, a triage
     policy the model does not fit) and when it is closed without a run.
+
+    With ``profile.screen.enabled`` (``edgemed run --screen``) it also serves the nurse's screen (``self.screen``,
+    ``edgemed.screen``): started last in set-up, stopped first; it only ever gets references to each result.
     """
 
     def __init__(

@@ -144,6 +144,7 @@ def test_reference_cnn_outputs_are_named_and_mapped(reference: tuple[Path, Conve
 def test_bn_gap_outputs_are_named_and_mapped(bn_gap: tuple[Path, ConvertResult], breast: Dataset) -> None:
     model_path, result = bn_gap
     _check_mapping(model_path, result, "int8", BN_GAP_TAPS, breast, maps=("relu2_1",))
+    assert _artifact(result, "int8").cam is not None
 
 
 def test_name_outputs_follows_the_reference_not_positions(reference: tuple[Path, ConvertResult]) -> None:
@@ -274,6 +275,9 @@ def test_mobilenetv2_taps_its_pooled_backbone_only(tmp_path: Path) -> None:
     source = load_source(tmp_path / "m.keras")
     backbone = next(layer.name for layer in model.layers if layer.name.startswith("mobilenetv2"))
     assert source.feature_layers == [backbone]
+    # At 32 x 32 the backbone's last map is 1 x 1: nothing for a class activation map to show (converters.cam;
+    # a 64 x 64 MobileNetV2 gets one, tests/test_cam_convert.py).
+    assert source.cam is None
     scores, features = source.predict_outputs(np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32))
     assert scores.shape == (3, 2) and features[backbone].shape == (3, int(model.layers[-1].input.shape[-1]))
     assert load_source(tmp_path / "m.keras", taps=False).feature_layers == []

@@ -8,6 +8,7 @@ carry, with the level as a word and a colour, and what to do next. Nothing here 
     seq, index            the result's seq and the frame's index in the source
     level, level_text     triage level and its word (URGENT, ROUTINE, NO FINDING, INCONCLUSIVE, RECAPTURE, ERROR)
     reason, action        the triage reason; what to do next
+    reason_repeats        true when the reason says no more than the recapture or OOD prompt (the page hides it)
     confidence            "malignant 93%" (null when not classified)
     quality               {"passed": bool, "text": str} or null (gate off, unreadable frame)
     recapture             "Recapture the image: <why>" for level recapture, else null
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from edgemed.triage import ACTION
+from edgemed.triage import ACTION, OOD_REASON
 from edgemed.types import ClassMapKind, FrameResult, TriageLevel, TriageResult
 
 LEVEL_TEXT: dict[str, str] = {
@@ -45,8 +46,9 @@ LEVEL_TEXT: dict[str, str] = {
     "waiting": "Waiting for the first image",
 }
 
-OOD_ACTION = "check the probe, body part and preset, then recapture; refer if in doubt"
-RECAPTURE_ACTION = "recapture the image"
+# The OOD and recapture prompts (#ood-warning, #recapture) say why and how; the action line says what to do.
+OOD_ACTION = "recapture, or refer if in doubt"
+RECAPTURE_ACTION = "do not use this image: take it again"
 ERROR_ACTION = "check the input and the device, then try again"
 
 
@@ -93,23 +95,29 @@ def frame_payload(result: FrameResult, study: TriageResult | None, *, show_name:
     confidence = f"{pred.label} {round(pred.confidence, 6):.0%}" if pred is not None else None
     quality_view = None
     if quality is not None:
-        text = "Image quality: good" if quality.passed else f"Image quality: {quality.reason or 'failed the check'}"
-        quality_view = {"passed": quality.passed, "text": text}
-    recapture = None
+        # A failed check's reason is the recapture prompt's: said once, there.
+        quality_view = {"passed": quality.passed, "text": f"Image quality: {'good' if quality.passed else 'failed'}"}
+    recapture = ood_warning = None
+    repeats = False
     if verdict.level == "recapture":
         why = quality.reason if quality is not None and quality.reason else "the image quality check failed"
         recapture = f"Recapture the image: {why}"
+        repeats = verdict.reason.startswith(why)
+    elif flagged and verdict.extra.get("basis") == "ood":
+        ood_warning = OOD_REASON[:1].upper() + OOD_REASON[1:]
+        repeats = verdict.reason == OOD_REASON  # an urgent reading adds a sentence of its own: then it is shown
     return {
         "seq": result.seq,
         "index": result.frame.index,
         "level": verdict.level,
         "level_text": LEVEL_TEXT[verdict.level],
         "reason": verdict.reason,
+        "reason_repeats": repeats,
         "action": action_for(verdict, flagged),
         "confidence": confidence,
         "quality": quality_view,
         "recapture": recapture,
-        "ood_warning": verdict.reason if flagged and verdict.extra.get("basis") == "ood" else None,
+        "ood_warning": ood_warning,
         "study": study_payload(study) if study is not None else None,
         "name": result.frame.name if show_name else None,
     }

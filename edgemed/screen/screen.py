@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgemed.screen")
 
+#: A status event at least this often, and one as soon as the status changes (looked at every STATUS_POLL_S).
 STATUS_INTERVAL_S = 1.0
+STATUS_POLL_S = 0.25
 #: Shown frames kept (references only) so that an occlusion map can be asked for a frame the nurse held.
 _KEPT_FRAMES = 16
 
@@ -160,7 +162,7 @@ class Screen:
 
     # -- the push thread --------------------------------------------------------------------------------------
     def _push_loop(self) -> None:
-        last_push = -1e9
+        last_push = last_status = -1e9
         next_status = 0.0
         pushed: _Shown | None = None
         while not self._stopping.is_set():
@@ -176,19 +178,23 @@ class Screen:
                 if shown is not None and shown is not pushed and self.hub.count() > 0:
                     self._guarded(self._push_frame, shown)
                     pushed, last_push = shown, time.monotonic()
-            if time.monotonic() >= next_status:
-                self._guarded(self._push_status)
-                next_status = time.monotonic() + STATUS_INTERVAL_S
+            now = time.monotonic()
+            if now >= next_status:
+                # The callable's values are counters and flags: cheap enough to look at four times a second.
+                if self._guarded(self._push_status, now - last_status >= STATUS_INTERVAL_S):
+                    last_status = now
+                next_status = now + STATUS_POLL_S
 
-    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+    def _guarded(self, fn: Callable[..., bool | None], *args: Any) -> bool | None:
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as exc:  # noqa: BLE001 - the push thread outlives one bad frame (said once, below)
             # Once: a frame that cannot be encoded (or a status that cannot be read) must not flood the journal,
             # nor stop the run. The message names no frame or file.
             if not self._failed:
                 self._failed = True
                 log.error("screen: could not update the page (%s: %s); the run goes on", type(exc).__name__, exc)
+            return None
 
     def _push_frame(self, shown: _Shown) -> None:
         payload = events.frame_payload(shown.result, shown.study, show_name=self._show_names)
@@ -199,7 +205,11 @@ class Screen:
         payload.update(frame=frame_url, width=width, height=height)
         payload.update(map=None, map_kind=None, map_label=None, map_legend=None)
         cmap = shown.class_map
-        if cmap is not None and shown.image is not None and self.config.class_map != "off":
+        ood = shown.result.ood
+        # No map over a frame unlike the training images: its scores are not evidence, and a heat map would read
+        # as if they were.
+        flagged = ood is not None and ood.flagged
+        if cmap is not None and shown.image is not None and self.config.class_map != "off" and not flagged:
             payload.update(
                 map=render.map_data_url(cmap.values, height, width),
                 map_kind=cmap.kind,
@@ -226,10 +236,14 @@ class Screen:
         state.update(class_map=maps, occlusion_running=self._occluding.locked())
         return state
 
-    def _push_status(self) -> None:
+    def _push_status(self, due: bool) -> bool:
+        """Send the status when it changed or when ``due``; returns whether it was sent."""
         event = events.sse("status", self.status_payload())
+        if not due and event == self._last_status:
+            return False
         self._last_status = event
         self.hub.broadcast(event)
+        return True
 
     # -- the server's side ------------------------------------------------------------------------------------
     def greet(self, client: Client) -> None:
@@ -257,7 +271,9 @@ class Screen:
                 seq = next(reversed(self._recent))
             target = self._recent.get(seq) if seq is not None else None
         if target is None:
-            return 409, "no classified frame on the screen yet" if seq is None else f"frame {seq} is no longer held"
+            if seq is None:
+                return 409, "no classified frame on the screen yet"
+            return 409, f"image {seq} was not classified, or is no longer kept for a map: show a classified image"
         if not self._occluding.acquire(blocking=False):
             return 429, "an occlusion map is already being computed: wait for it"
         worker = threading.Thread(target=self._occlude, args=(target,), name="edgemed-screen-occlusion", daemon=True)

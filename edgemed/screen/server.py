@@ -63,6 +63,11 @@ class _Server(ThreadingHTTPServer):
     page: bytes
     static: dict[str, bytes]
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr for every dropped connection (a page reloaded mid-request);
+        # that is routine for a kiosk browser, not an error of the run.
+        log.debug("screen: a connection ended abruptly", exc_info=True)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -75,6 +80,13 @@ class _Handler(BaseHTTPRequestHandler):
         # The base class writes every request line to stderr; a path is ours to choose, but stay quiet anyway.
         return
 
+    def end_headers(self) -> None:
+        # Here rather than per route: every response carries them, also the base class's own errors (400 for a
+        # malformed request line, 501 for a method it does not serve).
+        for name, value in SECURITY_HEADERS:
+            self.send_header(name, value)
+        super().end_headers()
+
     def _port(self) -> int:
         return int(self.server.server_address[1])
 
@@ -82,8 +94,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in SECURITY_HEADERS:
-            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -147,6 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if length < 0 or length > _MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read: the connection cannot carry another request
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"The body must be at most 1 KB of JSON.\n")
             return False
         raw = self.rfile.read(length) if length else b""
@@ -174,8 +185,6 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            for name, value in SECURITY_HEADERS:
-                self.send_header(name, value)
             self.send_header("Connection", "close")  # the stream ends only when one side goes
             self.end_headers()
             self.close_connection = True

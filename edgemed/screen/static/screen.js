@@ -75,7 +75,7 @@
     level.setAttribute("data-level", d.level);
     setText($("level-text"), d.level_text || LEVEL_TEXT[d.level] || d.level);
     showIf($("action"), d.action);
-    showIf($("reason"), d.reason);
+    showIf($("reason"), d.reason_repeats ? "" : d.reason);
     showIf($("recapture"), d.recapture);
     showIf($("ood-warning"), d.ood_warning);
     showIf($("confidence"), d.confidence);
