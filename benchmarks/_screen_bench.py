@@ -313,6 +313,20 @@ def gap_model(args: argparse.Namespace) -> Path:
     return tflite
 
 
+def model_info(model: Path) -> dict[str, Any]:
+    """What the report says of a model: its file, input and feature-map output (from its manifest)."""
+    manifest = json.loads(next(model.parent.glob("*.manifest.json")).read_text())
+    arts = manifest["artifacts"]
+    art = next(a for a in (arts if isinstance(arts, list) else arts.values()) if a.get("file") == model.name)
+    spec = manifest["input"]
+    fmap = [o["shape"] for o in art.get("outputs", []) if o.get("role") == "feature_map"]
+    return {
+        "file": model.name,
+        "input": f"{spec['height']}x{spec['width']} {spec['colour_mode']}",
+        "feature_map": fmap[0] if fmap else None,
+    }
+
+
 def machine_load() -> dict[str, Any]:
     """How busy the machine was: load averages and the CPU count (other work on it shows up here)."""
     one, five, fifteen = os.getloadavg()
@@ -390,6 +404,7 @@ def run_screen_bench(
         "runs": args.runs,
         "threads": args.threads,
         "warmup_s": WARMUP_S,
+        "models": {"reference CNN": model_info(reference), "GAP model": model_info(gap)},
         "machine_before": load_before,
         "machine_after": machine_load(),
         "comparisons": comparisons,

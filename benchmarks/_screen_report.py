@@ -34,6 +34,14 @@ def markdown(data: dict[str, Any]) -> str:
         "Chromium (800x480 window) shows the page as the kiosk browser would; its CPU is all its processes, "
         "read from /proc over the same window.",
         "",
+        "Models: "
+        + "; ".join(
+            f"{k} `{m['file']}` ({m['input']}"
+            + (f", feature map {'x'.join(map(str, m['feature_map'][1:]))})" if m["feature_map"] else ", no CAM)")
+            for k, m in data.get("models", {}).items()
+        )
+        + ". The speed of a model depends on its architecture, not on how long it was trained.",
+        "",
         "## Screen off vs on (reference CNN)",
         "",
         "| workload | fps off | fps on | ratio (paired, range) | edgemed CPU ms/frame off / on | Chromium CPU "

@@ -118,6 +118,7 @@ def test_report_states_the_command_and_whether_each_target_was_met() -> None:
     data = {
         "command": "python benchmarks/bench_runtime.py --reference r.tflite --screen",
         "frames": 1000, "runs": 3, "threads": 2, "delivery": "offline", "warmup_s": 1.0,
+        "models": {"GAP model": {"file": "g.tflite", "input": "28x28 gray", "feature_map": [1, 7, 7, 64]}},
         "machine_before": {"cpus": 2, "loadavg_1_5_15": [0.5, 0.5, 0.5]},
         "machine_after": {"cpus": 2, "loadavg_1_5_15": [1.0, 1.0, 1.0]},
         "comparisons": [
@@ -132,4 +133,5 @@ def test_report_states_the_command_and_whether_each_target_was_met() -> None:
     assert "on/off 0.75 paired (>= 0.90): missed" in text
     assert "10.0% of the frame (< 20%): met" in text
     assert "| 150.0 (0.75) |" in text  # the stream-only column
+    assert "GAP model `g.tflite` (28x28 gray, feature map 7x7x64)" in text
     assert "load average (1 min) 0.50 before, 1.50-1.50 after each run, 1.00 at the end. edgemed and Chromium" in text
