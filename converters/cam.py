@@ -91,12 +91,12 @@ def find_cam_head(model: Any) -> CamHead | None:
 
 def split_nested_gap(model: Any) -> tuple[Any, CamHead] | None:
     """For a chain ``input -> ... -> backbone -> Dropout* -> Dense [-> Activation]`` whose nested ``backbone`` ends
-    in ``GlobalAveragePooling2D``: the same chain around a copy of the backbone that outputs ``[pooled, map]``, and
-    the head reading that map. None for any other model.
+    in ``GlobalAveragePooling2D``: the same chain around a second view of the backbone that outputs
+    ``[pooled, map]``, and the head reading that map. None for any other model.
 
-    The copy shares the backbone's layers and weights (a second functional view, not a clone), and keeps its name,
-    so the OOD tap on its pooled output is named as before. Only a linear chain of single-input layers is rebuilt:
-    anything that branches is left alone (no map) rather than guessed at.
+    The view shares the backbone's layers and weights (nothing is computed twice) and keeps its name, so the OOD tap
+    on its pooled output is named as before; the layers around it are fresh copies with the same weights. Only a
+    linear chain of single-input layers is rebuilt: anything that branches is left alone (no map), not guessed at.
     """
     import keras
 
