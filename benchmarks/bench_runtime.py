@@ -31,7 +31,14 @@ JSON (``*-threads.json``, ``*.pstats``).
     python benchmarks/bench_runtime.py --reference out/reference_int8.tflite --workload cine --offline \
         --out benchmarks/results/runtime-offline.json
 
-Workloads: the 12 full-resolution ISIC dermoscopy JPEGs looped to >= 1,000 frames, and the 30-frame ultrasound
+``--screen`` measures instead what the nurse's screen (issue 15) costs: the run with the screen off vs on with a
+headless Chromium showing the page, the class activation map off vs on with the GAP model, and occlusion maps
+(``benchmarks/_screen_bench.py``; ``benchmarks/results/screen.json`` and ``screen.md``):
+
+    python benchmarks/bench_runtime.py --reference out/reference_int8.tflite --screen --runs 5 --frames 3000
+
+Workloads: the 12 full-resolution ISIC dermoscopy JPEGs (``EDGEMED_DATA``/isic_samples, else the
+repository's copy) looped to >= 1,000 frames, and the 30-frame ultrasound
 cine DICOM (JPEG baseline; ``EDGEMED_DATA``/dicom/examples_ybr_color.dcm, default ../shared/data, else the
 repository's copy) looped to >= 1,000 frames.
 """
@@ -61,6 +68,7 @@ from _common import (
     Dashboard,
     Mosquitto,
     cine_file,
+    data_root,
     instrumented_cmd,
     median,
     temp_dir,
@@ -126,7 +134,9 @@ print(json.dumps({"invoke_ms": statistics.median(ts)}))
 
 def run_child(code_or_args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[str, float, float]:
     """Run a child process to completion; return its stdout, its peak RSS (MB) and its CPU seconds (wait4)."""
-    proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # This checkout's edgemed, also when the benchmark is started from another directory (the venv may hold another).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(code_or_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out_chunks: list[str] = []
     err_chunks: list[str] = []
     t_out = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()))  # type: ignore[union-attr]
@@ -167,14 +177,17 @@ class Setup:
         )
 
 
-def write_profile(folder: Path, *, consumer: bool, batch: bool) -> Path:
+def profile_text(*, consumer: bool, batch: bool) -> str:
     """The device profile of the benchmark's `edgemed run`: receipts from the dashboard, batching on or off."""
-    path = folder / "bench-runtime.yaml"
     text = "# written by benchmarks/bench_runtime.py\nprofile: bench-runtime\ndevice:\n  id: bench\n"
     if consumer:
         text += "delivery:\n  consumer: dashboard\n"
-    text += f"publish:\n  batch:\n    enabled: {'true' if batch else 'false'}\n"
-    path.write_text(text)
+    return text + f"publish:\n  batch:\n    enabled: {'true' if batch else 'false'}\n"
+
+
+def write_profile(folder: Path, *, consumer: bool, batch: bool) -> Path:
+    path = folder / "bench-runtime.yaml"
+    path.write_text(profile_text(consumer=consumer, batch=batch))
     return path
 
 
@@ -414,13 +427,25 @@ def main() -> int:
         "--batch", choices=("on", "off"), default="on", help="publish.batch in the device profile (default on)"
     )
     parser.add_argument("--profile", action="store_true", help="add a per-thread CPU run and a cProfile run")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
+    screen = parser.add_argument_group("the nurse's screen (--screen; benchmarks/_screen_bench.py)")
+    screen.add_argument(
+        "--screen",
+        action="store_true",
+        help="instead: screen off vs on with headless Chromium on the page, CAM off vs on, occlusion (screen.json)",
+    )
+    screen.add_argument("--gap", type=Path, help="int8 GAP model with a CAM (default: built once into --gap-cache)")
+    screen.add_argument("--gap-cache", type=Path, default=Path("/work/bench-cache/screen"), help="GAP model cache")
+    screen.add_argument("--run-timeout", type=float, default=600, help="longest one run may take, s (default 600)")
+    parser.add_argument("--out", type=Path, help="results JSON (default results/runtime.json, --screen: screen.json)")
     args = parser.parse_args()
     if not 30 <= args.frames <= 100_000 or not 1 <= args.runs <= 20:
         parser.error("--frames must be 30-100000 and --runs 1-20")
-    args.out = args.out.resolve()
+    if args.screen and (args.mobile or args.profile):
+        parser.error("--screen measures the reference CNN and the GAP model: leave out --mobile and --profile")
+    default_out = ROOT / "benchmarks" / "results" / ("screen.json" if args.screen else "runtime.json")
+    args.out = (args.out or default_out).resolve()
 
-    jpegs = ROOT / "data" / "isic_samples"
+    jpegs = isic_dir()
     models = [("reference CNN", args.reference)] + ([("compact mobile", args.mobile)] if args.mobile else [])
     rows, profiles = [], []
     with temp_dir("edgemed-cine-") as folder, contextlib.ExitStack() as stack:
@@ -431,6 +456,8 @@ def main() -> int:
         dash = stack.enter_context(Dashboard(broker.url, folder / "fleet.sqlite3")) if broker and consumer else None
         profile = None if args.offline else write_profile(folder, consumer=consumer, batch=args.batch == "on")
         setup = Setup(broker, dash, profile)
+        if args.screen:
+            return screen_main(args, setup, profile_text(consumer=consumer, batch=args.batch == "on"), folder, cine)
         for label, model in models:
             workloads = [("isic", "ISIC JPEG 722-1504 px", jpegs, 12), ("cine", "US cine DICOM 30 fr", cine, 30)]
             for key, wname, source, per_loop in workloads:
@@ -453,6 +480,31 @@ def main() -> int:
     out = {**meta, "threads": args.threads, "rows": rows, "profiles": profiles}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print_table(rows, profiles, delivery)
+    return 0
+
+
+def isic_dir() -> Path:
+    """The 12 ISIC dermoscopy JPEGs: from the data folder (``EDGEMED_DATA``) when present, else the repository's."""
+    shared = data_root() / "isic_samples"
+    return shared if any(shared.glob("*.jpg")) else ROOT / "data" / "isic_samples"
+
+
+def screen_main(args: argparse.Namespace, setup: Setup, base_profile: str, folder: Path, cine: Path) -> int:
+    """``--screen``: the screen's and the CAM's cost (``_screen_bench.py``), to screen.json and screen.md."""
+    from _screen_bench import run_screen_bench
+    from _screen_report import markdown
+
+    workloads = [("ISIC dermoscopy JPEGs", isic_dir(), 12), ("US cine DICOM 30 fr", cine, 30)]
+    keys = {"ISIC dermoscopy JPEGs": "isic", "US cine DICOM 30 fr": "cine"}
+    chosen = [w for w in workloads if args.workload in ("all", keys[w[0]])]
+    delivery = "offline" if args.offline else ("receipts" if setup.dashboard else "PUBACK") + f", batch {args.batch}"
+    data = run_screen_bench(args, setup, base_profile, folder, chosen, sorted(isic_dir().glob("*.jpg"))[:3])
+    data = {"command": "python benchmarks/bench_runtime.py " + " ".join(sys.argv[1:]), "delivery": delivery, **data}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    text = markdown(data)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 
