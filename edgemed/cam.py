@@ -16,7 +16,7 @@ Either map shows which regions moved the score, not why the model decided as it 
 from __future__ import annotations
 
 import contextlib
-import threading
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -124,7 +124,7 @@ def occlusion_map(
     class_index: int,
     seq: int,
     *,
-    lock: threading.Lock | None = None,
+    lock: AbstractContextManager[object] | None = None,
     max_invokes: int = 400,
 ) -> ClassMap:
     """The drop in ``p(class_index)`` when each region of the model input is covered.

@@ -123,6 +123,16 @@ class ScreenConfig(StrictModel):
         "converter records it for models ending in global average pooling); 'off': never compute maps",
     )
 
+    @field_validator("class_map", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `off` (and `on`) as a boolean: `class_map: off` must mean what it says.
+        if value is False:
+            return "off"
+        if value is True:
+            return "cam"
+        return value
+
 
 class DeviceProfile(StrictModel):
     """A complete device profile (see ``firmware_configs/`` for real ones)."""

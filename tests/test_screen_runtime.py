@@ -397,3 +397,14 @@ def test_edgemed_run_screen_logs_its_url_at_warning(tmp_path: Path, int8_model: 
     assert len(lines) == 1 and re.fullmatch(
         r"edgemed: WARNING: screen: http://127\.0\.0\.1:\d+/ \(open it in the device's kiosk browser\)", lines[0]
     ), proc.stderr
+
+
+def test_a_bare_yaml_off_turns_the_maps_off(tmp_path: Path) -> None:
+    # YAML 1.1 reads `off` as false: the profile must still mean "no maps", not fail or mean "cam".
+    from edgemed.config import load_profile
+
+    path = tmp_path / "p.yaml"
+    path.write_text("profile: t\ndevice: {id: d1}\nscreen:\n  enabled: true\n  class_map: off\n", encoding="utf-8")
+    assert load_profile(path).screen.class_map == "off"
+    path.write_text("profile: t\ndevice: {id: d1}\nscreen: {class_map: on}\n", encoding="utf-8")
+    assert load_profile(path).screen.class_map == "cam"

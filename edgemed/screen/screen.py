@@ -339,7 +339,7 @@ class Screen:
             if pred is None or shown.image is None or classifier is None:
                 raise ValueError("the frame was not classified")
             guard = _StopAwareLock(self._lock, self._stopping)
-            cmap = occlusion_map(classifier, shown.image, pred.index, seq, lock=guard)  # type: ignore[arg-type]
+            cmap = occlusion_map(classifier, shown.image, pred.index, seq, lock=guard)
             payload: dict[str, Any] = {
                 "seq": seq,
                 "map": render.map_data_url(cmap.values, target.height, target.width),
