@@ -13,6 +13,8 @@ import io
 import json
 import os
 import pstats
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -22,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,32 @@ class Dashboard:
             cmd = [sys.executable, "-m", "edgemed", *args]
         cmd = [*self.wrapper, *cmd]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        # /api/summary needs a login: a viewer of the benchmark's own, with a password made for this run only.
+        password = secrets.token_urlsafe(16)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgemed",
+                "dashboard",
+                "users",
+                "add",
+                "bench",
+                "--db",
+                str(self.db),
+                "--role",
+                "viewer",
+                "--password-stdin",
+            ],
+            input=password + "\n",
+            text=True,
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        self._password = password
+        self._http: Any = None
         self._log = self.log.open("wb")
         # A session of its own: the whole group gets the signal, and Ctrl-C on the benchmark does not reach it
         # before the benchmark stops it in order.
@@ -265,13 +292,41 @@ class Dashboard:
         raise SystemExit(f"the dashboard did not start within 30 s; its log:\n{self.log.read_text()[-3000:]}")
 
     def summary(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/summary", timeout=2) as resp:
-            return dict(json.loads(resp.read()))
+        import httpx
+
+        try:  # an httpx error is not an OSError: said as one, so that the start-up wait keeps trying
+            if self._http is None:
+                self._http = self._login()
+            answer = self._http.get("/api/summary")
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise OSError(f"the dashboard did not answer /api/summary: {exc}") from exc
+        return dict(answer.json())
+
+    def _login(self) -> Any:
+        import httpx  # the central extra, which a benchmark that starts the dashboard has
+
+        base = f"http://127.0.0.1:{self.port}"
+        http = httpx.Client(base_url=base, timeout=2, headers={"Origin": base})
+        form = http.get("/login")
+        found = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        if found is None:
+            http.close()
+            raise OSError("the dashboard's login page has no form yet")
+        data = {"name": "bench", "password": self._password, "csrf": found.group(1), "next": "/"}
+        answer = http.post("/login", data=data)
+        if answer.status_code != 303:
+            http.close()
+            raise OSError(f"the benchmark's login failed: {answer.status_code}")
+        return http
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.proc.pid)
 
     def __exit__(self, *exc: object) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
