@@ -38,16 +38,21 @@ def _put(ob: Outbox, n: int) -> None:
         ob.put(rid, RESULTS, json.dumps({"result_id": rid, "seq": seq}).encode())
 
 
-def _retained(port: int, topic: str, timeout_s: float = 5.0) -> dict[str, object]:
-    sub = Subscriber(port, topic)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while topic not in sub.retained and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert topic in sub.retained, f"no retained message on {topic}"
-        return json.loads(sub.retained[topic])  # type: ignore[no-any-return]
-    finally:
-        sub.close()
+def _retained(port: int, topic: str, timeout_s: float = 10.0) -> dict[str, object]:
+    # A retained message arrives flagged as retained only on subscribing: a subscriber that came before the
+    # publisher's status reached the broker gets it live, unflagged. So subscribe again until it is retained.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sub = Subscriber(port, topic)
+        try:
+            wait_until = min(deadline, time.monotonic() + 1.0)
+            while topic not in sub.retained and time.monotonic() < wait_until:
+                time.sleep(0.05)
+            if topic in sub.retained:
+                return json.loads(sub.retained[topic])  # type: ignore[no-any-return]
+        finally:
+            sub.close()
+        assert time.monotonic() < deadline, f"no retained message on {topic}"
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
