@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from model_cache import cached_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -63,27 +61,5 @@ def int8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
     Built in a subprocess so TensorFlow never loads into the test process (the device side must not need it).
     """
-    # The pytest cache keeps the model across runs; without it (-p no:cacheprovider) build once per session.
-    store = getattr(request.config, "cache", None)
     name = f"edgemed-model-{_model_key()}"
-    cache = Path(store.mkdir(name)) if store is not None else tmp_path_factory.mktemp(name)
-    done = cache / "DONE"
-    # pytest-xdist workers share the cache: the first builds the model while the others wait for it.
-    with open(cache / "LOCK", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            _build_model(cache, done)
-    return Path(done.read_text().strip())
-
-
-def _build_model(cache: Path, done: Path) -> None:
-    code = (
-        "import sys; from pathlib import Path; from converters.testing import build_reference_model; "
-        "print(build_reference_model(Path(sys.argv[1])))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the test model failed:\n{proc.stdout}\n{proc.stderr}")
-    done.write_text(proc.stdout.strip().splitlines()[-1])
+    return cached_model(request, tmp_path_factory, name, "build_reference_model", "test model")

@@ -11,14 +11,11 @@ Import it into a test module with ``from gap_model import gap_model_fixture`` an
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from model_cache import cached_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,27 +35,5 @@ def gap_model_key() -> str:
 @pytest.fixture(scope="session", name="gap_model")
 def gap_model_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The int8 ``.tflite`` of a GAP model trained on BreastMNIST (manifest beside it, Keras model in keras/)."""
-    store = getattr(request.config, "cache", None)
     name = f"edgemed-gap-model-{gap_model_key()}"
-    cache = Path(store.mkdir(name)) if store is not None else tmp_path_factory.mktemp(name)
-    done = cache / "DONE"
-    # pytest-xdist workers share the cache: the first builds the model while the others wait for it.
-    with open(cache / "LOCK", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            _build(cache, done)
-    return Path(done.read_text().strip())
-
-
-def _build(cache: Path, done: Path) -> None:
-    code = (
-        "import sys; from pathlib import Path; from converters.testing import build_gap_model; "
-        "print(build_gap_model(Path(sys.argv[1])))"
-    )
-    env = {**os.environ, "KERAS_HOME": str(cache / "keras_home"), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the GAP test model failed:\n{proc.stdout}\n{proc.stderr}")
-    done.write_text(proc.stdout.strip().splitlines()[-1])
+    return cached_model(request, tmp_path_factory, name, "build_gap_model", "GAP test model")
