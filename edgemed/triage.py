@@ -145,7 +145,8 @@ def validate_policy(policy: TriagePolicy, labels: list[str]) -> None:
     if unknown:
         raise ConfigError(
             f"triage.rules names {', '.join(repr(u) for u in unknown)}, which the model does not have; "
-            f"use one of its labels: {', '.join(labels)}"
+            f"use one of its labels: {', '.join(labels)} in the profile, or give the model the profile's names "
+            "(`edgemed train` or `edgemed convert` with --labels NAME,NAME,... in label order)"
         )
 
 

@@ -156,6 +156,7 @@ def test_validate_policy_names_the_unknown_label_and_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"'melanoma'.*use one of its labels: benign, malignant") as info:
         validate_policy(SKIN_POLICY, ["benign", "malignant"])
     assert info.value.exit_code == 2
+    assert "--labels" in str(info.value)  # the other fix: name the model's classes as the profile does
 
 
 def test_policy_rejects_unknown_keys_bad_thresholds_and_blank_reasons() -> None:
