@@ -43,7 +43,7 @@ from dashboard_browser_rig import (
     urgent_rows,
 )
 from dashboard_helpers import make_result, wait_until
-from web_helpers import PASSWORD, login, running_web
+from web_helpers import PASSWORD, login, login_csrf, running_web
 
 from edgemed.envelope import EnvelopeContext, build_result, encode
 from edgemed.types import Frame, Prediction, TriageResult
@@ -357,8 +357,7 @@ def test_repeated_wrong_passwords_are_slowed(rig: Rig) -> None:
     with httpx.Client(base_url=rig.url, timeout=10) as http:
 
         def attempt(password: str) -> httpx.Response:
-            login_page = http.get("/login")
-            token = login_page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            token = login_csrf(http)
             return http.post("/login", data={"name": "wanda", "password": password, "csrf": token, "next": "/queue"})
 
         # Sit out each short wait and fail again until the wait is long enough (>= 4 s) that the right password,
